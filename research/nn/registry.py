@@ -1,0 +1,76 @@
+"""A decorator registry for zoo models: refuses duplicates and lists what it holds."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flax import nnx
+
+_MODELS: dict[str, Callable[..., nnx.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nnx.Module]], Callable[..., nnx.Module]]:
+    """Registers a model constructor ``fn(input_shape, num_classes, *, rngs, **kwargs)``.
+
+    Raises:
+      ValueError: if ``name`` is already registered.
+    """
+
+    def deco(fn):
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered (by {_MODELS[name]!r}); pick another name")
+        _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def model_kwargs(name: str) -> dict[str, Any]:
+    """The keyword options a registered model accepts, with their defaults."""
+    fn = get_model_fn(name)
+    sig = inspect.signature(fn)
+    return {
+        k: p.default
+        for k, p in sig.parameters.items()
+        if p.kind == p.KEYWORD_ONLY and k != "rngs"
+    }
+
+
+def get_model_fn(name: str) -> Callable[..., nnx.Module]:
+    """The constructor registered under ``name``.
+
+    Raises:
+      KeyError: naming the unknown model and listing the registered ones.
+    """
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; registered models: {list_models()}")
+    return _MODELS[name]
+
+
+def build_model(
+    name: str,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+) -> nnx.Module:
+    """Builds a zoo model for inputs of ``input_shape`` (no batch dim) and ``num_classes``.
+
+    Raises:
+      KeyError: unknown model name.
+      TypeError: an option the model does not take (the message lists the valid ones).
+    """
+    fn = get_model_fn(name)
+    valid = model_kwargs(name)
+    bad = sorted(set(kwargs) - set(valid))
+    if bad:
+        raise TypeError(f"model {name!r} has no option(s) {bad}; valid options: {valid}")
+    return fn(tuple(input_shape), num_classes, rngs=rngs, **kwargs)

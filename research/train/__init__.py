@@ -1,0 +1,43 @@
+"""Training core: state, pluggable jitted steps, evaluation, the loop, checkpoints."""
+
+from research.train.checkpoint import Checkpointer
+from research.train.loop import NonFiniteLossError
+from research.train.loop import fit
+from research.train.loop import read_metrics
+from research.train.losses import LossFn
+from research.train.losses import LossTransform
+from research.train.losses import apply_transforms
+from research.train.losses import compose
+from research.train.losses import cross_entropy_loss
+from research.train.losses import l2_regularizer
+from research.train.state import ModelDefs
+from research.train.state import TrainState
+from research.train.state import create_train_state
+from research.train.state import merge_model
+from research.train.state import split_model
+from research.train.state import state_to_model
+from research.train.step import evaluate
+from research.train.step import make_eval_step
+from research.train.step import make_train_step
+
+__all__ = [
+    "Checkpointer",
+    "LossFn",
+    "LossTransform",
+    "ModelDefs",
+    "NonFiniteLossError",
+    "TrainState",
+    "apply_transforms",
+    "compose",
+    "create_train_state",
+    "cross_entropy_loss",
+    "evaluate",
+    "fit",
+    "l2_regularizer",
+    "make_eval_step",
+    "make_train_step",
+    "merge_model",
+    "read_metrics",
+    "split_model",
+    "state_to_model",
+]

@@ -1,0 +1,172 @@
+"""The training loop: progress bar, JSON-lines metrics, checkpoints, resume, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from research.data.batching import BatchSampler
+from research.train.checkpoint import Checkpointer
+from research.train.state import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss becomes NaN or infinite; names the step and the checkpoint kept."""
+
+    def __init__(self, step: int, value: float, last_checkpoint: int | None, directory: str | None):
+        self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
+        kept = (
+            f"the last good checkpoint (step {last_checkpoint}) is kept in {directory}"
+            if last_checkpoint is not None
+            else "no checkpoint had been written yet"
+        )
+        super().__init__(
+            f"loss became {value} at step {step}; training stopped and {kept}. "
+            "Lower the learning rate, add gradient clipping, or check the data for NaNs."
+        )
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Drops records after ``last_step`` (written by a run that was killed after its checkpoint)."""
+    rows = [r for r in _read_jsonl(path) if r.get("step", 0) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def fit(
+    state: TrainState,
+    step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]],
+    sampler: BatchSampler,
+    *,
+    num_steps: int,
+    workdir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    log_every: int = 50,
+    eval_every: int = 0,
+    eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
+    progress: bool = True,
+    description: str = "train",
+    on_step: Callable[[int, TrainState], None] | None = None,
+) -> tuple[TrainState, list[dict]]:
+    """Runs ``step_fn`` until ``state.step == num_steps``, resuming from ``workdir`` if possible.
+
+    Per-step metrics are kept on the device and fetched every ``log_every`` steps (one transfer,
+    no per-step synchronisation), then appended to ``workdir/metrics.jsonl`` one line per step.
+    Before each checkpoint the pending losses are checked: a NaN or infinite loss raises
+    :class:`NonFiniteLossError` naming the first bad step, and no checkpoint is written from a
+    bad state, so the last good one stays on disk.
+
+    Args:
+      state: the initial state (ignored when a checkpoint exists in ``workdir/checkpoints``).
+      step_fn: ``(state, batch) -> (state, metrics)``, usually from ``make_train_step``.
+      sampler: gives the batch of each global step, so a resumed run sees the same batches.
+      num_steps: total optimizer steps.
+      workdir: where ``metrics.jsonl`` and ``checkpoints/`` go (nothing is written if None).
+      checkpoint_every: save every this many steps (and at the end); 0 saves only at the end.
+      log_every: fetch and record metrics every this many steps.
+      eval_every: call ``eval_fn(state)`` every this many steps (and at the end); 0 = only at the end.
+      eval_fn: returns a dict of validation metrics, recorded with ``"split": "val"``.
+      progress: show a tqdm bar.
+      on_step: called as ``on_step(step, state)`` after every step (e.g. a test that kills the run).
+
+    Returns:
+      ``(final_state, records)`` where ``records`` are all metric rows written by this call.
+    """
+    ckpt = None
+    metrics_path = None
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state = ckpt.restore(template=state, step=latest)
+            _truncate_jsonl(metrics_path, latest)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    start = int(state.step)
+    last_ckpt = start if (ckpt is not None and ckpt.latest_step() is not None) else None
+    records: list[dict] = []
+    pending: list[tuple[int, dict]] = []
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=start, desc=description, dynamic_ncols=True, leave=False)
+
+    def flush():
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        rows = []
+        for (step, _), m in zip(pending, fetched):
+            row = {"step": step, "split": "train"}
+            row.update({k: float(np.asarray(v)) for k, v in m.items()})
+            if not math.isfinite(row["loss"]):
+                pending.clear()
+                _write(rows)
+                raise NonFiniteLossError(step, row["loss"], last_ckpt, ckpt.directory if ckpt else None)
+            rows.append(row)
+        pending.clear()
+        _write(rows)
+        if bar is not None:
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", refresh=False)
+
+    def _write(rows):
+        records.extend(rows)
+        if metrics_path and rows:
+            with open(metrics_path, "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+
+    try:
+        for step in range(start, num_steps):
+            state, metrics = step_fn(state, sampler.batch(step))
+            pending.append((step + 1, metrics))
+            done = step + 1
+            if on_step is not None:
+                on_step(done, state)
+            if log_every and done % log_every == 0:
+                flush()
+            if eval_fn is not None and eval_every and done % eval_every == 0 and done != num_steps:
+                flush()
+                _write([{"step": done, "split": "val", **eval_fn(state)}])
+            if ckpt is not None and checkpoint_every and done % checkpoint_every == 0:
+                flush()
+                ckpt.save(done, state)
+                last_ckpt = done
+            if bar is not None:
+                bar.update(1)
+        flush()
+        if eval_fn is not None and (start < num_steps or not records):
+            _write([{"step": num_steps, "split": "val", **eval_fn(state)}])
+        if ckpt is not None and last_ckpt != num_steps and start < num_steps:
+            ckpt.save(num_steps, state)
+    finally:
+        if bar is not None:
+            bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    return state, records
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of ``workdir/metrics.jsonl``."""
+    return _read_jsonl(os.path.join(workdir, "metrics.jsonl"))

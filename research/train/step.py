@@ -1,0 +1,101 @@
+"""Jitted train and eval steps built from pluggable pieces.
+
+``make_train_step(defs, loss_fn, tx, loss_transforms=...)`` returns ``step(state, batch) ->
+(state, metrics)``. Methods plug in without copying the loop: a loss transform wraps the loss
+(distillation, regularisers) and the optax transformation ``tx`` may wrap any optimizer
+(pruning masks, learned quantizer steps ride on ordinary params).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from research.train.losses import Batch, LossFn, LossTransform, apply_transforms, cross_entropy_loss
+from research.train.state import ModelDefs, TrainState, merge_model
+
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_train_step(
+    defs: ModelDefs,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn = cross_entropy_loss,
+    loss_transforms: Sequence[LossTransform] = (),
+    *,
+    jit: bool = True,
+    donate: bool = True,
+) -> StepFn:
+    """Builds ``step(state, batch) -> (new_state, metrics)``.
+
+    Args:
+      defs: the model graphs from :func:`create_train_state`.
+      tx: the optax transformation (wrap it to add gradient transforms, e.g. pruning masks).
+      loss_fn: the task loss, ``(model, batch, rng) -> (loss, aux)``.
+      loss_transforms: applied to ``loss_fn`` in order (innermost first).
+      jit: return the jitted step (default) or the plain function (to vmap or embed).
+      donate: donate the input state's buffers to the output (saves memory; the input state
+        must not be used after the call).
+
+    Returns:
+      The step function. ``metrics`` holds ``loss``, ``grad_norm`` and every scalar in ``aux``.
+    """
+    full_loss = apply_transforms(loss_fn, loss_transforms)
+
+    def objective(params, model_state, batch, rng):
+        model = merge_model(defs.train, params, model_state)
+        loss, aux = full_loss(model, batch, rng)
+        new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        return loss, (aux, new_model_state)
+
+    def step(state: TrainState, batch: Batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        (loss, (aux, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, state.model_state, batch, rng
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
+        new_state = TrainState(state.step + 1, params, model_state, opt_state, state.rng)
+        return new_state, metrics
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(defs: ModelDefs, loss_fn: LossFn = cross_entropy_loss, *, jit: bool = True):
+    """Builds ``eval_step(state_or_(params, model_state), batch) -> sums`` in evaluation mode.
+
+    Returns sums (not means) of ``loss`` and ``correct`` over the rows where ``batch["mask"]``
+    is true (all rows when there is no mask), plus ``count``, so padded batches average exactly.
+    """
+
+    def eval_step(params, model_state, batch):
+        model = merge_model(defs.eval, params, model_state)
+        logits = model(batch["x"])
+        mask = batch.get("mask", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+        return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+    return jax.jit(eval_step) if jit else eval_step
+
+
+def evaluate(defs: ModelDefs, params, model_state, x, y, *, batch_size: int = 256, eval_step=None) -> dict[str, float]:
+    """Mean loss and accuracy of the model on ``(x, y)``."""
+    from research.data.batching import eval_batches
+
+    eval_step = eval_step or make_eval_step(defs)
+    total = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    sums = [eval_step(params, model_state, b) for b in eval_batches(x, y, min(batch_size, len(x)))]
+    for s in jax.device_get(sums):
+        for k in total:
+            total[k] += float(s[k])
+    n = max(total["count"], 1.0)
+    return {"loss": total["loss"] / n, "accuracy": total["correct"] / n, "count": int(total["count"])}
