@@ -1,0 +1,229 @@
+"""Turning an NNX model into an exportable function, and naming the op that cannot export.
+
+The exporters need a pure function ``x -> y`` with the weights baked in as constants. For an
+``nnx.Module`` this is ``nnx.merge(graphdef, state)(x)`` on an eval-mode clone (BatchNorm uses
+its running statistics, Dropout is off); the caller's model is left untouched.
+
+When a converter rejects the program, :func:`diagnose` finds the JAX primitive responsible: it
+walks the jaxpr (including nested jaxprs of ``jit``, ``custom_jvp`` ...), prefers equations whose
+source line is the one the converter's error points at, and converts each candidate primitive on
+its own until one fails the same way. The layer path comes from the NNX module whose
+``__call__`` frame is in the equation's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.extend import core as jex_core
+
+_LOCATION_RE = re.compile(r"([^\s:|]+\.py):(\d+):\d+: error: (.*?)(?: \||$)", re.MULTILINE)
+
+
+class UnsupportedOpError(RuntimeError):
+    """An operation in the model cannot be converted to the requested format.
+
+    Attributes:
+      target: the format that failed (e.g. ``"tflite"``).
+      primitive: the JAX primitive name (e.g. ``"fft"``), or None if it could not be isolated.
+      layer_paths: NNX module paths that issued the primitive (more than one when several
+        modules of the same class exist), empty when unknown.
+      location: ``file:line (function)`` of the user frame that issued the primitive.
+      detail: the converter's own message, shortened.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        primitive: str | None,
+        layer_paths: Sequence[str],
+        location: str,
+        detail: str,
+    ):
+        self.target = target
+        self.primitive = primitive
+        self.layer_paths = tuple(layer_paths)
+        self.location = location
+        self.detail = detail
+        where = ""
+        if self.layer_paths:
+            where = (
+                f" in layer {self.layer_paths[0]!r}"
+                if len(self.layer_paths) == 1
+                else f" in one of the layers {list(self.layer_paths)}"
+            )
+        prim = f"JAX primitive {primitive!r}" if primitive else "an operation"
+        super().__init__(
+            f"{target} export failed: {prim}{where} is not supported by the {target} converter"
+            f" (issued at {location or 'unknown location'}). Replace that operation in the model"
+            f" (or drop {target!r} from formats). Converter said: {detail}"
+        )
+
+
+def inference_fn(model: Any) -> Callable[[jax.Array], jax.Array]:
+    """Returns a pure inference function for an NNX module (eval mode) or a callable.
+
+    Args:
+      model: an ``nnx.Module`` taking one array and returning one array, or any such callable.
+
+    Returns:
+      ``fn(x) -> y`` closing over the weights; the caller's model is not modified.
+    """
+    if not isinstance(model, nnx.Module):
+        if not callable(model):
+            raise TypeError(
+                f"model of type {type(model).__name__} is neither an nnx.Module nor callable; "
+                "pass a flax.nnx model or a function x -> y"
+            )
+        return model
+    clone = nnx.clone(model)
+    clone.eval()
+    graphdef, state = nnx.split(clone)
+
+    def fn(x: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state)(x)
+
+    return fn
+
+
+def module_paths_by_class(model: Any) -> dict[str, list[str]]:
+    """Maps each NNX module class name to the dotted paths of its instances in ``model``."""
+    out: dict[str, list[str]] = {}
+    if not isinstance(model, nnx.Module):
+        return out
+    for path, module in nnx.iter_modules(model):
+        name = ".".join(str(p) for p in path) or "<root>"
+        out.setdefault(type(module).__qualname__, []).append(name)
+    return out
+
+
+def iter_eqns(jaxpr: Any) -> Iterator[Any]:
+    """Yields every equation of ``jaxpr`` and of the jaxprs nested in its equations' params."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jex_core.jaxprs_in_params(eqn.params):
+            yield from iter_eqns(sub)
+
+
+def _frames(eqn: Any) -> list[Any]:
+    tb = getattr(eqn.source_info, "traceback", None)
+    return list(getattr(tb, "frames", ()) or ())
+
+
+def _is_library_frame(file_name: str) -> bool:
+    return any(
+        f"{os.sep}{lib}{os.sep}" in file_name for lib in ("jax", "jaxlib", "flax", "_src")
+    ) or file_name.endswith("source_info_util.py")
+
+
+def eqn_location(eqn: Any) -> str:
+    """Returns ``file:line (function)`` of the innermost non-library frame of ``eqn``."""
+    for fr in _frames(eqn):
+        if not _is_library_frame(fr.file_name):
+            return f"{fr.file_name}:{fr.line_num} ({fr.function_name})"
+    frames = _frames(eqn)
+    if frames:
+        fr = frames[0]
+        return f"{fr.file_name}:{fr.line_num} ({fr.function_name})"
+    return ""
+
+
+def eqn_layer_paths(eqn: Any, paths_by_class: dict[str, list[str]]) -> list[str]:
+    """Returns the module paths whose ``__call__`` (or method) frame issued ``eqn``."""
+    for fr in _frames(eqn):  # innermost first
+        qual = fr.function_name
+        if "." not in qual:
+            continue
+        cls = qual.rsplit(".", 1)[0]
+        if cls in paths_by_class:
+            return list(paths_by_class[cls])
+    return []
+
+
+def _eqn_at(eqn: Any, file_name: str, line: int) -> bool:
+    return any(
+        fr.line_num == line and os.path.basename(fr.file_name) == os.path.basename(file_name)
+        for fr in _frames(eqn)
+    )
+
+
+def _probe_fn(eqn: Any) -> tuple[Callable[..., Any], list[jax.ShapeDtypeStruct]]:
+    """Builds ``f(*non_literal_inputs) = primitive.bind(...)`` for one equation."""
+    specs, slots = [], []
+    for v in eqn.invars:
+        if isinstance(v, jex_core.Literal):
+            slots.append(("lit", v.val))
+        else:
+            slots.append(("arg", len(specs)))
+            specs.append(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype))
+
+    def f(*args: Any) -> Any:
+        vals = [args[s] if kind == "arg" else s for kind, s in slots]
+        out = eqn.primitive.bind(*vals, **eqn.params)
+        return tuple(out) if eqn.primitive.multiple_results else out
+
+    return f, specs
+
+
+def diagnose(
+    target: str,
+    model: Any,
+    fn: Callable[[jax.Array], jax.Array],
+    sample: np.ndarray,
+    error: Exception,
+    convert_probe: Callable[[Callable[..., Any], list[jax.ShapeDtypeStruct]], None],
+    max_probes: int = 40,
+) -> UnsupportedOpError:
+    """Names the JAX primitive (and layer) behind a converter failure.
+
+    Args:
+      target: the format name, for the message.
+      model: the original model (for layer paths).
+      fn: the inference function that failed to convert.
+      sample: a concrete input (fixes the shapes of the probed primitives).
+      error: the converter's exception.
+      convert_probe: converts a small function with the given argument specs, raising on
+        failure (the same converter that failed).
+      max_probes: at most this many single-primitive conversions are tried.
+
+    Returns:
+      An :class:`UnsupportedOpError` to raise (``from error``).
+    """
+    message = str(error)
+    short = " ".join(message.split())[:400]
+    closed = jax.make_jaxpr(fn)(sample)
+    eqns = [e for e in iter_eqns(closed.jaxpr) if not jex_core.jaxprs_in_params(e.params)]
+    located = []
+    for m in _LOCATION_RE.finditer(message.replace(" | ", "\n")):
+        file_name, line = m.group(1), int(m.group(2))
+        located += [e for e in eqns if _eqn_at(e, file_name, line)]
+    seen: set[tuple[str, str]] = set()
+    ordered = []
+    for e in located + eqns:
+        key = (e.primitive.name, str(sorted((k, str(v)) for k, v in e.params.items())))
+        if key not in seen:
+            seen.add(key)
+            ordered.append(e)
+    paths = module_paths_by_class(model)
+    for eqn in ordered[:max_probes]:
+        probe, specs = _probe_fn(eqn)
+        try:
+            convert_probe(probe, specs)
+        except Exception:  # noqa: BLE001 - any converter failure marks the culprit
+            return UnsupportedOpError(
+                target, eqn.primitive.name, eqn_layer_paths(eqn, paths), eqn_location(eqn), short
+            )
+    if located:
+        eqn = located[0]
+        return UnsupportedOpError(
+            target, None, eqn_layer_paths(eqn, paths), eqn_location(eqn), short
+        )
+    return UnsupportedOpError(target, None, (), "", short)

@@ -1,0 +1,303 @@
+"""``export``: write StableHLO, TFLite and ONNX artifacts and check each in its runtime."""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from research.export import onnx_export
+from research.export import stablehlo
+from research.export import tflite
+from research.export._io import gzip_size
+from research.export._io import write_bytes_atomic
+from research.export._trace import inference_fn
+from research.export.report import ArtifactReport
+from research.export.report import ExportReport
+
+FORMATS = ("stablehlo", "tflite", "onnx")
+# TFLite variants that are also converted to ONNX (tf2onnx turns int8 TFLite into Q/DQ form).
+ONNX_VARIANTS = ("fp32", "int8")
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def _median_ms(call: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _chunks(x: np.ndarray, size: int, exact: bool) -> list[np.ndarray]:
+    out = [x[i : i + size] for i in range(0, len(x), size)]
+    return [c for c in out if not exact or len(c) == size]
+
+
+def _compare(
+    run: Callable[[np.ndarray], np.ndarray],
+    inputs: Sequence[np.ndarray],
+    refs: Sequence[np.ndarray],
+) -> tuple[float, float, float | None]:
+    abs_diff, scale, agree, total = 0.0, 0.0, 0, 0
+    classify = all(r.ndim == 2 for r in refs)
+    for x, ref in zip(inputs, refs):
+        y = np.asarray(run(x), dtype=np.float64)
+        ref64 = np.asarray(ref, dtype=np.float64)
+        if y.shape != ref64.shape:
+            raise AssertionError(f"artifact output shape {y.shape} != JAX output {ref64.shape}")
+        abs_diff = max(abs_diff, float(np.max(np.abs(y - ref64))))
+        scale = max(scale, float(np.max(np.abs(ref64))))
+        if classify:
+            agree += int(np.sum(y.argmax(-1) == ref64.argmax(-1)))
+            total += len(y)
+    rel = abs_diff / scale if scale > 0 else abs_diff
+    return abs_diff, rel, (agree / total if classify and total else None)
+
+
+def _range_agreement(
+    runner: tflite.TFLiteRunner, ranges: Mapping[str, tuple[float, float]]
+) -> dict[str, Any]:
+    """Compares deployed int8 activation ranges with given (learned) ``(min, max)`` ranges."""
+    details = [d for d in runner.tensor_details() if d["dtype"] == np.int8]
+    out: dict[str, Any] = {}
+    for pattern, (lo, hi) in ranges.items():
+        rx = re.compile(pattern)
+        matches = []
+        for d in details:
+            scale, zp = d["quantization"]
+            if scale and rx.search(d["name"]):
+                dep_lo, dep_hi = scale * (-128 - zp), scale * (127 - zp)
+                width = max(hi - lo, 1e-12)
+                err = max(abs(dep_lo - lo), abs(dep_hi - hi)) / width
+                matches.append({"tensor": d["name"], "deployed": [dep_lo, dep_hi], "rel_err": err})
+        out[pattern] = {"learned": [lo, hi], "matches": matches}
+    return out
+
+
+def export(
+    model: Any,
+    sample_input: np.ndarray | jax.Array,
+    formats: Sequence[str] = FORMATS,
+    out_dir: str | os.PathLike = "export",
+    quantize: str | Sequence[str] | None = None,
+    calibration: np.ndarray | None = None,
+    *,
+    eval_data: np.ndarray | None = None,
+    batch_polymorphic: bool = True,
+    activation_ranges: Mapping[str, tuple[float, float]] | None = None,
+    latency_repeats: int = 30,
+    num_threads: int = 1,
+    name: str = "model",
+    onnx_opset: int = onnx_export.DEFAULT_OPSET,
+) -> ExportReport:
+    """Exports a model to StableHLO, TFLite and ONNX and checks every artifact in its runtime.
+
+    The float32 TFLite (and ONNX) artifact is always written; ``quantize`` adds quantized
+    variants. Each artifact is written to a temporary file next to its destination, loaded and run
+    in its runtime, and only then moved into place, so a failed export never replaces a good
+    artifact. Every artifact is then run on ``sample_input`` and ``eval_data`` (in batches), and
+    at a second batch size when ``batch_polymorphic``; the report gives max abs/rel differences
+    against JAX, top-1 agreement, size, gzip size and median latency.
+
+    Args:
+      model: a ``flax.nnx.Module`` mapping one array to one array (exported in eval mode; the
+        caller's model is not modified), or any such JAX function.
+      sample_input: one batch of inputs; fixes dtype and the non-batch dimensions, and is the
+        input latencies are measured on.
+      formats: any of ``"stablehlo"``, ``"tflite"``, ``"onnx"``. ONNX is converted from the
+        TFLite flatbuffer (jax2tf's ``XlaCallModule`` cannot be converted by tf2onnx directly).
+      out_dir: directory for ``{name}.stablehlo`` (+ ``.json`` manifest),
+        ``{name}_{variant}.tflite`` and ``{name}_{variant}.onnx``.
+      quantize: None, or one or several of ``"fp16"``, ``"dynamic_int8"``, ``"int8"``. ONNX is
+        written for the fp32 and int8 variants (int8 ONNX carries QuantizeLinear/DequantizeLinear
+        nodes).
+      calibration: inputs ``(N, *sample_input.shape[1:])`` for int8 calibration (the
+        representative dataset); required for ``"int8"``.
+      eval_data: inputs to compare on (e.g. the test split); default: ``sample_input``.
+      batch_polymorphic: export with a variable leading (batch) dimension.
+      activation_ranges: optional learned ranges from quantization-aware training, a mapping
+        from a regular expression over TFLite tensor names (which carry the JAX primitive
+        names, e.g. ``"dot_general"``) to ``(min, max)``. The int8 TFLite activation ranges come
+        from calibration on ``calibration`` (a fake-quant model clips its activations to the
+        learned ranges, so calibration recovers them); the report's
+        ``extra["range_agreement"]`` of ``tflite_int8`` lists, per pattern, each matching int8
+        tensor's deployed range and its error relative to the learned range width.
+      latency_repeats: timed calls per latency measurement (median is reported).
+      num_threads: threads for the TFLite interpreter and onnxruntime.
+      name: file name stem.
+      onnx_opset: ONNX opset for tf2onnx.
+
+    Returns:
+      An :class:`ExportReport`; ``report.table()`` prints it.
+
+    Raises:
+      ValueError: unknown format or quantization mode, or int8 without calibration.
+      UnsupportedOpError: an operation cannot be converted; names the JAX primitive and layer.
+      ImportError: TensorFlow/tf2onnx/onnx/onnxruntime missing (``pip install
+        'slimjax[export]'``).
+
+    Example:
+      >>> from flax import nnx
+      >>> import numpy as np, tempfile
+      >>> from research.export import export
+      >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      >>> x = np.ones((2, 4), np.float32)
+      >>> rep = export(model, x, formats=("stablehlo",), out_dir=tempfile.mkdtemp())
+      >>> rep["stablehlo"].max_abs_diff < 1e-6
+      True
+    """
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"formats={formats!r} contains {bad}; choose from {FORMATS}")
+    if quantize is None:
+        variants: list[str] = ["fp32"]
+    else:
+        qs = [quantize] if isinstance(quantize, str) else list(quantize)
+        variants = ["fp32", *[q for q in dict.fromkeys(qs) if q != "fp32"]]
+    unknown = [q for q in variants if q not in tflite.quantization_modes()]
+    if unknown:
+        raise ValueError(
+            f"quantize={quantize!r}: {unknown} unknown; use None or some of "
+            f"{tflite.quantization_modes()[1:]}"
+        )
+    if "int8" in variants and calibration is None:
+        raise ValueError(
+            "quantize='int8' needs calibration=<array (N, *input_shape[1:])> for the activation "
+            "ranges; pass a few hundred training inputs, or use quantize='dynamic_int8'"
+        )
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    sample = np.asarray(sample_input)
+    fn = inference_fn(model)
+    jfn = jax.jit(fn)
+
+    # Inputs to check on: the sample, eval data in sample-sized batches, and a second batch size.
+    bsz = sample.shape[0] if sample.ndim else 1
+    inputs = [sample]
+    if eval_data is not None:
+        inputs += _chunks(np.asarray(eval_data, sample.dtype), bsz, exact=not batch_polymorphic)
+    if batch_polymorphic and sample.ndim:
+        other = 1 if bsz != 1 else 3
+        inputs.append(np.resize(sample, (other, *sample.shape[1:])).astype(sample.dtype))
+    refs = [np.asarray(jfn(x)) for x in inputs]
+    batch_sizes = tuple(sorted({int(x.shape[0]) if x.ndim else 1 for x in inputs}))
+    num_checked = sum(int(x.shape[0]) if x.ndim else 1 for x in inputs)
+
+    jax_ms = _median_ms(lambda: jfn(sample).block_until_ready(), latency_repeats)
+    params = nnx.state(model) if isinstance(model, nnx.Module) else {}
+    leaves = [np.asarray(v) for v in jax.tree.leaves(params) if hasattr(v, "dtype")]
+    param_bytes = int(sum(v.nbytes for v in leaves))
+    n_params = sum(v.size for v in leaves)
+    zeros = sum(int(np.sum(v == 0)) for v in leaves if np.issubdtype(v.dtype, np.floating))
+    zero_frac = zeros / n_params if n_params else 0.0
+
+    artifacts: list[ArtifactReport] = []
+
+    def record(
+        art_name: str,
+        fmt: str,
+        q: str,
+        path: str,
+        runtime: str,
+        run: Callable[[np.ndarray], np.ndarray],
+        extra: dict[str, Any],
+    ) -> None:
+        abs_d, rel_d, top1 = _compare(run, inputs, refs)
+        ms = _median_ms(lambda: run(sample), latency_repeats)
+        artifacts.append(
+            ArtifactReport(
+                name=art_name,
+                format=fmt,
+                quantize=q,
+                path=path,
+                runtime=runtime,
+                size_bytes=os.path.getsize(path),
+                gzip_bytes=gzip_size(path),
+                max_abs_diff=abs_d,
+                max_rel_diff=rel_d,
+                top1_agreement=top1,
+                latency_ms=ms,
+                batch_sizes=batch_sizes,
+                extra=extra,
+            )
+        )
+
+    if "stablehlo" in formats:
+        path = os.path.join(out_dir, f"{name}.stablehlo")
+        spec = stablehlo.input_spec(sample, batch_polymorphic)
+        info = stablehlo.export_stablehlo(fn, spec, path)
+        loaded = stablehlo.load_stablehlo(path)
+        record(
+            "stablehlo",
+            "stablehlo",
+            "fp32",
+            path,
+            f"jax.export {jax.__version__}",
+            lambda x: np.asarray(loaded(x)),
+            {"manifest": info},
+        )
+
+    if "tflite" in formats or "onnx" in formats:
+        litert = f"LiteRT {_version('ai-edge-litert')}"
+        ort_name = f"onnxruntime {_version('onnxruntime')}"
+        for q in variants:
+            blob = tflite.to_tflite(
+                fn,
+                sample,
+                quantize=q,
+                calibration=calibration,
+                batch_polymorphic=batch_polymorphic,
+                model=model,
+            )
+            if "tflite" in formats:
+                path = os.path.join(out_dir, f"{name}_{q}.tflite")
+                write_bytes_atomic(path, blob, lambda p: tflite.TFLiteRunner(p)(sample))
+                runner = tflite.TFLiteRunner(path, num_threads=num_threads)
+                extra: dict[str, Any] = {}
+                if q == "int8" and activation_ranges:
+                    extra["range_agreement"] = _range_agreement(runner, activation_ranges)
+                record(f"tflite_{q}", "tflite", q, path, litert, runner, extra)
+            if "onnx" in formats and q in ONNX_VARIANTS:
+                proto = onnx_export.tflite_to_onnx(blob, opset=onnx_opset)
+                path = os.path.join(out_dir, f"{name}_{q}.onnx")
+                onnx_export.write_onnx(proto, path)
+                runner = onnx_export.OnnxRunner(path, num_threads=num_threads)
+                record(
+                    f"onnx_{q}",
+                    "onnx",
+                    q,
+                    path,
+                    ort_name,
+                    runner,
+                    {"qdq": onnx_export.qdq_summary(proto), "opset": onnx_opset},
+                )
+
+    return ExportReport(
+        out_dir=out_dir,
+        jax_latency_ms=jax_ms,
+        jax_param_bytes=param_bytes,
+        param_zero_fraction=zero_frac,
+        num_checked=num_checked,
+        artifacts=tuple(artifacts),
+    )
