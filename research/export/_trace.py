@@ -105,17 +105,26 @@ def module_paths_by_class(model: Any) -> dict[str, list[str]]:
     return out
 
 
-def iter_eqns(jaxpr: Any) -> Iterator[Any]:
-    """Yields every equation of ``jaxpr`` and of the jaxprs nested in its equations' params."""
+def iter_eqns(jaxpr: Any, _outer: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Yields ``(eqn, *enclosing_eqns)`` for every equation of ``jaxpr``, nested ones included.
+
+    A nested equation's own traceback stops at the boundary of its ``jit``; the enclosing
+    equations carry the rest of the call chain (the user's code and the NNX module calls).
+    """
     for eqn in jaxpr.eqns:
-        yield eqn
+        chain = (eqn, *_outer)
+        yield chain
         for sub in jex_core.jaxprs_in_params(eqn.params):
-            yield from iter_eqns(sub)
+            yield from iter_eqns(sub, chain)
 
 
-def _frames(eqn: Any) -> list[Any]:
-    tb = getattr(eqn.source_info, "traceback", None)
-    return list(getattr(tb, "frames", ()) or ())
+def _frames(chain: tuple[Any, ...]) -> list[Any]:
+    """Frames of an equation then of its enclosing equations, innermost first."""
+    out = []
+    for e in chain:
+        tb = getattr(e.source_info, "traceback", None)
+        out += list(getattr(tb, "frames", ()) or ())
+    return out
 
 
 def _is_library_frame(file_name: str) -> bool:
@@ -124,21 +133,21 @@ def _is_library_frame(file_name: str) -> bool:
     ) or file_name.endswith("source_info_util.py")
 
 
-def eqn_location(eqn: Any) -> str:
-    """Returns ``file:line (function)`` of the innermost non-library frame of ``eqn``."""
-    for fr in _frames(eqn):
+def eqn_location(chain: tuple[Any, ...]) -> str:
+    """Returns ``file:line (function)`` of the innermost non-library frame of an equation."""
+    for fr in _frames(chain):
         if not _is_library_frame(fr.file_name):
             return f"{fr.file_name}:{fr.line_num} ({fr.function_name})"
-    frames = _frames(eqn)
+    frames = _frames(chain)
     if frames:
         fr = frames[0]
         return f"{fr.file_name}:{fr.line_num} ({fr.function_name})"
     return ""
 
 
-def eqn_layer_paths(eqn: Any, paths_by_class: dict[str, list[str]]) -> list[str]:
-    """Returns the module paths whose ``__call__`` (or method) frame issued ``eqn``."""
-    for fr in _frames(eqn):  # innermost first
+def eqn_layer_paths(chain: tuple[Any, ...], paths_by_class: dict[str, list[str]]) -> list[str]:
+    """Returns the module paths whose ``__call__`` (or method) frame issued an equation."""
+    for fr in _frames(chain):  # innermost first
         qual = fr.function_name
         if "." not in qual:
             continue
@@ -148,10 +157,10 @@ def eqn_layer_paths(eqn: Any, paths_by_class: dict[str, list[str]]) -> list[str]
     return []
 
 
-def _eqn_at(eqn: Any, file_name: str, line: int) -> bool:
+def _eqn_at(chain: tuple[Any, ...], file_name: str, line: int) -> bool:
     return any(
         fr.line_num == line and os.path.basename(fr.file_name) == os.path.basename(file_name)
-        for fr in _frames(eqn)
+        for fr in _frames(chain)
     )
 
 
@@ -200,30 +209,36 @@ def diagnose(
     message = str(error)
     short = " ".join(message.split())[:400]
     closed = jax.make_jaxpr(fn)(sample)
-    eqns = [e for e in iter_eqns(closed.jaxpr) if not jex_core.jaxprs_in_params(e.params)]
+    chains = [
+        c for c in iter_eqns(closed.jaxpr) if not list(jex_core.jaxprs_in_params(c[0].params))
+    ]
     located = []
     for m in _LOCATION_RE.finditer(message.replace(" | ", "\n")):
         file_name, line = m.group(1), int(m.group(2))
-        located += [e for e in eqns if _eqn_at(e, file_name, line)]
+        located += [c for c in chains if _eqn_at(c, file_name, line)]
     seen: set[tuple[str, str]] = set()
     ordered = []
-    for e in located + eqns:
-        key = (e.primitive.name, str(sorted((k, str(v)) for k, v in e.params.items())))
+    for c in located + chains:
+        key = (c[0].primitive.name, str(sorted((k, str(v)) for k, v in c[0].params.items())))
         if key not in seen:
             seen.add(key)
-            ordered.append(e)
+            ordered.append(c)
     paths = module_paths_by_class(model)
-    for eqn in ordered[:max_probes]:
-        probe, specs = _probe_fn(eqn)
+    for chain in ordered[:max_probes]:
+        probe, specs = _probe_fn(chain[0])
         try:
             convert_probe(probe, specs)
         except Exception:  # noqa: BLE001 - any converter failure marks the culprit
             return UnsupportedOpError(
-                target, eqn.primitive.name, eqn_layer_paths(eqn, paths), eqn_location(eqn), short
+                target,
+                chain[0].primitive.name,
+                eqn_layer_paths(chain, paths),
+                eqn_location(chain),
+                short,
             )
     if located:
-        eqn = located[0]
+        chain = located[0]
         return UnsupportedOpError(
-            target, None, eqn_layer_paths(eqn, paths), eqn_location(eqn), short
+            target, None, eqn_layer_paths(chain, paths), eqn_location(chain), short
         )
     return UnsupportedOpError(target, None, (), "", short)

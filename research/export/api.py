@@ -60,7 +60,7 @@ def _compare(
 ) -> tuple[float, float, float | None]:
     abs_diff, scale, agree, total = 0.0, 0.0, 0, 0
     classify = all(r.ndim == 2 for r in refs)
-    for x, ref in zip(inputs, refs):
+    for x, ref in zip(inputs, refs, strict=True):
         y = np.asarray(run(x), dtype=np.float64)
         ref64 = np.asarray(ref, dtype=np.float64)
         if y.shape != ref64.shape:

@@ -1,0 +1,234 @@
+"""End-to-end export tests: every artifact is run in its real runtime against JAX."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import pathlib
+
+import chex
+import jax
+import numpy as np
+import pytest
+from export_test_models import SmallMLP
+from export_test_models import Unsupported
+from flax import nnx
+
+from research.export import OnnxRunner
+from research.export import TFLiteRunner
+from research.export import UnsupportedOpError
+from research.export import export
+from research.export import load_stablehlo
+from research.export import qdq_summary
+from research.export.onnx_export import check_onnx
+
+ALL_Q = ("fp16", "dynamic_int8", "int8")
+
+
+@pytest.fixture(scope="module")
+def cnn_report(convnet, tmp_path_factory):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
+    cal = rng.normal(size=(64, 8, 8, 1)).astype(np.float32)
+    out = tmp_path_factory.mktemp("cnn")
+    report = export(
+        convnet,
+        x,
+        out_dir=out,
+        quantize=ALL_Q,
+        calibration=cal,
+        eval_data=cal[:32],
+        activation_ranges={r"^max": (0.0, 4.0)},
+        latency_repeats=5,
+    )
+    return report, x
+
+
+@pytest.fixture(scope="module")
+def mlp_report(trained_mlp, digits, tmp_path_factory):
+    x_test = digits.x_test.reshape(len(digits.x_test), -1)
+    report = export(
+        trained_mlp,
+        x_test[:16],
+        formats=("tflite", "onnx"),
+        out_dir=tmp_path_factory.mktemp("mlp"),
+        quantize="int8",
+        calibration=digits.x_train.reshape(len(digits.x_train), -1)[:256],
+        eval_data=x_test,
+        latency_repeats=5,
+    )
+    return report, x_test
+
+
+def test_writes_every_artifact(cnn_report):
+    report, _ = cnn_report
+    names = {a.name for a in report.artifacts}
+    assert names == {
+        "stablehlo",
+        "tflite_fp32",
+        "tflite_fp16",
+        "tflite_dynamic_int8",
+        "tflite_int8",
+        "onnx_fp32",
+        "onnx_int8",
+    }
+    for a in report.artifacts:
+        assert os.path.getsize(a.path) == a.size_bytes > 0
+        assert 0 < a.gzip_bytes
+        assert a.latency_ms > 0
+    assert report.jax_latency_ms > 0
+    assert not [f for f in os.listdir(report.out_dir) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name", ["stablehlo", "tflite_fp32", "onnx_fp32"])
+def test_fp32_artifacts_match_jax(cnn_report, name):
+    report, _ = cnn_report
+    a = report[name]
+    # Float32 runtimes reorder sums (XNNPACK, MLAS); 1e-5 of the output scale is the bound.
+    assert a.max_rel_diff <= 1e-5, a
+    assert a.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize(
+    "name,rel_bound", [("tflite_fp16", 5e-3), ("tflite_dynamic_int8", 5e-2), ("tflite_int8", 1e-1)]
+)
+def test_quantized_artifacts_are_close(cnn_report, name, rel_bound):
+    report, _ = cnn_report
+    assert report[name].max_rel_diff <= rel_bound, report[name]
+    assert report[name].size_bytes < report["tflite_fp32"].size_bytes
+
+
+def test_onnx_int8_has_qdq_nodes_and_passes_checker(cnn_report):
+    report, _ = cnn_report
+    a = report["onnx_int8"]
+    check_onnx(a.path)
+    import onnx
+
+    summary = qdq_summary(onnx.load(a.path))
+    assert summary == a.extra["qdq"]
+    assert summary["quantize_linear"] >= 1
+    assert summary["dequantize_linear"] >= 3  # input, conv weights, dense weights at least
+    assert qdq_summary(onnx.load(report["onnx_fp32"].path))["quantize_linear"] == 0
+    # The ONNX graph reproduces the int8 TFLite numerics, not the float ones.
+    assert a.max_abs_diff == pytest.approx(report["tflite_int8"].max_abs_diff, rel=0.1, abs=1e-3)
+
+
+def test_stablehlo_manifest(cnn_report):
+    report, _ = cnn_report
+    a = report["stablehlo"]
+    with open(a.path + ".json") as f:
+        info = json.load(f)
+    assert info == a.extra["manifest"]
+    assert info["jax_version"] == jax.__version__
+    assert info["inputs"] == [{"shape": ["b", 8, 8, 1], "dtype": "float32"}]
+    assert info["outputs"] == [{"shape": ["b", 10], "dtype": "float32"}]
+    exported = dt.date.fromisoformat(info["exported_on"])
+    assert dt.date.fromisoformat(info["loadable_until"]) - exported == dt.timedelta(days=182)
+
+
+@pytest.mark.parametrize("batch", [2, 7])
+@pytest.mark.parametrize("name", ["stablehlo", "tflite_fp32", "onnx_fp32", "tflite_int8"])
+def test_variable_batch(cnn_report, convnet, batch, name):
+    report, _ = cnn_report
+    path = report[name].path
+    runners = {
+        "stablehlo": lambda p: lambda x: np.asarray(load_stablehlo(p)(x)),
+        "tflite": TFLiteRunner,
+        "onnx": OnnxRunner,
+    }
+    run = runners[report[name].format](path)
+    x = np.random.default_rng(batch).normal(size=(batch, 8, 8, 1)).astype(np.float32)
+    convnet_eval = nnx.clone(convnet)
+    convnet_eval.eval()
+    ref = np.asarray(convnet_eval(x))
+    y = run(x)
+    chex.assert_shape(y, (batch, 10))
+    tol = 1e-4 if report[name].quantize == "fp32" else 0.2
+    np.testing.assert_allclose(y, ref, atol=tol * np.abs(ref).max())
+
+
+def test_export_leaves_model_in_train_mode(cnn_report, convnet):
+    assert convnet.bn.use_running_average is False
+
+
+def test_report_table_and_dict(cnn_report):
+    report, _ = cnn_report
+    table = report.table()
+    for a in report.artifacts:
+        assert a.name in table
+    assert "jax (jit)" in table
+    d = json.loads(json.dumps(report.to_dict(), default=str))
+    assert len(d["artifacts"]) == len(report.artifacts)
+    assert report.num_checked == 4 + 32 + 1  # sample, eval data, second batch size
+    assert report["tflite_fp32"].batch_sizes == (1, 4)
+
+
+def test_activation_range_agreement(cnn_report):
+    report, _ = cnn_report
+    agreement = report["tflite_int8"].extra["range_agreement"][r"^max"]
+    assert agreement["learned"] == [0.0, 4.0]
+    assert agreement["matches"], "the ReLU output tensors should match '^max'"
+    for m in agreement["matches"]:
+        lo, hi = m["deployed"]
+        assert lo == pytest.approx(0.0, abs=1e-6)  # ReLU output: calibrated range starts at 0
+        assert m["rel_err"] == pytest.approx(abs(hi - 4.0) / 4.0)
+
+
+def test_int8_top1_agreement_on_digits(mlp_report, trained_mlp, digits):
+    report, x_test = mlp_report
+    acc = float(np.mean(np.asarray(trained_mlp(x_test)).argmax(-1) == digits.y_test))
+    assert acc > 0.9, f"test MLP only reached {acc:.3f}"
+    for name in ("tflite_int8", "onnx_int8"):
+        assert report[name].top1_agreement >= 0.99, report[name]
+    assert report["tflite_fp32"].top1_agreement == 1.0
+    # 4.7k weights: int8 is 12.3 KB vs 24.9 KB fp32; ~7 KB is graph (shape ops for the variable
+    # batch), so the ratio only approaches 0.25 for larger models (see the benchmark).
+    assert report["tflite_int8"].size_bytes <= 0.55 * report["tflite_fp32"].size_bytes
+
+
+def test_masked_model_reports_compressed_size(tmp_path):
+    model = SmallMLP(128, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(0)
+    for layer in (model.fc1, model.fc2):
+        w = np.asarray(layer.kernel[...])
+        layer.kernel[...] = np.where(rng.uniform(size=w.shape) < 0.9, 0.0, w).astype(w.dtype)
+    x = rng.normal(size=(2, 64)).astype(np.float32)
+    report = export(model, x, formats=("tflite",), out_dir=tmp_path, latency_repeats=2)
+    assert report.param_zero_fraction == pytest.approx(0.9, abs=0.02)
+    a = report["tflite_fp32"]
+    assert a.gzip_bytes < 0.45 * a.size_bytes, a
+    assert "gzip" in report.table()
+
+
+def test_unsupported_op_names_primitive_and_layer(tmp_path, trained_mlp):
+    x = np.ones((2, 64), np.float32)
+    good = export(trained_mlp, x, formats=("tflite",), out_dir=tmp_path, latency_repeats=2)
+    path = good["tflite_fp32"].path
+    before = pathlib.Path(path).read_bytes()
+    with pytest.raises(UnsupportedOpError) as err:
+        export(Unsupported(rngs=nnx.Rngs(0)), x, formats=("tflite",), out_dir=tmp_path)
+    e = err.value
+    assert e.primitive == "sort"
+    assert e.layer_paths == ("block",)
+    assert "'sort'" in str(e) and "'block'" in str(e)
+    assert e.location.startswith(os.path.join(os.path.dirname(__file__), "export_test_models.py"))
+    assert pathlib.Path(path).read_bytes() == before  # the good artifact survives
+    assert sorted(os.listdir(tmp_path)) == ["model_fp32.tflite"]
+
+
+def test_int8_without_calibration_fails_with_fix(tmp_path, trained_mlp):
+    with pytest.raises(ValueError, match="calibration="):
+        export(trained_mlp, np.ones((2, 64), np.float32), out_dir=tmp_path, quantize="int8")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"formats": ("tflite", "coreml")}, "coreml"),
+        ({"quantize": "int4"}, "int4"),
+    ],
+)
+def test_bad_arguments(tmp_path, trained_mlp, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        export(trained_mlp, np.ones((2, 64), np.float32), out_dir=tmp_path, **kwargs)
