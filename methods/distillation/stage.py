@@ -1,0 +1,249 @@
+"""The ``distill`` stage: train a student against a teacher from an earlier stage or run.
+
+Example config stages::
+
+    stages=(
+        TrainStage(steps=500),                                  # 0_train: the teacher
+        PruneStage(...),                                        # the student: the pruned model
+        DistillStage(teacher="0_train", temperature=4.0, train=TrainStage(steps=300)),
+    )
+
+The teacher is ``bundle.models[teacher]`` (a stage label such as ``"0_train"`` or a kind such
+as ``"train"``, the latest stage of that kind), or the final model of a finished run directory
+(``teacher_run``). The student is the current model (pruned, factorized or fake-quant ones
+included), a model of an earlier stage (``student``), or a fresh zoo model
+(``student_model``). With ``keep_zeros`` every kernel weight that is exactly zero when the
+stage starts stays zero, so a pruned student keeps its sparsity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from methods.distillation.hints import unwrap_student, with_hints
+from methods.distillation.teacher import IndexedBatchSampler, build_teacher_cache
+from methods.distillation.transforms import (
+    attention_term,
+    dkd_term,
+    fitnets_term,
+    hinton_term,
+    rkd_angle_term,
+    rkd_distance_term,
+    weighted_sum,
+)
+from research.stages import (
+    Bundle,
+    StageConfig,
+    StageContext,
+    StageResult,
+    TrainStage,
+    accuracy,
+    finetune,
+    register_stage,
+    train_kwargs,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillStage(StageConfig):
+    """Knowledge distillation from a teacher model into the student.
+
+    Attributes:
+      teacher: key of ``bundle.models`` (stage label like ``"0_train"`` or a kind like ``"train"``).
+      teacher_run: a finished run directory whose final model is the teacher (overrides ``teacher``).
+      student: ``""`` for the current model, or a key of ``bundle.models``.
+      student_model: a zoo model name to build a fresh student (overrides ``student``).
+      student_options: keyword options of ``student_model`` (e.g. ``{"widths": [64]}``).
+      loss: the logit loss, ``"hinton"`` (``(1-alpha) CE + alpha T^2 KL``) or ``"dkd"``
+        (``CE + alpha' TCKD + beta NCKD`` with ``dkd_alpha``, ``dkd_beta``).
+      temperature: softening temperature.
+      alpha: weight of the Hinton soft loss (``1 - alpha`` on the hard labels).
+      dkd_alpha, dkd_beta: DKD's weights.
+      hints: FitNets ``(student_path, teacher_path)`` pairs (learned projections are added and
+        dropped after the stage); ``hint_weight`` their weight.
+      attention: attention-transfer ``(student_path, teacher_path)`` pairs; ``attention_weight``
+        is ``beta / 2``.
+      rkd_distance_weight, rkd_angle_weight: relational KD on the logits (0 = off).
+      cache_teacher: compute the teacher outputs on the training set once and look them up by
+        index (no augmentation happens in this stage, so this gives the same training).
+      keep_zeros: kernel weights that are exactly zero at the start stay zero (pruned students).
+      train: the training schedule (steps, learning rate, optimizer...).
+    """
+
+    kind: ClassVar[str] = "distill"
+    teacher: str = "train"
+    teacher_run: str = ""
+    student: str = ""
+    student_model: str = ""
+    student_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    loss: Literal["hinton", "dkd"] = "hinton"
+    temperature: float = 4.0
+    alpha: float = 0.9
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    hints: tuple[tuple[str, str], ...] = ()
+    hint_weight: float = 1.0
+    attention: tuple[tuple[str, str], ...] = ()
+    attention_weight: float = 500.0
+    rkd_distance_weight: float = 0.0
+    rkd_angle_weight: float = 0.0
+    cache_teacher: bool = True
+    keep_zeros: bool = True
+    train: TrainStage = dataclasses.field(
+        default_factory=lambda: TrainStage(steps=300, eval_every=100)
+    )
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(
+                f"DistillStage.temperature={self.temperature} must be positive, e.g. 4.0"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"DistillStage.alpha={self.alpha} must be in [0, 1]")
+        for name in ("hint_weight", "attention_weight", "rkd_distance_weight", "rkd_angle_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DistillStage.{name}={getattr(self, name)} must be >= 0")
+        self.train.validate()
+
+
+class KeepZerosState(NamedTuple):
+    """State of :func:`keep_zeros`: the 0/1 mask of each parameter and the inner state."""
+
+    mask: Any
+    inner: Any
+
+
+def keep_zeros(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Wraps ``tx`` so that kernel entries (``ndim >= 2``) that are zero at ``init`` stay zero.
+
+    The mask lives in the optimizer state (checkpointed with it). Vectors (biases, norms) are
+    never masked: a fresh layer's zero-initialised bias must still train.
+    """
+
+    def mask_of(p):
+        return (p != 0).astype(p.dtype) if jnp.ndim(p) >= 2 else jnp.ones((), p.dtype)
+
+    def init(params):
+        return KeepZerosState(jax.tree.map(mask_of, params), tx.init(params))
+
+    def update(updates, state, params=None):
+        updates = jax.tree.map(lambda u, m: u * m, updates, state.mask)
+        updates, inner = tx.update(updates, state.inner, params)
+        updates = jax.tree.map(lambda u, m: u * m, updates, state.mask)
+        return updates, KeepZerosState(state.mask, inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _lookup(models: Mapping[str, nnx.Module], key: str, role: str) -> nnx.Module:
+    if key not in models:
+        raise KeyError(
+            f"DistillStage.{role}={key!r} is not a finished stage; available: {sorted(models)} "
+            "(a stage label like '0_train' or a kind like 'train')"
+        )
+    return models[key]
+
+
+def resolve_teacher(bundle: Bundle, cfg: DistillStage) -> nnx.Module:
+    """The teacher model named by ``cfg`` (from ``bundle.models`` or a finished run)."""
+    if cfg.teacher_run:
+        from research.run import load_run
+
+        return load_run(cfg.teacher_run)[1]
+    return _lookup(bundle.models, cfg.teacher, "teacher")
+
+
+def resolve_student(bundle: Bundle, cfg: DistillStage, seed: int) -> nnx.Module:
+    """The student model named by ``cfg`` (current, earlier stage, or a fresh zoo model)."""
+    if cfg.student_model:
+        from research.nn import build_model
+
+        ds = bundle.dataset
+        return build_model(
+            cfg.student_model,
+            input_shape=ds.input_shape,
+            num_classes=ds.num_classes,
+            rngs=nnx.Rngs(seed),
+            **dict(cfg.student_options),
+        )
+    return _lookup(bundle.models, cfg.student, "student") if cfg.student else bundle.model
+
+
+@register_stage(DistillStage)
+def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageResult:
+    """Distils ``resolve_teacher`` into ``resolve_student`` with the configured KD terms."""
+    cfg.validate()
+    teacher = resolve_teacher(bundle, cfg)
+    student = resolve_student(bundle, cfg, ctx.seed)
+    ds = bundle.dataset
+    notes: list[str] = []
+
+    if cfg.loss == "hinton":
+        terms, hard_weight = [(cfg.alpha, hinton_term(cfg.temperature))], 1.0 - cfg.alpha
+    else:
+        terms, hard_weight = [(1.0, dkd_term(cfg.dkd_alpha, cfg.dkd_beta, cfg.temperature))], 1.0
+    if cfg.hints:
+        terms.append((cfg.hint_weight, fitnets_term(cfg.hints)))
+        student = with_hints(
+            nnx.clone(student), teacher, cfg.hints, ds.x_train[:2], rngs=nnx.Rngs(ctx.seed + 1)
+        )
+        notes.append(
+            f"FitNets projections for {len(cfg.hints)} hint pair(s) trained and dropped after the stage"
+        )
+    if cfg.attention:
+        terms.append((cfg.attention_weight, attention_term(cfg.attention)))
+    if cfg.rkd_distance_weight:
+        terms.append((cfg.rkd_distance_weight, rkd_distance_term()))
+    if cfg.rkd_angle_weight:
+        terms.append((cfg.rkd_angle_weight, rkd_angle_term()))
+
+    kwargs = train_kwargs(cfg.train)
+    sampler = None
+    if cfg.cache_teacher:
+        teacher_paths = tuple(dict.fromkeys(p for _, t in terms for p in t.teacher_paths))
+        teacher_fn = build_teacher_cache(teacher, ds.x_train, feature_paths=teacher_paths)
+        sampler = IndexedBatchSampler(
+            ds.x_train,
+            ds.y_train,
+            batch_size=min(cfg.train.batch_size, len(ds.x_train)),
+            seed=ctx.seed,
+        )
+        notes.append(f"teacher outputs cached once for {len(teacher_fn)} training examples")
+    else:
+        teacher_fn = teacher
+        notes.append("teacher run online in every step")
+
+    transform = weighted_sum(None, teacher_fn, terms, hard_weight=hard_weight)
+    model, records = finetune(
+        student,
+        ds,
+        ctx,
+        loss_transforms=[transform],
+        wrap_tx=keep_zeros if cfg.keep_zeros else None,
+        sampler=sampler,
+        description=f"{ctx.label} (distill)",
+        **kwargs,
+    )
+    model = unwrap_student(model)
+    train_rows = [r for r in records if r.get("split") == "train"]
+    metrics = {"teacher_test_accuracy": accuracy(teacher, ds.x_test, ds.y_test)}
+    if train_rows:
+        last = train_rows[-1]
+        metrics.update(
+            {
+                k if k == "hard_loss" else k.replace("/", "_"): v
+                for k, v in last.items()
+                if k.startswith(("kd/", "hard_loss"))
+            }
+        )
+        metrics["final_train_loss"] = last["loss"]
+    return StageResult(
+        bundle=dataclasses.replace(bundle, model=model), metrics=metrics, notes=notes
+    )

@@ -1,0 +1,394 @@
+"""KD loss transforms: ``LossFn -> LossFn`` that add distillation terms to any task loss.
+
+A loss function follows the core protocol ``loss_fn(model, batch, rng) -> (loss, aux)`` with
+``aux["logits"]`` (``research.train.losses``). Every transform here returns
+
+    hard_weight * loss_fn(model, batch, rng) + sum_i weight_i * term_i(student, teacher)
+
+where a :class:`KDTerm` compares the student's outputs (``aux["logits"]`` and, for
+feature-based terms, intermediate outputs captured **in the same forward pass** that
+``loss_fn`` runs) with the teacher's (from a teacher function: online or cached, see
+:mod:`methods.distillation.teacher`). Each term's value is reported in ``aux`` as ``kd/<name>``
+(logged by the train step) and the task loss as ``hard_loss``.
+
+KD transforms applied directly on top of each other merge into one :class:`KDLoss`, so the
+student is captured once and a shared teacher model runs once. Any other transform
+(regularisers, quantizer penalties) composes as usual.
+
+Every public transform accepts ``loss_fn=None`` and then returns the transform itself::
+
+    step = make_train_step(defs, tx, loss_transforms=[distill(None, teacher, temperature=4.0)])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from methods.distillation import losses as L
+from methods.distillation.capture import capture_intermediates
+from methods.distillation.hints import HintedStudent, student_prefix
+from methods.distillation.teacher import OnlineTeacher, TeacherFn, as_teacher_outputs
+from research.train.losses import LossFn, LossTransform
+
+Outputs = dict[str, Any]  # {"logits": (B, C), "features": {path: array}}
+TermFn = Callable[[Outputs, Outputs, Mapping[str, jax.Array], nnx.Module], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class KDTerm:
+    """One distillation loss between student and teacher outputs.
+
+    Attributes:
+      name: the metric name (``aux["kd/<name>"]``).
+      fn: ``fn(student, teacher, batch, model) -> scalar`` where ``student`` and ``teacher`` are
+        ``{"logits": ..., "features": {path: ...}}`` and ``model`` is the trained module (e.g. a
+        :class:`HintedStudent` holding projections).
+      student_paths: student module paths whose outputs ``fn`` reads (relative to the student).
+      teacher_paths: teacher module paths whose outputs ``fn`` reads.
+    """
+
+    name: str
+    fn: TermFn
+    student_paths: tuple[str, ...] = ()
+    teacher_paths: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------- term registry
+
+_TERMS: dict[str, Callable[..., KDTerm]] = {}
+
+
+def register_kd_term(name: str):
+    """Registers a :class:`KDTerm` factory under ``name``; refuses duplicates."""
+
+    def deco(factory: Callable[..., KDTerm]) -> Callable[..., KDTerm]:
+        if name in _TERMS:
+            raise ValueError(f"KD term {name!r} is already registered; pick another name")
+        _TERMS[name] = factory
+        return factory
+
+    return deco
+
+
+def list_kd_terms() -> list[str]:
+    """Names of the registered KD terms."""
+    return sorted(_TERMS)
+
+
+def make_kd_term(name: str, **options: Any) -> KDTerm:
+    """Builds a registered term, e.g. ``make_kd_term("dkd", beta=4.0)``.
+
+    Raises:
+      KeyError: unknown name (lists the registered ones).
+    """
+    if name not in _TERMS:
+        raise KeyError(f"unknown KD term {name!r}; registered: {list_kd_terms()}")
+    return _TERMS[name](**options)
+
+
+def _feature(outputs: Outputs, path: str | None, who: str) -> jax.Array:
+    if path is None:
+        return outputs["logits"]
+    feats = outputs["features"]
+    if path not in feats:
+        fix = (
+            "build the teacher with OnlineTeacher(model, feature_paths=[...]) or "
+            "build_teacher_cache(..., feature_paths=[...]), or pass the teacher model itself"
+            if who == "teacher"
+            else "name a student module path (research.nn.iter_modules)"
+        )
+        raise KeyError(f"{who} feature {path!r} is not available (have {sorted(feats)}); {fix}")
+    return feats[path]
+
+
+@register_kd_term("hinton")
+def hinton_term(temperature: float = 4.0) -> KDTerm:
+    """Hinton KD on logits, :func:`methods.distillation.kd_loss` (``T**2``-scaled KL)."""
+    L._check_temperature(temperature)
+    return KDTerm("hinton", lambda s, t, b, m: L.kd_loss(s["logits"], t["logits"], temperature))
+
+
+@register_kd_term("dkd")
+def dkd_term(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> KDTerm:
+    """Decoupled KD on logits (needs ``batch["y"]``), :func:`methods.distillation.dkd_loss`."""
+    L._check_temperature(temperature)
+
+    def fn(s, t, batch, model):
+        return L.dkd_loss(
+            s["logits"], t["logits"], batch["y"], alpha=alpha, beta=beta, temperature=temperature
+        )
+
+    return KDTerm("dkd", fn)
+
+
+@register_kd_term("fitnets")
+def fitnets_term(hints: Sequence[tuple[str, str]] = ()) -> KDTerm:
+    """FitNets hints: ``sum_i hint_loss(r_i(student[s_i]), teacher[t_i])``.
+
+    The model being trained must be a :class:`HintedStudent` (see
+    :func:`methods.distillation.with_hints`) whose projection ``i`` is ``r_i``.
+    """
+    hints = tuple((str(s), str(t)) for s, t in hints)
+    if not hints:
+        raise ValueError("fitnets needs at least one (student_path, teacher_path) hint pair")
+
+    def fn(s, t, batch, model):
+        if not isinstance(model, HintedStudent) or len(model.projections) != len(hints):
+            raise TypeError(
+                f"fitnets with {len(hints)} hint pair(s) needs the trained model to be a HintedStudent "
+                f"with one projection per pair, got {type(model).__name__}; wrap the student with "
+                "methods.distillation.with_hints(student, teacher, hints, sample_x, rngs=...)"
+            )
+        total = 0.0
+        for i, (sp, tp) in enumerate(hints):
+            total = total + L.hint_loss(
+                model.project(i, _feature(s, sp, "student")), _feature(t, tp, "teacher")
+            )
+        return total
+
+    return KDTerm("fitnets", fn, tuple(s for s, _ in hints), tuple(t for _, t in hints))
+
+
+@register_kd_term("attention")
+def attention_term(pairs: Sequence[tuple[str, str]] = (), p: float = 2.0) -> KDTerm:
+    """Attention transfer: ``sum`` of :func:`methods.distillation.attention_loss` over layer pairs."""
+    pairs = tuple((str(s), str(t)) for s, t in pairs)
+    if not pairs:
+        raise ValueError("attention transfer needs at least one (student_path, teacher_path) pair")
+
+    def fn(s, t, batch, model):
+        total = 0.0
+        for sp, tp in pairs:
+            total = total + L.attention_loss(
+                _feature(s, sp, "student"), _feature(t, tp, "teacher"), p
+            )
+        return total
+
+    return KDTerm("attention", fn, tuple(s for s, _ in pairs), tuple(t for _, t in pairs))
+
+
+def _rkd_term(name, loss, student_path, teacher_path) -> KDTerm:
+    def fn(s, t, batch, model):
+        return loss(_feature(s, student_path, "student"), _feature(t, teacher_path, "teacher"))
+
+    return KDTerm(
+        name,
+        fn,
+        () if student_path is None else (student_path,),
+        () if teacher_path is None else (teacher_path,),
+    )
+
+
+@register_kd_term("rkd_distance")
+def rkd_distance_term(student_path: str | None = None, teacher_path: str | None = None) -> KDTerm:
+    """RKD distance loss on logits (``None`` paths) or on the named embeddings."""
+    return _rkd_term("rkd_distance", L.rkd_distance_loss, student_path, teacher_path)
+
+
+@register_kd_term("rkd_angle")
+def rkd_angle_term(student_path: str | None = None, teacher_path: str | None = None) -> KDTerm:
+    """RKD angle loss on logits (``None`` paths) or on the named embeddings."""
+    return _rkd_term("rkd_angle", L.rkd_angle_loss, student_path, teacher_path)
+
+
+# ------------------------------------------------------------------------------- the loss
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    weight: float
+    term: KDTerm
+    teacher: TeacherFn | nnx.Module
+
+
+class KDLoss:
+    """``hard_weight * base(model, batch, rng) + sum_i weight_i * term_i``: a loss function.
+
+    Built by the transforms below; stacking KD transforms merges their entries, so the student
+    is captured once and each distinct teacher model runs once. A teacher given as an NNX
+    module becomes an :class:`OnlineTeacher` returning the features that its terms need.
+    """
+
+    def __init__(self, base: LossFn, entries: Sequence[_Entry], hard_weight: float = 1.0):
+        self.base = base
+        self.entries = tuple(entries)
+        self.hard_weight = float(hard_weight)
+        paths: dict[int, list[str]] = {}
+        modules: dict[int, nnx.Module] = {}
+        for e in self.entries:
+            if isinstance(e.teacher, nnx.Module):
+                modules[id(e.teacher)] = e.teacher
+                paths.setdefault(id(e.teacher), [])
+                paths[id(e.teacher)] += [
+                    p for p in e.term.teacher_paths if p not in paths[id(e.teacher)]
+                ]
+        self._online = {k: OnlineTeacher(m, paths[k]) for k, m in modules.items()}
+        self.student_paths = tuple(
+            dict.fromkeys(p for e in self.entries for p in e.term.student_paths)
+        )
+
+    def _teacher_fn(self, teacher) -> TeacherFn:
+        return self._online[id(teacher)] if isinstance(teacher, nnx.Module) else teacher
+
+    def __call__(self, model: nnx.Module, batch, rng):
+        prefix = student_prefix(model)
+        if self.student_paths:
+            full = [prefix + p for p in self.student_paths]
+            (loss, aux), feats = capture_intermediates(self.base, full)(model, batch, rng)
+            feats = {p: feats[prefix + p] for p in self.student_paths}
+        else:
+            loss, aux = self.base(model, batch, rng)
+            feats = {}
+        if "logits" not in aux:
+            raise KeyError(
+                f"the wrapped loss function's aux has keys {sorted(aux)}; KD needs aux['logits']"
+            )
+        student = {"logits": aux["logits"], "features": feats}
+        teachers: dict[int, Outputs] = {}
+        total = self.hard_weight * loss
+        metrics: dict[str, jax.Array] = {"hard_loss": loss}
+        for e in self.entries:
+            fn = self._teacher_fn(e.teacher)
+            if id(fn) not in teachers:
+                teachers[id(fn)] = jax.lax.stop_gradient(as_teacher_outputs(fn(batch)))
+            value = e.term.fn(student, teachers[id(fn)], batch, model)
+            key = f"kd/{e.term.name}"
+            n = 1
+            while key in metrics:
+                n += 1
+                key = f"kd/{e.term.name}_{n}"
+            metrics[key] = value
+            total = total + e.weight * value
+        return total, {**aux, **metrics}
+
+
+def weighted_sum(
+    loss_fn: LossFn | None,
+    teacher_fn: TeacherFn | nnx.Module,
+    terms: Sequence[tuple[float, KDTerm]],
+    *,
+    hard_weight: float = 1.0,
+) -> LossFn | LossTransform:
+    """``hard_weight * loss_fn + sum_i w_i * term_i`` with one teacher for all terms.
+
+    Args:
+      loss_fn: the loss to wrap (``None`` returns the transform).
+      teacher_fn: a teacher function (``batch -> logits | {"logits", "features"}``), e.g. an
+        :class:`OnlineTeacher` or :class:`TeacherCache`, or the teacher NNX model itself.
+      terms: ``(weight, KDTerm)`` pairs, e.g. ``[(0.9, hinton_term(4.0)), (25.0, rkd_distance_term())]``.
+      hard_weight: weight of ``loss_fn``'s own loss.
+
+    Returns:
+      The new loss function (a :class:`KDLoss`), or the transform if ``loss_fn`` is None.
+    """
+    entries = [_Entry(float(w), t, teacher_fn) for w, t in terms]
+    for e in entries:
+        if not isinstance(e.term, KDTerm):
+            raise TypeError(f"terms must be (weight, KDTerm) pairs, got {type(e.term).__name__}")
+
+    def transform(fn: LossFn) -> LossFn:
+        if isinstance(fn, KDLoss):  # merge: one capture, one teacher pass per teacher model
+            inner = [_Entry(e.weight * hard_weight, e.term, e.teacher) for e in fn.entries]
+            return KDLoss(fn.base, inner + entries, fn.hard_weight * hard_weight)
+        return KDLoss(fn, entries, hard_weight)
+
+    return transform if loss_fn is None else transform(loss_fn)
+
+
+def distill(
+    loss_fn: LossFn | None,
+    teacher_fn: TeacherFn | nnx.Module,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+) -> LossFn | LossTransform:
+    """Hinton KD: ``(1 - alpha) * loss_fn + alpha * kd_loss(student, teacher, T)``.
+
+    Args:
+      loss_fn: the hard-label loss (e.g. ``research.train.cross_entropy_loss``); ``None``
+        returns the transform.
+      teacher_fn: teacher function or teacher NNX model (see :func:`weighted_sum`).
+      temperature: softening temperature (the ``T**2`` factor is inside :func:`kd_loss`).
+      alpha: weight of the soft loss in ``[0, 1]``.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax, jax.numpy as jnp
+      >>> from research.nn import build_model
+      >>> from research.train import cross_entropy_loss
+      >>> t = build_model("mlp", input_shape=(4,), num_classes=3, widths=(8,), rngs=nnx.Rngs(0))
+      >>> s = build_model("mlp", input_shape=(4,), num_classes=3, widths=(2,), rngs=nnx.Rngs(1))
+      >>> loss_fn = distill(cross_entropy_loss, t, temperature=4.0, alpha=0.9)
+      >>> batch = {"x": jnp.ones((5, 4)), "y": jnp.zeros(5, jnp.int32)}
+      >>> loss, aux = loss_fn(s, batch, jax.random.key(0))
+      >>> sorted(k for k in aux if k.startswith("kd/"))
+      ['kd/hinton']
+
+    References:
+      Hinton, Vinyals, Dean, https://arxiv.org/abs/1503.02531
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be in [0, 1] (the weight of the soft loss)")
+    return weighted_sum(
+        loss_fn, teacher_fn, [(alpha, hinton_term(temperature))], hard_weight=1.0 - alpha
+    )
+
+
+def dkd(
+    loss_fn: LossFn | None,
+    teacher_fn: TeacherFn | nnx.Module,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    weight: float = 1.0,
+) -> LossFn | LossTransform:
+    """Decoupled KD: ``loss_fn + weight * dkd_loss(...)`` (arXiv 2203.08679)."""
+    return weighted_sum(loss_fn, teacher_fn, [(weight, dkd_term(alpha, beta, temperature))])
+
+
+def fitnets(
+    loss_fn: LossFn | None,
+    teacher_fn: TeacherFn | nnx.Module,
+    hints: Sequence[tuple[str, str]],
+    weight: float = 1.0,
+) -> LossFn | LossTransform:
+    """FitNets hints: ``loss_fn + weight * sum_i 1/2 ||r_i(s_i) - t_i||^2`` (arXiv 1412.6550).
+
+    Train a :class:`HintedStudent` from :func:`methods.distillation.with_hints` so that the
+    projections ``r_i`` are trained with the student.
+    """
+    return weighted_sum(loss_fn, teacher_fn, [(weight, fitnets_term(hints))])
+
+
+def attention_transfer(
+    loss_fn: LossFn | None,
+    teacher_fn: TeacherFn | nnx.Module,
+    pairs: Sequence[tuple[str, str]],
+    weight: float = 500.0,
+    p: float = 2.0,
+) -> LossFn | LossTransform:
+    """Attention transfer: ``loss_fn + weight * sum_pairs at_loss`` (``weight = beta/2``, arXiv 1612.03928)."""
+    return weighted_sum(loss_fn, teacher_fn, [(weight, attention_term(pairs, p))])
+
+
+def rkd(
+    loss_fn: LossFn | None,
+    teacher_fn: TeacherFn | nnx.Module,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+    student_path: str | None = None,
+    teacher_path: str | None = None,
+) -> LossFn | LossTransform:
+    """Relational KD: ``loss_fn + w_D * RKD-D + w_A * RKD-A`` on logits or embeddings (arXiv 1904.05068)."""
+    terms = []
+    if distance_weight:
+        terms.append((distance_weight, rkd_distance_term(student_path, teacher_path)))
+    if angle_weight:
+        terms.append((angle_weight, rkd_angle_term(student_path, teacher_path)))
+    if not terms:
+        raise ValueError("rkd needs distance_weight or angle_weight > 0")
+    return weighted_sum(loss_fn, teacher_fn, terms)
