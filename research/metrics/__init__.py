@@ -1,0 +1,17 @@
+"""Model measurements: parameters, non-zeros, bytes, FLOPs (XLA), latency."""
+
+from research.metrics.cost import flops
+from research.metrics.cost import latency
+from research.metrics.cost import model_latency
+from research.metrics.counting import count_nonzeros
+from research.metrics.counting import count_params
+from research.metrics.counting import model_bytes
+
+__all__ = [
+    "count_nonzeros",
+    "count_params",
+    "flops",
+    "latency",
+    "model_bytes",
+    "model_latency",
+]

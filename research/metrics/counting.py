@@ -1,0 +1,36 @@
+"""Parameters, non-zeros and bytes of a model or a parameter pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+
+def _param_leaves(model_or_tree: Any) -> list:
+    if isinstance(model_or_tree, nnx.Module):
+        model_or_tree = nnx.state(model_or_tree, nnx.Param)
+    return [x for x in jax.tree.leaves(model_or_tree) if hasattr(x, "shape")]
+
+
+def count_params(model_or_tree: Any) -> int:
+    """Number of parameter scalars (``nnx.Param`` of a model, or every array leaf of a pytree)."""
+    return int(sum(np.prod(x.shape) for x in _param_leaves(model_or_tree)))
+
+
+def count_nonzeros(model_or_tree: Any) -> int:
+    """Number of parameter scalars that are not exactly zero."""
+    return int(sum(int(np.count_nonzero(np.asarray(x))) for x in _param_leaves(model_or_tree)))
+
+
+def model_bytes(model_or_tree: Any, bits: int | float = 32) -> float:
+    """Bytes of the parameters stored densely at ``bits`` per value.
+
+    Raises:
+      ValueError: ``bits`` not positive.
+    """
+    if bits <= 0:
+        raise ValueError(f"bits={bits} must be positive (e.g. 32, 16, 8, 4)")
+    return count_params(model_or_tree) * bits / 8.0

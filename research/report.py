@@ -1,0 +1,123 @@
+"""Run reports: ``report.json``, a readable table, and training-curve plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+COLUMNS = (
+    ("stage", "stage", "{}"),
+    ("test_accuracy", "test acc", "{:.4f}"),
+    ("params", "params", "{:,.0f}"),
+    ("nonzeros", "non-zeros", "{:,.0f}"),
+    ("bytes", "bytes", "{:,.0f}"),
+    ("flops", "FLOPs", "{:,.0f}"),
+    ("latency_ms", "latency ms", "{:.3f}"),
+)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns=None) -> str:
+    """A fixed-width text table of ``rows`` (dicts) for the given ``(key, header, format)`` columns.
+
+    With ``columns=None`` every key that appears in the rows becomes a column.
+    """
+    if columns is None:
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        columns = [(k, k, "{:.4g}" if isinstance(rows[0].get(k), float) else "{}") for k in keys]
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([_fmt(r.get(k), f) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per stage with the standard columns (``bytes`` = the stage's own or fp32 bytes)."""
+    rows = []
+    for st in report["stages"]:
+        m = dict(st["metrics"])
+        m.setdefault("bytes", m.get("bytes_fp32"))
+        rows.append({"stage": st["label"], **m})
+    return rows
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human-readable report: the summary table, then each stage's tables and notes."""
+    parts = [f"run: {report.get('name', '')}  ({report.get('workdir', '')})", format_table(summary_rows(report), COLUMNS)]
+    for st in report["stages"]:
+        for name, table in st.get("tables", {}).items():
+            if table:
+                parts.append(f"\n[{st['label']}] {name}\n" + format_table(table))
+        for note in st.get("notes", []):
+            parts.append(f"[{st['label']}] note: {note}")
+        for art in st.get("artifacts", []):
+            parts.append(f"[{st['label']}] artifact: {art}")
+    return "\n".join(parts)
+
+
+def write_report(workdir: str, report: dict[str, Any]) -> None:
+    """Writes ``report.json`` and ``report.txt`` atomically."""
+    for name, text in (("report.json", json.dumps(report, indent=2, default=float)), ("report.txt", render(report))):
+        path = os.path.join(workdir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
+
+
+def plot_curves(workdir: str, stage_dirs: Sequence[tuple[str, str]], path: str | None = None) -> str | None:
+    """Plots training loss and validation accuracy over the whole run (stages back to back).
+
+    Args:
+      workdir: the run directory (the PNG goes there unless ``path`` is given).
+      stage_dirs: ``(label, directory)`` of each stage that wrote ``metrics.jsonl``.
+
+    Returns:
+      The PNG path, or ``None`` when no stage logged metrics.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from research.train.loop import read_metrics
+
+    series = [(label, read_metrics(d)) for label, d in stage_dirs]
+    series = [(label, rows) for label, rows in series if rows]
+    if not series:
+        return None
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for label, rows in series:
+        tr = [r for r in rows if r.get("split") == "train"]
+        va = [r for r in rows if r.get("split") == "val" and "accuracy" in r]
+        if tr:
+            ax_loss.plot([offset + r["step"] for r in tr], [r["loss"] for r in tr], label=label, lw=1)
+        if va:
+            ax_acc.plot([offset + r["step"] for r in va], [r["accuracy"] for r in va], "o-", label=label, ms=3)
+        offset += max((r["step"] for r in rows), default=0)
+    ax_loss.set(xlabel="step (cumulative over stages)", ylabel="training loss", yscale="log", title="training loss")
+    ax_acc.set(xlabel="step (cumulative over stages)", ylabel="validation accuracy", title="validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = path or os.path.join(workdir, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,164 @@
+"""The run executor: a config's stages in order, with per-stage checkpoints and a report.
+
+Run directory layout::
+
+    WORKDIR/config.json            the resolved config the run used
+    WORKDIR/stages/<i>_<kind>/     each stage's checkpoints/, metrics.jsonl and artifacts
+    WORKDIR/stages/<i>_<kind>/result.pkl   the finished stage's model, extras and record
+    WORKDIR/report.json, report.txt, curves.png
+
+A killed run started again with the same config and workdir skips the finished stages
+(loading their models) and resumes the interrupted stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import sys
+import time
+from typing import Any
+
+from flax import nnx
+
+from research import config as config_lib
+from research import report as report_lib
+from research.data import load_dataset
+from research.nn import build_model
+from research.stages import Bundle, StageContext, get_stage, measure
+
+
+def register_all_stages() -> None:
+    """Imports ``methods`` (and ``research.export`` when present) so their stages register."""
+    import importlib
+
+    for name in ("methods", "research.export"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name not in (name, name.split(".")[0]):
+                raise
+
+
+def _save_stage(path: str, payload: dict[str, Any]) -> None:
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(payload, f)
+    os.replace(path + ".tmp", path)
+
+
+def build_bundle(config: config_lib.Config) -> Bundle:
+    """Loads the data set and builds the (untrained) model of ``config``."""
+    ds = load_dataset(
+        config.data.name,
+        seed=config.seed,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        limit=config.data.limit,
+        **dict(config.data.options),
+    )
+    model = build_model(
+        config.model.name,
+        input_shape=ds.input_shape,
+        num_classes=ds.num_classes,
+        rngs=nnx.Rngs(config.seed),
+        **dict(config.model.options),
+    )
+    return Bundle(model=model, dataset=ds, seed=config.seed)
+
+
+def run(config: config_lib.Config, workdir: str, *, progress: bool = True, echo: bool = True) -> dict[str, Any]:
+    """Runs every stage of ``config`` in ``workdir`` and returns the report dict.
+
+    Raises:
+      ConfigError: the config is invalid, or ``workdir`` holds a run of a different config.
+    """
+    register_all_stages()
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    cfg_path = os.path.join(workdir, "config.json")
+    cfg_json = config_lib.to_json(config)
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            if f.read().strip() != cfg_json.strip():
+                raise config_lib.ConfigError(
+                    f"{workdir} holds a run of a different config; use a new --workdir or delete it to start over"
+                )
+    else:
+        with open(cfg_path, "w") as f:
+            f.write(cfg_json + "\n")
+
+    bundle = build_bundle(config)
+    report: dict[str, Any] = {"name": config.name, "workdir": os.path.abspath(workdir), "stages": []}
+    stage_dirs = []
+    for i, stage_cfg in enumerate(config.stages):
+        label = f"{i}_{stage_cfg.kind}"
+        sdir = os.path.join(workdir, "stages", label)
+        os.makedirs(sdir, exist_ok=True)
+        stage_dirs.append((label, sdir))
+        done_path = os.path.join(sdir, "result.pkl")
+        if os.path.exists(done_path):
+            with open(done_path, "rb") as f:
+                saved = pickle.load(f)
+            bundle = dataclasses.replace(bundle, model=saved["model"], extras=saved["extras"])
+            record = saved["record"]
+            if echo:
+                print(f"[{label}] finished earlier; loaded from {done_path}", file=sys.stderr)
+        else:
+            _, fn = get_stage(stage_cfg.kind)
+            ctx = StageContext(index=i, label=label, workdir=__import__("pathlib").Path(sdir), seed=config.seed, progress=progress)
+            t0 = time.perf_counter()
+            result = fn(bundle, stage_cfg, ctx)
+            seconds = time.perf_counter() - t0
+            bundle = result.bundle
+            measured = measure(bundle.model, bundle.dataset, latency_batch_size=config.latency_batch_size)
+            measured.update(result.metrics)
+            record = {
+                "label": label,
+                "kind": stage_cfg.kind,
+                "config": config_lib.to_dict(stage_cfg),
+                "seconds": seconds,
+                "metrics": measured,
+                "tables": result.tables,
+                "artifacts": result.artifacts,
+                "notes": result.notes,
+            }
+            _save_stage(done_path, {"model": bundle.model, "extras": bundle.extras, "record": record})
+            if echo:
+                m = record["metrics"]
+                print(
+                    f"[{label}] done in {seconds:.1f}s: test acc {m['test_accuracy']:.4f}, "
+                    f"params {m['params']:,}, non-zeros {m['nonzeros']:,}",
+                    file=sys.stderr,
+                )
+        bundle.models[label] = bundle.model
+        bundle.models[stage_cfg.kind] = bundle.model
+        report["stages"].append(record)
+        report_lib.write_report(workdir, report)
+    plot = report_lib.plot_curves(workdir, stage_dirs)
+    report["plots"] = [plot] if plot else []
+    report_lib.write_report(workdir, report)
+    return report
+
+
+def load_run(workdir: str) -> tuple[dict[str, Any], nnx.Module, dict[str, Any]]:
+    """``(report, final_model, extras)`` of a finished run directory.
+
+    Raises:
+      FileNotFoundError: no finished stage in ``workdir``.
+    """
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    if not report["stages"]:
+        raise FileNotFoundError(f"{workdir} has no finished stage")
+    last = report["stages"][-1]["label"]
+    with open(os.path.join(workdir, "stages", last, "result.pkl"), "rb") as f:
+        saved = pickle.load(f)
+    return report, saved["model"], saved["extras"]
+
+
+def load_run_config(workdir: str) -> dict[str, Any]:
+    """The config a run used, as the dict stored in ``config.json``."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        return json.load(f)

@@ -1,0 +1,359 @@
+"""Stages: the steps of an experiment (train, prune, distill, quantize, export...).
+
+A stage is a frozen keyword-only config dataclass (a :class:`StageConfig` subclass with a
+``kind``) plus a run function registered for it::
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class PruneStage(StageConfig):
+        kind: ClassVar[str] = "prune"
+        sparsity: float = 0.9
+
+    @register_stage(PruneStage)
+    def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult: ...
+
+Each stage takes the :class:`Bundle` left by the previous one and returns a
+:class:`StageResult`; the runner (``research.run``) measures the model after every stage and
+checkpoints it so a killed run resumes from the last finished stage. Methods never copy the
+training loop: they call :func:`finetune` with their loss transforms and optimizer wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from research import metrics as _metrics
+from research.data import BatchSampler, Dataset
+from research.train import (
+    LossFn,
+    LossTransform,
+    create_train_state,
+    cross_entropy_loss,
+    evaluate,
+    fit,
+    make_eval_step,
+    make_train_step,
+    split_model,
+    state_to_model,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """Base class of stage configs. Subclasses set ``kind`` and add typed fields."""
+
+    kind: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` for bad field values; override to add checks."""
+
+
+@dataclasses.dataclass
+class Bundle:
+    """What flows from stage to stage.
+
+    Attributes:
+      model: the current model.
+      dataset: the run's data set.
+      seed: the run's seed.
+      models: the model after each finished stage, by label (``"0_train"``) and by kind (``"train"``,
+        the latest stage of that kind), e.g. a distillation teacher.
+      extras: method-specific carry-over (``"masks"``, ``"quant_params"``, ...).
+    """
+
+    model: nnx.Module
+    dataset: Dataset
+    seed: int = 0
+    models: dict[str, nnx.Module] = dataclasses.field(default_factory=dict)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StageContext:
+    """Where and how a stage runs: its index, label, own directory, seed and progress display."""
+
+    index: int
+    label: str
+    workdir: pathlib.Path
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class StageResult:
+    """A stage's output: the new bundle and what goes into the report."""
+
+    bundle: Bundle
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    tables: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    artifacts: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+StageFn = Callable[[Bundle, Any, StageContext], StageResult]
+_STAGES: dict[str, tuple[type, StageFn]] = {}
+
+
+def register_stage(config_cls: type[StageConfig]) -> Callable[[StageFn], StageFn]:
+    """Registers the run function of a stage config class under ``config_cls.kind``.
+
+    Raises:
+      ValueError: empty ``kind`` or a kind that is already registered.
+    """
+    kind = getattr(config_cls, "kind", "")
+    if not kind:
+        raise ValueError(f"{config_cls.__name__} needs a class attribute kind: ClassVar[str] = '...'")
+
+    def deco(fn: StageFn) -> StageFn:
+        if kind in _STAGES:
+            raise ValueError(f"stage kind {kind!r} is already registered by {_STAGES[kind][0].__name__}")
+        _STAGES[kind] = (config_cls, fn)
+        return fn
+
+    return deco
+
+
+def list_stages() -> list[str]:
+    """Registered stage kinds (after importing ``methods`` to register theirs)."""
+    return sorted(_STAGES)
+
+
+def get_stage(kind: str) -> tuple[type, StageFn]:
+    """``(config_cls, run_fn)`` of a registered kind.
+
+    Raises:
+      KeyError: unknown kind (lists the registered ones).
+    """
+    if kind not in _STAGES:
+        raise KeyError(f"unknown stage kind {kind!r}; registered: {list_stages()}")
+    return _STAGES[kind]
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def make_optimizer(
+    *,
+    steps: int,
+    learning_rate: float,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    momentum: float = 0.9,
+    grad_clip: float = 0.0,
+) -> optax.GradientTransformation:
+    """An optax optimizer with a learning-rate schedule and optional clipping.
+
+    Raises:
+      ValueError: unknown optimizer or schedule name, non-positive learning rate.
+    """
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate={learning_rate} must be positive")
+    schedules = {
+        "constant": lambda: optax.constant_schedule(learning_rate),
+        "cosine": lambda: optax.warmup_cosine_decay_schedule(
+            0.0 if warmup_steps else learning_rate, learning_rate, warmup_steps, max(steps, warmup_steps + 1)
+        ),
+    }
+    if schedule not in schedules:
+        raise ValueError(f"schedule={schedule!r} is not one of {sorted(schedules)}")
+    lr = schedules[schedule]()
+    optimizers = {
+        "adam": lambda: optax.adam(lr),
+        "adamw": lambda: optax.adamw(lr, weight_decay=weight_decay),
+        "sgd": lambda: optax.sgd(lr, momentum=momentum, nesterov=True),
+    }
+    if optimizer not in optimizers:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(optimizers)}")
+    tx = optimizers[optimizer]()
+    if weight_decay and optimizer == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
+    if grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+    return tx
+
+
+def finetune(
+    model: nnx.Module,
+    dataset: Dataset,
+    ctx: StageContext,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int = 128,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    grad_clip: float = 0.0,
+    loss_fn: LossFn | None = None,
+    loss_transforms: Sequence[LossTransform] = (),
+    wrap_tx: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None,
+    checkpoint_every: int = 100,
+    eval_every: int = 0,
+    log_every: int = 10,
+    sampler: BatchSampler | None = None,
+    return_state: bool = False,
+    description: str | None = None,
+):
+    """Trains ``model`` on ``dataset``'s training split with checkpoints under ``ctx.workdir``.
+
+    This is the one training loop every stage uses; a killed stage resumes from its last
+    checkpoint (``ctx.workdir / "checkpoints"``) and writes ``ctx.workdir / "metrics.jsonl"``.
+
+    Args:
+      model: the model to train (not modified; a trained copy is returned).
+      dataset: the data; validation accuracy is logged every ``eval_every`` steps and at the end.
+      ctx: the stage context (directory, seed, progress).
+      steps, learning_rate, batch_size, optimizer, weight_decay, schedule, warmup_steps, grad_clip:
+        see :func:`make_optimizer`.
+      loss_fn: the task loss (default cross-entropy).
+      loss_transforms: e.g. knowledge distillation; applied in order.
+      wrap_tx: wraps the optimizer, e.g. a pruning mask wrapper.
+      sampler: a custom batch sampler (default: shuffled batches of the training split).
+      return_state: also return ``(defs, state)`` (e.g. to read masks from the optimizer state).
+
+    Returns:
+      ``(trained_model, records)`` or ``(trained_model, records, (defs, state))``.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps={steps} must be positive")
+    tx = make_optimizer(
+        steps=steps, learning_rate=learning_rate, optimizer=optimizer, weight_decay=weight_decay,
+        schedule=schedule, warmup_steps=warmup_steps, grad_clip=grad_clip,
+    )
+    if wrap_tx is not None:
+        tx = wrap_tx(tx)
+    defs, state = create_train_state(nnx.clone(model), tx, seed=ctx.seed)
+    step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms)
+    if sampler is None:
+        sampler = BatchSampler(
+            dataset.x_train, dataset.y_train, batch_size=min(batch_size, len(dataset.x_train)), seed=ctx.seed
+        )
+    eval_step = make_eval_step(defs)
+
+    def eval_fn(s):
+        return evaluate(defs, s.params, s.model_state, dataset.x_val, dataset.y_val, eval_step=eval_step)
+
+    state, records = fit(
+        state,
+        step_fn,
+        sampler,
+        num_steps=steps,
+        workdir=ctx.workdir,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        eval_every=eval_every,
+        eval_fn=eval_fn if len(dataset.x_val) else None,
+        progress=ctx.progress,
+        description=description or ctx.label,
+    )
+    trained = state_to_model(defs, state)
+    if return_state:
+        return trained, records, (defs, state)
+    return trained, records
+
+
+def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (evaluation mode) on ``(x, y)``."""
+    defs, params, model_state = split_model(nnx.clone(model))
+    return evaluate(defs, params, model_state, x, y, batch_size=batch_size)["accuracy"]
+
+
+def measure(model: nnx.Module, dataset: Dataset, *, latency_batch_size: int = 1, latency_repeats: int = 20) -> dict[str, float]:
+    """The standard report columns for a model.
+
+    Returns:
+      ``test_accuracy``, ``val_accuracy``, ``params``, ``nonzeros``, ``bytes_fp32``,
+      ``flops`` (one forward pass of one example, XLA cost analysis) and ``latency_ms``
+      (median forward latency at ``latency_batch_size``).
+    """
+    model = nnx.clone(model)
+    model.eval()
+    sample = jnp.asarray(dataset.x_test[:1])
+    batch = jnp.asarray(np.repeat(dataset.x_test[:1], latency_batch_size, axis=0))
+    out = {
+        "test_accuracy": accuracy(model, dataset.x_test, dataset.y_test),
+        "val_accuracy": accuracy(model, dataset.x_val, dataset.y_val) if len(dataset.x_val) else float("nan"),
+        "params": _metrics.count_params(model),
+        "nonzeros": _metrics.count_nonzeros(model),
+        "bytes_fp32": _metrics.model_bytes(model, 32),
+        "flops": _metrics.flops(model, sample),
+        "latency_ms": 1e3 * _metrics.model_latency(model, batch, repeats=latency_repeats)["median"],
+    }
+    return out
+
+
+# ----------------------------------------------------------------------------- the train stage
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainStage(StageConfig):
+    """Train the current model from its current weights.
+
+    Attributes:
+      steps: optimizer steps.
+      learning_rate: peak learning rate.
+      batch_size: examples per step (clamped to the training-set size).
+      optimizer: ``adam``, ``adamw`` or ``sgd`` (Nesterov momentum).
+      weight_decay: decoupled (adamw) or L2-style (sgd) weight decay.
+      schedule: ``cosine`` (decay to 0, after ``warmup_steps``) or ``constant``.
+      grad_clip: global-norm clipping threshold (0 = off).
+      checkpoint_every, eval_every, log_every: loop cadence in steps.
+    """
+
+    kind: ClassVar[str] = "train"
+    steps: int = 500
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    checkpoint_every: int = 100
+    eval_every: int = 100
+    log_every: int = 10
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"TrainStage.steps={self.steps} must be positive")
+        if self.batch_size <= 0:
+            raise ValueError(f"TrainStage.batch_size={self.batch_size} must be positive")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainStage.learning_rate={self.learning_rate} must be positive")
+
+
+def train_kwargs(cfg: TrainStage) -> dict[str, Any]:
+    """The :func:`finetune` keyword arguments of a :class:`TrainStage` (methods embed one)."""
+    return {
+        "steps": cfg.steps,
+        "learning_rate": cfg.learning_rate,
+        "batch_size": cfg.batch_size,
+        "optimizer": cfg.optimizer,
+        "weight_decay": cfg.weight_decay,
+        "schedule": cfg.schedule,
+        "warmup_steps": cfg.warmup_steps,
+        "grad_clip": cfg.grad_clip,
+        "checkpoint_every": cfg.checkpoint_every,
+        "eval_every": cfg.eval_every,
+        "log_every": cfg.log_every,
+    }
+
+
+@register_stage(TrainStage)
+def run_train(bundle: Bundle, cfg: TrainStage, ctx: StageContext) -> StageResult:
+    """Trains ``bundle.model`` with the task loss."""
+    model, records = finetune(bundle.model, bundle.dataset, ctx, **train_kwargs(cfg))
+    train_rows = [r for r in records if r.get("split") == "train"]
+    out = {"final_train_loss": train_rows[-1]["loss"]} if train_rows else {}
+    return StageResult(bundle=dataclasses.replace(bundle, model=model), metrics=out)

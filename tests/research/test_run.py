@@ -1,0 +1,42 @@
+import json
+import os
+
+import pytest
+
+from research import cli, config as C, run as run_lib
+
+
+def test_quickstart_smoke_end_to_end(tmp_path, capsys):
+    workdir = tmp_path / "qs"
+    assert cli.main(["run", "configs/quickstart.py:smoke", "--workdir", str(workdir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "test acc" in out and "0_train" in out
+    for name in ("config.json", "report.json", "report.txt", "curves.png", "stages/0_train/metrics.jsonl", "stages/0_train/result.pkl"):
+        assert (workdir / name).exists(), name
+    report = json.loads((workdir / "report.json").read_text())
+    m = report["stages"][0]["metrics"]
+    assert m["test_accuracy"] > 0.5 and m["params"] > 0 and m["flops"] > 0 and m["latency_ms"] > 0
+    # Running again resumes: the finished stage is loaded, not retrained.
+    report2 = run_lib.run(C.load_config("configs/quickstart.py:smoke"), str(workdir), progress=False)
+    assert report2["stages"][0]["metrics"] == m
+    assert "finished earlier" in capsys.readouterr().err
+    assert cli.main(["report", str(workdir)]) == 0
+    _, model, _ = run_lib.load_run(str(workdir))
+    assert model is not None
+
+
+def test_bad_set_key_fails_before_training(tmp_path, capsys):
+    workdir = tmp_path / "bad"
+    code = cli.main(["run", "configs/quickstart.py:smoke", "--workdir", str(workdir), "--set", "stages.0.stepz=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "stepz" in err and "valid keys" in err and "'steps'" in err
+    assert not workdir.exists()  # nothing was trained or written
+
+
+def test_workdir_of_other_config_is_refused(tmp_path):
+    cfg = C.apply_overrides(C.load_config("configs/quickstart.py:smoke"), ["stages.0.steps=4", "stages.0.checkpoint_every=2"])
+    run_lib.run(cfg, str(tmp_path), progress=False, echo=False)
+    other = C.apply_overrides(cfg, ["stages.0.steps=5"])
+    with pytest.raises(C.ConfigError, match="different config"):
+        run_lib.run(other, str(tmp_path), progress=False, echo=False)
+    assert os.path.exists(tmp_path / "report.json")

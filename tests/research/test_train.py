@@ -1,0 +1,155 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from research import data, nn, train
+
+
+def _setup(model_name="mlp", seed=0, **opts):
+    ds = data.load_dataset("digits", seed=0, limit=512)
+    model = nn.build_model(model_name, input_shape=ds.input_shape, num_classes=10, rngs=nnx.Rngs(seed), **opts)
+    tx = optax.adam(1e-2)
+    defs, state = train.create_train_state(model, tx, seed=seed)
+    sampler = data.BatchSampler(ds.x_train, ds.y_train, batch_size=64, seed=seed)
+    return ds, defs, state, tx, sampler
+
+
+def _leaves_equal(a, b):
+    to_np = lambda t: [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x) for x in jax.tree.leaves(t)]  # noqa: E731
+    return all(np.array_equal(x, y) for x, y in zip(to_np(a), to_np(b), strict=True))
+
+
+def test_train_step_learns_and_updates_batchnorm_stats():
+    ds, defs, state, tx, sampler = _setup("resnet20", width=8)
+    step = train.make_train_step(defs, tx)
+    before = train.evaluate(defs, state.params, state.model_state, ds.x_val, ds.y_val)
+    stats0 = jax.tree.map(np.asarray, state.model_state)
+    state, _ = train.fit(state, step, sampler, num_steps=30, progress=False)
+    after = train.evaluate(defs, state.params, state.model_state, ds.x_val, ds.y_val)
+    assert after["accuracy"] > before["accuracy"] + 0.2
+    assert not _leaves_equal(stats0, state.model_state)  # running statistics moved
+    assert int(state.step) == 30
+
+
+def test_loss_transform_plugs_into_step():
+    ds, defs, state, tx, sampler = _setup()
+    step = train.make_train_step(defs, tx, loss_transforms=[train.l2_regularizer(1.0)], jit=False)
+    _, metrics = step(state, sampler.batch(0))
+    params = state.params
+    l2 = sum(float(jnp.sum(w["kernel"] ** 2)) for w in [*params["layers"].values(), params["head"]])
+    assert metrics["l2"] == pytest.approx(l2, rel=1e-5)
+    base = train.make_train_step(defs, tx, jit=False)(state, sampler.batch(0))[1]["loss"]
+    assert metrics["loss"] == pytest.approx(float(base) + l2, rel=1e-5)
+
+
+def test_compose_applies_in_order():
+    calls = []
+
+    def tag(name):
+        def t(fn):
+            def g(m, b, r):
+                calls.append(name)
+                return fn(m, b, r)
+
+            return g
+
+        return t
+
+    fn = train.compose(tag("inner"), tag("outer"))(lambda m, b, r: (0.0, {}))
+    fn(None, None, None)
+    assert calls == ["outer", "inner"]
+
+
+def test_train_step_compiles_once():
+    ds, defs, state, tx, sampler = _setup()
+    traces = []
+
+    def counting_loss(model, batch, rng):
+        traces.append(1)
+        return train.cross_entropy_loss(model, batch, rng)
+
+    step = train.make_train_step(defs, tx, loss_fn=counting_loss)
+    for i in range(5):
+        state, _ = step(state, sampler.batch(i))
+    assert len(traces) == 1
+
+
+def test_eval_with_padding_matches_full_batch():
+    ds, defs, state, tx, sampler = _setup()
+    a = train.evaluate(defs, state.params, state.model_state, ds.x_val, ds.y_val, batch_size=37)
+    b = train.evaluate(defs, state.params, state.model_state, ds.x_val, ds.y_val, batch_size=len(ds.x_val))
+    assert a["count"] == len(ds.x_val) == b["count"]
+    assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    ds, defs, state0, tx, sampler = _setup("mlp", dropout=0.2)  # dropout exercises the RNG state
+    step = train.make_train_step(defs, tx, donate=False)
+    full, _ = train.fit(state0, step, sampler, num_steps=25, workdir=tmp_path / "a", checkpoint_every=10, log_every=5, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_17(s, _):
+        if s == 17:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.fit(state0, step, sampler, num_steps=25, workdir=tmp_path / "b", checkpoint_every=10, log_every=5, progress=False, on_step=kill_at_17)
+    assert train.Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 10
+    resumed, _ = train.fit(state0, step, sampler, num_steps=25, workdir=tmp_path / "b", checkpoint_every=10, log_every=5, progress=False)
+    assert int(resumed.step) == 25
+    assert _leaves_equal(full.params, resumed.params)
+    assert _leaves_equal(full.opt_state, resumed.opt_state)
+    assert _leaves_equal(full.model_state, resumed.model_state)
+    rows = train.read_metrics(tmp_path / "b")
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 26))  # no duplicates
+    full_rows = train.read_metrics(tmp_path / "a")
+    assert [r["loss"] for r in rows if r["split"] == "train"] == [r["loss"] for r in full_rows if r["split"] == "train"]
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+    ds, defs, state, tx, sampler = _setup()
+
+    def nan_after_12(model, batch, rng):
+        loss, aux = train.cross_entropy_loss(model, batch, rng)
+        return loss, aux
+
+    step_ok = train.make_train_step(defs, tx, donate=False)
+
+    def step(s, b):
+        new, m = step_ok(s, b)
+        bad = int(s.step) >= 12
+        return new, {**m, "loss": m["loss"] * (jnp.nan if bad else 1.0)}
+
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 13.*step 10") as info:
+        train.fit(state, step, sampler, num_steps=30, workdir=tmp_path, checkpoint_every=5, log_every=4, progress=False)
+    assert info.value.step == 13 and info.value.last_checkpoint == 10
+    ckpt = train.Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.latest_step() == 10
+    restored = ckpt.restore(state)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+
+
+def test_checkpoint_roundtrip_with_typed_keys(tmp_path):
+    tree = {"k": jax.random.key(3), "w": jnp.arange(3.0), "nested": {0: jnp.ones(2, jnp.int32)}}
+    ck = train.Checkpointer(tmp_path)
+    ck.save(1, tree)
+    back = ck.restore(tree)
+    assert jax.random.key_data(back["k"]).tolist() == jax.random.key_data(tree["k"]).tolist()
+    np.testing.assert_array_equal(back["nested"][0], tree["nested"][0])
+    with pytest.raises(FileNotFoundError):
+        train.Checkpointer(tmp_path / "empty").restore(tree)
+
+
+def test_state_to_model_roundtrip():
+    ds, defs, state, tx, sampler = _setup("lenet5")
+    model = train.state_to_model(defs, state)
+    x = jnp.asarray(ds.x_val[:4])
+    d2, p2, s2 = train.split_model(model)
+    e = train.make_eval_step(d2)
+    np.testing.assert_allclose(model(x), train.merge_model(d2.eval, p2, s2)(x), rtol=1e-6)
+    assert e(p2, s2, {"x": x, "y": jnp.asarray(ds.y_val[:4])})["count"] == 4
