@@ -1,0 +1,154 @@
+"""Kernel decompositions (numpy + tensorly, float64) that initialise the factorized layers.
+
+These run once, outside ``jit``, on trained weights: truncated SVD of a linear kernel, CP
+(``tensorly.decomposition.parafac``) and partial Tucker over the two channel modes
+(``tensorly.decomposition.partial_tucker``) of a convolution kernel ``(*k, cin, cout)``.
+tensorly runs on its numpy backend; the results are plain numpy arrays.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _tl():
+    import tensorly as tl
+
+    if tl.get_backend() != "numpy":
+        raise RuntimeError(
+            f"tensorly backend is {tl.get_backend()!r}; slimjax decomposes on the numpy backend, "
+            "call tensorly.set_backend('numpy')"
+        )
+    return tl
+
+
+def svd_factors(kernel: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits ``kernel (in, out)`` into ``U sqrt(S): (in, rank)`` and ``sqrt(S) V^T: (rank, out)``.
+
+    The SVD is tensorly's ``svd_interface`` (truncated SVD with sign flipping), so the factors
+    are those of tensorly for the same matrix.
+
+    Raises:
+      ValueError: ``rank`` outside ``1..min(in, out)``.
+    """
+    tl = _tl()
+    kernel = np.asarray(kernel, np.float64)
+    if kernel.ndim != 2:
+        raise ValueError(f"svd_factors needs a 2-D kernel, got shape {kernel.shape}")
+    if not 1 <= rank <= min(kernel.shape):
+        raise ValueError(
+            f"rank={rank} is outside 1..{min(kernel.shape)} for a kernel of shape {kernel.shape}; "
+            "pass a rank in that range"
+        )
+    u, s, vt = tl.svd_interface(kernel, n_eigenvecs=rank)
+    root = np.sqrt(s)
+    return u * root[None, :], root[:, None] * vt
+
+
+def cp_factors(
+    kernel: np.ndarray,
+    rank: int,
+    *,
+    n_iter_max: int = 200,
+    init: str = "svd",
+    tol: float = 1e-8,
+    random_state: int = 0,
+) -> list[np.ndarray]:
+    """CP decomposition of a convolution kernel ``(*k, cin, cout)`` with tensorly's ``parafac``.
+
+    The CP weights are folded into the last (``cout``) factor, so
+    ``kernel ~ sum_r f0[:, r] (x) f1[:, r] (x) ... (x) f_last[:, r]``.
+
+    Returns:
+      One factor per kernel mode, ``factors[m]`` of shape ``(kernel.shape[m], rank)``.
+
+    Raises:
+      ValueError: ``rank`` outside ``1..cp_max_rank(kernel.shape)``.
+
+    References:
+      Lebedev et al., https://arxiv.org/abs/1412.6553
+    """
+    from tensorly.decomposition import parafac
+
+    from methods.decomposition.layers import cp_max_rank
+
+    _tl()
+    kernel = np.asarray(kernel, np.float64)
+    bound = cp_max_rank(kernel.shape)
+    if not 1 <= rank <= bound:
+        raise ValueError(f"rank={rank} is outside 1..{bound} for a CP kernel of shape {kernel.shape}")
+    with warnings.catch_warnings():  # SVD init pads ranks above a mode size with random columns
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+        weights, factors = parafac(
+            kernel, rank, n_iter_max=n_iter_max, init=init, tol=tol, random_state=random_state
+        )
+    factors = [np.asarray(f) for f in factors]
+    factors[-1] = factors[-1] * np.asarray(weights)[None, :]
+    return factors
+
+
+def tucker2_factors(
+    kernel: np.ndarray,
+    ranks: Sequence[int],
+    *,
+    n_iter_max: int = 100,
+    tol: float = 1e-5,
+    random_state: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Partial Tucker (HOOI, SVD init) of ``kernel (*k, cin, cout)`` over the channel modes.
+
+    Returns:
+      ``(core (*k, r_in, r_out), u_in (cin, r_in), u_out (cout, r_out))`` with orthonormal
+      columns in ``u_in`` and ``u_out``; ``kernel ~ core x_cin u_in x_cout u_out``.
+
+    Raises:
+      ValueError: a rank outside ``1..cin`` / ``1..cout``.
+
+    References:
+      Kim et al., https://arxiv.org/abs/1511.06530
+    """
+    from tensorly.decomposition import partial_tucker
+
+    _tl()
+    kernel = np.asarray(kernel, np.float64)
+    nd = kernel.ndim - 2
+    r_in, r_out = (int(r) for r in ranks)
+    cin, cout = kernel.shape[-2:]
+    if not (1 <= r_in <= cin and 1 <= r_out <= cout):
+        raise ValueError(
+            f"ranks={(r_in, r_out)} are outside 1..{cin} x 1..{cout} for a kernel of shape "
+            f"{kernel.shape}; pass ranks within the channel counts"
+        )
+    (core, (u_in, u_out)), _ = partial_tucker(
+        kernel, rank=[r_in, r_out], modes=[nd, nd + 1], n_iter_max=n_iter_max, tol=tol,
+        init="svd", random_state=random_state,
+    )
+    return np.asarray(core), np.asarray(u_in), np.asarray(u_out)
+
+
+def cp_reconstruct(factors: Sequence[np.ndarray]) -> np.ndarray:
+    """The full tensor of CP ``factors`` (weights already folded in)."""
+    letters = "abcdefgh"[: len(factors)]
+    return np.einsum(",".join(f"{c}r" for c in letters) + "->" + letters, *factors)
+
+
+def tucker2_reconstruct(core: np.ndarray, u_in: np.ndarray, u_out: np.ndarray) -> np.ndarray:
+    """The full kernel of a Tucker-2 decomposition."""
+    return np.einsum("...ab,sa,tb->...st", core, u_in, u_out)
+
+
+def relative_error(original: np.ndarray, approx: np.ndarray) -> float:
+    """``||original - approx||_F / ||original||_F`` (0 for an all-zero original equal to approx)."""
+    original = np.asarray(original, np.float64)
+    diff = float(np.linalg.norm(original - np.asarray(approx, np.float64)))
+    norm = float(np.linalg.norm(original))
+    return diff / norm if norm > 0 else diff
+
+
+def mode_unfold(kernel: np.ndarray, mode: int) -> np.ndarray:
+    """The mode-``mode`` unfolding: ``(shape[mode], prod(other dims))``."""
+    kernel = np.asarray(kernel)
+    return np.moveaxis(kernel, mode, 0).reshape(kernel.shape[mode], -1)

@@ -1,0 +1,380 @@
+"""Factorized NNX layers: low-rank linear, CP convolution, Tucker-2 convolution.
+
+Each layer is a small chain of ordinary ``nnx.Linear`` / ``nnx.Conv`` sub-modules, so every
+other slimjax method (pruning, quantization, distillation) sees plain layers inside it, and
+each can be built from a trained dense layer (``from_dense``) with the kernel decompositions
+of :mod:`methods.decomposition.decompose`. Strides, padding, dilation, bias and dtypes of the
+dense layer are preserved: at full rank the factorized layer computes the same function.
+
+Kernels follow NNX's layout: ``Linear`` kernels are ``(in, out)``; ``Conv`` kernels are
+``(*spatial, in, out)`` (HWIO for 2-D).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def conv_padding_per_axis(padding: Any, ndim: int) -> list[Any]:
+    """Splits an ``nnx.Conv`` padding spec into one entry per spatial axis.
+
+    Strings (``"SAME"``, ``"VALID"``, ``"CIRCULAR"``, ``"REFLECT"``) apply per axis unchanged;
+    an int ``p`` becomes ``(p, p)``; a sequence gives one int or pair per axis.
+
+    Raises:
+      ValueError: ``"CAUSAL"`` padding or a sequence whose length is not ``ndim``.
+    """
+    if isinstance(padding, str):
+        if padding.upper() == "CAUSAL":
+            raise ValueError("padding='CAUSAL' (1-D only) cannot be split across factor convolutions")
+        return [padding.upper()] * ndim
+    if isinstance(padding, int):
+        return [(padding, padding)] * ndim
+    padding = list(padding)
+    if len(padding) != ndim:
+        raise ValueError(f"padding={padding} has {len(padding)} entries for {ndim} spatial axes")
+    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+
+
+def _per_axis(value: Any, ndim: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * ndim
+    if isinstance(value, int):
+        return (value,) * ndim
+    value = tuple(value)
+    if len(value) == 1:
+        return value * ndim
+    return value
+
+
+def _axis_padding(pads: list[Any], axis: int) -> Any:
+    """Padding for a factor conv whose kernel is 1 everywhere except ``axis``."""
+    if isinstance(pads[axis], str):
+        return pads[axis]  # a 1-wide kernel gets no padding from SAME/CIRCULAR/REFLECT rules
+    return tuple(pads[a] if a == axis else (0, 0) for a in range(len(pads)))
+
+
+def _conv_like(dense: nnx.Conv) -> dict[str, Any]:
+    return {"dtype": dense.dtype, "param_dtype": dense.param_dtype, "precision": dense.precision}
+
+
+class LowRankLinear(nnx.Module):
+    """``y = (x @ U) @ V + b`` with ``U: (in, rank)`` and ``V: (rank, out)``.
+
+    Built from a trained ``nnx.Linear`` with a truncated SVD ``W ~ (U sqrt(S)) (sqrt(S) V^T)``
+    (Xue et al. 2013); at ``rank = min(in, out)`` it equals the dense layer.
+
+    Attributes:
+      first: ``nnx.Linear(in, rank, use_bias=False)``.
+      second: ``nnx.Linear(rank, out)`` carrying the dense layer's bias.
+
+    Example:
+      >>> from flax import nnx
+      >>> dense = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+      >>> low = LowRankLinear.from_dense(dense, rank=8)
+      >>> x = jnp.ones((2, 16))
+      >>> bool(jnp.allclose(low(x), dense(x), atol=1e-4))
+      True
+
+    References:
+      Xue, Li, Gong, "Restructuring of deep neural network acoustic models with singular value
+      decomposition", Interspeech 2013.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"rank={rank} is outside 1..{min(in_features, out_features)} for a "
+                f"{in_features}x{out_features} linear layer; pass a rank in that range"
+            )
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
+        self.first = nnx.Linear(in_features, rank, use_bias=False, **kw)
+        self.second = nnx.Linear(rank, out_features, use_bias=use_bias, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.second(self.first(x))
+
+    def dense_kernel(self) -> jax.Array:
+        """The ``(in, out)`` kernel this layer represents."""
+        return self.first.kernel[...] @ self.second.kernel[...]
+
+    @classmethod
+    def from_dense(cls, dense: nnx.Linear, rank: int, *, factors=None) -> LowRankLinear:
+        """Builds the rank-``rank`` layer closest (Frobenius) to ``dense``.
+
+        Args:
+          dense: a trained ``nnx.Linear``.
+          rank: the inner width, ``1..min(in, out)``.
+          factors: precomputed ``(U, V)`` from :func:`~methods.decomposition.decompose.svd_factors`.
+
+        Raises:
+          ValueError: ``rank`` is outside ``1..min(in, out)``.
+        """
+        from methods.decomposition.decompose import svd_factors
+
+        layer = cls(
+            dense.in_features, dense.out_features, rank, use_bias=dense.use_bias, dtype=dense.dtype,
+            param_dtype=dense.param_dtype, precision=dense.precision, rngs=nnx.Rngs(0),
+        )
+        u, v = factors if factors is not None else svd_factors(np.asarray(dense.kernel[...]), rank)
+        layer.first.kernel[...] = jnp.asarray(u, dense.param_dtype)
+        layer.second.kernel[...] = jnp.asarray(v, dense.param_dtype)
+        if dense.use_bias:
+            layer.second.bias[...] = dense.bias[...]
+        return layer
+
+
+class Tucker2Conv(nnx.Module):
+    """Tucker-2 convolution: 1x1 reduce ``cin -> r_in``, k x k core ``r_in -> r_out``, 1x1 expand.
+
+    A ``(*k, cin, cout)`` kernel ``K = G x_cin U_in x_cout U_out`` (partial Tucker over the two
+    channel modes) becomes three convolutions; the core keeps the dense layer's stride, padding
+    and dilation and the expansion carries its bias. At ``ranks = (cin, cout)`` it is exact.
+
+    Attributes:
+      reduce: 1x1 ``nnx.Conv(cin, r_in, use_bias=False)`` with kernel ``U_in``.
+      core: ``nnx.Conv(r_in, r_out, kernel_size, strides, padding, kernel_dilation)`` with kernel ``G``.
+      expand: 1x1 ``nnx.Conv(r_out, cout)`` with kernel ``U_out^T`` and the dense bias.
+
+    References:
+      Kim et al., "Compression of Deep Convolutional Neural Networks for Fast and Low Power
+      Mobile Applications", https://arxiv.org/abs/1511.06530
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        ranks: tuple[int, int],
+        *,
+        strides: Any = 1,
+        padding: Any = "SAME",
+        kernel_dilation: Any = 1,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        r_in, r_out = (int(r) for r in ranks)
+        if not (1 <= r_in <= in_features and 1 <= r_out <= out_features):
+            raise ValueError(
+                f"ranks={tuple(ranks)} are outside 1..{in_features} (input) and 1..{out_features} "
+                "(output) for this convolution; pass ranks within the channel counts"
+            )
+        kernel_size = tuple(kernel_size)
+        nd = len(kernel_size)
+        self.in_features, self.out_features, self.kernel_size = in_features, out_features, kernel_size
+        self.ranks = (r_in, r_out)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
+        self.reduce = nnx.Conv(in_features, r_in, (1,) * nd, padding="VALID", use_bias=False, **kw)
+        self.core = nnx.Conv(
+            r_in, r_out, kernel_size, strides=strides, padding=padding,
+            kernel_dilation=kernel_dilation, use_bias=False, **kw,
+        )
+        self.expand = nnx.Conv(r_out, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.expand(self.core(self.reduce(x)))
+
+    def dense_kernel(self) -> jax.Array:
+        """The ``(*k, cin, cout)`` kernel this layer represents."""
+        u_in = self.reduce.kernel[...].reshape(self.in_features, self.ranks[0])
+        u_out_t = self.expand.kernel[...].reshape(self.ranks[1], self.out_features)
+        return jnp.einsum("...ab,sa,bt->...st", self.core.kernel[...], u_in, u_out_t)
+
+    @classmethod
+    def from_dense(cls, dense: nnx.Conv, ranks: tuple[int, int], *, factors=None, **decompose_kwargs) -> Tucker2Conv:
+        """Builds the Tucker-2 layer from a trained ``nnx.Conv`` (tensorly ``partial_tucker``).
+
+        Args:
+          dense: a trained convolution with ``feature_group_count == 1``.
+          ranks: ``(r_in, r_out)``.
+          factors: precomputed ``(core, u_in, u_out)`` from
+            :func:`~methods.decomposition.decompose.tucker2_factors`.
+          **decompose_kwargs: passed to ``tucker2_factors`` (``n_iter_max``, ``tol``).
+
+        Raises:
+          ValueError: grouped/depthwise or input-dilated convolutions, ranks out of range.
+        """
+        from methods.decomposition.decompose import tucker2_factors
+
+        check_factorizable_conv(dense)
+        nd = len(dense.kernel_size)
+        layer = cls(
+            dense.in_features, dense.out_features, dense.kernel_size, ranks,
+            strides=dense.strides, padding=dense.padding, kernel_dilation=dense.kernel_dilation,
+            use_bias=dense.use_bias, **_conv_like(dense), rngs=nnx.Rngs(0),
+        )
+        if factors is None:
+            factors = tucker2_factors(np.asarray(dense.kernel[...]), ranks, **decompose_kwargs)
+        core, u_in, u_out = factors
+        dt = dense.param_dtype
+        layer.reduce.kernel[...] = jnp.asarray(u_in, dt).reshape((1,) * nd + u_in.shape)
+        layer.core.kernel[...] = jnp.asarray(core, dt)
+        layer.expand.kernel[...] = jnp.asarray(u_out.T, dt).reshape((1,) * nd + u_out.T.shape)
+        if dense.use_bias:
+            layer.expand.bias[...] = dense.bias[...]
+        return layer
+
+
+class CPConv(nnx.Module):
+    """CP convolution: 1x1 ``cin -> R``, one depthwise conv per spatial axis, 1x1 ``R -> cout``.
+
+    A rank-``R`` CP kernel ``K[i, j, s, t] = sum_r Kx[i, r] Ky[j, r] Ks[s, r] Kt[t, r]`` is applied
+    as a 1x1 projection, depthwise ``kh x 1`` and ``1 x kw`` convolutions (stride, padding and
+    dilation split per axis) and a 1x1 expansion carrying the bias (Lebedev et al. 2015).
+
+    Attributes:
+      reduce: 1x1 ``nnx.Conv(cin, R, use_bias=False)``.
+      spatial: one depthwise ``nnx.Conv(R, R, feature_group_count=R)`` per spatial axis.
+      expand: 1x1 ``nnx.Conv(R, cout)``.
+
+    References:
+      Lebedev et al., "Speeding-up Convolutional Neural Networks Using Fine-tuned
+      CP-Decomposition", https://arxiv.org/abs/1412.6553
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        rank: int,
+        *,
+        strides: Any = 1,
+        padding: Any = "SAME",
+        kernel_dilation: Any = 1,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        kernel_size = tuple(kernel_size)
+        bound = cp_max_rank((*kernel_size, in_features, out_features))
+        if not 1 <= rank <= bound:
+            raise ValueError(
+                f"rank={rank} is outside 1..{bound} for a CP convolution of kernel "
+                f"{(*kernel_size, in_features, out_features)} (the bound is the product of all "
+                "kernel dimensions but the largest); pass a smaller rank"
+            )
+        nd = len(kernel_size)
+        self.in_features, self.out_features, self.kernel_size, self.rank = (
+            in_features, out_features, kernel_size, rank,
+        )
+        strides, dilation = _per_axis(strides, nd), _per_axis(kernel_dilation, nd)
+        pads = conv_padding_per_axis(padding, nd)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
+        self.reduce = nnx.Conv(in_features, rank, (1,) * nd, padding="VALID", use_bias=False, **kw)
+        spatial = []
+        for a in range(nd):
+            one_hot = lambda v, a=a: tuple(v if b == a else 1 for b in range(nd))  # noqa: E731
+            spatial.append(
+                nnx.Conv(
+                    rank, rank, one_hot(kernel_size[a]), strides=one_hot(strides[a]),
+                    padding=_axis_padding(pads, a), kernel_dilation=one_hot(dilation[a]),
+                    feature_group_count=rank, use_bias=False, **kw,
+                )
+            )
+        self.spatial = nnx.List(spatial)
+        self.expand = nnx.Conv(rank, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.reduce(x)
+        for conv in self.spatial:
+            x = conv(x)
+        return self.expand(x)
+
+    def factors(self) -> list[jax.Array]:
+        """The CP factors ``[K_axis0 (k0, R), ..., K_in (cin, R), K_out (cout, R)]``."""
+        out = [conv.kernel[...].reshape(self.kernel_size[a], self.rank) for a, conv in enumerate(self.spatial)]
+        out.append(self.reduce.kernel[...].reshape(self.in_features, self.rank))
+        out.append(self.expand.kernel[...].reshape(self.rank, self.out_features).T)
+        return out
+
+    def dense_kernel(self) -> jax.Array:
+        """The ``(*k, cin, cout)`` kernel this layer represents."""
+        fs = self.factors()
+        letters = "abcdefgh"[: len(fs)]
+        spec = ",".join(f"{c}r" for c in letters) + "->" + letters
+        return jnp.einsum(spec, *fs)
+
+    @classmethod
+    def from_dense(cls, dense: nnx.Conv, rank: int, *, factors=None, **decompose_kwargs) -> CPConv:
+        """Builds the CP layer from a trained ``nnx.Conv`` (tensorly ``parafac``).
+
+        Args:
+          dense: a trained convolution with ``feature_group_count == 1``.
+          rank: the CP rank ``R``.
+          factors: precomputed factors from :func:`~methods.decomposition.decompose.cp_factors`.
+          **decompose_kwargs: passed to ``cp_factors`` (``n_iter_max``, ``init``, ``random_state``).
+
+        Raises:
+          ValueError: grouped/depthwise or input-dilated convolutions, rank out of range.
+        """
+        from methods.decomposition.decompose import cp_factors
+
+        check_factorizable_conv(dense)
+        nd = len(dense.kernel_size)
+        layer = cls(
+            dense.in_features, dense.out_features, dense.kernel_size, rank,
+            strides=dense.strides, padding=dense.padding, kernel_dilation=dense.kernel_dilation,
+            use_bias=dense.use_bias, **_conv_like(dense), rngs=nnx.Rngs(0),
+        )
+        if factors is None:
+            factors = cp_factors(np.asarray(dense.kernel[...]), rank, **decompose_kwargs)
+        dt = dense.param_dtype
+        for a, conv in enumerate(layer.spatial):
+            conv.kernel[...] = jnp.asarray(factors[a], dt).reshape(conv.kernel[...].shape)
+        layer.reduce.kernel[...] = jnp.asarray(factors[nd], dt).reshape((1,) * nd + factors[nd].shape)
+        k_out_t = np.asarray(factors[nd + 1]).T
+        layer.expand.kernel[...] = jnp.asarray(k_out_t, dt).reshape((1,) * nd + k_out_t.shape)
+        if dense.use_bias:
+            layer.expand.bias[...] = dense.bias[...]
+        return layer
+
+
+def cp_max_rank(shape: Sequence[int]) -> int:
+    """An upper bound on the CP rank of a tensor: the product of all dimensions but the largest."""
+    dims = sorted(int(d) for d in shape)
+    return int(math.prod(dims[:-1]))
+
+
+def check_factorizable_conv(conv: nnx.Conv) -> None:
+    """Raises ``ValueError`` when ``conv`` cannot be Tucker-2/CP factorized as a whole.
+
+    Grouped and depthwise convolutions have a block-diagonal channel structure that a single
+    channel factorization does not represent; input dilation and masks are not carried over.
+    """
+    if conv.feature_group_count != 1:
+        raise ValueError(
+            f"feature_group_count={conv.feature_group_count}: grouped/depthwise convolutions have "
+            "no full channel-by-channel kernel to factorize; leave this layer dense (rule skip=True)"
+        )
+    if any(d != 1 for d in _per_axis(conv.input_dilation, len(conv.kernel_size))):
+        raise ValueError(f"input_dilation={conv.input_dilation} is not supported; leave this layer dense")
+    if conv.mask is not None:
+        raise ValueError("masked convolutions (mask=...) are not supported; leave this layer dense")
+    if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
+        raise ValueError("padding='CAUSAL' is not supported; leave this layer dense")

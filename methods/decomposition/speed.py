@@ -1,0 +1,45 @@
+"""Side-by-side latency of a dense layer (or model) and its factorized twin on the current backend."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+
+def jitted_forward(module: nnx.Module) -> Callable[[jax.Array], jax.Array]:
+    """``x -> module(x)`` compiled with ``jax.jit``; the module's state is an explicit argument."""
+    graphdef, state = nnx.split(module)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    return lambda x: fn(state, x)
+
+
+def compare_latency(
+    first: nnx.Module, second: nnx.Module, x: jax.Array, *, warmup: int = 3, repeats: int = 20
+) -> tuple[float, float]:
+    """Median seconds of ``first(x)`` and ``second(x)``, timed alternately in one loop.
+
+    Both are jitted and warmed up (compilation excluded); each timed call ends with
+    ``jax.block_until_ready``. Alternating the calls exposes both to the same machine load, so
+    their ratio is meaningful even where absolute times drift.
+
+    Raises:
+      ValueError: ``repeats`` < 1.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be at least 1")
+    fa, fb = jitted_forward(first), jitted_forward(second)
+    for _ in range(max(warmup, 1)):
+        jax.block_until_ready(fa(x))
+        jax.block_until_ready(fb(x))
+    ta, tb = [], []
+    for i in range(repeats):
+        order = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
+        for f, times in order:
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(x))
+            times.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)

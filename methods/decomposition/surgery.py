@@ -1,0 +1,479 @@
+"""``factorize(model, rules)``: replace dense layers by factorized twins, measured, with a report.
+
+Per-layer choices are :class:`DecompositionRule` objects (``research.tree.rules``) matched by
+regular expression against module paths such as ``"blocks/0/conv1"`` or ``"layers/1"``; the
+first match wins and a rule that matches no ``nnx.Linear``/``nnx.Conv`` path is an error.
+
+For every matched layer the function picks the rank (fixed, kept energy, parameter/FLOP budget,
+EVBMF, or a whole-model budget), builds the factorized layer from the trained weights, measures
+the relative reconstruction error, and **times the dense and the factorized layer side by side**
+on the current backend at the layer's real input shape. A layer whose factorized form is not
+faster stays dense unless its rule says ``keep_if_slower=True``; the report says which and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from research.nn import iter_modules, param_count, replace_module
+from research.tree.rules import Rule, match_rules
+
+from methods.decomposition.decompose import relative_error
+from methods.decomposition.layers import CPConv, LowRankLinear, Tucker2Conv, check_factorizable_conv
+from methods.decomposition.rank import dense_cost, factorized_cost, select_rank
+from methods.decomposition.speed import compare_latency
+
+FACTORIZED_TYPES = (LowRankLinear, CPConv, Tucker2Conv)
+_CRITERIA = ("rank", "energy", "param_ratio", "flop_ratio", "vbmf")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecompositionRule(Rule):
+    """How to factorize the layers whose module path matches ``pattern``.
+
+    Give at most one rank criterion; with none, the layer's rank comes from the whole-model
+    ``budget`` passed to :func:`factorize`.
+
+    Attributes:
+      method: ``"svd"`` (``nnx.Linear`` -> :class:`LowRankLinear`), ``"tucker2"`` or ``"cp"``
+        (``nnx.Conv`` -> :class:`Tucker2Conv` / :class:`CPConv`), or ``"auto"`` (svd for linear,
+        tucker2 for conv).
+      rank: fixed rank (int; ``(r_in, r_out)`` or an int for both with tucker2).
+      energy: fraction of squared singular values to keep (svd, tucker2).
+      param_ratio: largest rank with at most this fraction of the dense layer's parameters.
+      flop_ratio: largest rank with at most this fraction of the dense layer's FLOPs.
+      vbmf: EVBMF rank (svd, tucker2; Kim et al. 2016).
+      keep_if_slower: factorize even when the factorized layer measures slower than the dense one.
+      skip: leave matched layers dense (e.g. ``pattern="head"`` before a catch-all rule).
+      n_iter_max: iterations of tensorly's ALS/HOOI (cp: 200, tucker2: 100 when None).
+    """
+
+    method: Literal["auto", "svd", "tucker2", "cp"] = "auto"
+    rank: int | tuple[int, int] | None = None
+    energy: float | None = None
+    param_ratio: float | None = None
+    flop_ratio: float | None = None
+    vbmf: bool = False
+    keep_if_slower: bool = False
+    skip: bool = False
+    n_iter_max: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in ("auto", "svd", "tucker2", "cp"):
+            raise ValueError(f"method={self.method!r} is not one of 'auto', 'svd', 'tucker2', 'cp'")
+        given = self.criteria()
+        if len(given) > 1:
+            raise ValueError(f"rule {self.pattern!r} sets several rank criteria {sorted(given)}; keep one")
+
+    def criteria(self) -> dict[str, Any]:
+        """The rank criterion this rule sets (empty when the model budget decides)."""
+        out = {k: getattr(self, k) for k in _CRITERIA if getattr(self, k) not in (None, False)}
+        return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelBudget:
+    """A budget shared by all layers whose rule sets no rank criterion.
+
+    One common knob ``t`` in (0, 1] (kept energy for svd/tucker2, fraction of the
+    parameter-equivalent rank for cp) is bisected so that those layers together use at most
+    ``ratio`` of their dense parameters (or FLOPs).
+
+    Attributes:
+      param_ratio: parameter fraction of the budgeted layers, or
+      flop_ratio: FLOP fraction of the budgeted layers.
+    """
+
+    param_ratio: float | None = None
+    flop_ratio: float | None = None
+
+    def __post_init__(self):
+        if (self.param_ratio is None) == (self.flop_ratio is None):
+            raise ValueError("ModelBudget needs exactly one of param_ratio, flop_ratio")
+        ratio = self.param_ratio if self.param_ratio is not None else self.flop_ratio
+        if not 0 < ratio:
+            raise ValueError(f"ModelBudget ratio={ratio} must be positive")
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """One row of the factorization report (times in milliseconds, FLOPs per example)."""
+
+    path: str
+    layer: str
+    method: str
+    rank: Any
+    params_dense: int
+    params_factorized: int
+    flops_dense: int
+    flops_factorized: int
+    rel_error: float
+    dense_ms: float
+    factorized_ms: float
+    decision: Literal["factorized", "dense"]
+    reason: str
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.factorized_ms if self.factorized_ms > 0 else float("nan")
+
+
+@dataclasses.dataclass
+class FactorizationReport:
+    """What :func:`factorize_with_report` did, layer by layer, plus whole-model figures."""
+
+    layers: list[LayerReport]
+    backend: str
+    batch_size: int
+    params_before: int
+    params_after: int
+    model_dense_ms: float = float("nan")
+    model_factorized_ms: float = float("nan")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per-layer rows as plain dicts (for the stage report and JSON)."""
+        out = []
+        for r in self.layers:
+            d = dataclasses.asdict(r)
+            d["rank"] = str(r.rank)
+            d["speedup"] = r.speedup
+            out.append(d)
+        return out
+
+    @property
+    def factorized(self) -> list[str]:
+        return [r.path for r in self.layers if r.decision == "factorized"]
+
+    @property
+    def kept_dense(self) -> list[str]:
+        return [r.path for r in self.layers if r.decision == "dense"]
+
+    def flops(self) -> tuple[int, int]:
+        """FLOPs of the matched layers before and after (dense rows count their dense FLOPs)."""
+        before = sum(r.flops_dense for r in self.layers)
+        after = sum(r.flops_factorized if r.decision == "factorized" else r.flops_dense for r in self.layers)
+        return before, after
+
+    def table(self) -> str:
+        """A fixed-width table of the rows and a totals line."""
+        head = (
+            f"{'layer':<22}{'method':<8}{'rank':>10}{'params':>16}{'MFLOPs':>16}{'rel.err':>8}"
+            f"{'dense ms':>10}{'fact ms':>9}{'speedup':>8}  decision"
+        )
+        lines = [f"backend={self.backend} batch={self.batch_size}", head]
+        for r in self.layers:
+            p = f"{r.params_dense}->{r.params_factorized}"
+            f = f"{r.flops_dense / 1e6:.2f}->{r.flops_factorized / 1e6:.2f}"
+            lines.append(
+                f"{r.path:<22}{r.method:<8}{str(r.rank):>10}{p:>16}{f:>16}{r.rel_error:>8.3f}"
+                f"{r.dense_ms:>10.3f}{r.factorized_ms:>9.3f}{r.speedup:>8.2f}  {r.decision}: {r.reason}"
+            )
+        fb, fa = self.flops()
+        lines.append(
+            f"model params {self.params_before} -> {self.params_after} "
+            f"({self.params_before / max(self.params_after, 1):.2f}x); matched-layer FLOPs "
+            f"{fb / 1e6:.2f}M -> {fa / 1e6:.2f}M ({fb / max(fa, 1):.2f}x); model latency "
+            f"{self.model_dense_ms:.3f} ms -> {self.model_factorized_ms:.3f} ms"
+        )
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- shape capture
+
+
+class _Recorder(nnx.Module):
+    """Wraps a layer to record its input and output shapes in an eager forward pass."""
+
+    def __init__(self, inner: nnx.Module, record: Callable[[tuple, tuple], None]):
+        self.inner = inner
+        self.record = record
+
+    def __call__(self, x, *args, **kwargs):
+        y = self.inner(x, *args, **kwargs)
+        self.record(tuple(x.shape), tuple(y.shape))
+        return y
+
+
+def capture_shapes(model: nnx.Module, paths: Sequence[str], sample_input: jax.Array) -> dict[str, tuple[tuple, tuple]]:
+    """Input and output shapes of the modules at ``paths`` for one forward pass (eval mode).
+
+    Raises:
+      ValueError: a module at one of ``paths`` was not called by the forward pass.
+    """
+    probe = nnx.clone(model)
+    probe.eval()
+    shapes: dict[str, tuple[tuple, tuple]] = {}
+    for path in paths:
+        inner = _get(probe, path)
+        probe = replace_module(
+            probe, path, _Recorder(inner, lambda i, o, p=path: shapes.setdefault(p, (i, o))), copy=False
+        )
+    probe(sample_input)
+    missing = [p for p in paths if p not in shapes]
+    if missing:
+        raise ValueError(f"layers {missing} were not called on sample_input; they cannot be timed or costed")
+    return shapes
+
+
+def _get(model, path):
+    from research.nn import get_module
+
+    return get_module(model, path)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass
+class _Plan:
+    path: str
+    module: nnx.Module
+    rule: DecompositionRule
+    method: str
+    kernel: np.ndarray
+    in_shape: tuple
+    out_shape: tuple
+    rank: Any = None
+    skip_reason: str = ""
+
+    def spatial(self) -> dict[str, tuple]:
+        """Spatial (conv) or extra token (linear) dims of the input and output, batch excluded."""
+        return {"in_spatial": self.in_shape[1:-1], "out_spatial": self.out_shape[1:-1]}
+
+    def bias(self) -> bool:
+        return bool(self.module.use_bias)
+
+
+def _candidates(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """Dense Linear/Conv modules that are not already inside a factorized layer."""
+    inside = [p for p, m in iter_modules(model) if isinstance(m, FACTORIZED_TYPES)]
+    out = []
+    for path, module in iter_modules(model):
+        if type(module) not in (nnx.Linear, nnx.Conv):
+            continue
+        if any(path.startswith(p + "/") for p in inside):
+            continue
+        out.append((path, module))
+    return out
+
+
+def _method_for(path: str, module: nnx.Module, rule: DecompositionRule) -> str:
+    if isinstance(module, nnx.Linear):
+        if rule.method not in ("auto", "svd"):
+            raise ValueError(
+                f"rule {rule.pattern!r} asks method={rule.method!r} for linear layer {path!r}; "
+                "linear layers take method='svd' (or 'auto'); narrow the pattern to convolutions"
+            )
+        return "svd"
+    if rule.method == "svd":
+        raise ValueError(
+            f"rule {rule.pattern!r} asks method='svd' for convolution {path!r}; use 'tucker2' or 'cp'"
+        )
+    return "tucker2" if rule.method == "auto" else rule.method
+
+
+def _knob_rank(plan: _Plan, t: float) -> Any:
+    """The rank of ``plan`` at a shared budget knob ``t`` in (0, 1]."""
+    if plan.method in ("svd", "tucker2"):
+        return select_rank(plan.kernel, plan.method, energy=min(max(t, 1e-6), 1.0), where=plan.path)
+    kw = plan.spatial()
+    dense_p = dense_cost(plan.kernel.shape, bias=plan.bias(), **kw)[0]
+    per = factorized_cost("cp", plan.kernel.shape, 1, bias=False, **kw)[0]
+    return max(1, int(round(t * dense_p / per)))
+
+
+def _allocate(plans: list[_Plan], budget: ModelBudget) -> None:
+    """Bisects the shared knob so the budgeted layers fit ``budget`` together."""
+    index, ratio = (0, budget.param_ratio) if budget.param_ratio is not None else (1, budget.flop_ratio)
+    dense_total = sum(dense_cost(p.kernel.shape, bias=p.bias(), **p.spatial())[index] for p in plans)
+
+    def total(t: float) -> float:
+        return sum(
+            factorized_cost(p.method, p.kernel.shape, _knob_rank(p, t), bias=p.bias(), **p.spatial())[index]
+            for p in plans
+        )
+
+    lo, hi = 1e-6, 1.0
+    if total(lo) > ratio * dense_total:
+        raise ValueError(
+            f"{budget} cannot be met: rank 1 everywhere already costs "
+            f"{total(lo) / dense_total:.3f} of the dense layers; raise the ratio"
+        )
+    if total(hi) > ratio * dense_total:
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if total(mid) <= ratio * dense_total else (lo, mid)
+        t = lo
+    else:
+        t = hi
+    for p in plans:
+        p.rank = _knob_rank(p, t)
+
+
+def _build(plan: _Plan) -> nnx.Module:
+    kw = {} if plan.rule.n_iter_max is None else {"n_iter_max": plan.rule.n_iter_max}
+    if plan.method == "svd":
+        return LowRankLinear.from_dense(plan.module, plan.rank)
+    if plan.method == "tucker2":
+        return Tucker2Conv.from_dense(plan.module, plan.rank, **kw)
+    return CPConv.from_dense(plan.module, plan.rank, **kw)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def factorize_with_report(
+    model: nnx.Module,
+    rules: Sequence[DecompositionRule],
+    *,
+    sample_input: jax.Array | None = None,
+    budget: ModelBudget | None = None,
+    check_speed: bool = True,
+    min_speedup: float = 1.0,
+    warmup: int = 3,
+    repeats: int = 20,
+    seed: int = 0,
+) -> tuple[nnx.Module, FactorizationReport]:
+    """Factorizes the layers matched by ``rules``; see :func:`factorize`.
+
+    Returns:
+      ``(new_model, report)``; ``model`` itself is left unchanged.
+    """
+    rules = list(rules)
+    if not rules:
+        raise ValueError("rules is empty; pass e.g. [DecompositionRule(pattern='conv', vbmf=True)]")
+    base = nnx.clone(model)
+    base.eval()
+    cands = _candidates(base)
+    matches = match_rules(rules, [p for p, _ in cands])
+    selected = [(p, m, matches[p]) for p, m in cands if matches[p] is not None and not matches[p].skip]
+    if sample_input is None:
+        if hasattr(base, "input_shape"):
+            sample_input = jnp.zeros((1, *base.input_shape), jnp.float32)
+        elif all(isinstance(m, nnx.Linear) for _, m, _ in selected):
+            sample_input = None
+        else:
+            raise ValueError(
+                "sample_input is needed to know each convolution's spatial size (the model has no "
+                "input_shape attribute); pass sample_input=x[:batch]"
+            )
+    if sample_input is not None:
+        shapes = capture_shapes(base, [p for p, _, _ in selected], sample_input)
+        batch = int(sample_input.shape[0])
+    else:
+        shapes = {p: ((1, m.in_features), (1, m.out_features)) for p, m, _ in selected}
+        batch = 1
+
+    plans, rows = [], []
+    for path, module, rule in selected:
+        method = _method_for(path, module, rule)
+        plan = _Plan(path, module, rule, method, np.asarray(module.kernel[...]), *shapes[path])
+        if isinstance(module, nnx.Conv):
+            try:
+                check_factorizable_conv(module)
+            except ValueError as e:
+                plan.skip_reason = str(e).split(";")[0]
+        if not plan.skip_reason and rule.criteria():
+            plan.rank = select_rank(
+                plan.kernel, method, **rule.criteria(), bias=plan.bias(), where=path, **plan.spatial()
+            )
+        plans.append(plan)
+    budgeted = [p for p in plans if not p.skip_reason and p.rank is None]
+    if budgeted:
+        if budget is None:
+            raise ValueError(
+                f"layers {[p.path for p in budgeted]} have rules without a rank criterion and no "
+                "budget=ModelBudget(...) was given; set rank/energy/param_ratio/flop_ratio/vbmf or a budget"
+            )
+        _allocate(budgeted, budget)
+
+    out = base
+    key = jax.random.key(seed)
+    for plan in plans:
+        kw = plan.spatial()
+        pd, fd = dense_cost(plan.kernel.shape, bias=plan.bias(), **kw)
+        layer_name = type(plan.module).__name__
+        if plan.skip_reason:
+            rows.append(
+                LayerReport(plan.path, layer_name, plan.method, "-", pd, pd, fd, fd, 0.0, math.nan, math.nan,
+                            "dense", plan.skip_reason)
+            )
+            continue
+        new = _build(plan)
+        new.eval()
+        pf, ff = factorized_cost(plan.method, plan.kernel.shape, plan.rank, bias=plan.bias(), **kw)
+        err = relative_error(plan.kernel, np.asarray(new.dense_kernel()))
+        dense_ms = fact_ms = math.nan
+        if check_speed:
+            key, sub = jax.random.split(key)
+            x = jax.random.normal(sub, plan.in_shape, jnp.float32)
+            d, f = compare_latency(plan.module, new, x, warmup=warmup, repeats=repeats)
+            dense_ms, fact_ms = 1e3 * d, 1e3 * f
+            faster = d / f >= min_speedup if f > 0 else False
+            if faster:
+                decision, reason = "factorized", f"{d / f:.2f}x faster"
+            elif plan.rule.keep_if_slower:
+                decision, reason = "factorized", f"kept although {d / f:.2f}x (keep_if_slower=True)"
+            else:
+                decision, reason = "dense", f"factorized form measured {d / f:.2f}x (not faster)"
+        else:
+            decision, reason = "factorized", "speed not measured (check_speed=False)"
+        rows.append(
+            LayerReport(plan.path, layer_name, plan.method, plan.rank, pd, pf, fd, ff, err, dense_ms, fact_ms,
+                        decision, reason)
+        )
+        if decision == "factorized":
+            out = replace_module(out, plan.path, new, copy=False)
+
+    report = FactorizationReport(
+        layers=rows, backend=jax.default_backend(), batch_size=batch,
+        params_before=param_count(model), params_after=param_count(out),
+    )
+    if check_speed and sample_input is not None and report.factorized:
+        d, f = compare_latency(base, out, sample_input, warmup=warmup, repeats=repeats)
+        report.model_dense_ms, report.model_factorized_ms = 1e3 * d, 1e3 * f
+    return out, report
+
+
+def factorize(
+    model: nnx.Module,
+    rules: Sequence[DecompositionRule],
+    **kwargs: Any,
+) -> nnx.Module:
+    """Returns a copy of ``model`` with the layers matched by ``rules`` factorized.
+
+    Each matched ``nnx.Linear`` becomes a :class:`LowRankLinear` (SVD) and each matched
+    ``nnx.Conv`` a :class:`Tucker2Conv` (partial Tucker) or :class:`CPConv` (parafac), initialised
+    from the trained weights. With ``check_speed=True`` (default) each layer is timed against
+    its dense form (jit, warm-up, median of ``repeats`` alternating calls) and stays dense when
+    not at least ``min_speedup`` times faster, unless its rule has ``keep_if_slower=True``.
+    Grouped/depthwise convolutions stay dense with the reason in the report.
+
+    Args:
+      model: a trained model (not modified).
+      rules: :class:`DecompositionRule` list, first match wins; a rule matching no
+        Linear/Conv path raises ``research.tree.RuleError``.
+      **kwargs: ``sample_input`` (a batch; default zeros of ``model.input_shape`` with batch 1),
+        ``budget`` (:class:`ModelBudget`), ``check_speed``, ``min_speedup``, ``warmup``,
+        ``repeats``, ``seed``; see :func:`factorize_with_report` for the report.
+
+    Returns:
+      The new model.
+
+    Example:
+      >>> from research.nn import build_model
+      >>> m = build_model("mlp", input_shape=(16,), num_classes=4, widths=(32,))
+      >>> f = factorize(m, [DecompositionRule(pattern="layers", rank=4)], check_speed=False)
+      >>> type(f.layers[0]).__name__
+      'LowRankLinear'
+    """
+    return factorize_with_report(model, rules, **kwargs)[0]
