@@ -1,0 +1,234 @@
+"""Swapping fake-quant twins into a model by rules (mixed precision per layer).
+
+Rules are :class:`QuantRule` objects (a :class:`research.tree.Rule`) matched by regular
+expression against **module paths** of the Linear/Conv layers (``"conv1"``,
+``"blocks/0/conv2"``, ``"head"``); the first match wins. A rule that matches no layer raises
+:class:`research.tree.RuleError`. Layers that no rule matches, that a rule marks
+``keep_float``, or that ``skip_first``/``skip_last`` exclude stay in float; they are logged
+and listed by :func:`float_layers` and in :func:`methods.quantization.layer_table`.
+
+Example (8-bit first and last layers, 4-bit LSQ elsewhere)::
+
+    rules = [
+        QuantRule(pattern=r"^(conv1|head)$", bits=8),
+        QuantRule(pattern=r".*", bits=4, method="lsq"),
+    ]
+    qmodel = calibrate(quantize_model(fold_batchnorm(model), rules), batches)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from flax import nnx
+
+from methods.quantization import quantizers as Q
+from methods.quantization.folding import layer_order
+from methods.quantization.modules import QuantConv, QuantLayer, QuantLinear, QuantSpec, list_methods
+from research.nn import get_module, iter_modules, replace_module
+from research.tree import Rule, RuleError, match_rules
+
+log = logging.getLogger(__name__)
+
+_TWINS: dict[type, type[QuantLayer]] = {}
+
+
+def register_twin(float_type: type) -> Any:
+    """Class decorator: registers a :class:`QuantLayer` subclass as the twin of ``float_type``."""
+
+    def deco(cls):
+        if float_type in _TWINS:
+            raise ValueError(
+                f"{float_type.__name__} already has the twin {_TWINS[float_type].__name__}"
+            )
+        _TWINS[float_type] = cls
+        return cls
+
+    return deco
+
+
+register_twin(nnx.Linear)(QuantLinear)
+register_twin(nnx.Conv)(QuantConv)
+
+
+def _twin_of(module: Any) -> type[QuantLayer] | None:
+    for t in type(module).__mro__:
+        if t in _TWINS:
+            return _TWINS[t]
+    return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantRule(Rule):
+    """Quantization of the Linear/Conv layers whose module path matches ``pattern``.
+
+    Attributes:
+      pattern: regular expression searched in the module path.
+      bits: kernel bit width (2..8).
+      act_bits: input-activation bit width (``None``: same as ``bits``).
+      quantize_inputs: quantize the layer's input activations.
+      per_channel: one kernel scale per output channel (else one per tensor).
+      method: kernel quantizer: ``"ste"`` (min/max range), ``"lsq"`` or ``"pact"``.
+      act_method: input quantizer (``None``: same as ``method``).
+      symmetric: kernel zero point 0 (``"lsq"``/``"pact"`` are always symmetric).
+      act_symmetric: input zero point 0 for ``"ste"`` (affine by default, like TFLite).
+      narrow_range: kernel grid without the most negative level (TFLite int8 weights).
+      stochastic: stochastic rounding during training.
+      keep_float: leave the matched layers in float (listed in the report).
+    """
+
+    bits: int = 8
+    act_bits: int | None = None
+    quantize_inputs: bool = True
+    per_channel: bool = True
+    method: str = "ste"
+    act_method: str | None = None
+    symmetric: bool = True
+    act_symmetric: bool = False
+    narrow_range: bool = False
+    stochastic: bool = False
+    keep_float: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        Q.check_bits(self.bits)
+        if self.act_bits is not None:
+            Q.check_bits(self.act_bits)
+        for name in (self.method, self.act_method):
+            if name is not None and name not in list_methods():
+                raise ValueError(
+                    f"quantization method {name!r} (rule {self.pattern!r}) is not registered; "
+                    f"pick one of {list_methods()}"
+                )
+
+    def weight_spec(self) -> QuantSpec:
+        """The kernel's :class:`QuantSpec`."""
+        return QuantSpec(
+            bits=self.bits,
+            method=self.method,
+            signed=True,
+            symmetric=self.symmetric or self.method != "ste",
+            narrow_range=self.narrow_range,
+            per_channel=self.per_channel,
+            axis=-1,
+            stochastic=self.stochastic,
+        )
+
+    def input_spec(self) -> QuantSpec | None:
+        """The input activations' :class:`QuantSpec` (``None`` when inputs stay float)."""
+        if not self.quantize_inputs:
+            return None
+        method = self.act_method or self.method
+        return QuantSpec(
+            bits=self.act_bits if self.act_bits is not None else self.bits,
+            method=method,
+            signed=None,
+            symmetric=self.act_symmetric or method != "ste",
+            per_channel=False,
+            stochastic=self.stochastic,
+        )
+
+
+def quantizable_layers(model: nnx.Module) -> list[str]:
+    """Paths of the float layers that have a registered fake-quant twin."""
+    mods = iter_modules(model)
+    quant_paths = [p for p, m in mods if isinstance(m, QuantLayer)]
+    return [
+        p
+        for p, m in mods
+        if _twin_of(m) is not None
+        and not isinstance(m, QuantLayer)
+        and not any(p.startswith(q + "/") for q in quant_paths)
+    ]
+
+
+def float_layers(model: nnx.Module) -> list[str]:
+    """Paths of the Linear/Conv layers that are not fake-quantized (left in float)."""
+    return quantizable_layers(model)
+
+
+def quantize_model(
+    model: nnx.Module,
+    rules: Sequence[QuantRule],
+    *,
+    sample_input: Any = None,
+    skip_first: bool = False,
+    skip_last: bool = False,
+    seed: int = 0,
+) -> nnx.Module:
+    """Returns a copy of ``model`` with fake-quant twins swapped in by ``rules``.
+
+    Weights are copied: each twin wraps a copy of the float layer. Kernel quantizers start from
+    the kernel's min/max (per channel); input quantizers need :func:`calibrate` before the
+    model is run. Fold BatchNorm first (:func:`fold_batchnorm`) so the deployed, folded
+    weights are what gets quantized.
+
+    Args:
+      model: the float model (left untouched).
+      rules: ordered :class:`QuantRule` list; first match wins.
+      sample_input: an input batch, needed for ``skip_first``/``skip_last`` when the model has
+        no ``input_shape`` attribute (the execution order is traced).
+      skip_first: keep the first layer to run in float.
+      skip_last: keep the last layer to run in float.
+      seed: seed of the stochastic-rounding streams.
+
+    Returns:
+      The fake-quant model. Layers left in float are logged (warning) and listed by
+      :func:`float_layers`.
+
+    Raises:
+      ValueError: empty ``rules``, or a model that already has fake-quant layers.
+      RuleError: a rule that matches no layer (the message lists the layer paths).
+
+    Example:
+      >>> from research.nn import build_model
+      >>> m = build_model("lenet5", input_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))
+      >>> q = quantize_model(m, [QuantRule(pattern=".*", bits=4)], skip_last=True)
+      >>> float_layers(q)
+      ['head']
+    """
+    if not rules:
+        raise ValueError("no rules given; pass e.g. [QuantRule(pattern='.*', bits=8)]")
+    already = [p for p, m in iter_modules(model) if isinstance(m, QuantLayer)]
+    if already:
+        raise ValueError(
+            f"model already has fake-quant layers at {already}; quantize the float model"
+        )
+    paths = quantizable_layers(model)
+    if not paths:
+        raise RuleError(f"{type(model).__name__} has no Linear/Conv layer to quantize")
+    matches = match_rules(list(rules), paths, require_all_used=True)
+    skipped: dict[str, str] = {}
+    if skip_first or skip_last:
+        order = [p for p in layer_order(model, sample_input) if p in matches]
+        if skip_first:
+            skipped[order[0]] = "skip_first"
+        if skip_last:
+            skipped[order[-1]] = "skip_last"
+    out = nnx.clone(model)
+    rngs = nnx.Rngs(seed)
+    reasons: dict[str, str] = {}
+    for path in sorted(paths, key=lambda p: -p.count("/")):
+        rule = matches[path]
+        if path in skipped:
+            reasons[path] = skipped[path]
+            continue
+        if rule is None:
+            reasons[path] = "no rule matched"
+            continue
+        if rule.keep_float:
+            reasons[path] = f"rule {rule.pattern!r} keep_float"
+            continue
+        layer = get_module(out, path)
+        twin = _twin_of(layer)(
+            layer, weight=rule.weight_spec(), input=rule.input_spec(), rngs=rngs.fork()
+        )
+        out = replace_module(out, path, twin, copy=False)
+    if reasons:
+        log.warning(
+            "layers left in float: %s", ", ".join(f"{p} ({r})" for p, r in sorted(reasons.items()))
+        )
+    return out
