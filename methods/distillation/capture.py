@@ -1,63 +1,108 @@
 """Capturing intermediate outputs by path, in the same forward pass, without hooks.
 
-A thin adapter over Flax NNX's ``nnx.capture`` (flax >= 0.12.8): with
-``method_outputs=nnx.Intermediate`` NNX sows the output of every sub-module's ``__call__``
-while the wrapped function runs, and values a model ``sow``-s itself are collected too. This
-module turns that NNX state into a flat ``{path: array}`` dict for the paths you name:
+Name layers by path and get their outputs from the forward pass a function runs anyway (e.g.
+the task loss's), with no change to the model and no user-registered hooks:
 
-* ``"layers/0"`` is the output of the sub-module at that path (``research.nn.iter_modules``
-  paths), ``""`` the model's own output;
-* ``"encoder/feat"`` is a value the module at ``"encoder"`` sowed as
-  ``self.sow(nnx.Intermediate, "feat", x)``.
+* ``"layers/0"``: the output of the sub-module at that path (``research.nn.iter_modules``
+  paths); ``""`` is the model's own output;
+* ``"encoder/feat"``: a value the module at ``"encoder"`` sowed with
+  ``self.sow(nnx.Intermediate, "feat", x)``, collected through NNX's own ``nnx.capture``.
 
-The capture is Python-level (NNX instruments the module classes while the function runs and
-restores them afterwards), so it works inside ``jax.jit``, ``jax.grad`` and ``jax.vmap`` and XLA
-drops every captured value nobody uses. Only one capture may be active at a time: NNX keeps the
-captured values on the modules, so a nested capture would erase the outer one's. The KD
-transforms therefore merge into a single capture (see :mod:`methods.distillation.transforms`)
-and :func:`capture_intermediates` raises if it is nested.
+Module outputs are recorded while the wrapped function runs by instrumenting the ``__call__``
+of the named modules' classes (and restoring them afterwards), the mechanism of NNX's
+``nnx.capture(..., method_outputs=...)``. We keep our own small recorder instead of that flag
+because in flax 0.12.8 it (a) is not re-entrant: a capture inside another one, e.g. an online
+teacher run inside a student's capture, makes every other instance of the instrumented classes
+fail in ``sow``, and the inner capture un-instruments the classes for the outer one; and (b)
+skips classes that inherit ``__call__`` (fake-quant subclasses of ``nnx.Linear``). Our recorder
+only records the module instances it was asked for, passes every other call through, nests,
+and handles inherited ``__call__``.
 
-If a sub-module is called several times in one forward pass, the **last** call's output is
-returned.
+Everything happens while Python traces, so it works inside ``jax.jit``, ``jax.grad`` and
+``jax.vmap``; XLA drops recorded values that nobody uses. If a sub-module is called several
+times in one forward pass, the **last** call's output is returned.
 """
 
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 
-from research.nn import iter_modules
+from research.nn import get_module, iter_modules
 
-_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "slimjax_capture_active", default=False
+_SOWN: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
+    "slimjax_sow_capture", default=frozenset()
 )
 _CALL = "__call__"
+_LOCK = threading.RLock()
+_RECORDERS: list[dict[int, tuple[str, dict]]] = []  # active recorders: id(module) -> (path, sink)
+_PATCHED: dict[
+    type, tuple[Any, bool, int]
+] = {}  # class -> (original __call__, own attr?, refcount)
 
 
 class CaptureError(RuntimeError):
-    """A capture was nested inside another one, or a named path produced no value."""
+    """A named path produced no value, or sowed values were captured twice on one model."""
 
 
-def _flatten_captures(tree: Any, prefix: tuple = ()) -> dict[str, Any]:
-    """``{path: last value}`` from the nested NNX state of ``nnx.capture``.
+def _instrument(cls: type) -> None:
+    if cls in _PATCHED:
+        orig, own, n = _PATCHED[cls]
+        _PATCHED[cls] = (orig, own, n + 1)
+        return
+    own = _CALL in cls.__dict__
+    orig = cls.__call__
 
-    A module's own output (method ``__call__``) is stored under the module's path; any other
-    sowed name ``n`` under ``path/n``.
-    """
+    def __call__(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        for rec in _RECORDERS:
+            hit = rec.get(id(self))
+            if hit is not None:
+                hit[1][hit[0]] = out
+        return out
+
+    __call__.__wrapped__ = orig
+    _PATCHED[cls] = (orig, own, 1)
+    cls.__call__ = __call__
+
+
+def _restore(cls: type) -> None:
+    orig, own, n = _PATCHED[cls]
+    if n > 1:
+        _PATCHED[cls] = (orig, own, n - 1)
+        return
+    del _PATCHED[cls]
+    if own:
+        cls.__call__ = orig
+    else:
+        delattr(cls, _CALL)
+
+
+def _flatten_sown(tree: Any, prefix: tuple = ()) -> dict[str, Any]:
+    """``{path/name: last value}`` from the nested NNX state returned by ``nnx.capture``."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, nnx.Variable):
             values = value.get_value()
-            last = values[-1] if isinstance(values, tuple) else values
-            path = prefix if key == _CALL else (*prefix, key)
-            out["/".join(str(p) for p in path)] = last
+            out["/".join(str(p) for p in (*prefix, key))] = (
+                values[-1] if isinstance(values, tuple) else values
+            )
         elif hasattr(value, "items"):
-            out.update(_flatten_captures(value, (*prefix, key)))
+            out.update(_flatten_sown(value, (*prefix, key)))
     return out
+
+
+def _resolve(model: nnx.Module, path: str) -> nnx.Module | None:
+    try:
+        node = get_module(model, path)
+    except KeyError:
+        return None
+    return node if isinstance(node, nnx.Module) else None
 
 
 def capture_intermediates(
@@ -74,8 +119,8 @@ def capture_intermediates(
       ``wrapped(model, *args, **kwargs) -> (fn's result, {path: array})``.
 
     Raises:
-      CaptureError: at call time, if a path produced no value (the message lists those that
-        did) or if called while another capture is active.
+      CaptureError: at call time, if a path produced no value (the message lists the module
+        paths), or if sowed values of the same model are captured by two nested captures.
 
     Example:
       >>> import jax.numpy as jnp
@@ -86,34 +131,52 @@ def capture_intermediates(
       >>> feats["layers/0"].shape
       (2, 5)
     """
-    paths = tuple(paths)
-    captured = nnx.capture(fn, nnx.Intermediate, method_outputs=nnx.Intermediate)
+    paths = tuple(dict.fromkeys(paths))
 
     def wrapped(model: nnx.Module, *args, **kwargs):
         if not paths:
             return fn(model, *args, **kwargs), {}
-        if _ACTIVE.get():
-            raise CaptureError(
-                f"capture_intermediates({list(paths)}) was called inside another capture; NNX keeps "
-                "captured values on the modules, so nesting would lose the outer ones. Combine the "
-                "feature-based KD losses into one transform (methods.distillation.weighted_sum) or "
-                "apply them directly one after another, so they share a single capture."
-            )
-        token = _ACTIVE.set(True)
+        sink: dict[str, Any] = {}
+        targets = {p: _resolve(model, p) for p in paths}
+        sown = [p for p, m in targets.items() if m is None]
+        recorder = {id(m): (p, sink) for p, m in targets.items() if m is not None}
+        classes = sorted(
+            {type(m) for m in targets.values() if m is not None}, key=lambda c: len(c.__mro__)
+        )
+        call = fn
+        token = None
+        if sown:
+            if id(model) in _SOWN.get():
+                raise CaptureError(
+                    f"sowed values {sown} of this model are captured inside another capture of sowed "
+                    "values of the same model; NNX keeps them on the modules, so the outer capture "
+                    "would lose them. Combine the KD losses in one transform (weighted_sum)."
+                )
+            token = _SOWN.set(_SOWN.get() | {id(model)})
+            call = nnx.capture(fn, nnx.Intermediate)
+        with _LOCK:
+            for cls in classes:
+                _instrument(cls)
+            _RECORDERS.append(recorder)
         try:
-            result, state = captured(model, *args, **kwargs)
+            result = call(model, *args, **kwargs)
         finally:
-            _ACTIVE.reset(token)
-        found = _flatten_captures(state)
-        missing = [p for p in paths if p not in found]
+            with _LOCK:
+                del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is recorder)]
+                for cls in reversed(classes):
+                    _restore(cls)
+            if token is not None:
+                _SOWN.reset(token)
+        if sown:
+            result, state = result
+            sink.update({k: v for k, v in _flatten_sown(state).items() if k in sown})
+        missing = [p for p in paths if p not in sink]
         if missing:
             raise CaptureError(
-                f"no output captured for path(s) {missing}; the forward pass produced values at "
-                f"{sorted(found)}. Use research.nn.iter_modules(model) to list module paths (NNX "
-                "instruments only methods a class defines itself, so a subclass that inherits "
-                "__call__ is not captured: name its parent module or one of its sub-modules)."
+                f"no output captured for path(s) {missing}: not a module that ran in this forward pass "
+                f"nor a sowed value. Module paths: {[p for p, _ in iter_modules(model)]}"
             )
-        return result, {p: found[p] for p in paths}
+        return result, {p: sink[p] for p in paths}
 
     return wrapped
 

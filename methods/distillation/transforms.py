@@ -259,7 +259,7 @@ class KDLoss:
             value = e.term.fn(student, teachers[id(fn)], batch, model)
             key = f"kd/{e.term.name}"
             n = 1
-            while key in metrics:
+            while key in metrics or key in aux:
                 n += 1
                 key = f"kd/{e.term.name}_{n}"
             metrics[key] = value
