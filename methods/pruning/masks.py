@@ -1,0 +1,151 @@
+"""Masks as pytrees: which leaves are pruned, at what sparsity, and applying masks.
+
+A **mask** pytree has the structure of the parameters (a pure nested dict, as in
+``TrainState.params``) with a ``bool`` array where a leaf is pruned (``True`` = kept) and
+``None`` where it is not pruned. Everything here is a pure function on pytrees, usable under
+``jax.jit`` (sparsities may be traced values).
+
+Which leaves are pruned, and how much, is set by :class:`SparsityRule` s matched against the
+leaves' path strings (first match wins). The default prunes every ``kernel`` (Linear and Conv
+weights) and leaves biases and normalisation scales dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.tree import Rule, flatten_with_paths, map_with_paths, match_rules
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparsityRule(Rule):
+    """Prune the leaves whose path matches ``pattern``.
+
+    Attributes:
+      pattern: regular expression searched in the leaf path (e.g. ``"kernel$"``, ``"^head/"``).
+      sparsity: fraction of the leaf's entries set to zero, in [0, 1). ``None`` uses the
+        sparsity passed to the function (or the schedule's). ``0.0`` leaves the leaf dense,
+        which is how a rule excludes a layer (put it before broader rules).
+    """
+
+    sparsity: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity, f"SparsityRule(pattern={self.pattern!r}).sparsity")
+
+
+DEFAULT_RULES: tuple[SparsityRule, ...] = (SparsityRule(pattern=r"(^|/)kernel$"),)
+
+
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
+    """Returns ``float(sparsity)`` or raises if it is outside [0, 1).
+
+    Raises:
+      ValueError: naming the value and the valid range.
+    """
+    s = float(sparsity)
+    if not 0.0 <= s < 1.0:
+        raise ValueError(
+            f"{name}={sparsity} is outside [0, 1); pass the fraction of weights to remove, "
+            "e.g. 0.9 for 90% sparsity (1.0 would remove every weight)"
+        )
+    return s
+
+
+def leaf_targets(
+    params: PyTree, sparsity: float, rules: Sequence[SparsityRule] | None = None
+) -> dict[str, float]:
+    """The target sparsity of each pruned leaf, by path (leaves that stay dense are left out).
+
+    Args:
+      params: the parameter pytree.
+      sparsity: the default sparsity for rules whose ``sparsity`` is ``None``.
+      rules: ordered :class:`SparsityRule` s (default :data:`DEFAULT_RULES`).
+
+    Raises:
+      ValueError: sparsity outside [0, 1).
+      research.tree.RuleError: a rule matches no path (the message lists the paths).
+    """
+    default = check_sparsity(sparsity)
+    rules = DEFAULT_RULES if rules is None else tuple(rules)
+    leaves = [(p, x) for p, x in flatten_with_paths(params) if x is not None]
+    matches = match_rules(rules, [p for p, _ in leaves])
+    out = {}
+    for path, leaf in leaves:
+        rule = matches[path]
+        if rule is None or np.ndim(leaf) == 0:
+            continue
+        s = default if rule.sparsity is None else rule.sparsity
+        if s > 0.0:
+            out[path] = s
+    return out
+
+
+def ones_like_masks(params: PyTree, paths: Sequence[str]) -> PyTree:
+    """An all-kept mask for the leaves in ``paths`` (``None`` elsewhere)."""
+    keep = set(paths)
+    return map_with_paths(lambda p, x: jnp.ones(jnp.shape(x), bool) if p in keep else None, params)
+
+
+def mask_from_scores(scores: jax.Array, sparsity: jax.Array | float) -> jax.Array:
+    """Keeps the highest scores: exactly ``round(sparsity * size)`` entries are pruned.
+
+    Ties are broken by position, so the count is exact even when many scores are equal
+    (e.g. weights that are already zero). Works with a traced ``sparsity``.
+    """
+    flat = jnp.ravel(scores)
+    k = jnp.round(jnp.asarray(sparsity, jnp.float32) * flat.size).astype(jnp.int32)
+    ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
+    return (ranks >= k).reshape(jnp.shape(scores))
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Zeroes the pruned entries: ``where(mask, param, 0)`` per leaf; ``None`` masks pass through.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> apply_masks({"w": jnp.array([1.0, 2.0]), "b": jnp.ones(2)},
+      ...             {"w": jnp.array([False, True]), "b": None})["w"].tolist()
+      [0.0, 2.0]
+    """
+    return jax.tree.map(
+        lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
+        masks,
+        params,
+        is_leaf=lambda m: m is None,
+    )
+
+
+def mask_sparsity(masks: PyTree) -> dict[str, float]:
+    """Achieved sparsity of each mask leaf, plus ``"__global__"`` over all masked leaves."""
+    out, pruned, total = {}, 0, 0
+    for path, m in flatten_with_paths(masks):
+        m = np.asarray(m)
+        out[path] = float(1.0 - m.mean())
+        pruned += int(m.size - m.sum())
+        total += int(m.size)
+    out["__global__"] = pruned / max(total, 1)
+    return out
+
+
+def combine_masks(a: PyTree, b: PyTree) -> PyTree:
+    """Logical AND of two mask pytrees (``None`` acts as all-kept)."""
+
+    def both(x, y):
+        if x is None:
+            return y
+        if y is None:
+            return x
+        return jnp.logical_and(x, y)
+
+    return jax.tree.map(both, a, b, is_leaf=lambda m: m is None)

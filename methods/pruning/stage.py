@@ -1,0 +1,198 @@
+"""The ``prune`` stage: optional channel removal, then fine-tuning with pruning masks.
+
+Example config entry::
+
+    PruneStage(sparsity=0.9, schedule="polynomial", steps=300)              # unstructured
+    PruneStage(channel_ratio=0.5, sparsity=0.0, steps=200)                  # remove half the channels
+    PruneStage(pattern="nm", n=2, m=4, rules=(SparsityRule(pattern="head", sparsity=0.0),
+                                              SparsityRule(pattern="kernel$")))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from methods.pruning.encoding import leaf_sparse_bytes, sparse_bytes
+from methods.pruning.masks import SparsityRule, check_sparsity, mask_sparsity
+from methods.pruning.patterns import NM, Block, Unstructured
+from methods.pruning.schedules import iterative_schedule, one_shot_schedule, polynomial_schedule
+from methods.pruning.structured import remove_channels
+from methods.pruning.wrapper import find_masks, masked
+from research.nn import iter_modules
+from research.stages import Bundle, StageConfig, StageContext, StageResult, finetune, register_stage
+from research.train import split_model
+from research.tree import flatten_with_paths
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneStage(StageConfig):
+    """Prune the current model and fine-tune it with the masks held at zero.
+
+    Attributes:
+      sparsity: final unstructured (or block) sparsity of the selected leaves; 0 = no masks.
+      schedule: ``polynomial`` (Zhu & Gupta ramp over the first ``ramp_fraction`` of steps),
+        ``iterative`` (``rounds`` equal-rate rounds) or ``one_shot`` (at step 0).
+      ramp_fraction: fraction of ``steps`` over which the sparsity ramps up.
+      rounds: rounds of the iterative schedule.
+      frequency: steps between mask updates (0 = ``steps // 20``).
+      scorer: ``magnitude``, ``random`` or ``saliency``.
+      allocation: ``layerwise``, ``global`` or ``erk``.
+      pattern: ``unstructured``, ``nm`` (``n`` of every ``m``, sparsity fixed to ``1 - n/m``) or
+        ``block`` (``block`` tiles).
+      rules: :class:`~methods.pruning.SparsityRule` s (empty = every kernel).
+      channel_ratio: fraction of channels removed physically (before fine-tuning); 0 = none.
+      channel_score: ``l1``, ``l2``, ``bn_scale`` or ``taylor``.
+      steps, learning_rate, batch_size, optimizer: fine-tuning.
+    """
+
+    kind: ClassVar[str] = "prune"
+    sparsity: float = 0.9
+    schedule: Literal["polynomial", "iterative", "one_shot"] = "polynomial"
+    ramp_fraction: float = 0.7
+    rounds: int = 3
+    frequency: int = 0
+    scorer: str = "magnitude"
+    allocation: Literal["layerwise", "global", "erk"] = "layerwise"
+    pattern: Literal["unstructured", "nm", "block"] = "unstructured"
+    n: int = 2
+    m: int = 4
+    block: tuple[int, int] = (4, 4)
+    rules: tuple[SparsityRule, ...] = ()
+    channel_ratio: float = 0.0
+    channel_score: str = "l1"
+    steps: int = 300
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    checkpoint_every: int = 100
+
+    def validate(self) -> None:
+        check_sparsity(self.sparsity, "PruneStage.sparsity")
+        if not 0.0 <= self.channel_ratio < 1.0:
+            raise ValueError(f"PruneStage.channel_ratio={self.channel_ratio} is outside [0, 1)")
+        if self.steps <= 0:
+            raise ValueError(f"PruneStage.steps={self.steps} must be positive")
+        if not 0.0 < self.ramp_fraction <= 1.0:
+            raise ValueError(f"PruneStage.ramp_fraction={self.ramp_fraction} must be in (0, 1]")
+
+
+def _schedule(cfg: PruneStage, sparsity: float):
+    end = max(1, int(cfg.ramp_fraction * cfg.steps))
+    freq = cfg.frequency or max(1, cfg.steps // 20)
+    makers = {
+        "polynomial": lambda: polynomial_schedule(
+            sparsity, begin_step=0, end_step=end, frequency=min(freq, end)
+        ),
+        "iterative": lambda: iterative_schedule(sparsity, cfg.rounds, begin_step=0, end_step=end),
+        "one_shot": lambda: one_shot_schedule(sparsity, 0),
+    }
+    return makers[cfg.schedule]()
+
+
+def _pattern(cfg: PruneStage):
+    return {
+        "unstructured": Unstructured,
+        "nm": lambda: NM(n=cfg.n, m=cfg.m),
+        "block": lambda: Block(block=tuple(cfg.block)),
+    }[cfg.pattern]()
+
+
+def layer_table(model: nnx.Module, original: nnx.Module | None = None, masks=None) -> list[dict]:
+    """Per-leaf rows: path, shape, sparsity (exact zeros), kept channels of Conv/Linear outputs."""
+    _, params, _ = split_model(nnx.clone(model))
+    out_feats = {p: getattr(m, "out_features", None) for p, m in iter_modules(model)}
+    orig_feats = (
+        {p: getattr(m, "out_features", None) for p, m in iter_modules(original)} if original else {}
+    )
+    pruned = None
+    if masks is not None:
+        pruned = {
+            p for p, mk in flatten_with_paths(masks, is_leaf=lambda x: x is None) if mk is not None
+        }
+    rows = []
+    for path, x in flatten_with_paths(params):
+        x = np.asarray(x)
+        mod = path.rpartition("/")[0]
+        b = leaf_sparse_bytes(x)
+        row = {
+            "path": path,
+            "shape": "x".join(map(str, x.shape)),
+            "sparsity": round(1.0 - b["nonzeros"] / max(b["size"], 1), 4),
+            "nonzeros": b["nonzeros"],
+            "masked": pruned is not None and path in pruned,
+        }
+        if path.endswith("kernel") and out_feats.get(mod) is not None:
+            row["kept_channels"] = f"{out_feats[mod]}/{orig_feats.get(mod, out_feats[mod])}"
+        rows.append(row)
+    return rows
+
+
+@register_stage(PruneStage)
+def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult:
+    """Removes channels (if asked), fine-tunes with masks, reports per-layer sparsity and bytes."""
+    cfg.validate()
+    original = bundle.model
+    model = original
+    notes, metrics = [], {}
+    ds = bundle.dataset
+    if cfg.channel_ratio > 0:
+        sample = jnp.asarray(ds.x_train[:8])
+        batch = {"x": sample, "y": jnp.asarray(ds.y_train[:8])}
+        model, plan = remove_channels(
+            model,
+            sample,
+            cfg.channel_ratio,
+            cfg.channel_score,
+            batch=batch if cfg.channel_score == "taylor" else None,
+            return_plan=True,
+        )
+        removed = sum(g.removed for g in plan.groups)
+        notes.append(
+            f"removed {removed} channels in {len(plan.groups)} coupled groups ({cfg.channel_score} score)"
+        )
+    wrap = None
+    if cfg.sparsity > 0 or cfg.pattern == "nm":
+        pattern = _pattern(cfg)
+        target = pattern.sparsity if isinstance(pattern, NM) else cfg.sparsity
+        sched = _schedule(cfg, target)
+        rules = cfg.rules or None
+
+        def wrap(tx):
+            return masked(
+                tx,
+                sched,
+                rules=rules,
+                scorer=cfg.scorer,
+                allocation=cfg.allocation,
+                pattern=pattern,
+                seed=ctx.seed,
+            )
+
+    model, records, (defs, state) = finetune(
+        model,
+        ds,
+        ctx,
+        steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        wrap_tx=wrap,
+        checkpoint_every=cfg.checkpoint_every,
+        return_state=True,
+    )
+    masks = find_masks(state.opt_state)
+    extras = dict(bundle.extras)
+    if masks is not None:
+        extras["masks"] = masks
+        metrics["mask_sparsity"] = mask_sparsity(masks)["__global__"]
+    enc = sparse_bytes(state.params, masks)
+    metrics.update({k: float(v) for k, v in enc.items()})
+    metrics["sparsity"] = 1.0 - enc["nonzeros"] / max(enc["params"], 1)
+    table = layer_table(model, original, masks)
+    new_bundle = dataclasses.replace(bundle, model=model, extras=extras)
+    return StageResult(bundle=new_bundle, metrics=metrics, tables={"layers": table}, notes=notes)

@@ -1,0 +1,583 @@
+"""Finding coupled channel dimensions from the model itself, by tracing its forward pass.
+
+The model (evaluation mode) is traced with ``jax.make_jaxpr`` as a function of its parameters,
+its other state (BatchNorm statistics) and a sample input. Every axis of every value in the
+jaxpr is a node; a union-find joins the nodes that must hold the *same* channel index:
+
+* elementwise ops (add, mul, max, ...) tie equal axes of operands and result (size-1 axes are
+  broadcasts and tie nothing): this is how BatchNorm, activations and residual adds couple
+  channels, the add of a ResNet block tying the channels of whole stages together;
+* ``dot_general`` ties contracted axes of both operands and passes free/batch axes to the output
+  (a Linear's input features to the previous layer's output);
+* ``conv_general_dilated`` ties the input-feature axis to the kernel's ``I`` axis and the output
+  feature axis to the kernel's ``O`` axis; a depthwise conv (``feature_group_count`` equal to the
+  input channels, multiplier 1) ties input, kernel ``O`` and output channels together; other
+  grouped convs pin their channels (not pruned);
+* ``reshape`` that merges axes (the flatten before a Linear) records a *derived* edge: channel
+  ``c`` of the source becomes the indices ``{o * C * inner + c * inner + i}`` of the merged axis;
+* ``transpose``, ``broadcast_in_dim``, ``squeeze``, reductions, pooling windows, ``pad``,
+  ``concatenate`` and nested calls (``jit``, ``custom_jvp_call``...) map axes as their semantics say;
+* any other primitive pins every axis it touches (conservative: such channels are not pruned).
+
+The model's input and output axes are pinned. A group of tied axes is prunable when nothing in
+it is pinned, it contains the output axis of a Conv/Linear kernel (a *producer*), every leaf in
+it belongs to a layer type that can be rebuilt smaller (Conv, Linear, BatchNorm), and its
+derived (flattened) copies are clean too. This is the same idea as DepGraph (Fang et al. 2023)
+applied to the traced program instead of framework modules, so user models built from the same
+layer types work without annotations.
+
+References:
+  Fang et al., "DepGraph: Towards Any Structural Pruning", https://arxiv.org/abs/2301.12900
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from research.nn import iter_modules
+from research.train import merge_model, split_model
+from research.tree import flatten_with_paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One array axis that carries a group's channels.
+
+    Attributes:
+      collection: ``"params"`` or ``"state"`` (BatchNorm statistics etc.).
+      path: the leaf path, e.g. ``"blocks/0/conv1/kernel"``.
+      axis: the axis of that leaf.
+      outer, inner: for a flattened copy, the axis has ``outer * C * inner`` entries and channel
+        ``c`` owns ``{o * C * inner + c * inner + i}``; both 1 for a plain channel axis.
+      role: ``"out"`` (kernel output axis: the producer), ``"in"`` (kernel input axis),
+        ``"norm"`` (1-D normalisation parameter/statistic) or ``"other"``.
+    """
+
+    collection: str
+    path: str
+    axis: int
+    outer: int = 1
+    inner: int = 1
+    role: str = "other"
+
+    def indices(self, keep: np.ndarray, size: int) -> np.ndarray:
+        """The entries of this axis that belong to the kept channels ``keep`` (of ``size``)."""
+        keep = np.asarray(keep)
+        o = np.arange(self.outer)[:, None, None] * (size * self.inner)
+        c = keep[None, :, None] * self.inner
+        i = np.arange(self.inner)[None, None, :]
+        return (o + c + i).reshape(-1)
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Coupled channel dimensions that must be pruned together.
+
+    Attributes:
+      name: the module path of the first producer (e.g. ``"blocks/0/conv1"``).
+      size: number of channels.
+      members: every leaf axis carrying these channels (plain and flattened).
+      producers: the module paths whose kernel outputs these channels.
+    """
+
+    name: str
+    size: int
+    members: list[Member]
+    producers: list[str]
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def add(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _is_literal(v) -> bool:
+    return type(v).__name__ == "Literal"
+
+
+class _Tracer:
+    """Walks a jaxpr and records axis ties, pins and flatten edges."""
+
+    def __init__(self):
+        self.uf = _UnionFind()
+        self.nodes: dict[tuple[int, Any, int], int] = {}
+        self.pinned: set[int] = set()
+        self.expand: list[tuple[int, int, int, int]] = []  # (src, dst, outer, inner)
+        self._scopes = 0
+
+    def node(self, scope: int, var, axis: int) -> int:
+        key = (scope, var, axis)
+        if key not in self.nodes:
+            self.nodes[key] = self.uf.add()
+        return self.nodes[key]
+
+    def new_scope(self) -> int:
+        self._scopes += 1
+        return self._scopes
+
+    # -- helpers used by the primitive rules
+    def tie(self, scope, a, ax_a, b, ax_b):
+        if _is_literal(a) or _is_literal(b):
+            return
+        self.uf.union(self.node(scope, a, ax_a), self.node(scope, b, ax_b))
+
+    def pin(self, scope, v, axes=None):
+        if _is_literal(v):
+            return
+        nd = len(v.aval.shape)
+        for ax in range(nd) if axes is None else axes:
+            self.pinned.add(self.node(scope, v, ax))
+
+    def pin_all(self, scope, eqn):
+        for v in list(eqn.invars) + list(eqn.outvars):
+            if hasattr(v, "aval") and hasattr(v.aval, "shape"):
+                self.pin(scope, v)
+
+    def run(self, jaxpr, scope: int) -> None:
+        for eqn in jaxpr.eqns:
+            rule = _RULES.get(eqn.primitive.name)
+            if rule is None:
+                sub = _sub_jaxpr(eqn)
+                if sub is not None:
+                    self._call(eqn, sub, scope)
+                else:
+                    self.pin_all(scope, eqn)
+            else:
+                rule(self, eqn, scope)
+
+    def _call(self, eqn, sub, scope):
+        inner = sub.jaxpr if hasattr(sub, "jaxpr") and not hasattr(sub, "eqns") else sub
+        if len(inner.invars) != len(eqn.invars) or len(inner.outvars) != len(eqn.outvars):
+            self.pin_all(scope, eqn)
+            return
+        child = self.new_scope()
+        for outer_v, inner_v in zip(eqn.invars, inner.invars):
+            if _is_literal(outer_v):
+                continue
+            for ax in range(len(outer_v.aval.shape)):
+                self.uf.union(self.node(scope, outer_v, ax), self.node(child, inner_v, ax))
+        self.run(inner, child)
+        for outer_v, inner_v in zip(eqn.outvars, inner.outvars):
+            if _is_literal(inner_v):
+                self.pin(scope, outer_v)
+                continue
+            for ax in range(len(outer_v.aval.shape)):
+                self.uf.union(self.node(scope, outer_v, ax), self.node(child, inner_v, ax))
+
+
+def _sub_jaxpr(eqn):
+    subs = [v for k, v in eqn.params.items() if k in ("jaxpr", "call_jaxpr", "fun_jaxpr")]
+    subs = [s for s in subs if hasattr(s, "eqns") or hasattr(s, "jaxpr")]
+    if eqn.primitive.name in ("cond", "while", "scan") or len(subs) != 1:
+        return None
+    return subs[0]
+
+
+_RULES: dict[str, Callable[[_Tracer, Any, int], None]] = {}
+
+
+def _rule(*names):
+    def deco(fn):
+        for n in names:
+            if n in _RULES:
+                raise ValueError(f"primitive rule {n!r} registered twice")
+            _RULES[n] = fn
+        return fn
+
+    return deco
+
+
+_ELEMENTWISE = (
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "max",
+    "min",
+    "neg",
+    "exp",
+    "exp2",
+    "log",
+    "log1p",
+    "expm1",
+    "tanh",
+    "logistic",
+    "rsqrt",
+    "sqrt",
+    "abs",
+    "sign",
+    "convert_element_type",
+    "integer_pow",
+    "pow",
+    "square",
+    "select_n",
+    "clamp",
+    "erf",
+    "ge",
+    "gt",
+    "lt",
+    "le",
+    "eq",
+    "ne",
+    "and",
+    "or",
+    "not",
+    "copy",
+    "copy_p",
+    "sin",
+    "cos",
+    "reduce_precision",
+    "sharding_constraint",
+    "stop_gradient",
+    "nextafter",
+    "round",
+    "floor",
+    "ceil",
+    "is_finite",
+    "erf_inv",
+    "atan2",
+    "rem",
+    "add_any",
+    "tan",
+)
+
+
+@_rule(*_ELEMENTWISE)
+def _elementwise(t: _Tracer, eqn, scope):
+    out = eqn.outvars[0]
+    oshape = out.aval.shape
+    for o in eqn.outvars[1:]:
+        t.pin(scope, o)
+    for v in eqn.invars:
+        if _is_literal(v) or len(v.aval.shape) == 0:
+            continue
+        if len(v.aval.shape) != len(oshape):
+            t.pin(scope, v)
+            t.pin(scope, out)
+            continue
+        for ax, (a, b) in enumerate(zip(v.aval.shape, oshape)):
+            if a == b:
+                t.tie(scope, v, ax, out, ax)
+            elif a != 1:
+                t.pin(scope, v, [ax])
+                t.pin(scope, out, [ax])
+
+
+@_rule("broadcast_in_dim")
+def _broadcast(t, eqn, scope):
+    (v,), out = eqn.invars[:1], eqn.outvars[0]
+    dims = eqn.params["broadcast_dimensions"]
+    for ax, d in enumerate(dims):
+        if v.aval.shape[ax] == out.aval.shape[d]:
+            t.tie(scope, v, ax, out, d)
+
+
+@_rule("transpose")
+def _transpose(t, eqn, scope):
+    v, out = eqn.invars[0], eqn.outvars[0]
+    for o_ax, i_ax in enumerate(eqn.params["permutation"]):
+        t.tie(scope, v, i_ax, out, o_ax)
+
+
+@_rule("squeeze")
+def _squeeze(t, eqn, scope):
+    v, out = eqn.invars[0], eqn.outvars[0]
+    nd = len(v.aval.shape)
+    dims = {d % nd for d in eqn.params["dimensions"]}
+    kept = [a for a in range(nd) if a not in dims]
+    for o_ax, i_ax in enumerate(kept):
+        t.tie(scope, v, i_ax, out, o_ax)
+
+
+@_rule(
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "argmax",
+    "argmin",
+    "reduce_and",
+    "reduce_or",
+)
+def _reduce(t, eqn, scope):
+    v, out = eqn.invars[0], eqn.outvars[0]
+    axes = set(eqn.params["axes"])
+    t.pin(scope, v, sorted(axes))
+    kept = [a for a in range(len(v.aval.shape)) if a not in axes]
+    for o_ax, i_ax in enumerate(kept):
+        t.tie(scope, v, i_ax, out, o_ax)
+
+
+@_rule("reduce_window_max", "reduce_window_min", "reduce_window_sum", "cumsum", "cummax")
+def _window(t, eqn, scope):
+    v, out = eqn.invars[0], eqn.outvars[0]
+    p = eqn.params
+    if "window_dimensions" not in p:  # cumulative ops along one axis
+        t.pin(scope, v, [p["axis"]])
+        t.pin(scope, out, [p["axis"]])
+        for ax in range(len(v.aval.shape)):
+            if ax != p["axis"]:
+                t.tie(scope, v, ax, out, ax)
+        return
+    for ax in range(len(v.aval.shape)):
+        plain = (
+            p["window_dimensions"][ax] == 1
+            and p["window_strides"][ax] == 1
+            and tuple(p["padding"][ax]) == (0, 0)
+            and p["base_dilation"][ax] == 1
+            and p["window_dilation"][ax] == 1
+        )
+        if plain:
+            t.tie(scope, v, ax, out, ax)
+        else:
+            t.pin(scope, v, [ax])
+            t.pin(scope, out, [ax])
+
+
+@_rule("pad")
+def _pad(t, eqn, scope):
+    v, out = eqn.invars[0], eqn.outvars[0]
+    for ax, cfg in enumerate(eqn.params["padding_config"]):
+        if tuple(cfg) == (0, 0, 0):
+            t.tie(scope, v, ax, out, ax)
+        else:
+            t.pin(scope, v, [ax])
+            t.pin(scope, out, [ax])
+
+
+@_rule("concatenate")
+def _concat(t, eqn, scope):
+    out, dim = eqn.outvars[0], eqn.params["dimension"]
+    for v in eqn.invars:
+        for ax in range(len(out.aval.shape)):
+            if ax == dim:
+                t.pin(scope, v, [ax])
+                t.pin(scope, out, [ax])
+            else:
+                t.tie(scope, v, ax, out, ax)
+
+
+@_rule("dot_general")
+def _dot(t, eqn, scope):
+    lhs, rhs = eqn.invars[:2]
+    out = eqn.outvars[0]
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    for a, b in zip(lc, rc):
+        t.tie(scope, lhs, a, rhs, b)
+    for i, (a, b) in enumerate(zip(lb, rb)):
+        t.tie(scope, lhs, a, rhs, b)
+        t.tie(scope, lhs, a, out, i)
+    o = len(lb)
+    for a in range(len(lhs.aval.shape)):
+        if a not in lc and a not in lb:
+            t.tie(scope, lhs, a, out, o)
+            o += 1
+    for b in range(len(rhs.aval.shape)):
+        if b not in rc and b not in rb:
+            t.tie(scope, rhs, b, out, o)
+            o += 1
+
+
+@_rule("conv_general_dilated")
+def _conv(t, eqn, scope):
+    lhs, rhs = eqn.invars[:2]
+    out = eqn.outvars[0]
+    dn = eqn.params["dimension_numbers"]
+    lspec, rspec, ospec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    if eqn.params["batch_group_count"] != 1:
+        t.pin_all(scope, eqn)
+        return
+    t.tie(scope, lhs, lspec[0], out, ospec[0])
+    t.pin(scope, lhs, list(lspec[2:]))
+    t.pin(scope, out, list(ospec[2:]))
+    groups = eqn.params["feature_group_count"]
+    cin = lhs.aval.shape[lspec[1]]
+    cout = rhs.aval.shape[rspec[0]]
+    if groups == 1:
+        t.tie(scope, lhs, lspec[1], rhs, rspec[1])
+        t.tie(scope, out, ospec[1], rhs, rspec[0])
+    elif groups == cin and cout == cin:  # depthwise, multiplier 1
+        t.tie(scope, lhs, lspec[1], out, ospec[1])
+        t.tie(scope, out, ospec[1], rhs, rspec[0])
+    else:
+        t.pin(scope, lhs, [lspec[1]])
+        t.pin(scope, out, [ospec[1]])
+        t.pin(scope, rhs, [rspec[0], rspec[1]])
+
+
+@_rule("reshape")
+def _reshape(t, eqn, scope):
+    v, out = eqn.invars[0], eqn.outvars[0]
+    if eqn.params.get("dimensions") is not None:
+        t.pin_all(scope, eqn)
+        return
+    ishape, oshape = v.aval.shape, out.aval.shape
+    iax = [a for a, n in enumerate(ishape) if n != 1]
+    oax = [a for a, n in enumerate(oshape) if n != 1]
+    i = j = 0
+    while i < len(iax) and j < len(oax):
+        bi, bj = [iax[i]], [oax[j]]
+        pi, pj = ishape[iax[i]], oshape[oax[j]]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                bi.append(iax[i])
+                pi *= ishape[iax[i]]
+            else:
+                j += 1
+                bj.append(oax[j])
+                pj *= oshape[oax[j]]
+        i, j = i + 1, j + 1
+        if len(bi) == 1 and len(bj) == 1:
+            t.tie(scope, v, bi[0], out, bj[0])
+        elif len(bj) == 1:  # merge (flatten): a derived edge per source axis
+            sizes = [ishape[a] for a in bi]
+            for k, a in enumerate(bi):
+                outer = math.prod(sizes[:k])
+                inner = math.prod(sizes[k + 1 :])
+                t.expand.append((t.node(scope, v, a), t.node(scope, out, bj[0]), outer, inner))
+        else:
+            t.pin(scope, v, bi)
+            t.pin(scope, out, bj)
+
+
+# ----------------------------------------------------------------------------- layer types
+
+_PRODUCER_TYPES = (nnx.Conv, nnx.Linear)
+_NORM_TYPES = (nnx.BatchNorm,)
+
+
+def _leaf_module(modules: dict[str, nnx.Module], path: str) -> tuple[str, Any, str]:
+    mpath, _, attr = path.rpartition("/")
+    return mpath, modules.get(mpath), attr
+
+
+def _role(module, attr: str, axis: int, ndim: int) -> str:
+    if isinstance(module, _PRODUCER_TYPES) and attr == "kernel":
+        return "out" if axis == ndim - 1 else ("in" if axis == ndim - 2 else "other")
+    if isinstance(module, _PRODUCER_TYPES) and attr == "bias":
+        return "bias"
+    if isinstance(module, _NORM_TYPES):
+        return "norm"
+    return "other"
+
+
+def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGroup]:
+    """The prunable channel groups of ``model``, found by tracing it on ``sample_input``.
+
+    Args:
+      model: an NNX model (not modified).
+      sample_input: a batch of inputs (only its shape and dtype matter). Use a batch of 2 or more.
+
+    Returns:
+      The groups, in the order of their first producer's parameter path.
+    """
+    from methods.pruning.structured.rebuild import can_rebuild
+
+    model = nnx.clone(model)
+    defs, params, state = split_model(model)
+    modules = dict(iter_modules(model, include_root=True))
+    x = jnp.asarray(sample_input)
+
+    def forward(p, s, xx):
+        return merge_model(defs.eval, p, s)(xx)
+
+    closed = jax.make_jaxpr(forward)(params, state, x)
+    jaxpr = closed.jaxpr
+    tracer = _Tracer()
+    scope = tracer.new_scope()
+    named = [("params", p, leaf) for p, leaf in flatten_with_paths(params)]
+    named += [("state", p, leaf) for p, leaf in flatten_with_paths(state)]
+    if len(named) + 1 != len(jaxpr.invars):
+        raise RuntimeError(
+            f"traced {len(jaxpr.invars)} inputs but the model has {len(named)} leaves + 1 input; "
+            "structured pruning needs a model whose forward pass takes one array"
+        )
+    tracer.pin(scope, jaxpr.invars[-1])
+    for v in jaxpr.outvars:
+        tracer.pin(scope, v)
+    tracer.run(jaxpr, scope)
+
+    uf = tracer.uf
+    members: dict[int, list[Member]] = {}
+    for (coll, path, leaf), var in zip(named, jaxpr.invars):
+        nd = len(np.shape(leaf))
+        mpath, module, attr = _leaf_module(modules, path)
+        for ax in range(nd):
+            key = (scope, var, ax)
+            if key not in tracer.nodes:
+                continue
+            root = uf.find(tracer.nodes[key])
+            members.setdefault(root, []).append(
+                Member(coll, path, ax, role=_role(module, attr, ax, nd))
+            )
+    pinned = {uf.find(n) for n in tracer.pinned}
+    expand = [(uf.find(s), uf.find(d), o, i) for s, d, o, i in tracer.expand]
+    sizes = {uf.find(n): None for n in tracer.nodes.values()}
+    for (sc, var, ax), n in tracer.nodes.items():
+        sizes[uf.find(n)] = var.aval.shape[ax]
+
+    def clean(root) -> bool:
+        ms = members.get(root, [])
+        return root not in pinned and all(can_rebuild(_leaf_module(modules, m.path)[1]) for m in ms)
+
+    candidates = {
+        r for r, ms in members.items() if any(m.role == "out" for m in ms) and sizes[r] > 1
+    }
+    candidates = {r for r in candidates if clean(r)}
+    derived_dst = {d for _, d, _, _ in expand}
+    candidates -= derived_dst
+    changed = True
+    while changed:
+        changed = False
+        for s, d, _, _ in expand:
+            if s not in candidates:
+                continue
+            other_sources = [
+                s2 for s2, d2, _, _ in expand if d2 == d and s2 != s and s2 in candidates
+            ]
+            bad = (
+                not clean(d)
+                or any(m.role == "out" for m in members.get(d, []))
+                or any(s2 == d for s2, _, _, _ in expand)
+                or other_sources
+            )
+            if bad:
+                candidates.discard(s)
+                changed = True
+
+    groups = []
+    for root in candidates:
+        ms = list(members[root])
+        for s, d, outer, inner in expand:
+            if s == root:
+                ms += [dataclasses.replace(m, outer=outer, inner=inner) for m in members.get(d, [])]
+        producers = sorted({m.path.rpartition("/")[0] for m in ms if m.role == "out"})
+        groups.append(
+            ChannelGroup(name=producers[0], size=int(sizes[root]), members=ms, producers=producers)
+        )
+    groups.sort(key=lambda g: g.name)
+    return groups

@@ -1,0 +1,138 @@
+"""Rebuilding layers with fewer features: a registry of builders by layer type.
+
+``register_rebuilder(nnx.Conv)`` registers ``fn(old_module, new_leaves) -> new_module`` where
+``new_leaves`` maps attribute names (``kernel``, ``bias``, ``scale``, ``mean`` ...) to the sliced
+arrays. Builders construct a **new** module of the same type with the new sizes and copy every
+other setting of the old one (strides, padding, epsilon, dtypes...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+Rebuilder = Callable[[nnx.Module, dict[str, Any]], nnx.Module]
+_REBUILDERS: dict[type, Rebuilder] = {}
+
+
+def register_rebuilder(module_type: type) -> Callable[[Rebuilder], Rebuilder]:
+    """Registers the builder of smaller ``module_type`` layers.
+
+    Raises:
+      ValueError: the type already has one.
+    """
+
+    def deco(fn):
+        if module_type in _REBUILDERS:
+            raise ValueError(f"a rebuilder for {module_type.__name__} is already registered")
+        _REBUILDERS[module_type] = fn
+        return fn
+
+    return deco
+
+
+def can_rebuild(module: Any) -> bool:
+    """Whether ``module``'s exact type has a registered rebuilder."""
+    return module is not None and type(module) in _REBUILDERS
+
+
+def rebuild(module: nnx.Module, leaves: dict[str, Any]) -> nnx.Module:
+    """A new module like ``module`` holding ``leaves`` (sliced arrays).
+
+    Raises:
+      TypeError: no rebuilder for the module's type.
+    """
+    fn = _REBUILDERS.get(type(module))
+    if fn is None:
+        raise TypeError(
+            f"cannot rebuild {type(module).__name__}; registered: {[t.__name__ for t in _REBUILDERS]}. "
+            "Register one with methods.pruning.structured.register_rebuilder"
+        )
+    return fn(module, leaves)
+
+
+def _set(variable, value):
+    variable.value = jnp.asarray(value)
+
+
+@register_rebuilder(nnx.Conv)
+def _conv(m: nnx.Conv, leaves):
+    if m.mask is not None:
+        raise TypeError("cannot rebuild an nnx.Conv with a weight mask; remove the mask first")
+    kernel = leaves["kernel"]
+    out_f, in_per_group = kernel.shape[-1], kernel.shape[-2]
+    groups = 1 if m.feature_group_count == 1 else out_f  # pruned grouped convs are depthwise (x1)
+    new = nnx.Conv(
+        in_per_group * groups,
+        out_f,
+        m.kernel_size,
+        m.strides,
+        padding=m.padding,
+        input_dilation=m.input_dilation,
+        kernel_dilation=m.kernel_dilation,
+        feature_group_count=groups,
+        use_bias=m.use_bias,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        precision=m.precision,
+        conv_general_dilated=m.conv_general_dilated,
+        promote_dtype=m.promote_dtype,
+        preferred_element_type=m.preferred_element_type,
+        rngs=nnx.Rngs(0),
+    )
+    _set(new.kernel, kernel)
+    if m.use_bias:
+        _set(new.bias, leaves["bias"])
+    return new
+
+
+@register_rebuilder(nnx.Linear)
+def _linear(m: nnx.Linear, leaves):
+    kernel = leaves["kernel"]
+    new = nnx.Linear(
+        kernel.shape[0],
+        kernel.shape[1],
+        use_bias=m.use_bias,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        precision=m.precision,
+        dot_general=m.dot_general,
+        promote_dtype=m.promote_dtype,
+        preferred_element_type=m.preferred_element_type,
+        rngs=nnx.Rngs(0),
+    )
+    _set(new.kernel, kernel)
+    if m.use_bias:
+        _set(new.bias, leaves["bias"])
+    return new
+
+
+@register_rebuilder(nnx.BatchNorm)
+def _batchnorm(m: nnx.BatchNorm, leaves):
+    n = leaves["mean"].shape[0]
+    new = nnx.BatchNorm(
+        n,
+        use_running_average=m.use_running_average,
+        axis=m.axis,
+        momentum=m.momentum,
+        epsilon=m.epsilon,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        use_bias=m.use_bias,
+        use_scale=m.use_scale,
+        axis_name=m.axis_name,
+        axis_index_groups=m.axis_index_groups,
+        use_fast_variance=m.use_fast_variance,
+        promote_dtype=m.promote_dtype,
+        rngs=nnx.Rngs(0),
+    )
+    _set(new.mean, leaves["mean"])
+    _set(new.var, leaves["var"])
+    if m.use_scale:
+        _set(new.scale, leaves["scale"])
+    if m.use_bias:
+        _set(new.bias, leaves["bias"])
+    return new

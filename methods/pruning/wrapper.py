@@ -1,0 +1,176 @@
+"""An optax wrapper that trains with pruning masks kept in its state.
+
+``masked(inner, schedule)`` wraps any optax transformation. Its state holds the step counter,
+the masks (a pytree shaped like the parameters, ``None`` where a leaf is not pruned) and the
+inner optimizer's state. On the schedule's update steps it recomputes the masks from the
+current parameters (and gradients, for gradient-based scores). Every update is
+``where(mask, inner_update, -param)``, so after ``optax.apply_updates`` a pruned weight is
+exactly ``0.0`` (``w + (-w) == 0`` in IEEE arithmetic); gradients of pruned weights are zeroed
+before the inner optimizer sees them. Since the masks live in the optimizer state, checkpoints
+of the train state carry them and a restored run keeps pruning where it stopped.
+
+Example:
+  >>> import jax, optax, jax.numpy as jnp
+  >>> from methods.pruning import masked, one_shot_schedule
+  >>> tx = masked(optax.sgd(0.1), one_shot_schedule(0.5))
+  >>> params = {"kernel": jnp.arange(1.0, 5.0), "bias": jnp.ones(2)}
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  >>> optax.apply_updates(params, updates)["kernel"].tolist()
+  [0.0, 0.0, 3.0, 4.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from methods.pruning.masks import SparsityRule, leaf_targets
+from methods.pruning.patterns import Pattern, Unstructured
+from methods.pruning.schedules import Schedule
+from methods.pruning.scores import allocate, compute_scores, get_scorer
+from research.tree import map_with_paths
+
+PyTree = Any
+
+
+class MaskedState(NamedTuple):
+    """State of :func:`masked`.
+
+    Attributes:
+      count: int32 number of updates done (the schedule's step).
+      masks: bool pytree shaped like the params (``None`` for unpruned leaves).
+      inner_state: the wrapped optimizer's state.
+    """
+
+    count: jax.Array
+    masks: PyTree
+    inner_state: optax.OptState
+
+
+def _is_none(x):
+    return x is None
+
+
+def mask_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
+    """``where(mask, update, -param)`` per masked leaf, so applied params are exactly zero when pruned."""
+    return jax.tree.map(
+        lambda m, u, p: u if m is None else jnp.where(m, u, -p),
+        masks,
+        updates,
+        params,
+        is_leaf=_is_none,
+    )
+
+
+def mask_grads(grads: PyTree, masks: PyTree) -> PyTree:
+    """Zeroes the gradients of pruned entries."""
+    return jax.tree.map(
+        lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros_like(g)),
+        masks,
+        grads,
+        is_leaf=_is_none,
+    )
+
+
+def masked(
+    inner: optax.GradientTransformation,
+    schedule: Schedule | None = None,
+    *,
+    rules: Sequence[SparsityRule] | None = None,
+    scorer: str = "magnitude",
+    allocation: str = "layerwise",
+    pattern: Pattern | None = None,
+    masks: PyTree | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """Wraps ``inner`` so training keeps pruned weights at exactly zero.
+
+    Args:
+      inner: any optax transformation (the optimizer).
+      schedule: when and how much to prune (see :mod:`methods.pruning.schedules`); ``None``
+        keeps the given ``masks`` fixed (e.g. a lottery ticket).
+      rules: which leaves are pruned and their final sparsity (default: every kernel).
+      scorer: a registered score (``magnitude``, ``random``, ``saliency`` ...). Gradient-based
+        scores use the gradients the wrapper receives.
+      allocation: ``layerwise``, ``global`` or ``erk`` (unstructured pattern only).
+      pattern: :class:`~methods.pruning.patterns.Unstructured` (default), ``NM`` or ``Block``.
+      masks: initial masks (pytree shaped like the params with ``None`` for dense leaves).
+      seed: key for random scores.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`MaskedState`.
+
+    Raises:
+      ValueError: neither ``schedule`` nor ``masks`` given; ``update`` called without params.
+    """
+    if schedule is None and masks is None:
+        raise ValueError(
+            "masked() needs a schedule (to compute masks) or fixed masks=...; pass one"
+        )
+    pattern = pattern or Unstructured()
+    scorer_obj = get_scorer(scorer)
+
+    def init(params):
+        if masks is not None:
+            m = jax.tree.map(
+                lambda mk, p: None if mk is None else jnp.asarray(mk, bool),
+                masks,
+                params,
+                is_leaf=_is_none,
+            )
+        else:
+            paths = set(leaf_targets(params, schedule.final_sparsity, rules))
+            m = map_with_paths(
+                lambda p, x: jnp.ones(jnp.shape(x), bool) if p in paths else None, params
+            )
+        return MaskedState(jnp.zeros((), jnp.int32), m, inner.init(params))
+
+    def recompute(params, grads, count):
+        final = leaf_targets(params, schedule.final_sparsity, rules)
+        now = schedule.sparsity(count)
+        scale = now / schedule.final_sparsity if schedule.final_sparsity > 0 else 0.0
+        targets = {p: t * scale for p, t in final.items()}
+        key = jax.random.fold_in(jax.random.key(seed), count)
+        scores = compute_scores(
+            scorer_obj, params, list(targets), grads if scorer_obj.needs_grad else None, key
+        )
+        if isinstance(pattern, Unstructured):
+            keep = allocate(scores, targets, allocation)
+        else:
+            keep = {p: pattern.mask(s, targets[p]) for p, s in scores.items()}
+        return map_with_paths(lambda p, x: keep.get(p), params)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("masked() needs params: call tx.update(grads, opt_state, params)")
+        count = state.count
+        new_masks = state.masks
+        if schedule is not None:
+            new_masks = jax.lax.cond(
+                schedule.is_update_step(count),
+                lambda: recompute(params, updates, count),
+                lambda: state.masks,
+            )
+        grads = mask_grads(updates, new_masks)
+        inner_updates, inner_state = inner.update(grads, state.inner_state, params)
+        out = mask_updates(inner_updates, new_masks, params)
+        return out, MaskedState(count + 1, new_masks, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def find_masks(opt_state: Any) -> PyTree | None:
+    """The masks inside an optimizer state (searching chains and nested states), or ``None``."""
+    if hasattr(opt_state, "masks") and hasattr(opt_state, "inner_state"):
+        return opt_state.masks
+    if isinstance(opt_state, (tuple, list)):
+        for s in opt_state:
+            found = find_masks(s)
+            if found is not None:
+                return found
+    return None
