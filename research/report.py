@@ -37,7 +37,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns=None) -> str:
         keys: list[str] = []
         for r in rows:
             keys += [k for k in r if k not in keys]
-        columns = [(k, k, "{:.4g}" if isinstance(rows[0].get(k), float) else "{}") for k in keys]
+        columns = [(k, k, "{:.4g}" if any(isinstance(r.get(k), float) for r in rows) else "{}") for k in keys]
     cells = [[h for _, h, _ in columns]]
     for r in rows:
         cells.append([_fmt(r.get(k), f) for k, _, f in columns])

@@ -48,9 +48,9 @@ def _save_stage(path: str, payload: dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def build_bundle(config: config_lib.Config) -> Bundle:
-    """Loads the data set and builds the (untrained) model of ``config``."""
-    ds = load_dataset(
+def load_data(config: config_lib.Config):
+    """The data set of ``config`` (split by ``config.seed``)."""
+    return load_dataset(
         config.data.name,
         seed=config.seed,
         val_fraction=config.data.val_fraction,
@@ -58,6 +58,11 @@ def build_bundle(config: config_lib.Config) -> Bundle:
         limit=config.data.limit,
         **dict(config.data.options),
     )
+
+
+def build_bundle(config: config_lib.Config) -> Bundle:
+    """Loads the data set and builds the (untrained) model of ``config``."""
+    ds = load_data(config)
     model = build_model(
         config.model.name,
         input_shape=ds.input_shape,

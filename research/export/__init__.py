@@ -40,6 +40,9 @@ from research.export.onnx_export import tflite_to_onnx
 from research.export.report import ArtifactReport
 from research.export.report import ExportReport
 from research.export.stablehlo import export_stablehlo
+from research.export.stage import ExportStage
+from research.export.stage import export_bundle
+from research.export.stage import export_run
 from research.export.stablehlo import load_stablehlo
 from research.export.tflite import TFLiteRunner
 from research.export.tflite import quantization_modes
@@ -50,11 +53,14 @@ __all__ = [
     "FORMATS",
     "ArtifactReport",
     "ExportReport",
+    "ExportStage",
     "OnnxRunner",
     "TFLiteRunner",
     "UnsupportedOpError",
     "atomic_path",
     "export",
+    "export_bundle",
+    "export_run",
     "export_stablehlo",
     "inference_fn",
     "load_stablehlo",
