@@ -95,7 +95,7 @@ def tucker2_factors(
     ranks: Sequence[int],
     *,
     n_iter_max: int = 100,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     random_state: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Partial Tucker (HOOI, SVD init) of ``kernel (*k, cin, cout)`` over the channel modes.

@@ -61,6 +61,15 @@ def _axis_padding(pads: list[Any], axis: int) -> Any:
     return tuple(pads[a] if a == axis else (0, 0) for a in range(len(pads)))
 
 
+def _assign(var: nnx.Variable, value: Any, shape: Sequence[int], dtype: Any) -> None:
+    """Sets a parameter of an abstract (``nnx.eval_shape``) module to a concrete array."""
+    var.value = jnp.asarray(np.reshape(np.asarray(value), tuple(shape)), dtype)
+
+
+def _np(var: nnx.Variable) -> np.ndarray:
+    return np.asarray(var.value, np.float64)
+
+
 def _conv_like(dense: nnx.Conv) -> dict[str, Any]:
     return {"dtype": dense.dtype, "param_dtype": dense.param_dtype, "precision": dense.precision}
 
@@ -113,9 +122,9 @@ class LowRankLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.second(self.first(x))
 
-    def dense_kernel(self) -> jax.Array:
-        """The ``(in, out)`` kernel this layer represents."""
-        return self.first.kernel[...] @ self.second.kernel[...]
+    def dense_kernel(self) -> np.ndarray:
+        """The ``(in, out)`` kernel this layer represents (numpy, float64)."""
+        return _np(self.first.kernel) @ _np(self.second.kernel)
 
     @classmethod
     def from_dense(cls, dense: nnx.Linear, rank: int, *, factors=None) -> LowRankLinear:
@@ -131,15 +140,18 @@ class LowRankLinear(nnx.Module):
         """
         from methods.decomposition.decompose import svd_factors
 
-        layer = cls(
-            dense.in_features, dense.out_features, rank, use_bias=dense.use_bias, dtype=dense.dtype,
-            param_dtype=dense.param_dtype, precision=dense.precision, rngs=nnx.Rngs(0),
+        layer = nnx.eval_shape(  # structure only; every parameter is set below
+            lambda: cls(
+                dense.in_features, dense.out_features, rank, use_bias=dense.use_bias, dtype=dense.dtype,
+                param_dtype=dense.param_dtype, precision=dense.precision, rngs=nnx.Rngs(0),
+            )
         )
         u, v = factors if factors is not None else svd_factors(np.asarray(dense.kernel[...]), rank)
-        layer.first.kernel[...] = jnp.asarray(u, dense.param_dtype)
-        layer.second.kernel[...] = jnp.asarray(v, dense.param_dtype)
+        dt = dense.param_dtype
+        _assign(layer.first.kernel, u, (dense.in_features, rank), dt)
+        _assign(layer.second.kernel, v, (rank, dense.out_features), dt)
         if dense.use_bias:
-            layer.second.bias[...] = dense.bias[...]
+            _assign(layer.second.bias, dense.bias[...], (dense.out_features,), dt)
         return layer
 
 
@@ -197,11 +209,11 @@ class Tucker2Conv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.expand(self.core(self.reduce(x)))
 
-    def dense_kernel(self) -> jax.Array:
-        """The ``(*k, cin, cout)`` kernel this layer represents."""
-        u_in = self.reduce.kernel[...].reshape(self.in_features, self.ranks[0])
-        u_out_t = self.expand.kernel[...].reshape(self.ranks[1], self.out_features)
-        return jnp.einsum("...ab,sa,bt->...st", self.core.kernel[...], u_in, u_out_t)
+    def dense_kernel(self) -> np.ndarray:
+        """The ``(*k, cin, cout)`` kernel this layer represents (numpy, float64)."""
+        u_in = _np(self.reduce.kernel).reshape(self.in_features, self.ranks[0])
+        u_out_t = _np(self.expand.kernel).reshape(self.ranks[1], self.out_features)
+        return np.einsum("...ab,sa,bt->...st", _np(self.core.kernel), u_in, u_out_t)
 
     @classmethod
     def from_dense(cls, dense: nnx.Conv, ranks: tuple[int, int], *, factors=None, **decompose_kwargs) -> Tucker2Conv:
@@ -221,20 +233,22 @@ class Tucker2Conv(nnx.Module):
 
         check_factorizable_conv(dense)
         nd = len(dense.kernel_size)
-        layer = cls(
-            dense.in_features, dense.out_features, dense.kernel_size, ranks,
-            strides=dense.strides, padding=dense.padding, kernel_dilation=dense.kernel_dilation,
-            use_bias=dense.use_bias, **_conv_like(dense), rngs=nnx.Rngs(0),
+        layer = nnx.eval_shape(  # structure only; every parameter is set below
+            lambda: cls(
+                dense.in_features, dense.out_features, dense.kernel_size, ranks,
+                strides=dense.strides, padding=dense.padding, kernel_dilation=dense.kernel_dilation,
+                use_bias=dense.use_bias, **_conv_like(dense), rngs=nnx.Rngs(0),
+            )
         )
         if factors is None:
             factors = tucker2_factors(np.asarray(dense.kernel[...]), ranks, **decompose_kwargs)
         core, u_in, u_out = factors
         dt = dense.param_dtype
-        layer.reduce.kernel[...] = jnp.asarray(u_in, dt).reshape((1,) * nd + u_in.shape)
-        layer.core.kernel[...] = jnp.asarray(core, dt)
-        layer.expand.kernel[...] = jnp.asarray(u_out.T, dt).reshape((1,) * nd + u_out.T.shape)
+        _assign(layer.reduce.kernel, u_in, (1,) * nd + u_in.shape, dt)
+        _assign(layer.core.kernel, core, core.shape, dt)
+        _assign(layer.expand.kernel, u_out.T, (1,) * nd + u_out.T.shape, dt)
         if dense.use_bias:
-            layer.expand.bias[...] = dense.bias[...]
+            _assign(layer.expand.bias, dense.bias[...], (dense.out_features,), dt)
         return layer
 
 
@@ -306,19 +320,18 @@ class CPConv(nnx.Module):
             x = conv(x)
         return self.expand(x)
 
-    def factors(self) -> list[jax.Array]:
-        """The CP factors ``[K_axis0 (k0, R), ..., K_in (cin, R), K_out (cout, R)]``."""
-        out = [conv.kernel[...].reshape(self.kernel_size[a], self.rank) for a, conv in enumerate(self.spatial)]
-        out.append(self.reduce.kernel[...].reshape(self.in_features, self.rank))
-        out.append(self.expand.kernel[...].reshape(self.rank, self.out_features).T)
+    def factors(self) -> list[np.ndarray]:
+        """The CP factors ``[K_axis0 (k0, R), ..., K_in (cin, R), K_out (cout, R)]`` (numpy)."""
+        out = [_np(conv.kernel).reshape(self.kernel_size[a], self.rank) for a, conv in enumerate(self.spatial)]
+        out.append(_np(self.reduce.kernel).reshape(self.in_features, self.rank))
+        out.append(_np(self.expand.kernel).reshape(self.rank, self.out_features).T)
         return out
 
-    def dense_kernel(self) -> jax.Array:
-        """The ``(*k, cin, cout)`` kernel this layer represents."""
+    def dense_kernel(self) -> np.ndarray:
+        """The ``(*k, cin, cout)`` kernel this layer represents (numpy, float64)."""
         fs = self.factors()
         letters = "abcdefgh"[: len(fs)]
-        spec = ",".join(f"{c}r" for c in letters) + "->" + letters
-        return jnp.einsum(spec, *fs)
+        return np.einsum(",".join(f"{c}r" for c in letters) + "->" + letters, *fs)
 
     @classmethod
     def from_dense(cls, dense: nnx.Conv, rank: int, *, factors=None, **decompose_kwargs) -> CPConv:
@@ -337,21 +350,23 @@ class CPConv(nnx.Module):
 
         check_factorizable_conv(dense)
         nd = len(dense.kernel_size)
-        layer = cls(
-            dense.in_features, dense.out_features, dense.kernel_size, rank,
-            strides=dense.strides, padding=dense.padding, kernel_dilation=dense.kernel_dilation,
-            use_bias=dense.use_bias, **_conv_like(dense), rngs=nnx.Rngs(0),
+        layer = nnx.eval_shape(  # structure only; every parameter is set below
+            lambda: cls(
+                dense.in_features, dense.out_features, dense.kernel_size, rank,
+                strides=dense.strides, padding=dense.padding, kernel_dilation=dense.kernel_dilation,
+                use_bias=dense.use_bias, **_conv_like(dense), rngs=nnx.Rngs(0),
+            )
         )
         if factors is None:
             factors = cp_factors(np.asarray(dense.kernel[...]), rank, **decompose_kwargs)
         dt = dense.param_dtype
         for a, conv in enumerate(layer.spatial):
-            conv.kernel[...] = jnp.asarray(factors[a], dt).reshape(conv.kernel[...].shape)
-        layer.reduce.kernel[...] = jnp.asarray(factors[nd], dt).reshape((1,) * nd + factors[nd].shape)
+            _assign(conv.kernel, factors[a], conv.kernel.value.shape, dt)
+        _assign(layer.reduce.kernel, factors[nd], (1,) * nd + factors[nd].shape, dt)
         k_out_t = np.asarray(factors[nd + 1]).T
-        layer.expand.kernel[...] = jnp.asarray(k_out_t, dt).reshape((1,) * nd + k_out_t.shape)
+        _assign(layer.expand.kernel, k_out_t, (1,) * nd + k_out_t.shape, dt)
         if dense.use_bias:
-            layer.expand.bias[...] = dense.bias[...]
+            _assign(layer.expand.bias, dense.bias[...], (dense.out_features,), dt)
         return layer
 
 
