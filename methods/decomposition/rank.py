@@ -318,7 +318,7 @@ def select_rank(
     budget = ratio * dense_cost(shape, **kw)[index]
     cands = rank_candidates(method, shape)
     if method == "cp":  # the CP bound is huge; costs are linear in R so cap at the budget first
-        per = factorized_cost("cp", shape, 1, **kw)[index]
+        per = factorized_cost("cp", shape, 2, **kw)[index] - factorized_cost("cp", shape, 1, **kw)[index]
         cands = cands[: max(1, min(len(cands), int(budget // max(per, 1)) + 1))]
     best = _largest_feasible(cands, lambda r: factorized_cost(method, shape, r, **kw)[index], budget)
     if best is None:

@@ -191,7 +191,7 @@ class FactorizationReport:
 
 
 class _Recorder(nnx.Module):
-    """Wraps a layer to record its input and output shapes in an eager forward pass."""
+    """Wraps a layer to record its input and output shapes while the forward pass is traced."""
 
     def __init__(self, inner: nnx.Module, record: Callable[[tuple, tuple], None]):
         self.inner = inner
@@ -217,7 +217,9 @@ def capture_shapes(model: nnx.Module, paths: Sequence[str], sample_input: jax.Ar
         probe = replace_module(
             probe, path, _Recorder(inner, lambda i, o, p=path: shapes.setdefault(p, (i, o))), copy=False
         )
-    probe(sample_input)
+    graphdef, state = nnx.split(probe)
+    spec = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
+    jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, spec)  # shapes only, no compute
     missing = [p for p in paths if p not in shapes]
     if missing:
         raise ValueError(f"layers {missing} were not called on sample_input; they cannot be timed or costed")
