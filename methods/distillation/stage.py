@@ -142,6 +142,18 @@ def keep_zeros(tx: optax.GradientTransformation) -> optax.GradientTransformation
     return optax.GradientTransformation(init, update)
 
 
+def copy_model(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` with its own array buffers.
+
+    ``nnx.clone`` shares the arrays, and the jitted train step donates the state's buffers; a
+    student trained from a clone would delete the arrays of the model it was cloned from (often
+    the teacher). Training a copy keeps the teacher and the earlier stages' models intact.
+    """
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+    return nnx.merge(graphdef, state)
+
+
 def _lookup(models: Mapping[str, nnx.Module], key: str, role: str) -> nnx.Module:
     if key not in models:
         raise KeyError(
@@ -181,8 +193,9 @@ def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageRe
     """Distils ``resolve_teacher`` into ``resolve_student`` with the configured KD terms."""
     cfg.validate()
     teacher = resolve_teacher(bundle, cfg)
-    student = resolve_student(bundle, cfg, ctx.seed)
+    student = copy_model(resolve_student(bundle, cfg, ctx.seed))
     ds = bundle.dataset
+    teacher_accuracy = accuracy(teacher, ds.x_test, ds.y_test)
     notes: list[str] = []
 
     if cfg.loss == "hinton":
@@ -192,7 +205,7 @@ def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageRe
     if cfg.hints:
         terms.append((cfg.hint_weight, fitnets_term(cfg.hints)))
         student = with_hints(
-            nnx.clone(student), teacher, cfg.hints, ds.x_train[:2], rngs=nnx.Rngs(ctx.seed + 1)
+            student, teacher, cfg.hints, ds.x_train[:2], rngs=nnx.Rngs(ctx.seed + 1)
         )
         notes.append(
             f"FitNets projections for {len(cfg.hints)} hint pair(s) trained and dropped after the stage"
@@ -233,7 +246,7 @@ def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageRe
     )
     model = unwrap_student(model)
     train_rows = [r for r in records if r.get("split") == "train"]
-    metrics = {"teacher_test_accuracy": accuracy(teacher, ds.x_test, ds.y_test)}
+    metrics = {"teacher_test_accuracy": teacher_accuracy}
     if train_rows:
         last = train_rows[-1]
         metrics.update(

@@ -57,7 +57,7 @@ def test_kd_gradient_is_temperature_independent_at_high_temperature(x64):
 
 def _dkd_reference(s, t, y, temperature):
     tckd, nckd = [], []
-    for zs, zt, k in zip(s, t, y):
+    for zs, zt, k in zip(s, t, y, strict=True):
         ps, pt = _softmax(zs / temperature), _softmax(zt / temperature)
         bs, bt = np.array([ps[k], 1 - ps[k]]), np.array([pt[k], 1 - pt[k]])
         tckd.append(np.sum(bt * np.log(bt / bs)))

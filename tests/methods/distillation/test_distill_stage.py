@@ -1,0 +1,88 @@
+"""The ``distill`` stage inside a run: teacher from an earlier stage or a finished run."""
+
+import numpy as np
+import optax
+from flax import nnx
+
+import methods.distillation as md
+from research.config import Config, DataConfig, ModelConfig
+from research.run import run
+from research.stages import Bundle, StageContext, TrainStage, get_stage
+
+
+def test_distill_stage_is_registered():
+    cls, fn = get_stage("distill")
+    assert cls is md.DistillStage and fn is md.run_distill
+
+
+def test_run_with_teacher_from_earlier_stage_and_from_run_dir(tmp_path):
+    config = Config(
+        name="kd",
+        seed=0,
+        model=ModelConfig(name="mlp", options={"widths": (32,)}),
+        data=DataConfig(name="digits"),
+        stages=(
+            TrainStage(steps=80, learning_rate=1e-2, eval_every=0, checkpoint_every=0),
+            md.DistillStage(
+                teacher="0_train",
+                student_model="mlp",
+                student_options={"widths": (16,)},
+                temperature=2.0,
+                alpha=0.5,
+                train=TrainStage(steps=60, learning_rate=1e-2, eval_every=0, checkpoint_every=0),
+            ),
+        ),
+    )
+    report = run(config, str(tmp_path / "a"), progress=False, echo=False)
+    teacher_m, student_m = (s["metrics"] for s in report["stages"])
+    assert student_m["params"] < teacher_m["params"]
+    assert student_m["teacher_test_accuracy"] == teacher_m["test_accuracy"]
+    assert student_m["test_accuracy"] > 0.5 and "kd_hinton" in student_m
+
+    # distil from the finished run's final model (the student above), online, with a FitNets hint
+    from research.run import build_bundle
+
+    bundle = build_bundle(config)
+    cfg_b = md.DistillStage(
+        teacher_run=str(tmp_path / "a"),
+        cache_teacher=False,
+        hints=(("layers/0", "layers/0"),),
+        hint_weight=0.01,
+        train=TrainStage(steps=5, eval_every=0, checkpoint_every=0),
+    )
+    ctx = StageContext(index=0, label="0_distill", workdir=tmp_path / "b", progress=False)
+    result = md.run_distill(bundle, cfg_b, ctx)
+    assert abs(result.metrics["teacher_test_accuracy"] - student_m["test_accuracy"]) < 1e-9
+    assert "kd_fitnets" in result.metrics and type(result.bundle.model) is type(bundle.model)
+
+
+def test_pruned_student_keeps_its_zeros(tmp_path):
+    from research.data import load_dataset
+    from research.nn import build_model
+
+    ds = load_dataset("digits", seed=0)
+    teacher = build_model(
+        "mlp", input_shape=ds.input_shape, num_classes=10, widths=(16,), rngs=nnx.Rngs(0)
+    )
+    student = nnx.clone(teacher)
+    kernel = student.layers[0].kernel
+    kernel.value = kernel.value * (np.arange(kernel.value.size).reshape(kernel.value.shape) % 2)
+    bundle = Bundle(model=student, dataset=ds, models={"train": teacher})
+    cfg = md.DistillStage(train=TrainStage(steps=5, eval_every=0, checkpoint_every=0))
+    ctx = StageContext(index=1, label="1_distill", workdir=tmp_path, progress=False)
+    out = md.run_distill(bundle, cfg, ctx).bundle.model
+    new = np.asarray(out.layers[0].kernel.value)
+    was_zero = np.asarray(kernel.value) == 0
+    assert np.all(new[was_zero] == 0) and np.any(
+        new[~was_zero] != np.asarray(kernel.value)[~was_zero]
+    )
+
+
+def test_keep_zeros_leaves_vectors_free():
+    tx = md.keep_zeros(optax.sgd(1.0))
+    params = {"w": np.array([[0.0, 1.0]]), "b": np.zeros(2)}
+    state = tx.init(params)
+    grads = {"w": np.ones((1, 2)), "b": np.ones(2)}
+    updates, _ = tx.update(grads, state, params)
+    np.testing.assert_array_equal(updates["w"], [[0.0, -1.0]])
+    np.testing.assert_array_equal(updates["b"], [-1.0, -1.0])
