@@ -79,7 +79,9 @@ def cp_factors(
     kernel = np.asarray(kernel, np.float64)
     bound = cp_max_rank(kernel.shape)
     if not 1 <= rank <= bound:
-        raise ValueError(f"rank={rank} is outside 1..{bound} for a CP kernel of shape {kernel.shape}")
+        raise ValueError(
+            f"rank={rank} is outside 1..{bound} for a CP kernel of shape {kernel.shape}"
+        )
     with warnings.catch_warnings():  # SVD init pads ranks above a mode size with random columns
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
         weights, factors = parafac(
@@ -123,8 +125,13 @@ def tucker2_factors(
             f"{kernel.shape}; pass ranks within the channel counts"
         )
     (core, (u_in, u_out)), _ = partial_tucker(
-        kernel, rank=[r_in, r_out], modes=[nd, nd + 1], n_iter_max=n_iter_max, tol=tol,
-        init="svd", random_state=random_state,
+        kernel,
+        rank=[r_in, r_out],
+        modes=[nd, nd + 1],
+        n_iter_max=n_iter_max,
+        tol=tol,
+        init="svd",
+        random_state=random_state,
     )
     return np.asarray(core), np.asarray(u_in), np.asarray(u_out)
 

@@ -33,7 +33,9 @@ def conv_padding_per_axis(padding: Any, ndim: int) -> list[Any]:
     """
     if isinstance(padding, str):
         if padding.upper() == "CAUSAL":
-            raise ValueError("padding='CAUSAL' (1-D only) cannot be split across factor convolutions")
+            raise ValueError(
+                "padding='CAUSAL' (1-D only) cannot be split across factor convolutions"
+            )
         return [padding.upper()] * ndim
     if isinstance(padding, int):
         return [(padding, padding)] * ndim
@@ -142,8 +144,14 @@ class LowRankLinear(nnx.Module):
 
         layer = nnx.eval_shape(  # structure only; every parameter is set below
             lambda: cls(
-                dense.in_features, dense.out_features, rank, use_bias=dense.use_bias, dtype=dense.dtype,
-                param_dtype=dense.param_dtype, precision=dense.precision, rngs=nnx.Rngs(0),
+                dense.in_features,
+                dense.out_features,
+                rank,
+                use_bias=dense.use_bias,
+                dtype=dense.dtype,
+                param_dtype=dense.param_dtype,
+                precision=dense.precision,
+                rngs=nnx.Rngs(0),
             )
         )
         u, v = factors if factors is not None else svd_factors(np.asarray(dense.kernel[...]), rank)
@@ -196,15 +204,27 @@ class Tucker2Conv(nnx.Module):
             )
         kernel_size = tuple(kernel_size)
         nd = len(kernel_size)
-        self.in_features, self.out_features, self.kernel_size = in_features, out_features, kernel_size
+        self.in_features, self.out_features, self.kernel_size = (
+            in_features,
+            out_features,
+            kernel_size,
+        )
         self.ranks = (r_in, r_out)
         kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
         self.reduce = nnx.Conv(in_features, r_in, (1,) * nd, padding="VALID", use_bias=False, **kw)
         self.core = nnx.Conv(
-            r_in, r_out, kernel_size, strides=strides, padding=padding,
-            kernel_dilation=kernel_dilation, use_bias=False, **kw,
+            r_in,
+            r_out,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            use_bias=False,
+            **kw,
         )
-        self.expand = nnx.Conv(r_out, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw)
+        self.expand = nnx.Conv(
+            r_out, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.expand(self.core(self.reduce(x)))
@@ -216,7 +236,9 @@ class Tucker2Conv(nnx.Module):
         return np.einsum("...ab,sa,bt->...st", _np(self.core.kernel), u_in, u_out_t)
 
     @classmethod
-    def from_dense(cls, dense: nnx.Conv, ranks: tuple[int, int], *, factors=None, **decompose_kwargs) -> Tucker2Conv:
+    def from_dense(
+        cls, dense: nnx.Conv, ranks: tuple[int, int], *, factors=None, **decompose_kwargs
+    ) -> Tucker2Conv:
         """Builds the Tucker-2 layer from a trained ``nnx.Conv`` (tensorly ``partial_tucker``).
 
         Args:
@@ -235,9 +257,16 @@ class Tucker2Conv(nnx.Module):
         nd = len(dense.kernel_size)
         layer = nnx.eval_shape(  # structure only; every parameter is set below
             lambda: cls(
-                dense.in_features, dense.out_features, dense.kernel_size, ranks,
-                strides=dense.strides, padding=dense.padding, kernel_dilation=dense.kernel_dilation,
-                use_bias=dense.use_bias, **_conv_like(dense), rngs=nnx.Rngs(0),
+                dense.in_features,
+                dense.out_features,
+                dense.kernel_size,
+                ranks,
+                strides=dense.strides,
+                padding=dense.padding,
+                kernel_dilation=dense.kernel_dilation,
+                use_bias=dense.use_bias,
+                **_conv_like(dense),
+                rngs=nnx.Rngs(0),
             )
         )
         if factors is None:
@@ -295,7 +324,10 @@ class CPConv(nnx.Module):
             )
         nd = len(kernel_size)
         self.in_features, self.out_features, self.kernel_size, self.rank = (
-            in_features, out_features, kernel_size, rank,
+            in_features,
+            out_features,
+            kernel_size,
+            rank,
         )
         strides, dilation = _per_axis(strides, nd), _per_axis(kernel_dilation, nd)
         pads = conv_padding_per_axis(padding, nd)
@@ -306,13 +338,21 @@ class CPConv(nnx.Module):
             one_hot = lambda v, a=a: tuple(v if b == a else 1 for b in range(nd))  # noqa: E731
             spatial.append(
                 nnx.Conv(
-                    rank, rank, one_hot(kernel_size[a]), strides=one_hot(strides[a]),
-                    padding=_axis_padding(pads, a), kernel_dilation=one_hot(dilation[a]),
-                    feature_group_count=rank, use_bias=False, **kw,
+                    rank,
+                    rank,
+                    one_hot(kernel_size[a]),
+                    strides=one_hot(strides[a]),
+                    padding=_axis_padding(pads, a),
+                    kernel_dilation=one_hot(dilation[a]),
+                    feature_group_count=rank,
+                    use_bias=False,
+                    **kw,
                 )
             )
         self.spatial = nnx.List(spatial)
-        self.expand = nnx.Conv(rank, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw)
+        self.expand = nnx.Conv(
+            rank, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.reduce(x)
@@ -322,7 +362,10 @@ class CPConv(nnx.Module):
 
     def factors(self) -> list[np.ndarray]:
         """The CP factors ``[K_axis0 (k0, R), ..., K_in (cin, R), K_out (cout, R)]`` (numpy)."""
-        out = [_np(conv.kernel).reshape(self.kernel_size[a], self.rank) for a, conv in enumerate(self.spatial)]
+        out = [
+            _np(conv.kernel).reshape(self.kernel_size[a], self.rank)
+            for a, conv in enumerate(self.spatial)
+        ]
         out.append(_np(self.reduce.kernel).reshape(self.in_features, self.rank))
         out.append(_np(self.expand.kernel).reshape(self.rank, self.out_features).T)
         return out
@@ -352,9 +395,16 @@ class CPConv(nnx.Module):
         nd = len(dense.kernel_size)
         layer = nnx.eval_shape(  # structure only; every parameter is set below
             lambda: cls(
-                dense.in_features, dense.out_features, dense.kernel_size, rank,
-                strides=dense.strides, padding=dense.padding, kernel_dilation=dense.kernel_dilation,
-                use_bias=dense.use_bias, **_conv_like(dense), rngs=nnx.Rngs(0),
+                dense.in_features,
+                dense.out_features,
+                dense.kernel_size,
+                rank,
+                strides=dense.strides,
+                padding=dense.padding,
+                kernel_dilation=dense.kernel_dilation,
+                use_bias=dense.use_bias,
+                **_conv_like(dense),
+                rngs=nnx.Rngs(0),
             )
         )
         if factors is None:
@@ -388,7 +438,9 @@ def check_factorizable_conv(conv: nnx.Conv) -> None:
             "no full channel-by-channel kernel to factorize; leave this layer dense (rule skip=True)"
         )
     if any(d != 1 for d in _per_axis(conv.input_dilation, len(conv.kernel_size))):
-        raise ValueError(f"input_dilation={conv.input_dilation} is not supported; leave this layer dense")
+        raise ValueError(
+            f"input_dilation={conv.input_dilation} is not supported; leave this layer dense"
+        )
     if conv.mask is not None:
         raise ValueError("masked convolutions (mask=...) are not supported; leave this layer dense")
     if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":

@@ -28,7 +28,11 @@ Rank = int | tuple[int, int]
 
 
 def dense_cost(
-    kernel_shape: Sequence[int], *, in_spatial: Sequence[int] = (), out_spatial: Sequence[int] = (), bias: bool = True
+    kernel_shape: Sequence[int],
+    *,
+    in_spatial: Sequence[int] = (),
+    out_spatial: Sequence[int] = (),
+    bias: bool = True,
 ) -> tuple[int, int]:
     """``(params, flops)`` of a dense linear ``(in, out)`` or conv ``(*k, cin, cout)`` kernel.
 
@@ -82,7 +86,9 @@ def max_rank(method: Method, kernel_shape: Sequence[int]) -> Rank:
     """The largest allowed rank: ``min(in, out)`` (svd), ``(cin, cout)`` (tucker2), the CP bound."""
     shape = tuple(int(d) for d in kernel_shape)
     if method == "svd":
-        return min(shape[-2], shape[-1]) if len(shape) == 2 else min(math.prod(shape[:-1]), shape[-1])
+        return (
+            min(shape[-2], shape[-1]) if len(shape) == 2 else min(math.prod(shape[:-1]), shape[-1])
+        )
     if method == "tucker2":
         return (shape[-2], shape[-1])
     if method == "cp":
@@ -102,7 +108,7 @@ def check_rank(method: Method, kernel_shape: Sequence[int], rank: Rank, where: s
         if isinstance(rank, int):
             rank = (rank, rank)
         rank = tuple(int(r) for r in rank)
-        if len(rank) != 2 or not all(1 <= r <= t for r, t in zip(rank, top)):
+        if len(rank) != 2 or not all(1 <= r <= t for r, t in zip(rank, top, strict=False)):
             raise ValueError(
                 f"tucker2 ranks={rank}{at} exceed the maximum {top} (input, output channels) of kernel "
                 f"{tuple(kernel_shape)}; pass ranks with 1 <= r_in <= {top[0]} and 1 <= r_out <= {top[1]}"
@@ -125,7 +131,9 @@ def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
     return 0.5 * (x - (1 + alpha) + np.sqrt((x - (1 + alpha)) ** 2 - 4 * alpha))
 
 
-def _evb_objective(sigma2: float, L: int, M: int, s: np.ndarray, residual: float, xubar: float) -> float:
+def _evb_objective(
+    sigma2: float, L: int, M: int, s: np.ndarray, residual: float, xubar: float
+) -> float:
     H = len(s)
     alpha = L / M
     x = s**2 / (M * sigma2)
@@ -184,8 +192,14 @@ def evbmf(y: np.ndarray, sigma2: float | None = None) -> tuple[int, np.ndarray, 
     threshold = math.sqrt(M * sigma2 * (1 + tauubar) * (1 + alpha / tauubar))
     pos = int(np.sum(s > threshold))
     sp = s[:pos]
-    d = sp / 2 * (
-        1 - (L + M) * sigma2 / sp**2 + np.sqrt((1 - (L + M) * sigma2 / sp**2) ** 2 - 4 * L * M * sigma2**2 / sp**4)
+    d = (
+        sp
+        / 2
+        * (
+            1
+            - (L + M) * sigma2 / sp**2
+            + np.sqrt((1 - (L + M) * sigma2 / sp**2) ** 2 - 4 * L * M * sigma2**2 / sp**4)
+        )
     )
     return pos, d, sigma2
 
@@ -216,7 +230,9 @@ def _as_matrix(kernel: np.ndarray) -> np.ndarray:
     return kernel if kernel.ndim == 2 else kernel.reshape(-1, kernel.shape[-1])
 
 
-def _largest_feasible(candidates: Sequence[Rank], cost: Callable[[Rank], float], budget: float) -> Rank | None:
+def _largest_feasible(
+    candidates: Sequence[Rank], cost: Callable[[Rank], float], budget: float
+) -> Rank | None:
     """The last candidate (costs increase along the list) with cost <= budget (bisection)."""
     lo, hi = 0, len(candidates) - 1
     if cost(candidates[0]) > budget:
@@ -285,8 +301,11 @@ def select_rank(
     """
     kernel = np.asarray(kernel)
     given = {
-        "rank": rank is not None, "energy": energy is not None, "param_ratio": param_ratio is not None,
-        "flop_ratio": flop_ratio is not None, "vbmf": bool(vbmf),
+        "rank": rank is not None,
+        "energy": energy is not None,
+        "param_ratio": param_ratio is not None,
+        "flop_ratio": flop_ratio is not None,
+        "vbmf": bool(vbmf),
     }
     chosen = [k for k, v in given.items() if v]
     at = f" for {where!r}" if where else ""
@@ -299,18 +318,27 @@ def select_rank(
         return check_rank(method, shape, rank, where)
     if energy is not None:
         if method == "svd":
-            return energy_rank(np.linalg.svd(_as_matrix(kernel).astype(np.float64), compute_uv=False), energy)
+            return energy_rank(
+                np.linalg.svd(_as_matrix(kernel).astype(np.float64), compute_uv=False), energy
+            )
         if method == "tucker2":
             s_in, s_out = _channel_spectra(kernel)
             return (energy_rank(s_in, energy), energy_rank(s_out, energy))
-        raise ValueError(f"energy{at} is not defined for method='cp'; use rank, param_ratio or flop_ratio")
+        raise ValueError(
+            f"energy{at} is not defined for method='cp'; use rank, param_ratio or flop_ratio"
+        )
     if vbmf:
         if method == "svd":
             return max(1, evbmf(_as_matrix(kernel))[0])
         if method == "tucker2":
             nd = kernel.ndim - 2
-            return (max(1, evbmf(mode_unfold(kernel, nd))[0]), max(1, evbmf(mode_unfold(kernel, nd + 1))[0]))
-        raise ValueError(f"vbmf{at} applies to svd and tucker2 (Kim et al.); for cp use rank or a budget")
+            return (
+                max(1, evbmf(mode_unfold(kernel, nd))[0]),
+                max(1, evbmf(mode_unfold(kernel, nd + 1))[0]),
+            )
+        raise ValueError(
+            f"vbmf{at} applies to svd and tucker2 (Kim et al.); for cp use rank or a budget"
+        )
     ratio, index = (param_ratio, 0) if param_ratio is not None else (flop_ratio, 1)
     if not ratio > 0:
         raise ValueError(f"{chosen[0]}={ratio}{at} must be positive")
@@ -318,9 +346,14 @@ def select_rank(
     budget = ratio * dense_cost(shape, **kw)[index]
     cands = rank_candidates(method, shape)
     if method == "cp":  # the CP bound is huge; costs are linear in R so cap at the budget first
-        per = factorized_cost("cp", shape, 2, **kw)[index] - factorized_cost("cp", shape, 1, **kw)[index]
+        per = (
+            factorized_cost("cp", shape, 2, **kw)[index]
+            - factorized_cost("cp", shape, 1, **kw)[index]
+        )
         cands = cands[: max(1, min(len(cands), int(budget // max(per, 1)) + 1))]
-    best = _largest_feasible(cands, lambda r: factorized_cost(method, shape, r, **kw)[index], budget)
+    best = _largest_feasible(
+        cands, lambda r: factorized_cost(method, shape, r, **kw)[index], budget
+    )
     if best is None:
         raise ValueError(
             f"{chosen[0]}={ratio}{at} is below what rank 1 costs for kernel {shape} ({method}); "

@@ -23,13 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.nn import iter_modules, param_count, replace_module
-from research.tree.rules import Rule, match_rules
-
 from methods.decomposition.decompose import relative_error
 from methods.decomposition.layers import CPConv, LowRankLinear, Tucker2Conv, check_factorizable_conv
 from methods.decomposition.rank import dense_cost, factorized_cost, select_rank
 from methods.decomposition.speed import compare_latency
+from research.nn import iter_modules, param_count, replace_module
+from research.tree.rules import Rule, match_rules
 
 FACTORIZED_TYPES = (LowRankLinear, CPConv, Tucker2Conv)
 _CRITERIA = ("rank", "energy", "param_ratio", "flop_ratio", "vbmf")
@@ -72,7 +71,9 @@ class DecompositionRule(Rule):
             raise ValueError(f"method={self.method!r} is not one of 'auto', 'svd', 'tucker2', 'cp'")
         given = self.criteria()
         if len(given) > 1:
-            raise ValueError(f"rule {self.pattern!r} sets several rank criteria {sorted(given)}; keep one")
+            raise ValueError(
+                f"rule {self.pattern!r} sets several rank criteria {sorted(given)}; keep one"
+            )
 
     def criteria(self) -> dict[str, Any]:
         """The rank criterion this rule sets (empty when the model budget decides)."""
@@ -160,7 +161,9 @@ class FactorizationReport:
     def flops(self) -> tuple[int, int]:
         """FLOPs of the matched layers before and after (dense rows count their dense FLOPs)."""
         before = sum(r.flops_dense for r in self.layers)
-        after = sum(r.flops_factorized if r.decision == "factorized" else r.flops_dense for r in self.layers)
+        after = sum(
+            r.flops_factorized if r.decision == "factorized" else r.flops_dense for r in self.layers
+        )
         return before, after
 
     def table(self) -> str:
@@ -203,7 +206,9 @@ class _Recorder(nnx.Module):
         return y
 
 
-def capture_shapes(model: nnx.Module, paths: Sequence[str], sample_input: jax.Array) -> dict[str, tuple[tuple, tuple]]:
+def capture_shapes(
+    model: nnx.Module, paths: Sequence[str], sample_input: jax.Array
+) -> dict[str, tuple[tuple, tuple]]:
     """Input and output shapes of the modules at ``paths`` for one forward pass (eval mode).
 
     Raises:
@@ -215,14 +220,19 @@ def capture_shapes(model: nnx.Module, paths: Sequence[str], sample_input: jax.Ar
     for path in paths:
         inner = _get(probe, path)
         probe = replace_module(
-            probe, path, _Recorder(inner, lambda i, o, p=path: shapes.setdefault(p, (i, o))), copy=False
+            probe,
+            path,
+            _Recorder(inner, lambda i, o, p=path: shapes.setdefault(p, (i, o))),
+            copy=False,
         )
     graphdef, state = nnx.split(probe)
     spec = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
     jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, spec)  # shapes only, no compute
     missing = [p for p in paths if p not in shapes]
     if missing:
-        raise ValueError(f"layers {missing} were not called on sample_input; they cannot be timed or costed")
+        raise ValueError(
+            f"layers {missing} were not called on sample_input; they cannot be timed or costed"
+        )
     return shapes
 
 
@@ -295,12 +305,18 @@ def _knob_rank(plan: _Plan, t: float) -> Any:
 
 def _allocate(plans: list[_Plan], budget: ModelBudget) -> None:
     """Bisects the shared knob so the budgeted layers fit ``budget`` together."""
-    index, ratio = (0, budget.param_ratio) if budget.param_ratio is not None else (1, budget.flop_ratio)
-    dense_total = sum(dense_cost(p.kernel.shape, bias=p.bias(), **p.spatial())[index] for p in plans)
+    index, ratio = (
+        (0, budget.param_ratio) if budget.param_ratio is not None else (1, budget.flop_ratio)
+    )
+    dense_total = sum(
+        dense_cost(p.kernel.shape, bias=p.bias(), **p.spatial())[index] for p in plans
+    )
 
     def total(t: float) -> float:
         return sum(
-            factorized_cost(p.method, p.kernel.shape, _knob_rank(p, t), bias=p.bias(), **p.spatial())[index]
+            factorized_cost(
+                p.method, p.kernel.shape, _knob_rank(p, t), bias=p.bias(), **p.spatial()
+            )[index]
             for p in plans
         )
 
@@ -357,7 +373,9 @@ def factorize_with_report(
     base.eval()
     cands = _candidates(base)
     matches = match_rules(rules, [p for p, _ in cands])
-    selected = [(p, m, matches[p]) for p, m in cands if matches[p] is not None and not matches[p].skip]
+    selected = [
+        (p, m, matches[p]) for p, m in cands if matches[p] is not None and not matches[p].skip
+    ]
     if sample_input is None:
         if hasattr(base, "input_shape"):
             sample_input = jnp.zeros((1, *base.input_shape), jnp.float32)
@@ -386,7 +404,12 @@ def factorize_with_report(
                 plan.skip_reason = str(e).split(";")[0]
         if not plan.skip_reason and rule.criteria():
             plan.rank = select_rank(
-                plan.kernel, method, **rule.criteria(), bias=plan.bias(), where=path, **plan.spatial()
+                plan.kernel,
+                method,
+                **rule.criteria(),
+                bias=plan.bias(),
+                where=path,
+                **plan.spatial(),
             )
         plans.append(plan)
     budgeted = [p for p in plans if not p.skip_reason and p.rank is None]
@@ -406,8 +429,21 @@ def factorize_with_report(
         layer_name = type(plan.module).__name__
         if plan.skip_reason:
             rows.append(
-                LayerReport(plan.path, layer_name, plan.method, "-", pd, pd, fd, fd, 0.0, math.nan, math.nan,
-                            "dense", plan.skip_reason)
+                LayerReport(
+                    plan.path,
+                    layer_name,
+                    plan.method,
+                    "-",
+                    pd,
+                    pd,
+                    fd,
+                    fd,
+                    0.0,
+                    math.nan,
+                    math.nan,
+                    "dense",
+                    plan.skip_reason,
+                )
             )
             continue
         new = _build(plan)
@@ -430,15 +466,31 @@ def factorize_with_report(
         else:
             decision, reason = "factorized", "speed not measured (check_speed=False)"
         rows.append(
-            LayerReport(plan.path, layer_name, plan.method, plan.rank, pd, pf, fd, ff, err, dense_ms, fact_ms,
-                        decision, reason)
+            LayerReport(
+                plan.path,
+                layer_name,
+                plan.method,
+                plan.rank,
+                pd,
+                pf,
+                fd,
+                ff,
+                err,
+                dense_ms,
+                fact_ms,
+                decision,
+                reason,
+            )
         )
         if decision == "factorized":
             out = replace_module(out, plan.path, new, copy=False)
 
     report = FactorizationReport(
-        layers=rows, backend=jax.default_backend(), batch_size=batch,
-        params_before=param_count(model), params_after=param_count(out),
+        layers=rows,
+        backend=jax.default_backend(),
+        batch_size=batch,
+        params_before=param_count(model),
+        params_after=param_count(out),
     )
     if check_speed and sample_input is not None and report.factorized:
         d, f = compare_latency(base, out, sample_input, warmup=warmup, repeats=repeats)

@@ -83,7 +83,10 @@ def test_select_rank_errors(kwargs, match):
 def test_full_rank_factorized_model_reproduces_the_dense_model():
     model = _lenet()
     x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
-    rules = [DecompositionRule(pattern="conv", energy=1.0), DecompositionRule(pattern="fc", energy=1.0)]
+    rules = [
+        DecompositionRule(pattern="conv", energy=1.0),
+        DecompositionRule(pattern="fc", energy=1.0),
+    ]
     fact, report = factorize_with_report(model, rules, check_speed=False)
     assert isinstance(fact.conv1, Tucker2Conv) and isinstance(fact.fc1, LowRankLinear)
     assert type(fact.head) is nnx.Linear and type(model.conv1) is nnx.Conv  # original untouched
@@ -122,7 +125,10 @@ class _GroupedNet(nnx.Module):
 def test_grouped_conv_is_left_dense_with_a_reason():
     model = _GroupedNet(nnx.Rngs(0))
     fact, report = factorize_with_report(
-        model, [DecompositionRule(pattern="conv", rank=2)], sample_input=jnp.ones((1, 6, 6, 4)), check_speed=False
+        model,
+        [DecompositionRule(pattern="conv", rank=2)],
+        sample_input=jnp.ones((1, 6, 6, 4)),
+        check_speed=False,
     )
     rows = {r.path: r for r in report.layers}
     assert rows["dw_conv"].decision == "dense" and "grouped/depthwise" in rows["dw_conv"].reason
@@ -134,7 +140,9 @@ def test_grouped_conv_is_left_dense_with_a_reason():
 def test_model_budget_is_met():
     model = _lenet()
     budget = ModelBudget(param_ratio=0.4)
-    _, report = factorize_with_report(model, [DecompositionRule(pattern="conv2|fc")], budget=budget, check_speed=False)
+    _, report = factorize_with_report(
+        model, [DecompositionRule(pattern="conv2|fc")], budget=budget, check_speed=False
+    )
     dense = sum(r.params_dense for r in report.layers)
     assert sum(r.params_factorized for r in report.layers) <= 0.4 * dense
 
@@ -157,7 +165,10 @@ def test_factorized_model_trains_and_checkpoints(tmp_path):
     model = _lenet()
     fact = factorize(
         model,
-        [DecompositionRule(pattern="conv2", method="tucker2", rank=(3, 8)), DecompositionRule(pattern="fc", rank=6)],
+        [
+            DecompositionRule(pattern="conv2", method="tucker2", rank=(3, 8)),
+            DecompositionRule(pattern="fc", rank=6),
+        ],
         check_speed=False,
     )
     tx = optax.adam(1e-2)
@@ -175,4 +186,6 @@ def test_factorized_model_trains_and_checkpoints(tmp_path):
     restored = ckpt.restore(template=state)
     chex.assert_trees_all_close(restored.params, state.params)
     x = batch["x"][:2]
-    chex.assert_trees_all_close(_eval(state_to_model(defs, restored), x), _eval(state_to_model(defs, state), x))
+    chex.assert_trees_all_close(
+        _eval(state_to_model(defs, restored), x), _eval(state_to_model(defs, state), x)
+    )

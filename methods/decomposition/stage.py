@@ -1,0 +1,180 @@
+"""The ``decompose`` stage: factorize the current model, then fine-tune (optionally distilling).
+
+The factorization decisions (which layers, which ranks) are written to
+``ctx.workdir / "factorization.json"`` before fine-tuning. A killed stage started again rebuilds
+exactly that structure from the file (no re-timing, whose outcome could differ) so the
+fine-tuning checkpoints under ``ctx.workdir`` still fit the model and training resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from methods.decomposition.surgery import DecompositionRule, ModelBudget, factorize_with_report
+from research.stages import (
+    Bundle,
+    StageConfig,
+    StageContext,
+    StageResult,
+    TrainStage,
+    finetune,
+    register_stage,
+    train_kwargs,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecomposeStage(StageConfig):
+    """Factorize matched layers of the current model and fine-tune it.
+
+    Attributes:
+      rules: :class:`DecompositionRule` tuple (first match wins) over module paths.
+      budget_param_ratio: whole-model parameter budget for rules without a rank criterion (0 = none).
+      budget_flop_ratio: whole-model FLOP budget for rules without a rank criterion (0 = none).
+      check_speed: time each layer dense vs factorized and keep the slower form dense.
+      min_speedup: a factorized layer must be at least this much faster to be kept.
+      speed_batch_size: batch size of the timing input (taken from the test split).
+      repeats: timed repeats per layer (median).
+      distill: fine-tune with Hinton KD from the model as it was before this stage.
+      temperature, alpha: KD temperature and soft-loss weight.
+      finetune: the fine-tuning schedule; ``None`` skips fine-tuning.
+    """
+
+    kind: ClassVar[str] = "decompose"
+    rules: tuple[DecompositionRule, ...] = (DecompositionRule(pattern=".*", vbmf=True),)
+    budget_param_ratio: float = 0.0
+    budget_flop_ratio: float = 0.0
+    check_speed: bool = True
+    min_speedup: float = 1.0
+    speed_batch_size: int = 32
+    repeats: int = 20
+    distill: bool = False
+    temperature: float = 4.0
+    alpha: float = 0.9
+    finetune: TrainStage | None = dataclasses.field(
+        default_factory=lambda: TrainStage(steps=300, learning_rate=3e-4, eval_every=100)
+    )
+
+    def validate(self) -> None:
+        if not self.rules:
+            raise ValueError(
+                "DecomposeStage.rules is empty; add e.g. DecompositionRule(pattern='conv', vbmf=True)"
+            )
+        if self.budget_param_ratio and self.budget_flop_ratio:
+            raise ValueError(
+                "set at most one of DecomposeStage.budget_param_ratio, budget_flop_ratio"
+            )
+        if self.speed_batch_size < 1:
+            raise ValueError(
+                f"DecomposeStage.speed_batch_size={self.speed_batch_size} must be >= 1"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"DecomposeStage.alpha={self.alpha} must be in [0, 1]")
+        if self.finetune is not None:
+            self.finetune.validate()
+
+    def budget(self) -> ModelBudget | None:
+        if self.budget_param_ratio:
+            return ModelBudget(param_ratio=self.budget_param_ratio)
+        if self.budget_flop_ratio:
+            return ModelBudget(flop_ratio=self.budget_flop_ratio)
+        return None
+
+
+def _pinned_rules(rows: list[dict]) -> list[DecompositionRule]:
+    """Rules that rebuild exactly the recorded factorized layers (resume path)."""
+    rules = []
+    for row in rows:
+        if row["decision"] != "factorized":
+            continue
+        rank = json.loads(row["rank"].replace("(", "[").replace(")", "]"))
+        rank = tuple(rank) if isinstance(rank, list) else int(rank)
+        rules.append(
+            DecompositionRule(
+                pattern=f"^{re.escape(row['path'])}$", method=row["method"], rank=rank
+            )
+        )
+    return rules
+
+
+def _hinton_transform(teacher: nnx.Module, temperature: float, alpha: float):
+    from methods.distillation import distill
+
+    return distill(None, teacher, temperature=temperature, alpha=alpha)
+
+
+@register_stage(DecomposeStage)
+def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> StageResult:
+    """Factorizes ``bundle.model`` by ``cfg.rules`` and fine-tunes it (see :class:`DecomposeStage`)."""
+    cfg.validate()
+    ds = bundle.dataset
+    sample = jnp.asarray(np.resize(ds.x_test, (cfg.speed_batch_size, *ds.x_test.shape[1:])))
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    record = ctx.workdir / "factorization.json"
+    notes = []
+    if record.exists():  # resume: the same structure as the interrupted attempt
+        saved = json.loads(record.read_text())
+        rules = _pinned_rules(saved["layers"])
+        model = bundle.model
+        if rules:
+            model, _ = factorize_with_report(
+                bundle.model, rules, sample_input=sample, check_speed=False
+            )
+        rows, summary = saved["layers"], saved["summary"]
+        notes.append("resumed: structure rebuilt from factorization.json")
+    else:
+        model, report = factorize_with_report(
+            bundle.model,
+            cfg.rules,
+            sample_input=sample,
+            budget=cfg.budget(),
+            check_speed=cfg.check_speed,
+            min_speedup=cfg.min_speedup,
+            repeats=cfg.repeats,
+            seed=ctx.seed,
+        )
+        rows = report.rows()
+        fb, fa = report.flops()
+        summary = {
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "layer_flops_before": fb,
+            "layer_flops_after": fa,
+            "model_dense_ms": report.model_dense_ms,
+            "model_factorized_ms": report.model_factorized_ms,
+            "backend": report.backend,
+            "speed_batch_size": report.batch_size,
+        }
+        record.write_text(json.dumps({"layers": rows, "summary": summary}, indent=1, default=float))
+        if ctx.progress:
+            print(report.table())
+    for row in rows:
+        if row["decision"] == "dense":
+            notes.append(f"{row['path']} kept dense: {row['reason']}")
+    metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+    metrics["layers_factorized"] = float(sum(r["decision"] == "factorized" for r in rows))
+    metrics["layers_kept_dense"] = float(sum(r["decision"] == "dense" for r in rows))
+    if cfg.finetune is not None:
+        transforms = ()
+        if cfg.distill:
+            transforms = (_hinton_transform(nnx.clone(bundle.model), cfg.temperature, cfg.alpha),)
+            notes.append(
+                f"fine-tuned with Hinton KD from the pre-decomposition model (T={cfg.temperature})"
+            )
+        model, _ = finetune(
+            model, ds, ctx, **train_kwargs(cfg.finetune), loss_transforms=transforms
+        )
+    return StageResult(
+        bundle=dataclasses.replace(bundle, model=model),
+        metrics=metrics,
+        tables={"layers": rows},
+        artifacts=[str(record)],
+        notes=notes,
+    )
