@@ -23,7 +23,7 @@ def _leaves_equal(a, b):
 
 
 def test_train_step_learns_and_updates_batchnorm_stats():
-    ds, defs, state, tx, sampler = _setup("resnet20", width=8)
+    ds, defs, state, tx, sampler = _setup("vgg_small", widths=(8, 16))
     step = train.make_train_step(defs, tx)
     before = train.evaluate(defs, state.params, state.model_state, ds.x_val, ds.y_val)
     stats0 = jax.tree.map(np.asarray, state.model_state)
