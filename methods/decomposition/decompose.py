@@ -124,15 +124,17 @@ def tucker2_factors(
             f"ranks={(r_in, r_out)} are outside 1..{cin} x 1..{cout} for a kernel of shape "
             f"{kernel.shape}; pass ranks within the channel counts"
         )
-    (core, (u_in, u_out)), _ = partial_tucker(
-        kernel,
-        rank=[r_in, r_out],
-        modes=[nd, nd + 1],
-        n_iter_max=n_iter_max,
-        tol=tol,
-        init="svd",
-        random_state=random_state,
-    )
+    with warnings.catch_warnings():  # a rank above an unfolding's size is padded by tensorly
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+        (core, (u_in, u_out)), _ = partial_tucker(
+            kernel,
+            rank=[r_in, r_out],
+            modes=[nd, nd + 1],
+            n_iter_max=n_iter_max,
+            tol=tol,
+            init="svd",
+            random_state=random_state,
+        )
     return np.asarray(core), np.asarray(u_in), np.asarray(u_out)
 
 

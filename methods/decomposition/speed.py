@@ -10,28 +10,45 @@ import jax
 from flax import nnx
 
 
-def jitted_forward(module: nnx.Module) -> Callable[[jax.Array], jax.Array]:
-    """``x -> module(x)`` compiled with ``jax.jit``; the module's state is an explicit argument."""
+def jitted_forward(
+    module: nnx.Module, device: jax.Device | None = None
+) -> Callable[[jax.Array], jax.Array]:
+    """``x -> module(x)`` compiled with ``jax.jit``; the module's state is an explicit argument.
+
+    With ``device`` the state is placed there, so the call runs on that device (e.g. the host
+    CPU of a GPU machine) when ``x`` is placed there too.
+    """
     graphdef, state = nnx.split(module)
+    if device is not None:
+        state = jax.device_put(state, device)
     fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     return lambda x: fn(state, x)
 
 
 def compare_latency(
-    first: nnx.Module, second: nnx.Module, x: jax.Array, *, warmup: int = 3, repeats: int = 20
+    first: nnx.Module,
+    second: nnx.Module,
+    x: jax.Array,
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    device: jax.Device | None = None,
 ) -> tuple[float, float]:
     """Median seconds of ``first(x)`` and ``second(x)``, timed alternately in one loop.
 
     Both are jitted and warmed up (compilation excluded); each timed call ends with
     ``jax.block_until_ready``. Alternating the calls exposes both to the same machine load, so
-    their ratio is meaningful even where absolute times drift.
+    their ratio is meaningful even where absolute times drift. ``device`` runs both there
+    (default: where the states already live).
 
     Raises:
       ValueError: ``repeats`` < 1.
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be at least 1")
-    fa, fb = jitted_forward(first), jitted_forward(second)
+    fa, fb = jitted_forward(first, device), jitted_forward(second, device)
+    if device is not None:
+        x = jax.device_put(x, device)
     for _ in range(max(warmup, 1)):
         jax.block_until_ready(fa(x))
         jax.block_until_ready(fb(x))
