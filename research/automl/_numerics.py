@@ -1,0 +1,131 @@
+"""Small numerical helpers shared by the samplers: size buckets, batched BFGS, trace counts."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["TRACE_COUNTS", "bfgs_minimize", "bucket", "maybe_x64"]
+
+#: Number of times each jitted hot path was traced (compiled). Tests read it to check that
+#: consecutive suggestions inside one size bucket do not recompile.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest size bucket ``>= n``: 16, 24, 32, 48, 64, 96, ... (two per octave).
+
+    Padding observation arrays to these sizes bounds the number of compilations to
+    about ``2 * log2(n_max / 16)`` over a whole study.
+    """
+    size = minimum
+    while size < n:
+        half = size // 2
+        size = size + half if (size & (size - 1)) == 0 else 2 * (size - size // 3)
+        # powers of two grow by 1.5x, 1.5x-sizes by 4/3x back to a power of two
+    return size
+
+
+@contextlib.contextmanager
+def maybe_x64(enabled: bool):
+    """Enables 64-bit floats inside the block (thread-local) when ``enabled``."""
+    if not enabled:
+        yield
+        return
+    ctx = getattr(jax, "enable_x64", None)
+    if ctx is None:  # pragma: no cover - older JAX
+        from jax.experimental import enable_x64 as ctx  # pylint: disable=import-outside-toplevel
+    with ctx(True):
+        yield
+
+
+def bfgs_minimize(
+    fun: Callable[[jax.Array], jax.Array],
+    x0: jax.Array,
+    *,
+    maxiter: int,
+    lower: float,
+    upper: float,
+    gtol: float = 1e-5,
+    ftol: float = 1e-9,
+    max_step: float = 1.0,
+    max_fev: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Minimises ``fun`` from ``x0`` by BFGS with a backtracking (Armijo) line search.
+
+    Pure JAX (``lax.while_loop``), so it can be jitted and ``vmap``-ed over starts; iterates
+    are projected onto the box ``[lower, upper]``.
+
+    Args:
+      fun: Scalar function of a vector ``(p,)``.
+      x0: Start ``(p,)``.
+      maxiter: Maximum number of BFGS iterations.
+      lower: Lower bound of every coordinate.
+      upper: Upper bound of every coordinate.
+      gtol: Stop when the largest absolute gradient entry is below this.
+      ftol: Stop when the relative decrease of ``fun`` is below this.
+      max_step: Longest first trial step of the line search.
+      max_fev: Stop after this many function evaluations (default ``3 * maxiter``); under
+        ``vmap`` the slowest start sets the cost, so this bounds it.
+
+    Returns:
+      ``(x, f)`` at the best point found (``f`` is NaN if ``fun(x0)`` was not finite).
+    """
+    vg = jax.value_and_grad(fun)
+    max_fev = 3 * maxiter if max_fev is None else max_fev
+    p = x0.shape[0]
+    eye = jnp.eye(p, dtype=x0.dtype)
+    f0, g0 = vg(x0)
+
+    def cond(s):
+        k, _, _, _, _, done, nfev = s
+        return (k < maxiter) & ~done & (nfev < max_fev)
+
+    def body(s):
+        k, x, f, g, h, _, nfev = s
+        d = -h @ g
+        descent = (g @ d) < 0
+        d = jnp.where(descent, d, -g)
+        h = jnp.where(descent, h, eye)
+        norm = jnp.sqrt(d @ d)
+        d = d * jnp.minimum(1.0, max_step / jnp.maximum(norm, 1e-30))
+        slope = g @ d
+
+        def ls_cond(c):
+            t, fn, _, _, it = c
+            ok = jnp.isfinite(fn) & (fn <= f + 1e-4 * t * slope)
+            return ~ok & (it < 12)
+
+        def ls_body(c):
+            t, _, _, _, it = c
+            t = jnp.where(it == 0, t, 0.5 * t)
+            xn = jnp.clip(x + t * d, lower, upper)
+            fn, gn = vg(xn)
+            return t, fn, gn, xn, it + 1
+
+        t, fn, gn, xn, n_ls = jax.lax.while_loop(
+            ls_cond, ls_body, (jnp.asarray(1.0, x.dtype), jnp.inf * f, g, x, 0)
+        )
+        improved = jnp.isfinite(fn) & (fn <= f)
+        sv = xn - x
+        yv = gn - g
+        sy = sv @ yv
+        h = jnp.where(k == 0, eye * jnp.clip(sy / jnp.maximum(yv @ yv, 1e-30), 1e-6, 1e6), h)
+        rho = 1.0 / jnp.where(sy > 1e-12, sy, 1.0)
+        a = eye - rho * jnp.outer(sv, yv)
+        h_new = a @ h @ a.T + rho * jnp.outer(sv, sv)
+        h = jnp.where((sy > 1e-12) & improved, h_new, h)
+        x = jnp.where(improved, xn, x)
+        g = jnp.where(improved, gn, g)
+        small = (jnp.max(jnp.abs(gn)) < gtol) | (jnp.abs(f - fn) <= ftol * (1.0 + jnp.abs(f)))
+        f_new = jnp.where(improved, fn, f)
+        done = ~improved | small
+        return k + 1, x, f_new, g, h, done, nfev + n_ls
+
+    init = (0, x0, f0, g0, eye, ~jnp.isfinite(f0), 1)
+    _, x, f, _, _, _, _ = jax.lax.while_loop(cond, body, init)
+    return x, jnp.where(jnp.isfinite(f), f, jnp.nan)
