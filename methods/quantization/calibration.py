@@ -61,9 +61,7 @@ def calibrate(
     out.eval()
     qs = find_quantizers(out)
     if not qs:
-        raise ValueError(
-            "the model has no fake-quant layers; run quantize_model(model, rules) first"
-        )
+        raise ValueError("the model has no fake-quant layers; run quantize_model(model, rules) first")
     opts = dict(observer_options or {})
     inputs = [(p, fq) for p, fq in qs if fq.role == "input"]
     if inputs:

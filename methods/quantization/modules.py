@@ -71,14 +71,9 @@ class QuantSpec:
     def __post_init__(self):
         Q.check_bits(self.bits)
         if self.method not in _METHODS:
-            raise ValueError(
-                f"quantization method {self.method!r} is not registered; pick one of "
-                f"{sorted(_METHODS)}"
-            )
+            raise ValueError(f"quantization method {self.method!r} is not registered; pick one of {sorted(_METHODS)}")
         if not self.symmetric and not _METHODS[self.method].supports_affine:
-            raise ValueError(
-                f"method {self.method!r} learns a scale with zero point 0; pass symmetric=True"
-            )
+            raise ValueError(f"method {self.method!r} learns a scale with zero point 0; pass symmetric=True")
         if not 0.0 <= self.ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum={self.ema_momentum} must lie in [0, 1]")
 
@@ -348,9 +343,7 @@ class QuantLayer(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         if not isinstance(layer, self.wrapped):
-            raise TypeError(
-                f"{type(self).__name__} wraps {self.wrapped.__name__}, got {type(layer).__name__}"
-            )
+            raise TypeError(f"{type(self).__name__} wraps {self.wrapped.__name__}, got {type(layer).__name__}")
         self.layer = layer
         kernel = np.asarray(layer.kernel[...])
         wq = None
@@ -359,9 +352,7 @@ class QuantLayer(nnx.Module):
             axes = _reduce_axes(kernel.ndim, wq.axis)
             wq.set_range(kernel.min(axis=axes), kernel.max(axis=axes))
         self.weight_quant = nnx.data(wq)
-        self.input_quant = nnx.data(
-            FakeQuant(input, role="input", rngs=rngs) if input is not None else None
-        )
+        self.input_quant = nnx.data(FakeQuant(input, role="input", rngs=rngs) if input is not None else None)
 
     def quantized_kernel(self) -> jax.Array:
         """The kernel as the layer uses it (fake-quantized when a weight quantizer is set)."""

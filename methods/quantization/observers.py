@@ -88,9 +88,7 @@ class Observer:
         x = np.asarray(x, np.float32)
         if self.axis is None:
             return x.reshape(1, -1)
-        return np.moveaxis(x, Q.normalize_axis(self.axis, x.ndim), 0).reshape(
-            x.shape[self.axis], -1
-        )
+        return np.moveaxis(x, Q.normalize_axis(self.axis, x.ndim), 0).reshape(x.shape[self.axis], -1)
 
     def _out(self, v: np.ndarray) -> np.ndarray:
         return v.reshape(()) if self.axis is None else v

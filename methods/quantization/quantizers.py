@@ -83,9 +83,7 @@ def normalize_axis(axis: int, ndim: int) -> int:
       ValueError: when ``axis`` is out of range.
     """
     if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"axis={axis} is out of range for a {ndim}-d array; pass -{ndim}..{ndim - 1}"
-        )
+        raise ValueError(f"axis={axis} is out of range for a {ndim}-d array; pass -{ndim}..{ndim - 1}")
     return axis % ndim
 
 
@@ -94,9 +92,7 @@ def _bcast(p: jax.Array, x: jax.Array, axis: int | None) -> jax.Array:
     if p.ndim == 0:
         return p
     if axis is None:
-        raise ValueError(
-            f"a per-channel parameter of shape {p.shape} needs the channel axis; pass axis=..."
-        )
+        raise ValueError(f"a per-channel parameter of shape {p.shape} needs the channel axis; pass axis=...")
     if p.ndim != 1 or p.shape[0] != x.shape[normalize_axis(axis, x.ndim)]:
         raise ValueError(
             f"per-channel parameter of shape {p.shape} does not match axis {axis} of an input of "
@@ -109,7 +105,7 @@ def _reduce_to(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Sums ``g`` over the axes where ``shape`` (same rank, or scalar) broadcasts."""
     if shape == ():
         return jnp.sum(g)
-    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1)
+    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape, strict=True)) if b == 1 and a != 1)
     return jnp.sum(g, axis=axes, keepdims=True).reshape(shape)
 
 
@@ -336,9 +332,7 @@ def fake_quant(
         )
     elif zero_point is None:
         zero_point = jnp.zeros_like(jnp.asarray(scale, jnp.float32))
-    return fake_quant_ste(
-        x, scale, zero_point, bits, signed=signed, narrow_range=narrow_range, axis=axis, key=key
-    )
+    return fake_quant_ste(x, scale, zero_point, bits, signed=signed, narrow_range=narrow_range, axis=axis, key=key)
 
 
 def round_ste(x: jax.typing.ArrayLike) -> jax.Array:
@@ -423,9 +417,7 @@ def lsq_quantize(
     return _lsq(stochastic, x, s, f(-qmin), f(qmax), f(grad_scale), noise)
 
 
-def lsq_init_step(
-    x: jax.typing.ArrayLike, bits: int, *, signed: bool = True, axis=None
-) -> jax.Array:
+def lsq_init_step(x: jax.typing.ArrayLike, bits: int, *, signed: bool = True, axis=None) -> jax.Array:
     """The LSQ paper's initial step ``2 * mean(|x|) / sqrt(Qp)`` (per channel along ``axis``)."""
     x = jnp.asarray(x)
     _, qmax = qrange(bits, signed)

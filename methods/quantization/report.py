@@ -91,9 +91,7 @@ def quant_params(model: nnx.Module, *, integer_weights: bool = False) -> dict[st
             "kernel_shape": tuple(kernel.shape),
             "feature_group_count": int(getattr(ql.layer, "feature_group_count", 1)),
             "weight": _qparams(ql.weight_quant) if ql.weight_quant is not None else None,
-            "input": _qparams(ql.input_quant)
-            if ql.input_quant is not None and ql.input_quant.calibrated
-            else None,
+            "input": _qparams(ql.input_quant) if ql.input_quant is not None and ql.input_quant.calibrated else None,
         }
         if integer_weights and entry["weight"] is not None:
             w = entry["weight"]

@@ -41,9 +41,7 @@ def register_twin(float_type: type) -> Any:
 
     def deco(cls):
         if float_type in _TWINS:
-            raise ValueError(
-                f"{float_type.__name__} already has the twin {_TWINS[float_type].__name__}"
-            )
+            raise ValueError(f"{float_type.__name__} already has the twin {_TWINS[float_type].__name__}")
         _TWINS[float_type] = cls
         return cls
 
@@ -194,9 +192,7 @@ def quantize_model(
         raise ValueError("no rules given; pass e.g. [QuantRule(pattern='.*', bits=8)]")
     already = [p for p, m in iter_modules(model) if isinstance(m, QuantLayer)]
     if already:
-        raise ValueError(
-            f"model already has fake-quant layers at {already}; quantize the float model"
-        )
+        raise ValueError(f"model already has fake-quant layers at {already}; quantize the float model")
     paths = quantizable_layers(model)
     if not paths:
         raise RuleError(f"{type(model).__name__} has no Linear/Conv layer to quantize")
@@ -223,12 +219,8 @@ def quantize_model(
             reasons[path] = f"rule {rule.pattern!r} keep_float"
             continue
         layer = get_module(out, path)
-        twin = _twin_of(layer)(
-            layer, weight=rule.weight_spec(), input=rule.input_spec(), rngs=rngs.fork()
-        )
+        twin = _twin_of(layer)(layer, weight=rule.weight_spec(), input=rule.input_spec(), rngs=rngs.fork())
         out = replace_module(out, path, twin, copy=False)
     if reasons:
-        log.warning(
-            "layers left in float: %s", ", ".join(f"{p} ({r})" for p, r in sorted(reasons.items()))
-        )
+        log.warning("layers left in float: %s", ", ".join(f"{p} ({r})" for p, r in sorted(reasons.items())))
     return out
