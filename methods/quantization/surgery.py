@@ -23,6 +23,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from methods.quantization import quantizers as Q
@@ -205,6 +207,9 @@ def quantize_model(
         if skip_last:
             skipped[order[-1]] = "skip_last"
     out = nnx.clone(model)
+    # own buffers: a train step that donates the quantized model's arrays must not delete the
+    # float model's (nnx.clone shares the immutable jax arrays)
+    nnx.update(out, jax.tree.map(lambda a: jnp.array(a, copy=True), nnx.state(out)))
     rngs = nnx.Rngs(seed)
     reasons: dict[str, str] = {}
     for path in sorted(paths, key=lambda p: -p.count("/")):
