@@ -53,7 +53,7 @@ def random_reinit(params: PyTree, masks: PyTree, key: jax.Array) -> PyTree:
     leaves_m = jax.tree.leaves(masks, is_leaf=lambda m: m is None)
     leaves_x, tdef = jax.tree.flatten(params)
     return jax.tree.unflatten(
-        tdef, [perm(i, m, x) for i, (m, x) in enumerate(zip(leaves_m, leaves_x))]
+        tdef, [perm(i, m, x) for i, (m, x) in enumerate(zip(leaves_m, leaves_x, strict=False))]
     )
 
 
@@ -93,7 +93,7 @@ def imp(
       ValueError: a sparsity outside [0, 1), or sparsities not increasing.
     """
     sparsities = [check_sparsity(s) for s in sparsities]
-    if any(b <= a for a, b in zip(sparsities, sparsities[1:])):
+    if any(b <= a for a, b in zip(sparsities, sparsities[1:], strict=False)):
         raise ValueError(f"sparsities={sparsities} must increase round by round")
     if not 0 <= rewind_step < steps:
         raise ValueError(f"rewind_step={rewind_step} must be in [0, steps={steps})")

@@ -18,6 +18,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -139,10 +140,8 @@ def erk_densities(
     equals ``density * total``.
     """
     names = list(shapes)
-    n = jnp.array([float(jnp.prod(jnp.array(shapes[k]))) for k in names])
-    raw = jnp.array(
-        [(sum(shapes[k]) / float(jnp.prod(jnp.array(shapes[k])))) ** power for k in names]
-    )
+    n = jnp.array([float(math.prod(shapes[k])) for k in names])
+    raw = jnp.array([(sum(shapes[k]) / float(math.prod(shapes[k]))) ** power for k in names])
     target = jnp.asarray(density, jnp.float32) * n.sum()
     dense = jnp.zeros(len(names), bool)
     for _ in range(len(names)):
@@ -150,7 +149,7 @@ def erk_densities(
         eps = budget / jnp.maximum(jnp.sum(jnp.where(dense, 0.0, raw * n)), 1e-12)
         dense = dense | (eps * raw > 1.0)
     d = jnp.where(dense, 1.0, jnp.clip(eps * raw, 0.0, 1.0))
-    return dict(zip(names, d))
+    return dict(zip(names, d, strict=False))
 
 
 def allocate(
@@ -181,11 +180,14 @@ def _global(scores, targets):
     paths = sorted(scores)
     sizes = [scores[p].size for p in paths]
     total = sum(sizes)
-    sparsity = sum(jnp.asarray(targets[p], jnp.float32) * n for p, n in zip(paths, sizes)) / total
+    sparsity = (
+        sum(jnp.asarray(targets[p], jnp.float32) * n for p, n in zip(paths, sizes, strict=False))
+        / total
+    )
     flat = jnp.concatenate([jnp.ravel(scores[p]).astype(jnp.float32) for p in paths])
     keep = mask_from_scores(flat, sparsity)
     out, start = {}, 0
-    for p, n in zip(paths, sizes):
+    for p, n in zip(paths, sizes, strict=False):
         out[p] = keep[start : start + n].reshape(scores[p].shape)
         start += n
     return out

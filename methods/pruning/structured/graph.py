@@ -174,13 +174,13 @@ class _Tracer:
             self.pin_all(scope, eqn)
             return
         child = self.new_scope()
-        for outer_v, inner_v in zip(eqn.invars, inner.invars):
+        for outer_v, inner_v in zip(eqn.invars, inner.invars, strict=False):
             if _is_literal(outer_v):
                 continue
             for ax in range(len(outer_v.aval.shape)):
                 self.uf.union(self.node(scope, outer_v, ax), self.node(child, inner_v, ax))
         self.run(inner, child)
-        for outer_v, inner_v in zip(eqn.outvars, inner.outvars):
+        for outer_v, inner_v in zip(eqn.outvars, inner.outvars, strict=False):
             if _is_literal(inner_v):
                 self.pin(scope, outer_v)
                 continue
@@ -278,7 +278,7 @@ def _elementwise(t: _Tracer, eqn, scope):
             t.pin(scope, v)
             t.pin(scope, out)
             continue
-        for ax, (a, b) in enumerate(zip(v.aval.shape, oshape)):
+        for ax, (a, b) in enumerate(zip(v.aval.shape, oshape, strict=False)):
             if a == b:
                 t.tie(scope, v, ax, out, ax)
             elif a != 1:
@@ -385,9 +385,9 @@ def _dot(t, eqn, scope):
     lhs, rhs = eqn.invars[:2]
     out = eqn.outvars[0]
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    for a, b in zip(lc, rc):
+    for a, b in zip(lc, rc, strict=False):
         t.tie(scope, lhs, a, rhs, b)
-    for i, (a, b) in enumerate(zip(lb, rb)):
+    for i, (a, b) in enumerate(zip(lb, rb, strict=False)):
         t.tie(scope, lhs, a, rhs, b)
         t.tie(scope, lhs, a, out, i)
     o = len(lb)
@@ -523,7 +523,7 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
 
     uf = tracer.uf
     members: dict[int, list[Member]] = {}
-    for (coll, path, leaf), var in zip(named, jaxpr.invars):
+    for (coll, path, leaf), var in zip(named, jaxpr.invars, strict=False):
         nd = len(np.shape(leaf))
         mpath, module, attr = _leaf_module(modules, path)
         for ax in range(nd):
@@ -537,7 +537,7 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
     pinned = {uf.find(n) for n in tracer.pinned}
     expand = [(uf.find(s), uf.find(d), o, i) for s, d, o, i in tracer.expand]
     sizes = {uf.find(n): None for n in tracer.nodes.values()}
-    for (sc, var, ax), n in tracer.nodes.items():
+    for (_sc, var, ax), n in tracer.nodes.items():
         sizes[uf.find(n)] = var.aval.shape[ax]
 
     def clean(root) -> bool:

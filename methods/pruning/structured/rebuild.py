@@ -58,6 +58,10 @@ def _set(variable, value):
     variable.value = jnp.asarray(value)
 
 
+# Modules are built with nnx.eval_shape (no random initialisation is computed) and every
+# variable is then set from the sliced arrays.
+
+
 @register_rebuilder(nnx.Conv)
 def _conv(m: nnx.Conv, leaves):
     if m.mask is not None:
@@ -65,23 +69,25 @@ def _conv(m: nnx.Conv, leaves):
     kernel = leaves["kernel"]
     out_f, in_per_group = kernel.shape[-1], kernel.shape[-2]
     groups = 1 if m.feature_group_count == 1 else out_f  # pruned grouped convs are depthwise (x1)
-    new = nnx.Conv(
-        in_per_group * groups,
-        out_f,
-        m.kernel_size,
-        m.strides,
-        padding=m.padding,
-        input_dilation=m.input_dilation,
-        kernel_dilation=m.kernel_dilation,
-        feature_group_count=groups,
-        use_bias=m.use_bias,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        precision=m.precision,
-        conv_general_dilated=m.conv_general_dilated,
-        promote_dtype=m.promote_dtype,
-        preferred_element_type=m.preferred_element_type,
-        rngs=nnx.Rngs(0),
+    new = nnx.eval_shape(
+        lambda: nnx.Conv(
+            in_per_group * groups,
+            out_f,
+            m.kernel_size,
+            m.strides,
+            padding=m.padding,
+            input_dilation=m.input_dilation,
+            kernel_dilation=m.kernel_dilation,
+            feature_group_count=groups,
+            use_bias=m.use_bias,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            precision=m.precision,
+            conv_general_dilated=m.conv_general_dilated,
+            promote_dtype=m.promote_dtype,
+            preferred_element_type=m.preferred_element_type,
+            rngs=nnx.Rngs(0),
+        )
     )
     _set(new.kernel, kernel)
     if m.use_bias:
@@ -92,17 +98,19 @@ def _conv(m: nnx.Conv, leaves):
 @register_rebuilder(nnx.Linear)
 def _linear(m: nnx.Linear, leaves):
     kernel = leaves["kernel"]
-    new = nnx.Linear(
-        kernel.shape[0],
-        kernel.shape[1],
-        use_bias=m.use_bias,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        precision=m.precision,
-        dot_general=m.dot_general,
-        promote_dtype=m.promote_dtype,
-        preferred_element_type=m.preferred_element_type,
-        rngs=nnx.Rngs(0),
+    new = nnx.eval_shape(
+        lambda: nnx.Linear(
+            kernel.shape[0],
+            kernel.shape[1],
+            use_bias=m.use_bias,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            precision=m.precision,
+            dot_general=m.dot_general,
+            promote_dtype=m.promote_dtype,
+            preferred_element_type=m.preferred_element_type,
+            rngs=nnx.Rngs(0),
+        )
     )
     _set(new.kernel, kernel)
     if m.use_bias:
@@ -113,21 +121,23 @@ def _linear(m: nnx.Linear, leaves):
 @register_rebuilder(nnx.BatchNorm)
 def _batchnorm(m: nnx.BatchNorm, leaves):
     n = leaves["mean"].shape[0]
-    new = nnx.BatchNorm(
-        n,
-        use_running_average=m.use_running_average,
-        axis=m.axis,
-        momentum=m.momentum,
-        epsilon=m.epsilon,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        use_bias=m.use_bias,
-        use_scale=m.use_scale,
-        axis_name=m.axis_name,
-        axis_index_groups=m.axis_index_groups,
-        use_fast_variance=m.use_fast_variance,
-        promote_dtype=m.promote_dtype,
-        rngs=nnx.Rngs(0),
+    new = nnx.eval_shape(
+        lambda: nnx.BatchNorm(
+            n,
+            use_running_average=m.use_running_average,
+            axis=m.axis,
+            momentum=m.momentum,
+            epsilon=m.epsilon,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            use_bias=m.use_bias,
+            use_scale=m.use_scale,
+            axis_name=m.axis_name,
+            axis_index_groups=m.axis_index_groups,
+            use_fast_variance=m.use_fast_variance,
+            promote_dtype=m.promote_dtype,
+            rngs=nnx.Rngs(0),
+        )
     )
     _set(new.mean, leaves["mean"])
     _set(new.var, leaves["var"])

@@ -1,0 +1,115 @@
+"""Masks, rules, allocation, N:M and block patterns."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import methods.pruning as P
+from research.tree import RuleError
+
+
+@pytest.fixture(scope="module")
+def params():
+    k = iter(jax.random.split(jax.random.key(0), 8))
+    return {
+        "convs": {
+            0: {"kernel": jax.random.normal(next(k), (3, 3, 3, 8))},
+            1: {"kernel": jax.random.normal(next(k), (3, 3, 8, 16))},
+        },
+        "bns": {
+            0: {"scale": jnp.ones(8), "bias": jnp.zeros(8)},
+            1: {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
+        },
+        "head": {"kernel": jax.random.normal(next(k), (16, 10)), "bias": jnp.zeros(10)},
+    }
+
+
+@pytest.mark.parametrize("allocation", ["layerwise", "global", "erk"])
+def test_exact_sparsity(params, allocation):
+    masks = jax.jit(lambda p: P.magnitude_masks(p, 0.75, allocation=allocation))(params)
+    chex.assert_trees_all_equal_shapes(
+        jax.tree.map(lambda m: m, masks, is_leaf=lambda m: m is None),
+        jax.tree.map(
+            lambda m, p: p if m is not None else None, masks, params, is_leaf=lambda m: m is None
+        ),
+    )
+    s = P.mask_sparsity(masks)
+    total = sum(m.size for m in jax.tree.leaves(masks))
+    assert abs(s["__global__"] - 0.75) <= 1.0 / total * len(jax.tree.leaves(masks))
+    if allocation == "layerwise":
+        for _path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+            assert int(m.size - m.sum()) == round(0.75 * m.size)
+
+
+def test_default_rules_skip_biases_and_norm_scales(params):
+    masks = P.magnitude_masks(params, 0.5)
+    assert masks["bns"][0]["scale"] is None and masks["head"]["bias"] is None
+    assert masks["head"]["kernel"] is not None and masks["convs"][0]["kernel"] is not None
+
+
+def test_magnitude_keeps_largest():
+    w = jnp.array([[0.1, -3.0, 0.2, 5.0]])
+    m = P.magnitude_masks({"kernel": w}, 0.5)["kernel"]
+    assert m.tolist() == [[False, True, False, True]]
+    out = P.apply_masks({"kernel": w}, {"kernel": m})["kernel"]
+    np.testing.assert_array_equal(out, [[0.0, -3.0, 0.0, 5.0]])
+
+
+def test_rule_sparsities_and_exclusion(params):
+    rules = [
+        P.SparsityRule(pattern="^head/", sparsity=0.0),
+        P.SparsityRule(pattern="kernel$", sparsity=0.5),
+    ]
+    masks = P.magnitude_masks(params, 0.9, rules)
+    assert masks["head"]["kernel"] is None
+    assert P.mask_sparsity(masks)["__global__"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5])
+def test_sparsity_outside_range(params, bad):
+    with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
+        P.magnitude_masks(params, bad)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
+        P.SparsityRule(pattern="kernel", sparsity=bad)
+
+
+def test_rule_matching_nothing_lists_paths(params):
+    with pytest.raises(RuleError, match="convs/0/kernel"):
+        P.magnitude_masks(params, 0.5, [P.SparsityRule(pattern="no_such_layer")])
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8)])
+def test_nm(n, m):
+    w = jax.random.normal(jax.random.key(0), (16, 6))
+    mask = P.nm_masks({"kernel": w}, n, m)["kernel"]
+    groups = np.asarray(mask).reshape(16 // m, m, 6)
+    np.testing.assert_array_equal(groups.sum(1), n)
+    kept_min = np.where(groups, np.abs(np.asarray(w).reshape(16 // m, m, 6)), np.inf).min(1)
+    drop_max = np.where(~groups, np.abs(np.asarray(w).reshape(16 // m, m, 6)), -np.inf).max(1)
+    assert (kept_min >= drop_max).all()
+
+
+def test_nm_indivisible_dimension_errors():
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        P.nm_masks({"kernel": jnp.ones((6, 4))}, 2, 4)
+
+
+def test_block_masks_remove_whole_tiles():
+    w = jax.random.normal(jax.random.key(1), (8, 8))
+    mask = np.asarray(P.block_masks({"kernel": w}, 0.5, (2, 4))["kernel"])
+    tiles = mask.reshape(4, 2, 2, 4).transpose(0, 2, 1, 3).reshape(8, 8)
+    assert set(tiles.mean(1).tolist()) <= {0.0, 1.0}
+    assert mask.mean() == 0.5
+    with pytest.raises(ValueError, match="does not tile"):
+        P.block_masks({"kernel": jnp.ones((6, 8))}, 0.5, (4, 4))
+
+
+def test_sparse_bytes():
+    x = np.zeros((4, 8), np.float32)
+    x[0, :2] = 1.0
+    b = P.sparse_bytes({"kernel": x})
+    assert b["dense_bytes"] == 128 and b["nonzeros"] == 2
+    assert b["bitmask_bytes"] == 4 + 8
+    assert b["csr_bytes"] == 2 * (4 + 1) + 5 * 4

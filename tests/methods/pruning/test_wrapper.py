@@ -1,0 +1,125 @@
+"""The optax mask wrapper and dynamic sparse training inside the real train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import methods.pruning as P
+from research.nn import build_model
+from research.train import Checkpointer, create_train_state, make_train_step
+
+
+def _setup(tx):
+    model = build_model("mlp", input_shape=(12,), num_classes=4, widths=(16,), rngs=nnx.Rngs(0))
+    defs, state = create_train_state(model, tx)
+    step = make_train_step(defs, tx, donate=False)
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "x": rng.normal(size=(16, 12)).astype(np.float32),
+            "y": rng.integers(0, 4, 16).astype(np.int32),
+        }
+        for _ in range(4)
+    ]
+    return state, step, batches
+
+
+def _zeros_where_pruned(state):
+    masks = state.opt_state.masks
+    for m, p in zip(
+        jax.tree.leaves(masks),
+        jax.tree.leaves(
+            jax.tree.map(
+                lambda m, p: p if m is not None else None,
+                masks,
+                state.params,
+                is_leaf=lambda m: m is None,
+            )
+        ),
+        strict=False,
+    ):
+        assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
+
+
+def test_masked_training_keeps_zeros_and_checkpoint(tmp_path):
+    sched = P.polynomial_schedule(0.8, begin_step=0, end_step=12, frequency=4)
+    tx = P.masked(optax.adam(1e-2), sched)
+    state, step, batches = _setup(tx)
+    for i in range(20):
+        state, _ = step(state, batches[i % 4])
+        if i >= 1:
+            _zeros_where_pruned(state)
+    s = P.mask_sparsity(state.opt_state.masks)
+    assert s["layers/0/kernel"] == pytest.approx(round(0.8 * 192) / 192)
+    assert s["head/kernel"] == pytest.approx(round(0.8 * 64) / 64)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(int(state.step), state)
+    restored = ckpt.restore(state)
+    jax.tree.map(np.testing.assert_array_equal, restored.opt_state.masks, state.opt_state.masks)
+    for i in range(10):
+        restored, _ = step(restored, batches[i % 4])
+        _zeros_where_pruned(restored)
+    jax.tree.map(np.testing.assert_array_equal, restored.opt_state.masks, state.opt_state.masks)
+    assert int(restored.opt_state.count) == 30
+
+
+def test_fixed_masks_and_params_required():
+    params = {"kernel": jnp.arange(1.0, 5.0)}
+    tx = P.masked(optax.sgd(1.0), masks={"kernel": jnp.array([True, False, True, False])})
+    st = tx.init(params)
+    upd, st = tx.update({"kernel": jnp.ones(4)}, st, params)
+    np.testing.assert_array_equal(optax.apply_updates(params, upd)["kernel"], [0.0, 0.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update({"kernel": jnp.ones(4)}, st)
+    with pytest.raises(ValueError, match="schedule"):
+        P.masked(optax.sgd(1.0))
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_dynamic_sparse(method):
+    tx = P.dynamic_sparse(
+        optax.adam(1e-2),
+        0.7,
+        method=method,
+        update_every=3,
+        end_step=12,
+        drop_fraction=0.5,
+        allocation="layerwise",
+    )
+    state, step, batches = _setup(tx)
+    first = jax.tree.map(np.asarray, state.opt_state.masks)
+    for i in range(10):
+        prev = state
+        state, _ = step(state, batches[i % 4])
+        _zeros_where_pruned(state)
+        s = P.mask_sparsity(state.opt_state.masks)
+        assert s["layers/0/kernel"] == pytest.approx(round(0.7 * 192) / 192)
+        if int(prev.step) in (
+            3,
+            6,
+            9,
+        ):  # connectivity update: grown weights had their Adam state reset
+            m_old = np.asarray(prev.opt_state.masks["layers"][0]["kernel"])
+            m_new = np.asarray(state.opt_state.masks["layers"][0]["kernel"])
+            grown = m_new & ~m_old
+            assert grown.sum() > 0
+            mu = np.asarray(state.opt_state.inner_state[0].mu["layers"][0]["kernel"])
+            # after the reset, one Adam step from zero gives mu = 0.1 g and nu = 0.001 g^2
+            nu = np.asarray(state.opt_state.inner_state[0].nu["layers"][0]["kernel"])
+            np.testing.assert_allclose(
+                mu[grown] ** 2 * (1 - 0.999) / (1 - 0.9) ** 2, nu[grown], rtol=1e-4, atol=1e-12
+            )
+    assert not all(
+        np.array_equal(a, np.asarray(b))
+        for a, b in zip(
+            jax.tree.leaves(first), jax.tree.leaves(state.opt_state.masks), strict=False
+        )
+    )
+
+
+def test_cosine_drop_fraction():
+    f = [float(P.cosine_drop_fraction(t, 0.3, 100)) for t in (0, 50, 100, 200)]
+    np.testing.assert_allclose(f, [0.3, 0.15, 0.0, 0.0], atol=1e-6)
