@@ -76,13 +76,13 @@ class HintonConfig:
 def quick_config() -> HintonConfig:
     """A seconds-long smoke configuration (tiny nets, few steps, one seed)."""
     return HintonConfig(
-        teacher_widths=(64,),
-        student_widths=(16,),
-        teacher_steps=30,
-        student_steps=20,
+        teacher_widths=(32,),
+        student_widths=(8,),
+        teacher_steps=10,
+        student_steps=10,
         batch_size=64,
         seeds=(0,),
-        limit=512,
+        limit=256,
     )
 
 

@@ -80,9 +80,9 @@ def test_pruned_student_keeps_its_zeros(tmp_path):
 
 def test_keep_zeros_leaves_vectors_free():
     tx = md.keep_zeros(optax.sgd(1.0))
-    params = {"w": np.array([[0.0, 1.0]]), "b": np.zeros(2)}
+    params = {"w": np.array([[0.0, 1.0]], np.float32), "b": np.zeros(2, np.float32)}
     state = tx.init(params)
-    grads = {"w": np.ones((1, 2)), "b": np.ones(2)}
+    grads = {"w": np.ones((1, 2), np.float32), "b": np.ones(2, np.float32)}
     updates, _ = tx.update(grads, state, params)
     np.testing.assert_array_equal(updates["w"], [[0.0, -1.0]])
     np.testing.assert_array_equal(updates["b"], [-1.0, -1.0])
