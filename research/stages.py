@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -353,7 +354,16 @@ def train_kwargs(cfg: TrainStage) -> dict[str, Any]:
 @register_stage(TrainStage)
 def run_train(bundle: Bundle, cfg: TrainStage, ctx: StageContext) -> StageResult:
     """Trains ``bundle.model`` with the task loss."""
+    t0 = time.perf_counter()
     model, records = finetune(bundle.model, bundle.dataset, ctx, **train_kwargs(cfg))
+    seconds = time.perf_counter() - t0
     train_rows = [r for r in records if r.get("split") == "train"]
-    out = {"final_train_loss": train_rows[-1]["loss"]} if train_rows else {}
+    out = {}
+    if train_rows:
+        # Throughput over the steps this call ran, compilation and evaluation included.
+        out = {
+            "final_train_loss": train_rows[-1]["loss"],
+            "train_steps_per_s": len(train_rows) / seconds,
+            "train_examples_per_s": len(train_rows) * min(cfg.batch_size, len(bundle.dataset.x_train)) / seconds,
+        }
     return StageResult(bundle=dataclasses.replace(bundle, model=model), metrics=out)
