@@ -17,7 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from methods.decomposition.surgery import DecompositionRule, ModelBudget, factorize_with_report
+from methods.decomposition.surgery import (
+    DecompositionRule,
+    ModelBudget,
+    _deep_copy,
+    factorize_with_report,
+)
 from research.stages import (
     Bundle,
     StageConfig,
@@ -164,7 +169,7 @@ def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> Sta
     if cfg.finetune is not None:
         transforms = ()
         if cfg.distill:
-            transforms = (_hinton_transform(nnx.clone(bundle.model), cfg.temperature, cfg.alpha),)
+            transforms = (_hinton_transform(_deep_copy(bundle.model), cfg.temperature, cfg.alpha),)
             notes.append(
                 f"fine-tuned with Hinton KD from the pre-decomposition model (T={cfg.temperature})"
             )

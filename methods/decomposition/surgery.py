@@ -236,6 +236,12 @@ def capture_shapes(
     return shapes
 
 
+def _deep_copy(model: nnx.Module) -> nnx.Module:
+    """A clone whose arrays are fresh buffers (``nnx.clone`` shares them with the original)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.array(a, copy=True), state))
+
+
 def _get(model, path):
     from research.nn import get_module
 
@@ -369,7 +375,7 @@ def factorize_with_report(
     rules = list(rules)
     if not rules:
         raise ValueError("rules is empty; pass e.g. [DecompositionRule(pattern='conv', vbmf=True)]")
-    base = nnx.clone(model)
+    base = _deep_copy(model)  # no buffer shared with ``model``: donating training steps stay safe
     base.eval()
     cands = _candidates(base)
     matches = match_rules(rules, [p for p, _ in cands])
