@@ -1,0 +1,112 @@
+"""Search-space encoding, conditions and validation."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.automl import Categorical, Float, Int, Space
+from research.automl.testfunctions import conditional_space
+
+
+@pytest.mark.parametrize(
+    "param, values",
+    [
+        (Float(-3.0, 5.0), [-3.0, 0.25, 5.0]),
+        (Float(1e-5, 1.0, log=True), [1e-5, 3e-3, 1.0]),
+        (Int(-2, 7), [-2, 0, 7]),
+        (Int(1, 1024, log=True), [1, 2, 37, 1024]),
+        (Categorical(["a", 3, None, True]), ["a", 3, None, True]),
+    ],
+)
+def test_round_trip_every_type(param, values):
+    space = Space({"p": param})
+    for v in values:
+        u, active = space.encode({"p": v})
+        assert active.tolist() == [True]
+        assert 0.0 <= u[0] <= 1.0
+        back = space.decode(u)["p"]
+        if isinstance(v, float):
+            assert back == pytest.approx(v, rel=1e-9, abs=1e-12)
+        else:
+            assert back == v and type(back) is type(v)
+        # Snapping an encoded value is a no-op.
+        np.testing.assert_allclose(space.snap(u), u, atol=1e-12)
+
+
+def test_nested_conditions_round_trip_and_activity():
+    space = conditional_space()
+    cases = [
+        {"method": "prune", "sparsity": 0.5, "schedule": "gradual", "steps": 8},
+        {"method": "prune", "sparsity": 0.9, "schedule": "oneshot"},
+        {"method": "quantize", "bits": 4, "lr": 1e-3},
+        {"method": "none", "knob": 0.1},
+    ]
+    for params in cases:
+        u, active = space.encode(params)
+        assert set(np.array(space.names)[active]) == set(params)
+        back = space.decode(u)
+        assert back.keys() == params.keys()
+        for k, v in params.items():
+            assert back[k] == pytest.approx(v)
+
+
+def test_decode_of_any_point_is_valid_and_numpy_matches_jax():
+    space = conditional_space()
+    u = np.random.default_rng(0).random((200, space.dim))
+    act_np = space.active_mask(u)
+    act_jx = np.asarray(space.active_mask(jnp.asarray(u), jnp))
+    np.testing.assert_array_equal(act_np, act_jx)
+    np.testing.assert_allclose(
+        space.snap(u), np.asarray(space.snap(jnp.asarray(u), jnp)), atol=1e-6
+    )
+    for row in u:
+        space.validate(space.decode(row))
+
+
+def test_groups_follow_conditions():
+    space = conditional_space()
+    g = dict(zip(space.names, space.groups, strict=True))
+    assert g["sparsity"] == g["schedule"] != g["method"]
+    assert g["bits"] == g["lr"] != g["sparsity"]
+    assert len({g["steps"], g["sparsity"], g["knob"], g["method"]}) == 4
+
+
+def test_json_round_trip():
+    space = conditional_space()
+    assert Space.from_dict(space.to_dict()) == space
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Float(1.0, 1.0), "low must be < high"),
+        (lambda: Float(0.0, 1.0, log=True), "log scale needs low > 0"),
+        (lambda: Int(5, 2), "low must be < high"),
+        (lambda: Int(0, 4, log=True), "log scale needs low >= 1"),
+        (lambda: Categorical([]), "empty"),
+        (lambda: Categorical(["a", "a"]), "duplicates"),
+        (lambda: Space({"x": Float(0, 1, when={"nope": 1})}), "unknown parent 'nope'"),
+        (lambda: Space({"a": Categorical(["x"]), "b": Float(0, 1, when={"a": "y"})}), "not one of"),
+        (lambda: Space({"a": Float(0, 1), "b": Float(0, 1, when={"a": 0.5})}), "Float parent"),
+        (
+            lambda: Space(
+                {"a": Categorical([1, 2], when={"b": 1}), "b": Categorical([1, 2], when={"a": 1})}
+            ),
+            "cycle",
+        ),
+        (lambda: Space({}), "empty"),
+    ],
+)
+def test_validation_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_validate_rejects_inactive_missing_and_out_of_range():
+    space = conditional_space()
+    with pytest.raises(ValueError, match="inactive"):
+        space.validate({"method": "none", "knob": 0.1, "bits": 3})
+    with pytest.raises(ValueError, match="missing"):
+        space.validate({"method": "quantize", "bits": 3})
+    with pytest.raises(ValueError, match="outside"):
+        space.validate({"method": "none", "knob": 2.0})
