@@ -68,6 +68,9 @@ def create_train_state(
       ``(defs, state)`` where ``defs.train`` / ``defs.eval`` are the static graphs.
     """
     defs, params, model_state = split_model(model)
+    # Own buffers: the train step donates its input state, and the model's arrays may be shared
+    # with other models (nnx.clone shares immutable arrays), e.g. a distillation teacher.
+    params, model_state = jax.tree.map(jax.numpy.copy, (params, model_state))
     state = TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
         params=params,

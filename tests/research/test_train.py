@@ -153,3 +153,15 @@ def test_state_to_model_roundtrip():
     e = train.make_eval_step(d2)
     np.testing.assert_allclose(model(x), train.merge_model(d2.eval, p2, s2)(x), rtol=1e-6)
     assert e(p2, s2, {"x": x, "y": jnp.asarray(ds.y_val[:4])})["count"] == 4
+
+
+def test_training_never_deletes_the_callers_arrays():
+    ds, defs, state, tx, sampler = _setup()
+    model = nn.build_model("mlp", input_shape=ds.input_shape, num_classes=10, rngs=nnx.Rngs(0))
+    clone = nnx.clone(model)  # shares the immutable arrays with ``model``
+    defs, state = train.create_train_state(clone, tx)
+    step = train.make_train_step(defs, tx)  # donates its input state
+    for i in range(2):
+        state, _ = step(state, sampler.batch(i))
+    x = jnp.asarray(ds.x_val[:2])
+    assert model(x).shape == (2, 10) and clone(x).shape == (2, 10)  # still alive
