@@ -1,14 +1,24 @@
-"""Quickstart: train LeNet-5 on scikit-learn's shipped 8x8 digits and print the report.
+"""Quickstart: train LeNet-5 on scikit-learn's shipped 8x8 digits, prune it, quantize it to int8
+and export it, then print the report.
 
 Run:
   slimjax run configs/quickstart.py
 
-Expected on a 2-core CPU: well under two minutes, test accuracy about 0.97-0.99 on 359 test
-digits, with parameters, FLOPs and latency in the printed report. ``configs/quickstart.py:smoke``
-shrinks everything for tests (seconds).
+Pipeline: train (600 steps) -> prune (gradual magnitude pruning to 60% sparsity of every kernel,
+with fine-tuning) -> quantize (post-training int8, per-channel kernels, BatchNorm folded,
+min-max calibration) -> export (StableHLO, TFLite fp32 + int8, ONNX fp32 + int8, each run in its
+runtime against JAX; the float pruned model is exported and TFLite's int8 converter quantizes it).
+
+Expected on a 2-core CPU: about a minute; test accuracy about 0.97-0.98 on the 359 test digits
+after every stage; the report table lists parameters, non-zeros, bytes, FLOPs and latency per
+stage, and the export table sizes, differences and latencies per artifact.
+``configs/quickstart.py:smoke`` shrinks every stage for tests (seconds).
 """
 
+from methods.pruning import PruneStage
+from methods.quantization import QuantizeStage
 from research.config import Config, DataConfig, ModelConfig
+from research.export import ExportStage
 from research.stages import TrainStage
 
 
@@ -26,6 +36,23 @@ def get_config(arg: str | None = None) -> Config:
                 batch_size=64,
                 checkpoint_every=20 if smoke else 200,
                 eval_every=20 if smoke else 100,
+            ),
+            PruneStage(
+                sparsity=0.6,
+                schedule="polynomial",
+                steps=20 if smoke else 400,
+                learning_rate=2e-3,
+                batch_size=64,
+            ),
+            QuantizeStage(bits=8, per_channel=True, calibration_examples=64 if smoke else 256),
+            ExportStage(
+                formats=("stablehlo", "tflite", "onnx"),
+                quantize=("int8",),
+                calibration_examples=64 if smoke else 256,
+                eval_examples=64 if smoke else 359,
+                # TFLite's int8 converter quantizes the float pruned model itself (calibrated
+                # like the quantize stage); it cannot re-quantize a fake-quant graph.
+                source="prune",
             ),
         ),
     )

@@ -111,6 +111,7 @@ def run(config: config_lib.Config, workdir: str, *, progress: bool = True, echo:
             if echo:
                 print(f"[{label}] finished earlier; loaded from {done_path}", file=sys.stderr)
         else:
+            previous = (bundle.model, report["stages"][-1]["metrics"] if report["stages"] else {})
             _, fn = get_stage(stage_cfg.kind)
             ctx = StageContext(index=i, label=label, workdir=__import__("pathlib").Path(sdir), seed=config.seed, progress=progress)
             t0 = time.perf_counter()
@@ -119,6 +120,10 @@ def run(config: config_lib.Config, workdir: str, *, progress: bool = True, echo:
             bundle = result.bundle
             measured = measure(bundle.model, bundle.dataset, latency_batch_size=config.latency_batch_size)
             measured.update(result.metrics)
+            for key in ("params", "nonzeros"):
+                measured[key] = int(measured[key])
+            if bundle.model is previous[0]:  # the stage left the model as it was (e.g. export)
+                measured = {**{k: v for k, v in previous[1].items() if k not in measured}, **measured}
             record = {
                 "label": label,
                 "kind": stage_cfg.kind,
@@ -134,7 +139,7 @@ def run(config: config_lib.Config, workdir: str, *, progress: bool = True, echo:
                 m = record["metrics"]
                 print(
                     f"[{label}] done in {seconds:.1f}s: test acc {m['test_accuracy']:.4f}, "
-                    f"params {m['params']:,}, non-zeros {m['nonzeros']:,}",
+                    f"params {m['params']:,}, non-zeros {m['nonzeros']:,}, bytes {report_lib.best_bytes(m):,.0f}",
                     file=sys.stderr,
                 )
         bundle.models[label] = bundle.model

@@ -25,6 +25,11 @@ class ExportStage(StageConfig):
       calibration_examples: size of the representative data set for int8.
       eval_examples: test inputs on which every artifact is compared with JAX (top-1 agreement).
       latency_batch_size: batch size of the sample input used for latency.
+      source: which model to export: ``"current"`` (the model the previous stage left) or the
+        label/kind of an earlier stage (e.g. ``"prune"``). A fake-quant model (after a
+        ``quantize``/``qat`` stage) exports to float TFLite/ONNX with its rounding baked into
+        the graph, but the TFLite int8 converter cannot re-quantize such a graph; export the
+        float model before quantization and let TFLite's int8 calibration quantize it.
     """
 
     kind: ClassVar[str] = "export"
@@ -33,6 +38,7 @@ class ExportStage(StageConfig):
     calibration_examples: int = 256
     eval_examples: int = 512
     latency_batch_size: int = 1
+    source: str = "current"
 
     def validate(self) -> None:
         bad = sorted(set(self.formats) - set(FORMATS))
@@ -88,9 +94,17 @@ def _artifact_rows(rep: ExportReport) -> list[dict]:
 
 @register_stage(ExportStage)
 def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResult:
-    """Exports ``bundle.model`` into ``ctx.workdir`` and reports each artifact."""
+    """Exports ``bundle.model`` (or the model of stage ``cfg.source``) and reports each artifact."""
+    if cfg.source == "current":
+        model = bundle.model
+    elif cfg.source in bundle.models:
+        model = bundle.models[cfg.source]
+    else:
+        raise ValueError(
+            f"ExportStage.source={cfg.source!r} names no earlier stage; use 'current' or one of {sorted(bundle.models)}"
+        )
     rep = export_bundle(
-        bundle.model,
+        model,
         bundle.dataset,
         str(ctx.workdir),
         formats=cfg.formats,
@@ -101,7 +115,7 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
         seed=ctx.seed,
     )
     rep.save(os.path.join(ctx.workdir, "export_report.json"))
-    notes = []
+    notes = [f"exported model: {cfg.source}"]
     if "onnx_int8" in {a.name for a in rep.artifacts}:
         qdq = rep["onnx_int8"].extra.get("qdq", {})
         if qdq and not qdq.get("tensorrt_symmetric", True):
