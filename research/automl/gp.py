@@ -117,15 +117,20 @@ def neg_log_posterior(theta, x, y, mask, is_cat):
     return -(mll + prior) / n
 
 
-def fit_gp(theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxiter: int = 50):
+def fit_gp(
+    theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxiter: int = 50, h_warm=None
+):
     """Fits the hyperparameters by MAP from several starts at once.
 
     The candidate starts ``theta_screen`` ``(S, D+2)`` are scored with one vmapped
     evaluation; BFGS then runs, vmapped, from ``theta_warm`` and the ``n_restarts - 1`` best
     screened starts.
 
+    With ``n_restarts == 1`` only ``theta_warm`` is refined, starting from the inverse
+    Hessian ``h_warm`` of the previous fit when given.
+
     Returns:
-      ``(best_theta, best_loss)``.
+      ``(best_theta, best_loss, inverse_hessian)``.
     """
     fn = functools.partial(neg_log_posterior, x=x, y=y, mask=mask, is_cat=is_cat)
     if n_restarts > 1:
@@ -135,12 +140,16 @@ def fit_gp(theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxite
         starts = jnp.concatenate([theta_warm[None], theta_screen[top]], 0)
     else:
         starts = theta_warm[None]
-    thetas, losses = jax.vmap(
-        lambda t0: bfgs_minimize(fn, t0, maxiter=maxiter, lower=-12.0, upper=12.0)
-    )(starts)
+    opt = functools.partial(
+        bfgs_minimize, fn, maxiter=maxiter, lower=-12.0, upper=12.0, gtol=1e-3, ftol=1e-6
+    )
+    if n_restarts == 1 and h_warm is not None:
+        theta, loss, h = opt(theta_warm, h0=h_warm)
+        return theta, jnp.where(jnp.isfinite(loss), loss, jnp.inf), h
+    thetas, losses, hs = jax.vmap(opt)(starts)
     losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
     i = jnp.argmin(losses)
-    return thetas[i], losses[i]
+    return thetas[i], losses[i], hs[i]
 
 
 def posterior_state(theta, x, y, mask, is_cat) -> GPState:
@@ -320,11 +329,11 @@ def _fit_fn(maxiter: int, n_restarts: int):
     key = ("fit", maxiter, n_restarts)
     if key not in _COMPILED:
 
-        def fit(theta_warm, theta_screen, u_obs, act_obs, y, n_obs, is_cat):
+        def fit(theta_warm, h_warm, theta_screen, u_obs, act_obs, y, n_obs, is_cat):
             TRACE_COUNTS["gp_fit"] += 1
             mask = jnp.arange(u_obs.shape[0]) < n_obs
             x = _features(u_obs, act_obs, is_cat)
-            return fit_gp(theta_warm, theta_screen, x, y, mask, is_cat, n_restarts, maxiter)
+            return fit_gp(theta_warm, theta_screen, x, y, mask, is_cat, n_restarts, maxiter, h_warm)
 
         _COMPILED[key] = jax.jit(fit)
     return _COMPILED[key]
@@ -361,6 +370,8 @@ class GPSampler(Sampler):
       ascent_steps: Adam steps of the acquisition ascent.
       min_distance: Candidates closer than this (unit-cube distance) to a known point are
         excluded.
+      fit_maxiter: BFGS iterations of a fit with random restarts.
+      warm_maxiter: BFGS iterations of a fit that refines the last optimum.
       float64: Run the GP in 64-bit floats (recommended; the Cholesky factor of a nearly
         noise-free GP is ill-conditioned in 32 bits).
 
@@ -394,6 +405,7 @@ class GPSampler(Sampler):
         ascent_lr: float = 0.02,
         min_distance: float = 1e-3,
         fit_maxiter: int = 50,
+        warm_maxiter: int = 20,
         float64: bool = True,
     ):
         super().__init__(seed)
@@ -406,6 +418,7 @@ class GPSampler(Sampler):
         self.n_restarts = n_restarts
         self.restart_every = restart_every
         self.n_screen = n_screen
+        self.warm_maxiter = warm_maxiter
         self.float64 = float64
         self.config = _Config(
             acquisition=acquisition,
@@ -422,6 +435,7 @@ class GPSampler(Sampler):
         self._last_theta: dict[str, np.ndarray] = {}
         self._calls: dict[str, int] = {}
         self._fit_bucket: dict[str, int] = {}
+        self._last_h: dict[str, np.ndarray] = {}
         self.last_fit_loss: float | None = None
 
     def sample_unit(self, space, trials, directions, n):
@@ -468,8 +482,11 @@ class GPSampler(Sampler):
             dt = jnp.float64 if self.float64 else jnp.float32
             u_j, a_j = jnp.asarray(u_obs, dt), jnp.asarray(act_obs)
             y_j, n_j = jnp.asarray(yy, dt), jnp.asarray(n_obs, jnp.int32)
-            theta, fit_loss = _fit_fn(self.config.fit_maxiter, n_starts)(
+            maxiter = self.config.fit_maxiter if restart else self.warm_maxiter
+            h_warm = self._last_h.get(skey, np.eye(d + 2))
+            theta, fit_loss, h_new = _fit_fn(maxiter, n_starts)(
                 jnp.asarray(theta_warm, dt),
+                jnp.asarray(h_warm, dt),
                 jnp.asarray(screen, dt),
                 u_j,
                 a_j,
@@ -479,6 +496,7 @@ class GPSampler(Sampler):
             )
             if not bool(jnp.all(jnp.isfinite(theta))):
                 theta = jnp.asarray(theta_warm, dt)
+                h_new = jnp.eye(d + 2, dtype=dt)
             us, _ = _acquire_fn(space, self.config, n)(
                 theta,
                 u_j,
@@ -493,6 +511,7 @@ class GPSampler(Sampler):
             us = np.asarray(us, np.float64)
             theta = np.asarray(theta, np.float64)
         self._last_theta[skey] = theta
+        self._last_h[skey] = np.asarray(h_new, np.float64)
         self.last_fit_loss = float(fit_loss)
         return us
 

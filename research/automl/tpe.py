@@ -132,15 +132,21 @@ _PICKS: dict[tuple, Callable] = {}
 
 
 def _neighbour_sigmas(mus: np.ndarray) -> np.ndarray:
-    """Hyperopt's bandwidths: the larger gap to a sorted neighbour (prior centre 0.5 included)."""
-    allm = np.concatenate([mus, [0.5]])
-    order = np.argsort(allm)
-    s = allm[order]
-    left = np.diff(s, prepend=0.0)
-    right = np.diff(s, append=1.0)
-    sig = np.empty_like(allm)
-    sig[order] = np.maximum(left, right)
-    return sig[:-1]
+    """Hyperopt's bandwidths: the larger gap to a sorted neighbour.
+
+    The cube's ends count as neighbours except for the outermost points, which take the
+    gap to their inner neighbour (Optuna's ``consider_endpoints=False``).
+    """
+    n = len(mus)
+    order = np.argsort(mus)
+    s = np.concatenate([[0.0], mus[order], [1.0]])
+    sig = np.maximum(s[1:-1] - s[:-2], s[2:] - s[1:-1])
+    if n >= 2:
+        sig[0] = s[2] - s[1]
+        sig[-1] = s[-2] - s[-3]
+    out = np.empty(n)
+    out[order] = sig
+    return out
 
 
 @register_sampler("tpe")
@@ -150,7 +156,11 @@ class TPESampler(Sampler):
     Args:
       seed: Seed of every random choice.
       multivariate: Joint kernels per group of parameters sharing an activation condition
-        (``True``), or independent one-dimensional estimators (``False``).
+        (``True``, the default, as in Optuna 5 for one objective), or independent
+        one-dimensional estimators (``False``).
+      bandwidth: Kernel widths: ``"neighbour"`` (the larger gap to a sorted neighbour, per
+        coordinate, with Optuna's "magic clip") or ``"scott"`` (``0.2 n^(-1/(d+4))`` for
+        joint kernels).
       n_startup_trials: Random trials before the model takes over.
       n_ei_candidates: Candidates drawn from ``l`` and scored per group.
       gamma: ``gamma(n)`` -> number of good observations (default :func:`default_gamma`).
@@ -177,7 +187,8 @@ class TPESampler(Sampler):
         self,
         seed: int = 0,
         *,
-        multivariate: bool = False,
+        multivariate: bool = True,
+        bandwidth: str = "neighbour",
         n_startup_trials: int = 10,
         n_ei_candidates: int = 24,
         gamma: Callable[[int], int] = default_gamma,
@@ -194,7 +205,10 @@ class TPESampler(Sampler):
             raise ValueError(f"prior_weight={prior_weight} must be > 0")
         if not 0.0 <= random_fraction <= 1.0:
             raise ValueError(f"random_fraction={random_fraction} must lie in [0, 1]")
+        if bandwidth not in ("neighbour", "scott"):
+            raise ValueError(f"bandwidth={bandwidth!r} is not 'neighbour' or 'scott'")
         self.multivariate = multivariate
+        self.bandwidth = bandwidth
         self.n_startup_trials = n_startup_trials
         self.n_ei_candidates = n_ei_candidates
         self.gamma = gamma
@@ -233,11 +247,11 @@ class TPESampler(Sampler):
                 probs[n + 1 :, j] = 0.0
                 probs[n + 1 :, j, :k] = 1.0 / k
                 continue
-            if self.multivariate and n_dims > 1:
+            if self.bandwidth == "scott" and n_dims > 1:
                 sig = np.full(n, 0.2 * max(n, 1) ** (-1.0 / (n_dims + 4)))
             else:
                 sig = _neighbour_sigmas(u[:, j]) if n else np.ones(0)
-            lo = 1.0 / min(100.0, 1.0 + n)
+            lo = 1.0 / min(100.0, 2.0 + n)  # n kernels + the prior
             sigma[:n, j] = np.clip(sig, lo, 1.0)
         del act
         return Mixture(logw, mu, sigma, probs)
@@ -352,6 +366,7 @@ class BOHBSampler(TPESampler):
         super().__init__(
             seed,
             multivariate=True,
+            bandwidth="scott",
             n_startup_trials=n_startup_trials or 1,
             n_ei_candidates=n_ei_candidates,
             gamma=lambda n: max(int(math.ceil(top_n_percent / 100.0 * n)), 1),
