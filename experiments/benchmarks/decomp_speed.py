@@ -2,6 +2,7 @@
 
 Run:
   PYTHONPATH=. python experiments/benchmarks/decomp_speed.py [--batch 32] [--repeats 30] [--quick]
+      [--accuracy mnist5k]
 
 For every conv layer of VGG-small and ResNet-20 (32x32x3 inputs) and every linear layer of
 LeNet-300-100, the dense layer and its factorized twin (Tucker-2 and CP for convolutions, SVD for
@@ -10,13 +11,16 @@ linear layers) at several ranks are jitted, warmed up and timed alternately (med
 The per-layer table shows where the crossover lies (speedup > 1 means the factorized form is
 faster). The whole-model table compares the dense model with (a) everything factorized at a
 budget and (b) ``factorize``'s measured fallback, which keeps slower layers dense.
-Weights are random: latency does not depend on their values.
+Weights are random: latency does not depend on their values. ``--accuracy DATASET`` adds the
+accuracy-after-fine-tuning table of experiments/kim2016 (trained weights) to the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import pathlib
 import sys
 import time
 
@@ -24,18 +28,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from methods.decomposition import (
-    CPConv,
-    DecompositionRule,
-    LowRankLinear,
-    Tucker2Conv,
-    compare_latency,
-    dense_cost,
-    factorize_with_report,
-    factorized_cost,
-)
+from methods.decomposition import CPConv
+from methods.decomposition import DecompositionRule
+from methods.decomposition import LowRankLinear
+from methods.decomposition import Tucker2Conv
+from methods.decomposition import compare_latency
+from methods.decomposition import dense_cost
+from methods.decomposition import factorize_with_report
+from methods.decomposition import factorized_cost
 from methods.decomposition.surgery import capture_shapes
-from research.nn import build_model, find_modules
+from research.nn import build_model
+from research.nn import find_modules
 
 CONV_FRACTIONS = (0.125, 0.25, 0.5, 1.0)  # Tucker-2 ranks as a fraction of (cin, cout)
 CP_FRACTIONS = (0.25, 0.5, 1.0)  # CP rank as a fraction of min(cin, cout) ... times 2 at most
@@ -60,8 +63,7 @@ def _layer_rows(name, model, x, args):
         variants = []
         if isinstance(layer, nnx.Linear):
             top = min(kshape)
-            for f in SVD_FRACTIONS:
-                r = max(1, int(round(f * top)))
+            for r in sorted({max(1, int(round(f * top))) for f in SVD_FRACTIONS}):
                 variants.append(
                     ("svd", r, lambda r=r, layer=layer: LowRankLinear.from_dense(layer, r))
                 )
@@ -173,6 +175,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="fewer models and budgets")
     ap.add_argument("--include-1x1", action="store_true", help="also time 1x1 convolutions")
+    ap.add_argument(
+        "--accuracy",
+        default="",
+        help="also run experiments/kim2016 on this data set (digits or mnist5k): accuracy after "
+        "a short fine-tune of each factorized net, printed as a table",
+    )
     args = ap.parse_args(argv)
     t0 = time.time()
     rngs = nnx.Rngs(0)
@@ -217,7 +225,18 @@ def main(argv=None):
     )
     for m, label, nf, nd, px, fx, d, f, s in model_rows:
         print(f"{m:<10}{label:<26}{nf:>5}{nd:>6}{px:>9.2f}{fx:>9.2f}{d:>10.3f}{f:>10.3f}{s:>9.2f}")
+    if args.accuracy:
+        _accuracy(args.accuracy)
     print(f"\n({time.time() - t0:.0f} s)")
+
+
+def _accuracy(dataset: str) -> None:
+    """Runs experiments/kim2016/main.py's ``run`` (it prints its own table)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "kim2016" / "main.py"
+    spec = importlib.util.spec_from_file_location("kim2016_main", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.run(dataset)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from methods.decomposition import DecompositionRule, compare_latency, factorize_with_report
+from methods.decomposition import DecompositionRule
+from methods.decomposition import compare_latency
+from methods.decomposition import factorize_with_report
 from research.data import load_dataset
-from research.nn import build_model, param_count
-from research.stages import StageContext, accuracy, finetune
+from research.nn import build_model
+from research.nn import param_count
+from research.stages import StageContext
+from research.stages import accuracy
+from research.stages import finetune
 
 
 def _ctx(workdir: pathlib.Path, label: str, seed: int) -> StageContext:

@@ -7,26 +7,28 @@ measures slower on the current backend. Importing the package registers the ``de
 stage.
 """
 
-from methods.decomposition.decompose import cp_factors, relative_error, svd_factors, tucker2_factors
-from methods.decomposition.layers import CPConv, LowRankLinear, Tucker2Conv
-from methods.decomposition.rank import (
-    dense_cost,
-    energy_rank,
-    evbmf,
-    factorized_cost,
-    max_rank,
-    select_rank,
-)
+from methods.decomposition.decompose import cp_factors
+from methods.decomposition.decompose import relative_error
+from methods.decomposition.decompose import svd_factors
+from methods.decomposition.decompose import tucker2_factors
+from methods.decomposition.layers import CPConv
+from methods.decomposition.layers import LowRankLinear
+from methods.decomposition.layers import Tucker2Conv
+from methods.decomposition.rank import dense_cost
+from methods.decomposition.rank import energy_rank
+from methods.decomposition.rank import evbmf
+from methods.decomposition.rank import factorized_cost
+from methods.decomposition.rank import max_rank
+from methods.decomposition.rank import select_rank
 from methods.decomposition.speed import compare_latency
-from methods.decomposition.stage import DecomposeStage, run_decompose
-from methods.decomposition.surgery import (
-    DecompositionRule,
-    FactorizationReport,
-    LayerReport,
-    ModelBudget,
-    factorize,
-    factorize_with_report,
-)
+from methods.decomposition.stage import DecomposeStage
+from methods.decomposition.stage import run_decompose
+from methods.decomposition.surgery import DecompositionRule
+from methods.decomposition.surgery import FactorizationReport
+from methods.decomposition.surgery import LayerReport
+from methods.decomposition.surgery import ModelBudget
+from methods.decomposition.surgery import factorize
+from methods.decomposition.surgery import factorize_with_report
 
 __all__ = [
     "CPConv",

@@ -17,22 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from methods.decomposition.surgery import (
-    DecompositionRule,
-    ModelBudget,
-    _deep_copy,
-    factorize_with_report,
-)
-from research.stages import (
-    Bundle,
-    StageConfig,
-    StageContext,
-    StageResult,
-    TrainStage,
-    finetune,
-    register_stage,
-    train_kwargs,
-)
+from methods.decomposition.surgery import DecompositionRule
+from methods.decomposition.surgery import ModelBudget
+from methods.decomposition.surgery import _deep_copy
+from methods.decomposition.surgery import factorize_with_report
+from research.stages import Bundle
+from research.stages import StageConfig
+from research.stages import StageContext
+from research.stages import StageResult
+from research.stages import TrainStage
+from research.stages import finetune
+from research.stages import register_stage
+from research.stages import train_kwargs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +26,19 @@ import numpy as np
 from flax import nnx
 
 from methods.decomposition.decompose import relative_error
-from methods.decomposition.layers import CPConv, LowRankLinear, Tucker2Conv, check_factorizable_conv
-from methods.decomposition.rank import dense_cost, factorized_cost, select_rank
+from methods.decomposition.layers import CPConv
+from methods.decomposition.layers import LowRankLinear
+from methods.decomposition.layers import Tucker2Conv
+from methods.decomposition.layers import check_factorizable_conv
+from methods.decomposition.rank import dense_cost
+from methods.decomposition.rank import factorized_cost
+from methods.decomposition.rank import select_rank
 from methods.decomposition.speed import compare_latency
-from research.nn import iter_modules, param_count, replace_module
-from research.tree.rules import Rule, match_rules
+from research.nn import iter_modules
+from research.nn import param_count
+from research.nn import replace_module
+from research.tree.rules import Rule
+from research.tree.rules import match_rules
 
 FACTORIZED_TYPES = (LowRankLinear, CPConv, Tucker2Conv)
 _CRITERIA = ("rank", "energy", "param_ratio", "flop_ratio", "vbmf")

@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 import tensorly as tl
 from flax import nnx
-from tensorly.decomposition import parafac, partial_tucker
+from tensorly.decomposition import parafac
+from tensorly.decomposition import partial_tucker
 
-from methods.decomposition import (
-    CPConv,
-    LowRankLinear,
-    Tucker2Conv,
-    cp_factors,
-    relative_error,
-    tucker2_factors,
-)
+from methods.decomposition import CPConv
+from methods.decomposition import LowRankLinear
+from methods.decomposition import Tucker2Conv
+from methods.decomposition import cp_factors
+from methods.decomposition import relative_error
+from methods.decomposition import tucker2_factors
 
 CONV_CONFIGS = [
     dict(strides=2, padding="SAME"),

@@ -5,10 +5,16 @@ import json
 import pytest
 from flax import nnx
 
-from methods.decomposition import DecomposeStage, DecompositionRule, LowRankLinear, Tucker2Conv
+from methods.decomposition import DecomposeStage
+from methods.decomposition import DecompositionRule
+from methods.decomposition import LowRankLinear
+from methods.decomposition import Tucker2Conv
 from research.data import load_dataset
 from research.nn import build_model
-from research.stages import Bundle, StageContext, TrainStage, get_stage
+from research.stages import Bundle
+from research.stages import StageContext
+from research.stages import TrainStage
+from research.stages import get_stage
 
 
 def test_decompose_stage_runs_and_resumes(tmp_path):

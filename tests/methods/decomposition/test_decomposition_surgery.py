@@ -8,21 +8,22 @@ import optax
 import pytest
 from flax import nnx
 
-from methods.decomposition import (
-    CPConv,
-    DecompositionRule,
-    LowRankLinear,
-    ModelBudget,
-    Tucker2Conv,
-    dense_cost,
-    evbmf,
-    factorize,
-    factorize_with_report,
-    factorized_cost,
-    select_rank,
-)
+from methods.decomposition import CPConv
+from methods.decomposition import DecompositionRule
+from methods.decomposition import LowRankLinear
+from methods.decomposition import ModelBudget
+from methods.decomposition import Tucker2Conv
+from methods.decomposition import dense_cost
+from methods.decomposition import evbmf
+from methods.decomposition import factorize
+from methods.decomposition import factorize_with_report
+from methods.decomposition import factorized_cost
+from methods.decomposition import select_rank
 from research.nn import build_model
-from research.train import Checkpointer, create_train_state, make_train_step, state_to_model
+from research.train import Checkpointer
+from research.train import create_train_state
+from research.train import make_train_step
+from research.train import state_to_model
 from research.tree.rules import RuleError
 
 
