@@ -541,7 +541,7 @@ def factorize(
 
     Example:
       >>> from research.nn import build_model
-      >>> m = build_model("mlp", input_shape=(16,), num_classes=4, widths=(32,))
+      >>> m = build_model("mlp", input_shape=(16,), num_classes=4, widths=(32,), rngs=nnx.Rngs(0))
       >>> f = factorize(m, [DecompositionRule(pattern="layers", rank=4)], check_speed=False)
       >>> type(f.layers[0]).__name__
       'LowRankLinear'
