@@ -17,7 +17,9 @@ stage, and the export table sizes, differences and latencies per artifact.
 
 from methods.pruning import PruneStage
 from methods.quantization import QuantizeStage
-from research.config import Config, DataConfig, ModelConfig
+from research.config import Config
+from research.config import DataConfig
+from research.config import ModelConfig
 from research.export import ExportStage
 from research.stages import TrainStage
 

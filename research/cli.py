@@ -17,7 +17,8 @@ import sys
 def _cmd_run(args) -> int:
     from research import config as config_lib
     from research import report as report_lib
-    from research.run import register_all_stages, run
+    from research.run import register_all_stages
+    from research.run import run
 
     register_all_stages()
     try:

@@ -19,7 +19,8 @@ import json
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -148,7 +149,7 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(args) != len(value):
                 raise ConfigError(f"{key}={value!r} must have {len(args)} items")
-            return tuple(_check_type(v, a, key) for v, a in zip(value, args))
+            return tuple(_check_type(v, a, key) for v, a in zip(value, args, strict=False))
         item = args[0] if args else Any
         return tuple(_check_type(v, item, key) for v in value)
     if origin in (dict, Mapping) or annotation in (dict, Mapping):
@@ -232,7 +233,8 @@ def validate(config: Config) -> None:
       ConfigError: unknown model/data set/stage kind, or a model option the model lacks.
     """
     from research.data import list_datasets
-    from research.nn import list_models, model_kwargs
+    from research.nn import list_models
+    from research.nn import model_kwargs
     from research.stages import list_stages
 
     if config.model.name not in list_models():

@@ -42,7 +42,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns=None) -> str:
     for r in rows:
         cells.append([_fmt(r.get(k), f) for k, _, f in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))) for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -64,7 +66,10 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render(report: dict[str, Any]) -> str:
     """The human-readable report: the summary table, then each stage's tables and notes."""
-    parts = [f"run: {report.get('name', '')}  ({report.get('workdir', '')})", format_table(summary_rows(report), COLUMNS)]
+    parts = [
+        f"run: {report.get('name', '')}  ({report.get('workdir', '')})",
+        format_table(summary_rows(report), COLUMNS),
+    ]
     for st in report["stages"]:
         for name, table in st.get("tables", {}).items():
             if table:

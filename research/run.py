@@ -27,7 +27,10 @@ from research import config as config_lib
 from research import report as report_lib
 from research.data import load_dataset
 from research.nn import build_model
-from research.stages import Bundle, StageContext, get_stage, measure
+from research.stages import Bundle
+from research.stages import StageContext
+from research.stages import get_stage
+from research.stages import measure
 
 
 def register_all_stages() -> None:
@@ -113,7 +116,9 @@ def run(config: config_lib.Config, workdir: str, *, progress: bool = True, echo:
         else:
             previous = (bundle.model, report["stages"][-1]["metrics"] if report["stages"] else {})
             _, fn = get_stage(stage_cfg.kind)
-            ctx = StageContext(index=i, label=label, workdir=__import__("pathlib").Path(sdir), seed=config.seed, progress=progress)
+            ctx = StageContext(
+                index=i, label=label, workdir=__import__("pathlib").Path(sdir), seed=config.seed, progress=progress
+            )
             t0 = time.perf_counter()
             result = fn(bundle, stage_cfg, ctx)
             seconds = time.perf_counter() - t0

@@ -22,29 +22,30 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import ClassVar
+from typing import Literal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from research import metrics as _metrics
-from research.data import BatchSampler, Dataset
-from research.train import (
-    LossFn,
-    LossTransform,
-    create_train_state,
-    cross_entropy_loss,
-    evaluate,
-    fit,
-    make_eval_step,
-    make_train_step,
-    split_model,
-    state_to_model,
-)
+from research.data import BatchSampler
+from research.data import Dataset
+from research.train import LossFn
+from research.train import LossTransform
+from research.train import create_train_state
+from research.train import cross_entropy_loss
+from research.train import evaluate
+from research.train import fit
+from research.train import make_eval_step
+from research.train import make_train_step
+from research.train import split_model
+from research.train import state_to_model
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -229,8 +230,13 @@ def finetune(
     if steps <= 0:
         raise ValueError(f"steps={steps} must be positive")
     tx = make_optimizer(
-        steps=steps, learning_rate=learning_rate, optimizer=optimizer, weight_decay=weight_decay,
-        schedule=schedule, warmup_steps=warmup_steps, grad_clip=grad_clip,
+        steps=steps,
+        learning_rate=learning_rate,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        grad_clip=grad_clip,
     )
     if wrap_tx is not None:
         tx = wrap_tx(tx)
@@ -270,7 +276,9 @@ def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 
     return evaluate(defs, params, model_state, x, y, batch_size=batch_size)["accuracy"]
 
 
-def measure(model: nnx.Module, dataset: Dataset, *, latency_batch_size: int = 1, latency_repeats: int = 20) -> dict[str, float]:
+def measure(
+    model: nnx.Module, dataset: Dataset, *, latency_batch_size: int = 1, latency_repeats: int = 20
+) -> dict[str, float]:
     """The standard report columns for a model.
 
     Returns:

@@ -30,7 +30,9 @@ def _targets():
 def test_every_module_is_in_a_py_library_of_its_package():
     libs = {name: files for kind, name, files in _targets() if kind == "py_library"}
     listed = {f for files in libs.values() for f in files}
-    missing = [f for top in ("research", "methods", "configs", "experiments") for f in _py_files(top) if f not in listed]
+    missing = [
+        f for top in ("research", "methods", "configs", "experiments") for f in _py_files(top) if f not in listed
+    ]
     assert not missing, f"modules missing from BUILD (add them to the py_library of their package): {missing}"
     for top in ("research", "methods"):
         for f in _py_files(top):

@@ -21,7 +21,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from research import nn, train
+from research import nn
+from research import train
 from research.report import format_table
 
 
@@ -54,7 +55,9 @@ def bench(name: str, input_shape, batch: int, repeats: int) -> dict:
     model = nn.build_model(name, input_shape=input_shape, num_classes=10, rngs=nnx.Rngs(0))
     model.train()
     hw_step, hw_state = hand_written_step(model, tx)
-    defs, state = train.create_train_state(nn.build_model(name, input_shape=input_shape, num_classes=10, rngs=nnx.Rngs(0)), tx)
+    defs, state = train.create_train_state(
+        nn.build_model(name, input_shape=input_shape, num_classes=10, rngs=nnx.Rngs(0)), tx
+    )
     fw_step = train.make_train_step(defs, tx, donate=False)
     b = {"x": x, "y": y}
 

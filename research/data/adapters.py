@@ -20,8 +20,7 @@ def _require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
-            f"this adapter needs the '{module}' package, which is not installed; "
-            f"install it with: pip install {extra}"
+            f"this adapter needs the '{module}' package, which is not installed; install it with: pip install {extra}"
         ) from e
 
 

@@ -13,7 +13,8 @@ All arrays are float32 in [0, 1] (images) with integer labels; images are ``(N, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -85,7 +86,8 @@ def _mnist5k(seed: int, **_):
 @register_dataset("mnist1d")
 def _mnist1d(seed: int, num_samples: int = 5000, **_):
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.data import get_dataset_args
+        from mnist1d.data import make_dataset
     except ImportError as e:  # pragma: no cover - dependency of the package
         raise ImportError("MNIST-1D needs the 'mnist1d' package: pip install mnist1d") from e
     args = get_dataset_args()

@@ -58,7 +58,9 @@ def latency(fn: Callable[..., Any], *args: Any, warmup: int = 3, repeats: int = 
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
 
 
-def model_latency(model: nnx.Module, sample_input: jax.Array, *, warmup: int = 3, repeats: int = 20) -> dict[str, float]:
+def model_latency(
+    model: nnx.Module, sample_input: jax.Array, *, warmup: int = 3, repeats: int = 20
+) -> dict[str, float]:
     """Latency of the jitted forward pass of ``model`` on ``sample_input`` (see :func:`latency`)."""
     _, f, state = _forward(model)
     jf = jax.jit(f)

@@ -14,9 +14,9 @@ from research.nn.surgery import replace_by_type
 from research.nn.surgery import replace_module
 from research.nn.surgery import replace_modules
 from research.nn.surgery import summary
+from research.nn.zoo import CNN1D
 from research.nn.zoo import MLP
 from research.nn.zoo import BasicBlock
-from research.nn.zoo import CNN1D
 from research.nn.zoo import InvertedResidual
 from research.nn.zoo import LeNet5
 from research.nn.zoo import MobileNetV2Small

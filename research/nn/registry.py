@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 from flax import nnx
@@ -36,11 +37,7 @@ def model_kwargs(name: str) -> dict[str, Any]:
     """The keyword options a registered model accepts, with their defaults."""
     fn = get_model_fn(name)
     sig = inspect.signature(fn)
-    return {
-        k: p.default
-        for k, p in sig.parameters.items()
-        if p.kind == p.KEYWORD_ONLY and k != "rngs"
-    }
+    return {k: p.default for k, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY and k != "rngs"}
 
 
 def get_model_fn(name: str) -> Callable[..., nnx.Module]:

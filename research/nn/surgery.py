@@ -50,7 +50,9 @@ def get_module(model: nnx.Module, path: str) -> Any:
         return node
     for part in path.split("/"):
         try:
-            node = node[int(part)] if part.isdigit() and isinstance(node, (nnx.List, list, tuple)) else getattr(node, part)
+            node = (
+                node[int(part)] if part.isdigit() and isinstance(node, (nnx.List, list, tuple)) else getattr(node, part)
+            )
         except (AttributeError, IndexError) as e:
             known = [p for p, _ in iter_modules(model)]
             raise KeyError(f"no module at path {path!r} (failed at {part!r}); module paths: {known}") from e
@@ -136,7 +138,7 @@ def params_per_module(model: nnx.Module) -> dict[str, int]:
     counts = {}
     for path, module in iter_modules(model, include_root=True):
         own = 0
-        for name, value in vars(module).items():
+        for _name, value in vars(module).items():
             if isinstance(value, nnx.Param):
                 own += int(np.prod(np.shape(value.value)))
         if own:

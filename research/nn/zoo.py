@@ -54,7 +54,7 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         dims = [_flat_size(input_shape), *widths]
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:], strict=False)])
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
         self.head = nnx.Linear(dims[-1], num_classes, rngs=rngs)
 
@@ -159,8 +159,14 @@ def cnn1d(input_shape, num_classes, *, channels=25, rngs):
 
 def _conv_bn(cin, cout, k, stride, rngs, groups=1):
     conv = nnx.Conv(
-        cin, cout, (k, k), strides=(stride, stride), padding="SAME", use_bias=False,
-        feature_group_count=groups, rngs=rngs,
+        cin,
+        cout,
+        (k, k),
+        strides=(stride, stride),
+        padding="SAME",
+        use_bias=False,
+        feature_group_count=groups,
+        rngs=rngs,
     )
     return conv, nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
 
@@ -311,7 +317,7 @@ class VGGSmall(nnx.Module):
 
     def __call__(self, x):
         x = _as_image(x, self.input_shape)
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=False)):
             x = jax.nn.relu(bn(conv(x)))
             if i % 2 == 1:
                 x = _max_pool(x)

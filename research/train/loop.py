@@ -116,7 +116,7 @@ def fit(
             return
         fetched = jax.device_get([m for _, m in pending])
         rows = []
-        for (step, _), m in zip(pending, fetched):
+        for (step, _), m in zip(pending, fetched, strict=False):
             row = {"step": step, "split": "train"}
             row.update({k: float(np.asarray(v)) for k, v in m.items()})
             if not math.isfinite(row["loss"]):

@@ -11,7 +11,8 @@ regularisers); transforms stack with :func:`compose`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -35,8 +36,9 @@ def cross_entropy_loss(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple
 
 def l2_regularizer(weight: float, pattern: str = r"kernel$") -> LossTransform:
     """A loss transform adding ``weight * sum(w**2)`` over parameters whose path matches ``pattern``."""
-    from research.tree.paths import flatten_with_paths
     import re
+
+    from research.tree.paths import flatten_with_paths
 
     def transform(loss_fn: LossFn) -> LossFn:
         def new_loss(model, batch, rng):

@@ -8,7 +8,8 @@ RNG counters). Pure dicts are what every method transforms: masks have the same 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import optax

@@ -8,15 +8,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from research.train.losses import Batch, LossFn, LossTransform, apply_transforms, cross_entropy_loss
-from research.train.state import ModelDefs, TrainState, merge_model
+from research.train.losses import Batch
+from research.train.losses import LossFn
+from research.train.losses import LossTransform
+from research.train.losses import apply_transforms
+from research.train.losses import cross_entropy_loss
+from research.train.state import ModelDefs
+from research.train.state import TrainState
+from research.train.state import merge_model
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
 

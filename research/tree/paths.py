@@ -8,7 +8,8 @@ same strings.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -45,9 +46,7 @@ def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) 
 
 def map_with_paths(fn: Callable[..., Any], tree: Any, *rest: Any, is_leaf=None) -> Any:
     """Like ``jax.tree.map`` but ``fn`` receives the leaf's path string first."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, *xs: fn(path_to_str(p), *xs), tree, *rest, is_leaf=is_leaf
-    )
+    return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_to_str(p), *xs), tree, *rest, is_leaf=is_leaf)
 
 
 def tree_paths(tree: Any) -> list[str]:

@@ -11,7 +11,9 @@ def _cfg():
 
 
 def test_override_types_and_paths():
-    cfg = C.apply_overrides(_cfg(), ["seed=3", "stages.1.learning_rate=1", "model.options.widths=[8,4]", "data.limit=None"])
+    cfg = C.apply_overrides(
+        _cfg(), ["seed=3", "stages.1.learning_rate=1", "model.options.widths=[8,4]", "data.limit=None"]
+    )
     assert cfg.seed == 3 and cfg.stages[1].learning_rate == 1.0 and isinstance(cfg.stages[1].learning_rate, float)
     assert cfg.model.options == {"widths": [8, 4]} and cfg.data.limit is None
     cfg = C.apply_overrides(cfg, ["data.limit=100", "stages.0.optimizer=sgd"])
@@ -21,7 +23,9 @@ def test_override_types_and_paths():
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(C.ConfigError, match=r"unknown key 'stages.0.stepz'.*valid keys: .*'steps'"):
         C.apply_overrides(_cfg(), ["stages.0.stepz=5"])
-    with pytest.raises(C.ConfigError, match=r"valid keys: \['data', 'latency_batch_size', 'model', 'name', 'seed', 'stages'\]"):
+    with pytest.raises(
+        C.ConfigError, match=r"valid keys: \['data', 'latency_batch_size', 'model', 'name', 'seed', 'stages'\]"
+    ):
         C.apply_overrides(_cfg(), ["modle.name=x"])
 
 

@@ -4,7 +4,9 @@ import pytest
 from research import data
 
 
-@pytest.mark.parametrize("name,shape", [("digits", (8, 8, 1)), ("mnist5k", (28, 28, 1)), ("mnist1d", (40,)), ("synthetic", (8, 8, 1))])
+@pytest.mark.parametrize(
+    "name,shape", [("digits", (8, 8, 1)), ("mnist5k", (28, 28, 1)), ("mnist1d", (40,)), ("synthetic", (8, 8, 1))]
+)
 def test_shipped_datasets_load_without_network(name, shape):
     ds = data.load_dataset(name, seed=0)
     assert ds.input_shape == shape and ds.num_classes == 10

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research import metrics, nn
+from research import metrics
+from research import nn
 
 
 def test_counts_and_bytes():

@@ -1,4 +1,3 @@
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +23,10 @@ def test_zoo_forward_shapes_and_modes(name):
     assert nn.param_count(model) == sum(nn.params_per_module(model).values())
 
 
-@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("resnet20", (32, 32, 3)), ("vgg_small", (32, 32, 3)), ("mobilenetv2", (32, 32, 3))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [("lenet5", (28, 28, 1)), ("resnet20", (32, 32, 3)), ("vgg_small", (32, 32, 3)), ("mobilenetv2", (32, 32, 3))],
+)
 def test_image_models_take_dataset_shapes(name, shape):
     model = nn.build_model(name, input_shape=shape, num_classes=10, rngs=nnx.Rngs(1))
     model.eval()
@@ -43,7 +45,7 @@ def test_known_parameter_counts():
 
 def test_mlp_any_widths():
     m = nn.build_model("mlp", input_shape=(5,), num_classes=2, widths=(7, 6, 5, 4), rngs=nnx.Rngs(0))
-    assert [l.out_features for l in m.layers] == [7, 6, 5, 4]
+    assert [layer.out_features for layer in m.layers] == [7, 6, 5, 4]
 
 
 def test_bad_model_name_and_option():

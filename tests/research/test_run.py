@@ -3,7 +3,9 @@ import os
 
 import pytest
 
-from research import cli, config as C, run as run_lib
+from research import cli
+from research import config as C
+from research import run as run_lib
 
 
 def test_quickstart_smoke_end_to_end(tmp_path, capsys):
@@ -11,7 +13,14 @@ def test_quickstart_smoke_end_to_end(tmp_path, capsys):
     assert cli.main(["run", "configs/quickstart.py:smoke", "--workdir", str(workdir), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "test acc" in out and "0_train" in out
-    for name in ("config.json", "report.json", "report.txt", "curves.png", "stages/0_train/metrics.jsonl", "stages/0_train/result.pkl"):
+    for name in (
+        "config.json",
+        "report.json",
+        "report.txt",
+        "curves.png",
+        "stages/0_train/metrics.jsonl",
+        "stages/0_train/result.pkl",
+    ):
         assert (workdir / name).exists(), name
     report = json.loads((workdir / "report.json").read_text())
     m = report["stages"][0]["metrics"]
@@ -34,7 +43,9 @@ def test_bad_set_key_fails_before_training(tmp_path, capsys):
 
 
 def test_workdir_of_other_config_is_refused(tmp_path):
-    cfg = C.apply_overrides(C.load_config("configs/quickstart.py:smoke"), ["stages.0.steps=4", "stages.0.checkpoint_every=2"])
+    cfg = C.apply_overrides(
+        C.load_config("configs/quickstart.py:smoke"), ["stages.0.steps=4", "stages.0.checkpoint_every=2"]
+    )
     run_lib.run(cfg, str(tmp_path), progress=False, echo=False)
     other = C.apply_overrides(cfg, ["stages.0.steps=5"])
     with pytest.raises(C.ConfigError, match="different config"):

@@ -5,7 +5,9 @@ import optax
 import pytest
 from flax import nnx
 
-from research import data, nn, train
+from research import data
+from research import nn
+from research import train
 
 
 def _setup(model_name="mlp", seed=0, **opts):
@@ -18,7 +20,11 @@ def _setup(model_name="mlp", seed=0, **opts):
 
 
 def _leaves_equal(a, b):
-    to_np = lambda t: [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x) for x in jax.tree.leaves(t)]  # noqa: E731
+    def to_np(t):
+        return [
+            np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+            for x in jax.tree.leaves(t)
+        ]  # noqa: E731
     return all(np.array_equal(x, y) for x, y in zip(to_np(a), to_np(b), strict=True))
 
 
@@ -88,7 +94,9 @@ def test_eval_with_padding_matches_full_batch():
 def test_resume_after_kill_is_bit_identical(tmp_path):
     ds, defs, state0, tx, sampler = _setup("mlp", dropout=0.2)  # dropout exercises the RNG state
     step = train.make_train_step(defs, tx, donate=False)
-    full, _ = train.fit(state0, step, sampler, num_steps=25, workdir=tmp_path / "a", checkpoint_every=10, log_every=5, progress=False)
+    full, _ = train.fit(
+        state0, step, sampler, num_steps=25, workdir=tmp_path / "a", checkpoint_every=10, log_every=5, progress=False
+    )
 
     class Killed(Exception):
         pass
@@ -98,9 +106,21 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train.fit(state0, step, sampler, num_steps=25, workdir=tmp_path / "b", checkpoint_every=10, log_every=5, progress=False, on_step=kill_at_17)
+        train.fit(
+            state0,
+            step,
+            sampler,
+            num_steps=25,
+            workdir=tmp_path / "b",
+            checkpoint_every=10,
+            log_every=5,
+            progress=False,
+            on_step=kill_at_17,
+        )
     assert train.Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 10
-    resumed, _ = train.fit(state0, step, sampler, num_steps=25, workdir=tmp_path / "b", checkpoint_every=10, log_every=5, progress=False)
+    resumed, _ = train.fit(
+        state0, step, sampler, num_steps=25, workdir=tmp_path / "b", checkpoint_every=10, log_every=5, progress=False
+    )
     assert int(resumed.step) == 25
     assert _leaves_equal(full.params, resumed.params)
     assert _leaves_equal(full.opt_state, resumed.opt_state)

@@ -3,7 +3,15 @@ import dataclasses
 import jax.numpy as jnp
 import pytest
 
-from research.tree import Rule, RuleError, describe_matches, first_match, flatten_with_paths, get_by_path, map_with_paths, match_rules, set_by_path
+from research.tree import Rule
+from research.tree import RuleError
+from research.tree import describe_matches
+from research.tree import first_match
+from research.tree import flatten_with_paths
+from research.tree import get_by_path
+from research.tree import map_with_paths
+from research.tree import match_rules
+from research.tree import set_by_path
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
