@@ -21,7 +21,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from research.automl import GPSampler, InMemoryStorage, RandomSampler, Study  # noqa: E402
+from research.automl import GPSampler  # noqa: E402
+from research.automl import InMemoryStorage  # noqa: E402
+from research.automl import RandomSampler  # noqa: E402
+from research.automl import Study  # noqa: E402
 from research.automl import testfunctions as tf  # noqa: E402
 
 

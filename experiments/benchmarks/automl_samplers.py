@@ -38,17 +38,15 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from research.automl import (  # noqa: E402
-    Categorical,
-    Float,
-    GPSampler,
-    InMemoryStorage,
-    Int,
-    RandomSampler,
-    Space,
-    Study,
-    TPESampler,
-)
+from research.automl import Categorical  # noqa: E402
+from research.automl import Float  # noqa: E402
+from research.automl import GPSampler  # noqa: E402
+from research.automl import InMemoryStorage  # noqa: E402
+from research.automl import Int  # noqa: E402
+from research.automl import RandomSampler  # noqa: E402
+from research.automl import Space  # noqa: E402
+from research.automl import Study  # noqa: E402
+from research.automl import TPESampler  # noqa: E402
 from research.automl import testfunctions as tf  # noqa: E402
 
 PROBLEMS = {

@@ -5,32 +5,39 @@ Pure JAX + numpy + stdlib; the numerical parts (GP fits, acquisition ascent, TPE
 are jitted and vmapped.
 """
 
-from research.automl.acquisition import (
-    expected_improvement,
-    get_acquisition,
-    list_acquisitions,
-    log_expected_improvement,
-    probability_of_improvement,
-    register_acquisition,
-    upper_confidence_bound,
-)
+from research.automl.acquisition import expected_improvement
+from research.automl.acquisition import get_acquisition
+from research.automl.acquisition import list_acquisitions
+from research.automl.acquisition import log_expected_improvement
+from research.automl.acquisition import probability_of_improvement
+from research.automl.acquisition import register_acquisition
+from research.automl.acquisition import upper_confidence_bound
 from research.automl.gp import GPSampler
-from research.automl.plots import plot_history, plot_pareto_front
-from research.automl.samplers import (
-    QMCSampler,
-    RandomSampler,
-    Sampler,
-    list_samplers,
-    make_sampler,
-    register_sampler,
-)
-from research.automl.schedulers import ASHA, Hyperband, Scheduler, SuccessiveHalving
+from research.automl.plots import plot_history
+from research.automl.plots import plot_pareto_front
+from research.automl.samplers import QMCSampler
+from research.automl.samplers import RandomSampler
+from research.automl.samplers import Sampler
+from research.automl.samplers import list_samplers
+from research.automl.samplers import make_sampler
+from research.automl.samplers import register_sampler
+from research.automl.schedulers import ASHA
+from research.automl.schedulers import Hyperband
+from research.automl.schedulers import Scheduler
+from research.automl.schedulers import SuccessiveHalving
 from research.automl.sobol import sobol_points
-from research.automl.space import Categorical, Float, Int, Space
-from research.automl.storage import InMemoryStorage, SQLiteStorage, Storage
+from research.automl.space import Categorical
+from research.automl.space import Float
+from research.automl.space import Int
+from research.automl.space import Space
+from research.automl.storage import InMemoryStorage
+from research.automl.storage import SQLiteStorage
+from research.automl.storage import Storage
 from research.automl.study import Study
-from research.automl.tpe import BOHBSampler, TPESampler
-from research.automl.trial import Trial, TrialState
+from research.automl.tpe import BOHBSampler
+from research.automl.tpe import TPESampler
+from research.automl.trial import Trial
+from research.automl.trial import TrialState
 
 __all__ = [
     "ASHA",

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import log_ndtr, ndtr
+from jax.scipy.special import log_ndtr
+from jax.scipy.special import ndtr
 
 __all__ = [
     "expected_improvement",

@@ -31,15 +31,23 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.automl._numerics import TRACE_COUNTS, bfgs_minimize, bucket, maybe_x64
+from research.automl._numerics import TRACE_COUNTS
+from research.automl._numerics import bfgs_minimize
+from research.automl._numerics import bucket
+from research.automl._numerics import maybe_x64
 from research.automl.acquisition import get_acquisition
-from research.automl.samplers import QMCSampler, Sampler, observations, register_sampler, scalarize
+from research.automl.samplers import QMCSampler
+from research.automl.samplers import Sampler
+from research.automl.samplers import observations
+from research.automl.samplers import register_sampler
+from research.automl.samplers import scalarize
 from research.automl.space import Space
 
 __all__ = ["GPSampler", "GPState", "fit_gp", "gp_posterior", "matern52", "posterior_state"]
@@ -257,8 +265,12 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         s = score_u(state, u, act, best)
         close = too_close(_features(u, act, is_cat), x_all, mask_all)
         s = jnp.where(close | ~jnp.isfinite(s), -jnp.inf, s)
-        top = jnp.argsort(-s)[: cfg.n_starts]
-        u0, a0 = u[top], act[top]
+        top = jnp.argsort(-s)[: cfg.n_starts - 1]
+        # Also ascend from the best evaluated point itself (fine local refinement).
+        u_best = snap(centers_u[:1])
+        u0 = jnp.concatenate([u[top], u_best], 0)
+        a0 = jnp.concatenate([act[top], activity(u_best)], 0)
+        s0 = jnp.concatenate([s[top], jnp.full((1,), -jnp.inf, s.dtype)], 0)
         free = a0 & ~frozen
 
         def obj(uu, aa):
@@ -274,7 +286,8 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
             v = 0.999 * v + 0.001 * g * g
             mh = m / (1 - 0.9 ** (t + 1))
             vh = v / (1 - 0.999 ** (t + 1))
-            uu = jnp.clip(uu + cfg.ascent_lr * mh / (jnp.sqrt(vh) + 1e-8), 0.0, 1.0)
+            lr = cfg.ascent_lr * jnp.exp(jnp.log(0.02) * t / cfg.ascent_steps)  # decays 50x
+            uu = jnp.clip(uu + lr * mh / (jnp.sqrt(vh) + 1e-8), 0.0, 1.0)
             return (uu, m, v), None
 
         zeros = jnp.zeros_like(u0)
@@ -288,7 +301,7 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         s1 = jnp.where(close1 | ~jnp.isfinite(s1), -jnp.inf, s1)
         # Compare ascent results with the pool's best (the ascent may end worse after snapping).
         cand_u = jnp.concatenate([u1, u0], 0)
-        cand_s = jnp.concatenate([s1, s[top]], 0)
+        cand_s = jnp.concatenate([s1, s0], 0)
         i = jnp.argmax(cand_s)
         return cand_u[i], cand_s[i]
 
@@ -402,7 +415,7 @@ class GPSampler(Sampler):
         n_local: int = 256,
         n_starts: int = 8,
         ascent_steps: int = 40,
-        ascent_lr: float = 0.02,
+        ascent_lr: float = 0.05,
         min_distance: float = 1e-3,
         fit_maxiter: int = 50,
         warm_maxiter: int = 20,

@@ -10,14 +10,16 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from research.automl.sobol import sobol_points
 from research.automl.space import Space
-from research.automl.trial import Trial, TrialState
+from research.automl.trial import Trial
+from research.automl.trial import TrialState
 
 __all__ = [
     "Observations",

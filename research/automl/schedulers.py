@@ -26,7 +26,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from research.automl.trial import Trial, TrialState
+from research.automl.trial import Trial
+from research.automl.trial import TrialState
 
 __all__ = ["ASHA", "Hyperband", "Job", "Scheduler", "SuccessiveHalving"]
 

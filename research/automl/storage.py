@@ -17,10 +17,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
-from research.automl.trial import Trial, TrialState
+from research.automl.trial import Trial
+from research.automl.trial import TrialState
 
 __all__ = ["InMemoryStorage", "SQLiteStorage", "Storage", "make_storage"]
 

@@ -19,17 +19,22 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 
-from research.automl.samplers import Sampler, nondominated_rank
+from research.automl.samplers import Sampler
+from research.automl.samplers import nondominated_rank
 from research.automl.schedulers import Scheduler
 from research.automl.space import Space
-from research.automl.storage import Storage, make_storage
-from research.automl.trial import Trial, TrialState
+from research.automl.storage import Storage
+from research.automl.storage import make_storage
+from research.automl.trial import Trial
+from research.automl.trial import TrialState
 
 __all__ = ["Study"]
 

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from research.automl.space import Categorical, Float, Int, Space
+from research.automl.space import Categorical
+from research.automl.space import Float
+from research.automl.space import Int
+from research.automl.space import Space
 
 __all__ = [
     "BRANIN_MIN",

@@ -34,14 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.automl._numerics import TRACE_COUNTS, bucket
-from research.automl.samplers import (
-    RandomSampler,
-    Sampler,
-    nondominated_rank,
-    observations,
-    register_sampler,
-)
+from research.automl._numerics import TRACE_COUNTS
+from research.automl._numerics import bucket
+from research.automl.samplers import RandomSampler
+from research.automl.samplers import Sampler
+from research.automl.samplers import nondominated_rank
+from research.automl.samplers import observations
+from research.automl.samplers import register_sampler
 
 __all__ = ["BOHBSampler", "Mixture", "TPESampler", "default_gamma", "log_mixture_pdf"]
 

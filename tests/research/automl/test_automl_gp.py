@@ -10,11 +10,16 @@ import pytest
 from scipy.special import erfcx
 from scipy.stats import norm
 
-from research.automl import GPSampler, Study
+from research.automl import GPSampler
+from research.automl import Study
 from research.automl import acquisition as acq
-from research.automl._numerics import TRACE_COUNTS, maybe_x64
-from research.automl.gp import add_point, gp_posterior, posterior_state
-from research.automl.testfunctions import conditional, conditional_space
+from research.automl._numerics import TRACE_COUNTS
+from research.automl._numerics import maybe_x64
+from research.automl.gp import add_point
+from research.automl.gp import gp_posterior
+from research.automl.gp import posterior_state
+from research.automl.testfunctions import conditional
+from research.automl.testfunctions import conditional_space
 
 SMALL_GP = dict(n_candidates=128, n_local=32, n_starts=4, ascent_steps=8, n_screen=8)
 

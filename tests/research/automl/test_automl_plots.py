@@ -1,6 +1,11 @@
 """Optimisation-history and Pareto-front PNGs."""
 
-from research.automl import Float, RandomSampler, Space, Study, plot_history, plot_pareto_front
+from research.automl import Float
+from research.automl import RandomSampler
+from research.automl import Space
+from research.automl import Study
+from research.automl import plot_history
+from research.automl import plot_pareto_front
 
 
 def test_plots_write_png(tmp_path):

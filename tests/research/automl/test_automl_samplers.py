@@ -5,18 +5,17 @@ import math
 import numpy as np
 import pytest
 
-from research.automl import (
-    BOHBSampler,
-    GPSampler,
-    QMCSampler,
-    RandomSampler,
-    Study,
-    TPESampler,
-    TrialState,
-    list_samplers,
-    make_sampler,
-)
-from research.automl.testfunctions import conditional, conditional_space
+from research.automl import BOHBSampler
+from research.automl import GPSampler
+from research.automl import QMCSampler
+from research.automl import RandomSampler
+from research.automl import Study
+from research.automl import TPESampler
+from research.automl import TrialState
+from research.automl import list_samplers
+from research.automl import make_sampler
+from research.automl.testfunctions import conditional
+from research.automl.testfunctions import conditional_space
 
 SMALL_GP = dict(n_candidates=128, n_local=32, n_starts=4, ascent_steps=8, n_screen=8)
 

@@ -4,17 +4,15 @@ import math
 
 import pytest
 
-from research.automl import (
-    ASHA,
-    BOHBSampler,
-    Float,
-    Hyperband,
-    RandomSampler,
-    Space,
-    Study,
-    SuccessiveHalving,
-    TrialState,
-)
+from research.automl import ASHA
+from research.automl import BOHBSampler
+from research.automl import Float
+from research.automl import Hyperband
+from research.automl import RandomSampler
+from research.automl import Space
+from research.automl import Study
+from research.automl import SuccessiveHalving
+from research.automl import TrialState
 
 SPACE = Space({"x": Float(0.0, 1.0), "y": Float(0.0, 1.0)})
 

@@ -4,7 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.automl import Categorical, Float, Int, Space
+from research.automl import Categorical
+from research.automl import Float
+from research.automl import Int
+from research.automl import Space
 from research.automl.testfunctions import conditional_space
 
 

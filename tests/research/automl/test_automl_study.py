@@ -8,15 +8,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from research.automl import (
-    Float,
-    InMemoryStorage,
-    RandomSampler,
-    Space,
-    SQLiteStorage,
-    Study,
-    TrialState,
-)
+from research.automl import Float
+from research.automl import InMemoryStorage
+from research.automl import RandomSampler
+from research.automl import Space
+from research.automl import SQLiteStorage
+from research.automl import Study
+from research.automl import TrialState
 
 SPACE = Space({"x": Float(-1.0, 1.0)})
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

@@ -5,8 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.automl import Categorical, Float, Space, TPESampler
-from research.automl.tpe import Mixture, log_mixture_pdf
+from research.automl import Categorical
+from research.automl import Float
+from research.automl import Space
+from research.automl import TPESampler
+from research.automl.tpe import Mixture
+from research.automl.tpe import log_mixture_pdf
 
 
 @pytest.mark.parametrize("multivariate", [False, True])
