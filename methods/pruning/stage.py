@@ -11,20 +11,38 @@ Example config entry::
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import ClassVar
+from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from methods.pruning.encoding import leaf_sparse_bytes, sparse_bytes
-from methods.pruning.masks import SparsityRule, check_sparsity, mask_sparsity
-from methods.pruning.patterns import NM, Block, Unstructured
-from methods.pruning.schedules import iterative_schedule, one_shot_schedule, polynomial_schedule
+from methods.pruning.encoding import leaf_sparse_bytes
+from methods.pruning.encoding import sparse_bytes
+from methods.pruning.masks import SparsityRule
+from methods.pruning.masks import check_sparsity
+from methods.pruning.masks import mask_sparsity
+from methods.pruning.patterns import NM
+from methods.pruning.patterns import Block
+from methods.pruning.patterns import Unstructured
+from methods.pruning.schedules import iterative_schedule
+from methods.pruning.schedules import one_shot_schedule
+from methods.pruning.schedules import polynomial_schedule
+from methods.pruning.scores import get_scorer
 from methods.pruning.structured import remove_channels
-from methods.pruning.wrapper import find_masks, masked
+from methods.pruning.wrapper import find_masks
+from methods.pruning.wrapper import masked
 from research.nn import iter_modules
-from research.stages import Bundle, StageConfig, StageContext, StageResult, finetune, register_stage
+from research.stages import Bundle
+from research.stages import StageConfig
+from research.stages import StageContext
+from research.stages import StageResult
+from research.stages import finetune
+from research.stages import register_stage
+from research.train import merge_model
 from research.train import split_model
 from research.tree import flatten_with_paths
 
@@ -47,7 +65,9 @@ class PruneStage(StageConfig):
       rules: :class:`~methods.pruning.SparsityRule` s (empty = every kernel).
       channel_ratio: fraction of channels removed physically (before fine-tuning); 0 = none.
       channel_score: ``l1``, ``l2``, ``bn_scale`` or ``taylor``.
-      steps, learning_rate, batch_size, optimizer: fine-tuning.
+      steps, learning_rate, batch_size, optimizer: fine-tuning. ``steps=0`` (``one_shot``
+        schedule only) applies the one-shot masks without fine-tuning, e.g. to measure the
+        pruned model before a later stage (distillation) trains it.
     """
 
     kind: ClassVar[str] = "prune"
@@ -75,8 +95,18 @@ class PruneStage(StageConfig):
         check_sparsity(self.sparsity, "PruneStage.sparsity")
         if not 0.0 <= self.channel_ratio < 1.0:
             raise ValueError(f"PruneStage.channel_ratio={self.channel_ratio} is outside [0, 1)")
-        if self.steps <= 0:
-            raise ValueError(f"PruneStage.steps={self.steps} must be positive")
+        if self.steps < 0:
+            raise ValueError(f"PruneStage.steps={self.steps} must be >= 0")
+        if self.steps == 0 and self.schedule != "one_shot":
+            raise ValueError(
+                f"PruneStage.steps=0 needs schedule='one_shot' (got {self.schedule!r}): only a "
+                "one-shot prune needs no training; set schedule='one_shot' or steps > 0"
+            )
+        if self.steps == 0 and get_scorer(self.scorer).needs_grad:
+            raise ValueError(
+                f"PruneStage.steps=0 cannot use scorer={self.scorer!r}, which needs gradients; "
+                "use 'magnitude' or 'random', or steps > 0"
+            )
         if not 0.0 < self.ramp_fraction <= 1.0:
             raise ValueError(f"PruneStage.ramp_fraction={self.ramp_fraction} must be in (0, 1]")
 
@@ -173,6 +203,8 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
                 seed=ctx.seed,
             )
 
+    if cfg.steps == 0:
+        return _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes)
     model, records, (defs, state) = finetune(
         model,
         ds,
@@ -196,3 +228,32 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
     table = layer_table(model, original, masks)
     new_bundle = dataclasses.replace(bundle, model=model, extras=extras)
     return StageResult(bundle=new_bundle, metrics=metrics, tables={"layers": table}, notes=notes)
+
+
+def _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes) -> StageResult:
+    """``steps=0``: one update of the mask wrapper around a zero optimizer, i.e. the one-shot
+    masks of a training run, applied to the weights without any training step."""
+    metrics: dict[str, float] = {}
+    defs, params, model_state = split_model(nnx.clone(model))
+    masks = None
+    if wrap is not None:
+        tx = wrap(optax.set_to_zero())
+        state = tx.init(params)
+        updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+        params = optax.apply_updates(params, updates)
+        masks = find_masks(state)
+        metrics["mask_sparsity"] = mask_sparsity(masks)["__global__"]
+    model = merge_model(defs.eval, params, model_state)
+    notes.append("one-shot masks applied without fine-tuning (steps=0)")
+    enc = sparse_bytes(params, masks)
+    metrics.update({k: float(v) for k, v in enc.items()})
+    metrics["sparsity"] = 1.0 - enc["nonzeros"] / max(enc["params"], 1)
+    extras = dict(bundle.extras)
+    if masks is not None:
+        extras["masks"] = masks
+    return StageResult(
+        bundle=dataclasses.replace(bundle, model=model, extras=extras),
+        metrics=metrics,
+        tables={"layers": layer_table(model, original, masks)},
+        notes=notes,
+    )

@@ -1,0 +1,168 @@
+"""Distillation recovering the accuracy lost to 90% pruning or to 4-bit quantization.
+
+Run (one pipeline, one seed):
+  slimjax run configs/kd_recovery.py:prune --workdir runs/kd_prune
+  slimjax run configs/kd_recovery.py:quant --workdir runs/kd_quant
+  slimjax run configs/kd_recovery.py:prune,quick     # seconds-long smoke variant
+
+``experiments/kd_recovery/main.py`` runs both pipelines for several seeds and prints the table.
+
+Each pipeline trains a dense LeNet-300-100 teacher on the shipped 5,000-image MNIST subset,
+compresses it once, and then fine-tunes that same compressed model twice with the same steps,
+learning rate, optimizer and batches: once on the hard labels alone (no teacher) and once
+distilled from the dense teacher (Hinton KD, ``(1 - alpha) CE + alpha T^2 KL``).
+
+``prune``::
+
+    0_train    dense teacher
+    1_prune    one-shot magnitude masks, 90% of every kernel, no fine-tuning (steps=0)
+    2_prune    fine-tuning with the masked optax wrapper, cross-entropy (no teacher); the
+               one-shot masks of an already 90%-sparse model are the same masks
+    3_distill  student = 1_prune, teacher = 0_train; ``keep_zeros`` holds the pruned weights
+               at exactly zero
+
+``quant``::
+
+    0_train    dense teacher
+    1_quantize 4-bit fake-quant (STE, per-channel kernels, 4-bit input activations), min-max
+               calibration; no training (post-training quantization)
+    2_qat      quantization-aware fine-tuning, cross-entropy (no teacher)
+    3_distill  student = 1_quantize, teacher = 0_train (the float model)
+
+Expected on a 2-core CPU: well under a minute per pipeline; see
+``experiments/kd_recovery/README.md`` for the measured accuracies.
+"""
+
+# No ``from __future__ import annotations``: research.config.load_config executes this file
+# without registering it in sys.modules, and dataclasses then cannot resolve string annotations.
+import dataclasses
+
+from methods.distillation import DistillStage
+from methods.pruning import PruneStage
+from methods.quantization import QATStage
+from methods.quantization import QuantizeStage
+from research.config import Config
+from research.config import DataConfig
+from research.config import ModelConfig
+from research.stages import TrainStage
+
+PIPELINES = ("prune", "quant")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """The shared knobs of both pipelines (the two arms of a pipeline use the same ones).
+
+    Attributes:
+      teacher_steps, teacher_lr: the dense teacher's training.
+      sparsity: one-shot magnitude sparsity of every kernel (layerwise).
+      bits, method: fake-quant bit width (kernels and input activations) and quantizer.
+      steps, learning_rate: the fine-tuning of both arms (with and without the teacher).
+      qat_learning_rate: the same, for the quantized pipeline.
+      batch_size: examples per step everywhere.
+      temperature, alpha: Hinton KD of the distilled arm.
+      limit: keep at most this many training images (``None`` = all); for smoke runs.
+    """
+
+    teacher_steps: int = 1500
+    teacher_lr: float = 1e-3
+    sparsity: float = 0.9
+    bits: int = 4
+    method: str = "ste"
+    steps: int = 300
+    learning_rate: float = 1e-3
+    qat_learning_rate: float = 1e-4
+    batch_size: int = 128
+    temperature: float = 4.0
+    alpha: float = 0.9
+    limit: int | None = None
+
+
+QUICK = Recipe(teacher_steps=30, steps=10, batch_size=64, limit=256)
+
+
+def _train(steps: int, lr: float, recipe: Recipe) -> TrainStage:
+    # Checkpoints only at the end and validation only at the end: the runs are short.
+    return TrainStage(
+        steps=steps,
+        learning_rate=lr,
+        batch_size=recipe.batch_size,
+        checkpoint_every=0,
+        eval_every=0,
+        log_every=max(1, steps // 10),
+    )
+
+
+def stages(pipeline: str, recipe: Recipe) -> tuple:
+    """The stage tuple of ``pipeline`` (``"prune"`` or ``"quant"``).
+
+    Raises:
+      ValueError: unknown pipeline.
+    """
+    teacher = _train(recipe.teacher_steps, recipe.teacher_lr, recipe)
+    if pipeline == "prune":
+        prune = {"sparsity": recipe.sparsity, "schedule": "one_shot", "scorer": "magnitude"}
+        return (
+            teacher,
+            PruneStage(**prune, steps=0),
+            PruneStage(
+                **prune,
+                steps=recipe.steps,
+                learning_rate=recipe.learning_rate,
+                batch_size=recipe.batch_size,
+                checkpoint_every=0,
+            ),
+            DistillStage(
+                teacher="0_train",
+                student="1_prune",
+                temperature=recipe.temperature,
+                alpha=recipe.alpha,
+                keep_zeros=True,
+                train=_train(recipe.steps, recipe.learning_rate, recipe),
+            ),
+        )
+    if pipeline == "quant":
+        quant = {"bits": recipe.bits, "method": recipe.method, "per_channel": True}
+        finetune = _train(recipe.steps, recipe.qat_learning_rate, recipe)
+        return (
+            teacher,
+            QuantizeStage(**quant),
+            QATStage(**quant, train=finetune),
+            DistillStage(
+                teacher="0_train",
+                student="1_quantize",
+                temperature=recipe.temperature,
+                alpha=recipe.alpha,
+                keep_zeros=False,
+                train=finetune,
+            ),
+        )
+    raise ValueError(f"pipeline={pipeline!r} is not one of {PIPELINES}")
+
+
+def make_config(pipeline: str, recipe: Recipe = Recipe(), seed: int = 0) -> Config:
+    """The :class:`~research.config.Config` of one pipeline and seed."""
+    return Config(
+        name=f"kd_recovery-{pipeline}",
+        seed=seed,
+        model=ModelConfig(name="lenet300"),
+        data=DataConfig(name="mnist5k", limit=recipe.limit),
+        stages=stages(pipeline, recipe),
+    )
+
+
+def get_config(arg: str | None = None) -> Config:
+    """``arg``: ``prune`` or ``quant``, optionally followed by ``,quick`` (default ``prune``).
+
+    Raises:
+      ValueError: an unknown word in ``arg``.
+    """
+    words = [w.strip() for w in (arg or "prune").split(",") if w.strip()]
+    bad = [w for w in words if w not in (*PIPELINES, "quick")]
+    pipelines = [w for w in words if w in PIPELINES]
+    if bad or len(pipelines) != 1:
+        raise ValueError(
+            f"kd_recovery config arg {arg!r}: give one of {PIPELINES}, optionally with ',quick' "
+            "(e.g. 'quant,quick')"
+        )
+    return make_config(pipelines[0], QUICK if "quick" in words else Recipe())

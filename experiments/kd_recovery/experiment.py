@@ -1,0 +1,278 @@
+"""Does distillation recover the accuracy lost to 90% pruning or 4-bit quantization better than
+fine-tuning without a teacher?
+
+For each seed, ``configs/kd_recovery.py`` runs two pipelines through the stage runner
+(:func:`research.run.run`), each with four stages:
+
+* ``prune``: dense teacher -> one-shot 90% magnitude masks (no training) -> masked fine-tuning
+  on the hard labels (``PruneStage``) and, from the same pruned model, distillation from the
+  dense teacher (``DistillStage`` with ``keep_zeros``);
+* ``quant``: dense teacher -> 4-bit fake-quant + calibration (``QuantizeStage``) -> QAT on the
+  hard labels (``QATStage``) and, from the same quantized model, distillation (``DistillStage``).
+
+Both arms of a pipeline start from the same compressed model and use the same steps, learning
+rate, optimizer, schedule and batches; only the loss differs. The table gives test accuracy of
+the dense teacher, the compressed model before fine-tuning, and the two fine-tuned models
+(mean and standard deviation over seeds), and the share of the gap
+``teacher - compressed`` that each arm recovers. For the pruned pipeline it also checks that
+every weight pruned by stage ``1_prune`` is still exactly zero after both fine-tunings.
+
+Data: ``mnist5k`` split by the run's seed (3,600 train, 400 validation, 1,000 test images), so
+a seed changes the split, the initialisation and the batch order; within a seed both arms and
+the teacher see the same split.
+
+Reference (KD): Hinton, Vinyals & Dean, https://arxiv.org/abs/1503.02531
+"""
+
+import dataclasses
+import importlib.util
+import pathlib
+import pickle
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from research.report import format_table
+from research.run import run
+from research.train import split_model
+
+CONFIG_PATH = pathlib.Path(__file__).resolve().parents[2] / "configs" / "kd_recovery.py"
+PIPELINES = ("prune", "quant")
+# Stage labels of each pipeline: teacher, compressed (no training), no-teacher fine-tune, KD.
+LABELS = {
+    "prune": ("0_train", "1_prune", "2_prune", "3_distill"),
+    "quant": ("0_train", "1_quantize", "2_qat", "3_distill"),
+}
+ARMS = ("teacher", "compressed", "plain", "kd")
+
+
+def config_module():
+    """The ``configs/kd_recovery.py`` module (it is a file, not a package module)."""
+    name = "slimjax_config_kd_recovery"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, CONFIG_PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def stage_model(workdir: pathlib.Path, label: str):
+    """The model a finished stage of a run left (``stages/<label>/result.pkl``)."""
+    with open(workdir / "stages" / label / "result.pkl", "rb") as f:
+        return pickle.load(f)["model"]
+
+
+def revived_weights(before, after) -> dict[str, int]:
+    """How many parameters that are exactly zero in ``before`` are non-zero in ``after``.
+
+    Returns:
+      ``{"zeros": zeros in before, "revived": of those, non-zero in after}``.
+
+    Raises:
+      ValueError: the two models have different parameter structures.
+    """
+    _, p0, _ = split_model(before)
+    _, p1, _ = split_model(after)
+    import jax
+
+    l0, t0 = jax.tree.flatten(p0)
+    l1, t1 = jax.tree.flatten(p1)
+    if t0 != t1:
+        raise ValueError(f"parameter trees differ: {t0} vs {t1}")
+    zeros = revived = 0
+    for a, b in zip(l0, l1, strict=True):
+        z = np.asarray(a) == 0
+        zeros += int(z.sum())
+        revived += int((np.asarray(b)[z] != 0).sum())
+    return {"zeros": zeros, "revived": revived}
+
+
+def run_pipeline(
+    pipeline: str, recipe, seed: int, root: pathlib.Path, *, progress: bool = False
+) -> dict[str, Any]:
+    """Runs one pipeline for one seed; returns the test accuracy of each arm and checks."""
+    cfg = config_module().make_config(pipeline, recipe, seed)
+    workdir = root / f"{pipeline}_s{seed}"
+    t0 = time.perf_counter()
+    report = run(cfg, str(workdir), progress=progress, echo=False)
+    metrics = {st["label"]: st["metrics"] for st in report["stages"]}
+    labels = LABELS[pipeline]
+    out: dict[str, Any] = {
+        "pipeline": pipeline,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        **{arm: metrics[label]["test_accuracy"] for arm, label in zip(ARMS, labels, strict=True)},
+        "nonzeros": {arm: metrics[label]["nonzeros"] for arm, label in zip(ARMS, labels, strict=True)},
+        "params": metrics[labels[0]]["params"],
+    }
+    if pipeline == "prune":
+        compressed = stage_model(workdir, labels[1])
+        out["revived"] = {
+            arm: revived_weights(compressed, stage_model(workdir, label))["revived"]
+            for arm, label in (("plain", labels[2]), ("kd", labels[3]))
+        }
+        out["pruned_zeros"] = revived_weights(compressed, compressed)["zeros"]
+    else:
+        out["quantized_bytes"] = metrics[labels[1]].get("quantized_bytes")
+    return out
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    mean, sd = _mean_sd([scale * v for v in values])
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def recovered(teacher: float, compressed: float, tuned: float) -> float:
+    """Share of the gap ``teacher - compressed`` closed by fine-tuning (1 = back to the teacher).
+
+    ``nan`` when the compressed model is not worse than the teacher (no gap to recover).
+    """
+    gap = teacher - compressed
+    return (tuned - compressed) / gap if gap > 0 else float("nan")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results table (one row per pipeline) and per-seed rows from :func:`run_pipeline`."""
+    rows, per_seed = [], []
+    for pipeline in PIPELINES:
+        rs = [r for r in runs if r["pipeline"] == pipeline]
+        if not rs:
+            continue
+        rec = {
+            arm: [recovered(r["teacher"], r["compressed"], r[arm]) for r in rs]
+            for arm in ("plain", "kd")
+        }
+        diff = [r["kd"] - r["plain"] for r in rs]
+        rows.append(
+            {
+                "pipeline": pipeline,
+                "seeds": len(rs),
+                **{arm: _pm([r[arm] for r in rs]) for arm in ARMS},
+                "recovered_plain": _pm(rec["plain"], digits=0),
+                "recovered_kd": _pm(rec["kd"], digits=0),
+                "kd_minus_plain": _pm(diff),
+                "kd_wins": f"{sum(d > 0 for d in diff)}/{len(diff)}",
+            }
+        )
+        for r in rs:
+            per_seed.append(
+                {
+                    "pipeline": pipeline,
+                    "seed": r["seed"],
+                    **{arm: 100 * r[arm] for arm in ARMS},
+                    "kd_minus_plain": 100 * (r["kd"] - r["plain"]),
+                }
+            )
+    columns = [
+        ("pipeline", "pipeline", "{}"),
+        ("seeds", "seeds", "{}"),
+        ("teacher", "dense teacher %", "{}"),
+        ("compressed", "compressed, no FT %", "{}"),
+        ("plain", "FT no teacher %", "{}"),
+        ("kd", "FT with KD %", "{}"),
+        ("recovered_plain", "gap recovered, no teacher %", "{}"),
+        ("recovered_kd", "gap recovered, KD %", "{}"),
+        ("kd_minus_plain", "KD - no teacher (pp)", "{}"),
+        ("kd_wins", "KD better", "{}"),
+    ]
+    seed_columns = [
+        ("pipeline", "pipeline", "{}"),
+        ("seed", "seed", "{}"),
+        *[(arm, f"{arm} %", "{:.1f}") for arm in ARMS],
+        ("kd_minus_plain", "KD - no teacher (pp)", "{:+.1f}"),
+    ]
+    return {
+        "rows": rows,
+        "per_seed": per_seed,
+        "table": format_table(rows, columns),
+        "seed_table": format_table(per_seed, seed_columns),
+    }
+
+
+def run_experiment(
+    recipe=None,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    *,
+    pipelines: tuple[str, ...] = PIPELINES,
+    workdir: str | None = None,
+    progress: bool = False,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Runs every pipeline for every seed and returns the tables and checks.
+
+    Args:
+      recipe: a ``configs/kd_recovery.py`` ``Recipe`` (default: its defaults).
+      seeds: one teacher and one pair of fine-tuned models per pipeline and seed.
+      pipelines: ``"prune"`` and/or ``"quant"``.
+      workdir: where the runs go (one run directory per pipeline and seed); a finished run
+        there is reused, a killed one resumes. ``None``: a temporary directory, deleted after.
+      progress: progress bars of the training loops.
+      echo: print per-run lines and the tables.
+
+    Returns:
+      ``{"recipe", "runs", "rows", "per_seed", "table", "seed_table", "checks", "summary"}``;
+      ``checks`` holds ``pruned_stay_zero`` (no weight zeroed by the one-shot prune is
+      non-zero after either fine-tuning) and ``same_teacher`` (both pipelines of a seed
+      trained the same teacher: equal test accuracy).
+
+    Raises:
+      ValueError: an unknown pipeline name.
+    """
+    module = config_module()
+    recipe = recipe or module.Recipe()
+    bad = [p for p in pipelines if p not in PIPELINES]
+    if bad:
+        raise ValueError(f"pipelines {bad} are not in {PIPELINES}")
+    with tempfile.TemporaryDirectory(prefix="kd_recovery_") as tmp:
+        root = pathlib.Path(workdir or tmp)
+        runs = []
+        for seed in seeds:
+            for pipeline in pipelines:
+                r = run_pipeline(pipeline, recipe, seed, root, progress=progress)
+                runs.append(r)
+                if echo:
+                    accs = " ".join(f"{arm} {100 * r[arm]:.1f}" for arm in ARMS)
+                    print(f"{pipeline} seed {seed}: test acc % {accs} ({r['seconds']:.0f}s)", flush=True)
+    out = summarize(runs)
+    prune_runs = [r for r in runs if r["pipeline"] == "prune"]
+    teachers: dict[int, set[float]] = {}
+    for r in runs:
+        teachers.setdefault(r["seed"], set()).add(r["teacher"])
+    checks = {
+        "pruned_stay_zero": all(v == 0 for r in prune_runs for v in r["revived"].values()),
+        "same_teacher": all(len(v) == 1 for v in teachers.values()),
+    }
+    lines = []
+    for row in out["rows"]:
+        lines.append(
+            f"{row['pipeline']}: KD - no teacher = {row['kd_minus_plain']} pp "
+            f"(KD better in {row['kd_wins']} seeds)"
+        )
+    if prune_runs:
+        lines.append(
+            f"pruned weights still zero after both fine-tunings: "
+            f"{'yes' if checks['pruned_stay_zero'] else 'NO'} "
+            f"({prune_runs[0]['pruned_zeros']:,} zeros of {prune_runs[0]['params']:,} params)"
+        )
+    summary = "\n".join(lines)
+    if echo:
+        print(out["table"])
+        print(out["seed_table"])
+        print(summary)
+    return {
+        "recipe": dataclasses.asdict(recipe),
+        "seeds": list(seeds),
+        "runs": runs,
+        **out,
+        "checks": checks,
+        "summary": summary,
+    }

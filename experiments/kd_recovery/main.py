@@ -1,0 +1,55 @@
+"""Distillation vs. plain fine-tuning after 90% pruning and 4-bit quantization; prints the table.
+
+Run from the repository root:
+  python experiments/kd_recovery/main.py                 # 3 seeds, both pipelines
+  python experiments/kd_recovery/main.py --quick         # smoke run (tiny steps, one seed)
+  python experiments/kd_recovery/main.py --seeds 0 1 --pipelines prune --workdir runs/kdr
+  python experiments/kd_recovery/main.py --json out.json
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+from experiments.kd_recovery.experiment import PIPELINES  # noqa: E402
+from experiments.kd_recovery.experiment import config_module  # noqa: E402
+from experiments.kd_recovery.experiment import run_experiment  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration, one seed")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
+    p.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES))
+    p.add_argument("--steps", type=int, help="fine-tuning steps of both arms")
+    p.add_argument("--temperature", type=float, help="KD temperature (default 4)")
+    p.add_argument("--alpha", type=float, help="KD soft-loss weight (default 0.9)")
+    p.add_argument("--workdir", help="keep the run directories here (default: temporary)")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--json", help="write the results to this JSON file")
+    args = p.parse_args(argv)
+    module = config_module()
+    recipe = module.QUICK if args.quick else module.Recipe()
+    overrides = {"steps": args.steps, "temperature": args.temperature, "alpha": args.alpha}
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2))
+    result = run_experiment(
+        recipe,
+        seeds,
+        pipelines=tuple(args.pipelines),
+        workdir=args.workdir,
+        progress=args.progress,
+    )
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
