@@ -3,6 +3,7 @@
 Run (one pipeline, one seed):
   slimjax run configs/kd_recovery.py:prune --workdir runs/kd_prune
   slimjax run configs/kd_recovery.py:quant --workdir runs/kd_quant
+  slimjax run configs/kd_recovery.py:quant,bits=2 --workdir runs/kd_quant2
   slimjax run configs/kd_recovery.py:prune,quick     # seconds-long smoke variant
 
 ``experiments/kd_recovery/main.py`` runs both pipelines for several seeds and prints the table.
@@ -24,8 +25,8 @@ distilled from the dense teacher (Hinton KD, ``(1 - alpha) CE + alpha T^2 KL``).
 ``quant``::
 
     0_train    dense teacher
-    1_quantize 4-bit fake-quant (STE, per-channel kernels, 4-bit input activations), min-max
-               calibration; no training (post-training quantization)
+    1_quantize 4-bit (``bits=N``: N-bit) fake-quant (STE, per-channel kernels, input
+               activations at the same bits), min-max calibration; no training (PTQ)
     2_qat      quantization-aware fine-tuning, cross-entropy (no teacher)
     3_distill  student = 1_quantize, teacher = 0_train (the float model)
 
@@ -143,7 +144,7 @@ def stages(pipeline: str, recipe: Recipe) -> tuple:
 def make_config(pipeline: str, recipe: Recipe = Recipe(), seed: int = 0) -> Config:
     """The :class:`~research.config.Config` of one pipeline and seed."""
     return Config(
-        name=f"kd_recovery-{pipeline}",
+        name=f"kd_recovery-{pipeline}" + (f"{recipe.bits}bit" if pipeline == "quant" else ""),
         seed=seed,
         model=ModelConfig(name="lenet300"),
         data=DataConfig(name="mnist5k", limit=recipe.limit),
@@ -152,17 +153,22 @@ def make_config(pipeline: str, recipe: Recipe = Recipe(), seed: int = 0) -> Conf
 
 
 def get_config(arg: str | None = None) -> Config:
-    """``arg``: ``prune`` or ``quant``, optionally followed by ``,quick`` (default ``prune``).
+    """``arg``: ``prune`` or ``quant``, then optionally ``,quick`` and ``,bits=N`` (e.g.
+    ``quant,bits=2,quick``); default ``prune``.
 
     Raises:
       ValueError: an unknown word in ``arg``.
     """
     words = [w.strip() for w in (arg or "prune").split(",") if w.strip()]
-    bad = [w for w in words if w not in (*PIPELINES, "quick")]
+    bits = [w for w in words if w.startswith("bits=") and w[5:].isdigit()]
+    bad = [w for w in words if w not in (*PIPELINES, "quick", *bits)]
     pipelines = [w for w in words if w in PIPELINES]
-    if bad or len(pipelines) != 1:
+    if bad or len(pipelines) != 1 or len(bits) > 1:
         raise ValueError(
             f"kd_recovery config arg {arg!r}: give one of {PIPELINES}, optionally with ',quick' "
-            "(e.g. 'quant,quick')"
+            "and ',bits=N' (e.g. 'quant,bits=2,quick')"
         )
-    return make_config(pipelines[0], QUICK if "quick" in words else Recipe())
+    recipe = QUICK if "quick" in words else Recipe()
+    if bits:
+        recipe = dataclasses.replace(recipe, bits=int(bits[0][5:]))
+    return make_config(pipelines[0], recipe)

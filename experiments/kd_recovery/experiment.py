@@ -9,6 +9,8 @@ For each seed, ``configs/kd_recovery.py`` runs two pipelines through the stage r
   dense teacher (``DistillStage`` with ``keep_zeros``);
 * ``quant``: dense teacher -> 4-bit fake-quant + calibration (``QuantizeStage``) -> QAT on the
   hard labels (``QATStage``) and, from the same quantized model, distillation (``DistillStage``).
+  LeNet-300-100 loses almost nothing at 4 bits here, so the same pipeline also runs at 2 bits
+  (variant ``quant2``), where post-training quantization leaves a gap to recover.
 
 Both arms of a pipeline start from the same compressed model and use the same steps, learning
 rate, optimizer, schedule and batches; only the loss differs. The table gives test accuracy of
@@ -26,6 +28,7 @@ Reference (KD): Hinton, Vinyals & Dean, https://arxiv.org/abs/1503.02531
 
 import dataclasses
 import importlib.util
+import math
 import pathlib
 import pickle
 import statistics
@@ -41,7 +44,12 @@ from research.run import run
 from research.train import split_model
 
 CONFIG_PATH = pathlib.Path(__file__).resolve().parents[2] / "configs" / "kd_recovery.py"
-PIPELINES = ("prune", "quant")
+# Variant name -> (pipeline of configs/kd_recovery.py, Recipe overrides).
+VARIANTS = {
+    "prune": ("prune", {}),
+    "quant4": ("quant", {"bits": 4}),
+    "quant2": ("quant", {"bits": 2}),
+}
 # Stage labels of each pipeline: teacher, compressed (no training), no-teacher fine-tune, KD.
 LABELS = {
     "prune": ("0_train", "1_prune", "2_prune", "3_distill"),
@@ -93,16 +101,19 @@ def revived_weights(before, after) -> dict[str, int]:
 
 
 def run_pipeline(
-    pipeline: str, recipe, seed: int, root: pathlib.Path, *, progress: bool = False
+    variant: str, recipe, seed: int, root: pathlib.Path, *, progress: bool = False
 ) -> dict[str, Any]:
-    """Runs one pipeline for one seed; returns the test accuracy of each arm and checks."""
+    """Runs one variant (see ``VARIANTS``) for one seed; returns each arm's test accuracy."""
+    pipeline, overrides = VARIANTS[variant]
+    recipe = dataclasses.replace(recipe, **overrides)
     cfg = config_module().make_config(pipeline, recipe, seed)
-    workdir = root / f"{pipeline}_s{seed}"
+    workdir = root / f"{variant}_s{seed}"
     t0 = time.perf_counter()
     report = run(cfg, str(workdir), progress=progress, echo=False)
     metrics = {st["label"]: st["metrics"] for st in report["stages"]}
     labels = LABELS[pipeline]
     out: dict[str, Any] = {
+        "variant": variant,
         "pipeline": pipeline,
         "seed": seed,
         "seconds": time.perf_counter() - t0,
@@ -122,13 +133,13 @@ def run_pipeline(
     return out
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    mean, sd = _mean_sd([scale * v for v in values])
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    """``"mean ± sd"`` of ``scale * values``; ``"n/a"`` if a value is nan (no gap to recover)."""
+    values = [scale * v for v in values]
+    if any(math.isnan(v) for v in values):
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def recovered(teacher: float, compressed: float, tuned: float) -> float:
@@ -143,8 +154,8 @@ def recovered(teacher: float, compressed: float, tuned: float) -> float:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The results table (one row per pipeline) and per-seed rows from :func:`run_pipeline`."""
     rows, per_seed = [], []
-    for pipeline in PIPELINES:
-        rs = [r for r in runs if r["pipeline"] == pipeline]
+    for variant in VARIANTS:
+        rs = [r for r in runs if r["variant"] == variant]
         if not rs:
             continue
         rec = {
@@ -154,7 +165,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         diff = [r["kd"] - r["plain"] for r in rs]
         rows.append(
             {
-                "pipeline": pipeline,
+                "variant": variant,
                 "seeds": len(rs),
                 **{arm: _pm([r[arm] for r in rs]) for arm in ARMS},
                 "recovered_plain": _pm(rec["plain"], digits=0),
@@ -166,14 +177,14 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for r in rs:
             per_seed.append(
                 {
-                    "pipeline": pipeline,
+                    "variant": variant,
                     "seed": r["seed"],
                     **{arm: 100 * r[arm] for arm in ARMS},
                     "kd_minus_plain": 100 * (r["kd"] - r["plain"]),
                 }
             )
     columns = [
-        ("pipeline", "pipeline", "{}"),
+        ("variant", "variant", "{}"),
         ("seeds", "seeds", "{}"),
         ("teacher", "dense teacher %", "{}"),
         ("compressed", "compressed, no FT %", "{}"),
@@ -185,7 +196,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ("kd_wins", "KD better", "{}"),
     ]
     seed_columns = [
-        ("pipeline", "pipeline", "{}"),
+        ("variant", "variant", "{}"),
         ("seed", "seed", "{}"),
         *[(arm, f"{arm} %", "{:.1f}") for arm in ARMS],
         ("kd_minus_plain", "KD - no teacher (pp)", "{:+.1f}"),
@@ -202,7 +213,7 @@ def run_experiment(
     recipe=None,
     seeds: tuple[int, ...] = (0, 1, 2),
     *,
-    pipelines: tuple[str, ...] = PIPELINES,
+    variants: tuple[str, ...] = tuple(VARIANTS),
     workdir: str | None = None,
     progress: bool = False,
     echo: bool = True,
@@ -211,9 +222,9 @@ def run_experiment(
 
     Args:
       recipe: a ``configs/kd_recovery.py`` ``Recipe`` (default: its defaults).
-      seeds: one teacher and one pair of fine-tuned models per pipeline and seed.
-      pipelines: ``"prune"`` and/or ``"quant"``.
-      workdir: where the runs go (one run directory per pipeline and seed); a finished run
+      seeds: one teacher and one pair of fine-tuned models per variant and seed.
+      variants: names of ``VARIANTS`` (``prune``, ``quant4``, ``quant2``).
+      workdir: where the runs go (one run directory per variant and seed); a finished run
         there is reused, a killed one resumes. ``None``: a temporary directory, deleted after.
       progress: progress bars of the training loops.
       echo: print per-run lines and the tables.
@@ -221,27 +232,27 @@ def run_experiment(
     Returns:
       ``{"recipe", "runs", "rows", "per_seed", "table", "seed_table", "checks", "summary"}``;
       ``checks`` holds ``pruned_stay_zero`` (no weight zeroed by the one-shot prune is
-      non-zero after either fine-tuning) and ``same_teacher`` (both pipelines of a seed
-      trained the same teacher: equal test accuracy).
+      non-zero after either fine-tuning) and ``same_teacher`` (every variant of a seed trained
+      the same teacher: equal test accuracy).
 
     Raises:
-      ValueError: an unknown pipeline name.
+      ValueError: an unknown variant name.
     """
     module = config_module()
     recipe = recipe or module.Recipe()
-    bad = [p for p in pipelines if p not in PIPELINES]
+    bad = [v for v in variants if v not in VARIANTS]
     if bad:
-        raise ValueError(f"pipelines {bad} are not in {PIPELINES}")
+        raise ValueError(f"variants {bad} are not in {list(VARIANTS)}")
     with tempfile.TemporaryDirectory(prefix="kd_recovery_") as tmp:
         root = pathlib.Path(workdir or tmp)
         runs = []
         for seed in seeds:
-            for pipeline in pipelines:
-                r = run_pipeline(pipeline, recipe, seed, root, progress=progress)
+            for variant in variants:
+                r = run_pipeline(variant, recipe, seed, root, progress=progress)
                 runs.append(r)
                 if echo:
                     accs = " ".join(f"{arm} {100 * r[arm]:.1f}" for arm in ARMS)
-                    print(f"{pipeline} seed {seed}: test acc % {accs} ({r['seconds']:.0f}s)", flush=True)
+                    print(f"{variant} seed {seed}: test acc % {accs} ({r['seconds']:.0f}s)", flush=True)
     out = summarize(runs)
     prune_runs = [r for r in runs if r["pipeline"] == "prune"]
     teachers: dict[int, set[float]] = {}
@@ -254,7 +265,7 @@ def run_experiment(
     lines = []
     for row in out["rows"]:
         lines.append(
-            f"{row['pipeline']}: KD - no teacher = {row['kd_minus_plain']} pp "
+            f"{row['variant']}: KD - no teacher = {row['kd_minus_plain']} pp "
             f"(KD better in {row['kd_wins']} seeds)"
         )
     if prune_runs:

@@ -3,7 +3,7 @@
 Run from the repository root:
   python experiments/kd_recovery/main.py                 # 3 seeds, both pipelines
   python experiments/kd_recovery/main.py --quick         # smoke run (tiny steps, one seed)
-  python experiments/kd_recovery/main.py --seeds 0 1 --pipelines prune --workdir runs/kdr
+  python experiments/kd_recovery/main.py --seeds 0 1 --variants prune quant2 --workdir runs/kdr
   python experiments/kd_recovery/main.py --json out.json
 """
 
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from experiments.kd_recovery.experiment import PIPELINES  # noqa: E402
+from experiments.kd_recovery.experiment import VARIANTS  # noqa: E402
 from experiments.kd_recovery.experiment import config_module  # noqa: E402
 from experiments.kd_recovery.experiment import run_experiment  # noqa: E402
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration, one seed")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
-    p.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--steps", type=int, help="fine-tuning steps of both arms")
     p.add_argument("--temperature", type=float, help="KD temperature (default 4)")
     p.add_argument("--alpha", type=float, help="KD soft-loss weight (default 0.9)")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_experiment(
         recipe,
         seeds,
-        pipelines=tuple(args.pipelines),
+        variants=tuple(args.variants),
         workdir=args.workdir,
         progress=args.progress,
     )
