@@ -13,6 +13,7 @@ QAT: train ``qmodel`` with the ordinary training core (``research.train`` /
 
 from methods.quantization import stage as _stage  # noqa: F401  (registers quantize/qat)
 from methods.quantization.calibration import calibrate
+from methods.quantization.deploy import deployable
 from methods.quantization.folding import (
     find_conv_bn_pairs,
     fold_batchnorm,
@@ -83,6 +84,7 @@ __all__ = [
     "calibrate",
     "check_bits",
     "dequantize",
+    "deployable",
     "fake_quant",
     "fake_quant_ste",
     "find_conv_bn_pairs",

@@ -40,10 +40,10 @@ from research.export.onnx_export import tflite_to_onnx
 from research.export.report import ArtifactReport
 from research.export.report import ExportReport
 from research.export.stablehlo import export_stablehlo
+from research.export.stablehlo import load_stablehlo
 from research.export.stage import ExportStage
 from research.export.stage import export_bundle
 from research.export.stage import export_run
-from research.export.stablehlo import load_stablehlo
 from research.export.tflite import TFLiteRunner
 from research.export.tflite import quantization_modes
 from research.export.tflite import register_quantization

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from research.export import deploy as deploy_lib
 from research.export import onnx_export
 from research.export import stablehlo
 from research.export import tflite
@@ -109,6 +110,7 @@ def export(
     num_threads: int = 1,
     name: str = "model",
     onnx_opset: int = onnx_export.DEFAULT_OPSET,
+    use_deploy_hooks: bool = True,
 ) -> ExportReport:
     """Exports a model to StableHLO, TFLite and ONNX and checks every artifact in its runtime.
 
@@ -128,11 +130,14 @@ def export(
         TFLite flatbuffer (jax2tf's ``XlaCallModule`` cannot be converted by tf2onnx directly).
       out_dir: directory for ``{name}.stablehlo`` (+ ``.json`` manifest),
         ``{name}_{variant}.tflite`` and ``{name}_{variant}.onnx``.
-      quantize: None, or one or several of ``"fp16"``, ``"dynamic_int8"``, ``"int8"``. ONNX is
-        written for the fp32 and int8 variants (int8 ONNX carries QuantizeLinear/DequantizeLinear
-        nodes).
+      quantize: None, or one or several of ``"fp16"``, ``"dynamic_int8"``, ``"int8"`` (TFLite
+        modes) and ``"int8_qdq_symmetric"`` (ONNX only). ONNX is written for the fp32 and int8
+        TFLite variants (int8 ONNX carries the TFLite file's QuantizeLinear/DequantizeLinear
+        nodes, asymmetric activations); ``"int8_qdq_symmetric"`` quantizes the fp32 ONNX file
+        with onnxruntime into the symmetric int8 Q/DQ form TensorRT needs
+        (:func:`research.export.onnx_export.quantize_qdq_symmetric`).
       calibration: inputs ``(N, *sample_input.shape[1:])`` for int8 calibration (the
-        representative dataset); required for ``"int8"``.
+        representative dataset); required for ``"int8"`` and ``"int8_qdq_symmetric"``.
       eval_data: inputs to compare on (e.g. the test split); default: ``sample_input``.
       batch_polymorphic: export with a variable leading (batch) dimension.
       activation_ranges: optional learned ranges from quantization-aware training, a mapping
@@ -146,12 +151,21 @@ def export(
       num_threads: threads for the TFLite interpreter and onnxruntime.
       name: file name stem.
       onnx_opset: ONNX opset for tf2onnx.
+      use_deploy_hooks: ask the registered deploy hooks
+        (:func:`research.export.deploy.as_deployable`) whether the model has a float stand-in
+        for the converters. ``methods.quantization`` registers one for fake-quant models: their
+        TFLite/ONNX artifacts are then converted from a float model with the fake-quantized
+        kernels baked in and inputs clipped to the learned ranges (TFLite's int8 converter
+        cannot quantize fake-quant graphs), ``activation_ranges`` defaults to the learned
+        ranges, and every artifact is still compared with the fake-quant model itself. The
+        StableHLO artifact is always the model's own graph.
 
     Returns:
       An :class:`ExportReport`; ``report.table()`` prints it.
 
     Raises:
-      ValueError: unknown format or quantization mode, or int8 without calibration.
+      ValueError: unknown format or quantization mode, int8 without calibration, or an ONNX-only
+        mode without ``"onnx"`` in ``formats``.
       UnsupportedOpError: an operation cannot be converted; names the JAX primitive and layer.
       ImportError: TensorFlow/tf2onnx/onnx/onnxruntime missing (``pip install
         'slimjax[export]'``).
@@ -175,22 +189,41 @@ def export(
     else:
         qs = [quantize] if isinstance(quantize, str) else list(quantize)
         variants = ["fp32", *[q for q in dict.fromkeys(qs) if q != "fp32"]]
-    unknown = [q for q in variants if q not in tflite.quantization_modes()]
+    onnx_only = onnx_export.onnx_quantization_modes()
+    known = (*tflite.quantization_modes(), *onnx_only)
+    unknown = [q for q in variants if q not in known]
     if unknown:
         raise ValueError(
-            f"quantize={quantize!r}: {unknown} unknown; use None or some of "
-            f"{tflite.quantization_modes()[1:]}"
+            f"quantize={quantize!r}: {unknown} unknown; use None or some of {known[1:]}"
         )
-    if "int8" in variants and calibration is None:
-        raise ValueError(
-            "quantize='int8' needs calibration=<array (N, *input_shape[1:])> for the activation "
-            "ranges; pass a few hundred training inputs, or use quantize='dynamic_int8'"
-        )
+    for q in variants:
+        if q in ("int8", *onnx_only) and calibration is None:
+            raise ValueError(
+                f"quantize={q!r} needs calibration=<array (N, *input_shape[1:])> for the "
+                "activation ranges; pass a few hundred training inputs, or use "
+                "quantize='dynamic_int8'"
+            )
+        if q in onnx_only and "onnx" not in formats:
+            raise ValueError(
+                f"quantize={q!r} writes an ONNX file only; add 'onnx' to formats={formats!r}"
+            )
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     sample = np.asarray(sample_input)
     fn = inference_fn(model)
     jfn = jax.jit(fn)
+    deployable = deploy_lib.as_deployable(model) if use_deploy_hooks else None
+    convert_model, notes = model, []
+    if deployable is not None:
+        convert_model = deployable.model
+        if activation_ranges is None:
+            activation_ranges = deployable.activation_ranges
+        notes += [
+            f"TFLite/ONNX converted from the float stand-in of deploy hook {deployable.source!r};"
+            " compared with the original model",
+            *deployable.notes,
+        ]
+    convert_fn = inference_fn(convert_model)
 
     # Inputs to check on: the sample, eval data in sample-sized batches, and a second batch size.
     bsz = sample.shape[0] if sample.ndim else 1
@@ -262,13 +295,15 @@ def export(
         litert = f"LiteRT {_version('ai-edge-litert')}"
         ort_name = f"onnxruntime {_version('onnxruntime')}"
         for q in variants:
+            if q in onnx_only:
+                continue
             blob = tflite.to_tflite(
-                fn,
+                convert_fn,
                 sample,
                 quantize=q,
                 calibration=calibration,
                 batch_polymorphic=batch_polymorphic,
-                model=model,
+                model=convert_model,
             )
             if "tflite" in formats:
                 path = os.path.join(out_dir, f"{name}_{q}.tflite")
@@ -292,6 +327,23 @@ def export(
                     runner,
                     {"qdq": onnx_export.qdq_summary(proto), "opset": onnx_opset},
                 )
+        for q in variants:
+            if q not in onnx_only:
+                continue
+            path = os.path.join(out_dir, f"{name}_{q}.onnx")
+            proto = onnx_export.onnx_quantize(
+                q, os.path.join(out_dir, f"{name}_fp32.onnx"), path, np.asarray(calibration)
+            )
+            runner = onnx_export.OnnxRunner(path, num_threads=num_threads)
+            record(
+                f"onnx_{q}",
+                "onnx",
+                q,
+                path,
+                ort_name,
+                runner,
+                {"qdq": onnx_export.qdq_summary(proto), "from": f"{name}_fp32.onnx"},
+            )
 
     return ExportReport(
         out_dir=out_dir,
@@ -300,4 +352,5 @@ def export(
         param_zero_fraction=zero_frac,
         num_checked=num_checked,
         artifacts=tuple(artifacts),
+        notes=tuple(notes),
     )

@@ -5,16 +5,22 @@ from a SavedModel; the TFLite file, whose ops are ordinary builtins, converts. A
 model becomes an ONNX graph in QDQ form: ``QuantizeLinear``/``DequantizeLinear`` pairs around
 float ops, the explicit-quantization form TensorRT builds int8 engines from.
 
-TensorRT accepts only symmetric int8 Q/DQ (zero point 0). TFLite quantizes weights symmetric
-per channel but activations asymmetric, so :func:`qdq_summary` reports how many Q/DQ nodes have
-a non-zero zero point; ``tensorrt_symmetric`` is True only when none do.
+TensorRT accepts only symmetric int8 Q/DQ (zero point 0, int8 type). TFLite quantizes weights
+symmetric per channel but activations asymmetric, so :func:`qdq_summary` reports how many Q/DQ
+nodes have a non-zero (or non-int8) zero point; ``tensorrt_symmetric`` is True only when none do.
+:func:`quantize_qdq_symmetric` writes the TensorRT-ready form: onnxruntime's static quantizer
+run on the float32 ONNX file, QDQ format, symmetric int8 activations (per tensor) and symmetric
+int8 weights (per output channel), calibrated on the same representative data as TFLite's int8.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,15 +41,168 @@ _ORT_DTYPES = {
 }
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def tflite_to_onnx(tflite_bytes: bytes, opset: int = DEFAULT_OPSET) -> Any:
-    """Converts TFLite bytes to an ``onnx.ModelProto`` with ``tf2onnx.convert.from_tflite``."""
+    """Converts TFLite bytes to an ``onnx.ModelProto`` with ``tf2onnx.convert.from_tflite``.
+
+    tf2onnx deep-copies the whole graph before each of its optimizer passes so that a failing
+    pass can be undone (``TF2ONNX_CATCH_ERRORS``); on an int8 ResNet-56 with a variable batch
+    that copying is ~80% of a 60 s conversion. The conversion first runs without the copies and
+    only falls back to tf2onnx's safe mode when a pass raises, so the result is the same.
+    """
     tf2onnx = _deps.tf2onnx()
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "model.tflite")
         with open(src, "wb") as f:
             f.write(tflite_bytes)
-        model_proto, _ = tf2onnx.convert.from_tflite(src, opset=opset)
+        try:
+            with _env("TF2ONNX_CATCH_ERRORS", "FALSE"):
+                model_proto, _ = tf2onnx.convert.from_tflite(src, opset=opset)
+        except Exception:  # noqa: BLE001 - an optimizer pass failed: redo with tf2onnx's undo
+            with _env("TF2ONNX_CATCH_ERRORS", "TRUE"):
+                model_proto, _ = tf2onnx.convert.from_tflite(src, opset=opset)
     return model_proto
+
+
+OnnxQuantizeFn = Callable[[str, str, np.ndarray], Any]
+_ONNX_QUANTIZATIONS: dict[str, OnnxQuantizeFn] = {}
+
+
+def register_onnx_quantization(name: str) -> Callable[[OnnxQuantizeFn], OnnxQuantizeFn]:
+    """Decorator registering an ONNX-only quantization mode; refuses duplicate names.
+
+    An ONNX-only mode quantizes the float32 ONNX file (not the TFLite one): the decorated
+    ``fn(fp32_path, out_path, calibration) -> onnx.ModelProto`` writes ``out_path``.
+    :func:`research.export.export` accepts its name in ``quantize`` and writes
+    ``{name}_{mode}.onnx`` (artifact ``onnx_{mode}``).
+    """
+
+    def deco(fn: OnnxQuantizeFn) -> OnnxQuantizeFn:
+        if name in _ONNX_QUANTIZATIONS:
+            raise ValueError(f"ONNX quantization {name!r} is already registered; pick a new name")
+        _ONNX_QUANTIZATIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def onnx_quantization_modes() -> tuple[str, ...]:
+    """Names of the registered ONNX-only quantization modes."""
+    return tuple(_ONNX_QUANTIZATIONS)
+
+
+def onnx_quantize(mode: str, fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
+    """Runs the registered ONNX-only quantization ``mode``; returns the written proto."""
+    if mode not in _ONNX_QUANTIZATIONS:
+        raise ValueError(
+            f"{mode!r} is not an ONNX quantization mode; use one of {onnx_quantization_modes()}"
+        )
+    return _ONNX_QUANTIZATIONS[mode](fp32_path, out_path, calibration)
+
+
+def quantize_qdq_symmetric(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calibration: np.ndarray,
+    *,
+    batch_size: int = 8,
+    max_samples: int = 512,
+    per_channel: bool = True,
+) -> Any:
+    """Writes a TensorRT-ready int8 ONNX file: symmetric Q/DQ, calibrated on ``calibration``.
+
+    Runs ``onnxruntime.quantization.quantize_static`` on the float32 ONNX file in QDQ format:
+    activations int8 per tensor with zero point 0 (``ActivationSymmetric``), weights int8 with
+    zero point 0 per output channel (``WeightSymmetric``, ``per_channel``), ranges from min/max
+    calibration over ``calibration`` (the same representative data TFLite's int8 uses). The
+    file is written atomically after ``onnx.checker`` and onnxruntime accept it.
+
+    Args:
+      fp32_path: the float32 ONNX file (e.g. from :func:`tflite_to_onnx`).
+      out_path: destination of the int8 file.
+      calibration: representative inputs ``(N, *input_shape[1:])``.
+      batch_size: calibration batch size (a variable-batch model accepts any).
+      max_samples: at most this many calibration inputs are used.
+      per_channel: per-output-channel weight scales (TensorRT's recommended form).
+
+    Returns:
+      The written ``onnx.ModelProto``.
+
+    Raises:
+      ValueError: empty calibration data.
+
+    Example (the mode ``"int8_qdq_symmetric"`` of :func:`research.export.export` calls this)::
+
+        rep = export(model, x, formats=("onnx",), quantize="int8_qdq_symmetric",
+                     calibration=x_train[:256])
+        rep["onnx_int8_qdq_symmetric"].extra["qdq"]["tensorrt_symmetric"]  # True
+    """
+    ort = _deps.onnxruntime()
+    onnx = _deps.onnx()
+    from onnxruntime import quantization as oq
+
+    data = np.asarray(calibration, np.float32)[:max_samples]
+    if len(data) == 0:
+        raise ValueError(
+            "quantize='int8_qdq_symmetric' needs calibration inputs; pass calibration=<array "
+            "(N, *input_shape[1:])> with a few hundred training inputs"
+        )
+    session = ort.InferenceSession(os.fspath(fp32_path), providers=["CPUExecutionProvider"])
+    first = session.get_inputs()[0]
+    static_batch = first.shape[0] if isinstance(first.shape[0], int) else None
+    step = static_batch or batch_size
+    batches = [data[i : i + step] for i in range(0, len(data), step)]
+    batches = [b for b in batches if static_batch is None or len(b) == static_batch]
+    if not batches:
+        raise ValueError(
+            f"calibration has {len(data)} inputs, fewer than the model's fixed batch "
+            f"{static_batch}; pass at least {static_batch}"
+        )
+    del session
+
+    class _Reader(oq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._it, None)
+            return None if batch is None else {first.name: batch}
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = os.path.join(d, "model_qdq.onnx")
+        oq.quantize_static(
+            os.fspath(fp32_path),
+            tmp,
+            _Reader(),
+            quant_format=oq.QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=oq.QuantType.QInt8,
+            weight_type=oq.QuantType.QInt8,
+            calibrate_method=oq.CalibrationMethod.MinMax,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                # TensorRT fuses float biases into its int8 kernels; int32 bias Q/DQ is not
+                # part of its explicit-quantization form.
+                "QuantizeBias": False,
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+            },
+        )
+        proto = onnx.load(tmp)
+    write_onnx(proto, out_path)
+    return proto
 
 
 def check_onnx(path: str | os.PathLike) -> None:
@@ -58,13 +217,21 @@ def write_onnx(model_proto: Any, path: str | os.PathLike) -> None:
     write_bytes_atomic(path, model_proto.SerializeToString(), check_onnx)
 
 
+@register_onnx_quantization("int8_qdq_symmetric")
+def _int8_qdq_symmetric(fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
+    return quantize_qdq_symmetric(fp32_path, out_path, calibration)
+
+
 def qdq_summary(model_proto: Any) -> dict[str, Any]:
     """Counts Q/DQ nodes and checks TensorRT's symmetric-int8 requirement.
 
+    TensorRT's explicit quantization takes int8 Q/DQ with zero point 0. A Q/DQ node whose zero
+    point is absent (ONNX then means uint8), not int8, or not all zeros fails the requirement.
+
     Returns:
       ``{"quantize_linear": int, "dequantize_linear": int, "nonzero_zero_points": int,
-      "tensorrt_symmetric": bool}``; ``tensorrt_symmetric`` is False when there are no Q/DQ
-      nodes or any has a non-zero zero point.
+      "non_int8_zero_points": int, "tensorrt_symmetric": bool}``; ``tensorrt_symmetric`` is
+      False when there are no Q/DQ nodes or any fails the requirement.
     """
     onnx = _deps.onnx()
     from onnx import numpy_helper
@@ -76,19 +243,27 @@ def qdq_summary(model_proto: Any) -> dict[str, Any]:
                 if attr.name == "value":
                     inits[node.output[0]] = numpy_helper.to_array(attr.t)
     counts = Counter(n.op_type for n in model_proto.graph.node)
-    nonzero = 0
+    nonzero, non_int8 = 0, 0
     for node in model_proto.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
-            zp = inits.get(node.input[2])
-            if zp is not None and np.any(np.asarray(zp) != 0):
-                nonzero += 1
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zp is None:
+            non_int8 += 1  # no zero point: uint8 by the ONNX spec
+            continue
+        zp = np.asarray(zp)
+        if zp.dtype != np.int8:
+            non_int8 += 1
+        if np.any(zp != 0):
+            nonzero += 1
     del onnx
     q, dq = counts.get("QuantizeLinear", 0), counts.get("DequantizeLinear", 0)
     return {
         "quantize_linear": q,
         "dequantize_linear": dq,
         "nonzero_zero_points": nonzero,
-        "tensorrt_symmetric": (q + dq) > 0 and nonzero == 0,
+        "non_int8_zero_points": non_int8,
+        "tensorrt_symmetric": (q + dq) > 0 and nonzero == 0 and non_int8 == 0,
     }
 
 

@@ -57,6 +57,8 @@ class ExportReport:
         model; compare ``gzip_bytes`` with ``size_bytes``).
       num_checked: number of inputs the differences and agreement were computed on.
       artifacts: one :class:`ArtifactReport` per artifact.
+      notes: facts about how the artifacts were made (e.g. converted from a deploy hook's
+        float stand-in of a fake-quant model).
     """
 
     out_dir: str
@@ -65,6 +67,7 @@ class ExportReport:
     param_zero_fraction: float
     num_checked: int
     artifacts: tuple[ArtifactReport, ...]
+    notes: tuple[str, ...] = ()
 
     def __getitem__(self, name: str) -> ArtifactReport:
         for a in self.artifacts:
@@ -132,7 +135,7 @@ class ExportReport:
             f"checked on {self.num_checked} inputs; parameter zeros: "
             f"{100 * self.param_zero_fraction:.1f}%; out_dir: {self.out_dir}"
         )
-        return "\n".join([*lines, foot])
+        return "\n".join([*lines, foot, *(f"note: {n}" for n in self.notes)])
 
 
 def _kib(n: int) -> str:

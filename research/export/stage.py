@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, ClassVar
+from typing import Any
+from typing import ClassVar
 
 import numpy as np
 
 from research.data import calibration_subset
-from research.export.api import FORMATS, export
+from research.export.api import FORMATS
+from research.export.api import export
 from research.export.report import ExportReport
-from research.stages import Bundle, StageConfig, StageContext, StageResult, register_stage
+from research.stages import Bundle
+from research.stages import StageConfig
+from research.stages import StageContext
+from research.stages import StageResult
+from research.stages import register_stage
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -20,16 +26,20 @@ class ExportStage(StageConfig):
 
     Attributes:
       formats: any of ``stablehlo``, ``tflite``, ``onnx``.
-      quantize: extra TFLite variants: ``fp16``, ``dynamic_int8``, ``int8`` (full integer,
-        calibrated on ``calibration_examples`` training inputs; also gives the int8 ONNX file).
+      quantize: extra variants: ``fp16``, ``dynamic_int8``, ``int8`` (full integer TFLite,
+        calibrated on ``calibration_examples`` training inputs; also gives the int8 ONNX file)
+        and ``int8_qdq_symmetric`` (the TensorRT-ready ONNX file, same calibration data).
       calibration_examples: size of the representative data set for int8.
       eval_examples: test inputs on which every artifact is compared with JAX (top-1 agreement).
       latency_batch_size: batch size of the sample input used for latency.
       source: which model to export: ``"current"`` (the model the previous stage left) or the
         label/kind of an earlier stage (e.g. ``"prune"``). A fake-quant model (after a
-        ``quantize``/``qat`` stage) exports to float TFLite/ONNX with its rounding baked into
-        the graph, but the TFLite int8 converter cannot re-quantize such a graph; export the
-        float model before quantization and let TFLite's int8 calibration quantize it.
+        ``quantize``/``qat`` stage) is exported through the deploy hook that
+        ``methods.quantization`` registers (:mod:`research.export.deploy`): its TFLite/ONNX
+        files are converted from a float stand-in with the trained (dequantized) kernels and
+        inputs clipped to the learned ranges, so TFLite's int8 calibration deploys the trained
+        ranges; every artifact is compared with the fake-quant model and the report's notes
+        and ``range_agreement`` say so.
     """
 
     kind: ClassVar[str] = "export"
@@ -44,7 +54,7 @@ class ExportStage(StageConfig):
         bad = sorted(set(self.formats) - set(FORMATS))
         if bad:
             raise ValueError(f"ExportStage.formats has unknown {bad}; choose from {list(FORMATS)}")
-        allowed = ("fp16", "dynamic_int8", "int8")
+        allowed = ("fp16", "dynamic_int8", "int8", "int8_qdq_symmetric")
         bad = sorted(set(self.quantize) - set(allowed))
         if bad:
             raise ValueError(f"ExportStage.quantize has unknown {bad}; choose from {list(allowed)}")
@@ -64,7 +74,8 @@ def export_bundle(
 ) -> ExportReport:
     """Exports ``model`` with calibration and evaluation data taken from ``dataset``."""
     sample = np.repeat(dataset.x_test[:1], latency_batch_size, axis=0)
-    calibration = calibration_subset(dataset, calibration_examples, seed=seed) if "int8" in quantize else None
+    needs = {"int8", "int8_qdq_symmetric"} & set(quantize)
+    calibration = calibration_subset(dataset, calibration_examples, seed=seed) if needs else None
     return export(
         model,
         sample,
@@ -77,7 +88,13 @@ def export_bundle(
 
 
 def _artifact_rows(rep: ExportReport) -> list[dict]:
-    rows = [{"artifact": "jax", "size_kib": rep.jax_param_bytes / 1024, "latency_ms": rep.jax_latency_ms}]
+    rows = [
+        {
+            "artifact": "jax",
+            "size_kib": rep.jax_param_bytes / 1024,
+            "latency_ms": rep.jax_latency_ms,
+        }
+    ]
     for a in rep.artifacts:
         rows.append(
             {
@@ -86,6 +103,7 @@ def _artifact_rows(rep: ExportReport) -> list[dict]:
                 "gzip_kib": a.gzip_bytes / 1024,
                 "max_abs_diff": a.max_abs_diff,
                 "top1_agreement": a.top1_agreement,
+                "tensorrt_symmetric": a.extra.get("qdq", {}).get("tensorrt_symmetric"),
                 "latency_ms": a.latency_ms,
             }
         )
@@ -115,11 +133,22 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
         seed=ctx.seed,
     )
     rep.save(os.path.join(ctx.workdir, "export_report.json"))
-    notes = [f"exported model: {cfg.source}"]
+    notes = [f"exported model: {cfg.source}", *rep.notes]
     if "onnx_int8" in {a.name for a in rep.artifacts}:
         qdq = rep["onnx_int8"].extra.get("qdq", {})
         if qdq and not qdq.get("tensorrt_symmetric", True):
-            notes.append("onnx_int8 has asymmetric activation Q/DQ (non-zero zero points): TensorRT needs symmetric")
+            notes.append(
+                "onnx_int8 has asymmetric activation Q/DQ (non-zero zero points): TensorRT needs "
+                "symmetric; add 'int8_qdq_symmetric' to quantize for onnx_int8_qdq_symmetric"
+            )
+    if "tflite_int8" in {a.name for a in rep.artifacts}:
+        ranges = rep["tflite_int8"].extra.get("range_agreement", {})
+        errs = [m["rel_err"] for r in ranges.values() for m in r["matches"]]
+        if errs:
+            notes.append(
+                f"tflite_int8 activation ranges vs learned: {len(ranges)} ranges, max error "
+                f"{max(errs):.2%} of the range width"
+            )
     return StageResult(
         bundle=bundle,
         tables={"artifacts": _artifact_rows(rep)},
@@ -128,15 +157,34 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
     )
 
 
-def export_run(run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: str | None = None) -> ExportReport:
+def _int8_modes(int8: bool, formats) -> tuple[str, ...]:
+    if not int8:
+        return ()
+    return ("int8", "int8_qdq_symmetric") if "onnx" in formats else ("int8",)
+
+
+def export_run(
+    run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: str | None = None
+) -> ExportReport:
     """Exports the final model of a finished run directory (``slimjax export RUN_DIR``)."""
     from research import config as config_lib
-    from research.run import load_data, load_run, load_run_config
+    from research.run import load_data
+    from research.run import load_run
+    from research.run import load_run_config
 
     _, model, _ = load_run(run_dir)
     cfg = load_run_config(run_dir)
-    dataset = load_data(config_lib.Config(seed=cfg["seed"], data=config_lib.DataConfig(**cfg["data"])))
+    dataset = load_data(
+        config_lib.Config(seed=cfg["seed"], data=config_lib.DataConfig(**cfg["data"]))
+    )
     out_dir = out_dir or os.path.join(run_dir, "export")
-    rep = export_bundle(model, dataset, out_dir, formats=formats, quantize=("int8",) if int8 else (), seed=cfg["seed"])
+    rep = export_bundle(
+        model,
+        dataset,
+        out_dir,
+        formats=formats,
+        quantize=_int8_modes(int8, formats),
+        seed=cfg["seed"],
+    )
     rep.save(os.path.join(out_dir, "export_report.json"))
     return rep

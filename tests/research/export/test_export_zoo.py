@@ -1,0 +1,98 @@
+"""Every zoo model, trained briefly on digits, exported and run in LiteRT and onnxruntime.
+
+fp32: TFLite and ONNX within 1e-5 of the output scale of JAX (float32 runtimes reorder sums:
+XNNPACK / MLAS accumulate in another order, so bit equality is not available; measured
+<= 6e-7 on every model). int8: top-1 agreement with the JAX model >= 99% on the digits test
+split for the TFLite int8 file, its ONNX (Q/DQ) conversion and the TensorRT-ready symmetric
+Q/DQ file. Widths are the smallest the zoo allows so the module stays fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from export_test_models import train_briefly
+from flax import nnx
+
+from research.export import export
+from research.export import qdq_summary
+from research.nn import build_model
+from research.nn import list_models
+
+TINY = {
+    "mlp": {"widths": (32,)},
+    "cnn1d": {"channels": 8},
+    "resnet20": {"width": 4},
+    "resnet56": {"width": 4},
+    "mobilenetv2": {"width_multiplier": 0.25},
+    "vgg_small": {"widths": (8, 16)},
+}
+# cnn1d is a 1-D model: digits are fed as length-64 signals.
+FLAT = {"cnn1d"}
+
+
+def _inputs(name, x):
+    return x.reshape(len(x), -1) if name in FLAT else x
+
+
+@pytest.fixture(scope="module", params=list_models())
+def zoo(request, digits, tmp_path_factory):
+    name = request.param
+    x_train = _inputs(name, digits.x_train)
+    x_test = _inputs(name, digits.x_test)
+    model = build_model(
+        name,
+        input_shape=x_train.shape[1:],
+        num_classes=digits.num_classes,
+        rngs=nnx.Rngs(0),
+        **TINY.get(name, {}),
+    )
+    train_briefly(model, x_train, digits.y_train)
+    report = export(
+        model,
+        x_test[:8],
+        formats=("tflite", "onnx"),
+        out_dir=tmp_path_factory.mktemp(name),
+        quantize=("int8", "int8_qdq_symmetric"),
+        calibration=x_train[:256],
+        eval_data=x_test,
+        latency_repeats=1,
+        # A fixed batch keeps the int8 graphs small (tf2onnx takes ~4x longer on the shape ops
+        # of a variable batch); the variable batch is tested on every format in test_export.py.
+        batch_polymorphic=False,
+    )
+    return name, model, report, x_test
+
+
+def test_zoo_model_is_trained(zoo, digits):
+    name, model, _, x_test = zoo
+    acc = float(np.mean(np.asarray(model(x_test)).argmax(-1) == digits.y_test))
+    assert acc >= 0.8, f"{name} reached only {acc:.3f} test accuracy; int8 agreement is moot"
+
+
+@pytest.mark.parametrize("artifact", ["tflite_fp32", "onnx_fp32"])
+def test_zoo_fp32_matches_jax(zoo, artifact):
+    name, _, report, x_test = zoo
+    a = report[artifact]
+    assert a.max_rel_diff <= 1e-5, (name, a)
+    assert a.top1_agreement == 1.0, (name, a)
+    assert report.num_checked == 8 + 8 * (len(x_test) // 8)
+
+
+@pytest.mark.parametrize("artifact", ["tflite_int8", "onnx_int8", "onnx_int8_qdq_symmetric"])
+def test_zoo_int8_top1_agreement(zoo, artifact):
+    name, _, report, _ = zoo
+    a = report[artifact]
+    assert a.top1_agreement >= 0.99, (name, a)
+
+
+def test_zoo_onnx_files_pass_checker_and_symmetric_qdq(zoo):
+    _, _, report, _ = zoo
+    for a in report.artifacts:
+        if a.format == "onnx":
+            onnx.checker.check_model(a.path, full_check=True)
+    sym = qdq_summary(onnx.load(report["onnx_int8_qdq_symmetric"].path))
+    assert sym["tensorrt_symmetric"] and sym["nonzero_zero_points"] == 0, sym
+    assert sym["quantize_linear"] >= 1
+    assert not report["onnx_int8"].extra["qdq"]["tensorrt_symmetric"]  # TFLite: asymmetric
