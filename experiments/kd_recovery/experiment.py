@@ -118,7 +118,9 @@ def run_pipeline(
         "seed": seed,
         "seconds": time.perf_counter() - t0,
         **{arm: metrics[label]["test_accuracy"] for arm, label in zip(ARMS, labels, strict=True)},
-        "nonzeros": {arm: metrics[label]["nonzeros"] for arm, label in zip(ARMS, labels, strict=True)},
+        "nonzeros": {
+            arm: metrics[label]["nonzeros"] for arm, label in zip(ARMS, labels, strict=True)
+        },
         "params": metrics[labels[0]]["params"],
     }
     if pipeline == "prune":
@@ -252,7 +254,10 @@ def run_experiment(
                 runs.append(r)
                 if echo:
                     accs = " ".join(f"{arm} {100 * r[arm]:.1f}" for arm in ARMS)
-                    print(f"{variant} seed {seed}: test acc % {accs} ({r['seconds']:.0f}s)", flush=True)
+                    print(
+                        f"{variant} seed {seed}: test acc % {accs} ({r['seconds']:.0f}s)",
+                        flush=True,
+                    )
     out = summarize(runs)
     prune_runs = [r for r in runs if r["pipeline"] == "prune"]
     teachers: dict[int, set[float]] = {}
