@@ -17,6 +17,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -83,6 +84,9 @@ def load_config(spec: str) -> Config:
     mod_name = "slimjax_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(module_spec)
+    # Registered before it runs, so dataclasses (and `from __future__ import annotations`) in the
+    # config file can resolve their own module.
+    sys.modules[mod_name] = module
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config(arg=None) function")

