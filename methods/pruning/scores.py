@@ -298,5 +298,5 @@ def snip_masks(
     def loss(p):
         return loss_fn(merge_model(defs.train, p, model_state), batch, jax.random.key(0))[0]
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)  # eager grad would compile every op separately
     return saliency_masks(params, grads, sparsity, rules, allocation=allocation)

@@ -187,7 +187,8 @@ def _gradients(model, batch, loss_fn):
     def loss(p):
         return loss_fn(merge_model(defs.eval, p, state), batch, jax.random.key(0))[0]
 
-    return jax.grad(loss)(params)
+    # Jitted: an eager grad of a whole model dispatches (and compiles) every op one by one.
+    return jax.jit(jax.grad(loss))(params)
 
 
 def plan_channels(

@@ -12,7 +12,9 @@ from flax import nnx
 import methods.pruning as P
 from research.data import Dataset
 from research.nn import build_model
-from research.stages import Bundle, StageContext, get_stage
+from research.stages import Bundle
+from research.stages import StageContext
+from research.stages import get_stage
 
 
 def _tiny_ds():

@@ -12,17 +12,22 @@ from research.tree import RuleError
 
 @pytest.fixture(scope="module")
 def params():
-    k = iter(jax.random.split(jax.random.key(0), 8))
+    # numpy draws: distinct, tie-free values without compiling a random kernel per shape
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape).astype(np.float32))
+
     return {
         "convs": {
-            0: {"kernel": jax.random.normal(next(k), (3, 3, 3, 8))},
-            1: {"kernel": jax.random.normal(next(k), (3, 3, 8, 16))},
+            0: {"kernel": normal(3, 3, 3, 8)},
+            1: {"kernel": normal(3, 3, 8, 16)},
         },
         "bns": {
             0: {"scale": jnp.ones(8), "bias": jnp.zeros(8)},
             1: {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
         },
-        "head": {"kernel": jax.random.normal(next(k), (16, 10)), "bias": jnp.zeros(10)},
+        "head": {"kernel": normal(16, 10), "bias": jnp.zeros(10)},
     }
 
 

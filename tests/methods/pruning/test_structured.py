@@ -1,5 +1,7 @@
 """Structured pruning: traced channel groups, physical removal equals the masked model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,13 @@ from flax import nnx
 
 import methods.pruning as P
 from methods.pruning.structured import list_channel_scores
-from research.nn import build_model, list_models, param_count
-from research.train import merge_model, split_model
-from research.tree import RuleError, path_to_str
+from research.nn import build_model
+from research.nn import list_models
+from research.nn import param_count
+from research.train import merge_model
+from research.train import split_model
+from research.tree import RuleError
+from research.tree import path_to_str
 
 
 def _input(name):
@@ -18,13 +24,24 @@ def _input(name):
     return shape, jax.random.normal(jax.random.key(1), (3, *shape))
 
 
+# Module-level jits with the graph as a static argument: models with the same structure (the
+# same net pruned with different channel scores) share one compilation.
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_pure(graphdef, params, state, x):
+    return merge_model(graphdef, params, state)(x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x)
+
+
 def _check_equal(model, x, ratio, score="l1", **kw):
     small, plan = P.remove_channels(model, x, ratio, score, return_plan=True, **kw)
     masks = P.channel_masks(model, plan)
     defs, p, s = split_model(nnx.clone(model))
-    ref = jax.jit(lambda p, s, x: merge_model(defs.eval, p, s)(x))(P.apply_masks(p, masks), s, x)
-    g, st = nnx.split(small)
-    out = jax.jit(lambda st, x: nnx.merge(g, st)(x))(st, x)
+    ref = _apply_pure(defs.eval, P.apply_masks(p, masks), s, x)
+    out = _apply(*nnx.split(small), x)
     assert out.shape == ref.shape
     assert np.all(np.isfinite(np.asarray(ref))) and float(jnp.std(ref)) > 0
     scale = float(jnp.max(jnp.abs(ref))) + 1e-6

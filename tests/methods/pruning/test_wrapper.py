@@ -9,7 +9,9 @@ from flax import nnx
 
 import methods.pruning as P
 from research.nn import build_model
-from research.train import Checkpointer, create_train_state, make_train_step
+from research.train import Checkpointer
+from research.train import create_train_state
+from research.train import make_train_step
 
 
 def _setup(tx):
