@@ -43,7 +43,8 @@ def format_table(rows: Sequence[dict[str, Any]], columns=None) -> str:
         cells.append([_fmt(r.get(k), f) for k, _, f in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))) for row in cells
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False)))
+        for row in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -66,9 +66,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.platform} {dev.device_kind}; jax {jax.__version__}")
-    print(
-        "| N | q | first call s (compile) | 2nd call s | median s/batch | ms/point | min pair dist |"
-    )
+    print("| N | q | first call s (compile) | 2nd call s | median s/batch | ms/point | min pair dist |")
     print("|---|---|---|---|---|---|---|")
     for n in [int(x) for x in args.n.split(",")]:
         for q in [int(x) for x in args.q.split(",")]:

@@ -85,9 +85,7 @@ def bench_model(name: str, data, args) -> tuple[dict, object]:
     x_train = data.x_train.reshape(len(data.x_train), -1) if flat else data.x_train
     x_test = data.x_test.reshape(len(data.x_test), -1) if flat else data.x_test
     opts = TINY.get(name, {}) if args.quick else {}
-    model = build_model(
-        name, input_shape=x_train.shape[1:], num_classes=data.num_classes, rngs=nnx.Rngs(0), **opts
-    )
+    model = build_model(name, input_shape=x_train.shape[1:], num_classes=data.num_classes, rngs=nnx.Rngs(0), **opts)
     t0 = time.perf_counter()
     train(model, x_train, data.y_train, args.train_steps)
     acc = float(np.mean(np.asarray(model(jnp.asarray(x_test))).argmax(-1) == data.y_test))

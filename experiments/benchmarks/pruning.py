@@ -154,9 +154,7 @@ def gradual_vs_one_shot(cfg: GradualConfig, workdir: str) -> list[dict]:
     rows = []
     for seed in cfg.seeds:
         ctx = StageContext(0, f"dense_{seed}", pathlib.Path(workdir, f"dense_{seed}"), seed, False)
-        model = build_model(
-            "lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed)
-        )
+        model = build_model("lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
         dense, _ = finetune(
             model,
             ds,
@@ -240,16 +238,12 @@ CHANNEL_COLUMNS = (
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     p.add_argument("--tables", default="abc", help="which tables to run, e.g. 'a' or 'bc'")
     p.add_argument("--step-models", default=",".join(STEP_MODELS), help="models of table (a)")
     p.add_argument("--batch", type=int, default=32, help="batch of the step timing (a)")
-    p.add_argument(
-        "--repeats", type=int, default=0, help="timed steps per variant in (a); 0 = about 6 s"
-    )
+    p.add_argument("--repeats", type=int, default=0, help="timed steps per variant in (a); 0 = about 6 s")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds of table (b) (default 0 1 2)")
     p.add_argument("--latency-batch", type=int, default=32, help="inference batch of (c)")
     p.add_argument("--latency-repeats", type=int, default=30, help="timed calls of (c)")
@@ -259,19 +253,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.batch, args.repeats, args.latency_batch, args.latency_repeats = 16, 5, 4, 3
         args.step_models = "lenet300,lenet5"
-        gcfg = GradualConfig(
-            dataset="digits", seeds=(0,), dense_steps=40, finetune_steps=40, limit=500
-        )
+        gcfg = GradualConfig(dataset="digits", seeds=(0,), dense_steps=40, finetune_steps=40, limit=500)
     if args.seeds:
         gcfg = dataclasses.replace(gcfg, seeds=tuple(args.seeds))
     out: dict = {}
     platform = jax.devices()[0].platform
     if "a" in args.tables:
         t0 = time.perf_counter()
-        out["step"] = [
-            step_overhead(m, batch=args.batch, repeats=args.repeats)
-            for m in args.step_models.split(",")
-        ]
+        out["step"] = [step_overhead(m, batch=args.batch, repeats=args.repeats) for m in args.step_models.split(",")]
         print(
             f"(a) train step: dense Adam vs masked(Adam) at 90% sparsity, batch {args.batch}, "
             f"median of interleaved steps on {platform} (target <= 1.05x)"

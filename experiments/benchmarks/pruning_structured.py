@@ -17,10 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from methods.pruning import apply_masks, channel_masks, remove_channels
-from research.metrics import count_params, flops, model_latency
+from methods.pruning import apply_masks
+from methods.pruning import channel_masks
+from methods.pruning import remove_channels
+from research.metrics import count_params
+from research.metrics import flops
+from research.metrics import model_latency
 from research.nn import build_model
-from research.train import merge_model, split_model
+from research.train import merge_model
+from research.train import split_model
 
 
 def main(argv=None):

@@ -172,9 +172,7 @@ def run_seed(
       progress: show progress bars.
     """
     t0 = time.perf_counter()
-    model = build_model(
-        "lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed)
-    )
+    model = build_model("lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
     sampler = BatchSampler(ds.x_train, ds.y_train, batch_size=cfg.batch_size, seed=seed)
     if steps is None:
         defs, _ = create_train_state(nnx.clone(model), _adam(1, 1.0), seed=seed)
@@ -214,9 +212,7 @@ def run_seed(
     # The global step (hence the batches) continues from phase 1; the mask wrapper's own counter
     # starts at 0, so the pruning schedule is relative to the phase.
     tx, step = steps.get(cfg.prune_steps, cfg.retrain_learning_rate, prune=True)
-    pruned = train(
-        phase1._replace(opt_state=tx.init(phase1.params)), cfg.total_steps, step, "prune+retrain"
-    )
+    pruned = train(phase1._replace(opt_state=tx.init(phase1.params)), cfg.total_steps, step, "prune+retrain")
     pruned_err, pruned_val = error(pruned), error(pruned, "val")
     masks = find_masks(pruned.opt_state)
     return {
@@ -317,10 +313,7 @@ def run_experiment(cfg: Han2015Config, *, progress: bool = False, echo: bool = T
         "config": dataclasses.asdict(cfg),
         "num_train": len(ds.x_train),
         "num_test": len(ds.x_test),
-        "seeds": [
-            {k: v for k, v in r.items() if k not in ("kept", "mask_sparsity", "params")}
-            for r in rows
-        ],
+        "seeds": [{k: v for k, v in r.items() if k not in ("kept", "mask_sparsity", "params")} for r in rows],
         "layers": layers,
         "total_kept": total["kept %"] / 100.0,
         "compression": compression,

@@ -25,9 +25,7 @@ from experiments.han2015.experiment import run_experiment  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0..7)")
     p.add_argument("--dense-steps", type=int, help="dense steps before pruning")

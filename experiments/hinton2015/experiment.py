@@ -32,11 +32,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from methods.distillation import IndexedBatchSampler, build_teacher_cache, distill
-from research.data import BatchSampler, load_dataset
-from research.nn import build_model, param_count
+from methods.distillation import IndexedBatchSampler
+from methods.distillation import build_teacher_cache
+from methods.distillation import distill
+from research.data import BatchSampler
+from research.data import load_dataset
+from research.nn import build_model
+from research.nn import param_count
 from research.report import format_table
-from research.train import create_train_state, evaluate, fit, make_train_step, state_to_model
+from research.train import create_train_state
+from research.train import evaluate
+from research.train import fit
+from research.train import make_train_step
+from research.train import state_to_model
 
 PAPER_ERRORS = {"teacher": 67, "student": 146, "distilled": 74}  # of 10,000 MNIST test images
 PAPER_TEST_SIZE = 10_000
@@ -167,9 +175,7 @@ def run_seed(cfg: HintonConfig, ds, seed: int, *, progress: bool = False) -> dic
     return out
 
 
-def run_experiment(
-    cfg: HintonConfig, *, progress: bool = False, echo: bool = True
-) -> dict[str, Any]:
+def run_experiment(cfg: HintonConfig, *, progress: bool = False, echo: bool = True) -> dict[str, Any]:
     """Runs every seed and returns ``{"config", "runs", "rows", "table", "between"}``.
 
     ``rows`` has one row per model kind with the test errors (count on the test set, mean and
@@ -227,9 +233,7 @@ def run_experiment(
     return {
         "config": dataclasses.asdict(cfg),
         "test_size": n_test,
-        "runs": jax.tree.map(
-            lambda x: float(x) if isinstance(x, (np.floating, float)) else x, runs
-        ),
+        "runs": jax.tree.map(lambda x: float(x) if isinstance(x, (np.floating, float)) else x, runs),
         "rows": rows,
         "table": table,
         "summary": summary,

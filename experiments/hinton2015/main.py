@@ -16,13 +16,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from experiments.hinton2015.experiment import HintonConfig, quick_config, run_experiment  # noqa: E402
+from experiments.hinton2015.experiment import HintonConfig  # noqa: E402
+from experiments.hinton2015.experiment import quick_config  # noqa: E402
+from experiments.hinton2015.experiment import run_experiment  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     p.add_argument("--temperature", type=float, help="distillation temperature (default 20)")

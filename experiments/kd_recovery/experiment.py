@@ -100,9 +100,7 @@ def revived_weights(before, after) -> dict[str, int]:
     return {"zeros": zeros, "revived": revived}
 
 
-def run_pipeline(
-    variant: str, recipe, seed: int, root: pathlib.Path, *, progress: bool = False
-) -> dict[str, Any]:
+def run_pipeline(variant: str, recipe, seed: int, root: pathlib.Path, *, progress: bool = False) -> dict[str, Any]:
     """Runs one variant (see ``VARIANTS``) for one seed; returns each arm's test accuracy."""
     pipeline, overrides = VARIANTS[variant]
     recipe = dataclasses.replace(recipe, **overrides)
@@ -118,9 +116,7 @@ def run_pipeline(
         "seed": seed,
         "seconds": time.perf_counter() - t0,
         **{arm: metrics[label]["test_accuracy"] for arm, label in zip(ARMS, labels, strict=True)},
-        "nonzeros": {
-            arm: metrics[label]["nonzeros"] for arm, label in zip(ARMS, labels, strict=True)
-        },
+        "nonzeros": {arm: metrics[label]["nonzeros"] for arm, label in zip(ARMS, labels, strict=True)},
         "params": metrics[labels[0]]["params"],
     }
     if pipeline == "prune":
@@ -160,10 +156,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         rs = [r for r in runs if r["variant"] == variant]
         if not rs:
             continue
-        rec = {
-            arm: [recovered(r["teacher"], r["compressed"], r[arm]) for r in rs]
-            for arm in ("plain", "kd")
-        }
+        rec = {arm: [recovered(r["teacher"], r["compressed"], r[arm]) for r in rs] for arm in ("plain", "kd")}
         diff = [r["kd"] - r["plain"] for r in rs]
         rows.append(
             {
@@ -270,8 +263,7 @@ def run_experiment(
     lines = []
     for row in out["rows"]:
         lines.append(
-            f"{row['variant']}: KD - no teacher = {row['kd_minus_plain']} pp "
-            f"(KD better in {row['kd_wins']} seeds)"
+            f"{row['variant']}: KD - no teacher = {row['kd_minus_plain']} pp (KD better in {row['kd_wins']} seeds)"
         )
     if prune_runs:
         lines.append(

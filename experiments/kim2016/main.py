@@ -100,12 +100,8 @@ def run(
 
     # --- VGG-small: dense baseline
     t0 = time.time()
-    vgg = build_model(
-        "vgg_small", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed)
-    )
-    vgg, _ = finetune(
-        vgg, ds, _ctx(wd, "vgg_dense", seed), steps=train_steps, learning_rate=1e-3, batch_size=128
-    )
+    vgg = build_model("vgg_small", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
+    vgg, _ = finetune(vgg, ds, _ctx(wd, "vgg_dense", seed), steps=train_steps, learning_rate=1e-3, batch_size=128)
     vgg_acc = accuracy(vgg, ds.x_test, ds.y_test)
     print(f"vgg_small dense test accuracy {vgg_acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
     skip = DecompositionRule(pattern=r"convs/0$|head", skip=True)
@@ -123,37 +119,23 @@ def run(
     for name, rules in variants.items():
         fact, rep = factorize_with_report(vgg, rules, sample_input=x32, repeats=repeats)
         zero_shot = accuracy(fact, ds.x_test, ds.y_test)
-        lr = (
-            1e-4 if name.startswith("cp") else 3e-4
-        )  # Lebedev et al.: CP needs a small learning rate
-        fact, _ = finetune(
-            fact, ds, _ctx(wd, name, seed), steps=finetune_steps, learning_rate=lr, batch_size=128
-        )
+        lr = 1e-4 if name.startswith("cp") else 3e-4  # Lebedev et al.: CP needs a small learning rate
+        fact, _ = finetune(fact, ds, _ctx(wd, name, seed), steps=finetune_steps, learning_rate=lr, batch_size=128)
         record(name, vgg, fact, rep, vgg_acc, note=f"accuracy before fine-tuning {zero_shot:.4f}")
 
     # --- LeNet-300-100: SVD of the hidden layers
-    mlp = build_model(
-        "lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed)
-    )
-    mlp, _ = finetune(
-        mlp, ds, _ctx(wd, "mlp_dense", seed), steps=train_steps, learning_rate=1e-3, batch_size=128
-    )
+    mlp = build_model("lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
+    mlp, _ = finetune(mlp, ds, _ctx(wd, "mlp_dense", seed), steps=train_steps, learning_rate=1e-3, batch_size=128)
     mlp_acc = accuracy(mlp, ds.x_test, ds.y_test)
     rules = [DecompositionRule(pattern="layers", param_ratio=0.3, keep_if_slower=True)]
     fact, rep = factorize_with_report(mlp, rules, sample_input=x32.reshape(32, -1), repeats=repeats)
     zero_shot = accuracy(fact, ds.x_test, ds.y_test)
-    fact, _ = finetune(
-        fact, ds, _ctx(wd, "svd_lenet300", seed), steps=finetune_steps, learning_rate=3e-4
-    )
-    record(
-        "svd_lenet300", mlp, fact, rep, mlp_acc, note=f"accuracy before fine-tuning {zero_shot:.4f}"
-    )
+    fact, _ = finetune(fact, ds, _ctx(wd, "svd_lenet300", seed), steps=finetune_steps, learning_rate=3e-4)
+    record("svd_lenet300", mlp, fact, rep, mlp_acc, note=f"accuracy before fine-tuning {zero_shot:.4f}")
 
     out = {"dataset": dataset, "backend": jax.default_backend(), "rows": rows, "tables": tables}
     (wd / "results.json").write_text(json.dumps(out, indent=1))
-    print(
-        f"\n{dataset}, backend {jax.default_backend()}; latency medians of {repeats} alternating calls"
-    )
+    print(f"\n{dataset}, backend {jax.default_backend()}; latency medians of {repeats} alternating calls")
     head = f"{'variant':<17}{'dense acc':>10}{'acc':>8}{'drop pt':>8}{'params x':>9}{'FLOPs x':>8}"
     lat_keys = [k for k in rows[0] if k.endswith("_dense_ms")]
     for k in lat_keys:

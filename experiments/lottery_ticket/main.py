@@ -28,16 +28,12 @@ SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 CONTROLS = (0.8, 0.95)
 
 
-def run(
-    seeds: int = 3, steps: int = 1000, rewind_step: int = 0, dataset: str = "mnist5k", progress=True
-):
+def run(seeds: int = 3, steps: int = 1000, rewind_step: int = 0, dataset: str = "mnist5k", progress=True):
     """Returns rows of ``imp`` for every seed (with a ``seed`` column)."""
     ds = load_dataset(dataset, seed=0)
     rows = []
     for seed in range(seeds):
-        model = build_model(
-            "lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed)
-        )
+        model = build_model("lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
         for r in imp(
             model,
             ds,
@@ -57,10 +53,7 @@ def summarise(rows):
     out = {}
     for r in rows:
         out.setdefault((r["kind"], round(r["sparsity"], 3)), []).append(r["test_accuracy"])
-    return {
-        k: (float(np.mean(v)), float(np.std(v)), len(v))
-        for k, v in sorted(out.items(), key=lambda kv: kv[0][1])
-    }
+    return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in sorted(out.items(), key=lambda kv: kv[0][1])}
 
 
 def main(argv=None):

@@ -21,10 +21,20 @@ import numpy as np
 import optax
 from flax import nnx
 
-from methods.quantization import QuantRule, calibrate, quantize_model
-from research.data import BatchSampler, Dataset, calibration_subset, load_dataset
+from methods.quantization import QuantRule
+from methods.quantization import calibrate
+from methods.quantization import quantize_model
+from research.data import BatchSampler
+from research.data import Dataset
+from research.data import calibration_subset
+from research.data import load_dataset
 from research.nn import build_model
-from research.train import create_train_state, evaluate, fit, make_train_step, split_model, state_to_model
+from research.train import create_train_state
+from research.train import evaluate
+from research.train import fit
+from research.train import make_train_step
+from research.train import split_model
+from research.train import state_to_model
 
 
 def _load(dataset: str) -> Dataset:

@@ -79,14 +79,10 @@ def cp_factors(
     kernel = np.asarray(kernel, np.float64)
     bound = cp_max_rank(kernel.shape)
     if not 1 <= rank <= bound:
-        raise ValueError(
-            f"rank={rank} is outside 1..{bound} for a CP kernel of shape {kernel.shape}"
-        )
+        raise ValueError(f"rank={rank} is outside 1..{bound} for a CP kernel of shape {kernel.shape}")
     with warnings.catch_warnings():  # SVD init pads ranks above a mode size with random columns
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-        weights, factors = parafac(
-            kernel, rank, n_iter_max=n_iter_max, init=init, tol=tol, random_state=random_state
-        )
+        weights, factors = parafac(kernel, rank, n_iter_max=n_iter_max, init=init, tol=tol, random_state=random_state)
     factors = [np.asarray(f) for f in factors]
     factors[-1] = factors[-1] * np.asarray(weights)[None, :]
     return factors

@@ -33,9 +33,7 @@ def conv_padding_per_axis(padding: Any, ndim: int) -> list[Any]:
     """
     if isinstance(padding, str):
         if padding.upper() == "CAUSAL":
-            raise ValueError(
-                "padding='CAUSAL' (1-D only) cannot be split across factor convolutions"
-            )
+            raise ValueError("padding='CAUSAL' (1-D only) cannot be split across factor convolutions")
         return [padding.upper()] * ndim
     if isinstance(padding, int):
         return [(padding, padding)] * ndim
@@ -222,9 +220,7 @@ class Tucker2Conv(nnx.Module):
             use_bias=False,
             **kw,
         )
-        self.expand = nnx.Conv(
-            r_out, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw
-        )
+        self.expand = nnx.Conv(r_out, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.expand(self.core(self.reduce(x)))
@@ -236,9 +232,7 @@ class Tucker2Conv(nnx.Module):
         return np.einsum("...ab,sa,bt->...st", _np(self.core.kernel), u_in, u_out_t)
 
     @classmethod
-    def from_dense(
-        cls, dense: nnx.Conv, ranks: tuple[int, int], *, factors=None, **decompose_kwargs
-    ) -> Tucker2Conv:
+    def from_dense(cls, dense: nnx.Conv, ranks: tuple[int, int], *, factors=None, **decompose_kwargs) -> Tucker2Conv:
         """Builds the Tucker-2 layer from a trained ``nnx.Conv`` (tensorly ``partial_tucker``).
 
         Args:
@@ -350,9 +344,7 @@ class CPConv(nnx.Module):
                 )
             )
         self.spatial = nnx.List(spatial)
-        self.expand = nnx.Conv(
-            rank, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw
-        )
+        self.expand = nnx.Conv(rank, out_features, (1,) * nd, padding="VALID", use_bias=use_bias, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.reduce(x)
@@ -362,10 +354,7 @@ class CPConv(nnx.Module):
 
     def factors(self) -> list[np.ndarray]:
         """The CP factors ``[K_axis0 (k0, R), ..., K_in (cin, R), K_out (cout, R)]`` (numpy)."""
-        out = [
-            _np(conv.kernel).reshape(self.kernel_size[a], self.rank)
-            for a, conv in enumerate(self.spatial)
-        ]
+        out = [_np(conv.kernel).reshape(self.kernel_size[a], self.rank) for a, conv in enumerate(self.spatial)]
         out.append(_np(self.reduce.kernel).reshape(self.in_features, self.rank))
         out.append(_np(self.expand.kernel).reshape(self.rank, self.out_features).T)
         return out
@@ -438,9 +427,7 @@ def check_factorizable_conv(conv: nnx.Conv) -> None:
             "no full channel-by-channel kernel to factorize; leave this layer dense (rule skip=True)"
         )
     if any(d != 1 for d in _per_axis(conv.input_dilation, len(conv.kernel_size))):
-        raise ValueError(
-            f"input_dilation={conv.input_dilation} is not supported; leave this layer dense"
-        )
+        raise ValueError(f"input_dilation={conv.input_dilation} is not supported; leave this layer dense")
     if conv.mask is not None:
         raise ValueError("masked convolutions (mask=...) are not supported; leave this layer dense")
     if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":

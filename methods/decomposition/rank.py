@@ -87,9 +87,7 @@ def max_rank(method: Method, kernel_shape: Sequence[int]) -> Rank:
     """The largest allowed rank: ``min(in, out)`` (svd), ``(cin, cout)`` (tucker2), the CP bound."""
     shape = tuple(int(d) for d in kernel_shape)
     if method == "svd":
-        return (
-            min(shape[-2], shape[-1]) if len(shape) == 2 else min(math.prod(shape[:-1]), shape[-1])
-        )
+        return min(shape[-2], shape[-1]) if len(shape) == 2 else min(math.prod(shape[:-1]), shape[-1])
     if method == "tucker2":
         return (shape[-2], shape[-1])
     if method == "cp":
@@ -132,9 +130,7 @@ def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
     return 0.5 * (x - (1 + alpha) + np.sqrt((x - (1 + alpha)) ** 2 - 4 * alpha))
 
 
-def _evb_objective(
-    sigma2: float, L: int, M: int, s: np.ndarray, residual: float, xubar: float
-) -> float:
+def _evb_objective(sigma2: float, L: int, M: int, s: np.ndarray, residual: float, xubar: float) -> float:
     H = len(s)
     alpha = L / M
     x = s**2 / (M * sigma2)
@@ -186,9 +182,7 @@ def evbmf(y: np.ndarray, sigma2: float | None = None) -> tuple[int, np.ndarray, 
         lower = max(s[idx] ** 2 / (M * xubar), float(np.mean(s[idx:] ** 2)) / M)
         if not upper > lower:
             lower = upper * 1e-6
-        res = minimize_scalar(
-            _evb_objective, args=(L, M, s, residual, xubar), bounds=(lower, upper), method="bounded"
-        )
+        res = minimize_scalar(_evb_objective, args=(L, M, s, residual, xubar), bounds=(lower, upper), method="bounded")
         sigma2 = float(res.x)
     threshold = math.sqrt(M * sigma2 * (1 + tauubar) * (1 + alpha / tauubar))
     pos = int(np.sum(s > threshold))
@@ -196,11 +190,7 @@ def evbmf(y: np.ndarray, sigma2: float | None = None) -> tuple[int, np.ndarray, 
     d = (
         sp
         / 2
-        * (
-            1
-            - (L + M) * sigma2 / sp**2
-            + np.sqrt((1 - (L + M) * sigma2 / sp**2) ** 2 - 4 * L * M * sigma2**2 / sp**4)
-        )
+        * (1 - (L + M) * sigma2 / sp**2 + np.sqrt((1 - (L + M) * sigma2 / sp**2) ** 2 - 4 * L * M * sigma2**2 / sp**4))
     )
     return pos, d, sigma2
 
@@ -231,9 +221,7 @@ def _as_matrix(kernel: np.ndarray) -> np.ndarray:
     return kernel if kernel.ndim == 2 else kernel.reshape(-1, kernel.shape[-1])
 
 
-def _largest_feasible(
-    candidates: Sequence[Rank], cost: Callable[[Rank], float], budget: float
-) -> Rank | None:
+def _largest_feasible(candidates: Sequence[Rank], cost: Callable[[Rank], float], budget: float) -> Rank | None:
     """The last candidate (costs increase along the list) with cost <= budget (bisection)."""
     lo, hi = 0, len(candidates) - 1
     if cost(candidates[0]) > budget:
@@ -319,15 +307,11 @@ def select_rank(
         return check_rank(method, shape, rank, where)
     if energy is not None:
         if method == "svd":
-            return energy_rank(
-                np.linalg.svd(_as_matrix(kernel).astype(np.float64), compute_uv=False), energy
-            )
+            return energy_rank(np.linalg.svd(_as_matrix(kernel).astype(np.float64), compute_uv=False), energy)
         if method == "tucker2":
             s_in, s_out = _channel_spectra(kernel)
             return (energy_rank(s_in, energy), energy_rank(s_out, energy))
-        raise ValueError(
-            f"energy{at} is not defined for method='cp'; use rank, param_ratio or flop_ratio"
-        )
+        raise ValueError(f"energy{at} is not defined for method='cp'; use rank, param_ratio or flop_ratio")
     if vbmf:
         if method == "svd":
             return max(1, evbmf(_as_matrix(kernel))[0])
@@ -337,9 +321,7 @@ def select_rank(
                 max(1, evbmf(mode_unfold(kernel, nd))[0]),
                 max(1, evbmf(mode_unfold(kernel, nd + 1))[0]),
             )
-        raise ValueError(
-            f"vbmf{at} applies to svd and tucker2 (Kim et al.); for cp use rank or a budget"
-        )
+        raise ValueError(f"vbmf{at} applies to svd and tucker2 (Kim et al.); for cp use rank or a budget")
     ratio, index = (param_ratio, 0) if param_ratio is not None else (flop_ratio, 1)
     if not ratio > 0:
         raise ValueError(f"{chosen[0]}={ratio}{at} must be positive")
@@ -347,14 +329,9 @@ def select_rank(
     budget = ratio * dense_cost(shape, **kw)[index]
     cands = rank_candidates(method, shape)
     if method == "cp":  # the CP bound is huge; costs are linear in R so cap at the budget first
-        per = (
-            factorized_cost("cp", shape, 2, **kw)[index]
-            - factorized_cost("cp", shape, 1, **kw)[index]
-        )
+        per = factorized_cost("cp", shape, 2, **kw)[index] - factorized_cost("cp", shape, 1, **kw)[index]
         cands = cands[: max(1, min(len(cands), int(budget // max(per, 1)) + 1))]
-    best = _largest_feasible(
-        cands, lambda r: factorized_cost(method, shape, r, **kw)[index], budget
-    )
+    best = _largest_feasible(cands, lambda r: factorized_cost(method, shape, r, **kw)[index], budget)
     if best is None:
         raise ValueError(
             f"{chosen[0]}={ratio}{at} is below what rank 1 costs for kernel {shape} ({method}); "

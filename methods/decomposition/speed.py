@@ -10,9 +10,7 @@ import jax
 from flax import nnx
 
 
-def jitted_forward(
-    module: nnx.Module, device: jax.Device | None = None
-) -> Callable[[jax.Array], jax.Array]:
+def jitted_forward(module: nnx.Module, device: jax.Device | None = None) -> Callable[[jax.Array], jax.Array]:
     """``x -> module(x)`` compiled with ``jax.jit``; the module's state is an explicit argument.
 
     With ``device`` the state is placed there, so the call runs on that device (e.g. the host

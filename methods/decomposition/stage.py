@@ -65,17 +65,11 @@ class DecomposeStage(StageConfig):
 
     def validate(self) -> None:
         if not self.rules:
-            raise ValueError(
-                "DecomposeStage.rules is empty; add e.g. DecompositionRule(pattern='conv', vbmf=True)"
-            )
+            raise ValueError("DecomposeStage.rules is empty; add e.g. DecompositionRule(pattern='conv', vbmf=True)")
         if self.budget_param_ratio and self.budget_flop_ratio:
-            raise ValueError(
-                "set at most one of DecomposeStage.budget_param_ratio, budget_flop_ratio"
-            )
+            raise ValueError("set at most one of DecomposeStage.budget_param_ratio, budget_flop_ratio")
         if self.speed_batch_size < 1:
-            raise ValueError(
-                f"DecomposeStage.speed_batch_size={self.speed_batch_size} must be >= 1"
-            )
+            raise ValueError(f"DecomposeStage.speed_batch_size={self.speed_batch_size} must be >= 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"DecomposeStage.alpha={self.alpha} must be in [0, 1]")
         if self.finetune is not None:
@@ -97,11 +91,7 @@ def _pinned_rules(rows: list[dict]) -> list[DecompositionRule]:
             continue
         rank = json.loads(row["rank"].replace("(", "[").replace(")", "]"))
         rank = tuple(rank) if isinstance(rank, list) else int(rank)
-        rules.append(
-            DecompositionRule(
-                pattern=f"^{re.escape(row['path'])}$", method=row["method"], rank=rank
-            )
-        )
+        rules.append(DecompositionRule(pattern=f"^{re.escape(row['path'])}$", method=row["method"], rank=rank))
     return rules
 
 
@@ -125,9 +115,7 @@ def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> Sta
         rules = _pinned_rules(saved["layers"])
         model = bundle.model
         if rules:
-            model, _ = factorize_with_report(
-                bundle.model, rules, sample_input=sample, check_speed=False
-            )
+            model, _ = factorize_with_report(bundle.model, rules, sample_input=sample, check_speed=False)
         rows, summary = saved["layers"], saved["summary"]
         notes.append("resumed: structure rebuilt from factorization.json")
     else:
@@ -166,12 +154,8 @@ def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> Sta
         transforms = ()
         if cfg.distill:
             transforms = (_hinton_transform(_deep_copy(bundle.model), cfg.temperature, cfg.alpha),)
-            notes.append(
-                f"fine-tuned with Hinton KD from the pre-decomposition model (T={cfg.temperature})"
-            )
-        model, _ = finetune(
-            model, ds, ctx, **train_kwargs(cfg.finetune), loss_transforms=transforms
-        )
+            notes.append(f"fine-tuned with Hinton KD from the pre-decomposition model (T={cfg.temperature})")
+        model, _ = finetune(model, ds, ctx, **train_kwargs(cfg.finetune), loss_transforms=transforms)
     return StageResult(
         bundle=dataclasses.replace(bundle, model=model),
         metrics=metrics,

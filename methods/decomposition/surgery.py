@@ -81,9 +81,7 @@ class DecompositionRule(Rule):
             raise ValueError(f"method={self.method!r} is not one of 'auto', 'svd', 'tucker2', 'cp'")
         given = self.criteria()
         if len(given) > 1:
-            raise ValueError(
-                f"rule {self.pattern!r} sets several rank criteria {sorted(given)}; keep one"
-            )
+            raise ValueError(f"rule {self.pattern!r} sets several rank criteria {sorted(given)}; keep one")
 
     def criteria(self) -> dict[str, Any]:
         """The rank criterion this rule sets (empty when the model budget decides)."""
@@ -171,9 +169,7 @@ class FactorizationReport:
     def flops(self) -> tuple[int, int]:
         """FLOPs of the matched layers before and after (dense rows count their dense FLOPs)."""
         before = sum(r.flops_dense for r in self.layers)
-        after = sum(
-            r.flops_factorized if r.decision == "factorized" else r.flops_dense for r in self.layers
-        )
+        after = sum(r.flops_factorized if r.decision == "factorized" else r.flops_dense for r in self.layers)
         return before, after
 
     def table(self) -> str:
@@ -216,9 +212,7 @@ class _Recorder(nnx.Module):
         return y
 
 
-def capture_shapes(
-    model: nnx.Module, paths: Sequence[str], sample_input: jax.Array
-) -> dict[str, tuple[tuple, tuple]]:
+def capture_shapes(model: nnx.Module, paths: Sequence[str], sample_input: jax.Array) -> dict[str, tuple[tuple, tuple]]:
     """Input and output shapes of the modules at ``paths`` for one forward pass (eval mode).
 
     Raises:
@@ -240,9 +234,7 @@ def capture_shapes(
     jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, spec)  # shapes only, no compute
     missing = [p for p in paths if p not in shapes]
     if missing:
-        raise ValueError(
-            f"layers {missing} were not called on sample_input; they cannot be timed or costed"
-        )
+        raise ValueError(f"layers {missing} were not called on sample_input; they cannot be timed or costed")
     return shapes
 
 
@@ -303,9 +295,7 @@ def _method_for(path: str, module: nnx.Module, rule: DecompositionRule) -> str:
             )
         return "svd"
     if rule.method == "svd":
-        raise ValueError(
-            f"rule {rule.pattern!r} asks method='svd' for convolution {path!r}; use 'tucker2' or 'cp'"
-        )
+        raise ValueError(f"rule {rule.pattern!r} asks method='svd' for convolution {path!r}; use 'tucker2' or 'cp'")
     return "tucker2" if rule.method == "auto" else rule.method
 
 
@@ -321,18 +311,12 @@ def _knob_rank(plan: _Plan, t: float) -> Any:
 
 def _allocate(plans: list[_Plan], budget: ModelBudget) -> None:
     """Bisects the shared knob so the budgeted layers fit ``budget`` together."""
-    index, ratio = (
-        (0, budget.param_ratio) if budget.param_ratio is not None else (1, budget.flop_ratio)
-    )
-    dense_total = sum(
-        dense_cost(p.kernel.shape, bias=p.bias(), **p.spatial())[index] for p in plans
-    )
+    index, ratio = (0, budget.param_ratio) if budget.param_ratio is not None else (1, budget.flop_ratio)
+    dense_total = sum(dense_cost(p.kernel.shape, bias=p.bias(), **p.spatial())[index] for p in plans)
 
     def total(t: float) -> float:
         return sum(
-            factorized_cost(
-                p.method, p.kernel.shape, _knob_rank(p, t), bias=p.bias(), **p.spatial()
-            )[index]
+            factorized_cost(p.method, p.kernel.shape, _knob_rank(p, t), bias=p.bias(), **p.spatial())[index]
             for p in plans
         )
 
@@ -389,9 +373,7 @@ def factorize_with_report(
     base.eval()
     cands = _candidates(base)
     matches = match_rules(rules, [p for p, _ in cands])
-    selected = [
-        (p, m, matches[p]) for p, m in cands if matches[p] is not None and not matches[p].skip
-    ]
+    selected = [(p, m, matches[p]) for p, m in cands if matches[p] is not None and not matches[p].skip]
     if sample_input is None:
         if hasattr(base, "input_shape"):
             sample_input = jnp.zeros((1, *base.input_shape), jnp.float32)

@@ -27,23 +27,21 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 
-from research.nn import get_module, iter_modules
+from research.nn import get_module
+from research.nn import iter_modules
 
-_SOWN: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
-    "slimjax_sow_capture", default=frozenset()
-)
+_SOWN: contextvars.ContextVar[frozenset] = contextvars.ContextVar("slimjax_sow_capture", default=frozenset())
 _CALL = "__call__"
 _LOCK = threading.RLock()
 _RECORDERS: list[dict[int, tuple[str, dict]]] = []  # active recorders: id(module) -> (path, sink)
-_PATCHED: dict[
-    type, tuple[Any, bool, int]
-] = {}  # class -> (original __call__, own attr?, refcount)
+_PATCHED: dict[type, tuple[Any, bool, int]] = {}  # class -> (original __call__, own attr?, refcount)
 
 
 class CaptureError(RuntimeError):
@@ -89,9 +87,7 @@ def _flatten_sown(tree: Any, prefix: tuple = ()) -> dict[str, Any]:
     for key, value in tree.items():
         if isinstance(value, nnx.Variable):
             values = value.get_value()
-            out["/".join(str(p) for p in (*prefix, key))] = (
-                values[-1] if isinstance(values, tuple) else values
-            )
+            out["/".join(str(p) for p in (*prefix, key))] = values[-1] if isinstance(values, tuple) else values
         elif hasattr(value, "items"):
             out.update(_flatten_sown(value, (*prefix, key)))
     return out
@@ -140,9 +136,7 @@ def capture_intermediates(
         targets = {p: _resolve(model, p) for p in paths}
         sown = [p for p, m in targets.items() if m is None]
         recorder = {id(m): (p, sink) for p, m in targets.items() if m is not None}
-        classes = sorted(
-            {type(m) for m in targets.values() if m is not None}, key=lambda c: len(c.__mro__)
-        )
+        classes = sorted({type(m) for m in targets.values() if m is not None}, key=lambda c: len(c.__mro__))
         call = fn
         token = None
         if sown:
@@ -181,9 +175,7 @@ def capture_intermediates(
     return wrapped
 
 
-def intermediates(
-    model: nnx.Module, x: jax.Array, paths: Sequence[str]
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def intermediates(model: nnx.Module, x: jax.Array, paths: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``(model(x), {path: output})`` in one forward pass; see :func:`capture_intermediates`."""
     return capture_intermediates(lambda m, inp: m(inp), paths)(model, x)
 

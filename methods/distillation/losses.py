@@ -28,9 +28,7 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature={temperature} must be positive; pass e.g. 4.0")
 
 
-def kd_loss(
-    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 4.0
-) -> jax.Array:
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 4.0) -> jax.Array:
     """Hinton et al.'s soft-target loss: ``T**2 * KL(softmax(t/T) || softmax(s/T))``, batch mean.
 
     The ``T**2`` factor keeps the gradient's size independent of the temperature: the gradient
@@ -164,9 +162,7 @@ def attention_map(feature: jax.Array, p: float = 2.0) -> jax.Array:
     return a / norm
 
 
-def attention_loss(
-    student_feature: jax.Array, teacher_feature: jax.Array, p: float = 2.0
-) -> jax.Array:
+def attention_loss(student_feature: jax.Array, teacher_feature: jax.Array, p: float = 2.0) -> jax.Array:
     """Attention transfer: ``mean((Q_s - Q_t)^2)`` over batch and positions.
 
     ``Q = attention_map(A, p)``; student and teacher may have different channel counts but need
@@ -227,9 +223,7 @@ def rkd_distance_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
       Park et al., "Relational Knowledge Distillation", https://arxiv.org/abs/1904.05068
     """
     if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"rkd: batch sizes differ, student {student.shape} vs teacher {teacher.shape}"
-        )
+        raise ValueError(f"rkd: batch sizes differ, student {student.shape} vs teacher {teacher.shape}")
     t = jax.lax.stop_gradient(_normalised_distances(teacher))
     return jnp.mean(_smooth_l1(_normalised_distances(student) - t))
 
@@ -252,8 +246,6 @@ def rkd_angle_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
       Park et al., "Relational Knowledge Distillation", https://arxiv.org/abs/1904.05068
     """
     if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"rkd: batch sizes differ, student {student.shape} vs teacher {teacher.shape}"
-        )
+        raise ValueError(f"rkd: batch sizes differ, student {student.shape} vs teacher {teacher.shape}")
     t = jax.lax.stop_gradient(_angles(teacher))
     return jnp.mean(_smooth_l1(_angles(student) - t))

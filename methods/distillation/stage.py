@@ -20,35 +20,36 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any
+from typing import ClassVar
+from typing import Literal
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from methods.distillation.hints import unwrap_student, with_hints
-from methods.distillation.teacher import IndexedBatchSampler, build_teacher_cache
-from methods.distillation.transforms import (
-    attention_term,
-    dkd_term,
-    fitnets_term,
-    hinton_term,
-    rkd_angle_term,
-    rkd_distance_term,
-    weighted_sum,
-)
-from research.stages import (
-    Bundle,
-    StageConfig,
-    StageContext,
-    StageResult,
-    TrainStage,
-    accuracy,
-    finetune,
-    register_stage,
-    train_kwargs,
-)
+from methods.distillation.hints import unwrap_student
+from methods.distillation.hints import with_hints
+from methods.distillation.teacher import IndexedBatchSampler
+from methods.distillation.teacher import build_teacher_cache
+from methods.distillation.transforms import attention_term
+from methods.distillation.transforms import dkd_term
+from methods.distillation.transforms import fitnets_term
+from methods.distillation.transforms import hinton_term
+from methods.distillation.transforms import rkd_angle_term
+from methods.distillation.transforms import rkd_distance_term
+from methods.distillation.transforms import weighted_sum
+from research.stages import Bundle
+from research.stages import StageConfig
+from research.stages import StageContext
+from research.stages import StageResult
+from research.stages import TrainStage
+from research.stages import accuracy
+from research.stages import finetune
+from research.stages import register_stage
+from research.stages import train_kwargs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,15 +97,11 @@ class DistillStage(StageConfig):
     rkd_angle_weight: float = 0.0
     cache_teacher: bool = True
     keep_zeros: bool = True
-    train: TrainStage = dataclasses.field(
-        default_factory=lambda: TrainStage(steps=300, eval_every=100)
-    )
+    train: TrainStage = dataclasses.field(default_factory=lambda: TrainStage(steps=300, eval_every=100))
 
     def validate(self) -> None:
         if self.temperature <= 0:
-            raise ValueError(
-                f"DistillStage.temperature={self.temperature} must be positive, e.g. 4.0"
-            )
+            raise ValueError(f"DistillStage.temperature={self.temperature} must be positive, e.g. 4.0")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"DistillStage.alpha={self.alpha} must be in [0, 1]")
         for name in ("hint_weight", "attention_weight", "rkd_distance_weight", "rkd_angle_weight"):
@@ -204,12 +201,8 @@ def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageRe
         terms, hard_weight = [(1.0, dkd_term(cfg.dkd_alpha, cfg.dkd_beta, cfg.temperature))], 1.0
     if cfg.hints:
         terms.append((cfg.hint_weight, fitnets_term(cfg.hints)))
-        student = with_hints(
-            student, teacher, cfg.hints, ds.x_train[:2], rngs=nnx.Rngs(ctx.seed + 1)
-        )
-        notes.append(
-            f"FitNets projections for {len(cfg.hints)} hint pair(s) trained and dropped after the stage"
-        )
+        student = with_hints(student, teacher, cfg.hints, ds.x_train[:2], rngs=nnx.Rngs(ctx.seed + 1))
+        notes.append(f"FitNets projections for {len(cfg.hints)} hint pair(s) trained and dropped after the stage")
     if cfg.attention:
         terms.append((cfg.attention_weight, attention_term(cfg.attention)))
     if cfg.rkd_distance_weight:
@@ -257,6 +250,4 @@ def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageRe
             }
         )
         metrics["final_train_loss"] = last["loss"]
-    return StageResult(
-        bundle=dataclasses.replace(bundle, model=model), metrics=metrics, notes=notes
-    )
+    return StageResult(bundle=dataclasses.replace(bundle, model=model), metrics=metrics, notes=notes)

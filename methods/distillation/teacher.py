@@ -14,7 +14,9 @@ A **teacher function** maps a training batch to the teacher's outputs on it:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -23,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from methods.distillation.capture import capture_intermediates
-from research.data import BatchSampler, eval_batches
+from research.data import BatchSampler
+from research.data import eval_batches
 
 Batch = Mapping[str, jax.Array]
 TeacherOutputs = dict[str, Any]
@@ -94,9 +97,7 @@ class TeacherCache:
         self.features = {k: jnp.asarray(v) for k, v in (features or {}).items()}
         for k, v in self.features.items():
             if v.shape[0] != self.logits.shape[0]:
-                raise ValueError(
-                    f"cached feature {k!r} has {v.shape[0]} rows but logits have {self.logits.shape[0]}"
-                )
+                raise ValueError(f"cached feature {k!r} has {v.shape[0]} rows but logits have {self.logits.shape[0]}")
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -123,9 +124,7 @@ class TeacherCache:
     def load(cls, path: str | os.PathLike) -> TeacherCache:
         """Reads a cache written by :meth:`save`."""
         with np.load(path) as data:
-            feats = {
-                k.removeprefix("feature:"): data[k] for k in data.files if k.startswith("feature:")
-            }
+            feats = {k.removeprefix("feature:"): data[k] for k in data.files if k.startswith("feature:")}
             return cls(data["logits"], feats)
 
 
@@ -168,13 +167,9 @@ class IndexedBatchSampler(BatchSampler):
     see identical data.
     """
 
-    def __init__(
-        self, x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int = 0, shuffle: bool = True
-    ):
+    def __init__(self, x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int = 0, shuffle: bool = True):
         super().__init__(x, y, batch_size=batch_size, seed=seed, shuffle=shuffle)
-        self._rows = BatchSampler(
-            np.arange(len(x)), y, batch_size=batch_size, seed=seed, shuffle=shuffle
-        )
+        self._rows = BatchSampler(np.arange(len(x)), y, batch_size=batch_size, seed=seed, shuffle=shuffle)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         idx = self._rows.batch(step)["x"]

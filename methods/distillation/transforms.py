@@ -23,7 +23,9 @@ Every public transform accepts ``loss_fn=None`` and then returns the transform i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -31,9 +33,13 @@ from flax import nnx
 
 from methods.distillation import losses as L
 from methods.distillation.capture import capture_intermediates
-from methods.distillation.hints import HintedStudent, student_prefix
-from methods.distillation.teacher import OnlineTeacher, TeacherFn, as_teacher_outputs
-from research.train.losses import LossFn, LossTransform
+from methods.distillation.hints import HintedStudent
+from methods.distillation.hints import student_prefix
+from methods.distillation.teacher import OnlineTeacher
+from methods.distillation.teacher import TeacherFn
+from methods.distillation.teacher import as_teacher_outputs
+from research.train.losses import LossFn
+from research.train.losses import LossTransform
 
 Outputs = dict[str, Any]  # {"logits": (B, C), "features": {path: array}}
 TermFn = Callable[[Outputs, Outputs, Mapping[str, jax.Array], nnx.Module], jax.Array]
@@ -119,9 +125,7 @@ def dkd_term(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) ->
     L._check_temperature(temperature)
 
     def fn(s, t, batch, model):
-        return L.dkd_loss(
-            s["logits"], t["logits"], batch["y"], alpha=alpha, beta=beta, temperature=temperature
-        )
+        return L.dkd_loss(s["logits"], t["logits"], batch["y"], alpha=alpha, beta=beta, temperature=temperature)
 
     return KDTerm("dkd", fn)
 
@@ -146,9 +150,7 @@ def fitnets_term(hints: Sequence[tuple[str, str]] = ()) -> KDTerm:
             )
         total = 0.0
         for i, (sp, tp) in enumerate(hints):
-            total = total + L.hint_loss(
-                model.project(i, _feature(s, sp, "student")), _feature(t, tp, "teacher")
-            )
+            total = total + L.hint_loss(model.project(i, _feature(s, sp, "student")), _feature(t, tp, "teacher"))
         return total
 
     return KDTerm("fitnets", fn, tuple(s for s, _ in hints), tuple(t for _, t in hints))
@@ -164,9 +166,7 @@ def attention_term(pairs: Sequence[tuple[str, str]] = (), p: float = 2.0) -> KDT
     def fn(s, t, batch, model):
         total = 0.0
         for sp, tp in pairs:
-            total = total + L.attention_loss(
-                _feature(s, sp, "student"), _feature(t, tp, "teacher"), p
-            )
+            total = total + L.attention_loss(_feature(s, sp, "student"), _feature(t, tp, "teacher"), p)
         return total
 
     return KDTerm("attention", fn, tuple(s for s, _ in pairs), tuple(t for _, t in pairs))
@@ -224,13 +224,9 @@ class KDLoss:
             if isinstance(e.teacher, nnx.Module):
                 modules[id(e.teacher)] = e.teacher
                 paths.setdefault(id(e.teacher), [])
-                paths[id(e.teacher)] += [
-                    p for p in e.term.teacher_paths if p not in paths[id(e.teacher)]
-                ]
+                paths[id(e.teacher)] += [p for p in e.term.teacher_paths if p not in paths[id(e.teacher)]]
         self._online = {k: OnlineTeacher(m, paths[k]) for k, m in modules.items()}
-        self.student_paths = tuple(
-            dict.fromkeys(p for e in self.entries for p in e.term.student_paths)
-        )
+        self.student_paths = tuple(dict.fromkeys(p for e in self.entries for p in e.term.student_paths))
 
     def _teacher_fn(self, teacher) -> TeacherFn:
         return self._online[id(teacher)] if isinstance(teacher, nnx.Module) else teacher
@@ -245,9 +241,7 @@ class KDLoss:
             loss, aux = self.base(model, batch, rng)
             feats = {}
         if "logits" not in aux:
-            raise KeyError(
-                f"the wrapped loss function's aux has keys {sorted(aux)}; KD needs aux['logits']"
-            )
+            raise KeyError(f"the wrapped loss function's aux has keys {sorted(aux)}; KD needs aux['logits']")
         student = {"logits": aux["logits"], "features": feats}
         teachers: dict[int, Outputs] = {}
         total = self.hard_weight * loss
@@ -333,9 +327,7 @@ def distill(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be in [0, 1] (the weight of the soft loss)")
-    return weighted_sum(
-        loss_fn, teacher_fn, [(alpha, hinton_term(temperature))], hard_weight=1.0 - alpha
-    )
+    return weighted_sum(loss_fn, teacher_fn, [(alpha, hinton_term(temperature))], hard_weight=1.0 - alpha)
 
 
 def dkd(

@@ -16,17 +16,22 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from methods.pruning.masks import SparsityRule, leaf_targets
+from methods.pruning.masks import SparsityRule
+from methods.pruning.masks import leaf_targets
 from methods.pruning.scores import allocate
-from methods.pruning.wrapper import mask_grads, mask_updates
-from research.tree import flatten_with_paths, map_with_paths
+from methods.pruning.wrapper import mask_grads
+from methods.pruning.wrapper import mask_updates
+from research.tree import flatten_with_paths
+from research.tree import map_with_paths
 
 PyTree = Any
 GrowFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -77,9 +82,7 @@ class DynamicSparseState(NamedTuple):
 def cosine_drop_fraction(step, drop_fraction: float, end_step: int) -> jax.Array:
     """``drop_fraction / 2 * (1 + cos(pi * step / end_step))``, 0 after ``end_step``."""
     t = jnp.clip(jnp.asarray(step, jnp.float32) / max(end_step, 1), 0.0, 1.0)
-    return jnp.where(
-        jnp.asarray(step) <= end_step, drop_fraction / 2 * (1 + jnp.cos(jnp.pi * t)), 0.0
-    )
+    return jnp.where(jnp.asarray(step) <= end_step, drop_fraction / 2 * (1 + jnp.cos(jnp.pi * t)), 0.0)
 
 
 def _rank_desc(x):
@@ -159,9 +162,7 @@ def dynamic_sparse(
       KeyError: unknown ``method``.
     """
     if method not in _GROW:
-        raise KeyError(
-            f"unknown dynamic-sparse method {method!r}; registered: {list_grow_methods()}"
-        )
+        raise KeyError(f"unknown dynamic-sparse method {method!r}; registered: {list_grow_methods()}")
     grow_fn = _GROW[method]
     base = jax.random.key(seed)
 
@@ -178,9 +179,7 @@ def dynamic_sparse(
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError(
-                "dynamic_sparse() needs params: call tx.update(grads, opt_state, params)"
-            )
+            raise ValueError("dynamic_sparse() needs params: call tx.update(grads, opt_state, params)")
         count = state.count
         is_update = (count > 0) & (count % update_every == 0) & (count <= end_step)
         frac = cosine_drop_fraction(count, drop_fraction, end_step)
@@ -195,9 +194,7 @@ def dynamic_sparse(
                 gs = grow_fn(flat_w[p], flat_g[p], jax.random.fold_in(key, i))
                 new[p], grown[p] = drop_and_grow(flat_m[p], flat_w[p], gs, frac)
             masks = map_with_paths(lambda p, x: new.get(p), params)
-            grown_tree = map_with_paths(
-                lambda p, x: grown.get(p, jnp.zeros(jnp.shape(x), bool)), params
-            )
+            grown_tree = map_with_paths(lambda p, x: grown.get(p, jnp.zeros(jnp.shape(x), bool)), params)
             return masks, grown_tree
 
         def keep():

@@ -38,9 +38,7 @@ def leaf_sparse_bytes(x: np.ndarray, value_bits: int = 32) -> dict[str, float]:
     }
 
 
-def sparse_bytes(
-    params: PyTree, masks: PyTree | None = None, *, value_bits: int = 32
-) -> dict[str, float]:
+def sparse_bytes(params: PyTree, masks: PyTree | None = None, *, value_bits: int = 32) -> dict[str, float]:
     """Total bytes of ``params`` stored dense, as bitmask+values and as CSR.
 
     Leaves that are not pruned (``None`` in ``masks``, when given) are counted densely in every
@@ -56,9 +54,7 @@ def sparse_bytes(
     """
     pruned = None
     if masks is not None:
-        pruned = {
-            p for p, m in flatten_with_paths(masks, is_leaf=lambda m: m is None) if m is not None
-        }
+        pruned = {p for p, m in flatten_with_paths(masks, is_leaf=lambda m: m is None) if m is not None}
     tot = {"dense_bytes": 0.0, "bitmask_bytes": 0.0, "csr_bytes": 0.0, "nonzeros": 0, "params": 0}
     for path, x in flatten_with_paths(params):
         b = leaf_sparse_bytes(x, value_bits)

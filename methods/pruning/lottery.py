@@ -21,11 +21,20 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from methods.pruning.masks import SparsityRule, apply_masks, check_sparsity, mask_sparsity
+from methods.pruning.masks import SparsityRule
+from methods.pruning.masks import apply_masks
+from methods.pruning.masks import check_sparsity
+from methods.pruning.masks import mask_sparsity
 from methods.pruning.scores import magnitude_masks
-from methods.pruning.wrapper import MaskedState, masked
-from research.data import BatchSampler, Dataset
-from research.train import TrainState, evaluate, fit, make_train_step, split_model
+from methods.pruning.wrapper import MaskedState
+from methods.pruning.wrapper import masked
+from research.data import BatchSampler
+from research.data import Dataset
+from research.train import TrainState
+from research.train import evaluate
+from research.train import fit
+from research.train import make_train_step
+from research.train import split_model
 
 PyTree = Any
 
@@ -46,15 +55,11 @@ def random_reinit(params: PyTree, masks: PyTree, key: jax.Array) -> PyTree:
         if m is None:
             return x
         flat = jnp.ravel(x)
-        return jnp.where(
-            m, jax.random.permutation(jax.random.fold_in(key, i), flat).reshape(x.shape), 0.0
-        )
+        return jnp.where(m, jax.random.permutation(jax.random.fold_in(key, i), flat).reshape(x.shape), 0.0)
 
     leaves_m = jax.tree.leaves(masks, is_leaf=lambda m: m is None)
     leaves_x, tdef = jax.tree.flatten(params)
-    return jax.tree.unflatten(
-        tdef, [perm(i, m, x) for i, (m, x) in enumerate(zip(leaves_m, leaves_x, strict=False))]
-    )
+    return jax.tree.unflatten(tdef, [perm(i, m, x) for i, (m, x) in enumerate(zip(leaves_m, leaves_x, strict=False))])
 
 
 def imp(
@@ -100,9 +105,7 @@ def imp(
     defs, params0, model_state0 = split_model(nnx.clone(model))
     inner = optax.adam(learning_rate)
     first = magnitude_masks(params0, sparsities[0], rules)
-    all_kept = jax.tree.map(
-        lambda m: None if m is None else jnp.ones_like(m), first, is_leaf=lambda m: m is None
-    )
+    all_kept = jax.tree.map(lambda m: None if m is None else jnp.ones_like(m), first, is_leaf=lambda m: m is None)
     tx = masked(inner, masks=all_kept)
     step_fn = make_train_step(defs, tx, donate=False)
     sampler = BatchSampler(dataset.x_train, dataset.y_train, batch_size=batch_size, seed=seed)
@@ -132,9 +135,7 @@ def imp(
             description=label,
             on_step=on_step if rewind_step and start == 0 else None,
         )
-        acc = evaluate(defs, state.params, state.model_state, dataset.x_test, dataset.y_test)[
-            "accuracy"
-        ]
+        acc = evaluate(defs, state.params, state.model_state, dataset.x_test, dataset.y_test)["accuracy"]
         return state.params, acc, keep.get("rewind")
 
     rows = []

@@ -20,7 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.tree import Rule, flatten_with_paths, map_with_paths, match_rules
+from research.tree import Rule
+from research.tree import flatten_with_paths
+from research.tree import map_with_paths
+from research.tree import match_rules
 
 PyTree = Any
 
@@ -62,9 +65,7 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     return s
 
 
-def leaf_targets(
-    params: PyTree, sparsity: float, rules: Sequence[SparsityRule] | None = None
-) -> dict[str, float]:
+def leaf_targets(params: PyTree, sparsity: float, rules: Sequence[SparsityRule] | None = None) -> dict[str, float]:
     """The target sparsity of each pruned leaf, by path (leaves that stay dense are left out).
 
     Args:

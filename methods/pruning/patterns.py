@@ -18,9 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from methods.pruning.masks import SparsityRule, leaf_targets, mask_from_scores
+from methods.pruning.masks import SparsityRule
+from methods.pruning.masks import leaf_targets
+from methods.pruning.masks import mask_from_scores
 from methods.pruning.scores import compute_scores
-from research.tree import flatten_with_paths, map_with_paths
+from research.tree import flatten_with_paths
+from research.tree import map_with_paths
 
 PyTree = Any
 
@@ -85,9 +88,7 @@ class Block:
 
     def validate(self, shape, path):
         if len(shape) < 2:
-            raise ValueError(
-                f"block pattern needs a leaf with >= 2 dims; {path!r} has shape {tuple(shape)}"
-            )
+            raise ValueError(f"block pattern needs a leaf with >= 2 dims; {path!r} has shape {tuple(shape)}")
         r, c = self.block
         if shape[-2] % r or shape[-1] % c:
             raise ValueError(

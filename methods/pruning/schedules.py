@@ -24,9 +24,7 @@ def _check_steps(begin_step: int, end_step: int, frequency: int) -> None:
     if begin_step < 0:
         raise ValueError(f"begin_step={begin_step} must be >= 0")
     if end_step < begin_step:
-        raise ValueError(
-            f"end_step={end_step} is before begin_step={begin_step}; pass end_step >= begin_step"
-        )
+        raise ValueError(f"end_step={end_step} is before begin_step={begin_step}; pass end_step >= begin_step")
     if frequency < 1:
         raise ValueError(f"frequency={frequency} must be >= 1 (steps between mask updates)")
 
@@ -137,17 +135,11 @@ class Polynomial:
     def sparsity(self, step):
         step = jnp.asarray(step)
         # Held constant between updates: evaluate at the last update step at or before `step`.
-        last = (
-            self.begin_step
-            + (jnp.maximum(step - self.begin_step, 0) // self.frequency) * self.frequency
-        )
+        last = self.begin_step + (jnp.maximum(step - self.begin_step, 0) // self.frequency) * self.frequency
         last = jnp.minimum(last, self.end_step)
         span = max(self.end_step - self.begin_step, 1)
         frac = jnp.clip((last - self.begin_step) / span, 0.0, 1.0)
-        s = (
-            self.final_sparsity
-            + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** self.power
-        )
+        s = self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** self.power
         return jnp.where(step >= self.begin_step, s, 0.0).astype(jnp.float32)
 
     def is_update_step(self, step):
@@ -165,18 +157,12 @@ def one_shot_schedule(final_sparsity: float, step: int = 0) -> OneShot:
     return OneShot(final_sparsity=final_sparsity, step=step)
 
 
-def constant_schedule(
-    final_sparsity: float, begin_step: int = 0, end_step: int = 0, frequency: int = 100
-) -> Constant:
+def constant_schedule(final_sparsity: float, begin_step: int = 0, end_step: int = 0, frequency: int = 100) -> Constant:
     """Constant sparsity; masks recomputed every ``frequency`` steps between begin and end."""
-    return Constant(
-        final_sparsity=final_sparsity, begin_step=begin_step, end_step=end_step, frequency=frequency
-    )
+    return Constant(final_sparsity=final_sparsity, begin_step=begin_step, end_step=end_step, frequency=frequency)
 
 
-def iterative_schedule(
-    final_sparsity: float, num_rounds: int, begin_step: int = 0, end_step: int = 0
-) -> Iterative:
+def iterative_schedule(final_sparsity: float, num_rounds: int, begin_step: int = 0, end_step: int = 0) -> Iterative:
     """``num_rounds`` equal-rate pruning rounds spread over ``[begin_step, end_step]``."""
     return Iterative(
         final_sparsity=final_sparsity,

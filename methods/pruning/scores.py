@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from methods.pruning.masks import SparsityRule, leaf_targets, mask_from_scores
-from research.tree import flatten_with_paths, map_with_paths
+from methods.pruning.masks import SparsityRule
+from methods.pruning.masks import leaf_targets
+from methods.pruning.masks import mask_from_scores
+from research.tree import flatten_with_paths
+from research.tree import map_with_paths
 
 PyTree = Any
 ScoreFn = Callable[[jax.Array, jax.Array | None, jax.Array], jax.Array]
@@ -180,10 +184,7 @@ def _global(scores, targets):
     paths = sorted(scores)
     sizes = [scores[p].size for p in paths]
     total = sum(sizes)
-    sparsity = (
-        sum(jnp.asarray(targets[p], jnp.float32) * n for p, n in zip(paths, sizes, strict=False))
-        / total
-    )
+    sparsity = sum(jnp.asarray(targets[p], jnp.float32) * n for p, n in zip(paths, sizes, strict=False)) / total
     flat = jnp.concatenate([jnp.ravel(scores[p]).astype(jnp.float32) for p in paths])
     keep = mask_from_scores(flat, sparsity)
     out, start = {}, 0
@@ -255,16 +256,12 @@ def magnitude_masks(
 
 def random_masks(params, sparsity, rules=None, *, key: jax.Array, allocation: str = "layerwise"):
     """Random masks with the same per-leaf sparsity as magnitude masks would have."""
-    return compute_masks(
-        params, sparsity, scorer="random", rules=rules, allocation=allocation, key=key
-    )
+    return compute_masks(params, sparsity, scorer="random", rules=rules, allocation=allocation, key=key)
 
 
 def saliency_masks(params, grads, sparsity, rules=None, *, allocation: str = "layerwise"):
     """Masks keeping the largest ``|w * g|``."""
-    return compute_masks(
-        params, sparsity, scorer="saliency", rules=rules, allocation=allocation, grads=grads
-    )
+    return compute_masks(params, sparsity, scorer="saliency", rules=rules, allocation=allocation, grads=grads)
 
 
 def snip_masks(
@@ -290,7 +287,9 @@ def snip_masks(
       Lee et al., "SNIP: Single-shot Network Pruning based on Connection Sensitivity",
       https://arxiv.org/abs/1810.02340
     """
-    from research.train import cross_entropy_loss, merge_model, split_model
+    from research.train import cross_entropy_loss
+    from research.train import merge_model
+    from research.train import split_model
 
     loss_fn = loss_fn or cross_entropy_loss
     defs, params, model_state = split_model(model)

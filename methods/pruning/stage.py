@@ -115,9 +115,7 @@ def _schedule(cfg: PruneStage, sparsity: float):
     end = max(1, int(cfg.ramp_fraction * cfg.steps))
     freq = cfg.frequency or max(1, cfg.steps // 20)
     makers = {
-        "polynomial": lambda: polynomial_schedule(
-            sparsity, begin_step=0, end_step=end, frequency=min(freq, end)
-        ),
+        "polynomial": lambda: polynomial_schedule(sparsity, begin_step=0, end_step=end, frequency=min(freq, end)),
         "iterative": lambda: iterative_schedule(sparsity, cfg.rounds, begin_step=0, end_step=end),
         "one_shot": lambda: one_shot_schedule(sparsity, 0),
     }
@@ -136,14 +134,10 @@ def layer_table(model: nnx.Module, original: nnx.Module | None = None, masks=Non
     """Per-leaf rows: path, shape, sparsity (exact zeros), kept channels of Conv/Linear outputs."""
     _, params, _ = split_model(nnx.clone(model))
     out_feats = {p: getattr(m, "out_features", None) for p, m in iter_modules(model)}
-    orig_feats = (
-        {p: getattr(m, "out_features", None) for p, m in iter_modules(original)} if original else {}
-    )
+    orig_feats = {p: getattr(m, "out_features", None) for p, m in iter_modules(original)} if original else {}
     pruned = None
     if masks is not None:
-        pruned = {
-            p for p, mk in flatten_with_paths(masks, is_leaf=lambda x: x is None) if mk is not None
-        }
+        pruned = {p for p, mk in flatten_with_paths(masks, is_leaf=lambda x: x is None) if mk is not None}
     rows = []
     for path, x in flatten_with_paths(params):
         x = np.asarray(x)
@@ -182,9 +176,7 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
             return_plan=True,
         )
         removed = sum(g.removed for g in plan.groups)
-        notes.append(
-            f"removed {removed} channels in {len(plan.groups)} coupled groups ({cfg.channel_score} score)"
-        )
+        notes.append(f"removed {removed} channels in {len(plan.groups)} coupled groups ({cfg.channel_score} score)")
     wrap = None
     if cfg.sparsity > 0 or cfg.pattern == "nm":
         pattern = _pattern(cfg)

@@ -23,16 +23,21 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from methods.pruning.masks import SparsityRule, leaf_targets
-from methods.pruning.patterns import Pattern, Unstructured
+from methods.pruning.masks import SparsityRule
+from methods.pruning.masks import leaf_targets
+from methods.pruning.patterns import Pattern
+from methods.pruning.patterns import Unstructured
 from methods.pruning.schedules import Schedule
-from methods.pruning.scores import allocate, compute_scores, get_scorer
+from methods.pruning.scores import allocate
+from methods.pruning.scores import compute_scores
+from methods.pruning.scores import get_scorer
 from research.tree import map_with_paths
 
 PyTree = Any
@@ -109,9 +114,7 @@ def masked(
       ValueError: neither ``schedule`` nor ``masks`` given; ``update`` called without params.
     """
     if schedule is None and masks is None:
-        raise ValueError(
-            "masked() needs a schedule (to compute masks) or fixed masks=...; pass one"
-        )
+        raise ValueError("masked() needs a schedule (to compute masks) or fixed masks=...; pass one")
     pattern = pattern or Unstructured()
     scorer_obj = get_scorer(scorer)
 
@@ -125,9 +128,7 @@ def masked(
             )
         else:
             paths = set(leaf_targets(params, schedule.final_sparsity, rules))
-            m = map_with_paths(
-                lambda p, x: jnp.ones(jnp.shape(x), bool) if p in paths else None, params
-            )
+            m = map_with_paths(lambda p, x: jnp.ones(jnp.shape(x), bool) if p in paths else None, params)
         return MaskedState(jnp.zeros((), jnp.int32), m, inner.init(params))
 
     def recompute(params, grads, count):
@@ -136,9 +137,7 @@ def masked(
         scale = now / schedule.final_sparsity if schedule.final_sparsity > 0 else 0.0
         targets = {p: t * scale for p, t in final.items()}
         key = jax.random.fold_in(jax.random.key(seed), count)
-        scores = compute_scores(
-            scorer_obj, params, list(targets), grads if scorer_obj.needs_grad else None, key
-        )
+        scores = compute_scores(scorer_obj, params, list(targets), grads if scorer_obj.needs_grad else None, key)
         if isinstance(pattern, Unstructured):
             keep = allocate(scores, targets, allocation)
         else:

@@ -14,59 +14,48 @@ QAT: train ``qmodel`` with the ordinary training core (``research.train`` /
 from methods.quantization import stage as _stage  # noqa: F401  (registers quantize/qat)
 from methods.quantization.calibration import calibrate
 from methods.quantization.deploy import deployable
-from methods.quantization.folding import (
-    find_conv_bn_pairs,
-    fold_batchnorm,
-    layer_order,
-    trace_calls,
-)
-from methods.quantization.modules import (
-    FakeQuant,
-    Identity,
-    QuantConv,
-    QuantLayer,
-    QuantLinear,
-    QuantMethod,
-    QuantRange,
-    QuantSpec,
-    find_quantizers,
-    list_methods,
-    register_method,
-)
-from methods.quantization.observers import (
-    Observer,
-    list_observers,
-    make_observer,
-    register_observer,
-)
-from methods.quantization.quantizers import (
-    check_bits,
-    dequantize,
-    fake_quant,
-    fake_quant_ste,
-    lsq_init_step,
-    lsq_quantize,
-    pact_quantize,
-    qrange,
-    quantize,
-    round_ste,
-    scale_zero_point,
-)
-from methods.quantization.report import (
-    format_table,
-    layer_table,
-    quant_layers,
-    quant_params,
-    quantized_bytes,
-)
-from methods.quantization.stage import QATStage, QuantizeStage
-from methods.quantization.surgery import (
-    QuantRule,
-    float_layers,
-    quantizable_layers,
-    quantize_model,
-    register_twin,
-)
+from methods.quantization.folding import find_conv_bn_pairs
+from methods.quantization.folding import fold_batchnorm
+from methods.quantization.folding import layer_order
+from methods.quantization.folding import trace_calls
+from methods.quantization.modules import FakeQuant
+from methods.quantization.modules import Identity
+from methods.quantization.modules import QuantConv
+from methods.quantization.modules import QuantLayer
+from methods.quantization.modules import QuantLinear
+from methods.quantization.modules import QuantMethod
+from methods.quantization.modules import QuantRange
+from methods.quantization.modules import QuantSpec
+from methods.quantization.modules import find_quantizers
+from methods.quantization.modules import list_methods
+from methods.quantization.modules import register_method
+from methods.quantization.observers import Observer
+from methods.quantization.observers import list_observers
+from methods.quantization.observers import make_observer
+from methods.quantization.observers import register_observer
+from methods.quantization.quantizers import check_bits
+from methods.quantization.quantizers import dequantize
+from methods.quantization.quantizers import fake_quant
+from methods.quantization.quantizers import fake_quant_ste
+from methods.quantization.quantizers import lsq_init_step
+from methods.quantization.quantizers import lsq_quantize
+from methods.quantization.quantizers import pact_quantize
+from methods.quantization.quantizers import qrange
+from methods.quantization.quantizers import quantize
+from methods.quantization.quantizers import round_ste
+from methods.quantization.quantizers import scale_zero_point
+from methods.quantization.report import format_table
+from methods.quantization.report import layer_table
+from methods.quantization.report import quant_layers
+from methods.quantization.report import quant_params
+from methods.quantization.report import quantized_bytes
+from methods.quantization.stage import QATStage
+from methods.quantization.stage import QuantizeStage
+from methods.quantization.surgery import QuantRule
+from methods.quantization.surgery import float_layers
+from methods.quantization.surgery import quantizable_layers
+from methods.quantization.surgery import quantize_model
+from methods.quantization.surgery import register_twin
 
 __all__ = [
     "FakeQuant",

@@ -139,9 +139,7 @@ def deployable(model: nnx.Module) -> tuple[nnx.Module, dict[str, tuple[float, fl
     layers = [(p, m) for p, m in iter_modules(out) if isinstance(m, QuantLayer)]
     quantizers = [(p, m) for p, m in iter_modules(out) if isinstance(m, FakeQuant)]
     if not layers and not quantizers:
-        raise ValueError(
-            f"{type(model).__name__} has no fake-quant layer; export it as it is (no deploy step)"
-        )
+        raise ValueError(f"{type(model).__name__} has no fake-quant layer; export it as it is (no deploy step)")
     for path, ql in sorted(layers, key=lambda pm: -pm[0].count("/")):
         layer = nnx.clone(ql.layer)
         layer.kernel.set_value(ql.quantized_kernel())
@@ -152,18 +150,14 @@ def deployable(model: nnx.Module) -> tuple[nnx.Module, dict[str, tuple[float, fl
         if any(path.startswith(q + "/") for q in inside):
             continue
         if fq.role != "input":
-            raise ValueError(
-                f"stand-alone weight quantizer at {path!r}: only activations can be clipped"
-            )
+            raise ValueError(f"stand-alone weight quantizer at {path!r}: only activations can be clipped")
         out = replace_module(out, path, _clip_for(get_module(out, path), path, ranges), copy=False)
     out.eval()
     return out, ranges
 
 
 def _has_fake_quant(model) -> bool:
-    return isinstance(model, nnx.Module) and any(
-        isinstance(m, QuantLayer | FakeQuant) for _, m in iter_modules(model)
-    )
+    return isinstance(model, nnx.Module) and any(isinstance(m, QuantLayer | FakeQuant) for _, m in iter_modules(model))
 
 
 @register_deploy_hook("methods.quantization")
@@ -173,12 +167,7 @@ def _deploy_hook(model) -> Deployable | None:
     float_model, ranges = deployable(model)
     notes = []
     low = sorted(
-        {
-            fq.spec.bits
-            for _, fq in iter_modules(model)
-            if isinstance(fq, FakeQuant) and fq.role == "input"
-        }
-        - {8}
+        {fq.spec.bits for _, fq in iter_modules(model) if isinstance(fq, FakeQuant) and fq.role == "input"} - {8}
     )
     if low:
         notes.append(f"activations trained at {low} bits deploy at 8 bits in TFLite/ONNX int8")

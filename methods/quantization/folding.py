@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from methods.quantization.modules import Identity, QuantLayer
-from research.nn import iter_modules, replace_module
+from methods.quantization.modules import Identity
+from methods.quantization.modules import QuantLayer
+from research.nn import iter_modules
+from research.nn import replace_module
 
 _TRACED_TYPES = (nnx.Linear, nnx.Conv, nnx.BatchNorm, QuantLayer)
 _LOG: list[CallRecord] | None = None

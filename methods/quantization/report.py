@@ -42,9 +42,12 @@ import numpy as np
 from flax import nnx
 
 from methods.quantization import quantizers as Q
-from methods.quantization.modules import FakeQuant, QuantConv, QuantLayer
+from methods.quantization.modules import FakeQuant
+from methods.quantization.modules import QuantConv
+from methods.quantization.modules import QuantLayer
 from methods.quantization.surgery import float_layers
-from research.nn import get_module, iter_modules
+from research.nn import get_module
+from research.nn import iter_modules
 
 FORMAT_VERSION = 1
 

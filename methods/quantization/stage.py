@@ -23,22 +23,27 @@ import time
 from typing import ClassVar
 
 from methods.quantization.calibration import calibrate
-from methods.quantization.folding import find_conv_bn_pairs, fold_batchnorm, layer_order
-from methods.quantization.report import layer_table, quant_layers, quant_params, quantized_bytes
-from methods.quantization.surgery import QuantRule, float_layers, quantize_model
+from methods.quantization.folding import find_conv_bn_pairs
+from methods.quantization.folding import fold_batchnorm
+from methods.quantization.folding import layer_order
+from methods.quantization.report import layer_table
+from methods.quantization.report import quant_layers
+from methods.quantization.report import quant_params
+from methods.quantization.report import quantized_bytes
+from methods.quantization.surgery import QuantRule
+from methods.quantization.surgery import float_layers
+from methods.quantization.surgery import quantize_model
 from research import metrics as _metrics
 from research.data import calibration_subset
-from research.stages import (
-    Bundle,
-    StageConfig,
-    StageContext,
-    StageResult,
-    TrainStage,
-    accuracy,
-    finetune,
-    register_stage,
-    train_kwargs,
-)
+from research.stages import Bundle
+from research.stages import StageConfig
+from research.stages import StageContext
+from research.stages import StageResult
+from research.stages import TrainStage
+from research.stages import accuracy
+from research.stages import finetune
+from research.stages import register_stage
+from research.stages import train_kwargs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -29,9 +29,17 @@ from flax import nnx
 
 from methods.quantization import quantizers as Q
 from methods.quantization.folding import layer_order
-from methods.quantization.modules import QuantConv, QuantLayer, QuantLinear, QuantSpec, list_methods
-from research.nn import get_module, iter_modules, replace_module
-from research.tree import Rule, RuleError, match_rules
+from methods.quantization.modules import QuantConv
+from methods.quantization.modules import QuantLayer
+from methods.quantization.modules import QuantLinear
+from methods.quantization.modules import QuantSpec
+from methods.quantization.modules import list_methods
+from research.nn import get_module
+from research.nn import iter_modules
+from research.nn import replace_module
+from research.tree import Rule
+from research.tree import RuleError
+from research.tree import match_rules
 
 log = logging.getLogger(__name__)
 

@@ -118,16 +118,12 @@ def neg_log_posterior(theta, x, y, mask, is_cat):
     mll = -0.5 * ym @ alpha - jnp.sum(jnp.log(jnp.diag(chol))) - 0.5 * n * jnp.log(2 * jnp.pi)
     # Weak priors as in Optuna's GPSampler: keep lengthscales, signal and noise moderate.
     prior = (
-        -jnp.sum(0.1 / inv_sq_ls + 0.1 * inv_sq_ls)
-        + (jnp.log(signal) - signal)
-        + (0.1 * jnp.log(noise) - 30.0 * noise)
+        -jnp.sum(0.1 / inv_sq_ls + 0.1 * inv_sq_ls) + (jnp.log(signal) - signal) + (0.1 * jnp.log(noise) - 30.0 * noise)
     )
     return -(mll + prior) / n
 
 
-def fit_gp(
-    theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxiter: int = 50, h_warm=None
-):
+def fit_gp(theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxiter: int = 50, h_warm=None):
     """Fits the hyperparameters by MAP from several starts at once.
 
     The candidate starts ``theta_screen`` ``(S, D+2)`` are scored with one vmapped
@@ -148,9 +144,7 @@ def fit_gp(
         starts = jnp.concatenate([theta_warm[None], theta_screen[top]], 0)
     else:
         starts = theta_warm[None]
-    opt = functools.partial(
-        bfgs_minimize, fn, maxiter=maxiter, lower=-12.0, upper=12.0, gtol=1e-3, ftol=1e-6
-    )
+    opt = functools.partial(bfgs_minimize, fn, maxiter=maxiter, lower=-12.0, upper=12.0, gtol=1e-3, ftol=1e-6)
     if n_restarts == 1 and h_warm is not None:
         theta, loss, h = opt(theta_warm, h0=h_warm)
         return theta, jnp.where(jnp.isfinite(loss), loss, jnp.inf), h
@@ -291,9 +285,7 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
             return (uu, m, v), None
 
         zeros = jnp.zeros_like(u0)
-        (u1, _, _), _ = jax.lax.scan(
-            adam, (u0, zeros, zeros), jnp.arange(cfg.ascent_steps, dtype=dt)
-        )
+        (u1, _, _), _ = jax.lax.scan(adam, (u0, zeros, zeros), jnp.arange(cfg.ascent_steps, dtype=dt))
         u1 = snap(u1)
         a1 = activity(u1)
         s1 = score_u(state, u1, a1, best)
@@ -483,10 +475,7 @@ class GPSampler(Sampler):
         n_starts = self.n_restarts if restart else 1
         if restart:
             self._fit_bucket[skey] = cap
-            screen = (
-                prior_mode
-                + rng.normal(0.0, 1.0, (self.n_screen, d + 2)) * np.r_[np.ones(d + 1), 2.0]
-            )
+            screen = prior_mode + rng.normal(0.0, 1.0, (self.n_screen, d + 2)) * np.r_[np.ones(d + 1), 2.0]
             screen[0] = prior_mode
         else:
             screen = np.zeros((1, d + 2))

@@ -45,11 +45,7 @@ def plot_history(study: Study, path: str | os.PathLike, objective: int = 0) -> s
         raise ValueError(f"study {study.name!r} has no complete trial to plot")
     num = np.array([t.number for t in done])
     val = np.array([t.values[objective] for t in done])
-    best = (
-        np.minimum.accumulate(val)
-        if study.directions[objective] == "minimize"
-        else np.maximum.accumulate(val)
-    )
+    best = np.minimum.accumulate(val) if study.directions[objective] == "minimize" else np.maximum.accumulate(val)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(num, val, s=10, alpha=0.5, label="trial")
     ax.step(num, best, where="post", color="C3", label="best so far")

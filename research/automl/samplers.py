@@ -95,9 +95,7 @@ class Observations:
         return self.u.shape[0]
 
 
-def observations(
-    space: Space, trials: Sequence[Trial], directions: Sequence[str], min_points: int = 1
-) -> Observations:
+def observations(space: Space, trials: Sequence[Trial], directions: Sequence[str], min_points: int = 1) -> Observations:
     """Collects what a model-based sampler learns from.
 
     Failed and pruned-without-value trials never enter. With multi-fidelity trials (values
@@ -135,9 +133,7 @@ def observations(
         rows = [
             (t, t.values)
             for t in trials
-            if t.state == TrialState.COMPLETE
-            and t.values is not None
-            and all(math.isfinite(v) for v in t.values)
+            if t.state == TrialState.COMPLETE and t.values is not None and all(math.isfinite(v) for v in t.values)
         ]
     u = np.zeros((len(rows), d))
     act = np.zeros((len(rows), d), bool)
@@ -175,9 +171,7 @@ class Sampler(abc.ABC):
         return np.random.default_rng([self.seed, len(trials)])
 
     @abc.abstractmethod
-    def sample_unit(
-        self, space: Space, trials: Sequence[Trial], directions: Sequence[str], n: int
-    ) -> np.ndarray:
+    def sample_unit(self, space: Space, trials: Sequence[Trial], directions: Sequence[str], n: int) -> np.ndarray:
         """Returns ``(n, D)`` unit-cube points (inactive coordinates are ignored)."""
 
     def sample(
@@ -188,9 +182,7 @@ class Sampler(abc.ABC):
             raise ValueError(f"n={n} must be >= 1")
         u = np.asarray(self.sample_unit(space, trials, directions, n), float)
         if u.shape != (n, space.dim):
-            raise RuntimeError(
-                f"{type(self).__name__} returned shape {u.shape}, not {(n, space.dim)}"
-            )
+            raise RuntimeError(f"{type(self).__name__} returned shape {u.shape}, not {(n, space.dim)}")
         return [space.decode(row) for row in space.snap(u)]
 
     def __repr__(self) -> str:
@@ -229,9 +221,7 @@ class QMCSampler(Sampler):
 
     def sample_unit(self, space, trials, directions, n):
         start = len(trials)
-        return sobol_points(
-            np.arange(start, start + n), space.dim, scramble=self.scramble, seed=self.seed
-        )
+        return sobol_points(np.arange(start, start + n), space.dim, scramble=self.scramble, seed=self.seed)
 
 
 def nondominated_rank(losses: np.ndarray) -> np.ndarray:

@@ -94,10 +94,7 @@ class Scheduler(abc.ABC):
         return TrialState.PAUSED
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(min_budget={self.min_budget}, max_budget={self.max_budget}, "
-            f"eta={self.eta})"
-        )
+        return f"{type(self).__name__}(min_budget={self.min_budget}, max_budget={self.max_budget}, eta={self.eta})"
 
 
 class Hyperband(Scheduler):
@@ -122,9 +119,7 @@ class Hyperband(Scheduler):
         brackets: Sequence[int] | None = None,
     ):
         super().__init__(min_budget, max_budget, eta)
-        self.brackets = (
-            list(range(self.s_max, -1, -1)) if brackets is None else [int(s) for s in brackets]
-        )
+        self.brackets = list(range(self.s_max, -1, -1)) if brackets is None else [int(s) for s in brackets]
         for s in self.brackets:
             if not 0 <= s <= self.s_max:
                 raise ValueError(f"bracket s={s} is outside 0..{self.s_max}")
@@ -163,9 +158,7 @@ class Hyperband(Scheduler):
                         continue
                     if t.id in keep_ids and _value_at(t, r_i) != math.inf:
                         if len(jobs) < n:
-                            jobs.append(
-                                Job(t.id, self.budget(s, i + 1), {"bracket": k, "rung": i + 1})
-                            )
+                            jobs.append(Job(t.id, self.budget(s, i + 1), {"bracket": k, "rung": i + 1}))
                     else:
                         prunes.append(t.id)
             # New configurations in rung 0.

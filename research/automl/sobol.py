@@ -188,9 +188,7 @@ def _scramble(v: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     return v2, shift
 
 
-def sobol_points(
-    index: int | np.ndarray, dim: int, *, scramble: bool = False, seed: int | None = None
-) -> np.ndarray:
+def sobol_points(index: int | np.ndarray, dim: int, *, scramble: bool = False, seed: int | None = None) -> np.ndarray:
     """Sobol points by index.
 
     Args:
@@ -213,9 +211,7 @@ def sobol_points(
     if dim < 1:
         raise ValueError(f"dim={dim} must be >= 1")
     if np.any(idx < 0) or np.any(idx >= (1 << _BITS)):
-        raise ValueError(
-            f"indices must lie in [0, 2**{_BITS}); got min {idx.min()}, max {idx.max()}"
-        )
+        raise ValueError(f"indices must lie in [0, 2**{_BITS}); got min {idx.min()}, max {idx.max()}")
     if dim > len(_POLY):
         from scipy.stats import qmc  # pylint: disable=import-outside-toplevel
 

@@ -51,8 +51,7 @@ def _normalise_when(when: Mapping[str, Any] | None) -> tuple[tuple[str, tuple[An
         return ()
     if not isinstance(when, Mapping):
         raise TypeError(
-            f"when={when!r} must be a mapping from parent name to value(s), "
-            "e.g. when={'method': 'prune'}"
+            f"when={when!r} must be a mapping from parent name to value(s), e.g. when={{'method': 'prune'}}"
         )
     out = []
     for parent, values in when.items():
@@ -89,9 +88,7 @@ class Float:
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             raise ValueError(f"Float(low={self.low}, high={self.high}) needs finite bounds")
         if self.low >= self.high:
-            raise ValueError(
-                f"Float(low={self.low}, high={self.high}): low must be < high; swap or widen them"
-            )
+            raise ValueError(f"Float(low={self.low}, high={self.high}): low must be < high; swap or widen them")
         if self.log and self.low <= 0:
             raise ValueError(
                 f"Float(low={self.low}, high={self.high}, log=True): a log scale needs low > 0; "
@@ -275,9 +272,7 @@ class Space:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"parameter name {name!r} must be a non-empty string")
             if not isinstance(p, (Float, Int, Categorical)):
-                raise TypeError(
-                    f"parameter {name!r} is a {type(p).__name__}; use Float/Int/Categorical"
-                )
+                raise TypeError(f"parameter {name!r} is a {type(p).__name__}; use Float/Int/Categorical")
             for parent, values in p.when:
                 if parent not in params:
                     raise ValueError(
@@ -309,11 +304,7 @@ class Space:
         self._params: dict[str, Param] = {}
         remaining = dict(params)
         while remaining:
-            ready = [
-                n
-                for n, p in remaining.items()
-                if all(parent in self._params for parent, _ in p.when)
-            ]
+            ready = [n for n, p in remaining.items() if all(parent in self._params for parent, _ in p.when)]
             if not ready:
                 raise ValueError(
                     f"conditions form a cycle among {sorted(remaining)}; a parameter cannot "
@@ -407,9 +398,7 @@ class Space:
         """Number of unit-cube cells per dimension (0 for floats)."""
         return np.array(
             [
-                len(p.choices)
-                if isinstance(p, Categorical)
-                else (p.high - p.low + 1 if isinstance(p, Int) else 0)
+                len(p.choices) if isinstance(p, Categorical) else (p.high - p.low + 1 if isinstance(p, Int) else 0)
                 for p in self._params.values()
             ],
             np.int32,
@@ -535,9 +524,7 @@ class Space:
         """
         unknown = set(params) - set(self.names)
         if unknown:
-            raise ValueError(
-                f"unknown parameters {sorted(unknown)}; the space has {list(self.names)}"
-            )
+            raise ValueError(f"unknown parameters {sorted(unknown)}; the space has {list(self.names)}")
         for n in self.names:
             active = self.is_active(n, params)
             if active and n not in params:

@@ -35,9 +35,7 @@ class Storage(abc.ABC):
     """Interface of a trial store. Implementations must be safe to call from threads."""
 
     @abc.abstractmethod
-    def create_study(
-        self, name: str, directions: Sequence[str], space: Mapping[str, Any], load_if_exists: bool
-    ) -> int:
+    def create_study(self, name: str, directions: Sequence[str], space: Mapping[str, Any], load_if_exists: bool) -> int:
         """Creates (or loads) a study and returns its id.
 
         Raises:
@@ -106,9 +104,7 @@ class InMemoryStorage(Storage):
         with self._lock:
             if name in self._studies:
                 if not load_if_exists:
-                    raise ValueError(
-                        f"study {name!r} exists; pass load_if_exists=True to reopen it"
-                    )
+                    raise ValueError(f"study {name!r} exists; pass load_if_exists=True to reopen it")
                 sid, dirs, sp = self._studies[name]
                 _check_study(name, dirs, sp, directions, space)
                 return sid
@@ -131,9 +127,7 @@ class InMemoryStorage(Storage):
             self._by_study[study_id].append(tid)
             return t
 
-    def update_trial(
-        self, trial_id, *, state=None, values=None, budget=None, attrs=None, intermediate=None
-    ):
+    def update_trial(self, trial_id, *, state=None, values=None, budget=None, attrs=None, intermediate=None):
         with self._lock:
             t = self._trials[trial_id]
             changes: dict[str, Any] = {}
@@ -216,9 +210,7 @@ class SQLiteStorage(Storage):
         os.makedirs(parent, exist_ok=True)
         self._timeout = timeout_s
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
-        )
+        self._conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self._conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
         mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
@@ -266,14 +258,10 @@ class SQLiteStorage(Storage):
 
     def create_study(self, name, directions, space, load_if_exists):
         def fn(c):
-            row = c.execute(
-                "SELECT id, directions, space FROM studies WHERE name = ?", (name,)
-            ).fetchone()
+            row = c.execute("SELECT id, directions, space FROM studies WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 if not load_if_exists:
-                    raise ValueError(
-                        f"study {name!r} exists in {self.path}; pass load_if_exists=True"
-                    )
+                    raise ValueError(f"study {name!r} exists in {self.path}; pass load_if_exists=True")
                 _check_study(name, json.loads(row[1]), json.loads(row[2]), directions, space)
                 return row[0]
             cur = c.execute(
@@ -311,9 +299,7 @@ class SQLiteStorage(Storage):
 
         return self._write(fn)
 
-    def update_trial(
-        self, trial_id, *, state=None, values=None, budget=None, attrs=None, intermediate=None
-    ):
+    def update_trial(self, trial_id, *, state=None, values=None, budget=None, attrs=None, intermediate=None):
         def fn(c):
             sets, args = ["updated = ?"], [time.time()]
             if state is not None:
@@ -368,9 +354,7 @@ class SQLiteStorage(Storage):
 
     def get_trials(self, study_id):
         with self._lock:
-            rows = self._read(
-                f"SELECT {self._COLS} FROM trials WHERE study_id = ? ORDER BY number", (study_id,)
-            )
+            rows = self._read(f"SELECT {self._COLS} FROM trials WHERE study_id = ? ORDER BY number", (study_id,))
             inter = self._read(
                 "SELECT i.trial_id, i.budget, i.value FROM intermediate i JOIN trials t "
                 "ON i.trial_id = t.id WHERE t.study_id = ?",
@@ -382,9 +366,7 @@ class SQLiteStorage(Storage):
         rows = self._read(f"SELECT {self._COLS} FROM trials WHERE id = ?", (trial_id,))
         if not rows:
             raise KeyError(f"no trial with id {trial_id}")
-        inter = self._read(
-            "SELECT trial_id, budget, value FROM intermediate WHERE trial_id = ?", (trial_id,)
-        )
+        inter = self._read("SELECT trial_id, budget, value FROM intermediate WHERE trial_id = ?", (trial_id,))
         return self._rows_to_trials(rows, inter)[0]
 
     def close(self):
@@ -404,6 +386,4 @@ def make_storage(storage: str | Storage | None) -> Storage:
         return storage
     if isinstance(storage, str) and storage.startswith("sqlite:///"):
         return SQLiteStorage(storage[len("sqlite:///") :])
-    raise ValueError(
-        f"storage={storage!r} is not supported; pass None, a Storage, or 'sqlite:///path/to/file.db'"
-    )
+    raise ValueError(f"storage={storage!r} is not supported; pass None, a Storage, or 'sqlite:///path/to/file.db'")

@@ -96,9 +96,7 @@ class Study:
             if d not in _DIRECTIONS:
                 raise ValueError(f"direction {d!r} is not one of {_DIRECTIONS}")
         if scheduler is not None and len(directions) > 1:
-            raise ValueError(
-                f"a scheduler needs one objective; this study has {len(directions)} directions"
-            )
+            raise ValueError(f"a scheduler needs one objective; this study has {len(directions)} directions")
         if sampler is None:
             from research.automl.tpe import TPESampler  # pylint: disable=import-outside-toplevel
 
@@ -109,9 +107,7 @@ class Study:
         self.directions = tuple(directions)
         self.name = name or f"study-{uuid.uuid4().hex[:8]}"
         self._storage = make_storage(storage)
-        self._id = self._storage.create_study(
-            self.name, self.directions, space.to_dict(), load_if_exists
-        )
+        self._id = self._storage.create_study(self.name, self.directions, space.to_dict(), load_if_exists)
 
     # ------------------------------------------------------------------ state
     @property
@@ -137,8 +133,7 @@ class Study:
         """
         if len(self.directions) != 1:
             raise ValueError(
-                f"best_trial needs one objective; this study has {len(self.directions)}; "
-                "use study.pareto_front()"
+                f"best_trial needs one objective; this study has {len(self.directions)}; use study.pareto_front()"
             )
         done = self.trials_in(TrialState.COMPLETE)
         if not done:
@@ -183,21 +178,13 @@ class Study:
         for tid in prunes:
             self._storage.update_trial(tid, state=TrialState.PRUNED)
         n_new = sum(j.trial_id is None for j in jobs)
-        new_params = (
-            self.sampler.sample(self.space, trials, self.directions, n_new) if n_new else []
-        )
+        new_params = self.sampler.sample(self.space, trials, self.directions, n_new) if n_new else []
         out = []
         for job in jobs:
             if job.trial_id is None:
-                out.append(
-                    self._storage.create_trial(
-                        self._id, new_params.pop(0), budget=job.budget, attrs=job.attrs
-                    )
-                )
+                out.append(self._storage.create_trial(self._id, new_params.pop(0), budget=job.budget, attrs=job.attrs))
             else:
-                self._storage.update_trial(
-                    job.trial_id, state=TrialState.RUNNING, budget=job.budget, attrs=job.attrs
-                )
+                self._storage.update_trial(job.trial_id, state=TrialState.RUNNING, budget=job.budget, attrs=job.attrs)
                 out.append(self._storage.get_trial(job.trial_id))
         return out
 
@@ -225,16 +212,13 @@ class Study:
         current = self._storage.get_trial(tid)
         if current.state != TrialState.RUNNING:
             raise ValueError(
-                f"trial {current.number} is {current.state.value}, not RUNNING; "
-                "each asked trial is told once"
+                f"trial {current.number} is {current.state.value}, not RUNNING; each asked trial is told once"
             )
         values = None if exception is not None else _to_values(value, len(self.directions))
         if values is None:
             reason = repr(exception) if exception is not None else f"objective returned {value!r}"
             inter = (current.budget, math.nan) if current.budget is not None else None
-            self._storage.update_trial(
-                tid, state=TrialState.FAILED, attrs={"error": reason}, intermediate=inter
-            )
+            self._storage.update_trial(tid, state=TrialState.FAILED, attrs={"error": reason}, intermediate=inter)
         elif self.scheduler is None:
             self._storage.update_trial(tid, state=TrialState.COMPLETE, values=values)
         else:

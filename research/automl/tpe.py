@@ -76,12 +76,7 @@ class Mixture(NamedTuple):
 def _log_trunc_normal(x, mu, sigma):
     z = (x - mu) / sigma
     mass = jax.scipy.special.ndtr((1.0 - mu) / sigma) - jax.scipy.special.ndtr(-mu / sigma)
-    return (
-        -0.5 * z * z
-        - 0.5 * math.log(2 * math.pi)
-        - jnp.log(sigma)
-        - jnp.log(jnp.maximum(mass, 1e-300))
-    )
+    return -0.5 * z * z - 0.5 * math.log(2 * math.pi) - jnp.log(sigma) - jnp.log(jnp.maximum(mass, 1e-300))
 
 
 def log_mixture_pdf(x, mix: Mixture, dims, is_cat, n_choices):
@@ -118,8 +113,7 @@ def _build_pick(snap, n_candidates: int):
         cand = snap(_sample(key, below, n_candidates, is_cat, n_choices, bw_factor))
         score = jax.vmap(
             lambda x: (
-                log_mixture_pdf(x, below, dims, is_cat, n_choices)
-                - log_mixture_pdf(x, above, dims, is_cat, n_choices)
+                log_mixture_pdf(x, below, dims, is_cat, n_choices) - log_mixture_pdf(x, above, dims, is_cat, n_choices)
             )
         )(cand)
         return cand[jnp.argmax(score)]

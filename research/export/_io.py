@@ -48,9 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.remove(tmp)
 
 
-def write_bytes_atomic(
-    path: str | os.PathLike, data: bytes, verify: Callable[[str], None] | None = None
-) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, verify: Callable[[str], None] | None = None) -> None:
     """Writes ``data`` to ``path`` atomically, after ``verify(tmp_path)`` (if given) succeeds.
 
     Args:

@@ -159,8 +159,7 @@ def eqn_layer_paths(chain: tuple[Any, ...], paths_by_class: dict[str, list[str]]
 
 def _eqn_at(chain: tuple[Any, ...], file_name: str, line: int) -> bool:
     return any(
-        fr.line_num == line and os.path.basename(fr.file_name) == os.path.basename(file_name)
-        for fr in _frames(chain)
+        fr.line_num == line and os.path.basename(fr.file_name) == os.path.basename(file_name) for fr in _frames(chain)
     )
 
 
@@ -209,9 +208,7 @@ def diagnose(
     message = str(error)
     short = " ".join(message.split())[:400]
     closed = jax.make_jaxpr(fn)(sample)
-    chains = [
-        c for c in iter_eqns(closed.jaxpr) if not list(jex_core.jaxprs_in_params(c[0].params))
-    ]
+    chains = [c for c in iter_eqns(closed.jaxpr) if not list(jex_core.jaxprs_in_params(c[0].params))]
     located = []
     for m in _LOCATION_RE.finditer(message.replace(" | ", "\n")):
         file_name, line = m.group(1), int(m.group(2))
@@ -238,7 +235,5 @@ def diagnose(
             )
     if located:
         chain = located[0]
-        return UnsupportedOpError(
-            target, None, eqn_layer_paths(chain, paths), eqn_location(chain), short
-        )
+        return UnsupportedOpError(target, None, eqn_layer_paths(chain, paths), eqn_location(chain), short)
     return UnsupportedOpError(target, None, (), "", short)

@@ -75,9 +75,7 @@ def _compare(
     return abs_diff, rel, (agree / total if classify and total else None)
 
 
-def _range_agreement(
-    runner: tflite.TFLiteRunner, ranges: Mapping[str, tuple[float, float]]
-) -> dict[str, Any]:
+def _range_agreement(runner: tflite.TFLiteRunner, ranges: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
     """Compares deployed int8 activation ranges with given (learned) ``(min, max)`` ranges."""
     details = [d for d in runner.tensor_details() if d["dtype"] == np.int8]
     out: dict[str, Any] = {}
@@ -193,9 +191,7 @@ def export(
     known = (*tflite.quantization_modes(), *onnx_only)
     unknown = [q for q in variants if q not in known]
     if unknown:
-        raise ValueError(
-            f"quantize={quantize!r}: {unknown} unknown; use None or some of {known[1:]}"
-        )
+        raise ValueError(f"quantize={quantize!r}: {unknown} unknown; use None or some of {known[1:]}")
     for q in variants:
         if q in ("int8", *onnx_only) and calibration is None:
             raise ValueError(
@@ -204,9 +200,7 @@ def export(
                 "quantize='dynamic_int8'"
             )
         if q in onnx_only and "onnx" not in formats:
-            raise ValueError(
-                f"quantize={q!r} writes an ONNX file only; add 'onnx' to formats={formats!r}"
-            )
+            raise ValueError(f"quantize={q!r} writes an ONNX file only; add 'onnx' to formats={formats!r}")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     sample = np.asarray(sample_input)

@@ -106,9 +106,7 @@ def onnx_quantization_modes() -> tuple[str, ...]:
 def onnx_quantize(mode: str, fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
     """Runs the registered ONNX-only quantization ``mode``; returns the written proto."""
     if mode not in _ONNX_QUANTIZATIONS:
-        raise ValueError(
-            f"{mode!r} is not an ONNX quantization mode; use one of {onnx_quantization_modes()}"
-        )
+        raise ValueError(f"{mode!r} is not an ONNX quantization mode; use one of {onnx_quantization_modes()}")
     return _ONNX_QUANTIZATIONS[mode](fp32_path, out_path, calibration)
 
 
@@ -280,9 +278,7 @@ class OnnxRunner:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = num_threads
         opts.inter_op_num_threads = 1
-        self._sess = ort.InferenceSession(
-            os.fspath(path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self._sess = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=["CPUExecutionProvider"])
         first = self._sess.get_inputs()[0]
         self._in = first.name
         self._dtype = _ORT_DTYPES.get(first.type, np.float32)

@@ -126,10 +126,7 @@ class ExportReport:
                 )
             )
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-        lines = [
-            "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))
-            for r in [head, *rows]
-        ]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in [head, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         foot = (
             f"checked on {self.num_checked} inputs; parameter zeros: "

@@ -64,17 +64,11 @@ def manifest(exported: jax_export.Exported, when: _dt.datetime | None = None) ->
         "jaxlib_version": jaxlib.__version__,
         "calling_convention_version": exported.calling_convention_version,
         "platforms": list(exported.platforms),
-        "inputs": [
-            {"shape": _shape_str(a.shape), "dtype": str(a.dtype)} for a in exported.in_avals
-        ],
-        "outputs": [
-            {"shape": _shape_str(a.shape), "dtype": str(a.dtype)} for a in exported.out_avals
-        ],
+        "inputs": [{"shape": _shape_str(a.shape), "dtype": str(a.dtype)} for a in exported.in_avals],
+        "outputs": [{"shape": _shape_str(a.shape), "dtype": str(a.dtype)} for a in exported.out_avals],
         "exported_on": day.isoformat(),
         "loadable_until": (day + _dt.timedelta(days=BACKWARD_COMPAT_DAYS)).isoformat(),
-        "oldest_consumer_jaxlib_built_on": (
-            day - _dt.timedelta(days=FORWARD_COMPAT_DAYS)
-        ).isoformat(),
+        "oldest_consumer_jaxlib_built_on": (day - _dt.timedelta(days=FORWARD_COMPAT_DAYS)).isoformat(),
         "compatibility_note": (
             "jax.export guarantees loading by a jaxlib built up to 6 months after (and 3 weeks "
             "before) the exporting jaxlib was built; the dates above count from the export "

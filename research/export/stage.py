@@ -163,9 +163,7 @@ def _int8_modes(int8: bool, formats) -> tuple[str, ...]:
     return ("int8", "int8_qdq_symmetric") if "onnx" in formats else ("int8",)
 
 
-def export_run(
-    run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: str | None = None
-) -> ExportReport:
+def export_run(run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: str | None = None) -> ExportReport:
     """Exports the final model of a finished run directory (``slimjax export RUN_DIR``)."""
     from research import config as config_lib
     from research.run import load_data
@@ -174,9 +172,7 @@ def export_run(
 
     _, model, _ = load_run(run_dir)
     cfg = load_run_config(run_dir)
-    dataset = load_data(
-        config_lib.Config(seed=cfg["seed"], data=config_lib.DataConfig(**cfg["data"]))
-    )
+    dataset = load_data(config_lib.Config(seed=cfg["seed"], data=config_lib.DataConfig(**cfg["data"])))
     out_dir = out_dir or os.path.join(run_dir, "export")
     rep = export_bundle(
         model,

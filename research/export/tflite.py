@@ -85,9 +85,7 @@ def _int8(converter: Any, rep: Any) -> None:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
 
 
-def _tf_function(
-    fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct], batch_polymorphic: bool
-) -> Any:
+def _tf_function(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct], batch_polymorphic: bool) -> Any:
     tf = _deps.tensorflow()
     jax2tf = _deps.jax2tf()
     poly = ["(b, ...)" if batch_polymorphic and len(s.shape) else None for s in specs]
@@ -111,9 +109,7 @@ def _convert(
 ) -> bytes:
     tf = _deps.tensorflow()
     tf_fn = _tf_function(fn, specs, batch_polymorphic)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [tf_fn.get_concrete_function()], tf_fn
-    )
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([tf_fn.get_concrete_function()], tf_fn)
     _QUANTIZATIONS[quantize](converter, rep)
     return converter.convert()
 

@@ -25,6 +25,7 @@ def _leaves_equal(a, b):
             np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
             for x in jax.tree.leaves(t)
         ]  # noqa: E731
+
     return all(np.array_equal(x, y) for x, y in zip(to_np(a), to_np(b), strict=True))
 
 

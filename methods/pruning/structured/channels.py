@@ -11,7 +11,8 @@ outputs equal those of the original model with the same channels masked to zero
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -19,23 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from methods.pruning.structured.graph import ChannelGroup, trace_groups
+from methods.pruning.structured.graph import ChannelGroup
+from methods.pruning.structured.graph import trace_groups
 from methods.pruning.structured.rebuild import rebuild
-from research.nn import get_module, replace_modules
-from research.train import cross_entropy_loss, merge_model, split_model
-from research.tree import (
-    Rule,
-    flatten_with_paths,
-    get_by_path,
-    map_with_paths,
-    match_rules,
-    set_by_path,
-)
+from research.nn import get_module
+from research.nn import replace_modules
+from research.train import cross_entropy_loss
+from research.train import merge_model
+from research.train import split_model
+from research.tree import Rule
+from research.tree import flatten_with_paths
+from research.tree import get_by_path
+from research.tree import map_with_paths
+from research.tree import match_rules
+from research.tree import set_by_path
 
 PyTree = Any
-ChannelScoreFn = Callable[
-    [ChannelGroup, dict[str, np.ndarray], dict[str, np.ndarray] | None], np.ndarray
-]
+ChannelScoreFn = Callable[[ChannelGroup, dict[str, np.ndarray], dict[str, np.ndarray] | None], np.ndarray]
 
 _CHANNEL_SCORES: dict[str, tuple[ChannelScoreFn, bool]] = {}
 
@@ -95,12 +96,7 @@ def bn_scale_channel_score(group, params, grads):
     total = np.zeros(group.size)
     found = False
     for m in group.members:
-        if (
-            m.role == "norm"
-            and m.collection == "params"
-            and m.path.endswith("/scale")
-            and m.outer == 1
-        ):
+        if m.role == "norm" and m.collection == "params" and m.path.endswith("/scale") and m.outer == 1:
             total += np.abs(np.asarray(params[m.path]))
             found = True
     return total if found else l1_channel_score(group, params, grads)
@@ -112,12 +108,7 @@ def taylor_channel_score(group, params, grads):
     normalisation parameters (Molchanov et al. 2019, https://arxiv.org/abs/1906.10771)."""
     total = np.zeros(group.size)
     for m in group.members:
-        if (
-            m.collection == "params"
-            and m.outer == 1
-            and m.inner == 1
-            and m.role in ("out", "norm", "bias")
-        ):
+        if m.collection == "params" and m.outer == 1 and m.inner == 1 and m.role in ("out", "norm", "bias"):
             gw = np.asarray(params[m.path]) * np.asarray(grads[m.path])
             total += _per_channel(gw, m.axis, lambda a: np.sum(a, axis=1))
     return total**2
@@ -143,9 +134,7 @@ class ChannelRule(Rule):
 
 def _check_ratio(ratio, name="ratio"):
     if not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(
-            f"{name}={ratio} is outside [0, 1); pass the fraction of channels to remove"
-        )
+        raise ValueError(f"{name}={ratio} is outside [0, 1); pass the fraction of channels to remove")
     return float(ratio)
 
 
@@ -230,12 +219,9 @@ def plan_channels(
     grads = None
     if needs_grad:
         if batch is None:
-            raise ValueError(
-                f"channel score {score!r} needs gradients; pass batch={{'x': ..., 'y': ...}}"
-            )
+            raise ValueError(f"channel score {score!r} needs gradients; pass batch={{'x': ..., 'y': ...}}")
         grads = {
-            p: np.asarray(g)
-            for p, g in flatten_with_paths(_gradients(model, batch, loss_fn or cross_entropy_loss))
+            p: np.asarray(g) for p, g in flatten_with_paths(_gradients(model, batch, loss_fn or cross_entropy_loss))
         }
     ratios = {g.name: ratio for g in groups}
     if rules is not None:
@@ -365,9 +351,7 @@ def remove_channels(
       >>> small.layers[0].out_features
       8
     """
-    plan = plan_channels(
-        model, sample_input, ratio, score, rules, batch=batch, loss_fn=loss_fn, round_to=round_to
-    )
+    plan = plan_channels(model, sample_input, ratio, score, rules, batch=batch, loss_fn=loss_fn, round_to=round_to)
     small = apply_plan(model, plan)
     small.eval()
     return (small, plan) if return_plan else small

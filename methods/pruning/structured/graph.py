@@ -43,7 +43,8 @@ import numpy as np
 from flax import nnx
 
 from research.nn import iter_modules
-from research.train import merge_model, split_model
+from research.train import merge_model
+from research.train import split_model
 from research.tree import flatten_with_paths
 
 
@@ -531,9 +532,7 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
             if key not in tracer.nodes:
                 continue
             root = uf.find(tracer.nodes[key])
-            members.setdefault(root, []).append(
-                Member(coll, path, ax, role=_role(module, attr, ax, nd))
-            )
+            members.setdefault(root, []).append(Member(coll, path, ax, role=_role(module, attr, ax, nd)))
     pinned = {uf.find(n) for n in tracer.pinned}
     expand = [(uf.find(s), uf.find(d), o, i) for s, d, o, i in tracer.expand]
     sizes = {uf.find(n): None for n in tracer.nodes.values()}
@@ -544,9 +543,7 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
         ms = members.get(root, [])
         return root not in pinned and all(can_rebuild(_leaf_module(modules, m.path)[1]) for m in ms)
 
-    candidates = {
-        r for r, ms in members.items() if any(m.role == "out" for m in ms) and sizes[r] > 1
-    }
+    candidates = {r for r, ms in members.items() if any(m.role == "out" for m in ms) and sizes[r] > 1}
     candidates = {r for r in candidates if clean(r)}
     derived_dst = {d for _, d, _, _ in expand}
     candidates -= derived_dst
@@ -556,9 +553,7 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
         for s, d, _, _ in expand:
             if s not in candidates:
                 continue
-            other_sources = [
-                s2 for s2, d2, _, _ in expand if d2 == d and s2 != s and s2 in candidates
-            ]
+            other_sources = [s2 for s2, d2, _, _ in expand if d2 == d and s2 != s and s2 in candidates]
             bad = (
                 not clean(d)
                 or any(m.role == "out" for m in members.get(d, []))
@@ -576,8 +571,6 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
             if s == root:
                 ms += [dataclasses.replace(m, outer=outer, inner=inner) for m in members.get(d, [])]
         producers = sorted({m.path.rpartition("/")[0] for m in ms if m.role == "out"})
-        groups.append(
-            ChannelGroup(name=producers[0], size=int(sizes[root]), members=ms, producers=producers)
-        )
+        groups.append(ChannelGroup(name=producers[0], size=int(sizes[root]), members=ms, producers=producers))
     groups.sort(key=lambda g: g.name)
     return groups

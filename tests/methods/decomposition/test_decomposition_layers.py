@@ -80,9 +80,7 @@ def test_cp_conv_exact_on_a_rank_r_kernel(k):
     rank, cin, cout = 3, 5, 6
     keys = jax.random.split(jax.random.key(0), len(k) + 2)
     dims = (*k, cin, cout)
-    factors = [
-        np.asarray(jax.random.normal(kk, (d, rank))) for kk, d in zip(keys, dims, strict=False)
-    ]
+    factors = [np.asarray(jax.random.normal(kk, (d, rank))) for kk, d in zip(keys, dims, strict=False)]
     letters = "abcd"[: len(dims)]
     kernel = np.einsum(",".join(f"{c}r" for c in letters) + "->" + letters, *factors)
     dense = _conv(cin, cout, k)
@@ -95,19 +93,11 @@ def test_cp_conv_exact_on_a_rank_r_kernel(k):
 def test_error_falls_with_rank():
     dense_lin = nnx.Linear(24, 20, rngs=nnx.Rngs(0))
     w = np.asarray(dense_lin.kernel[...])
-    svd_err = [
-        relative_error(w, LowRankLinear.from_dense(dense_lin, r).dense_kernel())
-        for r in (2, 6, 12, 20)
-    ]
+    svd_err = [relative_error(w, LowRankLinear.from_dense(dense_lin, r).dense_kernel()) for r in (2, 6, 12, 20)]
     conv = _conv(8, 10)
     kern = np.asarray(conv.kernel[...])
-    tucker_err = [
-        relative_error(kern, Tucker2Conv.from_dense(conv, (r, r)).dense_kernel()) for r in (2, 4, 8)
-    ]
-    cp_err = [
-        relative_error(kern, CPConv.from_dense(conv, r, n_iter_max=50).dense_kernel())
-        for r in (2, 8, 32)
-    ]
+    tucker_err = [relative_error(kern, Tucker2Conv.from_dense(conv, (r, r)).dense_kernel()) for r in (2, 4, 8)]
+    cp_err = [relative_error(kern, CPConv.from_dense(conv, r, n_iter_max=50).dense_kernel()) for r in (2, 8, 32)]
     for errs in (svd_err, tucker_err, cp_err):
         assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
     assert svd_err[-1] < 1e-5 and tucker_err[-1] > 0
@@ -123,9 +113,7 @@ def test_factors_equal_tensorlys_decomposition():
 
     conv = _conv(6, 7)
     kern = np.asarray(conv.kernel[...], np.float64)
-    (core, (u_in, u_out)), _ = partial_tucker(
-        kern, rank=[3, 4], modes=[2, 3], init="svd", random_state=0
-    )
+    (core, (u_in, u_out)), _ = partial_tucker(kern, rank=[3, 4], modes=[2, 3], init="svd", random_state=0)
     t2 = Tucker2Conv.from_dense(conv, (3, 4))
     np.testing.assert_allclose(t2.core.kernel[...], core, atol=1e-5)
     np.testing.assert_allclose(t2.reduce.kernel[...][0, 0], u_in, atol=1e-5)

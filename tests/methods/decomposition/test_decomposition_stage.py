@@ -19,9 +19,7 @@ from research.stages import get_stage
 
 def test_decompose_stage_runs_and_resumes(tmp_path):
     ds = load_dataset("digits", limit=96)
-    model = build_model(
-        "lenet5", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(0)
-    )
+    model = build_model("lenet5", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(0))
     cfg = DecomposeStage(
         rules=(
             DecompositionRule(pattern="conv2", rank=(3, 8)),
@@ -37,17 +35,12 @@ def test_decompose_stage_runs_and_resumes(tmp_path):
     result = run(Bundle(model=model, dataset=ds), cfg, ctx)
     out = result.bundle.model
     assert isinstance(out.conv2, Tucker2Conv) and isinstance(out.fc1, LowRankLinear)
-    assert (
-        result.metrics["layers_factorized"] == 2
-        and result.metrics["params_after"] < result.metrics["params_before"]
-    )
+    assert result.metrics["layers_factorized"] == 2 and result.metrics["params_after"] < result.metrics["params_before"]
     assert {r["path"] for r in result.tables["layers"]} == {"conv2", "fc1"}
     assert any("Hinton KD" in n for n in result.notes)
     saved = json.loads((tmp_path / "s" / "factorization.json").read_text())
     assert saved["layers"][0]["rank"] == "(3, 8)"
-    again = run(
-        Bundle(model=model, dataset=ds), cfg, ctx
-    )  # finished checkpoint: rebuilt from the record
+    again = run(Bundle(model=model, dataset=ds), cfg, ctx)  # finished checkpoint: rebuilt from the record
     assert any("resumed" in n for n in again.notes)
     assert nnx.graphdef(again.bundle.model) == nnx.graphdef(out)
 

@@ -141,9 +141,7 @@ def test_grouped_conv_is_left_dense_with_a_reason():
 def test_model_budget_is_met():
     model = _lenet()
     budget = ModelBudget(param_ratio=0.4)
-    _, report = factorize_with_report(
-        model, [DecompositionRule(pattern="conv2|fc")], budget=budget, check_speed=False
-    )
+    _, report = factorize_with_report(model, [DecompositionRule(pattern="conv2|fc")], budget=budget, check_speed=False)
     dense = sum(r.params_dense for r in report.layers)
     assert sum(r.params_factorized for r in report.layers) <= 0.4 * dense
 
@@ -187,6 +185,4 @@ def test_factorized_model_trains_and_checkpoints(tmp_path):
     restored = ckpt.restore(template=state)
     chex.assert_trees_all_close(restored.params, state.params)
     x = batch["x"][:2]
-    chex.assert_trees_all_close(
-        _eval(state_to_model(defs, restored), x), _eval(state_to_model(defs, state), x)
-    )
+    chex.assert_trees_all_close(_eval(state_to_model(defs, restored), x), _eval(state_to_model(defs, state), x))

@@ -8,14 +8,13 @@ from flax import nnx
 
 import methods.distillation as md
 from research.nn import build_model
-from research.train import merge_model, split_model
+from research.train import merge_model
+from research.train import split_model
 
 
 @pytest.fixture(scope="module")
 def mlp():
-    return build_model(
-        "mlp", input_shape=(8, 8, 1), num_classes=10, widths=(16, 8), rngs=nnx.Rngs(0)
-    )
+    return build_model("mlp", input_shape=(8, 8, 1), num_classes=10, widths=(16, 8), rngs=nnx.Rngs(0))
 
 
 def test_captured_mlp_outputs_equal_layer_outputs(mlp):
@@ -81,9 +80,7 @@ def test_missing_path_raises_and_captures_nest(mlp):
     x = jnp.ones((1, 8, 8, 1))
     with pytest.raises(md.CaptureError, match="layers/7"):
         md.intermediates(mlp, x, ["layers/7"])
-    teacher = build_model(
-        "mlp", input_shape=(8, 8, 1), num_classes=10, widths=(4,), rngs=nnx.Rngs(9)
-    )
+    teacher = build_model("mlp", input_shape=(8, 8, 1), num_classes=10, widths=(4,), rngs=nnx.Rngs(9))
     inner = md.capture_intermediates(lambda m, v: (m(v), teacher(v)), ["head"])
     outer = md.capture_intermediates(lambda m, v: inner(m, v), ["layers/0", "head"])
     ((out, t_out), inner_feats), outer_feats = outer(mlp, x)

@@ -83,9 +83,7 @@ def test_dkd_matches_formula(x64, alpha, beta, temperature):
         beta=beta,
         temperature=temperature,
     )
-    np.testing.assert_allclose(
-        loss, temperature**2 * np.mean(alpha * tckd + beta * nckd), rtol=1e-10
-    )
+    np.testing.assert_allclose(loss, temperature**2 * np.mean(alpha * tckd + beta * nckd), rtol=1e-10)
 
 
 def test_dkd_decomposes_classical_kd(x64):
@@ -120,9 +118,7 @@ def test_attention_loss_matches_formula(x64, shape_s, shape_t):
 
     np.testing.assert_allclose(md.attention_map(jnp.asarray(a_s)), at(a_s), rtol=1e-12)
     expected = np.mean((at(a_s) - at(a_t)) ** 2)
-    np.testing.assert_allclose(
-        md.attention_loss(jnp.asarray(a_s), jnp.asarray(a_t)), expected, rtol=1e-12
-    )
+    np.testing.assert_allclose(md.attention_loss(jnp.asarray(a_s), jnp.asarray(a_t)), expected, rtol=1e-12)
 
 
 def _huber(x):
@@ -138,9 +134,7 @@ def test_rkd_distance_matches_formula(x64):
         return d / (d.sum() / (len(x) * (len(x) - 1)))
 
     expected = np.mean(_huber(psi(s) - psi(t)))
-    np.testing.assert_allclose(
-        md.rkd_distance_loss(jnp.asarray(s), jnp.asarray(t)), expected, rtol=1e-10
-    )
+    np.testing.assert_allclose(md.rkd_distance_loss(jnp.asarray(s), jnp.asarray(t)), expected, rtol=1e-10)
     np.testing.assert_allclose(
         md.pairwise_distances(jnp.asarray(s)),
         np.linalg.norm(s[:, None] - s[None], axis=-1),
@@ -164,9 +158,7 @@ def test_rkd_angle_matches_formula(x64):
         return out
 
     expected = np.mean(_huber(psi(s) - psi(t)))
-    np.testing.assert_allclose(
-        md.rkd_angle_loss(jnp.asarray(s), jnp.asarray(t)), expected, rtol=1e-10
-    )
+    np.testing.assert_allclose(md.rkd_angle_loss(jnp.asarray(s), jnp.asarray(t)), expected, rtol=1e-10)
 
 
 def test_shape_and_temperature_errors():

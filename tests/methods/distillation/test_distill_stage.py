@@ -5,9 +5,14 @@ import optax
 from flax import nnx
 
 import methods.distillation as md
-from research.config import Config, DataConfig, ModelConfig
+from research.config import Config
+from research.config import DataConfig
+from research.config import ModelConfig
 from research.run import run
-from research.stages import Bundle, StageContext, TrainStage, get_stage
+from research.stages import Bundle
+from research.stages import StageContext
+from research.stages import TrainStage
+from research.stages import get_stage
 
 
 def test_distill_stage_is_registered():
@@ -61,9 +66,7 @@ def test_pruned_student_keeps_its_zeros(tmp_path):
     from research.nn import build_model
 
     ds = load_dataset("digits", seed=0)
-    teacher = build_model(
-        "mlp", input_shape=ds.input_shape, num_classes=10, widths=(16,), rngs=nnx.Rngs(0)
-    )
+    teacher = build_model("mlp", input_shape=ds.input_shape, num_classes=10, widths=(16,), rngs=nnx.Rngs(0))
     student = nnx.clone(teacher)
     kernel = student.layers[0].kernel
     before = np.asarray(kernel.get_value())

@@ -7,9 +7,12 @@ import pytest
 from flax import nnx
 
 import methods.distillation as md
-from research.data import BatchSampler, load_dataset
+from research.data import BatchSampler
+from research.data import load_dataset
 from research.nn import build_model
-from research.train import create_train_state, cross_entropy_loss, make_train_step
+from research.train import create_train_state
+from research.train import cross_entropy_loss
+from research.train import make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +22,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def teacher(data):
-    return build_model(
-        "mlp", input_shape=data.input_shape, num_classes=10, widths=(32,), rngs=nnx.Rngs(0)
-    )
+    return build_model("mlp", input_shape=data.input_shape, num_classes=10, widths=(32,), rngs=nnx.Rngs(0))
 
 
 def test_indexed_sampler_matches_batch_sampler(data):
@@ -36,17 +37,13 @@ def test_indexed_sampler_matches_batch_sampler(data):
 
 
 def test_cache_rows_equal_online_outputs(data, teacher, tmp_path):
-    cache = md.build_teacher_cache(
-        teacher, data.x_train, batch_size=500, feature_paths=["layers/0"]
-    )
+    cache = md.build_teacher_cache(teacher, data.x_train, batch_size=500, feature_paths=["layers/0"])
     assert len(cache) == len(data.x_train)
     batch = md.IndexedBatchSampler(data.x_train, data.y_train, batch_size=32, seed=0).batch(3)
     online = md.OnlineTeacher(teacher, feature_paths=["layers/0"])(batch)
     cached = cache(batch)
     np.testing.assert_allclose(cached["logits"], online["logits"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        cached["features"]["layers/0"], online["features"]["layers/0"], rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(cached["features"]["layers/0"], online["features"]["layers/0"], rtol=1e-5, atol=1e-5)
     cache.save(tmp_path / "cache.npz")
     loaded = md.TeacherCache.load(tmp_path / "cache.npz")
     np.testing.assert_array_equal(loaded.logits, cache.logits)
@@ -60,14 +57,10 @@ def test_cached_teacher_gives_the_same_training_as_the_online_teacher(data, teac
     cache = md.build_teacher_cache(teacher, data.x_train)
 
     def train(teacher_fn):
-        student = build_model(
-            "mlp", input_shape=data.input_shape, num_classes=10, widths=(8,), rngs=nnx.Rngs(1)
-        )
+        student = build_model("mlp", input_shape=data.input_shape, num_classes=10, widths=(8,), rngs=nnx.Rngs(1))
         tx = optax.adam(1e-2)
         defs, state = create_train_state(student, tx)
-        step = make_train_step(
-            defs, tx, cross_entropy_loss, [md.distill(None, teacher_fn, temperature=4.0)]
-        )
+        step = make_train_step(defs, tx, cross_entropy_loss, [md.distill(None, teacher_fn, temperature=4.0)])
         losses = []
         for i in range(12):
             state, m = step(state, sampler.batch(i))
@@ -77,7 +70,5 @@ def test_cached_teacher_gives_the_same_training_as_the_online_teacher(data, teac
     p_online, l_online = train(teacher)
     p_cached, l_cached = train(cache)
     np.testing.assert_allclose(l_cached, l_online, rtol=1e-4)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_cached, p_online
-    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_cached, p_online)
     assert l_online[-1] < l_online[0]

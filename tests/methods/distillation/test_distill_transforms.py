@@ -9,13 +9,11 @@ from flax import nnx
 
 import methods.distillation as md
 from research.nn import build_model
-from research.train import (
-    compose,
-    create_train_state,
-    cross_entropy_loss,
-    l2_regularizer,
-    make_train_step,
-)
+from research.train import compose
+from research.train import create_train_state
+from research.train import cross_entropy_loss
+from research.train import l2_regularizer
+from research.train import make_train_step
 
 SHAPE = (8, 8, 1)
 
@@ -42,9 +40,7 @@ def teacher():
 def test_distill_equals_its_formula(teacher):
     student = _mlp((8,), 1)
     batch = _batch()
-    loss, aux = md.distill(cross_entropy_loss, teacher, temperature=3.0, alpha=0.7)(
-        student, batch, jax.random.key(0)
-    )
+    loss, aux = md.distill(cross_entropy_loss, teacher, temperature=3.0, alpha=0.7)(student, batch, jax.random.key(0))
     s, t = student(batch["x"]), teacher(batch["x"])
     ce = optax.softmax_cross_entropy_with_integer_labels(s, batch["y"]).mean()
     expected = 0.3 * ce + 0.7 * md.kd_loss(s, t, 3.0)
@@ -106,9 +102,7 @@ def test_stacked_kd_transforms_merge_into_one_capture(teacher):
 
 def test_fitnets_trains_the_projection_and_unwraps(teacher):
     base = _mlp((8,), 4)
-    hinted = md.with_hints(
-        base, teacher, [("layers/0", "layers/1")], np.zeros((2, *SHAPE)), rngs=nnx.Rngs(5)
-    )
+    hinted = md.with_hints(base, teacher, [("layers/0", "layers/1")], np.zeros((2, *SHAPE)), rngs=nnx.Rngs(5))
     tx = optax.adam(1e-2)
     defs, state = create_train_state(hinted, tx)
     assert set(state.params) == {"student", "projections"}
@@ -132,9 +126,7 @@ def test_fitnets_trains_the_projection_and_unwraps(teacher):
 
 def test_fitnets_without_projection_explains_the_fix(teacher):
     with pytest.raises(TypeError, match="with_hints"):
-        md.fitnets(cross_entropy_loss, teacher, [("layers/0", "layers/1")])(
-            _mlp((8,), 1), _batch(), jax.random.key(0)
-        )
+        md.fitnets(cross_entropy_loss, teacher, [("layers/0", "layers/1")])(_mlp((8,), 1), _batch(), jax.random.key(0))
 
 
 def test_kd_composes_with_other_transforms_and_nesting_is_reported(teacher):
@@ -160,9 +152,7 @@ def test_distillation_pulls_the_student_towards_the_teacher(teacher):
     student = _mlp((16,), 7)
     tx = optax.adam(3e-3)
     defs, state = create_train_state(student, tx)
-    step = make_train_step(
-        defs, tx, cross_entropy_loss, [md.distill(None, md.OnlineTeacher(teacher), alpha=1.0)]
-    )
+    step = make_train_step(defs, tx, cross_entropy_loss, [md.distill(None, md.OnlineTeacher(teacher), alpha=1.0)])
     first = None
     for i in range(30):
         state, m = step(state, _batch(i % 4, n=32))

@@ -55,10 +55,7 @@ def test_prune_stage(tmp_path):
         StageContext(0, "0_prune", pathlib.Path(tmp_path), progress=False),
     )
     rows = {r["path"]: r for r in res.tables["layers"]}
-    assert (
-        rows["layers/0/kernel"]["shape"] == "6x12"
-        and rows["layers/0/kernel"]["kept_channels"] == "12/16"
-    )
+    assert rows["layers/0/kernel"]["shape"] == "6x12" and rows["layers/0/kernel"]["kept_channels"] == "12/16"
     assert rows["layers/0/kernel"]["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert res.metrics["bitmask_bytes"] < res.metrics["dense_bytes"]
     assert "masks" in res.bundle.extras

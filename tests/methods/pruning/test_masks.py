@@ -36,9 +36,7 @@ def test_exact_sparsity(params, allocation):
     masks = jax.jit(lambda p: P.magnitude_masks(p, 0.75, allocation=allocation))(params)
     chex.assert_trees_all_equal_shapes(
         jax.tree.map(lambda m: m, masks, is_leaf=lambda m: m is None),
-        jax.tree.map(
-            lambda m, p: p if m is not None else None, masks, params, is_leaf=lambda m: m is None
-        ),
+        jax.tree.map(lambda m, p: p if m is not None else None, masks, params, is_leaf=lambda m: m is None),
     )
     s = P.mask_sparsity(masks)
     total = sum(m.size for m in jax.tree.leaves(masks))

@@ -10,9 +10,7 @@ import methods.pruning as P
 
 def test_polynomial_matches_zhu_gupta():
     si, sf, t0, n, dt = 0.1, 0.9, 100, 10, 50
-    s = P.polynomial_schedule(
-        sf, initial_sparsity=si, begin_step=t0, end_step=t0 + n * dt, frequency=dt
-    )
+    s = P.polynomial_schedule(sf, initial_sparsity=si, begin_step=t0, end_step=t0 + n * dt, frequency=dt)
     f = jax.jit(s.sparsity)
     for t in range(t0, t0 + n * dt + 1, dt):
         expect = sf + (si - sf) * (1 - (t - t0) / (n * dt)) ** 3

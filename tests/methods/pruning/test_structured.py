@@ -79,18 +79,14 @@ def _randomized(make):
 def test_every_zoo_model(name):
     shape, x = _input(name)
     opts = {"resnet56": {"width": 4}}.get(name, {})
-    model = _randomized(
-        lambda: build_model(name, input_shape=shape, num_classes=5, rngs=nnx.Rngs(0), **opts)
-    )
+    model = _randomized(lambda: build_model(name, input_shape=shape, num_classes=5, rngs=nnx.Rngs(0), **opts))
     small, plan = _check_equal(model, x, 0.5)
     assert all(len(g.keep) == g.group.size - g.group.size // 2 for g in plan.groups)
 
 
 def test_resnet_residual_groups_span_blocks():
     _, x = _input("resnet20")
-    model = _randomized(
-        lambda: build_model("resnet20", input_shape=(8, 8, 3), num_classes=5, rngs=nnx.Rngs(0))
-    )
+    model = _randomized(lambda: build_model("resnet20", input_shape=(8, 8, 3), num_classes=5, rngs=nnx.Rngs(0)))
     groups = {g.name: g for g in P.trace_groups(model, x)}
     stage1 = next(g for g in groups.values() if "stem_conv" in g.producers)
     assert {"blocks/0/conv2", "blocks/1/conv2", "blocks/2/conv2"} <= set(stage1.producers)
@@ -100,9 +96,7 @@ def test_resnet_residual_groups_span_blocks():
 
 def test_mobilenet_depthwise_rebuilt():
     shape, x = _input("mobilenetv2")
-    model = _randomized(
-        lambda: build_model("mobilenetv2", input_shape=shape, num_classes=5, rngs=nnx.Rngs(0))
-    )
+    model = _randomized(lambda: build_model("mobilenetv2", input_shape=shape, num_classes=5, rngs=nnx.Rngs(0)))
     small = P.remove_channels(model, x, 0.5)
     dw = small.blocks[1].dw_conv
     assert dw.feature_group_count == dw.in_features == dw.out_features == 48
@@ -141,9 +135,7 @@ def test_user_model_every_channel_score(score):
 
 
 def test_rules_and_errors():
-    model = _randomized(
-        lambda: build_model("lenet5", input_shape=(8, 8, 1), num_classes=5, rngs=nnx.Rngs(0))
-    )
+    model = _randomized(lambda: build_model("lenet5", input_shape=(8, 8, 1), num_classes=5, rngs=nnx.Rngs(0)))
     x = jnp.ones((2, 8, 8, 1))
     small = P.remove_channels(model, x, 0.5, rules=[P.ChannelRule(pattern="^conv2$")])
     assert small.conv1.out_features == 6 and small.conv2.out_features == 8

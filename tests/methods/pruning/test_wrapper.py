@@ -111,14 +111,10 @@ def test_dynamic_sparse(method):
             mu = np.asarray(state.opt_state.inner_state[0].mu["layers"][0]["kernel"])
             # after the reset, one Adam step from zero gives mu = 0.1 g and nu = 0.001 g^2
             nu = np.asarray(state.opt_state.inner_state[0].nu["layers"][0]["kernel"])
-            np.testing.assert_allclose(
-                mu[grown] ** 2 * (1 - 0.999) / (1 - 0.9) ** 2, nu[grown], rtol=1e-4, atol=1e-12
-            )
+            np.testing.assert_allclose(mu[grown] ** 2 * (1 - 0.999) / (1 - 0.9) ** 2, nu[grown], rtol=1e-4, atol=1e-12)
     assert not all(
         np.array_equal(a, np.asarray(b))
-        for a, b in zip(
-            jax.tree.leaves(first), jax.tree.leaves(state.opt_state.masks), strict=False
-        )
+        for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(state.opt_state.masks), strict=False)
     )
 
 

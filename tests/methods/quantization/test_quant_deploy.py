@@ -83,10 +83,7 @@ def test_deployable_bakes_kernels_and_lists_ranges(qmodel, digits):
         lo, hi = ranges[f"deploy_clip/{path}/clamp"]
         assert lo <= 0.0 < hi
     # Float activations vs fake-quant activations: the same predictions almost everywhere.
-    agree = np.mean(
-        np.asarray(float_model(digits.x_test)).argmax(-1)
-        == np.asarray(qmodel(digits.x_test)).argmax(-1)
-    )
+    agree = np.mean(np.asarray(float_model(digits.x_test)).argmax(-1) == np.asarray(qmodel(digits.x_test)).argmax(-1))
     assert agree >= 0.99
 
 

@@ -10,31 +10,31 @@ import optax
 import pytest
 from flax import nnx
 
-from methods.quantization import (
-    FakeQuant,
-    QuantConv,
-    QuantLinear,
-    QuantRule,
-    QuantSpec,
-    calibrate,
-    find_conv_bn_pairs,
-    find_quantizers,
-    float_layers,
-    fold_batchnorm,
-    layer_order,
-    layer_table,
-    list_observers,
-    make_observer,
-    quant_layers,
-    quant_params,
-    quantize,
-    quantize_model,
-    quantized_bytes,
-)
+from methods.quantization import FakeQuant
+from methods.quantization import QuantConv
+from methods.quantization import QuantLinear
+from methods.quantization import QuantRule
+from methods.quantization import QuantSpec
+from methods.quantization import calibrate
+from methods.quantization import find_conv_bn_pairs
+from methods.quantization import find_quantizers
+from methods.quantization import float_layers
+from methods.quantization import fold_batchnorm
+from methods.quantization import layer_order
+from methods.quantization import layer_table
+from methods.quantization import list_observers
+from methods.quantization import make_observer
+from methods.quantization import quant_layers
+from methods.quantization import quant_params
+from methods.quantization import quantize
+from methods.quantization import quantize_model
+from methods.quantization import quantized_bytes
 from methods.quantization.folding import apply_jit
-from research.nn import build_model, list_models
+from research.nn import build_model
 from research.nn import get_module as nnx_get
-from research.train import create_train_state, make_train_step
+from research.nn import list_models
+from research.train import create_train_state
+from research.train import make_train_step
 from research.tree import RuleError
 
 SHAPES = {"cnn1d": (40,), "mlp": (8, 8, 1), "lenet300": (8, 8, 1)}

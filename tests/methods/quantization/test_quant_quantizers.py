@@ -8,18 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from methods.quantization import (
-    check_bits,
-    dequantize,
-    fake_quant,
-    fake_quant_ste,
-    lsq_quantize,
-    pact_quantize,
-    qrange,
-    quantize,
-    round_ste,
-    scale_zero_point,
-)
+from methods.quantization import check_bits
+from methods.quantization import dequantize
+from methods.quantization import fake_quant
+from methods.quantization import fake_quant_ste
+from methods.quantization import lsq_quantize
+from methods.quantization import pact_quantize
+from methods.quantization import qrange
+from methods.quantization import quantize
+from methods.quantization import round_ste
+from methods.quantization import scale_zero_point
 
 X = jax.random.normal(jax.random.key(0), (4, 5, 6)) * 2.0
 

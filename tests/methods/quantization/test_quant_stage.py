@@ -3,10 +3,17 @@
 import numpy as np
 import pytest
 
-from methods.quantization import QATStage, QuantizeStage, QuantRule
-from research.config import Config, DataConfig, ModelConfig, apply_overrides
-from research.run import load_run, run
-from research.stages import TrainStage, list_stages
+from methods.quantization import QATStage
+from methods.quantization import QuantizeStage
+from methods.quantization import QuantRule
+from research.config import Config
+from research.config import DataConfig
+from research.config import ModelConfig
+from research.config import apply_overrides
+from research.run import load_run
+from research.run import run
+from research.stages import TrainStage
+from research.stages import list_stages
 
 
 def test_stages_are_registered():

@@ -66,9 +66,7 @@ def test_add_point_equals_refit():
         st = posterior_state(th, xj, yj, jnp.arange(16) < n, cat)
         xn = jnp.asarray([0.3, 0.7, 0.5 / 3])
         st2 = jax.jit(add_point)(st, jnp.asarray(n), xn, 0.25, cat)
-        full = posterior_state(
-            th, xj.at[n].set(xn), yj.at[n].set(0.25), jnp.arange(16) < n + 1, cat
-        )
+        full = posterior_state(th, xj.at[n].set(xn), yj.at[n].set(0.25), jnp.arange(16) < n + 1, cat)
         xq = jnp.asarray(np.random.default_rng(2).random((5, 3)))
         for a, b in zip(gp_posterior(st2, xq, cat), gp_posterior(full, xq, cat), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-7, atol=1e-10)
@@ -81,15 +79,9 @@ def test_acquisitions_match_closed_forms(z):
     ei = std * (z * norm.cdf(z) + norm.pdf(z))
     with maybe_x64(True):
         assert float(acq.expected_improvement(mean, std, best)) == pytest.approx(ei, rel=1e-10)
-        assert float(acq.log_expected_improvement(mean, std, best)) == pytest.approx(
-            math.log(ei), rel=1e-8
-        )
-        assert math.exp(float(acq.probability_of_improvement(mean, std, best))) == pytest.approx(
-            norm.cdf(z), rel=1e-10
-        )
-        assert float(acq.upper_confidence_bound(mean, std, best, beta=4.0)) == pytest.approx(
-            -(mean - 2.0 * std)
-        )
+        assert float(acq.log_expected_improvement(mean, std, best)) == pytest.approx(math.log(ei), rel=1e-8)
+        assert math.exp(float(acq.probability_of_improvement(mean, std, best))) == pytest.approx(norm.cdf(z), rel=1e-10)
+        assert float(acq.upper_confidence_bound(mean, std, best, beta=4.0)) == pytest.approx(-(mean - 2.0 * std))
 
 
 def test_log_ei_is_accurate_far_from_the_incumbent():

@@ -21,6 +21,4 @@ def test_scrambled_points_are_stratified_and_reproducible():
     np.testing.assert_array_equal(pts, sobol_points(np.arange(128), 8, scramble=True, seed=3))
     assert not np.array_equal(pts, sobol_points(np.arange(128), 8, scramble=True, seed=4))
     # Points by index equal a slice of the sequence (resume after a restart).
-    np.testing.assert_array_equal(
-        pts[50:60], sobol_points(np.arange(50, 60), 8, scramble=True, seed=3)
-    )
+    np.testing.assert_array_equal(pts[50:60], sobol_points(np.arange(50, 60), 8, scramble=True, seed=3))

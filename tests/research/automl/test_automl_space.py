@@ -59,9 +59,7 @@ def test_decode_of_any_point_is_valid_and_numpy_matches_jax():
     act_np = space.active_mask(u)
     act_jx = np.asarray(space.active_mask(jnp.asarray(u), jnp))
     np.testing.assert_array_equal(act_np, act_jx)
-    np.testing.assert_allclose(
-        space.snap(u), np.asarray(space.snap(jnp.asarray(u), jnp)), atol=1e-6
-    )
+    np.testing.assert_allclose(space.snap(u), np.asarray(space.snap(jnp.asarray(u), jnp)), atol=1e-6)
     for row in u:
         space.validate(space.decode(row))
 
@@ -92,9 +90,7 @@ def test_json_round_trip():
         (lambda: Space({"a": Categorical(["x"]), "b": Float(0, 1, when={"a": "y"})}), "not one of"),
         (lambda: Space({"a": Float(0, 1), "b": Float(0, 1, when={"a": 0.5})}), "Float parent"),
         (
-            lambda: Space(
-                {"a": Categorical([1, 2], when={"b": 1}), "b": Categorical([1, 2], when={"a": 1})}
-            ),
+            lambda: Space({"a": Categorical([1, 2], when={"b": 1}), "b": Categorical([1, 2], when={"a": 1})}),
             "cycle",
         ),
         (lambda: Space({}), "empty"),

@@ -34,10 +34,7 @@ def test_continuous_density_integrates_to_one(multivariate):
     probs = density(np.stack([np.full(3, 0.5), cells], 1), [False, True])
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)
     # The joint density over both coordinates is normalised too.
-    total = sum(
-        np.trapezoid(density(np.stack([grid, np.full_like(grid, c)], 1), [True, True]), grid)
-        for c in cells
-    )
+    total = sum(np.trapezoid(density(np.stack([grid, np.full_like(grid, c)], 1), [True, True]), grid) for c in cells)
     assert total == pytest.approx(1.0, abs=2e-3)
 
 

@@ -11,9 +11,9 @@ Optuna is a benchmark-only dependency (``pip install optuna torch greenlet``; it
 GPSampler needs torch). Without it only our samplers run.
 
 Usage:
-  python experiments/benchmarks/automl_samplers.py            # ~3-6 min on 2 CPU cores
-  python experiments/benchmarks/automl_samplers.py --quick    # smoke run, ~1-2 min
-  python experiments/benchmarks/automl_samplers.py --full     # issue protocol: 10 seeds,
+  python experiments/benchmarks/automl.py            # ~3-6 min on 2 CPU cores
+  python experiments/benchmarks/automl.py --quick    # smoke run, ~1-2 min
+  python experiments/benchmarks/automl.py --full     # issue protocol: 10 seeds,
                                                               # Branin 50, Hartmann6 100,
                                                               # conditional 100 trials
 """
@@ -131,9 +131,7 @@ def time_optuna_at(n_obs: int, n_asks: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     for _ in range(n_obs):
         p = {k: float(v) for k, v in zip(dists, rng.random(6), strict=True)}
-        study.add_trial(
-            optuna.trial.create_trial(params=p, distributions=dists, value=tf.hartmann6(p))
-        )
+        study.add_trial(optuna.trial.create_trial(params=p, distributions=dists, value=tf.hartmann6(p)))
     times = []
     for _ in range(n_asks + 1):
         t0 = time.perf_counter()
@@ -198,10 +196,7 @@ def main(argv=None) -> int:
     for prob in problems:
         n = budgets[prob]
         entries = [(k, lambda s, k=k, prob=prob, n=n: run_ours(ours[k], prob, n, s)) for k in ours]
-        entries += [
-            (f"optuna-{k}", lambda s, k=k, prob=prob, n=n: run_optuna(k, prob, n, s))
-            for k in theirs
-        ]
+        entries += [(f"optuna-{k}", lambda s, k=k, prob=prob, n=n: run_optuna(k, prob, n, s)) for k in theirs]
         for name, fn in entries:
             regrets, times = [], []
             t_start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Dense vs factorized latency, per layer across ranks and per whole model, measured side by side.
 
 Run:
-  PYTHONPATH=. python experiments/benchmarks/decomp_speed.py [--batch 32] [--repeats 30] [--quick]
+  PYTHONPATH=. python experiments/benchmarks/decomposition.py [--batch 32] [--repeats 30] [--quick]
       [--accuracy mnist5k]
 
 For every conv layer of VGG-small and ResNet-20 (32x32x3 inputs) and every linear layer of
@@ -64,9 +64,7 @@ def _layer_rows(name, model, x, args):
         if isinstance(layer, nnx.Linear):
             top = min(kshape)
             for r in sorted({max(1, int(round(f * top))) for f in SVD_FRACTIONS}):
-                variants.append(
-                    ("svd", r, lambda r=r, layer=layer: LowRankLinear.from_dense(layer, r))
-                )
+                variants.append(("svd", r, lambda r=r, layer=layer: LowRankLinear.from_dense(layer, r)))
         else:
             cin, cout = kshape[-2:]
             if math.prod(kshape[:-2]) == 1 and not args.include_1x1:
@@ -82,9 +80,7 @@ def _layer_rows(name, model, x, args):
                 )
             for f in CP_FRACTIONS:
                 r = max(1, int(round(f * min(cin, cout))))
-                variants.append(
-                    ("cp", r, lambda r=r, layer=layer: CPConv.from_dense(layer, r, n_iter_max=5))
-                )
+                variants.append(("cp", r, lambda r=r, layer=layer: CPConv.from_dense(layer, r, n_iter_max=5)))
         for method, rank, make in variants:
             fact = make()
             fact.eval()
@@ -135,16 +131,9 @@ def _model_rows(name, model, x, args):
         ]
     rows = []
     for label, rules in budgets:
-        if (
-            args.quick
-            and "fallback" not in label
-            and "vbmf" not in label
-            and "svd 25%" not in label
-        ):
+        if args.quick and "fallback" not in label and "vbmf" not in label and "svd 25%" not in label:
             continue
-        if (
-            name != "lenet300"
-        ):  # the head and the 3-channel stem are too small to factorize usefully
+        if name != "lenet300":  # the head and the 3-channel stem are too small to factorize usefully
             rules = [DecompositionRule(pattern=r"head|convs/0$|^stem_conv", skip=True), *rules]
         fact, rep = factorize_with_report(
             model, rules, sample_input=x, check_speed="fallback" in label, repeats=args.repeats
@@ -207,12 +196,8 @@ def main(argv=None):
         model_rows += _model_rows(name, model, x, args)
     print(file=sys.stderr)
     dev = jax.devices()[0]
-    print(
-        f"backend={jax.default_backend()} device={dev.device_kind} batch={args.batch} repeats={args.repeats}"
-    )
-    print(
-        "\nPer layer (speedup = dense ms / factorized ms; > 1 means the factorized layer is faster)"
-    )
+    print(f"backend={jax.default_backend()} device={dev.device_kind} batch={args.batch} repeats={args.repeats}")
+    print("\nPer layer (speedup = dense ms / factorized ms; > 1 means the factorized layer is faster)")
     print(
         f"{'model':<10}{'layer':<20}{'method':<9}{'rank':>10}{'FLOPs x':>9}{'dense ms':>10}{'fact ms':>10}{'speedup':>9}"
     )

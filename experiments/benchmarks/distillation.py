@@ -8,8 +8,8 @@ alike. Prints median step times and the ratios to the plain step (target with th
 <= 1.1x).
 
 Run from the repository root:
-  python experiments/benchmarks/distill_step.py
-  python experiments/benchmarks/distill_step.py --pairs mlp --batch 256 --repeats 100
+  python experiments/benchmarks/distillation.py
+  python experiments/benchmarks/distillation.py --pairs mlp --batch 256 --repeats 100
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from methods.distillation import IndexedBatchSampler, build_teacher_cache, distill  # noqa: E402
+from methods.distillation import IndexedBatchSampler  # noqa: E402
+from methods.distillation import build_teacher_cache  # noqa: E402
+from methods.distillation import distill  # noqa: E402
 from research.nn import build_model  # noqa: E402
 from research.report import format_table  # noqa: E402
-from research.train import create_train_state, make_train_step  # noqa: E402
+from research.train import create_train_state  # noqa: E402
+from research.train import make_train_step  # noqa: E402
 
 # name -> (input shape, teacher (zoo name, options), student (zoo name, options))
 PAIRS = {
@@ -81,9 +84,7 @@ def bench_pair(name: str, *, batch: int, repeats: int, examples: int = 2048) -> 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=50)

@@ -7,8 +7,8 @@ PTQ: BatchNorm folding plus min-max calibration on 512 images (batches of 128), 
 (includes compilation). Target: QAT step <= 1.5x the float step.
 
 Run:
-  python experiments/benchmarks/quant_step_time.py                      # lenet5 + resnet20, CPU
-  python experiments/benchmarks/quant_step_time.py --models resnet20 --batch 256 --repeats 100
+  python experiments/benchmarks/quantization.py                      # lenet5 + resnet20, CPU
+  python experiments/benchmarks/quantization.py --models resnet20 --batch 256 --repeats 100
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from methods.quantization import QuantRule, calibrate, fold_batchnorm, quantize_model
+from methods.quantization import QuantRule
+from methods.quantization import calibrate
+from methods.quantization import fold_batchnorm
+from methods.quantization import quantize_model
 from research.nn import build_model
-from research.train import create_train_state, make_train_step
+from research.train import create_train_state
+from research.train import make_train_step
 
 
 def _step_fn(model):
