@@ -37,6 +37,7 @@ def make_train_step(
     *,
     jit: bool = True,
     donate: bool = True,
+    log_grad_norm: bool = False,
 ) -> StepFn:
     """Builds ``step(state, batch) -> (new_state, metrics)``.
 
@@ -48,9 +49,12 @@ def make_train_step(
       jit: return the jitted step (default) or the plain function (to vmap or embed).
       donate: donate the input state's buffers to the output (saves memory; the input state
         must not be used after the call).
+      log_grad_norm: add the gradients' global norm to the metrics (off by default: the extra
+        pass over the gradients cost 6% of a 1.7 ms CPU step of a small MLP).
 
     Returns:
-      The step function. ``metrics`` holds ``loss``, ``grad_norm`` and every scalar in ``aux``.
+      The step function. ``metrics`` holds ``loss`` (``grad_norm`` on request) and every scalar
+      in ``aux``.
     """
     full_loss = apply_transforms(loss_fn, loss_transforms)
 
@@ -67,7 +71,9 @@ def make_train_step(
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss}
+        if log_grad_norm:
+            metrics["grad_norm"] = optax.global_norm(grads)
         metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
         new_state = TrainState(state.step + 1, params, model_state, opt_state, state.rng)
         return new_state, metrics

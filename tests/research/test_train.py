@@ -186,3 +186,11 @@ def test_training_never_deletes_the_callers_arrays():
         state, _ = step(state, sampler.batch(i))
     x = jnp.asarray(ds.x_val[:2])
     assert model(x).shape == (2, 10) and clone(x).shape == (2, 10)  # still alive
+
+
+def test_grad_norm_metric_on_request():
+    ds, defs, state, tx, sampler = _setup()
+    plain = train.make_train_step(defs, tx, donate=False, jit=False)(state, sampler.batch(0))[1]
+    with_norm = train.make_train_step(defs, tx, donate=False, jit=False, log_grad_norm=True)(state, sampler.batch(0))[1]
+    assert "grad_norm" not in plain and float(with_norm["grad_norm"]) > 0
+    assert float(with_norm["loss"]) == pytest.approx(float(plain["loss"]))

@@ -63,7 +63,7 @@ def test_zero_kd_gradient_when_student_is_teacher(teacher):
             (1.0, md.rkd_angle_term()),
         ],
     )
-    step = make_train_step(defs, optax.sgd(0.1), loss_fn, donate=False)
+    step = make_train_step(defs, optax.sgd(0.1), loss_fn, donate=False, log_grad_norm=True)
     _, metrics = step(state, _batch())
     assert float(metrics["loss"]) < 1e-5
     assert float(metrics["grad_norm"]) < 1e-5
