@@ -29,7 +29,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
@@ -37,6 +36,7 @@ from research.data import load_dataset
 from research.export import export
 from research.nn import build_model
 from research.nn import list_models
+from research.train import train_scan
 
 # Smallest widths the zoo allows (--quick); the default run uses the zoo's own defaults.
 TINY = {
@@ -52,31 +52,7 @@ ONE_D = {"cnn1d"}
 
 def train(model: nnx.Module, x: np.ndarray, y: np.ndarray, steps: int, batch: int = 128) -> None:
     """Adam on random minibatches, the whole loop one jitted ``lax.scan`` (one compilation)."""
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.adam(3e-3)
-    idx = np.random.default_rng(0).integers(0, len(x), size=(steps, batch))
-    xs, ys = jnp.asarray(x), jnp.asarray(y)
-
-    @jax.jit
-    def run(params, rest, opt_state, idx):
-        def body(carry, i):
-            params, rest, opt_state = carry
-
-            def loss_fn(p):
-                m = nnx.merge(graphdef, p, rest, copy=True)
-                loss = optax.softmax_cross_entropy_with_integer_labels(m(xs[i]), ys[i]).mean()
-                return loss, nnx.split(m, nnx.Param, ...)[2]
-
-            (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), rest, opt_state), loss
-
-        return jax.lax.scan(body, (params, rest, opt_state), idx)
-
-    (params, rest, _), _ = run(params, rest, tx.init(params), jnp.asarray(idx))
-    nnx.update(model, params, rest)
-    model.eval()
+    train_scan(model, x, y, steps=steps, batch_size=batch, learning_rate=3e-3, seed=0)
 
 
 def bench_model(name: str, data, args) -> tuple[dict, object]:

@@ -10,6 +10,7 @@ from research.train.losses import apply_transforms
 from research.train.losses import compose
 from research.train.losses import cross_entropy_loss
 from research.train.losses import l2_regularizer
+from research.train.scan import train_scan
 from research.train.state import ModelDefs
 from research.train.state import TrainState
 from research.train.state import create_train_state
@@ -40,4 +41,5 @@ __all__ = [
     "read_metrics",
     "split_model",
     "state_to_model",
+    "train_scan",
 ]

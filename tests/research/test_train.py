@@ -194,3 +194,16 @@ def test_grad_norm_metric_on_request():
     with_norm = train.make_train_step(defs, tx, donate=False, jit=False, log_grad_norm=True)(state, sampler.batch(0))[1]
     assert "grad_norm" not in plain and float(with_norm["grad_norm"]) > 0
     assert float(with_norm["loss"]) == pytest.approx(float(plain["loss"]))
+
+
+def test_train_scan_fits_in_one_program():
+    ds = data.load_dataset("digits", seed=0)
+    model = nn.build_model("lenet5", input_shape=ds.input_shape, num_classes=10, rngs=nnx.Rngs(0))
+    defs, params, rest = train.split_model(nnx.clone(model))
+    before = train.evaluate(defs, params, rest, ds.x_val, ds.y_val)["accuracy"]
+    out = train.train_scan(model, ds.x_train, ds.y_train, steps=60, batch_size=64, learning_rate=3e-3)
+    assert out is model
+    defs, params, rest = train.split_model(nnx.clone(model))
+    assert train.evaluate(defs, params, rest, ds.x_val, ds.y_val)["accuracy"] > before + 0.5
+    with pytest.raises(ValueError, match="steps=0"):
+        train.train_scan(model, ds.x_train, ds.y_train, steps=0)

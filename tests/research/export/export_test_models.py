@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
+
+from research.train import train_scan
 
 
 class SmallMLP(nnx.Module):
@@ -62,35 +63,6 @@ def train_briefly(
     learning_rate: float = 1e-2,
     seed: int = 0,
 ) -> nnx.Module:
-    """Trains ``model`` in place with Adam on random minibatches, as one jitted ``lax.scan``.
-
-    One compilation per model (the whole loop is one program), so even ResNet-56 trains in a few
-    seconds on a CPU; BatchNorm statistics are updated (train mode), the model is left in eval
-    mode. Used so that int8 top-1 agreement is measured on a model with real margins.
-    """
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.adam(learning_rate)
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(steps, batch_size))
-    xs, ys = jnp.asarray(x), jnp.asarray(y)
-
-    @jax.jit
-    def run(params, rest, opt_state, idx):
-        def body(carry, i):
-            params, rest, opt_state = carry
-
-            def loss_fn(p):
-                m = nnx.merge(graphdef, p, rest, copy=True)
-                loss = optax.softmax_cross_entropy_with_integer_labels(m(xs[i]), ys[i]).mean()
-                return loss, nnx.split(m, nnx.Param, ...)[2]
-
-            (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), rest, opt_state), loss
-
-        return jax.lax.scan(body, (params, rest, opt_state), idx)
-
-    (params, rest, _), _ = run(params, rest, tx.init(params), jnp.asarray(idx))
-    nnx.update(model, params, rest)
-    model.eval()
-    return model
+    """Trains ``model`` in place (``research.train.train_scan``) so int8 agreement is measured on
+    a model with real margins; the model is left in eval mode."""
+    return train_scan(model, x, y, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
