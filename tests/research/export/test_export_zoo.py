@@ -32,14 +32,9 @@ TINY = {
 FLAT = {"cnn1d"}
 
 
-# Measured misses of the 99% target (width-4 ResNet-56 and width-0.25 MobileNetV2 after 150
-# Adam steps): recorded as strict xfails so a fix shows up as XPASS -> failure to update here.
-KNOWN_MISSES = {
-    ("resnet56", "tflite_int8"): 0.983,
-    ("resnet56", "onnx_int8"): 0.983,
-    ("resnet56", "onnx_int8_qdq_symmetric"): 0.986,
-    ("mobilenetv2", "onnx_int8_qdq_symmetric"): 0.989,
-}
+# Deep narrow nets need more steps for margins that survive int8: after 150 steps ResNet-56
+# (width 4) agreed 0.983 and MobileNetV2 (x0.25, symmetric Q/DQ) 0.989; after 400 both >= 0.994.
+TRAIN_STEPS = {"resnet56": 400, "mobilenetv2": 400}
 
 
 def _inputs(name, x):
@@ -58,7 +53,7 @@ def zoo(request, digits, tmp_path_factory):
         rngs=nnx.Rngs(0),
         **TINY.get(name, {}),
     )
-    train_briefly(model, x_train, digits.y_train)
+    train_briefly(model, x_train, digits.y_train, steps=TRAIN_STEPS.get(name, 150))
     report = export(
         model,
         x_test[:8],
@@ -91,15 +86,8 @@ def test_zoo_fp32_matches_jax(zoo, artifact):
 
 
 @pytest.mark.parametrize("artifact", ["tflite_int8", "onnx_int8", "onnx_int8_qdq_symmetric"])
-def test_zoo_int8_top1_agreement(zoo, artifact, request):
+def test_zoo_int8_top1_agreement(zoo, artifact):
     name, _, report, _ = zoo
-    if (name, artifact) in KNOWN_MISSES:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=f"measured {KNOWN_MISSES[name, artifact]:.3f} top-1 agreement < 0.99",
-            )
-        )
     a = report[artifact]
     assert a.top1_agreement >= 0.99, (name, a)
 
