@@ -74,6 +74,24 @@ def _conv_like(dense: nnx.Conv) -> dict[str, Any]:
     return {"dtype": dense.dtype, "param_dtype": dense.param_dtype, "precision": dense.precision}
 
 
+def _conv_shell(cls, dense: nnx.Conv, rank) -> nnx.Module:
+    """A factorized conv of ``cls`` with ``dense``'s geometry, built from shapes only."""
+    return nnx.eval_shape(  # structure only; the caller sets every parameter
+        lambda: cls(
+            dense.in_features,
+            dense.out_features,
+            dense.kernel_size,
+            rank,
+            strides=dense.strides,
+            padding=dense.padding,
+            kernel_dilation=dense.kernel_dilation,
+            use_bias=dense.use_bias,
+            **_conv_like(dense),
+            rngs=nnx.Rngs(0),
+        )
+    )
+
+
 class LowRankLinear(nnx.Module):
     """``y = (x @ U) @ V + b`` with ``U: (in, rank)`` and ``V: (rank, out)``.
 
@@ -249,20 +267,7 @@ class Tucker2Conv(nnx.Module):
 
         check_factorizable_conv(dense)
         nd = len(dense.kernel_size)
-        layer = nnx.eval_shape(  # structure only; every parameter is set below
-            lambda: cls(
-                dense.in_features,
-                dense.out_features,
-                dense.kernel_size,
-                ranks,
-                strides=dense.strides,
-                padding=dense.padding,
-                kernel_dilation=dense.kernel_dilation,
-                use_bias=dense.use_bias,
-                **_conv_like(dense),
-                rngs=nnx.Rngs(0),
-            )
-        )
+        layer = _conv_shell(cls, dense, ranks)  # every parameter is set below
         if factors is None:
             factors = tucker2_factors(np.asarray(dense.kernel[...]), ranks, **decompose_kwargs)
         core, u_in, u_out = factors
@@ -382,20 +387,7 @@ class CPConv(nnx.Module):
 
         check_factorizable_conv(dense)
         nd = len(dense.kernel_size)
-        layer = nnx.eval_shape(  # structure only; every parameter is set below
-            lambda: cls(
-                dense.in_features,
-                dense.out_features,
-                dense.kernel_size,
-                rank,
-                strides=dense.strides,
-                padding=dense.padding,
-                kernel_dilation=dense.kernel_dilation,
-                use_bias=dense.use_bias,
-                **_conv_like(dense),
-                rngs=nnx.Rngs(0),
-            )
-        )
+        layer = _conv_shell(cls, dense, rank)  # every parameter is set below
         if factors is None:
             factors = cp_factors(np.asarray(dense.kernel[...]), rank, **decompose_kwargs)
         dt = dense.param_dtype
