@@ -9,6 +9,7 @@ from research.automl import Categorical
 from research.automl import Float
 from research.automl import Space
 from research.automl import TPESampler
+from research.automl.tpe import BOHBSampler
 from research.automl.tpe import Mixture
 from research.automl.tpe import log_mixture_pdf
 
@@ -88,6 +89,20 @@ def test_bandwidth_floor(floor, n_clip):
     np.testing.assert_allclose(below.sigma[:6], 1.0 / (n_clip + 2))
     assert below.sigma[6].tolist() == [1.0, 1.0]  # the prior keeps its width
     assert above.sigma[:54].min() >= 1.0 / (60 + 2) - 1e-12
+
+
+@pytest.mark.parametrize(
+    ("make", "floor"),
+    [
+        (lambda: TPESampler(), "shared"),
+        (lambda: TPESampler(multivariate=False), "per_estimator"),
+        (lambda: TPESampler(multivariate=False, bandwidth_floor="shared"), "shared"),
+        (lambda: BOHBSampler(), "per_estimator"),
+    ],
+)
+def test_default_bandwidth_floor(make, floor):
+    # Univariate TPE (and BOHB) keep the per-estimator magic clip unless asked otherwise.
+    assert make().bandwidth_floor == floor
 
 
 def test_bandwidth_floor_is_validated():
