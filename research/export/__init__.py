@@ -47,6 +47,7 @@ from research.export.stage import export_run
 from research.export.tflite import TFLiteRunner
 from research.export.tflite import quantization_modes
 from research.export.tflite import register_quantization
+from research.export.tflite import size_breakdown
 from research.export.tflite import to_tflite
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "qdq_summary",
     "quantization_modes",
     "register_quantization",
+    "size_breakdown",
     "tflite_to_onnx",
     "to_tflite",
 ]

@@ -27,8 +27,12 @@ from research.export.report import ArtifactReport
 from research.export.report import ExportReport
 
 FORMATS = ("stablehlo", "tflite", "onnx")
+
+
 # TFLite variants that are also converted to ONNX (tf2onnx turns int8 TFLite into Q/DQ form).
-ONNX_VARIANTS = ("fp32", "int8")
+def _onnx_variant(q: str) -> bool:
+    """TFLite variants that are also converted to ONNX: float32 and full-integer ones."""
+    return q == "fp32" or tflite.is_full_integer(q)
 
 
 def _version(dist: str) -> str:
@@ -128,8 +132,9 @@ def export(
         TFLite flatbuffer (jax2tf's ``XlaCallModule`` cannot be converted by tf2onnx directly).
       out_dir: directory for ``{name}.stablehlo`` (+ ``.json`` manifest),
         ``{name}_{variant}.tflite`` and ``{name}_{variant}.onnx``.
-      quantize: None, or one or several of ``"fp16"``, ``"dynamic_int8"``, ``"int8"`` (TFLite
-        modes) and ``"int8_qdq_symmetric"`` (ONNX only). ONNX is written for the fp32 and int8
+      quantize: None, or one or several of ``"fp16"``, ``"dynamic_int8"``, ``"int8"``,
+        ``"int8_dense_per_tensor"`` (TFLite modes, see :mod:`research.export.tflite`) and
+        ``"int8_qdq_symmetric"`` (ONNX only). ONNX is written for the fp32 and full-integer
         TFLite variants (int8 ONNX carries the TFLite file's QuantizeLinear/DequantizeLinear
         nodes, asymmetric activations); ``"int8_qdq_symmetric"`` quantizes the fp32 ONNX file
         with onnxruntime into the symmetric int8 Q/DQ form TensorRT needs
@@ -193,7 +198,7 @@ def export(
     if unknown:
         raise ValueError(f"quantize={quantize!r}: {unknown} unknown; use None or some of {known[1:]}")
     for q in variants:
-        if q in ("int8", *onnx_only) and calibration is None:
+        if (tflite.is_full_integer(q) or q in onnx_only) and calibration is None:
             raise ValueError(
                 f"quantize={q!r} needs calibration=<array (N, *input_shape[1:])> for the "
                 "activation ranges; pass a few hundred training inputs, or use "
@@ -303,11 +308,11 @@ def export(
                 path = os.path.join(out_dir, f"{name}_{q}.tflite")
                 write_bytes_atomic(path, blob, lambda p: tflite.TFLiteRunner(p)(sample))
                 runner = tflite.TFLiteRunner(path, num_threads=num_threads)
-                extra: dict[str, Any] = {}
-                if q == "int8" and activation_ranges:
+                extra: dict[str, Any] = {"size_breakdown": tflite.size_breakdown(blob)}
+                if tflite.is_full_integer(q) and activation_ranges:
                     extra["range_agreement"] = _range_agreement(runner, activation_ranges)
                 record(f"tflite_{q}", "tflite", q, path, litert, runner, extra)
-            if "onnx" in formats and q in ONNX_VARIANTS:
+            if "onnx" in formats and _onnx_variant(q):
                 proto = onnx_export.tflite_to_onnx(blob, opset=onnx_opset)
                 path = os.path.join(out_dir, f"{name}_{q}.onnx")
                 onnx_export.write_onnx(proto, path)

@@ -10,6 +10,8 @@ from typing import ClassVar
 import numpy as np
 
 from research.data import calibration_subset
+from research.export import onnx_export
+from research.export import tflite
 from research.export.api import FORMATS
 from research.export.api import export
 from research.export.report import ExportReport
@@ -27,8 +29,9 @@ class ExportStage(StageConfig):
     Attributes:
       formats: any of ``stablehlo``, ``tflite``, ``onnx``.
       quantize: extra variants: ``fp16``, ``dynamic_int8``, ``int8`` (full integer TFLite,
-        calibrated on ``calibration_examples`` training inputs; also gives the int8 ONNX file)
-        and ``int8_qdq_symmetric`` (the TensorRT-ready ONNX file, same calibration data).
+        calibrated on ``calibration_examples`` training inputs; also gives the int8 ONNX file),
+        ``int8_dense_per_tensor`` (as ``int8`` with one scale per fully connected kernel:
+        smaller files for dense networks) and ``int8_qdq_symmetric`` (the TensorRT-ready ONNX file, same calibration data).
       calibration_examples: size of the representative data set for int8.
       eval_examples: test inputs on which every artifact is compared with JAX (top-1 agreement).
       latency_batch_size: batch size of the sample input used for latency.
@@ -54,7 +57,7 @@ class ExportStage(StageConfig):
         bad = sorted(set(self.formats) - set(FORMATS))
         if bad:
             raise ValueError(f"ExportStage.formats has unknown {bad}; choose from {list(FORMATS)}")
-        allowed = ("fp16", "dynamic_int8", "int8", "int8_qdq_symmetric")
+        allowed = (*tflite.quantization_modes()[1:], *onnx_export.onnx_quantization_modes())
         bad = sorted(set(self.quantize) - set(allowed))
         if bad:
             raise ValueError(f"ExportStage.quantize has unknown {bad}; choose from {list(allowed)}")
@@ -74,7 +77,7 @@ def export_bundle(
 ) -> ExportReport:
     """Exports ``model`` with calibration and evaluation data taken from ``dataset``."""
     sample = np.repeat(dataset.x_test[:1], latency_batch_size, axis=0)
-    needs = {"int8", "int8_qdq_symmetric"} & set(quantize)
+    needs = [q for q in quantize if tflite.is_full_integer(q) or q in onnx_export.onnx_quantization_modes()]
     calibration = calibration_subset(dataset, calibration_examples, seed=seed) if needs else None
     return export(
         model,

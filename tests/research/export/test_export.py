@@ -19,8 +19,10 @@ from research.export import OnnxRunner
 from research.export import TFLiteRunner
 from research.export import UnsupportedOpError
 from research.export import export
+from research.export import inference_fn
 from research.export import load_stablehlo
 from research.export import qdq_summary
+from research.export import to_tflite
 from research.export.onnx_export import check_onnx
 
 ALL_Q = ("fp16", "dynamic_int8", "int8")
@@ -53,7 +55,7 @@ def mlp_report(trained_mlp, digits, tmp_path_factory):
         x_test[:16],
         formats=("tflite", "onnx"),
         out_dir=tmp_path_factory.mktemp("mlp"),
-        quantize="int8",
+        quantize=("int8", "int8_dense_per_tensor"),
         calibration=digits.x_train.reshape(len(digits.x_train), -1)[:256],
         eval_data=x_test,
         latency_repeats=5,
@@ -179,12 +181,67 @@ def test_int8_top1_agreement_on_digits(mlp_report, trained_mlp, digits):
     report, x_test = mlp_report
     acc = float(np.mean(np.asarray(trained_mlp(x_test)).argmax(-1) == digits.y_test))
     assert acc > 0.9, f"test MLP only reached {acc:.3f}"
-    for name in ("tflite_int8", "onnx_int8"):
+    for name in ("tflite_int8", "onnx_int8", "tflite_int8_dense_per_tensor", "onnx_int8_dense_per_tensor"):
         assert report[name].top1_agreement >= 0.99, report[name]
     assert report["tflite_fp32"].top1_agreement == 1.0
     # 4.7k weights: int8 is 12.3 KB vs 24.9 KB fp32; ~7 KB is graph (shape ops for the variable
     # batch), so the ratio only approaches 0.25 for larger models (see the benchmark).
     assert report["tflite_int8"].size_bytes <= 0.55 * report["tflite_fp32"].size_bytes
+
+
+def _kernel_scales(path) -> dict[int, list[int]]:
+    """Number of quantization scales of each int8 constant kernel, by rank (2: dense, 4: conv)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    m = flatbuffer_utils.read_model(str(path))
+    out: dict[int, list[int]] = {}
+    for t in m.subgraphs[0].tensors:
+        data = m.buffers[t.buffer].data
+        # INT8 (type 9) constants of rank 2 or 4 that are not per-channel vectors (biases and
+        # BatchNorm constants have shape (1, ..., 1, C)).
+        kernel = len(t.shape) in (2, 4) and int(np.prod(t.shape[:-1])) > 1
+        if data is not None and len(data) and t.type == 9 and kernel:
+            out.setdefault(len(t.shape), []).append(len(t.quantization.scale))
+    return out
+
+
+def test_dense_per_tensor_mode_has_one_scale_per_dense_kernel(mlp_report):
+    report, _ = mlp_report
+    per_channel = _kernel_scales(report["tflite_int8"].path)
+    per_tensor = _kernel_scales(report["tflite_int8_dense_per_tensor"].path)
+    assert sorted(per_channel[2]) == [10, 64], per_channel  # one scale per output channel
+    assert per_tensor[2] == [1, 1], per_tensor
+    # Per channel, each of the 74 output channels has a float32 scale and an int64 zero point;
+    # per tensor, each kernel has one. (With a variable batch the bias is a separate ADD of a
+    # per-tensor int8 constant; a fixed-batch export fuses it as an int32 per-channel bias.)
+    a = report["tflite_int8"].extra["size_breakdown"]
+    b = report["tflite_int8_dense_per_tensor"].extra["size_breakdown"]
+    assert a["quant_vectors"] - b["quant_vectors"] == (74 - 2) * 12
+    assert report["tflite_int8_dense_per_tensor"].size_bytes < report["tflite_int8"].size_bytes - 800
+
+
+def test_dense_per_tensor_mode_keeps_convolutions_per_channel(convnet, tmp_path):
+    rng = np.random.default_rng(0)
+    cal = rng.normal(size=(64, 8, 8, 1)).astype(np.float32)
+    blob = to_tflite(inference_fn(convnet), cal[:1], quantize="int8_dense_per_tensor", calibration=cal)
+    path = tmp_path / "m.tflite"
+    path.write_bytes(blob)
+    scales = _kernel_scales(path)
+    assert scales == {4: [8], 2: [1]}, scales
+
+
+def test_size_breakdown_adds_up(mlp_report, trained_mlp):
+    report, _ = mlp_report
+    params = sum(np.asarray(v).size for v in jax.tree.leaves(nnx.state(trained_mlp, nnx.Param)))
+    f32 = report["tflite_fp32"].extra["size_breakdown"]
+    i8 = report["tflite_int8"].extra["size_breakdown"]
+    for parts, art in ((f32, "tflite_fp32"), (i8, "tflite_int8")):
+        assert parts["total"] == report[art].size_bytes
+        assert parts["constants"] + parts["quant_vectors"] + parts["other"] == parts["total"]
+    assert f32["quant_vectors"] == 0 and f32["quant_entries"] == 0
+    assert 4 * params <= f32["constants"] < 4 * params + 512  # the weights plus shape constants
+    assert params <= i8["constants"] < 2 * params  # int8 kernels, int32 biases
+    assert i8["quant_entries"] >= 64 + 10  # per-channel kernels, plus per-tensor activations
 
 
 def test_masked_model_reports_compressed_size(tmp_path):
