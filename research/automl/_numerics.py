@@ -50,8 +50,8 @@ def bfgs_minimize(
     x0: jax.Array,
     *,
     maxiter: int,
-    lower: float,
-    upper: float,
+    lower: float | jax.Array,
+    upper: float | jax.Array,
     gtol: float = 1e-5,
     ftol: float = 1e-9,
     max_step: float = 1.0,
@@ -61,15 +61,19 @@ def bfgs_minimize(
     """Minimises ``fun`` from ``x0`` by BFGS with a backtracking (Armijo) line search.
 
     Pure JAX (``lax.while_loop``), so it can be jitted and ``vmap``-ed over starts; iterates
-    are projected onto the box ``[lower, upper]``.
+    are projected onto the box ``[lower, upper]``. Coordinates that sit on a bound while the
+    gradient pushes them out of the box are held there for the step (a simple active set),
+    so a constrained optimum on a face of the box is approached along that face instead of
+    stalling the line search.
 
     Args:
       fun: Scalar function of a vector ``(p,)``.
       x0: Start ``(p,)``.
       maxiter: Maximum number of BFGS iterations.
-      lower: Lower bound of every coordinate.
-      upper: Upper bound of every coordinate.
-      gtol: Stop when the largest absolute gradient entry is below this.
+      lower: Lower bound of every coordinate (scalar or ``(p,)``).
+      upper: Upper bound of every coordinate (scalar or ``(p,)``).
+      gtol: Stop when the largest absolute entry of the projected gradient (the gradient
+        without the entries held at a bound) is below this.
       ftol: Stop when the relative decrease of ``fun`` is below this.
       max_step: Longest first trial step of the line search.
       max_fev: Stop after this many function evaluations (default ``3 * maxiter``); under
@@ -91,11 +95,16 @@ def bfgs_minimize(
         k, _, _, _, _, done, nfev = s
         return (k < maxiter) & ~done & (nfev < max_fev)
 
+    def free_of(x, g):
+        return ~(((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0)))
+
     def body(s):
         k, x, f, g, h, _, nfev = s
-        d = -h @ g
-        descent = (g @ d) < 0
-        d = jnp.where(descent, d, -g)
+        free = free_of(x, g)
+        gf = jnp.where(free, g, 0.0)
+        d = jnp.where(free, -h @ gf, 0.0)
+        descent = (gf @ d) < 0
+        d = jnp.where(descent, d, -gf)
         h = jnp.where(descent, h, eye)
         norm = jnp.sqrt(d @ d)
         d = d * jnp.minimum(1.0, max_step / jnp.maximum(norm, 1e-30))
@@ -113,7 +122,9 @@ def bfgs_minimize(
             fn, gn = vg(xn)
             return t, fn, gn, xn, it + 1
 
-        t, fn, gn, xn, n_ls = jax.lax.while_loop(ls_cond, ls_body, (jnp.asarray(1.0, x.dtype), jnp.inf * f, g, x, 0))
+        t, fn, gn, xn, n_ls = jax.lax.while_loop(
+            ls_cond, ls_body, (jnp.asarray(1.0, x.dtype), jnp.inf * f, g, x, 0)
+        )
         improved = jnp.isfinite(fn) & (fn <= f)
         sv = xn - x
         yv = gn - g
@@ -126,7 +137,8 @@ def bfgs_minimize(
         h = jnp.where((sy > 1e-12) & improved, h_new, h)
         x = jnp.where(improved, xn, x)
         g = jnp.where(improved, gn, g)
-        small = (jnp.max(jnp.abs(gn)) < gtol) | (jnp.abs(f - fn) <= ftol * (1.0 + jnp.abs(f)))
+        pg = jnp.where(free_of(xn, gn), gn, 0.0)
+        small = (jnp.max(jnp.abs(pg)) < gtol) | (jnp.abs(f - fn) <= ftol * (1.0 + jnp.abs(f)))
         f_new = jnp.where(improved, fn, f)
         done = ~improved | small
         return k + 1, x, f_new, g, h, done, nfev + n_ls
