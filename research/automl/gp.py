@@ -11,11 +11,14 @@ starts run as one ``vmap``-ed, jitted BFGS.
 
 A suggestion is one jitted call: fit, then for each of the ``q`` points of a batch,
 score a random candidate pool plus perturbations of the best points, run ``vmap``-ed
-projected gradient ascent on the acquisition from the best candidates, take the best
-snapped result, and add it to the data with its posterior mean as a fantasy value
-("kriging believer") so that the next point of the batch goes elsewhere. Candidates closer
-than ``min_distance`` to an evaluated, pending or already chosen point are excluded, so a
-batch never holds near-duplicates. Observation arrays are padded to size buckets
+box-constrained BFGS on the acquisition (in lengthscale units) from the best candidate and
+from candidates drawn in proportion to ``exp(acquisition)``, take the best snapped result,
+and add it to the data with its posterior mean as a fantasy value ("kriging believer") so
+that the next point of the batch goes elsewhere. Candidates closer than ``min_distance`` to
+an evaluated point, or than ``batch_min_distance`` to a pending or already chosen point,
+are excluded, so a batch never holds near-duplicates. The noise variance may fall to
+``MIN_NOISE`` (1e-8 of the standardised variance), so that deterministic objectives are
+refined to their last digits. Observation arrays are padded to size buckets
 (:func:`research.automl._numerics.bucket`), so a study compiles about twice per doubling
 of its trial count rather than at every trial.
 
@@ -52,7 +55,12 @@ from research.automl.space import Space
 
 __all__ = ["GPSampler", "GPState", "fit_gp", "gp_posterior", "matern52", "posterior_state"]
 
-MIN_NOISE = 1e-6
+#: Floor of the noise variance (standardised units). It doubles as jitter; 1e-8 is safe in
+#: float64 and lets a deterministic objective be resolved to ~1e-4 of its spread (1e-6
+#: limits refinement near an optimum to ~1e-3 of it).
+MIN_NOISE = 1e-8
+#: Lower bound of the fitted ``log(noise - MIN_NOISE)``.
+LOG_NOISE_LOWER = -25.0
 _SQRT5 = math.sqrt(5.0)
 _CAT_SENTINEL = -1.0
 _CONT_SENTINEL = 0.5
@@ -118,12 +126,16 @@ def neg_log_posterior(theta, x, y, mask, is_cat):
     mll = -0.5 * ym @ alpha - jnp.sum(jnp.log(jnp.diag(chol))) - 0.5 * n * jnp.log(2 * jnp.pi)
     # Weak priors as in Optuna's GPSampler: keep lengthscales, signal and noise moderate.
     prior = (
-        -jnp.sum(0.1 / inv_sq_ls + 0.1 * inv_sq_ls) + (jnp.log(signal) - signal) + (0.1 * jnp.log(noise) - 30.0 * noise)
+        -jnp.sum(0.1 / inv_sq_ls + 0.1 * inv_sq_ls)
+        + (jnp.log(signal) - signal)
+        + (0.1 * jnp.log(noise) - 30.0 * noise)
     )
     return -(mll + prior) / n
 
 
-def fit_gp(theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxiter: int = 50, h_warm=None):
+def fit_gp(
+    theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxiter: int = 50, h_warm=None
+):
     """Fits the hyperparameters by MAP from several starts at once.
 
     The candidate starts ``theta_screen`` ``(S, D+2)`` are scored with one vmapped
@@ -144,7 +156,14 @@ def fit_gp(theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxite
         starts = jnp.concatenate([theta_warm[None], theta_screen[top]], 0)
     else:
         starts = theta_warm[None]
-    opt = functools.partial(bfgs_minimize, fn, maxiter=maxiter, lower=-12.0, upper=12.0, gtol=1e-3, ftol=1e-6)
+    # Log inverse squared lengthscales and log signal in [-12, 12]; the log of the noise above
+    # MIN_NOISE may go much lower, so that a deterministic objective is fitted with a noise
+    # at the floor (a floor of exp(-12) ~ 6e-6 standardised units blurs the last digits a
+    # minimiser needs to refine).
+    lower = jnp.full(theta_warm.shape, -12.0, theta_warm.dtype).at[-1].set(LOG_NOISE_LOWER)
+    opt = functools.partial(
+        bfgs_minimize, fn, maxiter=maxiter, lower=lower, upper=12.0, gtol=1e-3, ftol=1e-6
+    )
     if n_restarts == 1 and h_warm is not None:
         theta, loss, h = opt(theta_warm, h0=h_warm)
         return theta, jnp.where(jnp.isfinite(loss), loss, jnp.inf), h
@@ -207,8 +226,8 @@ class _Config(NamedTuple):
     n_local: int
     n_starts: int
     ascent_steps: int
-    ascent_lr: float
     min_distance: float
+    batch_min_distance: float
     fit_maxiter: int
 
 
@@ -226,23 +245,28 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
     def activity(u):
         return space.active_mask(u, jnp)
 
-    def too_close(xc, xs, mask_s):
-        # Distance in feature space: categorical mismatches count 1.
+    def too_close(xc, xs, mask_s, n_obs):
+        # Distance in feature space: categorical mismatches count 1. Rows from ``n_obs`` on
+        # are pending or already chosen points.
         diff = xc[:, None, :] - xs[None, :, :]
         d2 = jnp.where(is_cat, (jnp.abs(diff) > 1e-9).astype(diff.dtype), diff * diff)
         d2 = jnp.sum(d2, -1)
-        return jnp.any((d2 < cfg.min_distance**2) & mask_s[None, :], axis=-1)
+        radius = jnp.where(
+            jnp.arange(xs.shape[0]) < n_obs, cfg.min_distance, cfg.batch_min_distance
+        )
+        return jnp.any((d2 < radius**2) & mask_s[None, :], axis=-1)
 
     def score_u(state, u, act, best):
         x = _features(u, act, is_cat)
         mean, var = gp_posterior(state, x, is_cat)
         return acq(mean, jnp.sqrt(var), best)
 
-    def pick_one(state, best, key, x_all, mask_all):
-        k1, k2, k3, k4 = jax.random.split(key, 4)
+    def pick_one(state, best, key, x_all, mask_all, n_obs):
+        k1, k2, k3, k4, k5 = jax.random.split(key, 5)
         dt = x_all.dtype
         u_rand = jax.random.uniform(k1, (cfg.n_candidates, dim), dt)
-        # Local candidates: Gaussian steps around the best evaluated points.
+        # Local candidates: Gaussian steps around the best evaluated points, in lengthscale
+        # units, of a scale drawn log-uniformly in [0.01, 0.3] lengthscale per candidate.
         n_real = jnp.sum(mask_all)
         mean_obs, _ = gp_posterior(state, x_all, is_cat)
         order = jnp.argsort(jnp.where(mask_all, mean_obs, jnp.inf))
@@ -250,52 +274,63 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         centers_u = jnp.where(centers_x < 0, 0.5 / n_choices, centers_x)
         pick = jax.random.randint(k2, (cfg.n_local,), 0, jnp.minimum(8, n_real))
         base = centers_u[pick]
-        step = jax.random.normal(k3, base.shape, dt) * 0.05
+        ls = jnp.clip(jax.lax.rsqrt(state.inv_sq_ls), 1e-3, 1.0)
+        scale = jnp.exp(jax.random.uniform(k5, (cfg.n_local, 1), dt, jnp.log(0.01), jnp.log(0.3)))
+        step = jax.random.normal(k3, base.shape, dt) * scale * ls
         flip = jax.random.uniform(k4, base.shape, dt) < (1.0 / dim)
         resample = jax.random.uniform(jax.random.fold_in(k4, 1), base.shape, dt)
         u_loc = jnp.where(frozen, jnp.where(flip, resample, base), base + step)
         u = snap(jnp.concatenate([u_rand, u_loc], 0))
         act = activity(u)
         s = score_u(state, u, act, best)
-        close = too_close(_features(u, act, is_cat), x_all, mask_all)
+        close = too_close(_features(u, act, is_cat), x_all, mask_all, n_obs)
         s = jnp.where(close | ~jnp.isfinite(s), -jnp.inf, s)
-        top = jnp.argsort(-s)[: cfg.n_starts - 1]
-        # Also ascend from the best evaluated point itself (fine local refinement).
-        u_best = snap(centers_u[:1])
-        u0 = jnp.concatenate([u[top], u_best], 0)
-        a0 = jnp.concatenate([act[top], activity(u_best)], 0)
-        s0 = jnp.concatenate([s[top], jnp.full((1,), -jnp.inf, s.dtype)], 0)
-        free = a0 & ~frozen
-
-        def obj(uu, aa):
-            return score_u(state, uu[None], aa[None], best)[0]
-
-        grad = jax.vmap(jax.grad(obj))
-
-        def adam(carry, t):
-            uu, m, v = carry
-            g = jnp.where(free, grad(uu, a0), 0.0)
-            g = jnp.where(jnp.isfinite(g), g, 0.0)
-            m = 0.9 * m + 0.1 * g
-            v = 0.999 * v + 0.001 * g * g
-            mh = m / (1 - 0.9 ** (t + 1))
-            vh = v / (1 - 0.999 ** (t + 1))
-            lr = cfg.ascent_lr * jnp.exp(jnp.log(0.02) * t / cfg.ascent_steps)  # decays 50x
-            uu = jnp.clip(uu + lr * mh / (jnp.sqrt(vh) + 1e-8), 0.0, 1.0)
-            return (uu, m, v), None
-
-        zeros = jnp.zeros_like(u0)
-        (u1, _, _), _ = jax.lax.scan(adam, (u0, zeros, zeros), jnp.arange(cfg.ascent_steps, dtype=dt))
+        # Starts: the best candidate, then the others drawn without replacement with
+        # probability proportional to exp(acquisition) (Gumbel top-k; for log-EI that is
+        # proportional to EI), so that the starts cover several promising basins.
+        gumbel = jax.random.gumbel(jax.random.fold_in(k1, 1), s.shape, dt)
+        keyed = jnp.where(jnp.arange(s.shape[0]) == jnp.argmax(s), jnp.inf, s + gumbel)
+        top = jnp.argsort(-keyed)[: cfg.n_starts]
+        u0, a0, s0 = u[top], act[top], s[top]
+        u1 = ascend(state, best, u0, a0, ls)
         u1 = snap(u1)
         a1 = activity(u1)
         s1 = score_u(state, u1, a1, best)
-        close1 = too_close(_features(u1, a1, is_cat), x_all, mask_all)
+        close1 = too_close(_features(u1, a1, is_cat), x_all, mask_all, n_obs)
         s1 = jnp.where(close1 | ~jnp.isfinite(s1), -jnp.inf, s1)
-        # Compare ascent results with the pool's best (the ascent may end worse after snapping).
+        # Compare ascent results with the starts (the ascent may end worse after snapping).
         cand_u = jnp.concatenate([u1, u0], 0)
         cand_s = jnp.concatenate([s1, s0], 0)
         i = jnp.argmax(cand_s)
         return cand_u[i], cand_s[i]
+
+    def ascend(state, best, u0, a0, ls):
+        """Maximises the acquisition from each start by box-constrained BFGS.
+
+        The free coordinates are optimised in lengthscale units ``z = u / ls`` (the kernel
+        depends on ``u / ls``, so this makes the problem about equally curved along every
+        dimension); categorical, parent and inactive coordinates stay fixed.
+        """
+        free = a0 & ~frozen
+
+        def run(uu, ff, aa):
+            def neg(z):
+                return -score_u(state, jnp.where(ff, z * ls, uu)[None], aa[None], best)[0]
+
+            z, _, _ = bfgs_minimize(
+                neg,
+                uu / ls,
+                maxiter=cfg.ascent_steps,
+                lower=jnp.zeros_like(ls),
+                upper=1.0 / ls,
+                gtol=1e-4,
+                ftol=1e-9,
+                max_step=1.0,
+                max_fev=2 * cfg.ascent_steps,
+            )
+            return jnp.where(ff, jnp.clip(z * ls, 0.0, 1.0), uu)
+
+        return jax.vmap(run)(u0, free, a0)
 
     def acquire(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key):
         TRACE_COUNTS["gp_acquire"] += 1
@@ -315,7 +350,7 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
 
         def step(carry, k):
             st, n_used = carry
-            u_new, s_new = pick_one(st, best, k, st.x, st.mask)
+            u_new, s_new = pick_one(st, best, k, st.x, st.mask, n_obs)
             x_new = _features(u_new[None], activity(u_new[None]), is_cat)
             m_new, _ = gp_posterior(st, x_new, is_cat)
             st = add_point(st, n_used, x_new[0], m_new[0], is_cat)
@@ -371,10 +406,14 @@ class GPSampler(Sampler):
       restart_every: Also restart every this many fits (0: never besides the above).
       n_candidates: Random candidates scored per point.
       n_local: Candidates drawn around the best points.
-      n_starts: Gradient-ascent starts per point.
-      ascent_steps: Adam steps of the acquisition ascent.
-      min_distance: Candidates closer than this (unit-cube distance) to a known point are
-        excluded.
+      n_starts: Starts of the acquisition ascent per point: the best candidate and others
+        drawn with probability proportional to ``exp(acquisition)``.
+      ascent_steps: Most BFGS iterations of the acquisition ascent (in lengthscale units,
+        inside the unit cube).
+      min_distance: Candidates closer than this (unit-cube distance) to an evaluated point
+        are excluded (small, so that a deterministic optimum can be refined).
+      batch_min_distance: Candidates closer than this to a pending point or to a point
+        already chosen for the same batch are excluded.
       fit_maxiter: BFGS iterations of a fit with random restarts.
       warm_maxiter: BFGS iterations of a fit that refines the last optimum.
       float64: Run the GP in 64-bit floats (recommended; the Cholesky factor of a nearly
@@ -404,11 +443,11 @@ class GPSampler(Sampler):
         n_screen: int = 32,
         restart_every: int = 0,
         n_candidates: int = 1024,
-        n_local: int = 256,
+        n_local: int = 128,
         n_starts: int = 8,
-        ascent_steps: int = 40,
-        ascent_lr: float = 0.05,
-        min_distance: float = 1e-3,
+        ascent_steps: int = 30,
+        min_distance: float = 1e-4,
+        batch_min_distance: float = 1e-3,
         fit_maxiter: int = 50,
         warm_maxiter: int = 20,
         float64: bool = True,
@@ -432,8 +471,8 @@ class GPSampler(Sampler):
             n_local=n_local,
             n_starts=n_starts,
             ascent_steps=ascent_steps,
-            ascent_lr=ascent_lr,
             min_distance=min_distance,
+            batch_min_distance=batch_min_distance,
             fit_maxiter=fit_maxiter,
         )
         self._startup = QMCSampler(seed=seed)
@@ -475,7 +514,10 @@ class GPSampler(Sampler):
         n_starts = self.n_restarts if restart else 1
         if restart:
             self._fit_bucket[skey] = cap
-            screen = prior_mode + rng.normal(0.0, 1.0, (self.n_screen, d + 2)) * np.r_[np.ones(d + 1), 2.0]
+            screen = (
+                prior_mode
+                + rng.normal(0.0, 1.0, (self.n_screen, d + 2)) * np.r_[np.ones(d + 1), 2.0]
+            )
             screen[0] = prior_mode
         else:
             screen = np.zeros((1, d + 2))

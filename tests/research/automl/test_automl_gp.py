@@ -14,10 +14,20 @@ from research.automl import GPSampler
 from research.automl import Study
 from research.automl import acquisition as acq
 from research.automl._numerics import TRACE_COUNTS
+from research.automl._numerics import bfgs_minimize
 from research.automl._numerics import maybe_x64
+from research.automl.gp import MIN_NOISE
+from research.automl.gp import _acquire_fn
+from research.automl.gp import _Config
 from research.automl.gp import add_point
+from research.automl.gp import fit_gp
 from research.automl.gp import gp_posterior
 from research.automl.gp import posterior_state
+from research.automl.space import Float
+from research.automl.space import Space
+from research.automl.testfunctions import BRANIN_MIN
+from research.automl.testfunctions import branin
+from research.automl.testfunctions import branin_space
 from research.automl.testfunctions import conditional
 from research.automl.testfunctions import conditional_space
 
@@ -50,7 +60,7 @@ def test_posterior_matches_float64_reference():
         mask = jnp.arange(16) < n
         st = posterior_state(jnp.asarray(theta), jnp.asarray(x), jnp.asarray(y), mask, is_cat)
         mean, var = gp_posterior(st, jnp.asarray(xq), jnp.asarray(is_cat))
-    ls2inv, signal, noise = np.exp(theta[:3]), np.exp(theta[3]), 1e-6 + np.exp(theta[4])
+    ls2inv, signal, noise = np.exp(theta[:3]), np.exp(theta[3]), MIN_NOISE + np.exp(theta[4])
     k = _np_matern(x[:n], x[:n], ls2inv, signal, is_cat) + noise * np.eye(n)
     kq = _np_matern(xq, x[:n], ls2inv, signal, is_cat)
     ref_mean = kq @ np.linalg.solve(k, y[:n])
@@ -66,7 +76,9 @@ def test_add_point_equals_refit():
         st = posterior_state(th, xj, yj, jnp.arange(16) < n, cat)
         xn = jnp.asarray([0.3, 0.7, 0.5 / 3])
         st2 = jax.jit(add_point)(st, jnp.asarray(n), xn, 0.25, cat)
-        full = posterior_state(th, xj.at[n].set(xn), yj.at[n].set(0.25), jnp.arange(16) < n + 1, cat)
+        full = posterior_state(
+            th, xj.at[n].set(xn), yj.at[n].set(0.25), jnp.arange(16) < n + 1, cat
+        )
         xq = jnp.asarray(np.random.default_rng(2).random((5, 3)))
         for a, b in zip(gp_posterior(st2, xq, cat), gp_posterior(full, xq, cat), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-7, atol=1e-10)
@@ -79,9 +91,15 @@ def test_acquisitions_match_closed_forms(z):
     ei = std * (z * norm.cdf(z) + norm.pdf(z))
     with maybe_x64(True):
         assert float(acq.expected_improvement(mean, std, best)) == pytest.approx(ei, rel=1e-10)
-        assert float(acq.log_expected_improvement(mean, std, best)) == pytest.approx(math.log(ei), rel=1e-8)
-        assert math.exp(float(acq.probability_of_improvement(mean, std, best))) == pytest.approx(norm.cdf(z), rel=1e-10)
-        assert float(acq.upper_confidence_bound(mean, std, best, beta=4.0)) == pytest.approx(-(mean - 2.0 * std))
+        assert float(acq.log_expected_improvement(mean, std, best)) == pytest.approx(
+            math.log(ei), rel=1e-8
+        )
+        assert math.exp(float(acq.probability_of_improvement(mean, std, best))) == pytest.approx(
+            norm.cdf(z), rel=1e-10
+        )
+        assert float(acq.upper_confidence_bound(mean, std, best, beta=4.0)) == pytest.approx(
+            -(mean - 2.0 * std)
+        )
 
 
 def test_log_ei_is_accurate_far_from_the_incumbent():
@@ -118,3 +136,80 @@ def test_batch_is_diverse_and_does_not_recompile_within_a_bucket():
     # The second ask (same bucket, same q, warm fit) traced nothing new.
     assert after == first
     assert after["gp_acquire"] >= before.get("gp_acquire", 0)
+
+
+def test_bfgs_stops_on_the_face_of_a_per_coordinate_box():
+    # Unconstrained minimum (2.3, -0.275) lies outside the box [0, 1] x [0, 0.5]; the
+    # constrained one is x0 = 1 on the face, x1 = 0.3 - 0.25 * 1 = 0.05.
+    def f(x):
+        return (x[0] - 2.0) ** 2 + (x[1] - 0.3) ** 2 + 0.5 * x[0] * x[1]
+
+    with maybe_x64(True):
+        lower, upper = jnp.zeros(2), jnp.array([1.0, 0.5])
+        run = jax.jit(
+            jax.vmap(lambda x0: bfgs_minimize(f, x0, maxiter=50, lower=lower, upper=upper))
+        )
+        x, fx, _ = run(jnp.array([[0.1, 0.4], [0.9, 0.0], [0.5, 0.5]]))
+    np.testing.assert_allclose(np.asarray(x), np.tile([1.0, 0.05], (3, 1)), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(fx), f(jnp.array([1.0, 0.05])), rtol=1e-6)
+
+
+def test_acquisition_maximiser_matches_a_dense_grid():
+    """The suggested point's log-EI is the maximum of log-EI over a dense grid (2-D)."""
+    space = Space({"a": Float(0.0, 1.0), "b": Float(0.0, 1.0)})
+    rng = np.random.default_rng(3)
+    n, cap = 14, 16
+    u = np.full((cap, 2), 0.5)
+    u[:n] = rng.random((n, 2))
+    y = np.zeros(cap)
+    raw = np.sin(6 * u[:n, 0]) * np.cos(4 * u[:n, 1]) + u[:n, 1]
+    y[:n] = (raw - raw.mean()) / raw.std()
+    act = np.zeros((cap, 2), bool)
+    act[:n] = True
+    theta = np.array([math.log(1 / 0.15**2), math.log(1 / 0.25**2), 0.0, math.log(1e-4)])
+    cfg = _Config(
+        acquisition="logei", acq_kwargs=(), n_candidates=256, n_local=32, n_starts=6,
+        ascent_steps=40, min_distance=1e-4, batch_min_distance=1e-3, fit_maxiter=20,
+    )  # fmt: skip
+    with maybe_x64(True):
+        suggest = _acquire_fn(space, cfg, 1)
+        obs = (jnp.asarray(theta), jnp.asarray(u), jnp.asarray(act), jnp.asarray(y))
+        no_pending = (jnp.full((4, 2), 0.5), jnp.zeros((4, 2), bool), jnp.asarray(0, jnp.int32))
+        us, ss = suggest(*obs, jnp.asarray(n, jnp.int32), *no_pending, jax.random.key(0))
+        mask = jnp.arange(cap) < n
+        st = posterior_state(
+            jnp.asarray(theta), jnp.asarray(u), jnp.asarray(y), mask, jnp.zeros(2, bool)
+        )
+        g = np.linspace(0.0, 1.0, 301)
+        grid = jnp.asarray(np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2))
+        mean, var = gp_posterior(st, grid, jnp.zeros(2, bool))
+        dense = float(jnp.max(acq.log_expected_improvement(mean, jnp.sqrt(var), y[:n].min())))
+        mean1, var1 = gp_posterior(st, us, jnp.zeros(2, bool))
+        ours = float(acq.log_expected_improvement(mean1, jnp.sqrt(var1), y[:n].min())[0])
+    assert ours == pytest.approx(float(ss[0]), abs=1e-9)
+    # The grid spacing (1/300) bounds how far the grid is from the true maximum.
+    assert ours >= dense - 1e-3
+
+
+def test_gp_finds_the_branin_minimum():
+    study = Study(branin_space(), sampler=GPSampler(seed=0))
+    study.optimize(branin, n_trials=30, show_progress_bar=False)
+    assert study.best_value - BRANIN_MIN < 1e-3
+
+
+def test_fit_of_a_deterministic_objective_reaches_the_noise_floor():
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 2))
+    y = np.sin(3 * x[:, 0]) + np.cos(2 * x[:, 1])
+    y = (y - y.mean()) / y.std()
+    start = np.array([0.0, 0.0, 0.0, math.log(1e-2)])
+    with maybe_x64(True):
+        fit = jax.jit(fit_gp, static_argnames=("n_restarts", "maxiter"))
+        theta, loss, _ = fit(
+            jnp.asarray(start), jnp.asarray(start[None]), jnp.asarray(x), jnp.asarray(y),
+            jnp.ones(32, bool), jnp.zeros(2, bool), n_restarts=1, maxiter=200,
+        )  # fmt: skip
+    noise = MIN_NOISE + math.exp(float(theta[-1]))
+    assert np.isfinite(float(loss))
+    # A floor of exp(-12) ~ 6e-6 on the fitted noise would blur the last digits near an optimum.
+    assert noise < 1e-6
