@@ -131,7 +131,9 @@ def time_optuna_at(n_obs: int, n_asks: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     for _ in range(n_obs):
         p = {k: float(v) for k, v in zip(dists, rng.random(6), strict=True)}
-        study.add_trial(optuna.trial.create_trial(params=p, distributions=dists, value=tf.hartmann6(p)))
+        study.add_trial(
+            optuna.trial.create_trial(params=p, distributions=dists, value=tf.hartmann6(p))
+        )
     times = []
     for _ in range(n_asks + 1):
         t0 = time.perf_counter()
@@ -150,6 +152,11 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", default="branin,hartmann6,conditional")
     ap.add_argument("--timing", default=None, help="observation counts for GP timing, e.g. 100,300")
     ap.add_argument("--no-optuna", action="store_true")
+    ap.add_argument(
+        "--samplers",
+        default=None,
+        help="comma-separated subset to run, e.g. ours-gp,optuna-gp (default: all)",
+    )
     args = ap.parse_args(argv)
 
     if args.full:
@@ -193,10 +200,17 @@ def main(argv=None) -> int:
     theirs = ["gp", "tpe"] if have_optuna else []
     print(f"device: {jax.devices()[0].device_kind}; seeds: {seeds}; budgets: {budgets}")
     rows = []
+    per_seed: dict[tuple[str, str], list[float]] = {}
     for prob in problems:
         n = budgets[prob]
         entries = [(k, lambda s, k=k, prob=prob, n=n: run_ours(ours[k], prob, n, s)) for k in ours]
-        entries += [(f"optuna-{k}", lambda s, k=k, prob=prob, n=n: run_optuna(k, prob, n, s)) for k in theirs]
+        entries += [
+            (f"optuna-{k}", lambda s, k=k, prob=prob, n=n: run_optuna(k, prob, n, s))
+            for k in theirs
+        ]
+        if args.samplers:
+            wanted = set(args.samplers.split(","))
+            entries = [e for e in entries if e[0] in wanted]
         for name, fn in entries:
             regrets, times = [], []
             t_start = time.perf_counter()
@@ -206,6 +220,7 @@ def main(argv=None) -> int:
                 times.extend(ts)
             wall = time.perf_counter() - t_start
             rows.append((prob, n, name, float(np.median(regrets)), float(np.median(times)), wall))
+            per_seed[(prob, name)] = regrets
             print(
                 f"  {prob:12s} {name:14s} median regret {rows[-1][3]:.4g}  "
                 f"median ask {1e3 * rows[-1][4]:.1f} ms  ({wall:.0f}s)",
@@ -218,6 +233,10 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for prob, n, name, reg, t, wall in rows:
         print(f"| {prob} | {n} | {name} | {reg:.4g} | {t:.4f} | {wall:.0f} |")
+
+    print("\n## Simple regret per seed (seeds 0, 1, ...)\n")
+    for (prob, name), regrets in per_seed.items():
+        print(f"{prob:12s} {name:14s} " + " ".join(f"{r:.2g}" for r in regrets))
 
     if timing:
         print("\n## GP suggestion time on Hartmann-6 with N random observations")
