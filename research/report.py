@@ -67,10 +67,14 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render(report: dict[str, Any]) -> str:
     """The human-readable report: the summary table, then each stage's tables and notes."""
-    parts = [
-        f"run: {report.get('name', '')}  ({report.get('workdir', '')})",
-        format_table(summary_rows(report), COLUMNS),
-    ]
+    parts = [f"run: {report.get('name', '')}  ({report.get('workdir', '')})"]
+    env = report.get("environment")
+    if env:
+        parts.append(
+            f"on: {env['device']} x{env['device_count']} ({env['backend']}), jax {env['jax']}, "
+            f"flax {env['flax']}, python {env['python']}"
+        )
+    parts.append(format_table(summary_rows(report), COLUMNS))
     for st in report["stages"]:
         for name, table in st.get("tables", {}).items():
             if table:

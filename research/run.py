@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any
 
+import flax
+import jax
 from flax import nnx
 
 from research import config as config_lib
@@ -76,6 +78,23 @@ def build_bundle(config: config_lib.Config) -> Bundle:
     return Bundle(model=model, dataset=ds, seed=config.seed)
 
 
+def environment() -> dict[str, Any]:
+    """Where the run executes: versions, the JAX backend and the device's name.
+
+    Throughput figures in the report (``train_steps_per_s``, latencies) are only comparable on
+    the same device, so the report records it (e.g. ``"NVIDIA H100 80GB HBM3"``, or ``"cpu"``).
+    """
+    dev = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "python": sys.version.split()[0],
+        "backend": jax.default_backend(),
+        "device": dev.device_kind,
+        "device_count": jax.device_count(),
+    }
+
+
 def run(config: config_lib.Config, workdir: str, *, progress: bool = True, echo: bool = True) -> dict[str, Any]:
     """Runs every stage of ``config`` in ``workdir`` and returns the report dict.
 
@@ -98,7 +117,12 @@ def run(config: config_lib.Config, workdir: str, *, progress: bool = True, echo:
             f.write(cfg_json + "\n")
 
     bundle = build_bundle(config)
-    report: dict[str, Any] = {"name": config.name, "workdir": os.path.abspath(workdir), "stages": []}
+    report: dict[str, Any] = {
+        "name": config.name,
+        "workdir": os.path.abspath(workdir),
+        "environment": environment(),
+        "stages": [],
+    }
     stage_dirs = []
     for i, stage_cfg in enumerate(config.stages):
         label = f"{i}_{stage_cfg.kind}"

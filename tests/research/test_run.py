@@ -1,6 +1,7 @@
 import json
 import os
 
+import jax
 import pytest
 
 from research import cli
@@ -25,6 +26,10 @@ def test_quickstart_smoke_end_to_end(tmp_path, capsys):
     report = json.loads((workdir / "report.json").read_text())
     m = report["stages"][0]["metrics"]
     assert m["test_accuracy"] > 0.5 and m["params"] > 0 and m["flops"] > 0 and m["latency_ms"] > 0
+    assert m["train_steps_per_s"] > 0
+    env = report["environment"]
+    assert env["backend"] == jax.default_backend() and env["device"] == jax.devices()[0].device_kind
+    assert f"on: {env['device']} x{env['device_count']}" in (workdir / "report.txt").read_text()
     # Running again resumes: the finished stage is loaded, not retrained.
     report2 = run_lib.run(C.load_config("configs/quickstart.py:smoke"), str(workdir), progress=False)
     assert report2["stages"][0]["metrics"] == m
