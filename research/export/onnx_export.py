@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -118,10 +119,16 @@ def quantize_qdq_symmetric(
     batch_size: int = 8,
     max_samples: int = 512,
     per_channel: bool = True,
+    preprocess: bool = True,
 ) -> Any:
     """Writes a TensorRT-ready int8 ONNX file: symmetric Q/DQ, calibrated on ``calibration``.
 
-    Runs ``onnxruntime.quantization.quantize_static`` on the float32 ONNX file in QDQ format:
+    With ``preprocess``, the float32 file first goes through onnxruntime's
+    ``quant_pre_process`` (shape inference and graph optimisation, the step onnxruntime
+    recommends before static quantization; without symbolic shape inference where that fails on
+    a variable-batch graph); if it still fails, a warning names the error and the file is
+    quantized as it is.
+    Then ``onnxruntime.quantization.quantize_static`` runs on it in QDQ format:
     activations int8 per tensor with zero point 0 (``ActivationSymmetric``), weights int8 with
     zero point 0 per output channel (``WeightSymmetric``, ``per_channel``), ranges from min/max
     calibration over ``calibration`` (the same representative data TFLite's int8 uses). The
@@ -134,6 +141,7 @@ def quantize_qdq_symmetric(
       batch_size: calibration batch size (a variable-batch model accepts any).
       max_samples: at most this many calibration inputs are used.
       per_channel: per-output-channel weight scales (TensorRT's recommended form).
+      preprocess: run ``quant_pre_process`` on the float32 file first.
 
     Returns:
       The written ``onnx.ModelProto``.
@@ -180,8 +188,29 @@ def quantize_qdq_symmetric(
 
     with tempfile.TemporaryDirectory() as d:
         tmp = os.path.join(d, "model_qdq.onnx")
+        source = os.fspath(fp32_path)
+        if preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            pre = os.path.join(d, "model_pre.onnx")
+            errors = []
+            # Symbolic shape inference fails on some variable-batch graphs from tf2onnx; ONNX's
+            # own shape inference plus the optimisation pass still apply there.
+            for kwargs in ({}, {"skip_symbolic_shape": True}):
+                try:
+                    quant_pre_process(source, pre, **kwargs)
+                    source = pre
+                    break
+                except Exception as err:  # noqa: BLE001 (onnxruntime raises many types here)
+                    errors.append(f"{type(err).__name__}: {err}")
+            else:
+                warnings.warn(
+                    f"onnxruntime quant_pre_process failed on {source} ({'; '.join(errors)}); "
+                    "quantizing the file without pre-processing",
+                    stacklevel=2,
+                )
         oq.quantize_static(
-            os.fspath(fp32_path),
+            source,
             tmp,
             _Reader(),
             quant_format=oq.QuantFormat.QDQ,

@@ -289,3 +289,20 @@ def test_int8_without_calibration_fails_with_fix(tmp_path, trained_mlp):
 def test_bad_arguments(tmp_path, trained_mlp, kwargs, match):
     with pytest.raises(ValueError, match=match):
         export(trained_mlp, np.ones((2, 64), np.float32), out_dir=tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("preprocess", [True, False])
+def test_symmetric_qdq_runs_onnxruntime_preprocessing(cnn_report, tmp_path, caplog, preprocess):
+    from research.export.onnx_export import quantize_qdq_symmetric
+
+    report, x = cnn_report
+    cal = np.random.default_rng(3).normal(size=(32, *x.shape[1:])).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        proto = quantize_qdq_symmetric(report["onnx_fp32"].path, tmp_path / "q.onnx", cal, preprocess=preprocess)
+    # onnxruntime logs this advice when a model was not pre-processed (shape inference + optimisation).
+    advised = any("pre-processing before quantization" in r.getMessage() for r in caplog.records)
+    assert advised is not preprocess
+    assert qdq_summary(proto)["tensorrt_symmetric"]
+    # The int8 file still computes the float model's function (coarsely: int8 weights and activations).
+    ref = OnnxRunner(report["onnx_fp32"].path)(x)
+    np.testing.assert_allclose(OnnxRunner(tmp_path / "q.onnx")(x), ref, atol=0.2 * float(np.abs(ref).max()))
