@@ -404,7 +404,8 @@ class GPSampler(Sampler):
         between, the fit refines the last optimum from one start.
       n_screen: Random hyperparameter draws scored to choose the restarts.
       restart_every: Also restart every this many fits (0: never besides the above).
-      n_candidates: Random candidates scored per point.
+      n_candidates: Random candidates scored per point (each costs ``O(N^2)`` for the
+        posterior variance, the largest cost of a suggestion at a few hundred observations).
       n_local: Candidates drawn around the best points.
       n_starts: Starts of the acquisition ascent per point: the best candidate and others
         drawn with probability proportional to ``exp(acquisition)``.
@@ -442,7 +443,7 @@ class GPSampler(Sampler):
         n_restarts: int = 3,
         n_screen: int = 32,
         restart_every: int = 0,
-        n_candidates: int = 1024,
+        n_candidates: int = 512,
         n_local: int = 128,
         n_starts: int = 8,
         ascent_steps: int = 30,
