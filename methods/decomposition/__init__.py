@@ -7,6 +7,7 @@ measures slower on the current backend. Importing the package registers the ``de
 stage.
 """
 
+from methods.decomposition.decompose import balance_cp_factors
 from methods.decomposition.decompose import cp_factors
 from methods.decomposition.decompose import relative_error
 from methods.decomposition.decompose import svd_factors
@@ -39,6 +40,7 @@ __all__ = [
     "LowRankLinear",
     "ModelBudget",
     "Tucker2Conv",
+    "balance_cp_factors",
     "compare_latency",
     "cp_factors",
     "dense_cost",

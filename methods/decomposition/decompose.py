@@ -48,6 +48,50 @@ def svd_factors(kernel: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return u * root[None, :], root[:, None] * vt
 
 
+def balance_cp_factors(factors: Sequence[np.ndarray], weights: np.ndarray | None = None) -> list[np.ndarray]:
+    """Spreads each CP component's weight evenly over its factors (equal column norms).
+
+    Component ``r`` of ``weights[r] f0[:, r] (x) ... (x) f_last[:, r]`` has magnitude
+    ``p_r = |weights[r]| prod_m ||f_m[:, r]||``; every factor column is rescaled to norm
+    ``p_r ** (1 / n_factors)`` (the sign of ``weights[r]`` goes to the last factor), so the
+    product, and hence the tensor, is unchanged. ALS leaves the column norms arbitrary (on a
+    weight-decayed conv kernel they differ by ~1000x), and plain SGD on such factors takes steps
+    that are huge relative to the small ones; balanced factors are the standard CP scaling.
+    A component with an all-zero column is returned as all-zero columns.
+
+    Args:
+      factors: ``factors[m]`` of shape ``(dim_m, rank)``.
+      weights: ``(rank,)`` CP weights, folded in (default: all ones).
+
+    Returns:
+      The balanced factors (float64), same shapes.
+
+    Raises:
+      ValueError: factors with different ranks or ``weights`` of the wrong length.
+
+    Example:
+      >>> f = [np.array([[1e-3], [0.0]]), np.array([[2e3], [0.0]])]
+      >>> [round(float(np.linalg.norm(b)), 6) for b in balance_cp_factors(f)]
+      [1.414214, 1.414214]
+    """
+    factors = [np.asarray(f, np.float64) for f in factors]
+    ranks = {f.shape[1] for f in factors}
+    if len(ranks) != 1:
+        raise ValueError(f"CP factors have ranks {[f.shape[1] for f in factors]}; all must share one rank")
+    (rank,) = ranks
+    weights = np.ones(rank) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+    if weights.shape != (rank,):
+        raise ValueError(f"weights of shape {weights.shape} for rank {rank}; pass one weight per component")
+    norms = np.stack([np.linalg.norm(f, axis=0) for f in factors])  # (n_factors, rank)
+    magnitude = np.abs(weights) * np.prod(norms, axis=0)
+    target = magnitude ** (1.0 / len(factors))
+    alive = magnitude > 0
+    scale = np.where(alive, target / np.where(norms > 0, norms, 1.0), 0.0)  # (n_factors, rank)
+    out = [f * s[None, :] for f, s in zip(factors, scale, strict=True)]
+    out[-1] = out[-1] * np.where(weights < 0, -1.0, 1.0)[None, :]
+    return out
+
+
 def cp_factors(
     kernel: np.ndarray,
     rank: int,
@@ -56,11 +100,15 @@ def cp_factors(
     init: str = "svd",
     tol: float = 1e-8,
     random_state: int = 0,
+    balance: bool = True,
 ) -> list[np.ndarray]:
     """CP decomposition of a convolution kernel ``(*k, cin, cout)`` with tensorly's ``parafac``.
 
-    The CP weights are folded into the last (``cout``) factor, so
-    ``kernel ~ sum_r f0[:, r] (x) f1[:, r] (x) ... (x) f_last[:, r]``.
+    ``kernel ~ sum_r f0[:, r] (x) f1[:, r] (x) ... (x) f_last[:, r]`` with the CP weights folded
+    into the factors. With ``balance`` (default) each component's weight is spread evenly over
+    its factors (:func:`balance_cp_factors`: equal column norms, the same product), so
+    gradient-descent fine-tuning sees well-scaled factors; ``balance=False`` returns tensorly's
+    factors with the weights folded into the last (``cout``) factor.
 
     Returns:
       One factor per kernel mode, ``factors[m]`` of shape ``(kernel.shape[m], rank)``.
@@ -84,6 +132,8 @@ def cp_factors(
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
         weights, factors = parafac(kernel, rank, n_iter_max=n_iter_max, init=init, tol=tol, random_state=random_state)
     factors = [np.asarray(f) for f in factors]
+    if balance:
+        return balance_cp_factors(factors, np.asarray(weights))
     factors[-1] = factors[-1] * np.asarray(weights)[None, :]
     return factors
 

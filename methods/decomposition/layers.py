@@ -378,7 +378,8 @@ class CPConv(nnx.Module):
           dense: a trained convolution with ``feature_group_count == 1``.
           rank: the CP rank ``R``.
           factors: precomputed factors from :func:`~methods.decomposition.decompose.cp_factors`.
-          **decompose_kwargs: passed to ``cp_factors`` (``n_iter_max``, ``init``, ``random_state``).
+          **decompose_kwargs: passed to ``cp_factors`` (``n_iter_max``, ``init``, ``random_state``,
+            ``balance``: equal factor column norms per component, the default).
 
         Raises:
           ValueError: grouped/depthwise or input-dilated convolutions, rank out of range.
