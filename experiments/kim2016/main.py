@@ -2,6 +2,7 @@
 
 Run:
   PYTHONPATH=. python experiments/kim2016/main.py [--dataset mnist5k] [--workdir /tmp/kim2016] [--smoke]
+      [--variants cp_flops50 ...]
 
 1. Train VGG-small on the data set (dense baseline). The default recipe is SGD with Nesterov
    momentum and L2 weight decay (as the ImageNet nets Kim et al. decomposed were trained):
@@ -32,6 +33,7 @@ import json
 import pathlib
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -48,6 +50,9 @@ from research.nn import param_count
 from research.stages import StageContext
 from research.stages import accuracy
 from research.stages import finetune
+
+# The result rows; ``--variants`` picks a subset.
+VARIANTS = ("tucker2_vbmf", "tucker2_flops50", "cp_flops50", "svd_lenet300")
 
 # LeNet-300-100 keeps its own (Adam) recipe: the SVD variant uses a fixed parameter budget.
 MLP_RECIPE = {
@@ -112,6 +117,7 @@ def run(
     seed: int = 0,
     smoke: bool = False,
     repeats: int = 30,
+    variants: Sequence[str] | None = None,
 ) -> dict:
     """Runs all variants and returns the result rows (also written to ``workdir/results.json``).
 
@@ -119,8 +125,18 @@ def run(
     training recipe (cosine schedule; ``weight_decay`` is L2 for sgd, decoupled for adamw); the
     factorized nets are fine-tuned with the same optimizer at ``finetune_lr`` (CP at
     ``cp_finetune_lr``, default a third of it: Lebedev et al.) and ``finetune_weight_decay``.
-    Use a fresh ``workdir`` per recipe: stages resume from their checkpoints.
+    Use a fresh ``workdir`` per recipe: stages resume from their checkpoints. ``variants``
+    (default: all of :data:`VARIANTS`) picks the rows to run; the dense VGG-small is trained
+    (or restored from ``workdir/vgg_dense``) when a VGG variant is picked.
+
+    Raises:
+      ValueError: an unknown variant name.
     """
+    chosen = list(VARIANTS) if variants is None else list(variants)
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown or not chosen:
+        raise ValueError(f"variants={chosen}: unknown or none {unknown}; pick names from {list(VARIANTS)}")
+    cp_lr = cp_finetune_lr if cp_finetune_lr is not None else finetune_lr / 3  # Lebedev et al.: a small rate
     if smoke:
         dataset, train_steps, finetune_steps, repeats = "digits", 30, 10, 3
     wd = pathlib.Path(workdir or tempfile.mkdtemp(prefix="kim2016_"))
@@ -155,91 +171,44 @@ def run(
         print(rep.table(), flush=True)
         print(json.dumps(row), flush=True)
 
-    # --- VGG-small: dense baseline
     t0 = time.time()
-    vgg = build_model("vgg_small", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
-    init_kernels = _conv_kernels(vgg)
     recipe = {
         "optimizer": optimizer,
         "learning_rate": learning_rate,
         "weight_decay": weight_decay,
         "batch_size": batch_size,
     }
-    vgg, _ = finetune(vgg, ds, _ctx(wd, "vgg_dense", seed, progress=True), steps=train_steps, **recipe)
-    vgg_acc = accuracy(vgg, ds.x_test, ds.y_test)
-    print(f"vgg_small dense test accuracy {vgg_acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
-    diagnosis = evbmf_diagnosis(_conv_kernels(vgg), init_kernels)
-    print("EVBMF ranks (in, out) of the trained kernel k, its init k0 and the change k - k0:")
-    for r in diagnosis:
-        print(
-            f"  {r['layer']:<9}{str(tuple(r['shape'])):<18} k {str(r['evbmf_k']):<10} k0 {str(r['evbmf_k0']):<9}"
-            f" k-k0 {str(r['evbmf_k_minus_k0']):<10} |k-k0|/|k| {r['change_over_norm']:.2f}"
-            f"  cos(k,k0) {r['cos_init']:.2f}  s1/median {r['s1_over_median']:.2f}",
-            flush=True,
-        )
-    skip = DecompositionRule(pattern=r"convs/0$|head", skip=True)
-    variants = {
-        "tucker2_vbmf": [skip, DecompositionRule(pattern="convs", vbmf=True, keep_if_slower=True)],
-        "tucker2_flops50": [
-            skip,
-            DecompositionRule(pattern="convs", flop_ratio=0.5, keep_if_slower=True),
-        ],
-        "cp_flops50": [
-            skip,
-            DecompositionRule(pattern="convs", method="cp", flop_ratio=0.5, keep_if_slower=True),
-        ],
-    }
-    for name, rules in variants.items():
-        fact, rep = factorize_with_report(vgg, rules, sample_input=x32, repeats=repeats)
-        zero_shot = accuracy(fact, ds.x_test, ds.y_test)
-        lr = finetune_lr
-        if name.startswith("cp"):  # Lebedev et al.: CP needs a small rate
-            lr = cp_finetune_lr if cp_finetune_lr is not None else finetune_lr / 3
-        fact, _ = finetune(
-            fact,
+    diagnosis = []
+    if any(v != "svd_lenet300" for v in chosen):
+        diagnosis = _vgg_rows(
             ds,
-            _ctx(wd, name, seed, progress=True),
-            steps=finetune_steps,
-            optimizer=optimizer,
-            learning_rate=lr,
-            weight_decay=finetune_weight_decay,
-            batch_size=batch_size,
+            wd,
+            seed,
+            chosen,
+            recipe,
+            train_steps,
+            finetune_steps,
+            finetune_lr,
+            cp_lr,
+            finetune_weight_decay,
+            x32,
+            repeats,
+            record,
         )
-        record(name, vgg, fact, rep, vgg_acc, note=f"accuracy before fine-tuning {zero_shot:.4f}")
-
-    # --- LeNet-300-100: SVD of the hidden layers
-    mlp = build_model("lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
-    mr = {**MLP_RECIPE, **({"steps": 30, "finetune_steps": 10} if smoke else {})}
-    mlp, _ = finetune(
-        mlp,
-        ds,
-        _ctx(wd, "mlp_dense", seed),
-        steps=mr["steps"],
-        learning_rate=mr["learning_rate"],
-        batch_size=mr["batch_size"],
-    )
-    mlp_acc = accuracy(mlp, ds.x_test, ds.y_test)
-    rules = [DecompositionRule(pattern="layers", param_ratio=0.3, keep_if_slower=True)]
-    fact, rep = factorize_with_report(mlp, rules, sample_input=x32.reshape(32, -1), repeats=repeats)
-    zero_shot = accuracy(fact, ds.x_test, ds.y_test)
-    fact, _ = finetune(
-        fact,
-        ds,
-        _ctx(wd, "svd_lenet300", seed),
-        steps=mr["finetune_steps"],
-        learning_rate=mr["finetune_lr"],
-    )
-    record("svd_lenet300", mlp, fact, rep, mlp_acc, note=f"accuracy before fine-tuning {zero_shot:.4f}")
+    if "svd_lenet300" in chosen:
+        _mlp_row(ds, wd, seed, smoke, x32, repeats, record)
 
     out = {
         "dataset": dataset,
         "backend": jax.default_backend(),
         "jax": jax.__version__,
+        "variants": chosen,
         "recipe": {
             **recipe,
             "train_steps": train_steps,
             "finetune_steps": finetune_steps,
             "finetune_lr": finetune_lr,
+            "cp_finetune_lr": cp_lr,
             "finetune_weight_decay": finetune_weight_decay,
         },
         "evbmf_diagnosis": diagnosis,
@@ -266,6 +235,96 @@ def run(
     return out
 
 
+def _vgg_rows(
+    ds,
+    wd,
+    seed,
+    chosen,
+    recipe,
+    train_steps,
+    finetune_steps,
+    finetune_lr,
+    cp_lr,
+    finetune_weight_decay,
+    x32,
+    repeats,
+    record,
+) -> list[dict]:
+    """Trains (or restores) the dense VGG-small, prints the EVBMF diagnosis and runs the chosen
+    VGG variants; returns the diagnosis rows."""
+    t0 = time.time()
+    vgg = build_model("vgg_small", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
+    init_kernels = _conv_kernels(vgg)
+    vgg, _ = finetune(vgg, ds, _ctx(wd, "vgg_dense", seed, progress=True), steps=train_steps, **recipe)
+    vgg_acc = accuracy(vgg, ds.x_test, ds.y_test)
+    print(f"vgg_small dense test accuracy {vgg_acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    diagnosis = evbmf_diagnosis(_conv_kernels(vgg), init_kernels)
+    print("EVBMF ranks (in, out) of the trained kernel k, its init k0 and the change k - k0:")
+    for r in diagnosis:
+        print(
+            f"  {r['layer']:<9}{str(tuple(r['shape'])):<18} k {str(r['evbmf_k']):<10} k0 {str(r['evbmf_k0']):<9}"
+            f" k-k0 {str(r['evbmf_k_minus_k0']):<10} |k-k0|/|k| {r['change_over_norm']:.2f}"
+            f"  cos(k,k0) {r['cos_init']:.2f}  s1/median {r['s1_over_median']:.2f}",
+            flush=True,
+        )
+    skip = DecompositionRule(pattern=r"convs/0$|head", skip=True)
+    variants = {
+        "tucker2_vbmf": [skip, DecompositionRule(pattern="convs", vbmf=True, keep_if_slower=True)],
+        "tucker2_flops50": [
+            skip,
+            DecompositionRule(pattern="convs", flop_ratio=0.5, keep_if_slower=True),
+        ],
+        "cp_flops50": [
+            skip,
+            DecompositionRule(pattern="convs", method="cp", flop_ratio=0.5, keep_if_slower=True),
+        ],
+    }
+    for name, rules in variants.items():
+        if name not in chosen:
+            continue
+        fact, rep = factorize_with_report(vgg, rules, sample_input=x32, repeats=repeats)
+        zero_shot = accuracy(fact, ds.x_test, ds.y_test)
+        lr = cp_lr if name.startswith("cp") else finetune_lr
+        fact, _ = finetune(
+            fact,
+            ds,
+            _ctx(wd, name, seed, progress=True),
+            steps=finetune_steps,
+            optimizer=recipe["optimizer"],
+            learning_rate=lr,
+            weight_decay=finetune_weight_decay,
+            batch_size=recipe["batch_size"],
+        )
+        record(name, vgg, fact, rep, vgg_acc, note=f"accuracy before fine-tuning {zero_shot:.4f}")
+    return diagnosis
+
+
+def _mlp_row(ds, wd, seed, smoke, x32, repeats, record) -> None:
+    """LeNet-300-100: SVD of the two hidden layers at 30% of their parameters, fine-tuned."""
+    mlp = build_model("lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
+    mr = {**MLP_RECIPE, **({"steps": 30, "finetune_steps": 10} if smoke else {})}
+    mlp, _ = finetune(
+        mlp,
+        ds,
+        _ctx(wd, "mlp_dense", seed),
+        steps=mr["steps"],
+        learning_rate=mr["learning_rate"],
+        batch_size=mr["batch_size"],
+    )
+    mlp_acc = accuracy(mlp, ds.x_test, ds.y_test)
+    rules = [DecompositionRule(pattern="layers", param_ratio=0.3, keep_if_slower=True)]
+    fact, rep = factorize_with_report(mlp, rules, sample_input=x32.reshape(32, -1), repeats=repeats)
+    zero_shot = accuracy(fact, ds.x_test, ds.y_test)
+    fact, _ = finetune(
+        fact,
+        ds,
+        _ctx(wd, "svd_lenet300", seed),
+        steps=mr["finetune_steps"],
+        learning_rate=mr["finetune_lr"],
+    )
+    record("svd_lenet300", mlp, fact, rep, mlp_acc, note=f"accuracy before fine-tuning {zero_shot:.4f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="mnist5k")
@@ -280,6 +339,7 @@ def main(argv=None):
     ap.add_argument("--finetune-weight-decay", type=float, default=5e-4)
     ap.add_argument("--cp-finetune-lr", type=float, default=None, help="default: finetune-lr / 3")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS, help="rows to run (default: all)")
     ap.add_argument("--smoke", action="store_true", help="digits, a few steps: checks the pipeline")
     a = ap.parse_args(argv)
     run(
@@ -296,6 +356,7 @@ def main(argv=None):
         cp_finetune_lr=a.cp_finetune_lr,
         smoke=a.smoke,
         repeats=a.repeats,
+        variants=a.variants,
     )
 
 
