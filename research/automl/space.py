@@ -314,6 +314,8 @@ class Space:
                 self._params[n] = remaining.pop(n)
         self.names: tuple[str, ...] = tuple(self._params)
         self.dim = len(self.names)
+        # encode() memo: samplers re-encode every stored trial at every ask.
+        self._encoded: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         idx = {n: i for i, n in enumerate(self.names)}
         kinds = {"float": 0, "int": 1, "categorical": 2}
         self.kinds = np.array([kinds[self._params[n].kind] for n in self.names], np.int32)
@@ -485,12 +487,23 @@ class Space:
         Raises:
           ValueError: If ``params`` is not a valid configuration of this space.
         """
+        try:
+            key = tuple(sorted((k, type(v).__name__, v) for k, v in params.items()))
+            hit = self._encoded.get(key)
+        except TypeError:  # an unhashable or unorderable value: encode without the memo
+            key, hit = None, None
+        if hit is not None:
+            return hit[0].copy(), hit[1].copy()
         self.validate(params)
         u = np.full(self.dim, 0.5)
         for j, n in enumerate(self.names):
             if n in params:
                 u[j] = self._params[n].to_unit(params[n])
         active = self.active_mask(u)
+        if key is not None:
+            if len(self._encoded) >= 100_000:
+                self._encoded.clear()
+            self._encoded[key] = (u.copy(), active.copy())
         return u, active
 
     def decode(self, u: np.ndarray) -> dict[str, Any]:

@@ -109,3 +109,28 @@ def test_validate_rejects_inactive_missing_and_out_of_range():
         space.validate({"method": "quantize", "bits": 3})
     with pytest.raises(ValueError, match="outside"):
         space.validate({"method": "none", "knob": 2.0})
+
+
+def test_encode_memo_returns_fresh_copies_and_skips_revalidation(monkeypatch):
+    space = Space({"kind": Categorical(["a", "b"]), "x": Float(0.0, 1.0, when={"kind": "a"}), "n": Int(1, 8)})
+    params = {"kind": "a", "x": 0.25, "n": 3}
+    u1, a1 = space.encode(params)
+    calls = []
+    monkeypatch.setattr(space, "validate", lambda p: calls.append(p))
+    u1[:] = -1.0  # the caller's arrays are its own: the memo must not see this
+    a1[:] = False
+    u2, a2 = space.encode(dict(params))
+    assert calls == []  # served from the memo
+    fresh = Space({"kind": Categorical(["a", "b"]), "x": Float(0.0, 1.0, when={"kind": "a"}), "n": Int(1, 8)})
+    u3, a3 = fresh.encode(params)
+    np.testing.assert_array_equal(u2, u3)
+    np.testing.assert_array_equal(a2, a3)
+    assert u2[space.names.index("x")] == pytest.approx(0.25) and a2.all()
+    # A new configuration is validated, and an invalid one is never memoised.
+    space.encode({"kind": "b", "n": 2})
+    assert len(calls) == 1
+    monkeypatch.undo()
+    with pytest.raises(ValueError):
+        space.encode({"kind": "b", "n": 99})
+    with pytest.raises(ValueError):
+        space.encode({"kind": "b", "n": 99})
