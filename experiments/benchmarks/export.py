@@ -16,7 +16,9 @@ int8 <= 0.3x fp32), median latency of JAX, TFLite fp32, TFLite int8, ONNX fp32 a
 symmetric int8 ONNX file, max relative difference of each artifact and int8 top-1 agreement
 on the test split. Below it, per model that misses the size target, where the int8 file's bytes
 go, read from the flatbuffer (:func:`research.export.size_breakdown`): constants, quantization
-vectors (a float32 scale and an int64 zero point per output channel of every kernel) and graph.
+vectors (a float32 scale and an int64 zero point per output channel of every kernel) and graph;
+``gz i8/fp32`` is the same ratio after gzip (what an app download carries: the all-zero zero
+points compress away, float32 weights barely compress).
 
 This replaces ``export_latency.py`` (one model, every artifact): ``--models lenet5 --dataset
 mnist5k --full-table`` prints that model's full :meth:`ExportReport.table`.
@@ -89,6 +91,7 @@ def bench_model(name: str, data, args) -> tuple[dict, object]:
         "int8 KiB": int8 / 1024,
         "int8/fp32": int8 / fp32,
         "i8dpt/fp32": rep["tflite_int8_dense_per_tensor"].size_bytes / fp32,
+        "gz i8/fp32": rep["tflite_int8"].gzip_bytes / rep["tflite_fp32"].gzip_bytes,
         "jax ms": rep.jax_latency_ms,
         "tfl32 ms": rep["tflite_fp32"].latency_ms,
         "tfl8 ms": rep["tflite_int8"].latency_ms,
