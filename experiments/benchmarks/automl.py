@@ -131,9 +131,7 @@ def time_optuna_at(n_obs: int, n_asks: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     for _ in range(n_obs):
         p = {k: float(v) for k, v in zip(dists, rng.random(6), strict=True)}
-        study.add_trial(
-            optuna.trial.create_trial(params=p, distributions=dists, value=tf.hartmann6(p))
-        )
+        study.add_trial(optuna.trial.create_trial(params=p, distributions=dists, value=tf.hartmann6(p)))
     times = []
     for _ in range(n_asks + 1):
         t0 = time.perf_counter()
@@ -204,10 +202,7 @@ def main(argv=None) -> int:
     for prob in problems:
         n = budgets[prob]
         entries = [(k, lambda s, k=k, prob=prob, n=n: run_ours(ours[k], prob, n, s)) for k in ours]
-        entries += [
-            (f"optuna-{k}", lambda s, k=k, prob=prob, n=n: run_optuna(k, prob, n, s))
-            for k in theirs
-        ]
+        entries += [(f"optuna-{k}", lambda s, k=k, prob=prob, n=n: run_optuna(k, prob, n, s)) for k in theirs]
         if args.samplers:
             wanted = set(args.samplers.split(","))
             entries = [e for e in entries if e[0] in wanted]

@@ -122,9 +122,7 @@ def bfgs_minimize(
             fn, gn = vg(xn)
             return t, fn, gn, xn, it + 1
 
-        t, fn, gn, xn, n_ls = jax.lax.while_loop(
-            ls_cond, ls_body, (jnp.asarray(1.0, x.dtype), jnp.inf * f, g, x, 0)
-        )
+        t, fn, gn, xn, n_ls = jax.lax.while_loop(ls_cond, ls_body, (jnp.asarray(1.0, x.dtype), jnp.inf * f, g, x, 0))
         improved = jnp.isfinite(fn) & (fn <= f)
         sv = xn - x
         yv = gn - g

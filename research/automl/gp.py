@@ -126,16 +126,12 @@ def neg_log_posterior(theta, x, y, mask, is_cat):
     mll = -0.5 * ym @ alpha - jnp.sum(jnp.log(jnp.diag(chol))) - 0.5 * n * jnp.log(2 * jnp.pi)
     # Weak priors as in Optuna's GPSampler: keep lengthscales, signal and noise moderate.
     prior = (
-        -jnp.sum(0.1 / inv_sq_ls + 0.1 * inv_sq_ls)
-        + (jnp.log(signal) - signal)
-        + (0.1 * jnp.log(noise) - 30.0 * noise)
+        -jnp.sum(0.1 / inv_sq_ls + 0.1 * inv_sq_ls) + (jnp.log(signal) - signal) + (0.1 * jnp.log(noise) - 30.0 * noise)
     )
     return -(mll + prior) / n
 
 
-def fit_gp(
-    theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxiter: int = 50, h_warm=None
-):
+def fit_gp(theta_warm, theta_screen, x, y, mask, is_cat, n_restarts: int, maxiter: int = 50, h_warm=None):
     """Fits the hyperparameters by MAP from several starts at once.
 
     The candidate starts ``theta_screen`` ``(S, D+2)`` are scored with one vmapped
@@ -161,9 +157,7 @@ def fit_gp(
     # at the floor (a floor of exp(-12) ~ 6e-6 standardised units blurs the last digits a
     # minimiser needs to refine).
     lower = jnp.full(theta_warm.shape, -12.0, theta_warm.dtype).at[-1].set(LOG_NOISE_LOWER)
-    opt = functools.partial(
-        bfgs_minimize, fn, maxiter=maxiter, lower=lower, upper=12.0, gtol=1e-3, ftol=1e-6
-    )
+    opt = functools.partial(bfgs_minimize, fn, maxiter=maxiter, lower=lower, upper=12.0, gtol=1e-3, ftol=1e-6)
     if n_restarts == 1 and h_warm is not None:
         theta, loss, h = opt(theta_warm, h0=h_warm)
         return theta, jnp.where(jnp.isfinite(loss), loss, jnp.inf), h
@@ -251,9 +245,7 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         diff = xc[:, None, :] - xs[None, :, :]
         d2 = jnp.where(is_cat, (jnp.abs(diff) > 1e-9).astype(diff.dtype), diff * diff)
         d2 = jnp.sum(d2, -1)
-        radius = jnp.where(
-            jnp.arange(xs.shape[0]) < n_obs, cfg.min_distance, cfg.batch_min_distance
-        )
+        radius = jnp.where(jnp.arange(xs.shape[0]) < n_obs, cfg.min_distance, cfg.batch_min_distance)
         return jnp.any((d2 < radius**2) & mask_s[None, :], axis=-1)
 
     def score_u(state, u, act, best):
@@ -515,10 +507,7 @@ class GPSampler(Sampler):
         n_starts = self.n_restarts if restart else 1
         if restart:
             self._fit_bucket[skey] = cap
-            screen = (
-                prior_mode
-                + rng.normal(0.0, 1.0, (self.n_screen, d + 2)) * np.r_[np.ones(d + 1), 2.0]
-            )
+            screen = prior_mode + rng.normal(0.0, 1.0, (self.n_screen, d + 2)) * np.r_[np.ones(d + 1), 2.0]
             screen[0] = prior_mode
         else:
             screen = np.zeros((1, d + 2))

@@ -100,12 +100,7 @@ class Mixture(NamedTuple):
 def _log_trunc_normal(x, mu, sigma):
     z = (x - mu) / sigma
     mass = jax.scipy.special.ndtr((1.0 - mu) / sigma) - jax.scipy.special.ndtr(-mu / sigma)
-    return (
-        -0.5 * z * z
-        - 0.5 * math.log(2 * math.pi)
-        - jnp.log(sigma)
-        - jnp.log(jnp.maximum(mass, 1e-300))
-    )
+    return -0.5 * z * z - 0.5 * math.log(2 * math.pi) - jnp.log(sigma) - jnp.log(jnp.maximum(mass, 1e-300))
 
 
 def log_mixture_pdf(x, mix: Mixture, dims, is_cat, n_choices):
@@ -142,8 +137,7 @@ def _build_pick(snap, n_candidates: int):
         cand = snap(_sample(key, below, n_candidates, is_cat, n_choices, bw_factor))
         score = jax.vmap(
             lambda x: (
-                log_mixture_pdf(x, below, dims, is_cat, n_choices)
-                - log_mixture_pdf(x, above, dims, is_cat, n_choices)
+                log_mixture_pdf(x, below, dims, is_cat, n_choices) - log_mixture_pdf(x, above, dims, is_cat, n_choices)
             )
         )(cand)
         return cand[jnp.argmax(score)]
@@ -247,9 +241,7 @@ class TPESampler(Sampler):
         if bandwidth_floor is None:
             bandwidth_floor = "shared" if multivariate else "per_estimator"
         if bandwidth_floor not in ("shared", "per_estimator"):
-            raise ValueError(
-                f"bandwidth_floor={bandwidth_floor!r} is not 'shared' or 'per_estimator'"
-            )
+            raise ValueError(f"bandwidth_floor={bandwidth_floor!r} is not 'shared' or 'per_estimator'")
         self.multivariate = multivariate
         self.bandwidth = bandwidth
         self.n_startup_trials = n_startup_trials

@@ -76,9 +76,7 @@ def test_add_point_equals_refit():
         st = posterior_state(th, xj, yj, jnp.arange(16) < n, cat)
         xn = jnp.asarray([0.3, 0.7, 0.5 / 3])
         st2 = jax.jit(add_point)(st, jnp.asarray(n), xn, 0.25, cat)
-        full = posterior_state(
-            th, xj.at[n].set(xn), yj.at[n].set(0.25), jnp.arange(16) < n + 1, cat
-        )
+        full = posterior_state(th, xj.at[n].set(xn), yj.at[n].set(0.25), jnp.arange(16) < n + 1, cat)
         xq = jnp.asarray(np.random.default_rng(2).random((5, 3)))
         for a, b in zip(gp_posterior(st2, xq, cat), gp_posterior(full, xq, cat), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-7, atol=1e-10)
@@ -91,15 +89,9 @@ def test_acquisitions_match_closed_forms(z):
     ei = std * (z * norm.cdf(z) + norm.pdf(z))
     with maybe_x64(True):
         assert float(acq.expected_improvement(mean, std, best)) == pytest.approx(ei, rel=1e-10)
-        assert float(acq.log_expected_improvement(mean, std, best)) == pytest.approx(
-            math.log(ei), rel=1e-8
-        )
-        assert math.exp(float(acq.probability_of_improvement(mean, std, best))) == pytest.approx(
-            norm.cdf(z), rel=1e-10
-        )
-        assert float(acq.upper_confidence_bound(mean, std, best, beta=4.0)) == pytest.approx(
-            -(mean - 2.0 * std)
-        )
+        assert float(acq.log_expected_improvement(mean, std, best)) == pytest.approx(math.log(ei), rel=1e-8)
+        assert math.exp(float(acq.probability_of_improvement(mean, std, best))) == pytest.approx(norm.cdf(z), rel=1e-10)
+        assert float(acq.upper_confidence_bound(mean, std, best, beta=4.0)) == pytest.approx(-(mean - 2.0 * std))
 
 
 def test_log_ei_is_accurate_far_from_the_incumbent():
@@ -146,9 +138,7 @@ def test_bfgs_stops_on_the_face_of_a_per_coordinate_box():
 
     with maybe_x64(True):
         lower, upper = jnp.zeros(2), jnp.array([1.0, 0.5])
-        run = jax.jit(
-            jax.vmap(lambda x0: bfgs_minimize(f, x0, maxiter=50, lower=lower, upper=upper))
-        )
+        run = jax.jit(jax.vmap(lambda x0: bfgs_minimize(f, x0, maxiter=50, lower=lower, upper=upper)))
         x, fx, _ = run(jnp.array([[0.1, 0.4], [0.9, 0.0], [0.5, 0.5]]))
     np.testing.assert_allclose(np.asarray(x), np.tile([1.0, 0.05], (3, 1)), atol=1e-4)
     np.testing.assert_allclose(np.asarray(fx), f(jnp.array([1.0, 0.05])), rtol=1e-6)
@@ -177,9 +167,7 @@ def test_acquisition_maximiser_matches_a_dense_grid():
         no_pending = (jnp.full((4, 2), 0.5), jnp.zeros((4, 2), bool), jnp.asarray(0, jnp.int32))
         us, ss = suggest(*obs, jnp.asarray(n, jnp.int32), *no_pending, jax.random.key(0))
         mask = jnp.arange(cap) < n
-        st = posterior_state(
-            jnp.asarray(theta), jnp.asarray(u), jnp.asarray(y), mask, jnp.zeros(2, bool)
-        )
+        st = posterior_state(jnp.asarray(theta), jnp.asarray(u), jnp.asarray(y), mask, jnp.zeros(2, bool))
         g = np.linspace(0.0, 1.0, 301)
         grid = jnp.asarray(np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2))
         mean, var = gp_posterior(st, grid, jnp.zeros(2, bool))

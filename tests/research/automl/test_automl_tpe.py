@@ -35,10 +35,7 @@ def test_continuous_density_integrates_to_one(multivariate):
     probs = density(np.stack([np.full(3, 0.5), cells], 1), [False, True])
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)
     # The joint density over both coordinates is normalised too.
-    total = sum(
-        np.trapezoid(density(np.stack([grid, np.full_like(grid, c)], 1), [True, True]), grid)
-        for c in cells
-    )
+    total = sum(np.trapezoid(density(np.stack([grid, np.full_like(grid, c)], 1), [True, True]), grid) for c in cells)
     assert total == pytest.approx(1.0, abs=2e-3)
 
 
@@ -55,9 +52,7 @@ def test_good_region_gets_more_mass():
 
 def _group_mixtures(sampler, u, numbers, losses, space):
     dims = np.ones(space.dim, bool)
-    return sampler._group_mixtures(
-        u, numbers, losses[:, None], np.zeros((0, space.dim)), dims, space
-    )
+    return sampler._group_mixtures(u, numbers, losses[:, None], np.zeros((0, space.dim)), dims, space)
 
 
 def test_recency_weights_are_per_group():
@@ -83,9 +78,7 @@ def test_bandwidth_floor(floor, n_clip):
     rng = np.random.default_rng(1)
     u = np.concatenate([0.5 + 0.001 * rng.random((6, 2)), rng.random((54, 2))])
     losses = np.concatenate([np.zeros(6), 1.0 + np.arange(54.0)])
-    below, above = _group_mixtures(
-        TPESampler(bandwidth_floor=floor), u, np.arange(60), losses, space
-    )
+    below, above = _group_mixtures(TPESampler(bandwidth_floor=floor), u, np.arange(60), losses, space)
     np.testing.assert_allclose(below.sigma[:6], 1.0 / (n_clip + 2))
     assert below.sigma[6].tolist() == [1.0, 1.0]  # the prior keeps its width
     assert above.sigma[:54].min() >= 1.0 / (60 + 2) - 1e-12
