@@ -38,19 +38,11 @@ from tqdm import tqdm
 
 from research.data import load_dataset
 from research.export import export
+from research.nn import TINY_OPTIONS
 from research.nn import build_model
 from research.nn import list_models
 from research.train import train_scan
 
-# Smallest widths the zoo allows (--quick); the default run uses the zoo's own defaults.
-TINY = {
-    "mlp": {"widths": (32,)},
-    "cnn1d": {"channels": 8},
-    "resnet20": {"width": 4},
-    "resnet56": {"width": 4},
-    "mobilenetv2": {"width_multiplier": 0.25},
-    "vgg_small": {"widths": (8, 16)},
-}
 ONE_D = {"cnn1d"}
 
 
@@ -64,7 +56,7 @@ def bench_model(name: str, data, args) -> tuple[dict, object]:
     flat = name in ONE_D and len(data.input_shape) > 1
     x_train = data.x_train.reshape(len(data.x_train), -1) if flat else data.x_train
     x_test = data.x_test.reshape(len(data.x_test), -1) if flat else data.x_test
-    opts = TINY.get(name, {}) if args.quick else {}
+    opts = TINY_OPTIONS.get(name, {}) if args.quick else {}  # --quick: smallest widths
     model = build_model(name, input_shape=x_train.shape[1:], num_classes=data.num_classes, rngs=nnx.Rngs(0), **opts)
     t0 = time.perf_counter()
     train(model, x_train, data.y_train, args.train_steps)

@@ -30,6 +30,16 @@ FORMATS = ("stablehlo", "tflite", "onnx")
 
 
 # TFLite variants that are also converted to ONNX (tf2onnx turns int8 TFLite into Q/DQ form).
+def quantize_modes() -> tuple[str, ...]:
+    """Every ``quantize=`` mode: the registered TFLite modes but ``"fp32"``, then the ONNX-only ones."""
+    return (*(q for q in tflite.quantization_modes() if q != "fp32"), *onnx_export.onnx_quantization_modes())
+
+
+def needs_calibration(q: str) -> bool:
+    """Whether quantization mode ``q`` calibrates activation ranges (so needs calibration data)."""
+    return tflite.is_full_integer(q) or q in onnx_export.onnx_quantization_modes()
+
+
 def _onnx_variant(q: str) -> bool:
     """TFLite variants that are also converted to ONNX: float32 and full-integer ones."""
     return q == "fp32" or tflite.is_full_integer(q)
@@ -193,12 +203,12 @@ def export(
         qs = [quantize] if isinstance(quantize, str) else list(quantize)
         variants = ["fp32", *[q for q in dict.fromkeys(qs) if q != "fp32"]]
     onnx_only = onnx_export.onnx_quantization_modes()
-    known = (*tflite.quantization_modes(), *onnx_only)
-    unknown = [q for q in variants if q not in known]
+    known = quantize_modes()
+    unknown = [q for q in variants if q != "fp32" and q not in known]
     if unknown:
-        raise ValueError(f"quantize={quantize!r}: {unknown} unknown; use None or some of {known[1:]}")
+        raise ValueError(f"quantize={quantize!r}: {unknown} unknown; use None or some of {known}")
     for q in variants:
-        if (tflite.is_full_integer(q) or q in onnx_only) and calibration is None:
+        if needs_calibration(q) and calibration is None:
             raise ValueError(
                 f"quantize={q!r} needs calibration=<array (N, *input_shape[1:])> for the "
                 "activation ranges; pass a few hundred training inputs, or use "

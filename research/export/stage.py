@@ -10,10 +10,10 @@ from typing import ClassVar
 import numpy as np
 
 from research.data import calibration_subset
-from research.export import onnx_export
-from research.export import tflite
 from research.export.api import FORMATS
 from research.export.api import export
+from research.export.api import needs_calibration
+from research.export.api import quantize_modes
 from research.export.report import ExportReport
 from research.stages import Bundle
 from research.stages import StageConfig
@@ -57,7 +57,7 @@ class ExportStage(StageConfig):
         bad = sorted(set(self.formats) - set(FORMATS))
         if bad:
             raise ValueError(f"ExportStage.formats has unknown {bad}; choose from {list(FORMATS)}")
-        allowed = (*tflite.quantization_modes()[1:], *onnx_export.onnx_quantization_modes())
+        allowed = quantize_modes()
         bad = sorted(set(self.quantize) - set(allowed))
         if bad:
             raise ValueError(f"ExportStage.quantize has unknown {bad}; choose from {list(allowed)}")
@@ -77,7 +77,7 @@ def export_bundle(
 ) -> ExportReport:
     """Exports ``model`` with calibration and evaluation data taken from ``dataset``."""
     sample = np.repeat(dataset.x_test[:1], latency_batch_size, axis=0)
-    needs = [q for q in quantize if tflite.is_full_integer(q) or q in onnx_export.onnx_quantization_modes()]
+    needs = any(needs_calibration(q) for q in quantize)
     calibration = calibration_subset(dataset, calibration_examples, seed=seed) if needs else None
     return export(
         model,

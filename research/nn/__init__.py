@@ -16,6 +16,7 @@ from research.nn.surgery import replace_modules
 from research.nn.surgery import summary
 from research.nn.zoo import CNN1D
 from research.nn.zoo import MLP
+from research.nn.zoo import TINY_OPTIONS
 from research.nn.zoo import BasicBlock
 from research.nn.zoo import InvertedResidual
 from research.nn.zoo import LeNet5
@@ -31,6 +32,7 @@ __all__ = [
     "MLP",
     "MobileNetV2Small",
     "ResNetCIFAR",
+    "TINY_OPTIONS",
     "VGGSmall",
     "build_model",
     "find_modules",

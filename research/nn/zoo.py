@@ -328,3 +328,16 @@ class VGGSmall(nnx.Module):
 def vgg_small(input_shape, num_classes, *, widths=(32, 64, 128), rngs):
     """VGG-small: 3 stages of two conv-BN-relu layers each, widths ``widths``."""
     return VGGSmall(input_shape, num_classes, widths=tuple(widths), rngs=rngs)
+
+
+#: Keyword options giving each zoo model its smallest widths (models without width options are
+#: already small), for quick tests and ``--quick`` benchmark runs:
+#: ``build_model(name, ..., **TINY_OPTIONS.get(name, {}))``.
+TINY_OPTIONS: dict[str, dict] = {
+    "mlp": {"widths": (32,)},
+    "cnn1d": {"channels": 8},
+    "resnet20": {"width": 4},
+    "resnet56": {"width": 4},
+    "mobilenetv2": {"width_multiplier": 0.25},
+    "vgg_small": {"widths": (8, 16)},
+}

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-
-from research.train import train_scan
 
 
 class SmallMLP(nnx.Module):
@@ -51,18 +48,3 @@ class Unsupported(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.block(self.fc(x.reshape(x.shape[0], -1)))
-
-
-def train_briefly(
-    model: nnx.Module,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    steps: int = 150,
-    batch_size: int = 128,
-    learning_rate: float = 1e-2,
-    seed: int = 0,
-) -> nnx.Module:
-    """Trains ``model`` in place (``research.train.train_scan``) so int8 agreement is measured on
-    a model with real margins; the model is left in eval mode."""
-    return train_scan(model, x, y, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
