@@ -45,6 +45,9 @@ from research.export.stage import ExportStage
 from research.export.stage import export_bundle
 from research.export.stage import export_run
 from research.export.tflite import TFLiteRunner
+from research.export.tflite import batch_route
+from research.export.tflite import free_batch_dim
+from research.export.tflite import op_counts
 from research.export.tflite import quantization_modes
 from research.export.tflite import register_quantization
 from research.export.tflite import size_breakdown
@@ -59,12 +62,15 @@ __all__ = [
     "TFLiteRunner",
     "UnsupportedOpError",
     "atomic_path",
+    "batch_route",
     "export",
     "export_bundle",
     "export_run",
     "export_stablehlo",
+    "free_batch_dim",
     "inference_fn",
     "load_stablehlo",
+    "op_counts",
     "qdq_summary",
     "quantization_modes",
     "register_quantization",

@@ -117,6 +117,7 @@ def export(
     *,
     eval_data: np.ndarray | None = None,
     batch_polymorphic: bool = True,
+    batch_route: str = "auto",
     activation_ranges: Mapping[str, tuple[float, float]] | None = None,
     latency_repeats: int = 30,
     num_threads: int = 1,
@@ -143,8 +144,8 @@ def export(
       out_dir: directory for ``{name}.stablehlo`` (+ ``.json`` manifest),
         ``{name}_{variant}.tflite`` and ``{name}_{variant}.onnx``.
       quantize: None, or one or several of ``"fp16"``, ``"dynamic_int8"``, ``"int8"``,
-        ``"int8_dense_per_tensor"`` (TFLite modes, see :mod:`research.export.tflite`) and
-        ``"int8_qdq_symmetric"`` (ONNX only). ONNX is written for the fp32 and full-integer
+        ``"int8_dense_per_tensor"``, ``"int8_per_tensor"`` (TFLite modes, see
+        :mod:`research.export.tflite`) and ``"int8_qdq_symmetric"`` (ONNX only). ONNX is written for the fp32 and full-integer
         TFLite variants (int8 ONNX carries the TFLite file's QuantizeLinear/DequantizeLinear
         nodes, asymmetric activations); ``"int8_qdq_symmetric"`` quantizes the fp32 ONNX file
         with onnxruntime into the symmetric int8 Q/DQ form TensorRT needs
@@ -153,6 +154,11 @@ def export(
         representative dataset); required for ``"int8"`` and ``"int8_qdq_symmetric"``.
       eval_data: inputs to compare on (e.g. the test split); default: ``sample_input``.
       batch_polymorphic: export with a variable leading (batch) dimension.
+      batch_route: how TFLite (and so ONNX) files get their variable batch: ``"auto"``
+        (default: convert at a fixed batch and free the dimension, falling back to jax2tf shape
+        polymorphism when the result depends on the batch), ``"static"`` or ``"jax2tf"``; see
+        :mod:`research.export.tflite`. Each TFLite artifact's ``extra["batch_route"]`` says
+        which route it took.
       activation_ranges: optional learned ranges from quantization-aware training, a mapping
         from a regular expression over TFLite tensor names (which carry the JAX primitive
         names, e.g. ``"dot_general"``) to ``(min, max)``. The int8 TFLite activation ranges come
@@ -312,13 +318,17 @@ def export(
                 quantize=q,
                 calibration=calibration,
                 batch_polymorphic=batch_polymorphic,
+                batch_route=batch_route,
                 model=convert_model,
             )
             if "tflite" in formats:
                 path = os.path.join(out_dir, f"{name}_{q}.tflite")
                 write_bytes_atomic(path, blob, lambda p: tflite.TFLiteRunner(p)(sample))
                 runner = tflite.TFLiteRunner(path, num_threads=num_threads)
-                extra: dict[str, Any] = {"size_breakdown": tflite.size_breakdown(blob)}
+                extra: dict[str, Any] = {
+                    "size_breakdown": tflite.size_breakdown(blob),
+                    "batch_route": tflite.batch_route(blob),
+                }
                 if tflite.is_full_integer(q) and activation_ranges:
                     extra["range_agreement"] = _range_agreement(runner, activation_ranges)
                 record(f"tflite_{q}", "tflite", q, path, litert, runner, extra)

@@ -11,6 +11,10 @@ nodes have a non-zero (or non-int8) zero point; ``tensorrt_symmetric`` is True o
 :func:`quantize_qdq_symmetric` writes the TensorRT-ready form: onnxruntime's static quantizer
 run on the float32 ONNX file, QDQ format, symmetric int8 activations (per tensor) and symmetric
 int8 weights (per output channel), calibrated on the same representative data as TFLite's int8.
+
+The TFLite converter fuses a clamp to [0, 1] or [-1, 1] into the builtins ``RELU_0_TO_1`` /
+``RELU_N1_TO_1``, which tf2onnx does not map; :func:`tflite_to_onnx` registers both as ONNX
+``Clip`` and refuses (naming the node) any TFLite op tf2onnx leaves unconverted.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from research.export import _deps
 from research.export._io import write_bytes_atomic
+from research.export._trace import UnsupportedOpError
 
 DEFAULT_OPSET = 17
 _ORT_DTYPES = {
@@ -55,6 +60,47 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
+_CLAMPS = {"TFL_RELU_0_TO_1": (0.0, 1.0), "TFL_RELU_N1_TO_1": (-1.0, 1.0)}
+
+
+def _register_clamp_handlers() -> None:
+    """Maps TFLite's fused clamps to ONNX ``Clip`` where tf2onnx has no handler of its own."""
+    from tf2onnx import utils  # noqa: PLC0415 (optional dependency)
+    from tf2onnx.handler import tf_op  # noqa: PLC0415
+    from tf2onnx.handler import tfl_op  # noqa: PLC0415
+
+    known = {name for opset in tf_op.get_opsets().get("", []) for name in opset}
+    for name, (lo, hi) in _CLAMPS.items():
+        if name in known:
+            continue
+
+        class _Clamp:
+            @classmethod
+            def version_11(cls, ctx: Any, node: Any, lo: float = lo, hi: float = hi, **kwargs: Any) -> None:
+                dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+                bounds = [
+                    ctx.make_const(utils.make_name(f"{node.name}_{k}"), np.array(v, dtype))
+                    for k, v in (("lo", lo), ("hi", hi))
+                ]
+                ctx.replace_inputs(node, [node.input[0], *(b.output[0] for b in bounds)])
+
+        tfl_op([name], onnx_op="Clip")(_Clamp)
+
+
+def _refuse_unconverted(model_proto: Any) -> None:
+    left = [(n.op_type, n.name) for n in model_proto.graph.node if n.op_type.startswith("TFL_")]
+    if left:
+        op, node = left[0]
+        raise UnsupportedOpError(
+            "onnx",
+            None,
+            (),
+            "",
+            f"tf2onnx has no ONNX equivalent of TFLite op {op[4:]!r} (node {node!r}, named after the JAX operations "
+            f"it came from); {len(left)} such node(s)",
+        )
+
+
 def tflite_to_onnx(tflite_bytes: bytes, opset: int = DEFAULT_OPSET) -> Any:
     """Converts TFLite bytes to an ``onnx.ModelProto`` with ``tf2onnx.convert.from_tflite``.
 
@@ -64,6 +110,7 @@ def tflite_to_onnx(tflite_bytes: bytes, opset: int = DEFAULT_OPSET) -> Any:
     only falls back to tf2onnx's safe mode when a pass raises, so the result is the same.
     """
     tf2onnx = _deps.tf2onnx()
+    _register_clamp_handlers()
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "model.tflite")
         with open(src, "wb") as f:
@@ -74,6 +121,7 @@ def tflite_to_onnx(tflite_bytes: bytes, opset: int = DEFAULT_OPSET) -> Any:
         except Exception:  # noqa: BLE001 - an optimizer pass failed: redo with tf2onnx's undo
             with _env("TF2ONNX_CATCH_ERRORS", "TRUE"):
                 model_proto, _ = tf2onnx.convert.from_tflite(src, opset=opset)
+    _refuse_unconverted(model_proto)
     return model_proto
 
 

@@ -31,7 +31,9 @@ class ExportStage(StageConfig):
       quantize: extra variants: ``fp16``, ``dynamic_int8``, ``int8`` (full integer TFLite,
         calibrated on ``calibration_examples`` training inputs; also gives the int8 ONNX file),
         ``int8_dense_per_tensor`` (as ``int8`` with one scale per fully connected kernel:
-        smaller files for dense networks) and ``int8_qdq_symmetric`` (the TensorRT-ready ONNX file, same calibration data).
+        smaller files for dense networks), ``int8_per_tensor`` (one scale per kernel: the
+        smallest file; check its top-1 agreement) and ``int8_qdq_symmetric`` (the
+        TensorRT-ready ONNX file, same calibration data).
       calibration_examples: size of the representative data set for int8.
       eval_examples: test inputs on which every artifact is compared with JAX (top-1 agreement).
       latency_batch_size: batch size of the sample input used for latency.

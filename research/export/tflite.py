@@ -17,6 +17,20 @@ registry (:func:`register_quantization`) of functions that configure the convert
   dense layer with fan-in ``n`` that is ``6 / n`` of its float32 weight bytes, which is what
   keeps small dense networks above 0.3x of their float32 file. Check the report's top-1
   agreement: a layer with very unequal output channels loses precision per tensor.
+* ``"int8_per_tensor"``: as ``"int8"``, but every kernel (convolutions too) gets one scale.
+  The smallest int8 file: a depthwise 3x3 channel holds 9 int8 weights but 24 bytes of
+  per-channel metadata, so per-channel MobileNetV2 files stay above 0.4x of float32. Per-tensor
+  depthwise kernels are the classic int8 accuracy trap (channels with small weights round to
+  zero); read the report's top-1 agreement before shipping.
+
+**Variable batch.** jax2tf's shape polymorphism (``batch_route="jax2tf"``) turns every
+broadcast of a parameter against a batch-sized tensor into a runtime ``BROADCAST_TO``, which
+stops the converter from folding BatchNorm and fusing biases and activations (MobileNetV2: 133
+ops instead of 29, 30x slower in LiteRT). The default route (``"static"``) converts at a fixed
+batch of :data:`STATIC_TRACE_BATCH` and then frees the leading dimension in the flatbuffer
+(:func:`free_batch_dim`), checking that the result does not depend on the batch size; ``"auto"``
+falls back to jax2tf's route when that check fails. :func:`batch_route` reads which one a file
+took.
 
 :func:`size_breakdown` splits a flatbuffer into constant data, quantization vectors and the
 rest (graph, names), to show where an int8 file's bytes go.
@@ -24,7 +38,9 @@ rest (graph, names), to show where an int8 file's bytes go.
 
 from __future__ import annotations
 
+import collections
 import os
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
@@ -108,16 +124,28 @@ def _int8(converter: Any, rep: Any) -> None:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
 
 
+def _set_private_switch(converter: Any, attr: str, mode: str) -> None:
+    # The converter's per-tensor switches are private attributes; refuse clearly when absent.
+    if not hasattr(converter, attr):
+        raise ImportError(
+            f"quantize={mode!r} needs a TFLite converter with {attr} (tensorflow >= 2.16); "
+            "upgrade tensorflow or use quantize='int8'"
+        )
+    setattr(converter, attr, True)
+
+
 @register_quantization("int8_dense_per_tensor", full_integer=True)
 def _int8_dense_per_tensor(converter: Any, rep: Any) -> None:
     _int8(converter, rep)
-    # The converter's switch for per-tensor fully connected kernels (TF >= 2.16; private name).
-    if not hasattr(converter, "_experimental_disable_per_channel_quantization_for_dense_layers"):
-        raise ImportError(
-            "quantize='int8_dense_per_tensor' needs a TFLite converter with per-tensor dense "
-            "kernels (tensorflow >= 2.16); upgrade tensorflow or use quantize='int8'"
-        )
-    converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+    _set_private_switch(
+        converter, "_experimental_disable_per_channel_quantization_for_dense_layers", "int8_dense_per_tensor"
+    )
+
+
+@register_quantization("int8_per_tensor", full_integer=True)
+def _int8_per_tensor(converter: Any, rep: Any) -> None:
+    _int8(converter, rep)
+    _set_private_switch(converter, "_experimental_disable_per_channel", "int8_per_tensor")
 
 
 def _tf_function(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct], batch_polymorphic: bool) -> Any:
@@ -206,6 +234,140 @@ def calibration_batches(
     return gen
 
 
+STATIC_TRACE_BATCH = 7
+"""Batch size of the fixed-shape trace behind ``batch_route="static"`` (a prime, so that a
+reshape constant or tensor whose leading size is the batch is unlikely to be anything else)."""
+
+BATCH_ROUTES = ("auto", "static", "jax2tf")
+_BATCH_META = "slimjax_batch"
+
+
+def _op_names() -> dict[int, str]:
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
+
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def _op_name(model: Any, op: Any, names: dict[int, str]) -> str:
+    code = model.operatorCodes[op.opcodeIndex]
+    builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+    return names.get(builtin, str(builtin))
+
+
+def op_counts(blob: bytes) -> collections.Counter:
+    """TFLite builtin operator names in a flatbuffer's main subgraph, counted.
+
+    Example:
+      >>> op_counts(open("model_fp32.tflite", "rb").read())  # doctest: +SKIP
+      Counter({'CONV_2D': 14, 'DEPTHWISE_CONV_2D': 8, 'ADD': 4, 'SUM': 1, 'FULLY_CONNECTED': 1})
+    """
+    _deps.tensorflow()
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
+    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    names = _op_names()
+    return collections.Counter(_op_name(m, op, names) for op in m.subgraphs[0].operators)
+
+
+def free_batch_dim(blob: bytes, batch: int) -> bytes:
+    """Makes the leading dimension of a flatbuffer converted at a fixed batch variable.
+
+    Every non-constant tensor whose leading size is ``batch`` gets shape signature ``-1`` there
+    (and static size 1, the batch the interpreter allocates before a resize), and every RESHAPE
+    target whose leading entry is ``batch`` gets ``-1``, so the interpreter recomputes all shapes
+    from the input's batch. A graph that mixes the batch into other dimensions is not fixed by
+    this; :func:`to_tflite` checks the result at three batch sizes.
+
+    Args:
+      blob: ``.tflite`` bytes converted with a fixed leading dimension ``batch``.
+      batch: that leading dimension.
+
+    Returns:
+      The rewritten bytes, tagged with ``slimjax_batch`` metadata (see :func:`batch_route`).
+    """
+    _deps.tensorflow()
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
+    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    names = _op_names()
+    for sg in m.subgraphs:
+        for t in sg.tensors:
+            constant = m.buffers[t.buffer].data is not None
+            if constant or t.shape is None or not len(t.shape) or t.shape[0] != batch:
+                continue
+            shape = np.asarray(t.shape, np.int32).copy()
+            shape[0] = -1
+            t.shapeSignature = shape.copy()
+            shape[0] = 1
+            t.shape = shape
+        for op in sg.operators:
+            if _op_name(m, op, names) != "RESHAPE":
+                continue
+            if len(op.inputs) > 1 and op.inputs[1] >= 0:
+                buf = m.buffers[sg.tensors[op.inputs[1]].buffer]
+                if buf.data is not None:
+                    target = np.frombuffer(bytes(bytearray(buf.data)), np.int32).copy()
+                    if len(target) and target[0] == batch:
+                        target[0] = -1
+                        buf.data = np.frombuffer(target.tobytes(), np.uint8)
+            opts = op.builtinOptions
+            new_shape = getattr(opts, "newShape", None)
+            if new_shape is not None and len(new_shape) and new_shape[0] == batch:
+                new_shape = np.asarray(new_shape, np.int32).copy()
+                new_shape[0] = -1
+                opts.newShape = new_shape
+    tag = schema.BufferT()
+    tag.data = np.frombuffer(f"static trace at batch {batch}, batch dimension freed".encode(), np.uint8)
+    m.buffers.append(tag)
+    meta = schema.MetadataT()
+    meta.name = _BATCH_META
+    meta.buffer = len(m.buffers) - 1
+    m.metadata = [*(m.metadata or []), meta]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
+
+
+def batch_route(blob: bytes) -> str:
+    """How a ``.tflite`` file's batch dimension was made: which :func:`to_tflite` route it took.
+
+    Returns:
+      ``"static trace at batch B, batch dimension freed"`` (``batch_route="static"``),
+      ``"jax2tf shape polymorphism"``, or ``"fixed batch B"``.
+    """
+    _deps.tensorflow()
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
+    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    for meta in m.metadata or []:
+        name = meta.name.decode() if isinstance(meta.name, bytes) else meta.name
+        if name == _BATCH_META:
+            return bytes(bytearray(m.buffers[meta.buffer].data)).decode()
+    sg = m.subgraphs[0]
+    t = sg.tensors[sg.inputs[0]]
+    if t.shapeSignature is not None and len(t.shapeSignature) and t.shapeSignature[0] == -1:
+        return "jax2tf shape polymorphism"
+    return f"fixed batch {int(t.shape[0])}" if t.shape is not None and len(t.shape) else "scalar input"
+
+
+def _check_batch_free(blob: bytes, sample: np.ndarray, trace_batch: int) -> None:
+    """Raises ValueError when a freed-batch file's rows depend on the batch they are run in."""
+    n = 2 * trace_batch - 1
+    x = np.resize(sample, (n, *sample.shape[1:])).astype(sample.dtype)
+    if np.issubdtype(x.dtype, np.floating):  # distinct rows, so a batch mix-up shows
+        scale = float(np.std(sample)) or 1.0
+        x = x + np.random.default_rng(0).normal(0, 0.1 * scale, x.shape).astype(x.dtype)
+    runner = TFLiteRunner(blob)
+    y_n = runner(x)
+    for b in (1, trace_batch):
+        y_b = runner(x[:b])
+        tol = 1e-4 * max(1.0, float(np.max(np.abs(y_n))))
+        if y_b.shape != y_n[:b].shape or not np.allclose(y_b, y_n[:b], rtol=0, atol=tol):
+            raise ValueError(
+                f"outputs at batch {b} differ from the same rows run at batch {n} (max diff "
+                f"{float(np.max(np.abs(y_b - y_n[:b]))) if y_b.shape == y_n[:b].shape else 'shape'})"
+            )
+
+
 def to_tflite(
     fn: Callable[[jax.Array], jax.Array],
     sample: np.ndarray,
@@ -213,23 +375,28 @@ def to_tflite(
     quantize: str = "fp32",
     calibration: np.ndarray | None = None,
     batch_polymorphic: bool = True,
+    batch_route: str = "auto",
     model: Any = None,
 ) -> bytes:
     """Converts ``fn`` to a TFLite flatbuffer.
 
     Args:
       fn: the inference function ``x -> y``.
-      sample: an input (fixes dtype and non-batch dims).
+      sample: an input (fixes dtype and non-batch dims; and the batch when not polymorphic).
       quantize: a registered mode (see :func:`quantization_modes`).
       calibration: inputs for the representative dataset (needed by ``"int8"``).
-      batch_polymorphic: keep the leading dimension variable (``None`` in TFLite).
+      batch_polymorphic: keep the leading dimension variable (``-1`` in the shape signature).
+      batch_route: how a variable batch is made (module docstring): ``"static"`` (trace at
+        :data:`STATIC_TRACE_BATCH`, free the dimension, check; raises if the check fails),
+        ``"jax2tf"`` (shape polymorphism) or ``"auto"`` (static, else jax2tf with a warning).
       model: the NNX model, only used to name the layer in an unsupported-op error.
 
     Returns:
-      The ``.tflite`` bytes.
+      The ``.tflite`` bytes (:func:`batch_route` tells which route they took).
 
     Raises:
-      ValueError: unknown ``quantize`` or missing calibration.
+      ValueError: unknown ``quantize``/``batch_route``, missing calibration, or a static route
+        whose result depends on the batch size.
       UnsupportedOpError: an operation has no TFLite equivalent; names the JAX primitive.
     """
     if quantize not in _QUANTIZATIONS:
@@ -237,13 +404,21 @@ def to_tflite(
             f"quantize={quantize!r} is not a TFLite quantization mode; use one of "
             f"{quantization_modes()} (or register one with register_quantization)"
         )
+    if batch_route not in BATCH_ROUTES:
+        raise ValueError(f"batch_route={batch_route!r} is not one of {BATCH_ROUTES}")
     sample = np.asarray(sample)
-    spec = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
+    polymorphic = batch_polymorphic and sample.ndim > 0
+    static = polymorphic and batch_route != "jax2tf"
+    if static:
+        shape = (STATIC_TRACE_BATCH, *sample.shape[1:])
+    else:
+        shape = sample.shape
+    spec = jax.ShapeDtypeStruct(shape, sample.dtype)
     rep = None
     if calibration is not None:
-        rep = calibration_batches(calibration, 8 if batch_polymorphic else sample.shape[0])
+        rep = calibration_batches(calibration, 8 if polymorphic and not static else shape[0])
     try:
-        return _convert(fn, [spec], batch_polymorphic, quantize, rep)
+        blob = _convert(fn, [spec], polymorphic and not static, quantize, rep)
     except (ValueError, TypeError, ImportError):
         raise
     except Exception as err:  # tf.lite ConverterError (its class moves between TF releases)
@@ -252,6 +427,18 @@ def to_tflite(
             _convert(f, specs, False, "fp32", None)
 
         raise diagnose("tflite", model, fn, sample, err, probe) from err
+    if not static:
+        return blob
+    freed = free_batch_dim(blob, STATIC_TRACE_BATCH)
+    try:
+        _check_batch_free(freed, sample, STATIC_TRACE_BATCH)
+    except Exception as err:
+        why = f"the graph converted at batch {STATIC_TRACE_BATCH} does not run at other batch sizes ({err})"
+        if batch_route == "static":
+            raise ValueError(f"batch_route='static': {why}; use batch_route='jax2tf' or 'auto'") from err
+        warnings.warn(f"{why}; converting with jax2tf shape polymorphism instead", stacklevel=2)
+        return to_tflite(fn, sample, quantize=quantize, calibration=calibration, batch_route="jax2tf", model=model)
+    return freed
 
 
 class TFLiteRunner:

@@ -48,3 +48,27 @@ class Unsupported(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.block(self.fc(x.reshape(x.shape[0], -1)))
+
+
+class BatchMixer(nnx.Module):
+    """Splits each row into two 4-feature tokens, applies one linear layer to every token and
+    joins them again. Its reshapes have leading size ``2 * batch``, which a graph traced at one
+    batch size does not generalise."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        return self.fc(x.reshape(2 * b, 4)).reshape(b, 6)
+
+
+class Clamps(nnx.Module):
+    """Clamps to [0, 1] and [-1, 1]: TFLite fuses them into RELU_0_TO_1 / RELU_N1_TO_1."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(8, 6, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.fc(x)
+        return jnp.concatenate([jnp.clip(h[:, :3], 0.0, 1.0), jnp.clip(h[:, 3:], -1.0, 1.0)], axis=-1)

@@ -211,12 +211,11 @@ def test_dense_per_tensor_mode_has_one_scale_per_dense_kernel(mlp_report):
     per_tensor = _kernel_scales(report["tflite_int8_dense_per_tensor"].path)
     assert sorted(per_channel[2]) == [10, 64], per_channel  # one scale per output channel
     assert per_tensor[2] == [1, 1], per_tensor
-    # Per channel, each of the 74 output channels has a float32 scale and an int64 zero point;
-    # per tensor, each kernel has one. (With a variable batch the bias is a separate ADD of a
-    # per-tensor int8 constant; a fixed-batch export fuses it as an int32 per-channel bias.)
+    # Per channel, each of the 74 output channels has a float32 scale and an int64 zero point for
+    # its kernel and again for its fused int32 bias; per tensor, each kernel and bias has one.
     a = report["tflite_int8"].extra["size_breakdown"]
     b = report["tflite_int8_dense_per_tensor"].extra["size_breakdown"]
-    assert a["quant_vectors"] - b["quant_vectors"] == (74 - 2) * 12
+    assert a["quant_vectors"] - b["quant_vectors"] == (74 - 2) * 24
     assert report["tflite_int8_dense_per_tensor"].size_bytes < report["tflite_int8"].size_bytes - 800
 
 
