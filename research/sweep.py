@@ -1,0 +1,372 @@
+"""Grid sweeps over a config: one run per point of the Cartesian product of override values.
+
+``sweep(config, {"stages.prune.sparsity": [0.5, 0.8], "seed": [0, 1]}, "runs/s")`` runs
+:func:`research.run.run` four times, each in its own run directory, and writes::
+
+    WORKDIR/runs/<index>_<slug>/   each point's run directory (config.json, stages/, report.json)
+    WORKDIR/sweep.json             the grid and, per point: overrides, run dir, status, final-stage metrics
+    WORKDIR/sweep.txt              one row per point: override values, test acc, bytes, FLOPs, latency
+    WORKDIR/sweep.png              final test accuracy vs bytes, with the Pareto front
+
+Grid keys are the dotted override keys of ``slimjax run --set`` (see :mod:`research.config`).
+Every point is built and validated before the first one runs. The sweep resumes: a point whose
+run directory holds a finished ``report.json`` is read, not rerun, and an interrupted point
+resumes from its run's per-stage checkpoints. ``sweep.json`` is rewritten (atomically) after
+every point. A point that raises is recorded as ``failed`` and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import Literal
+
+import numpy as np
+
+from research import config as config_lib
+from research import report as report_lib
+from research import run as run_lib
+
+Status = Literal["pending", "done", "failed"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepPoint:
+    """One point of a sweep and its outcome.
+
+    Attributes:
+      index: position in the grid's Cartesian product (row-major, first key slowest).
+      overrides: ``{dotted key: value}`` applied to the base config.
+      run_dir: the point's run directory.
+      status: ``pending`` (not run yet), ``done`` or ``failed``.
+      metrics: the final stage's metrics from the run's ``report.json`` (empty unless done).
+      error: ``"ExceptionType: message"`` of a failed point.
+      seconds: wall time of this sweep's call for the point (0 when its report was reused).
+      reused: the run had finished earlier and its report was read.
+    """
+
+    index: int
+    overrides: Mapping[str, Any]
+    run_dir: str
+    status: Status = "pending"
+    metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+    reused: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepReport:
+    """The outcome of :func:`sweep`: the grid and every point (``sweep.json`` holds the same)."""
+
+    workdir: str
+    grid: Mapping[str, Sequence[Any]]
+    points: tuple[SweepPoint, ...]
+
+    @property
+    def failed(self) -> tuple[SweepPoint, ...]:
+        """The points whose run raised."""
+        return tuple(p for p in self.points if p.status == "failed")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per point: ``point``, the override values, status and the summary metrics."""
+        rows = []
+        for p in self.points:
+            m = p.metrics
+            rows.append(
+                {
+                    "point": p.index,
+                    **p.overrides,
+                    "status": p.status,
+                    "test_accuracy": m.get("test_accuracy"),
+                    "bytes": report_lib.best_bytes(m) if m else None,
+                    "flops": m.get("flops"),
+                    "latency_ms": m.get("latency_ms"),
+                }
+            )
+        return rows
+
+    def table(self) -> str:
+        """The ``sweep.txt`` table (:func:`research.report.format_table`), one row per point."""
+        columns = [("point", "point", "{}")]
+        columns += [(k, k, "{}") for k in self.grid]
+        columns += [("status", "status", "{}")]
+        columns += [c for c in report_lib.COLUMNS if c[0] in ("test_accuracy", "bytes", "flops", "latency_ms")]
+        return report_lib.format_table(self.rows(), columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-friendly dict written to ``sweep.json``."""
+        return {
+            "workdir": self.workdir,
+            "grid": {k: list(v) for k, v in self.grid.items()},
+            "points": [dataclasses.asdict(p) for p in self.points],
+        }
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The Cartesian product of ``grid`` as override dicts, first key varying slowest.
+
+    Raises:
+      ConfigError: the grid is empty, a value list is empty, or a value list is not a sequence.
+
+    Example:
+      >>> expand_grid({"seed": [0, 1], "stages.prune.sparsity": [0.5]})
+      [{'seed': 0, 'stages.prune.sparsity': 0.5}, {'seed': 1, 'stages.prune.sparsity': 0.5}]
+    """
+    if not grid:
+        raise config_lib.ConfigError("the sweep grid is empty; give e.g. {'stages.prune.sparsity': [0.5, 0.8]}")
+    for key, values in grid.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise config_lib.ConfigError(f"grid[{key!r}]={values!r} must be a list of values, e.g. [0.5, 0.8]")
+        if not values:
+            raise config_lib.ConfigError(f"grid[{key!r}] is an empty list; give at least one value")
+    keys = list(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def slug(overrides: Mapping[str, Any], max_len: int = 60) -> str:
+    """A short, file-name-safe label: the last part of each key with its value, e.g. ``sparsity=0.5_seed=1``."""
+    parts = [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()]
+    text = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts)).strip("-")
+    return text[:max_len] or "point"
+
+
+def _override_strings(overrides: Mapping[str, Any]) -> list[str]:
+    """``key=repr(value)`` items that :func:`research.config.apply_overrides` parses back to ``value``."""
+    out = []
+    for key, value in overrides.items():
+        text = repr(value)
+        if config_lib.parse_value(text) != value or type(config_lib.parse_value(text)) is not type(value):
+            raise config_lib.ConfigError(
+                f"grid value {key}={value!r} is not a Python literal; use numbers, strings, bools, None, lists"
+            )
+        out.append(f"{key}={text}")
+    return out
+
+
+def _point_configs(config: config_lib.Config, points: Sequence[Mapping[str, Any]]) -> list[config_lib.Config]:
+    configs = []
+    for i, overrides in enumerate(points):
+        try:
+            cfg = config_lib.apply_overrides(config, _override_strings(overrides))
+            config_lib.validate(cfg)
+        except (ValueError, KeyError, TypeError) as e:  # ConfigError is a ValueError
+            raise config_lib.ConfigError(f"sweep point {i} ({slug(overrides)}): {e}") from e
+        configs.append(cfg)
+    return configs
+
+
+# ----------------------------------------------------------------------------- Pareto front
+
+
+def pareto_front(accuracy: Sequence[float], size: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both (max ``accuracy``, min ``size``).
+
+    Points with a NaN coordinate are left out. Equal points are all on the front.
+
+    Returns:
+      The indices, ordered by size (then accuracy, descending); along them accuracy rises.
+
+    Example:
+      >>> pareto_front([0.9, 0.8, 0.95, 0.7], [100, 50, 200, 60])
+      [1, 0, 2]
+    """
+    from research.automl.samplers import nondominated_rank
+
+    if len(accuracy) != len(size):
+        raise ValueError(f"accuracy has {len(accuracy)} values and size {len(size)}; give one of each per point")
+    keep = [i for i in range(len(size)) if not (math.isnan(accuracy[i]) or math.isnan(size[i]))]
+    if not keep:
+        return []
+    losses = np.array([[size[i], -accuracy[i]] for i in keep], dtype=np.float64)
+    rank = nondominated_rank(losses)
+    front = [i for i, r in zip(keep, rank, strict=True) if r == 0]
+    return sorted(front, key=lambda i: (size[i], -accuracy[i]))
+
+
+def plot_sweep(report: SweepReport, path: str) -> str | None:
+    """Final test accuracy vs bytes (best encoding), one labelled dot per finished point.
+
+    The Pareto front (max accuracy, min bytes) is a step line: the best accuracy reachable
+    within each byte budget.
+
+    Returns:
+      ``path``, or ``None`` when no point has finished.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [p for p in report.points if p.status == "done"]
+    if not done:
+        return None
+    acc = [float(p.metrics.get("test_accuracy", float("nan"))) for p in done]
+    size = [float(report_lib.best_bytes(p.metrics)) for p in done]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(size, acc, s=25, color="C0", zorder=3, label="run")
+    for p, x, y in zip(done, size, acc, strict=True):
+        ax.annotate(f"{p.index}: {slug(p.overrides)}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front = pareto_front(acc, size)
+    if front:
+        fx = [size[i] for i in front]
+        fy = [acc[i] for i in front]
+        # The best accuracy within each byte budget, held up to the largest run.
+        ax.step(
+            [*fx, max(s for s in size if math.isfinite(s))],
+            [*fy, fy[-1]],
+            where="post",
+            color="C3",
+            lw=1.5,
+            label="Pareto front",
+            zorder=2,
+        )
+        ax.scatter(fx, fy, s=70, facecolors="none", edgecolors="C3", zorder=4)
+    finite = [s for s in size if math.isfinite(s) and s > 0]
+    if finite and max(finite) / min(finite) > 10:
+        ax.set_xscale("log")
+    ax.set(xlabel="bytes (best encoding), final stage", ylabel="test accuracy, final stage")
+    ax.set_title(f"sweep: {len(done)} runs", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _write(report: SweepReport) -> None:
+    _write_atomic(
+        os.path.join(report.workdir, "sweep.json"), json.dumps(report.to_dict(), indent=2, default=float) + "\n"
+    )
+    _write_atomic(os.path.join(report.workdir, "sweep.txt"), report.table() + "\n")
+
+
+def _finished_report(run_dir: str, config: config_lib.Config) -> dict[str, Any] | None:
+    """The run's report if ``run_dir`` holds a finished run of exactly ``config``, else ``None``."""
+    try:
+        with open(os.path.join(run_dir, "report.json")) as f:
+            report = json.load(f)
+        with open(os.path.join(run_dir, "config.json")) as f:
+            same = f.read().strip() == config_lib.to_json(config).strip()
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not same or len(report.get("stages", [])) != len(config.stages):
+        return None  # a different config (run() refuses it) or an interrupted run (run() resumes it)
+    return report
+
+
+def sweep(
+    config: config_lib.Config,
+    grid: Mapping[str, Sequence[Any]],
+    workdir: str,
+    *,
+    progress: bool = True,
+) -> SweepReport:
+    """Runs ``config`` once per point of the Cartesian product of ``grid``.
+
+    Args:
+      config: the base config (``--set`` overrides already applied).
+      grid: ``{dotted override key: values}``, e.g. ``{"stages.prune.sparsity": [0.5, 0.8]}``;
+        values are Python values (the CLI parses them with :func:`research.config.parse_value`).
+      workdir: the sweep directory; point ``i`` runs in ``workdir/runs/<i>_<slug>``.
+      progress: a tqdm bar over points (and the runs' own bars).
+
+    Returns:
+      The :class:`SweepReport`; failed points are in ``report.failed`` (not raised).
+
+    Raises:
+      ConfigError: a grid key or value that ``slimjax run --set`` would refuse, or a point whose
+        config does not validate; raised before any point runs.
+
+    Example:
+      From the repository root (four runs of the smoke quickstart, about a minute in all on a 2-core CPU)::
+
+        from research.config import load_config
+
+        config = load_config("configs/quickstart.py:smoke")
+        report = sweep(config, {"stages.prune.sparsity": [0.5, 0.8], "seed": [0, 1]}, "runs/smoke_sweep")
+        print(report.table())
+    """
+    run_lib.register_all_stages()
+    overrides = expand_grid(grid)
+    configs = _point_configs(config, overrides)
+    width = len(str(len(overrides) - 1))
+    runs_dir = os.path.join(workdir, "runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    points = [
+        SweepPoint(index=i, overrides=o, run_dir=os.path.join(runs_dir, f"{i:0{width}d}_{slug(o)}"))
+        for i, o in enumerate(overrides)
+    ]
+    grid = {k: list(v) for k, v in grid.items()}
+
+    def current() -> SweepReport:
+        return SweepReport(workdir=os.path.abspath(workdir), grid=grid, points=tuple(points))
+
+    _write(current())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(points), desc="sweep", unit="run", dynamic_ncols=True)
+    say = bar.write if bar is not None else (lambda s: print(s, file=sys.stderr))
+    try:
+        for i, (point, cfg) in enumerate(zip(points, configs, strict=True)):
+            label = f"[{i + 1}/{len(points)}] {slug(point.overrides)}"
+            if bar is not None:
+                bar.set_postfix_str(slug(point.overrides, max_len=30))
+            t0 = time.perf_counter()
+            run_report = _finished_report(point.run_dir, cfg)
+            reused = run_report is not None
+            try:
+                if run_report is None:
+                    run_report = run_lib.run(cfg, point.run_dir, progress=progress, echo=False)
+                metrics = dict(run_report["stages"][-1]["metrics"])
+                points[i] = dataclasses.replace(
+                    point, status="done", metrics=metrics, seconds=time.perf_counter() - t0, reused=reused
+                )
+                say(
+                    f"{label}: test acc {metrics['test_accuracy']:.4f}, bytes {report_lib.best_bytes(metrics):,.0f}"
+                    + (" (finished earlier)" if reused else f" ({points[i].seconds:.1f}s)")
+                )
+            except Exception as e:  # a failed point is recorded and the sweep goes on
+                error = f"{type(e).__name__}: {e}"
+                os.makedirs(point.run_dir, exist_ok=True)
+                _write_atomic(os.path.join(point.run_dir, "error.txt"), traceback.format_exc())
+                points[i] = dataclasses.replace(point, status="failed", error=error, seconds=time.perf_counter() - t0)
+                say(f"{label}: FAILED: {error} (traceback in {point.run_dir}/error.txt)")
+            _write(current())
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    report = current()
+    png = os.path.join(workdir, "sweep.png")
+    if plot_sweep(report, png) is None and os.path.exists(png):
+        os.remove(png)  # no point finished: a plot from an earlier sweep would be stale
+    if report.failed:
+        say(f"sweep: {len(report.failed)} of {len(points)} points failed: {[p.index for p in report.failed]}")
+    return report
