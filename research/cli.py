@@ -1,9 +1,11 @@
-"""The ``slimjax`` command line: ``run``, ``report``, ``export``.
+"""The ``slimjax`` command line: ``run``, ``sweep``, ``report``, ``export``.
 
 Examples::
 
     slimjax run configs/quickstart.py
     slimjax run configs/quickstart.py:smoke --set stages.train.steps=50 --workdir runs/try
+    slimjax sweep configs/quickstart.py --grid stages.prune.sparsity=0.5,0.7,0.9 --grid seed=0,1
+    slimjax sweep configs/quickstart.py --grid model.options.widths=[64],[128,64] --set stages.train.steps=300
     slimjax report runs/quickstart
 """
 
@@ -32,6 +34,88 @@ def _cmd_run(args) -> int:
     report = run(config, workdir, progress=not args.no_progress)
     print(report_lib.render(report))
     return 0
+
+
+class GridError(ValueError):
+    """A ``--grid`` argument that is not ``KEY=V1,V2,...``."""
+
+
+def _split_values(text: str) -> list[str]:
+    """Splits ``text`` at commas outside brackets and quotes: ``[1,2],[3]`` -> ``["[1,2]", "[3]"]``."""
+    items, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items]
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["a.b=1,2", "seed=0,1"]`` -> ``{"a.b": [1, 2], "seed": [0, 1]}`` (values by ``parse_value``).
+
+    Raises:
+      GridError: an item without ``=``, with an empty key or value, or a key given twice.
+    """
+    from research.config import parse_value
+
+    form = "KEY=V1,V2,... (e.g. --grid stages.prune.sparsity=0.5,0.8)"
+    grid: dict[str, list] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise GridError(f"--grid {item!r} is not of the form {form}")
+        values = _split_values(text)
+        if not text.strip() or any(not v for v in values):
+            raise GridError(f"--grid {item!r} has an empty value; expected {form}")
+        if key in grid:
+            raise GridError(f"--grid {item!r}: key {key!r} is given twice; list all its values in one --grid")
+        grid[key] = [parse_value(v) for v in values]
+    return grid
+
+
+def _cmd_sweep(args) -> int:
+    from research import config as config_lib
+    from research.run import register_all_stages
+    from research.sweep import sweep
+
+    if not args.grid:
+        print("slimjax: sweep needs at least one --grid KEY=V1,V2,...", file=sys.stderr)
+        return 2
+    try:
+        grid = parse_grid(args.grid)
+    except GridError as e:
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 2
+    register_all_stages()
+    try:
+        config = config_lib.load_config(args.config)
+        config = config_lib.apply_overrides(config, args.set or [])
+        config_lib.validate(config)
+    except (config_lib.ConfigError, ValueError, KeyError, TypeError) as e:
+        print(f"slimjax: config error: {e}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or os.path.join("runs", f"{config.name}_sweep")
+    try:
+        report = sweep(config, grid, workdir, progress=not args.no_progress)
+    except config_lib.ConfigError as e:  # raised before any point runs
+        print(f"slimjax: config error: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    written = [n for n in ("sweep.json", "sweep.txt", "sweep.png") if os.path.exists(os.path.join(workdir, n))]
+    print(f"wrote {', '.join(written)} in {workdir}")
+    for p in report.failed:
+        print(f"slimjax: point {p.index} failed: {p.error}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _cmd_report(args) -> int:
@@ -70,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="run directory (default runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("sweep", help="run a config once per point of a grid of overrides")
+    p.add_argument("config", help="path/to/config.py[:arg]")
+    p.add_argument(
+        "--grid", action="append", metavar="KEY=V1,V2,...", help="values of one override key (repeatable; product)"
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field for every point")
+    p.add_argument("--workdir", help="sweep directory (default runs/<config name>_sweep)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(fn=_cmd_sweep)
 
     p = sub.add_parser("report", help="print the report of a run directory")
     p.add_argument("run_dir")
