@@ -51,7 +51,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns=None) -> str:
 
 
 # Storage figures stages may report; the table shows the smallest (the best encoding so far).
-BYTES_KEYS = ("bytes", "quantized_bytes", "bitmask_bytes", "csr_bytes", "bytes_fp32")
+BYTES_KEYS = ("bytes", "quantized_bytes", "quantized_bitmask_bytes", "bitmask_bytes", "csr_bytes", "bytes_fp32")
 
 
 def best_bytes(metrics: dict[str, Any]) -> float:

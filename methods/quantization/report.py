@@ -36,6 +36,7 @@ wants int32 biases uses ``scale_bias = scale_input * scale_weight``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -116,12 +117,20 @@ def _n(x) -> int:
     return int(np.prod(np.shape(x)))
 
 
+def _kernel_bitmask_bytes(kernel, bits: int) -> float:
+    """Bytes of a kernel at ``bits``: dense, or a bitmask plus the non-zeros when smaller."""
+    k = np.asarray(kernel)
+    return float(min(k.size * bits / 8, math.ceil(k.size / 8) + np.count_nonzero(k) * bits / 8))
+
+
 def layer_table(model: nnx.Module) -> list[dict[str, Any]]:
     """One row per Linear/Conv layer (quantized or float), in path order.
 
     Columns: ``path``, ``type``, ``weight_bits`` (32 for float), ``act_bits`` (32 for float
     inputs), ``method``, ``per_channel``, ``params`` (kernel + bias), ``bytes`` (kernel at its
-    bits, bias and quantization parameters at 32 bits).
+    bits, bias and quantization parameters at 32 bits), ``bitmask_bytes`` (as ``bytes``, with a
+    pruned kernel stored as one bit per entry plus its non-zero values at their bits, when that
+    is smaller).
     """
     rows = []
     for path, ql in quant_layers(model):
@@ -130,6 +139,7 @@ def layer_table(model: nnx.Module) -> list[dict[str, Any]]:
         b = _n(ql.layer.bias[...]) if ql.layer.bias is not None else 0
         wbits = wq.spec.bits if wq is not None else 32
         nq = (_n(wq.lo[...]) if wq is not None else 0) + (1 if iq is not None else 0)
+        rest = 4 * b + 8 * nq
         rows.append(
             {
                 "path": path,
@@ -139,7 +149,8 @@ def layer_table(model: nnx.Module) -> list[dict[str, Any]]:
                 "method": wq.spec.method if wq is not None else "-",
                 "per_channel": bool(wq is not None and wq.spec.per_channel),
                 "params": k + b,
-                "bytes": k * wbits / 8 + 4 * b + 8 * nq,
+                "bytes": k * wbits / 8 + rest,
+                "bitmask_bytes": _kernel_bitmask_bytes(ql.layer.kernel[...], wbits) + rest,
             }
         )
     for path in float_layers(model):
@@ -156,20 +167,27 @@ def layer_table(model: nnx.Module) -> list[dict[str, Any]]:
                 "per_channel": False,
                 "params": k + b,
                 "bytes": 4.0 * (k + b),
+                "bitmask_bytes": _kernel_bitmask_bytes(layer.kernel[...], 32) + 4.0 * b,
             }
         )
     return sorted(rows, key=lambda r: r["path"])
 
 
-def quantized_bytes(model: nnx.Module) -> float:
+def quantized_bytes(model: nnx.Module, *, bitmask: bool = False) -> float:
     """Model size with quantized kernels at their bit widths.
 
     Quantized kernels count ``bits / 8`` bytes per value; each scale/zero-point pair 8 bytes;
     every other parameter (biases, float layers, BatchNorm affine) 4 bytes. LSQ steps and PACT
     clipping values are the scales, so they are not counted twice. BatchNorm statistics and
     observed ranges are not parameters and are not counted.
+
+    Args:
+      model: a model with fake-quant layers.
+      bitmask: store each pruned kernel (float zeros) as one bit per entry plus its non-zero
+        values at their bit width, where that is smaller than dense: the size of a pruned and
+        quantized model.
     """
-    total = sum(r["bytes"] for r in layer_table(model))
+    total = sum(r["bitmask_bytes" if bitmask else "bytes"] for r in layer_table(model))
     covered = set()
     for path, _ in quant_layers(model):
         covered.add(path)

@@ -147,6 +147,7 @@ def _result(bundle: Bundle, model, metrics: dict, notes: list[str]) -> StageResu
     metrics = {
         **metrics,
         "quantized_bytes": qbytes,
+        "quantized_bitmask_bytes": quantized_bytes(model, bitmask=True),
         "compression_vs_fp32": fp32 / qbytes if qbytes else float("nan"),
         "float_layers": float(len(floats)),
     }

@@ -300,3 +300,21 @@ def test_qat_train_step_updates_quantizer_parameters(method, act):
     if act == "ste":  # training mode moves the moving-average range
         before = state.model_state["layers"][0]["input_quant"]["hi"]
         assert float(before) != float(new.model_state["layers"][0]["input_quant"]["hi"])
+
+
+def test_bitmask_bytes_of_a_pruned_quantized_model():
+    model, shape = _model("lenet5")
+    fc1 = model.fc1.kernel[...]
+    model.fc1.kernel[...] = fc1 * (np.arange(fc1.size).reshape(fc1.shape) % 4 == 0)  # 75% zeros
+    q = calibrate(
+        quantize_model(model, [QuantRule(pattern="^fc1$", bits=8), QuantRule(keep_float=True)]), _batches(shape)
+    )
+    rows = {r["path"]: r for r in layer_table(q)}
+    n, nnz = fc1.size, int(np.count_nonzero(q.fc1.layer.kernel[...]))
+    assert nnz <= n // 4
+    # fc1: one bit per entry plus the non-zeros at 8 bits, instead of n bytes; bias and scales as before
+    assert rows["fc1"]["bytes"] - rows["fc1"]["bitmask_bytes"] == n - (-(-n // 8) + nnz)
+    # dense layers: the bitmask is never chosen when it is larger
+    for path in ("conv1", "conv2", "fc2", "head"):
+        assert rows[path]["bitmask_bytes"] == rows[path]["bytes"], path
+    assert quantized_bytes(q, bitmask=True) == quantized_bytes(q) - (n - (-(-n // 8) + nnz))
