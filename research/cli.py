@@ -16,11 +16,11 @@ import os
 import sys
 
 
-def _cmd_run(args) -> int:
+def _load_config(args):
+    """``args.config`` with ``--set`` overrides applied and validated; None (after printing the
+    error) when the config is invalid."""
     from research import config as config_lib
-    from research import report as report_lib
     from research.run import register_all_stages
-    from research.run import run
 
     register_all_stages()
     try:
@@ -29,6 +29,16 @@ def _cmd_run(args) -> int:
         config_lib.validate(config)
     except (config_lib.ConfigError, ValueError, KeyError, TypeError) as e:
         print(f"slimjax: config error: {e}", file=sys.stderr)
+        return None
+    return config
+
+
+def _cmd_run(args) -> int:
+    from research import report as report_lib
+    from research.run import run
+
+    config = _load_config(args)
+    if config is None:
         return 2
     workdir = args.workdir or os.path.join("runs", config.name)
     report = run(config, workdir, progress=not args.no_progress)
@@ -85,7 +95,6 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 def _cmd_sweep(args) -> int:
     from research import config as config_lib
-    from research.run import register_all_stages
     from research.sweep import sweep
 
     if not args.grid:
@@ -96,13 +105,8 @@ def _cmd_sweep(args) -> int:
     except GridError as e:
         print(f"slimjax: {e}", file=sys.stderr)
         return 2
-    register_all_stages()
-    try:
-        config = config_lib.load_config(args.config)
-        config = config_lib.apply_overrides(config, args.set or [])
-        config_lib.validate(config)
-    except (config_lib.ConfigError, ValueError, KeyError, TypeError) as e:
-        print(f"slimjax: config error: {e}", file=sys.stderr)
+    config = _load_config(args)
+    if config is None:
         return 2
     workdir = args.workdir or os.path.join("runs", f"{config.name}_sweep")
     try:

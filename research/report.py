@@ -86,13 +86,17 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_report(workdir: str, report: dict[str, Any]) -> None:
     """Writes ``report.json`` and ``report.txt`` atomically."""
     for name, text in (("report.json", json.dumps(report, indent=2, default=float)), ("report.txt", render(report))):
-        path = os.path.join(workdir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(path + ".tmp", path)
+        write_text_atomic(os.path.join(workdir, name), text + "\n")
 
 
 def plot_curves(workdir: str, stage_dirs: Sequence[tuple[str, str]], path: str | None = None) -> str | None:

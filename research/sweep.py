@@ -251,17 +251,11 @@ def plot_sweep(report: SweepReport, path: str) -> str | None:
 # ----------------------------------------------------------------------------- running
 
 
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def _write(report: SweepReport) -> None:
-    _write_atomic(
+    report_lib.write_text_atomic(
         os.path.join(report.workdir, "sweep.json"), json.dumps(report.to_dict(), indent=2, default=float) + "\n"
     )
-    _write_atomic(os.path.join(report.workdir, "sweep.txt"), report.table() + "\n")
+    report_lib.write_text_atomic(os.path.join(report.workdir, "sweep.txt"), report.table() + "\n")
 
 
 def _finished_report(run_dir: str, config: config_lib.Config) -> dict[str, Any] | None:
@@ -354,7 +348,7 @@ def sweep(
             except Exception as e:  # a failed point is recorded and the sweep goes on
                 error = f"{type(e).__name__}: {e}"
                 os.makedirs(point.run_dir, exist_ok=True)
-                _write_atomic(os.path.join(point.run_dir, "error.txt"), traceback.format_exc())
+                report_lib.write_text_atomic(os.path.join(point.run_dir, "error.txt"), traceback.format_exc())
                 points[i] = dataclasses.replace(point, status="failed", error=error, seconds=time.perf_counter() - t0)
                 say(f"{label}: FAILED: {error} (traceback in {point.run_dir}/error.txt)")
             _write(current())

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
+from research.metrics import bitmask_bytes
 from research.tree import flatten_with_paths
 
 PyTree = Any
@@ -31,7 +31,7 @@ def leaf_sparse_bytes(x: np.ndarray, value_bits: int = 32) -> dict[str, float]:
     rows = n // max(cols, 1)
     return {
         "dense": n * vb,
-        "bitmask": math.ceil(n / 8) + nnz * vb,
+        "bitmask": bitmask_bytes(x, value_bits),
         "csr": nnz * (vb + _index_bytes(cols)) + (rows + 1) * 4,
         "nonzeros": nnz,
         "size": n,

@@ -36,7 +36,6 @@ wants int32 biases uses ``scale_bias = scale_input * scale_weight``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -47,6 +46,7 @@ from methods.quantization.modules import FakeQuant
 from methods.quantization.modules import QuantConv
 from methods.quantization.modules import QuantLayer
 from methods.quantization.surgery import float_layers
+from research.metrics import bitmask_bytes
 from research.nn import get_module
 from research.nn import iter_modules
 
@@ -120,7 +120,7 @@ def _n(x) -> int:
 def _kernel_bitmask_bytes(kernel, bits: int) -> float:
     """Bytes of a kernel at ``bits``: dense, or a bitmask plus the non-zeros when smaller."""
     k = np.asarray(kernel)
-    return float(min(k.size * bits / 8, math.ceil(k.size / 8) + np.count_nonzero(k) * bits / 8))
+    return min(k.size * bits / 8, bitmask_bytes(k, bits))
 
 
 def layer_table(model: nnx.Module) -> list[dict[str, Any]]:

@@ -3,11 +3,13 @@
 from research.metrics.cost import flops
 from research.metrics.cost import latency
 from research.metrics.cost import model_latency
+from research.metrics.counting import bitmask_bytes
 from research.metrics.counting import count_nonzeros
 from research.metrics.counting import count_params
 from research.metrics.counting import model_bytes
 
 __all__ = [
+    "bitmask_bytes",
     "count_nonzeros",
     "count_params",
     "flops",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -23,6 +24,17 @@ def count_params(model_or_tree: Any) -> int:
 def count_nonzeros(model_or_tree: Any) -> int:
     """Number of parameter scalars that are not exactly zero."""
     return int(sum(int(np.count_nonzero(np.asarray(x))) for x in _param_leaves(model_or_tree)))
+
+
+def bitmask_bytes(x: Any, bits: int | float = 32) -> float:
+    """Bytes of one array stored as a bitmask (one bit per entry) plus its non-zeros at ``bits``.
+
+    Example:
+      >>> bitmask_bytes(np.array([[0.0, 1.0], [0.0, 0.0]]))
+      5.0
+    """
+    x = np.asarray(x)
+    return float(math.ceil(x.size / 8) + np.count_nonzero(x) * bits / 8)
 
 
 def model_bytes(model_or_tree: Any, bits: int | float = 32) -> float:

@@ -99,27 +99,6 @@ def test_bad_batch_route(convnet, conv_inputs):
         to_tflite(inference_fn(convnet), conv_inputs[:2], batch_route="sideways")
 
 
-def test_per_tensor_mode_has_one_scale_per_kernel(convnet, conv_inputs, tmp_path):
-    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
-
-    blobs = {
-        q: to_tflite(inference_fn(convnet), conv_inputs[:2], quantize=q, calibration=conv_inputs)
-        for q in ("int8", "int8_per_tensor")
-    }
-
-    def kernel_scales(blob):
-        m = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
-        return sorted(
-            len(t.quantization.scale)
-            for t in m.subgraphs[0].tensors
-            if t.type == 9 and m.buffers[t.buffer].data is not None  # int8 constants: kernels
-        )
-
-    assert kernel_scales(blobs["int8"]) == [8, 10]  # per output channel: conv 8, head 10
-    assert kernel_scales(blobs["int8_per_tensor"]) == [1, 1]
-    assert len(blobs["int8_per_tensor"]) < len(blobs["int8"])
-
-
 def test_tflite_clamps_convert_to_onnx_clip(tmp_path):
     model = Clamps(rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).normal(0, 2, size=(64, 8)).astype(np.float32)

@@ -229,6 +229,19 @@ def test_dense_per_tensor_mode_keeps_convolutions_per_channel(convnet, tmp_path)
     assert scales == {4: [8], 2: [1]}, scales
 
 
+def test_per_tensor_mode_has_one_scale_per_kernel(convnet, tmp_path):
+    cal = np.random.default_rng(1).normal(size=(64, 8, 8, 1)).astype(np.float32)
+    sizes = {}
+    for q in ("int8", "int8_per_tensor"):
+        path = tmp_path / f"{q}.tflite"
+        path.write_bytes(to_tflite(inference_fn(convnet), cal[:2], quantize=q, calibration=cal))
+        sizes[q] = path.stat().st_size
+        scales = _kernel_scales(path)
+        # per output channel: conv 8, head 10; per tensor: one each
+        assert scales == ({4: [8], 2: [10]} if q == "int8" else {4: [1], 2: [1]}), (q, scales)
+    assert sizes["int8_per_tensor"] < sizes["int8"]
+
+
 def test_size_breakdown_adds_up(mlp_report, trained_mlp):
     report, _ = mlp_report
     params = sum(np.asarray(v).size for v in jax.tree.leaves(nnx.state(trained_mlp, nnx.Param)))
