@@ -34,11 +34,24 @@ __all__ = ["ASHA", "Hyperband", "Job", "Scheduler", "SuccessiveHalving"]
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One evaluation to run: a new configuration (``trial_id=None``) or a promotion."""
+    """One evaluation to run: a new configuration (``trial_id=None``) or a promotion.
+
+    Attributes:
+      trial_id: The trial to promote, or ``None`` for a new configuration.
+      budget: The budget to evaluate at.
+      attrs: Attributes written with the job (``bracket``, ``rung``).
+      from_rung: For a promotion, the rung the trial must still be ``PAUSED`` at; the
+        promotion is claimed atomically in the store (``Storage.transition``), so when
+        several workers plan the same promotion only one evaluates it.
+      cap: For a new configuration, ``(attr, value, n)``: create it only while fewer than
+        ``n`` trials have ``attrs[attr] == value`` (a Hyperband bracket's size).
+    """
 
     trial_id: int | None
     budget: float
     attrs: dict[str, Any]
+    from_rung: int | None = None
+    cap: tuple[str, Any, int] | None = None
 
 
 def _value_at(t: Trial, budget: float) -> float | None:
@@ -158,13 +171,15 @@ class Hyperband(Scheduler):
                         continue
                     if t.id in keep_ids and _value_at(t, r_i) != math.inf:
                         if len(jobs) < n:
-                            jobs.append(Job(t.id, self.budget(s, i + 1), {"bracket": k, "rung": i + 1}))
+                            jobs.append(Job(t.id, self.budget(s, i + 1), {"bracket": k, "rung": i + 1}, from_rung=i))
                     else:
                         prunes.append(t.id)
             # New configurations in rung 0.
             missing = self.n_configs(s, 0) - len(members)
             while missing > 0 and len(jobs) < n:
-                jobs.append(Job(None, self.budget(s, 0), {"bracket": k, "rung": 0}))
+                jobs.append(
+                    Job(None, self.budget(s, 0), {"bracket": k, "rung": 0}, cap=("bracket", k, self.n_configs(s, 0)))
+                )
                 missing -= 1
             k += 1
         return jobs, prunes
@@ -211,7 +226,7 @@ class ASHA(Scheduler):
                         and t.id not in taken
                         and _value_at(t, r_i) != math.inf
                     ):
-                        job = Job(t.id, self.budget(s, i + 1), {"bracket": 0, "rung": i + 1})
+                        job = Job(t.id, self.budget(s, i + 1), {"bracket": 0, "rung": i + 1}, from_rung=i)
                         taken.add(t.id)
                         break
                 if job is not None:

@@ -50,8 +50,18 @@ class Storage(abc.ABC):
         params: Mapping[str, Any],
         budget: float | None = None,
         attrs: Mapping[str, Any] | None = None,
-    ) -> Trial:
-        """Adds a ``RUNNING`` trial; its number is the next in the study."""
+        cap: tuple[str, Any, int] | None = None,
+    ) -> Trial | None:
+        """Adds a ``RUNNING`` trial; its number is the next in the study.
+
+        Args:
+          cap: ``(attr, value, n)``: create the trial only if fewer than ``n`` trials of the
+            study have ``attrs[attr] == value`` (checked and inserted in one transaction, so
+            concurrent workers never overfill e.g. a Hyperband bracket).
+
+        Returns:
+          The new trial, or ``None`` when ``cap`` was reached.
+        """
 
     @abc.abstractmethod
     def update_trial(
@@ -65,6 +75,31 @@ class Storage(abc.ABC):
         intermediate: tuple[float, float] | None = None,
     ) -> None:
         """Updates a trial in one transaction (``attrs`` are merged)."""
+
+    @abc.abstractmethod
+    def transition(
+        self,
+        trial_id: int,
+        from_state: TrialState,
+        to_state: TrialState,
+        *,
+        expect_attrs: Mapping[str, Any] | None = None,
+        budget: float | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Atomically moves a trial from ``from_state`` to ``to_state`` (compare-and-set).
+
+        The trial changes only if it is in ``from_state`` and its attributes hold every
+        ``expect_attrs`` item; ``budget`` and ``attrs`` (merged) are written with the state.
+        This is how a scheduler's promotion is claimed: of several workers that planned the
+        same promotion, exactly one gets ``True`` and evaluates it.
+
+        Returns:
+          Whether this call changed the trial.
+
+        Raises:
+          KeyError: No trial with ``trial_id``.
+        """
 
     @abc.abstractmethod
     def get_trials(self, study_id: int) -> list[Trial]:
@@ -113,8 +148,12 @@ class InMemoryStorage(Storage):
             self._by_study[sid] = []
             return sid
 
-    def create_trial(self, study_id, params, budget=None, attrs=None):
+    def create_trial(self, study_id, params, budget=None, attrs=None, cap=None):
         with self._lock:
+            if cap is not None and _count_with(
+                (self._trials[i].attrs for i in self._by_study[study_id]), cap[0], cap[1]
+            ) >= int(cap[2]):
+                return None
             tid = len(self._trials) + 1
             t = Trial(
                 id=tid,
@@ -146,6 +185,21 @@ class InMemoryStorage(Storage):
                 }
             self._trials[trial_id] = _replace(t, **changes)
 
+    def transition(self, trial_id, from_state, to_state, *, expect_attrs=None, budget=None, attrs=None):
+        with self._lock:
+            if trial_id not in self._trials:
+                raise KeyError(f"no trial with id {trial_id}")
+            t = self._trials[trial_id]
+            if t.state != TrialState(from_state) or not _attrs_hold(t.attrs, expect_attrs):
+                return False
+            changes: dict[str, Any] = {"state": TrialState(to_state)}
+            if budget is not None:
+                changes["budget"] = float(budget)
+            if attrs:
+                changes["attrs"] = {**t.attrs, **attrs}
+            self._trials[trial_id] = _replace(t, **changes)
+            return True
+
     def get_trials(self, study_id):
         with self._lock:
             return [self._trials[i] for i in self._by_study[study_id]]
@@ -153,6 +207,19 @@ class InMemoryStorage(Storage):
     def get_trial(self, trial_id):
         with self._lock:
             return self._trials[trial_id]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Attribute equality that survives a JSON round trip (``1 == 1.0``, tuples as lists)."""
+    return json.loads(_dumps(a)) == json.loads(_dumps(b))
+
+
+def _attrs_hold(attrs: Mapping[str, Any], expect: Mapping[str, Any] | None) -> bool:
+    return all(k in attrs and _same(attrs[k], v) for k, v in (expect or {}).items())
+
+
+def _count_with(all_attrs, key: str, value: Any) -> int:
+    return sum(1 for a in all_attrs if key in a and _same(a[key], value))
 
 
 def _replace(t: Trial, **changes) -> Trial:
@@ -272,11 +339,15 @@ class SQLiteStorage(Storage):
 
         return self._write(fn)
 
-    def create_trial(self, study_id, params, budget=None, attrs=None):
+    def create_trial(self, study_id, params, budget=None, attrs=None, cap=None):
         params = dict(params)
         attrs = dict(attrs or {})
 
         def fn(c):
+            if cap is not None:
+                rows = c.execute("SELECT attrs FROM trials WHERE study_id = ?", (study_id,)).fetchall()
+                if _count_with((json.loads(r[0]) for r in rows), cap[0], cap[1]) >= int(cap[2]):
+                    return None
             number = c.execute(
                 "SELECT COALESCE(MAX(number) + 1, 0) FROM trials WHERE study_id = ?", (study_id,)
             ).fetchone()[0]
@@ -329,6 +400,31 @@ class SQLiteStorage(Storage):
                 )
 
         self._write(fn)
+
+    def transition(self, trial_id, from_state, to_state, *, expect_attrs=None, budget=None, attrs=None):
+        def fn(c):
+            # Inside BEGIN IMMEDIATE: no other writer can change the row between this read and
+            # the conditional UPDATE below, so the check and the claim are one atomic step.
+            row = c.execute("SELECT state, attrs FROM trials WHERE id = ?", (trial_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no trial with id {trial_id}")
+            old_attrs = json.loads(row[1])
+            if row[0] != TrialState(from_state).value or not _attrs_hold(old_attrs, expect_attrs):
+                return False
+            sets, args = ["state = ?", "updated = ?"], [TrialState(to_state).value, time.time()]
+            if budget is not None:
+                sets.append("budget = ?")
+                args.append(float(budget))
+            if attrs:
+                sets.append("attrs = ?")
+                args.append(_dumps({**old_attrs, **attrs}))
+            cur = c.execute(
+                f"UPDATE trials SET {', '.join(sets)} WHERE id = ? AND state = ?",
+                (*args, trial_id, TrialState(from_state).value),
+            )
+            return cur.rowcount == 1
+
+        return self._write(fn)
 
     def _rows_to_trials(self, rows, inter_rows) -> list[Trial]:
         inter: dict[int, dict[float, float]] = {}

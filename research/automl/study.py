@@ -40,6 +40,7 @@ __all__ = ["Study"]
 
 _log = logging.getLogger(__name__)
 _DIRECTIONS = ("minimize", "maximize")
+_MAX_REPLANS = 1000
 
 
 def _to_values(value: Any, m: int) -> tuple[float, ...] | None:
@@ -174,19 +175,50 @@ class Study:
         if self.scheduler is None:
             params = self.sampler.sample(self.space, trials, self.directions, n)
             return [self._storage.create_trial(self._id, p) for p in params]
-        jobs, prunes = self.scheduler.plan(trials, n)
-        for tid in prunes:
-            self._storage.update_trial(tid, state=TrialState.PRUNED)
-        n_new = sum(j.trial_id is None for j in jobs)
-        new_params = self.sampler.sample(self.space, trials, self.directions, n_new) if n_new else []
-        out = []
-        for job in jobs:
-            if job.trial_id is None:
-                out.append(self._storage.create_trial(self._id, new_params.pop(0), budget=job.budget, attrs=job.attrs))
-            else:
-                self._storage.update_trial(job.trial_id, state=TrialState.RUNNING, budget=job.budget, attrs=job.attrs)
-                out.append(self._storage.get_trial(job.trial_id))
-        return out
+        return self._ask_scheduled(trials, n)
+
+    def _ask_scheduled(self, trials: list[Trial], n: int) -> list[Trial]:
+        """Plans ``n`` jobs and claims each one in the store; re-plans the jobs another worker won.
+
+        Several processes may share one SQLite study. Each promotion is claimed with an atomic
+        ``PAUSED -> RUNNING`` transition that also checks the rung, and each new configuration
+        of a capped bracket is created only while the bracket has room, so two workers never
+        evaluate the same promotion or overfill a bracket; the loser plans again from the
+        store's new state.
+        """
+        out: list[Trial] = []
+        for _ in range(_MAX_REPLANS):
+            jobs, prunes = self.scheduler.plan(trials, n - len(out))
+            planned_from = {t.id: t for t in trials}
+            for tid in prunes:  # only if still paused at the rung the plan saw
+                seen = planned_from[tid].attrs
+                expect = {"rung": seen["rung"]} if "rung" in seen else None
+                self._storage.transition(tid, TrialState.PAUSED, TrialState.PRUNED, expect_attrs=expect)
+            n_new = sum(j.trial_id is None for j in jobs)
+            new_params = self.sampler.sample(self.space, trials, self.directions, n_new) if n_new else []
+            for job in jobs:
+                if job.trial_id is None:
+                    t = self._storage.create_trial(
+                        self._id, new_params.pop(0), budget=job.budget, attrs=job.attrs, cap=job.cap
+                    )
+                    if t is not None:
+                        out.append(t)
+                elif self._storage.transition(
+                    job.trial_id,
+                    TrialState.PAUSED,
+                    TrialState.RUNNING,
+                    expect_attrs=_rung_guard(planned_from.get(job.trial_id), job.from_rung),
+                    budget=job.budget,
+                    attrs=job.attrs,
+                ):
+                    out.append(self._storage.get_trial(job.trial_id))
+            if len(out) == n:
+                return out
+            trials = self.trials  # another worker claimed some of the planned jobs
+        raise RuntimeError(
+            f"study {self.name!r}: could not claim {n - len(out)} job(s) after {_MAX_REPLANS} plans; "
+            "other workers kept taking them (is the scheduler's plan stable?)"
+        )
 
     def tell(
         self,
@@ -294,6 +326,13 @@ class Study:
             f"Study(name={self.name!r}, directions={list(self.directions)}, "
             f"sampler={self.sampler!r}, scheduler={self.scheduler!r})"
         )
+
+
+def _rung_guard(seen: Trial | None, rung: int | None) -> dict[str, int] | None:
+    """The attributes a promotion's claim must still find: the rung the plan promoted from."""
+    if rung is None or seen is None or "rung" not in seen.attrs:
+        return None
+    return {"rung": rung}
 
 
 def _progress(total: int, show: bool | None):
