@@ -15,31 +15,55 @@ import argparse
 import os
 import sys
 
+# Heavy modules (JAX, Flax, TensorFlow, ``methods``) are imported only where a command needs
+# them, after its arguments and config were checked: a bad path, a syntax error or a malformed
+# --set is reported before any of them loads. The config file itself imports the stage classes
+# it uses (and with them JAX and Flax); TensorFlow is never imported before training starts.
+
+
+def _config_error(message: object) -> int:
+    print(f"slimjax: config error: {message}", file=sys.stderr)
+    return 2
+
+
+def _register_stages() -> None:
+    """Imports ``methods`` and ``research.export`` (not TensorFlow) so every stage kind is registered."""
+    import importlib
+
+    for name in ("methods", "research.export"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name not in (name, name.split(".")[0]):
+                raise
+
 
 def _load_config(args):
     """``args.config`` with ``--set`` overrides applied and validated; None (after printing the
     error) when the config is invalid."""
-    from research import config as config_lib
-    from research.run import register_all_stages
+    from research import config as config_lib  # standard library only
 
-    register_all_stages()
     try:
+        for item in args.set or []:  # the form of every --set, before the config file runs
+            if "=" not in item or not item.partition("=")[0].strip():
+                raise config_lib.ConfigError(f"--set {item!r} is not of the form key=value (e.g. stages.0.steps=100)")
         config = config_lib.load_config(args.config)
+        _register_stages()
         config = config_lib.apply_overrides(config, args.set or [])
         config_lib.validate(config)
     except (config_lib.ConfigError, ValueError, KeyError, TypeError) as e:
-        print(f"slimjax: config error: {e}", file=sys.stderr)
+        _config_error(e)
         return None
     return config
 
 
 def _cmd_run(args) -> int:
-    from research import report as report_lib
-    from research.run import run
-
     config = _load_config(args)
     if config is None:
         return 2
+    from research import report as report_lib
+    from research.run import run
+
     workdir = args.workdir or os.path.join("runs", config.name)
     report = run(config, workdir, progress=not args.no_progress)
     print(report_lib.render(report))
@@ -95,7 +119,6 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 def _cmd_sweep(args) -> int:
     from research import config as config_lib
-    from research.sweep import sweep
 
     if not args.grid:
         print("slimjax: sweep needs at least one --grid KEY=V1,V2,...", file=sys.stderr)
@@ -108,12 +131,13 @@ def _cmd_sweep(args) -> int:
     config = _load_config(args)
     if config is None:
         return 2
+    from research.sweep import sweep
+
     workdir = args.workdir or os.path.join("runs", f"{config.name}_sweep")
     try:
         report = sweep(config, grid, workdir, progress=not args.no_progress)
     except config_lib.ConfigError as e:  # raised before any point runs
-        print(f"slimjax: config error: {e}", file=sys.stderr)
-        return 2
+        return _config_error(e)
     print(report.table())
     written = [n for n in ("sweep.json", "sweep.txt", "sweep.png") if os.path.exists(os.path.join(workdir, n))]
     print(f"wrote {', '.join(written)} in {workdir}")
@@ -125,18 +149,24 @@ def _cmd_sweep(args) -> int:
 def _cmd_report(args) -> int:
     import json
 
-    from research import report as report_lib
-
     path = os.path.join(args.run_dir, "report.json")
     if not os.path.exists(path):
         print(f"slimjax: no report.json in {args.run_dir}", file=sys.stderr)
         return 2
+    from research import report as report_lib
+
     with open(path) as f:
         print(report_lib.render(json.load(f)))
     return 0
 
 
 def _cmd_export(args) -> int:
+    if not os.path.isdir(args.run_dir):
+        print(
+            f"slimjax: run directory {args.run_dir!r} does not exist; give a directory `slimjax run` wrote",
+            file=sys.stderr,
+        )
+        return 2
     try:
         from research.export import export_run
     except ImportError as e:

@@ -14,38 +14,267 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import json
+import math
 import os
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import ClassVar
 
 
 class ConfigError(ValueError):
     """A bad config file, override key or value; the message names it and lists valid keys."""
 
 
+# ----------------------------------------------------------------------------- field checks
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationContext:
+    """What a field check may need besides the value: the stages that run before this one.
+
+    Attributes:
+      earlier: labels (``"0_train"``) and kinds (``"train"``) of the earlier stages; ``None``
+        when unknown (a stage validated on its own), which skips the checks that need it.
+    """
+
+    earlier: tuple[str, ...] | None = None
+
+
+class Check:
+    """A constraint on one field's value, declared in a config class's ``checks`` ClassVar.
+
+    ``check(value, key, context)`` raises :class:`ConfigError` naming the dotted ``key``;
+    ``bad_values()`` gives values the check must refuse (the conformance test tries them all).
+    ``None`` always passes (``X | None`` fields say "unset" with it; the type check covers it).
+    """
+
+    def check(self, value: Any, key: str, context: ValidationContext) -> None:
+        raise NotImplementedError
+
+    def bad_values(self) -> tuple[Any, ...]:
+        return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Range(Check):
+    """A finite number in ``[lo, hi]`` (``lo_open``/``hi_open`` exclude the bound; None = unbounded)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: str = ""
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+    def check(self, value, key, context):
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return  # None or a type error (reported by the type check)
+        ok = math.isfinite(value)
+        if ok and self.lo is not None:
+            ok = value > self.lo if self.lo_open else value >= self.lo
+        if ok and self.hi is not None:
+            ok = value < self.hi if self.hi_open else value <= self.hi
+        if not ok:
+            hint = f" ({self.hint})" if self.hint else ""
+            where = self.describe()
+            verb = "is outside" if where.startswith("in ") else "must be"
+            raise ConfigError(f"{key}={value!r} {verb} {where.removeprefix('in ')}{hint}")
+
+    def bad_values(self):
+        out = []
+        if self.lo is not None:
+            out += [self.lo] if self.lo_open else []
+            out.append(self.lo - 1)
+        if self.hi is not None:
+            out += [self.hi] if self.hi_open else []
+            out.append(self.hi + 1)
+        return tuple(out)
+
+
+positive = Range(lo=0, lo_open=True)
+nonnegative = Range(lo=0)
+at_least_one = Range(lo=1)
+fraction = Range(lo=0, hi=1)  # [0, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf(Check):
+    """A name from a registry (``choices`` is a list or a zero-argument function listing it).
+
+    Attributes:
+      choices: the valid names, or a function returning them (read when checked, so a registry
+        filled by later imports is seen).
+      what: what the names are, for the message (``"pruning scorer"``).
+      also: extra accepted values (``""`` for "unset", ``"current"``...).
+      bad: values that must be refused (for the conformance test).
+    """
+
+    choices: Any
+    what: str = "name"
+    also: tuple[Any, ...] = ()
+    bad: tuple[Any, ...] = ("bogus",)
+
+    def names(self) -> list[Any]:
+        names = self.choices() if callable(self.choices) else self.choices
+        return list(names)
+
+    def check(self, value, key, context):
+        if value is None or value in self.also:
+            return
+        names = self.names()
+        if value not in names:
+            extra = f" (or {list(self.also)})" if self.also else ""
+            raise ConfigError(f"{key}={value!r} is not registered ({self.what}); choose from {names}{extra}")
+
+    def bad_values(self):
+        return self.bad
+
+
+@dataclasses.dataclass(frozen=True)
+class Each(Check):
+    """Applies ``inner`` to every item of a tuple field (keys ``field.0``, ``field.1``...)."""
+
+    inner: Check
+
+    def check(self, value, key, context):
+        if not isinstance(value, (list, tuple)):
+            return
+        for i, item in enumerate(value):
+            self.inner.check(item, f"{key}.{i}", context)
+
+    def bad_values(self):
+        return tuple((v,) for v in self.inner.bad_values())
+
+
+@dataclasses.dataclass(frozen=True)
+class NonEmpty(Check):
+    """A tuple or string that must not be empty (``hint`` says what to give)."""
+
+    hint: str = ""
+
+    def check(self, value, key, context):
+        if isinstance(value, (tuple, list, str)) and not value:
+            raise ConfigError(f"{key} is empty; {self.hint or 'give at least one item'}")
+
+    def bad_values(self):
+        return ((),)
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlierStage(Check):
+    """The label (``"0_train"``) or kind (``"train"``) of a stage that runs before this one.
+
+    Attributes:
+      also: values meaning "no earlier stage" (``""``, ``"current"``).
+    """
+
+    also: tuple[str, ...] = ("",)
+
+    def check(self, value, key, context):
+        if value is None or value in self.also or context.earlier is None:
+            return
+        if value not in context.earlier:
+            raise ConfigError(
+                f"{key}={value!r} names no earlier stage; use one of {list(context.earlier)} "
+                f"(a label like '0_train' or a kind){' or ' + repr(list(self.also)) if self.also else ''}"
+            )
+
+    def bad_values(self):
+        return ("no_such_stage",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExistingDir(Check):
+    """A path to an existing directory (``""`` = unset)."""
+
+    def check(self, value, key, context):
+        if value and isinstance(value, str) and not os.path.isdir(value):
+            raise ConfigError(f"{key}={value!r} is not a directory; give the path of a finished run directory")
+
+    def bad_values(self):
+        return ("/no/such/run/dir",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunName(Check):
+    """A non-empty name usable as one directory name (``runs/<name>``)."""
+
+    def check(self, value, key, context):
+        if not isinstance(value, str):
+            return
+        if not value.strip() or value in (".", "..") or "/" in value or "\\" in value:
+            raise ConfigError(f"{key}={value!r} must be a non-empty name without '/' (it names runs/<name>)")
+
+    def bad_values(self):
+        return ("", "a/b", "..")
+
+
+def _models():
+    import research.nn  # pylint: disable=import-outside-toplevel
+
+    return research.nn
+
+
+def _data():
+    import research.data  # pylint: disable=import-outside-toplevel
+
+    return research.data
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Which zoo model to build; ``options`` are its keyword options (see ``research.nn.model_kwargs``)."""
 
+    checks: ClassVar[Mapping[str, Check]] = {"name": OneOf(lambda: _models().list_models(), "model")}
+
     name: str = "mlp"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def check(self, key: str, context: ValidationContext) -> None:
+        """Model options must be keyword options of the model's constructor."""
+        valid = _models().model_kwargs(self.name)
+        bad = sorted(set(self.options) - set(valid))
+        if bad:
+            raise ConfigError(
+                f"{key}.options {bad} are not options of model {self.name!r}; valid keys: {sorted(valid)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Which shipped data set to load and how to split it."""
 
+    checks: ClassVar[Mapping[str, Check]] = {
+        "name": OneOf(lambda: _data().list_datasets(), "data set"),
+        "val_fraction": Range(lo=0, hi=1, hi_open=True, hint="the fraction of training data held out"),
+        "test_fraction": Range(lo=0, hi=1, lo_open=True, hi_open=True, hint="the fraction of data used for test"),
+        "limit": Range(lo=1, hint="None keeps every training example"),
+    }
+
     name: str = "digits"
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     limit: int | None = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def check(self, key: str, context: ValidationContext) -> None:
+        """Data options must be keyword options of the data set's loader."""
+        valid = _data().dataset_options(self.name)
+        bad = sorted(set(self.options) - set(valid))
+        if bad:
+            raise ConfigError(f"{key}.options {bad} are not options of data set {self.name!r}; valid keys: {valid}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +290,12 @@ class Config:
       latency_batch_size: batch size for the latency measured after each stage.
     """
 
+    checks: ClassVar[Mapping[str, Check]] = {
+        "name": RunName(),
+        "seed": Range(lo=0, hi=2**32 - 1),
+        "latency_batch_size": Range(lo=1),
+    }
+
     name: str = "run"
     seed: int = 0
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -72,25 +307,62 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
+def _where(exc: BaseException, path: str) -> str:
+    """`` (path:line)`` of the innermost traceback frame in the config file, else ``""``."""
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if os.path.abspath(frame.filename) == os.path.abspath(path):
+            line = frame.lineno
+    return f" ({path}:{line})" if line else ""
+
+
 def load_config(spec: str) -> Config:
     """Loads ``path/to/config.py[:arg]`` and calls its ``get_config(arg)``.
 
+    Every failure is one :class:`ConfigError` line naming the file (and the line where it
+    can): a missing file, a syntax error, an import that fails, ``get_config`` missing or
+    raising, or a return value that is not a :class:`Config`.
+
     Raises:
-      ConfigError: missing file, no ``get_config``, or it does not return a :class:`Config`.
+      ConfigError: see above.
     """
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist (give a path like configs/quickstart.py)")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; give a Python file like configs/quickstart.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        code = compile(source, path, "exec")
+    except SyntaxError as e:
+        text = f": {e.text.strip()}" if e.text and e.text.strip() else ""
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}{text}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot read config file {path!r}: {e}") from None
     mod_name = "slimjax_config_" + os.path.splitext(os.path.basename(path))[0]
-    module_spec = importlib.util.spec_from_file_location(mod_name, path)
-    module = importlib.util.module_from_spec(module_spec)
+    module = types.ModuleType(mod_name)
+    module.__file__ = path
     # Registered before it runs, so dataclasses (and `from __future__ import annotations`) in the
     # config file can resolve their own module.
     sys.modules[mod_name] = module
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:
+        exec(code, module.__dict__)  # noqa: S102 - a config file is Python code the user runs
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}{_where(e, path)}") from None
+    except Exception as e:  # noqa: BLE001 - every failure becomes one config-error line
+        hint = " (is slimjax installed, and the module name right?)" if isinstance(e, ImportError) else ""
+        raise ConfigError(f"{path}: loading it raised {type(e).__name__}: {e}{_where(e, path)}{hint}") from None
+    if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {path!r} has no get_config(arg=None) function")
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except ConfigError as e:
+        raise ConfigError(f"{path}:get_config({arg or None!r}): {e}{_where(e, path)}") from None
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(
+            f"{path}:get_config({arg or None!r}) raised {type(e).__name__}: {e}{_where(e, path)}"
+        ) from None
     if not isinstance(config, Config):
         raise ConfigError(f"{path}:get_config returned {type(config).__name__}, expected research.config.Config")
     return config
@@ -210,7 +482,12 @@ def _set(obj: Any, parts: list[str], value: Any, key: str) -> Any:
         new_value = _set(current, rest, value, key)
     else:
         new_value = _check_type(value, _field_types(obj)[head], key)
-    return dataclasses.replace(obj, **{head: new_value})
+    try:
+        return dataclasses.replace(obj, **{head: new_value})
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a rule refusing the value at construction
+        raise ConfigError(f"{key}={value!r}: {e}") from None
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -230,34 +507,81 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
 # ----------------------------------------------------------------------------- validation / io
 
 
-def validate(config: Config) -> None:
-    """Checks names and options against the registries before anything is trained.
+def stage_key(stages: Sequence[Any], i: int) -> str:
+    """The dotted key of stage ``i``: ``stages.<kind>`` when the kind is unique, else ``stages.<i>``."""
+    kind = getattr(stages[i], "kind", None)
+    if kind and sum(getattr(s, "kind", None) == kind for s in stages) == 1:
+        return f"stages.{kind}"
+    return f"stages.{i}"
+
+
+def validate_fields(obj: Any, key: str, context: ValidationContext | None = None) -> None:
+    """Checks a config dataclass field by field, then its ``check`` hook, recursing into nested ones.
+
+    Every field's value is checked against its type annotation (Literals included), then against
+    the class's ``checks`` (ranges, registry names, earlier stages); dataclass values (a stage's
+    ``train`` schedule, rules in a tuple) are checked the same way under ``key.field[.i]``.
 
     Raises:
-      ConfigError: unknown model/data set/stage kind, or a model option the model lacks.
+      ConfigError: naming the dotted key of the first bad value (``stages.prune.learning_rate``).
     """
-    from research.data import list_datasets
-    from research.nn import list_models
-    from research.nn import model_kwargs
-    from research.stages import list_stages
+    context = context or ValidationContext()
+    hints = typing.get_type_hints(type(obj))
+    checks = getattr(type(obj), "checks", {})
+    unknown = sorted(set(checks) - {f.name for f in dataclasses.fields(obj)})
+    if unknown:
+        raise TypeError(f"{type(obj).__name__}.checks names fields it does not have: {unknown}")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        k = f"{key}.{f.name}" if key else f.name
+        _check_type(value, hints[f.name], k)
+        if f.name in checks:
+            checks[f.name].check(value, k, context)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate_fields(value, k, context)
+        elif isinstance(value, (list, tuple)):
+            for j, item in enumerate(value):
+                if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                    validate_fields(item, f"{k}.{j}", context)
+    hook = getattr(obj, "check", None)
+    if callable(hook):
+        try:
+            hook(key, context)
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:  # a method's own check, e.g. a registry lookup
+            raise ConfigError(f"{key}: {e}") from e
 
-    if config.model.name not in list_models():
-        raise ConfigError(f"model.name={config.model.name!r} is not a registered model; choose from {list_models()}")
-    valid = model_kwargs(config.model.name)
-    bad = sorted(set(config.model.options) - set(valid))
-    if bad:
-        raise ConfigError(f"model.options {bad} are not options of {config.model.name!r}; valid keys: {sorted(valid)}")
-    if config.data.name not in list_datasets():
-        raise ConfigError(f"data.name={config.data.name!r} is not a registered data set; choose from {list_datasets()}")
+
+def validate(config: Config) -> None:
+    """Checks every field of ``config`` (types, ranges, registry names) before anything is trained.
+
+    Stage kinds must be registered (import ``methods``/``research.export`` first, as
+    ``research.run`` does); each stage is checked with :func:`validate_fields`, knowing which
+    stages run before it (a distillation teacher or an export source must be one of them).
+
+    Raises:
+      ConfigError: naming the dotted key (``stages.quantize.observer``, ``data.val_fraction``)
+        and the valid values.
+    """
+    from research.stages import list_stages  # pylint: disable=import-outside-toplevel
+
+    if not isinstance(config, Config):
+        raise ConfigError(f"expected a research.config.Config, got {type(config).__name__}")
+    if not isinstance(config.stages, (tuple, list)):
+        raise ConfigError(f"stages={config.stages!r} must be a tuple of stage configs, e.g. (TrainStage(steps=500),)")
     if not config.stages:
         raise ConfigError("the config has no stages; add e.g. research.stages.TrainStage(steps=500)")
     for i, stage in enumerate(config.stages):
         kind = getattr(stage, "kind", None)
         if kind not in list_stages():
             raise ConfigError(f"stages.{i} has kind {kind!r}, which is not registered; registered: {list_stages()}")
-        check = getattr(stage, "validate", None)
-        if check is not None:
-            check()
+    top = dataclasses.replace(config, stages=())  # the stages are checked below, with their context
+    validate_fields(top, "")
+    earlier: list[str] = []
+    for i, stage in enumerate(config.stages):
+        validate_fields(stage, stage_key(config.stages, i), ValidationContext(earlier=tuple(earlier)))
+        earlier += [f"{i}_{stage.kind}", stage.kind]
 
 
 def to_dict(obj: Any) -> Any:

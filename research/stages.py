@@ -23,6 +23,7 @@ import dataclasses
 import pathlib
 import time
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import ClassVar
@@ -34,6 +35,14 @@ import optax
 from flax import nnx
 
 from research import metrics as _metrics
+from research.config import Check
+from research.config import ConfigError
+from research.config import Range
+from research.config import ValidationContext
+from research.config import at_least_one
+from research.config import nonnegative
+from research.config import positive
+from research.config import validate_fields
 from research.data import BatchSampler
 from research.data import Dataset
 from research.train import LossFn
@@ -50,12 +59,32 @@ from research.train import state_to_model
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StageConfig:
-    """Base class of stage configs. Subclasses set ``kind`` and add typed fields."""
+    """Base class of stage configs. Subclasses set ``kind`` and add typed fields.
+
+    Every field is validated before anything trains (:func:`research.config.validate`): its
+    value against its type annotation (Literals included), then against the class's
+    ``checks`` (``{"steps": Range(lo=1), "scorer": OneOf(list_scorers, "pruning scorer")}``,
+    see :class:`research.config.Check`), then the class's :meth:`check` hook does the checks
+    that involve several fields. Errors name the dotted key (``stages.prune.learning_rate``).
+    """
 
     kind: ClassVar[str] = ""
+    checks: ClassVar[Mapping[str, Check]] = {}
 
-    def validate(self) -> None:
-        """Raises ``ValueError`` for bad field values; override to add checks."""
+    def validate(self, key: str = "", context: ValidationContext | None = None) -> None:
+        """Checks every field (see the class docstring).
+
+        Args:
+          key: the dotted key of this stage in its config (default: its ``kind``).
+          context: the earlier stages (default unknown: references to them are not checked).
+
+        Raises:
+          research.config.ConfigError: naming ``key.field`` and the valid values.
+        """
+        validate_fields(self, key or self.kind, context)
+
+    def check(self, key: str, context: ValidationContext) -> None:
+        """Checks that involve several fields; override and raise ``ConfigError(f"{key}.field=...")``."""
 
 
 @dataclasses.dataclass
@@ -321,6 +350,17 @@ class TrainStage(StageConfig):
     """
 
     kind: ClassVar[str] = "train"
+    checks: ClassVar[Mapping[str, Check]] = {
+        "steps": at_least_one,
+        "learning_rate": positive,
+        "batch_size": at_least_one,
+        "weight_decay": nonnegative,
+        "warmup_steps": nonnegative,
+        "grad_clip": Range(lo=0, hint="0 turns clipping off"),
+        "checkpoint_every": Range(lo=0, hint="0 saves only at the end"),
+        "eval_every": Range(lo=0, hint="0 evaluates only at the end"),
+        "log_every": Range(lo=0, hint="0 records only the end"),
+    }
     steps: int = 500
     learning_rate: float = 1e-3
     batch_size: int = 128
@@ -333,13 +373,12 @@ class TrainStage(StageConfig):
     eval_every: int = 100
     log_every: int = 10
 
-    def validate(self) -> None:
-        if self.steps <= 0:
-            raise ValueError(f"TrainStage.steps={self.steps} must be positive")
-        if self.batch_size <= 0:
-            raise ValueError(f"TrainStage.batch_size={self.batch_size} must be positive")
-        if self.learning_rate <= 0:
-            raise ValueError(f"TrainStage.learning_rate={self.learning_rate} must be positive")
+    def check(self, key: str, context: ValidationContext) -> None:
+        if self.warmup_steps > self.steps:
+            raise ConfigError(
+                f"{key}.warmup_steps={self.warmup_steps} is more than {key}.steps={self.steps}: the learning "
+                "rate would never reach its peak; lower warmup_steps"
+            )
 
 
 def train_kwargs(cfg: TrainStage) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -21,6 +22,14 @@ from methods.decomposition.surgery import DecompositionRule
 from methods.decomposition.surgery import ModelBudget
 from methods.decomposition.surgery import _deep_copy
 from methods.decomposition.surgery import factorize_with_report
+from research.config import Check
+from research.config import ConfigError
+from research.config import NonEmpty
+from research.config import Range
+from research.config import ValidationContext
+from research.config import at_least_one
+from research.config import fraction
+from research.config import positive
 from research.stages import Bundle
 from research.stages import StageConfig
 from research.stages import StageContext
@@ -49,6 +58,16 @@ class DecomposeStage(StageConfig):
     """
 
     kind: ClassVar[str] = "decompose"
+    checks: ClassVar[Mapping[str, Check]] = {
+        "rules": NonEmpty(hint="add e.g. DecompositionRule(pattern='conv', vbmf=True)"),
+        "budget_param_ratio": Range(lo=0, hi=1, hint="0 = no whole-model parameter budget"),
+        "budget_flop_ratio": Range(lo=0, hi=1, hint="0 = no whole-model FLOP budget"),
+        "min_speedup": positive,
+        "speed_batch_size": at_least_one,
+        "repeats": at_least_one,
+        "temperature": positive,
+        "alpha": fraction,
+    }
     rules: tuple[DecompositionRule, ...] = (DecompositionRule(pattern=".*", vbmf=True),)
     budget_param_ratio: float = 0.0
     budget_flop_ratio: float = 0.0
@@ -63,17 +82,12 @@ class DecomposeStage(StageConfig):
         default_factory=lambda: TrainStage(steps=300, learning_rate=3e-4, eval_every=100)
     )
 
-    def validate(self) -> None:
-        if not self.rules:
-            raise ValueError("DecomposeStage.rules is empty; add e.g. DecompositionRule(pattern='conv', vbmf=True)")
+    def check(self, key: str, context: ValidationContext) -> None:
         if self.budget_param_ratio and self.budget_flop_ratio:
-            raise ValueError("set at most one of DecomposeStage.budget_param_ratio, budget_flop_ratio")
-        if self.speed_batch_size < 1:
-            raise ValueError(f"DecomposeStage.speed_batch_size={self.speed_batch_size} must be >= 1")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"DecomposeStage.alpha={self.alpha} must be in [0, 1]")
-        if self.finetune is not None:
-            self.finetune.validate()
+            raise ConfigError(
+                f"set at most one of {key}.budget_param_ratio={self.budget_param_ratio}, "
+                f"{key}.budget_flop_ratio={self.budget_flop_ratio}"
+            )
 
     def budget(self) -> ModelBudget | None:
         if self.budget_param_ratio:

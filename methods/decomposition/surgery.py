@@ -44,6 +44,29 @@ FACTORIZED_TYPES = (LowRankLinear, CPConv, Tucker2Conv)
 _CRITERIA = ("rank", "energy", "param_ratio", "flop_ratio", "vbmf")
 
 
+def _not_int(x: Any) -> bool:
+    return isinstance(x, bool) or not isinstance(x, int)
+
+
+def _check_rank(rank: Any, name: str) -> None:
+    """A rank is None, an int >= 1 or a pair of them (tucker2's input and output ranks)."""
+    if rank is None:
+        return
+    items = rank if isinstance(rank, (tuple, list)) else (rank,)
+    if isinstance(rank, (tuple, list)) and len(rank) != 2:
+        raise ValueError(f"{name}={rank!r} must be an int or a pair (r_in, r_out)")
+    if any(_not_int(r) or r < 1 for r in items):
+        raise ValueError(f"{name}={rank!r} must be an int >= 1 or a pair of them (None: chosen by another criterion)")
+
+
+def _check_ratio(value: Any, name: str) -> None:
+    """A fraction in (0, 1] (or None)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1] (None: not this criterion)")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecompositionRule(Rule):
     """How to factorize the layers whose module path matches ``pattern``.
@@ -77,8 +100,17 @@ class DecompositionRule(Rule):
 
     def __post_init__(self):
         super().__post_init__()
+        name = f"DecompositionRule(pattern={self.pattern!r})"
         if self.method not in ("auto", "svd", "tucker2", "cp"):
-            raise ValueError(f"method={self.method!r} is not one of 'auto', 'svd', 'tucker2', 'cp'")
+            raise ValueError(f"{name}.method={self.method!r} is not one of 'auto', 'svd', 'tucker2', 'cp'")
+        _check_rank(self.rank, f"{name}.rank")
+        for field in ("energy", "param_ratio", "flop_ratio"):
+            _check_ratio(getattr(self, field), f"{name}.{field}")
+        if self.n_iter_max is not None and (_not_int(self.n_iter_max) or self.n_iter_max < 1):
+            raise ValueError(f"{name}.n_iter_max={self.n_iter_max!r} must be an int >= 1 (None: tensorly's default)")
+        for field in ("vbmf", "keep_if_slower", "skip"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{name}.{field}={getattr(self, field)!r} must be True or False")
         given = self.criteria()
         if len(given) > 1:
             raise ValueError(f"rule {self.pattern!r} sets several rank criteria {sorted(given)}; keep one")
@@ -108,9 +140,8 @@ class ModelBudget:
     def __post_init__(self):
         if (self.param_ratio is None) == (self.flop_ratio is None):
             raise ValueError("ModelBudget needs exactly one of param_ratio, flop_ratio")
-        ratio = self.param_ratio if self.param_ratio is not None else self.flop_ratio
-        if not 0 < ratio:
-            raise ValueError(f"ModelBudget ratio={ratio} must be positive")
+        field = "param_ratio" if self.param_ratio is not None else "flop_ratio"
+        _check_ratio(getattr(self, field), f"ModelBudget.{field}")
 
 
 @dataclasses.dataclass

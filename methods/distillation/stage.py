@@ -41,6 +41,17 @@ from methods.distillation.transforms import hinton_term
 from methods.distillation.transforms import rkd_angle_term
 from methods.distillation.transforms import rkd_distance_term
 from methods.distillation.transforms import weighted_sum
+from research.config import Check
+from research.config import ConfigError
+from research.config import EarlierStage
+from research.config import ExistingDir
+from research.config import OneOf
+from research.config import Range
+from research.config import ValidationContext
+from research.config import fraction
+from research.config import nonnegative
+from research.nn import list_models
+from research.nn import model_kwargs
 from research.stages import Bundle
 from research.stages import StageConfig
 from research.stages import StageContext
@@ -79,6 +90,19 @@ class DistillStage(StageConfig):
     """
 
     kind: ClassVar[str] = "distill"
+    checks: ClassVar[Mapping[str, Check]] = {
+        "teacher_run": ExistingDir(),
+        "student": EarlierStage(also=("",)),
+        "student_model": OneOf(list_models, "model", also=("",)),
+        "temperature": Range(lo=0, lo_open=True, hint="e.g. 4.0"),
+        "alpha": fraction,
+        "dkd_alpha": nonnegative,
+        "dkd_beta": nonnegative,
+        "hint_weight": nonnegative,
+        "attention_weight": nonnegative,
+        "rkd_distance_weight": nonnegative,
+        "rkd_angle_weight": nonnegative,
+    }
     teacher: str = "train"
     teacher_run: str = ""
     student: str = ""
@@ -99,15 +123,21 @@ class DistillStage(StageConfig):
     keep_zeros: bool = True
     train: TrainStage = dataclasses.field(default_factory=lambda: TrainStage(steps=300, eval_every=100))
 
-    def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"DistillStage.temperature={self.temperature} must be positive, e.g. 4.0")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"DistillStage.alpha={self.alpha} must be in [0, 1]")
-        for name in ("hint_weight", "attention_weight", "rkd_distance_weight", "rkd_angle_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DistillStage.{name}={getattr(self, name)} must be >= 0")
-        self.train.validate()
+    def check(self, key: str, context: ValidationContext) -> None:
+        if not self.teacher_run:  # a teacher_run replaces the teacher stage
+            if not self.teacher:
+                raise ConfigError(f"{key}.teacher is empty; name an earlier stage (e.g. 'train') or set teacher_run")
+            EarlierStage(also=()).check(self.teacher, f"{key}.teacher", context)
+        if self.student_options and not self.student_model:
+            raise ConfigError(f"{key}.student_options needs {key}.student_model (the zoo model they configure)")
+        if self.student_model:
+            valid = model_kwargs(self.student_model)
+            bad = sorted(set(self.student_options) - set(valid))
+            if bad:
+                raise ConfigError(
+                    f"{key}.student_options {bad} are not options of model {self.student_model!r}; "
+                    f"valid keys: {sorted(valid)}"
+                )
 
 
 class KeepZerosState(NamedTuple):

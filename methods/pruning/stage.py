@@ -11,6 +11,7 @@ Example config entry::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar
 from typing import Literal
 
@@ -23,7 +24,6 @@ from flax import nnx
 from methods.pruning.encoding import leaf_sparse_bytes
 from methods.pruning.encoding import sparse_bytes
 from methods.pruning.masks import SparsityRule
-from methods.pruning.masks import check_sparsity
 from methods.pruning.masks import mask_sparsity
 from methods.pruning.patterns import NM
 from methods.pruning.patterns import Block
@@ -32,9 +32,19 @@ from methods.pruning.schedules import iterative_schedule
 from methods.pruning.schedules import one_shot_schedule
 from methods.pruning.schedules import polynomial_schedule
 from methods.pruning.scores import get_scorer
+from methods.pruning.scores import list_scorers
+from methods.pruning.structured import list_channel_scores
 from methods.pruning.structured import remove_channels
 from methods.pruning.wrapper import find_masks
 from methods.pruning.wrapper import masked
+from research.config import Check
+from research.config import ConfigError
+from research.config import Each
+from research.config import OneOf
+from research.config import Range
+from research.config import ValidationContext
+from research.config import at_least_one
+from research.config import positive
 from research.nn import iter_modules
 from research.stages import Bundle
 from research.stages import StageConfig
@@ -71,6 +81,22 @@ class PruneStage(StageConfig):
     """
 
     kind: ClassVar[str] = "prune"
+    checks: ClassVar[Mapping[str, Check]] = {
+        "sparsity": Range(lo=0, hi=1, hi_open=True, hint="the fraction of weights removed, e.g. 0.9"),
+        "ramp_fraction": Range(lo=0, hi=1, lo_open=True),
+        "rounds": at_least_one,
+        "frequency": Range(lo=0, hint="0 updates the masks every steps // 20"),
+        "scorer": OneOf(list_scorers, "pruning scorer"),
+        "n": at_least_one,
+        "m": Range(lo=2),
+        "block": Each(at_least_one),
+        "channel_ratio": Range(lo=0, hi=1, hi_open=True, hint="the fraction of channels removed"),
+        "channel_score": OneOf(list_channel_scores, "channel score"),
+        "steps": Range(lo=0, hint="0 prunes one-shot without fine-tuning"),
+        "learning_rate": positive,
+        "batch_size": at_least_one,
+        "checkpoint_every": Range(lo=0, hint="0 saves only at the end"),
+    }
     sparsity: float = 0.9
     schedule: Literal["polynomial", "iterative", "one_shot"] = "polynomial"
     ramp_fraction: float = 0.7
@@ -91,24 +117,19 @@ class PruneStage(StageConfig):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     checkpoint_every: int = 100
 
-    def validate(self) -> None:
-        check_sparsity(self.sparsity, "PruneStage.sparsity")
-        if not 0.0 <= self.channel_ratio < 1.0:
-            raise ValueError(f"PruneStage.channel_ratio={self.channel_ratio} is outside [0, 1)")
-        if self.steps < 0:
-            raise ValueError(f"PruneStage.steps={self.steps} must be >= 0")
+    def check(self, key: str, context: ValidationContext) -> None:
+        if self.pattern == "nm" and not self.n < self.m:
+            raise ConfigError(f"{key}.n={self.n} must be less than {key}.m={self.m} (keep n of every m weights)")
         if self.steps == 0 and self.schedule != "one_shot":
-            raise ValueError(
-                f"PruneStage.steps=0 needs schedule='one_shot' (got {self.schedule!r}): only a "
+            raise ConfigError(
+                f"{key}.steps=0 needs {key}.schedule='one_shot' (got {self.schedule!r}): only a "
                 "one-shot prune needs no training; set schedule='one_shot' or steps > 0"
             )
         if self.steps == 0 and get_scorer(self.scorer).needs_grad:
-            raise ValueError(
-                f"PruneStage.steps=0 cannot use scorer={self.scorer!r}, which needs gradients; "
+            raise ConfigError(
+                f"{key}.steps=0 cannot use {key}.scorer={self.scorer!r}, which needs gradients; "
                 "use 'magnitude' or 'random', or steps > 0"
             )
-        if not 0.0 < self.ramp_fraction <= 1.0:
-            raise ValueError(f"PruneStage.ramp_fraction={self.ramp_fraction} must be in (0, 1]")
 
 
 def _schedule(cfg: PruneStage, sparsity: float):

@@ -20,12 +20,17 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Mapping
 from typing import ClassVar
 
 from methods.quantization.calibration import calibrate
 from methods.quantization.folding import find_conv_bn_pairs
 from methods.quantization.folding import fold_batchnorm
 from methods.quantization.folding import layer_order
+from methods.quantization.modules import list_methods
+from methods.quantization.observers import list_observers
+from methods.quantization.quantizers import MAX_BITS
+from methods.quantization.quantizers import MIN_BITS
 from methods.quantization.report import layer_table
 from methods.quantization.report import quant_layers
 from methods.quantization.report import quant_params
@@ -34,6 +39,10 @@ from methods.quantization.surgery import QuantRule
 from methods.quantization.surgery import float_layers
 from methods.quantization.surgery import quantize_model
 from research import metrics as _metrics
+from research.config import Check
+from research.config import OneOf
+from research.config import Range
+from research.config import at_least_one
 from research.data import calibration_subset
 from research.stages import Bundle
 from research.stages import StageConfig
@@ -67,6 +76,15 @@ class QuantizeStage(StageConfig):
     """
 
     kind: ClassVar[str] = "quantize"
+    checks: ClassVar[Mapping[str, Check]] = {
+        "bits": Range(lo=MIN_BITS, hi=MAX_BITS, hint="the kernel and activation bit width"),
+        "method": OneOf(list_methods, "quantization method"),
+        "first_last_bits": OneOf([0, *range(MIN_BITS, MAX_BITS + 1)], "bit width (0: same as bits)", bad=(1, 9)),
+        "observer": OneOf(list_observers, "observer"),
+        "weight_observer": OneOf(list_observers, "observer"),
+        "calibration_examples": at_least_one,
+        "calibration_batch_size": at_least_one,
+    }
     bits: int = 8
     method: str = "ste"
     per_channel: bool = True
@@ -79,16 +97,6 @@ class QuantizeStage(StageConfig):
     weight_observer: str = "minmax"
     calibration_examples: int = 512
     calibration_batch_size: int = 128
-
-    def validate(self) -> None:
-        self.make_rules([])  # bits / method errors
-        if self.first_last_bits:
-            QuantRule(bits=self.first_last_bits)
-        if self.calibration_examples <= 0 or self.calibration_batch_size <= 0:
-            raise ValueError(
-                f"calibration_examples={self.calibration_examples} and calibration_batch_size="
-                f"{self.calibration_batch_size} must be positive"
-            )
 
     def make_rules(self, order: list[str]) -> list[QuantRule]:
         """The rules of this stage (``order``: layer paths in execution order)."""
@@ -183,10 +191,6 @@ class QATStage(QuantizeStage):
     train: TrainStage = dataclasses.field(
         default_factory=lambda: TrainStage(steps=300, learning_rate=1e-4, eval_every=100)
     )
-
-    def validate(self) -> None:
-        super().validate()
-        self.train.validate()
 
 
 @register_stage(QATStage)

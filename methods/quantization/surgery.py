@@ -102,9 +102,14 @@ class QuantRule(Rule):
 
     def __post_init__(self):
         super().__post_init__()
-        Q.check_bits(self.bits)
-        if self.act_bits is not None:
-            Q.check_bits(self.act_bits)
+        for field in ("bits", "act_bits"):
+            value = getattr(self, field)
+            if value is None and field == "act_bits":
+                continue
+            try:
+                Q.check_bits(value)
+            except ValueError as e:
+                raise ValueError(f"QuantRule(pattern={self.pattern!r}).{field}: {e}") from None
         for name in (self.method, self.act_method):
             if name is not None and name not in list_methods():
                 raise ValueError(

@@ -6,6 +6,7 @@ from research.data.batching import BatchSampler
 from research.data.batching import calibration_subset
 from research.data.batching import eval_batches
 from research.data.datasets import Dataset
+from research.data.datasets import dataset_options
 from research.data.datasets import list_datasets
 from research.data.datasets import load_dataset
 from research.data.datasets import register_dataset
@@ -17,6 +18,7 @@ __all__ = [
     "eval_batches",
     "from_grain",
     "from_tfds",
+    "dataset_options",
     "list_datasets",
     "load_dataset",
     "register_dataset",

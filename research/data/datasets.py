@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -65,6 +66,18 @@ def register_dataset(name: str):
 def list_datasets() -> list[str]:
     """Names of the registered data sets."""
     return sorted(_DATASETS)
+
+
+def dataset_options(name: str) -> list[str]:
+    """The keyword options of a registered data set's loader (``DataConfig.options`` keys).
+
+    Raises:
+      KeyError: unknown name (lists the registered ones).
+    """
+    if name not in _DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; registered datasets: {list_datasets()}")
+    params = inspect.signature(_DATASETS[name]).parameters.values()
+    return sorted(p.name for p in params if p.name != "seed" and p.kind == p.POSITIONAL_OR_KEYWORD)
 
 
 @register_dataset("digits")

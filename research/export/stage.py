@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 from typing import ClassVar
 
 import numpy as np
 
+from research.config import Check
+from research.config import ConfigError
+from research.config import Each
+from research.config import EarlierStage
+from research.config import OneOf
+from research.config import ValidationContext
+from research.config import at_least_one
 from research.data import calibration_subset
 from research.export.api import FORMATS
 from research.export.api import export
@@ -48,6 +56,14 @@ class ExportStage(StageConfig):
     """
 
     kind: ClassVar[str] = "export"
+    checks: ClassVar[Mapping[str, Check]] = {
+        "formats": Each(OneOf(FORMATS, "export format")),
+        "quantize": Each(OneOf(quantize_modes, "export quantization mode")),
+        "calibration_examples": at_least_one,
+        "eval_examples": at_least_one,
+        "latency_batch_size": at_least_one,
+        "source": EarlierStage(also=("current",)),
+    }
     formats: tuple[str, ...] = FORMATS
     quantize: tuple[str, ...] = ()
     calibration_examples: int = 256
@@ -55,14 +71,9 @@ class ExportStage(StageConfig):
     latency_batch_size: int = 1
     source: str = "current"
 
-    def validate(self) -> None:
-        bad = sorted(set(self.formats) - set(FORMATS))
-        if bad:
-            raise ValueError(f"ExportStage.formats has unknown {bad}; choose from {list(FORMATS)}")
-        allowed = quantize_modes()
-        bad = sorted(set(self.quantize) - set(allowed))
-        if bad:
-            raise ValueError(f"ExportStage.quantize has unknown {bad}; choose from {list(allowed)}")
+    def check(self, key: str, context: ValidationContext) -> None:
+        if not self.formats:
+            raise ConfigError(f"{key}.formats=() exports nothing; give some of {list(FORMATS)}")
 
 
 def export_bundle(

@@ -40,6 +40,8 @@ class Rule:
     pattern: str = ".*"
 
     def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise RuleError(f"rule pattern {self.pattern!r} must be a string (a regular expression over paths)")
         try:
             re.compile(self.pattern)
         except re.error as e:

@@ -49,11 +49,11 @@ def test_stage_by_kind_must_be_unique():
 
 def test_validate_names_and_options():
     C.validate(_cfg())
-    with pytest.raises(C.ConfigError, match="not a registered model"):
+    with pytest.raises(C.ConfigError, match=r"model.name='gpt' is not registered \(model\)"):
         C.validate(dataclasses.replace(_cfg(), model=C.ModelConfig(name="gpt")))
     with pytest.raises(C.ConfigError, match="valid keys"):
         C.validate(dataclasses.replace(_cfg(), model=C.ModelConfig(name="lenet5", options={"depth": 3})))
-    with pytest.raises(C.ConfigError, match="registered data set"):
+    with pytest.raises(C.ConfigError, match=r"data.name='cifar100' is not registered \(data set\)"):
         C.validate(dataclasses.replace(_cfg(), data=C.DataConfig(name="cifar100")))
     with pytest.raises(ValueError, match="steps=0"):
         C.validate(dataclasses.replace(_cfg(), stages=(TrainStage(steps=0),)))

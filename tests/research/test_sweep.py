@@ -180,7 +180,7 @@ def test_a_failing_point_is_recorded_and_the_others_finish(base, swept, count_ru
     [
         ({"seed": [0], "stages.0.stepz": [3]}, r"sweep point 0 \(seed=0_stepz=3\).*'stepz'.*valid keys.*'steps'"),
         ({"seed": [0, "one"]}, r"sweep point 1 \(seed=one\): seed='one' must be an int"),
-        ({"stages.train.steps": [4, 0]}, r"sweep point 1 .*steps=0 must be positive"),
+        ({"stages.train.steps": [4, 0]}, r"sweep point 1 .*steps=0 must be >= 1"),
         ({"stages.prune.sparsity": []}, r"empty list"),
         ({"seed": 3}, r"must be a list of values"),
         ({"seed": [float("nan")]}, r"not a Python literal"),
