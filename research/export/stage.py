@@ -22,6 +22,7 @@ from research.export.api import FORMATS
 from research.export.api import export
 from research.export.api import needs_calibration
 from research.export.api import quantize_modes
+from research.export.onnx_export import onnx_quantization_modes
 from research.export.report import ExportReport
 from research.stages import Bundle
 from research.stages import StageConfig
@@ -74,6 +75,11 @@ class ExportStage(StageConfig):
     def check(self, key: str, context: ValidationContext) -> None:
         if not self.formats:
             raise ConfigError(f"{key}.formats=() exports nothing; give some of {list(FORMATS)}")
+        for i, q in enumerate(self.quantize):
+            if q in onnx_quantization_modes() and "onnx" not in self.formats:
+                raise ConfigError(
+                    f"{key}.quantize.{i}={q!r} writes an ONNX file only; add 'onnx' to {key}.formats={self.formats!r}"
+                )
 
 
 def export_bundle(

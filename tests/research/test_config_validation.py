@@ -57,6 +57,7 @@ CROSS = [
     ("DistillStage", {"attention": "layers/0"}, "distill.attention"),
     ("DecomposeStage", {"budget_param_ratio": 0.5, "budget_flop_ratio": 0.5}, "decompose.budget_param_ratio"),
     ("ExportStage", {"formats": ()}, "export.formats"),
+    ("ExportStage", {"formats": ("tflite",), "quantize": ("int8_qdq_symmetric",)}, "export.quantize.0"),
 ]
 TOP_CROSS = [
     ({"model": C.ModelConfig(name="mlp", options={"depth": 3})}, "model.options"),
