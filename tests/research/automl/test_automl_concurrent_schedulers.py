@@ -24,6 +24,7 @@ from research.automl import SQLiteStorage
 from research.automl import Study
 from research.automl import TrialState
 
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 EVALS_PER_WORKER = 12
 MIN_BUDGET, MAX_BUDGET, ETA = 1, 9, 3
 
@@ -62,7 +63,10 @@ def _worker(db, kind, evals, log, worker):
 def _run_workers(tmp_path, kind, n_workers):
     db, log = str(tmp_path / "study.db"), str(tmp_path / "evals.log")
     SQLiteStorage(db).close()  # create the schema once, before the workers race
-    # Real processes, each with its own SQLite connection (fork: no second import of JAX).
+    # Real processes, each with its own SQLite connection. Forked, so no worker imports JAX
+    # again (spawn or a fork server costs seconds per worker). JAX warns about forking a
+    # process that ran it; the workers never call JAX (stdlib sqlite3, numpy and the random
+    # sampler only), so none of its threads' locks is needed after the fork.
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_worker, args=(db, kind, EVALS_PER_WORKER, log, w)) for w in range(n_workers)]
     for p in procs:
