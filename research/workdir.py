@@ -361,6 +361,7 @@ def reconcile(workdir: str, config: config_lib.Config) -> list[str]:
         message says how to proceed (a new ``--workdir``, or ``--overwrite``).
       RunFileError: ``config.json`` is unreadable and no stage directory carries its key.
     """
+    os.makedirs(workdir, exist_ok=True)
     keys = stage_keys(config)
     labels = stage_labels(config)
     new_dict = config_lib.to_dict(config)

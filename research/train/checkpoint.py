@@ -8,7 +8,11 @@ copy) is moved to ``corrupt_checkpoints/`` beside the checkpoint directory with 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import sys
+import types
 import warnings
 from typing import Any
 
@@ -125,7 +129,8 @@ class Checkpointer:
         failed: list[tuple[int, Exception]] = []
         for step in reversed(steps):
             try:
-                tree = self._restore_step(template, step)
+                with _quiet_abandoned_reads():
+                    tree = self._restore_step(template, step)
             except Exception as e:  # orbax/TensorStore raise many types for damaged files
                 failed.append((step, e))
                 continue
@@ -167,3 +172,23 @@ def _first_line(e: BaseException, width: int = 200) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     text = f"{type(e).__name__}: {text}"
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """Silences the "Exception ignored in <coroutine>" reports of the array reads orbax abandons
+    when one read of a damaged checkpoint fails (the failure itself is raised and reported)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.object, types.CoroutineType):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        gc.collect()  # the abandoned reads are reported when collected: do it while the hook filters
+        raise
+    finally:
+        sys.unraisablehook = previous
