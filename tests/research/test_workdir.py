@@ -194,3 +194,31 @@ def test_default_workdir_of_overrides_differs_from_the_base_configs():
     assert a == W.default_workdir("quickstart", ["model.name = resnet20", "stages.train.steps=1000"])
     assert a != W.default_workdir("quickstart", ["stages.train.steps=999", "model.name=resnet20"])
     assert W.default_workdir("q", ["seed=1"], suffix="_sweep").endswith("_sweep")
+
+
+def test_sweep_overwrite_deletes_the_previous_sweep(tmp_path, monkeypatch, capsys):
+    from research import run as run_lib
+
+    calls = []
+
+    def fake_run(config, workdir, **kwargs):  # a finished one-stage run, without training
+        calls.append(os.path.basename(workdir))
+        os.makedirs(workdir, exist_ok=True)
+        report = {"stages": [{"label": "0_train", "metrics": {"test_accuracy": 0.5, "bytes": 100}}]}
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(C.to_json(config) + "\n")
+        with open(os.path.join(workdir, "report.json"), "w") as f:
+            json.dump(report, f)
+        return report
+
+    monkeypatch.setattr(run_lib, "run", fake_run)
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(CONFIG_FILE)
+    sweep_dir = tmp_path / "sweep"
+    args = ["sweep", str(cfg_file), "--grid", "seed=0,1", "--workdir", str(sweep_dir), "--no-progress"]
+    assert cli.main(args) == 0 and calls == ["0_seed=0", "1_seed=1"]
+    assert cli.main(args) == 0 and len(calls) == 2  # finished points are read, not rerun
+    (sweep_dir / "runs" / "7_seed=9").mkdir()  # a point of an earlier grid
+    assert cli.main([*args, "--overwrite"]) == 0 and calls[2:] == ["0_seed=0", "1_seed=1"]
+    assert sorted(os.listdir(sweep_dir / "runs")) == ["0_seed=0", "1_seed=1"]
+    assert "overwrite: deleted runs, sweep.json, sweep.png, sweep.txt" in capsys.readouterr().err
