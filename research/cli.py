@@ -45,11 +45,17 @@ def _cmd_run(args) -> int:
     workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [])
     if not args.workdir and args.set:
         print(f"slimjax: run directory {workdir} (the config with its --set overrides)", file=sys.stderr)
+    from research.train import CheckpointReadError
+    from research.train import MetricsFileError
+
     try:
         report = run(config, workdir, progress=not args.no_progress, overwrite=args.overwrite)
     except (config_lib.ConfigError, workdir_lib.WorkdirInUseError, workdir_lib.RunFileError) as e:
         print(f"slimjax: {e}", file=sys.stderr)
         return 2
+    except (CheckpointReadError, MetricsFileError) as e:  # the message names the file and the fix
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 1
     print(report_lib.render(report))
     return 0
 

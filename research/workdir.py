@@ -366,7 +366,11 @@ def reconcile(workdir: str, config: config_lib.Config) -> list[str]:
     labels = stage_labels(config)
     new_dict = config_lib.to_dict(config)
     stages_root = os.path.join(workdir, STAGES_DIR)
-    existing = sorted(os.listdir(stages_root)) if os.path.isdir(stages_root) else []
+    existing = (
+        sorted(e for e in os.listdir(stages_root) if os.path.isdir(os.path.join(stages_root, e)))
+        if os.path.isdir(stages_root)
+        else []
+    )
     try:
         old = _old_config(workdir)
     except RunFileError:
