@@ -91,6 +91,10 @@ def test_second_process_is_refused_at_once_and_a_killed_holders_lock_is_taken_ov
     with pytest.raises(W.WorkdirInUseError, match=f"pid {os.getpid()}"):  # even this process, a second time
         W.WorkdirLock(workdir).acquire()
     lock.release()
+    # A lock file left by hand (or copied with the directory) whose holder holds no lock: taken over.
+    (workdir / ".lock").write_text(json.dumps({"pid": 4194304, "host": "elsewhere", "started": "2026-01-01T00:00:00Z"}))
+    with pytest.warns(W.WorkdirWarning, match="left by pid 4194304 on elsewhere since 2026-01-01T00:00:00Z"):
+        W.WorkdirLock(workdir).acquire().release()
 
 
 def test_stage_keys_depend_on_the_prefix_only():
