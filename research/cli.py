@@ -35,19 +35,19 @@ def _load_config(args):
 
 def _cmd_run(args) -> int:
     from research import config as config_lib
-    from research import report as report_lib
-    from research import workdir as workdir_lib
-    from research.run import run
+    from research import workdir as workdir_lib  # light: the standard library and research.config
 
     config = _load_config(args)
     if config is None:
         return 2
-    workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [])
-    if not args.workdir and args.set:
-        print(f"slimjax: run directory {workdir} (the config with its --set overrides)", file=sys.stderr)
+    from research import report as report_lib
+    from research.run import run
     from research.train import CheckpointReadError
     from research.train import MetricsFileError
 
+    workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [])
+    if not args.workdir and args.set:
+        print(f"slimjax: run directory {workdir} (the config with its --set overrides)", file=sys.stderr)
     try:
         report = run(config, workdir, progress=not args.no_progress, overwrite=args.overwrite)
     except (config_lib.ConfigError, workdir_lib.WorkdirInUseError, workdir_lib.RunFileError) as e:
