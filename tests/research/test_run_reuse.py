@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,12 +116,15 @@ def test_a_fixed_later_stage_reuses_the_prefix_and_a_changed_first_stage_is_refu
     (replaced,) = os.listdir(run_dir / "replaced")
     assert os.path.isdir(run_dir / "replaced" / replaced / "checkpoints" / "5")  # the failed attempt, kept
 
-    # The same config given by --set lands in its own default directory (no collision with runs/tiny)
-    # and, trained from scratch there, gives exactly what the reused prefix gave.
-    assert cli.main(["run", config_file, "--set", "stages.1.learning_rate=0.002", "--no-progress"]) == 0
+    # The same config given by --set lands in its own default directory (no collision with runs/tiny).
+    # Given only stage 0 there, it trains stage 1 from scratch, exactly as the rerun above did (had the
+    # rerun resumed the failed attempt's checkpoint, its first steps would carry the old learning rate).
     fresh = tmp_path / W.default_workdir("tiny", ["stages.1.learning_rate=0.002"])
-    assert fresh != run_dir and os.path.isfile(fresh / "report.json")
-    assert calls == ["train", "prune", "prune", "train", "prune"]
+    assert fresh != run_dir
+    shutil.copytree(run_dir / "stages" / "0_train", fresh / "stages" / "0_train")
+    shutil.copy(run_dir / "config.json", fresh / "config.json")
+    assert cli.main(["run", config_file, "--set", "stages.1.learning_rate=0.002", "--no-progress"]) == 0
+    assert calls == ["train", "prune", "prune", "prune"]
     _same_run(run_dir, fresh, ["0_train", "1_prune"])
     capsys.readouterr()
 
@@ -133,7 +137,7 @@ def test_a_fixed_later_stage_reuses_the_prefix_and_a_changed_first_stage_is_refu
         "first stage; use a new --workdir, or --overwrite to delete that run and start over"
     )
     assert (sorted(os.listdir(run_dir / "stages")), (run_dir / "config.json").read_text()) == before
-    assert calls == ["train", "prune", "prune", "train", "prune"]
+    assert calls == ["train", "prune", "prune", "prune"]
 
     # --overwrite deletes that run and starts over (stopped at its first batch here, to save the training).
     monkeypatch.setattr(BatchSampler, "batch", lambda self, step: (_ for _ in ()).throw(Failed()))
