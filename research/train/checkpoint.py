@@ -8,7 +8,6 @@ copy) is moved to ``corrupt_checkpoints/`` beside the checkpoint directory with 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import sys
@@ -91,6 +90,29 @@ class Checkpointer:
         restored = jax.tree.unflatten(jax.tree.structure(saveable), jax.tree.leaves(restored))
         return from_saveable(restored, template)
 
+    def _try_restore(self, template: Any, step: int) -> tuple[Any, str | None]:
+        """``(tree, None)``, or ``(None, "Type: first line of the error")`` when ``step`` does not read.
+
+        Only the message is kept: the exception's traceback holds orbax's abandoned array reads,
+        which are collected here, so their "Exception ignored" reports stay silent.
+        """
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not isinstance(unraisable.object, types.CoroutineType):
+                previous(unraisable)
+
+        sys.unraisablehook = hook
+        try:
+            try:
+                return self._restore_step(template, step), None
+            except Exception as e:  # orbax/TensorStore raise many types for damaged files
+                error = _first_line(e)
+            gc.collect()
+            return None, error
+        finally:
+            sys.unraisablehook = previous
+
     def restore(self, template: Any, step: int | None = None) -> Any:
         """Restores checkpoint ``step`` (default: the newest readable one) into the structure of ``template``.
 
@@ -105,13 +127,13 @@ class Checkpointer:
             return found[0]
         if step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (steps: {self.all_steps()})")
-        try:
-            return self._restore_step(template, step)
-        except Exception as e:  # orbax/TensorStore raise many types for damaged files
+        tree, error = self._try_restore(template, step)
+        if error is not None:
             raise CheckpointReadError(
-                f"checkpoint {os.path.join(self.directory, str(step))} cannot be read ({_first_line(e)}); "
+                f"checkpoint {os.path.join(self.directory, str(step))} cannot be read ({error}); "
                 "restore another step, or delete it"
-            ) from e
+            )
+        return tree
 
     def restore_latest(self, template: Any) -> tuple[Any, int] | None:
         """``(tree, step)`` of the newest checkpoint that reads, or ``None`` when there is none.
@@ -125,19 +147,16 @@ class Checkpointer:
           CheckpointReadError: checkpoints exist but none can be read; names the steps, the first
             error and the fix.
         """
-        steps = self.all_steps()
-        failed: list[tuple[int, Exception]] = []
-        for step in reversed(steps):
-            try:
-                with _quiet_abandoned_reads():
-                    tree = self._restore_step(template, step)
-            except Exception as e:  # orbax/TensorStore raise many types for damaged files
-                failed.append((step, e))
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            tree, error = self._try_restore(template, step)
+            if error is not None:
+                failed.append((step, error))
                 continue
             for bad, err in failed:
                 dest = self._set_aside(bad)
                 warnings.warn(
-                    f"checkpoint step {bad} in {self.directory} cannot be read ({_first_line(err)}); "
+                    f"checkpoint step {bad} in {self.directory} cannot be read ({err}); "
                     f"moved it to {dest} and resumed from step {step}",
                     CheckpointWarning,
                     stacklevel=2,
@@ -147,9 +166,9 @@ class Checkpointer:
             step, err = failed[0]
             raise CheckpointReadError(
                 f"no checkpoint in {self.directory} can be read (steps {[s for s, _ in failed]}; step {step}: "
-                f"{_first_line(err)}); if the model or stage code changed since they were written, delete "
+                f"{err}); if the model or stage code changed since they were written, delete "
                 f"{self.directory} to restart this stage from its beginning"
-            ) from err
+            )
         return None
 
     def _set_aside(self, step: int) -> str:
@@ -172,23 +191,3 @@ def _first_line(e: BaseException, width: int = 200) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     text = f"{type(e).__name__}: {text}"
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-@contextlib.contextmanager
-def _quiet_abandoned_reads():
-    """Silences the "Exception ignored in <coroutine>" reports of the array reads orbax abandons
-    when one read of a damaged checkpoint fails (the failure itself is raised and reported)."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if not isinstance(unraisable.object, types.CoroutineType):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-    try:
-        yield
-    except BaseException:
-        gc.collect()  # the abandoned reads are reported when collected: do it while the hook filters
-        raise
-    finally:
-        sys.unraisablehook = previous
