@@ -58,14 +58,28 @@ def _load_config(args):
 
 
 def _cmd_run(args) -> int:
+    from research import config as config_lib
+    from research import workdir as workdir_lib  # light: the standard library and research.config
+
     config = _load_config(args)
     if config is None:
         return 2
     from research import report as report_lib
     from research.run import run
+    from research.train import CheckpointReadError
+    from research.train import MetricsFileError
 
-    workdir = args.workdir or os.path.join("runs", config.name)
-    report = run(config, workdir, progress=not args.no_progress)
+    workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [])
+    if not args.workdir and args.set:
+        print(f"slimjax: run directory {workdir} (the config with its --set overrides)", file=sys.stderr)
+    try:
+        report = run(config, workdir, progress=not args.no_progress, overwrite=args.overwrite)
+    except (config_lib.ConfigError, workdir_lib.WorkdirInUseError, workdir_lib.RunFileError) as e:
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointReadError, MetricsFileError) as e:  # the message names the file and the fix
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 1
     print(report_lib.render(report))
     return 0
 
@@ -119,6 +133,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 def _cmd_sweep(args) -> int:
     from research import config as config_lib
+    from research import workdir as workdir_lib
 
     if not args.grid:
         print("slimjax: sweep needs at least one --grid KEY=V1,V2,...", file=sys.stderr)
@@ -133,11 +148,14 @@ def _cmd_sweep(args) -> int:
         return 2
     from research.sweep import sweep
 
-    workdir = args.workdir or os.path.join("runs", f"{config.name}_sweep")
+    workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [], suffix="_sweep")
     try:
-        report = sweep(config, grid, workdir, progress=not args.no_progress)
+        report = sweep(config, grid, workdir, progress=not args.no_progress, overwrite=args.overwrite)
     except config_lib.ConfigError as e:  # raised before any point runs
         return _config_error(e)
+    except workdir_lib.WorkdirInUseError as e:
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 2
     print(report.table())
     written = [n for n in ("sweep.json", "sweep.txt", "sweep.png") if os.path.exists(os.path.join(workdir, n))]
     print(f"wrote {', '.join(written)} in {workdir}")
@@ -147,16 +165,14 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    import json
-
-    path = os.path.join(args.run_dir, "report.json")
-    if not os.path.exists(path):
-        print(f"slimjax: no report.json in {args.run_dir}", file=sys.stderr)
-        return 2
     from research import report as report_lib
+    from research.workdir import RunFileError
 
-    with open(path) as f:
-        print(report_lib.render(json.load(f)))
+    try:
+        print(report_lib.render(report_lib.read_report(args.run_dir)))
+    except RunFileError as e:
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -185,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run a config's stages and write a run directory")
     p.add_argument("config", help="path/to/config.py[:arg]")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    p.add_argument("--workdir", help="run directory (default runs/<config name>)")
+    p.add_argument("--workdir", help="run directory (default runs/<config name>[-<hash of the --set overrides>])")
+    p.add_argument("--overwrite", action="store_true", help="delete the run the workdir holds and start over")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(fn=_cmd_run)
 
@@ -195,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "--grid", action="append", metavar="KEY=V1,V2,...", help="values of one override key (repeatable; product)"
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field for every point")
-    p.add_argument("--workdir", help="sweep directory (default runs/<config name>_sweep)")
+    p.add_argument("--workdir", help="sweep directory (default runs/<config name>[-<hash of --set>]_sweep)")
+    p.add_argument("--overwrite", action="store_true", help="delete the sweep the workdir holds and start over")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(fn=_cmd_sweep)
 

@@ -86,6 +86,31 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def read_report(workdir: str) -> dict[str, Any]:
+    """The ``report.json`` of a run directory.
+
+    Raises:
+      RunFileError: the file is missing, truncated or not a slimjax report; the message names it
+        and the fix (the run rewrites it after every stage, reusing finished stages).
+    """
+    from research.workdir import RunFileError
+    from research.workdir import read_json
+
+    path = os.path.join(workdir, "report.json")
+    fix = (
+        f"run its config again with --workdir {workdir} to rewrite it (finished stages are reused, not retrained)"
+        if os.path.exists(os.path.join(workdir, "config.json"))
+        else f"is {workdir} a slimjax run directory? A run writes report.json after its first stage"
+    )
+    report = read_json(path, fix=fix)
+    if not isinstance(report, dict) or not isinstance(report.get("stages"), list):
+        raise RunFileError(f"{path} is not a slimjax report (it has no 'stages' list); {fix}")
+    for i, st in enumerate(report["stages"]):
+        if not isinstance(st, dict) or not isinstance(st.get("label"), str) or not isinstance(st.get("metrics"), dict):
+            raise RunFileError(f"{path}: stage {i} has no 'label' and 'metrics'; {fix}")
+    return report
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and a rename: never half-written."""
     with open(path + ".tmp", "w") as f:

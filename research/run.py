@@ -5,10 +5,15 @@ Run directory layout::
     WORKDIR/config.json            the resolved config the run used
     WORKDIR/stages/<i>_<kind>/     each stage's checkpoints/, metrics.jsonl and artifacts
     WORKDIR/stages/<i>_<kind>/result.pkl   the finished stage's model, extras and record
+    WORKDIR/stages/<i>_<kind>/key.json     the hash of the config prefix that made the stage
+    WORKDIR/replaced/<i>_<kind>-<key>/     stages set aside after their config changed
+    WORKDIR/.lock                          held by the process running in the directory
     WORKDIR/report.json, report.txt, curves.png
 
 A killed run started again with the same config and workdir skips the finished stages
-(loading their models) and resumes the interrupted stage from its last checkpoint.
+(loading their models) and resumes the interrupted stage from its last checkpoint. Started with
+a config whose later stages changed, it reuses the unchanged prefix and reruns from the first
+changed stage (see :mod:`research.workdir`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from flax import nnx
 
 from research import config as config_lib
 from research import report as report_lib
+from research import workdir as workdir_lib
 from research.data import load_dataset
 from research.nn import build_model
 from research.stages import Bundle
@@ -95,27 +101,49 @@ def environment() -> dict[str, Any]:
     }
 
 
-def run(config: config_lib.Config, workdir: str, *, progress: bool = True, echo: bool = True) -> dict[str, Any]:
+def run(
+    config: config_lib.Config,
+    workdir: str,
+    *,
+    progress: bool = True,
+    echo: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Runs every stage of ``config`` in ``workdir`` and returns the report dict.
 
+    The workdir is locked for the whole run (:class:`research.workdir.WorkdirLock`). Stages are
+    reused by content: a stage directory whose key (a hash of the config up to and including that
+    stage, see :func:`research.workdir.stage_keys`) matches is loaded, or resumed from its
+    checkpoints if it was interrupted; from the first changed stage on, the earlier results are
+    moved to ``WORKDIR/replaced/`` and the stages run again.
+
+    Args:
+      config: the experiment.
+      workdir: the run directory.
+      progress: show progress bars.
+      echo: print one line per stage (and what was reused or moved aside) to stderr.
+      overwrite: delete the run that ``workdir`` holds first (``slimjax run --overwrite``).
+
     Raises:
-      ConfigError: the config is invalid, or ``workdir`` holds a run of a different config.
+      ConfigError: the config is invalid, or ``workdir`` holds a run whose first stage, data, model
+        or seed differ (and ``overwrite`` is false).
+      WorkdirInUseError: another process is running in ``workdir``.
     """
     register_all_stages()
     config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    cfg_path = os.path.join(workdir, "config.json")
-    cfg_json = config_lib.to_json(config)
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            if f.read().strip() != cfg_json.strip():
-                raise config_lib.ConfigError(
-                    f"{workdir} holds a run of a different config; use a new --workdir or delete it to start over"
-                )
-    else:
-        with open(cfg_path, "w") as f:
-            f.write(cfg_json + "\n")
+    with workdir_lib.WorkdirLock(workdir):
+        if overwrite:
+            removed = workdir_lib.clear(workdir, markers=("config.json", workdir_lib.STAGES_DIR))
+            if removed and echo:
+                print(f"overwrite: deleted {', '.join(removed)} in {workdir}", file=sys.stderr)
+        for note in workdir_lib.reconcile(workdir, config):
+            if echo:
+                print(note, file=sys.stderr)
+        return _run_stages(config, workdir, progress=progress, echo=echo)
 
+
+def _run_stages(config: config_lib.Config, workdir: str, *, progress: bool, echo: bool) -> dict[str, Any]:
+    """The stages of :func:`run`, with the lock held and the stage directories reconciled."""
     bundle = build_bundle(config)
     report: dict[str, Any] = {
         "name": config.name,
@@ -124,10 +152,13 @@ def run(config: config_lib.Config, workdir: str, *, progress: bool = True, echo:
         "stages": [],
     }
     stage_dirs = []
+    keys = workdir_lib.stage_keys(config)
     for i, stage_cfg in enumerate(config.stages):
         label = f"{i}_{stage_cfg.kind}"
         sdir = os.path.join(workdir, "stages", label)
-        os.makedirs(sdir, exist_ok=True)
+        for note in workdir_lib.prepare_stage_dir(workdir, label, keys[i], workdir_lib.stage_prefix(config, i)):
+            if echo:
+                print(note, file=sys.stderr)
         stage_dirs.append((label, sdir))
         done_path = os.path.join(sdir, "result.pkl")
         if os.path.exists(done_path):
@@ -198,6 +229,12 @@ def load_run(workdir: str) -> tuple[dict[str, Any], nnx.Module, dict[str, Any]]:
 
 
 def load_run_config(workdir: str) -> dict[str, Any]:
-    """The config a run used, as the dict stored in ``config.json``."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return json.load(f)
+    """The config a run used, as the dict stored in ``config.json``.
+
+    Raises:
+      RunFileError: ``config.json`` is missing or unreadable (the message names it and the fix).
+    """
+    return workdir_lib.read_json(
+        os.path.join(workdir, "config.json"),
+        fix=f"is {workdir} a slimjax run directory? Rerunning its config with --workdir {workdir} rewrites it",
+    )

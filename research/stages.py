@@ -53,6 +53,7 @@ from research.train import evaluate
 from research.train import fit
 from research.train import make_eval_step
 from research.train import make_train_step
+from research.train import read_metrics
 from research.train import split_model
 from research.train import state_to_model
 
@@ -406,11 +407,12 @@ def run_train(bundle: Bundle, cfg: TrainStage, ctx: StageContext) -> StageResult
     seconds = time.perf_counter() - t0
     train_rows = [r for r in records if r.get("split") == "train"]
     out = {}
+    # A resumed stage logged its earlier steps in an earlier call: the last loss is in the file.
+    logged = [r for r in read_metrics(ctx.workdir) if r.get("split") == "train"] or train_rows
+    if logged:
+        out["final_train_loss"] = logged[-1]["loss"]
     if train_rows:
         # Throughput over the steps this call ran, compilation and evaluation included.
-        out = {
-            "final_train_loss": train_rows[-1]["loss"],
-            "train_steps_per_s": len(train_rows) / seconds,
-            "train_examples_per_s": len(train_rows) * min(cfg.batch_size, len(bundle.dataset.x_train)) / seconds,
-        }
+        out["train_steps_per_s"] = len(train_rows) / seconds
+        out["train_examples_per_s"] = len(train_rows) * min(cfg.batch_size, len(bundle.dataset.x_train)) / seconds
     return StageResult(bundle=dataclasses.replace(bundle, model=model), metrics=out)

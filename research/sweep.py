@@ -36,6 +36,7 @@ import numpy as np
 from research import config as config_lib
 from research import report as report_lib
 from research import run as run_lib
+from research import workdir as workdir_lib
 
 Status = Literal["pending", "done", "failed"]
 
@@ -278,8 +279,12 @@ def sweep(
     workdir: str,
     *,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> SweepReport:
     """Runs ``config`` once per point of the Cartesian product of ``grid``.
+
+    The sweep directory is locked while the sweep runs (a second sweep on it raises
+    :class:`research.workdir.WorkdirInUseError`), and each point's run locks its own directory.
 
     Args:
       config: the base config (``--set`` overrides already applied).
@@ -287,6 +292,7 @@ def sweep(
         values are Python values (the CLI parses them with :func:`research.config.parse_value`).
       workdir: the sweep directory; point ``i`` runs in ``workdir/runs/<i>_<slug>``.
       progress: a tqdm bar over points (and the runs' own bars).
+      overwrite: delete the sweep that ``workdir`` holds (its point runs and tables) first.
 
     Returns:
       The :class:`SweepReport`; failed points are in ``report.failed`` (not raised).
@@ -294,6 +300,7 @@ def sweep(
     Raises:
       ConfigError: a grid key or value that ``slimjax run --set`` would refuse, or a point whose
         config does not validate; raised before any point runs.
+      WorkdirInUseError: another process is sweeping in ``workdir``.
 
     Example:
       From the repository root (four runs of the smoke quickstart, about a minute in all on a 2-core CPU)::
@@ -307,6 +314,23 @@ def sweep(
     run_lib.register_all_stages()
     overrides = expand_grid(grid)
     configs = _point_configs(config, overrides)
+    with workdir_lib.WorkdirLock(workdir):
+        if overwrite:
+            removed = workdir_lib.clear(workdir, markers=("sweep.json", "runs"))
+            if removed:
+                print(f"overwrite: deleted {', '.join(removed)} in {workdir}", file=sys.stderr)
+        return _sweep_points(configs, overrides, grid, workdir, progress=progress)
+
+
+def _sweep_points(
+    configs: Sequence[config_lib.Config],
+    overrides: Sequence[Mapping[str, Any]],
+    grid: Mapping[str, Sequence[Any]],
+    workdir: str,
+    *,
+    progress: bool,
+) -> SweepReport:
+    """The points of :func:`sweep`, run one after another with the sweep directory locked."""
     width = len(str(len(overrides) - 1))
     runs_dir = os.path.join(workdir, "runs")
     os.makedirs(runs_dir, exist_ok=True)

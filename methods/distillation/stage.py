@@ -61,6 +61,7 @@ from research.stages import accuracy
 from research.stages import finetune
 from research.stages import register_stage
 from research.stages import train_kwargs
+from research.train import read_metrics
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -269,6 +270,8 @@ def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageRe
     )
     model = unwrap_student(model)
     train_rows = [r for r in records if r.get("split") == "train"]
+    # A resumed stage logged its earlier steps in an earlier call: the last losses are in the file.
+    train_rows = train_rows or [r for r in read_metrics(ctx.workdir) if r.get("split") == "train"]
     metrics = {"teacher_test_accuracy": teacher_accuracy}
     if train_rows:
         last = train_rows[-1]

@@ -1,6 +1,9 @@
 """Training core: state, pluggable jitted steps, evaluation, the loop, checkpoints."""
 
 from research.train.checkpoint import Checkpointer
+from research.train.checkpoint import CheckpointReadError
+from research.train.checkpoint import CheckpointWarning
+from research.train.loop import MetricsFileError
 from research.train.loop import NonFiniteLossError
 from research.train.loop import fit
 from research.train.loop import read_metrics
@@ -22,9 +25,12 @@ from research.train.step import make_eval_step
 from research.train.step import make_train_step
 
 __all__ = [
+    "CheckpointReadError",
+    "CheckpointWarning",
     "Checkpointer",
     "LossFn",
     "LossTransform",
+    "MetricsFileError",
     "ModelDefs",
     "NonFiniteLossError",
     "TrainState",

@@ -1,12 +1,18 @@
 """Orbax checkpoints of a :class:`TrainState`, with typed PRNG keys handled.
 
 Saving is synchronous and atomic (orbax writes to a temporary directory and renames it), so a
-run killed mid-save keeps its previous checkpoint.
+run killed mid-save keeps its previous checkpoint. Restoring the latest checkpoint falls back to
+the newest one that reads: a checkpoint damaged later (truncated by a full disk or a partial
+copy) is moved to ``corrupt_checkpoints/`` beside the checkpoint directory with a warning.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
+import types
+import warnings
 from typing import Any
 
 import jax
@@ -32,6 +38,14 @@ def from_saveable(tree: Any, template: Any) -> Any:
     )
 
 
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was set aside and an older one restored."""
+
+
+class CheckpointReadError(OSError):
+    """No checkpoint of a directory could be restored; names the directory, the steps and the fix."""
+
+
 class Checkpointer:
     """Keeps the last ``max_to_keep`` checkpoints of a pytree under ``directory``.
 
@@ -45,7 +59,11 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+                max_to_keep=max_to_keep,
+                create=True,
+                enable_async_checkpointing=False,
+                # Temporary directories are left only by a killed save; callers hold the run's lock.
+                cleanup_tmp_directories=True,
             ),
         )
 
@@ -63,15 +81,7 @@ class Checkpointer:
         self._manager.save(int(step), args=ocp.args.StandardSave(to_saveable(tree)))
         self._manager.wait_until_finished()
 
-    def restore(self, template: Any, step: int | None = None) -> Any:
-        """Restores checkpoint ``step`` (default: latest) into the structure of ``template``.
-
-        Raises:
-          FileNotFoundError: no checkpoint exists in the directory.
-        """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    def _restore_step(self, template: Any, step: int) -> Any:
         saveable = to_saveable(template)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x, saveable
@@ -80,5 +90,104 @@ class Checkpointer:
         restored = jax.tree.unflatten(jax.tree.structure(saveable), jax.tree.leaves(restored))
         return from_saveable(restored, template)
 
+    def _try_restore(self, template: Any, step: int) -> tuple[Any, str | None]:
+        """``(tree, None)``, or ``(None, "Type: first line of the error")`` when ``step`` does not read.
+
+        Only the message is kept: the exception's traceback holds orbax's abandoned array reads,
+        which are collected here, so their "Exception ignored" reports stay silent.
+        """
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not isinstance(unraisable.object, types.CoroutineType):
+                previous(unraisable)
+
+        sys.unraisablehook = hook
+        try:
+            try:
+                return self._restore_step(template, step), None
+            except Exception as e:  # orbax/TensorStore raise many types for damaged files
+                error = _first_line(e)
+            gc.collect()
+            return None, error
+        finally:
+            sys.unraisablehook = previous
+
+    def restore(self, template: Any, step: int | None = None) -> Any:
+        """Restores checkpoint ``step`` (default: the newest readable one) into the structure of ``template``.
+
+        Raises:
+          FileNotFoundError: no checkpoint exists in the directory.
+          CheckpointReadError: ``step`` (or, by default, every checkpoint) cannot be read.
+        """
+        if step is None:
+            found = self.restore_latest(template)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            return found[0]
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (steps: {self.all_steps()})")
+        tree, error = self._try_restore(template, step)
+        if error is not None:
+            raise CheckpointReadError(
+                f"checkpoint {os.path.join(self.directory, str(step))} cannot be read ({error}); "
+                "restore another step, or delete it"
+            )
+        return tree
+
+    def restore_latest(self, template: Any) -> tuple[Any, int] | None:
+        """``(tree, step)`` of the newest checkpoint that reads, or ``None`` when there is none.
+
+        A newer checkpoint that fails to read while an older one reads is damaged: it is moved to
+        ``<parent>/corrupt_checkpoints/<step>`` (so a resumed run can save that step again) and a
+        :class:`CheckpointWarning` names it. When none reads, nothing is moved (a template that no
+        longer fits, after a code change, fails on every step).
+
+        Raises:
+          CheckpointReadError: checkpoints exist but none can be read; names the steps, the first
+            error and the fix.
+        """
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            tree, error = self._try_restore(template, step)
+            if error is not None:
+                failed.append((step, error))
+                continue
+            for bad, err in failed:
+                dest = self._set_aside(bad)
+                warnings.warn(
+                    f"checkpoint step {bad} in {self.directory} cannot be read ({err}); "
+                    f"moved it to {dest} and resumed from step {step}",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+            return tree, step
+        if failed:
+            step, err = failed[0]
+            raise CheckpointReadError(
+                f"no checkpoint in {self.directory} can be read (steps {[s for s, _ in failed]}; step {step}: "
+                f"{err}); if the model or stage code changed since they were written, delete "
+                f"{self.directory} to restart this stage from its beginning"
+            )
+        return None
+
+    def _set_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        base = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints", str(step))
+        dest, n = base, 1
+        while os.path.exists(dest):
+            n += 1
+            dest = f"{base}-{n}"
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(src, dest)
+        self._manager.reload()
+        return dest
+
     def close(self) -> None:
         self._manager.close()
+
+
+def _first_line(e: BaseException, width: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= width else text[: width - 3] + "..."

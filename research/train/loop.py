@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,16 +33,59 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
-def _read_jsonl(path: str) -> list[dict]:
+class MetricsFileError(ValueError):
+    """A ``metrics.jsonl`` line other than the last is not JSON; names the file, the line and the fix."""
+
+
+def _read_jsonl(path: str, *, heal: bool = False) -> list[dict]:
+    """The rows of a JSON-lines file; a partial last line (a write cut off by a kill) is dropped.
+
+    With ``heal``, a dropped partial line is reported with a warning (the caller rewrites the file).
+
+    Raises:
+      MetricsFileError: a line before the last one is not valid JSON.
+    """
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no newline after it: the write was cut off
+                if heal:
+                    warnings.warn(f"{path}: dropped a partial last line ({len(line)} characters)", stacklevel=3)
+                break
+            raise MetricsFileError(
+                f"{path} line {i + 1} is not valid JSON ({e.msg}); delete that line (or the file, to keep "
+                "no metrics of the steps before the last checkpoint) and run again"
+            ) from None
+    return rows
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Drops records after ``last_step`` (written by a run that was killed after its checkpoint)."""
-    rows = [r for r in _read_jsonl(path) if r.get("step", 0) <= last_step]
+    """Keeps the rows up to ``last_step`` once each (for a resume from checkpoint ``last_step``).
+
+    Rows after ``last_step`` were written by a run killed after its checkpoint and are written again
+    by the resumed run; a partial last line is dropped; a row repeated for the same step and split
+    (a file appended to by two processes at once) is kept once, with a warning.
+    """
+    rows, seen, repeated = [], set(), 0
+    for r in _read_jsonl(path, heal=True):
+        if r.get("step", 0) > last_step:
+            continue
+        key = (r.get("step"), r.get("split"))
+        if key in seen:
+            repeated += 1
+            continue
+        seen.add(key)
+        rows.append(r)
+    if repeated:
+        warnings.warn(f"{path}: dropped {repeated} repeated rows (same step and split)", stacklevel=3)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for r in rows:
@@ -94,9 +138,9 @@ def fit(
         os.makedirs(workdir, exist_ok=True)
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-        latest = ckpt.latest_step()
-        if latest is not None:
-            state = ckpt.restore(template=state, step=latest)
+        restored = ckpt.restore_latest(state)  # the newest checkpoint that reads (a damaged one is set aside)
+        if restored is not None:
+            state, latest = restored
             _truncate_jsonl(metrics_path, latest)
         elif os.path.exists(metrics_path):
             os.remove(metrics_path)
@@ -168,5 +212,9 @@ def fit(
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of ``workdir/metrics.jsonl``."""
+    """The rows of ``workdir/metrics.jsonl`` (without a partial last line left by a killed run).
+
+    Raises:
+      MetricsFileError: a line before the last is not JSON (names the file, the line and the fix).
+    """
     return _read_jsonl(os.path.join(workdir, "metrics.jsonl"))

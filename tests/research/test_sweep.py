@@ -9,6 +9,7 @@ from research import cli
 from research import config as C
 from research import run as run_lib
 from research import sweep as sweep_lib
+from research import workdir as workdir_lib
 
 TINY_CONFIG = """
 from methods.pruning import PruneStage
@@ -211,10 +212,11 @@ def test_cli_sweep_default_workdir_and_exit_code_on_failure(config_file, count_r
     code = cli.main(["sweep", config_file, "--grid", "stages.train.steps=3", "--set", "seed=2", "--no-progress"])
     assert code == 1 and calls == ["0_steps=3"]
     assert "point 0 failed: RuntimeError: boom" in capsys.readouterr().err
-    with open(tmp_path / "runs" / "tiny_sweep" / "sweep.json") as f:
+    sweep_dir = tmp_path / "runs" / f"tiny-{workdir_lib.overrides_key(['seed=2'])}_sweep"  # --set: its own directory
+    with open(sweep_dir / "sweep.json") as f:
         saved = json.load(f)
     assert saved["points"][0]["status"] == "failed"
-    assert not (tmp_path / "runs" / "tiny_sweep" / "sweep.png").exists()  # no finished point to plot
+    assert not (sweep_dir / "sweep.png").exists()  # no finished point to plot
 
 
 @pytest.mark.parametrize(
