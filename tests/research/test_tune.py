@@ -1,0 +1,282 @@
+"""Tests of research.tune (``slimjax tune``): space <-> config keys, objectives, failures, resume
+after kill -9, concurrent workers, multi-fidelity continuation and the best config rerun."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from research import cli
+from research import config as C
+from research import run as run_lib
+from research import tune as T
+from research.automl import Categorical
+from research.automl import Float
+from research.automl import Int
+from research.automl import Space
+
+TINY_CONFIG = """
+from research.automl import Categorical, Float, Space
+from research.config import Config, DataConfig, ModelConfig
+from research.stages import TrainStage
+
+
+def get_config(arg=None):
+    return Config(
+        name="tiny",
+        model=ModelConfig(name="mlp", options={"widths": (8,)}),
+        data=DataConfig(name="digits", limit=300),
+        stages=(TrainStage(steps=int(arg or 6), batch_size=32, checkpoint_every=3, eval_every=0, log_every=3),),
+    )
+
+
+def get_space(arg=None):
+    return Space({
+        "stages.train.learning_rate": Float(1e-3, 3e-2, log=True),
+        "stages.train.optimizer": Categorical(["adam", "adamw"]),
+        "stages.train.weight_decay": Float(1e-4, 1e-2, log=True, when={"stages.train.optimizer": "adamw"}),
+    })
+"""
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.py"
+    path.write_text(TINY_CONFIG)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base_and_space(config_file):
+    run_lib.register_all_stages()
+    return T.load_config_and_space(config_file)
+
+
+def _states(workdir):
+    with open(os.path.join(workdir, "tune.json")) as f:
+        summary = json.load(f)
+    return summary, [(t["number"], t["state"]) for t in summary["trials"]]
+
+
+# ----------------------------------------------------------------------------- keys and spaces
+
+
+def test_space_keys_map_to_set_overrides(base_and_space):
+    base, space = base_and_space
+    T.check_space(base, space)
+    params = {"stages.train.learning_rate": 0.01, "stages.train.optimizer": "adamw", "stages.train.weight_decay": 1e-3}
+    assert T.point_overrides(space, params) == [
+        "stages.train.learning_rate=0.01",
+        "stages.train.optimizer=adamw",
+        "stages.train.weight_decay=0.001",
+    ]
+    cfg = T.point_config(base, space, params)
+    assert (cfg.stages[0].learning_rate, cfg.stages[0].optimizer, cfg.stages[0].weight_decay) == (0.01, "adamw", 1e-3)
+    # exactly what --set would give
+    assert cfg == C.apply_overrides(base, T.point_overrides(space, params))
+    keys = T.config_keys(base)
+    assert {"stages.train.steps", "stages.0.steps", "model.options.widths", "seed"} <= set(keys)
+
+
+def test_bad_space_key_fails_at_start_listing_valid_keys(base_and_space):
+    base, _ = base_and_space
+    with pytest.raises(C.ConfigError, match=r"stages\.train\.lr.*valid keys:.*stages\.train\.learning_rate"):
+        T.check_space(base, Space({"stages.train.lr": Float(1e-3, 1e-2)}))
+    with pytest.raises(C.ConfigError, match=r"no stage 'prune'.*valid keys"):
+        T.check_space(base, Space({"stages.prune.sparsity": Float(0.1, 0.9)}))
+    with pytest.raises(C.ConfigError, match=r"model\.options.*depthh"):
+        T.check_space(base, Space({"model.options.depthh": Int(1, 3)}))
+    # a value the config refuses is named with its key
+    with pytest.raises(C.ConfigError, match=r"stages\.train\.steps"):
+        T.check_space(base, Space({"stages.train.steps": Int(-5, 3)}))
+
+
+def test_conditional_keys_only_set_when_active(base_and_space):
+    base, space = base_and_space
+    adam = T.point_config(base, space, {"stages.train.learning_rate": 0.002, "stages.train.optimizer": "adam"})
+    assert adam.stages[0].weight_decay == 0.0  # inactive child: not overridden
+    # a child whose parent choice does not hold is checked with the parent set to activate it
+    bad = Space(
+        {
+            "stages.train.optimizer": Categorical(["adam", "sgd"]),
+            "stages.train.nope": Float(0, 1, when={"stages.train.optimizer": "sgd"}),
+        }
+    )
+    with pytest.raises(C.ConfigError, match="stages.train.nope"):
+        T.check_space(base, bad)
+    # list-valued fields through literal string choices
+    widths = Space({"model.options.widths": Categorical(["[4]", "[8, 4]"])})
+    assert T.point_config(base, widths, {"model.options.widths": "[8, 4]"}).model.options["widths"] == [8, 4]
+
+
+def test_objectives_and_constraints_parse():
+    assert T.Objective.parse("val_acc:max") == T.Objective("val_accuracy", "max")
+    with pytest.raises(C.ConfigError, match="only reported"):
+        T.Objective.parse("test_accuracy:max")
+    with pytest.raises(C.ConfigError, match="NAME:max"):
+        T.Objective.parse("bytes")
+    c = T.Constraint.parse("bytes<=2000")
+    assert c.holds(2000) and not c.holds(2001)
+    with pytest.raises(C.ConfigError, match="NAME<=NUMBER"):
+        T.Constraint.parse("bytes<2000")
+    assert T.parse_reference("val_accuracy=0.5,bytes=3000") == {"val_accuracy": 0.5, "bytes": 3000.0}
+
+
+def test_hypervolume_exact():
+    pts = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0], [3.5, 3.5]])
+    assert T.hypervolume(pts, np.array([4.0, 4.0])) == pytest.approx(3 + 2 + 1)
+    cube = np.array([[0.0, 0.0, 0.0]])
+    assert T.hypervolume(cube, np.ones(3)) == pytest.approx(1.0)
+    two = np.array([[0.0, 0.5, 0.5], [0.5, 0.0, 0.0]])  # union of two boxes: 0.25 + 0.5 - 0.125
+    assert T.hypervolume(two, np.ones(3)) == pytest.approx(0.625)
+
+
+# ----------------------------------------------------------------------------- fake runs (fast)
+
+
+def _fake_run(config, workdir, **_):
+    """A run whose val and test accuracy differ, a function of the learning rate."""
+    lr = config.stages[0].learning_rate
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(C.to_json(config))
+    if lr > 0.01:
+        raise RuntimeError("learning rate too high for this test")
+    val = 1.0 - abs(math.log10(lr) + 2.0)
+    metrics = {"val_accuracy": val, "test_accuracy": val - 0.5, "params": 100, "nonzeros": 100, "bytes_fp32": 1e4 * lr}
+    metrics.update({"flops": 10.0, "latency_ms": 0.1})
+    if 0.007 < lr <= 0.01:
+        metrics["val_accuracy"] = float("nan")
+    return {"stages": [{"label": "0_train", "metrics": metrics}]}
+
+
+def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space, tmp_path, monkeypatch):
+    base, space = base_and_space
+    monkeypatch.setattr(run_lib, "run", _fake_run)
+    workdir = str(tmp_path / "tune")
+    result = T.tune(
+        base,
+        space,
+        workdir,
+        trials=12,
+        sampler="random",
+        objectives=["val_accuracy:max", "bytes:min"],
+        constraints=["bytes<=50"],
+        config_spec=None,
+        compilation_cache=False,
+        echo=False,
+    )
+    summary, states = _states(workdir)
+    assert [n for n, _ in states] == list(range(12))
+    done = [t for t in result.trials if t["state"] == "COMPLETE"]
+    failed = result.failed
+    assert done and failed
+    for t in done:  # the objective is validation accuracy, never test accuracy
+        assert t["values"][0] == pytest.approx(t["metrics"]["val_accuracy"])
+        assert t["values"][0] != pytest.approx(t["metrics"]["test_accuracy"])
+        assert t["feasible"] == (t["metrics"]["bytes_fp32"] <= 50)
+    for t in failed:
+        assert ("too high" in t["error"] and "Traceback" in t["traceback"]) or "not finite" in t["error"]
+    assert any("too high" in t["error"] for t in failed)
+    assert os.path.exists(os.path.join(workdir, "trials", f"{failed[0]['number']:04d}", "trial.json"))
+    front = result.pareto
+    assert front and all(t["feasible"] for t in front)
+    for name in ("tune.json", "tune.txt", "pareto.png", "history.png", "hypervolume.png"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert summary["hypervolume"] > 0
+    assert "learning_rate" in open(os.path.join(workdir, "tune.txt")).read()
+    assert set(summary["importance"]["val_accuracy:max"]) >= {"stages.train.learning_rate"}
+    assert sorted(os.listdir(os.path.join(workdir, "best"))) == sorted(
+        [f"trial_{t['number']:04d}.py" for t in front] + ["base_config.pkl"]
+    )
+    # a rerun with more trials resumes: the first 12 are kept, 3 more are added
+    again = T.tune(base, space, workdir, trials=15, sampler="random", objectives=["val_accuracy:max", "bytes:min"],
+                   constraints=["bytes<=50"], compilation_cache=False, echo=False)  # fmt: skip
+    assert [t["number"] for t in again.trials] == list(range(15))
+    assert [t["values"] for t in again.trials[:12]] == [t["values"] for t in result.trials]
+    with pytest.raises(C.ConfigError, match="other"):
+        T.tune(base, space, workdir, trials=15, sampler="tpe", objectives=["val_accuracy:max", "bytes:min"],
+               constraints=["bytes<=50"], compilation_cache=False, echo=False)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def real_study(base_and_space, config_file, tmp_path_factory):
+    base, space = base_and_space
+    workdir = str(tmp_path_factory.mktemp("real"))
+    result = T.tune(base, space, workdir, trials=2, sampler="random", config_spec=config_file, echo=False)
+    return workdir, result
+
+
+def test_best_config_reruns_to_the_same_metrics(real_study, tmp_path):
+    workdir, result = real_study
+    (best,) = result.pareto
+    assert best["state"] == "COMPLETE" and best["compile_seconds"] > 0
+    path = os.path.join(workdir, "best", f"trial_{best['number']:04d}.py")
+    report = run_lib.run(C.load_config(path), str(tmp_path / "rerun"), progress=False, echo=False)
+    metrics = report["stages"][-1]["metrics"]
+    for key in ("val_accuracy", "test_accuracy", "nonzeros", "bytes_fp32"):
+        assert metrics[key] == pytest.approx(best["metrics"][key], rel=1e-6), key
+
+
+def test_asha_promotion_continues_from_checkpoint(base_and_space, config_file, tmp_path, monkeypatch):
+    from research.train import checkpoint
+
+    restored = []
+    real_restore = checkpoint.Checkpointer.restore
+
+    def spy(self, template, step=None):
+        out = real_restore(self, template, step)
+        restored.append(int(out.step))
+        return out
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", spy)
+    base, space = T.load_config_and_space(config_file + ":9")
+    workdir = str(tmp_path / "asha")
+    result = T.tune(base, space, workdir, trials=3, sampler="random", budget_key="stages.train.steps",
+                    scheduler="asha", min_budget=3, eta=3, compilation_cache=False, echo=False)  # fmt: skip
+    promoted = [t for t in result.trials if t["budget"] == 9.0]
+    assert len(promoted) == 1 and promoted[0]["resumed_from"] == 3
+    assert 3 in restored  # the promoted run restored its step-3 checkpoint...
+    run_dir = os.path.join(workdir, promoted[0]["run_dir"])
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "stages", "0_train", "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 10))  # ...and ran steps 4..9 once
+
+
+def test_kill_minus_9_mid_trial_then_rerun_resumes(config_file, tmp_path):
+    workdir = str(tmp_path / "killed")
+    argv = [sys.executable, "-m", "research.cli", "tune", config_file + ":60", "--trials", "3", "--sampler", "random",
+            "--workdir", workdir, "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    target = os.path.join(workdir, "trials", "0001", "stages", "0_train", "checkpoints")
+    deadline = time.time() + 120
+    while not os.path.exists(target) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(target), "the first run never reached trial 1"
+    _, states = _states(workdir)
+    assert states == [(0, "COMPLETE")]  # trial 1 was running, not told
+    assert cli.main(["tune", config_file + ":60", "--trials", "3", "--sampler", "random", "--workdir", workdir,
+                     "--no-progress"]) == 0  # fmt: skip
+    summary, states = _states(workdir)
+    assert states == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
+    assert [t["attempts"] for t in summary["trials"]] == [1, 2, 1]
+
+
+def test_two_workers_no_duplicate_or_lost_trial(base_and_space, config_file, tmp_path):
+    base, space = base_and_space
+    workdir = str(tmp_path / "workers")
+    result = T.tune(base, space, workdir, trials=4, sampler="random", workers=2, config_spec=config_file, echo=False)
+    assert [t["number"] for t in result.trials] == [0, 1, 2, 3]
+    assert all(t["state"] == "COMPLETE" for t in result.trials)
+    assert len({t["run_dir"] for t in result.trials}) == 4
+    assert len({json.dumps(t["params"], sort_keys=True) for t in result.trials}) == 4
