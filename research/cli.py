@@ -152,6 +152,7 @@ def _cmd_tune(args) -> int:
             reference=tune_lib.parse_reference(args.reference),
             config_spec=args.config,
             set_overrides=args.set or [],
+            policies=tune_lib.load_policies(args.config),
             progress=not args.no_progress,
         )
     except (config_lib.ConfigError, ValueError, KeyError) as e:

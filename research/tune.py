@@ -37,6 +37,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -213,26 +214,41 @@ def point_overrides(space: Space, params: Mapping[str, Any]) -> list[str]:
     """
     out = []
     for name in space.names:
-        if name in params:
+        if name in params and not name.startswith(POLICY_PREFIX):
             value = _literal(params[name])
             out.append(f"{name}={value if isinstance(value, str) else repr(value)}")
     return out
 
 
-def point_config(config: config_lib.Config, space: Space, params: Mapping[str, Any]) -> config_lib.Config:
+def point_config(
+    config: config_lib.Config, space: Space, params: Mapping[str, Any], policies: Sequence[LayerPolicy] = ()
+) -> config_lib.Config:
     """``config`` with a sampled point applied, validated exactly as ``slimjax run --set`` values are.
 
+    Per-layer ``policies`` turn their ``policy.*`` parameters into rules (repaired to their budget).
+
     Raises:
-      ConfigError: a value the config refuses (names the key and value).
+      ConfigError: a value the config refuses (names the key and value), or a policy budget that
+        cannot be met.
     """
+    return _apply_point(config, space, params, policies)[0]
+
+
+def _apply_point(config, space, params, policies):
+    """``(config, --set overrides, {policy key: (rules, repaired values)})`` of a point."""
+    overrides = point_overrides(space, params)
+    applied = {}
     try:
-        cfg = config_lib.apply_overrides(config, point_overrides(space, params))
+        cfg = config_lib.apply_overrides(config, overrides)
+        for policy in policies:
+            cfg, values = policy.apply(cfg, params)
+            applied[policy.key] = (_get_key(cfg, policy.key), values)
         config_lib.validate(cfg)
     except config_lib.ConfigError:
         raise
     except (ValueError, KeyError, TypeError) as e:
         raise config_lib.ConfigError(f"point {dict(params)} is not a valid config: {e}") from e
-    return cfg
+    return cfg, overrides, applied
 
 
 def _representative(space: Space, name: str) -> dict[str, Any]:
@@ -246,7 +262,7 @@ def _representative(space: Space, name: str) -> dict[str, Any]:
     return point
 
 
-def check_space(config: config_lib.Config, space: Space) -> None:
+def check_space(config: config_lib.Config, space: Space, policies: Sequence[LayerPolicy] = ()) -> None:
     """Checks, before anything trains, that every parameter of ``space`` is a config key.
 
     Each parameter (with its parents set so it is active) is applied to ``config`` as a ``--set``
@@ -261,7 +277,27 @@ def check_space(config: config_lib.Config, space: Space) -> None:
     if not len(space):
         raise config_lib.ConfigError("the search space is empty; add parameters named by --set keys")
     valid = config_keys(config)
+    claimed = {n for p in policies for n in p.names}
+    unclaimed = [n for n in space.names if n.startswith(POLICY_PREFIX) and n not in claimed]
+    if unclaimed:
+        raise config_lib.ConfigError(
+            f"search-space keys {unclaimed[:3]} name per-layer policy values that no policy provides; "
+            "pass the LayerPolicy (tune(policies=...) or get_policies() in the config file)"
+        )
+    missing = sorted(claimed - set(space.names))
+    if missing:
+        raise config_lib.ConfigError(f"the space lacks policy parameters {missing[:3]}; merge policy.parameters()")
+    if policies:
+        point = {}
+        for name in claimed:
+            point.update(_representative(space, name))
+        try:
+            _apply_point(config, space, point, policies)
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"per-layer policies: {e}") from e
     for name in space.names:
+        if name in claimed:
+            continue
         point = _representative(space, name)
         try:
             config_lib.apply_overrides(config, [f"{name}=0"])
@@ -276,6 +312,36 @@ def check_space(config: config_lib.Config, space: Space) -> None:
             raise config_lib.ConfigError(f"search-space key {name!r}: {e}; valid keys: {valid}") from e
 
 
+def _config_module(spec: str):
+    """The module of a config file that :func:`research.config.load_config` has loaded."""
+    path = spec.partition(":")[0]
+    module = sys.modules.get("slimjax_config_" + os.path.splitext(os.path.basename(path))[0])
+    if module is None:  # load_config registers the module under this name; load it ourselves if not
+        module_spec = importlib.util.spec_from_file_location("slimjax_space_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    return module
+
+
+def load_policies(spec: str) -> list[LayerPolicy]:
+    """The per-layer policies of a config file's ``get_policies(arg)`` (``[]`` when it has none).
+
+    Raises:
+      ConfigError: ``get_policies`` returns something other than LayerPolicy objects.
+    """
+    path, _, arg = spec.partition(":")
+    module = _config_module(spec)
+    if not hasattr(module, "get_policies"):
+        return []
+    policies = list(module.get_policies(arg or None))
+    bad = [type(p).__name__ for p in policies if not isinstance(p, LayerPolicy)]
+    if bad:
+        raise config_lib.ConfigError(
+            f"{path}:get_policies returned {bad}; return research.tune.layer_policy(...) objects"
+        )
+    return policies
+
+
 def load_config_and_space(spec: str) -> tuple[config_lib.Config, Space]:
     """Loads ``path/to/config.py[:arg]``: ``get_config(arg)`` and ``get_space(arg)``.
 
@@ -284,11 +350,7 @@ def load_config_and_space(spec: str) -> tuple[config_lib.Config, Space]:
     """
     config = config_lib.load_config(spec)
     path, _, arg = spec.partition(":")
-    module = sys.modules.get("slimjax_config_" + os.path.splitext(os.path.basename(path))[0])
-    if module is None:  # load_config registers the module under this name; load it ourselves if not
-        module_spec = importlib.util.spec_from_file_location("slimjax_space_config", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+    module = _config_module(spec)
     if not hasattr(module, "get_space"):
         raise config_lib.ConfigError(
             f"config file {path!r} has no get_space(arg=None); define one returning a research.automl.Space "
@@ -300,6 +362,201 @@ def load_config_and_space(spec: str) -> tuple[config_lib.Config, Space]:
             f"{path}:get_space returned {type(space).__name__}, expected research.automl.Space"
         )
     return config, space
+
+
+# ----------------------------------------------------------------------------- per-layer policies
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPolicy:
+    """One search parameter per layer (sparsity, bits, ...) and the rules that consume them.
+
+    Its parameters are named ``policy.<field>.<layer>``; :meth:`apply` turns a point's values into
+    one rule per layer (``rule(pattern="^<layer>$", <field>=value)``), placed in the config field
+    ``key`` (e.g. ``stages.prune.rules``) before ``extra_rules``. With ``budget_bytes`` a point
+    whose modelled size exceeds the budget is repaired before it trains (AMC's scaling of
+    per-layer ratios): see :meth:`repair`. Build one with :func:`layer_policy`.
+
+    Attributes:
+      key: the ``--set`` key of the rules tuple the policy fills.
+      rule: the rule class (``methods.pruning.SparsityRule``, ``methods.quantization.QuantRule``).
+      field: the rule field searched per layer (``"sparsity"``, ``"bits"``).
+      layers: the rule targets (leaf paths such as ``conv1/kernel``, or module paths such as ``conv1``).
+      sizes: weights per layer.
+      domain: the per-layer search domain (``Float`` for ratios, ``Categorical``/``Int`` for bits).
+      budget_bytes: the size budget the repair meets, or ``None``.
+      bits: bits per kept weight when ``field`` is a sparsity (32 for fp32, 8 after int8 quantization).
+      extra_rules: rules appended after the per-layer ones.
+    """
+
+    key: str
+    rule: type
+    field: str
+    layers: tuple[str, ...]
+    sizes: tuple[int, ...]
+    domain: Any
+    budget_bytes: float | None = None
+    bits: int = 32
+    extra_rules: tuple[Any, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [f"policy.{self.field}.{layer}" for layer in self.layers]
+
+    def parameters(self) -> dict[str, Any]:
+        """``{name: domain}`` to merge into a :class:`~research.automl.Space`."""
+        return {n: self.domain for n in self.names}
+
+    def values(self, params: Mapping[str, Any]) -> list[Any]:
+        """The per-layer values of a point, in layer order.
+
+        Raises:
+          ConfigError: a layer's parameter is missing from the point.
+        """
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise config_lib.ConfigError(f"the point lacks the policy parameters {missing}; add policy.parameters()")
+        return [params[n] for n in self.names]
+
+    def cost(self, values: Sequence[Any]) -> float:
+        """Modelled bytes of the layers: kept weights x ``bits`` / 8, or weights x bits / 8."""
+        n = np.asarray(self.sizes, float)
+        v = np.asarray(values, float)
+        if self.field == "bits":
+            return float(np.sum(n * v) / 8)
+        return float(np.sum(n * (1.0 - v)) * self.bits / 8)
+
+    def repair(self, values: Sequence[Any]) -> list[Any]:
+        """Values meeting ``budget_bytes``: unchanged if they do, else scaled to meet it.
+
+        Sparsities: every layer's kept fraction is scaled by one factor (clipped to the domain),
+        found by bisection, so the modelled size equals the budget. Bits: the layer whose next
+        lower bit width saves the most bytes is lowered, repeatedly, until the size fits.
+
+        Raises:
+          ConfigError: even the smallest values of the domain exceed the budget.
+        """
+        values = [_literal(v) for v in values]
+        if self.budget_bytes is None or self.cost(values) <= self.budget_bytes:
+            return values
+        if self.field == "bits":
+            choices = sorted(
+                self.domain.choices
+                if isinstance(self.domain, Categorical)
+                else range(self.domain.low, self.domain.high + 1)
+            )
+            out = list(values)
+            while self.cost(out) > self.budget_bytes:
+                best, saving = None, 0.0
+                for i, b in enumerate(out):
+                    lower = [c for c in choices if c < b]
+                    if lower and self.sizes[i] * (b - lower[-1]) > saving:
+                        best, saving = i, self.sizes[i] * (b - lower[-1])
+                if best is None:
+                    raise config_lib.ConfigError(
+                        f"no bit widths in {choices} fit {self.budget_bytes:g} bytes; raise the budget"
+                    )
+                out[best] = max(c for c in choices if c < out[best])
+            return out
+        lo, hi = (self.domain.low, self.domain.high) if hasattr(self.domain, "low") else (0.0, 0.99)
+        keep = 1.0 - np.asarray(values, float)
+
+        def size(alpha: float) -> float:
+            return self.cost(1.0 - np.clip(alpha * keep, 1.0 - hi, 1.0 - lo))
+
+        if size(0.0) > self.budget_bytes:
+            raise config_lib.ConfigError(
+                f"even sparsity {hi} in every layer gives {size(0.0):,.0f} bytes > budget {self.budget_bytes:,.0f}; "
+                "raise the budget or the domain's upper bound"
+            )
+        a, b = 0.0, 1.0
+        for _ in range(60):
+            mid = 0.5 * (a + b)
+            a, b = (mid, b) if size(mid) <= self.budget_bytes else (a, mid)
+        return [float(v) for v in 1.0 - np.clip(a * keep, 1.0 - hi, 1.0 - lo)]
+
+    def apply(self, config: config_lib.Config, params: Mapping[str, Any]) -> tuple[config_lib.Config, list[Any]]:
+        """``(config with the per-layer rules, the repaired values)``."""
+        values = self.repair(self.values(params))
+        rules = tuple(
+            self.rule(pattern="^" + re.escape(layer) + "$", **{self.field: v})
+            for layer, v in zip(self.layers, values, strict=True)
+        )
+        parts = self.key.split(".")
+        new = config_lib._set(config, parts, rules + tuple(self.extra_rules), self.key)  # noqa: SLF001 - --set's setter
+        return new, values
+
+
+def layer_policy(
+    config: config_lib.Config,
+    *,
+    key: str,
+    rule: type,
+    field: str,
+    domain: Any,
+    module_paths: bool = False,
+    budget_bytes: float | None = None,
+    bits: int = 32,
+    extra_rules: Sequence[Any] = (),
+    include: str = r"(^|/)kernel$",
+) -> LayerPolicy:
+    """A :class:`LayerPolicy` over the prunable/quantizable layers of ``config``'s model.
+
+    The layers are the model's parameters whose path matches ``include`` (every Linear/Conv
+    kernel by default), as the pruning rules see them (``conv1/kernel``), or their module paths
+    (``conv1``) with ``module_paths=True`` for quantization rules.
+
+    Example:
+      In a config file (``get_policies`` next to ``get_space``)::
+
+        from methods.pruning import SparsityRule
+
+        def get_policies(arg=None):
+            return [tune.layer_policy(get_config(arg), key="stages.prune.rules", rule=SparsityRule,
+                                      field="sparsity", domain=Float(0.0, 0.95), budget_bytes=8000)]
+    """
+    layers, sizes = [], []
+    for path, size in _param_sizes(config_lib.to_json(config), config):
+        if re.search(include, path):
+            layers.append(path.rsplit("/", 1)[0] if module_paths else path)
+            sizes.append(size)
+    if not layers:
+        raise config_lib.ConfigError(f"no parameter of {config.model.name!r} matches include={include!r}")
+    policy = LayerPolicy(key, rule, field, tuple(layers), tuple(sizes), domain, budget_bytes, bits, tuple(extra_rules))
+    try:
+        config_lib.validate(policy.apply(config, {n: _domain_low(domain) for n in policy.names})[0])
+    except (ValueError, KeyError, TypeError) as e:
+        raise config_lib.ConfigError(f"policy key {key!r}: {e}; valid keys: {config_keys(config)}") from e
+    return policy
+
+
+_SIZES: dict[str, list[tuple[str, int]]] = {}
+
+
+def _param_sizes(key: str, config: config_lib.Config) -> list[tuple[str, int]]:
+    """``(path, size)`` of every parameter of ``config``'s model (shapes only; cached per config)."""
+    if key not in _SIZES:
+        from flax import nnx
+
+        from research.nn import build_model
+        from research.run import load_data
+        from research.tree import flatten_with_paths
+
+        ds = load_data(config)
+
+        def build():
+            options = dict(config.model.options)
+            return build_model(config.model.name, input_shape=ds.input_shape, num_classes=ds.num_classes,
+                               rngs=nnx.Rngs(config.seed), **options)  # fmt: skip
+
+        model = nnx.eval_shape(build)  # nothing is initialised
+        leaves = flatten_with_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        _SIZES[key] = [(path, math.prod(leaf.shape)) for path, leaf in leaves]
+    return _SIZES[key]
+
+
+def _domain_low(domain: Any) -> Any:
+    return domain.choices[0] if isinstance(domain, Categorical) else domain.low
 
 
 # ----------------------------------------------------------------------------- Pareto, hypervolume, importance
@@ -377,6 +634,13 @@ def importance(space: Space, params: Sequence[Mapping[str, Any]], values: Sequen
 
 
 # ----------------------------------------------------------------------------- compile-time accounting
+
+POLICY_PREFIX = "policy."
+
+
+def _get_key(config: config_lib.Config, key: str) -> Any:
+    return _current_value(config, key)
+
 
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -508,8 +772,10 @@ class _Worker:
         max_retries: int = 1,
         progress: bool = False,
         echo: bool = True,
+        policies: Sequence[LayerPolicy] = (),
     ):
         self.config, self.space, self.workdir, self.setup = config, space, workdir, setup
+        self.policies = tuple(policies)
         self.n_trials, self.max_retries, self.progress, self.echo = trials, max_retries, progress, echo
         self.objectives = [Objective.parse(o) for o in setup.objectives]
         self.constraints = [Constraint.parse(c) for c in setup.constraints]
@@ -597,8 +863,15 @@ class _Worker:
         info: dict[str, Any] = {"number": trial.number, "params": dict(trial.params)}
         t0, c0 = time.perf_counter(), _compile_seconds[0]
         try:
-            cfg = point_config(self.config, self.space, trial.params)
-            overrides = point_overrides(self.space, trial.params)
+            cfg, overrides, applied = _apply_point(self.config, self.space, trial.params, self.policies)
+            if applied:
+                info["rules"] = {k: [repr(r) for r in rules] for k, (rules, _) in applied.items()}
+                info["rule_imports"] = sorted(
+                    {(type(r).__module__, type(r).__qualname__) for rules, _ in applied.values() for r in rules}
+                )
+                info["repaired"] = {
+                    n: v for p in self.policies for n, v in zip(p.names, applied[p.key][1], strict=True)
+                }
             run_dir = tdir
             if trial.budget is not None:
                 budget = _budget_value(self.config, self.setup.budget_key, trial.budget)
@@ -799,6 +1072,9 @@ def summarize(workdir: str, study: Study, space: Space, setup: TuneSetup) -> dic
                 "run_seconds": info.get("run_seconds"),
                 "attempts": info.get("attempts"),
                 "resumed_from": info.get("resumed_from"),
+                "rules": info.get("rules"),
+                "rule_imports": info.get("rule_imports"),
+                "repaired": info.get("repaired"),
                 "error": info.get("error") or t.attrs.get("error"),
                 "traceback": info.get("traceback"),
             }
@@ -990,11 +1266,13 @@ Measured by the trial: {measured}
 
 import os
 import pickle
+import re
 
 from research import config as config_lib
 
-BASE = {base_literal}
+{imports}BASE = {base_literal}
 OVERRIDES = {overrides!r}
+RULES = {rules}
 
 
 def get_config(arg=None):
@@ -1003,7 +1281,10 @@ def get_config(arg=None):
             base = pickle.load(f)
     else:
         base = config_lib.load_config(BASE)
-    return config_lib.apply_overrides(base, OVERRIDES)
+    config = config_lib.apply_overrides(base, OVERRIDES)
+    for key, rules in RULES.items():  # per-layer policy rules (not expressible as --set values)
+        config = config_lib._set(config, key.split("."), rules, key)
+    return config
 '''
 
 
@@ -1034,6 +1315,11 @@ def _write_best(workdir: str, summary: Mapping[str, Any], setup: TuneSetup) -> l
                 "this config trains from scratch at the full budget, so its numbers can differ a little.\n"
             )
         measured = {k: r["metrics"].get(k) for k in ("val_accuracy", "test_accuracy", "bytes", "flops")}
+        rules = r.get("rules") or {}
+        imports = "".join(f"from {m} import {c}\n" for m, c in r.get("rule_imports") or [])
+        rules_src = (
+            "{" + "".join(f"\n    {k!r}: ({', '.join(v)},)," for k, v in rules.items()) + ("\n}" if rules else "}")
+        )
         text = _BEST_TEMPLATE.format(
             number=r["number"],
             workdir=summary["workdir"],
@@ -1045,6 +1331,8 @@ def _write_best(workdir: str, summary: Mapping[str, Any], setup: TuneSetup) -> l
             overrides_doc="".join(f"  --set {o}\n" for o in overrides),
             measured=", ".join(f"{k} {v:.6g}" for k, v in measured.items() if v is not None),
             note=note,
+            imports=imports + ("\n" if imports else ""),
+            rules=rules_src,
         )
         report_lib.write_text_atomic(os.path.join(best_dir, name), text)
     for name in os.listdir(best_dir):
@@ -1113,6 +1401,7 @@ def tune(
     workers: int = 1,
     seed: int = 0,
     reference: str | Mapping[str, float] | None = None,
+    policies: Sequence[LayerPolicy] = (),
     max_retries: int = 1,
     config_spec: str | None = None,
     set_overrides: Sequence[str] = (),
@@ -1142,6 +1431,7 @@ def tune(
       reference: hypervolume reference point: ``{metric: value}``, ``"baseline"`` (run ``config``
         unchanged in ``workdir/baseline`` and use its metrics) or ``None`` (nadir of the feasible
         trials plus 10% of their range).
+      policies: per-layer policies (:func:`layer_policy`) whose ``policy.*`` parameters are in ``space``.
       max_retries: times a trial whose worker died is retried before it is marked failed.
       config_spec: the config file ``path[:arg]`` (``best/`` configs load it; else the base config
         is pickled into the workdir).
@@ -1161,7 +1451,7 @@ def tune(
 
     register_all_stages()
     config_lib.validate(config)
-    check_space(config, space)
+    check_space(config, space, policies)
     objs = [Objective.parse(o) for o in objectives]
     if not objs:
         raise config_lib.ConfigError("no objective; give e.g. objectives=['val_accuracy:max']")
@@ -1230,7 +1520,16 @@ def tune(
     if compilation_cache:
         enable_compilation_cache(os.path.join(workdir, "jax_cache"))
     with open(os.path.join(workdir, "worker_job.pkl"), "wb") as f:
-        pickle.dump({"config": config, "space": space.to_dict(), "trials": trials, "max_retries": max_retries}, f)
+        pickle.dump(
+            {
+                "config": config,
+                "space": space.to_dict(),
+                "trials": trials,
+                "max_retries": max_retries,
+                "policies": tuple(policies),
+            },
+            f,
+        )
     children = [
         subprocess.Popen(
             [
@@ -1244,7 +1543,15 @@ def tune(
         for _ in range(workers - 1)
     ]
     worker = _Worker(
-        config, space, workdir, setup, trials=trials, max_retries=max_retries, progress=progress, echo=echo
+        config,
+        space,
+        workdir,
+        setup,
+        trials=trials,
+        max_retries=max_retries,
+        progress=progress,
+        echo=echo,
+        policies=policies,
     )
     try:
         worker.loop()
@@ -1313,6 +1620,7 @@ def worker_main(workdir: str) -> int:
         setup,
         trials=job["trials"],
         max_retries=job["max_retries"],
+        policies=job["policies"],
     )
     try:
         worker.loop()

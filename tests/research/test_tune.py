@@ -253,7 +253,7 @@ def test_asha_promotion_continues_from_checkpoint(base_and_space, config_file, t
 
 def test_kill_minus_9_mid_trial_then_rerun_resumes(config_file, tmp_path):
     workdir = str(tmp_path / "killed")
-    argv = [sys.executable, "-m", "research.cli", "tune", config_file + ":60", "--trials", "3", "--sampler", "random",
+    argv = [sys.executable, "-m", "research.cli", "tune", config_file + ":60", "--trials", "2", "--sampler", "random",
             "--workdir", workdir, "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     target = os.path.join(workdir, "trials", "0001", "stages", "0_train", "checkpoints")
@@ -280,3 +280,98 @@ def test_two_workers_no_duplicate_or_lost_trial(base_and_space, config_file, tmp
     assert all(t["state"] == "COMPLETE" for t in result.trials)
     assert len({t["run_dir"] for t in result.trials}) == 4
     assert len({json.dumps(t["params"], sort_keys=True) for t in result.trials}) == 4
+
+
+# ----------------------------------------------------------------------------- per-layer policies
+
+
+def _prune_config(model="mlp", options=None):
+    from methods.pruning import PruneStage
+    from methods.quantization import QuantizeStage
+    from research.stages import TrainStage
+
+    return C.Config(
+        name="policy",
+        model=C.ModelConfig(name=model, options=options or {}),
+        data=C.DataConfig(name="digits", limit=300),
+        stages=(
+            TrainStage(steps=4, batch_size=32),
+            PruneStage(sparsity=0.5, steps=2, batch_size=32),
+            QuantizeStage(bits=8, calibration_examples=32),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "model", ["cnn1d", "lenet300", "lenet5", "mlp", "mobilenetv2", "resnet20", "resnet56", "vgg_small"]
+)
+def test_layer_policy_on_every_zoo_model(model):
+    from methods.pruning import SparsityRule
+    from methods.quantization import QuantRule
+    from research.nn import list_models
+
+    assert model in list_models()
+    run_lib.register_all_stages()
+    cfg = _prune_config(model)
+    sp = T.layer_policy(cfg, key="stages.prune.rules", rule=SparsityRule, field="sparsity", domain=Float(0.0, 0.9))
+    assert sp.layers and all(layer.endswith("kernel") for layer in sp.layers) and min(sp.sizes) > 0
+    point = {n: 0.25 for n in sp.names}
+    new, values = sp.apply(cfg, point)
+    rules = new.stages[1].rules
+    assert [r.sparsity for r in rules] == values == [0.25] * len(sp.layers)
+    assert all(r.matches(layer) for r, layer in zip(rules, sp.layers, strict=True))
+    qp = T.layer_policy(cfg, key="stages.quantize.rules", rule=QuantRule, field="bits", domain=Categorical([2, 4, 8]),
+                        module_paths=True)  # fmt: skip
+    assert [f"{m}/kernel" for m in qp.layers] == list(sp.layers)
+
+
+def test_budget_repair_is_exact():
+    from methods.pruning import SparsityRule
+
+    sizes = (1000, 200, 50)
+    sp = T.LayerPolicy("stages.prune.rules", SparsityRule, "sparsity", ("a", "b", "c"), sizes, Float(0.0, 0.9),
+                       budget_bytes=600.0, bits=8)  # fmt: skip
+    assert sp.repair([0.9, 0.9, 0.9]) == [0.9, 0.9, 0.9]  # within budget: unchanged
+    fixed = sp.repair([0.2, 0.5, 0.0])  # 950 bytes -> 600
+    assert sp.cost(fixed) == pytest.approx(600.0, rel=1e-9)
+    kept = [1 - v for v in fixed]  # one factor scales every kept fraction (none clipped here)
+    assert kept[0] / 0.8 == pytest.approx(kept[1] / 0.5) == pytest.approx(kept[2] / 1.0)
+    with pytest.raises(C.ConfigError, match="raise the budget"):
+        dataclass_replace = __import__("dataclasses").replace
+        dataclass_replace(sp, budget_bytes=10.0).repair([0.0, 0.0, 0.0])
+    bits = T.LayerPolicy("stages.quantize.rules", SparsityRule, "bits", ("a", "b", "c"), sizes, Categorical([2, 4, 8]),
+                         budget_bytes=4 * sum(sizes) / 8)  # fmt: skip
+    out = bits.repair([8, 8, 8])
+    assert bits.cost(out) <= bits.budget_bytes and set(out) <= {2, 4, 8}
+    assert out[0] < 8  # the largest layer gives up bits first
+    assert bits.repair([4, 4, 4]) == [4, 4, 4]
+
+
+def test_tune_with_a_policy_writes_rules_and_best_config(tmp_path, monkeypatch):
+    from methods.pruning import SparsityRule
+
+    run_lib.register_all_stages()
+    cfg = _prune_config(options={"widths": (8,)})
+    policy = T.layer_policy(cfg, key="stages.prune.rules", rule=SparsityRule, field="sparsity", domain=Float(0.0, 0.9),
+                            budget_bytes=300.0, bits=8)  # fmt: skip
+    space = Space({"stages.train.learning_rate": Float(1e-3, 1e-2, log=True), **policy.parameters()})
+    seen = []
+
+    def fake(config, workdir, **_):
+        rules = config.stages[1].rules
+        seen.append(policy.cost([r.sparsity for r in rules]))
+        kept = sum(n * (1 - r.sparsity) for n, r in zip(policy.sizes, rules, strict=True))
+        m = {"val_accuracy": kept / sum(policy.sizes), "test_accuracy": 0.0, "params": 1, "nonzeros": 1}
+        return {"stages": [{"metrics": {**m, "bytes_fp32": kept, "flops": 1.0, "latency_ms": 1.0}}]}
+
+    monkeypatch.setattr(run_lib, "run", fake)
+    workdir = str(tmp_path / "policy")
+    result = T.tune(cfg, space, workdir, trials=4, sampler="random", policies=[policy], compilation_cache=False,
+                    echo=False)  # fmt: skip
+    assert len(seen) == 4 and max(seen) <= 300.0 * (1 + 1e-9)  # every trained point met the budget
+    best = result.pareto[0]  # trials repaired to the same budget can tie
+    assert len(best["rules"]["stages.prune.rules"]) == len(policy.layers)
+    rerun = C.load_config(os.path.join(workdir, "best", f"trial_{best['number']:04d}.py"))
+    assert [r.sparsity for r in rerun.stages[1].rules] == [best["repaired"][n] for n in policy.names]
+    with pytest.raises(C.ConfigError, match="no policy provides"):
+        T.check_space(cfg, space)
