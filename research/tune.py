@@ -664,18 +664,51 @@ def _listen_compile_time() -> None:
     _listening[0] = True
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """Turns on JAX's persistent compilation cache in ``directory`` (every program, however fast).
+_CACHE_OPTIONS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+def enable_compilation_cache(directory: str) -> dict[str, Any]:
+    """Turns on JAX's persistent compilation cache for every program, however fast it compiles.
 
     Trials of the same shapes then load compiled programs from disk instead of compiling them,
-    also across worker processes and reruns of the study.
+    also across worker processes and reruns of the study. A cache directory the user already set
+    (``JAX_COMPILATION_CACHE_DIR``) is kept; else ``directory`` is used.
+
+    Returns:
+      The previous settings, for :func:`restore_compilation_cache`.
     """
     import jax
 
-    os.makedirs(directory, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    if not previous["jax_compilation_cache_dir"]:
+        os.makedirs(directory, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _reset_cache()
+    return previous
+
+
+def _cache_dir() -> str | None:
+    import jax
+
+    return jax.config.jax_compilation_cache_dir
+
+
+def restore_compilation_cache(previous: Mapping[str, Any]) -> None:
+    """Puts back the settings :func:`enable_compilation_cache` changed."""
+    import jax
+
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    _reset_cache()
+
+
+def _reset_cache() -> None:
     try:  # a process that compiled before the directory was set initialised the cache without it
         from jax._src import compilation_cache
 
@@ -773,8 +806,10 @@ class _Worker:
         progress: bool = False,
         echo: bool = True,
         policies: Sequence[LayerPolicy] = (),
+        plot_every: int = 1,
     ):
         self.config, self.space, self.workdir, self.setup = config, space, workdir, setup
+        self.plot_every, self.finished = plot_every, 0
         self.policies = tuple(policies)
         self.n_trials, self.max_retries, self.progress, self.echo = trials, max_retries, progress, echo
         self.objectives = [Objective.parse(o) for o in setup.objectives]
@@ -850,7 +885,9 @@ class _Worker:
                 info["status"] = told.state.value
                 info["owner"] = None
                 _update_info(self.workdir, trial.number, info)
-                write_outputs(self.workdir, self.study, self.space, self.setup)
+                self.finished += 1
+                plots = self.plot_every > 0 and self.finished % self.plot_every == 0
+                write_outputs(self.workdir, self.study, self.space, self.setup, plots=plots)
             self.say(_one_line(told, info, self.objectives))
 
     # -- one evaluation
@@ -1341,12 +1378,18 @@ def _write_best(workdir: str, summary: Mapping[str, Any], setup: TuneSetup) -> l
     return sorted(keep)
 
 
-def write_outputs(workdir: str, study: Study, space: Space, setup: TuneSetup) -> dict[str, Any]:
-    """Writes tune.json, tune.txt, the plots and best/ (each file atomically); returns the summary."""
+def write_outputs(workdir: str, study: Study, space: Space, setup: TuneSetup, *, plots: bool = True) -> dict[str, Any]:
+    """Writes tune.json, tune.txt, best/ and (with ``plots``) the plots, each file atomically.
+
+    Returns:
+      The summary (the ``tune.json`` dict).
+    """
     summary = summarize(workdir, study, space, setup)
     summary["best_configs"] = [os.path.join("best", n) for n in _write_best(workdir, summary, setup)]
     _write_json(os.path.join(workdir, "tune.json"), summary)
     report_lib.write_text_atomic(os.path.join(workdir, "tune.txt"), render(summary) + "\n")
+    if not plots:
+        return summary
     import tempfile
 
     tmp = tempfile.mkdtemp(dir=workdir, prefix=".plots-")
@@ -1406,6 +1449,7 @@ def tune(
     config_spec: str | None = None,
     set_overrides: Sequence[str] = (),
     compilation_cache: bool = True,
+    plot_every: int = 1,
     progress: bool = False,
     echo: bool = True,
 ) -> TuneResult:
@@ -1437,6 +1481,8 @@ def tune(
         is pickled into the workdir).
       set_overrides: the ``--set`` items already applied to ``config`` (repeated in ``best/``).
       compilation_cache: use JAX's persistent compilation cache in ``workdir/jax_cache``.
+      plot_every: redraw the plots after every this many trials a worker finishes (0: only at the end;
+        tune.json, tune.txt and best/ are rewritten after every trial).
       progress: progress bars of the runs.
       echo: one line per trial on stderr.
 
@@ -1517,8 +1563,7 @@ def tune(
                 pickle.dump(config, f)
     if len(objs) > 1 and reference is not None:
         _set_reference(workdir, config, objs, reference, progress=progress, echo=echo)
-    if compilation_cache:
-        enable_compilation_cache(os.path.join(workdir, "jax_cache"))
+    cache_settings = enable_compilation_cache(os.path.join(workdir, "jax_cache")) if compilation_cache else None
     with open(os.path.join(workdir, "worker_job.pkl"), "wb") as f:
         pickle.dump(
             {
@@ -1527,6 +1572,8 @@ def tune(
                 "trials": trials,
                 "max_retries": max_retries,
                 "policies": tuple(policies),
+                "plot_every": plot_every,
+                "cache_dir": _cache_dir() if compilation_cache else None,
             },
             f,
         )
@@ -1552,6 +1599,7 @@ def tune(
         progress=progress,
         echo=echo,
         policies=policies,
+        plot_every=plot_every,
     )
     try:
         worker.loop()
@@ -1562,6 +1610,8 @@ def tune(
         worker.close()
         for child in children:
             child.wait()
+        if cache_settings is not None:
+            restore_compilation_cache(cache_settings)
     with _locked(os.path.join(workdir, "study.lock")):
         summary = write_outputs(workdir, worker.study, space, setup)
     bad = [c.returncode for c in children if c.returncode]
@@ -1612,7 +1662,11 @@ def worker_main(workdir: str) -> int:
         job = pickle.load(f)
     data = _read_json(os.path.join(workdir, "tune_setup.json"))
     setup = TuneSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-    enable_compilation_cache(os.path.join(workdir, "jax_cache"))
+    if job["cache_dir"]:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", job["cache_dir"])
+        enable_compilation_cache(job["cache_dir"])
     worker = _Worker(
         job["config"],
         Space.from_dict(job["space"]),
@@ -1621,6 +1675,7 @@ def worker_main(workdir: str) -> int:
         trials=job["trials"],
         max_retries=job["max_retries"],
         policies=job["policies"],
+        plot_every=job["plot_every"],
     )
     try:
         worker.loop()
@@ -1661,6 +1716,10 @@ __all__ = [
     "check_space",
     "config_keys",
     "enable_compilation_cache",
+    "layer_policy",
+    "LayerPolicy",
+    "load_policies",
+    "restore_compilation_cache",
     "hypervolume",
     "importance",
     "load_config_and_space",

@@ -45,6 +45,24 @@ def get_space(arg=None):
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the module's runs (in-process and subprocesses): the
+    tiny model compiles once; tune keeps a cache directory the user set."""
+    import jax
+
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    before, env = jax.config.jax_compilation_cache_dir, os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    jax.config.update("jax_compilation_cache_dir", path)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    yield path
+    jax.config.update("jax_compilation_cache_dir", before)
+    if env is None:
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = env
+
+
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "tiny.py"
@@ -164,16 +182,17 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
         base,
         space,
         workdir,
-        trials=12,
+        trials=8,
         sampler="random",
         objectives=["val_accuracy:max", "bytes:min"],
         constraints=["bytes<=50"],
         config_spec=None,
         compilation_cache=False,
+        plot_every=0,
         echo=False,
     )
     summary, states = _states(workdir)
-    assert [n for n, _ in states] == list(range(12))
+    assert [n for n, _ in states] == list(range(8))
     done = [t for t in result.trials if t["state"] == "COMPLETE"]
     failed = result.failed
     assert done and failed
@@ -195,14 +214,30 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
     assert sorted(os.listdir(os.path.join(workdir, "best"))) == sorted(
         [f"trial_{t['number']:04d}.py" for t in front] + ["base_config.pkl"]
     )
-    # a rerun with more trials resumes: the first 12 are kept, 3 more are added
-    again = T.tune(base, space, workdir, trials=15, sampler="random", objectives=["val_accuracy:max", "bytes:min"],
-                   constraints=["bytes<=50"], compilation_cache=False, echo=False)  # fmt: skip
-    assert [t["number"] for t in again.trials] == list(range(15))
-    assert [t["values"] for t in again.trials[:12]] == [t["values"] for t in result.trials]
+    # a rerun with more trials resumes: the first 8 are kept, 2 more are added
+    again = T.tune(base, space, workdir, trials=10, sampler="random", objectives=["val_accuracy:max", "bytes:min"],
+                   constraints=["bytes<=50"], compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+    assert [t["number"] for t in again.trials] == list(range(10))
+    assert [t["values"] for t in again.trials[:8]] == [t["values"] for t in result.trials]
     with pytest.raises(C.ConfigError, match="other"):
-        T.tune(base, space, workdir, trials=15, sampler="tpe", objectives=["val_accuracy:max", "bytes:min"],
-               constraints=["bytes<=50"], compilation_cache=False, echo=False)  # fmt: skip
+        T.tune(base, space, workdir, trials=10, sampler="tpe", objectives=["val_accuracy:max", "bytes:min"],
+               constraints=["bytes<=50"], compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+
+
+def test_reference_point_baseline_and_user_given(base_and_space, tmp_path, monkeypatch):
+    base, space = base_and_space
+    monkeypatch.setattr(run_lib, "run", _fake_run)
+    kw = dict(
+        trials=3, sampler="random", objectives=["val_accuracy:max", "bytes:min"], compilation_cache=False, plot_every=0
+    )
+    res = T.tune(base, space, str(tmp_path / "b"), reference="baseline", echo=False, **kw)
+    lr = base.stages[0].learning_rate  # the unmodified config's own metrics are the reference
+    assert res.summary["reference"] == pytest.approx([1.0 - abs(math.log10(lr) + 2.0), 1e4 * lr])
+    res = T.tune(base, space, str(tmp_path / "u"), reference={"val_accuracy": 0.0, "bytes": 1e3}, echo=False, **kw)
+    assert res.summary["reference"] == pytest.approx([0.0, 1e3])
+    done = [t for t in res.trials if t["state"] == "COMPLETE"]
+    pts = np.array([[-t["values"][0], t["values"][1]] for t in done])
+    assert res.summary["hypervolume"] == pytest.approx(T.hypervolume(pts, np.array([0.0, 1e3])))
 
 
 # ----------------------------------------------------------------------------- real runs
@@ -212,7 +247,7 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
 def real_study(base_and_space, config_file, tmp_path_factory):
     base, space = base_and_space
     workdir = str(tmp_path_factory.mktemp("real"))
-    result = T.tune(base, space, workdir, trials=2, sampler="random", config_spec=config_file, echo=False)
+    result = T.tune(base, space, workdir, trials=2, sampler="random", config_spec=config_file, plot_every=0, echo=False)
     return workdir, result
 
 
@@ -242,7 +277,7 @@ def test_asha_promotion_continues_from_checkpoint(base_and_space, config_file, t
     base, space = T.load_config_and_space(config_file + ":9")
     workdir = str(tmp_path / "asha")
     result = T.tune(base, space, workdir, trials=3, sampler="random", budget_key="stages.train.steps",
-                    scheduler="asha", min_budget=3, eta=3, compilation_cache=False, echo=False)  # fmt: skip
+                    scheduler="asha", min_budget=3, eta=3, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
     promoted = [t for t in result.trials if t["budget"] == 9.0]
     assert len(promoted) == 1 and promoted[0]["resumed_from"] == 3
     assert 3 in restored  # the promoted run restored its step-3 checkpoint...
@@ -253,7 +288,7 @@ def test_asha_promotion_continues_from_checkpoint(base_and_space, config_file, t
 
 def test_kill_minus_9_mid_trial_then_rerun_resumes(config_file, tmp_path):
     workdir = str(tmp_path / "killed")
-    argv = [sys.executable, "-m", "research.cli", "tune", config_file + ":60", "--trials", "2", "--sampler", "random",
+    argv = [sys.executable, "-m", "research.cli", "tune", config_file + ":30", "--trials", "2", "--sampler", "random",
             "--workdir", workdir, "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     target = os.path.join(workdir, "trials", "0001", "stages", "0_train", "checkpoints")
@@ -265,7 +300,7 @@ def test_kill_minus_9_mid_trial_then_rerun_resumes(config_file, tmp_path):
     assert os.path.exists(target), "the first run never reached trial 1"
     _, states = _states(workdir)
     assert states == [(0, "COMPLETE")]  # trial 1 was running, not told
-    assert cli.main(["tune", config_file + ":60", "--trials", "3", "--sampler", "random", "--workdir", workdir,
+    assert cli.main(["tune", config_file + ":30", "--trials", "3", "--sampler", "random", "--workdir", workdir,
                      "--no-progress"]) == 0  # fmt: skip
     summary, states = _states(workdir)
     assert states == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
@@ -275,11 +310,13 @@ def test_kill_minus_9_mid_trial_then_rerun_resumes(config_file, tmp_path):
 def test_two_workers_no_duplicate_or_lost_trial(base_and_space, config_file, tmp_path):
     base, space = base_and_space
     workdir = str(tmp_path / "workers")
-    result = T.tune(base, space, workdir, trials=4, sampler="random", workers=2, config_spec=config_file, echo=False)
-    assert [t["number"] for t in result.trials] == [0, 1, 2, 3]
+    result = T.tune(
+        base, space, workdir, trials=3, sampler="random", workers=2, config_spec=config_file, plot_every=0, echo=False
+    )
+    assert [t["number"] for t in result.trials] == [0, 1, 2]
     assert all(t["state"] == "COMPLETE" for t in result.trials)
-    assert len({t["run_dir"] for t in result.trials}) == 4
-    assert len({json.dumps(t["params"], sort_keys=True) for t in result.trials}) == 4
+    assert len({t["run_dir"] for t in result.trials}) == 3
+    assert len({json.dumps(t["params"], sort_keys=True) for t in result.trials}) == 3
 
 
 # ----------------------------------------------------------------------------- per-layer policies
@@ -366,7 +403,7 @@ def test_tune_with_a_policy_writes_rules_and_best_config(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_lib, "run", fake)
     workdir = str(tmp_path / "policy")
-    result = T.tune(cfg, space, workdir, trials=4, sampler="random", policies=[policy], compilation_cache=False,
+    result = T.tune(cfg, space, workdir, trials=4, sampler="random", policies=[policy], compilation_cache=False, plot_every=0,
                     echo=False)  # fmt: skip
     assert len(seen) == 4 and max(seen) <= 300.0 * (1 + 1e-9)  # every trained point met the budget
     best = result.pareto[0]  # trials repaired to the same budget can tie
