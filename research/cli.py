@@ -218,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         "--objective", action="append", metavar="METRIC:max|min", help="val_accuracy:max (default), bytes:min, ..."
     )
     p.add_argument("--constraint", action="append", metavar="METRIC<=X", help="e.g. bytes<=20000 (repeatable)")
-    p.add_argument("--reference", help="hypervolume reference: nadir (default), baseline, or METRIC=V,METRIC=V")
+    p.add_argument(
+        "--reference",
+        help="hypervolume reference: baseline (default: the config's own metrics, one extra run), nadir, or METRIC=V,...",
+    )
     p.add_argument("--budget-key", help="--set key a scheduler varies, e.g. stages.train.steps")
     p.add_argument("--scheduler", choices=["asha", "hyperband"], help="multi-fidelity scheduler")
     p.add_argument("--min-budget", type=float, help="smallest budget (default: full / eta^2)")

@@ -1443,7 +1443,7 @@ def tune(
     eta: int = 3,
     workers: int = 1,
     seed: int = 0,
-    reference: str | Mapping[str, float] | None = None,
+    reference: str | Mapping[str, float] | None = "baseline",
     policies: Sequence[LayerPolicy] = (),
     max_retries: int = 1,
     config_spec: str | None = None,
@@ -1472,9 +1472,9 @@ def tune(
       eta: the scheduler's halving factor.
       workers: processes running trials on the study at once (this one and ``workers - 1`` more).
       seed: the sampler's seed.
-      reference: hypervolume reference point: ``{metric: value}``, ``"baseline"`` (run ``config``
-        unchanged in ``workdir/baseline`` and use its metrics) or ``None`` (nadir of the feasible
-        trials plus 10% of their range).
+      reference: hypervolume reference point (several objectives): ``"baseline"`` (default: run
+        ``config`` unchanged, once, in ``workdir/baseline`` and use its metrics), ``{metric: value}``,
+        or ``None`` (the nadir of the feasible trials plus 10% of their range).
       policies: per-layer policies (:func:`layer_policy`) whose ``policy.*`` parameters are in ``space``.
       max_retries: times a trial whose worker died is retried before it is marked failed.
       config_spec: the config file ``path[:arg]`` (``best/`` configs load it; else the base config
@@ -1530,6 +1530,15 @@ def tune(
         min_budget = float(min_budget) if min_budget is not None else max(1.0, math.floor(max_budget / eta**2))
         if not 0 < min_budget <= max_budget:
             raise config_lib.ConfigError(f"min_budget={min_budget} must be in (0, {max_budget}] ({budget_key})")
+        if scheduler == "hyperband":
+            first = Hyperband(min_budget, max_budget, eta=eta)
+            needed = first.n_configs(first.s_max, 0)
+            if trials < needed:
+                raise config_lib.ConfigError(
+                    f"hyperband's first bracket starts {needed} configurations at budget {min_budget:g}; "
+                    f"trials={trials} would never promote one; give trials >= {needed}, a larger min_budget, "
+                    "or scheduler='asha'"
+                )
     setup = TuneSetup(
         space=space.to_dict(),
         objectives=tuple(str(o) for o in objs),
@@ -1563,6 +1572,8 @@ def tune(
                 pickle.dump(config, f)
     if len(objs) > 1 and reference is not None:
         _set_reference(workdir, config, objs, reference, progress=progress, echo=echo)
+    elif os.path.exists(os.path.join(workdir, "reference.json")):
+        os.remove(os.path.join(workdir, "reference.json"))  # nadir now
     cache_settings = enable_compilation_cache(os.path.join(workdir, "jax_cache")) if compilation_cache else None
     with open(os.path.join(workdir, "worker_job.pkl"), "wb") as f:
         pickle.dump(
@@ -1685,15 +1696,15 @@ def worker_main(workdir: str) -> int:
 
 
 def parse_reference(text: str | None) -> str | dict[str, float] | None:
-    """``--reference``: ``baseline``, ``nadir`` (None) or ``val_accuracy=0.9,bytes=30000``.
+    """``--reference``: ``baseline`` (also for None), ``nadir`` or ``val_accuracy=0.9,bytes=30000``.
 
     Raises:
       ConfigError: an item that is not ``NAME=NUMBER``.
     """
-    if text is None or text == "nadir":
+    if text == "nadir":
         return None
-    if text == "baseline":
-        return text
+    if text is None or text == "baseline":
+        return "baseline"
     out = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tune_quickstart.py")
 
 

@@ -144,6 +144,7 @@ def test_objectives_and_constraints_parse():
     with pytest.raises(C.ConfigError, match="NAME<=NUMBER"):
         T.Constraint.parse("bytes<2000")
     assert T.parse_reference("val_accuracy=0.5,bytes=3000") == {"val_accuracy": 0.5, "bytes": 3000.0}
+    assert T.parse_reference(None) == "baseline" and T.parse_reference("nadir") is None
 
 
 def test_hypervolume_exact():
@@ -186,6 +187,7 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
         sampler="random",
         objectives=["val_accuracy:max", "bytes:min"],
         constraints=["bytes<=50"],
+        reference=None,
         config_spec=None,
         compilation_cache=False,
         plot_every=0,
@@ -216,12 +218,12 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
     )
     # a rerun with more trials resumes: the first 8 are kept, 2 more are added
     again = T.tune(base, space, workdir, trials=10, sampler="random", objectives=["val_accuracy:max", "bytes:min"],
-                   constraints=["bytes<=50"], compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+                   constraints=["bytes<=50"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
     assert [t["number"] for t in again.trials] == list(range(10))
     assert [t["values"] for t in again.trials[:8]] == [t["values"] for t in result.trials]
     with pytest.raises(C.ConfigError, match="other"):
         T.tune(base, space, workdir, trials=10, sampler="tpe", objectives=["val_accuracy:max", "bytes:min"],
-               constraints=["bytes<=50"], compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+               constraints=["bytes<=50"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
 
 
 def test_reference_point_baseline_and_user_given(base_and_space, tmp_path, monkeypatch):
@@ -412,3 +414,20 @@ def test_tune_with_a_policy_writes_rules_and_best_config(tmp_path, monkeypatch):
     assert [r.sparsity for r in rerun.stages[1].rules] == [best["repaired"][n] for n in policy.names]
     with pytest.raises(C.ConfigError, match="no policy provides"):
         T.check_space(cfg, space)
+
+
+def test_hyperband_runs_every_rung_and_stops(config_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lib, "run", _fake_run)
+    base, space = T.load_config_and_space(config_file + ":9")
+    with pytest.raises(C.ConfigError, match="first bracket starts 9"):
+        T.tune(base, space, str(tmp_path / "hb0"), trials=6, budget_key="stages.train.steps", scheduler="hyperband",
+               min_budget=1, compilation_cache=False)  # fmt: skip
+    result = T.tune(base, space, str(tmp_path / "hb"), trials=9, sampler="random", budget_key="stages.train.steps",
+                    scheduler="hyperband", min_budget=1, eta=3, compilation_cache=False, plot_every=0,
+                    echo=False)  # fmt: skip
+    assert [t["number"] for t in result.trials] == list(range(9))
+    assert not [t for t in result.trials if t["state"] == "RUNNING"]
+    assert {t["budget"] for t in result.trials} >= {3.0, 9.0}  # promotions happened
+    with pytest.raises(C.ConfigError, match="one objective"):
+        T.tune(base, space, str(tmp_path / "hb2"), trials=2, objectives=["val_accuracy:max", "bytes:min"],
+               budget_key="stages.train.steps", scheduler="asha", compilation_cache=False)  # fmt: skip
