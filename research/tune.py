@@ -881,7 +881,10 @@ class _Worker:
                 if error is not None:
                     told = self.study.tell(trial, exception=error)
                 else:
-                    told = self.study.tell(trial, values if values is not None else None)
+                    if info.get("feasible") is False:
+                        values = self._penalized(values, info)
+                        info["study_values"] = values
+                    told = self.study.tell(trial, values)
                 info["status"] = told.state.value
                 info["owner"] = None
                 _update_info(self.workdir, trial.number, info)
@@ -889,6 +892,32 @@ class _Worker:
                 plots = self.plot_every > 0 and self.finished % self.plot_every == 0
                 write_outputs(self.workdir, self.study, self.space, self.setup, plots=plots)
             self.say(_one_line(told, info, self.objectives))
+
+    def _penalized(self, values: Sequence[float], info: Mapping[str, Any]) -> list[float]:
+        """What the sampler is told for an infeasible trial: worse than every feasible trial.
+
+        Each objective becomes the worst of its own value and the feasible trials' values, made
+        worse by the relative constraint violation times the objectives' spread, so samplers learn
+        to avoid infeasible regions (and more violation ranks lower). The real metrics stay in
+        ``trial.json``, ``tune.json`` and the tables.
+        """
+        sign = np.array([-1.0 if o.direction == "max" else 1.0 for o in self.objectives])
+        own = sign * np.asarray(values, float)
+        feasible = []
+        for t in self.study.trials:
+            if t.state == TrialState.COMPLETE and t.values is not None:
+                if _trial_info(self.workdir, t.number).get("feasible", True):
+                    feasible.append(sign * np.asarray(t.values, float))
+        allv = np.array([own, *feasible])
+        spread = np.where(allv.max(0) > allv.min(0), allv.max(0) - allv.min(0), np.abs(own) + 1.0)
+        metrics = info.get("metrics", {})
+        violation = 0.0
+        for c in self.constraints:
+            v = metric_value(metrics, c.name)
+            excess = v - c.bound if c.op == "<=" else c.bound - v
+            violation += max(excess, 0.0) / max(abs(c.bound), 1e-12)
+        worst = allv.max(0) + spread * min(violation, 10.0) + 1e-9 * spread
+        return [float(x) for x in sign * worst]
 
     # -- one evaluation
     def evaluate(self, trial: Trial) -> tuple[list[float] | None, BaseException | None, dict[str, Any]]:
@@ -1070,6 +1099,15 @@ def open_study(workdir: str, setup: TuneSetup, space: Space) -> Study:
     return Study(space, sampler=sampler, direction=directions, storage=storage, name="tune", scheduler=scheduler)
 
 
+def _real_values(t: Trial, info: Mapping[str, Any]) -> list[float] | None:
+    """A trial's objective values as measured (an infeasible trial's study values are penalized)."""
+    if t.values is None:
+        return None
+    if info.get("study_values") is not None and info.get("objectives") is not None:
+        return list(info["objectives"])
+    return list(t.values)
+
+
 def _reference_point(setup: TuneSetup, losses: np.ndarray, workdir: str) -> tuple[np.ndarray | None, str]:
     """The hypervolume reference point in loss space (every objective minimised) and its origin."""
     objectives = [Objective.parse(o) for o in setup.objectives]
@@ -1097,7 +1135,8 @@ def summarize(workdir: str, study: Study, space: Space, setup: TuneSetup) -> dic
                 "number": t.number,
                 "state": t.state.value,
                 "params": dict(t.params),
-                "values": list(t.values) if t.values is not None else None,
+                "values": _real_values(t, info),
+                "study_values": info.get("study_values"),
                 "budget": t.budget,
                 "intermediate": {str(k): v for k, v in t.intermediate.items()},
                 "feasible": info.get("feasible"),

@@ -186,7 +186,7 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
         trials=8,
         sampler="random",
         objectives=["val_accuracy:max", "bytes:min"],
-        constraints=["bytes<=50"],
+        constraints=["bytes<=30"],
         reference=None,
         config_spec=None,
         compilation_cache=False,
@@ -201,7 +201,13 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
     for t in done:  # the objective is validation accuracy, never test accuracy
         assert t["values"][0] == pytest.approx(t["metrics"]["val_accuracy"])
         assert t["values"][0] != pytest.approx(t["metrics"]["test_accuracy"])
-        assert t["feasible"] == (t["metrics"]["bytes_fp32"] <= 50)
+        assert t["feasible"] == (t["metrics"]["bytes_fp32"] <= 30)
+    infeasible = [t for t in done if not t["feasible"]]
+    assert infeasible and len(infeasible) < len(done)
+    for t in infeasible:  # the sampler is told values worse than every feasible trial before it
+        earlier = [f for f in done if f["feasible"] and f["number"] < t["number"]]
+        assert t["study_values"] != t["values"]
+        assert all(t["study_values"][0] < f["values"][0] and t["study_values"][1] > f["values"][1] for f in earlier)
     for t in failed:
         assert ("too high" in t["error"] and "Traceback" in t["traceback"]) or "not finite" in t["error"]
     assert any("too high" in t["error"] for t in failed)
@@ -218,12 +224,12 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
     )
     # a rerun with more trials resumes: the first 8 are kept, 2 more are added
     again = T.tune(base, space, workdir, trials=10, sampler="random", objectives=["val_accuracy:max", "bytes:min"],
-                   constraints=["bytes<=50"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+                   constraints=["bytes<=30"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
     assert [t["number"] for t in again.trials] == list(range(10))
     assert [t["values"] for t in again.trials[:8]] == [t["values"] for t in result.trials]
     with pytest.raises(C.ConfigError, match="other"):
         T.tune(base, space, workdir, trials=10, sampler="tpe", objectives=["val_accuracy:max", "bytes:min"],
-               constraints=["bytes<=50"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+               constraints=["bytes<=30"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
 
 
 def test_reference_point_baseline_and_user_given(base_and_space, tmp_path, monkeypatch):
