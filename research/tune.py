@@ -926,7 +926,7 @@ class _Worker:
 
         _listen_compile_time()
         tdir = _trial_dir(self.workdir, trial.number)
-        info: dict[str, Any] = {"number": trial.number, "params": dict(trial.params)}
+        info: dict[str, Any] = {"number": trial.number, "params": dict(trial.params), "worker": self.token}
         t0, c0 = time.perf_counter(), _compile_seconds[0]
         try:
             cfg, overrides, applied = _apply_point(self.config, self.space, trial.params, self.policies)
@@ -1147,6 +1147,7 @@ def summarize(workdir: str, study: Study, space: Space, setup: TuneSetup) -> dic
                 "compile_seconds": info.get("compile_seconds"),
                 "run_seconds": info.get("run_seconds"),
                 "attempts": info.get("attempts"),
+                "worker": info.get("worker"),
                 "resumed_from": info.get("resumed_from"),
                 "rules": info.get("rules"),
                 "rule_imports": info.get("rule_imports"),
@@ -1639,6 +1640,7 @@ def tune(
         )
         for _ in range(workers - 1)
     ]
+    _wait_for_workers(workdir, children)
     worker = _Worker(
         config,
         space,
@@ -1670,6 +1672,21 @@ def tune(
             f"tune: {len(bad)} worker process(es) exited with {bad}; their trials are retried on rerun", file=sys.stderr
         )
     return TuneResult(workdir=os.path.abspath(workdir), summary=summary)
+
+
+def _wait_for_workers(workdir: str, children: Sequence[subprocess.Popen], timeout_s: float = 300.0) -> None:
+    """Waits until every child worker has registered (its lock file exists) or exited, so the K
+    workers start on the study together instead of this one running ahead while they import."""
+    if not children:
+        return
+    lock_dir = os.path.join(workdir, "workers")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [c for c in children if c.poll() is None]
+        registered = len(os.listdir(lock_dir)) if os.path.isdir(lock_dir) else 0
+        if not alive or registered >= len(alive):
+            return
+        time.sleep(0.1)
 
 
 def _absolute_spec(spec: str | None) -> str | None:

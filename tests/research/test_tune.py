@@ -325,6 +325,7 @@ def test_two_workers_no_duplicate_or_lost_trial(base_and_space, config_file, tmp
     assert all(t["state"] == "COMPLETE" for t in result.trials)
     assert len({t["run_dir"] for t in result.trials}) == 3
     assert len({json.dumps(t["params"], sort_keys=True) for t in result.trials}) == 3
+    assert len({t["worker"] for t in result.trials}) == 2  # both processes ran trials
 
 
 # ----------------------------------------------------------------------------- per-layer policies
@@ -437,3 +438,21 @@ def test_hyperband_runs_every_rung_and_stops(config_file, tmp_path, monkeypatch)
     with pytest.raises(C.ConfigError, match="one objective"):
         T.tune(base, space, str(tmp_path / "hb2"), trials=2, objectives=["val_accuracy:max", "bytes:min"],
                budget_key="stages.train.steps", scheduler="asha", compilation_cache=False)  # fmt: skip
+
+
+def test_cli_errors_before_anything_trains(config_file, tmp_path, capsys):
+    no_space = tmp_path / "no_space.py"
+    no_space.write_text(TINY_CONFIG.split("def get_space")[0])
+    workdir = str(tmp_path / "w")
+    assert cli.main(["tune", str(no_space), "--trials", "2", "--workdir", workdir]) == 2
+    assert "has no get_space" in capsys.readouterr().err
+    bad = tmp_path / "bad.py"
+    bad.write_text(TINY_CONFIG.replace('"stages.train.learning_rate"', '"stages.train.lr"'))
+    assert cli.main(["tune", str(bad), "--trials", "2", "--workdir", workdir]) == 2
+    err = capsys.readouterr().err
+    assert "'stages.train.lr' is not a config key" in err and "stages.train.learning_rate" in err
+    assert (
+        cli.main(["tune", config_file, "--trials", "2", "--objective", "test_accuracy:max", "--workdir", workdir]) == 2
+    )
+    assert "only reported" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(workdir, "trials"))
