@@ -600,11 +600,13 @@ def importance(space: Space, params: Sequence[Mapping[str, Any]], values: Sequen
     """How much of an objective's variance each parameter explains on its own (correlation ratio).
 
     Each parameter's values are grouped (by choice for categoricals and small int ranges, else into
-    quartiles) and ``eta^2 = between-group variance / total variance`` is computed over the trials
-    where the parameter is active. A first-order screen, like the marginals fANOVA starts from.
+    up to four quantile bins of at least three trials) and ``eta^2 = between-group variance / total
+    variance`` is computed over the trials where the parameter is active. A first-order screen, like
+    the marginals fANOVA starts from.
 
     Returns:
-      ``{name: eta^2 in [0, 1]}`` for parameters with at least 4 active trials.
+      ``{name: eta^2 in [0, 1]}`` for parameters with at least 4 active trials and at least two
+      trials per group on average.
     """
     y_all = np.asarray(values, float)
     out = {}
@@ -623,8 +625,11 @@ def importance(space: Space, params: Sequence[Mapping[str, Any]], values: Sequen
             groups = [json.dumps(v) for v in x]
         else:
             xs = np.array(x, float)
-            edges = np.quantile(xs, [0.25, 0.5, 0.75])
+            bins = min(4, max(2, len(xs) // 3))
+            edges = np.quantile(xs, np.arange(1, bins) / bins)
             groups = list(np.searchsorted(edges, xs, side="right"))
+        if len(set(groups)) > len(y) / 2:
+            continue  # too few trials per group: eta^2 would be near 1 by construction
         between = 0.0
         for g in set(groups):
             sel = np.array([gg == g for gg in groups])

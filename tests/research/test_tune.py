@@ -156,6 +156,16 @@ def test_hypervolume_exact():
     assert T.hypervolume(two, np.ones(3)) == pytest.approx(0.625)
 
 
+def test_importance_ranks_the_parameter_that_matters():
+    space = Space({"a": Float(0, 1), "b": Categorical(["x", "y"])})
+    rng = np.random.default_rng(0)
+    params = [{"a": float(rng.random()), "b": ["x", "y"][i % 2]} for i in range(20)]
+    y = [3 * p["a"] + 0.1 * rng.normal() for p in params]
+    imp = T.importance(space, params, y)
+    assert imp["a"] > 0.8 and imp["b"] < 0.3
+    assert T.importance(space, params[:3], y[:3]) == {}  # too few trials to say
+
+
 # ----------------------------------------------------------------------------- fake runs (fast)
 
 
