@@ -7,7 +7,7 @@ Run:
 Pipeline per trial: train (300 steps) -> prune (gradual magnitude pruning, fine-tuned) -> quantize
 (post-training, per-channel, ``bits`` bits). The space (``get_space``) names ``--set`` keys:
 learning rate (log scale), hidden widths, pruning sparsity and weight bits; ``stages.train.optimizer``
-chooses adam or sgd, and ``stages.train.weight_decay`` exists only under adamw (a conditional key).
+chooses adam or adamw, and ``stages.train.weight_decay`` exists only under adamw (a conditional key).
 
 Expected: about 90 s of CPU for the 12 trials plus one baseline run of the unmodified config (the
 hypervolume reference); measured 7-35 s per trial on a loaded 2-core machine, the first trials mostly
