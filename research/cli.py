@@ -1,4 +1,4 @@
-"""The ``slimjax`` command line: ``run``, ``sweep``, ``report``, ``export``.
+"""The ``slimjax`` command line: ``run``, ``sweep``, ``tune``, ``report``, ``export``.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     slimjax run configs/quickstart.py:smoke --set stages.train.steps=50 --workdir runs/try
     slimjax sweep configs/quickstart.py --grid stages.prune.sparsity=0.5,0.7,0.9 --grid seed=0,1
     slimjax sweep configs/quickstart.py --grid model.options.widths=[64],[128,64] --set stages.train.steps=300
+    slimjax tune configs/tune_quickstart.py --trials 12 --objective val_accuracy:max --objective bytes:min
     slimjax report runs/quickstart
 """
 
@@ -164,6 +165,46 @@ def _cmd_sweep(args) -> int:
     return 1 if report.failed else 0
 
 
+def _cmd_tune(args) -> int:
+    """``slimjax tune CONFIG --trials N ...``: a study over the config file's ``get_space()``."""
+    from research import config as config_lib
+    from research import tune as tune_lib
+    from research.run import register_all_stages
+
+    register_all_stages()
+    try:
+        config, space = tune_lib.load_config_and_space(args.config)
+        config = config_lib.apply_overrides(config, args.set or [])
+        config_lib.validate(config)
+        workdir = args.workdir or os.path.join("runs", f"{config.name}_tune")
+        result = tune_lib.tune(
+            config,
+            space,
+            workdir,
+            trials=args.trials,
+            sampler=args.sampler,
+            objectives=args.objective or ["val_accuracy:max"],
+            constraints=args.constraint or [],
+            budget_key=args.budget_key,
+            scheduler=args.scheduler,
+            min_budget=args.min_budget,
+            eta=args.eta,
+            workers=args.workers,
+            seed=args.seed,
+            reference=tune_lib.parse_reference(args.reference),
+            config_spec=args.config,
+            set_overrides=args.set or [],
+            policies=tune_lib.load_policies(args.config),
+            progress=not args.no_progress,
+        )
+    except (config_lib.ConfigError, ValueError, KeyError) as e:
+        print(f"slimjax: config error: {e}", file=sys.stderr)
+        return 2
+    print(result.table())
+    print(f"wrote tune.json, tune.txt, plots and best/ in {workdir}")
+    return 0 if any(t["state"] == "COMPLETE" for t in result.trials) else 1
+
+
 def _cmd_report(args) -> int:
     from research import report as report_lib
     from research.workdir import RunFileError
@@ -216,6 +257,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="delete the sweep the workdir holds and start over")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(fn=_cmd_sweep)
+
+    p = sub.add_parser("tune", help="tune a config over its get_space() with a Study (one run per trial)")
+    p.add_argument("config", help="path/to/config.py[:arg] defining get_config() and get_space()")
+    p.add_argument("--trials", type=int, required=True, help="number of configurations to try")
+    p.add_argument("--sampler", default="tpe", choices=["gp", "tpe", "bohb", "random", "sobol"])
+    p.add_argument(
+        "--objective", action="append", metavar="METRIC:max|min", help="val_accuracy:max (default), bytes:min, ..."
+    )
+    p.add_argument("--constraint", action="append", metavar="METRIC<=X", help="e.g. bytes<=20000 (repeatable)")
+    p.add_argument(
+        "--reference",
+        help="hypervolume reference: baseline (default: the config's own metrics, one extra run), nadir, or METRIC=V,...",
+    )
+    p.add_argument("--budget-key", help="--set key a scheduler varies, e.g. stages.train.steps")
+    p.add_argument("--scheduler", choices=["asha", "hyperband"], help="multi-fidelity scheduler")
+    p.add_argument("--min-budget", type=float, help="smallest budget (default: full / eta^2)")
+    p.add_argument("--eta", type=int, default=3, help="the scheduler's halving factor")
+    p.add_argument("--workers", type=int, default=1, help="local processes running trials at once")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field for every trial")
+    p.add_argument("--workdir", help="study directory (default runs/<config name>_tune); a rerun resumes it")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(fn=_cmd_tune)
 
     p = sub.add_parser("report", help="print the report of a run directory")
     p.add_argument("run_dir")

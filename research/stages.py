@@ -190,19 +190,28 @@ def make_optimizer(
     """
     if learning_rate <= 0:
         raise ValueError(f"learning_rate={learning_rate} must be positive")
+    # The schedule's shape is a constant of the compiled step; the learning rate and weight decay
+    # are values in the optimizer state (optax.inject_hyperparams), so runs that differ only in
+    # them (the trials of `slimjax tune`) share one compiled program (persistent compilation cache).
     schedules = {
-        "constant": lambda: optax.constant_schedule(learning_rate),
+        "constant": lambda: optax.constant_schedule(1.0),
         "cosine": lambda: optax.warmup_cosine_decay_schedule(
-            0.0 if warmup_steps else learning_rate, learning_rate, warmup_steps, max(steps, warmup_steps + 1)
+            0.0 if warmup_steps else 1.0, 1.0, warmup_steps, max(steps, warmup_steps + 1)
         ),
     }
     if schedule not in schedules:
         raise ValueError(f"schedule={schedule!r} is not one of {sorted(schedules)}")
-    lr = schedules[schedule]()
+    unit = optax.scale_by_schedule(schedules[schedule]())
+    lr = optax.inject_hyperparams(optax.scale)(step_size=-learning_rate)
     optimizers = {
-        "adam": lambda: optax.adam(lr),
-        "adamw": lambda: optax.adamw(lr, weight_decay=weight_decay),
-        "sgd": lambda: optax.sgd(lr, momentum=momentum, nesterov=True),
+        "adam": lambda: optax.chain(optax.scale_by_adam(), unit, lr),
+        "adamw": lambda: optax.chain(
+            optax.scale_by_adam(),
+            optax.inject_hyperparams(optax.add_decayed_weights)(weight_decay=weight_decay),
+            unit,
+            lr,
+        ),
+        "sgd": lambda: optax.chain(optax.trace(decay=momentum, nesterov=True), unit, lr),
     }
     if optimizer not in optimizers:
         raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(optimizers)}")

@@ -2,22 +2,50 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
 def _forward(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
     graphdef, state = nnx.split(model)
+    f = _forward_fn(graphdef)
+    return lambda x: f(state, x), f, state
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_fn(graphdef):
+    """The forward pass of a model graph, jitted once per graph: models of the same structure (the
+    trials of a study, the stages of a run) reuse the traced and compiled program."""
 
     def f(state, x):
         return nnx.merge(graphdef, state)(x)
 
-    return lambda x: f(state, x), f, state
+    return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=256)
+def _model_flops(graphdef, avals, x_aval) -> float:
+    state = jax.tree.unflatten(avals[0], avals[1])
+    return _cost_flops(_forward_fn(graphdef).lower(state, x_aval).compile())
+
+
+def _aval(x: Any) -> jax.ShapeDtypeStruct:
+    dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+    return jax.ShapeDtypeStruct(jnp.shape(x), dtype)
+
+
+def _cost_flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX returned one dict per device
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", float("nan")))
 
 
 def flops(model_or_fn: nnx.Module | Callable, sample_input: jax.Array) -> float:
@@ -27,14 +55,12 @@ def flops(model_or_fn: nnx.Module | Callable, sample_input: jax.Array) -> float:
     inference cost). Returns ``nan`` when the backend reports no FLOP count.
     """
     if isinstance(model_or_fn, nnx.Module):
-        _, f, state = _forward(model_or_fn)
-        compiled = jax.jit(f).lower(state, sample_input).compile()
-    else:
-        compiled = jax.jit(model_or_fn).lower(sample_input).compile()
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older JAX returned one dict per device
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", float("nan")))
+        graphdef, state = nnx.split(model_or_fn)
+        leaves, treedef = jax.tree.flatten(state)
+        avals = (treedef, tuple(_aval(x) for x in leaves))
+        x_aval = _aval(sample_input)
+        return _model_flops(graphdef, avals, x_aval)  # depends on shapes and graph only: cached
+    return _cost_flops(jax.jit(model_or_fn).lower(sample_input).compile())
 
 
 def latency(fn: Callable[..., Any], *args: Any, warmup: int = 3, repeats: int = 20) -> dict[str, float]:
@@ -63,5 +89,4 @@ def model_latency(
 ) -> dict[str, float]:
     """Latency of the jitted forward pass of ``model`` on ``sample_input`` (see :func:`latency`)."""
     _, f, state = _forward(model)
-    jf = jax.jit(f)
-    return latency(jf, state, sample_input, warmup=warmup, repeats=repeats)
+    return latency(f, state, sample_input, warmup=warmup, repeats=repeats)

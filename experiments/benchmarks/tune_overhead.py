@@ -1,0 +1,114 @@
+"""Per-trial overhead of ``slimjax tune``: compile vs run time of the first and later trials of one
+study, against a bare ``slimjax run`` of the same config, in one run.
+
+The study tunes the learning rate and weight decay of ``configs/tune_quickstart.py`` (train ->
+prune -> quantize, MLP on digits); width, sparsity and bits stay at the config's values, so every
+trial has the same shapes. Each measurement runs in a fresh process (cold in-memory caches): the
+bare run, then the study (its trials share one worker process and the study's persistent
+compilation cache). Compile time is what JAX reports for tracing, lowering and backend
+compilation (``jax.monitoring``); run time is the rest of the trial.
+
+Run:
+  python experiments/benchmarks/tune_overhead.py                 # 4 trials
+  python experiments/benchmarks/tune_overhead.py --trials 6 --arg smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tune_quickstart.py")
+
+
+def _bare(workdir: str, arg: str | None) -> dict:
+    from research import config as config_lib
+    from research import tune as tune_lib
+    from research.run import register_all_stages
+    from research.run import run
+
+    register_all_stages()
+    tune_lib._listen_compile_time()  # noqa: SLF001 - the same accounting tune uses
+    config = config_lib.load_config(CONFIG + (f":{arg}" if arg else ""))
+    t0, c0 = time.perf_counter(), tune_lib._compile_seconds[0]  # noqa: SLF001
+    run(config, workdir, progress=False, echo=False)
+    seconds = time.perf_counter() - t0
+    compile_s = tune_lib._compile_seconds[0] - c0  # noqa: SLF001
+    return {"seconds": seconds, "compile_seconds": compile_s, "run_seconds": seconds - compile_s}
+
+
+def _tune(workdir: str, arg: str | None, trials: int) -> list[dict]:
+    from research import config as config_lib
+    from research import tune as tune_lib
+    from research.automl import Float
+    from research.automl import Space
+    from research.run import register_all_stages
+
+    register_all_stages()
+    config = config_lib.load_config(CONFIG + (f":{arg}" if arg else ""))
+    config = config_lib.apply_overrides(config, ["stages.train.optimizer=adamw"])
+    space = Space(
+        {
+            "stages.train.learning_rate": Float(3e-4, 3e-2, log=True),
+            "stages.train.weight_decay": Float(1e-5, 1e-2, log=True),
+        }
+    )
+    result = tune_lib.tune(config, space, workdir, trials=trials, sampler="random", plot_every=0, echo=False)
+    return [
+        {k: t[k] for k in ("number", "seconds", "compile_seconds", "run_seconds")}
+        for t in sorted(result.trials, key=lambda t: t["number"])
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--arg", default=None, help="config argument, e.g. smoke")
+    parser.add_argument("--mode", choices=["bare", "tune"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode == "bare":
+        print(json.dumps(_bare(args.workdir, args.arg)))
+        return
+    if args.mode == "tune":
+        print(json.dumps(_tune(args.workdir, args.arg, args.trials)))
+        return
+
+    from research.report import format_table
+
+    root = tempfile.mkdtemp(prefix="tune_overhead-")
+    extra = ["--arg", args.arg] if args.arg else []
+    outs = {}
+    for mode in ("bare", "tune"):
+        cmd = [sys.executable, __file__, "--mode", mode, "--workdir", os.path.join(root, mode), "--trials"]
+        proc = subprocess.run([*cmd, str(args.trials), *extra], capture_output=True, text=True, check=True)
+        outs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [{"what": "bare slimjax run", **outs["bare"]}]
+    rows += [{"what": f"tune trial {t['number']}", **t} for t in outs["tune"]]
+    for r in rows:
+        r["compile share"] = r["compile_seconds"] / r["seconds"]
+    cols = [
+        ("what", "what", "{}"),
+        ("seconds", "wall s", "{:.2f}"),
+        ("compile_seconds", "compile s", "{:.2f}"),
+        ("run_seconds", "run s", "{:.2f}"),
+        ("compile share", "compile share", "{:.1%}"),
+    ]
+    print(format_table(rows, cols))
+    later = rows[2:]
+    if later:
+        worst = max(r["compile share"] for r in later)
+        print(f"\ntrials 1..{len(later)}: compile share at most {worst:.1%} (target < 10%); "
+              f"wall time {sum(r['seconds'] for r in later) / len(later):.2f}s per trial vs "
+              f"{rows[0]['seconds']:.2f}s for a bare run")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
