@@ -33,8 +33,10 @@ from methods.pruning.schedules import one_shot_schedule
 from methods.pruning.schedules import polynomial_schedule
 from methods.pruning.scores import get_scorer
 from methods.pruning.structured import remove_channels
+from methods.pruning.structured.channels import plan_recipe_step
 from methods.pruning.wrapper import find_masks
 from methods.pruning.wrapper import masked
+from research import recipe as recipe_lib
 from research.nn import iter_modules
 from research.stages import Bundle
 from research.stages import StageConfig
@@ -164,6 +166,7 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
     model = original
     notes, metrics = [], {}
     ds = bundle.dataset
+    recipe = bundle.recipe
     if cfg.channel_ratio > 0:
         sample = jnp.asarray(ds.x_train[:8])
         batch = {"x": sample, "y": jnp.asarray(ds.y_train[:8])}
@@ -175,6 +178,8 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
             batch=batch if cfg.channel_score == "taylor" else None,
             return_plan=True,
         )
+        recipe = recipe_lib.append(recipe, plan_recipe_step(plan))
+        bundle = dataclasses.replace(bundle, recipe=recipe)
         removed = sum(g.removed for g in plan.groups)
         notes.append(f"removed {removed} channels in {len(plan.groups)} coupled groups ({cfg.channel_score} score)")
     wrap = None
