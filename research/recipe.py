@@ -106,16 +106,44 @@ def _tuples(x: Any) -> Any:
     return x
 
 
+def zeros_like_abstract(abstract: nnx.Module) -> nnx.Module:
+    """A concrete copy of an ``nnx.eval_shape`` model with every array zero (keys: ``key(0)``).
+
+    Replays only need the structure (stored values replace every array), and zeros cost no
+    compilation, whereas random initialisers compile once per shape.
+    """
+    import jax
+    import numpy as np
+
+    def concrete(leaf):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            n = int(np.prod(leaf.shape))
+            keys = jax.random.key(0) if not leaf.shape else jax.random.split(jax.random.key(0), n)
+            return keys.reshape(leaf.shape)
+        return jax.numpy.asarray(np.zeros(leaf.shape, leaf.dtype))
+
+    graphdef, state = nnx.split(abstract)
+    pure = jax.tree.map(concrete, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
 @register_step("zoo_model")
 def _zoo_model(model: nnx.Module | None, data: dict[str, Any]) -> nnx.Module:
     from research.nn import build_model
 
-    return build_model(
-        data["name"],
-        input_shape=tuple(data["input_shape"]),
-        num_classes=int(data["num_classes"]),
-        rngs=nnx.Rngs(int(data["seed"])),
-        **_tuples(data["options"]),
+    return zeros_like_abstract(
+        nnx.eval_shape(
+            lambda: build_model(
+                data["name"],
+                input_shape=tuple(data["input_shape"]),
+                num_classes=int(data["num_classes"]),
+                rngs=nnx.Rngs(int(data["seed"])),
+                **_tuples(data["options"]),
+            )
+        )
     )
 
 
