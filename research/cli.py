@@ -40,8 +40,14 @@ def _cmd_run(args) -> int:
     config = _load_config(args)
     if config is None:
         return 2
+    from research.store import StoreError
+
     workdir = args.workdir or os.path.join("runs", config.name)
-    report = run(config, workdir, progress=not args.no_progress)
+    try:
+        report = run(config, workdir, progress=not args.no_progress)
+    except StoreError as e:  # e.g. a legacy result.pkl (never opened) or an unreadable stage result
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 2
     print(report_lib.render(report))
     return 0
 
@@ -142,7 +148,13 @@ def _cmd_export(args) -> int:
     except ImportError as e:
         print(f"slimjax: export is unavailable: {e}", file=sys.stderr)
         return 2
-    report = export_run(args.run_dir, formats=tuple(args.to.split(",")), int8=args.int8, out_dir=args.out)
+    from research.store import StoreError
+
+    try:
+        report = export_run(args.run_dir, formats=tuple(args.to.split(",")), int8=args.int8, out_dir=args.out)
+    except StoreError as e:  # e.g. a legacy result.pkl (never opened) or an unreadable stage result
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 2
     print(report.table() if hasattr(report, "table") else report)
     return 0
 

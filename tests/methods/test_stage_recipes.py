@@ -33,6 +33,7 @@ from methods.quantization.folding import find_conv_bn_pairs
 from methods.quantization.folding import fold_batchnorm
 from methods.quantization.folding import fold_recipe_step
 from methods.quantization.modules import find_quantizers
+from methods.quantization.report import quant_params
 from methods.quantization.stage import QATStage
 from methods.quantization.stage import run_qat
 from methods.quantization.surgery import QuantRule
@@ -215,7 +216,9 @@ def test_cp_tucker_nm_qat_and_distill_rebuild_identically(digits, tmp_path):
     ]
     for label, fn, cfg in cases:
         bundle = fn(bundle, cfg, _ctx(tmp_path, label)).bundle
-        _roundtrip(tmp_path, label, bundle)
+        saved = _roundtrip(tmp_path, label, bundle)
+        if label == "3_qat":  # the quantization parameters are also derivable from the rebuilt model
+            _assert_same_data(quant_params(saved.model), bundle.extras["quant_params"], "quant_params")
     # A fresh zoo student starts its own recipe; an earlier stage's model brings its recipe.
     fresh = run_distill(
         bundle,

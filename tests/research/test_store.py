@@ -15,6 +15,7 @@ from flax import nnx
 from methods.distillation.stage import DistillStage
 from methods.distillation.stage import resolve_teacher
 from methods.pruning import PruneStage
+from research import cli
 from research import config as C
 from research import recipe as recipe_lib
 from research import run as run_lib
@@ -116,8 +117,8 @@ def test_resume_load_run_and_teacher_run_give_the_in_memory_outputs(finished, ca
     assert [s["metrics"] for s in again["stages"]] == [s["metrics"] for s in report["stages"]]
 
 
-@pytest.mark.parametrize("entry", ["run", "load_run", "teacher_run"])
-def test_a_planted_pickle_is_never_opened(entry, tmp_path):
+@pytest.mark.parametrize("entry", ["run", "load_run", "teacher_run", "cli run", "cli export"])
+def test_a_planted_pickle_is_never_opened(entry, tmp_path, capsys):
     marker = tmp_path / "executed"
     workdir = tmp_path / "run"
     cfg = _config()
@@ -125,6 +126,16 @@ def test_a_planted_pickle_is_never_opened(entry, tmp_path):
     (workdir / "config.json").write_text(C.to_json(cfg) + "\n")
     (workdir / "report.json").write_text(json.dumps({"stages": [{"label": "0_train"}]}))
     _plant_pickle(workdir / "stages" / "0_train", str(marker))
+    if entry.startswith("cli"):
+        cfg_file = tmp_path / "cfg.py"
+        cfg_file.write_text(
+            "from tests.research.test_store import _config\n\ndef get_config(arg=None):\n    return _config()\n"
+        )
+        argv = ["run", str(cfg_file), "--workdir", str(workdir), "--no-progress"]
+        assert cli.main(argv if entry == "cli run" else ["export", str(workdir), "--to", "stablehlo"]) == 2
+        assert "is a pickle written by an older slimjax" in capsys.readouterr().err
+        assert not marker.exists()
+        return
     with pytest.raises(store.StoreError, match="result.pkl is a pickle written by an older slimjax.*Rerun"):
         if entry == "run":
             run_lib.run(cfg, str(workdir), progress=False, echo=False)
