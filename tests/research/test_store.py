@@ -15,6 +15,7 @@ from flax import nnx
 from methods.distillation.stage import DistillStage
 from methods.distillation.stage import resolve_teacher
 from methods.pruning import PruneStage
+from methods.quantization import QuantizeStage
 from research import cli
 from research import config as C
 from research import recipe as recipe_lib
@@ -58,13 +59,15 @@ def _config(**prune):
         stages=(
             train,
             PruneStage(channel_ratio=0.5, sparsity=0.5, steps=2, batch_size=32, **prune),
+            QuantizeStage(bits=8, calibration_examples=32),
         ),
     )
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished two-stage run and the in-memory model of every stage as it was saved."""
+    """A finished run (train, prune with channel removal and masks, PTQ) and the in-memory model
+    of every stage as it was saved."""
     workdir = tmp_path_factory.mktemp("run")
     saved = {}
     real = store.save_stage
@@ -94,6 +97,8 @@ def test_run_directory_holds_data_files_only(finished):
     assert names == ["extras.json", "extras.npz", "recipe.json", "record.json", "state.json", "state.npz"]
     steps = json.loads((result / "recipe.json").read_text())["steps"]
     assert [s["kind"] for s in steps] == ["zoo_model", "remove_channels"]
+    final = json.loads((workdir / "stages" / "2_quantize" / "result" / "recipe.json").read_text())["steps"]
+    assert [s["kind"] for s in final] == ["zoo_model", "remove_channels", "quantize_model", "quant_static"]
     assert steps[0]["data"]["options"] == {"widths": [16]}
     assert not list(workdir.rglob("*.pkl"))
 
@@ -106,11 +111,13 @@ def test_resume_load_run_and_teacher_run_give_the_in_memory_outputs(finished, ca
         np.testing.assert_array_equal(_out(got, x), _out(model, x), err_msg=label)
     # load_run (what `slimjax export RUN_DIR` uses): the final model and its masks
     _, model, extras = run_lib.load_run(str(workdir))
-    np.testing.assert_array_equal(_out(model, x), _out(saved["1_prune"], x))
-    assert {p for p, m in jax.tree_util.tree_leaves_with_path(extras["masks"])}  # bool masks came back
+    np.testing.assert_array_equal(_out(model, x), _out(saved["2_quantize"], x))
+    masks = [m for m in jax.tree.leaves(extras["masks"]) if m is not None]
+    assert masks and all(np.asarray(m).dtype == bool for m in masks)
+    assert set(extras["quant_params"]["layers"]) == {"layers/0", "head"}
     # teacher_run: a distillation teacher from the finished run directory
     teacher = resolve_teacher(Bundle(model=model, dataset=None), DistillStage(teacher_run=str(workdir)))
-    np.testing.assert_array_equal(_out(teacher, x), _out(saved["1_prune"], x))
+    np.testing.assert_array_equal(_out(teacher, x), _out(saved["2_quantize"], x))
     # resume: a rerun loads both stages and reports the same records
     again = run_lib.run(_config(), str(workdir), progress=False, echo=True)
     assert "finished earlier" in capsys.readouterr().err
