@@ -162,7 +162,11 @@ def _lookup(models: Mapping[str, nnx.Module], key: str, role: str) -> nnx.Module
 
 
 def resolve_teacher(bundle: Bundle, cfg: DistillStage) -> nnx.Module:
-    """The teacher model named by ``cfg`` (from ``bundle.models`` or a finished run)."""
+    """The teacher model named by ``cfg`` (from ``bundle.models`` or a finished run).
+
+    A ``teacher_run`` directory's final model is rebuilt from its stored recipe and arrays
+    (:func:`research.run.load_run`); nothing in the directory is executed.
+    """
     if cfg.teacher_run:
         from research.run import load_run
 
