@@ -67,6 +67,7 @@ def _cmd_run(args) -> int:
         return 2
     from research import report as report_lib
     from research.run import run
+    from research.store import StoreError
     from research.train import CheckpointReadError
     from research.train import MetricsFileError
 
@@ -76,6 +77,9 @@ def _cmd_run(args) -> int:
     try:
         report = run(config, workdir, progress=not args.no_progress, overwrite=args.overwrite)
     except (config_lib.ConfigError, workdir_lib.WorkdirInUseError, workdir_lib.RunFileError) as e:
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:  # e.g. a legacy result.pkl (never opened) or an unreadable stage result
         print(f"slimjax: {e}", file=sys.stderr)
         return 2
     except (CheckpointReadError, MetricsFileError) as e:  # the message names the file and the fix
@@ -229,7 +233,13 @@ def _cmd_export(args) -> int:
     except ImportError as e:
         print(f"slimjax: export is unavailable: {e}", file=sys.stderr)
         return 2
-    report = export_run(args.run_dir, formats=tuple(args.to.split(",")), int8=args.int8, out_dir=args.out)
+    from research.store import StoreError
+
+    try:
+        report = export_run(args.run_dir, formats=tuple(args.to.split(",")), int8=args.int8, out_dir=args.out)
+    except StoreError as e:  # e.g. a legacy result.pkl (never opened) or an unreadable stage result
+        print(f"slimjax: {e}", file=sys.stderr)
+        return 2
     print(report.table() if hasattr(report, "table") else report)
     return 0
 

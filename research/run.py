@@ -4,7 +4,8 @@ Run directory layout::
 
     WORKDIR/config.json            the resolved config the run used
     WORKDIR/stages/<i>_<kind>/     each stage's checkpoints/, metrics.jsonl and artifacts
-    WORKDIR/stages/<i>_<kind>/result.pkl   the finished stage's model, extras and record
+    WORKDIR/stages/<i>_<kind>/result/      the finished stage as data (research.store): recipe.json,
+                                           state.npz, extras.json/.npz, record.json; never a pickle
     WORKDIR/stages/<i>_<kind>/key.json     the hash of the config prefix that made the stage
     WORKDIR/replaced/<i>_<kind>-<key>/     stages set aside after their config changed
     WORKDIR/.lock                          held by the process running in the directory
@@ -19,9 +20,7 @@ changed stage (see :mod:`research.workdir`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pickle
 import sys
 import time
 from typing import Any
@@ -31,7 +30,9 @@ import jax
 from flax import nnx
 
 from research import config as config_lib
+from research import recipe as recipe_lib
 from research import report as report_lib
+from research import store
 from research import workdir as workdir_lib
 from research.data import load_dataset
 from research.nn import build_model
@@ -51,12 +52,6 @@ def register_all_stages() -> None:
         except ModuleNotFoundError as e:
             if e.name not in (name, name.split(".")[0]):
                 raise
-
-
-def _save_stage(path: str, payload: dict[str, Any]) -> None:
-    with open(path + ".tmp", "wb") as f:
-        pickle.dump(payload, f)
-    os.replace(path + ".tmp", path)
 
 
 def load_data(config: config_lib.Config):
@@ -81,7 +76,10 @@ def build_bundle(config: config_lib.Config) -> Bundle:
         rngs=nnx.Rngs(config.seed),
         **dict(config.model.options),
     )
-    return Bundle(model=model, dataset=ds, seed=config.seed)
+    recipe = (
+        recipe_lib.zoo_step(config.model.name, dict(config.model.options), ds.input_shape, ds.num_classes, config.seed),
+    )
+    return Bundle(model=model, dataset=ds, seed=config.seed, recipe=recipe)
 
 
 def environment() -> dict[str, Any]:
@@ -160,12 +158,11 @@ def _run_stages(config: config_lib.Config, workdir: str, *, progress: bool, echo
             if echo:
                 print(note, file=sys.stderr)
         stage_dirs.append((label, sdir))
-        done_path = os.path.join(sdir, "result.pkl")
-        if os.path.exists(done_path):
-            with open(done_path, "rb") as f:
-                saved = pickle.load(f)
-            bundle = dataclasses.replace(bundle, model=saved["model"], extras=saved["extras"])
-            record = saved["record"]
+        done_path = store.result_dir(sdir)
+        if store.is_finished(sdir):
+            saved = store.load_stage(sdir)
+            bundle = dataclasses.replace(bundle, model=saved.model, extras=saved.extras, recipe=saved.recipe)
+            record = saved.record
             if echo:
                 print(f"[{label}] finished earlier; loaded from {done_path}", file=sys.stderr)
         else:
@@ -194,7 +191,7 @@ def _run_stages(config: config_lib.Config, workdir: str, *, progress: bool, echo
                 "artifacts": result.artifacts,
                 "notes": result.notes,
             }
-            _save_stage(done_path, {"model": bundle.model, "extras": bundle.extras, "record": record})
+            store.save_stage(sdir, model=bundle.model, extras=bundle.extras, record=record, recipe=bundle.recipe)
             if echo:
                 m = record["metrics"]
                 print(
@@ -204,6 +201,7 @@ def _run_stages(config: config_lib.Config, workdir: str, *, progress: bool, echo
                 )
         bundle.models[label] = bundle.model
         bundle.models[stage_cfg.kind] = bundle.model
+        bundle.recipes[label] = bundle.recipes[stage_cfg.kind] = bundle.recipe
         report["stages"].append(record)
         report_lib.write_report(workdir, report)
     plot = report_lib.plot_curves(workdir, stage_dirs)
@@ -215,17 +213,29 @@ def _run_stages(config: config_lib.Config, workdir: str, *, progress: bool, echo
 def load_run(workdir: str) -> tuple[dict[str, Any], nnx.Module, dict[str, Any]]:
     """``(report, final_model, extras)`` of a finished run directory.
 
+    The model is rebuilt from the last stage's stored recipe and arrays (:mod:`research.store`);
+    nothing in the directory is executed.
+
     Raises:
       FileNotFoundError: no finished stage in ``workdir``.
+      RunFileError: ``report.json`` is missing or unreadable (the message names it and the fix).
+      research.store.StoreError: a legacy ``result.pkl`` (rerun) or unreadable stage files.
     """
-    with open(os.path.join(workdir, "report.json")) as f:
-        report = json.load(f)
+    report = report_lib.read_report(workdir)
     if not report["stages"]:
         raise FileNotFoundError(f"{workdir} has no finished stage")
-    last = report["stages"][-1]["label"]
-    with open(os.path.join(workdir, "stages", last, "result.pkl"), "rb") as f:
-        saved = pickle.load(f)
-    return report, saved["model"], saved["extras"]
+    saved = load_stage(workdir, report["stages"][-1]["label"])
+    return report, saved.model, saved.extras
+
+
+def load_stage(workdir: str, label: str) -> store.StageData:
+    """The stored result of stage ``label`` (e.g. ``"1_prune"``) of a run directory.
+
+    Raises:
+      research.store.StoreError: the stage has not finished, is a legacy pickle, or is unreadable.
+    """
+    register_all_stages()  # methods register their recipe steps on import
+    return store.load_stage(os.path.join(workdir, "stages", label))
 
 
 def load_run_config(workdir: str) -> dict[str, Any]:

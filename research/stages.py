@@ -98,7 +98,11 @@ class Bundle:
       seed: the run's seed.
       models: the model after each finished stage, by label (``"0_train"``) and by kind (``"train"``,
         the latest stage of that kind), e.g. a distillation teacher.
-      extras: method-specific carry-over (``"masks"``, ``"quant_params"``, ...).
+      extras: method-specific carry-over (``"masks"``, ``"quant_params"``, ...); stored as data
+        (arrays, numbers, strings, lists, dicts) with each finished stage.
+      recipe: the structural steps that rebuild ``model`` from the base config
+        (:mod:`research.recipe`); a stage that changes the structure appends its step.
+      recipes: the recipe of each model in ``models``, by the same keys.
     """
 
     model: nnx.Module
@@ -106,6 +110,8 @@ class Bundle:
     seed: int = 0
     models: dict[str, nnx.Module] = dataclasses.field(default_factory=dict)
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recipe: tuple[dict[str, Any], ...] = ()
+    recipes: dict[str, tuple[dict[str, Any], ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

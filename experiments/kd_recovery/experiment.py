@@ -30,7 +30,6 @@ import dataclasses
 import importlib.util
 import math
 import pathlib
-import pickle
 import statistics
 import sys
 import tempfile
@@ -70,9 +69,10 @@ def config_module():
 
 
 def stage_model(workdir: pathlib.Path, label: str):
-    """The model a finished stage of a run left (``stages/<label>/result.pkl``)."""
-    with open(workdir / "stages" / label / "result.pkl", "rb") as f:
-        return pickle.load(f)["model"]
+    """The model a finished stage of a run left (rebuilt from ``stages/<label>/result/``)."""
+    from research.run import load_stage
+
+    return load_stage(str(workdir), label).model
 
 
 def revived_weights(before, after) -> dict[str, int]:

@@ -41,7 +41,7 @@ def _load(dataset: str) -> Dataset:
     """A registered data set, or a ``.npz`` of a saved split (machines without its package)."""
     if not dataset.endswith(".npz"):
         return load_dataset(dataset)
-    with np.load(dataset) as f:
+    with np.load(dataset, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     return Dataset(name=dataset, num_classes=int(arrays["y_train"].max()) + 1, **arrays)
 

@@ -21,7 +21,9 @@ from flax import nnx
 from methods.decomposition.surgery import DecompositionRule
 from methods.decomposition.surgery import ModelBudget
 from methods.decomposition.surgery import _deep_copy
+from methods.decomposition.surgery import factorize_recipe_step
 from methods.decomposition.surgery import factorize_with_report
+from research import recipe as recipe_lib
 from research.config import Check
 from research.config import ConfigError
 from research.config import NonEmpty
@@ -170,8 +172,9 @@ def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> Sta
             transforms = (_hinton_transform(_deep_copy(bundle.model), cfg.temperature, cfg.alpha),)
             notes.append(f"fine-tuned with Hinton KD from the pre-decomposition model (T={cfg.temperature})")
         model, _ = finetune(model, ds, ctx, **train_kwargs(cfg.finetune), loss_transforms=transforms)
+    recipe = recipe_lib.append(bundle.recipe, factorize_recipe_step(rows))
     return StageResult(
-        bundle=dataclasses.replace(bundle, model=model),
+        bundle=dataclasses.replace(bundle, model=model, recipe=recipe),
         metrics=metrics,
         tables={"layers": rows},
         artifacts=[str(record)],

@@ -34,6 +34,8 @@ from methods.decomposition.rank import dense_cost
 from methods.decomposition.rank import factorized_cost
 from methods.decomposition.rank import select_rank
 from methods.decomposition.speed import compare_latency
+from research import recipe as recipe_lib
+from research.nn import get_module
 from research.nn import iter_modules
 from research.nn import param_count
 from research.nn import replace_module
@@ -560,3 +562,57 @@ def factorize(
       'LowRankLinear'
     """
     return factorize_with_report(model, rules, **kwargs)[0]
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def factorize_recipe_step(layers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The :mod:`research.recipe` step replaying the factorized layers of a report's rows.
+
+    Args:
+      layers: rows of :meth:`FactorizationReport.rows` (or ``factorization.json``'s ``"layers"``);
+        only ``decision == "factorized"`` rows are kept, as ``{"path", "method", "rank"}``.
+    """
+    import json
+
+    out = []
+    for row in layers:
+        if row["decision"] != "factorized":
+            continue
+        rank = row["rank"]
+        if isinstance(rank, str):
+            rank = json.loads(rank.replace("(", "[").replace(")", "]"))
+        out.append({"path": row["path"], "method": row["method"], "rank": rank})
+    return recipe_lib.step("factorize", layers=out)
+
+
+def _shell(dense: nnx.Module, method: str, rank: Any) -> nnx.Module:
+    """A factorized layer of ``dense``'s geometry with zero factors (values are loaded later)."""
+    if method == "svd":
+        rank = int(rank)
+        return LowRankLinear.from_dense(
+            dense, rank, factors=(np.zeros((dense.in_features, rank)), np.zeros((rank, dense.out_features)))
+        )
+    k = tuple(dense.kernel_size)
+    cin, cout = dense.in_features, dense.out_features
+    if method == "tucker2":
+        r_in, r_out = (int(r) for r in rank)
+        factors = (np.zeros((*k, r_in, r_out)), np.zeros((cin, r_in)), np.zeros((cout, r_out)))
+        return Tucker2Conv.from_dense(dense, (r_in, r_out), factors=factors)
+    if method == "cp":
+        rank = int(rank)
+        factors = [np.zeros((n, rank)) for n in k] + [np.zeros((cin, rank)), np.zeros((cout, rank))]
+        return CPConv.from_dense(dense, rank, factors=factors)
+    raise ValueError(f"unknown factorization method {method!r}; expected 'svd', 'tucker2' or 'cp'")
+
+
+@recipe_lib.register_step("factorize")
+def _replay_factorize(model: nnx.Module, data: dict[str, Any]) -> nnx.Module:
+    out = _deep_copy(model)
+    out.eval()
+    for layer in data["layers"]:
+        new = _shell(get_module(out, layer["path"]), layer["method"], layer["rank"])
+        new.eval()
+        out = replace_module(out, layer["path"], new, copy=False)
+    return out

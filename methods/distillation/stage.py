@@ -41,6 +41,7 @@ from methods.distillation.transforms import hinton_term
 from methods.distillation.transforms import rkd_angle_term
 from methods.distillation.transforms import rkd_distance_term
 from methods.distillation.transforms import weighted_sum
+from research import recipe as recipe_lib
 from research.config import Check
 from research.config import ConfigError
 from research.config import EarlierStage
@@ -192,7 +193,11 @@ def _lookup(models: Mapping[str, nnx.Module], key: str, role: str) -> nnx.Module
 
 
 def resolve_teacher(bundle: Bundle, cfg: DistillStage) -> nnx.Module:
-    """The teacher model named by ``cfg`` (from ``bundle.models`` or a finished run)."""
+    """The teacher model named by ``cfg`` (from ``bundle.models`` or a finished run).
+
+    A ``teacher_run`` directory's final model is rebuilt from its stored recipe and arrays
+    (:func:`research.run.load_run`); nothing in the directory is executed.
+    """
     if cfg.teacher_run:
         from research.run import load_run
 
@@ -214,6 +219,23 @@ def resolve_student(bundle: Bundle, cfg: DistillStage, seed: int) -> nnx.Module:
             **dict(cfg.student_options),
         )
     return _lookup(bundle.models, cfg.student, "student") if cfg.student else bundle.model
+
+
+def student_recipe(bundle: Bundle, cfg: DistillStage, seed: int) -> tuple[dict, ...]:
+    """The :mod:`research.recipe` of the student :func:`resolve_student` returns.
+
+    A fresh zoo student starts a new recipe; an earlier stage's model brings its own (from
+    ``bundle.recipes``); the current model keeps ``bundle.recipe``. FitNets projections are
+    dropped after the stage, so distillation adds no step.
+    """
+    if cfg.student_model:
+        ds = bundle.dataset
+        return (
+            recipe_lib.zoo_step(cfg.student_model, dict(cfg.student_options), ds.input_shape, ds.num_classes, seed),
+        )
+    if cfg.student:
+        return bundle.recipes.get(cfg.student, ())
+    return bundle.recipe
 
 
 @register_stage(DistillStage)
@@ -283,4 +305,5 @@ def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageRe
             }
         )
         metrics["final_train_loss"] = last["loss"]
-    return StageResult(bundle=dataclasses.replace(bundle, model=model), metrics=metrics, notes=notes)
+    recipe = student_recipe(bundle, cfg, ctx.seed)
+    return StageResult(bundle=dataclasses.replace(bundle, model=model, recipe=recipe), metrics=metrics, notes=notes)

@@ -123,7 +123,7 @@ class TeacherCache:
     @classmethod
     def load(cls, path: str | os.PathLike) -> TeacherCache:
         """Reads a cache written by :meth:`save`."""
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             feats = {k.removeprefix("feature:"): data[k] for k in data.files if k.startswith("feature:")}
             return cls(data["logits"], feats)
 

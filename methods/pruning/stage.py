@@ -35,8 +35,10 @@ from methods.pruning.scores import get_scorer
 from methods.pruning.scores import list_scorers
 from methods.pruning.structured import list_channel_scores
 from methods.pruning.structured import remove_channels
+from methods.pruning.structured.channels import plan_recipe_step
 from methods.pruning.wrapper import find_masks
 from methods.pruning.wrapper import masked
+from research import recipe as recipe_lib
 from research.config import Check
 from research.config import ConfigError
 from research.config import Each
@@ -185,6 +187,7 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
     model = original
     notes, metrics = [], {}
     ds = bundle.dataset
+    recipe = bundle.recipe
     if cfg.channel_ratio > 0:
         sample = jnp.asarray(ds.x_train[:8])
         batch = {"x": sample, "y": jnp.asarray(ds.y_train[:8])}
@@ -196,6 +199,8 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
             batch=batch if cfg.channel_score == "taylor" else None,
             return_plan=True,
         )
+        recipe = recipe_lib.append(recipe, plan_recipe_step(plan))
+        bundle = dataclasses.replace(bundle, recipe=recipe)
         removed = sum(g.removed for g in plan.groups)
         notes.append(f"removed {removed} channels in {len(plan.groups)} coupled groups ({cfg.channel_score} score)")
     wrap = None

@@ -31,6 +31,7 @@ from flax import nnx
 
 from methods.quantization.modules import Identity
 from methods.quantization.modules import QuantLayer
+from research import recipe as recipe_lib
 from research.nn import iter_modules
 from research.nn import replace_module
 
@@ -221,4 +222,22 @@ def fold_batchnorm(
                 f"layer's output is probably also used elsewhere. Pairs: {pairs}. Pass "
                 "check=False only if you accept this"
             )
+    return out
+
+
+def fold_recipe_step(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """The :mod:`research.recipe` step replaying the folding of ``pairs`` (layer path, BN path)."""
+    return recipe_lib.step("fold_batchnorm", pairs=[[a, b] for a, b in pairs])
+
+
+@recipe_lib.register_step("fold_batchnorm")
+def _replay_fold(model: nnx.Module, data: dict[str, Any]) -> nnx.Module:
+    from research.nn import get_module
+
+    out = nnx.clone(model)
+    out.eval()
+    for layer_path, bn_path in data["pairs"]:
+        folded = _fold_one(get_module(out, layer_path), get_module(out, bn_path))
+        out = replace_module(out, layer_path, folded, copy=False)
+        out = replace_module(out, bn_path, Identity(), copy=False)
     return out

@@ -26,6 +26,7 @@ from typing import ClassVar
 from methods.quantization.calibration import calibrate
 from methods.quantization.folding import find_conv_bn_pairs
 from methods.quantization.folding import fold_batchnorm
+from methods.quantization.folding import fold_recipe_step
 from methods.quantization.folding import layer_order
 from methods.quantization.modules import list_methods
 from methods.quantization.observers import list_observers
@@ -37,8 +38,11 @@ from methods.quantization.report import quant_params
 from methods.quantization.report import quantized_bytes
 from methods.quantization.surgery import QuantRule
 from methods.quantization.surgery import float_layers
+from methods.quantization.surgery import quant_static_recipe_step
 from methods.quantization.surgery import quantize_model
+from methods.quantization.surgery import quantize_recipe_step
 from research import metrics as _metrics
+from research import recipe as recipe_lib
 from research.config import Check
 from research.config import OneOf
 from research.config import Range
@@ -123,11 +127,13 @@ def _quantize(bundle: Bundle, cfg: QuantizeStage, ctx: StageContext):
     sample = ds.x_train[:2]
     notes = []
     model = bundle.model
+    steps = []
     if cfg.fold_bn:
         pairs = find_conv_bn_pairs(model, sample)
         model = fold_batchnorm(model, sample)
         if pairs:
             notes.append(f"folded {len(pairs)} BatchNorm layers: " + ", ".join(b for _, b in pairs))
+            steps.append(fold_recipe_step(pairs))
     order = layer_order(model, sample)
     rules = cfg.make_rules(order)
     qmodel = quantize_model(
@@ -138,15 +144,20 @@ def _quantize(bundle: Bundle, cfg: QuantizeStage, ctx: StageContext):
         skip_last=cfg.skip_last,
         seed=ctx.seed,
     )
+    steps.append(
+        quantize_recipe_step(
+            rules, input_shape=ds.input_shape, skip_first=cfg.skip_first, skip_last=cfg.skip_last, seed=ctx.seed
+        )
+    )
     calib = calibration_subset(ds, cfg.calibration_examples, seed=ctx.seed)
     bs = cfg.calibration_batch_size
     batches = [calib[i : i + bs] for i in range(0, len(calib), bs)]
     t0 = time.perf_counter()
     qmodel = calibrate(qmodel, batches, cfg.observer, weight_observer=cfg.weight_observer)
-    return qmodel, notes, time.perf_counter() - t0
+    return qmodel, notes, time.perf_counter() - t0, steps
 
 
-def _result(bundle: Bundle, model, metrics: dict, notes: list[str]) -> StageResult:
+def _result(bundle: Bundle, model, metrics: dict, notes: list[str], steps: list[dict]) -> StageResult:
     floats = float_layers(model)
     if floats:
         notes.append("layers left in float: " + ", ".join(floats))
@@ -160,8 +171,9 @@ def _result(bundle: Bundle, model, metrics: dict, notes: list[str]) -> StageResu
         "float_layers": float(len(floats)),
     }
     extras = {**bundle.extras, "quant_params": quant_params(model)}
+    recipe = recipe_lib.append(bundle.recipe, *steps, quant_static_recipe_step(model))
     return StageResult(
-        bundle=dataclasses.replace(bundle, model=model, extras=extras),
+        bundle=dataclasses.replace(bundle, model=model, extras=extras, recipe=recipe),
         metrics=metrics,
         tables={"quant_layers": layer_table(model)},
         notes=notes,
@@ -173,8 +185,8 @@ def run_quantize(bundle: Bundle, cfg: QuantizeStage, ctx: StageContext) -> Stage
     """Post-training quantization of ``bundle.model``."""
     if quant_layers(bundle.model):
         raise ValueError("the model is already fake-quantized; put 'quantize' after float stages")
-    qmodel, notes, seconds = _quantize(bundle, cfg, ctx)
-    return _result(bundle, qmodel, {"calibration_s": seconds}, notes)
+    qmodel, notes, seconds, steps = _quantize(bundle, cfg, ctx)
+    return _result(bundle, qmodel, {"calibration_s": seconds}, notes, steps)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -198,14 +210,15 @@ def run_qat(bundle: Bundle, cfg: QATStage, ctx: StageContext) -> StageResult:
     """Fake-quantizes (unless already done), calibrates, then fine-tunes ``bundle.model``."""
     notes: list[str] = []
     metrics: dict[str, float] = {}
+    steps: list[dict] = []
     if quant_layers(bundle.model):
         qmodel = bundle.model
         notes.append("fine-tuned the fake-quant model of the previous stage")
     else:
-        qmodel, notes, seconds = _quantize(bundle, cfg, ctx)
+        qmodel, notes, seconds, steps = _quantize(bundle, cfg, ctx)
         metrics["calibration_s"] = seconds
     ds = bundle.dataset
     if len(ds.x_val):
         metrics["ptq_val_accuracy"] = accuracy(qmodel, ds.x_val, ds.y_val)
     trained, _ = finetune(qmodel, ds, ctx, **train_kwargs(cfg.train))
-    return _result(bundle, trained, metrics, notes)
+    return _result(bundle, trained, metrics, notes, steps)

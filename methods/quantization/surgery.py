@@ -33,7 +33,9 @@ from methods.quantization.modules import QuantConv
 from methods.quantization.modules import QuantLayer
 from methods.quantization.modules import QuantLinear
 from methods.quantization.modules import QuantSpec
+from methods.quantization.modules import find_quantizers
 from methods.quantization.modules import list_methods
+from research import recipe as recipe_lib
 from research.nn import get_module
 from research.nn import iter_modules
 from research.nn import replace_module
@@ -242,3 +244,61 @@ def quantize_model(
     if reasons:
         log.warning("layers left in float: %s", ", ".join(f"{p} ({r})" for p, r in sorted(reasons.items())))
     return out
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def quantize_recipe_step(
+    rules: Sequence[QuantRule], *, input_shape: Sequence[int], skip_first: bool, skip_last: bool, seed: int
+) -> dict[str, Any]:
+    """The :mod:`research.recipe` step replaying :func:`quantize_model` with these arguments."""
+    return recipe_lib.step(
+        "quantize_model",
+        rules=[dataclasses.asdict(r) for r in rules],
+        input_shape=list(input_shape),
+        skip_first=bool(skip_first),
+        skip_last=bool(skip_last),
+        seed=int(seed),
+    )
+
+
+@recipe_lib.register_step("quantize_model")
+def _replay_quantize(model: nnx.Module, data: dict[str, Any]) -> nnx.Module:
+    rules = [QuantRule(**r) for r in data["rules"]]
+    sample = jnp.zeros((2, *data["input_shape"]), jnp.float32)
+    return quantize_model(
+        model,
+        rules,
+        sample_input=sample,
+        skip_first=data["skip_first"],
+        skip_last=data["skip_last"],
+        seed=data["seed"],
+    )
+
+
+#: Static (non-array) settings of a quantizer that calibration or training decides.
+_QUANT_STATIC = ("signed", "calibrated")
+
+
+def quant_static_recipe_step(model: nnx.Module) -> dict[str, Any]:
+    """The :mod:`research.recipe` step restoring each quantizer's calibrated sign and state.
+
+    Ranges, LSQ steps and PACT clips are arrays (stored with the state); whether a quantizer is
+    calibrated and the sign calibration chose for it are Python attributes, recorded here.
+    """
+    return recipe_lib.step(
+        "quant_static",
+        quantizers={p: {a: getattr(fq, a) for a in _QUANT_STATIC} for p, fq in find_quantizers(model)},
+    )
+
+
+@recipe_lib.register_step("quant_static")
+def _replay_quant_static(model: nnx.Module, data: dict[str, Any]) -> nnx.Module:
+    found = dict(find_quantizers(model))
+    for path, attrs in data["quantizers"].items():
+        if path not in found:
+            raise ValueError(f"no quantizer at {path!r}; quantizers: {sorted(found)}")
+        for a in _QUANT_STATIC:
+            setattr(found[path], a, attrs[a])
+    return model

@@ -20,7 +20,9 @@ def test_quickstart_smoke_end_to_end(tmp_path, capsys):
         "report.txt",
         "curves.png",
         "stages/0_train/metrics.jsonl",
-        "stages/0_train/result.pkl",
+        "stages/0_train/result/recipe.json",
+        "stages/0_train/result/state.npz",
+        "stages/0_train/result/record.json",
     ):
         assert (workdir / name).exists(), name
     report = json.loads((workdir / "report.json").read_text())

@@ -134,7 +134,7 @@ def test_resume_reruns_only_missing_and_interrupted_points(base, swept, count_ru
     run_report["stages"] = run_report["stages"][:1]
     with open(report_path, "w") as f:
         json.dump(run_report, f)
-    os.remove(os.path.join(workdir, "runs", interrupted, "stages", "1_prune", "result.pkl"))
+    shutil.rmtree(os.path.join(workdir, "runs", interrupted, "stages", "1_prune", "result"))
 
     report = sweep_lib.sweep(base, GRID, workdir, progress=False)
     assert sorted(calls) == [missing, interrupted]

@@ -23,6 +23,7 @@ from flax import nnx
 from methods.pruning.structured.graph import ChannelGroup
 from methods.pruning.structured.graph import trace_groups
 from methods.pruning.structured.rebuild import rebuild
+from research import recipe as recipe_lib
 from research.nn import get_module
 from research.nn import replace_modules
 from research.train import cross_entropy_loss
@@ -282,10 +283,33 @@ def channel_masks(model: nnx.Module, plan: ChannelPlan) -> PyTree:
 
 def apply_plan(model: nnx.Module, plan: ChannelPlan) -> nnx.Module:
     """The smaller model: every sliced Conv/Linear/BatchNorm rebuilt with fewer features."""
+    return _apply_indices(model, _leaf_indices(plan))
+
+
+def plan_recipe_step(plan: ChannelPlan) -> dict[str, Any]:
+    """The :mod:`research.recipe` step that replays ``plan``'s removal (kept indices per sliced axis)."""
+    leaves = [
+        {"collection": coll, "path": path, "axes": [[int(ax), [int(i) for i in keep]] for ax, keep in axes.items()]}
+        for (coll, path), axes in _leaf_indices(plan).items()
+    ]
+    return recipe_lib.step("remove_channels", leaves=leaves)
+
+
+@recipe_lib.register_step("remove_channels")
+def _replay_remove_channels(model: nnx.Module, data: dict[str, Any]) -> nnx.Module:
+    idx = {
+        (leaf["collection"], leaf["path"]): {int(ax): np.asarray(keep, np.int64) for ax, keep in leaf["axes"]}
+        for leaf in data["leaves"]
+    }
+    small = _apply_indices(model, idx)
+    small.eval()
+    return small
+
+
+def _apply_indices(model: nnx.Module, idx: dict[tuple[str, str], dict[int, np.ndarray]]) -> nnx.Module:
     model = nnx.clone(model)
     _, params, state = split_model(model)
     trees = {"params": params, "state": state}
-    idx = _leaf_indices(plan)
     for (coll, path), axes in idx.items():
         arr = np.asarray(get_by_path(trees[coll], path))
         for ax, keep in axes.items():

@@ -1,13 +1,12 @@
 """Smoke test of the KD-recovery experiment (``experiments/kd_recovery/main.py --quick``)."""
 
-import pickle
-
 import numpy as np
 import pytest
 
 from experiments.kd_recovery.experiment import ARMS
 from experiments.kd_recovery.main import main
 from methods.pruning import PruneStage
+from research import run as run_lib
 from research.train import split_model
 from research.tree import flatten_with_paths
 
@@ -37,8 +36,8 @@ def test_quick_run_prints_the_table_and_pruned_weights_stay_zero(tmp_path, capsy
     # 90% zeros, at exactly the positions the one-shot prune zeroed.
     models = {}
     for label in ("1_prune", "3_distill"):
-        with open(tmp_path / "prune_s0" / "stages" / label / "result.pkl", "rb") as f:
-            models[label] = dict(flatten_with_paths(split_model(pickle.load(f)["model"])[1]))
+        model = run_lib.load_stage(str(tmp_path / "prune_s0"), label).model
+        models[label] = dict(flatten_with_paths(split_model(model)[1]))
     kernels = [p for p in models["1_prune"] if p.endswith("kernel")]
     assert len(kernels) == 3
     for path in kernels:
