@@ -11,6 +11,7 @@ import numpy as np
 
 from research.data import calibration_subset
 from research.export.api import FORMATS
+from research.export.api import OPTIONAL_FORMATS
 from research.export.api import export
 from research.export.api import needs_calibration
 from research.export.api import quantize_modes
@@ -56,9 +57,9 @@ class ExportStage(StageConfig):
     source: str = "current"
 
     def validate(self) -> None:
-        bad = sorted(set(self.formats) - set(FORMATS))
+        bad = sorted(set(self.formats) - {*FORMATS, *OPTIONAL_FORMATS})
         if bad:
-            raise ValueError(f"ExportStage.formats has unknown {bad}; choose from {list(FORMATS)}")
+            raise ValueError(f"ExportStage.formats has unknown {bad}; choose from {[*FORMATS, *OPTIONAL_FORMATS]}")
         allowed = quantize_modes()
         bad = sorted(set(self.quantize) - set(allowed))
         if bad:
