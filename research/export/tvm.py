@@ -171,6 +171,7 @@ def compile_onnx(
     tuning_trials: int = 0,
     tuning_batch: int = 1,
     work_dir: str | os.PathLike | None = None,
+    measure_timeout_s: float = 120.0,
 ) -> tuple[Any, CompileInfo]:
     """Compiles an ONNX model with TVM Relax for the host CPU.
 
@@ -182,6 +183,8 @@ def compile_onnx(
         the batch is fixed to ``tuning_batch``.
       tuning_batch: the batch size a tuned library is compiled for.
       work_dir: MetaSchedule's database directory (default: a temporary directory).
+      measure_timeout_s: MetaSchedule's per-candidate build and run timeout (its default, 30 s,
+        killed every candidate build on a loaded 2-core machine).
 
     Returns:
       ``(executable, info)``; ``executable.export_library(path)`` saves it.
@@ -200,15 +203,11 @@ def compile_onnx(
     mod = import_onnx(model)
     batch = None if batch_var(mod) is not None else _static_batch(mod)
     if tuning_trials:
-        from tvm import relax  # noqa: PLC0415
-
         mod = bind_batch(mod, tuning_batch)
         batch = tuning_batch
         with contextlib.ExitStack() as stack:
             wd = os.fspath(work_dir) if work_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
-            mod = relax.get_pipeline(
-                "static_shape_tuning", target=target, work_dir=wd, total_trials=int(tuning_trials)
-            )(mod)
+            mod = _tune(mod, target, wd, int(tuning_trials), measure_timeout_s)
         ex = tvm.compile(mod, target=target)
     else:
         ex = tvm.compile(mod, target=target, relax_pipeline=_passes(target, fuse))
@@ -221,6 +220,41 @@ def compile_onnx(
         tvm_version=tvm.__version__,
     )
     return ex, info
+
+
+def _tune(mod: Any, target: Any, work_dir: str, trials: int, timeout_s: float) -> Any:
+    """MetaSchedule-tunes a static-shape Relax module and applies the best schedules found."""
+    tvm = tvm_module()
+    from tvm import relax  # noqa: PLC0415
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
+
+    with target:
+        mod = tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.get_pipeline("zero"),
+            ]
+        )(mod)
+    try:
+        import xgboost  # noqa: F401, PLC0415
+
+        cost_model = "xgb"
+    except ImportError:  # MetaSchedule's default cost model needs xgboost; random search works without
+        cost_model = "random"
+    ms.relax_integration.tune_relax(
+        mod=mod,
+        params={},
+        target=target,
+        work_dir=work_dir,
+        max_trials_global=trials,
+        num_trials_per_iter=min(64, trials),
+        builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=timeout_s),
+        runner=ms.runner.LocalRunner(timeout_sec=timeout_s),
+        cost_model=cost_model,
+    )
+    with target:
+        return relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
 
 
 def set_num_threads(num_threads: int) -> None:
@@ -286,6 +320,7 @@ def export_tvm(
     tuning_trials: int = 0,
     tuning_batch: int = 1,
     work_dir: str | os.PathLike | None = None,
+    measure_timeout_s: float = 120.0,
 ) -> CompileInfo:
     """Compiles an ONNX model with TVM and writes the library to ``path`` atomically.
 
@@ -297,7 +332,7 @@ def export_tvm(
       onnx_model: ``onnx.ModelProto`` or path of an ``.onnx`` file.
       path: destination, e.g. ``export/model_fp32_tvm.so``.
       verify_input: an input to run the written library on before it is moved into place.
-      target, fuse, tuning_trials, tuning_batch, work_dir: as :func:`compile_onnx`.
+      target, fuse, tuning_trials, tuning_batch, work_dir, measure_timeout_s: as :func:`compile_onnx`.
 
     Returns:
       The :class:`CompileInfo`.
@@ -307,7 +342,13 @@ def export_tvm(
       >>> TVMRunner("export/model_fp32_tvm.so")(x)  # doctest: +SKIP
     """
     ex, info = compile_onnx(
-        onnx_model, target=target, fuse=fuse, tuning_trials=tuning_trials, tuning_batch=tuning_batch, work_dir=work_dir
+        onnx_model,
+        target=target,
+        fuse=fuse,
+        tuning_trials=tuning_trials,
+        tuning_batch=tuning_batch,
+        work_dir=work_dir,
+        measure_timeout_s=measure_timeout_s,
     )
     with _atomic_library(os.fspath(path)) as tmp:
         ex.export_library(tmp)
