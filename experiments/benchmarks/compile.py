@@ -80,7 +80,11 @@ def bench_model(name: str, data: Any, repeats: int, tune_trials: int, work: str)
     x_train = data.x_train.reshape(len(data.x_train), -1) if name in FLAT else data.x_train
     x_test = data.x_test.reshape(len(data.x_test), -1) if name in FLAT else data.x_test
     model = build_model(
-        name, input_shape=x_train.shape[1:], num_classes=data.num_classes, rngs=nnx.Rngs(0), **TINY_OPTIONS.get(name, {})
+        name,
+        input_shape=x_train.shape[1:],
+        num_classes=data.num_classes,
+        rngs=nnx.Rngs(0),
+        **TINY_OPTIONS.get(name, {}),
     )
     train_scan(model, x_train, data.y_train, steps=150)
     out = os.path.join(work, name)
@@ -121,15 +125,15 @@ def bench_model(name: str, data: Any, repeats: int, tune_trials: int, work: str)
         with open(a.path, "rb") as f:
             blob = f.read()
         r_on, r_off = TFLiteRunner(blob), _tflite_without_delegates(blob, 1)
-        on = {b: _ms(lambda b=b: r_on(xs[b]), repeats) for b in BATCHES}
-        off = {b: _ms(lambda b=b: r_off(xs[b]), repeats) for b in BATCHES} if r_off is not None else {}
+        on = {b: _ms(lambda b=b, r=r_on: r(xs[b]), repeats) for b in BATCHES}
+        off = {b: _ms(lambda b=b, r=r_off: r(xs[b]), repeats) for b in BATCHES} if r_off is not None else {}
         row("litert", q, on, off, a.top1_agreement)
     # onnxruntime
     for q in ("fp32", "int8"):
         a = rep[f"onnx_{q}"]
         r_on, r_off = _ort(a.path, "ORT_ENABLE_ALL"), _ort(a.path, "ORT_DISABLE_ALL")
-        on = {b: _ms(lambda b=b: r_on(xs[b]), repeats) for b in BATCHES}
-        off = {b: _ms(lambda b=b: r_off(xs[b]), repeats) for b in BATCHES}
+        on = {b: _ms(lambda b=b, r=r_on: r(xs[b]), repeats) for b in BATCHES}
+        off = {b: _ms(lambda b=b, r=r_off: r(xs[b]), repeats) for b in BATCHES}
         row("onnxruntime", q, on, off, a.top1_agreement)
     # TVM (untuned): the export's fused library, and one compiled without FuseOps/FuseTIR.
     for q in ("fp32", "int8"):
@@ -141,8 +145,8 @@ def bench_model(name: str, data: Any, repeats: int, tune_trials: int, work: str)
         unfused = os.path.join(out, f"model_{q}_unfused_tvm.so")
         tvm_lib.export_tvm(rep[f"onnx_{q}"].path, unfused, fuse=False, verify_input=xs[1])
         r_on, r_off = tvm_lib.TVMRunner(a.path), tvm_lib.TVMRunner(unfused)
-        on = {b: _ms(lambda b=b: r_on(xs[b]), repeats) for b in BATCHES}
-        off = {b: _ms(lambda b=b: r_off(xs[b]), repeats) for b in BATCHES}
+        on = {b: _ms(lambda b=b, r=r_on: r(xs[b]), repeats) for b in BATCHES}
+        off = {b: _ms(lambda b=b, r=r_off: r(xs[b]), repeats) for b in BATCHES}
         note = "F" if a.extra.get("int8_compute", {}).get("int8_matmul_or_conv", 0) == 0 and q == "int8" else ""
         row("tvm", q, on, off, a.top1_agreement, note)
     # TVM tuned (fp32; a tuned library has a fixed batch: one per batch size).
@@ -177,7 +181,19 @@ def _cell(v: float | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The printable table: latency ms at batch 1 and 32, fusion on/off, with reason letters."""
-    head = ["model", "runtime", "prec", "b1 on", "b1 off", "b1 off/on", "b32 on", "b32 off", "b32 off/on", "top-1", "note"]
+    head = [
+        "model",
+        "runtime",
+        "prec",
+        "b1 on",
+        "b1 off",
+        "b1 off/on",
+        "b32 on",
+        "b32 off",
+        "b32 off/on",
+        "top-1",
+        "note",
+    ]
     cells = [head]
     for r in rows:
         line = [r["model"], r["runtime"], r["precision"]]
@@ -242,7 +258,13 @@ def main() -> None:
                 rows += bench_model(name, data, args.repeats, args.tune_trials, work)
             except Exception as err:  # noqa: BLE001 - one model failing is a row with its error
                 rows.append(
-                    {"model": name, "runtime": "all", "precision": "", "top1": None, "note": f"{type(err).__name__}: {err}"}
+                    {
+                        "model": name,
+                        "runtime": "all",
+                        "precision": "",
+                        "top1": None,
+                        "note": f"{type(err).__name__}: {err}",
+                    }
                     | {f"b{b}_{k}": None for b in BATCHES for k in ("on", "off")}
                 )
             print(table(rows), flush=True)

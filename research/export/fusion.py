@@ -135,8 +135,7 @@ class FusionReport:
             notes.append(f"{r.runtime}: counts {r.counted}; off = {r.off_means}")
         widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head) - 1)]
         lines = [
-            "  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]])
-            for row in [head, *rows]
+            "  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]]) for row in [head, *rows]
         ]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 14)
         foot = f"fusion at batch {self.batch}, {self.num_threads} thread(s)"
@@ -189,9 +188,7 @@ def hlo_fusion(unoptimized: str, optimized: str) -> tuple[int, int, dict[str, in
       of the unoptimised module; non-trivial instructions of the optimised entry computation
       (a fusion is one); and, per fusion holding at least two operations, ``"kind: op+op"``.
     """
-    before = sum(
-        sum(op not in _HLO_TRIVIAL for op in ops) for _, ops in _hlo_computations(unoptimized).values()
-    )
+    before = sum(sum(op not in _HLO_TRIVIAL for op in ops) for _, ops in _hlo_computations(unoptimized).values())
     comps = _hlo_computations(optimized)
     entry_lines = optimized[optimized.index("\nENTRY") :].split("\n}")[0].splitlines()
     after = 0

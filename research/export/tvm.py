@@ -84,7 +84,9 @@ def host_target(mcpu: str | None = None) -> Any:
     if cpu and cpu != "generic":
         spec["mcpu"] = cpu
     # MetaSchedule sizes its parallel loops by the physical cores (required when tuning).
-    spec["num-cores"] = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    spec["num-cores"] = max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     return tvm.target.Target(spec)
 
 
@@ -510,19 +512,29 @@ def build_artifacts(
             extra["int8_compute"] = int8_compute(import_onnx(onnx_path))
         artifacts.append(
             TVMArtifact(
-                name=f"tvm_{q}", quantize=q, path=path, runtime=runtime, runner=TVMRunner(path, num_threads), extra=extra
+                name=f"tvm_{q}",
+                quantize=q,
+                path=path,
+                runtime=runtime,
+                runner=TVMRunner(path, num_threads),
+                extra=extra,
             )
         )
         if q == "fp32" and tuning_trials:
             batch = int(sample.shape[0])
             tuned_path = os.path.join(out_dir, f"{name}_fp32_tuned{SUFFIX}")
             tuned_info = export_tvm(
-                onnx_path, tuned_path, verify_input=sample, target=target, tuning_trials=tuning_trials, tuning_batch=batch
+                onnx_path,
+                tuned_path,
+                verify_input=sample,
+                target=target,
+                tuning_trials=tuning_trials,
+                tuning_batch=batch,
             )
             tuned = FixedBatchRunner(TVMRunner(tuned_path, num_threads), batch)
             untuned = artifacts[-1].runner
-            t_untuned = _median_ms(lambda: untuned(sample), latency_repeats)
-            t_tuned = _median_ms(lambda: tuned(sample), latency_repeats)
+            t_untuned = _median_ms(lambda r=untuned: r(sample), latency_repeats)
+            t_tuned = _median_ms(lambda r=tuned: r(sample), latency_repeats)
             artifacts.append(
                 TVMArtifact(
                     name="tvm_fp32_tuned",
