@@ -22,7 +22,6 @@ from research.export import tvm as tvm_lib  # noqa: E402
 from research.nn import TINY_OPTIONS  # noqa: E402
 from research.nn import build_model  # noqa: E402
 from research.nn import list_models  # noqa: E402
-from research.train import train_scan  # noqa: E402
 
 FLAT = {"cnn1d"}
 # The whole zoo takes ~2 min here (TFLite + tf2onnx + TVM compile per model; 341 s for all 8 on
@@ -38,15 +37,16 @@ def _inputs(name, x):
 
 @pytest.mark.parametrize("name", ZOO)
 def test_tvm_fp32_parity_on_zoo_model(name, digits, tmp_path):
-    x_train, x_test = _inputs(name, digits.x_train), _inputs(name, digits.x_test)
+    x_test = _inputs(name, digits.x_test)
     model = build_model(
         name,
-        input_shape=x_train.shape[1:],
+        input_shape=x_test.shape[1:],
         num_classes=digits.num_classes,
         rngs=nnx.Rngs(0),
         **TINY_OPTIONS.get(name, {}),
     )
-    train_scan(model, x_train, digits.y_train, steps=30)  # margins for a meaningful top-1 check
+    # Untrained: fp32 parity does not need margins (a 1e-6 difference flips no argmax of random
+    # weights), and compiling a training step would double the test's time.
     report = export(
         model,
         x_test[:8],
