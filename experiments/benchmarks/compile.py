@@ -7,8 +7,9 @@ Run:
 For each zoo model at its smallest widths (``research.nn.TINY_OPTIONS``), trained briefly on
 digits, ``research.export.export`` writes the float32 and int8 TFLite files, their ONNX
 conversions and the TVM libraries compiled from those; every file is checked against JAX there.
-Then each runtime is timed at batch 1 and 32 (one thread, median of ``--repeats`` calls, all in
-this one process), with its fusion on and off:
+Then each runtime is timed at batch 1 and 32 (LiteRT, onnxruntime and TVM with one thread; JAX
+with XLA's default CPU threading; median of ``--repeats`` calls, all in this one process), with
+its fusion on and off:
 
 * JAX: the jitted function, and the same function compiled with XLA's ``fusion`` pass disabled;
 * LiteRT: default interpreter (XNNPACK delegate) vs builtin kernels without the delegate (the
@@ -235,7 +236,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
             ax.bar(np.arange(len(models)) + i * width, vals, width, label=f"{rt} {q}")
         ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models, rotation=30)
         ax.set_yscale("log")
-        ax.set_ylabel("latency ms (1 thread, fusion on)")
+        ax.set_ylabel("latency ms, fusion on (JAX: XLA threads; others: 1 thread)")
         ax.set_title(f"batch {b}")
     np.atleast_1d(axes)[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
