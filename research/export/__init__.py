@@ -33,7 +33,11 @@ from research.export._io import atomic_path
 from research.export._trace import UnsupportedOpError
 from research.export._trace import inference_fn
 from research.export.api import FORMATS
+from research.export.api import OPTIONAL_FORMATS
 from research.export.api import export
+from research.export.fusion import FusionReport
+from research.export.fusion import fusion_report
+from research.export.latency import artifact_latency
 from research.export.onnx_export import OnnxRunner
 from research.export.onnx_export import qdq_summary
 from research.export.onnx_export import tflite_to_onnx
@@ -55,12 +59,15 @@ from research.export.tflite import to_tflite
 
 __all__ = [
     "FORMATS",
+    "OPTIONAL_FORMATS",
+    "FusionReport",
     "ArtifactReport",
     "ExportReport",
     "ExportStage",
     "OnnxRunner",
     "TFLiteRunner",
     "UnsupportedOpError",
+    "artifact_latency",
     "atomic_path",
     "batch_route",
     "export",
@@ -68,6 +75,7 @@ __all__ = [
     "export_run",
     "export_stablehlo",
     "free_batch_dim",
+    "fusion_report",
     "inference_fn",
     "load_stablehlo",
     "op_counts",

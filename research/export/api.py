@@ -27,6 +27,8 @@ from research.export.report import ArtifactReport
 from research.export.report import ExportReport
 
 FORMATS = ("stablehlo", "tflite", "onnx")
+# Formats that need extra packages, so not in the default FORMATS: "tvm" (pip install 'slimjax[tvm]').
+OPTIONAL_FORMATS = ("tvm",)
 
 
 # TFLite variants that are also converted to ONNX (tf2onnx turns int8 TFLite into Q/DQ form).
@@ -124,6 +126,8 @@ def export(
     name: str = "model",
     onnx_opset: int = onnx_export.DEFAULT_OPSET,
     use_deploy_hooks: bool = True,
+    tvm_tuning_trials: int = 0,
+    fusion: bool = False,
 ) -> ExportReport:
     """Exports a model to StableHLO, TFLite and ONNX and checks every artifact in its runtime.
 
@@ -139,8 +143,11 @@ def export(
         caller's model is not modified), or any such JAX function.
       sample_input: one batch of inputs; fixes dtype and the non-batch dimensions, and is the
         input latencies are measured on.
-      formats: any of ``"stablehlo"``, ``"tflite"``, ``"onnx"``. ONNX is converted from the
+      formats: any of ``"stablehlo"``, ``"tflite"``, ``"onnx"``, ``"tvm"``. ONNX is converted from the
         TFLite flatbuffer (jax2tf's ``XlaCallModule`` cannot be converted by tf2onnx directly).
+        ``"tvm"`` (needs ``"onnx"``) compiles every ONNX file with Apache TVM Relax for the host
+        CPU into ``{name}_{variant}_tvm.so`` (:mod:`research.export.tvm`); a quantized file that
+        TVM rejects is reported in ``notes`` with TVM's error.
       out_dir: directory for ``{name}.stablehlo`` (+ ``.json`` manifest),
         ``{name}_{variant}.tflite`` and ``{name}_{variant}.onnx``.
       quantize: None, or one or several of ``"fp16"``, ``"dynamic_int8"``, ``"int8"``,
@@ -178,6 +185,12 @@ def export(
         cannot quantize fake-quant graphs), ``activation_ranges`` defaults to the learned
         ranges, and every artifact is still compared with the fake-quant model itself. The
         StableHLO artifact is always the model's own graph.
+      tvm_tuning_trials: with ``"tvm"``, also tune the float32 library with MetaSchedule for this
+        many trials at the sample's batch size (artifact ``tvm_fp32_tuned``, with its measured
+        ``extra["speedup_vs_untuned"]``).
+      fusion: add the fusion report (:func:`research.export.fusion.fusion_report`: per runtime,
+        operators before/after fusion, fused patterns, latency with fusion off and on) as
+        ``report.fusion``, printed after the table.
 
     Returns:
       An :class:`ExportReport`; ``report.table()`` prints it.
@@ -200,9 +213,11 @@ def export(
       True
     """
     formats = tuple(formats)
-    bad = [f for f in formats if f not in FORMATS]
+    bad = [f for f in formats if f not in (*FORMATS, *OPTIONAL_FORMATS)]
     if bad or not formats:
-        raise ValueError(f"formats={formats!r} contains {bad}; choose from {FORMATS}")
+        raise ValueError(f"formats={formats!r} contains {bad}; choose from {(*FORMATS, *OPTIONAL_FORMATS)}")
+    if "tvm" in formats and "onnx" not in formats:
+        raise ValueError(f"formats={formats!r}: 'tvm' compiles the ONNX artifacts; add 'onnx' to formats")
     if quantize is None:
         variants: list[str] = ["fp32"]
     else:
@@ -364,6 +379,38 @@ def export(
                 {"qdq": onnx_export.qdq_summary(proto), "from": f"{name}_fp32.onnx"},
             )
 
+    if "tvm" in formats:
+        from research.export import tvm as tvm_lib  # noqa: PLC0415 (optional dependency)
+
+        onnx_files = [(a.quantize, a.path) for a in artifacts if a.format == "onnx"]
+        built, tvm_notes = tvm_lib.build_artifacts(
+            onnx_files,
+            out_dir,
+            name,
+            sample,
+            num_threads=num_threads,
+            tuning_trials=tvm_tuning_trials,
+            latency_repeats=latency_repeats,
+        )
+        notes += tvm_notes
+        for t in built:
+            record(t.name, "tvm", t.quantize, t.path, t.runtime, t.runner, t.extra)
+
+    fusion_dict = None
+    if fusion:
+        from research.export import fusion as fusion_lib  # noqa: PLC0415
+
+        fp32 = {a.format: a.path for a in artifacts if a.quantize == "fp32"}
+        fusion_dict = fusion_lib.fusion_report(
+            model,
+            sample,
+            runtimes=[r for r in fusion_lib.RUNTIMES if r != "tvm" or "tvm" in formats],
+            tflite_path=fp32.get("tflite"),
+            onnx_path=fp32.get("onnx"),
+            num_threads=num_threads,
+            latency_repeats=latency_repeats,
+        ).to_dict()
+
     return ExportReport(
         out_dir=out_dir,
         jax_latency_ms=jax_ms,
@@ -372,4 +419,5 @@ def export(
         num_checked=num_checked,
         artifacts=tuple(artifacts),
         notes=tuple(notes),
+        fusion=fusion_dict,
     )

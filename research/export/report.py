@@ -59,6 +59,8 @@ class ExportReport:
       artifacts: one :class:`ArtifactReport` per artifact.
       notes: facts about how the artifacts were made (e.g. converted from a deploy hook's
         float stand-in of a fake-quant model).
+      fusion: the fusion report (``research.export.fusion.FusionReport.to_dict()``) when
+        ``export(..., fusion=True)``; its ``"table"`` is printed after the artifact table.
     """
 
     out_dir: str
@@ -68,6 +70,7 @@ class ExportReport:
     num_checked: int
     artifacts: tuple[ArtifactReport, ...]
     notes: tuple[str, ...] = ()
+    fusion: dict[str, Any] | None = None
 
     def __getitem__(self, name: str) -> ArtifactReport:
         for a in self.artifacts:
@@ -132,7 +135,8 @@ class ExportReport:
             f"checked on {self.num_checked} inputs; parameter zeros: "
             f"{100 * self.param_zero_fraction:.1f}%; out_dir: {self.out_dir}"
         )
-        return "\n".join([*lines, foot, *(f"note: {n}" for n in self.notes)])
+        fusion = ["", self.fusion["table"]] if self.fusion else []
+        return "\n".join([*lines, foot, *(f"note: {n}" for n in self.notes), *fusion])
 
 
 def _kib(n: int) -> str:

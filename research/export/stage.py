@@ -19,6 +19,7 @@ from research.config import ValidationContext
 from research.config import at_least_one
 from research.data import calibration_subset
 from research.export.api import FORMATS
+from research.export.api import OPTIONAL_FORMATS
 from research.export.api import export
 from research.export.api import needs_calibration
 from research.export.api import quantize_modes
@@ -58,7 +59,7 @@ class ExportStage(StageConfig):
 
     kind: ClassVar[str] = "export"
     checks: ClassVar[Mapping[str, Check]] = {
-        "formats": Each(OneOf(FORMATS, "export format")),
+        "formats": Each(OneOf((*FORMATS, *OPTIONAL_FORMATS), "export format")),
         "quantize": Each(OneOf(quantize_modes, "export quantization mode")),
         "calibration_examples": at_least_one,
         "eval_examples": at_least_one,
@@ -74,7 +75,9 @@ class ExportStage(StageConfig):
 
     def check(self, key: str, context: ValidationContext) -> None:
         if not self.formats:
-            raise ConfigError(f"{key}.formats=() exports nothing; give some of {list(FORMATS)}")
+            raise ConfigError(f"{key}.formats=() exports nothing; give some of {[*FORMATS, *OPTIONAL_FORMATS]}")
+        if "tvm" in self.formats and "onnx" not in self.formats:
+            raise ConfigError(f"{key}.formats={self.formats!r}: 'tvm' compiles the ONNX files; add 'onnx'")
         for i, q in enumerate(self.quantize):
             if q in onnx_quantization_modes() and "onnx" not in self.formats:
                 raise ConfigError(
