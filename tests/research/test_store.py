@@ -131,7 +131,7 @@ def test_a_planted_pickle_is_never_opened(entry, tmp_path, capsys):
     cfg = _config()
     os.makedirs(workdir)
     (workdir / "config.json").write_text(C.to_json(cfg) + "\n")
-    (workdir / "report.json").write_text(json.dumps({"stages": [{"label": "0_train"}]}))
+    (workdir / "report.json").write_text(json.dumps({"stages": [{"label": "0_train", "metrics": {}}]}))
     _plant_pickle(workdir / "stages" / "0_train", str(marker))
     if entry.startswith("cli"):
         cfg_file = tmp_path / "cfg.py"
