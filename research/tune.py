@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -52,6 +51,7 @@ import numpy as np
 
 from research import config as config_lib
 from research import report as report_lib
+from research import workdir as workdir_lib
 from research.automl import ASHA
 from research.automl import Hyperband
 from research.automl import SQLiteStorage
@@ -1082,6 +1082,12 @@ def _continue_from_previous(
             shutil.copytree(src, dst, dirs_exist_ok=True)
         else:
             os.makedirs(dst, exist_ok=True)
+            # The stage's key is the new budget's, so the run resumes this directory's checkpoints
+            # (research.workdir keeps a stage directory only when its key matches the config).
+            workdir_lib.write_json_atomic(
+                os.path.join(dst, workdir_lib.KEY_NAME),
+                {"key": workdir_lib.stage_keys(config)[i], "config": workdir_lib.stage_prefix(config, i)},
+            )
             if os.path.isdir(os.path.join(src, "checkpoints")):
                 shutil.copytree(os.path.join(src, "checkpoints"), os.path.join(dst, "checkpoints"), dirs_exist_ok=True)
             if os.path.exists(os.path.join(src, "metrics.jsonl")):
@@ -1346,10 +1352,6 @@ Its overrides of the base config {base}:
 Measured by the trial: {measured}
 {note}"""
 
-import os
-import pickle
-import re
-
 from research import config as config_lib
 
 {imports}BASE = {base_literal}
@@ -1358,12 +1360,7 @@ RULES = {rules}
 
 
 def get_config(arg=None):
-    if BASE.endswith(".pkl"):
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), BASE), "rb") as f:
-            base = pickle.load(f)
-    else:
-        base = config_lib.load_config(BASE)
-    config = config_lib.apply_overrides(base, OVERRIDES)
+    config = config_lib.apply_overrides(config_lib.load_config(BASE), OVERRIDES)
     for key, rules in RULES.items():  # per-layer policy rules (not expressible as --set values)
         config = config_lib._set(config, key.split("."), rules, key)
     return config
@@ -1373,15 +1370,7 @@ def get_config(arg=None):
 def _write_best(workdir: str, summary: Mapping[str, Any], setup: TuneSetup) -> list[str]:
     best_dir = os.path.join(workdir, "best")
     os.makedirs(best_dir, exist_ok=True)
-    if setup.config_spec:
-        base = setup.config_spec
-        base_literal = repr(base)
-    else:
-        base = "base_config.pkl"
-        base_literal = repr(base)
-        src = os.path.join(workdir, "base_config.pkl")
-        if os.path.exists(src):
-            shutil.copy2(src, os.path.join(best_dir, base))
+    base = setup.config_spec
     keep = set()
     single = len(summary["objectives"]) == 1
     for r in summary["trials"]:
@@ -1398,6 +1387,20 @@ def _write_best(workdir: str, summary: Mapping[str, Any], setup: TuneSetup) -> l
             )
         measured = {k: r["metrics"].get(k) for k in ("val_accuracy", "test_accuracy", "bytes", "flops")}
         rules = r.get("rules") or {}
+        if not base:  # a config object given in Python: no file to load, so the overrides as data
+            name = f"trial_{r['number']:04d}.json"
+            keep.add(name)
+            _write_json(
+                os.path.join(best_dir, name),
+                {
+                    "overrides": overrides,
+                    "rules": rules,
+                    "measured": measured,
+                    "how": "apply to the base config given to tune(): research.config.apply_overrides(config, "
+                    "overrides), then set each rules key to its rules",
+                },
+            )
+            continue
         imports = "".join(f"from {m} import {c}\n" for m, c in r.get("rule_imports") or [])
         rules_src = (
             "{" + "".join(f"\n    {k!r}: ({', '.join(v)},)," for k, v in rules.items()) + ("\n}" if rules else "}")
@@ -1408,7 +1411,7 @@ def _write_best(workdir: str, summary: Mapping[str, Any], setup: TuneSetup) -> l
             what="the best trial" if single else "a Pareto-optimal trial",
             path=os.path.join(best_dir, name),
             base=base,
-            base_literal=base_literal,
+            base_literal=repr(base),
             overrides=overrides,
             overrides_doc="".join(f"  --set {o}\n" for o in overrides),
             measured=", ".join(f"{k} {v:.6g}" for k, v in measured.items() if v is not None),
@@ -1418,7 +1421,7 @@ def _write_best(workdir: str, summary: Mapping[str, Any], setup: TuneSetup) -> l
         )
         report_lib.write_text_atomic(os.path.join(best_dir, name), text)
     for name in os.listdir(best_dir):
-        if name.startswith("trial_") and name.endswith(".py") and name not in keep:
+        if name.startswith("trial_") and name.endswith((".py", ".json")) and name not in keep:
             os.remove(os.path.join(best_dir, name))  # no longer on the front
     return sorted(keep)
 
@@ -1522,8 +1525,9 @@ def tune(
         or ``None`` (the nadir of the feasible trials plus 10% of their range).
       policies: per-layer policies (:func:`layer_policy`) whose ``policy.*`` parameters are in ``space``.
       max_retries: times a trial whose worker died is retried before it is marked failed.
-      config_spec: the config file ``path[:arg]`` (``best/`` configs load it; else the base config
-        is pickled into the workdir).
+      config_spec: the config file ``path[:arg]``: ``best/`` configs load it (without it, ``best/``
+        holds each trial's overrides as JSON) and worker processes (``workers > 1``, which need it)
+        load the config and its policies from it; nothing in the workdir is unpickled.
       set_overrides: the ``--set`` items already applied to ``config`` (repeated in ``best/``).
       compilation_cache: use JAX's persistent compilation cache in ``workdir/jax_cache``.
       plot_every: redraw the plots after every this many trials a worker finishes (0: only at the end;
@@ -1555,6 +1559,23 @@ def tune(
         raise config_lib.ConfigError(f"trials={trials} must be >= 1")
     if workers < 1:
         raise config_lib.ConfigError(f"workers={workers} must be >= 1")
+    if workers > 1:
+        if not config_spec:
+            raise config_lib.ConfigError(
+                f"workers={workers} needs config_spec (the config file path[:arg]): worker processes load the "
+                "config from it, never from a pickle"
+            )
+        reloaded = config_lib.apply_overrides(config_lib.load_config(config_spec), list(set_overrides))
+        if config_lib.to_json(reloaded) != config_lib.to_json(config):
+            raise config_lib.ConfigError(
+                f"workers={workers}: config_spec={config_spec!r} with set_overrides={list(set_overrides)} is not "
+                "the config given; worker processes would run another config"
+            )
+        if policies and [repr(p) for p in load_policies(config_spec)] != [repr(p) for p in policies]:
+            raise config_lib.ConfigError(
+                f"workers={workers}: the policies given are not {config_spec}'s get_policies(); worker processes "
+                "load them from the file"
+            )
     max_budget = None
     if scheduler is not None or budget_key is not None:
         if scheduler not in SCHEDULERS or not budget_key:
@@ -1612,27 +1633,22 @@ def tune(
                 )
         else:
             _write_json(setup_path, dataclasses.asdict(setup))
-        if setup.config_spec is None:
-            with open(os.path.join(workdir, "base_config.pkl"), "wb") as f:
-                pickle.dump(config, f)
     if len(objs) > 1 and reference is not None:
         _set_reference(workdir, config, objs, reference, progress=progress, echo=echo)
     elif os.path.exists(os.path.join(workdir, "reference.json")):
         os.remove(os.path.join(workdir, "reference.json"))  # nadir now
     cache_settings = enable_compilation_cache(os.path.join(workdir, "jax_cache")) if compilation_cache else None
-    with open(os.path.join(workdir, "worker_job.pkl"), "wb") as f:
-        pickle.dump(
-            {
-                "config": config,
-                "space": space.to_dict(),
-                "trials": trials,
-                "max_retries": max_retries,
-                "policies": tuple(policies),
-                "plot_every": plot_every,
-                "cache_dir": _cache_dir() if compilation_cache else None,
-            },
-            f,
-        )
+    _write_json(
+        os.path.join(workdir, "worker_job.json"),
+        {
+            "space": space.to_dict(),
+            "trials": trials,
+            "max_retries": max_retries,
+            "policies": bool(policies),
+            "plot_every": plot_every,
+            "cache_dir": _cache_dir() if compilation_cache else None,
+        },
+    )
     children = [
         subprocess.Popen(
             [
@@ -1730,23 +1746,25 @@ def worker_main(workdir: str) -> int:
     from research.run import register_all_stages
 
     register_all_stages()
-    with open(os.path.join(workdir, "worker_job.pkl"), "rb") as f:
-        job = pickle.load(f)
+    job = _read_json(os.path.join(workdir, "worker_job.json"))
     data = _read_json(os.path.join(workdir, "tune_setup.json"))
     setup = TuneSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    # Nothing in the workdir is unpickled: the config and policies are loaded from the config file.
+    config = config_lib.apply_overrides(config_lib.load_config(setup.config_spec), setup.set_overrides)
+    policies = tuple(load_policies(setup.config_spec)) if job["policies"] else ()
     if job["cache_dir"]:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", job["cache_dir"])
         enable_compilation_cache(job["cache_dir"])
     worker = _Worker(
-        job["config"],
+        config,
         Space.from_dict(job["space"]),
         workdir,
         setup,
         trials=job["trials"],
         max_retries=job["max_retries"],
-        policies=job["policies"],
+        policies=policies,
         plot_every=job["plot_every"],
     )
     try:

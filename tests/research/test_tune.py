@@ -230,7 +230,7 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
     assert "learning_rate" in open(os.path.join(workdir, "tune.txt")).read()
     assert set(summary["importance"]["val_accuracy:max"]) >= {"stages.train.learning_rate"}
     assert sorted(os.listdir(os.path.join(workdir, "best"))) == sorted(
-        [f"trial_{t['number']:04d}.py" for t in front] + ["base_config.pkl"]
+        [f"trial_{t['number']:04d}.json" for t in front]
     )
     # a rerun with more trials resumes: the first 8 are kept, 2 more are added
     again = T.tune(base, space, workdir, trials=10, sampler="random", objectives=["val_accuracy:max", "bytes:min"],
@@ -284,14 +284,15 @@ def test_asha_promotion_continues_from_checkpoint(base_and_space, config_file, t
     from research.train import checkpoint
 
     restored = []
-    real_restore = checkpoint.Checkpointer.restore
+    real_restore = checkpoint.Checkpointer.restore_latest
 
-    def spy(self, template, step=None):
-        out = real_restore(self, template, step)
-        restored.append(int(out.step))
+    def spy(self, template):
+        out = real_restore(self, template)
+        if out is not None:
+            restored.append(int(out[1]))
         return out
 
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", spy)
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore_latest", spy)
     base, space = T.load_config_and_space(config_file + ":9")
     workdir = str(tmp_path / "asha")
     result = T.tune(base, space, workdir, trials=3, sampler="random", budget_key="stages.train.steps",
