@@ -168,6 +168,7 @@ def quantize_qdq_symmetric(
     max_samples: int = 512,
     per_channel: bool = True,
     preprocess: bool = True,
+    reduce_range: bool = False,
 ) -> Any:
     """Writes a TensorRT-ready int8 ONNX file: symmetric Q/DQ, calibrated on ``calibration``.
 
@@ -190,6 +191,9 @@ def quantize_qdq_symmetric(
       max_samples: at most this many calibration inputs are used.
       per_channel: per-output-channel weight scales (TensorRT's recommended form).
       preprocess: run ``quant_pre_process`` on the float32 file first.
+      reduce_range: quantize weights to 7 bits (``[-64, 63]``), onnxruntime's ``reduce_range``:
+        its fused ``uint8 x int8`` kernels cannot saturate then, on any x86-64 CPU (see
+        :mod:`research.export.cpu`), at the cost of half the weight resolution everywhere.
 
     Returns:
       The written ``onnx.ModelProto``.
@@ -263,6 +267,7 @@ def quantize_qdq_symmetric(
             _Reader(),
             quant_format=oq.QuantFormat.QDQ,
             per_channel=per_channel,
+            reduce_range=reduce_range,
             activation_type=oq.QuantType.QInt8,
             weight_type=oq.QuantType.QInt8,
             calibrate_method=oq.CalibrationMethod.MinMax,
@@ -342,19 +347,53 @@ def qdq_summary(model_proto: Any) -> dict[str, Any]:
     }
 
 
+ORT_OPTIMIZATIONS = {"all": "ORT_ENABLE_ALL", "basic": "ORT_ENABLE_BASIC", "none": "ORT_DISABLE_ALL"}
+
+
 class OnnxRunner:
     """Runs an ONNX file in onnxruntime on the CPU execution provider.
+
+    By default the session applies every graph optimization, as a plain
+    ``onnxruntime.InferenceSession`` does: Q/DQ pairs around a Conv/MatMul are fused into int8
+    kernels, whose results depend on the CPU (they saturate on x86-64 without VNNI; see
+    :mod:`research.export.cpu`). ``optimization="none"`` executes the file as written (each
+    DequantizeLinear/QuantizeLinear in float): the file's own semantics, the reference a Q/DQ file
+    is checked against. ``x64_quant_precision=True`` sets onnxruntime's
+    ``session.x64quantprecision=1``: on x86-64 its int8 weights are rewritten to uint8 so that the
+    non-saturating ``uint8 x uint8`` kernels run (slower; the same products exactly).
 
     Args:
       path: the ``.onnx`` file.
       num_threads: intra-op threads (1 makes latencies comparable across runtimes).
+      optimization: ``"all"`` (default), ``"basic"`` or ``"none"`` (``ORT_DISABLE_ALL``).
+      x64_quant_precision: set ``session.x64quantprecision=1``.
+
+    Example:
+      >>> ref = OnnxRunner("model_int8_qdq_symmetric.onnx", optimization="none")  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, num_threads: int = 1):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        num_threads: int = 1,
+        *,
+        optimization: str = "all",
+        x64_quant_precision: bool = False,
+    ):
+        if optimization not in ORT_OPTIMIZATIONS:
+            raise ValueError(f"optimization={optimization!r} is not one of {tuple(ORT_OPTIMIZATIONS)}")
         ort = _deps.onnxruntime()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = num_threads
         opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATIONS[optimization])
+        if x64_quant_precision:
+            opts.add_session_config_entry("session.x64quantprecision", "1")
+        self.description = ORT_OPTIMIZATIONS[optimization] + (
+            " (Q/DQ executed as written)" if optimization == "none" else ""
+        )
+        if x64_quant_precision:
+            self.description += ", session.x64quantprecision=1"
         self._sess = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=["CPUExecutionProvider"])
         first = self._sess.get_inputs()[0]
         self._in = first.name

@@ -5,12 +5,48 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
+
+from research.export.cpu import CpuInt8
+
+#: Largest max relative difference a float32 artifact may show before it gets a warning.
+FP32_MAX_REL_DIFF = 1e-4
+
+
+class ExportAgreementWarning(UserWarning):
+    """An exported artifact agrees with the JAX model less than the export's threshold."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Agreement:
+    """How closely one way of running an artifact reproduces the JAX model.
+
+    Attributes:
+      runtime: what ran the file, e.g. ``"onnxruntime 1.32.0, ORT_DISABLE_ALL (Q/DQ executed as
+        written)"``.
+      max_abs_diff: largest ``|y_artifact - y_jax|`` over all checked inputs.
+      max_rel_diff: ``max_abs_diff / max|y_jax|``.
+      top1_agreement: fraction of checked inputs whose argmax matches JAX's (None when the output
+        is not ``(batch, classes)``).
+    """
+
+    runtime: str
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ArtifactReport:
     """Measurements of one artifact, run in its own runtime.
+
+    ``max_abs_diff``, ``max_rel_diff`` and ``top1_agreement`` are measured as a user runs the file
+    by default: LiteRT with its optimized kernels, onnxruntime with all graph optimizations
+    (Q/DQ pairs fused into int8 kernels). Those kernels depend on the CPU: onnxruntime's int8
+    kernels saturate on x86-64 without VNNI (:mod:`research.export.cpu`). ``reference`` is the
+    same comparison with the file's operators executed as written (CPU-independent up to float32
+    rounding); it is what the file itself computes, and what TensorRT implements.
 
     Attributes:
       name: artifact id, e.g. ``"tflite_int8"``.
@@ -28,6 +64,10 @@ class ArtifactReport:
       latency_ms: median wall time of one call on the sample input.
       batch_sizes: batch sizes the artifact was run at.
       extra: format-specific facts (Q/DQ counts, manifest, range agreement).
+      reference: for quantized TFLite files and ONNX files with Q/DQ nodes, the agreement with
+        the file executed as written: LiteRT's reference kernels (``BUILTIN_REF``), onnxruntime
+        with ``ORT_DISABLE_ALL`` (every DequantizeLinear/QuantizeLinear computed in float). None
+        for other artifacts.
     """
 
     name: str
@@ -43,6 +83,7 @@ class ArtifactReport:
     latency_ms: float
     batch_sizes: tuple[int, ...]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reference: Agreement | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,6 +100,12 @@ class ExportReport:
       artifacts: one :class:`ArtifactReport` per artifact.
       notes: facts about how the artifacts were made (e.g. converted from a deploy hook's
         float stand-in of a fake-quant model).
+      cpu: the CPU's int8-relevant instruction set (``"x86-64 AVX512-VNNI"``, ``"x86-64 AVX2
+        (no VNNI)"``, ``"arm64 NEON+dotprod"`` ...), which decides what optimized int8 kernels
+        compute.
+      warnings: one line per artifact whose agreement with JAX is below the export's threshold,
+        naming the likely cause (also issued with :func:`warnings.warn` and printed by
+        :meth:`table`).
     """
 
     out_dir: str
@@ -68,6 +115,8 @@ class ExportReport:
     num_checked: int
     artifacts: tuple[ArtifactReport, ...]
     notes: tuple[str, ...] = ()
+    cpu: str = ""
+    warnings: tuple[str, ...] = ()
 
     def __getitem__(self, name: str) -> ArtifactReport:
         for a in self.artifacts:
@@ -95,6 +144,7 @@ class ExportReport:
             "max abs diff",
             "max rel diff",
             "top-1 agree",
+            "ref top-1",
             "runtime",
         )
         rows = [
@@ -107,6 +157,7 @@ class ExportReport:
                 "0",
                 "0",
                 "1.000" if self.num_checked else "",
+                "",
                 "jax",
             )
         ]
@@ -121,7 +172,8 @@ class ExportReport:
                     f"{ratio:.2f}x",
                     f"{a.max_abs_diff:.2e}",
                     f"{a.max_rel_diff:.2e}",
-                    "" if a.top1_agreement is None else f"{a.top1_agreement:.3f}",
+                    _top1(a.top1_agreement),
+                    "" if a.reference is None else _top1(a.reference.top1_agreement) or "-",
                     a.runtime,
                 )
             )
@@ -132,8 +184,78 @@ class ExportReport:
             f"checked on {self.num_checked} inputs; parameter zeros: "
             f"{100 * self.param_zero_fraction:.1f}%; out_dir: {self.out_dir}"
         )
-        return "\n".join([*lines, foot, *(f"note: {n}" for n in self.notes)])
+        refs = [a.reference.runtime for a in self.artifacts if a.reference is not None]
+        if refs or self.cpu:
+            foot += (
+                f"\ntop-1 agree: the runtime's optimized kernels on this CPU ({self.cpu or 'unknown'}); "
+                "ref top-1: the file executed as written, CPU-independent (" + "; ".join(dict.fromkeys(refs)) + ")"
+            )
+        return "\n".join([*lines, foot, *(f"note: {n}" for n in self.notes), *(f"WARNING: {w}" for w in self.warnings)])
+
+
+def _top1(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _kib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
+
+
+def _cause(a: ArtifactReport, threshold: float, cpu: CpuInt8) -> str | None:
+    """Why ``a`` is below ``threshold`` (None when it is not)."""
+    low = a.top1_agreement is not None and a.top1_agreement < threshold
+    ref = a.reference
+    ref_low = ref is not None and ref.top1_agreement is not None and ref.top1_agreement < threshold
+    drift = a.quantize == "fp32" and a.max_rel_diff > FP32_MAX_REL_DIFF
+    if not (low or ref_low or drift):
+        return None
+    got = "" if a.top1_agreement is None else f"top-1 agreement with JAX {a.top1_agreement:.3f}"
+    if drift and not low:
+        got = f"max relative difference {a.max_rel_diff:.2e} (> {FP32_MAX_REL_DIFF:g})"
+    head = f"{a.name}: {got} < {threshold:g}" if low else f"{a.name}: {got}"
+    if ref is not None and low and not ref_low:
+        written = f"the file executed as written agrees {ref.top1_agreement:.3f} ({ref.runtime})"
+        if a.format == "onnx" and cpu.u8s8_saturates:
+            why = (
+                f"likely cause: onnxruntime's fused int8 kernels sum uint8 x int8 product pairs in saturating 16-bit "
+                f"arithmetic on this CPU ({cpu}, no VNNI), and full-range int8 weights overflow it; {written}. "
+                "The file is right: TensorRT, VNNI x86 and ARM CPUs compute it as written. With onnxruntime on this "
+                "CPU set session.x64quantprecision=1 (OnnxRunner(path, x64_quant_precision=True))"
+            )
+        else:
+            why = (
+                f"likely cause: {a.runtime}'s optimized int8 kernels on this CPU ({cpu}) compute differently from the "
+                f"file's operators; {written}"
+            )
+        return f"{head}; {why}"
+    if a.quantize == "fp32":
+        why = (
+            "likely cause: the float32 conversion changed the function (an unsupported or approximated operation); "
+            "compare the per-layer outputs of the runtime and JAX"
+        )
+    else:
+        also = "" if ref is None else f" (executed as written it agrees {_top1(ref.top1_agreement) or '-'} too)"
+        why = (
+            f"likely cause: the quantized file itself{also}: {a.quantize} ranges or scales do not fit this model; "
+            "calibrate on more (representative) data, prefer per-channel 'int8' to per-tensor modes, keep "
+            "sensitive layers in float, or train for larger logit margins (quantization-aware training)"
+        )
+    return f"{head}; {why}"
+
+
+def agreement_warnings(artifacts: Sequence[ArtifactReport], threshold: float, cpu: CpuInt8) -> list[str]:
+    """One line per artifact whose agreement with JAX is below ``threshold``, naming the likely cause.
+
+    An artifact is flagged when its top-1 agreement (as the runtime runs it by default, or its
+    ``reference``, the file executed as written) is below ``threshold``, or when a float32
+    artifact's max relative difference exceeds :data:`FP32_MAX_REL_DIFF`. When only the
+    runtime's figure is low, the cause is the runtime's optimized kernels on this CPU (for
+    onnxruntime on x86-64 without VNNI: 16-bit saturation, with the session option that avoids
+    it); when the reference is low too, the file itself.
+
+    Args:
+      artifacts: the export's artifact reports.
+      threshold: the lowest acceptable top-1 agreement.
+      cpu: the CPU the figures were measured on (:func:`research.export.cpu.cpu_int8`).
+    """
+    return [w for a in artifacts if (w := _cause(a, threshold, cpu)) is not None]

@@ -108,6 +108,7 @@ def _artifact_rows(rep: ExportReport) -> list[dict]:
                 "gzip_kib": a.gzip_bytes / 1024,
                 "max_abs_diff": a.max_abs_diff,
                 "top1_agreement": a.top1_agreement,
+                "ref_top1": None if a.reference is None else a.reference.top1_agreement,
                 "tensorrt_symmetric": a.extra.get("qdq", {}).get("tensorrt_symmetric"),
                 "latency_ms": a.latency_ms,
             }
@@ -138,7 +139,7 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
         seed=ctx.seed,
     )
     rep.save(os.path.join(ctx.workdir, "export_report.json"))
-    notes = [f"exported model: {cfg.source}", *rep.notes]
+    notes = [f"exported model: {cfg.source}", f"CPU: {rep.cpu}", *rep.notes, *(f"WARNING: {w}" for w in rep.warnings)]
     if "onnx_int8" in {a.name for a in rep.artifacts}:
         qdq = rep["onnx_int8"].extra.get("qdq", {})
         if qdq and not qdq.get("tensorrt_symmetric", True):

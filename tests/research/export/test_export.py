@@ -23,6 +23,7 @@ from research.export import inference_fn
 from research.export import load_stablehlo
 from research.export import qdq_summary
 from research.export import to_tflite
+from research.export._io import check_export_set
 from research.export.onnx_export import check_onnx
 
 ALL_Q = ("fp16", "dynamic_int8", "int8")
@@ -283,7 +284,78 @@ def test_unsupported_op_names_primitive_and_layer(tmp_path, trained_mlp):
     assert "'sort'" in str(e) and "'block'" in str(e)
     assert e.location.startswith(os.path.join(os.path.dirname(__file__), "export_test_models.py"))
     assert pathlib.Path(path).read_bytes() == before  # the good artifact survives
-    assert sorted(os.listdir(tmp_path)) == ["model_fp32.tflite"]
+    assert sorted(os.listdir(tmp_path)) == ["model.export.json", "model_fp32.tflite"]
+    assert "drop 'tflite' from formats" in str(e)
+
+
+def _snapshot(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(directory).iterdir())}
+
+
+def test_failed_export_leaves_the_previous_set_intact(tmp_path, trained_mlp):
+    x = np.ones((2, 64), np.float32)
+    export(trained_mlp, x, out_dir=tmp_path, latency_repeats=1)
+    before = _snapshot(tmp_path)
+    assert set(before) == {
+        "model.export.json",
+        "model.stablehlo",
+        "model.stablehlo.json",
+        "model_fp32.tflite",
+        "model_fp32.onnx",
+    }
+    # StableHLO converts the sort, TFLite does not: the new model.stablehlo must not replace the old one.
+    with pytest.raises(UnsupportedOpError) as err:
+        export(Unsupported(rngs=nnx.Rngs(0)), x, out_dir=tmp_path, latency_repeats=1)
+    assert "drop 'tflite' and 'onnx' from formats" in str(err.value)
+    assert any("fp32 TFLite conversion" in n and "previous export set" in n for n in err.value.__notes__)
+    assert _snapshot(tmp_path) == before  # same files, same bytes; no staging directory left
+    assert set(check_export_set(tmp_path)["files"]) == set(before) - {"model.export.json"}
+
+
+def test_onnx_only_failure_names_onnx(tmp_path):
+    with pytest.raises(UnsupportedOpError) as err:
+        export(Unsupported(rngs=nnx.Rngs(0)), np.ones((2, 64), np.float32), formats=("onnx",), out_dir=tmp_path)
+    msg = str(err.value)
+    assert msg.startswith("onnx export failed: JAX primitive 'sort' in layer 'block'"), msg
+    assert "not supported by the tflite converter, which the onnx export goes through" in msg
+    assert "drop 'onnx' from formats" in msg and "'tflite' from" not in msg
+    assert err.value.target == "onnx" and err.value.drop == ("onnx",)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failing_artifact_is_named_and_nothing_moves(tmp_path, trained_mlp, monkeypatch):
+    from research.export import onnx_export
+
+    x = np.ones((2, 64), np.float32)
+    export(trained_mlp, x, formats=("stablehlo", "tflite"), out_dir=tmp_path, latency_repeats=1)
+    before = _snapshot(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tf2onnx crashed")
+
+    monkeypatch.setattr(onnx_export, "tflite_to_onnx", broken)
+    with pytest.raises(RuntimeError, match="tf2onnx crashed") as err:
+        export(trained_mlp, x, out_dir=tmp_path, latency_repeats=1)
+    assert any("model_fp32.onnx (onnx_fp32" in n for n in err.value.__notes__), err.value.__notes__
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_new_set_replaces_the_old_one_and_keeps_other_files(tmp_path, trained_mlp):
+    x = np.ones((2, 64), np.float32)
+    export(trained_mlp, x, formats=("stablehlo", "tflite"), out_dir=tmp_path, latency_repeats=1)
+    (tmp_path / "notes.txt").write_text("mine")
+    rep = export(trained_mlp, x, formats=("stablehlo",), out_dir=tmp_path, latency_repeats=1)
+    # The old TFLite file belonged to the previous set: a mixed set would pair it with the new StableHLO.
+    assert sorted(os.listdir(tmp_path)) == ["model.export.json", "model.stablehlo", "model.stablehlo.json", "notes.txt"]
+    assert rep["stablehlo"].path == str(tmp_path / "model.stablehlo")
+    manifest = check_export_set(tmp_path)
+    assert manifest["formats"] == ["stablehlo"] and set(manifest["files"]) == {
+        "model.stablehlo",
+        "model.stablehlo.json",
+    }
+    (tmp_path / "model.stablehlo").write_bytes(b"changed")
+    with pytest.raises(ValueError, match="model.stablehlo is not the file the export"):
+        check_export_set(tmp_path)
 
 
 def test_int8_without_calibration_fails_with_fix(tmp_path, trained_mlp):
