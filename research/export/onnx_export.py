@@ -20,6 +20,7 @@ The TFLite converter fuses a clamp to [0, 1] or [-1, 1] into the builtins ``RELU
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import warnings
@@ -345,6 +346,66 @@ def qdq_summary(model_proto: Any) -> dict[str, Any]:
         "non_int8_zero_points": non_int8,
         "tensorrt_symmetric": (q + dq) > 0 and nonzero == 0 and non_int8 == 0,
     }
+
+
+def saturation_probe(k: int = 64, n: int = 16) -> Any:
+    """A Q/DQ MatMul that onnxruntime's fused int8 kernels compute wrongly where they saturate.
+
+    ``x`` (1, k) quantized to int8 127 (scale 1/127), weights int8 127 (scale 1/127): every
+    product pair is ``2 x 255 x 127`` once onnxruntime shifts the activations to uint8, above the
+    16-bit limit of ``PMADDUBSW``. As written, every output is exactly ``k`` (quantized with scale
+    ``k / 100`` to 100, so the output is ``k`` again).
+
+    Returns:
+      An ``onnx.ModelProto`` with input ``x`` (float32, ``[batch, k]``) and output ``y``.
+    """
+    onnx = _deps.onnx()
+    from onnx import TensorProto  # noqa: PLC0415
+    from onnx import helper  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    def const(name: str, value: Any) -> Any:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    inits = [
+        const("s", np.float32(1 / 127)),
+        const("z", np.int8(0)),
+        const("w", np.full((k, n), 127, np.int8)),
+        const("ys", np.float32(k / 100)),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["m"]),
+        helper.make_node("QuantizeLinear", ["m", "ys", "z"], ["mq"]),
+        helper.make_node("DequantizeLinear", ["mq", "ys", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "saturation_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@functools.cache
+def fused_int8_saturates() -> bool:
+    """Whether onnxruntime's fused int8 kernels saturate on this machine, measured.
+
+    Runs :func:`saturation_probe` with all graph optimizations (Q/DQ fused into int8 kernels) and
+    compares with its exact result; True on x86-64 CPUs without VNNI (AVX2, AVX-512 without VNNI),
+    False where the sums are exact (VNNI, AMX, ARM). See :mod:`research.export.cpu`.
+    """
+    ort = _deps.onnxruntime()
+    k = 64
+    sess = ort.InferenceSession(saturation_probe(k).SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": np.ones((1, k), np.float32)})[0]
+    return not bool(np.allclose(y, k))
 
 
 ORT_OPTIMIZATIONS = {"all": "ORT_ENABLE_ALL", "basic": "ORT_ENABLE_BASIC", "none": "ORT_DISABLE_ALL"}
