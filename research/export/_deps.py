@@ -78,13 +78,3 @@ def tflite_interpreter_class() -> type:
         return Interpreter
     except ImportError:
         return tensorflow().lite.Interpreter
-
-
-def tflite_op_resolver_type() -> type:
-    """Returns the ``OpResolverType`` enum of the interpreter :func:`tflite_interpreter_class` gives."""
-    try:
-        from ai_edge_litert.interpreter import OpResolverType
-
-        return OpResolverType
-    except ImportError:
-        return tensorflow().lite.experimental.OpResolverType

@@ -162,10 +162,10 @@ def export(
     Every artifact is run on ``sample_input`` and ``eval_data`` (in batches), and at a second
     batch size when ``batch_polymorphic``; the report gives max abs/rel differences against JAX,
     top-1 agreement, size, gzip size and median latency, as the runtime runs the file by default
-    (optimized kernels: results of int8 kernels depend on the CPU, see
-    :mod:`research.export.cpu`). Quantized TFLite files and Q/DQ ONNX files are also run as
-    written (LiteRT's reference kernels; onnxruntime with ``ORT_DISABLE_ALL``), which is
-    ``ArtifactReport.reference``: what the file computes on any CPU. An artifact below
+    (optimized kernels: onnxruntime's fused int8 kernels depend on the CPU, see
+    :mod:`research.export.cpu`). ONNX files with Q/DQ nodes are also run as written
+    (onnxruntime with ``ORT_DISABLE_ALL``), which is ``ArtifactReport.reference``: what the file
+    computes on any CPU. An artifact below
     ``min_top1_agreement`` (by either measure) gets a warning naming the likely cause, in
     ``ExportReport.warnings`` and as an :class:`ExportAgreementWarning`.
 
@@ -184,9 +184,11 @@ def export(
         TFLite variants (int8 ONNX carries the TFLite file's QuantizeLinear/DequantizeLinear
         nodes, asymmetric activations); ``"int8_qdq_symmetric"`` quantizes the fp32 ONNX file
         with onnxruntime into the symmetric int8 Q/DQ form TensorRT needs
-        (:func:`research.export.onnx_export.quantize_qdq_symmetric`).
+        (:func:`research.export.onnx_export.quantize_qdq_symmetric`), and
+        ``"int8_qdq_reduce_range"`` does the same with 7-bit weights, which onnxruntime's fused
+        int8 kernels compute as written on x86-64 CPUs without VNNI too.
       calibration: inputs ``(N, *sample_input.shape[1:])`` for int8 calibration (the
-        representative dataset); required for ``"int8"`` and ``"int8_qdq_symmetric"``.
+        representative dataset); required for the full-integer and ``int8_qdq_*`` modes.
       eval_data: inputs to compare on (e.g. the test split); default: ``sample_input``.
       batch_polymorphic: export with a variable leading (batch) dimension.
       batch_route: how TFLite (and so ONNX) files get their variable batch: ``"auto"``
@@ -413,11 +415,7 @@ def export(
                     }
                     if tflite.is_full_integer(q) and activation_ranges:
                         extra["range_agreement"] = _range_agreement(runner, activation_ranges)
-                    reference = None
-                    if q != "fp32":
-                        ref_runner = tflite.TFLiteRunner(path, num_threads=num_threads, reference=True)
-                        reference = agreement(f"{litert}, {ref_runner.description}", ref_runner)
-                    record(f"tflite_{q}", "tflite", q, path, litert, runner, extra, reference)
+                    record(f"tflite_{q}", "tflite", q, path, litert, runner, extra)
             if "onnx" in formats and _onnx_variant(q):
                 with _producing(f"{name}_{q}.onnx (onnx_{q}, tf2onnx from the TFLite file)", out_dir):
                     proto = onnx_export.tflite_to_onnx(blob, opset=onnx_opset)

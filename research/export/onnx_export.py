@@ -303,6 +303,12 @@ def _int8_qdq_symmetric(fp32_path: str, out_path: str, calibration: np.ndarray) 
     return quantize_qdq_symmetric(fp32_path, out_path, calibration)
 
 
+@register_onnx_quantization("int8_qdq_reduce_range")
+def _int8_qdq_reduce_range(fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
+    # 7-bit weights: onnxruntime's default session computes it as written on every x86-64 CPU.
+    return quantize_qdq_symmetric(fp32_path, out_path, calibration, reduce_range=True)
+
+
 def qdq_summary(model_proto: Any) -> dict[str, Any]:
     """Counts Q/DQ nodes and checks TensorRT's symmetric-int8 requirement.
 

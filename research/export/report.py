@@ -43,10 +43,14 @@ class ArtifactReport:
 
     ``max_abs_diff``, ``max_rel_diff`` and ``top1_agreement`` are measured as a user runs the file
     by default: LiteRT with its optimized kernels, onnxruntime with all graph optimizations
-    (Q/DQ pairs fused into int8 kernels). Those kernels depend on the CPU: onnxruntime's int8
-    kernels saturate on x86-64 without VNNI (:mod:`research.export.cpu`). ``reference`` is the
-    same comparison with the file's operators executed as written (CPU-independent up to float32
-    rounding); it is what the file itself computes, and what TensorRT implements.
+    (Q/DQ pairs fused into int8 kernels). onnxruntime's fused int8 kernels depend on the CPU: they
+    saturate on x86-64 without VNNI (:mod:`research.export.cpu`). For an ONNX file with Q/DQ
+    nodes, ``reference`` is the same comparison with the file executed as written
+    (CPU-independent up to float32 rounding): what the file itself computes, and what TensorRT
+    implements. LiteRT's int8 kernels accumulate in 32 bits on every CPU (measured: the same
+    outputs on AVX-512 VNNI and on an emulated AVX2 CPU), and its reference op resolver
+    (``BUILTIN_REF``) disagrees with its own optimized kernels and with JAX on int8 residual and
+    pooling networks, so TFLite files get no ``reference``.
 
     Attributes:
       name: artifact id, e.g. ``"tflite_int8"``.
@@ -64,10 +68,9 @@ class ArtifactReport:
       latency_ms: median wall time of one call on the sample input.
       batch_sizes: batch sizes the artifact was run at.
       extra: format-specific facts (Q/DQ counts, manifest, range agreement).
-      reference: for quantized TFLite files and ONNX files with Q/DQ nodes, the agreement with
-        the file executed as written: LiteRT's reference kernels (``BUILTIN_REF``), onnxruntime
-        with ``ORT_DISABLE_ALL`` (every DequantizeLinear/QuantizeLinear computed in float). None
-        for other artifacts.
+      reference: for ONNX files with Q/DQ nodes, the agreement with the file executed as
+        written: onnxruntime with ``ORT_DISABLE_ALL`` (every DequantizeLinear/QuantizeLinear
+        computed in float). None for other artifacts.
     """
 
     name: str
@@ -220,7 +223,9 @@ def _cause(a: ArtifactReport, threshold: float, cpu: CpuInt8) -> str | None:
                 f"likely cause: onnxruntime's fused int8 kernels sum uint8 x int8 product pairs in saturating 16-bit "
                 f"arithmetic on this CPU ({cpu}, no VNNI), and full-range int8 weights overflow it; {written}. "
                 "The file is right: TensorRT, VNNI x86 and ARM CPUs compute it as written. With onnxruntime on this "
-                "CPU set session.x64quantprecision=1 (OnnxRunner(path, x64_quant_precision=True))"
+                "CPU set session.x64quantprecision=1 (OnnxRunner(path, x64_quant_precision=True); onnxruntime 1.32 "
+                "refuses it for some TFLite-converted files, see extra['x64quantprecision']), or export "
+                "quantize='int8_qdq_reduce_range' (7-bit weights, which these kernels cannot overflow)"
             )
         else:
             why = (

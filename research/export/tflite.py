@@ -447,20 +447,14 @@ class TFLiteRunner:
     Args:
       model: path to a ``.tflite`` file, or its bytes.
       num_threads: interpreter threads (1 makes latencies comparable across runtimes).
-      reference: use LiteRT's reference kernels (``OpResolverType.BUILTIN_REF``: plain loops,
-        no XNNPACK or optimized kernels), the file's semantics independent of the CPU.
     """
 
-    def __init__(self, model: str | os.PathLike | bytes, num_threads: int = 1, *, reference: bool = False):
+    def __init__(self, model: str | os.PathLike | bytes, num_threads: int = 1):
         cls = _deps.tflite_interpreter_class()
-        kwargs: dict[str, Any] = {"num_threads": num_threads}
-        if reference:
-            kwargs["experimental_op_resolver_type"] = _deps.tflite_op_resolver_type().BUILTIN_REF
-        self.description = "reference kernels (BUILTIN_REF)" if reference else "optimized kernels"
         if isinstance(model, bytes | bytearray):
-            self._interp = cls(model_content=bytes(model), **kwargs)
+            self._interp = cls(model_content=bytes(model), num_threads=num_threads)
         else:
-            self._interp = cls(model_path=os.fspath(model), **kwargs)
+            self._interp = cls(model_path=os.fspath(model), num_threads=num_threads)
         self._in = self._interp.get_input_details()[0]
         self._out = self._interp.get_output_details()[0]
         self._shape: tuple[int, ...] | None = None
