@@ -56,7 +56,7 @@ def mlp_report(trained_mlp, digits, tmp_path_factory):
         x_test[:16],
         formats=("tflite", "onnx"),
         out_dir=tmp_path_factory.mktemp("mlp"),
-        quantize=("int8", "int8_dense_per_tensor"),
+        quantize=("int8", "int8_dense_per_tensor", "int8_qdq_reduce_range"),
         calibration=digits.x_train.reshape(len(digits.x_train), -1)[:256],
         eval_data=x_test,
         latency_repeats=5,
@@ -188,6 +188,34 @@ def test_int8_top1_agreement_on_digits(mlp_report, trained_mlp, digits):
     # 4.7k weights: int8 is 12.3 KB vs 24.9 KB fp32; ~7 KB is graph (shape ops for the variable
     # batch), so the ratio only approaches 0.25 for larger models (see the benchmark).
     assert report["tflite_int8"].size_bytes <= 0.55 * report["tflite_fp32"].size_bytes
+
+
+def test_reduce_range_file_has_7bit_weights(mlp_report):
+    import onnx
+    from onnx import numpy_helper
+
+    report, _ = mlp_report
+    a = report["onnx_int8_qdq_reduce_range"]
+    proto = onnx.load(a.path)
+    kernels = [
+        numpy_helper.to_array(t)
+        for t in proto.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+    ]
+    assert len(kernels) == 2 and max(int(np.abs(k.astype(np.int32)).max()) for k in kernels) <= 64
+    assert a.extra["qdq"]["tensorrt_symmetric"] and a.extra["from"] == "model_fp32.onnx"
+    assert a.reference is not None and a.reference.top1_agreement >= 0.99, a
+
+
+def test_agreement_below_threshold_warns_on_the_console(tmp_path, trained_mlp):
+    from research.export.report import ExportAgreementWarning
+
+    x = np.ones((2, 64), np.float32)
+    with pytest.warns(
+        ExportAgreementWarning, match=r"tflite_fp32: top-1 agreement with JAX 1.000 < 1.01; likely cause"
+    ):
+        rep = export(trained_mlp, x, formats=("tflite",), out_dir=tmp_path, latency_repeats=1, min_top1_agreement=1.01)
+    assert len(rep.warnings) == 1 and f"WARNING: {rep.warnings[0]}" in rep.table()
 
 
 def _kernel_scales(path) -> dict[int, list[int]]:
