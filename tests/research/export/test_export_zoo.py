@@ -7,7 +7,7 @@ split for what each file computes on any CPU: the TFLite int8 file in LiteRT (32
 accumulation on every CPU), and its ONNX (Q/DQ) conversion and the TensorRT-ready symmetric Q/DQ
 file executed as written (onnxruntime ``ORT_DISABLE_ALL``). onnxruntime's fused int8 kernels
 saturate on x86-64 CPUs without VNNI (measured on an emulated AVX2 CPU: symmetric files 0.40-0.98
-top-1 agreement), so their figure is recorded (``record_property``), not asserted. Every file
+top-1 agreement), so their figure is recorded (``record_testsuite_property``), not asserted. Every file
 has a variable batch dimension (the default route: a fixed-batch trace with the batch dimension
 freed). Widths are the smallest the zoo allows so the module stays fast.
 """
@@ -94,7 +94,7 @@ def test_zoo_files_have_a_variable_batch_by_the_static_route(zoo):
 
 
 @pytest.mark.parametrize("artifact", ["tflite_int8", "onnx_int8", "onnx_int8_qdq_symmetric"])
-def test_zoo_int8_top1_agreement(zoo, artifact, record_property):
+def test_zoo_int8_top1_agreement(zoo, artifact, record_testsuite_property):
     name, _, report, _ = zoo
     a = report[artifact]
     if a.format == "onnx":  # the Q/DQ file executed as written: the same on every CPU
@@ -105,8 +105,10 @@ def test_zoo_int8_top1_agreement(zoo, artifact, record_property):
         assert a.top1_agreement >= 0.99, (name, a)
     # onnxruntime's fused int8 kernels on this CPU: recorded, asserted only to be a measurement.
     assert 0.0 <= a.top1_agreement <= 1.0
-    record_property(f"{name}/{artifact}/runtime_top1", a.top1_agreement)
-    record_property("cpu", report.cpu)
+    record_testsuite_property(f"{name}/{artifact}/runtime_top1", a.top1_agreement)
+    if a.reference is not None:
+        record_testsuite_property(f"{name}/{artifact}/reference_top1", a.reference.top1_agreement)
+    record_testsuite_property("cpu", report.cpu)
 
 
 def test_zoo_onnx_int8_computes_what_tflite_int8_computes(zoo):
