@@ -216,6 +216,11 @@ def _cause(a: ArtifactReport, threshold: float, cpu: CpuInt8) -> str | None:
     if drift and not low:
         got = f"max relative difference {a.max_rel_diff:.2e} (> {FP32_MAX_REL_DIFF:g})"
     head = f"{a.name}: {got} < {threshold:g}" if low else f"{a.name}: {got}"
+    if ref_low and not low:
+        head = (
+            f"{a.name}: executed as written, top-1 agreement with JAX {ref.top1_agreement:.3f} < {threshold:g}"
+            f" ({a.runtime} on this CPU: {_top1(a.top1_agreement)})"
+        )
     if ref is not None and low and not ref_low:
         written = f"the file executed as written agrees {ref.top1_agreement:.3f} ({ref.runtime})"
         if a.format == "onnx" and cpu.u8s8_saturates:
@@ -239,7 +244,9 @@ def _cause(a: ArtifactReport, threshold: float, cpu: CpuInt8) -> str | None:
             "compare the per-layer outputs of the runtime and JAX"
         )
     else:
-        also = "" if ref is None else f" (executed as written it agrees {_top1(ref.top1_agreement) or '-'} too)"
+        also = ""
+        if ref is not None and low:
+            also = f" (executed as written it agrees {_top1(ref.top1_agreement) or '-'})"
         why = (
             f"likely cause: the quantized file itself{also}: {a.quantize} ranges or scales do not fit this model; "
             "calibrate on more (representative) data, prefer per-channel 'int8' to per-tensor modes, keep "

@@ -116,7 +116,7 @@ def test_runtime_below_threshold_with_vnni_blames_the_kernels_not_saturation():
 
 def test_reference_below_threshold_blames_the_file():
     (w,) = agreement_warnings([_artifact("onnx_int8", 0.95, 0.95)], 0.99, VNNI)
-    assert "the quantized file itself" in w and "calibrate" in w
+    assert "the quantized file itself (executed as written it agrees 0.950)" in w and "calibrate" in w
 
 
 def test_float_drift_and_clean_artifacts():
@@ -147,3 +147,9 @@ def test_table_shows_both_figures_cpu_and_warnings():
     assert f"WARNING: {found[0]}" in table
     d = rep.to_dict()
     assert d["artifacts"][0]["reference"]["top1_agreement"] == 1.0 and d["cpu"] == str(AVX2)
+
+
+def test_reference_alone_below_threshold_is_named():
+    (w,) = agreement_warnings([_artifact("onnx_int8_qdq_reduce_range", 0.995, 0.989)], 0.99, VNNI)
+    assert w.startswith("onnx_int8_qdq_reduce_range: executed as written, top-1 agreement with JAX 0.989 < 0.99")
+    assert "(onnxruntime 1.32.0 on this CPU: 0.995)" in w and "the quantized file itself:" in w
