@@ -226,7 +226,8 @@ def _cause(a: ArtifactReport, threshold: float, cpu: CpuInt8) -> str | None:
         if a.format == "onnx" and cpu.u8s8_saturates:
             why = (
                 f"likely cause: onnxruntime's fused int8 kernels sum uint8 x int8 product pairs in saturating 16-bit "
-                f"arithmetic on this CPU ({cpu}, no VNNI), and full-range int8 weights overflow it; {written}. "
+                f"arithmetic on this CPU ({cpu}; measured with a probe), and full-range int8 weights overflow it; "
+                f"{written}. "
                 "The file is right: TensorRT, VNNI x86 and ARM CPUs compute it as written. With onnxruntime on this "
                 "CPU set session.x64quantprecision=1 (OnnxRunner(path, x64_quant_precision=True); onnxruntime 1.32 "
                 "refuses it for some TFLite-converted files, see extra['x64quantprecision']), or export "
