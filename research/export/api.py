@@ -438,7 +438,7 @@ def export(
             shutil.rmtree(stage)
     artifacts = [dataclasses.replace(a, path=moved[a.path]) for a in artifacts]
 
-    found = agreement_warnings(artifacts, min_top1_agreement, cpu)
+    found = agreement_warnings(artifacts, min_top1_agreement, cpu, fp32_drift=deployable is None)
     for w in found:
         warnings.warn(w, ExportAgreementWarning, stacklevel=2)
     return ExportReport(

@@ -153,3 +153,10 @@ def test_reference_alone_below_threshold_is_named():
     (w,) = agreement_warnings([_artifact("onnx_int8_qdq_reduce_range", 0.995, 0.989)], 0.99, VNNI)
     assert w.startswith("onnx_int8_qdq_reduce_range: executed as written, top-1 agreement with JAX 0.989 < 0.99")
     assert "(onnxruntime 1.32.0 on this CPU: 0.995)" in w and "the quantized file itself:" in w
+
+
+def test_fp32_drift_check_is_off_for_deploy_hook_stand_ins():
+    # A fake-quant model's float stand-in is compared with the fake-quant model: not an exact match.
+    art = _artifact("tflite_fp32", 0.997, fmt="tflite", quantize="fp32", rel=1e-2)
+    assert agreement_warnings([art], 0.99, VNNI, fp32_drift=False) == []
+    assert len(agreement_warnings([art], 0.99, VNNI)) == 1
