@@ -38,6 +38,9 @@ class UnsupportedOpError(RuntimeError):
         modules of the same class exist), empty when unknown.
       location: ``file:line (function)`` of the user frame that issued the primitive.
       detail: the converter's own message, shortened.
+      via: the converter that failed (``"tflite"`` for an ONNX export, which converts the TFLite
+        file); equals ``target`` when the format's own converter failed.
+      drop: the requested formats that need the failing conversion (named in the message).
     """
 
     def __init__(
@@ -47,12 +50,17 @@ class UnsupportedOpError(RuntimeError):
         layer_paths: Sequence[str],
         location: str,
         detail: str,
+        *,
+        via: str | None = None,
+        drop: Sequence[str] | None = None,
     ):
         self.target = target
         self.primitive = primitive
         self.layer_paths = tuple(layer_paths)
         self.location = location
         self.detail = detail
+        self.via = via or target
+        self.drop = tuple(drop or (target,))
         where = ""
         if self.layer_paths:
             where = (
@@ -61,10 +69,17 @@ class UnsupportedOpError(RuntimeError):
                 else f" in one of the layers {list(self.layer_paths)}"
             )
         prim = f"JAX primitive {primitive!r}" if primitive else "an operation"
+        through = "" if self.via == target else f", which the {target} export goes through"
         super().__init__(
-            f"{target} export failed: {prim}{where} is not supported by the {target} converter"
+            f"{target} export failed: {prim}{where} is not supported by the {self.via} converter{through}"
             f" (issued at {location or 'unknown location'}). Replace that operation in the model"
-            f" (or drop {target!r} from formats). Converter said: {detail}"
+            f" (or drop {' and '.join(repr(d) for d in self.drop)} from formats). Converter said: {detail}"
+        )
+
+    def retarget(self, target: str, *, via: str, drop: Sequence[str]) -> UnsupportedOpError:
+        """The same failure, reported for the requested format ``target`` that needed converter ``via``."""
+        return UnsupportedOpError(
+            target, self.primitive, self.layer_paths, self.location, self.detail, via=via, drop=drop
         )
 
 

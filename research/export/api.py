@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
+import shutil
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -16,15 +20,22 @@ import jax
 import numpy as np
 from flax import nnx
 
+from research.export import cpu as cpu_lib
 from research.export import deploy as deploy_lib
 from research.export import onnx_export
 from research.export import stablehlo
 from research.export import tflite
+from research.export._io import commit_export_set
 from research.export._io import gzip_size
+from research.export._io import staging_dir
 from research.export._io import write_bytes_atomic
+from research.export._trace import UnsupportedOpError
 from research.export._trace import inference_fn
+from research.export.report import Agreement
 from research.export.report import ArtifactReport
+from research.export.report import ExportAgreementWarning
 from research.export.report import ExportReport
+from research.export.report import agreement_warnings
 
 FORMATS = ("stablehlo", "tflite", "onnx")
 # Formats that need extra packages, so not in the default FORMATS: "tvm" (pip install 'slimjax[tvm]').
@@ -91,6 +102,19 @@ def _compare(
     return abs_diff, rel, (agree / total if classify and total else None)
 
 
+@contextlib.contextmanager
+def _producing(artifact: str, out_dir: str) -> Any:
+    """Names the artifact being produced on any error, and says the previous set is intact."""
+    try:
+        yield
+    except Exception as err:
+        err.add_note(
+            f"slimjax export: failed while producing {artifact}; nothing of this export was moved "
+            f"into {out_dir}, which still holds the previous export set"
+        )
+        raise
+
+
 def _range_agreement(runner: tflite.TFLiteRunner, ranges: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
     """Compares deployed int8 activation ranges with given (learned) ``(min, max)`` ranges."""
     details = [d for d in runner.tensor_details() if d["dtype"] == np.int8]
@@ -128,15 +152,26 @@ def export(
     use_deploy_hooks: bool = True,
     tvm_tuning_trials: int = 0,
     fusion: bool = False,
+    min_top1_agreement: float = 0.99,
 ) -> ExportReport:
     """Exports a model to StableHLO, TFLite and ONNX and checks every artifact in its runtime.
 
     The float32 TFLite (and ONNX) artifact is always written; ``quantize`` adds quantized
-    variants. Each artifact is written to a temporary file next to its destination, loaded and run
-    in its runtime, and only then moved into place, so a failed export never replaces a good
-    artifact. Every artifact is then run on ``sample_input`` and ``eval_data`` (in batches), and
-    at a second batch size when ``batch_polymorphic``; the report gives max abs/rel differences
-    against JAX, top-1 agreement, size, gzip size and median latency.
+    variants. The artifacts of one export are a set: all are written to a staging directory
+    inside ``out_dir``, loaded and run in their runtimes, and moved into place together only when
+    every one succeeded, followed by ``{name}.export.json`` (the set's file names and SHA-256
+    hashes; files of the previous set that the new one lacks are removed). A failed export
+    leaves ``out_dir`` exactly as it was, and its error names the artifact that failed.
+
+    Every artifact is run on ``sample_input`` and ``eval_data`` (in batches), and at a second
+    batch size when ``batch_polymorphic``; the report gives max abs/rel differences against JAX,
+    top-1 agreement, size, gzip size and median latency, as the runtime runs the file by default
+    (optimized kernels: onnxruntime's fused int8 kernels depend on the CPU, see
+    :mod:`research.export.cpu`). ONNX files with Q/DQ nodes are also run as written
+    (onnxruntime with ``ORT_DISABLE_ALL``), which is ``ArtifactReport.reference``: what the file
+    computes on any CPU. An artifact below
+    ``min_top1_agreement`` (by either measure) gets a warning naming the likely cause, in
+    ``ExportReport.warnings`` and as an :class:`ExportAgreementWarning`.
 
     Args:
       model: a ``flax.nnx.Module`` mapping one array to one array (exported in eval mode; the
@@ -156,9 +191,11 @@ def export(
         TFLite variants (int8 ONNX carries the TFLite file's QuantizeLinear/DequantizeLinear
         nodes, asymmetric activations); ``"int8_qdq_symmetric"`` quantizes the fp32 ONNX file
         with onnxruntime into the symmetric int8 Q/DQ form TensorRT needs
-        (:func:`research.export.onnx_export.quantize_qdq_symmetric`).
+        (:func:`research.export.onnx_export.quantize_qdq_symmetric`), and
+        ``"int8_qdq_reduce_range"`` does the same with 7-bit weights, which onnxruntime's fused
+        int8 kernels compute as written on x86-64 CPUs without VNNI too.
       calibration: inputs ``(N, *sample_input.shape[1:])`` for int8 calibration (the
-        representative dataset); required for ``"int8"`` and ``"int8_qdq_symmetric"``.
+        representative dataset); required for the full-integer and ``int8_qdq_*`` modes.
       eval_data: inputs to compare on (e.g. the test split); default: ``sample_input``.
       batch_polymorphic: export with a variable leading (batch) dimension.
       batch_route: how TFLite (and so ONNX) files get their variable batch: ``"auto"``
@@ -191,6 +228,9 @@ def export(
       fusion: add the fusion report (:func:`research.export.fusion.fusion_report`: per runtime,
         operators before/after fusion, fused patterns, latency with fusion off and on) as
         ``report.fusion``, printed after the table.
+      min_top1_agreement: an artifact whose top-1 agreement with JAX (runtime or reference) is
+        below this gets a warning naming the likely cause (for float32 artifacts also a max
+        relative difference above 1e-4).
 
     Returns:
       An :class:`ExportReport`; ``report.table()`` prints it.
@@ -198,7 +238,9 @@ def export(
     Raises:
       ValueError: unknown format or quantization mode, int8 without calibration, or an ONNX-only
         mode without ``"onnx"`` in ``formats``.
-      UnsupportedOpError: an operation cannot be converted; names the JAX primitive and layer.
+      UnsupportedOpError: an operation cannot be converted; names the JAX primitive and layer,
+        and the requested formats that need the failing conversion (ONNX is converted from
+        TFLite).
       ImportError: TensorFlow/tf2onnx/onnx/onnxruntime missing (``pip install
         'slimjax[export]'``).
 
@@ -274,8 +316,19 @@ def export(
     n_params = sum(v.size for v in leaves)
     zeros = sum(int(np.sum(v == 0)) for v in leaves if np.issubdtype(v.dtype, np.floating))
     zero_frac = zeros / n_params if n_params else 0.0
+    cpu = cpu_lib.cpu_int8()
+    cpu_text = str(cpu)
+    if "onnx" in formats:  # measured, not inferred from the flags
+        cpu = dataclasses.replace(cpu, u8s8_saturates=onnx_export.fused_int8_saturates())
+        cpu_text += "; onnxruntime fused int8 kernels " + (
+            "saturate (16-bit pair sums)" if cpu.u8s8_saturates else "exact (32-bit sums)"
+        )
 
     artifacts: list[ArtifactReport] = []
+
+    def agreement(runtime: str, run: Callable[[np.ndarray], np.ndarray]) -> Agreement:
+        abs_d, rel_d, top1 = _compare(run, inputs, refs)
+        return Agreement(runtime=runtime, max_abs_diff=abs_d, max_rel_diff=rel_d, top1_agreement=top1)
 
     def record(
         art_name: str,
@@ -285,8 +338,9 @@ def export(
         runtime: str,
         run: Callable[[np.ndarray], np.ndarray],
         extra: dict[str, Any],
+        reference: Agreement | None = None,
     ) -> None:
-        abs_d, rel_d, top1 = _compare(run, inputs, refs)
+        got = agreement(runtime, run)
         ms = _median_ms(lambda: run(sample), latency_repeats)
         artifacts.append(
             ArtifactReport(
@@ -297,104 +351,129 @@ def export(
                 runtime=runtime,
                 size_bytes=os.path.getsize(path),
                 gzip_bytes=gzip_size(path),
-                max_abs_diff=abs_d,
-                max_rel_diff=rel_d,
-                top1_agreement=top1,
+                max_abs_diff=got.max_abs_diff,
+                max_rel_diff=got.max_rel_diff,
+                top1_agreement=got.top1_agreement,
                 latency_ms=ms,
                 batch_sizes=batch_sizes,
                 extra=extra,
+                reference=reference,
             )
         )
 
-    if "stablehlo" in formats:
-        path = os.path.join(out_dir, f"{name}.stablehlo")
-        spec = stablehlo.input_spec(sample, batch_polymorphic)
-        info = stablehlo.export_stablehlo(fn, spec, path)
-        loaded = stablehlo.load_stablehlo(path)
-        record(
-            "stablehlo",
-            "stablehlo",
-            "fp32",
-            path,
-            f"jax.export {jax.__version__}",
-            lambda x: np.asarray(loaded(x)),
-            {"manifest": info},
-        )
+    def record_onnx(art_name: str, q: str, path: str, proto: Any, extra: dict[str, Any]) -> None:
+        qdq = onnx_export.qdq_summary(proto)
+        extra = {"qdq": qdq, **extra}
+        reference = None
+        if qdq["quantize_linear"] + qdq["dequantize_linear"]:
+            # The file as written (each Q/DQ in float) and, where onnxruntime's fused u8s8 kernels
+            # saturate, with its non-saturating u8u8 kernels (session.x64quantprecision=1).
+            as_written = onnx_export.OnnxRunner(path, num_threads=num_threads, optimization="none")
+            reference = agreement(f"{ort_name}, {as_written.description}", as_written)
+            if cpu.u8s8_saturates:
+                try:
+                    precise = onnx_export.OnnxRunner(path, num_threads=num_threads, x64_quant_precision=True)
+                    extra["x64quantprecision"] = dataclasses.asdict(
+                        agreement(f"{ort_name}, {precise.description}", precise)
+                    )
+                except Exception as err:  # noqa: BLE001 - onnxruntime refuses some graphs with it
+                    extra["x64quantprecision"] = {"error": f"{type(err).__name__}: {str(err)[-300:]}"}
+        runner = onnx_export.OnnxRunner(path, num_threads=num_threads)
+        record(art_name, "onnx", q, path, ort_name, runner, extra, reference)
 
-    if "tflite" in formats or "onnx" in formats:
-        litert = f"LiteRT {_version('ai-edge-litert')}"
-        ort_name = f"onnxruntime {_version('onnxruntime')}"
-        for q in variants:
+    # Everything is written to a staging directory and moved into out_dir together at the end.
+    stage = staging_dir(out_dir, name)
+    litert = f"LiteRT {_version('ai-edge-litert')}"
+    ort_name = f"onnxruntime {_version('onnxruntime')}"
+    try:
+        if "stablehlo" in formats:
+            with _producing(f"{name}.stablehlo (stablehlo)", out_dir):
+                path = os.path.join(stage, f"{name}.stablehlo")
+                spec = stablehlo.input_spec(sample, batch_polymorphic)
+                info = stablehlo.export_stablehlo(fn, spec, path)
+                loaded = stablehlo.load_stablehlo(path)
+                record(
+                    "stablehlo",
+                    "stablehlo",
+                    "fp32",
+                    path,
+                    f"jax.export {jax.__version__}",
+                    lambda x: np.asarray(loaded(x)),
+                    {"manifest": info},
+                )
+
+        via_tflite = [f for f in ("tflite", "onnx") if f in formats]
+        for q in variants if via_tflite else ():
             if q in onnx_only:
                 continue
-            blob = tflite.to_tflite(
-                convert_fn,
-                sample,
-                quantize=q,
-                calibration=calibration,
-                batch_polymorphic=batch_polymorphic,
-                batch_route=batch_route,
-                model=convert_model,
-            )
+            with _producing(f"the {q} TFLite conversion (needed by {' and '.join(via_tflite)})", out_dir):
+                try:
+                    blob = tflite.to_tflite(
+                        convert_fn,
+                        sample,
+                        quantize=q,
+                        calibration=calibration,
+                        batch_polymorphic=batch_polymorphic,
+                        batch_route=batch_route,
+                        model=convert_model,
+                    )
+                except UnsupportedOpError as err:
+                    raise err.retarget(via_tflite[0], via="tflite", drop=via_tflite) from err
             if "tflite" in formats:
-                path = os.path.join(out_dir, f"{name}_{q}.tflite")
-                write_bytes_atomic(path, blob, lambda p: tflite.TFLiteRunner(p)(sample))
-                runner = tflite.TFLiteRunner(path, num_threads=num_threads)
-                extra: dict[str, Any] = {
-                    "size_breakdown": tflite.size_breakdown(blob),
-                    "batch_route": tflite.batch_route(blob),
-                }
-                if tflite.is_full_integer(q) and activation_ranges:
-                    extra["range_agreement"] = _range_agreement(runner, activation_ranges)
-                record(f"tflite_{q}", "tflite", q, path, litert, runner, extra)
+                with _producing(f"{name}_{q}.tflite (tflite_{q})", out_dir):
+                    path = os.path.join(stage, f"{name}_{q}.tflite")
+                    write_bytes_atomic(path, blob, lambda p: tflite.TFLiteRunner(p)(sample))
+                    runner = tflite.TFLiteRunner(path, num_threads=num_threads)
+                    extra: dict[str, Any] = {
+                        "size_breakdown": tflite.size_breakdown(blob),
+                        "batch_route": tflite.batch_route(blob),
+                    }
+                    if tflite.is_full_integer(q) and activation_ranges:
+                        extra["range_agreement"] = _range_agreement(runner, activation_ranges)
+                    record(f"tflite_{q}", "tflite", q, path, litert, runner, extra)
             if "onnx" in formats and _onnx_variant(q):
-                proto = onnx_export.tflite_to_onnx(blob, opset=onnx_opset)
-                path = os.path.join(out_dir, f"{name}_{q}.onnx")
-                onnx_export.write_onnx(proto, path)
-                runner = onnx_export.OnnxRunner(path, num_threads=num_threads)
-                record(
-                    f"onnx_{q}",
-                    "onnx",
-                    q,
-                    path,
-                    ort_name,
-                    runner,
-                    {"qdq": onnx_export.qdq_summary(proto), "opset": onnx_opset},
-                )
+                with _producing(f"{name}_{q}.onnx (onnx_{q}, tf2onnx from the TFLite file)", out_dir):
+                    proto = onnx_export.tflite_to_onnx(blob, opset=onnx_opset)
+                    path = os.path.join(stage, f"{name}_{q}.onnx")
+                    onnx_export.write_onnx(proto, path)
+                    record_onnx(f"onnx_{q}", q, path, proto, {"opset": onnx_opset})
         for q in variants:
             if q not in onnx_only:
                 continue
-            path = os.path.join(out_dir, f"{name}_{q}.onnx")
-            proto = onnx_export.onnx_quantize(
-                q, os.path.join(out_dir, f"{name}_fp32.onnx"), path, np.asarray(calibration)
-            )
-            runner = onnx_export.OnnxRunner(path, num_threads=num_threads)
-            record(
-                f"onnx_{q}",
-                "onnx",
-                q,
-                path,
-                ort_name,
-                runner,
-                {"qdq": onnx_export.qdq_summary(proto), "from": f"{name}_fp32.onnx"},
-            )
+            with _producing(f"{name}_{q}.onnx (onnx_{q}, from {name}_fp32.onnx)", out_dir):
+                path = os.path.join(stage, f"{name}_{q}.onnx")
+                proto = onnx_export.onnx_quantize(
+                    q, os.path.join(stage, f"{name}_fp32.onnx"), path, np.asarray(calibration)
+                )
+                record_onnx(f"onnx_{q}", q, path, proto, {"from": f"{name}_fp32.onnx"})
 
-    if "tvm" in formats:
-        from research.export import tvm as tvm_lib  # noqa: PLC0415 (optional dependency)
+        if "tvm" in formats:
+            from research.export import tvm as tvm_lib  # noqa: PLC0415 (optional dependency)
 
-        onnx_files = [(a.quantize, a.path) for a in artifacts if a.format == "onnx"]
-        built, tvm_notes = tvm_lib.build_artifacts(
-            onnx_files,
-            out_dir,
-            name,
-            sample,
-            num_threads=num_threads,
-            tuning_trials=tvm_tuning_trials,
-            latency_repeats=latency_repeats,
-        )
-        notes += tvm_notes
-        for t in built:
-            record(t.name, "tvm", t.quantize, t.path, t.runtime, t.runner, t.extra)
+            onnx_files = [(a.quantize, a.path) for a in artifacts if a.format == "onnx"]
+            with _producing("the TVM libraries (tvm, compiled from the ONNX files)", out_dir):
+                built, tvm_notes = tvm_lib.build_artifacts(
+                    onnx_files,
+                    stage,
+                    name,
+                    sample,
+                    num_threads=num_threads,
+                    tuning_trials=tvm_tuning_trials,
+                    latency_repeats=latency_repeats,
+                )
+            notes += tvm_notes
+            for t in built:
+                record(t.name, "tvm", t.quantize, t.path, t.runtime, t.runner, t.extra)
+
+        moved = commit_export_set(stage, out_dir, name, {"formats": list(formats), "quantize": variants})
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(stage)
+    artifacts = [dataclasses.replace(a, path=moved[a.path]) for a in artifacts]
+
+    found = agreement_warnings(artifacts, min_top1_agreement, cpu, fp32_drift=deployable is None)
+    for w in found:
+        warnings.warn(w, ExportAgreementWarning, stacklevel=2)
 
     fusion_dict = None
     if fusion:
@@ -410,7 +489,6 @@ def export(
             num_threads=num_threads,
             latency_repeats=latency_repeats,
         ).to_dict()
-
     return ExportReport(
         out_dir=out_dir,
         jax_latency_ms=jax_ms,
@@ -420,4 +498,6 @@ def export(
         artifacts=tuple(artifacts),
         notes=tuple(notes),
         fusion=fusion_dict,
+        cpu=cpu_text,
+        warnings=tuple(found),
     )

@@ -20,6 +20,7 @@ The TFLite converter fuses a clamp to [0, 1] or [-1, 1] into the builtins ``RELU
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import warnings
@@ -168,6 +169,7 @@ def quantize_qdq_symmetric(
     max_samples: int = 512,
     per_channel: bool = True,
     preprocess: bool = True,
+    reduce_range: bool = False,
 ) -> Any:
     """Writes a TensorRT-ready int8 ONNX file: symmetric Q/DQ, calibrated on ``calibration``.
 
@@ -190,6 +192,9 @@ def quantize_qdq_symmetric(
       max_samples: at most this many calibration inputs are used.
       per_channel: per-output-channel weight scales (TensorRT's recommended form).
       preprocess: run ``quant_pre_process`` on the float32 file first.
+      reduce_range: quantize weights to 7 bits (``[-64, 63]``), onnxruntime's ``reduce_range``:
+        its fused ``uint8 x int8`` kernels cannot saturate then, on any x86-64 CPU (see
+        :mod:`research.export.cpu`), at the cost of half the weight resolution everywhere.
 
     Returns:
       The written ``onnx.ModelProto``.
@@ -263,6 +268,7 @@ def quantize_qdq_symmetric(
             _Reader(),
             quant_format=oq.QuantFormat.QDQ,
             per_channel=per_channel,
+            reduce_range=reduce_range,
             activation_type=oq.QuantType.QInt8,
             weight_type=oq.QuantType.QInt8,
             calibrate_method=oq.CalibrationMethod.MinMax,
@@ -295,6 +301,12 @@ def write_onnx(model_proto: Any, path: str | os.PathLike) -> None:
 @register_onnx_quantization("int8_qdq_symmetric")
 def _int8_qdq_symmetric(fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
     return quantize_qdq_symmetric(fp32_path, out_path, calibration)
+
+
+@register_onnx_quantization("int8_qdq_reduce_range")
+def _int8_qdq_reduce_range(fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
+    # 7-bit weights: onnxruntime's default session computes it as written on every x86-64 CPU.
+    return quantize_qdq_symmetric(fp32_path, out_path, calibration, reduce_range=True)
 
 
 def qdq_summary(model_proto: Any) -> dict[str, Any]:
@@ -342,19 +354,113 @@ def qdq_summary(model_proto: Any) -> dict[str, Any]:
     }
 
 
+def saturation_probe(k: int = 64, n: int = 16) -> Any:
+    """A Q/DQ MatMul that onnxruntime's fused int8 kernels compute wrongly where they saturate.
+
+    ``x`` (1, k) quantized to int8 127 (scale 1/127), weights int8 127 (scale 1/127): every
+    product pair is ``2 x 255 x 127`` once onnxruntime shifts the activations to uint8, above the
+    16-bit limit of ``PMADDUBSW``. As written, every output is exactly ``k`` (quantized with scale
+    ``k / 100`` to 100, so the output is ``k`` again).
+
+    Returns:
+      An ``onnx.ModelProto`` with input ``x`` (float32, ``[batch, k]``) and output ``y``.
+    """
+    onnx = _deps.onnx()
+    from onnx import TensorProto  # noqa: PLC0415
+    from onnx import helper  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    def const(name: str, value: Any) -> Any:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    inits = [
+        const("s", np.float32(1 / 127)),
+        const("z", np.int8(0)),
+        const("w", np.full((k, n), 127, np.int8)),
+        const("ys", np.float32(k / 100)),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["m"]),
+        helper.make_node("QuantizeLinear", ["m", "ys", "z"], ["mq"]),
+        helper.make_node("DequantizeLinear", ["mq", "ys", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "saturation_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@functools.cache
+def fused_int8_saturates() -> bool:
+    """Whether onnxruntime's fused int8 kernels saturate on this machine, measured.
+
+    Runs :func:`saturation_probe` with all graph optimizations (Q/DQ fused into int8 kernels) and
+    compares with its exact result; True on x86-64 CPUs without VNNI (AVX2, AVX-512 without VNNI),
+    False where the sums are exact (VNNI, AMX, ARM). See :mod:`research.export.cpu`.
+    """
+    ort = _deps.onnxruntime()
+    k = 64
+    sess = ort.InferenceSession(saturation_probe(k).SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": np.ones((1, k), np.float32)})[0]
+    return not bool(np.allclose(y, k))
+
+
+ORT_OPTIMIZATIONS = {"all": "ORT_ENABLE_ALL", "basic": "ORT_ENABLE_BASIC", "none": "ORT_DISABLE_ALL"}
+
+
 class OnnxRunner:
     """Runs an ONNX file in onnxruntime on the CPU execution provider.
+
+    By default the session applies every graph optimization, as a plain
+    ``onnxruntime.InferenceSession`` does: Q/DQ pairs around a Conv/MatMul are fused into int8
+    kernels, whose results depend on the CPU (they saturate on x86-64 without VNNI; see
+    :mod:`research.export.cpu`). ``optimization="none"`` executes the file as written (each
+    DequantizeLinear/QuantizeLinear in float): the file's own semantics, the reference a Q/DQ file
+    is checked against. ``x64_quant_precision=True`` sets onnxruntime's
+    ``session.x64quantprecision=1``: on x86-64 its int8 weights are rewritten to uint8 so that the
+    non-saturating ``uint8 x uint8`` kernels run (slower; the same products exactly).
 
     Args:
       path: the ``.onnx`` file.
       num_threads: intra-op threads (1 makes latencies comparable across runtimes).
+      optimization: ``"all"`` (default), ``"basic"`` or ``"none"`` (``ORT_DISABLE_ALL``).
+      x64_quant_precision: set ``session.x64quantprecision=1``.
+
+    Example:
+      >>> ref = OnnxRunner("model_int8_qdq_symmetric.onnx", optimization="none")  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, num_threads: int = 1):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        num_threads: int = 1,
+        *,
+        optimization: str = "all",
+        x64_quant_precision: bool = False,
+    ):
+        if optimization not in ORT_OPTIMIZATIONS:
+            raise ValueError(f"optimization={optimization!r} is not one of {tuple(ORT_OPTIMIZATIONS)}")
         ort = _deps.onnxruntime()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = num_threads
         opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATIONS[optimization])
+        if x64_quant_precision:
+            opts.add_session_config_entry("session.x64quantprecision", "1")
+        self.description = ORT_OPTIMIZATIONS[optimization] + (
+            " (Q/DQ executed as written)" if optimization == "none" else ""
+        )
+        if x64_quant_precision:
+            self.description += ", session.x64quantprecision=1"
         self._sess = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=["CPUExecutionProvider"])
         first = self._sess.get_inputs()[0]
         self._in = first.name

@@ -42,8 +42,9 @@ class ExportStage(StageConfig):
         calibrated on ``calibration_examples`` training inputs; also gives the int8 ONNX file),
         ``int8_dense_per_tensor`` (as ``int8`` with one scale per fully connected kernel:
         smaller files for dense networks), ``int8_per_tensor`` (one scale per kernel: the
-        smallest file; check its top-1 agreement) and ``int8_qdq_symmetric`` (the
-        TensorRT-ready ONNX file, same calibration data).
+        smallest file; check its top-1 agreement), ``int8_qdq_symmetric`` (the
+        TensorRT-ready ONNX file, same calibration data) and ``int8_qdq_reduce_range`` (the same
+        with 7-bit weights, for onnxruntime on x86-64 CPUs without VNNI).
       calibration_examples: size of the representative data set for int8.
       eval_examples: test inputs on which every artifact is compared with JAX (top-1 agreement).
       latency_batch_size: batch size of the sample input used for latency.
@@ -128,6 +129,7 @@ def _artifact_rows(rep: ExportReport) -> list[dict]:
                 "gzip_kib": a.gzip_bytes / 1024,
                 "max_abs_diff": a.max_abs_diff,
                 "top1_agreement": a.top1_agreement,
+                "ref_top1": None if a.reference is None else a.reference.top1_agreement,
                 "tensorrt_symmetric": a.extra.get("qdq", {}).get("tensorrt_symmetric"),
                 "latency_ms": a.latency_ms,
             }
@@ -158,7 +160,7 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
         seed=ctx.seed,
     )
     rep.save(os.path.join(ctx.workdir, "export_report.json"))
-    notes = [f"exported model: {cfg.source}", *rep.notes]
+    notes = [f"exported model: {cfg.source}", f"CPU: {rep.cpu}", *rep.notes, *(f"WARNING: {w}" for w in rep.warnings)]
     if "onnx_int8" in {a.name for a in rep.artifacts}:
         qdq = rep["onnx_int8"].extra.get("qdq", {})
         if qdq and not qdq.get("tensorrt_symmetric", True):

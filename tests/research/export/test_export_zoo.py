@@ -3,10 +3,13 @@
 fp32: TFLite and ONNX within 1e-5 of the output scale of JAX (float32 runtimes reorder sums:
 XNNPACK / MLAS accumulate in another order, so bit equality is not available; measured
 <= 6e-7 on every model). int8: top-1 agreement with the JAX model >= 99% on the digits test
-split for the TFLite int8 file, its ONNX (Q/DQ) conversion and the TensorRT-ready symmetric
-Q/DQ file. Every file has a variable batch dimension (the default route: a fixed-batch trace
-with the batch dimension freed). Widths are the smallest the zoo allows so the module stays
-fast.
+split for what each file computes on any CPU: the TFLite int8 file in LiteRT (32-bit
+accumulation on every CPU), and its ONNX (Q/DQ) conversion and the TensorRT-ready symmetric Q/DQ
+file executed as written (onnxruntime ``ORT_DISABLE_ALL``). onnxruntime's fused int8 kernels
+saturate on x86-64 CPUs without VNNI (measured on an emulated AVX2 CPU: symmetric files 0.40-0.98
+top-1 agreement), so their figure is recorded (``record_testsuite_property``), not asserted. Every file
+has a variable batch dimension (the default route: a fixed-batch trace with the batch dimension
+freed). Widths are the smallest the zoo allows so the module stays fast.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import onnx
 import pytest
 from flax import nnx
 
+from research.export import OnnxRunner
+from research.export import TFLiteRunner
 from research.export import export
 from research.export import qdq_summary
 from research.nn import TINY_OPTIONS
@@ -29,7 +34,8 @@ FLAT = {"cnn1d"}
 
 # Deep narrow nets need more steps for margins that survive int8: after 150 steps ResNet-56
 # (width 4) agreed 0.983 and MobileNetV2 (x0.25, symmetric Q/DQ) 0.989; after 400 both >= 0.994.
-TRAIN_STEPS = {"resnet56": 400, "mobilenetv2": 400}
+# ResNet-20's symmetric Q/DQ file executed as written agreed 0.989 after 150 steps.
+TRAIN_STEPS = {"resnet20": 400, "resnet56": 400, "mobilenetv2": 400}
 
 
 def _inputs(name, x):
@@ -88,10 +94,38 @@ def test_zoo_files_have_a_variable_batch_by_the_static_route(zoo):
 
 
 @pytest.mark.parametrize("artifact", ["tflite_int8", "onnx_int8", "onnx_int8_qdq_symmetric"])
-def test_zoo_int8_top1_agreement(zoo, artifact):
+def test_zoo_int8_top1_agreement(zoo, artifact, record_testsuite_property):
     name, _, report, _ = zoo
     a = report[artifact]
-    assert a.top1_agreement >= 0.99, (name, a)
+    if a.format == "onnx":  # the Q/DQ file executed as written: the same on every CPU
+        assert a.reference is not None and a.reference.runtime.endswith("ORT_DISABLE_ALL (Q/DQ executed as written)")
+        assert a.reference.top1_agreement >= 0.99, (name, a)
+    else:  # LiteRT's int8 kernels sum in 32 bits on every CPU
+        assert a.reference is None
+        assert a.top1_agreement >= 0.99, (name, a)
+    # onnxruntime's fused int8 kernels on this CPU: recorded, asserted only to be a measurement.
+    assert 0.0 <= a.top1_agreement <= 1.0
+    record_testsuite_property(f"{name}/{artifact}/runtime_top1", a.top1_agreement)
+    if a.reference is not None:
+        record_testsuite_property(f"{name}/{artifact}/reference_top1", a.reference.top1_agreement)
+    record_testsuite_property("cpu", report.cpu)
+
+
+def test_zoo_onnx_int8_computes_what_tflite_int8_computes(zoo):
+    """tf2onnx's conversion is faithful: executed as written, onnx_int8 gives the TFLite file's outputs.
+
+    Measured on every zoo model: the same argmax everywhere; bit-identical outputs on five models,
+    and on the three with residual adds (ResNet-20/56, MobileNetV2) 0.1-0.8% of the logits differ,
+    by at most 0.22 (int8 requantization rounding).
+    On an x86-64 CPU without VNNI onnxruntime's default (fused) session differs from both
+    (saturation; tiny MLP: top-1 0.864 vs 0.997 for the TFLite file), which is what
+    ``ArtifactReport.reference`` separates from the file itself.
+    """
+    name, _, report, x_test = zoo
+    y_tfl = TFLiteRunner(report["tflite_int8"].path)(x_test)
+    y_onnx = OnnxRunner(report["onnx_int8"].path, optimization="none")(x_test)
+    assert np.mean(y_onnx.argmax(-1) == y_tfl.argmax(-1)) >= 0.99, name
+    assert np.mean(y_onnx != y_tfl) <= 0.02, (name, np.mean(y_onnx != y_tfl))
 
 
 def test_zoo_onnx_files_pass_checker_and_symmetric_qdq(zoo):
