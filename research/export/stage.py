@@ -48,6 +48,10 @@ class ExportStage(StageConfig):
       calibration_examples: size of the representative data set for int8.
       eval_examples: test inputs on which every artifact is compared with JAX (top-1 agreement).
       latency_batch_size: batch size of the sample input used for latency.
+      latency_threads: threads of the TFLite interpreter, onnxruntime and TVM when timing. Each
+        artifact's median latency becomes a stage metric ``<artifact>_latency_ms`` (e.g.
+        ``tflite_int8_latency_ms``), so ``slimjax tune --objective tflite_int8_latency_ms:min``
+        searches against the deployed runtime's measured speed, not FLOPs.
       source: which model to export: ``"current"`` (the model the previous stage left) or the
         label/kind of an earlier stage (e.g. ``"prune"``). A fake-quant model (after a
         ``quantize``/``qat`` stage) is exported through the deploy hook that
@@ -65,6 +69,7 @@ class ExportStage(StageConfig):
         "calibration_examples": at_least_one,
         "eval_examples": at_least_one,
         "latency_batch_size": at_least_one,
+        "latency_threads": at_least_one,
         "source": EarlierStage(also=("current",)),
     }
     formats: tuple[str, ...] = FORMATS
@@ -72,6 +77,7 @@ class ExportStage(StageConfig):
     calibration_examples: int = 256
     eval_examples: int = 512
     latency_batch_size: int = 1
+    latency_threads: int = 1
     source: str = "current"
 
     def check(self, key: str, context: ValidationContext) -> None:
@@ -96,6 +102,7 @@ def export_bundle(
     calibration_examples: int = 256,
     eval_examples: int = 512,
     latency_batch_size: int = 1,
+    latency_threads: int = 1,
     seed: int = 0,
 ) -> ExportReport:
     """Exports ``model`` with calibration and evaluation data taken from ``dataset``."""
@@ -110,6 +117,7 @@ def export_bundle(
         quantize=tuple(quantize) or None,
         calibration=calibration,
         eval_data=dataset.x_test[:eval_examples],
+        num_threads=latency_threads,
     )
 
 
@@ -157,6 +165,7 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
         calibration_examples=cfg.calibration_examples,
         eval_examples=cfg.eval_examples,
         latency_batch_size=cfg.latency_batch_size,
+        latency_threads=cfg.latency_threads,
         seed=ctx.seed,
     )
     rep.save(os.path.join(ctx.workdir, "export_report.json"))
@@ -178,6 +187,8 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
             )
     return StageResult(
         bundle=bundle,
+        # Measured deployment latency per artifact, readable as a tune objective/constraint.
+        metrics={f"{a.name}_latency_ms": float(a.latency_ms) for a in rep.artifacts},
         tables={"artifacts": _artifact_rows(rep)},
         artifacts=[a.path for a in rep.artifacts],
         notes=notes,

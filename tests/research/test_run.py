@@ -7,6 +7,7 @@ import pytest
 from research import cli
 from research import config as C
 from research import run as run_lib
+from research import tune as tune_lib
 
 
 def test_quickstart_smoke_end_to_end(tmp_path, capsys):
@@ -32,6 +33,13 @@ def test_quickstart_smoke_end_to_end(tmp_path, capsys):
     env = report["environment"]
     assert env["backend"] == jax.default_backend() and env["device"] == jax.devices()[0].device_kind
     assert f"on: {env['device']} x{env['device_count']}" in (workdir / "report.txt").read_text()
+    # Every exported artifact's measured latency is a metric that `slimjax tune` can optimise.
+    last = report["stages"][-1]
+    artifacts = [r["artifact"] for r in last["tables"]["artifacts"] if r["artifact"] != "jax"]
+    assert last["kind"] == "export" and "tflite_fp32" in artifacts
+    for name in artifacts:
+        objective = tune_lib.Objective.parse(f"{name}_latency_ms:min")
+        assert tune_lib.metric_value(last["metrics"], objective.name) > 0
     # Running again resumes: the finished stage is loaded, not retrained.
     report2 = run_lib.run(C.load_config("configs/quickstart.py:smoke"), str(workdir), progress=False)
     assert report2["stages"][0]["metrics"] == m
