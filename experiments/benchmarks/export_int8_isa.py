@@ -116,7 +116,7 @@ def measure(root: str) -> None:
     }
     rows = [("model", "file", "session", "top-1 agree", "max abs diff")]
     for case in sorted(d for d in glob.glob(os.path.join(root, "*")) if os.path.isdir(d)):
-        io = np.load(os.path.join(case, "io.npz"))
+        io = np.load(os.path.join(case, "io.npz"), allow_pickle=False)
         x, ref = io["x"].astype(np.float32), io["ref"]
         for file in FILES:
             path = os.path.join(case, file)

@@ -229,9 +229,7 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
     assert summary["hypervolume"] > 0
     assert "learning_rate" in open(os.path.join(workdir, "tune.txt")).read()
     assert set(summary["importance"]["val_accuracy:max"]) >= {"stages.train.learning_rate"}
-    assert sorted(os.listdir(os.path.join(workdir, "best"))) == sorted(
-        [f"trial_{t['number']:04d}.json" for t in front]
-    )
+    assert sorted(os.listdir(os.path.join(workdir, "best"))) == sorted([f"trial_{t['number']:04d}.json" for t in front])
     # a rerun with more trials resumes: the first 8 are kept, 2 more are added
     again = T.tune(base, space, workdir, trials=10, sampler="random", objectives=["val_accuracy:max", "bytes:min"],
                    constraints=["bytes<=30"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
@@ -428,7 +426,12 @@ def test_tune_with_a_policy_writes_rules_and_best_config(tmp_path, monkeypatch):
     assert len(seen) == 4 and max(seen) <= 300.0 * (1 + 1e-9)  # every trained point met the budget
     best = result.pareto[0]  # trials repaired to the same budget can tie
     assert len(best["rules"]["stages.prune.rules"]) == len(policy.layers)
-    rerun = C.load_config(os.path.join(workdir, "best", f"trial_{best['number']:04d}.py"))
+    # The base config was given in Python (no config file), so best/ holds the trial as data, not code.
+    with open(os.path.join(workdir, "best", f"trial_{best['number']:04d}.json")) as f:
+        saved = json.load(f)
+    rules = [eval(src, {"SparsityRule": SparsityRule}) for src in saved["rules"]["stages.prune.rules"]]  # noqa: S307
+    rerun = C.apply_overrides(cfg, saved["overrides"])
+    rerun = C._set(rerun, ["stages", "prune", "rules"], tuple(rules), "stages.prune.rules")
     assert [r.sparsity for r in rerun.stages[1].rules] == [best["repaired"][n] for n in policy.names]
     with pytest.raises(C.ConfigError, match="no policy provides"):
         T.check_space(cfg, space)
