@@ -88,8 +88,9 @@ def hypervolume_contributions(losses: np.ndarray, reference: np.ndarray) -> np.n
     out = np.zeros(len(pts))
     if pts.shape[1] == 2:
         ok = np.flatnonzero(np.all(pts < ref, axis=1))
-        ok = ok[pareto_mask(pts[ok])] if len(ok) else ok
-        if len(np.unique(pts[ok], axis=0)) == len(ok):  # duplicates share their volume: no exclusive part
+        # Sweep when the points are mutually non-dominated and distinct (otherwise removing a
+        # point can uncover one it dominated, and duplicates share their volume).
+        if len(ok) == len(pts) and np.all(pareto_mask(pts)) and len(np.unique(pts, axis=0)) == len(pts):
             ok = ok[np.argsort(pts[ok, 0])]
             xs, ys = pts[ok, 0], pts[ok, 1]
             x_next = np.append(xs[1:], ref[0])

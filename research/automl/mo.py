@@ -216,7 +216,9 @@ class EHVISampler(Sampler):
         u_obs[:n_obs], act_obs[:n_obs], y_pad[:, :n_obs] = obs.u, obs.active, ys.T
         hi_y, lo_y = ys.max(0), ys.min(0)
         ref = hi_y + self.reference_margin * np.where(hi_y > lo_y, hi_y - lo_y, 1.0)
-        z = np.asarray(ndtri(np.clip(sobol_points(np.arange(1, self.n_mc + 1), m, scramble=True, seed=0), 1e-6, 1 - 1e-6)))
+        z = np.asarray(
+            ndtri(np.clip(sobol_points(np.arange(1, self.n_mc + 1), m, scramble=True, seed=0), 1e-6, 1 - 1e-6))
+        )
         is_cat = jnp.asarray(space.is_categorical)
         frozen = space.is_categorical | space.is_parent
         with maybe_x64(True):
@@ -236,7 +238,9 @@ class EHVISampler(Sampler):
                 lo_p = np.tile(ref, (size, 1))
                 hi_p = np.tile(ref, (size, 1))
                 lo_p[: len(lo)], hi_p[: len(lo)] = lo, hi
-                e, mean, std = score(*args, jnp.asarray(u), jnp.asarray(act), jnp.asarray(lo_p), jnp.asarray(hi_p), z, is_cat)
+                e, mean, std = score(
+                    *args, jnp.asarray(u), jnp.asarray(act), jnp.asarray(lo_p), jnp.asarray(hi_p), z, is_cat
+                )
                 return u[:k], np.asarray(e)[:k], np.asarray(mean)[:k], np.asarray(std)[:k]
 
             front = ys[pareto_mask(ys)]

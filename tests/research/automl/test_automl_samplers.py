@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from research.automl import BOHBSampler
+from research.automl import EHVISampler
 from research.automl import GPSampler
+from research.automl import MOTPESampler
 from research.automl import QMCSampler
 from research.automl import RandomSampler
 from research.automl import Study
@@ -26,6 +28,8 @@ SAMPLERS = {
     "tpe": lambda seed: TPESampler(seed=seed, n_startup_trials=4),
     "tpe_multivariate": lambda seed: TPESampler(seed=seed, n_startup_trials=4, multivariate=True),
     "bohb": lambda seed: BOHBSampler(seed=seed, n_startup_trials=4),
+    "ehvi": lambda seed: EHVISampler(seed=seed, n_startup_trials=4, n_candidates=128, n_local=32, n_mc=16),
+    "motpe": lambda seed: MOTPESampler(seed=seed, n_startup_trials=4),
 }
 
 
