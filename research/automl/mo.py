@@ -119,6 +119,8 @@ class EHVISampler(Sampler):
         chosen point are excluded.
       fit_maxiter: BFGS iterations of a fit with restarts.
       warm_maxiter: BFGS iterations of a fit refining the last optimum.
+      gp_options: Keyword arguments of the :class:`research.automl.gp.GPSampler` used for a
+        single objective.
 
     Example:
       >>> from research.automl.space import Float, Space
@@ -143,6 +145,7 @@ class EHVISampler(Sampler):
         min_distance: float = 1e-4,
         fit_maxiter: int = 50,
         warm_maxiter: int = 20,
+        gp_options: dict[str, Any] | None = None,
     ):
         super().__init__(seed)
         for name, value in (("n_startup_trials", n_startup_trials), ("n_restarts", n_restarts), ("n_mc", n_mc)):
@@ -160,7 +163,7 @@ class EHVISampler(Sampler):
         self.fit_maxiter = fit_maxiter
         self.warm_maxiter = warm_maxiter
         self._startup = QMCSampler(seed=seed)
-        self._single = GPSampler(seed=seed, n_startup_trials=n_startup_trials, n_restarts=n_restarts)
+        self._single = GPSampler(seed=seed, n_startup_trials=n_startup_trials, **(gp_options or {}))
         self._warm: dict[tuple[str, int], tuple[int, np.ndarray]] = {}
 
     def _fit(self, space: Space, u, act, y, n_obs, cap, rng) -> np.ndarray:

@@ -24,7 +24,7 @@ def _cells(points, ref):
     points, ref = np.asarray(points), np.asarray(ref)
     lo = np.min(np.vstack([points, ref[None]]), 0)
     count = 0
-    for cell in itertools.product(*[range(int(a), int(b)) for a, b in zip(lo, ref)]):
+    for cell in itertools.product(*[range(int(a), int(b)) for a, b in zip(lo, ref, strict=True)]):
         if np.any(np.all(points <= np.asarray(cell), axis=1)):
             count += 1
     return count

@@ -28,7 +28,9 @@ SAMPLERS = {
     "tpe": lambda seed: TPESampler(seed=seed, n_startup_trials=4),
     "tpe_multivariate": lambda seed: TPESampler(seed=seed, n_startup_trials=4, multivariate=True),
     "bohb": lambda seed: BOHBSampler(seed=seed, n_startup_trials=4),
-    "ehvi": lambda seed: EHVISampler(seed=seed, n_startup_trials=4, n_candidates=128, n_local=32, n_mc=16),
+    "ehvi": lambda seed: EHVISampler(
+        seed=seed, n_startup_trials=4, n_candidates=128, n_local=32, n_mc=16, gp_options=SMALL_GP
+    ),
     "motpe": lambda seed: MOTPESampler(seed=seed, n_startup_trials=4),
 }
 
@@ -65,7 +67,7 @@ def test_sampler_conformance(name):
     assert [t.params for t in again.trials] == [t.params for t in study.trials[:9]]
 
 
-@pytest.mark.parametrize("name", ["random", "qmc", "tpe"])
+@pytest.mark.parametrize("name", ["random", "qmc", "tpe", "ehvi", "motpe"])
 def test_multi_objective(name):
     space = conditional_space()
     study = Study(space, sampler=SAMPLERS[name](1), direction=["minimize", "maximize"])
