@@ -57,6 +57,7 @@ from research.automl import Hyperband
 from research.automl import SQLiteStorage
 from research.automl import Study
 from research.automl import make_sampler
+from research.automl.hypervolume import hypervolume
 from research.automl.samplers import nondominated_rank
 from research.automl.space import Categorical
 from research.automl.space import Int
@@ -64,7 +65,15 @@ from research.automl.space import Space
 from research.automl.trial import Trial
 from research.automl.trial import TrialState
 
-SAMPLERS = {"gp": "gp", "tpe": "tpe", "bohb": "bohb", "random": "random", "sobol": "qmc"}
+SAMPLERS = {
+    "gp": "gp",
+    "tpe": "tpe",
+    "bohb": "bohb",
+    "random": "random",
+    "sobol": "qmc",
+    "ehvi": "ehvi",
+    "motpe": "motpe",
+}
 SCHEDULERS = ("asha", "hyperband")
 _ALIASES = {"val_acc": "val_accuracy", "latency": "latency_ms", "bytes_best": "bytes"}
 
@@ -560,40 +569,6 @@ def _domain_low(domain: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- Pareto, hypervolume, importance
-
-
-def hypervolume(losses: np.ndarray, reference: np.ndarray) -> float:
-    """The volume dominated by ``losses`` ``(n, m)`` (all minimised) and bounded by ``reference``.
-
-    Points not strictly better than the reference in every objective add nothing. Exact (slicing
-    over the last objective), fine for the few hundred points of a study.
-
-    Example:
-      >>> hypervolume(np.array([[1.0, 2.0], [2.0, 1.0]]), np.array([3.0, 3.0]))
-      3.0
-    """
-    pts = np.asarray(losses, float).reshape(len(losses), -1)
-    ref = np.asarray(reference, float)
-    pts = pts[np.all(pts < ref, axis=1)]
-    if not len(pts):
-        return 0.0
-    if pts.shape[1] == 1:
-        return float(ref[0] - pts[:, 0].min())
-    if pts.shape[1] == 2:
-        pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
-        volume, best_y = 0.0, ref[1]
-        for x, y in pts:
-            if y < best_y:
-                volume += (ref[0] - x) * (best_y - y)
-                best_y = y
-        return float(volume)
-    order = np.argsort(pts[:, -1], kind="stable")
-    volume = 0.0
-    for i, idx in enumerate(order):
-        z_next = pts[order[i + 1], -1] if i + 1 < len(order) else ref[-1]
-        if z_next > pts[idx, -1]:
-            volume += (z_next - pts[idx, -1]) * hypervolume(pts[order[: i + 1], :-1], ref[:-1])
-    return float(volume)
 
 
 def importance(space: Space, params: Sequence[Mapping[str, Any]], values: Sequence[float]) -> dict[str, float]:
@@ -1508,7 +1483,8 @@ def tune(
       space: parameters named by ``--set`` keys (see :func:`check_space`).
       workdir: the study directory; a rerun with the same arguments resumes it (``trials`` may grow).
       trials: number of configurations (promotions to larger budgets do not count).
-      sampler: ``gp``, ``tpe``, ``bohb``, ``random`` or ``sobol``.
+      sampler: ``gp``, ``tpe``, ``bohb``, ``random``, ``sobol``, or for several objectives ``ehvi``
+        (GP per objective, expected hypervolume improvement) or ``motpe`` (multi-objective TPE).
       objectives: ``NAME:max|min`` of final-stage report metrics (``val_accuracy``, ``bytes``, ``flops``,
         ``latency_ms``, ...); never test metrics.
       constraints: ``NAME<=X`` / ``NAME>=X``; trials breaking one are recorded as infeasible and

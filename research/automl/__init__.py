@@ -1,4 +1,5 @@
-"""AutoML engine: search spaces, samplers (random, Sobol, GP-BO, TPE, BOHB), schedulers
+"""AutoML engine: search spaces, samplers (random, Sobol, GP-BO, TPE, BOHB;
+multi-objective EHVI and MOTPE), schedulers
 (successive halving, Hyperband, ASHA) and a durable ask/tell :class:`Study`.
 
 Pure JAX + numpy + stdlib; the numerical parts (GP fits, acquisition ascent, TPE scoring)
@@ -13,6 +14,11 @@ from research.automl.acquisition import probability_of_improvement
 from research.automl.acquisition import register_acquisition
 from research.automl.acquisition import upper_confidence_bound
 from research.automl.gp import GPSampler
+from research.automl.hypervolume import hypervolume
+from research.automl.hypervolume import hypervolume_contributions
+from research.automl.hypervolume import pareto_mask
+from research.automl.mo import EHVISampler
+from research.automl.mo import MOTPESampler
 from research.automl.plots import plot_history
 from research.automl.plots import plot_pareto_front
 from research.automl.samplers import QMCSampler
@@ -42,11 +48,13 @@ from research.automl.trial import TrialState
 __all__ = [
     "ASHA",
     "BOHBSampler",
+    "EHVISampler",
     "Categorical",
     "Float",
     "GPSampler",
     "Hyperband",
     "InMemoryStorage",
+    "MOTPESampler",
     "Int",
     "QMCSampler",
     "RandomSampler",
@@ -62,10 +70,13 @@ __all__ = [
     "TrialState",
     "expected_improvement",
     "get_acquisition",
+    "hypervolume",
+    "hypervolume_contributions",
     "list_acquisitions",
     "list_samplers",
     "log_expected_improvement",
     "make_sampler",
+    "pareto_mask",
     "plot_history",
     "plot_pareto_front",
     "probability_of_improvement",

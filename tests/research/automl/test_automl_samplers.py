@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from research.automl import BOHBSampler
+from research.automl import EHVISampler
 from research.automl import GPSampler
+from research.automl import MOTPESampler
 from research.automl import QMCSampler
 from research.automl import RandomSampler
 from research.automl import Study
@@ -26,6 +28,10 @@ SAMPLERS = {
     "tpe": lambda seed: TPESampler(seed=seed, n_startup_trials=4),
     "tpe_multivariate": lambda seed: TPESampler(seed=seed, n_startup_trials=4, multivariate=True),
     "bohb": lambda seed: BOHBSampler(seed=seed, n_startup_trials=4),
+    "ehvi": lambda seed: EHVISampler(
+        seed=seed, n_startup_trials=4, n_candidates=128, n_local=32, n_mc=16, gp_options=SMALL_GP
+    ),
+    "motpe": lambda seed: MOTPESampler(seed=seed, n_startup_trials=4),
 }
 
 
@@ -61,7 +67,7 @@ def test_sampler_conformance(name):
     assert [t.params for t in again.trials] == [t.params for t in study.trials[:9]]
 
 
-@pytest.mark.parametrize("name", ["random", "qmc", "tpe"])
+@pytest.mark.parametrize("name", ["random", "qmc", "tpe", "ehvi", "motpe"])
 def test_multi_objective(name):
     space = conditional_space()
     study = Study(space, sampler=SAMPLERS[name](1), direction=["minimize", "maximize"])
