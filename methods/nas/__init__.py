@@ -16,6 +16,10 @@ from methods.nas.sandwich import make_sandwich_step
 from methods.nas.sandwich import sandwich_loss
 from methods.nas.sandwich import sandwich_masks
 from methods.nas.sandwich import train_supernet
+from methods.nas.search import Candidate
+from methods.nas.search import CostModel
+from methods.nas.search import pareto_front
+from methods.nas.search import search
 from methods.nas.supernet import Supernet
 from methods.nas.supernet import apply
 from methods.nas.supernet import build_supernet
@@ -26,6 +30,10 @@ from methods.nas.supernet import split_supernet
 from methods.nas.supernet import stack_masks
 
 __all__ = [
+    "Candidate",
+    "CostModel",
+    "pareto_front",
+    "search",
     "Supernet",
     "apply",
     "bn_momentum",
