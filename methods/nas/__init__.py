@@ -20,6 +20,8 @@ from methods.nas.search import Candidate
 from methods.nas.search import CostModel
 from methods.nas.search import pareto_front
 from methods.nas.search import search
+from methods.nas.stage import NASStage
+from methods.nas.stage import run_nas
 from methods.nas.supernet import Supernet
 from methods.nas.supernet import apply
 from methods.nas.supernet import build_supernet
@@ -32,7 +34,9 @@ from methods.nas.supernet import stack_masks
 __all__ = [
     "Candidate",
     "CostModel",
+    "NASStage",
     "pareto_front",
+    "run_nas",
     "search",
     "Supernet",
     "apply",

@@ -268,6 +268,8 @@ MLP_DEPTHS = (1, 2, 3)
 class MLPFamily(nnx.Module):
     """An MLP of ``depth`` hidden layers with widths ``width_0..width_{depth-1}`` (flattened inputs)."""
 
+    family_name = "mlp_family"
+
     def __init__(self, input_shape, num_classes, *, depth: int, widths: Sequence[int], rngs: nnx.Rngs):
         if depth < 1 or len(widths) < depth:
             raise ValueError(f"mlp_family: depth={depth} needs at least {depth} widths, got {tuple(widths)}")
@@ -345,6 +347,8 @@ class Conv1DFamily(nnx.Module):
     References:
       Greydanus & Kobak, "Scaling down deep learning with MNIST-1D", https://arxiv.org/abs/2011.14439
     """
+
+    family_name = "conv1d_family"
 
     def __init__(self, input_shape, num_classes, *, widths, depths, kernels, rngs: nnx.Rngs):
         length = int(input_shape[0])
@@ -451,6 +455,8 @@ class ResNetFamily(nnx.Module):
       He et al., "Deep Residual Learning for Image Recognition", https://arxiv.org/abs/1512.03385
     """
 
+    family_name = "resnet_family"
+
     def __init__(self, input_shape, num_classes, *, widths, depths, rngs: nnx.Rngs):
         self.input_shape = tuple(input_shape)
         self.widths, self.depths = tuple(widths), tuple(depths)
@@ -547,6 +553,8 @@ class MobileNetFamily(nnx.Module):
     References:
       Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", https://arxiv.org/abs/1801.04381
     """
+
+    family_name = "mobilenet_family"
 
     def __init__(self, input_shape, num_classes, *, mults, expands, kernels, depths, rngs: nnx.Rngs):
         self.input_shape = tuple(input_shape)
@@ -645,7 +653,7 @@ def mobilenet_family(
 def family_masks(model: nnx.Module, options: Mapping[str, Any]) -> Masks:
     """``model.arch_masks(options)``, with an error naming the fix for a model that is not a family's."""
     fn: Callable[[Mapping[str, Any]], Masks] | None = getattr(model, "arch_masks", None)
-    if fn is None:
+    if fn is None or getattr(model, "family_name", None) not in _FAMILIES:
         raise TypeError(
             f"{type(model).__name__} is not a searchable family model; build one of {list_families()} "
             "at its largest options (Family.largest()) to use it as a supernet"
