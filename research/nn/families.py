@@ -341,6 +341,9 @@ class Conv1DStage(nnx.Module):
 class Conv1DFamily(nnx.Module):
     """Three 1-D conv stages (stride 2 each) and a linear head on the channel-major flattened features.
 
+    Inputs ``(L,)`` are one-channel signals; ``(L, C, ...)`` are length-``L`` signals with ``C * ...``
+    channels (an 8x8 image is 8 steps of 8 channels).
+
     Flattening channel-major (``(B, C, L) -> (B, C*L)``) makes a narrower stage's features a prefix
     of the wider one's, so the head's kernel slices like every other layer's.
 
@@ -351,8 +354,9 @@ class Conv1DFamily(nnx.Module):
     family_name = "conv1d_family"
 
     def __init__(self, input_shape, num_classes, *, widths, depths, kernels, rngs: nnx.Rngs):
+        self.input_shape = tuple(input_shape)
         length = int(input_shape[0])
-        cin = int(input_shape[1]) if len(input_shape) == 2 else 1
+        cin = _flat_size(input_shape[1:])  # (L,) -> 1 channel; (L, C, ...) -> prod(C, ...) channels
         self.widths, self.depths, self.kernels = tuple(widths), tuple(depths), tuple(kernels)
         stages = []
         for w, d, k in zip(widths, depths, kernels, strict=True):
@@ -374,8 +378,7 @@ class Conv1DFamily(nnx.Module):
         return out
 
     def __call__(self, x: jax.Array, masks: Masks | None = None) -> jax.Array:
-        if x.ndim == 2:
-            x = x[..., None]
+        x = x.reshape(x.shape[0], self.input_shape[0], -1)
         for s, stage in enumerate(self.stages):
             x = stage(x, _get(masks, f"c{s}"), _get(masks, f"g{s}"), _get(masks, f"k{s}"))
         x = jnp.swapaxes(x, 1, 2).reshape(x.shape[0], -1)
