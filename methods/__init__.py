@@ -6,12 +6,14 @@ Importing this package registers every method's stage (``prune``, ``distill``, `
 
 from methods import decomposition
 from methods import distillation
+from methods import nas
 from methods import pruning
 from methods import quantization
 
 __all__ = [
     "decomposition",
     "distillation",
+    "nas",
     "pruning",
     "quantization",
 ]

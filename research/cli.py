@@ -1,4 +1,4 @@
-"""The ``slimjax`` command line: ``run``, ``sweep``, ``tune``, ``report``, ``export``.
+"""The ``slimjax`` command line: ``run``, ``sweep``, ``tune``, ``nas``, ``report``, ``export``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     slimjax sweep configs/quickstart.py --grid stages.prune.sparsity=0.5,0.7,0.9 --grid seed=0,1
     slimjax sweep configs/quickstart.py --grid model.options.widths=[64],[128,64] --set stages.train.steps=300
     slimjax tune configs/tune_quickstart.py --trials 12 --objective val_accuracy:max --objective bytes:min
+    slimjax nas configs/nas_mnist1d.py
     slimjax report runs/quickstart
 """
 
@@ -86,6 +87,37 @@ def _cmd_run(args) -> int:
         print(f"slimjax: {e}", file=sys.stderr)
         return 1
     print(report_lib.render(report))
+    return 0
+
+
+def _cmd_nas(args) -> int:
+    """``slimjax nas CONFIG``: a run whose config has a ``nas`` stage, then the searched Pareto front."""
+    config = _load_config(args)
+    if config is None:
+        return 2
+    kinds = [getattr(s, "kind", None) for s in config.stages]
+    if "nas" not in kinds:
+        return _config_error(
+            f"{args.config} has no nas stage (stages: {kinds}); add methods.nas.NASStage() first, "
+            "with model.name one of the searchable families (e.g. conv1d_family)"
+        )
+    import json
+    import pathlib
+
+    from research import report as report_lib
+    from research.run import run
+
+    workdir = args.workdir or os.path.join("runs", config.name)
+    report = run(config, workdir, progress=not args.no_progress)
+    print(report_lib.render(report))
+    for path in sorted(pathlib.Path(workdir, "stages").glob("*_nas/nas.json")):
+        found = json.loads(path.read_text())
+        front = sorted((r for r in found["candidates"] if r["pareto"]), key=lambda r: r["flops"])
+        print(f"\nPareto front of {found['family']} ({len(front)} of {len(found['candidates'])} candidates, {path}):")
+        for r in front:
+            opts = " ".join(f"{k}={v}" for k, v in r.items() if k not in ("accuracy", "flops", "bytes", "pareto"))
+            print(f"  val acc {r['accuracy']:.4f}  FLOPs {r['flops']:>10,.0f}  bytes {r['bytes']:>9,.0f}  {opts}")
+        print("chosen: " + " ".join(f"{k}={v}" for k, v in found["chosen"].items()))
     return 0
 
 
@@ -290,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="study directory (default runs/<config name>_tune); a rerun resumes it")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(fn=_cmd_tune)
+
+    p = sub.add_parser("nas", help="run a config with a nas stage and print the searched Pareto front")
+    p.add_argument("config", help="path/to/config.py[:arg]")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--workdir", help="run directory (default runs/<config name>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(fn=_cmd_nas)
 
     p = sub.add_parser("report", help="print the report of a run directory")
     p.add_argument("run_dir")

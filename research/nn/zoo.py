@@ -340,4 +340,19 @@ TINY_OPTIONS: dict[str, dict] = {
     "resnet56": {"width": 4},
     "mobilenetv2": {"width_multiplier": 0.25},
     "vgg_small": {"widths": (8, 16)},
+    # the searchable families' smallest members (research/nn/families.py)
+    "mlp_family": {"depth": 1, "width_0": 16},
+    "conv1d_family": {"width_0": 8, "width_1": 8, "width_2": 8, "depth_0": 1, "depth_1": 1, "depth_2": 1},
+    "resnet_family": {"width_0": 8, "width_1": 16, "width_2": 32, "depth_0": 1, "depth_1": 1, "depth_2": 1},
+    "mobilenet_family": {
+        "width_0": 0.5,
+        "width_1": 0.5,
+        "width_2": 0.5,
+        "expand_0": 3,
+        "expand_1": 3,
+        "expand_2": 3,
+        "depth_0": 1,
+        "depth_1": 1,
+        "depth_2": 1,
+    },
 }

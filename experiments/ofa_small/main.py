@@ -1,0 +1,42 @@
+"""Once-for-all NAS on MNIST-1D: supernet, search, fine-tuned Pareto members vs scratch vs zoo models.
+
+Run from the repository root:
+  nice -n 10 python experiments/ofa_small/main.py                 # seed 0, full sizes
+  python experiments/ofa_small/main.py --quick                    # smoke run
+  python experiments/ofa_small/main.py --seeds 0 1 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+from experiments.ofa_small.experiment import OFAConfig  # noqa: E402
+from experiments.ofa_small.experiment import quick_config  # noqa: E402
+from experiments.ofa_small.experiment import run_experiment  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> list:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--supernet-steps", type=int)
+    p.add_argument("--trials", type=int)
+    p.add_argument("--json", help="write the results here")
+    a = p.parse_args(argv)
+    cfg = quick_config() if a.quick else OFAConfig()
+    over = {"seeds": tuple(a.seeds) if a.seeds else None, "supernet_steps": a.supernet_steps, "trials": a.trials}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    results = run_experiment(cfg)
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps(results, indent=2, default=float))
+    return results
+
+
+if __name__ == "__main__":
+    main()
