@@ -28,6 +28,7 @@ from methods.nas.supernet import extract
 from methods.nas.supernet import split_supernet
 from methods.nas.supernet import stack_masks
 from research import nn
+from research import recipe as recipe_lib
 from research.config import Check
 from research.config import ConfigError
 from research.config import Range
@@ -145,8 +146,11 @@ def run_nas(bundle: Bundle, cfg: NASStage, ctx: StageContext) -> StageResult:
     path = ctx.workdir / "nas.json"
     path.write_text(json.dumps({"family": fam.name, "chosen": cands[chosen].options, "candidates": rows}, indent=2))
     model, _ = finetune(member, ds, ctx, **train_kwargs(cfg.finetune))
+    # The chosen member is an ordinary zoo model: its recipe starts anew from that member, so the
+    # finished stage is stored and rebuilt like any other (research.store / research.recipe).
+    recipe = (recipe_lib.zoo_step(fam.name, cands[chosen].options, ds.input_shape, ds.num_classes, bundle.seed),)
     return StageResult(
-        bundle=dataclasses.replace(bundle, model=model),
+        bundle=dataclasses.replace(bundle, model=model, recipe=recipe),
         metrics={
             "supernet_final_ce_largest": float(ce[-1, 0]),
             "supernet_final_ce_smallest": float(ce[-1, 1]),
