@@ -7,8 +7,6 @@ import dataclasses
 import os
 import re
 import shutil
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -31,6 +29,7 @@ from research.export._io import staging_dir
 from research.export._io import write_bytes_atomic
 from research.export._trace import UnsupportedOpError
 from research.export._trace import inference_fn
+from research.export.latency import median_ms
 from research.export.report import Agreement
 from research.export.report import ArtifactReport
 from research.export.report import ExportAgreementWarning
@@ -63,17 +62,6 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "?"
-
-
-def _median_ms(call: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _chunks(x: np.ndarray, size: int, exact: bool) -> list[np.ndarray]:
@@ -309,7 +297,7 @@ def export(
     batch_sizes = tuple(sorted({int(x.shape[0]) if x.ndim else 1 for x in inputs}))
     num_checked = sum(int(x.shape[0]) if x.ndim else 1 for x in inputs)
 
-    jax_ms = _median_ms(lambda: jfn(sample).block_until_ready(), latency_repeats)
+    jax_ms = median_ms(lambda: jfn(sample).block_until_ready(), latency_repeats)
     params = nnx.state(model) if isinstance(model, nnx.Module) else {}
     leaves = [np.asarray(v) for v in jax.tree.leaves(params) if hasattr(v, "dtype")]
     param_bytes = int(sum(v.nbytes for v in leaves))
@@ -341,7 +329,7 @@ def export(
         reference: Agreement | None = None,
     ) -> None:
         got = agreement(runtime, run)
-        ms = _median_ms(lambda: run(sample), latency_repeats)
+        ms = median_ms(lambda: run(sample), latency_repeats)
         artifacts.append(
             ArtifactReport(
                 name=art_name,

@@ -30,9 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import statistics
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -43,6 +41,7 @@ import numpy as np
 
 from research.export import _deps
 from research.export._trace import inference_fn
+from research.export.latency import median_ms
 
 RUNTIMES = ("xla", "tflite", "onnxruntime", "tvm")
 
@@ -142,17 +141,6 @@ class FusionReport:
         return "\n".join([f"{foot}:", *lines, *notes])
 
 
-def _median_ms(call: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 # --------------------------------------------------------------------------------------- XLA
 
 
@@ -220,8 +208,8 @@ def _xla(fn: Callable[..., Any], x: np.ndarray, repeats: int) -> RuntimeFusion:
         ops_before=before,
         ops_after=after,
         patterns=patterns,
-        latency_on_ms=_median_ms(lambda: on(x).block_until_ready(), repeats),
-        latency_off_ms=_median_ms(lambda: off(x).block_until_ready(), repeats),
+        latency_on_ms=median_ms(lambda: on(x).block_until_ready(), repeats),
+        latency_off_ms=median_ms(lambda: off(x).block_until_ready(), repeats),
         off_means="XLA's `fusion` pass disabled (xla_disable_hlo_passes=fusion)",
         counted="HLO instructions of the unoptimised module / kernels of the optimised entry computation",
     )
@@ -280,8 +268,8 @@ def _tflite(fn: Callable[..., Any], x: np.ndarray, blob: bytes, num_threads: int
         ops_before=sum(before.values()),
         ops_after=sum(ops.values()),
         patterns=patterns,
-        latency_on_ms=_median_ms(lambda: on(x), repeats),
-        latency_off_ms=None if off is None else _median_ms(lambda: off(x), repeats),
+        latency_on_ms=median_ms(lambda: on(x), repeats),
+        latency_off_ms=None if off is None else median_ms(lambda: off(x), repeats),
         off_means=(
             "LiteRT's builtin kernels without the default XNNPACK delegate (XNNPACK packs and fuses further); the "
             "converter's own fusions have no switch"
@@ -375,8 +363,8 @@ def _ort(onnx_path: str, x: np.ndarray, num_threads: int, repeats: int) -> Runti
         ops_before=before,
         ops_after=after,
         patterns=patterns,
-        latency_on_ms=_median_ms(lambda: on.run(None, feed), repeats),
-        latency_off_ms=_median_ms(lambda: off.run(None, feed), repeats),
+        latency_on_ms=median_ms(lambda: on.run(None, feed), repeats),
+        latency_off_ms=median_ms(lambda: off.run(None, feed), repeats),
         off_means="graph_optimization_level=ORT_DISABLE_ALL (on: ORT_ENABLE_ALL)",
         counted="nodes of the model saved at ORT_DISABLE_ALL / at ORT_ENABLE_ALL",
     )
@@ -455,7 +443,7 @@ def _tvm(onnx_path: str, x: np.ndarray, num_threads: int, repeats: int, work_dir
         path = os.path.join(work_dir, f"fusion_{'on' if fuse else 'off'}_tvm.so")
         tvm_lib.export_tvm(onnx_path, path, fuse=fuse, verify_input=x)
         runner = tvm_lib.TVMRunner(path, num_threads=num_threads)
-        latency[fuse] = _median_ms(lambda runner=runner: runner(x), repeats)
+        latency[fuse] = median_ms(lambda runner=runner: runner(x), repeats)
     return RuntimeFusion(
         runtime="tvm",
         ops_before=before,

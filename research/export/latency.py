@@ -18,7 +18,8 @@ import numpy as np
 RUNTIMES = ("jax", "tflite", "onnxruntime", "tvm", "tensorrt")
 
 
-def _median_ms(call: Callable[[], Any], repeats: int, warmup: int) -> float:
+def median_ms(call: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``call()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls."""
     for _ in range(warmup):
         call()
     times = []
@@ -100,7 +101,7 @@ def artifact_latency(
     x = np.resize(x, (batch, *x.shape[1:])).astype(x.dtype)
     if isinstance(model_or_path, str | os.PathLike):
         run = _runner(os.fspath(model_or_path), runtime, threads)
-        return _median_ms(lambda: run(x), repeats, warmup)
+        return median_ms(lambda: run(x), repeats, warmup)
     if runtime == "jax":
         import jax  # noqa: PLC0415
 
@@ -109,7 +110,7 @@ def artifact_latency(
         if quantize != "fp32":
             raise ValueError(f"runtime='jax' times the model as it is; quantize={quantize!r} needs a file runtime")
         fn = jax.jit(inference_fn(model_or_path))
-        return _median_ms(lambda: fn(x).block_until_ready(), repeats, warmup)
+        return median_ms(lambda: fn(x).block_until_ready(), repeats, warmup)
     from research.export.api import export  # noqa: PLC0415
 
     formats = {"tflite": ("tflite",), "onnxruntime": ("onnx",), "tvm": ("onnx", "tvm"), "tensorrt": ("onnx",)}[runtime]
@@ -128,4 +129,4 @@ def artifact_latency(
         key = {"tflite": "tflite", "onnxruntime": "onnx", "tvm": "tvm", "tensorrt": "onnx"}[runtime]
         path = rep[f"{key}_{quantize}"].path
         run = _runner(path, runtime, threads)
-        return _median_ms(lambda: run(x), repeats, warmup)
+        return median_ms(lambda: run(x), repeats, warmup)

@@ -25,12 +25,13 @@ import argparse
 import dataclasses
 import importlib
 import os
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from research.export.latency import median_ms
 
 INSTALL_HINT = "pip install 'slimjax[tensorrt]' (tensorrt and cuda-python) on a machine with an NVIDIA GPU and driver"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -230,17 +231,6 @@ class EngineResult:
     latency_ms: dict[int, float]
 
 
-def _median_ms(call: Callable[[], Any], repeats: int) -> float:
-    for _ in range(5):
-        call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def engine_parity(
     runner: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, reference: np.ndarray, batch: int = 32
 ) -> tuple[float, float]:
@@ -287,7 +277,7 @@ def build_and_check(
             write_bytes_atomic(os.path.join(out_dir, f"model_{precision}.plan"), engine)
         runner = TensorRTRunner(engine)
         rel, top1 = engine_parity(runner, inputs, reference)
-        latency = {b: _median_ms(lambda b=b, r=runner: r(inputs[:b]), repeats) for b in batches}
+        latency = {b: median_ms(lambda b=b, r=runner: r(inputs[:b]), repeats, warmup=5) for b in batches}
         results.append(
             EngineResult(
                 precision=precision,
