@@ -28,18 +28,6 @@ def _config_error(message: object) -> int:
     return 2
 
 
-def _register_stages() -> None:
-    """Imports ``methods`` and ``research.export`` (not TensorFlow) so every stage kind is registered."""
-    import importlib
-
-    for name in ("methods", "research.export"):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name not in (name, name.split(".")[0]):
-                raise
-
-
 def _load_config(args):
     """``args.config`` with ``--set`` overrides applied and validated; None (after printing the
     error) when the config is invalid."""
@@ -50,7 +38,7 @@ def _load_config(args):
             if "=" not in item or not item.partition("=")[0].strip():
                 raise config_lib.ConfigError(f"--set {item!r} is not of the form key=value (e.g. stages.0.steps=100)")
         config = config_lib.load_config(args.config)
-        _register_stages()
+        config_lib.register_all_stages()
         config = config_lib.apply_overrides(config, args.set or [])
         config_lib.validate(config)
     except (config_lib.ConfigError, ValueError, KeyError, TypeError) as e:

@@ -553,6 +553,19 @@ def validate_fields(obj: Any, key: str, context: ValidationContext | None = None
             raise ConfigError(f"{key}: {e}") from e
 
 
+def register_all_stages() -> None:
+    """Imports ``methods`` and ``research.export`` (without TensorFlow) so every stage kind, and
+    every registry a field check names, is filled. Standard library only until those imports run."""
+    import importlib
+
+    for name in ("methods", "research.export"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name not in (name, name.split(".")[0]):
+                raise
+
+
 def validate(config: Config) -> None:
     """Checks every field of ``config`` (types, ranges, registry names) before anything is trained.
 

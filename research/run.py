@@ -34,24 +34,13 @@ from research import recipe as recipe_lib
 from research import report as report_lib
 from research import store
 from research import workdir as workdir_lib
+from research.config import register_all_stages
 from research.data import load_dataset
 from research.nn import build_model
 from research.stages import Bundle
 from research.stages import StageContext
 from research.stages import get_stage
 from research.stages import measure
-
-
-def register_all_stages() -> None:
-    """Imports ``methods`` (and ``research.export`` when present) so their stages register."""
-    import importlib
-
-    for name in ("methods", "research.export"):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name not in (name, name.split(".")[0]):
-                raise
 
 
 def load_data(config: config_lib.Config):

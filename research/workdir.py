@@ -61,7 +61,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -142,7 +143,7 @@ class WorkdirLock:
             holder = self._read_holder(fd)
             if holder:
                 pid, host = holder.get("pid"), holder.get("host")
-                if not locked and (host != socket.gethostname() or (isinstance(pid, int) and _pid_alive(pid))):
+                if not locked and (host != socket.gethostname() or (isinstance(pid, int) and pid_alive(pid))):
                     raise WorkdirInUseError(
                         f"workdir {self.workdir} is in use by {_describe(holder)}; wait for it to finish, or choose "
                         f"another --workdir (if that process is gone, delete {self.path})"

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +41,7 @@ from research.export import export
 from research.export import inference_fn
 from research.export import tvm as tvm_lib
 from research.export.fusion import _tflite_without_delegates
+from research.export.latency import median_ms
 from research.export.tflite import TFLiteRunner
 from research.nn import TINY_OPTIONS
 from research.nn import build_model
@@ -51,17 +50,6 @@ from research.train import train_scan
 
 BATCHES = (1, 32)
 FLAT = {"cnn1d"}
-
-
-def _ms(call: Callable[[], Any], repeats: int) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _ort(path: str, level: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -116,8 +104,8 @@ def bench_model(name: str, data: Any, repeats: int, tune_trials: int, work: str)
         lowered = jax.jit(fn).lower(xs[b])
         c_on = lowered.compile()
         c_off = lowered.compile(compiler_options={"xla_disable_hlo_passes": "fusion"})
-        on[b] = _ms(lambda c=c_on, b=b: c(xs[b]).block_until_ready(), repeats)
-        off[b] = _ms(lambda c=c_off, b=b: c(xs[b]).block_until_ready(), repeats)
+        on[b] = median_ms(lambda c=c_on, b=b: c(xs[b]).block_until_ready(), repeats)
+        off[b] = median_ms(lambda c=c_off, b=b: c(xs[b]).block_until_ready(), repeats)
     row("jax", "fp32", on, off, 1.0)
     row("jax", "int8", {}, {}, None, "J")
     # LiteRT
@@ -126,15 +114,15 @@ def bench_model(name: str, data: Any, repeats: int, tune_trials: int, work: str)
         with open(a.path, "rb") as f:
             blob = f.read()
         r_on, r_off = TFLiteRunner(blob), _tflite_without_delegates(blob, 1)
-        on = {b: _ms(lambda b=b, r=r_on: r(xs[b]), repeats) for b in BATCHES}
-        off = {b: _ms(lambda b=b, r=r_off: r(xs[b]), repeats) for b in BATCHES} if r_off is not None else {}
+        on = {b: median_ms(lambda b=b, r=r_on: r(xs[b]), repeats) for b in BATCHES}
+        off = {b: median_ms(lambda b=b, r=r_off: r(xs[b]), repeats) for b in BATCHES} if r_off is not None else {}
         row("litert", q, on, off, a.top1_agreement)
     # onnxruntime
     for q in ("fp32", "int8"):
         a = rep[f"onnx_{q}"]
         r_on, r_off = _ort(a.path, "ORT_ENABLE_ALL"), _ort(a.path, "ORT_DISABLE_ALL")
-        on = {b: _ms(lambda b=b, r=r_on: r(xs[b]), repeats) for b in BATCHES}
-        off = {b: _ms(lambda b=b, r=r_off: r(xs[b]), repeats) for b in BATCHES}
+        on = {b: median_ms(lambda b=b, r=r_on: r(xs[b]), repeats) for b in BATCHES}
+        off = {b: median_ms(lambda b=b, r=r_off: r(xs[b]), repeats) for b in BATCHES}
         row("onnxruntime", q, on, off, a.top1_agreement)
     # TVM (untuned): the export's fused library, and one compiled without FuseOps/FuseTIR.
     for q in ("fp32", "int8"):
@@ -146,8 +134,8 @@ def bench_model(name: str, data: Any, repeats: int, tune_trials: int, work: str)
         unfused = os.path.join(out, f"model_{q}_unfused_tvm.so")
         tvm_lib.export_tvm(rep[f"onnx_{q}"].path, unfused, fuse=False, verify_input=xs[1])
         r_on, r_off = tvm_lib.TVMRunner(a.path), tvm_lib.TVMRunner(unfused)
-        on = {b: _ms(lambda b=b, r=r_on: r(xs[b]), repeats) for b in BATCHES}
-        off = {b: _ms(lambda b=b, r=r_off: r(xs[b]), repeats) for b in BATCHES}
+        on = {b: median_ms(lambda b=b, r=r_on: r(xs[b]), repeats) for b in BATCHES}
+        off = {b: median_ms(lambda b=b, r=r_off: r(xs[b]), repeats) for b in BATCHES}
         note = "F" if a.extra.get("int8_compute", {}).get("int8_matmul_or_conv", 0) == 0 and q == "int8" else ""
         row("tvm", q, on, off, a.top1_agreement, note)
     # TVM tuned (fp32; a tuned library has a fixed batch: one per batch size).
@@ -159,7 +147,7 @@ def bench_model(name: str, data: Any, repeats: int, tune_trials: int, work: str)
                 rep["onnx_fp32"].path, path, tuning_trials=tune_trials, tuning_batch=b, verify_input=xs[b]
             )
             r = tvm_lib.TVMRunner(path)
-            on[b] = _ms(lambda r=r, b=b: r(xs[b]), repeats)
+            on[b] = median_ms(lambda r=r, b=b: r(xs[b]), repeats)
         row("tvm tuned", "fp32", on, {}, None, "T")
     else:
         row("tvm tuned", "fp32", {}, {}, None, "U")

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
 
+from research.workdir import pid_alive
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -83,16 +85,6 @@ def gzip_size(path: str | os.PathLike) -> int:
 _STAGING_PREFIX = ".export-staging-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def staging_dir(out_dir: str | os.PathLike, name: str) -> str:
     """Creates an empty staging directory for one export inside ``out_dir`` and returns it.
 
@@ -109,7 +101,7 @@ def staging_dir(out_dir: str | os.PathLike, name: str) -> str:
         if not entry.startswith(_STAGING_PREFIX):
             continue
         pid = entry[len(_STAGING_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-{name}-", dir=out_dir)
 
