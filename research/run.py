@@ -36,11 +36,11 @@ from research import store
 from research import workdir as workdir_lib
 from research.config import register_all_stages
 from research.data import load_dataset
+from research.metrics import measure
 from research.nn import build_model
 from research.stages import Bundle
 from research.stages import StageContext
 from research.stages import get_stage
-from research.stages import measure
 
 
 def load_data(config: config_lib.Config):

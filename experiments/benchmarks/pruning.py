@@ -48,15 +48,16 @@ from methods.pruning import PruneStage  # noqa: E402
 from methods.pruning import magnitude_masks  # noqa: E402
 from methods.pruning import masked  # noqa: E402
 from methods.pruning import polynomial_schedule  # noqa: E402
+from methods.pruning.stage import run_prune  # noqa: E402
 from research.data import load_dataset  # noqa: E402
+from research.metrics import accuracy  # noqa: E402
 from research.nn import build_model  # noqa: E402
 from research.report import format_table  # noqa: E402
 from research.stages import Bundle  # noqa: E402
 from research.stages import StageContext  # noqa: E402
-from research.stages import accuracy  # noqa: E402
-from research.stages import finetune  # noqa: E402
-from research.stages import get_stage  # noqa: E402
+from research.stages import TrainStage  # noqa: E402
 from research.train import create_train_state  # noqa: E402
+from research.train import finetune  # noqa: E402
 from research.train import make_train_step  # noqa: E402
 
 STEP_MODELS = {"lenet300": (28, 28, 1), "lenet5": (28, 28, 1), "resnet20": (32, 32, 3)}
@@ -150,15 +151,15 @@ class GradualConfig:
 def gradual_vs_one_shot(cfg: GradualConfig, workdir: str) -> list[dict]:
     """Test accuracy of dense, one-shot and gradual pruning per seed (same fine-tuning budget)."""
     ds = load_dataset(cfg.dataset, seed=0, limit=cfg.limit)
-    _, run_prune = get_stage("prune")
     rows = []
     for seed in cfg.seeds:
-        ctx = StageContext(0, f"dense_{seed}", pathlib.Path(workdir, f"dense_{seed}"), seed, False)
         model = build_model("lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
         dense, _ = finetune(
             model,
             ds,
-            ctx,
+            workdir=pathlib.Path(workdir, f"dense_{seed}"),
+            seed=seed,
+            progress=False,
             steps=cfg.dense_steps,
             learning_rate=cfg.learning_rate,
             batch_size=cfg.batch_size,
@@ -169,10 +170,13 @@ def gradual_vs_one_shot(cfg: GradualConfig, workdir: str) -> list[dict]:
             stage = PruneStage(
                 sparsity=cfg.sparsity,
                 schedule=schedule,
-                steps=cfg.finetune_steps,
-                learning_rate=cfg.learning_rate,
-                batch_size=cfg.batch_size,
-                checkpoint_every=0,
+                train=TrainStage(
+                    steps=cfg.finetune_steps,
+                    learning_rate=cfg.learning_rate,
+                    batch_size=cfg.batch_size,
+                    checkpoint_every=0,
+                    eval_every=0,
+                ),
             )
             label = f"{schedule}_{seed}"
             res = run_prune(

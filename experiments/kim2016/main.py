@@ -45,11 +45,10 @@ from methods.decomposition import evbmf
 from methods.decomposition import factorize_with_report
 from methods.decomposition.decompose import mode_unfold
 from research.data import load_dataset
+from research.metrics import accuracy
 from research.nn import build_model
 from research.nn import param_count
-from research.stages import StageContext
-from research.stages import accuracy
-from research.stages import finetune
+from research.train import finetune
 
 # The result rows; ``--variants`` picks a subset.
 VARIANTS = ("tucker2_vbmf", "tucker2_flops50", "cp_flops50", "svd_lenet300")
@@ -64,8 +63,9 @@ MLP_RECIPE = {
 }
 
 
-def _ctx(workdir: pathlib.Path, label: str, seed: int, progress: bool = False) -> StageContext:
-    return StageContext(index=0, label=label, workdir=workdir / label, seed=seed, progress=progress)
+def _ctx(workdir: pathlib.Path, label: str, seed: int, progress: bool = False) -> dict:
+    """The directory, seed and progress arguments of one :func:`research.train.finetune` call."""
+    return {"workdir": workdir / label, "seed": seed, "progress": progress, "description": label}
 
 
 def _latency(dense, fact, x, device, repeats):
@@ -255,7 +255,7 @@ def _vgg_rows(
     t0 = time.time()
     vgg = build_model("vgg_small", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed))
     init_kernels = _conv_kernels(vgg)
-    vgg, _ = finetune(vgg, ds, _ctx(wd, "vgg_dense", seed, progress=True), steps=train_steps, **recipe)
+    vgg, _ = finetune(vgg, ds, **_ctx(wd, "vgg_dense", seed, progress=True), steps=train_steps, **recipe)
     vgg_acc = accuracy(vgg, ds.x_test, ds.y_test)
     print(f"vgg_small dense test accuracy {vgg_acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
     diagnosis = evbmf_diagnosis(_conv_kernels(vgg), init_kernels)
@@ -288,7 +288,7 @@ def _vgg_rows(
         fact, _ = finetune(
             fact,
             ds,
-            _ctx(wd, name, seed, progress=True),
+            **_ctx(wd, name, seed, progress=True),
             steps=finetune_steps,
             optimizer=recipe["optimizer"],
             learning_rate=lr,
@@ -306,7 +306,7 @@ def _mlp_row(ds, wd, seed, smoke, x32, repeats, record) -> None:
     mlp, _ = finetune(
         mlp,
         ds,
-        _ctx(wd, "mlp_dense", seed),
+        **_ctx(wd, "mlp_dense", seed),
         steps=mr["steps"],
         learning_rate=mr["learning_rate"],
         batch_size=mr["batch_size"],
@@ -318,7 +318,7 @@ def _mlp_row(ds, wd, seed, smoke, x32, repeats, record) -> None:
     fact, _ = finetune(
         fact,
         ds,
-        _ctx(wd, "svd_lenet300", seed),
+        **_ctx(wd, "svd_lenet300", seed),
         steps=mr["finetune_steps"],
         learning_rate=mr["finetune_lr"],
     )

@@ -1,4 +1,4 @@
-"""Model measurements: parameters, non-zeros, bytes, FLOPs (XLA), latency."""
+"""Model measurements: parameters, non-zeros, bytes, FLOPs (XLA), latency, accuracy and the report columns."""
 
 from research.metrics.cost import flops
 from research.metrics.cost import latency
@@ -7,13 +7,17 @@ from research.metrics.counting import bitmask_bytes
 from research.metrics.counting import count_nonzeros
 from research.metrics.counting import count_params
 from research.metrics.counting import model_bytes
+from research.metrics.evaluation import accuracy
+from research.metrics.evaluation import measure
 
 __all__ = [
+    "accuracy",
     "bitmask_bytes",
     "count_nonzeros",
     "count_params",
     "flops",
     "latency",
+    "measure",
     "model_bytes",
     "model_latency",
 ]

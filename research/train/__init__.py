@@ -3,6 +3,8 @@
 from research.train.checkpoint import Checkpointer
 from research.train.checkpoint import CheckpointReadError
 from research.train.checkpoint import CheckpointWarning
+from research.train.finetune import finetune
+from research.train.finetune import make_optimizer
 from research.train.loop import MetricsFileError
 from research.train.loop import NonFiniteLossError
 from research.train.loop import fit
@@ -39,9 +41,11 @@ __all__ = [
     "create_train_state",
     "cross_entropy_loss",
     "evaluate",
+    "finetune",
     "fit",
     "l2_regularizer",
     "make_eval_step",
+    "make_optimizer",
     "make_train_step",
     "merge_model",
     "read_metrics",

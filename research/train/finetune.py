@@ -1,0 +1,187 @@
+"""The one fine-tuning loop every stage uses, and the optimizer it builds.
+
+:func:`finetune` takes plain arguments (a model, a data set, a directory, a seed), so a stage, an
+experiment script or a notebook calls it the same way; stages pass their ``StageContext``'s
+``workdir``/``seed``/``progress`` and their ``TrainStage`` (``research.stages.train_kwargs``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from collections.abc import Sequence
+
+import optax
+from flax import nnx
+
+from research.data import BatchSampler
+from research.data import Dataset
+from research.train.loop import fit
+from research.train.losses import LossFn
+from research.train.losses import LossTransform
+from research.train.losses import cross_entropy_loss
+from research.train.state import create_train_state
+from research.train.state import state_to_model
+from research.train.step import evaluate
+from research.train.step import make_eval_step
+from research.train.step import make_train_step
+
+
+def make_optimizer(
+    *,
+    steps: int,
+    learning_rate: float,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    momentum: float = 0.9,
+    grad_clip: float = 0.0,
+) -> optax.GradientTransformation:
+    """An optax optimizer with a learning-rate schedule and optional clipping.
+
+    Args:
+      steps: the number of optimizer steps (the length of the cosine schedule).
+      learning_rate: the peak learning rate (> 0).
+      optimizer: ``adam``, ``adamw`` or ``sgd`` (Nesterov momentum ``momentum``).
+      weight_decay: decoupled (adamw) or L2-style (sgd) weight decay.
+      schedule: ``cosine`` (decay to 0 after ``warmup_steps``) or ``constant``.
+      warmup_steps: linear warm-up steps of the cosine schedule.
+      momentum: the sgd momentum.
+      grad_clip: global-norm clipping threshold (0 = off).
+
+    Returns:
+      The optimizer; its learning rate and weight decay are values in its state.
+
+    Raises:
+      ValueError: unknown optimizer or schedule name, non-positive learning rate.
+    """
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate={learning_rate} must be positive")
+    # The schedule's shape is a constant of the compiled step; the learning rate and weight decay
+    # are values in the optimizer state (optax.inject_hyperparams), so runs that differ only in
+    # them (the trials of `slimjax tune`) share one compiled program (persistent compilation cache).
+    schedules = {
+        "constant": lambda: optax.constant_schedule(1.0),
+        "cosine": lambda: optax.warmup_cosine_decay_schedule(
+            0.0 if warmup_steps else 1.0, 1.0, warmup_steps, max(steps, warmup_steps + 1)
+        ),
+    }
+    if schedule not in schedules:
+        raise ValueError(f"schedule={schedule!r} is not one of {sorted(schedules)}")
+    unit = optax.scale_by_schedule(schedules[schedule]())
+    lr = optax.inject_hyperparams(optax.scale)(step_size=-learning_rate)
+    optimizers = {
+        "adam": lambda: optax.chain(optax.scale_by_adam(), unit, lr),
+        "adamw": lambda: optax.chain(
+            optax.scale_by_adam(),
+            optax.inject_hyperparams(optax.add_decayed_weights)(weight_decay=weight_decay),
+            unit,
+            lr,
+        ),
+        "sgd": lambda: optax.chain(optax.trace(decay=momentum, nesterov=True), unit, lr),
+    }
+    if optimizer not in optimizers:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(optimizers)}")
+    tx = optimizers[optimizer]()
+    if weight_decay and optimizer == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
+    if grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+    return tx
+
+
+def finetune(
+    model: nnx.Module,
+    dataset: Dataset,
+    *,
+    workdir: str | os.PathLike,
+    steps: int,
+    learning_rate: float,
+    seed: int = 0,
+    progress: bool = True,
+    description: str | None = None,
+    batch_size: int = 128,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    grad_clip: float = 0.0,
+    loss_fn: LossFn | None = None,
+    loss_transforms: Sequence[LossTransform] = (),
+    wrap_tx: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None,
+    checkpoint_every: int = 100,
+    eval_every: int = 0,
+    log_every: int = 10,
+    sampler: BatchSampler | None = None,
+    return_state: bool = False,
+):
+    """Trains ``model`` on ``dataset``'s training split with checkpoints under ``workdir``.
+
+    A killed call started again with the same arguments resumes from the last checkpoint
+    (``workdir / "checkpoints"``); the loss and validation accuracy go to ``workdir / "metrics.jsonl"``.
+
+    Args:
+      model: the model to train (not modified; a trained copy is returned).
+      dataset: the data; validation accuracy is logged every ``eval_every`` steps and at the end.
+      workdir: the directory of the checkpoints and ``metrics.jsonl`` (a stage passes ``ctx.workdir``).
+      steps, learning_rate, optimizer, weight_decay, schedule, warmup_steps, grad_clip:
+        see :func:`make_optimizer`.
+      seed: seeds the training state and the batch order.
+      progress: show a progress bar.
+      description: the progress bar's label (default: the directory's name).
+      batch_size: examples per step (clamped to the training-set size).
+      loss_fn: the task loss (default cross-entropy).
+      loss_transforms: e.g. knowledge distillation; applied in order.
+      wrap_tx: wraps the optimizer, e.g. a pruning mask wrapper.
+      checkpoint_every, eval_every, log_every: loop cadence in steps (0 = only at the end).
+      sampler: a custom batch sampler (default: shuffled batches of the training split).
+      return_state: also return ``(defs, state)`` (e.g. to read masks from the optimizer state).
+
+    Returns:
+      ``(trained_model, records)`` or ``(trained_model, records, (defs, state))``.
+
+    Raises:
+      ValueError: ``steps`` not positive, or an invalid optimizer setting (see :func:`make_optimizer`).
+    """
+    if steps <= 0:
+        raise ValueError(f"steps={steps} must be positive")
+    tx = make_optimizer(
+        steps=steps,
+        learning_rate=learning_rate,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        grad_clip=grad_clip,
+    )
+    if wrap_tx is not None:
+        tx = wrap_tx(tx)
+    defs, state = create_train_state(nnx.clone(model), tx, seed=seed)
+    step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms)
+    if sampler is None:
+        sampler = BatchSampler(
+            dataset.x_train, dataset.y_train, batch_size=min(batch_size, len(dataset.x_train)), seed=seed
+        )
+    eval_step = make_eval_step(defs)
+
+    def eval_fn(s):
+        return evaluate(defs, s.params, s.model_state, dataset.x_val, dataset.y_val, eval_step=eval_step)
+
+    state, records = fit(
+        state,
+        step_fn,
+        sampler,
+        num_steps=steps,
+        workdir=workdir,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        eval_every=eval_every,
+        eval_fn=eval_fn if len(dataset.x_val) else None,
+        progress=progress,
+        description=description or os.path.basename(os.fspath(workdir)),
+    )
+    trained = state_to_model(defs, state)
+    if return_state:
+        return trained, records, (defs, state)
+    return trained, records
