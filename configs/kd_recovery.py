@@ -16,7 +16,7 @@ distilled from the dense teacher (Hinton KD, ``(1 - alpha) CE + alpha T^2 KL``).
 ``prune``::
 
     0_train    dense teacher
-    1_prune    one-shot magnitude masks, 90% of every kernel, no fine-tuning (steps=0)
+    1_prune    one-shot magnitude masks, 90% of every kernel, no fine-tuning (train=None)
     2_prune    fine-tuning with the masked optax wrapper, cross-entropy (no teacher); the
                one-shot masks of an already 90%-sparse model are the same masks
     3_distill  student = 1_prune, teacher = 0_train; ``keep_zeros`` holds the pruned weights
@@ -105,13 +105,16 @@ def stages(pipeline: str, recipe: Recipe) -> tuple:
         prune = {"sparsity": recipe.sparsity, "schedule": "one_shot", "scorer": "magnitude"}
         return (
             teacher,
-            PruneStage(**prune, steps=0),
+            PruneStage(**prune, train=None),
             PruneStage(
                 **prune,
-                steps=recipe.steps,
-                learning_rate=recipe.learning_rate,
-                batch_size=recipe.batch_size,
-                checkpoint_every=0,
+                train=TrainStage(
+                    steps=recipe.steps,
+                    learning_rate=recipe.learning_rate,
+                    batch_size=recipe.batch_size,
+                    checkpoint_every=0,
+                    eval_every=0,
+                ),
             ),
             DistillStage(
                 teacher="0_train",

@@ -44,9 +44,7 @@ def get_config(arg: str | None = None) -> Config:
             PruneStage(
                 sparsity=0.6,
                 schedule="polynomial",
-                steps=20 if smoke else 400,
-                learning_rate=2e-3,
-                batch_size=64,
+                train=TrainStage(steps=20 if smoke else 400, learning_rate=2e-3, batch_size=64, eval_every=0),
             ),
             QuantizeStage(bits=8, per_channel=True, calibration_examples=64 if smoke else 256),
             ExportStage(

@@ -44,7 +44,9 @@ def get_config(arg: str | None = None) -> Config:
                 log_every=6 if smoke else 50,
             ),
             PruneStage(
-                sparsity=0.5, schedule="polynomial", steps=6 if smoke else 150, learning_rate=1e-3, batch_size=64
+                sparsity=0.5,
+                schedule="polynomial",
+                train=TrainStage(steps=6 if smoke else 150, learning_rate=1e-3, batch_size=64, eval_every=0),
             ),
             QuantizeStage(bits=8, per_channel=True, calibration_examples=64 if smoke else 256),
         ),

@@ -1,19 +1,41 @@
-"""Compression methods built on ``research``: pruning, distillation, decomposition, quantization.
+"""Compression methods built on ``research``: pruning, distillation, decomposition, quantization, NAS.
 
-Importing this package registers every method's stage (``prune``, ``distill``, ``decompose``,
-``quantize``, ``qat``, ...) with ``research.stages`` so configs can name them.
+The packages export their names lazily (importing ``methods`` or a stage's config class does not
+import JAX). :func:`register_stages` imports every method's stage module, which registers its
+stage kinds (``prune``, ``distill``, ``decompose``, ``quantize``, ``qat``, ``nas``) and recipe
+steps with ``research``; ``research`` calls it through the ``slimjax.stages`` entry point
+(``pyproject.toml``), never by importing this package by name.
 """
 
-from methods import decomposition
-from methods import distillation
-from methods import nas
-from methods import pruning
-from methods import quantization
+import importlib
+
+#: The method packages, each with a ``stage`` module that registers its stages.
+PACKAGES = ("decomposition", "distillation", "nas", "pruning", "quantization")
+
+
+def register_stages() -> None:
+    """Registers every method's stages: imports ``methods.<package>.stage`` for each package.
+
+    This is the ``slimjax.stages`` entry point of the distribution (``methods:register_stages``);
+    calling it again does nothing.
+    """
+    for name in PACKAGES:
+        importlib.import_module(f"methods.{name}.stage")
+
+
+def __getattr__(name: str):
+    """The method packages are imported on first use (PEP 562)."""
+    if name in PACKAGES:
+        return importlib.import_module(f"methods.{name}")
+    raise AttributeError(f"module 'methods' has no attribute {name!r}")
+
 
 __all__ = [
+    "PACKAGES",
     "decomposition",
     "distillation",
     "nas",
     "pruning",
     "quantization",
+    "register_stages",
 ]

@@ -21,6 +21,7 @@ import sys
 import traceback
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -41,9 +42,13 @@ class ValidationContext:
     Attributes:
       earlier: labels (``"0_train"``) and kinds (``"train"``) of the earlier stages; ``None``
         when unknown (a stage validated on its own), which skips the checks that need it.
+      registries: ``False`` skips the checks that import a registry or a method's module (see
+        :meth:`Check.needs_imports`) and the classes' ``check`` hooks: :func:`check_values` runs
+        the rest before JAX is imported.
     """
 
     earlier: tuple[str, ...] | None = None
+    registries: bool = True
 
 
 class Check:
@@ -59,6 +64,10 @@ class Check:
 
     def bad_values(self) -> tuple[Any, ...]:
         return ()
+
+    def needs_imports(self) -> bool:
+        """Whether checking imports modules beyond the standard library (a registry's, a method's)."""
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +150,36 @@ class OneOf(Check):
     def bad_values(self):
         return self.bad
 
+    def needs_imports(self):
+        return callable(self.choices)
+
+
+@dataclasses.dataclass(frozen=True)
+class InstancesOf(Check):
+    """A tuple whose items are instances of a class (rules), imported only when checked.
+
+    Attributes:
+      cls: a zero-argument function returning the class (e.g. importing ``SparsityRule``).
+      hint: how to make one (``"give methods.pruning.SparsityRule(pattern=...)"``).
+    """
+
+    cls: Any
+    hint: str = ""
+
+    def check(self, value, key, context):
+        if not isinstance(value, (list, tuple)):
+            return
+        cls = self.cls()
+        for i, item in enumerate(value):
+            if not isinstance(item, cls):
+                raise ConfigError(f"{key}.{i}={item!r} is not a {cls.__name__}; {self.hint or 'give one'}")
+
+    def bad_values(self):
+        return (("not a rule",),)
+
+    def needs_imports(self):
+        return True
+
 
 @dataclasses.dataclass(frozen=True)
 class Each(Check):
@@ -156,6 +195,9 @@ class Each(Check):
 
     def bad_values(self):
         return tuple((v,) for v in self.inner.bad_values())
+
+    def needs_imports(self):
+        return self.inner.needs_imports()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,6 +516,18 @@ def _set(obj: Any, parts: list[str], value: Any, key: str) -> Any:
     if not dataclasses.is_dataclass(obj):
         raise ConfigError(f"{key}: {type(obj).__name__} has no fields to set")
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    renamed = getattr(type(obj), "renamed", {})
+    if head not in fields and head in renamed:  # a deprecated spelling, kept for one release
+        prefix = key[: len(key) - len(".".join(parts))]
+        new_key = prefix + ".".join([renamed[head], *rest])
+        warnings.warn(
+            f"override key {key!r} is deprecated and will be removed in the next release; use {new_key!r}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if rest:
+            return _set(obj, renamed[head].split(".") + rest, value, new_key)
+        return obj.replace_renamed(head, value)
     if head not in fields:
         where = type(obj).__name__
         raise ConfigError(f"unknown key {key!r}: {where} has no field {head!r}; valid keys: {sorted(fields)}")
@@ -535,7 +589,7 @@ def validate_fields(obj: Any, key: str, context: ValidationContext | None = None
         value = getattr(obj, f.name)
         k = f"{key}.{f.name}" if key else f.name
         _check_type(value, hints[f.name], k)
-        if f.name in checks:
+        if f.name in checks and (context.registries or not checks[f.name].needs_imports()):
             checks[f.name].check(value, k, context)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             validate_fields(value, k, context)
@@ -544,7 +598,7 @@ def validate_fields(obj: Any, key: str, context: ValidationContext | None = None
                 if dataclasses.is_dataclass(item) and not isinstance(item, type):
                     validate_fields(item, f"{k}.{j}", context)
     hook = getattr(obj, "check", None)
-    if callable(hook):
+    if callable(hook) and context.registries:
         try:
             hook(key, context)
         except ConfigError:
@@ -554,16 +608,42 @@ def validate_fields(obj: Any, key: str, context: ValidationContext | None = None
 
 
 def register_all_stages() -> None:
-    """Imports ``methods`` and ``research.export`` (without TensorFlow) so every stage kind, and
-    every registry a field check names, is filled. Standard library only until those imports run."""
-    import importlib
+    """Registers every stage kind, and fills every registry a field check names: calls the
+    installed stage plugins (entry-point group ``slimjax.stages``, see
+    :func:`research.stages.load_stage_plugins`) and imports the core's ``research.export`` (without
+    TensorFlow). Standard library only until those imports run.
 
-    for name in ("methods", "research.export"):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name not in (name, name.split(".")[0]):
-                raise
+    Raises:
+      ImportError: an installed stage plugin failed to load (the message names it).
+    """
+    import importlib  # pylint: disable=import-outside-toplevel
+
+    from research.stages import load_stage_plugins  # pylint: disable=import-outside-toplevel
+
+    load_stage_plugins()
+    importlib.import_module("research.export")
+
+
+def check_values(config: Config) -> None:
+    """The checks of :func:`validate` that need nothing beyond the standard library and the config's
+    own classes: types, ranges and the other declared checks of every field, except registry names
+    and the classes' ``check`` hooks. ``slimjax`` runs it before importing JAX, so a bad value is
+    reported at once; :func:`validate` (after the imports) checks everything.
+
+    Raises:
+      ConfigError: naming the dotted key of the first bad value (``stages.prune.train.learning_rate``).
+    """
+    if not isinstance(config, Config):
+        raise ConfigError(f"expected a research.config.Config, got {type(config).__name__}")
+    if not isinstance(config.stages, (tuple, list)):
+        raise ConfigError(f"stages={config.stages!r} must be a tuple of stage configs, e.g. (TrainStage(steps=500),)")
+    validate_fields(dataclasses.replace(config, stages=()), "", ValidationContext(registries=False))
+    earlier: list[str] = []
+    for i, stage in enumerate(config.stages):
+        if not dataclasses.is_dataclass(stage) or not getattr(stage, "kind", None):
+            continue  # validate() names it
+        validate_fields(stage, stage_key(config.stages, i), ValidationContext(earlier=tuple(earlier), registries=False))
+        earlier += [f"{i}_{stage.kind}", stage.kind]
 
 
 def validate(config: Config) -> None:
@@ -578,6 +658,7 @@ def validate(config: Config) -> None:
         and the valid values.
     """
     from research.stages import list_stages  # pylint: disable=import-outside-toplevel
+    from research.stages import missing_plugins_hint  # pylint: disable=import-outside-toplevel
 
     if not isinstance(config, Config):
         raise ConfigError(f"expected a research.config.Config, got {type(config).__name__}")
@@ -588,7 +669,9 @@ def validate(config: Config) -> None:
     for i, stage in enumerate(config.stages):
         kind = getattr(stage, "kind", None)
         if kind not in list_stages():
-            raise ConfigError(f"stages.{i} has kind {kind!r}, which is not registered; registered: {list_stages()}")
+            raise ConfigError(
+                f"stages.{i} has kind {kind!r}, which is not registered; registered: {list_stages()}{missing_plugins_hint()}"
+            )
     top = dataclasses.replace(config, stages=())  # the stages are checked below, with their context
     validate_fields(top, "")
     earlier: list[str] = []

@@ -1,5 +1,11 @@
 """Stages: the steps of an experiment (train, prune, distill, quantize, export...).
 
+This module holds the stage types (:class:`StageConfig`, :class:`Bundle`, :class:`StageContext`,
+:class:`StageResult`), the stage registry and the ``train`` stage. It imports only the standard
+library and :mod:`research.config`, so a config file that names stage classes loads, and its
+values are checked, without importing JAX. The training loop is :func:`research.train.finetune`,
+the report columns are :func:`research.metrics.measure`.
+
 A stage is a frozen keyword-only config dataclass (a :class:`StageConfig` subclass with a
 ``kind``) plus a run function registered for it::
 
@@ -7,34 +13,38 @@ A stage is a frozen keyword-only config dataclass (a :class:`StageConfig` subcla
     class PruneStage(StageConfig):
         kind: ClassVar[str] = "prune"
         sparsity: float = 0.9
+        train: TrainStage | None = dataclasses.field(default_factory=lambda: TrainStage(steps=300))
 
     @register_stage(PruneStage)
     def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult: ...
 
 Each stage takes the :class:`Bundle` left by the previous one and returns a
 :class:`StageResult`; the runner (``research.run``) measures the model after every stage and
-checkpoints it so a killed run resumes from the last finished stage. Methods never copy the
-training loop: they call :func:`finetune` with their loss transforms and optimizer wrapper.
+checkpoints it so a killed run resumes from the last finished stage. A method stage that
+fine-tunes embeds its schedule as ``train: TrainStage`` (override keys
+``stages.<kind>.train.<field>``) and calls :func:`research.train.finetune` with
+``**train_kwargs(cfg.train)``; it never copies the training loop.
+
+Stage kinds of installed packages are registered by :func:`load_stage_plugins`, which calls
+every entry point of the ``slimjax.stages`` group (``methods:register_stages`` for this
+project's methods); the core never imports a method package by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.metadata
 import pathlib
 import time
+import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import ClassVar
 from typing import Literal
 
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-
-from research import metrics as _metrics
 from research.config import Check
 from research.config import ConfigError
 from research.config import Range
@@ -43,34 +53,93 @@ from research.config import at_least_one
 from research.config import nonnegative
 from research.config import positive
 from research.config import validate_fields
-from research.data import BatchSampler
-from research.data import Dataset
-from research.train import LossFn
-from research.train import LossTransform
-from research.train import create_train_state
-from research.train import cross_entropy_loss
-from research.train import evaluate
-from research.train import fit
-from research.train import make_eval_step
-from research.train import make_train_step
-from research.train import read_metrics
-from research.train import split_model
-from research.train import state_to_model
+
+if TYPE_CHECKING:
+    from flax import nnx
+
+    from research.data import Dataset
+
+
+class _StageConfigMeta(type):
+    """Translates deprecated constructor keywords (a class's ``renamed``) before ``__init__`` runs."""
+
+    def __call__(cls, *args, **kwargs):
+        if getattr(cls, "renamed", None) and set(kwargs) & set(cls.renamed):
+            kwargs = _translate_renamed(cls, kwargs, warn=True)
+        return super().__call__(*args, **kwargs)
+
+
+def _field_default(cls: type, name: str) -> Any:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            if f.default is not dataclasses.MISSING:
+                return f.default
+    raise TypeError(f"{cls.__name__} has no default for field {name!r}")
+
+
+def _translate_renamed(cls: type, kwargs: dict[str, Any], *, warn: bool) -> dict[str, Any]:
+    """``kwargs`` with every deprecated keyword of ``cls.renamed`` moved to its new place.
+
+    ``renamed`` maps an old field name to its new dotted place: ``"finetune": "train"`` (a renamed
+    field) or ``"steps": "train.steps"`` (a field moved into the nested ``train`` schedule). An
+    old ``steps=0`` moved into an optional schedule means "no fine-tuning": the schedule becomes
+    ``None``. Old values are merged into a nested schedule given under its new name.
+    """
+    kwargs = dict(kwargs)
+    old = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.renamed}
+    none_heads: set[str] = set()
+    for name in sorted(old, key=lambda k: cls.renamed[k] != f"{cls.renamed[k].partition('.')[0]}.steps"):
+        value, new = old[name], cls.renamed[name]
+        head, _, sub = new.partition(".")
+        if warn:
+            kind = getattr(cls, "kind", "") or cls.__name__
+            spelled = f"{head}=TrainStage({sub}=...)" if sub else f"{head}=..."
+            warnings.warn(
+                f"{cls.__name__}({name}=...) is deprecated and will be removed in the next release; use "
+                f"{cls.__name__}({spelled}) (override key stages.{kind}.{new})",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        if not sub:
+            if head in kwargs:
+                raise TypeError(f"{cls.__name__}: give {head}= or the deprecated {name}=, not both")
+            kwargs[head] = value
+            continue
+        if head in none_heads:
+            continue  # a schedule switched off by steps=0: its other old settings do not matter
+        if sub == "steps" and value == 0:
+            kwargs[head] = None
+            none_heads.add(head)
+            continue
+        nested = kwargs.get(head, dataclasses.MISSING)
+        if nested is dataclasses.MISSING or nested is None:
+            nested = _field_default(cls, head)
+        if nested is None:
+            nested = TrainStage()
+        kwargs[head] = dataclasses.replace(nested, **{sub: value})
+    return kwargs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class StageConfig:
+class StageConfig(metaclass=_StageConfigMeta):
     """Base class of stage configs. Subclasses set ``kind`` and add typed fields.
 
     Every field is validated before anything trains (:func:`research.config.validate`): its
     value against its type annotation (Literals included), then against the class's
     ``checks`` (``{"steps": Range(lo=1), "scorer": OneOf(list_scorers, "pruning scorer")}``,
     see :class:`research.config.Check`), then the class's :meth:`check` hook does the checks
-    that involve several fields. Errors name the dotted key (``stages.prune.learning_rate``).
+    that involve several fields. Errors name the dotted key (``stages.prune.train.learning_rate``).
+
+    A field renamed or moved keeps its old spelling for one release through ``renamed``
+    (``{"finetune": "train", "steps": "train.steps"}``): the old constructor keyword and the old
+    ``--set`` key still work and warn (``DeprecationWarning``) naming the new one.
     """
 
     kind: ClassVar[str] = ""
     checks: ClassVar[Mapping[str, Check]] = {}
+    renamed: ClassVar[Mapping[str, str]] = {}
 
     def validate(self, key: str = "", context: ValidationContext | None = None) -> None:
         """Checks every field (see the class docstring).
@@ -86,6 +155,16 @@ class StageConfig:
 
     def check(self, key: str, context: ValidationContext) -> None:
         """Checks that involve several fields; override and raise ``ConfigError(f"{key}.field=...")``."""
+
+    def replace_renamed(self, name: str, value: Any) -> StageConfig:
+        """A copy with the deprecated field ``name`` (a key of ``renamed``) set to ``value``, no warning.
+
+        ``research.config.apply_overrides`` uses it for an old ``--set`` key (and warns itself).
+        """
+        init = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        if "." not in self.renamed[name]:
+            init.pop(self.renamed[name], None)
+        return type(self)(**_translate_renamed(type(self), {**init, name: value}, warn=False))
 
 
 @dataclasses.dataclass
@@ -160,7 +239,8 @@ def register_stage(config_cls: type[StageConfig]) -> Callable[[StageFn], StageFn
 
 
 def list_stages() -> list[str]:
-    """Registered stage kinds (after importing ``methods`` to register theirs)."""
+    """Registered stage kinds, the installed plugins' included (:func:`load_stage_plugins` runs first)."""
+    load_stage_plugins()
     return sorted(_STAGES)
 
 
@@ -168,183 +248,70 @@ def get_stage(kind: str) -> tuple[type, StageFn]:
     """``(config_cls, run_fn)`` of a registered kind.
 
     Raises:
-      KeyError: unknown kind (lists the registered ones).
+      KeyError: unknown kind (lists the registered ones, and how to install the missing ones).
     """
     if kind not in _STAGES:
-        raise KeyError(f"unknown stage kind {kind!r}; registered: {list_stages()}")
+        load_stage_plugins()
+    if kind not in _STAGES:
+        raise KeyError(f"unknown stage kind {kind!r}; registered: {list_stages()}{missing_plugins_hint()}")
     return _STAGES[kind]
 
 
-# ----------------------------------------------------------------------------- shared helpers
+# ----------------------------------------------------------------------------- stage plugins
+
+#: The entry-point group through which installed packages register their stages: each entry
+#: point names a function without arguments that imports (registers) the package's stages, e.g.
+#: ``[project.entry-points."slimjax.stages"] methods = "methods:register_stages"``.
+ENTRY_POINT_GROUP = "slimjax.stages"
+_plugins: dict[str, str] | None = None  # entry-point name -> "module:function", once loaded
 
 
-def make_optimizer(
-    *,
-    steps: int,
-    learning_rate: float,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    momentum: float = 0.9,
-    grad_clip: float = 0.0,
-) -> optax.GradientTransformation:
-    """An optax optimizer with a learning-rate schedule and optional clipping.
-
-    Raises:
-      ValueError: unknown optimizer or schedule name, non-positive learning rate.
-    """
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate={learning_rate} must be positive")
-    # The schedule's shape is a constant of the compiled step; the learning rate and weight decay
-    # are values in the optimizer state (optax.inject_hyperparams), so runs that differ only in
-    # them (the trials of `slimjax tune`) share one compiled program (persistent compilation cache).
-    schedules = {
-        "constant": lambda: optax.constant_schedule(1.0),
-        "cosine": lambda: optax.warmup_cosine_decay_schedule(
-            0.0 if warmup_steps else 1.0, 1.0, warmup_steps, max(steps, warmup_steps + 1)
-        ),
-    }
-    if schedule not in schedules:
-        raise ValueError(f"schedule={schedule!r} is not one of {sorted(schedules)}")
-    unit = optax.scale_by_schedule(schedules[schedule]())
-    lr = optax.inject_hyperparams(optax.scale)(step_size=-learning_rate)
-    optimizers = {
-        "adam": lambda: optax.chain(optax.scale_by_adam(), unit, lr),
-        "adamw": lambda: optax.chain(
-            optax.scale_by_adam(),
-            optax.inject_hyperparams(optax.add_decayed_weights)(weight_decay=weight_decay),
-            unit,
-            lr,
-        ),
-        "sgd": lambda: optax.chain(optax.trace(decay=momentum, nesterov=True), unit, lr),
-    }
-    if optimizer not in optimizers:
-        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(optimizers)}")
-    tx = optimizers[optimizer]()
-    if weight_decay and optimizer == "sgd":
-        tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
-    if grad_clip:
-        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
-    return tx
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The installed entry points of :data:`ENTRY_POINT_GROUP` (tests replace this function)."""
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
-def finetune(
-    model: nnx.Module,
-    dataset: Dataset,
-    ctx: StageContext,
-    *,
-    steps: int,
-    learning_rate: float,
-    batch_size: int = 128,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    grad_clip: float = 0.0,
-    loss_fn: LossFn | None = None,
-    loss_transforms: Sequence[LossTransform] = (),
-    wrap_tx: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None,
-    checkpoint_every: int = 100,
-    eval_every: int = 0,
-    log_every: int = 10,
-    sampler: BatchSampler | None = None,
-    return_state: bool = False,
-    description: str | None = None,
-):
-    """Trains ``model`` on ``dataset``'s training split with checkpoints under ``ctx.workdir``.
-
-    This is the one training loop every stage uses; a killed stage resumes from its last
-    checkpoint (``ctx.workdir / "checkpoints"``) and writes ``ctx.workdir / "metrics.jsonl"``.
+def load_stage_plugins(*, reload: bool = False) -> dict[str, str]:
+    """Calls every entry point of the ``slimjax.stages`` group once, registering its stages.
 
     Args:
-      model: the model to train (not modified; a trained copy is returned).
-      dataset: the data; validation accuracy is logged every ``eval_every`` steps and at the end.
-      ctx: the stage context (directory, seed, progress).
-      steps, learning_rate, batch_size, optimizer, weight_decay, schedule, warmup_steps, grad_clip:
-        see :func:`make_optimizer`.
-      loss_fn: the task loss (default cross-entropy).
-      loss_transforms: e.g. knowledge distillation; applied in order.
-      wrap_tx: wraps the optimizer, e.g. a pruning mask wrapper.
-      sampler: a custom batch sampler (default: shuffled batches of the training split).
-      return_state: also return ``(defs, state)`` (e.g. to read masks from the optimizer state).
+      reload: look the entry points up and call them again (after an install, or in tests).
 
     Returns:
-      ``(trained_model, records)`` or ``(trained_model, records, (defs, state))``.
+      ``{entry-point name: "module:function"}`` of the plugins loaded; empty when none is
+      installed (then only the core's ``train`` and ``export`` stages exist, and an unknown kind's
+      error says to ``pip install -e .``).
+
+    Raises:
+      ImportError: a plugin failed to import or register (the message names the entry point).
     """
-    if steps <= 0:
-        raise ValueError(f"steps={steps} must be positive")
-    tx = make_optimizer(
-        steps=steps,
-        learning_rate=learning_rate,
-        optimizer=optimizer,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
+    global _plugins
+    if _plugins is not None and not reload:
+        return dict(_plugins)
+    loaded: dict[str, str] = {}
+    for ep in sorted(_entry_points(), key=lambda e: e.name):
+        try:
+            register = ep.load()
+            register()
+        except Exception as e:  # noqa: BLE001 - re-raised naming the plugin
+            raise ImportError(
+                f"stage plugin {ep.name!r} ({ep.value}, entry-point group {ENTRY_POINT_GROUP!r}) failed to load: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        loaded[ep.name] = ep.value
+    _plugins = loaded
+    return dict(loaded)
+
+
+def missing_plugins_hint() -> str:
+    """A hint for an unknown stage kind when no stage plugin is installed (else ``""``)."""
+    if _plugins:
+        return ""
+    return (
+        f". No package registers stages through the {ENTRY_POINT_GROUP!r} entry-point group, so the method "
+        "stages (prune, distill, decompose, quantize, qat, nas) are missing: install slimjax with "
+        "`pip install -e .` in its repository root"
     )
-    if wrap_tx is not None:
-        tx = wrap_tx(tx)
-    defs, state = create_train_state(nnx.clone(model), tx, seed=ctx.seed)
-    step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms)
-    if sampler is None:
-        sampler = BatchSampler(
-            dataset.x_train, dataset.y_train, batch_size=min(batch_size, len(dataset.x_train)), seed=ctx.seed
-        )
-    eval_step = make_eval_step(defs)
-
-    def eval_fn(s):
-        return evaluate(defs, s.params, s.model_state, dataset.x_val, dataset.y_val, eval_step=eval_step)
-
-    state, records = fit(
-        state,
-        step_fn,
-        sampler,
-        num_steps=steps,
-        workdir=ctx.workdir,
-        checkpoint_every=checkpoint_every,
-        log_every=log_every,
-        eval_every=eval_every,
-        eval_fn=eval_fn if len(dataset.x_val) else None,
-        progress=ctx.progress,
-        description=description or ctx.label,
-    )
-    trained = state_to_model(defs, state)
-    if return_state:
-        return trained, records, (defs, state)
-    return trained, records
-
-
-def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (evaluation mode) on ``(x, y)``."""
-    defs, params, model_state = split_model(nnx.clone(model))
-    return evaluate(defs, params, model_state, x, y, batch_size=batch_size)["accuracy"]
-
-
-def measure(
-    model: nnx.Module, dataset: Dataset, *, latency_batch_size: int = 1, latency_repeats: int = 20
-) -> dict[str, float]:
-    """The standard report columns for a model.
-
-    Returns:
-      ``test_accuracy``, ``val_accuracy``, ``params``, ``nonzeros``, ``bytes_fp32``,
-      ``flops`` (one forward pass of one example, XLA cost analysis) and ``latency_ms``
-      (median forward latency at ``latency_batch_size``).
-    """
-    model = nnx.clone(model)
-    model.eval()
-    sample = jnp.asarray(dataset.x_test[:1])
-    batch = jnp.asarray(np.repeat(dataset.x_test[:1], latency_batch_size, axis=0))
-    out = {
-        "test_accuracy": accuracy(model, dataset.x_test, dataset.y_test),
-        "val_accuracy": accuracy(model, dataset.x_val, dataset.y_val) if len(dataset.x_val) else float("nan"),
-        "params": _metrics.count_params(model),
-        "nonzeros": _metrics.count_nonzeros(model),
-        "bytes_fp32": _metrics.model_bytes(model, 32),
-        "flops": _metrics.flops(model, sample),
-        "latency_ms": 1e3 * _metrics.model_latency(model, batch, repeats=latency_repeats)["median"],
-    }
-    return out
 
 
 # ----------------------------------------------------------------------------- the train stage
@@ -398,7 +365,7 @@ class TrainStage(StageConfig):
 
 
 def train_kwargs(cfg: TrainStage) -> dict[str, Any]:
-    """The :func:`finetune` keyword arguments of a :class:`TrainStage` (methods embed one)."""
+    """The :func:`research.train.finetune` keyword arguments of a :class:`TrainStage` (methods embed one)."""
     return {
         "steps": cfg.steps,
         "learning_rate": cfg.learning_rate,
@@ -414,11 +381,19 @@ def train_kwargs(cfg: TrainStage) -> dict[str, Any]:
     }
 
 
+def context_kwargs(ctx: StageContext) -> dict[str, Any]:
+    """The :func:`research.train.finetune` keyword arguments of a stage's context (directory, seed, progress)."""
+    return {"workdir": ctx.workdir, "seed": ctx.seed, "progress": ctx.progress, "description": ctx.label}
+
+
 @register_stage(TrainStage)
 def run_train(bundle: Bundle, cfg: TrainStage, ctx: StageContext) -> StageResult:
     """Trains ``bundle.model`` with the task loss."""
+    from research.train import finetune  # pylint: disable=import-outside-toplevel
+    from research.train import read_metrics  # pylint: disable=import-outside-toplevel
+
     t0 = time.perf_counter()
-    model, records = finetune(bundle.model, bundle.dataset, ctx, **train_kwargs(cfg))
+    model, records = finetune(bundle.model, bundle.dataset, **context_kwargs(ctx), **train_kwargs(cfg))
     seconds = time.perf_counter() - t0
     train_rows = [r for r in records if r.get("split") == "train"]
     out = {}
@@ -431,3 +406,36 @@ def run_train(bundle: Bundle, cfg: TrainStage, ctx: StageContext) -> StageResult
         out["train_steps_per_s"] = len(train_rows) / seconds
         out["train_examples_per_s"] = len(train_rows) * min(cfg.batch_size, len(bundle.dataset.x_train)) / seconds
     return StageResult(bundle=dataclasses.replace(bundle, model=model), metrics=out)
+
+
+# ----------------------------------------------------------------------------- moved names
+
+_MOVED = {
+    "finetune": "research.train",
+    "make_optimizer": "research.train",
+    "measure": "research.metrics",
+    "accuracy": "research.metrics",
+}
+
+
+def _finetune_with_context(model, dataset, ctx, **kwargs):
+    from research.train import finetune  # pylint: disable=import-outside-toplevel
+
+    return finetune(model, dataset, **{**context_kwargs(ctx), **kwargs})
+
+
+def __getattr__(name: str) -> Any:
+    """``research.stages.finetune/make_optimizer/measure/accuracy`` moved; they still work for one
+    release with a ``DeprecationWarning`` (``finetune`` keeps its old ``ctx`` argument here)."""
+    if name not in _MOVED:
+        raise AttributeError(f"module 'research.stages' has no attribute {name!r}")
+    new = _MOVED[name]
+    fix = " (it takes workdir=, seed=, progress= instead of a StageContext)" if name == "finetune" else ""
+    warnings.warn(
+        f"research.stages.{name} moved to {new}.{name}{fix}; the old name is removed in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    if name == "finetune":
+        return _finetune_with_context
+    return getattr(importlib.import_module(new), name)

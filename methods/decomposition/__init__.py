@@ -3,33 +3,40 @@
 ``factorize(model, rules)`` replaces matched ``nnx.Linear``/``nnx.Conv`` layers by
 :class:`LowRankLinear` (SVD), :class:`Tucker2Conv` (partial Tucker) or :class:`CPConv`
 (parafac) initialised from the trained weights, keeping a layer dense where its factorized form
-measures slower on the current backend. Importing the package registers the ``decompose``
-stage.
+measures slower on the current backend. Its ``stage`` module registers
+the ``decompose`` stage (``methods.register_stages()``).
 """
 
-from methods.decomposition.decompose import balance_cp_factors
-from methods.decomposition.decompose import cp_factors
-from methods.decomposition.decompose import relative_error
-from methods.decomposition.decompose import svd_factors
-from methods.decomposition.decompose import tucker2_factors
-from methods.decomposition.layers import CPConv
-from methods.decomposition.layers import LowRankLinear
-from methods.decomposition.layers import Tucker2Conv
-from methods.decomposition.rank import dense_cost
-from methods.decomposition.rank import energy_rank
-from methods.decomposition.rank import evbmf
-from methods.decomposition.rank import factorized_cost
-from methods.decomposition.rank import max_rank
-from methods.decomposition.rank import select_rank
-from methods.decomposition.speed import compare_latency
-from methods.decomposition.stage import DecomposeStage
-from methods.decomposition.stage import run_decompose
-from methods.decomposition.surgery import DecompositionRule
-from methods.decomposition.surgery import FactorizationReport
-from methods.decomposition.surgery import LayerReport
-from methods.decomposition.surgery import ModelBudget
-from methods.decomposition.surgery import factorize
-from methods.decomposition.surgery import factorize_with_report
+from methods._lazy import lazy_exports
+
+# Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
+# light (no JAX), the rest import JAX and Flax.
+_EXPORTS = {
+    "balance_cp_factors": "methods.decomposition.decompose",
+    "cp_factors": "methods.decomposition.decompose",
+    "relative_error": "methods.decomposition.decompose",
+    "svd_factors": "methods.decomposition.decompose",
+    "tucker2_factors": "methods.decomposition.decompose",
+    "CPConv": "methods.decomposition.layers",
+    "LowRankLinear": "methods.decomposition.layers",
+    "Tucker2Conv": "methods.decomposition.layers",
+    "dense_cost": "methods.decomposition.rank",
+    "energy_rank": "methods.decomposition.rank",
+    "evbmf": "methods.decomposition.rank",
+    "factorized_cost": "methods.decomposition.rank",
+    "max_rank": "methods.decomposition.rank",
+    "select_rank": "methods.decomposition.rank",
+    "compare_latency": "methods.decomposition.speed",
+    "DecomposeStage": "methods.decomposition.config",
+    "run_decompose": "methods.decomposition.stage",
+    "DecompositionRule": "methods.decomposition.surgery",
+    "FactorizationReport": "methods.decomposition.surgery",
+    "LayerReport": "methods.decomposition.surgery",
+    "ModelBudget": "methods.decomposition.surgery",
+    "factorize": "methods.decomposition.surgery",
+    "factorize_with_report": "methods.decomposition.surgery",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "CPConv",

@@ -11,92 +11,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
-from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from methods.decomposition.config import DecomposeStage
 from methods.decomposition.surgery import DecompositionRule
-from methods.decomposition.surgery import ModelBudget
 from methods.decomposition.surgery import _deep_copy
 from methods.decomposition.surgery import factorize_recipe_step
 from methods.decomposition.surgery import factorize_with_report
 from research import recipe as recipe_lib
-from research.config import Check
-from research.config import ConfigError
-from research.config import NonEmpty
-from research.config import Range
-from research.config import ValidationContext
-from research.config import at_least_one
-from research.config import fraction
-from research.config import positive
 from research.stages import Bundle
-from research.stages import StageConfig
 from research.stages import StageContext
 from research.stages import StageResult
-from research.stages import TrainStage
-from research.stages import finetune
+from research.stages import context_kwargs
 from research.stages import register_stage
 from research.stages import train_kwargs
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DecomposeStage(StageConfig):
-    """Factorize matched layers of the current model and fine-tune it.
-
-    Attributes:
-      rules: :class:`DecompositionRule` tuple (first match wins) over module paths.
-      budget_param_ratio: whole-model parameter budget for rules without a rank criterion (0 = none).
-      budget_flop_ratio: whole-model FLOP budget for rules without a rank criterion (0 = none).
-      check_speed: time each layer dense vs factorized and keep the slower form dense.
-      min_speedup: a factorized layer must be at least this much faster to be kept.
-      speed_batch_size: batch size of the timing input (taken from the test split).
-      repeats: timed repeats per layer (median).
-      distill: fine-tune with Hinton KD from the model as it was before this stage.
-      temperature, alpha: KD temperature and soft-loss weight.
-      finetune: the fine-tuning schedule; ``None`` skips fine-tuning.
-    """
-
-    kind: ClassVar[str] = "decompose"
-    checks: ClassVar[Mapping[str, Check]] = {
-        "rules": NonEmpty(hint="add e.g. DecompositionRule(pattern='conv', vbmf=True)"),
-        "budget_param_ratio": Range(lo=0, hi=1, hint="0 = no whole-model parameter budget"),
-        "budget_flop_ratio": Range(lo=0, hi=1, hint="0 = no whole-model FLOP budget"),
-        "min_speedup": positive,
-        "speed_batch_size": at_least_one,
-        "repeats": at_least_one,
-        "temperature": positive,
-        "alpha": fraction,
-    }
-    rules: tuple[DecompositionRule, ...] = (DecompositionRule(pattern=".*", vbmf=True),)
-    budget_param_ratio: float = 0.0
-    budget_flop_ratio: float = 0.0
-    check_speed: bool = True
-    min_speedup: float = 1.0
-    speed_batch_size: int = 32
-    repeats: int = 20
-    distill: bool = False
-    temperature: float = 4.0
-    alpha: float = 0.9
-    finetune: TrainStage | None = dataclasses.field(
-        default_factory=lambda: TrainStage(steps=300, learning_rate=3e-4, eval_every=100)
-    )
-
-    def check(self, key: str, context: ValidationContext) -> None:
-        if self.budget_param_ratio and self.budget_flop_ratio:
-            raise ConfigError(
-                f"set at most one of {key}.budget_param_ratio={self.budget_param_ratio}, "
-                f"{key}.budget_flop_ratio={self.budget_flop_ratio}"
-            )
-
-    def budget(self) -> ModelBudget | None:
-        if self.budget_param_ratio:
-            return ModelBudget(param_ratio=self.budget_param_ratio)
-        if self.budget_flop_ratio:
-            return ModelBudget(flop_ratio=self.budget_flop_ratio)
-        return None
+from research.train import finetune
 
 
 def _pinned_rules(rows: list[dict]) -> list[DecompositionRule]:
@@ -166,12 +98,12 @@ def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> Sta
     metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
     metrics["layers_factorized"] = float(sum(r["decision"] == "factorized" for r in rows))
     metrics["layers_kept_dense"] = float(sum(r["decision"] == "dense" for r in rows))
-    if cfg.finetune is not None:
+    if cfg.train is not None:
         transforms = ()
         if cfg.distill:
             transforms = (_hinton_transform(_deep_copy(bundle.model), cfg.temperature, cfg.alpha),)
             notes.append(f"fine-tuned with Hinton KD from the pre-decomposition model (T={cfg.temperature})")
-        model, _ = finetune(model, ds, ctx, **train_kwargs(cfg.finetune), loss_transforms=transforms)
+        model, _ = finetune(model, ds, **context_kwargs(ctx), **train_kwargs(cfg.train), loss_transforms=transforms)
     recipe = recipe_lib.append(bundle.recipe, factorize_recipe_step(rows))
     return StageResult(
         bundle=dataclasses.replace(bundle, model=model, recipe=recipe),

@@ -2,51 +2,58 @@
 
 Loss transforms map a loss function ``(model, batch, rng) -> (loss, aux)`` to a new one that
 adds distillation terms (Hinton KD, DKD, FitNets hints, attention transfer, relational KD, or
-a weighted sum of any of them), so they stack with pruning and quantization. Importing the
-package registers the ``distill`` stage.
+a weighted sum of any of them), so they stack with pruning and quantization. Its ``stage`` module
+registers the ``distill`` stage (``methods.register_stages()``).
 """
 
-from methods.distillation.capture import CaptureError
-from methods.distillation.capture import capture_intermediates
-from methods.distillation.capture import intermediates
-from methods.distillation.capture import module_paths
-from methods.distillation.hints import HintedStudent
-from methods.distillation.hints import unwrap_student
-from methods.distillation.hints import with_hints
-from methods.distillation.losses import attention_loss
-from methods.distillation.losses import attention_map
-from methods.distillation.losses import dkd_loss
-from methods.distillation.losses import dkd_parts
-from methods.distillation.losses import hint_loss
-from methods.distillation.losses import kd_loss
-from methods.distillation.losses import pairwise_distances
-from methods.distillation.losses import rkd_angle_loss
-from methods.distillation.losses import rkd_distance_loss
-from methods.distillation.stage import DistillStage
-from methods.distillation.stage import keep_zeros
-from methods.distillation.stage import run_distill
-from methods.distillation.teacher import IndexedBatchSampler
-from methods.distillation.teacher import OnlineTeacher
-from methods.distillation.teacher import TeacherCache
-from methods.distillation.teacher import as_teacher_outputs
-from methods.distillation.teacher import build_teacher_cache
-from methods.distillation.transforms import KDLoss
-from methods.distillation.transforms import KDTerm
-from methods.distillation.transforms import attention_term
-from methods.distillation.transforms import attention_transfer
-from methods.distillation.transforms import distill
-from methods.distillation.transforms import dkd
-from methods.distillation.transforms import dkd_term
-from methods.distillation.transforms import fitnets
-from methods.distillation.transforms import fitnets_term
-from methods.distillation.transforms import hinton_term
-from methods.distillation.transforms import list_kd_terms
-from methods.distillation.transforms import make_kd_term
-from methods.distillation.transforms import register_kd_term
-from methods.distillation.transforms import rkd
-from methods.distillation.transforms import rkd_angle_term
-from methods.distillation.transforms import rkd_distance_term
-from methods.distillation.transforms import weighted_sum
+from methods._lazy import lazy_exports
+
+# Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
+# light (no JAX), the rest import JAX and Flax.
+_EXPORTS = {
+    "CaptureError": "methods.distillation.capture",
+    "capture_intermediates": "methods.distillation.capture",
+    "intermediates": "methods.distillation.capture",
+    "module_paths": "methods.distillation.capture",
+    "HintedStudent": "methods.distillation.hints",
+    "unwrap_student": "methods.distillation.hints",
+    "with_hints": "methods.distillation.hints",
+    "attention_loss": "methods.distillation.losses",
+    "attention_map": "methods.distillation.losses",
+    "dkd_loss": "methods.distillation.losses",
+    "dkd_parts": "methods.distillation.losses",
+    "hint_loss": "methods.distillation.losses",
+    "kd_loss": "methods.distillation.losses",
+    "pairwise_distances": "methods.distillation.losses",
+    "rkd_angle_loss": "methods.distillation.losses",
+    "rkd_distance_loss": "methods.distillation.losses",
+    "DistillStage": "methods.distillation.stage",
+    "keep_zeros": "methods.distillation.stage",
+    "run_distill": "methods.distillation.stage",
+    "IndexedBatchSampler": "methods.distillation.teacher",
+    "OnlineTeacher": "methods.distillation.teacher",
+    "TeacherCache": "methods.distillation.teacher",
+    "as_teacher_outputs": "methods.distillation.teacher",
+    "build_teacher_cache": "methods.distillation.teacher",
+    "KDLoss": "methods.distillation.transforms",
+    "KDTerm": "methods.distillation.transforms",
+    "attention_term": "methods.distillation.transforms",
+    "attention_transfer": "methods.distillation.transforms",
+    "distill": "methods.distillation.transforms",
+    "dkd": "methods.distillation.transforms",
+    "dkd_term": "methods.distillation.transforms",
+    "fitnets": "methods.distillation.transforms",
+    "fitnets_term": "methods.distillation.transforms",
+    "hinton_term": "methods.distillation.transforms",
+    "list_kd_terms": "methods.distillation.transforms",
+    "make_kd_term": "methods.distillation.transforms",
+    "register_kd_term": "methods.distillation.transforms",
+    "rkd": "methods.distillation.transforms",
+    "rkd_angle_term": "methods.distillation.transforms",
+    "rkd_distance_term": "methods.distillation.transforms",
+    "weighted_sum": "methods.distillation.transforms",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "CaptureError",

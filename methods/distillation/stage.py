@@ -51,6 +51,7 @@ from research.config import Range
 from research.config import ValidationContext
 from research.config import fraction
 from research.config import nonnegative
+from research.metrics import accuracy
 from research.nn import list_models
 from research.nn import model_kwargs
 from research.stages import Bundle
@@ -58,10 +59,10 @@ from research.stages import StageConfig
 from research.stages import StageContext
 from research.stages import StageResult
 from research.stages import TrainStage
-from research.stages import accuracy
-from research.stages import finetune
+from research.stages import context_kwargs
 from research.stages import register_stage
 from research.stages import train_kwargs
+from research.train import finetune
 from research.train import read_metrics
 
 
@@ -283,11 +284,10 @@ def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageRe
     model, records = finetune(
         student,
         ds,
-        ctx,
+        **{**context_kwargs(ctx), "description": f"{ctx.label} (distill)"},
         loss_transforms=[transform],
         wrap_tx=keep_zeros if cfg.keep_zeros else None,
         sampler=sampler,
-        description=f"{ctx.label} (distill)",
         **kwargs,
     )
     model = unwrap_student(model)

@@ -7,29 +7,36 @@ family's ``get_space()`` finds a Pareto front whose members are extracted as ord
 smaller zoo models and fine-tuned.
 """
 
-from methods.nas.evaluate import bn_momentum
-from methods.nas.evaluate import calibration_batches
-from methods.nas.evaluate import evaluate_subnets
-from methods.nas.evaluate import make_evaluator
-from methods.nas.evaluate import recalibrate
-from methods.nas.sandwich import make_sandwich_step
-from methods.nas.sandwich import sandwich_loss
-from methods.nas.sandwich import sandwich_masks
-from methods.nas.sandwich import train_supernet
-from methods.nas.search import Candidate
-from methods.nas.search import CostModel
-from methods.nas.search import pareto_front
-from methods.nas.search import search
-from methods.nas.stage import NASStage
-from methods.nas.stage import run_nas
-from methods.nas.supernet import Supernet
-from methods.nas.supernet import apply
-from methods.nas.supernet import build_supernet
-from methods.nas.supernet import extract
-from methods.nas.supernet import masks_for
-from methods.nas.supernet import merge
-from methods.nas.supernet import split_supernet
-from methods.nas.supernet import stack_masks
+from methods._lazy import lazy_exports
+
+# Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
+# light (no JAX), the rest import JAX and Flax.
+_EXPORTS = {
+    "bn_momentum": "methods.nas.evaluate",
+    "calibration_batches": "methods.nas.evaluate",
+    "evaluate_subnets": "methods.nas.evaluate",
+    "make_evaluator": "methods.nas.evaluate",
+    "recalibrate": "methods.nas.evaluate",
+    "make_sandwich_step": "methods.nas.sandwich",
+    "sandwich_loss": "methods.nas.sandwich",
+    "sandwich_masks": "methods.nas.sandwich",
+    "train_supernet": "methods.nas.sandwich",
+    "Candidate": "methods.nas.search",
+    "CostModel": "methods.nas.search",
+    "pareto_front": "methods.nas.search",
+    "search": "methods.nas.search",
+    "NASStage": "methods.nas.config",
+    "run_nas": "methods.nas.stage",
+    "Supernet": "methods.nas.supernet",
+    "apply": "methods.nas.supernet",
+    "build_supernet": "methods.nas.supernet",
+    "extract": "methods.nas.supernet",
+    "masks_for": "methods.nas.supernet",
+    "merge": "methods.nas.supernet",
+    "split_supernet": "methods.nas.supernet",
+    "stack_masks": "methods.nas.supernet",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "Candidate",

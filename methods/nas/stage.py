@@ -12,12 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
-from typing import ClassVar
-from typing import Literal
 
 import jax
 
+from methods.nas.config import NASStage
 from methods.nas.evaluate import bn_momentum
 from methods.nas.evaluate import calibration_batches
 from methods.nas.evaluate import evaluate_subnets
@@ -29,68 +27,14 @@ from methods.nas.supernet import split_supernet
 from methods.nas.supernet import stack_masks
 from research import nn
 from research import recipe as recipe_lib
-from research.config import Check
 from research.config import ConfigError
-from research.config import Range
-from research.config import ValidationContext
-from research.config import at_least_one
-from research.config import nonnegative
-from research.config import positive
 from research.stages import Bundle
-from research.stages import StageConfig
 from research.stages import StageContext
 from research.stages import StageResult
-from research.stages import TrainStage
-from research.stages import finetune
+from research.stages import context_kwargs
 from research.stages import register_stage
 from research.stages import train_kwargs
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class NASStage(StageConfig):
-    """One-shot NAS on the current (family) model.
-
-    Attributes:
-      supernet_steps: sandwich-rule optimizer steps.
-      n_random: random sub-networks per step besides the largest and smallest.
-      learning_rate: peak Adam learning rate of the supernet.
-      batch_size: supernet batch size.
-      temperature: in-place distillation temperature.
-      trials: sub-networks the search evaluates.
-      batch: sub-networks evaluated together (vmapped) per search round.
-      sampler: ``tpe``, ``gp``, ``random`` or ``sobol``.
-      calib_batches: BatchNorm recalibration batches per sub-network (families with BatchNorm).
-      max_flops: pick the most accurate front member within this many FLOPs (0: no limit).
-      finetune: the fine-tuning schedule of the chosen member.
-    """
-
-    kind: ClassVar[str] = "nas"
-    checks: ClassVar[Mapping[str, Check]] = {
-        "supernet_steps": at_least_one,
-        "n_random": nonnegative,
-        "learning_rate": positive,
-        "batch_size": at_least_one,
-        "temperature": positive,
-        "trials": Range(lo=2),
-        "batch": at_least_one,
-        "calib_batches": at_least_one,
-        "max_flops": nonnegative,
-    }
-    supernet_steps: int = 1000
-    n_random: int = 2
-    learning_rate: float = 3e-3
-    batch_size: int = 128
-    temperature: float = 1.0
-    trials: int = 48
-    batch: int = 16
-    sampler: Literal["tpe", "gp", "random", "sobol"] = "tpe"
-    calib_batches: int = 4
-    max_flops: float = 0.0
-    finetune: TrainStage = dataclasses.field(default_factory=lambda: TrainStage(steps=300, learning_rate=1e-3))
-
-    def check(self, key: str, context: ValidationContext) -> None:
-        if self.batch > self.trials:
-            raise ConfigError(f"{key}.batch={self.batch} is more than {key}.trials={self.trials}; lower batch")
+from research.train import finetune
 
 
 @register_stage(NASStage)
@@ -145,7 +89,7 @@ def run_nas(bundle: Bundle, cfg: NASStage, ctx: StageContext) -> StageResult:
     ]
     path = ctx.workdir / "nas.json"
     path.write_text(json.dumps({"family": fam.name, "chosen": cands[chosen].options, "candidates": rows}, indent=2))
-    model, _ = finetune(member, ds, ctx, **train_kwargs(cfg.finetune))
+    model, _ = finetune(member, ds, **context_kwargs(ctx), **train_kwargs(cfg.train))
     # The chosen member is an ordinary zoo model: its recipe starts anew from that member, so the
     # finished stage is stored and rebuilt like any other (research.store / research.recipe).
     recipe = (recipe_lib.zoo_step(fam.name, cands[chosen].options, ds.input_shape, ds.num_classes, bundle.seed),)

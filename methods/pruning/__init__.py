@@ -1,57 +1,63 @@
 """Pruning: pytree masks, scores, schedules, an optax mask wrapper, lottery tickets, N:M and
 block patterns, dynamic sparse training (SET/RigL) and structured channel removal."""
 
-from methods.pruning import stage as _stage  # noqa: F401  (registers the "prune" stage)
-from methods.pruning.dst import DynamicSparseState
-from methods.pruning.dst import cosine_drop_fraction
-from methods.pruning.dst import dynamic_sparse
-from methods.pruning.dst import list_grow_methods
-from methods.pruning.dst import register_grow
-from methods.pruning.dst import reset_where
-from methods.pruning.encoding import sparse_bytes
-from methods.pruning.lottery import imp
-from methods.pruning.lottery import random_reinit
-from methods.pruning.lottery import rewind
-from methods.pruning.masks import DEFAULT_RULES
-from methods.pruning.masks import SparsityRule
-from methods.pruning.masks import apply_masks
-from methods.pruning.masks import combine_masks
-from methods.pruning.masks import leaf_targets
-from methods.pruning.masks import mask_from_scores
-from methods.pruning.masks import mask_sparsity
-from methods.pruning.patterns import NM
-from methods.pruning.patterns import Block
-from methods.pruning.patterns import Unstructured
-from methods.pruning.patterns import block_masks
-from methods.pruning.patterns import nm_masks
-from methods.pruning.patterns import pattern_masks
-from methods.pruning.schedules import Constant
-from methods.pruning.schedules import Iterative
-from methods.pruning.schedules import OneShot
-from methods.pruning.schedules import Polynomial
-from methods.pruning.schedules import constant_schedule
-from methods.pruning.schedules import iterative_schedule
-from methods.pruning.schedules import one_shot_schedule
-from methods.pruning.schedules import polynomial_schedule
-from methods.pruning.scores import allocate
-from methods.pruning.scores import compute_masks
-from methods.pruning.scores import compute_scores
-from methods.pruning.scores import erk_densities
-from methods.pruning.scores import list_scorers
-from methods.pruning.scores import magnitude_masks
-from methods.pruning.scores import random_masks
-from methods.pruning.scores import register_scorer
-from methods.pruning.scores import saliency_masks
-from methods.pruning.scores import snip_masks
-from methods.pruning.stage import PruneStage
-from methods.pruning.structured import ChannelRule
-from methods.pruning.structured import channel_masks
-from methods.pruning.structured import plan_channels
-from methods.pruning.structured import remove_channels
-from methods.pruning.structured import trace_groups
-from methods.pruning.wrapper import MaskedState
-from methods.pruning.wrapper import find_masks
-from methods.pruning.wrapper import masked
+from methods._lazy import lazy_exports
+
+# Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
+# light (no JAX), the rest import JAX and Flax.
+_EXPORTS = {
+    "DynamicSparseState": "methods.pruning.dst",
+    "cosine_drop_fraction": "methods.pruning.dst",
+    "dynamic_sparse": "methods.pruning.dst",
+    "list_grow_methods": "methods.pruning.dst",
+    "register_grow": "methods.pruning.dst",
+    "reset_where": "methods.pruning.dst",
+    "sparse_bytes": "methods.pruning.encoding",
+    "imp": "methods.pruning.lottery",
+    "random_reinit": "methods.pruning.lottery",
+    "rewind": "methods.pruning.lottery",
+    "DEFAULT_RULES": "methods.pruning.masks",
+    "SparsityRule": "methods.pruning.masks",
+    "apply_masks": "methods.pruning.masks",
+    "combine_masks": "methods.pruning.masks",
+    "leaf_targets": "methods.pruning.masks",
+    "mask_from_scores": "methods.pruning.masks",
+    "mask_sparsity": "methods.pruning.masks",
+    "NM": "methods.pruning.patterns",
+    "Block": "methods.pruning.patterns",
+    "Unstructured": "methods.pruning.patterns",
+    "block_masks": "methods.pruning.patterns",
+    "nm_masks": "methods.pruning.patterns",
+    "pattern_masks": "methods.pruning.patterns",
+    "Constant": "methods.pruning.schedules",
+    "Iterative": "methods.pruning.schedules",
+    "OneShot": "methods.pruning.schedules",
+    "Polynomial": "methods.pruning.schedules",
+    "constant_schedule": "methods.pruning.schedules",
+    "iterative_schedule": "methods.pruning.schedules",
+    "one_shot_schedule": "methods.pruning.schedules",
+    "polynomial_schedule": "methods.pruning.schedules",
+    "allocate": "methods.pruning.scores",
+    "compute_masks": "methods.pruning.scores",
+    "compute_scores": "methods.pruning.scores",
+    "erk_densities": "methods.pruning.scores",
+    "list_scorers": "methods.pruning.scores",
+    "magnitude_masks": "methods.pruning.scores",
+    "random_masks": "methods.pruning.scores",
+    "register_scorer": "methods.pruning.scores",
+    "saliency_masks": "methods.pruning.scores",
+    "snip_masks": "methods.pruning.scores",
+    "PruneStage": "methods.pruning.config",
+    "ChannelRule": "methods.pruning.structured",
+    "channel_masks": "methods.pruning.structured",
+    "plan_channels": "methods.pruning.structured",
+    "remove_channels": "methods.pruning.structured",
+    "trace_groups": "methods.pruning.structured",
+    "MaskedState": "methods.pruning.wrapper",
+    "find_masks": "methods.pruning.wrapper",
+    "masked": "methods.pruning.wrapper",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "Block",

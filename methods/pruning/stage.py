@@ -1,9 +1,9 @@
-"""The ``prune`` stage: optional channel removal, then fine-tuning with pruning masks.
+"""The ``prune`` stage's run function: optional channel removal, then fine-tuning with pruning masks.
 
-Example config entry::
+Example config entry (the config class is :class:`methods.pruning.config.PruneStage`)::
 
-    PruneStage(sparsity=0.9, schedule="polynomial", steps=300)              # unstructured
-    PruneStage(channel_ratio=0.5, sparsity=0.0, steps=200)                  # remove half the channels
+    PruneStage(sparsity=0.9, schedule="polynomial", train=TrainStage(steps=300))  # unstructured
+    PruneStage(channel_ratio=0.5, sparsity=0.0, train=TrainStage(steps=200))      # remove half the channels
     PruneStage(pattern="nm", n=2, m=4, rules=(SparsityRule(pattern="head", sparsity=0.0),
                                               SparsityRule(pattern="kernel$")))
 """
@@ -11,9 +11,6 @@ Example config entry::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import ClassVar
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +18,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from methods.pruning.config import PruneStage
 from methods.pruning.encoding import leaf_sparse_bytes
 from methods.pruning.encoding import sparse_bytes
-from methods.pruning.masks import SparsityRule
 from methods.pruning.masks import mask_sparsity
 from methods.pruning.patterns import NM
 from methods.pruning.patterns import Block
@@ -31,107 +28,22 @@ from methods.pruning.patterns import Unstructured
 from methods.pruning.schedules import iterative_schedule
 from methods.pruning.schedules import one_shot_schedule
 from methods.pruning.schedules import polynomial_schedule
-from methods.pruning.scores import get_scorer
-from methods.pruning.scores import list_scorers
-from methods.pruning.structured import list_channel_scores
 from methods.pruning.structured import remove_channels
 from methods.pruning.structured.channels import plan_recipe_step
 from methods.pruning.wrapper import find_masks
 from methods.pruning.wrapper import masked
 from research import recipe as recipe_lib
-from research.config import Check
-from research.config import ConfigError
-from research.config import Each
-from research.config import OneOf
-from research.config import Range
-from research.config import ValidationContext
-from research.config import at_least_one
-from research.config import positive
 from research.nn import iter_modules
 from research.stages import Bundle
-from research.stages import StageConfig
 from research.stages import StageContext
 from research.stages import StageResult
-from research.stages import finetune
+from research.stages import context_kwargs
 from research.stages import register_stage
+from research.stages import train_kwargs
+from research.train import finetune
 from research.train import merge_model
 from research.train import split_model
 from research.tree import flatten_with_paths
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PruneStage(StageConfig):
-    """Prune the current model and fine-tune it with the masks held at zero.
-
-    Attributes:
-      sparsity: final unstructured (or block) sparsity of the selected leaves; 0 = no masks.
-      schedule: ``polynomial`` (Zhu & Gupta ramp over the first ``ramp_fraction`` of steps),
-        ``iterative`` (``rounds`` equal-rate rounds) or ``one_shot`` (at step 0).
-      ramp_fraction: fraction of ``steps`` over which the sparsity ramps up.
-      rounds: rounds of the iterative schedule.
-      frequency: steps between mask updates (0 = ``steps // 20``).
-      scorer: ``magnitude``, ``random`` or ``saliency``.
-      allocation: ``layerwise``, ``global`` or ``erk``.
-      pattern: ``unstructured``, ``nm`` (``n`` of every ``m``, sparsity fixed to ``1 - n/m``) or
-        ``block`` (``block`` tiles).
-      rules: :class:`~methods.pruning.SparsityRule` s (empty = every kernel).
-      channel_ratio: fraction of channels removed physically (before fine-tuning); 0 = none.
-      channel_score: ``l1``, ``l2``, ``bn_scale`` or ``taylor``.
-      steps, learning_rate, batch_size, optimizer: fine-tuning. ``steps=0`` (``one_shot``
-        schedule only) applies the one-shot masks without fine-tuning, e.g. to measure the
-        pruned model before a later stage (distillation) trains it.
-    """
-
-    kind: ClassVar[str] = "prune"
-    checks: ClassVar[Mapping[str, Check]] = {
-        "sparsity": Range(lo=0, hi=1, hi_open=True, hint="the fraction of weights removed, e.g. 0.9"),
-        "ramp_fraction": Range(lo=0, hi=1, lo_open=True),
-        "rounds": at_least_one,
-        "frequency": Range(lo=0, hint="0 updates the masks every steps // 20"),
-        "scorer": OneOf(list_scorers, "pruning scorer"),
-        "n": at_least_one,
-        "m": Range(lo=2),
-        "block": Each(at_least_one),
-        "channel_ratio": Range(lo=0, hi=1, hi_open=True, hint="the fraction of channels removed"),
-        "channel_score": OneOf(list_channel_scores, "channel score"),
-        "steps": Range(lo=0, hint="0 prunes one-shot without fine-tuning"),
-        "learning_rate": positive,
-        "batch_size": at_least_one,
-        "checkpoint_every": Range(lo=0, hint="0 saves only at the end"),
-    }
-    sparsity: float = 0.9
-    schedule: Literal["polynomial", "iterative", "one_shot"] = "polynomial"
-    ramp_fraction: float = 0.7
-    rounds: int = 3
-    frequency: int = 0
-    scorer: str = "magnitude"
-    allocation: Literal["layerwise", "global", "erk"] = "layerwise"
-    pattern: Literal["unstructured", "nm", "block"] = "unstructured"
-    n: int = 2
-    m: int = 4
-    block: tuple[int, int] = (4, 4)
-    rules: tuple[SparsityRule, ...] = ()
-    channel_ratio: float = 0.0
-    channel_score: str = "l1"
-    steps: int = 300
-    learning_rate: float = 1e-3
-    batch_size: int = 128
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    checkpoint_every: int = 100
-
-    def check(self, key: str, context: ValidationContext) -> None:
-        if self.pattern == "nm" and not self.n < self.m:
-            raise ConfigError(f"{key}.n={self.n} must be less than {key}.m={self.m} (keep n of every m weights)")
-        if self.steps == 0 and self.schedule != "one_shot":
-            raise ConfigError(
-                f"{key}.steps=0 needs {key}.schedule='one_shot' (got {self.schedule!r}): only a "
-                "one-shot prune needs no training; set schedule='one_shot' or steps > 0"
-            )
-        if self.steps == 0 and get_scorer(self.scorer).needs_grad:
-            raise ConfigError(
-                f"{key}.steps=0 cannot use {key}.scorer={self.scorer!r}, which needs gradients; "
-                "use 'magnitude' or 'random', or steps > 0"
-            )
 
 
 def _schedule(cfg: PruneStage, sparsity: float):
@@ -221,19 +133,10 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
                 seed=ctx.seed,
             )
 
-    if cfg.steps == 0:
+    if cfg.train is None:
         return _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes)
     model, records, (defs, state) = finetune(
-        model,
-        ds,
-        ctx,
-        steps=cfg.steps,
-        learning_rate=cfg.learning_rate,
-        batch_size=cfg.batch_size,
-        optimizer=cfg.optimizer,
-        wrap_tx=wrap,
-        checkpoint_every=cfg.checkpoint_every,
-        return_state=True,
+        model, ds, **context_kwargs(ctx), **train_kwargs(cfg.train), wrap_tx=wrap, return_state=True
     )
     masks = find_masks(state.opt_state)
     extras = dict(bundle.extras)
@@ -249,7 +152,7 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
 
 
 def _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes) -> StageResult:
-    """``steps=0``: one update of the mask wrapper around a zero optimizer, i.e. the one-shot
+    """``train=None``: one update of the mask wrapper around a zero optimizer, i.e. the one-shot
     masks of a training run, applied to the weights without any training step."""
     metrics: dict[str, float] = {}
     defs, params, model_state = split_model(nnx.clone(model))
@@ -262,7 +165,7 @@ def _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes) -> S
         masks = find_masks(state)
         metrics["mask_sparsity"] = mask_sparsity(masks)["__global__"]
     model = merge_model(defs.eval, params, model_state)
-    notes.append("one-shot masks applied without fine-tuning (steps=0)")
+    notes.append("one-shot masks applied without fine-tuning (train=None)")
     enc = sparse_bytes(params, masks)
     metrics.update({k: float(v) for k, v in enc.items()})
     metrics["sparsity"] = 1.0 - enc["nonzeros"] / max(enc["params"], 1)

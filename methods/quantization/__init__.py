@@ -8,54 +8,60 @@ Typical post-training quantization::
     params = quant_params(qmodel)      # for research.export
 
 QAT: train ``qmodel`` with the ordinary training core (``research.train`` /
-``research.stages.finetune``); LSQ steps and PACT clipping values are ``nnx.Param`` leaves.
+``research.train.finetune``); LSQ steps and PACT clipping values are ``nnx.Param`` leaves.
 """
 
-from methods.quantization import stage as _stage  # noqa: F401  (registers quantize/qat)
-from methods.quantization.calibration import calibrate
-from methods.quantization.deploy import deployable
-from methods.quantization.folding import find_conv_bn_pairs
-from methods.quantization.folding import fold_batchnorm
-from methods.quantization.folding import layer_order
-from methods.quantization.folding import trace_calls
-from methods.quantization.modules import FakeQuant
-from methods.quantization.modules import Identity
-from methods.quantization.modules import QuantConv
-from methods.quantization.modules import QuantLayer
-from methods.quantization.modules import QuantLinear
-from methods.quantization.modules import QuantMethod
-from methods.quantization.modules import QuantRange
-from methods.quantization.modules import QuantSpec
-from methods.quantization.modules import find_quantizers
-from methods.quantization.modules import list_methods
-from methods.quantization.modules import register_method
-from methods.quantization.observers import Observer
-from methods.quantization.observers import list_observers
-from methods.quantization.observers import make_observer
-from methods.quantization.observers import register_observer
-from methods.quantization.quantizers import check_bits
-from methods.quantization.quantizers import dequantize
-from methods.quantization.quantizers import fake_quant
-from methods.quantization.quantizers import fake_quant_ste
-from methods.quantization.quantizers import lsq_init_step
-from methods.quantization.quantizers import lsq_quantize
-from methods.quantization.quantizers import pact_quantize
-from methods.quantization.quantizers import qrange
-from methods.quantization.quantizers import quantize
-from methods.quantization.quantizers import round_ste
-from methods.quantization.quantizers import scale_zero_point
-from methods.quantization.report import format_table
-from methods.quantization.report import layer_table
-from methods.quantization.report import quant_layers
-from methods.quantization.report import quant_params
-from methods.quantization.report import quantized_bytes
-from methods.quantization.stage import QATStage
-from methods.quantization.stage import QuantizeStage
-from methods.quantization.surgery import QuantRule
-from methods.quantization.surgery import float_layers
-from methods.quantization.surgery import quantizable_layers
-from methods.quantization.surgery import quantize_model
-from methods.quantization.surgery import register_twin
+from methods._lazy import lazy_exports
+
+# Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
+# light (no JAX), the rest import JAX and Flax.
+_EXPORTS = {
+    "calibrate": "methods.quantization.calibration",
+    "deployable": "methods.quantization.deploy",
+    "find_conv_bn_pairs": "methods.quantization.folding",
+    "fold_batchnorm": "methods.quantization.folding",
+    "layer_order": "methods.quantization.folding",
+    "trace_calls": "methods.quantization.folding",
+    "FakeQuant": "methods.quantization.modules",
+    "Identity": "methods.quantization.modules",
+    "QuantConv": "methods.quantization.modules",
+    "QuantLayer": "methods.quantization.modules",
+    "QuantLinear": "methods.quantization.modules",
+    "QuantMethod": "methods.quantization.modules",
+    "QuantRange": "methods.quantization.modules",
+    "QuantSpec": "methods.quantization.modules",
+    "find_quantizers": "methods.quantization.modules",
+    "list_methods": "methods.quantization.modules",
+    "register_method": "methods.quantization.modules",
+    "Observer": "methods.quantization.observers",
+    "list_observers": "methods.quantization.observers",
+    "make_observer": "methods.quantization.observers",
+    "register_observer": "methods.quantization.observers",
+    "check_bits": "methods.quantization.quantizers",
+    "dequantize": "methods.quantization.quantizers",
+    "fake_quant": "methods.quantization.quantizers",
+    "fake_quant_ste": "methods.quantization.quantizers",
+    "lsq_init_step": "methods.quantization.quantizers",
+    "lsq_quantize": "methods.quantization.quantizers",
+    "pact_quantize": "methods.quantization.quantizers",
+    "qrange": "methods.quantization.quantizers",
+    "quantize": "methods.quantization.quantizers",
+    "round_ste": "methods.quantization.quantizers",
+    "scale_zero_point": "methods.quantization.quantizers",
+    "format_table": "methods.quantization.report",
+    "layer_table": "methods.quantization.report",
+    "quant_layers": "methods.quantization.report",
+    "quant_params": "methods.quantization.report",
+    "quantized_bytes": "methods.quantization.report",
+    "QATStage": "methods.quantization.config",
+    "QuantizeStage": "methods.quantization.config",
+    "QuantRule": "methods.quantization.surgery",
+    "float_layers": "methods.quantization.surgery",
+    "quantizable_layers": "methods.quantization.surgery",
+    "quantize_model": "methods.quantization.surgery",
+    "register_twin": "methods.quantization.surgery",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "FakeQuant",

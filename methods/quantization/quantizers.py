@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MIN_BITS = 2
-MAX_BITS = 8
+from methods.quantization.config import MAX_BITS  # one definition, in the light config module
+from methods.quantization.config import MIN_BITS
+
 _EPS = 1e-8
 
 

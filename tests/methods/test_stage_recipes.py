@@ -211,7 +211,7 @@ def test_every_stage_kind_rebuilds_identically(digits, tmp_path):
                 m=4,
                 rules=(SparsityRule(pattern="^fc.*kernel$"),),
                 schedule="one_shot",
-                steps=0,
+                train=None,
             ),
         ),
         (
@@ -225,7 +225,7 @@ def test_every_stage_kind_rebuilds_identically(digits, tmp_path):
                     DecompositionRule(pattern=".*", skip=True),
                 ),
                 check_speed=False,
-                finetune=None,
+                train=None,
             ),
         ),
         (
@@ -257,7 +257,7 @@ def test_every_stage_kind_rebuilds_identically(digits, tmp_path):
 def test_a_structure_change_without_a_recipe_step_fails_at_save(digits, tmp_path):
     bundle = _bundle("mlp", digits)
     pruned = run_prune(
-        bundle, PruneStage(channel_ratio=0.5, sparsity=0.0, schedule="one_shot", steps=0), _ctx(tmp_path, "p")
+        bundle, PruneStage(channel_ratio=0.5, sparsity=0.0, schedule="one_shot", train=None), _ctx(tmp_path, "p")
     ).bundle
     with pytest.raises(recipe_lib.RecipeError, match="only in the model|shapes differ") as e:
         store.save_stage(tmp_path / "x", model=pruned.model, extras={}, record={}, recipe=bundle.recipe)

@@ -9,6 +9,7 @@ that fail the test if called, so "before anything trains" is checked, not assume
 """
 
 import dataclasses
+import importlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import typing
 
 import pytest
 
+import methods
 from methods.decomposition import DecompositionRule
 from methods.decomposition import ModelBudget
 from methods.pruning import SparsityRule
@@ -46,8 +48,8 @@ CROSS_CHECKED = {
 # (class name, field overrides, the key the error must name)
 CROSS = [
     ("TrainStage", {"steps": 10, "warmup_steps": 11}, "train.warmup_steps"),
-    ("PruneStage", {"steps": 0, "schedule": "polynomial"}, "prune.steps"),
-    ("PruneStage", {"steps": 0, "schedule": "one_shot", "scorer": "saliency"}, "prune.scorer"),
+    ("PruneStage", {"train": None, "schedule": "polynomial"}, "prune.train"),
+    ("PruneStage", {"train": None, "schedule": "one_shot", "scorer": "saliency"}, "prune.scorer"),
     ("PruneStage", {"pattern": "nm", "n": 4, "m": 4}, "prune.n"),
     ("DistillStage", {"teacher": "no_such_stage"}, "distill.teacher"),
     ("DistillStage", {"teacher": ""}, "distill.teacher"),
@@ -76,7 +78,9 @@ def nothing_trains(monkeypatch):
     for kind in KINDS:
         cls, _ = stages_lib.get_stage(kind)
         monkeypatch.setitem(stages_lib._STAGES, kind, (cls, trained))
-    monkeypatch.setattr(stages_lib, "finetune", trained)
+    for module in ("research.train", *(f"methods.{p}.stage" for p in methods.PACKAGES)):
+        if hasattr(importlib.import_module(module), "finetune"):
+            monkeypatch.setattr(f"{module}.finetune", trained)
     monkeypatch.setattr(run_lib, "build_bundle", trained)
 
 
@@ -219,7 +223,7 @@ def test_every_top_level_field_refuses_bad_values_before_training(which, tmp_pat
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("stages.prune.learning_rate=-1", "stages.prune.learning_rate=-1.0 must be > 0"),
+        ("stages.prune.train.learning_rate=-1", "stages.prune.train.learning_rate=-1.0 must be > 0"),
         ("stages.quantize.observer=bogus", "stages.quantize.observer='bogus' is not registered (observer)"),
         ("latency_batch_size=0", "latency_batch_size=0 must be >= 1"),
         ("data.val_fraction=1.5", "data.val_fraction=1.5 is outside [0, 1)"),

@@ -31,7 +31,10 @@ CONFIG = textwrap.dedent(
 
     def get_config(arg=None):
         train = TrainStage(steps=20, batch_size=32, checkpoint_every=10, eval_every=10, log_every=2)
-        prune = PruneStage(sparsity=0.5, steps=10, batch_size=16, learning_rate=2e-3, checkpoint_every=5)
+        prune = PruneStage(
+        sparsity=0.5,
+        train=TrainStage(steps=10, batch_size=16, learning_rate=2e-3, checkpoint_every=5, eval_every=0),
+    )
         return Config(
             name="tiny",
             model=ModelConfig(name="mlp", options={"widths": (16,)}),

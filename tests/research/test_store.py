@@ -58,7 +58,9 @@ def _config(**prune):
         latency_batch_size=1,
         stages=(
             train,
-            PruneStage(channel_ratio=0.5, sparsity=0.5, steps=2, batch_size=32, **prune),
+            PruneStage(
+                channel_ratio=0.5, sparsity=0.5, train=TrainStage(steps=2, batch_size=32, eval_every=0), **prune
+            ),
             QuantizeStage(bits=8, calibration_examples=32),
         ),
     )

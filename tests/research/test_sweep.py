@@ -24,7 +24,7 @@ def get_config(arg=None):
         data=DataConfig(name="digits", limit=400),
         stages=(
             TrainStage(steps=4, batch_size=32, checkpoint_every=4, eval_every=4, log_every=2),
-            PruneStage(sparsity=0.9, steps=2, batch_size=32),
+            PruneStage(sparsity=0.9, train=TrainStage(steps=2, batch_size=32, eval_every=0)),
         ),
     )
 """

@@ -351,7 +351,7 @@ def _prune_config(model="mlp", options=None):
         data=C.DataConfig(name="digits", limit=300),
         stages=(
             TrainStage(steps=4, batch_size=32),
-            PruneStage(sparsity=0.5, steps=2, batch_size=32),
+            PruneStage(sparsity=0.5, train=TrainStage(steps=2, batch_size=32, eval_every=0)),
             QuantizeStage(bits=8, calibration_examples=32),
         ),
     )

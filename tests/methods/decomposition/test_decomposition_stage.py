@@ -27,7 +27,7 @@ def test_decompose_stage_runs_and_resumes(tmp_path):
         ),
         check_speed=False,
         distill=True,
-        finetune=TrainStage(steps=4, batch_size=32, checkpoint_every=2, eval_every=0, log_every=2),
+        train=TrainStage(steps=4, batch_size=32, checkpoint_every=2, eval_every=0, log_every=2),
     )
     config_cls, run = get_stage("decompose")
     assert config_cls is DecomposeStage

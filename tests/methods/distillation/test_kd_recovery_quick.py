@@ -7,6 +7,7 @@ from experiments.kd_recovery.experiment import ARMS
 from experiments.kd_recovery.main import main
 from methods.pruning import PruneStage
 from research import run as run_lib
+from research.stages import TrainStage
 from research.train import split_model
 from research.tree import flatten_with_paths
 
@@ -52,9 +53,9 @@ def test_quick_run_prints_the_table_and_pruned_weights_stay_zero(tmp_path, capsy
     [
         ({"schedule": "polynomial"}, "one_shot"),
         ({"schedule": "one_shot", "scorer": "saliency"}, "gradients"),
-        ({"schedule": "one_shot", "steps": -1}, ">= 0"),
+        ({"schedule": "one_shot", "train": TrainStage(steps=-1)}, r"train.steps=-1 must be >= 1"),
     ],
 )
 def test_prune_stage_without_training_rejects_what_needs_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PruneStage(**{"steps": 0, **kwargs}).validate()
+        PruneStage(**{"train": None, **kwargs}).validate()

@@ -14,6 +14,7 @@ from research.data import Dataset
 from research.nn import build_model
 from research.stages import Bundle
 from research.stages import StageContext
+from research.stages import TrainStage
 from research.stages import get_stage
 
 
@@ -47,7 +48,11 @@ def test_imp_rows():
 def test_prune_stage(tmp_path):
     ds = _tiny_ds()
     model = build_model("mlp", input_shape=(6,), num_classes=2, widths=(16,), rngs=nnx.Rngs(0))
-    cfg = P.PruneStage(sparsity=0.5, channel_ratio=0.25, steps=8, batch_size=16, checkpoint_every=0)
+    cfg = P.PruneStage(
+        sparsity=0.5,
+        channel_ratio=0.25,
+        train=TrainStage(steps=8, batch_size=16, checkpoint_every=0, eval_every=0),
+    )
     _, run = get_stage("prune")
     res = run(
         Bundle(model=model, dataset=ds),

@@ -1,0 +1,129 @@
+"""The ``quantize`` and ``qat`` stages' configs (standard library only: a config file imports them without JAX).
+
+Example config entries::
+
+    QuantizeStage(bits=8, per_channel=True, calibration_examples=256)
+    QATStage(bits=4, method="lsq", first_last_bits=8, train=TrainStage(steps=300, learning_rate=1e-3))
+
+The run functions are in :mod:`methods.quantization.stage`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+from typing import ClassVar
+
+from research.config import Check
+from research.config import InstancesOf
+from research.config import OneOf
+from research.config import Range
+from research.config import at_least_one
+from research.stages import StageConfig
+from research.stages import TrainStage
+
+#: The bit widths a quantizer supports (``methods.quantization.quantizers.check_bits``).
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+def _list_methods() -> list[str]:
+    from methods.quantization.modules import list_methods  # pylint: disable=import-outside-toplevel
+
+    return list_methods()
+
+
+def _list_observers() -> list[str]:
+    from methods.quantization.observers import list_observers  # pylint: disable=import-outside-toplevel
+
+    return list_observers()
+
+
+def _quant_rule() -> type:
+    from methods.quantization.surgery import QuantRule  # pylint: disable=import-outside-toplevel
+
+    return QuantRule
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeStage(StageConfig):
+    """Post-training quantization: fold BN, swap in fake-quant layers, calibrate.
+
+    Attributes:
+      bits: bit width of kernels and input activations (when ``rules`` is empty).
+      method: ``"ste"``, ``"lsq"`` or ``"pact"`` (when ``rules`` is empty).
+      per_channel: per-output-channel kernel scales (when ``rules`` is empty).
+      first_last_bits: bits of the first and last layer to run (0: same as ``bits``); mixed
+        precision without writing rules.
+      rules: explicit :class:`QuantRule` list (overrides the four fields above).
+      skip_first: keep the first layer in float.
+      skip_last: keep the last layer in float.
+      fold_bn: fold BatchNorm into the preceding conv/linear first.
+      observer: activation observer (``minmax``, ``moving_average``, ``percentile``, ``mse``).
+      weight_observer: kernel observer.
+      calibration_examples: training examples used for calibration.
+      calibration_batch_size: calibration batch size.
+    """
+
+    kind: ClassVar[str] = "quantize"
+    checks: ClassVar[Mapping[str, Check]] = {
+        "bits": Range(lo=MIN_BITS, hi=MAX_BITS, hint="the kernel and activation bit width"),
+        "method": OneOf(_list_methods, "quantization method"),
+        "first_last_bits": OneOf([0, *range(MIN_BITS, MAX_BITS + 1)], "bit width (0: same as bits)", bad=(1, 9)),
+        "observer": OneOf(_list_observers, "observer"),
+        "weight_observer": OneOf(_list_observers, "observer"),
+        "calibration_examples": at_least_one,
+        "calibration_batch_size": at_least_one,
+        "rules": InstancesOf(_quant_rule, "give methods.quantization.QuantRule(pattern=...)"),
+    }
+    bits: int = 8
+    method: str = "ste"
+    per_channel: bool = True
+    first_last_bits: int = 0
+    rules: tuple[Any, ...] = ()
+    skip_first: bool = False
+    skip_last: bool = False
+    fold_bn: bool = True
+    observer: str = "minmax"
+    weight_observer: str = "minmax"
+    calibration_examples: int = 512
+    calibration_batch_size: int = 128
+
+    def make_rules(self, order: list[str]) -> list[Any]:
+        """The :class:`~methods.quantization.QuantRule` s of this stage (``order``: layer paths in execution order)."""
+        from methods.quantization.surgery import QuantRule  # pylint: disable=import-outside-toplevel
+
+        if self.rules:
+            return list(self.rules)
+        rules = []
+        if self.first_last_bits and order:
+            ends = sorted({order[0], order[-1]})
+            pattern = "^(" + "|".join(re.escape(p) for p in ends) + ")$"
+            rules.append(
+                QuantRule(
+                    pattern=pattern,
+                    bits=self.first_last_bits,
+                    method=self.method,
+                    per_channel=self.per_channel,
+                )
+            )
+        rules.append(QuantRule(pattern=".*", bits=self.bits, method=self.method, per_channel=self.per_channel))
+        return rules
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QATStage(QuantizeStage):
+    """Quantization-aware training from calibrated ranges.
+
+    Attributes:
+      train: the fine-tuning schedule (steps, learning rate, ...; override keys
+        ``stages.qat.train.<field>``), run by :func:`research.train.finetune`.
+      (all :class:`QuantizeStage` fields, used when the model is not fake-quantized yet)
+    """
+
+    kind: ClassVar[str] = "qat"
+    train: TrainStage = dataclasses.field(
+        default_factory=lambda: TrainStage(steps=300, learning_rate=1e-4, eval_every=100)
+    )
