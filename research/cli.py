@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
-# Heavy modules (JAX, Flax, TensorFlow, ``methods``) are imported only where a command needs
-# them, after its arguments and config were checked: a bad path, a syntax error or a malformed
-# --set is reported before any of them loads. The config file itself imports the stage classes
-# it uses (and with them JAX and Flax); TensorFlow is never imported before training starts.
+# Heavy modules (JAX, Flax, TensorFlow, the stage plugins) are imported only where a command
+# needs them, after its arguments and config were checked: a bad path, a syntax error, a
+# malformed --set or a value out of its range (config.check_values) is reported before any of
+# them loads. The config file imports the stage classes it uses; the method packages export them
+# from light modules (no JAX), so only a config that builds rules or models itself loads JAX
+# first. Registry names are checked after the stage plugins are loaded. TensorFlow is never
+# imported before training starts.
 
 
 def _config_error(message: object) -> int:
@@ -37,9 +41,17 @@ def _load_config(args):
         for item in args.set or []:  # the form of every --set, before the config file runs
             if "=" not in item or not item.partition("=")[0].strip():
                 raise config_lib.ConfigError(f"--set {item!r} is not of the form key=value (e.g. stages.0.steps=100)")
-        config = config_lib.load_config(args.config)
-        config_lib.register_all_stages()
-        config = config_lib.apply_overrides(config, args.set or [])
+        with warnings.catch_warnings(record=True) as caught:  # deprecated spellings, shown once each
+            warnings.simplefilter("always", DeprecationWarning)
+            config = config_lib.load_config(args.config)
+            config = config_lib.apply_overrides(config, args.set or [])
+        for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)):
+            print(f"slimjax: warning: {message}", file=sys.stderr)
+        for w in caught:
+            if not issubclass(w.category, DeprecationWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        config_lib.check_values(config)  # types and ranges: before JAX is imported
+        config_lib.register_all_stages()  # the stage plugins and their registries (imports JAX)
         config_lib.validate(config)
     except (config_lib.ConfigError, ValueError, KeyError, TypeError) as e:
         _config_error(e)
@@ -254,10 +266,13 @@ def _cmd_export(args) -> int:
         print(f"slimjax: export is unavailable: {e}", file=sys.stderr)
         return 2
     from research.store import StoreError
+    from research.workdir import WorkdirInUseError
+    from research.workdir import WorkdirLock
 
     try:
-        report = export_run(args.run_dir, formats=tuple(args.to.split(",")), int8=args.int8, out_dir=args.out)
-    except StoreError as e:  # e.g. a legacy result.pkl (never opened) or an unreadable stage result
+        with WorkdirLock(args.run_dir):  # it writes RUN_DIR/export: not while a run uses the directory
+            report = export_run(args.run_dir, formats=tuple(args.to.split(",")), int8=args.int8, out_dir=args.out)
+    except (StoreError, WorkdirInUseError) as e:  # a legacy result.pkl (never opened), unreadable files, a live run
         print(f"slimjax: {e}", file=sys.stderr)
         return 2
     print(report.table() if hasattr(report, "table") else report)

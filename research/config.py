@@ -525,9 +525,11 @@ def _set(obj: Any, parts: list[str], value: Any, key: str) -> Any:
             DeprecationWarning,
             stacklevel=2,
         )
-        if rest:
-            return _set(obj, renamed[head].split(".") + rest, value, new_key)
-        return obj.replace_renamed(head, value)
+        new_parts = renamed[head].split(".") + rest
+        nested = getattr(obj, new_parts[0], None)
+        if rest or (len(new_parts) > 1 and nested is not None and not (new_parts[-1] == "steps" and value == 0)):
+            return _set(obj, new_parts, value, new_key)
+        return obj.replace_renamed(head, value)  # a renamed field, or steps=0 / a schedule that is None
     if head not in fields:
         where = type(obj).__name__
         raise ConfigError(f"unknown key {key!r}: {where} has no field {head!r}; valid keys: {sorted(fields)}")
@@ -608,20 +610,16 @@ def validate_fields(obj: Any, key: str, context: ValidationContext | None = None
 
 
 def register_all_stages() -> None:
-    """Registers every stage kind, and fills every registry a field check names: calls the
-    installed stage plugins (entry-point group ``slimjax.stages``, see
-    :func:`research.stages.load_stage_plugins`) and imports the core's ``research.export`` (without
-    TensorFlow). Standard library only until those imports run.
+    """Registers every stage kind, and fills every registry a field check names: the installed
+    stage plugins (entry-point group ``slimjax.stages``) and the core's ``research.export`` (see
+    :func:`research.stages.load_all_stages`). Standard library only until those imports run.
 
     Raises:
       ImportError: an installed stage plugin failed to load (the message names it).
     """
-    import importlib  # pylint: disable=import-outside-toplevel
+    from research.stages import load_all_stages  # pylint: disable=import-outside-toplevel
 
-    from research.stages import load_stage_plugins  # pylint: disable=import-outside-toplevel
-
-    load_stage_plugins()
-    importlib.import_module("research.export")
+    load_all_stages()
 
 
 def check_values(config: Config) -> None:

@@ -203,17 +203,20 @@ def load_run(workdir: str) -> tuple[dict[str, Any], nnx.Module, dict[str, Any]]:
     """``(report, final_model, extras)`` of a finished run directory.
 
     The model is rebuilt from the last stage's stored recipe and arrays (:mod:`research.store`);
-    nothing in the directory is executed.
+    nothing in the directory is executed. The directory's lock is held shared while reading
+    (:class:`research.workdir.WorkdirLock`), so a run still writing it is refused, not half-read.
 
     Raises:
       FileNotFoundError: no finished stage in ``workdir``.
       RunFileError: ``report.json`` is missing or unreadable (the message names it and the fix).
       research.store.StoreError: a legacy ``result.pkl`` (rerun) or unreadable stage files.
+      WorkdirInUseError: a live process is running in ``workdir``.
     """
-    report = report_lib.read_report(workdir)
-    if not report["stages"]:
-        raise FileNotFoundError(f"{workdir} has no finished stage")
-    saved = load_stage(workdir, report["stages"][-1]["label"])
+    with workdir_lib.WorkdirLock(workdir, shared=True):  # not while a run writes it
+        report = report_lib.read_report(workdir)
+        if not report["stages"]:
+            raise FileNotFoundError(f"{workdir} has no finished stage")
+        saved = load_stage(workdir, report["stages"][-1]["label"])
     return report, saved.model, saved.extras
 
 

@@ -239,8 +239,8 @@ def register_stage(config_cls: type[StageConfig]) -> Callable[[StageFn], StageFn
 
 
 def list_stages() -> list[str]:
-    """Registered stage kinds, the installed plugins' included (:func:`load_stage_plugins` runs first)."""
-    load_stage_plugins()
+    """Registered stage kinds: the core's and the installed plugins' (:func:`load_all_stages` runs first)."""
+    load_all_stages()
     return sorted(_STAGES)
 
 
@@ -251,7 +251,7 @@ def get_stage(kind: str) -> tuple[type, StageFn]:
       KeyError: unknown kind (lists the registered ones, and how to install the missing ones).
     """
     if kind not in _STAGES:
-        load_stage_plugins()
+        load_all_stages()
     if kind not in _STAGES:
         raise KeyError(f"unknown stage kind {kind!r}; registered: {list_stages()}{missing_plugins_hint()}")
     return _STAGES[kind]
@@ -301,6 +301,18 @@ def load_stage_plugins(*, reload: bool = False) -> dict[str, str]:
         loaded[ep.name] = ep.value
     _plugins = loaded
     return dict(loaded)
+
+
+def load_all_stages() -> None:
+    """Registers every stage kind: the core's ``train`` (this module) and ``export``
+    (``research.export``, imported without TensorFlow) and the installed plugins'
+    (:func:`load_stage_plugins`). Cheap after the first call.
+
+    Raises:
+      ImportError: a plugin failed to load (the message names it).
+    """
+    load_stage_plugins()
+    importlib.import_module("research.export")
 
 
 def missing_plugins_hint() -> str:

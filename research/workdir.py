@@ -7,7 +7,9 @@ heavy imports:
   holder's pid, host, start time and command as JSON. A second process on the same directory
   gets :class:`WorkdirInUseError` ("workdir W is in use by pid N on HOST since T") at once; the
   lock of a process that died (kill -9, power loss) is released by the kernel, and the next run
-  takes it over with a warning naming the dead holder.
+  takes it over with a warning naming the dead holder. ``slimjax run`` and ``slimjax export``
+  take it exclusively; reading a finished run (``load_run``: a distillation ``teacher_run``)
+  takes it shared.
 * Stage keys: stage ``i`` of a config is keyed by the SHA-256 of the canonical JSON of the config
   without its ``name`` and with ``stages[: i + 1]`` only (so data, model, seed, the other
   top-level fields and every stage up to and including ``i``). Each stage directory holds its
@@ -79,28 +81,42 @@ def _describe(holder: Mapping[str, Any]) -> str:
     return text
 
 
-class WorkdirLock:
-    """An exclusive advisory lock on a run (or sweep) directory, held for the life of one process's run.
+#: The locks this process holds, by real path: a shared lock on a directory this process holds
+#: (reading its own run) is a no-op instead of a self-deadlock; a second exclusive one is refused.
+_HELD: dict[str, WorkdirLock] = {}
 
-    ``WORKDIR/.lock`` is locked with ``fcntl.flock`` and holds ``{"pid", "host", "started",
-    "command"}``; on release it is emptied (never deleted, so two processes always lock the same
-    file). The kernel releases the lock of a killed process, so a lock file that still names a
-    holder when the lock is free was left by a process that died: it is taken over with a
-    :class:`WorkdirWarning`. On a file system without ``flock`` the pid in the file decides
-    (alive on this host: in use).
+
+class WorkdirLock:
+    """An advisory lock on a run (or sweep) directory, held for the life of one process's use.
+
+    ``WORKDIR/.lock`` is locked with ``fcntl.flock``. The exclusive lock (``slimjax run``,
+    ``slimjax export``) writes ``{"pid", "host", "started", "command"}`` into the file; on release
+    it is emptied (never deleted, so two processes always lock the same file). The kernel releases
+    the lock of a killed process, so a lock file that still names a holder when the lock is free
+    was left by a process that died: it is taken over with a :class:`WorkdirWarning`. On a file
+    system without ``flock`` the pid in the file decides (alive on this host: in use).
+
+    A shared lock (``shared=True``: reading a finished run, e.g. a distillation ``teacher_run``)
+    can be held by many readers at once and writes nothing; it is refused while a process holds
+    the exclusive lock, and an exclusive lock is refused while readers hold it. A directory the
+    reader may not write (another user's run) is read without a lock. A process that holds a
+    lock on the directory may also read it (the shared lock is then a no-op); a second exclusive
+    lock is refused, in this process too.
 
     Example:
       >>> with WorkdirLock("/tmp/runs/a"):   # doctest: +SKIP
       ...     ...  # a second process opening the same lock raises WorkdirInUseError
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, command: str | None = None):
+    def __init__(self, workdir: str | os.PathLike, *, command: str | None = None, shared: bool = False):
         self.workdir = os.fspath(workdir)
         self.path = os.path.join(self.workdir, LOCK_NAME)
+        self.shared = shared
         if command is None:
             command = " ".join([os.path.basename(sys.argv[0]) if sys.argv else "python", *sys.argv[1:]])
         self.command = command[:200]
         self._fd: int | None = None
+        self._key: str | None = None
 
     def _read_holder(self, fd: int) -> dict[str, Any] | None:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -113,29 +129,57 @@ class WorkdirLock:
             return {"pid": "?", "host": "?", "started": "?", "command": f"unreadable lock file {self.path}"}
         return holder if isinstance(holder, dict) else None
 
+    def _in_use(self, holder: Mapping[str, Any] | None, extra: str = "") -> WorkdirInUseError:
+        who = _describe(holder) if holder else "another process" if self.shared else "another process (reading it)"
+        fix = (
+            "wait for it to finish before reading the run"
+            if self.shared
+            else "wait for it to finish, or choose another --workdir"
+        )
+        return WorkdirInUseError(f"workdir {self.workdir} is in use by {who}; {fix}{extra}")
+
+    def _open(self) -> int | None:
+        if not self.shared:
+            os.makedirs(self.workdir, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not os.path.isdir(self.workdir):
+            return None  # nothing to read; the reader reports the missing directory itself
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+        try:
+            return os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None  # a read-only directory without a lock file: nobody can be writing through it
+
     def acquire(self) -> WorkdirLock:
         """Takes the lock.
 
         Raises:
-          WorkdirInUseError: another live process holds it.
+          WorkdirInUseError: another live process holds it (the exclusive lock, or for an
+            exclusive request any lock).
         """
-        if self._fd is not None:
+        if self._fd is not None or self._key is not None:
             raise RuntimeError(f"{self.path} is already held by this WorkdirLock")
-        os.makedirs(self.workdir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        key = os.path.realpath(self.workdir)
+        if self.shared and key in _HELD:
+            self._key = ""  # reading a directory this process holds: nothing to take
+            return self
+        fd = self._open()
+        if fd is None:
+            self._key = ""
+            return self
         try:
             holder = None
             try:
                 import fcntl
 
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 locked = True
             except (BlockingIOError, PermissionError):
-                holder = self._read_holder(fd) or {}
-                raise WorkdirInUseError(
-                    f"workdir {self.workdir} is in use by {_describe(holder) if holder else 'another process'}; "
-                    "wait for it to finish, or choose another --workdir"
-                ) from None
+                raise self._in_use(self._read_holder(fd)) from None
             except (ImportError, OSError) as e:  # no flock here (some network file systems)
                 if isinstance(e, OSError) and e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
@@ -144,32 +188,35 @@ class WorkdirLock:
             if holder:
                 pid, host = holder.get("pid"), holder.get("host")
                 if not locked and (host != socket.gethostname() or (isinstance(pid, int) and pid_alive(pid))):
-                    raise WorkdirInUseError(
-                        f"workdir {self.workdir} is in use by {_describe(holder)}; wait for it to finish, or choose "
-                        f"another --workdir (if that process is gone, delete {self.path})"
+                    raise self._in_use(holder, f" (if that process is gone, delete {self.path})")
+                if not self.shared:
+                    warnings.warn(
+                        f"taking over the lock of {self.workdir} left by {_describe(holder)}, which is no longer running",
+                        WorkdirWarning,
+                        stacklevel=3,
                     )
-                warnings.warn(
-                    f"taking over the lock of {self.workdir} left by {_describe(holder)}, which is no longer running",
-                    WorkdirWarning,
-                    stacklevel=3,
-                )
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": self.command}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-            os.fsync(fd)
+            if not self.shared:
+                me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": self.command}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
+        self._fd, self._key = fd, key
+        _HELD[key] = self
         return self
 
     def release(self) -> None:
-        """Empties the lock file and releases the lock (a no-op when not held)."""
+        """Releases the lock (emptying the file first if exclusive); a no-op when not held or nested."""
+        key, self._key = self._key, None
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _HELD.pop(key, None)
         try:
-            os.ftruncate(fd, 0)
+            if not self.shared:
+                os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # closing the descriptor releases the flock
 
