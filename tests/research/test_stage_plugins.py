@@ -1,0 +1,263 @@
+"""The stage layer: one fine-tune spelling (old spellings warn for one release), stage kinds
+registered through the ``slimjax.stages`` entry points (the core never imports ``methods``), and
+stage configs that load and check their values without JAX."""
+
+import ast
+import dataclasses
+import importlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from typing import ClassVar
+
+import pytest
+
+import methods
+from methods.decomposition import DecomposeStage
+from methods.nas import NASStage
+from methods.pruning import PruneStage
+from research import config as C
+from research import stages as S
+from research.stages import TrainStage
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- one spelling
+
+
+def test_old_prune_keywords_warn_and_build_the_new_config():
+    with pytest.warns(DeprecationWarning, match=r"PruneStage\(steps=\.\.\.\) is deprecated.*stages.prune.train.steps"):
+        old = PruneStage(sparsity=0.5, steps=7, learning_rate=0.5, batch_size=16, optimizer="sgd", checkpoint_every=0)
+    new = PruneStage(
+        sparsity=0.5,
+        train=dataclasses.replace(
+            PruneStage().train, steps=7, learning_rate=0.5, batch_size=16, optimizer="sgd", checkpoint_every=0
+        ),
+    )
+    assert old == new
+    with pytest.warns(DeprecationWarning):
+        assert PruneStage(schedule="one_shot", steps=0, learning_rate=0.1).train is None  # steps=0: no fine-tuning
+    with pytest.warns(DeprecationWarning):  # merged into a schedule given under the new name
+        assert PruneStage(train=TrainStage(steps=3), learning_rate=0.5).train == TrainStage(steps=3, learning_rate=0.5)
+
+
+@pytest.mark.parametrize("cls", [DecomposeStage, NASStage])
+def test_old_finetune_keyword_warns_and_is_train(cls):
+    schedule = TrainStage(steps=3, learning_rate=0.01)
+    with pytest.warns(DeprecationWarning, match=rf"{cls.__name__}\(finetune=\.\.\.\).*stages.{cls.kind}.train"):
+        assert cls(finetune=schedule) == cls(train=schedule)
+    with pytest.raises(TypeError, match="not both"), pytest.warns(DeprecationWarning):
+        cls(finetune=schedule, train=schedule)
+
+
+def _config():
+    return C.Config(
+        name="spell",
+        stages=(TrainStage(steps=4), PruneStage(), DecomposeStage(), NASStage()),
+    )
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("stages.prune.steps=9", "stages.prune.train.steps=9"),
+        ("stages.prune.learning_rate=0.5", "stages.prune.train.learning_rate=0.5"),
+        ("stages.prune.batch_size=8", "stages.prune.train.batch_size=8"),
+        ("stages.prune.optimizer=sgd", "stages.prune.train.optimizer=sgd"),
+        ("stages.prune.checkpoint_every=0", "stages.prune.train.checkpoint_every=0"),
+        ("stages.prune.steps=0", "stages.prune.train=None"),
+        ("stages.decompose.finetune.steps=5", "stages.decompose.train.steps=5"),
+        ("stages.decompose.finetune=None", "stages.decompose.train=None"),
+        ("stages.nas.finetune.learning_rate=0.1", "stages.nas.train.learning_rate=0.1"),
+    ],
+)
+def test_old_override_keys_warn_naming_the_new_key(old, new):
+    key = old.partition("=")[0]
+    with pytest.warns(DeprecationWarning, match=rf"override key '{key}' is deprecated.*use 'stages\.\w+\.train"):
+        got = C.apply_overrides(_config(), [old])
+    assert got == C.apply_overrides(_config(), [new])
+    C.check_values(got)
+
+
+def test_every_method_stage_that_fine_tunes_spells_it_train():
+    S.load_all_stages()
+    for kind in S.list_stages():
+        cls, _ = S.get_stage(kind)
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert "finetune" not in names, kind
+        fine_tunes = [f.name for f in dataclasses.fields(cls) if "TrainStage" in str(f.type)]
+        assert fine_tunes in ([], ["train"]), (kind, fine_tunes)
+        for old, new in cls.renamed.items():  # every old spelling names an existing place
+            assert old not in names and new.partition(".")[0] in names, (kind, old, new)
+
+
+def test_moved_helpers_still_resolve_with_a_warning():
+    from research import metrics
+    from research import train
+
+    for name, module in [("measure", metrics), ("accuracy", metrics), ("make_optimizer", train)]:
+        with pytest.warns(DeprecationWarning, match=rf"research.stages.{name} moved to {module.__name__}.{name}"):
+            assert getattr(S, name) is getattr(module, name)
+    with pytest.warns(DeprecationWarning, match="workdir=, seed=, progress="):
+        assert callable(S.finetune)
+    with pytest.raises(AttributeError):
+        S.no_such_helper  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _import_targets(path: pathlib.Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+            "import_module",
+            "__import__",
+        ):
+            out += [a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    return out
+
+
+def test_the_core_never_imports_methods():
+    bad = [
+        f"{p.relative_to(ROOT)}: {t}"
+        for p in sorted((ROOT / "research").rglob("*.py"))
+        for t in _import_targets(p)
+        if t == "methods" or t.startswith("methods.")
+    ]
+    assert not bad, bad
+
+
+def test_the_distribution_registers_methods_through_the_entry_point_group():
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=S.ENTRY_POINT_GROUP)}
+    assert eps.get("methods") == "methods:register_stages", eps
+    methods.register_stages()
+    assert {"prune", "distill", "decompose", "quantize", "qat", "nas"} <= set(S.list_stages())
+
+
+calls = []
+
+
+def _plugin_ok():
+    calls.append("ok")
+
+
+def _plugin_broken():
+    raise RuntimeError("cannot import torch")
+
+
+def _ep(name, target):
+    return importlib.metadata.EntryPoint(name=name, value=f"{__name__}:{target}", group=S.ENTRY_POINT_GROUP)
+
+
+def test_plugins_are_called_once_and_a_broken_one_is_named(monkeypatch):
+    monkeypatch.setattr(S, "_plugins", None)
+    monkeypatch.setattr(S, "_entry_points", lambda: [_ep("mine", "_plugin_ok")])
+    calls.clear()
+    assert S.load_stage_plugins() == {"mine": f"{__name__}:_plugin_ok"}
+    S.load_stage_plugins()
+    assert calls == ["ok"]
+    monkeypatch.setattr(S, "_entry_points", lambda: [_ep("broken", "_plugin_broken")])
+    with pytest.raises(ImportError, match=r"stage plugin 'broken' .*slimjax.stages.*RuntimeError: cannot import torch"):
+        S.load_stage_plugins(reload=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _UnregisteredStage(S.StageConfig):
+    kind: ClassVar[str] = "not_installed_kind"
+
+
+def test_without_plugins_an_unknown_kind_says_how_to_install_them(monkeypatch):
+    monkeypatch.setattr(S, "_plugins", None)
+    monkeypatch.setattr(S, "_entry_points", list)
+    config = C.Config(stages=(TrainStage(steps=2), _UnregisteredStage()))
+    with pytest.raises(C.ConfigError, match=r"not_installed_kind.*slimjax.stages.*pip install -e \.") as e:
+        C.validate(config)
+    assert "stages.1" in str(e.value)
+    with pytest.raises(KeyError, match=r"pip install -e \."):
+        S.get_stage("not_installed_kind")
+
+
+def test_every_public_name_of_the_method_packages_resolves():
+    for package in methods.PACKAGES:
+        module = importlib.import_module(f"methods.{package}")
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"methods.{package}.{name}"
+
+
+# ----------------------------------------------------------------------------- without JAX
+
+CONFIG = textwrap.dedent(
+    """
+    from methods.nas import NASStage
+    from methods.pruning import PruneStage
+    from methods.quantization import QATStage
+    from methods.quantization import QuantizeStage
+    from research.config import Config, DataConfig, ModelConfig
+    from research.stages import TrainStage
+
+    def get_config(arg=None):
+        return Config(name="light", model=ModelConfig(name="lenet5"), data=DataConfig(name="digits"),
+                      stages=(TrainStage(steps=4), PruneStage(sparsity=0.5, train=TrainStage(steps=2)),
+                              QuantizeStage(bits=8), QATStage(bits=4), NASStage()))
+    """
+)
+
+PROBE = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    from research import cli, config as C
+
+    config = C.load_config(sys.argv[1])
+    errors = []
+    for override in sys.argv[2:]:
+        try:
+            C.check_values(C.apply_overrides(config, [override]))
+        except C.ConfigError as e:
+            errors.append(str(e))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(["run", sys.argv[1], "--workdir", sys.argv[1] + ".run", "--set", "stages.prune.steps=-1"])
+    heavy = sorted(m for m in ("jax", "flax", "optax", "tensorflow") if m in sys.modules)
+    print(json.dumps({"errors": errors, "cli": [code, err.getvalue()], "heavy": heavy}))
+    """
+)
+
+
+def test_config_values_are_checked_without_importing_jax(tmp_path):
+    cfg = tmp_path / "light.py"
+    cfg.write_text(CONFIG)
+    overrides = [
+        "stages.prune.train.learning_rate=-1",
+        "stages.quantize.bits=9",
+        "stages.qat.train.warmup_steps=-2",
+        "stages.nas.trials=1",
+        "data.val_fraction=1.5",
+        "latency_batch_size=0",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(cfg), *overrides], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == [], result
+    keys = [o.partition("=")[0] for o in overrides]
+    assert len(result["errors"]) == len(keys) and all(k in e for k, e in zip(keys, result["errors"], strict=True)), (
+        result
+    )
+    code, err = result["cli"]
+    assert code == 2, err
+    assert err.splitlines() == [
+        "slimjax: warning: override key 'stages.prune.steps' is deprecated and will be removed in the next "
+        "release; use 'stages.prune.train.steps'",
+        "slimjax: config error: stages.prune.train.steps=-1 must be >= 1",
+    ], err
+    assert not os.path.exists(str(cfg) + ".run")
