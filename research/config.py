@@ -579,7 +579,7 @@ def validate_fields(obj: Any, key: str, context: ValidationContext | None = None
     ``train`` schedule, rules in a tuple) are checked the same way under ``key.field[.i]``.
 
     Raises:
-      ConfigError: naming the dotted key of the first bad value (``stages.prune.learning_rate``).
+      ConfigError: naming the dotted key of the first bad value (``stages.prune.train.learning_rate``).
     """
     context = context or ValidationContext()
     hints = typing.get_type_hints(type(obj))

@@ -7,7 +7,7 @@ measures slower on the current backend. Its ``stage`` module registers
 the ``decompose`` stage (``methods.register_stages()``).
 """
 
-from methods._lazy import lazy_exports
+from research.lazy import lazy_exports
 
 # Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
 # light (no JAX), the rest import JAX and Flax.

@@ -6,7 +6,7 @@ a weighted sum of any of them), so they stack with pruning and quantization. Its
 registers the ``distill`` stage (``methods.register_stages()``).
 """
 
-from methods._lazy import lazy_exports
+from research.lazy import lazy_exports
 
 # Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
 # light (no JAX), the rest import JAX and Flax.

@@ -7,7 +7,7 @@ family's ``get_space()`` finds a Pareto front whose members are extracted as ord
 smaller zoo models and fine-tuned.
 """
 
-from methods._lazy import lazy_exports
+from research.lazy import lazy_exports
 
 # Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
 # light (no JAX), the rest import JAX and Flax.

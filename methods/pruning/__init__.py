@@ -1,7 +1,7 @@
 """Pruning: pytree masks, scores, schedules, an optax mask wrapper, lottery tickets, N:M and
 block patterns, dynamic sparse training (SET/RigL) and structured channel removal."""
 
-from methods._lazy import lazy_exports
+from research.lazy import lazy_exports
 
 # Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
 # light (no JAX), the rest import JAX and Flax.

@@ -11,7 +11,7 @@ QAT: train ``qmodel`` with the ordinary training core (``research.train`` /
 ``research.train.finetune``); LSQ steps and PACT clipping values are ``nnx.Param`` leaves.
 """
 
-from methods._lazy import lazy_exports
+from research.lazy import lazy_exports
 
 # Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
 # light (no JAX), the rest import JAX and Flax.

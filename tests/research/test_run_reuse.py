@@ -32,9 +32,9 @@ CONFIG = textwrap.dedent(
     def get_config(arg=None):
         train = TrainStage(steps=20, batch_size=32, checkpoint_every=10, eval_every=10, log_every=2)
         prune = PruneStage(
-        sparsity=0.5,
-        train=TrainStage(steps=10, batch_size=16, learning_rate=2e-3, checkpoint_every=5, eval_every=0),
-    )
+            sparsity=0.5,
+            train=TrainStage(steps=10, batch_size=16, learning_rate=2e-3, checkpoint_every=5, eval_every=0),
+        )
         return Config(
             name="tiny",
             model=ModelConfig(name="mlp", options={"widths": (16,)}),
@@ -102,7 +102,7 @@ def test_a_fixed_later_stage_reuses_the_prefix_and_a_changed_first_stage_is_refu
 
     # A run whose second stage fails midway (a bad value found after the first stage trained) ...
     monkeypatch.setattr(BatchSampler, "batch", failing)
-    bad = ["--set", "stages.1.learning_rate=0.001"]
+    bad = ["--set", "stages.1.train.learning_rate=0.001"]
     with pytest.raises(Failed):
         cli.main(["run", config_file, "--workdir", os.path.join("runs", "tiny"), *bad, "--no-progress"])
     monkeypatch.setattr(BatchSampler, "batch", original)
@@ -114,7 +114,9 @@ def test_a_fixed_later_stage_reuses_the_prefix_and_a_changed_first_stage_is_refu
     assert calls == ["train", "prune", "prune"]
     err = capsys.readouterr().err
     assert "[0_train] finished earlier" in err
-    assert "[1_prune] config changed (stages.1.learning_rate: 0.001 -> 0.002): its earlier results were moved" in err
+    assert (
+        "[1_prune] config changed (stages.1.train.learning_rate: 0.001 -> 0.002): its earlier results were moved" in err
+    )
     run_dir = tmp_path / "runs" / "tiny"
     (replaced,) = os.listdir(run_dir / "replaced")
     assert os.path.isdir(run_dir / "replaced" / replaced / "checkpoints" / "5")  # the failed attempt, kept
@@ -122,11 +124,11 @@ def test_a_fixed_later_stage_reuses_the_prefix_and_a_changed_first_stage_is_refu
     # The same config given by --set lands in its own default directory (no collision with runs/tiny).
     # Given only stage 0 there, it trains stage 1 from scratch, exactly as the rerun above did (had the
     # rerun resumed the failed attempt's checkpoint, its first steps would carry the old learning rate).
-    fresh = tmp_path / W.default_workdir("tiny", ["stages.1.learning_rate=0.002"])
+    fresh = tmp_path / W.default_workdir("tiny", ["stages.1.train.learning_rate=0.002"])
     assert fresh != run_dir
     shutil.copytree(run_dir / "stages" / "0_train", fresh / "stages" / "0_train")
     shutil.copy(run_dir / "config.json", fresh / "config.json")
-    assert cli.main(["run", config_file, "--set", "stages.1.learning_rate=0.002", "--no-progress"]) == 0
+    assert cli.main(["run", config_file, "--set", "stages.1.train.learning_rate=0.002", "--no-progress"]) == 0
     assert calls == ["train", "prune", "prune", "prune"]
     _same_run(run_dir, fresh, ["0_train", "1_prune"])
     capsys.readouterr()

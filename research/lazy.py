@@ -1,9 +1,15 @@
-"""Lazy package exports (PEP 562) for the ``methods`` packages.
+"""Lazy package exports (PEP 562): a package's public names, each imported on first use.
 
-A method package's ``__init__`` lists its public names and the module of each; a name's module
-(and with it JAX and Flax) is imported on first access. So ``from methods.pruning import
-PruneStage`` in a config file imports only the light config module, and the CLI checks the
-config's values before JAX loads.
+A package's ``__init__`` lists its public names and the module of each; a name's module (and
+with it JAX and Flax) is imported on first access. The ``methods`` packages use it, so
+``from methods.pruning import PruneStage`` in a config file imports only the light config
+module and ``slimjax`` checks the config's values before JAX loads::
+
+    from research.lazy import lazy_exports
+
+    _EXPORTS = {"PruneStage": "methods.pruning.config", "masked": "methods.pruning.wrapper"}
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+    __all__ = sorted(_EXPORTS)
 """
 
 from __future__ import annotations
