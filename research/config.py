@@ -647,8 +647,8 @@ def check_values(config: Config) -> None:
 def validate(config: Config) -> None:
     """Checks every field of ``config`` (types, ranges, registry names) before anything is trained.
 
-    Stage kinds must be registered (import ``methods``/``research.export`` first, as
-    ``research.run`` does); each stage is checked with :func:`validate_fields`, knowing which
+    Stage kinds must be registered (:func:`register_all_stages` first, as ``research.run``
+    does); each stage is checked with :func:`validate_fields`, knowing which
     stages run before it (a distillation teacher or an export source must be one of them).
 
     Raises:

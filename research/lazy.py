@@ -1,9 +1,9 @@
 """Lazy package exports (PEP 562): a package's public names, each imported on first use.
 
 A package's ``__init__`` lists its public names and the module of each; a name's module (and
-with it JAX and Flax) is imported on first access. The ``methods`` packages use it, so
-``from methods.pruning import PruneStage`` in a config file imports only the light config
-module and ``slimjax`` checks the config's values before JAX loads::
+with it JAX and Flax) is imported on first access. The method packages use it, so a config file
+that names ``PruneStage`` loads only its light config module and ``slimjax`` checks the
+config's values before JAX loads::
 
     from research.lazy import lazy_exports
 

@@ -164,7 +164,8 @@ def build(recipe: Sequence[Step]) -> nnx.Module:
         if fn is None:
             raise RecipeError(
                 f"recipe step {i} has kind {st['kind']!r}, which is not registered (registered: {list_steps()}); "
-                "import the package that defines it first (e.g. `import methods`)"
+                "register the package that defines it first (research.stages.load_all_stages() calls the "
+                "installed stage plugins)"
             )
         if i == 0 and st["kind"] != "zoo_model":
             raise RecipeError(f"the first recipe step must be 'zoo_model', not {st['kind']!r}")

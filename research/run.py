@@ -226,7 +226,7 @@ def load_stage(workdir: str, label: str) -> store.StageData:
     Raises:
       research.store.StoreError: the stage has not finished, is a legacy pickle, or is unreadable.
     """
-    register_all_stages()  # methods register their recipe steps on import
+    register_all_stages()  # the stage plugins register their recipe steps on import
     return store.load_stage(os.path.join(workdir, "stages", label))
 
 
