@@ -45,6 +45,7 @@ from typing import Any
 from typing import ClassVar
 from typing import Literal
 
+from research import renames
 from research.config import Check
 from research.config import ConfigError
 from research.config import Range
@@ -53,6 +54,7 @@ from research.config import at_least_one
 from research.config import nonnegative
 from research.config import positive
 from research.config import validate_fields
+from research.renames import RenamedFieldsMeta
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -60,70 +62,8 @@ if TYPE_CHECKING:
     from research.data import Dataset
 
 
-class _StageConfigMeta(type):
-    """Translates deprecated constructor keywords (a class's ``renamed``) before ``__init__`` runs."""
-
-    def __call__(cls, *args, **kwargs):
-        if getattr(cls, "renamed", None) and set(kwargs) & set(cls.renamed):
-            kwargs = _translate_renamed(cls, kwargs, warn=True)
-        return super().__call__(*args, **kwargs)
-
-
-def _field_default(cls: type, name: str) -> Any:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-            if f.default is not dataclasses.MISSING:
-                return f.default
-    raise TypeError(f"{cls.__name__} has no default for field {name!r}")
-
-
-def _translate_renamed(cls: type, kwargs: dict[str, Any], *, warn: bool) -> dict[str, Any]:
-    """``kwargs`` with every deprecated keyword of ``cls.renamed`` moved to its new place.
-
-    ``renamed`` maps an old field name to its new dotted place: ``"finetune": "train"`` (a renamed
-    field) or ``"steps": "train.steps"`` (a field moved into the nested ``train`` schedule). An
-    old ``steps=0`` moved into an optional schedule means "no fine-tuning": the schedule becomes
-    ``None``. Old values are merged into a nested schedule given under its new name.
-    """
-    kwargs = dict(kwargs)
-    old = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.renamed}
-    none_heads: set[str] = set()
-    for name in sorted(old, key=lambda k: cls.renamed[k] != f"{cls.renamed[k].partition('.')[0]}.steps"):
-        value, new = old[name], cls.renamed[name]
-        head, _, sub = new.partition(".")
-        if warn:
-            kind = getattr(cls, "kind", "") or cls.__name__
-            spelled = f"{head}=TrainStage({sub}=...)" if sub else f"{head}=..."
-            warnings.warn(
-                f"{cls.__name__}({name}=...) is deprecated and will be removed in the next release; use "
-                f"{cls.__name__}({spelled}) (override key stages.{kind}.{new})",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-        if not sub:
-            if head in kwargs:
-                raise TypeError(f"{cls.__name__}: give {head}= or the deprecated {name}=, not both")
-            kwargs[head] = value
-            continue
-        if head in none_heads:
-            continue  # a schedule switched off by steps=0: its other old settings do not matter
-        if sub == "steps" and value == 0:
-            kwargs[head] = None
-            none_heads.add(head)
-            continue
-        nested = kwargs.get(head, dataclasses.MISSING)
-        if nested is dataclasses.MISSING or nested is None:
-            nested = _field_default(cls, head)
-        if nested is None:
-            nested = TrainStage()
-        kwargs[head] = dataclasses.replace(nested, **{sub: value})
-    return kwargs
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class StageConfig(metaclass=_StageConfigMeta):
+class StageConfig(metaclass=RenamedFieldsMeta):
     """Base class of stage configs. Subclasses set ``kind`` and add typed fields.
 
     Every field is validated before anything trains (:func:`research.config.validate`): its
@@ -133,8 +73,9 @@ class StageConfig(metaclass=_StageConfigMeta):
     that involve several fields. Errors name the dotted key (``stages.prune.train.learning_rate``).
 
     A field renamed or moved keeps its old spelling for one release through ``renamed``
-    (``{"finetune": "train", "steps": "train.steps"}``): the old constructor keyword and the old
-    ``--set`` key still work and warn (``DeprecationWarning``) naming the new one.
+    (``{"finetune": "train", "steps": "train.steps"}``, see :mod:`research.renames`): the old
+    constructor keyword and the old ``--set`` key still work and warn (``DeprecationWarning``)
+    naming the new one.
     """
 
     kind: ClassVar[str] = ""
@@ -164,7 +105,7 @@ class StageConfig(metaclass=_StageConfigMeta):
         init = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         if "." not in self.renamed[name]:
             init.pop(self.renamed[name], None)
-        return type(self)(**_translate_renamed(type(self), {**init, name: value}, warn=False))
+        return type(self)(**renames.translate(type(self), {**init, name: value}, warn=False))
 
 
 @dataclasses.dataclass
