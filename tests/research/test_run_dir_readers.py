@@ -71,6 +71,9 @@ def test_load_run_takes_a_shared_lock(tmp_path):  # as DistillStage(teacher_run=
     with pytest.raises(W.RunFileError, match="report.json"):
         run_lib.load_run(str(run_dir))
     assert (run_dir / ".lock").read_text() == ""  # a reader writes nothing
+    with W.WorkdirLock(run_dir):  # this process holds it (slimjax export reading the run it exports)
+        with pytest.raises(W.RunFileError, match="report.json"):
+            run_lib.load_run(str(run_dir))
 
 
 def test_readers_share_and_keep_writers_out(tmp_path):
