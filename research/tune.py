@@ -516,9 +516,8 @@ def layer_policy(
     (``conv1``) with ``module_paths=True`` for quantization rules.
 
     Example:
-      In a config file (``get_policies`` next to ``get_space``)::
-
-        from methods.pruning import SparsityRule
+      In a config file (``get_policies`` next to ``get_space``; ``SparsityRule`` is the pruning
+      package's rule class)::
 
         def get_policies(arg=None):
             return [tune.layer_policy(get_config(arg), key="stages.prune.rules", rule=SparsityRule,
