@@ -14,12 +14,17 @@ PACKAGES = ("decomposition", "distillation", "nas", "pruning", "quantization")
 
 
 def register_stages() -> None:
-    """Registers every method's stages: imports ``methods.<package>.stage`` for each package.
+    """Registers every method's stages, and everything else its modules register on import
+    (recipe steps, deploy hooks, scorers, observers...): imports every module each package exports
+    and its ``stage`` module.
 
     This is the ``slimjax.stages`` entry point of the distribution (``methods:register_stages``);
     calling it again does nothing.
     """
     for name in PACKAGES:
+        package = importlib.import_module(f"methods.{name}")
+        for module in sorted(set(package._EXPORTS.values())):  # pylint: disable=protected-access
+            importlib.import_module(module)
         importlib.import_module(f"methods.{name}.stage")
 
 

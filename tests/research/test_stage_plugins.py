@@ -142,6 +142,14 @@ def test_the_distribution_registers_methods_through_the_entry_point_group():
     assert eps.get("methods") == "methods:register_stages", eps
     methods.register_stages()
     assert {"prune", "distill", "decompose", "quantize", "qat", "nas"} <= set(S.list_stages())
+    # and what the method modules register besides stages (the packages load lazily)
+    from research import recipe
+    from research.export import deploy
+
+    assert "methods.quantization" in deploy.deploy_hooks()
+    assert {"remove_channels", "factorize", "fold_batchnorm", "quantize_model", "quant_static"} <= set(
+        recipe.list_steps()
+    )
 
 
 calls = []
