@@ -400,3 +400,9 @@ def find_quantizers(model: nnx.Module) -> list[tuple[str, FakeQuant]]:
     from research.nn import find_modules
 
     return find_modules(model, FakeQuant)
+
+
+# A model with fake-quant layers exports through the deploy hook; registering it here (not only
+# through ``methods.register_stages``) keeps ``export(quantize_model(...))`` working when only
+# these layers were imported (the package loads lazily).
+from methods.quantization import deploy as _deploy  # noqa: E402,F401

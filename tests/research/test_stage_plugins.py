@@ -269,3 +269,12 @@ def test_config_values_are_checked_without_importing_jax(tmp_path):
         "slimjax: config error: stages.prune.train.steps=-1 must be >= 1",
     ], err
     assert not os.path.exists(str(cfg) + ".run")
+
+
+def test_fake_quant_layers_bring_their_deploy_hook():
+    code = (
+        "from methods.quantization import QuantLinear\n"
+        "from research.export import deploy\n"
+        "assert 'methods.quantization' in deploy.deploy_hooks(), deploy.deploy_hooks()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
