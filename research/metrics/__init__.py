@@ -2,11 +2,14 @@
 
 from research.metrics.cost import flops
 from research.metrics.cost import latency
+from research.metrics.cost import median_ms
 from research.metrics.cost import model_latency
+from research.metrics.cost import timings
 from research.metrics.counting import bitmask_bytes
 from research.metrics.counting import count_nonzeros
 from research.metrics.counting import count_params
 from research.metrics.counting import model_bytes
+from research.metrics.counting import stored_bytes
 
 __all__ = [
     "bitmask_bytes",
@@ -14,6 +17,9 @@ __all__ = [
     "count_params",
     "flops",
     "latency",
+    "median_ms",
     "model_bytes",
     "model_latency",
+    "stored_bytes",
+    "timings",
 ]
