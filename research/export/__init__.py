@@ -33,8 +33,14 @@ from research.export._io import atomic_path
 from research.export._trace import UnsupportedOpError
 from research.export._trace import inference_fn
 from research.export.api import FORMATS
-from research.export.api import OPTIONAL_FORMATS
 from research.export.api import export
+from research.export.formats import EXPORT_FORMATS
+from research.export.formats import ExportFormat
+from research.export.formats import ExportJob
+from research.export.formats import Produced
+from research.export.formats import format_names
+from research.export.formats import get_format
+from research.export.formats import register_format
 from research.export.fusion import FusionReport
 from research.export.fusion import fusion_report
 from research.export.latency import artifact_latency
@@ -58,8 +64,11 @@ from research.export.tflite import size_breakdown
 from research.export.tflite import to_tflite
 
 __all__ = [
+    "EXPORT_FORMATS",
     "FORMATS",
-    "OPTIONAL_FORMATS",
+    "ExportFormat",
+    "ExportJob",
+    "Produced",
     "FusionReport",
     "ArtifactReport",
     "ExportReport",
@@ -74,15 +83,26 @@ __all__ = [
     "export_bundle",
     "export_run",
     "export_stablehlo",
+    "format_names",
     "free_batch_dim",
     "fusion_report",
+    "get_format",
     "inference_fn",
     "load_stablehlo",
     "op_counts",
     "qdq_summary",
     "quantization_modes",
+    "register_format",
     "register_quantization",
     "size_breakdown",
     "tflite_to_onnx",
     "to_tflite",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - deprecated names, forwarded with their warning
+    if name == "OPTIONAL_FORMATS":
+        from research.export import api  # noqa: PLC0415
+
+        return api.__getattr__(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
