@@ -318,7 +318,8 @@ def needs_calibration(q: str) -> bool:
 
 def writers(q: str) -> list[str]:
     """The registered formats that write quantization mode ``q``, the default formats first."""
-    names = sorted(format_names(), key=lambda n: (n not in DEFAULT_FORMATS, n))
+    rank = {n: i for i, n in enumerate(DEFAULT_FORMATS)}
+    names = sorted(format_names(), key=lambda n: (rank.get(n, len(rank)), n))
     return [n for n in names if q in get_format(n).modes()]
 
 
