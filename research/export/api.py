@@ -64,9 +64,43 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _chunks(x: np.ndarray, size: int, exact: bool) -> list[np.ndarray]:
-    out = [x[i : i + size] for i in range(0, len(x), size)]
-    return [c for c in out if not exact or len(c) == size]
+def _batch(x: np.ndarray) -> int:
+    return int(x.shape[0]) if x.ndim else 1
+
+
+def _check_inputs(sample: np.ndarray, eval_data: np.ndarray | None, batch_polymorphic: bool) -> list[np.ndarray]:
+    """Inputs every artifact is checked on: the sample, eval data in sample-sized batches, a second batch size."""
+    bsz = _batch(sample)
+    inputs = [sample]
+    if eval_data is not None:
+        data = np.asarray(eval_data, sample.dtype)
+        chunks = [data[i : i + bsz] for i in range(0, len(data), bsz)]
+        inputs += [c for c in chunks if batch_polymorphic or len(c) == bsz]
+    if batch_polymorphic and sample.ndim:
+        other = 1 if bsz != 1 else 3
+        inputs.append(np.resize(sample, (other, *sample.shape[1:])).astype(sample.dtype))
+    return inputs
+
+
+def _record(job: ExportJob, fmt: str, p: formats_lib.Produced) -> ArtifactReport:
+    """Compares a produced artifact with JAX on the job's inputs and times it on the sample."""
+    got = job.agreement(p.runtime, p.run)
+    return ArtifactReport(
+        name=p.name,
+        format=fmt,
+        quantize=p.quantize,
+        path=p.path,
+        runtime=p.runtime,
+        size_bytes=os.path.getsize(p.path),
+        gzip_bytes=gzip_size(p.path),
+        max_abs_diff=got.max_abs_diff,
+        max_rel_diff=got.max_rel_diff,
+        top1_agreement=got.top1_agreement,
+        latency_ms=metrics.median_ms(lambda: p.run(job.sample), job.latency_repeats),
+        batch_sizes=tuple(sorted({_batch(x) for x in job.inputs})),
+        extra=p.extra,
+        reference=p.reference,
+    )
 
 
 def _validate(
@@ -255,16 +289,8 @@ def export(
             *deployable.notes,
         ]
 
-    # Inputs to check on: the sample, eval data in sample-sized batches, and a second batch size.
-    bsz = sample.shape[0] if sample.ndim else 1
-    inputs = [sample]
-    if eval_data is not None:
-        inputs += _chunks(np.asarray(eval_data, sample.dtype), bsz, exact=not batch_polymorphic)
-    if batch_polymorphic and sample.ndim:
-        other = 1 if bsz != 1 else 3
-        inputs.append(np.resize(sample, (other, *sample.shape[1:])).astype(sample.dtype))
+    inputs = _check_inputs(sample, eval_data, batch_polymorphic)
     refs = [np.asarray(jfn(x)) for x in inputs]
-    batch_sizes = tuple(sorted({int(x.shape[0]) if x.ndim else 1 for x in inputs}))
     jax_ms = metrics.median_ms(lambda: jfn(sample).block_until_ready(), latency_repeats)
     param_bytes, zero_frac = _param_facts(model)
 
@@ -308,25 +334,7 @@ def export(
                 with formats_lib.producing(fmt.label(job, q), out_dir):
                     for p in fmt.produce(job, q):
                         job.produced.append((f, p))
-                        got = job.agreement(p.runtime, p.run)
-                        artifacts.append(
-                            ArtifactReport(
-                                name=p.name,
-                                format=f,
-                                quantize=p.quantize,
-                                path=p.path,
-                                runtime=p.runtime,
-                                size_bytes=os.path.getsize(p.path),
-                                gzip_bytes=gzip_size(p.path),
-                                max_abs_diff=got.max_abs_diff,
-                                max_rel_diff=got.max_rel_diff,
-                                top1_agreement=got.top1_agreement,
-                                latency_ms=metrics.median_ms(lambda p=p: p.run(sample), latency_repeats),
-                                batch_sizes=batch_sizes,
-                                extra=p.extra,
-                                reference=p.reference,
-                            )
-                        )
+                        artifacts.append(_record(job, f, p))
         moved = commit_export_set(job.stage, out_dir, name, {"formats": list(formats), "quantize": list(variants)})
     finally:
         with contextlib.suppress(OSError):
@@ -356,7 +364,7 @@ def export(
         jax_latency_ms=jax_ms,
         jax_param_bytes=param_bytes,
         param_zero_fraction=zero_frac,
-        num_checked=sum(int(x.shape[0]) if x.ndim else 1 for x in inputs),
+        num_checked=sum(_batch(x) for x in inputs),
         artifacts=tuple(artifacts),
         notes=(*notes, *job.notes),
         fusion=fusion_dict,

@@ -207,9 +207,11 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
 
 
 def _int8_modes(int8: bool, formats) -> tuple[str, ...]:
+    """``--int8``: the TFLite-calibrated int8 and the symmetric Q/DQ mode, where a requested format writes them."""
     if not int8:
         return ()
-    return ("int8", "int8_qdq_symmetric") if "onnx" in formats else ("int8",)
+    writes = {q for f in formats if f in formats_lib.EXPORT_FORMATS for q in formats_lib.get_format(f).modes()}
+    return tuple(q for q in ("int8", "int8_qdq_symmetric") if q in writes)
 
 
 def export_run(run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: str | None = None) -> ExportReport:
