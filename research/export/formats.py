@@ -156,7 +156,7 @@ class ExportJob:
     activation_ranges: Mapping[str, tuple[float, float]] | None = None
     num_threads: int = 1
     latency_repeats: int = 30
-    onnx_opset: int = 13
+    onnx_opset: int = 17  # onnx_export.DEFAULT_OPSET (not imported: that module imports this one)
     tvm_tuning_trials: int = 0
     format_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)

@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
@@ -118,9 +119,9 @@ class NumpyMLP:
         return h
 
 
-def _save(path, arrays):
+def _save(path, arrays, compressed=False):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        (np.savez_compressed if compressed else np.savez)(f, **arrays)
 
 
 @register_format
@@ -135,7 +136,7 @@ class NpzFormat(ExportFormat):
         for i, m in enumerate(linears):
             arrays[f"w{i}"], arrays[f"b{i}"] = np.asarray(m.kernel[...]), np.asarray(m.bias[...])
         path = job.path(f"{job.name}_{q}.npz")
-        _save(path, arrays)
+        _save(path, arrays, **job.options_of("npz"))
         return [Produced(name=f"npz_{q}", quantize=q, path=path, runtime="numpy", run=self.load(path))]
 
     def load(self, path, num_threads=1):
@@ -206,6 +207,12 @@ def test_a_format_in_a_temporary_module_is_used_by_export(npz_module, mlp_and_x,
     assert rep["npz_fp32"].max_rel_diff <= 1e-6 and rep["npz_fp32"].top1_agreement == 1.0
     assert 0 < rep["npz16_fp16"].max_rel_diff <= 1e-2  # float16 weights: close, not equal
     assert set(check_export_set(tmp_path / "out")["files"]) == {"model_fp32.npz", "model_fp16.npz"}
+    # Options reach the format that reads them; options for a format not requested are refused.
+    rep = export(model, x[:8], formats=("npz",), out_dir=tmp_path / "z", format_options={"npz": {"compressed": True}})
+    with zipfile.ZipFile(rep["npz_fp32"].path) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    with pytest.raises(ValueError, match=r"format_options names \['tflite'\]"):
+        export(model, x[:8], formats=("npz",), out_dir=tmp_path / "x", format_options={"tflite": {}})
     with pytest.raises(ValueError, match="'npz16' halves the npz weights; add 'npz' to formats"):
         export(model, x[:8], formats=("npz16",), quantize="fp16", out_dir=tmp_path / "x")
     with pytest.raises(ValueError, match="did you mean 'npz'"):
