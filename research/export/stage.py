@@ -221,6 +221,9 @@ def export_run(run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: st
     from research.run import load_run
     from research.run import load_run_config
 
+    found = formats_lib.problems(formats, _int8_modes(int8, formats))
+    if found:  # before the run is loaded: a mistyped --to comes back at once
+        raise ValueError("; ".join(msg for _, msg in found))
     _, model, _ = load_run(run_dir)
     cfg = load_run_config(run_dir)
     dataset = load_data(config_lib.Config(seed=cfg["seed"], data=config_lib.DataConfig(**cfg["data"])))

@@ -291,3 +291,10 @@ def test_one_timer():
     assert len(metrics.timings(lambda: None, repeats=4, warmup=0)) == 4
     with pytest.raises(ValueError, match="repeats=0 must be at least 1"):
         metrics.median_ms(lambda: None, repeats=0)
+
+
+def test_export_run_refuses_a_mistyped_format_before_loading_the_run(tmp_path):
+    from research.export import export_run
+
+    with pytest.raises(ValueError, match="did you mean 'tflite'"):
+        export_run(str(tmp_path / "no_run_here"), formats=("stablehlo", "tflitee"))
