@@ -75,7 +75,7 @@ def nothing_trains(monkeypatch):
 
     for kind in KINDS:
         cls, _ = stages_lib.get_stage(kind)
-        monkeypatch.setitem(stages_lib._STAGES, kind, (cls, trained))
+        monkeypatch.setattr(stages_lib.STAGES, "_entries", {**stages_lib.STAGES._entries, kind: (cls, trained)})
     monkeypatch.setattr(stages_lib, "finetune", trained)
     monkeypatch.setattr(run_lib, "build_bundle", trained)
 
