@@ -46,6 +46,7 @@ from research.config import validate_fields
 from research.data import BatchSampler
 from research.data import Dataset
 from research.registry import Registry
+from research.registry import same_definition
 from research.train import LossFn
 from research.train import LossTransform
 from research.train import create_train_state
@@ -158,10 +159,7 @@ def register_stage(config_cls: type[StageConfig]) -> Callable[[StageFn], StageFn
 
     def deco(fn: StageFn) -> StageFn:
         old = STAGES.get(kind) if kind in STAGES else None
-        same = old is not None and all(
-            (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
-            for a, b in zip(old, (config_cls, fn), strict=True)
-        )
+        same = old is not None and same_definition(old[0], config_cls) and same_definition(old[1], fn)
         STAGES.register(kind, (config_cls, fn), replace=same)
         return fn
 

@@ -146,7 +146,7 @@ def test_observer_specifics():
     ma.update(np.array([0.0, 1.0]))
     ma.update(np.array([0.0, 3.0]))
     assert ma.range()[1] == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="not registered"):
+    with pytest.raises(ValueError, match="unknown observer 'nope'; registered"):
         make_observer("nope")
 
 
