@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 from typing import ClassVar
 
+from research.registry import did_you_mean
+
 
 class ConfigError(ValueError):
     """A bad config file, override key or value; the message names it and lists valid keys."""
@@ -136,7 +138,8 @@ class OneOf(Check):
         names = self.names()
         if value not in names:
             extra = f" (or {list(self.also)})" if self.also else ""
-            raise ConfigError(f"{key}={value!r} is not registered ({self.what}); choose from {names}{extra}")
+            hint = did_you_mean(value, names) if isinstance(value, str) else ""
+            raise ConfigError(f"{key}={value!r} is not registered ({self.what});{hint} choose from {names}{extra}")
 
     def bad_values(self):
         return self.bad
@@ -388,6 +391,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is not None and len(args) == 2 and type(None) in args:  # X | None: X's own message
+            return _check_type(value, next(a for a in args if a is not type(None)), key)
         errors = []
         for a in args:
             try:

@@ -241,7 +241,8 @@ def test_every_term_conforms(term):
 
 
 def test_registry_refuses_duplicates():
+    assert md.register_kd_term("hinton")(md.hinton_term) is md.hinton_term  # the same factory again: a no-op
     with pytest.raises(ValueError, match="already registered"):
-        md.register_kd_term("hinton")(md.hinton_term)
+        md.register_kd_term("hinton")(lambda temperature=4.0: md.hinton_term(temperature))
     with pytest.raises(KeyError, match="registered"):
         md.make_kd_term("nope")
