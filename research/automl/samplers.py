@@ -224,6 +224,10 @@ class QMCSampler(Sampler):
         return sobol_points(np.arange(start, start + n), space.dim, scramble=self.scramble, seed=self.seed)
 
 
+# "sobol" is the name `slimjax tune --sampler` and NASStage.sampler gave the QMC sampler.
+SAMPLERS.register("sobol", QMCSampler)
+
+
 def nondominated_rank(losses: np.ndarray) -> np.ndarray:
     """Pareto rank of each row of ``losses`` ``(n, m)`` (0 = non-dominated; minimisation)."""
     n = losses.shape[0]
