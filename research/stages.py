@@ -129,7 +129,11 @@ class StageContext:
 
 @dataclasses.dataclass
 class StageResult:
-    """A stage's output: the new bundle and what goes into the report."""
+    """A stage's output: the new bundle and what goes into the report.
+
+    Which ``metrics`` names make which report columns (e.g. ``csr_bytes`` for "bytes (best
+    encoding)") is the contract documented in :mod:`research.report`.
+    """
 
     bundle: Bundle
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
