@@ -44,7 +44,7 @@ from research.registry import Registry
 from research.registry import same_definition
 from research.tree import Rule
 from research.tree import RuleError
-from research.tree import match_rules
+from research.tree import match_layer_rules
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class QuantRule(Rule):
     """Quantization of the Linear/Conv layers whose module path matches ``pattern``.
 
     Attributes:
-      pattern: regular expression searched in the module path.
+      pattern: regular expression searched in the layer's module path and its kernel path
+        (``"conv1$"`` or ``"conv1/kernel"``; the convention in :mod:`research.tree.rules`).
       bits: kernel bit width (2..8).
       act_bits: input-activation bit width (``None``: same as ``bits``).
       quantize_inputs: quantize the layer's input activations.
@@ -230,7 +231,7 @@ def quantize_model(
     paths = quantizable_layers(model)
     if not paths:
         raise RuleError(f"{type(model).__name__} has no Linear/Conv layer to quantize")
-    matches = match_rules(list(rules), paths, require_all_used=True)
+    matches = match_layer_rules(list(rules), paths, require_all_used=True)
     skipped: dict[str, str] = {}
     if skip_first or skip_last:
         order = [p for p in layer_order(model, sample_input) if p in matches]

@@ -35,7 +35,7 @@ from research.tree import Rule
 from research.tree import flatten_with_paths
 from research.tree import get_by_path
 from research.tree import map_with_paths
-from research.tree import match_rules
+from research.tree import match_layer_rules
 from research.tree import set_by_path
 
 PyTree = Any
@@ -126,7 +126,8 @@ class ChannelRule(Rule):
     """Per-group removal ratio, matched against the group's producer module paths.
 
     Attributes:
-      pattern: regular expression searched in producer paths (e.g. ``"^blocks/[0-2]/"``).
+      pattern: regular expression searched in producer module paths and their kernel paths
+        (e.g. ``"^blocks/[0-2]/"``; the convention in :mod:`research.tree.rules`).
       ratio: fraction of the group's channels to remove, in [0, 1); ``None`` uses the call's
         ``ratio``; ``0.0`` keeps the group whole.
     """
@@ -231,7 +232,7 @@ def plan_channels(
     ratios = {g.name: ratio for g in groups}
     if rules is not None:
         producers = [p for g in groups for p in g.producers]
-        matches = match_rules(list(rules), producers)
+        matches = match_layer_rules(list(rules), producers)
         for g in groups:
             rule = next((matches[p] for p in g.producers if matches[p] is not None), None)
             ratios[g.name] = 0.0 if rule is None else (ratio if rule.ratio is None else rule.ratio)
