@@ -210,7 +210,8 @@ def test_every_stage_field_refuses_bad_values_before_training(kind, tmp_path):
         if name == cls.__name__:
             _refused(_base(cls(**overrides)), key, tmp_path)
         for f in dataclasses.fields(cls):  # items of tuple fields (KD terms): the stage holding one
-            item_cls = typing.get_args(typing.get_type_hints(cls)[f.name])
+            ann = typing.get_type_hints(cls)[f.name]
+            item_cls = typing.get_args(ann) if typing.get_origin(ann) is tuple else ()
             if item_cls and getattr(item_cls[0], "__name__", None) == name:
                 _refused(_base(dataclasses.replace(default, **{f.name: (item_cls[0](**overrides),)})), key, tmp_path)
 
