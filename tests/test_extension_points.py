@@ -122,6 +122,8 @@ def test_a_config_imports_its_neighbour_module_and_validation_uses_its_entries(e
     for registry, name in REGISTERED:
         assert name in registry, f"{name} was not registered by the module beside the config"
     C.validate(config)  # every new name is accepted
+    importlib.reload(sys.modules["ext_probe"])  # run twice (a notebook cell, a config loaded again): no-op
+    C.validate(C.load_config(ext_config))
     for key, typo, name in FIELDS:
         bad = C.apply_overrides(config, [f"{key}={typo}"])
         with pytest.raises(C.ConfigError, match=rf"{key}='{typo}' is not registered .*did you mean '{name}'\?"):
