@@ -23,6 +23,7 @@ from methods.distillation.losses import pairwise_distances
 from methods.distillation.losses import rkd_angle_loss
 from methods.distillation.losses import rkd_distance_loss
 from methods.distillation.stage import DistillStage
+from methods.distillation.stage import KDTermConfig
 from methods.distillation.stage import keep_zeros
 from methods.distillation.stage import run_distill
 from methods.distillation.teacher import IndexedBatchSampler
@@ -30,6 +31,7 @@ from methods.distillation.teacher import OnlineTeacher
 from methods.distillation.teacher import TeacherCache
 from methods.distillation.teacher import as_teacher_outputs
 from methods.distillation.teacher import build_teacher_cache
+from methods.distillation.transforms import KD_TERMS
 from methods.distillation.transforms import KDLoss
 from methods.distillation.transforms import KDTerm
 from methods.distillation.transforms import attention_term
@@ -55,6 +57,8 @@ __all__ = [
     "IndexedBatchSampler",
     "KDLoss",
     "KDTerm",
+    "KDTermConfig",
+    "KD_TERMS",
     "OnlineTeacher",
     "TeacherCache",
     "as_teacher_outputs",

@@ -14,7 +14,6 @@ import json
 import time
 from collections.abc import Mapping
 from typing import ClassVar
-from typing import Literal
 
 import jax
 
@@ -29,8 +28,10 @@ from methods.nas.supernet import split_supernet
 from methods.nas.supernet import stack_masks
 from research import nn
 from research import recipe as recipe_lib
+from research.automl import list_samplers
 from research.config import Check
 from research.config import ConfigError
+from research.config import OneOf
 from research.config import Range
 from research.config import ValidationContext
 from research.config import at_least_one
@@ -58,7 +59,7 @@ class NASStage(StageConfig):
       temperature: in-place distillation temperature.
       trials: sub-networks the search evaluates.
       batch: sub-networks evaluated together (vmapped) per search round.
-      sampler: ``tpe``, ``gp``, ``random`` or ``sobol``.
+      sampler: a registered ``research.automl`` sampler (``tpe``, ``gp``, ``random``, ``sobol``, ...).
       calib_batches: BatchNorm recalibration batches per sub-network (families with BatchNorm).
       max_flops: pick the most accurate front member within this many FLOPs (0: no limit).
       finetune: the fine-tuning schedule of the chosen member.
@@ -73,6 +74,7 @@ class NASStage(StageConfig):
         "temperature": positive,
         "trials": Range(lo=2),
         "batch": at_least_one,
+        "sampler": OneOf(list_samplers, "sampler"),
         "calib_batches": at_least_one,
         "max_flops": nonnegative,
     }
@@ -83,7 +85,7 @@ class NASStage(StageConfig):
     temperature: float = 1.0
     trials: int = 48
     batch: int = 16
-    sampler: Literal["tpe", "gp", "random", "sobol"] = "tpe"
+    sampler: str = "tpe"
     calib_batches: int = 4
     max_flops: float = 0.0
     finetune: TrainStage = dataclasses.field(default_factory=lambda: TrainStage(steps=300, learning_rate=1e-3))

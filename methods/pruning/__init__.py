@@ -2,6 +2,7 @@
 block patterns, dynamic sparse training (SET/RigL) and structured channel removal."""
 
 from methods.pruning import stage as _stage  # noqa: F401  (registers the "prune" stage)
+from methods.pruning.dst import GROW
 from methods.pruning.dst import DynamicSparseState
 from methods.pruning.dst import cosine_drop_fraction
 from methods.pruning.dst import dynamic_sparse
@@ -33,6 +34,7 @@ from methods.pruning.schedules import constant_schedule
 from methods.pruning.schedules import iterative_schedule
 from methods.pruning.schedules import one_shot_schedule
 from methods.pruning.schedules import polynomial_schedule
+from methods.pruning.scores import SCORERS
 from methods.pruning.scores import allocate
 from methods.pruning.scores import compute_masks
 from methods.pruning.scores import compute_scores
@@ -49,11 +51,15 @@ from methods.pruning.structured import channel_masks
 from methods.pruning.structured import plan_channels
 from methods.pruning.structured import remove_channels
 from methods.pruning.structured import trace_groups
+from methods.pruning.structured.channels import CHANNEL_SCORES
 from methods.pruning.wrapper import MaskedState
 from methods.pruning.wrapper import find_masks
 from methods.pruning.wrapper import masked
 
 __all__ = [
+    "GROW",
+    "CHANNEL_SCORES",
+    "SCORERS",
     "Block",
     "ChannelRule",
     "Constant",

@@ -18,6 +18,7 @@ from methods.quantization.folding import find_conv_bn_pairs
 from methods.quantization.folding import fold_batchnorm
 from methods.quantization.folding import layer_order
 from methods.quantization.folding import trace_calls
+from methods.quantization.modules import QUANT_METHODS
 from methods.quantization.modules import FakeQuant
 from methods.quantization.modules import Identity
 from methods.quantization.modules import QuantConv
@@ -29,6 +30,7 @@ from methods.quantization.modules import QuantSpec
 from methods.quantization.modules import find_quantizers
 from methods.quantization.modules import list_methods
 from methods.quantization.modules import register_method
+from methods.quantization.observers import OBSERVERS
 from methods.quantization.observers import Observer
 from methods.quantization.observers import list_observers
 from methods.quantization.observers import make_observer
@@ -58,6 +60,8 @@ from methods.quantization.surgery import quantize_model
 from methods.quantization.surgery import register_twin
 
 __all__ = [
+    "QUANT_METHODS",
+    "OBSERVERS",
     "FakeQuant",
     "Identity",
     "Observer",
