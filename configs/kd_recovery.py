@@ -39,6 +39,7 @@ Expected on a 2-core CPU: well under a minute per pipeline; see
 import dataclasses
 
 from methods.distillation import DistillStage
+from methods.distillation import KDTermConfig
 from methods.pruning import PruneStage
 from methods.quantization import QATStage
 from methods.quantization import QuantizeStage
@@ -119,8 +120,8 @@ def stages(pipeline: str, recipe: Recipe) -> tuple:
             DistillStage(
                 teacher="0_train",
                 student="1_prune",
-                temperature=recipe.temperature,
-                alpha=recipe.alpha,
+                terms=(KDTermConfig(name="hinton", weight=recipe.alpha, options={"temperature": recipe.temperature}),),
+                hard_weight=1.0 - recipe.alpha,
                 keep_zeros=True,
                 train=_train(recipe.steps, recipe.learning_rate, recipe),
             ),
@@ -135,8 +136,8 @@ def stages(pipeline: str, recipe: Recipe) -> tuple:
             DistillStage(
                 teacher="0_train",
                 student="1_quantize",
-                temperature=recipe.temperature,
-                alpha=recipe.alpha,
+                terms=(KDTermConfig(name="hinton", weight=recipe.alpha, options={"temperature": recipe.temperature}),),
+                hard_weight=1.0 - recipe.alpha,
                 keep_zeros=False,
                 train=finetune,
             ),

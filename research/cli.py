@@ -306,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("tune", help="tune a config over its get_space() with a Study (one run per trial)")
     p.add_argument("config", help="path/to/config.py[:arg] defining get_config() and get_space()")
     p.add_argument("--trials", type=int, required=True, help="number of configurations to try")
-    p.add_argument("--sampler", default="tpe", choices=["gp", "tpe", "bohb", "random", "sobol", "ehvi", "motpe"])
+    p.add_argument(
+        "--sampler",
+        default="tpe",
+        help="a registered sampler: gp, tpe, bohb, random, sobol (qmc), ehvi, motpe, or one the config's modules register",
+    )
     p.add_argument(
         "--objective", action="append", metavar="METRIC:max|min", help="val_accuracy:max (default), bytes:min, ..."
     )

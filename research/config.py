@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 from typing import ClassVar
 
+from research.registry import did_you_mean
+
 
 class ConfigError(ValueError):
     """A bad config file, override key or value; the message names it and lists valid keys."""
@@ -145,7 +147,8 @@ class OneOf(Check):
         names = self.names()
         if value not in names:
             extra = f" (or {list(self.also)})" if self.also else ""
-            raise ConfigError(f"{key}={value!r} is not registered ({self.what}); choose from {names}{extra}")
+            hint = did_you_mean(value, names) if isinstance(value, str) else ""
+            raise ConfigError(f"{key}={value!r} is not registered ({self.what});{hint} choose from {names}{extra}")
 
     def bad_values(self):
         return self.bad
@@ -361,6 +364,11 @@ def _where(exc: BaseException, path: str) -> str:
 def load_config(spec: str) -> Config:
     """Loads ``path/to/config.py[:arg]`` and calls its ``get_config(arg)``.
 
+    The config file's directory is put first on ``sys.path`` before the file runs, so the config
+    can ``import my_scorer`` from a ``my_scorer.py`` beside it (registering a scorer, KD term,
+    sampler, model... that the config then names); every ``slimjax run/sweep/tune/nas`` loads
+    its config through here.
+
     Every failure is one :class:`ConfigError` line naming the file (and the line where it
     can): a missing file, a syntax error, an import that fails, ``get_config`` missing or
     raising, or a return value that is not a :class:`Config`.
@@ -382,6 +390,11 @@ def load_config(spec: str) -> Config:
         raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}{text}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"cannot read config file {path!r}: {e}") from None
+    # The config's directory goes first on sys.path (as `python config.py` would put it), so a
+    # config can import the user's own scorer/loss/model/sampler module that sits beside it.
+    config_dir = os.path.dirname(os.path.abspath(path))
+    if config_dir not in sys.path:
+        sys.path.insert(0, config_dir)
     mod_name = "slimjax_config_" + os.path.splitext(os.path.basename(path))[0]
     module = types.ModuleType(mod_name)
     module.__file__ = path
@@ -430,6 +443,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is not None and len(args) == 2 and type(None) in args:  # X | None: X's own message
+            return _check_type(value, next(a for a in args if a is not type(None)), key)
         errors = []
         for a in args:
             try:

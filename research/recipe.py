@@ -31,9 +31,12 @@ from typing import Any
 
 from flax import nnx
 
+from research.registry import Registry
+from research.registry import did_you_mean
+
 Step = dict[str, Any]
 StepFn = Callable[[nnx.Module | None, dict[str, Any]], nnx.Module]
-_STEPS: dict[str, StepFn] = {}
+STEPS: Registry[StepFn] = Registry("recipe step", hint="register its replay with @register_step('kind')")
 
 
 class RecipeError(ValueError):
@@ -43,24 +46,20 @@ class RecipeError(ValueError):
 def register_step(kind: str) -> Callable[[StepFn], StepFn]:
     """Registers ``fn(model, data) -> model`` as the replay of recipe steps of ``kind``.
 
+    Registering the same function again is a no-op.
+
     Raises:
-      ValueError: empty or already registered ``kind``.
+      ValueError: empty ``kind``; DuplicateNameError (a ``ValueError``) when another function
+        is registered as ``kind``.
     """
     if not kind:
         raise ValueError("a recipe step kind must be a non-empty string")
-
-    def deco(fn: StepFn) -> StepFn:
-        if kind in _STEPS:
-            raise ValueError(f"recipe step {kind!r} is already registered by {_STEPS[kind].__module__}")
-        _STEPS[kind] = fn
-        return fn
-
-    return deco
+    return STEPS.register(kind)
 
 
 def list_steps() -> list[str]:
     """The registered step kinds."""
-    return sorted(_STEPS)
+    return STEPS.names()
 
 
 def step(kind: str, **data: Any) -> Step:
@@ -69,8 +68,10 @@ def step(kind: str, **data: Any) -> Step:
     Raises:
       RecipeError: unregistered kind, or data that is not plain JSON (names the value).
     """
-    if kind not in _STEPS:
-        raise RecipeError(f"recipe step {kind!r} is not registered; registered: {list_steps()}")
+    if kind not in STEPS:
+        raise RecipeError(
+            f"recipe step {kind!r} is not registered;{did_you_mean(kind, list_steps())} registered: {list_steps()}"
+        )
     try:
         data = json.loads(json.dumps(data, allow_nan=False))
     except (TypeError, ValueError) as e:
@@ -160,13 +161,14 @@ def build(recipe: Sequence[Step]) -> nnx.Module:
     for i, st in enumerate(recipe):
         if not isinstance(st, dict) or not isinstance(st.get("kind"), str) or not isinstance(st.get("data"), dict):
             raise RecipeError(f"recipe step {i} is not an object with a 'kind' string and a 'data' object: {st!r:.200}")
-        fn = _STEPS.get(st["kind"])
-        if fn is None:
+        if st["kind"] not in STEPS:
             raise RecipeError(
-                f"recipe step {i} has kind {st['kind']!r}, which is not registered (registered: {list_steps()}); "
+                f"recipe step {i} has kind {st['kind']!r}, which is not registered;{did_you_mean(st['kind'], list_steps())}"
+                f" (registered: {list_steps()}); "
                 "register the package that defines it first (research.stages.load_all_stages() calls the "
                 "installed stage plugins)"
             )
+        fn = STEPS.get(st["kind"])
         if i == 0 and st["kind"] != "zoo_model":
             raise RecipeError(f"the first recipe step must be 'zoo_model', not {st['kind']!r}")
         try:

@@ -50,6 +50,16 @@ def _identity(obj: Any) -> tuple[str, str] | None:
     return (module, qualname)
 
 
+def same_definition(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are the same object or the same definition (module and qualified name).
+
+    For registries whose entries wrap a function (a scorer record, a ``(config class, run
+    function)`` pair): re-registering a wrapper around the same definition passes ``replace=``
+    this, so a module run twice is a no-op while a different function is still refused.
+    """
+    return a is b or (_identity(a) is not None and _identity(a) == _identity(b))
+
+
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """``" did you mean 'x'?"`` for the closest of ``choices``, or ``""`` when none is close."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)

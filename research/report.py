@@ -1,4 +1,32 @@
-"""Run reports: ``report.json``, a readable table, and training-curve plots."""
+"""Run reports: ``report.json``, a readable table, and training-curve plots.
+
+The report-column contract for stage authors
+--------------------------------------------
+After every stage the runner measures the model (``research.run``): ``test_accuracy``,
+``val_accuracy``, ``params``, ``nonzeros``, ``bytes_fp32``, ``flops``, ``latency_ms``. The
+stage's ``StageResult.metrics`` are merged over these (a stage may replace any of them, e.g. a
+factorized model's exact ``flops``) and every metric is kept in ``report.json``. The summary
+table (:data:`COLUMNS`, ``slimjax report``) shows:
+
+==========================  ==============================================================
+column                      metric name(s) a stage returns
+==========================  ==============================================================
+``stage``                   the stage label (``0_train``), not a metric
+``test acc``                ``test_accuracy``
+``params``                  ``params``
+``non-zeros``               ``nonzeros``
+``bytes (best encoding)``   the smallest of :data:`BYTES_KEYS` present: ``bytes``,
+                            ``quantized_bytes``, ``quantized_bitmask_bytes``,
+                            ``bitmask_bytes``, ``csr_bytes``, ``bytes_fp32`` (all in bytes)
+``FLOPs``                   ``flops``
+``latency ms``              ``latency_ms``
+==========================  ==============================================================
+
+So a stage that stores the weights in a new, smaller encoding returns its size under one of the
+:data:`BYTES_KEYS` names (``bytes`` if none fits); any other name appears in ``report.json``
+(and so to ``slimjax tune`` objectives) but not in the table. Per-stage tables go in
+``StageResult.tables`` and are printed under the summary.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +36,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+# (metric key, header, format) of the summary table; see the contract in the module docstring.
 COLUMNS = (
     ("stage", "stage", "{}"),
     ("test_accuracy", "test acc", "{:.4f}"),

@@ -54,6 +54,9 @@ from research.config import at_least_one
 from research.config import nonnegative
 from research.config import positive
 from research.config import validate_fields
+from research.registry import Registry
+from research.registry import UnknownNameError
+from research.registry import same_definition
 from research.renames import RenamedFieldsMeta
 
 if TYPE_CHECKING:
@@ -147,7 +150,11 @@ class StageContext:
 
 @dataclasses.dataclass
 class StageResult:
-    """A stage's output: the new bundle and what goes into the report."""
+    """A stage's output: the new bundle and what goes into the report.
+
+    Which ``metrics`` names make which report columns (e.g. ``csr_bytes`` for "bytes (best
+    encoding)") is the contract documented in :mod:`research.report`.
+    """
 
     bundle: Bundle
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -157,23 +164,28 @@ class StageResult:
 
 
 StageFn = Callable[[Bundle, Any, StageContext], StageResult]
-_STAGES: dict[str, tuple[type, StageFn]] = {}
+STAGES: Registry[tuple[type, StageFn]] = Registry(
+    "stage kind", hint="register one with @register_stage(MyStageConfig) in a module that is imported"
+)
 
 
 def register_stage(config_cls: type[StageConfig]) -> Callable[[StageFn], StageFn]:
     """Registers the run function of a stage config class under ``config_cls.kind``.
 
+    Registering the same class and function again (a module imported twice) is a no-op.
+
     Raises:
-      ValueError: empty ``kind`` or a kind that is already registered.
+      ValueError: empty ``kind``; DuplicateNameError (a ``ValueError``) for a kind another
+        class or function is registered under.
     """
     kind = getattr(config_cls, "kind", "")
     if not kind:
         raise ValueError(f"{config_cls.__name__} needs a class attribute kind: ClassVar[str] = '...'")
 
     def deco(fn: StageFn) -> StageFn:
-        if kind in _STAGES:
-            raise ValueError(f"stage kind {kind!r} is already registered by {_STAGES[kind][0].__name__}")
-        _STAGES[kind] = (config_cls, fn)
+        old = STAGES.get(kind) if kind in STAGES else None
+        same = old is not None and same_definition(old[0], config_cls) and same_definition(old[1], fn)
+        STAGES.register(kind, (config_cls, fn), replace=same)
         return fn
 
     return deco
@@ -182,20 +194,21 @@ def register_stage(config_cls: type[StageConfig]) -> Callable[[StageFn], StageFn
 def list_stages() -> list[str]:
     """Registered stage kinds: the core's and the installed plugins' (:func:`load_all_stages` runs first)."""
     load_all_stages()
-    return sorted(_STAGES)
+    return STAGES.names()
 
 
 def get_stage(kind: str) -> tuple[type, StageFn]:
     """``(config_cls, run_fn)`` of a registered kind.
 
     Raises:
-      KeyError: unknown kind (lists the registered ones, and how to install the missing ones).
+      UnknownNameError: unknown kind (a ``KeyError`` naming the closest and all registered ones,
+        and how to install the missing ones).
     """
-    if kind not in _STAGES:
+    if kind not in STAGES:
         load_all_stages()
-    if kind not in _STAGES:
-        raise KeyError(f"unknown stage kind {kind!r}; registered: {list_stages()}{missing_plugins_hint()}")
-    return _STAGES[kind]
+    if kind not in STAGES:
+        raise UnknownNameError(f"{STAGES.unknown_message(kind)}{missing_plugins_hint()}")
+    return STAGES.get(kind)
 
 
 # ----------------------------------------------------------------------------- stage plugins

@@ -58,6 +58,8 @@ from research.automl import SQLiteStorage
 from research.automl import Study
 from research.automl import make_sampler
 from research.automl.hypervolume import hypervolume
+from research.automl.samplers import SAMPLERS
+from research.automl.samplers import list_samplers
 from research.automl.samplers import nondominated_rank
 from research.automl.space import Categorical
 from research.automl.space import Int
@@ -65,15 +67,6 @@ from research.automl.space import Space
 from research.automl.trial import Trial
 from research.automl.trial import TrialState
 
-SAMPLERS = {
-    "gp": "gp",
-    "tpe": "tpe",
-    "bohb": "bohb",
-    "random": "random",
-    "sobol": "qmc",
-    "ehvi": "ehvi",
-    "motpe": "motpe",
-}
 SCHEDULERS = ("asha", "hyperband")
 _ALIASES = {"val_acc": "val_accuracy", "latency": "latency_ms", "bytes_best": "bytes"}
 
@@ -1079,7 +1072,7 @@ def open_study(workdir: str, setup: TuneSetup, space: Space) -> Study:
     if setup.scheduler is not None:
         cls = ASHA if setup.scheduler == "asha" else Hyperband
         scheduler = cls(setup.min_budget, setup.max_budget, eta=setup.eta)
-    sampler = make_sampler(SAMPLERS[setup.sampler], seed=setup.seed)
+    sampler = make_sampler(setup.sampler, seed=setup.seed)
     storage = SQLiteStorage(os.path.join(workdir, "study.db"))
     return Study(space, sampler=sampler, direction=directions, storage=storage, name="tune", scheduler=scheduler)
 
@@ -1528,8 +1521,8 @@ def tune(
     if len({o.name for o in objs}) != len(objs):
         raise config_lib.ConfigError(f"objectives {[str(o) for o in objs]} name a metric twice")
     cons = [Constraint.parse(c) for c in constraints]
-    if sampler not in SAMPLERS:
-        raise config_lib.ConfigError(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
+    if sampler not in list_samplers():  # any registered sampler, also one the config file's modules register
+        raise config_lib.ConfigError(f"sampler={sampler!r}: {SAMPLERS.unknown_message(sampler)}")
     if trials < 1:
         raise config_lib.ConfigError(f"trials={trials} must be >= 1")
     if workers < 1:

@@ -41,8 +41,8 @@ from research.export import export
 from research.export import inference_fn
 from research.export import tvm as tvm_lib
 from research.export.fusion import _tflite_without_delegates
-from research.export.latency import median_ms
 from research.export.tflite import TFLiteRunner
+from research.metrics import median_ms
 from research.nn import TINY_OPTIONS
 from research.nn import build_model
 from research.nn import list_models

@@ -40,7 +40,7 @@ from research.nn import iter_modules
 from research.nn import param_count
 from research.nn import replace_module
 from research.tree.rules import Rule
-from research.tree.rules import match_rules
+from research.tree.rules import match_layer_rules
 
 FACTORIZED_TYPES = (LowRankLinear, CPConv, Tucker2Conv)
 _CRITERIA = ("rank", "energy", "param_ratio", "flop_ratio", "vbmf")
@@ -71,7 +71,9 @@ def _check_ratio(value: Any, name: str) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecompositionRule(Rule):
-    """How to factorize the layers whose module path matches ``pattern``.
+    """How to factorize the layers whose module path (or kernel path, ``conv1/kernel``) matches ``pattern``.
+
+    The path convention is the one of every rule (:mod:`research.tree.rules`).
 
     Give at most one rank criterion; with none, the layer's rank comes from the whole-model
     ``budget`` passed to :func:`factorize`.
@@ -405,7 +407,7 @@ def factorize_with_report(
     base = _deep_copy(model)  # no buffer shared with ``model``: donating training steps stay safe
     base.eval()
     cands = _candidates(base)
-    matches = match_rules(rules, [p for p, _ in cands])
+    matches = match_layer_rules(rules, [p for p, _ in cands])
     selected = [(p, m, matches[p]) for p, m in cands if matches[p] is not None and not matches[p].skip]
     if sample_input is None:
         if hasattr(base, "input_shape"):

@@ -52,10 +52,14 @@ _EXPORTS = {
     "rkd_angle_term": "methods.distillation.transforms",
     "rkd_distance_term": "methods.distillation.transforms",
     "weighted_sum": "methods.distillation.transforms",
+    "KDTermConfig": "methods.distillation.stage",
+    "KD_TERMS": "methods.distillation.transforms",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
+    "KD_TERMS",
+    "KDTermConfig",
     "CaptureError",
     "DistillStage",
     "HintedStudent",

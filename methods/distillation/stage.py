@@ -5,7 +5,18 @@ Example config stages::
     stages=(
         TrainStage(steps=500),                                  # 0_train: the teacher
         PruneStage(...),                                        # the student: the pruned model
-        DistillStage(teacher="0_train", temperature=4.0, train=TrainStage(steps=300)),
+        DistillStage(teacher="0_train", train=TrainStage(steps=300)),   # Hinton KD, T = 4
+    )
+
+The loss is a weighted sum of registered KD terms (:class:`KDTermConfig`), e.g. DKD plus a
+FitNets hint::
+
+    DistillStage(
+        terms=(
+            KDTermConfig(name="dkd", options={"beta": 8.0, "temperature": 4.0}),
+            KDTermConfig(name="fitnets", weight=0.01, options={"hints": [["layers/0", "layers/0"]]}),
+        ),
+        hard_weight=1.0,
     )
 
 The teacher is ``bundle.models[teacher]`` (a stage label such as ``"0_train"`` or a kind such
@@ -19,6 +30,7 @@ stage starts stays zero, so a pruned student keeps its sparsity.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 from typing import ClassVar
@@ -31,15 +43,11 @@ import optax
 from flax import nnx
 
 from methods.distillation.hints import unwrap_student
-from methods.distillation.hints import with_hints
 from methods.distillation.teacher import IndexedBatchSampler
 from methods.distillation.teacher import build_teacher_cache
-from methods.distillation.transforms import attention_term
-from methods.distillation.transforms import dkd_term
-from methods.distillation.transforms import fitnets_term
-from methods.distillation.transforms import hinton_term
-from methods.distillation.transforms import rkd_angle_term
-from methods.distillation.transforms import rkd_distance_term
+from methods.distillation.transforms import KDTerm
+from methods.distillation.transforms import list_kd_terms
+from methods.distillation.transforms import make_kd_term
 from methods.distillation.transforms import weighted_sum
 from research import recipe as recipe_lib
 from research.config import Check
@@ -67,8 +75,77 @@ from research.train import read_metrics
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class KDTermConfig:
+    """One distillation term of a :class:`DistillStage`: a registered KD term, its weight, its options.
+
+    The term is built with ``make_kd_term(name, **options)``; config validation builds it once,
+    so an unknown option or a bad value fails before anything trains. A new KD loss is one
+    ``@register_kd_term("name")`` factory (:mod:`methods.distillation.transforms`); nothing here
+    changes.
+
+    Attributes:
+      name: a registered KD term (``list_kd_terms()``: ``hinton``, ``dkd``, ``fitnets``,
+        ``attention``, ``rkd_distance``, ``rkd_angle``, and any registered later).
+      weight: the term's weight in the loss.
+      options: keyword options of the term's factory, e.g. ``{"temperature": 4.0}`` (hinton),
+        ``{"alpha": 1.0, "beta": 8.0, "temperature": 4.0}`` (dkd), ``{"hints": [["layers/0",
+        "layers/0"]]}`` (fitnets), ``{"pairs": [[s, t]]}`` (attention).
+
+    Example::
+
+        DistillStage(terms=(KDTermConfig(name="dkd", options={"beta": 4.0}),), hard_weight=1.0)
+    """
+
+    checks: ClassVar[Mapping[str, Check]] = {
+        "name": OneOf(list_kd_terms, "KD term"),
+        "weight": nonnegative,
+    }
+    name: str = "hinton"
+    weight: float = 1.0
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def build(self) -> KDTerm:
+        """The :class:`KDTerm` (``make_kd_term(name, **options)``)."""
+        return make_kd_term(self.name, **dict(self.options))
+
+    def check(self, key: str, context: ValidationContext) -> None:
+        """The options must build the term (known option names, values the factory accepts)."""
+        if self.name not in list_kd_terms():
+            return  # reported by the name check
+        try:
+            self.build()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}.options={dict(self.options)!r} do not build KD term {self.name!r}: {e}") from None
+
+
+def _default_terms() -> tuple[KDTermConfig, ...]:
+    return (KDTermConfig(name="hinton", weight=0.9, options={"temperature": 4.0}),)
+
+
+# The fields before `terms`/`hard_weight`, with the defaults they had. Deprecated: still read
+# (with a DeprecationWarning) for one release.
+_LEGACY_DEFAULTS: dict[str, Any] = {
+    "loss": "hinton",
+    "temperature": 4.0,
+    "alpha": 0.9,
+    "dkd_alpha": 1.0,
+    "dkd_beta": 8.0,
+    "hints": (),
+    "hint_weight": 1.0,
+    "attention": (),
+    "attention_weight": 500.0,
+    "rkd_distance_weight": 0.0,
+    "rkd_angle_weight": 0.0,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillStage(StageConfig):
     """Knowledge distillation from a teacher model into the student.
+
+    The loss is ``hard_weight * CE + sum_i terms[i].weight * term_i(student, teacher)`` over
+    registered KD terms (:class:`KDTermConfig`); the default is Hinton KD, ``0.1 CE + 0.9 T^2
+    KL`` at ``T = 4``.
 
     Attributes:
       teacher: key of ``bundle.models`` (stage label like ``"0_train"`` or a kind like ``"train"``).
@@ -76,20 +153,21 @@ class DistillStage(StageConfig):
       student: ``""`` for the current model, or a key of ``bundle.models``.
       student_model: a zoo model name to build a fresh student (overrides ``student``).
       student_options: keyword options of ``student_model`` (e.g. ``{"widths": [64]}``).
-      loss: the logit loss, ``"hinton"`` (``(1-alpha) CE + alpha T^2 KL``) or ``"dkd"``
-        (``CE + alpha' TCKD + beta NCKD`` with ``dkd_alpha``, ``dkd_beta``).
-      temperature: softening temperature.
-      alpha: weight of the Hinton soft loss (``1 - alpha`` on the hard labels).
-      dkd_alpha, dkd_beta: DKD's weights.
-      hints: FitNets ``(student_path, teacher_path)`` pairs (learned projections are added and
-        dropped after the stage); ``hint_weight`` their weight.
-      attention: attention-transfer ``(student_path, teacher_path)`` pairs; ``attention_weight``
-        is ``beta / 2``.
-      rkd_distance_weight, rkd_angle_weight: relational KD on the logits (0 = off).
+      terms: the KD terms with their weights and options (``--set stages.distill.terms.0.weight=0.5``).
+      hard_weight: weight of the cross-entropy on the labels.
       cache_teacher: compute the teacher outputs on the training set once and look them up by
         index (no augmentation happens in this stage, so this gives the same training).
       keep_zeros: kernel weights that are exactly zero at the start stay zero (pruned students).
       train: the training schedule (steps, learning rate, optimizer...).
+      loss, temperature, alpha, dkd_alpha, dkd_beta, hints, hint_weight, attention,
+        attention_weight, rkd_distance_weight, rkd_angle_weight: deprecated (one release) spelling
+        of the terms: ``loss="hinton"`` is ``KDTermConfig(name="hinton", weight=alpha,
+        options={"temperature": temperature})`` with ``hard_weight=1 - alpha``; ``loss="dkd"`` is
+        ``KDTermConfig(name="dkd", options={"alpha": dkd_alpha, "beta": dkd_beta, "temperature":
+        temperature})`` with ``hard_weight=1``; ``hints`` adds ``KDTermConfig(name="fitnets",
+        weight=hint_weight, options={"hints": hints})``; ``attention`` adds ``"attention"`` with
+        ``{"pairs": attention}``; a nonzero ``rkd_*_weight`` adds ``"rkd_distance"``/``"rkd_angle"``.
+        Setting any of them warns and replaces ``terms``/``hard_weight`` (setting both is an error).
     """
 
     kind: ClassVar[str] = "distill"
@@ -97,6 +175,7 @@ class DistillStage(StageConfig):
         "teacher_run": ExistingDir(),
         "student": EarlierStage(also=("",)),
         "student_model": OneOf(list_models, "model", also=("",)),
+        "hard_weight": nonnegative,
         "temperature": Range(lo=0, lo_open=True, hint="e.g. 4.0"),
         "alpha": fraction,
         "dkd_alpha": nonnegative,
@@ -111,22 +190,76 @@ class DistillStage(StageConfig):
     student: str = ""
     student_model: str = ""
     student_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    loss: Literal["hinton", "dkd"] = "hinton"
-    temperature: float = 4.0
-    alpha: float = 0.9
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    hints: tuple[tuple[str, str], ...] = ()
-    hint_weight: float = 1.0
-    attention: tuple[tuple[str, str], ...] = ()
-    attention_weight: float = 500.0
-    rkd_distance_weight: float = 0.0
-    rkd_angle_weight: float = 0.0
+    terms: tuple[KDTermConfig, ...] = dataclasses.field(default_factory=_default_terms)
+    hard_weight: float = 0.1
     cache_teacher: bool = True
     keep_zeros: bool = True
     train: TrainStage = dataclasses.field(default_factory=lambda: TrainStage(steps=300, eval_every=100))
+    # deprecated spelling (see the class docstring); None = not given
+    loss: Literal["hinton", "dkd"] | None = None
+    temperature: float | None = None
+    alpha: float | None = None
+    dkd_alpha: float | None = None
+    dkd_beta: float | None = None
+    hints: tuple[tuple[str, str], ...] | None = None
+    hint_weight: float | None = None
+    attention: tuple[tuple[str, str], ...] | None = None
+    attention_weight: float | None = None
+    rkd_distance_weight: float | None = None
+    rkd_angle_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        legacy = self.legacy_fields()
+        if legacy:
+            try:
+                terms, hard = self.kd_terms()
+                spelled = ", ".join(
+                    f"KDTermConfig(name={t.name!r}, weight={t.weight!r}, options={dict(t.options)!r})" for t in terms
+                )
+                spelled = f"; write terms=({spelled},), hard_weight={hard!r}"
+            except (TypeError, ValueError):  # wrong types: validation reports them with their keys
+                spelled = "; write terms=(KDTermConfig(...),) and hard_weight= (see DistillStage's docstring)"
+            warnings.warn(
+                f"DistillStage fields {legacy} are deprecated and will be removed in the next release{spelled}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+
+    def legacy_fields(self) -> list[str]:
+        """The deprecated fields that are set (not None)."""
+        return [k for k in _LEGACY_DEFAULTS if getattr(self, k) is not None]
+
+    def kd_terms(self) -> tuple[tuple[KDTermConfig, ...], float]:
+        """``(terms, hard_weight)`` this stage trains with (from the deprecated fields when set)."""
+        if not self.legacy_fields():
+            return tuple(self.terms), self.hard_weight
+        old = {k: _LEGACY_DEFAULTS[k] if getattr(self, k) is None else getattr(self, k) for k in _LEGACY_DEFAULTS}
+        if old["loss"] == "hinton":
+            terms = [KDTermConfig(name="hinton", weight=old["alpha"], options={"temperature": old["temperature"]})]
+            hard = 1.0 - old["alpha"]
+        else:
+            opts = {"alpha": old["dkd_alpha"], "beta": old["dkd_beta"], "temperature": old["temperature"]}
+            terms, hard = [KDTermConfig(name="dkd", weight=1.0, options=opts)], 1.0
+        if old["hints"]:
+            terms.append(KDTermConfig(name="fitnets", weight=old["hint_weight"], options={"hints": old["hints"]}))
+        if old["attention"]:
+            terms.append(
+                KDTermConfig(name="attention", weight=old["attention_weight"], options={"pairs": old["attention"]})
+            )
+        for name in ("rkd_distance", "rkd_angle"):
+            if old[f"{name}_weight"]:
+                terms.append(KDTermConfig(name=name, weight=old[f"{name}_weight"]))
+        return tuple(terms), hard
 
     def check(self, key: str, context: ValidationContext) -> None:
+        legacy = self.legacy_fields()
+        if legacy and (tuple(self.terms) != _default_terms() or self.hard_weight != 0.1):
+            raise ConfigError(
+                f"{key}.terms/hard_weight and the deprecated {legacy} are both set; "
+                "keep terms and hard_weight only (the deprecation warning spells the equivalent)"
+            )
+        if not self.kd_terms()[0]:
+            raise ConfigError(f"{key}.terms is empty; give at least one KDTermConfig (e.g. name='hinton')")
         if not self.teacher_run:  # a teacher_run replaces the teacher stage
             if not self.teacher:
                 raise ConfigError(f"{key}.teacher is empty; name an earlier stage (e.g. 'train') or set teacher_run")
@@ -249,20 +382,12 @@ def run_distill(bundle: Bundle, cfg: DistillStage, ctx: StageContext) -> StageRe
     teacher_accuracy = accuracy(teacher, ds.x_test, ds.y_test)
     notes: list[str] = []
 
-    if cfg.loss == "hinton":
-        terms, hard_weight = [(cfg.alpha, hinton_term(cfg.temperature))], 1.0 - cfg.alpha
-    else:
-        terms, hard_weight = [(1.0, dkd_term(cfg.dkd_alpha, cfg.dkd_beta, cfg.temperature))], 1.0
-    if cfg.hints:
-        terms.append((cfg.hint_weight, fitnets_term(cfg.hints)))
-        student = with_hints(student, teacher, cfg.hints, ds.x_train[:2], rngs=nnx.Rngs(ctx.seed + 1))
-        notes.append(f"FitNets projections for {len(cfg.hints)} hint pair(s) trained and dropped after the stage")
-    if cfg.attention:
-        terms.append((cfg.attention_weight, attention_term(cfg.attention)))
-    if cfg.rkd_distance_weight:
-        terms.append((cfg.rkd_distance_weight, rkd_distance_term()))
-    if cfg.rkd_angle_weight:
-        terms.append((cfg.rkd_angle_weight, rkd_angle_term()))
+    spec, hard_weight = cfg.kd_terms()
+    terms = [(t.weight, t.build()) for t in spec]
+    for _, term in terms:
+        if term.prepare is not None:  # e.g. FitNets: projections, trained and dropped after the stage
+            student = term.prepare(student, teacher, ds.x_train[:2], nnx.Rngs(ctx.seed + 1))
+            notes.append(f"{term.name}: modules added to the student for training and dropped after the stage")
 
     kwargs = train_kwargs(cfg.train)
     sampler = None

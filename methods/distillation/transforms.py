@@ -35,9 +35,11 @@ from methods.distillation import losses as L
 from methods.distillation.capture import capture_intermediates
 from methods.distillation.hints import HintedStudent
 from methods.distillation.hints import student_prefix
+from methods.distillation.hints import with_hints
 from methods.distillation.teacher import OnlineTeacher
 from methods.distillation.teacher import TeacherFn
 from methods.distillation.teacher import as_teacher_outputs
+from research.registry import Registry
 from research.train.losses import LossFn
 from research.train.losses import LossTransform
 
@@ -56,45 +58,56 @@ class KDTerm:
         :class:`HintedStudent` holding projections).
       student_paths: student module paths whose outputs ``fn`` reads (relative to the student).
       teacher_paths: teacher module paths whose outputs ``fn`` reads.
+      prepare: optional ``prepare(student, teacher, sample_x, rngs) -> model``: what the term
+        needs added to the student before training (FitNets wraps it with projections); the
+        ``distill`` stage calls it and unwraps the student afterwards
+        (:func:`methods.distillation.unwrap_student`).
     """
 
     name: str
     fn: TermFn
     student_paths: tuple[str, ...] = ()
     teacher_paths: tuple[str, ...] = ()
+    prepare: Callable[[nnx.Module, nnx.Module, Any, nnx.Rngs], nnx.Module] | None = None
 
 
 # ------------------------------------------------------------------------------- term registry
 
-_TERMS: dict[str, Callable[..., KDTerm]] = {}
+KD_TERMS: Registry[Callable[..., KDTerm]] = Registry(
+    "KD term", hint="register a factory options -> KDTerm with @register_kd_term('name')"
+)
 
 
-def register_kd_term(name: str):
-    """Registers a :class:`KDTerm` factory under ``name``; refuses duplicates."""
+def register_kd_term(name: str) -> Callable[[Callable[..., KDTerm]], Callable[..., KDTerm]]:
+    """Registers a :class:`KDTerm` factory ``factory(**options) -> KDTerm`` under ``name``.
 
-    def deco(factory: Callable[..., KDTerm]) -> Callable[..., KDTerm]:
-        if name in _TERMS:
-            raise ValueError(f"KD term {name!r} is already registered; pick another name")
-        _TERMS[name] = factory
-        return factory
+    The ``distill`` stage then accepts ``KDTermConfig(name=name, weight=..., options={...})``;
+    config validation builds the term from its options, so bad options fail before training.
+    Registering the same factory again is a no-op.
 
-    return deco
+    Raises:
+      DuplicateNameError: another factory is registered as ``name`` (a ``ValueError``).
+    """
+    return KD_TERMS.register(name)
 
 
 def list_kd_terms() -> list[str]:
     """Names of the registered KD terms."""
-    return sorted(_TERMS)
+    return KD_TERMS.names()
 
 
 def make_kd_term(name: str, **options: Any) -> KDTerm:
     """Builds a registered term, e.g. ``make_kd_term("dkd", beta=4.0)``.
 
     Raises:
-      KeyError: unknown name (lists the registered ones).
+      UnknownNameError: unknown name (a ``KeyError`` naming the closest and all registered ones).
+      TypeError: an option the factory does not take.
+      ValueError: an option value the factory refuses.
     """
-    if name not in _TERMS:
-        raise KeyError(f"unknown KD term {name!r}; registered: {list_kd_terms()}")
-    return _TERMS[name](**options)
+    term = KD_TERMS.get(name)(**options)
+    if not isinstance(term, KDTerm):
+        raise TypeError(f"KD term factory {name!r} returned {type(term).__name__}, expected a KDTerm")
+    return term
 
 
 def _feature(outputs: Outputs, path: str | None, who: str) -> jax.Array:
@@ -153,7 +166,10 @@ def fitnets_term(hints: Sequence[tuple[str, str]] = ()) -> KDTerm:
             total = total + L.hint_loss(model.project(i, _feature(s, sp, "student")), _feature(t, tp, "teacher"))
         return total
 
-    return KDTerm("fitnets", fn, tuple(s for s, _ in hints), tuple(t for _, t in hints))
+    def prepare(student, teacher, sample_x, rngs):
+        return with_hints(student, teacher, hints, sample_x, rngs=rngs)
+
+    return KDTerm("fitnets", fn, tuple(s for s, _ in hints), tuple(t for _, t in hints), prepare)
 
 
 @register_kd_term("attention")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
-from typing import Literal
 
 from research.config import Check
 from research.config import ConfigError
+from research.config import OneOf
 from research.config import Range
 from research.config import ValidationContext
 from research.config import at_least_one
@@ -19,6 +19,12 @@ from research.config import nonnegative
 from research.config import positive
 from research.stages import StageConfig
 from research.stages import TrainStage
+
+
+def _list_samplers() -> list[str]:
+    from research.automl import list_samplers  # pylint: disable=import-outside-toplevel
+
+    return list_samplers()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,7 +39,7 @@ class NASStage(StageConfig):
       temperature: in-place distillation temperature.
       trials: sub-networks the search evaluates.
       batch: sub-networks evaluated together (vmapped) per search round.
-      sampler: ``tpe``, ``gp``, ``random`` or ``sobol``.
+      sampler: a registered ``research.automl`` sampler (``tpe``, ``gp``, ``random``, ``sobol``, ...).
       calib_batches: BatchNorm recalibration batches per sub-network (families with BatchNorm).
       max_flops: pick the most accurate front member within this many FLOPs (0: no limit).
       train: the fine-tuning schedule of the chosen member (override keys
@@ -50,6 +56,7 @@ class NASStage(StageConfig):
         "temperature": positive,
         "trials": Range(lo=2),
         "batch": at_least_one,
+        "sampler": OneOf(_list_samplers, "sampler"),
         "calib_batches": at_least_one,
         "max_flops": nonnegative,
     }
@@ -61,7 +68,7 @@ class NASStage(StageConfig):
     temperature: float = 1.0
     trials: int = 48
     batch: int = 16
-    sampler: Literal["tpe", "gp", "random", "sobol"] = "tpe"
+    sampler: str = "tpe"
     calib_batches: int = 4
     max_flops: float = 0.0
     train: TrainStage = dataclasses.field(default_factory=lambda: TrainStage(steps=300, learning_rate=1e-3))

@@ -56,10 +56,16 @@ _EXPORTS = {
     "MaskedState": "methods.pruning.wrapper",
     "find_masks": "methods.pruning.wrapper",
     "masked": "methods.pruning.wrapper",
+    "GROW": "methods.pruning.dst",
+    "SCORERS": "methods.pruning.scores",
+    "CHANNEL_SCORES": "methods.pruning.structured.channels",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
+    "CHANNEL_SCORES",
+    "SCORERS",
+    "GROW",
     "Block",
     "ChannelRule",
     "Constant",

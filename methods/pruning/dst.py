@@ -30,29 +30,25 @@ from methods.pruning.masks import leaf_targets
 from methods.pruning.scores import allocate
 from methods.pruning.wrapper import mask_grads
 from methods.pruning.wrapper import mask_updates
+from research.registry import Registry
 from research.tree import flatten_with_paths
 from research.tree import map_with_paths
 
 PyTree = Any
 GrowFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-_GROW: dict[str, GrowFn] = {}
+GROW: Registry[GrowFn] = Registry(
+    "dynamic-sparse grow criterion", hint="register one with @register_grow('name') (fn(weight, grad, key) -> scores)"
+)
 
 
 def register_grow(name: str) -> Callable[[GrowFn], GrowFn]:
     """Registers a grow criterion ``fn(weight, dense_grad, key) -> scores`` (higher grows first).
 
     Raises:
-      ValueError: duplicate name.
+      DuplicateNameError: another function is registered as ``name`` (a ``ValueError``).
     """
-
-    def deco(fn):
-        if name in _GROW:
-            raise ValueError(f"grow criterion {name!r} is already registered")
-        _GROW[name] = fn
-        return fn
-
-    return deco
+    return GROW.register(name)
 
 
 @register_grow("set")
@@ -68,7 +64,8 @@ def _grow_gradient(weight, grad, key):
 
 
 def list_grow_methods() -> list[str]:
-    return sorted(_GROW)
+    """Registered grow criteria (the ``method`` of :func:`dynamic_sparse`)."""
+    return GROW.names()
 
 
 class DynamicSparseState(NamedTuple):
@@ -159,11 +156,9 @@ def dynamic_sparse(
       An optax transformation with :class:`DynamicSparseState`.
 
     Raises:
-      KeyError: unknown ``method``.
+      UnknownNameError: unknown ``method`` (a ``KeyError`` naming the registered ones).
     """
-    if method not in _GROW:
-        raise KeyError(f"unknown dynamic-sparse method {method!r}; registered: {list_grow_methods()}")
-    grow_fn = _GROW[method]
+    grow_fn = GROW.get(method)
     base = jax.random.key(seed)
 
     def init(params):

@@ -23,7 +23,7 @@ import numpy as np
 from research.tree import Rule
 from research.tree import flatten_with_paths
 from research.tree import map_with_paths
-from research.tree import match_rules
+from research.tree import match_param_rules
 
 PyTree = Any
 
@@ -33,7 +33,8 @@ class SparsityRule(Rule):
     """Prune the leaves whose path matches ``pattern``.
 
     Attributes:
-      pattern: regular expression searched in the leaf path (e.g. ``"kernel$"``, ``"^head/"``).
+      pattern: regular expression searched in the parameter path and in its module path
+        (``"kernel$"``, ``"^head/"``, ``"^head$"``; the convention in :mod:`research.tree.rules`).
       sparsity: fraction of the leaf's entries set to zero, in [0, 1). ``None`` uses the
         sparsity passed to the function (or the schedule's). ``0.0`` leaves the leaf dense,
         which is how a rule excludes a layer (put it before broader rules).
@@ -80,7 +81,7 @@ def leaf_targets(params: PyTree, sparsity: float, rules: Sequence[SparsityRule] 
     default = check_sparsity(sparsity)
     rules = DEFAULT_RULES if rules is None else tuple(rules)
     leaves = [(p, x) for p, x in flatten_with_paths(params) if x is not None]
-    matches = match_rules(rules, [p for p, _ in leaves])
+    matches = match_param_rules(rules, [p for p, _ in leaves])
     out = {}
     for path, leaf in leaves:
         rule = matches[path]

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from methods.pruning.masks import SparsityRule
 from methods.pruning.masks import leaf_targets
 from methods.pruning.masks import mask_from_scores
+from research.registry import Registry
+from research.registry import same_definition
 from research.tree import flatten_with_paths
 from research.tree import map_with_paths
 
@@ -51,20 +53,24 @@ class Scorer:
     needs_grad: bool = False
 
 
-_SCORERS: dict[str, Scorer] = {}
+SCORERS: Registry[Scorer] = Registry(
+    "pruning scorer", hint="register one with @register_scorer('name') (fn(weight, grad, key) -> scores)"
+)
 
 
 def register_scorer(name: str, *, needs_grad: bool = False) -> Callable[[ScoreFn], ScoreFn]:
     """Registers ``fn(weight, grad, key) -> scores`` under ``name``.
 
+    Registering the same function again (a re-run notebook cell) is a no-op.
+
     Raises:
-      ValueError: ``name`` is already registered.
+      DuplicateNameError: another scorer is registered as ``name`` (a ``ValueError``).
     """
 
     def deco(fn: ScoreFn) -> ScoreFn:
-        if name in _SCORERS:
-            raise ValueError(f"scorer {name!r} is already registered; pick another name")
-        _SCORERS[name] = Scorer(name, fn, needs_grad)
+        old = SCORERS.get(name) if name in SCORERS else None
+        same = old is not None and same_definition(old.fn, fn) and old.needs_grad == needs_grad
+        SCORERS.register(name, Scorer(name, fn, needs_grad), replace=same)
         return fn
 
     return deco
@@ -72,20 +78,18 @@ def register_scorer(name: str, *, needs_grad: bool = False) -> Callable[[ScoreFn
 
 def list_scorers() -> list[str]:
     """Registered scorer names."""
-    return sorted(_SCORERS)
+    return SCORERS.names()
 
 
 def get_scorer(name: str | Scorer) -> Scorer:
     """The scorer registered under ``name``.
 
     Raises:
-      KeyError: unknown name (lists the registered ones).
+      UnknownNameError: unknown name (a ``KeyError`` naming the closest and all registered ones).
     """
     if isinstance(name, Scorer):
         return name
-    if name not in _SCORERS:
-        raise KeyError(f"unknown scorer {name!r}; registered scorers: {list_scorers()}")
-    return _SCORERS[name]
+    return SCORERS.get(name)
 
 
 @register_scorer("magnitude")

@@ -60,10 +60,14 @@ _EXPORTS = {
     "quantizable_layers": "methods.quantization.surgery",
     "quantize_model": "methods.quantization.surgery",
     "register_twin": "methods.quantization.surgery",
+    "QUANT_METHODS": "methods.quantization.modules",
+    "OBSERVERS": "methods.quantization.observers",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
+    "OBSERVERS",
+    "QUANT_METHODS",
     "FakeQuant",
     "Identity",
     "Observer",

@@ -31,6 +31,8 @@ import numpy as np
 from flax import nnx
 
 from methods.quantization import quantizers as Q
+from research.registry import Registry
+from research.registry import same_definition
 
 
 class QuantRange(nnx.Variable):
@@ -71,9 +73,7 @@ class QuantSpec:
 
     def __post_init__(self):
         Q.check_bits(self.bits)
-        if self.method not in _METHODS:
-            raise ValueError(f"quantization method {self.method!r} is not registered; pick one of {sorted(_METHODS)}")
-        if not self.symmetric and not _METHODS[self.method].supports_affine:
+        if not QUANT_METHODS.get(self.method).supports_affine and not self.symmetric:
             raise ValueError(f"method {self.method!r} learns a scale with zero point 0; pass symmetric=True")
         if not 0.0 <= self.ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum={self.ema_momentum} must lie in [0, 1]")
@@ -108,17 +108,24 @@ class QuantMethod:
         raise NotImplementedError
 
 
-_METHODS: dict[str, QuantMethod] = {}
+QUANT_METHODS: Registry[QuantMethod] = Registry(
+    "quantization method", hint="register a QuantMethod subclass with @register_method('name')"
+)
 
 
 def register_method(name: str) -> Callable[[type[QuantMethod]], type[QuantMethod]]:
-    """Class decorator registering a :class:`QuantMethod` under ``name``; refuses duplicates."""
+    """Class decorator registering (an instance of) a :class:`QuantMethod` under ``name``.
+
+    Registering the same class again is a no-op.
+
+    Raises:
+      DuplicateNameError: another class is registered as ``name`` (a ``ValueError``).
+    """
 
     def deco(cls):
-        if name in _METHODS:
-            raise ValueError(f"quantization method {name!r} is already registered; pick a new name")
+        old = QUANT_METHODS.get(name) if name in QUANT_METHODS else None
         cls.name = name
-        _METHODS[name] = cls()
+        QUANT_METHODS.register(name, cls(), replace=old is not None and same_definition(type(old), cls))
         return cls
 
     return deco
@@ -126,7 +133,7 @@ def register_method(name: str) -> Callable[[type[QuantMethod]], type[QuantMethod
 
 def list_methods() -> tuple[str, ...]:
     """Names of the registered quantization methods."""
-    return tuple(sorted(_METHODS))
+    return tuple(QUANT_METHODS.names())
 
 
 def _reduce_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
@@ -284,11 +291,11 @@ class FakeQuant(nnx.Module):
         if spec.stochastic and rngs is None:
             raise ValueError("stochastic rounding needs random numbers; pass rngs=nnx.Rngs(seed)")
         self.rngs = nnx.data(rngs if spec.stochastic else None)
-        _METHODS[spec.method].init(self, pshape)
+        QUANT_METHODS.get(spec.method).init(self, pshape)
 
     @property
     def method(self) -> QuantMethod:
-        return _METHODS[self.spec.method]
+        return QUANT_METHODS.get(self.spec.method)
 
     def set_range(self, lo: Any, hi: Any) -> None:
         """Sets the range (and the method's parameters from it); marks the quantizer calibrated.

@@ -20,18 +20,23 @@ from collections.abc import Callable
 import numpy as np
 
 from methods.quantization import quantizers as Q
+from research.registry import Registry
 
-_OBSERVERS: dict[str, type[Observer]] = {}
+OBSERVERS: Registry[type[Observer]] = Registry("observer", hint="register one with @register_observer('name')")
 
 
 def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:
-    """Class decorator registering an :class:`Observer` under ``name``; refuses duplicates."""
+    """Class decorator registering an :class:`Observer` under ``name``.
+
+    Registering the same class again is a no-op.
+
+    Raises:
+      DuplicateNameError: another class is registered as ``name`` (a ``ValueError``).
+    """
 
     def deco(cls):
-        if name in _OBSERVERS:
-            raise ValueError(f"observer {name!r} is already registered; pick a new name")
+        OBSERVERS.register(name, cls)
         cls.name = name
-        _OBSERVERS[name] = cls
         return cls
 
     return deco
@@ -39,7 +44,7 @@ def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:
 
 def list_observers() -> tuple[str, ...]:
     """Names of the registered observers."""
-    return tuple(sorted(_OBSERVERS))
+    return tuple(OBSERVERS.names())
 
 
 def make_observer(
@@ -62,11 +67,9 @@ def make_observer(
       **options: observer-specific options (``momentum``, ``percentile``, ``max_samples``...).
 
     Raises:
-      ValueError: naming an unknown observer and the registered ones.
+      UnknownNameError: naming an unknown observer, the closest and all registered ones (a ``ValueError``).
     """
-    if name not in _OBSERVERS:
-        raise ValueError(f"observer {name!r} is not registered; pick one of {list_observers()}")
-    return _OBSERVERS[name](axis=axis, bits=bits, signed=signed, symmetric=symmetric, **options)
+    return OBSERVERS.get(name)(axis=axis, bits=bits, signed=signed, symmetric=symmetric, **options)
 
 
 class Observer:

@@ -39,22 +39,39 @@ from research import recipe as recipe_lib
 from research.nn import get_module
 from research.nn import iter_modules
 from research.nn import replace_module
+from research.registry import DuplicateNameError
+from research.registry import Registry
+from research.registry import same_definition
 from research.tree import Rule
 from research.tree import RuleError
-from research.tree import match_rules
+from research.tree import match_layer_rules
 
 log = logging.getLogger(__name__)
 
-_TWINS: dict[type, type[QuantLayer]] = {}
+# Keyed by the float layer's "module.QualName" (a registry name is a string).
+TWINS: Registry[type[QuantLayer]] = Registry(
+    "fake-quant twin of a layer type", hint="register one with @register_twin(FloatLayerType)"
+)
+
+
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
 
 
 def register_twin(float_type: type) -> Any:
-    """Class decorator: registers a :class:`QuantLayer` subclass as the twin of ``float_type``."""
+    """Class decorator: registers a :class:`QuantLayer` subclass as the twin of ``float_type``.
+
+    Raises:
+      DuplicateNameError: ``float_type`` already has another twin (a ``ValueError``).
+    """
 
     def deco(cls):
-        if float_type in _TWINS:
-            raise ValueError(f"{float_type.__name__} already has the twin {_TWINS[float_type].__name__}")
-        _TWINS[float_type] = cls
+        if _type_name(float_type) in TWINS and not same_definition(TWINS.get(_type_name(float_type)), cls):
+            raise DuplicateNameError(
+                f"{float_type.__name__} already has fake-quant twin {TWINS.get(_type_name(float_type)).__name__}; "
+                "pass a subclass of the layer type to register another"
+            )
+        TWINS.register(_type_name(float_type), cls)
         return cls
 
     return deco
@@ -66,8 +83,8 @@ register_twin(nnx.Conv)(QuantConv)
 
 def _twin_of(module: Any) -> type[QuantLayer] | None:
     for t in type(module).__mro__:
-        if t in _TWINS:
-            return _TWINS[t]
+        if _type_name(t) in TWINS:
+            return TWINS.get(_type_name(t))
     return None
 
 
@@ -76,7 +93,8 @@ class QuantRule(Rule):
     """Quantization of the Linear/Conv layers whose module path matches ``pattern``.
 
     Attributes:
-      pattern: regular expression searched in the module path.
+      pattern: regular expression searched in the layer's module path and its kernel path
+        (``"conv1$"`` or ``"conv1/kernel"``; the convention in :mod:`research.tree.rules`).
       bits: kernel bit width (2..8).
       act_bits: input-activation bit width (``None``: same as ``bits``).
       quantize_inputs: quantize the layer's input activations.
@@ -213,7 +231,7 @@ def quantize_model(
     paths = quantizable_layers(model)
     if not paths:
         raise RuleError(f"{type(model).__name__} has no Linear/Conv layer to quantize")
-    matches = match_rules(list(rules), paths, require_all_used=True)
+    matches = match_layer_rules(list(rules), paths, require_all_used=True)
     skipped: dict[str, str] = {}
     if skip_first or skip_last:
         order = [p for p in layer_order(model, sample_input) if p in matches]

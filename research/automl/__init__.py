@@ -6,6 +6,7 @@ Pure JAX + numpy + stdlib; the numerical parts (GP fits, acquisition ascent, TPE
 are jitted and vmapped.
 """
 
+from research.automl.acquisition import ACQUISITIONS
 from research.automl.acquisition import expected_improvement
 from research.automl.acquisition import get_acquisition
 from research.automl.acquisition import list_acquisitions
@@ -21,6 +22,7 @@ from research.automl.mo import EHVISampler
 from research.automl.mo import MOTPESampler
 from research.automl.plots import plot_history
 from research.automl.plots import plot_pareto_front
+from research.automl.samplers import SAMPLERS
 from research.automl.samplers import QMCSampler
 from research.automl.samplers import RandomSampler
 from research.automl.samplers import Sampler
@@ -46,6 +48,8 @@ from research.automl.trial import Trial
 from research.automl.trial import TrialState
 
 __all__ = [
+    "ACQUISITIONS",
+    "SAMPLERS",
     "ASHA",
     "BOHBSampler",
     "EHVISampler",

@@ -22,7 +22,10 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 from jax.scipy.special import ndtr
 
+from research.registry import Registry
+
 __all__ = [
+    "ACQUISITIONS",
     "expected_improvement",
     "get_acquisition",
     "list_acquisitions",
@@ -33,40 +36,30 @@ __all__ = [
 ]
 
 AcquisitionFn = Callable[..., jax.Array]
-_REGISTRY: dict[str, AcquisitionFn] = {}
+ACQUISITIONS: Registry[AcquisitionFn] = Registry("acquisition", hint="register one with @register_acquisition('name')")
 
 
 def register_acquisition(name: str) -> Callable[[AcquisitionFn], AcquisitionFn]:
     """Decorator registering ``fn(mean, std, best, **kw)`` under ``name``.
 
     Raises:
-      ValueError: If ``name`` is already registered.
+      DuplicateNameError: If another function is registered as ``name`` (a ``ValueError``).
     """
-
-    def deco(fn: AcquisitionFn) -> AcquisitionFn:
-        if name in _REGISTRY:
-            raise ValueError(f"acquisition {name!r} is already registered; choose another name")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return ACQUISITIONS.register(name)
 
 
 def get_acquisition(name: str) -> AcquisitionFn:
     """The acquisition registered as ``name``.
 
     Raises:
-      KeyError: Naming the registered acquisitions.
+      UnknownNameError: Naming the closest and all registered acquisitions (a ``KeyError``).
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown acquisition {name!r}; registered: {sorted(_REGISTRY)}") from None
+    return ACQUISITIONS.get(name)
 
 
 def list_acquisitions() -> list[str]:
     """Names of the registered acquisitions."""
-    return sorted(_REGISTRY)
+    return ACQUISITIONS.names()
 
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)

@@ -20,11 +20,13 @@ from research.automl.sobol import sobol_points
 from research.automl.space import Space
 from research.automl.trial import Trial
 from research.automl.trial import TrialState
+from research.registry import Registry
 
 __all__ = [
     "Observations",
     "QMCSampler",
     "RandomSampler",
+    "SAMPLERS",
     "Sampler",
     "list_samplers",
     "make_sampler",
@@ -32,20 +34,20 @@ __all__ = [
     "register_sampler",
 ]
 
-_REGISTRY: dict[str, type[Sampler]] = {}
+SAMPLERS: Registry[type[Sampler]] = Registry("sampler", hint="register one with @register_sampler('name')")
 
 
 def register_sampler(name: str) -> Callable[[type], type]:
     """Class decorator registering a sampler under ``name``.
 
+    Registering the same class again (a re-run notebook cell) is a no-op.
+
     Raises:
-      ValueError: If ``name`` is already registered.
+      DuplicateNameError: If another class is registered as ``name`` (a ``ValueError``).
     """
 
     def deco(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"sampler {name!r} is already registered; choose another name")
-        _REGISTRY[name] = cls
+        SAMPLERS.register(name, cls)
         cls.registered_name = name
         return cls
 
@@ -56,16 +58,14 @@ def make_sampler(name: str, **kwargs: Any) -> Sampler:
     """Builds the sampler registered as ``name`` with ``kwargs``.
 
     Raises:
-      KeyError: Naming the registered samplers.
+      UnknownNameError: Naming the closest and all registered samplers (a ``KeyError``).
     """
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown sampler {name!r}; registered: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
+    return SAMPLERS.get(name)(**kwargs)
 
 
 def list_samplers() -> list[str]:
     """Names of the registered samplers."""
-    return sorted(_REGISTRY)
+    return SAMPLERS.names()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +222,10 @@ class QMCSampler(Sampler):
     def sample_unit(self, space, trials, directions, n):
         start = len(trials)
         return sobol_points(np.arange(start, start + n), space.dim, scramble=self.scramble, seed=self.seed)
+
+
+# "sobol" is the name `slimjax tune --sampler` and NASStage.sampler gave the QMC sampler.
+SAMPLERS.register("sobol", QMCSampler)
 
 
 def nondominated_rank(losses: np.ndarray) -> np.ndarray:

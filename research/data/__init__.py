@@ -5,6 +5,7 @@ from research.data.adapters import from_tfds
 from research.data.batching import BatchSampler
 from research.data.batching import calibration_subset
 from research.data.batching import eval_batches
+from research.data.datasets import DATASETS
 from research.data.datasets import Dataset
 from research.data.datasets import dataset_options
 from research.data.datasets import list_datasets
@@ -12,6 +13,7 @@ from research.data.datasets import load_dataset
 from research.data.datasets import register_dataset
 
 __all__ = [
+    "DATASETS",
     "BatchSampler",
     "Dataset",
     "calibration_subset",

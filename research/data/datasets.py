@@ -20,7 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_DATASETS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]]] = {}
+from research.registry import Registry
+
+LoaderFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]]
+DATASETS: Registry[LoaderFn] = Registry("dataset", hint="register one with @register_dataset('name')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,21 +54,20 @@ class Dataset:
         return {s: len(self.split(s)[1]) for s in ("train", "val", "test")}
 
 
-def register_dataset(name: str):
-    """Registers a loader ``fn(seed) -> (x, y, x_test | None, y_test | None)``; refuses duplicates."""
+def register_dataset(name: str) -> Callable[[LoaderFn], LoaderFn]:
+    """Registers a loader ``fn(seed) -> (x, y, x_test | None, y_test | None)``.
 
-    def deco(fn):
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered; pick another name")
-        _DATASETS[name] = fn
-        return fn
+    Registering the same loader again is a no-op.
 
-    return deco
+    Raises:
+      DuplicateNameError: another loader is registered as ``name`` (a ``ValueError``).
+    """
+    return DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
     """Names of the registered data sets."""
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def dataset_options(name: str) -> list[str]:
@@ -74,9 +76,7 @@ def dataset_options(name: str) -> list[str]:
     Raises:
       KeyError: unknown name (lists the registered ones).
     """
-    if name not in _DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; registered datasets: {list_datasets()}")
-    params = inspect.signature(_DATASETS[name]).parameters.values()
+    params = inspect.signature(DATASETS.get(name)).parameters.values()
     return sorted(p.name for p in params if p.name != "seed" and p.kind == p.POSITIONAL_OR_KEYWORD)
 
 
@@ -167,15 +167,14 @@ def load_dataset(
       **options: passed to the loader (e.g. ``num_samples`` for ``synthetic``).
 
     Raises:
-      KeyError: unknown name (lists the registered ones).
+      UnknownNameError: unknown name (a ``KeyError`` naming the registered ones).
       ValueError: fractions outside [0, 1).
     """
-    if name not in _DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; registered datasets: {list_datasets()}")
+    loader = DATASETS.get(name)
     for label, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= f < 1.0:
             raise ValueError(f"{label}={f} must be in [0, 1)")
-    x, y, x_test, y_test = _DATASETS[name](seed, **options)
+    x, y, x_test, y_test = loader(seed, **options)
     rng = np.random.default_rng(seed)
     if x_test is None:
         perm = rng.permutation(len(x))

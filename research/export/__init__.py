@@ -1,26 +1,35 @@
-"""Export and compilation: StableHLO, TFLite (fp32/fp16/int8) and ONNX, checked in their runtimes.
+"""Export and compilation: every registered format written, then checked in its own runtime.
 
 ``export(model, sample_input, formats, out_dir, quantize, calibration)`` writes, for any
-``flax.nnx`` model:
+``flax.nnx`` model, the artifacts of the requested formats. Formats are registered
+:class:`ExportFormat` classes (:mod:`research.export.formats`; ``format_names()`` lists them), one
+module each:
 
-* ``model.stablehlo`` via ``jax.export`` and a ``model.stablehlo.json`` manifest (JAX/jaxlib
-  versions, input/output shapes and dtypes, and the date until which the artifact is guaranteed
-  loadable: 6 months of backward compatibility);
-* ``model_{fp32,fp16,dynamic_int8,int8}.tflite`` via jax2tf and the TFLite converter (full int8
-  calibrated on a representative dataset);
-* ``model_{fp32,int8}.onnx`` converted by tf2onnx from the TFLite file (int8 in Q/DQ form),
-  passing ``onnx.checker``.
+* ``stablehlo`` (:mod:`~research.export.stablehlo`): ``model.stablehlo`` via ``jax.export`` and a
+  ``model.stablehlo.json`` manifest (JAX/jaxlib versions, input/output shapes and dtypes, and the
+  date until which the artifact is guaranteed loadable: 6 months of backward compatibility);
+* ``tflite`` (:mod:`~research.export.tflite`): ``model_{mode}.tflite`` via jax2tf and the TFLite
+  converter, one file per registered mode (``fp32``, ``fp16``, ``dynamic_int8``, ``int8``,
+  ``int8_dense_per_tensor``, ``int8_per_tensor``; full integer calibrated on a representative
+  dataset), run in LiteRT;
+* ``onnx`` (:mod:`~research.export.onnx_export`): ``model_{mode}.onnx`` converted by tf2onnx from
+  the TFLite file (full-integer modes in Q/DQ form) plus the ONNX-only modes
+  (``int8_qdq_symmetric``, ``int8_qdq_reduce_range``), passing ``onnx.checker``, run in onnxruntime;
+* ``tvm`` (:mod:`~research.export.tvm`, optional, needs ``onnx``): each ONNX file compiled by
+  Apache TVM for this CPU;
+* ``tensorrt`` (:mod:`~research.export.tensorrt`, optional, needs ``onnx`` and an NVIDIA GPU):
+  ``fp32``/``fp16``/``int8_qdq_symmetric`` engines built from the ONNX files.
 
-Each artifact runs in its real runtime (LiteRT interpreter, onnxruntime, ``jax.export``
-deserialization) on the same inputs as the JAX model; the :class:`ExportReport` gives max
-absolute and relative differences, top-1 agreement, size (raw and gzip) and median latency.
-Writes are atomic. TensorFlow and the ONNX stack are optional: they are imported on first use
-(``pip install 'slimjax[export]'``).
+Each artifact runs in its real runtime on the same inputs as the JAX model; the
+:class:`ExportReport` gives max absolute and relative differences, top-1 agreement, size (raw and
+gzip) and median latency. The set is written to a staging directory and moved into ``out_dir``
+together. TensorFlow and the ONNX stack are optional: a requested format that cannot run here is
+refused before anything is converted, with its install command (``pip install 'slimjax[export]'``).
 
-TensorRT (not run here: TensorRT is not installed in this project's environments) builds an
-engine from the ONNX file; for the int8 file, explicit Q/DQ nodes set the precision::
+TensorRT without the Python bindings: ``trtexec`` builds an engine from the ONNX file; for the
+symmetric int8 file, explicit Q/DQ nodes set the precision::
 
-    trtexec --onnx=model_int8.onnx --saveEngine=model_int8.plan --int8 --fp16 \\
+    trtexec --onnx=model_int8_qdq_symmetric.onnx --saveEngine=model_int8.plan --int8 --fp16 \\
         --minShapes=args_tf_0:1x28x28x1 --optShapes=args_tf_0:32x28x28x1 \\
         --maxShapes=args_tf_0:128x28x28x1
 
@@ -33,8 +42,14 @@ from research.export._io import atomic_path
 from research.export._trace import UnsupportedOpError
 from research.export._trace import inference_fn
 from research.export.api import FORMATS
-from research.export.api import OPTIONAL_FORMATS
 from research.export.api import export
+from research.export.formats import EXPORT_FORMATS
+from research.export.formats import ExportFormat
+from research.export.formats import ExportJob
+from research.export.formats import Produced
+from research.export.formats import format_names
+from research.export.formats import get_format
+from research.export.formats import register_format
 from research.export.fusion import FusionReport
 from research.export.fusion import fusion_report
 from research.export.latency import artifact_latency
@@ -58,8 +73,11 @@ from research.export.tflite import size_breakdown
 from research.export.tflite import to_tflite
 
 __all__ = [
+    "EXPORT_FORMATS",
     "FORMATS",
-    "OPTIONAL_FORMATS",
+    "ExportFormat",
+    "ExportJob",
+    "Produced",
     "FusionReport",
     "ArtifactReport",
     "ExportReport",
@@ -74,15 +92,26 @@ __all__ = [
     "export_bundle",
     "export_run",
     "export_stablehlo",
+    "format_names",
     "free_batch_dim",
     "fusion_report",
+    "get_format",
     "inference_fn",
     "load_stablehlo",
     "op_counts",
     "qdq_summary",
     "quantization_modes",
+    "register_format",
     "register_quantization",
     "size_breakdown",
     "tflite_to_onnx",
     "to_tflite",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - deprecated names, forwarded with their warning
+    if name == "OPTIONAL_FORMATS":
+        from research.export import api  # noqa: PLC0415
+
+        return api.__getattr__(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,124 +1,142 @@
-"""``export``: write StableHLO, TFLite and ONNX artifacts and check each in its runtime."""
+"""``export``: validate, compute JAX's reference outputs, then let each registered format write and be checked.
+
+The formats themselves live in their modules (:mod:`research.export.stablehlo`,
+:mod:`~research.export.tflite`, :mod:`~research.export.onnx_export`, :mod:`~research.export.tvm`,
+:mod:`~research.export.tensorrt`), registered in :data:`research.export.formats.EXPORT_FORMATS`;
+this module names none of them.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
 import warnings
-from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from research import metrics
 from research.export import cpu as cpu_lib
 from research.export import deploy as deploy_lib
-from research.export import onnx_export
-from research.export import stablehlo
-from research.export import tflite
+from research.export import formats as formats_lib
+
+# The built-in formats register themselves on import.
+from research.export import onnx_export  # noqa: F401
+from research.export import stablehlo  # noqa: F401
+from research.export import tensorrt  # noqa: F401
+from research.export import tflite  # noqa: F401
+from research.export import tvm  # noqa: F401
 from research.export._io import commit_export_set
 from research.export._io import gzip_size
 from research.export._io import staging_dir
-from research.export._io import write_bytes_atomic
-from research.export._trace import UnsupportedOpError
 from research.export._trace import inference_fn
-from research.export.latency import median_ms
-from research.export.report import Agreement
+from research.export.formats import DEFAULT_FORMATS
+from research.export.formats import ExportJob
+from research.export.formats import needs_calibration
+from research.export.formats import quantize_modes
 from research.export.report import ArtifactReport
 from research.export.report import ExportAgreementWarning
 from research.export.report import ExportReport
 from research.export.report import agreement_warnings
 
-FORMATS = ("stablehlo", "tflite", "onnx")
-# Formats that need extra packages, so not in the default FORMATS: "tvm" (pip install 'slimjax[tvm]').
-OPTIONAL_FORMATS = ("tvm",)
+FORMATS = DEFAULT_FORMATS
+"""The formats written when none are named (``formats.format_names()`` lists every registered one)."""
+
+__all__ = ["FORMATS", "export", "needs_calibration", "quantize_modes"]
 
 
-# TFLite variants that are also converted to ONNX (tf2onnx turns int8 TFLite into Q/DQ form).
-def quantize_modes() -> tuple[str, ...]:
-    """Every ``quantize=`` mode: the registered TFLite modes but ``"fp32"``, then the ONNX-only ones."""
-    return (*(q for q in tflite.quantization_modes() if q != "fp32"), *onnx_export.onnx_quantization_modes())
-
-
-def needs_calibration(q: str) -> bool:
-    """Whether quantization mode ``q`` calibrates activation ranges (so needs calibration data)."""
-    return tflite.is_full_integer(q) or q in onnx_export.onnx_quantization_modes()
-
-
-def _onnx_variant(q: str) -> bool:
-    """TFLite variants that are also converted to ONNX: float32 and full-integer ones."""
-    return q == "fp32" or tflite.is_full_integer(q)
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "?"
-
-
-def _chunks(x: np.ndarray, size: int, exact: bool) -> list[np.ndarray]:
-    out = [x[i : i + size] for i in range(0, len(x), size)]
-    return [c for c in out if not exact or len(c) == size]
-
-
-def _compare(
-    run: Callable[[np.ndarray], np.ndarray],
-    inputs: Sequence[np.ndarray],
-    refs: Sequence[np.ndarray],
-) -> tuple[float, float, float | None]:
-    abs_diff, scale, agree, total = 0.0, 0.0, 0, 0
-    classify = all(r.ndim == 2 for r in refs)
-    for x, ref in zip(inputs, refs, strict=True):
-        y = np.asarray(run(x), dtype=np.float64)
-        ref64 = np.asarray(ref, dtype=np.float64)
-        if y.shape != ref64.shape:
-            raise AssertionError(f"artifact output shape {y.shape} != JAX output {ref64.shape}")
-        abs_diff = max(abs_diff, float(np.max(np.abs(y - ref64))))
-        scale = max(scale, float(np.max(np.abs(ref64))))
-        if classify:
-            agree += int(np.sum(y.argmax(-1) == ref64.argmax(-1)))
-            total += len(y)
-    rel = abs_diff / scale if scale > 0 else abs_diff
-    return abs_diff, rel, (agree / total if classify and total else None)
-
-
-@contextlib.contextmanager
-def _producing(artifact: str, out_dir: str) -> Any:
-    """Names the artifact being produced on any error, and says the previous set is intact."""
-    try:
-        yield
-    except Exception as err:
-        err.add_note(
-            f"slimjax export: failed while producing {artifact}; nothing of this export was moved "
-            f"into {out_dir}, which still holds the previous export set"
+def __getattr__(name: str) -> Any:
+    # Deprecated in this release: the optional formats are registry entries now.
+    if name == "OPTIONAL_FORMATS":
+        warnings.warn(
+            "research.export.OPTIONAL_FORMATS is deprecated and will be removed in the next release; "
+            "use research.export.format_names() (every registered format) or research.export.FORMATS (the defaults)",
+            DeprecationWarning,
+            stacklevel=2,
         )
-        raise
+        return tuple(n for n in formats_lib.format_names() if n not in DEFAULT_FORMATS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _range_agreement(runner: tflite.TFLiteRunner, ranges: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
-    """Compares deployed int8 activation ranges with given (learned) ``(min, max)`` ranges."""
-    details = [d for d in runner.tensor_details() if d["dtype"] == np.int8]
-    out: dict[str, Any] = {}
-    for pattern, (lo, hi) in ranges.items():
-        rx = re.compile(pattern)
-        matches = []
-        for d in details:
-            scale, zp = d["quantization"]
-            if scale and rx.search(d["name"]):
-                dep_lo, dep_hi = scale * (-128 - zp), scale * (127 - zp)
-                width = max(hi - lo, 1e-12)
-                err = max(abs(dep_lo - lo), abs(dep_hi - hi)) / width
-                matches.append({"tensor": d["name"], "deployed": [dep_lo, dep_hi], "rel_err": err})
-        out[pattern] = {"learned": [lo, hi], "matches": matches}
-    return out
+def _batch(x: np.ndarray) -> int:
+    return int(x.shape[0]) if x.ndim else 1
+
+
+def _check_inputs(sample: np.ndarray, eval_data: np.ndarray | None, batch_polymorphic: bool) -> list[np.ndarray]:
+    """Inputs every artifact is checked on: the sample, eval data in sample-sized batches, a second batch size."""
+    bsz = _batch(sample)
+    inputs = [sample]
+    if eval_data is not None:
+        data = np.asarray(eval_data, sample.dtype)
+        chunks = [data[i : i + bsz] for i in range(0, len(data), bsz)]
+        inputs += [c for c in chunks if batch_polymorphic or len(c) == bsz]
+    if batch_polymorphic and sample.ndim:
+        other = 1 if bsz != 1 else 3
+        inputs.append(np.resize(sample, (other, *sample.shape[1:])).astype(sample.dtype))
+    return inputs
+
+
+def _record(job: ExportJob, fmt: str, p: formats_lib.Produced) -> ArtifactReport:
+    """Compares a produced artifact with JAX on the job's inputs and times it on the sample."""
+    got = job.agreement(p.runtime, p.run)
+    return ArtifactReport(
+        name=p.name,
+        format=fmt,
+        quantize=p.quantize,
+        path=p.path,
+        runtime=p.runtime,
+        size_bytes=os.path.getsize(p.path),
+        gzip_bytes=gzip_size(p.path),
+        max_abs_diff=got.max_abs_diff,
+        max_rel_diff=got.max_rel_diff,
+        top1_agreement=got.top1_agreement,
+        latency_ms=metrics.median_ms(lambda: p.run(job.sample), job.latency_repeats),
+        batch_sizes=tuple(sorted({_batch(x) for x in job.inputs})),
+        extra=p.extra,
+        reference=p.reference,
+    )
+
+
+def _validate(
+    formats: tuple[str, ...],
+    variants: tuple[str, ...],
+    calibration: np.ndarray | None,
+    format_options: Mapping[str, Any],
+) -> None:
+    """Raises on a bad request before anything is converted: ValueError, or ImportError when a format cannot run."""
+    found = formats_lib.problems(formats, variants, availability=False)
+    if found:
+        raise ValueError("; ".join(msg for _, msg in found))
+    for f in dict.fromkeys(formats):
+        reason = formats_lib.get_format(f).unavailable()
+        if reason:
+            raise ImportError(f"formats={formats!r}: {f!r} cannot run here: {reason}")
+    for q in variants:
+        if needs_calibration(q) and calibration is None:
+            raise ValueError(
+                f"quantize={q!r} needs calibration=<array (N, *input_shape[1:])> for the "
+                "activation ranges; pass a few hundred training inputs, or use "
+                "quantize='dynamic_int8'"
+            )
+    stray = sorted(set(format_options) - set(formats))
+    if stray:
+        raise ValueError(f"format_options names {stray}, which are not in formats={formats!r}; drop them or add them")
+
+
+def _param_facts(model: Any) -> tuple[int, float]:
+    """Bytes of the model's state (parameters and batch statistics) and its fraction of exact zeros."""
+    state = nnx.state(model) if isinstance(model, nnx.Module) else {}
+    leaves = [v for v in jax.tree.leaves(state) if hasattr(v, "dtype")]
+    floats = [v for v in leaves if np.issubdtype(v.dtype, np.floating)]
+    n = metrics.count_params(leaves)
+    zeros = metrics.count_params(floats) - metrics.count_nonzeros(floats)
+    return metrics.stored_bytes(leaves), (zeros / n if n else 0.0)
 
 
 def export(
@@ -140,6 +158,7 @@ def export(
     use_deploy_hooks: bool = True,
     tvm_tuning_trials: int = 0,
     fusion: bool = False,
+    format_options: Mapping[str, Mapping[str, Any]] | None = None,
     min_top1_agreement: float = 0.99,
 ) -> ExportReport:
     """Exports a model to StableHLO, TFLite and ONNX and checks every artifact in its runtime.
@@ -166,11 +185,14 @@ def export(
         caller's model is not modified), or any such JAX function.
       sample_input: one batch of inputs; fixes dtype and the non-batch dimensions, and is the
         input latencies are measured on.
-      formats: any of ``"stablehlo"``, ``"tflite"``, ``"onnx"``, ``"tvm"``. ONNX is converted from the
+      formats: names of registered export formats (:mod:`research.export.formats`): built in are
+        ``"stablehlo"``, ``"tflite"``, ``"onnx"``, ``"tvm"`` and ``"tensorrt"``; they are produced
+        in the order given, each after the formats it requires. ONNX is converted from the
         TFLite flatbuffer (jax2tf's ``XlaCallModule`` cannot be converted by tf2onnx directly).
         ``"tvm"`` (needs ``"onnx"``) compiles every ONNX file with Apache TVM Relax for the host
         CPU into ``{name}_{variant}_tvm.so`` (:mod:`research.export.tvm`); a quantized file that
-        TVM rejects is reported in ``notes`` with TVM's error.
+        TVM rejects is reported in ``notes`` with TVM's error. ``"tensorrt"`` (needs ``"onnx"``
+        and an NVIDIA GPU) builds engines from the ONNX files (:mod:`research.export.tensorrt`).
       out_dir: directory for ``{name}.stablehlo`` (+ ``.json`` manifest),
         ``{name}_{variant}.tflite`` and ``{name}_{variant}.onnx``.
       quantize: None, or one or several of ``"fp16"``, ``"dynamic_int8"``, ``"int8"``,
@@ -216,6 +238,9 @@ def export(
       fusion: add the fusion report (:func:`research.export.fusion.fusion_report`: per runtime,
         operators before/after fusion, fused patterns, latency with fusion off and on) as
         ``report.fusion``, printed after the table.
+      format_options: per-format options for formats that take them (``{"name": {...}}``),
+        read by the format from :meth:`ExportJob.options_of`; a key that names no requested format
+        is refused.
       min_top1_agreement: an artifact whose top-1 agreement with JAX (runtime or reference) is
         below this gets a warning naming the likely cause (for float32 artifacts also a max
         relative difference above 1e-4).
@@ -224,13 +249,15 @@ def export(
       An :class:`ExportReport`; ``report.table()`` prints it.
 
     Raises:
-      ValueError: unknown format or quantization mode, int8 without calibration, or an ONNX-only
-        mode without ``"onnx"`` in ``formats``.
+      ValueError: unknown format (with the closest name) or quantization mode, int8 without
+        calibration, a format without a format it requires (``"tvm"`` without ``"onnx"``), or a
+        mode that no requested format writes (an ONNX-only mode without ``"onnx"``).
       UnsupportedOpError: an operation cannot be converted; names the JAX primitive and layer,
         and the requested formats that need the failing conversion (ONNX is converted from
         TFLite).
-      ImportError: TensorFlow/tf2onnx/onnx/onnxruntime missing (``pip install
-        'slimjax[export]'``).
+      ImportError: a requested format cannot run here (TensorFlow/tf2onnx/onnx/onnxruntime
+        missing: ``pip install 'slimjax[export]'``; TVM: ``'slimjax[tvm]'``), before anything is
+        converted.
 
     Example:
       >>> from flax import nnx
@@ -243,30 +270,8 @@ def export(
       True
     """
     formats = tuple(formats)
-    bad = [f for f in formats if f not in (*FORMATS, *OPTIONAL_FORMATS)]
-    if bad or not formats:
-        raise ValueError(f"formats={formats!r} contains {bad}; choose from {(*FORMATS, *OPTIONAL_FORMATS)}")
-    if "tvm" in formats and "onnx" not in formats:
-        raise ValueError(f"formats={formats!r}: 'tvm' compiles the ONNX artifacts; add 'onnx' to formats")
-    if quantize is None:
-        variants: list[str] = ["fp32"]
-    else:
-        qs = [quantize] if isinstance(quantize, str) else list(quantize)
-        variants = ["fp32", *[q for q in dict.fromkeys(qs) if q != "fp32"]]
-    onnx_only = onnx_export.onnx_quantization_modes()
-    known = quantize_modes()
-    unknown = [q for q in variants if q != "fp32" and q not in known]
-    if unknown:
-        raise ValueError(f"quantize={quantize!r}: {unknown} unknown; use None or some of {known}")
-    for q in variants:
-        if needs_calibration(q) and calibration is None:
-            raise ValueError(
-                f"quantize={q!r} needs calibration=<array (N, *input_shape[1:])> for the "
-                "activation ranges; pass a few hundred training inputs, or use "
-                "quantize='dynamic_int8'"
-            )
-        if q in onnx_only and "onnx" not in formats:
-            raise ValueError(f"quantize={q!r} writes an ONNX file only; add 'onnx' to formats={formats!r}")
+    variants = formats_lib.requested_variants(quantize)
+    _validate(formats, variants, calibration, format_options or {})
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     sample = np.asarray(sample_input)
@@ -283,183 +288,60 @@ def export(
             " compared with the original model",
             *deployable.notes,
         ]
-    convert_fn = inference_fn(convert_model)
 
-    # Inputs to check on: the sample, eval data in sample-sized batches, and a second batch size.
-    bsz = sample.shape[0] if sample.ndim else 1
-    inputs = [sample]
-    if eval_data is not None:
-        inputs += _chunks(np.asarray(eval_data, sample.dtype), bsz, exact=not batch_polymorphic)
-    if batch_polymorphic and sample.ndim:
-        other = 1 if bsz != 1 else 3
-        inputs.append(np.resize(sample, (other, *sample.shape[1:])).astype(sample.dtype))
+    inputs = _check_inputs(sample, eval_data, batch_polymorphic)
     refs = [np.asarray(jfn(x)) for x in inputs]
-    batch_sizes = tuple(sorted({int(x.shape[0]) if x.ndim else 1 for x in inputs}))
-    num_checked = sum(int(x.shape[0]) if x.ndim else 1 for x in inputs)
+    jax_ms = metrics.median_ms(lambda: jfn(sample).block_until_ready(), latency_repeats)
+    param_bytes, zero_frac = _param_facts(model)
 
-    jax_ms = median_ms(lambda: jfn(sample).block_until_ready(), latency_repeats)
-    params = nnx.state(model) if isinstance(model, nnx.Module) else {}
-    leaves = [np.asarray(v) for v in jax.tree.leaves(params) if hasattr(v, "dtype")]
-    param_bytes = int(sum(v.nbytes for v in leaves))
-    n_params = sum(v.size for v in leaves)
-    zeros = sum(int(np.sum(v == 0)) for v in leaves if np.issubdtype(v.dtype, np.floating))
-    zero_frac = zeros / n_params if n_params else 0.0
     cpu = cpu_lib.cpu_int8()
-    cpu_text = str(cpu)
-    if "onnx" in formats:  # measured, not inferred from the flags
-        cpu = dataclasses.replace(cpu, u8s8_saturates=onnx_export.fused_int8_saturates())
-        cpu_text += "; onnxruntime fused int8 kernels " + (
-            "saturate (16-bit pair sums)" if cpu.u8s8_saturates else "exact (32-bit sums)"
-        )
-
-    artifacts: list[ArtifactReport] = []
-
-    def agreement(runtime: str, run: Callable[[np.ndarray], np.ndarray]) -> Agreement:
-        abs_d, rel_d, top1 = _compare(run, inputs, refs)
-        return Agreement(runtime=runtime, max_abs_diff=abs_d, max_rel_diff=rel_d, top1_agreement=top1)
-
-    def record(
-        art_name: str,
-        fmt: str,
-        q: str,
-        path: str,
-        runtime: str,
-        run: Callable[[np.ndarray], np.ndarray],
-        extra: dict[str, Any],
-        reference: Agreement | None = None,
-    ) -> None:
-        got = agreement(runtime, run)
-        ms = median_ms(lambda: run(sample), latency_repeats)
-        artifacts.append(
-            ArtifactReport(
-                name=art_name,
-                format=fmt,
-                quantize=q,
-                path=path,
-                runtime=runtime,
-                size_bytes=os.path.getsize(path),
-                gzip_bytes=gzip_size(path),
-                max_abs_diff=got.max_abs_diff,
-                max_rel_diff=got.max_rel_diff,
-                top1_agreement=got.top1_agreement,
-                latency_ms=ms,
-                batch_sizes=batch_sizes,
-                extra=extra,
-                reference=reference,
-            )
-        )
-
-    def record_onnx(art_name: str, q: str, path: str, proto: Any, extra: dict[str, Any]) -> None:
-        qdq = onnx_export.qdq_summary(proto)
-        extra = {"qdq": qdq, **extra}
-        reference = None
-        if qdq["quantize_linear"] + qdq["dequantize_linear"]:
-            # The file as written (each Q/DQ in float) and, where onnxruntime's fused u8s8 kernels
-            # saturate, with its non-saturating u8u8 kernels (session.x64quantprecision=1).
-            as_written = onnx_export.OnnxRunner(path, num_threads=num_threads, optimization="none")
-            reference = agreement(f"{ort_name}, {as_written.description}", as_written)
-            if cpu.u8s8_saturates:
-                try:
-                    precise = onnx_export.OnnxRunner(path, num_threads=num_threads, x64_quant_precision=True)
-                    extra["x64quantprecision"] = dataclasses.asdict(
-                        agreement(f"{ort_name}, {precise.description}", precise)
-                    )
-                except Exception as err:  # noqa: BLE001 - onnxruntime refuses some graphs with it
-                    extra["x64quantprecision"] = {"error": f"{type(err).__name__}: {str(err)[-300:]}"}
-        runner = onnx_export.OnnxRunner(path, num_threads=num_threads)
-        record(art_name, "onnx", q, path, ort_name, runner, extra, reference)
+    order = formats_lib.processing_order(formats)
+    job = ExportJob(
+        model=model,
+        fn=fn,
+        convert_model=convert_model,
+        convert_fn=inference_fn(convert_model),
+        sample=sample,
+        calibration=calibration,
+        inputs=inputs,
+        refs=refs,
+        formats=order,
+        variants=variants,
+        stage="",
+        out_dir=out_dir,
+        name=name,
+        cpu=cpu,
+        cpu_text=str(cpu),
+        batch_polymorphic=batch_polymorphic,
+        batch_route=batch_route,
+        activation_ranges=activation_ranges,
+        num_threads=num_threads,
+        latency_repeats=latency_repeats,
+        onnx_opset=onnx_opset,
+        tvm_tuning_trials=tvm_tuning_trials,
+        format_options=dict(format_options or {}),
+    )
+    plan = [(formats_lib.get_format(f), f) for f in order]
+    for fmt, _ in plan:
+        fmt.prepare(job)
 
     # Everything is written to a staging directory and moved into out_dir together at the end.
-    stage = staging_dir(out_dir, name)
-    litert = f"LiteRT {_version('ai-edge-litert')}"
-    ort_name = f"onnxruntime {_version('onnxruntime')}"
+    job.stage = staging_dir(out_dir, name)
+    artifacts: list[ArtifactReport] = []
     try:
-        if "stablehlo" in formats:
-            with _producing(f"{name}.stablehlo (stablehlo)", out_dir):
-                path = os.path.join(stage, f"{name}.stablehlo")
-                spec = stablehlo.input_spec(sample, batch_polymorphic)
-                info = stablehlo.export_stablehlo(fn, spec, path)
-                loaded = stablehlo.load_stablehlo(path)
-                record(
-                    "stablehlo",
-                    "stablehlo",
-                    "fp32",
-                    path,
-                    f"jax.export {jax.__version__}",
-                    lambda x: np.asarray(loaded(x)),
-                    {"manifest": info},
-                )
-
-        via_tflite = [f for f in ("tflite", "onnx") if f in formats]
-        for q in variants if via_tflite else ():
-            if q in onnx_only:
-                continue
-            with _producing(f"the {q} TFLite conversion (needed by {' and '.join(via_tflite)})", out_dir):
-                try:
-                    blob = tflite.to_tflite(
-                        convert_fn,
-                        sample,
-                        quantize=q,
-                        calibration=calibration,
-                        batch_polymorphic=batch_polymorphic,
-                        batch_route=batch_route,
-                        model=convert_model,
-                    )
-                except UnsupportedOpError as err:
-                    raise err.retarget(via_tflite[0], via="tflite", drop=via_tflite) from err
-            if "tflite" in formats:
-                with _producing(f"{name}_{q}.tflite (tflite_{q})", out_dir):
-                    path = os.path.join(stage, f"{name}_{q}.tflite")
-                    write_bytes_atomic(path, blob, lambda p: tflite.TFLiteRunner(p)(sample))
-                    runner = tflite.TFLiteRunner(path, num_threads=num_threads)
-                    extra: dict[str, Any] = {
-                        "size_breakdown": tflite.size_breakdown(blob),
-                        "batch_route": tflite.batch_route(blob),
-                    }
-                    if tflite.is_full_integer(q) and activation_ranges:
-                        extra["range_agreement"] = _range_agreement(runner, activation_ranges)
-                    record(f"tflite_{q}", "tflite", q, path, litert, runner, extra)
-            if "onnx" in formats and _onnx_variant(q):
-                with _producing(f"{name}_{q}.onnx (onnx_{q}, tf2onnx from the TFLite file)", out_dir):
-                    proto = onnx_export.tflite_to_onnx(blob, opset=onnx_opset)
-                    path = os.path.join(stage, f"{name}_{q}.onnx")
-                    onnx_export.write_onnx(proto, path)
-                    record_onnx(f"onnx_{q}", q, path, proto, {"opset": onnx_opset})
-        for q in variants:
-            if q not in onnx_only:
-                continue
-            with _producing(f"{name}_{q}.onnx (onnx_{q}, from {name}_fp32.onnx)", out_dir):
-                path = os.path.join(stage, f"{name}_{q}.onnx")
-                proto = onnx_export.onnx_quantize(
-                    q, os.path.join(stage, f"{name}_fp32.onnx"), path, np.asarray(calibration)
-                )
-                record_onnx(f"onnx_{q}", q, path, proto, {"from": f"{name}_fp32.onnx"})
-
-        if "tvm" in formats:
-            from research.export import tvm as tvm_lib  # noqa: PLC0415 (optional dependency)
-
-            onnx_files = [(a.quantize, a.path) for a in artifacts if a.format == "onnx"]
-            with _producing("the TVM libraries (tvm, compiled from the ONNX files)", out_dir):
-                built, tvm_notes = tvm_lib.build_artifacts(
-                    onnx_files,
-                    stage,
-                    name,
-                    sample,
-                    num_threads=num_threads,
-                    tuning_trials=tvm_tuning_trials,
-                    latency_repeats=latency_repeats,
-                )
-            notes += tvm_notes
-            for t in built:
-                record(t.name, "tvm", t.quantize, t.path, t.runtime, t.runner, t.extra)
-
-        moved = commit_export_set(stage, out_dir, name, {"formats": list(formats), "quantize": variants})
+        for fmt, f in plan:
+            for q in fmt.variants(variants):
+                with formats_lib.producing(fmt.label(job, q), out_dir):
+                    for p in fmt.produce(job, q):
+                        job.produced.append((f, p))
+                        artifacts.append(_record(job, f, p))
+        moved = commit_export_set(job.stage, out_dir, name, {"formats": list(formats), "quantize": list(variants)})
     finally:
         with contextlib.suppress(OSError):
-            shutil.rmtree(stage)
+            shutil.rmtree(job.stage)
     artifacts = [dataclasses.replace(a, path=moved[a.path]) for a in artifacts]
 
-    found = agreement_warnings(artifacts, min_top1_agreement, cpu, fp32_drift=deployable is None)
+    found = agreement_warnings(artifacts, min_top1_agreement, job.cpu, fp32_drift=deployable is None)
     for w in found:
         warnings.warn(w, ExportAgreementWarning, stacklevel=2)
 
@@ -482,10 +364,10 @@ def export(
         jax_latency_ms=jax_ms,
         jax_param_bytes=param_bytes,
         param_zero_fraction=zero_frac,
-        num_checked=num_checked,
+        num_checked=sum(_batch(x) for x in inputs),
         artifacts=tuple(artifacts),
-        notes=tuple(notes),
+        notes=(*notes, *job.notes),
         fusion=fusion_dict,
-        cpu=cpu_text,
+        cpu=job.cpu_text,
         warnings=tuple(found),
     )

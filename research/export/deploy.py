@@ -20,6 +20,8 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
+from research.registry import Registry
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Deployable:
@@ -41,11 +43,13 @@ class Deployable:
 
 
 DeployHook = Callable[[Any], "Deployable | None"]
-_HOOKS: dict[str, DeployHook] = {}
+DEPLOY_HOOKS: Registry[DeployHook] = Registry(
+    "deploy hook", hint="register one with @research.export.deploy.register_deploy_hook('name')"
+)
 
 
 def register_deploy_hook(name: str) -> Callable[[DeployHook], DeployHook]:
-    """Decorator registering ``hook(model) -> Deployable | None``; refuses duplicate names.
+    """Decorator registering ``hook(model) -> Deployable | None``; refuses a taken name (same definition again is fine).
 
     Example:
       >>> @register_deploy_hook("doc_example")
@@ -56,21 +60,18 @@ def register_deploy_hook(name: str) -> Callable[[DeployHook], DeployHook]:
     """
 
     def deco(hook: DeployHook) -> DeployHook:
-        if name in _HOOKS:
-            raise ValueError(f"deploy hook {name!r} is already registered; pick a new name")
-        _HOOKS[name] = hook
-        return hook
+        return DEPLOY_HOOKS.register(name, hook)
 
     return deco
 
 
 def deploy_hooks() -> tuple[str, ...]:
-    """Names of the registered deploy hooks, in the order they are asked."""
-    return tuple(_HOOKS)
+    """Names of the registered deploy hooks, in the order they are asked (by name)."""
+    return tuple(DEPLOY_HOOKS.names())
 
 
 def as_deployable(model: Any) -> Deployable | None:
-    """Asks the registered hooks in order; returns the first :class:`Deployable` or None.
+    """Asks the registered hooks in name order; returns the first :class:`Deployable` or None.
 
     Args:
       model: the model about to be exported.
@@ -79,7 +80,7 @@ def as_deployable(model: Any) -> Deployable | None:
       The first hook's non-None answer (with ``source`` set to the hook's name), or None when no
       hook claims the model (it is exported as it is).
     """
-    for name, hook in _HOOKS.items():
+    for name, hook in DEPLOY_HOOKS.items():
         dep = hook(model)
         if dep is not None:
             return dataclasses.replace(dep, source=dep.source or name)

@@ -41,7 +41,7 @@ import numpy as np
 
 from research.export import _deps
 from research.export._trace import inference_fn
-from research.export.latency import median_ms
+from research.metrics import median_ms
 
 RUNTIMES = ("xla", "tflite", "onnxruntime", "tvm")
 

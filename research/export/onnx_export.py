@@ -20,6 +20,7 @@ The TFLite converter fuses a clamp to [0, 1] or [-1, 1] into the builtins ``RELU
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import tempfile
@@ -32,8 +33,15 @@ from typing import Any
 import numpy as np
 
 from research.export import _deps
+from research.export import formats as formats_lib
+from research.export import tflite
 from research.export._io import write_bytes_atomic
 from research.export._trace import UnsupportedOpError
+from research.export.formats import ExportFormat
+from research.export.formats import ExportJob
+from research.export.formats import Produced
+from research.export.formats import register_format
+from research.registry import Registry
 
 DEFAULT_OPSET = 17
 _ORT_DTYPES = {
@@ -127,11 +135,13 @@ def tflite_to_onnx(tflite_bytes: bytes, opset: int = DEFAULT_OPSET) -> Any:
 
 
 OnnxQuantizeFn = Callable[[str, str, np.ndarray], Any]
-_ONNX_QUANTIZATIONS: dict[str, OnnxQuantizeFn] = {}
+ONNX_QUANTIZATIONS: Registry[OnnxQuantizeFn] = Registry(
+    "ONNX quantization mode", hint="register one with @research.export.onnx_export.register_onnx_quantization('name')"
+)
 
 
 def register_onnx_quantization(name: str) -> Callable[[OnnxQuantizeFn], OnnxQuantizeFn]:
-    """Decorator registering an ONNX-only quantization mode; refuses duplicate names.
+    """Decorator registering an ONNX-only quantization mode; refuses a taken name (same definition again is fine).
 
     An ONNX-only mode quantizes the float32 ONNX file (not the TFLite one): the decorated
     ``fn(fp32_path, out_path, calibration) -> onnx.ModelProto`` writes ``out_path``.
@@ -140,24 +150,19 @@ def register_onnx_quantization(name: str) -> Callable[[OnnxQuantizeFn], OnnxQuan
     """
 
     def deco(fn: OnnxQuantizeFn) -> OnnxQuantizeFn:
-        if name in _ONNX_QUANTIZATIONS:
-            raise ValueError(f"ONNX quantization {name!r} is already registered; pick a new name")
-        _ONNX_QUANTIZATIONS[name] = fn
-        return fn
+        return ONNX_QUANTIZATIONS.register(name, fn)
 
     return deco
 
 
 def onnx_quantization_modes() -> tuple[str, ...]:
-    """Names of the registered ONNX-only quantization modes."""
-    return tuple(_ONNX_QUANTIZATIONS)
+    """Names of the registered ONNX-only quantization modes, sorted."""
+    return tuple(ONNX_QUANTIZATIONS.names())
 
 
 def onnx_quantize(mode: str, fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
     """Runs the registered ONNX-only quantization ``mode``; returns the written proto."""
-    if mode not in _ONNX_QUANTIZATIONS:
-        raise ValueError(f"{mode!r} is not an ONNX quantization mode; use one of {onnx_quantization_modes()}")
-    return _ONNX_QUANTIZATIONS[mode](fp32_path, out_path, calibration)
+    return ONNX_QUANTIZATIONS.get(mode)(fp32_path, out_path, calibration)
 
 
 def quantize_qdq_symmetric(
@@ -468,3 +473,81 @@ class OnnxRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self._sess.run(None, {self._in: np.ascontiguousarray(x, dtype=self._dtype)})[0]
+
+
+@register_format
+class OnnxFormat(ExportFormat):
+    """``model_{mode}.onnx``: the TFLite file converted by tf2onnx, run in onnxruntime.
+
+    Variants: float32 and every full-integer TFLite mode (int8 becomes Q/DQ), plus the ONNX-only
+    modes (:func:`register_onnx_quantization`) quantized from the float32 ONNX file. A Q/DQ file
+    is also run as written (``reference``) and, where onnxruntime's fused int8 kernels saturate on
+    this CPU, with ``session.x64quantprecision=1`` (``extra["x64quantprecision"]``).
+    """
+
+    name = "onnx"
+    runtime_name = "onnxruntime"
+    converted_from = "tflite"
+    extension = ".onnx"
+
+    def modes(self) -> tuple[str, ...]:
+        full = (q for q in tflite.quantization_modes() if tflite.is_full_integer(q))
+        return ("fp32", *full, *onnx_quantization_modes())
+
+    def needs_calibration(self, mode: str) -> bool:
+        return mode != "fp32" and mode in self.modes()
+
+    def unavailable(self) -> str | None:
+        for module in ("tensorflow", "tf2onnx", "onnx", "onnxruntime"):
+            reason = formats_lib.module_available(module, _deps.INSTALL_HINT)
+            if reason:
+                return reason
+        return None
+
+    def prepare(self, job: ExportJob) -> None:
+        # Measured, not inferred from the CPU flags.
+        job.cpu = dataclasses.replace(job.cpu, u8s8_saturates=fused_int8_saturates())
+        job.cpu_text += "; onnxruntime fused int8 kernels " + (
+            "saturate (16-bit pair sums)" if job.cpu.u8s8_saturates else "exact (32-bit sums)"
+        )
+
+    def label(self, job: ExportJob, q: str) -> str:
+        how = f"from {job.name}_fp32.onnx" if q in ONNX_QUANTIZATIONS else "tf2onnx from the TFLite file"
+        return f"{job.name}_{q}.onnx (onnx_{q}, {how})"
+
+    def produce(self, job: ExportJob, q: str) -> list[Produced]:
+        path = job.path(f"{job.name}_{q}.onnx")
+        if q in ONNX_QUANTIZATIONS:
+            fp32_path = job.written("onnx")["fp32"].path
+            proto = onnx_quantize(q, fp32_path, path, np.asarray(job.calibration))
+            extra: dict[str, Any] = {"from": os.path.basename(fp32_path)}
+        else:
+            proto = tflite_to_onnx(tflite.converted(job, q), opset=job.onnx_opset)
+            write_onnx(proto, path)
+            extra = {"opset": job.onnx_opset}
+        qdq = qdq_summary(proto)
+        extra = {"qdq": qdq, **extra}
+        ort_name = f"onnxruntime {formats_lib.dist_version('onnxruntime')}"
+        reference = None
+        if qdq["quantize_linear"] + qdq["dequantize_linear"]:
+            # The file as written (each Q/DQ in float) and, where onnxruntime's fused u8s8 kernels
+            # saturate, with its non-saturating u8u8 kernels (session.x64quantprecision=1).
+            as_written = OnnxRunner(path, num_threads=job.num_threads, optimization="none")
+            reference = job.agreement(f"{ort_name}, {as_written.description}", as_written)
+            if job.cpu.u8s8_saturates:
+                try:
+                    precise = OnnxRunner(path, num_threads=job.num_threads, x64_quant_precision=True)
+                    extra["x64quantprecision"] = dataclasses.asdict(
+                        job.agreement(f"{ort_name}, {precise.description}", precise)
+                    )
+                except Exception as err:  # noqa: BLE001 - onnxruntime refuses some graphs with it
+                    extra["x64quantprecision"] = {"error": f"{type(err).__name__}: {str(err)[-300:]}"}
+        runner = OnnxRunner(path, num_threads=job.num_threads)
+        return [
+            Produced(
+                name=f"onnx_{q}", quantize=q, path=path, runtime=ort_name, run=runner, extra=extra, reference=reference
+            )
+        ]
+
+    def load(self, path: str, num_threads: int = 1) -> OnnxRunner:
+        return OnnxRunner(path, num_threads=num_threads)

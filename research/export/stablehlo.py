@@ -24,6 +24,10 @@ import numpy as np
 from jax import export as jax_export
 
 from research.export._io import write_bytes_atomic
+from research.export.formats import ExportFormat
+from research.export.formats import ExportJob
+from research.export.formats import Produced
+from research.export.formats import register_format
 
 BACKWARD_COMPAT_DAYS = 182  # "up to 6 months newer"
 FORWARD_COMPAT_DAYS = 21  # "up to 3 weeks older"
@@ -116,3 +120,30 @@ def load_stablehlo(path: str | os.PathLike) -> Callable[[jax.Array], jax.Array]:
     with open(path, "rb") as f:
         exported = jax_export.deserialize(bytearray(f.read()))
     return jax.jit(exported.call)
+
+
+@register_format
+class StableHLOFormat(ExportFormat):
+    """``model.stablehlo`` (+ ``.json`` manifest): the model's own graph via ``jax.export``, float32 only.
+
+    Always the model itself, never a deploy hook's stand-in; run by deserializing it in JAX.
+    """
+
+    name = "stablehlo"
+    runtime_name = "jax.export"
+    extension = ".stablehlo"
+
+    def label(self, job: ExportJob, q: str) -> str:
+        return f"{job.name}.stablehlo (stablehlo)"
+
+    def produce(self, job: ExportJob, q: str) -> list[Produced]:
+        path = job.path(f"{job.name}.stablehlo")
+        info = export_stablehlo(job.fn, input_spec(job.sample, job.batch_polymorphic), path)
+        run = self.load(path)
+        runtime = f"jax.export {jax.__version__}"
+        return [Produced(name="stablehlo", quantize=q, path=path, runtime=runtime, run=run, extra={"manifest": info})]
+
+    def load(self, path: str, num_threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+        del num_threads
+        loaded = load_stablehlo(path)
+        return lambda x: np.asarray(loaded(x))

@@ -18,13 +18,13 @@ from research.config import OneOf
 from research.config import ValidationContext
 from research.config import at_least_one
 from research.data import calibration_subset
+from research.export import formats as formats_lib
 from research.export.api import FORMATS
-from research.export.api import OPTIONAL_FORMATS
 from research.export.api import export
-from research.export.api import needs_calibration
-from research.export.api import quantize_modes
-from research.export.onnx_export import onnx_quantization_modes
+from research.export.formats import needs_calibration
+from research.export.formats import quantize_modes
 from research.export.report import ExportReport
+from research.registry import did_you_mean
 from research.stages import Bundle
 from research.stages import StageConfig
 from research.stages import StageContext
@@ -32,12 +32,27 @@ from research.stages import StageResult
 from research.stages import register_stage
 
 
+@dataclasses.dataclass(frozen=True)
+class _Registered(OneOf):
+    """:class:`OneOf` whose message names the closest registered name."""
+
+    def check(self, value: Any, key: str, context: ValidationContext) -> None:
+        names = self.names()
+        if value is not None and value not in self.also and value not in names:
+            raise ConfigError(
+                f"{key}={value!r} is not registered ({self.what});{did_you_mean(value, names)} choose from {names}"
+            )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportStage(StageConfig):
     """Export the current model and check every artifact in its runtime.
 
     Attributes:
-      formats: any of ``stablehlo``, ``tflite``, ``onnx``.
+      formats: registered export formats (:mod:`research.export.formats`): ``stablehlo``,
+        ``tflite``, ``onnx``, ``tvm`` (needs ``onnx``), ``tensorrt`` (needs ``onnx`` and a GPU), or
+        one registered by the user; checked before anything trains (name, required formats,
+        whether it can run here).
       quantize: extra variants: ``fp16``, ``dynamic_int8``, ``int8`` (full integer TFLite,
         calibrated on ``calibration_examples`` training inputs; also gives the int8 ONNX file),
         ``int8_dense_per_tensor`` (as ``int8`` with one scale per fully connected kernel:
@@ -64,8 +79,8 @@ class ExportStage(StageConfig):
 
     kind: ClassVar[str] = "export"
     checks: ClassVar[Mapping[str, Check]] = {
-        "formats": Each(OneOf((*FORMATS, *OPTIONAL_FORMATS), "export format")),
-        "quantize": Each(OneOf(quantize_modes, "export quantization mode")),
+        "formats": Each(_Registered(formats_lib.format_names, "export format")),
+        "quantize": Each(_Registered(quantize_modes, "export quantization mode")),
         "calibration_examples": at_least_one,
         "eval_examples": at_least_one,
         "latency_batch_size": at_least_one,
@@ -81,15 +96,11 @@ class ExportStage(StageConfig):
     source: str = "current"
 
     def check(self, key: str, context: ValidationContext) -> None:
-        if not self.formats:
-            raise ConfigError(f"{key}.formats=() exports nothing; give some of {[*FORMATS, *OPTIONAL_FORMATS]}")
-        if "tvm" in self.formats and "onnx" not in self.formats:
-            raise ConfigError(f"{key}.formats={self.formats!r}: 'tvm' compiles the ONNX files; add 'onnx'")
-        for i, q in enumerate(self.quantize):
-            if q in onnx_quantization_modes() and "onnx" not in self.formats:
-                raise ConfigError(
-                    f"{key}.quantize.{i}={q!r} writes an ONNX file only; add 'onnx' to {key}.formats={self.formats!r}"
-                )
+        del context
+        found = formats_lib.problems(self.formats, self.quantize)
+        if found:
+            field, msg = found[0]
+            raise ConfigError(f"{key}.{field}: {msg}")
 
 
 def export_bundle(
@@ -196,9 +207,11 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
 
 
 def _int8_modes(int8: bool, formats) -> tuple[str, ...]:
+    """``--int8``: the TFLite-calibrated int8 and the symmetric Q/DQ mode, where a requested format writes them."""
     if not int8:
         return ()
-    return ("int8", "int8_qdq_symmetric") if "onnx" in formats else ("int8",)
+    writes = {q for f in formats if f in formats_lib.EXPORT_FORMATS for q in formats_lib.get_format(f).modes()}
+    return tuple(q for q in ("int8", "int8_qdq_symmetric") if q in writes)
 
 
 def export_run(run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: str | None = None) -> ExportReport:
@@ -208,6 +221,9 @@ def export_run(run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: st
     from research.run import load_run
     from research.run import load_run_config
 
+    found = formats_lib.problems(formats, _int8_modes(int8, formats))
+    if found:  # before the run is loaded: a mistyped --to comes back at once
+        raise ValueError("; ".join(msg for _, msg in found))
     _, model, _ = load_run(run_dir)
     cfg = load_run_config(run_dir)
     dataset = load_data(config_lib.Config(seed=cfg["seed"], data=config_lib.DataConfig(**cfg["data"])))

@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from research.export.latency import median_ms
+from research.export import formats as formats_lib
+from research.export._io import write_bytes_atomic
+from research.export.formats import ExportFormat
+from research.export.formats import ExportJob
+from research.export.formats import Produced
+from research.export.formats import register_format
+from research.metrics import median_ms
 
 INSTALL_HINT = "pip install 'slimjax[tensorrt]' (tensorrt and cuda-python) on a machine with an NVIDIA GPU and driver"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -272,8 +278,6 @@ def build_and_check(
         engine = build_engine(path, precision, max_batch=max(max(batches), 32))
         build_s = time.perf_counter() - t0
         if out_dir is not None:
-            from research.export._io import write_bytes_atomic  # noqa: PLC0415
-
             write_bytes_atomic(os.path.join(out_dir, f"model_{precision}.plan"), engine)
         runner = TensorRTRunner(engine)
         rel, top1 = engine_parity(runner, inputs, reference)
@@ -290,6 +294,60 @@ def build_and_check(
             )
         )
     return results
+
+
+# Export variant -> (TensorRT precision, the ONNX variant its engine is built from).
+_VARIANTS = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp32"), "int8_qdq_symmetric": ("int8", "int8_qdq_symmetric")}
+
+
+@register_format
+class TensorRTFormat(ExportFormat):
+    """``model_{mode}.plan``: TensorRT engines built from the export's ONNX files, run on the GPU.
+
+    Variants: ``fp32`` (the float32 ONNX file), ``fp16`` (the same file with ``BuilderFlag.FP16``)
+    and ``int8_qdq_symmetric`` (the symmetric Q/DQ file, explicit quantization). Needs an NVIDIA
+    GPU, ``tensorrt`` and ``cuda-python`` (:func:`skip_reason` says what is missing).
+    """
+
+    name = "tensorrt"
+    requires = {"onnx": "builds its engines from the ONNX artifacts"}
+    converted_from = "onnx"
+    extension = ".plan"
+
+    def modes(self) -> tuple[str, ...]:
+        return tuple(_VARIANTS)
+
+    def needs_calibration(self, mode: str) -> bool:
+        return mode == "int8_qdq_symmetric"
+
+    def unavailable(self) -> str | None:
+        return skip_reason()
+
+    def label(self, job: ExportJob, q: str) -> str:
+        precision, source = _VARIANTS[q]
+        return f"{job.name}_{q}.plan (tensorrt_{q}, a {precision} engine from {job.name}_{source}.onnx)"
+
+    def produce(self, job: ExportJob, q: str) -> list[Produced]:
+        precision, source = _VARIANTS[q]
+        onnx_path = job.written("onnx")[source].path
+        largest = max(int(x.shape[0]) if x.ndim else 1 for x in job.inputs)
+        max_batch = max(64, largest)
+        engine = build_engine(onnx_path, precision, max_batch=max_batch, opt_batch=min(32, max_batch))
+        path = job.path(f"{job.name}_{q}.plan")
+        write_bytes_atomic(path, engine, lambda p: self.load(p)(job.sample))
+        runtime = f"TensorRT {formats_lib.dist_version('tensorrt')} on {gpu_name()}"
+        extra = {"precision": precision, "from": os.path.basename(onnx_path), "max_batch": max_batch}
+        return [
+            Produced(name=f"tensorrt_{q}", quantize=q, path=path, runtime=runtime, run=self.load(path), extra=extra)
+        ]
+
+    def load(self, path: str, num_threads: int = 1) -> TensorRTRunner:
+        """A runner for a ``.plan`` engine, or for an ``.onnx`` file (an fp32 engine is built first)."""
+        del num_threads
+        if path.endswith(".onnx"):
+            return TensorRTRunner(build_engine(path))
+        with open(path, "rb") as f:
+            return TensorRTRunner(f.read())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import warnings
 from collections.abc import Callable
 from collections.abc import Iterator
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,15 +52,26 @@ import jax
 import numpy as np
 
 from research.export import _deps
+from research.export import formats as formats_lib
+from research.export._io import write_bytes_atomic
+from research.export._trace import UnsupportedOpError
 from research.export._trace import diagnose
+from research.export.formats import ExportFormat
+from research.export.formats import ExportJob
+from research.export.formats import Produced
+from research.export.formats import register_format
+from research.registry import Registry
 
 ConfigureFn = Callable[[Any, "Callable[[], Iterator[list[np.ndarray]]] | None"], None]
-_QUANTIZATIONS: dict[str, ConfigureFn] = {}
+QUANTIZATIONS: Registry[ConfigureFn] = Registry(
+    "TFLite quantization mode", hint="register one with @research.export.tflite.register_quantization('name')"
+)
+_ORDER: list[str] = []  # registration order: the order the docs, the report and quantize_modes() list
 _FULL_INTEGER: set[str] = set()
 
 
 def register_quantization(name: str, *, full_integer: bool = False) -> Callable[[ConfigureFn], ConfigureFn]:
-    """Decorator registering a TFLite quantization mode; refuses duplicate names.
+    """Decorator registering a TFLite quantization mode; refuses a taken name (same definition again is fine).
 
     The decorated function receives the ``TFLiteConverter`` and the representative-dataset
     generator (None when no calibration data was given) and configures the converter.
@@ -67,27 +80,32 @@ def register_quantization(name: str, *, full_integer: bool = False) -> Callable[
       name: the mode's name, as passed to ``quantize=``.
       full_integer: the mode quantizes activations too, so it needs calibration data, its
         activation ranges are compared with learned ones, and its file is also converted to ONNX.
+
+    Raises:
+      research.registry.DuplicateNameError: a different function already has ``name``.
     """
 
     def deco(f: ConfigureFn) -> ConfigureFn:
-        if name in _QUANTIZATIONS:
-            raise ValueError(f"TFLite quantization {name!r} is already registered; pick a new name")
-        _QUANTIZATIONS[name] = f
+        QUANTIZATIONS.register(name, f)
+        if name not in _ORDER:
+            _ORDER.append(name)
         if full_integer:
             _FULL_INTEGER.add(name)
+        else:
+            _FULL_INTEGER.discard(name)
         return f
 
     return deco
 
 
 def quantization_modes() -> tuple[str, ...]:
-    """Names of the registered quantization modes."""
-    return tuple(_QUANTIZATIONS)
+    """Names of the registered quantization modes, in registration order."""
+    return tuple(q for q in _ORDER if q in QUANTIZATIONS)
 
 
 def is_full_integer(mode: str) -> bool:
     """Whether ``mode`` quantizes activations (and so needs calibration data)."""
-    return mode in _FULL_INTEGER
+    return mode in _FULL_INTEGER and mode in QUANTIZATIONS
 
 
 @register_quantization("fp32")
@@ -173,7 +191,7 @@ def _convert(
     tf = _deps.tensorflow()
     tf_fn = _tf_function(fn, specs, batch_polymorphic)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([tf_fn.get_concrete_function()], tf_fn)
-    _QUANTIZATIONS[quantize](converter, rep)
+    QUANTIZATIONS.get(quantize)(converter, rep)
     return converter.convert()
 
 
@@ -399,11 +417,8 @@ def to_tflite(
         whose result depends on the batch size.
       UnsupportedOpError: an operation has no TFLite equivalent; names the JAX primitive.
     """
-    if quantize not in _QUANTIZATIONS:
-        raise ValueError(
-            f"quantize={quantize!r} is not a TFLite quantization mode; use one of "
-            f"{quantization_modes()} (or register one with register_quantization)"
-        )
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r}: {QUANTIZATIONS.unknown_message(quantize)}")
     if batch_route not in BATCH_ROUTES:
         raise ValueError(f"batch_route={batch_route!r} is not one of {BATCH_ROUTES}")
     sample = np.asarray(sample)
@@ -472,3 +487,91 @@ class TFLiteRunner:
     def tensor_details(self) -> list[dict[str, Any]]:
         """The interpreter's tensor details (names, dtypes, quantization parameters)."""
         return self._interp.get_tensor_details()
+
+
+def range_agreement(runner: TFLiteRunner, ranges: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    """Compares deployed int8 activation ranges with given (learned) ``(min, max)`` ranges.
+
+    Args:
+      runner: an int8 TFLite model.
+      ranges: regular expression over TFLite tensor names -> learned ``(min, max)``.
+
+    Returns:
+      Per pattern, ``{"learned": [lo, hi], "matches": [{"tensor", "deployed", "rel_err"}, ...]}``
+      (the error is relative to the learned range's width).
+    """
+    details = [d for d in runner.tensor_details() if d["dtype"] == np.int8]
+    out: dict[str, Any] = {}
+    for pattern, (lo, hi) in ranges.items():
+        rx = re.compile(pattern)
+        matches = []
+        for d in details:
+            scale, zp = d["quantization"]
+            if scale and rx.search(d["name"]):
+                dep_lo, dep_hi = scale * (-128 - zp), scale * (127 - zp)
+                width = max(hi - lo, 1e-12)
+                err = max(abs(dep_lo - lo), abs(dep_hi - hi)) / width
+                matches.append({"tensor": d["name"], "deployed": [dep_lo, dep_hi], "rel_err": err})
+        out[pattern] = {"learned": [lo, hi], "matches": matches}
+    return out
+
+
+def converted(job: ExportJob, q: str) -> bytes:
+    """The TFLite flatbuffer of variant ``q`` for this export, converted once and shared.
+
+    The TFLite format writes it; the ONNX format converts it with tf2onnx. A converter failure is
+    reported for the first requested format that needs it and names all of them (to drop).
+    """
+    needing = job.needing("tflite")
+
+    def convert() -> bytes:
+        with formats_lib.producing(f"the {q} TFLite conversion (needed by {' and '.join(needing)})", job.out_dir):
+            try:
+                return to_tflite(
+                    job.convert_fn,
+                    job.sample,
+                    quantize=q,
+                    calibration=job.calibration,
+                    batch_polymorphic=job.batch_polymorphic,
+                    batch_route=job.batch_route,
+                    model=job.convert_model,
+                )
+            except UnsupportedOpError as err:
+                raise err.retarget(needing[0], via="tflite", drop=needing) from err
+
+    return job.memo(("tflite", q), convert)
+
+
+@register_format
+class TFLiteFormat(ExportFormat):
+    """``model_{mode}.tflite``: jax2tf + the TFLite converter, run in the LiteRT interpreter.
+
+    Writes every registered quantization mode (:func:`register_quantization`); full-integer modes
+    need calibration data and get ``extra["range_agreement"]`` when activation ranges are known.
+    """
+
+    name = "tflite"
+    extension = ".tflite"
+
+    def modes(self) -> tuple[str, ...]:
+        return quantization_modes()
+
+    def needs_calibration(self, mode: str) -> bool:
+        return is_full_integer(mode)
+
+    def unavailable(self) -> str | None:
+        return formats_lib.module_available("tensorflow", _deps.INSTALL_HINT)
+
+    def produce(self, job: ExportJob, q: str) -> list[Produced]:
+        blob = converted(job, q)
+        path = job.path(f"{job.name}_{q}.tflite")
+        write_bytes_atomic(path, blob, lambda p: TFLiteRunner(p)(job.sample))
+        runner = TFLiteRunner(path, num_threads=job.num_threads)
+        extra: dict[str, Any] = {"size_breakdown": size_breakdown(blob), "batch_route": batch_route(blob)}
+        if is_full_integer(q) and job.activation_ranges:
+            extra["range_agreement"] = range_agreement(runner, job.activation_ranges)
+        runtime = f"LiteRT {formats_lib.dist_version('ai-edge-litert')}"
+        return [Produced(name=f"tflite_{q}", quantize=q, path=path, runtime=runtime, run=runner, extra=extra)]
+
+    def load(self, path: str, num_threads: int = 1) -> TFLiteRunner:
+        return TFLiteRunner(path, num_threads=num_threads)

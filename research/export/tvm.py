@@ -33,10 +33,18 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from research.export import formats as formats_lib
+from research.export.formats import ExportFormat
+from research.export.formats import ExportJob
+from research.export.formats import Produced
+from research.export.formats import register_format
+from research.metrics import median_ms
 
 TESTED_VERSION = "0.27.0.post1"
 INSTALL_HINT = "pip install 'slimjax[tvm]'"
@@ -453,15 +461,83 @@ class TVMArtifact:
     extra: dict[str, Any]
 
 
-def _median_ms(call: Any, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+def _runtime_name(target: Any) -> str:
+    return f"TVM {tvm_module().__version__} Relax VM ({target.attrs.get('mcpu', 'llvm')})"
+
+
+def build_variant(
+    q: str,
+    onnx_path: str,
+    out_dir: str,
+    name: str,
+    sample: np.ndarray,
+    *,
+    target: Any = None,
+    num_threads: int = 1,
+    tuning_trials: int = 0,
+    latency_repeats: int = 30,
+) -> tuple[list[TVMArtifact], list[str]]:
+    """Compiles one ONNX artifact of an export (variant ``q``) into ``{name}_{q}_tvm.so``.
+
+    The float32 file must compile (an error propagates); a quantized (Q/DQ) file is attempted and
+    a failure is returned as a note with TVM's exact error. With ``tuning_trials``, the float32
+    file is also tuned with MetaSchedule at the sample's batch size (``{name}_fp32_tuned_tvm.so``)
+    and its ``extra["speedup_vs_untuned"]`` is measured against the untuned library side by side.
+
+    Args:
+      q: the variant of the ONNX file.
+      onnx_path: the ONNX file.
+      out_dir: where the libraries go.
+      name: file name stem.
+      sample: the input the libraries are verified and timed on.
+      target: the ``tvm.target.Target`` (default: :func:`host_target`).
+      num_threads: TVM thread pool size.
+      tuning_trials: MetaSchedule trials for the tuned float32 library (0: none).
+      latency_repeats: timed calls for the tuning speed-up.
+
+    Returns:
+      ``(artifacts, notes)``.
+    """
+    target = host_target() if target is None else target
+    runtime = _runtime_name(target)
+    path = os.path.join(out_dir, f"{name}_{q}{SUFFIX}")
+    try:
+        info = export_tvm(onnx_path, path, verify_input=sample, target=target)
+    except Exception as err:
+        if q == "fp32":
+            raise
+        return [], [f"tvm_{q}: TVM could not compile {os.path.basename(onnx_path)}: {type(err).__name__}: {err}"]
+    extra: dict[str, Any] = {"compile": dataclasses.asdict(info), "variable_batch": info.batch is None}
+    if q != "fp32":
+        extra["int8_compute"] = int8_compute(import_onnx(onnx_path))
+    untuned = TVMRunner(path, num_threads)
+    artifacts = [TVMArtifact(name=f"tvm_{q}", quantize=q, path=path, runtime=runtime, runner=untuned, extra=extra)]
+    if q == "fp32" and tuning_trials:
+        batch = int(sample.shape[0])
+        tuned_path = os.path.join(out_dir, f"{name}_fp32_tuned{SUFFIX}")
+        tuned_info = export_tvm(
+            onnx_path, tuned_path, verify_input=sample, target=target, tuning_trials=tuning_trials, tuning_batch=batch
+        )
+        tuned = FixedBatchRunner(TVMRunner(tuned_path, num_threads), batch)
+        t_untuned = median_ms(lambda: untuned(sample), latency_repeats)
+        t_tuned = median_ms(lambda: tuned(sample), latency_repeats)
+        artifacts.append(
+            TVMArtifact(
+                name="tvm_fp32_tuned",
+                quantize="fp32",
+                path=tuned_path,
+                runtime=runtime,
+                runner=tuned,
+                extra={
+                    "compile": dataclasses.asdict(tuned_info),
+                    "variable_batch": False,
+                    "untuned_ms": t_untuned,
+                    "tuned_ms": t_tuned,
+                    "speedup_vs_untuned": t_untuned / t_tuned if t_tuned > 0 else float("nan"),
+                },
+            )
+        )
+    return artifacts, []
 
 
 def build_artifacts(
@@ -474,81 +550,83 @@ def build_artifacts(
     tuning_trials: int = 0,
     latency_repeats: int = 30,
 ) -> tuple[list[TVMArtifact], list[str]]:
-    """Compiles every ONNX artifact of an export with TVM (the ``"tvm"`` format of ``export``).
-
-    The float32 file must compile (an error propagates); a quantized (Q/DQ) file is attempted and
-    a failure is returned as a note with TVM's exact error. With ``tuning_trials``, the float32
-    file is also tuned with MetaSchedule at the sample's batch size (``{name}_fp32_tuned_tvm.so``)
-    and its ``extra["speedup_vs_untuned"]`` is measured against the untuned library side by side.
-
-    Args:
-      onnx_files: ``(variant, path)`` of each ONNX artifact written.
-      out_dir: where the libraries go (``{name}_{variant}_tvm.so``).
-      name: file name stem.
-      sample: the input the libraries are verified and timed on.
-      num_threads: TVM thread pool size.
-      tuning_trials: MetaSchedule trials for the tuned float32 library (0: none).
-      latency_repeats: timed calls for the tuning speed-up.
-
-    Returns:
-      ``(artifacts, notes)``.
-    """
-    tvm = tvm_module()
+    """Compiles every ONNX artifact of an export with TVM: :func:`build_variant` per ``(variant, path)``."""
     target = host_target()
-    runtime = f"TVM {tvm.__version__} Relax VM ({target.attrs.get('mcpu', 'llvm')})"
     artifacts: list[TVMArtifact] = []
     notes: list[str] = []
     for q, onnx_path in onnx_files:
-        path = os.path.join(out_dir, f"{name}_{q}{SUFFIX}")
-        try:
-            info = export_tvm(onnx_path, path, verify_input=sample, target=target)
-        except Exception as err:
-            if q == "fp32":
-                raise
-            notes.append(f"tvm_{q}: TVM could not compile {os.path.basename(onnx_path)}: {type(err).__name__}: {err}")
-            continue
-        extra: dict[str, Any] = {"compile": dataclasses.asdict(info), "variable_batch": info.batch is None}
-        if q != "fp32":
-            extra["int8_compute"] = int8_compute(import_onnx(onnx_path))
-        artifacts.append(
-            TVMArtifact(
-                name=f"tvm_{q}",
-                quantize=q,
-                path=path,
-                runtime=runtime,
-                runner=TVMRunner(path, num_threads),
-                extra=extra,
-            )
+        built, why = build_variant(
+            q,
+            onnx_path,
+            out_dir,
+            name,
+            sample,
+            target=target,
+            num_threads=num_threads,
+            tuning_trials=tuning_trials,
+            latency_repeats=latency_repeats,
         )
-        if q == "fp32" and tuning_trials:
-            batch = int(sample.shape[0])
-            tuned_path = os.path.join(out_dir, f"{name}_fp32_tuned{SUFFIX}")
-            tuned_info = export_tvm(
-                onnx_path,
-                tuned_path,
-                verify_input=sample,
-                target=target,
-                tuning_trials=tuning_trials,
-                tuning_batch=batch,
-            )
-            tuned = FixedBatchRunner(TVMRunner(tuned_path, num_threads), batch)
-            untuned = artifacts[-1].runner
-            t_untuned = _median_ms(lambda r=untuned: r(sample), latency_repeats)
-            t_tuned = _median_ms(lambda r=tuned: r(sample), latency_repeats)
-            artifacts.append(
-                TVMArtifact(
-                    name="tvm_fp32_tuned",
-                    quantize="fp32",
-                    path=tuned_path,
-                    runtime=runtime,
-                    runner=tuned,
-                    extra={
-                        "compile": dataclasses.asdict(tuned_info),
-                        "variable_batch": False,
-                        "untuned_ms": t_untuned,
-                        "tuned_ms": t_tuned,
-                        "speedup_vs_untuned": t_untuned / t_tuned if t_tuned > 0 else float("nan"),
-                    },
-                )
-            )
+        artifacts += built
+        notes += why
     return artifacts, notes
+
+
+@register_format
+class TVMFormat(ExportFormat):
+    """``model_{mode}_tvm.so``: each ONNX artifact of the export compiled by Apache TVM (Relax) for this CPU.
+
+    Writes the variants the ONNX format writes; a quantized file TVM cannot compile becomes a note.
+    ``tvm_tuning_trials`` adds ``tvm_fp32_tuned`` (MetaSchedule, fixed batch).
+    """
+
+    name = "tvm"
+    requires = {"onnx": "compiles the ONNX artifacts"}
+    converted_from = "onnx"
+    extension = SUFFIX
+
+    def _onnx(self) -> ExportFormat:
+        return formats_lib.get_format("onnx")
+
+    def modes(self) -> tuple[str, ...]:
+        return self._onnx().modes()
+
+    def needs_calibration(self, mode: str) -> bool:
+        return self._onnx().needs_calibration(mode)
+
+    def variants(self, requested: Sequence[str]) -> tuple[str, ...]:
+        return self._onnx().variants(requested)
+
+    def unavailable(self) -> str | None:
+        return formats_lib.module_available("tvm", INSTALL_HINT)
+
+    def label(self, job: ExportJob, q: str) -> str:
+        return f"{job.name}_{q}{SUFFIX} (tvm_{q}, compiled from {job.name}_{q}.onnx)"
+
+    def produce(self, job: ExportJob, q: str) -> list[Produced]:
+        source = job.written("onnx").get(q)
+        if source is None:
+            return []
+        built, notes = build_variant(
+            q,
+            source.path,
+            job.stage,
+            job.name,
+            job.sample,
+            target=job.memo(("tvm", "target"), host_target),
+            num_threads=job.num_threads,
+            tuning_trials=job.tvm_tuning_trials,
+            latency_repeats=job.latency_repeats,
+        )
+        job.notes.extend(notes)
+        return [
+            Produced(name=t.name, quantize=t.quantize, path=t.path, runtime=t.runtime, run=t.runner, extra=t.extra)
+            for t in built
+        ]
+
+    def load(self, path: str, num_threads: int = 1) -> TVMRunner:
+        """A runner for a ``*_tvm.so`` library, or for an ``.onnx`` file (compiled first, into a temporary directory)."""
+        if path.endswith(".onnx"):
+            lib = os.path.join(tempfile.mkdtemp(prefix="slimjax_tvm_"), f"model{SUFFIX}")
+            export_tvm(path, lib)
+            path = lib
+        return TVMRunner(path, num_threads=num_threads)

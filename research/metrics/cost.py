@@ -63,6 +63,38 @@ def flops(model_or_fn: nnx.Module | Callable, sample_input: jax.Array) -> float:
     return _cost_flops(jax.jit(model_or_fn).lower(sample_input).compile())
 
 
+def timings(call: Callable[[], Any], repeats: int, warmup: int = 3) -> list[float]:
+    """Wall times of ``call()`` in seconds: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    The one timer of slimjax: :func:`latency`, :func:`median_ms`, the export report, the fusion
+    report, TVM and TensorRT all time through it. ``call`` must block until its result is ready
+    (wrap a JAX call in ``jax.block_until_ready``).
+
+    Raises:
+      ValueError: ``repeats`` < 1.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be at least 1")
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median_ms(call: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``call()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls.
+
+    Example:
+      >>> median_ms(lambda: sum(range(100)), repeats=5) >= 0.0
+      True
+    """
+    return 1e3 * statistics.median(timings(call, repeats, warmup))
+
+
 def latency(fn: Callable[..., Any], *args: Any, warmup: int = 3, repeats: int = 20) -> dict[str, float]:
     """Times ``fn(*args)``: ``warmup`` untimed calls, then the median of ``repeats`` timed calls.
 
@@ -72,15 +104,7 @@ def latency(fn: Callable[..., Any], *args: Any, warmup: int = 3, repeats: int = 
     Raises:
       ValueError: ``repeats`` < 1.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats} must be at least 1")
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+    times = timings(lambda: jax.block_until_ready(fn(*args)), repeats, warmup)
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
 
 

@@ -26,6 +26,17 @@ def count_nonzeros(model_or_tree: Any) -> int:
     return int(sum(int(np.count_nonzero(np.asarray(x))) for x in _param_leaves(model_or_tree)))
 
 
+def stored_bytes(model_or_tree: Any) -> int:
+    """Bytes the arrays take as stored, each at its own dtype (``nnx.Param`` of a model, or every
+    array leaf of a pytree: pass ``nnx.state(model)`` to count batch statistics too).
+
+    Example:
+      >>> stored_bytes({"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float16)})
+      30
+    """
+    return int(sum(int(getattr(x, "nbytes", np.asarray(x).nbytes)) for x in _param_leaves(model_or_tree)))
+
+
 def bitmask_bytes(x: Any, bits: int | float = 32) -> float:
     """Bytes of one array stored as a bitmask (one bit per entry) plus its non-zeros at ``bits``.
 

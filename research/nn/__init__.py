@@ -2,11 +2,13 @@
 
 from research.nn import families as _families  # noqa: F401  (registers the searchable families)
 from research.nn import zoo as _zoo  # noqa: F401  (registers the zoo models)
+from research.nn.families import FAMILIES
 from research.nn.families import Family
 from research.nn.families import family_masks
 from research.nn.families import get_family
 from research.nn.families import list_families
 from research.nn.families import register_family
+from research.nn.registry import MODELS
 from research.nn.registry import build_model
 from research.nn.registry import list_models
 from research.nn.registry import model_kwargs
@@ -31,6 +33,8 @@ from research.nn.zoo import ResNetCIFAR
 from research.nn.zoo import VGGSmall
 
 __all__ = [
+    "FAMILIES",
+    "MODELS",
     "Family",
     "family_masks",
     "get_family",

@@ -43,6 +43,7 @@ from flax import nnx
 from research.automl.space import Categorical
 from research.automl.space import Space
 from research.nn.registry import register_model
+from research.registry import Registry
 
 Masks = dict[str, jax.Array]
 
@@ -133,35 +134,32 @@ class Family:
         return [f"model.name={self.name}"] + [f"model.options.{k}={v}" for k, v in self.canonical(options).items()]
 
 
-_FAMILIES: dict[str, Family] = {}
+FAMILIES: Registry[Family] = Registry(
+    "searchable model family", hint="register one with register_family(Family(name=<a zoo model>, ...))"
+)
 
 
 def register_family(family: Family) -> Family:
     """Registers ``family`` under its zoo name.
 
     Raises:
-      ValueError: the name is already registered.
+      DuplicateNameError: another family is registered under the name (a ``ValueError``).
     """
-    if family.name in _FAMILIES:
-        raise ValueError(f"family {family.name!r} is already registered; pick another name")
-    _FAMILIES[family.name] = family
-    return family
+    return FAMILIES.register(family.name, family)
 
 
 def get_family(name: str) -> Family:
     """The family registered under ``name``.
 
     Raises:
-      KeyError: naming the unknown family and listing the registered ones.
+      UnknownNameError: naming the unknown family, the closest and all registered ones (a ``KeyError``).
     """
-    if name not in _FAMILIES:
-        raise KeyError(f"{name!r} is not a searchable model family; families: {list_families()}")
-    return _FAMILIES[name]
+    return FAMILIES.get(name)
 
 
 def list_families() -> list[str]:
     """Names of all registered families, sorted."""
-    return sorted(_FAMILIES)
+    return FAMILIES.names()
 
 
 # ----------------------------------------------------------------------------- mask helpers
@@ -656,7 +654,7 @@ def mobilenet_family(
 def family_masks(model: nnx.Module, options: Mapping[str, Any]) -> Masks:
     """``model.arch_masks(options)``, with an error naming the fix for a model that is not a family's."""
     fn: Callable[[Mapping[str, Any]], Masks] | None = getattr(model, "arch_masks", None)
-    if fn is None or getattr(model, "family_name", None) not in _FAMILIES:
+    if fn is None or getattr(model, "family_name", None) not in FAMILIES:
         raise TypeError(
             f"{type(model).__name__} is not a searchable family model; build one of {list_families()} "
             "at its largest options (Family.largest()) to use it as a supernet"

@@ -9,28 +9,25 @@ from typing import Any
 
 from flax import nnx
 
-_MODELS: dict[str, Callable[..., nnx.Module]] = {}
+from research.registry import Registry
+
+MODELS: Registry[Callable[..., nnx.Module]] = Registry("model", hint="register one with @register_model('name')")
 
 
 def register_model(name: str) -> Callable[[Callable[..., nnx.Module]], Callable[..., nnx.Module]]:
     """Registers a model constructor ``fn(input_shape, num_classes, *, rngs, **kwargs)``.
 
+    Registering the same constructor again (a re-run notebook cell) is a no-op.
+
     Raises:
-      ValueError: if ``name`` is already registered.
+      DuplicateNameError: if another constructor is registered as ``name`` (a ``ValueError``).
     """
-
-    def deco(fn):
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered (by {_MODELS[name]!r}); pick another name")
-        _MODELS[name] = fn
-        return fn
-
-    return deco
+    return MODELS.register(name)
 
 
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def model_kwargs(name: str) -> dict[str, Any]:
@@ -44,11 +41,9 @@ def get_model_fn(name: str) -> Callable[..., nnx.Module]:
     """The constructor registered under ``name``.
 
     Raises:
-      KeyError: naming the unknown model and listing the registered ones.
+      UnknownNameError: naming the unknown model, the closest and all registered ones (a ``KeyError``).
     """
-    if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; registered models: {list_models()}")
-    return _MODELS[name]
+    return MODELS.get(name)
 
 
 def build_model(

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -128,9 +127,13 @@ def replace_by_type(model: nnx.Module, module_type, make, *, copy: bool = True):
 
 
 def param_count(model_or_state: Any) -> int:
-    """Number of parameter scalars (``nnx.Param`` only) in a model, or of all leaves in a pytree."""
-    tree = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+    """Number of parameter scalars (``nnx.Param`` only) in a model, or of all leaves in a pytree.
+
+    The same count as :func:`research.metrics.count_params` (this name is kept for ``research.nn``).
+    """
+    from research.metrics.counting import count_params  # noqa: PLC0415 (lazy: no import cycle whatever research.metrics grows to import)
+
+    return count_params(model_or_state)
 
 
 def params_per_module(model: nnx.Module) -> dict[str, int]:

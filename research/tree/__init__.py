@@ -10,7 +10,10 @@ from research.tree.rules import Rule
 from research.tree.rules import RuleError
 from research.tree.rules import describe_matches
 from research.tree.rules import first_match
+from research.tree.rules import match_layer_rules
+from research.tree.rules import match_param_rules
 from research.tree.rules import match_rules
+from research.tree.rules import module_of
 
 __all__ = [
     "Rule",
@@ -20,7 +23,10 @@ __all__ = [
     "flatten_with_paths",
     "get_by_path",
     "map_with_paths",
+    "match_layer_rules",
+    "match_param_rules",
     "match_rules",
+    "module_of",
     "path_to_str",
     "set_by_path",
     "tree_paths",

@@ -41,6 +41,7 @@ CROSS_CHECKED = {
     ("DistillStage", "student_options"),
     ("DistillStage", "hints"),  # module paths: checked against the student when the stage runs
     ("DistillStage", "attention"),  # same
+    ("KDTermConfig", "options"),  # the term is built from them
     ("ModelConfig", "options"),
     ("DataConfig", "options"),
 }
@@ -57,6 +58,11 @@ CROSS = [
     ("DistillStage", {"student_model": "mlp", "student_options": {"depth": 3}}, "distill.student_options"),
     ("DistillStage", {"hints": (("a",),)}, "distill.hints"),
     ("DistillStage", {"attention": "layers/0"}, "distill.attention"),
+    ("DistillStage", {"terms": ()}, "distill.terms"),
+    ("DistillStage", {"alpha": 0.5, "hard_weight": 0.3}, "distill.terms/hard_weight"),
+    ("KDTermConfig", {"name": "hinton", "options": {"temperature": 0.0}}, "distill.terms.0.options"),
+    ("KDTermConfig", {"name": "hinton", "options": {"temprature": 2.0}}, "distill.terms.0.options"),
+    ("KDTermConfig", {"name": "fitnets"}, "distill.terms.0.options"),
     ("DecomposeStage", {"budget_param_ratio": 0.5, "budget_flop_ratio": 0.5}, "decompose.budget_param_ratio"),
     ("ExportStage", {"formats": ()}, "export.formats"),
     ("ExportStage", {"formats": ("tflite",), "quantize": ("int8_qdq_symmetric",)}, "export.quantize.0"),
@@ -77,7 +83,7 @@ def nothing_trains(monkeypatch):
 
     for kind in KINDS:
         cls, _ = stages_lib.get_stage(kind)
-        monkeypatch.setitem(stages_lib._STAGES, kind, (cls, trained))
+        monkeypatch.setattr(stages_lib.STAGES, "_entries", {**stages_lib.STAGES._entries, kind: (cls, trained)})
     for module in ("research.train", *(f"methods.{p}.stage" for p in methods.PACKAGES)):
         if hasattr(importlib.import_module(module), "finetune"):
             monkeypatch.setattr(f"{module}.finetune", trained)
@@ -143,6 +149,9 @@ def _needs_own_check(cls, field, hints):
     """Whether the field's type alone does not say which values are good."""
     ann = hints[field.name]
     origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        ann = next(a for a in args if a is not type(None))  # X | None: as X (None = unset)
+        origin, args = typing.get_origin(ann), typing.get_args(ann)
     if ann is bool or origin is typing.Literal:
         return False
     if dataclasses.is_dataclass(ann) or (
@@ -179,6 +188,17 @@ def _walk(cls, default, key_prefix, make_config, tmp_path, n_checked):
                 tmp_path,
                 n_checked,
             )
+        elif (
+            isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]) and hasattr(value[0], "checks")
+        ):  # e.g. DistillStage.terms: walk the first item under key.0 (rules check at construction instead)
+            _walk(
+                type(value[0]),
+                value[0],
+                f"{key}.0",
+                lambda v, f=field.name, rest=value[1:]: make_config(dataclasses.replace(default, **{f: (v, *rest)})),
+                tmp_path,
+                n_checked,
+            )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -193,6 +213,11 @@ def test_every_stage_field_refuses_bad_values_before_training(kind, tmp_path):
     for name, overrides, key in CROSS:
         if name == cls.__name__:
             _refused(_base(cls(**overrides)), key, tmp_path)
+        for f in dataclasses.fields(cls):  # items of tuple fields (KD terms): the stage holding one
+            ann = typing.get_type_hints(cls)[f.name]
+            item_cls = typing.get_args(ann) if typing.get_origin(ann) is tuple else ()
+            if item_cls and getattr(item_cls[0], "__name__", None) == name:
+                _refused(_base(dataclasses.replace(default, **{f.name: (item_cls[0](**overrides),)})), key, tmp_path)
 
 
 @pytest.mark.parametrize("which", ["Config", "ModelConfig", "DataConfig"])
@@ -281,7 +306,7 @@ def test_rule_fields_set_from_the_command_line_name_their_key():
     cfg = _base(PruneStage(rules=(SparsityRule(pattern="kernel$"),)))
     with pytest.raises(C.ConfigError, match=r"stages.prune.rules.0.sparsity=2.*is outside \[0, 1\)"):
         C.apply_overrides(cfg, ["stages.prune.rules.0.sparsity=2"])
-    with pytest.raises(C.ConfigError, match=r"stages.prune.rules.0.sparsity='x' matches none of"):
+    with pytest.raises(C.ConfigError, match=r"stages.prune.rules.0.sparsity='x' must be a float"):
         C.apply_overrides(cfg, ["stages.prune.rules.0.sparsity=x"])
     assert C.apply_overrides(cfg, ["stages.prune.rules.0.sparsity=0.5"]).stages[1].rules[0].sparsity == 0.5
 

@@ -32,7 +32,7 @@ def test_splits_are_deterministic_by_seed_and_disjoint():
 
 
 def test_bad_dataset_arguments():
-    with pytest.raises(KeyError, match="registered datasets"):
+    with pytest.raises(KeyError, match=r"unknown dataset 'imagenet'; registered: \['digits'"):
         data.load_dataset("imagenet")
     with pytest.raises(ValueError, match="val_fraction"):
         data.load_dataset("digits", val_fraction=1.5)

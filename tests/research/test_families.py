@@ -61,7 +61,7 @@ def test_conditional_widths_and_bad_options():
         fam.canonical({"width_0": 17})
     with pytest.raises(ValueError, match="no option"):
         fam.canonical({"height": 3})
-    with pytest.raises(KeyError, match="not a searchable model family"):
+    with pytest.raises(KeyError, match="unknown searchable model family .lenet5.; registered"):
         nn.get_family("lenet5")
 
 

@@ -88,7 +88,7 @@ def test_a_fixed_later_stage_reuses_the_prefix_and_a_changed_first_stage_is_refu
             calls.append(kind)
             return fn(bundle, cfg, ctx)
 
-        monkeypatch.setitem(stages_lib._STAGES, kind, (cls, counted))
+        monkeypatch.setattr(stages_lib.STAGES, "_entries", {**stages_lib.STAGES._entries, kind: (cls, counted)})
 
     class Failed(Exception):
         pass

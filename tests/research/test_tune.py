@@ -469,4 +469,6 @@ def test_cli_errors_before_anything_trains(config_file, tmp_path, capsys):
         cli.main(["tune", config_file, "--trials", "2", "--objective", "test_accuracy:max", "--workdir", workdir]) == 2
     )
     assert "only reported" in capsys.readouterr().err
+    assert cli.main(["tune", config_file, "--trials", "2", "--sampler", "tpee", "--workdir", workdir]) == 2
+    assert "sampler='tpee': unknown sampler 'tpee'; did you mean 'tpe'?" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(workdir, "trials"))

@@ -26,6 +26,8 @@ from methods.pruning.structured.rebuild import rebuild
 from research import recipe as recipe_lib
 from research.nn import get_module
 from research.nn import replace_modules
+from research.registry import Registry
+from research.registry import same_definition
 from research.train import cross_entropy_loss
 from research.train import merge_model
 from research.train import split_model
@@ -33,26 +35,30 @@ from research.tree import Rule
 from research.tree import flatten_with_paths
 from research.tree import get_by_path
 from research.tree import map_with_paths
-from research.tree import match_rules
+from research.tree import match_layer_rules
 from research.tree import set_by_path
 
 PyTree = Any
 ChannelScoreFn = Callable[[ChannelGroup, dict[str, np.ndarray], dict[str, np.ndarray] | None], np.ndarray]
 
-_CHANNEL_SCORES: dict[str, tuple[ChannelScoreFn, bool]] = {}
+CHANNEL_SCORES: Registry[tuple[ChannelScoreFn, bool]] = Registry(
+    "channel score", hint="register one with @register_channel_score('name')"
+)
 
 
-def register_channel_score(name: str, *, needs_grad: bool = False):
+def register_channel_score(name: str, *, needs_grad: bool = False) -> Callable[[ChannelScoreFn], ChannelScoreFn]:
     """Registers ``fn(group, params_by_path, grads_by_path_or_None) -> scores[group.size]``.
 
+    Registering the same function again is a no-op.
+
     Raises:
-      ValueError: duplicate name.
+      DuplicateNameError: another function is registered as ``name`` (a ``ValueError``).
     """
 
-    def deco(fn):
-        if name in _CHANNEL_SCORES:
-            raise ValueError(f"channel score {name!r} is already registered")
-        _CHANNEL_SCORES[name] = (fn, needs_grad)
+    def deco(fn: ChannelScoreFn) -> ChannelScoreFn:
+        old = CHANNEL_SCORES.get(name) if name in CHANNEL_SCORES else None
+        same = old is not None and same_definition(old[0], fn) and old[1] == needs_grad
+        CHANNEL_SCORES.register(name, (fn, needs_grad), replace=same)
         return fn
 
     return deco
@@ -60,7 +66,7 @@ def register_channel_score(name: str, *, needs_grad: bool = False):
 
 def list_channel_scores() -> list[str]:
     """Registered channel-score names."""
-    return sorted(_CHANNEL_SCORES)
+    return CHANNEL_SCORES.names()
 
 
 def _per_channel(arr: np.ndarray, axis: int, fn) -> np.ndarray:
@@ -120,7 +126,8 @@ class ChannelRule(Rule):
     """Per-group removal ratio, matched against the group's producer module paths.
 
     Attributes:
-      pattern: regular expression searched in producer paths (e.g. ``"^blocks/[0-2]/"``).
+      pattern: regular expression searched in producer module paths and their kernel paths
+        (e.g. ``"^blocks/[0-2]/"``; the convention in :mod:`research.tree.rules`).
       ratio: fraction of the group's channels to remove, in [0, 1); ``None`` uses the call's
         ``ratio``; ``0.0`` keeps the group whole.
     """
@@ -211,9 +218,7 @@ def plan_channels(
       research.tree.RuleError: a rule matches no producer path (the message lists them).
     """
     ratio = _check_ratio(ratio)
-    if score not in _CHANNEL_SCORES:
-        raise KeyError(f"unknown channel score {score!r}; registered: {list_channel_scores()}")
-    fn, needs_grad = _CHANNEL_SCORES[score]
+    fn, needs_grad = CHANNEL_SCORES.get(score)
     groups = trace_groups(model, sample_input)
     _, params, _ = split_model(nnx.clone(model))
     flat = {p: np.asarray(x) for p, x in flatten_with_paths(params)}
@@ -227,7 +232,7 @@ def plan_channels(
     ratios = {g.name: ratio for g in groups}
     if rules is not None:
         producers = [p for g in groups for p in g.producers]
-        matches = match_rules(list(rules), producers)
+        matches = match_layer_rules(list(rules), producers)
         for g in groups:
             rule = next((matches[p] for p in g.producers if matches[p] is not None), None)
             ratios[g.name] = 0.0 if rule is None else (ratio if rule.ratio is None else rule.ratio)

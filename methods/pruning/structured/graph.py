@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from research.nn import iter_modules
+from research.registry import Registry
 from research.train import merge_model
 from research.train import split_model
 from research.tree import flatten_with_paths
@@ -159,7 +160,7 @@ class _Tracer:
 
     def run(self, jaxpr, scope: int) -> None:
         for eqn in jaxpr.eqns:
-            rule = _RULES.get(eqn.primitive.name)
+            rule = PRIMITIVE_RULES.get(eqn.primitive.name) if eqn.primitive.name in PRIMITIVE_RULES else None
             if rule is None:
                 sub = _sub_jaxpr(eqn)
                 if sub is not None:
@@ -197,15 +198,13 @@ def _sub_jaxpr(eqn):
     return subs[0]
 
 
-_RULES: dict[str, Callable[[_Tracer, Any, int], None]] = {}
+PRIMITIVE_RULES: Registry[Callable[[_Tracer, Any, int], None]] = Registry("channel-tracing primitive rule")
 
 
 def _rule(*names):
     def deco(fn):
         for n in names:
-            if n in _RULES:
-                raise ValueError(f"primitive rule {n!r} registered twice")
-            _RULES[n] = fn
+            PRIMITIVE_RULES.register(n, fn)
         return fn
 
     return deco

@@ -14,29 +14,31 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from research.registry import Registry
+
 Rebuilder = Callable[[nnx.Module, dict[str, Any]], nnx.Module]
-_REBUILDERS: dict[type, Rebuilder] = {}
+# Keyed by the layer's exact type as "module.QualName" (a registry name is a string).
+REBUILDERS: Registry[Rebuilder] = Registry(
+    "layer rebuilder", hint="register one with methods.pruning.structured.register_rebuilder(LayerType)"
+)
+
+
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
 
 
 def register_rebuilder(module_type: type) -> Callable[[Rebuilder], Rebuilder]:
     """Registers the builder of smaller ``module_type`` layers.
 
     Raises:
-      ValueError: the type already has one.
+      DuplicateNameError: the type already has another rebuilder (a ``ValueError``).
     """
-
-    def deco(fn):
-        if module_type in _REBUILDERS:
-            raise ValueError(f"a rebuilder for {module_type.__name__} is already registered")
-        _REBUILDERS[module_type] = fn
-        return fn
-
-    return deco
+    return REBUILDERS.register(_type_name(module_type))
 
 
 def can_rebuild(module: Any) -> bool:
     """Whether ``module``'s exact type has a registered rebuilder."""
-    return module is not None and type(module) in _REBUILDERS
+    return module is not None and _type_name(type(module)) in REBUILDERS
 
 
 def rebuild(module: nnx.Module, leaves: dict[str, Any]) -> nnx.Module:
@@ -45,13 +47,11 @@ def rebuild(module: nnx.Module, leaves: dict[str, Any]) -> nnx.Module:
     Raises:
       TypeError: no rebuilder for the module's type.
     """
-    fn = _REBUILDERS.get(type(module))
-    if fn is None:
+    if not can_rebuild(module):
         raise TypeError(
-            f"cannot rebuild {type(module).__name__}; registered: {[t.__name__ for t in _REBUILDERS]}. "
-            "Register one with methods.pruning.structured.register_rebuilder"
+            f"cannot rebuild {type(module).__name__}: {REBUILDERS.unknown_message(_type_name(type(module)))}"
         )
-    return fn(module, leaves)
+    return REBUILDERS.get(_type_name(type(module)))(module, leaves)
 
 
 def _set(variable, value):

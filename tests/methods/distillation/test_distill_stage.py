@@ -2,6 +2,7 @@
 
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import methods.distillation as md
@@ -32,8 +33,8 @@ def test_run_with_teacher_from_earlier_stage_and_from_run_dir(tmp_path):
                 teacher="0_train",
                 student_model="mlp",
                 student_options={"widths": (16,)},
-                temperature=2.0,
-                alpha=0.5,
+                terms=(md.KDTermConfig(name="hinton", weight=0.5, options={"temperature": 2.0}),),
+                hard_weight=0.5,
                 train=TrainStage(steps=60, learning_rate=1e-2, eval_every=0, checkpoint_every=0),
             ),
         ),
@@ -51,8 +52,10 @@ def test_run_with_teacher_from_earlier_stage_and_from_run_dir(tmp_path):
     cfg_b = md.DistillStage(
         teacher_run=str(tmp_path / "a"),
         cache_teacher=False,
-        hints=(("layers/0", "layers/0"),),
-        hint_weight=0.01,
+        terms=(
+            md.KDTermConfig(name="hinton", weight=0.9, options={"temperature": 4.0}),
+            md.KDTermConfig(name="fitnets", weight=0.01, options={"hints": [["layers/0", "layers/0"]]}),
+        ),
         train=TrainStage(steps=5, eval_every=0, checkpoint_every=0),
     )
     ctx = StageContext(index=0, label="0_distill", workdir=tmp_path / "b", progress=False)
@@ -92,3 +95,23 @@ def test_keep_zeros_leaves_vectors_free():
     updates, _ = tx.update(grads, state, params)
     np.testing.assert_array_equal(updates["w"], [[0.0, -1.0]])
     np.testing.assert_array_equal(updates["b"], [-1.0, -1.0])
+
+
+def test_deprecated_loss_fields_warn_and_map_to_terms():
+    with pytest.warns(DeprecationWarning, match=r"\['loss', 'dkd_beta', 'hints', 'hint_weight'\] are deprecated"):
+        old = md.DistillStage(loss="dkd", dkd_beta=4.0, hints=(("layers/0", "layers/0"),), hint_weight=0.01)
+    terms, hard = old.kd_terms()
+    assert hard == 1.0
+    assert terms == (
+        md.KDTermConfig(name="dkd", options={"alpha": 1.0, "beta": 4.0, "temperature": 4.0}),
+        md.KDTermConfig(name="fitnets", weight=0.01, options={"hints": (("layers/0", "layers/0"),)}),
+    )
+    with pytest.warns(DeprecationWarning):
+        hinton = md.DistillStage(alpha=0.7, temperature=2.0)
+    terms, hard = hinton.kd_terms()
+    assert terms == (md.KDTermConfig(name="hinton", weight=0.7, options={"temperature": 2.0}),)
+    assert hard == pytest.approx(0.3)
+    with pytest.warns(DeprecationWarning):
+        spelled_old = md.DistillStage(alpha=0.9, temperature=4.0).kd_terms()
+    assert md.DistillStage().kd_terms()[0] == spelled_old[0]
+    assert md.DistillStage().kd_terms()[1] == pytest.approx(spelled_old[1])

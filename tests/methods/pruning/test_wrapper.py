@@ -80,7 +80,7 @@ def test_fixed_masks_and_params_required():
         P.masked(optax.sgd(1.0))
 
 
-@pytest.mark.parametrize("method", ["set", "rigl"])
+@pytest.mark.parametrize("method", P.list_grow_methods())  # every registered grow criterion
 def test_dynamic_sparse(method):
     tx = P.dynamic_sparse(
         optax.adam(1e-2),

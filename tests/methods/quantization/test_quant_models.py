@@ -22,6 +22,7 @@ from methods.quantization import float_layers
 from methods.quantization import fold_batchnorm
 from methods.quantization import layer_order
 from methods.quantization import layer_table
+from methods.quantization import list_methods
 from methods.quantization import list_observers
 from methods.quantization import make_observer
 from methods.quantization import quant_layers
@@ -111,6 +112,34 @@ def test_train_mode_ranges_follow_data():
     assert float(fq.hi[...]) == pytest.approx(2.0)
 
 
+# --- quantization methods (shared checks) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_quant_method_conformance(name):
+    check_quant_method(name)
+
+
+def check_quant_method(name):
+    """Shared checks for a registered QuantMethod (also used by tests/test_extension_points.py)."""
+    x = jnp.linspace(-3.0, 3.0, 61)
+    for bits in (2, 8):
+        fq = FakeQuant(QuantSpec(bits=bits, method=name, signed=True, symmetric=True))
+        fq.set_range(np.float32(-2.0), np.float32(2.0))
+        y = fq(x)
+        chex.assert_equal_shape([y, x])
+        chex.assert_tree_all_finite(y)
+        scale, zero = (np.asarray(a, np.float64) for a in fq.scale_zero_point())
+        q = np.asarray(y, np.float64) / scale + zero
+        np.testing.assert_allclose(q, np.round(q), atol=1e-3)  # on the integer grid it reports
+        qmin, qmax = QuantSpec(bits=bits, method=name).grid(True)
+        assert q.min() >= qmin - 1e-3 and q.max() <= qmax + 1e-3
+        np.testing.assert_allclose(fq(y), y, atol=1e-5)  # quantizing twice changes nothing
+        g = jax.grad(lambda v, fq=fq: jnp.sum(fq(v) ** 2))(x)  # straight-through: gradients exist
+        chex.assert_tree_all_finite(g)
+        assert float(jnp.sum(jnp.abs(g))) > 0
+
+
 # --- observers (shared checks) --------------------------------------------------------------
 
 
@@ -146,7 +175,7 @@ def test_observer_specifics():
     ma.update(np.array([0.0, 1.0]))
     ma.update(np.array([0.0, 3.0]))
     assert ma.range()[1] == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="not registered"):
+    with pytest.raises(ValueError, match="unknown observer 'nope'; registered"):
         make_observer("nope")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -77,3 +79,58 @@ def test_tensorrt_engines_match_jax(trained_mlp, digits, tmp_path):
     assert results["fp16"].max_rel_diff <= 1e-2
     assert results["int8"].top1_agreement >= 0.97
     assert (tmp_path / "model_int8.plan").stat().st_size == results["int8"].engine_bytes
+
+
+def test_tensorrt_format_plumbing_without_a_gpu(trained_mlp, digits, tmp_path, monkeypatch):
+    """The ``tensorrt`` export format with the GPU parts replaced: which ONNX file and precision each
+    variant's engine is built from, the .plan files in the export set, and every engine checked vs JAX.
+
+    The stand-in "engine" names its ONNX file and runs it in onnxruntime; the real engines are checked
+    by ``test_tensorrt_engines_match_jax`` on a GPU machine.
+    """
+    from research.export import OnnxRunner
+    from research.export import export
+    from research.export import get_format
+
+    built = []
+
+    def build_engine(onnx_path, precision="fp32", *, max_batch=64, opt_batch=32, workspace_bytes=1 << 30):
+        built.append((os.path.basename(onnx_path), precision, max_batch))
+        return f"{precision}|{onnx_path}".encode()
+
+    class Runner:
+        def __init__(self, engine):
+            self._run = OnnxRunner(engine.decode().split("|", 1)[1])
+
+        def __call__(self, x):
+            return self._run(x)
+
+    monkeypatch.setattr(trt_lib, "skip_reason", lambda: None)
+    monkeypatch.setattr(trt_lib, "build_engine", build_engine)
+    monkeypatch.setattr(trt_lib, "TensorRTRunner", Runner)
+    monkeypatch.setattr(trt_lib, "gpu_name", lambda: "stand-in GPU")
+    fmt = get_format("tensorrt")
+    assert fmt.variants(("fp32", "int8", "int8_qdq_symmetric", "fp16")) == ("fp32", "int8_qdq_symmetric", "fp16")
+    x = digits.x_test.reshape(len(digits.x_test), -1)
+    xt = digits.x_train.reshape(len(digits.x_train), -1)
+    rep = export(
+        trained_mlp,
+        x[:8],
+        formats=("tensorrt", "onnx"),
+        out_dir=tmp_path,
+        quantize=("fp16", "int8_qdq_symmetric"),
+        calibration=xt[:64],
+        eval_data=x[:64],
+        latency_repeats=1,
+    )
+    assert sorted(built) == [
+        ("model_fp32.onnx", "fp16", 64),
+        ("model_fp32.onnx", "fp32", 64),
+        ("model_int8_qdq_symmetric.onnx", "int8", 64),
+    ]
+    for q in ("fp32", "fp16", "int8_qdq_symmetric"):
+        a = rep[f"tensorrt_{q}"]
+        assert a.path == str(tmp_path / f"model_{q}.plan") and a.runtime.endswith("on stand-in GPU"), a
+        onnx_a = rep["onnx_fp32" if q != "int8_qdq_symmetric" else "onnx_int8_qdq_symmetric"]
+        assert a.max_abs_diff == onnx_a.max_abs_diff  # the stand-in runs the same file
+    assert rep["tensorrt_fp32"].max_rel_diff <= 1e-5

@@ -1,0 +1,84 @@
+"""The report-column contract (research/report.py): which metric names a stage returns make which columns."""
+
+import dataclasses
+from typing import ClassVar
+
+import pytest
+
+from research import report as report_lib
+from research.config import Config
+from research.config import DataConfig
+from research.config import ModelConfig
+from research.run import run
+from research.stages import STAGES
+from research.stages import StageConfig
+from research.stages import StageResult
+from research.stages import register_stage
+
+MEASURED = ("test_accuracy", "val_accuracy", "params", "nonzeros", "bytes_fp32", "flops", "latency_ms")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProbeStage(StageConfig):
+    """Returns the metrics it is given, for the report test."""
+
+    kind: ClassVar[str] = "report_probe"
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+@pytest.fixture
+def probe_stage():
+    @register_stage(ProbeStage)
+    def run_probe(bundle, cfg, ctx):
+        return StageResult(bundle=bundle, metrics=dict(cfg.metrics))
+
+    yield
+    STAGES.unregister("report_probe")
+
+
+def _report(metrics):
+    return {"name": "r", "stages": [{"label": "0_x", "metrics": metrics}]}
+
+
+@pytest.mark.parametrize("key", report_lib.BYTES_KEYS)
+def test_each_bytes_key_can_make_the_best_encoding_column(key):
+    metrics = {k: 1000 for k in report_lib.BYTES_KEYS}
+    metrics[key] = 123
+    (row,) = report_lib.summary_rows(_report(metrics))
+    assert row["bytes"] == 123
+    assert "bytes (best encoding)" in report_lib.render(_report(metrics))
+
+
+def test_other_names_do_not_reach_the_bytes_column():
+    (row,) = report_lib.summary_rows(_report({"bytes_fp32": 1000, "my_format_bytes": 10}))
+    assert row["bytes"] == 1000
+
+
+def test_every_column_is_documented_with_its_metric_names():
+    doc = report_lib.__doc__
+    for key, header, _ in report_lib.COLUMNS:
+        assert f"``{header}``" in doc, header
+        if key not in ("stage", "bytes"):
+            assert f"``{key}``" in doc, key
+    for key in report_lib.BYTES_KEYS:
+        assert f"``{key}``" in doc, key
+
+
+def test_a_stage_s_metrics_merge_over_the_measured_ones(tmp_path, probe_stage):
+    config = Config(
+        name="probe",
+        model=ModelConfig(name="mlp", options={"widths": (8,)}),
+        data=DataConfig(name="digits", limit=64),
+        stages=(ProbeStage(metrics={"csr_bytes": 5, "flops": 7.0, "my_metric": 0.25}),),
+    )
+    report = run(config, str(tmp_path / "run"), progress=False, echo=False)
+    metrics = report["stages"][0]["metrics"]
+    assert set(MEASURED) <= set(metrics)  # measured by the runner after every stage
+    assert metrics["flops"] == 7.0 and metrics["my_metric"] == 0.25  # the stage's own values win / are kept
+    (row,) = report_lib.summary_rows(report)
+    assert row["bytes"] == 5  # csr_bytes is smaller than bytes_fp32
+    table = report_lib.render(report).splitlines()
+    header = next(line for line in table if line.startswith("stage"))
+    line = next(line for line in table if line.startswith("0_report_probe"))
+    assert "bytes (best encoding)" in header and "FLOPs" in header
+    assert "5" in line.split() and "7" in line.split()  # the bytes and FLOPs cells
