@@ -15,6 +15,7 @@ is given; the data are replicated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
@@ -76,6 +77,8 @@ class PopulationTrainer:
         :data:`research.population.POPULATION_KEYS`).
       block_steps: steps per compiled call (a ``lax.scan``); fewer if the stage has fewer steps.
       devices: shard the population axis over these devices (default: the first local device).
+      cache: compiled programs and their bytes, shared by trainers of the same population
+        signature (a tune study's batches compile once).
 
     Raises:
       ValueError: no configs, or trials that differ outside the population keys.
@@ -87,7 +90,9 @@ class PopulationTrainer:
         *,
         block_steps: int = 50,
         devices: Sequence[jax.Device] | None = None,
+        cache: dict | None = None,
     ):
+        from research.population.keys import signature
         from research.population.keys import split_populations
         from research.run import build_bundle
         from research.stages import make_optimizer
@@ -123,7 +128,13 @@ class PopulationTrainer:
         self._models = {s: bundles[s].model for s in seeds}
         self.defs, _ = create_train_state(nnx.clone(self._models[seeds[0]]), self._txs[0], seed=seeds[0])
         step = make_train_step(self.defs, self._txs[0], jit=False)
-        self._compiled: dict[int, Any] = {}
+        self._cache = cache if cache is not None else {}
+        self.program_key = (
+            json.dumps(signature(configs[0]), sort_keys=True, default=str),
+            len(seeds),
+            self.block_steps,
+            tuple(str(d) for d in self.devices),
+        )
         self.memory: dict[int, int] = {}
 
         def block(state, xs, ys, data_id, idx, valid):
@@ -185,7 +196,8 @@ class PopulationTrainer:
 
     def compiled(self, k: int):
         """The compiled block program for ``k`` trials (compiled once per ``k``)."""
-        if k not in self._compiled:
+        key = (*self.program_key, k)
+        if key not in self._cache:
             if not self.chunk_size_ok(k):
                 raise ValueError(f"chunk size {k} does not split over {len(self.devices)} devices; use a multiple")
             state = self.initial_state([0] * k)
@@ -195,9 +207,9 @@ class PopulationTrainer:
                 state, self._xs, self._ys, data_id, self._put(idx, axis=1), valid
             )
             compiled = lowered.compile()
-            self._compiled[k] = compiled
-            self.memory[k] = _program_bytes(compiled)
-        return self._compiled[k]
+            self._cache[key] = (compiled, _program_bytes(compiled))
+        compiled, self.memory[k] = self._cache[key]
+        return compiled
 
     def step_seconds(self, k: int, timer: Timer = time_call) -> float:
         """Seconds per training step of ``k`` trials (one compiled block, timed by ``timer``)."""
