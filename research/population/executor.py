@@ -199,8 +199,12 @@ class PopulationExecutor:
 
 def _trained_stage(result: TrialResult, k: int):
     """A stage function returning the model the population trained (for :func:`research.run.run`)."""
+    from flax import nnx
+
     from research.stages import StageResult
     from research.train import NonFiniteLossError
+    from research.train import evaluate
+    from research.train import split_model
 
     def stage(bundle, cfg, ctx):
         losses = np.asarray(result.losses, np.float64)
@@ -212,6 +216,12 @@ def _trained_stage(result: TrialResult, k: int):
             f.writelines(_json_line(r) for r in rows[:stop])
         if bad.size:
             raise NonFiniteLossError(stop, float(losses[stop - 1]), None, None)
+        ds = bundle.dataset
+        if len(ds.x_val):  # the last row of a sequential run's metrics.jsonl
+            defs, params, model_state = split_model(nnx.clone(result.model))
+            val = evaluate(defs, params, model_state, ds.x_val, ds.y_val)
+            with open(ctx.workdir / "metrics.jsonl", "a") as f:
+                f.write(_json_line({"step": len(losses), "split": "val", **val}))
         steps = len(losses)
         metrics = {
             "final_train_loss": float(losses[-1]),
