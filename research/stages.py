@@ -251,6 +251,7 @@ def finetune(
     sampler: BatchSampler | None = None,
     return_state: bool = False,
     description: str | None = None,
+    data_parallel: bool = False,
 ):
     """Trains ``model`` on ``dataset``'s training split with checkpoints under ``ctx.workdir``.
 
@@ -268,6 +269,8 @@ def finetune(
       wrap_tx: wraps the optimizer, e.g. a pruning mask wrapper.
       sampler: a custom batch sampler (default: shuffled batches of the training split).
       return_state: also return ``(defs, state)`` (e.g. to read masks from the optimizer state).
+      data_parallel: shard each batch over the local devices, state replicated
+        (:mod:`research.population.data_parallel`).
 
     Returns:
       ``(trained_model, records)`` or ``(trained_model, records, (defs, state))``.
@@ -287,6 +290,10 @@ def finetune(
         tx = wrap_tx(tx)
     defs, state = create_train_state(nnx.clone(model), tx, seed=ctx.seed)
     step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms)
+    if data_parallel:
+        from research.population.data_parallel import data_parallel_step
+
+        step_fn = data_parallel_step(step_fn, min(batch_size, len(dataset.x_train)))
     if sampler is None:
         sampler = BatchSampler(
             dataset.x_train, dataset.y_train, batch_size=min(batch_size, len(dataset.x_train)), seed=ctx.seed
@@ -363,6 +370,8 @@ class TrainStage(StageConfig):
       schedule: ``cosine`` (decay to 0, after ``warmup_steps``) or ``constant``.
       grad_clip: global-norm clipping threshold (0 = off).
       checkpoint_every, eval_every, log_every: loop cadence in steps.
+      data_parallel: shard each batch over the local devices (parameters replicated); the batch
+        size must be a multiple of the device count.
     """
 
     kind: ClassVar[str] = "train"
@@ -388,6 +397,7 @@ class TrainStage(StageConfig):
     checkpoint_every: int = 100
     eval_every: int = 100
     log_every: int = 10
+    data_parallel: bool = False
 
     def check(self, key: str, context: ValidationContext) -> None:
         if self.warmup_steps > self.steps:
@@ -411,6 +421,7 @@ def train_kwargs(cfg: TrainStage) -> dict[str, Any]:
         "checkpoint_every": cfg.checkpoint_every,
         "eval_every": cfg.eval_every,
         "log_every": cfg.log_every,
+        "data_parallel": cfg.data_parallel,
     }
 
 

@@ -86,11 +86,15 @@ def test_population_trials_match_sequential_trials(pruned_runs):
     assert population["k"] == 2 and [c["k"] for c in population["choice"]["candidates"]] == [1, 2, 4]
     for a, b in zip(seq.points, pop.points, strict=True):
         assert b.note == "population 0, chunk of 2"
-        for key in ("test_accuracy", "val_accuracy", "nonzeros", "mask_sparsity"):
-            assert b.metrics[key] == pytest.approx(a.metrics[key], abs=2e-3), key
-        train_a, train_b = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"][0] for p in (a, b))
-        loss_a, loss_b = train_a["metrics"]["final_train_loss"], train_b["metrics"]["final_train_loss"]
+        stages_a, stages_b = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"] for p in (a, b))
+        assert [s["kind"] for s in stages_b] == ["train", "prune", "quantize"]
+        for sa, sb in zip(stages_a, stages_b, strict=True):
+            for key in ("test_accuracy", "val_accuracy", "nonzeros", "mask_sparsity", "bytes_int4"):
+                if key in sa["metrics"]:
+                    assert sb["metrics"][key] == pytest.approx(sa["metrics"][key], abs=2e-3), (sa["kind"], key)
+        loss_a, loss_b = (s[0]["metrics"]["final_train_loss"] for s in (stages_a, stages_b))
         assert loss_b == pytest.approx(loss_a, rel=1e-4)
+        assert stages_b[0]["metrics"]["population_k"] == 2
         assert _close(_params(a.run_dir), _params(b.run_dir))
     # the grid's hyperparameters really reach the trials: weight decay and learning rate change the weights
     params = [_params(p.run_dir) for p in pop.points]
@@ -240,6 +244,21 @@ SHARDED = textwrap.dedent(
     for a, b in zip(one, two):
         for x, y in zip(jax.tree.leaves(split_model(a.model)[1]), jax.tree.leaves(split_model(b.model)[1])):
             np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+    # a single run, data-parallel over the 4 devices == on one device
+    import pathlib, tempfile
+    from research.population.data_parallel import data_parallel_step
+    from research.run import build_bundle
+    from research.stages import StageContext, finetune, train_kwargs
+    bundle = build_bundle(configs[1])
+    runs = []
+    for dp in (False, True):
+        ctx = StageContext(index=0, label="0_train", workdir=pathlib.Path(tempfile.mkdtemp()), seed=1, progress=False)
+        model, _ = finetune(bundle.model, bundle.dataset, ctx, **{**train_kwargs(configs[1].stages[0]), "data_parallel": dp})
+        runs.append(jax.tree.leaves(split_model(model)[1]))
+    for x, y in zip(*runs):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+    _, placed = data_parallel_step(lambda s, b: (s, b["x"]), 16)({"w": np.ones(2)}, {"x": np.ones((16, 3))})
+    assert len(placed.sharding.device_set) == 4 and placed.addressable_shards[0].data.shape == (4, 3)
     leaf = jax.tree.leaves(sharded.initial_state(list(range(4))))[1]
     assert len(leaf.sharding.device_set) == 4 and leaf.addressable_shards[0].data.shape[0] == 1, leaf.sharding
     print("SHARDED-OK")
@@ -247,7 +266,16 @@ SHARDED = textwrap.dedent(
 )
 
 
-def test_sharded_population_equals_unsharded_on_four_host_devices():
+def test_data_parallel_batch_size_must_split_over_the_devices():
+    from research.population.data_parallel import data_parallel_step
+
+    with pytest.raises(
+        ValueError, match="batch_size=6 does not split over 4 devices; use a multiple of 4 \\(e.g. 8\\)"
+    ):
+        data_parallel_step(lambda s, b: (s, b), 6, devices=jax.devices() * 4)
+
+
+def test_sharded_population_and_data_parallel_run_equal_one_device_on_four_host_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", SHARDED], cwd=os.getcwd(), env=env, capture_output=True, text=True, timeout=300
