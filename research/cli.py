@@ -198,6 +198,8 @@ def _cmd_tune(args) -> int:
     from research.run import register_all_stages
 
     register_all_stages()
+    if args.workers > 1:  # K processes share the accelerator: none may grab most of its memory up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         config, space = tune_lib.load_config_and_space(args.config)
         config = config_lib.apply_overrides(config, args.set or [])

@@ -255,6 +255,15 @@ def plot_sweep(report: SweepReport, path: str) -> str | None:
 # ----------------------------------------------------------------------------- running
 
 
+def report_populations(summary: Mapping[str, Any]) -> list[str]:
+    """One line per population of an executor summary: its trials, chunk size and why."""
+    lines = []
+    for p in summary.get("populations", []):
+        sep = f" (separate: {p['separate_because']})" if p.get("separate_because") else ""
+        lines.append(f"population {p['population']}: {len(p['trials'])} trials, K={p['k']}: {p['why']}{sep}")
+    return lines
+
+
 def _write(report: SweepReport) -> None:
     report_lib.write_text_atomic(
         os.path.join(report.workdir, "sweep.json"), json.dumps(report.to_dict(), indent=2, default=float) + "\n"
@@ -377,6 +386,8 @@ def _sweep_points(
     finally:
         if bar is not None:
             bar.close()
+    for pop in report_populations(executor.summary()):
+        say(pop)
     report = current()
     png = os.path.join(workdir, "sweep.png")
     if plot_sweep(report, png) is None and os.path.exists(png):
