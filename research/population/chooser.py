@@ -1,7 +1,7 @@
 """The chunk size K of a population, measured before anything trains.
 
 :func:`choose_k` times one compiled step at K=1 and at powers of two up to the population size
-(stopping once a larger K is slower per trial, or would not fit in memory) and picks the K with the
+(stopping once a larger K is clearly slower per trial, or would not fit in memory) and picks the K with the
 most trials per second over the whole population (the last chunk is padded, so a K that leaves a
 mostly empty last chunk pays for it). K=1 means vmap does not pay (e.g. convolutions on a CPU,
 which vmap lowers to grouped convolutions): the trials then run one after another.
@@ -83,6 +83,7 @@ def choose_k(
     memory_limit: int,
     max_k: int | None = None,
     multiple_of: int = 1,
+    stop_below: float = 0.8,
 ) -> Choice:
     """Picks the chunk size with the most trials per second.
 
@@ -93,6 +94,8 @@ def choose_k(
         Ks, predicted) bytes exceed it is never chosen, and a predicted overflow is not compiled.
       max_k: the largest K to try.
       multiple_of: K above 1 must be a multiple of this (the device count when sharding).
+      stop_below: stop trying larger K once one reaches less than this fraction of the best
+        throughput so far (timings are noisy; a dip within it does not end the search).
 
     Returns:
       The :class:`Choice`; ``k == 1`` when no K > 1 beats one trial at a time.
@@ -122,8 +125,9 @@ def choose_k(
         chunks = math.ceil(n_trials / k)
         tps = n_trials / (chunks * seconds) if seconds > 0 else math.inf
         measured.append(Candidate(k=k, step_seconds=seconds, trial_steps_per_s=tps, bytes=nbytes))
-        if len(measured) >= 2 and tps < measured[-2].trial_steps_per_s:
-            reason += f"K={k} is slower per trial than K={measured[-2].k}; larger K not tried. "
+        best_so_far = max(measured, key=lambda c: c.trial_steps_per_s)
+        if len(measured) >= 2 and tps < stop_below * best_so_far.trial_steps_per_s:
+            reason += f"K={k} is slower per trial than K={best_so_far.k}; larger K not tried. "
             break
     best = max(measured, key=lambda c: c.trial_steps_per_s)
     one = measured[0]

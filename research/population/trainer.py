@@ -218,8 +218,10 @@ class PopulationTrainer:
         idx = self._put(idx, axis=1)
         data_id = self._put(np.zeros(k, np.int32))
 
-        def call():
-            return program(self.initial_state([0] * k), self._xs, self._ys, data_id, idx, valid)[1]
+        state = self.initial_state([0] * k)
+
+        def call():  # a device copy of the state per call (the program donates its input)
+            return program(jax.tree.map(jnp.copy, state), self._xs, self._ys, data_id, idx, valid)[1]
 
         return timer(k, call) / self.block_steps
 
