@@ -98,7 +98,7 @@ class PopulationExecutor:
             report = finished_report(job.run_dir, job.config)
             if report is not None:
                 yield Outcome(job=job, report=report, reused=True, note="finished earlier")
-            elif store.is_finished(os.path.join(job.run_dir, "stages", f"0_{job.config.stages[0].kind}")):
+            elif _first_stage_stored(job):
                 yield run_one(job, progress=progress, note="resumed after its first stage")
             else:
                 pending.append(job)
@@ -195,6 +195,17 @@ class PopulationExecutor:
             )
             out.seconds += result.seconds / len(jobs)
             yield out
+
+
+def _first_stage_stored(job: Job) -> bool:
+    """Whether the trial's run directory holds its finished first stage (a run killed later on), or
+    something :func:`research.run.run` must judge (a legacy or unreadable stage): it runs alone."""
+    if not job.config.stages:
+        return True
+    try:
+        return store.is_finished(os.path.join(job.run_dir, "stages", f"0_{job.config.stages[0].kind}"))
+    except Exception:  # e.g. a legacy pickle: run() reports it with its fix
+        return True
 
 
 def _trained_stage(result: TrialResult, k: int):
