@@ -12,9 +12,6 @@ learning rates of a train-only config (digits; the same steps and batches for ev
   the learning rate as a traced value), K trials vmapped in one program against the same program
   called K times; compilation excluded. ``kept`` = ``pop/seq`` over ``plain ratio``: how much of
   the plain vmap gain the executor keeps (the issue's target: at least 90% on the MLP).
-- ``train pop/seq``: training seconds per trial only (the sequential run's train stage, with its
-  compilation, against the population chunk's training time over its trials), read from the
-  runs' reports: the part of a trial the population changes.
 
 Both sweeps count everything a sweep does per trial: compilation, training, measuring each run
 (accuracy, FLOPs, latency) and writing its run directory.
@@ -30,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import tempfile
@@ -61,8 +57,8 @@ def _lrs(k: int) -> list[float]:
     return [float(f"{v:.6g}") for v in np.geomspace(1e-4, 1e-2, k)]
 
 
-def _sweep_seconds(config, k: int, executor) -> tuple[float, object, float]:
-    """``(sweep seconds, report, mean training seconds per trial)`` of a K-trial sweep."""
+def _sweep_seconds(config, k: int, executor) -> tuple[float, object]:
+    """``(sweep seconds, report)`` of a K-trial sweep."""
     from research.sweep import sweep
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
@@ -71,16 +67,7 @@ def _sweep_seconds(config, k: int, executor) -> tuple[float, object, float]:
         seconds = time.perf_counter() - t0
         if report.failed:
             raise RuntimeError(f"{len(report.failed)} trials failed: {report.failed[0].error}")
-        train = []
-        for p in report.points:
-            with open(os.path.join(p.run_dir, "report.json")) as f:
-                stage = json.load(f)["stages"][0]
-            m = stage["metrics"]
-            if "population_k" in m:  # the chunk's training time, shared by its trials
-                train.append(config.stages[0].steps / m["train_steps_per_s"] / m["population_k"])
-            else:
-                train.append(stage["seconds"])
-    return seconds, report, sum(train) / len(train)
+    return seconds, report
 
 
 def _plain_ratio(model_name: str, k: int, steps: int, batch_size: int) -> float:
@@ -155,7 +142,7 @@ def main(argv=None) -> int:
     print(f"digits, train-only, {args.steps} steps of batch {args.batch_size} per trial\n")
     header = (
         f"{'model':<9} {'K':>4} {'chosen K':>8} {'seq trials/s':>12} {'pop trials/s':>12} "
-        f"{'pop/seq':>8} {'train pop/seq':>13} {'plain ratio':>11} {'kept':>6}"
+        f"{'pop/seq':>8} {'plain ratio':>11} {'kept':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -163,18 +150,17 @@ def main(argv=None) -> int:
     for model in args.models:
         config = _config(model, args.steps, args.batch_size)
         _sweep_seconds(config, 1, make_executor("sequential"))  # warm-up: data loading, first compilations
-        seq_s, _, seq_train = _sweep_seconds(config, args.seq_trials, make_executor("sequential"))
+        seq_s, _ = _sweep_seconds(config, args.seq_trials, make_executor("sequential"))
         seq_tps = args.seq_trials / seq_s
         for k in args.ks:
-            pop_s, report, pop_train = _sweep_seconds(config, k, make_executor("population", max_k=k))
+            pop_s, report = _sweep_seconds(config, k, make_executor("population", max_k=k))
             chosen = max((p.get("k", 1) for p in report.executor["populations"]), default=1)
             notes += [f"{model} K={k}: {line}" for line in report_populations(report.executor)]
             pop_tps = k / pop_s
             plain = _plain_ratio(model, k, args.steps, args.batch_size) if k > 1 else 1.0
             ratio = pop_tps / seq_tps
             print(
-                f"{model:<9} {k:>4} {chosen:>8} {seq_tps:>12.2f} {pop_tps:>12.2f} {ratio:>8.2f} "
-                f"{seq_train / pop_train:>13.2f} {plain:>11.2f} "
+                f"{model:<9} {k:>4} {chosen:>8} {seq_tps:>12.2f} {pop_tps:>12.2f} {ratio:>8.2f} {plain:>11.2f} "
                 f"{ratio / plain:>6.0%}",
                 flush=True,
             )
