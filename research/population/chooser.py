@@ -132,7 +132,7 @@ def choose_k(
     best = max(measured, key=lambda c: c.trial_steps_per_s)
     one = measured[0]
     if best.k == 1:
-        reason += "vmap does not pay here (no K > 1 beats one trial at a time): trials run one after another."
+        reason += "vmap does not pay here (no K > 1 beats one trial at a time): trials train one after another."
     else:
         reason += (
             f"K={best.k}: {best.trial_steps_per_s / one.trial_steps_per_s:.2f}x the trial steps per second of K=1."

@@ -6,8 +6,8 @@ For the trials it is given, it
 2. groups the rest into populations (:func:`research.population.split_populations`; the reason
    each extra population is separate goes into :meth:`PopulationExecutor.summary`);
 3. per population, measures the chunk size K (:func:`research.population.chooser.choose_k`) and
-   trains the leading ``train`` stage of K trials at a time (:class:`PopulationTrainer`), or runs
-   the trials one after another when vmap does not pay;
+   trains the leading ``train`` stage of K trials at a time (:class:`PopulationTrainer`); when
+   vmap does not pay (K=1) the trials train one after another with the same compiled program;
 4. hands each trained model to :func:`research.run.run` as that trial's stage 0, which measures,
    stores and reports it exactly as a sequential run; later stages (prune, quantize, export...)
    run per trial from it.
@@ -112,10 +112,10 @@ class PopulationExecutor:
                 "separate_because": group.reason,
             }
             self.populations.append(entry)
-            if group.solo or len(members) == 1:
-                entry.update(k=1, why="a single trial" if not group.solo else "cannot train in a population")
+            if group.solo:
+                entry.update(k=1, why="cannot train in a population")
                 for job in members:
-                    yield run_one(job, progress=progress, note="one after another: " + (group.reason or "alone"))
+                    yield run_one(job, progress=progress, note="one after another: " + group.reason)
                 continue
             try:
                 trainer = PopulationTrainer(
@@ -131,10 +131,8 @@ class PopulationExecutor:
                     yield run_one(job, progress=progress, note=entry["why"])
                 continue
             entry.update(k=choice.k, why=choice.reason, choice=choice.to_dict(), devices=len(trainer.devices))
-            if choice.sequential:
-                for job in members:
-                    yield run_one(job, progress=progress, note="one after another: " + choice.reason)
-                continue
+            # K=1 still trains with the population's compiled program: one trial after another,
+            # compiled once for all of them (a sequential run compiles its step per run).
             for start in range(0, len(members), choice.k):
                 chunk = list(range(start, min(start + choice.k, len(members))))
                 yield from self._run_chunk(trainer, [members[i] for i in chunk], chunk, choice.k, number, progress)
@@ -153,6 +151,9 @@ class PopulationExecutor:
         return self._choose(trainer, n).k
 
     def _choose(self, trainer: PopulationTrainer, n: int) -> Choice:
+        if n == 1:
+            limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+            return Choice(k=1, candidates=(), reason="a single trial", memory_limit=limit)
         memo = (trainer.program_key, n)
         if memo not in self._choices:
             self._choices[memo] = self._measure_choice(trainer, n)
@@ -191,7 +192,7 @@ class PopulationExecutor:
                 job,
                 progress=progress,
                 prepared={0: _trained_stage(result, k)},
-                note=f"population {number}, chunk of {k}",
+                note=f"population {number}, chunk of {k}" if k > 1 else f"population {number}, one at a time (K=1)",
             )
             out.seconds += result.seconds / len(jobs)
             yield out

@@ -206,8 +206,8 @@ def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_f
     report = sweep_lib.sweep(base, grid, str(tmp_path), progress=False, executor=make_executor("population"))
     assert [p.status for p in report.points] == ["done"] * 3
     assert [p.reused for p in report.points] == [True, True, False]
-    assert len(calls) == 2  # the unfinished trial ran alone; the finished chunk was not trained again
-    assert report.points[2].note.startswith("one after another")
+    assert calls[2:] == [[0]]  # only the unfinished trial (the one pending) trained again, alone
+    assert report.points[2].note == "population 0, one at a time (K=1)"
 
 
 def test_cli_sweep_executor_flag(config_file, tmp_path, capsys):
