@@ -19,6 +19,7 @@ sweep keeps every finished chunk and resumes with the rest.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from research.executors import finished_report
 from research.executors import run_one
 from research.population.chooser import Choice
 from research.population.chooser import choose_k
+from research.population.keys import signature
 from research.population.keys import split_populations
 from research.population.trainer import PopulationTrainer
 from research.population.trainer import Timer
@@ -79,6 +81,7 @@ class PopulationExecutor:
         self.populations: list[dict[str, Any]] = []
         self._programs: dict = {}  # compiled programs by population signature (shared across calls)
         self._choices: dict = {}  # measured chunk sizes by population signature and size
+        self._trained: set[str] = set()  # population signatures this executor has compiled programs for
 
     def summary(self) -> dict[str, Any]:
         """The populations, their chunk sizes, the measured figures and the device."""
@@ -117,6 +120,13 @@ class PopulationExecutor:
                 for job in members:
                     yield run_one(job, progress=progress, note="one after another: " + group.reason)
                 continue
+            sig = json.dumps(signature(members[0].config), sort_keys=True, default=str)
+            if len(members) == 1 and sig not in self._trained:
+                # Alone and nothing compiled for it yet: a plain run costs no more than a K=1 program.
+                entry.update(k=1, why="a single trial")
+                yield run_one(members[0], progress=progress, note="one after another: a single trial")
+                continue
+            self._trained.add(sig)
             try:
                 trainer = PopulationTrainer(
                     [j.config for j in members],
@@ -148,6 +158,7 @@ class PopulationExecutor:
         trainer = PopulationTrainer(
             [config] * n, block_steps=self.block_steps, devices=self._devices(n), cache=self._programs
         )
+        self._trained.add(json.dumps(signature(config), sort_keys=True, default=str))
         return self._choose(trainer, n).k
 
     def _choose(self, trainer: PopulationTrainer, n: int) -> Choice:
@@ -253,6 +264,4 @@ def _trained_stage(result: TrialResult, k: int):
 
 
 def _json_line(row: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(row) + "\n"

@@ -130,11 +130,16 @@ class PopulationTrainer:
         self._txs = [make_optimizer(**_optimizer_kwargs(train_kwargs(c.stages[0]))) for c in configs]
         self._models = {s: bundles[s].model for s in seeds}
         self.defs, _ = create_train_state(nnx.clone(self._models[seeds[0]]), self._txs[0], seed=seeds[0])
+        # One seed: every trial sees the same batches, so the batch is gathered once and broadcast
+        # (a shared input times stacked weights is one large matmul, not K small ones).
+        self.shared_batches = len(seeds) == 1
+        shared = self.shared_batches
         step = make_train_step(self.defs, self._txs[0], jit=False)
         self._cache = cache if cache is not None else {}
         self.program_key = (
             json.dumps(signature(configs[0]), sort_keys=True, default=str),
             len(seeds),
+            self.shared_batches,
             self.block_steps,
             tuple(str(d) for d in self.devices),
         )
@@ -144,10 +149,15 @@ class PopulationTrainer:
             def one(carry, inp):
                 idx_t, ok = inp
 
-                def trial_step(s, d, i):
-                    return step(s, {"x": xs[d, i], "y": ys[d, i]})
+                if shared:
+                    batch = {"x": xs[0, idx_t], "y": ys[0, idx_t]}
+                    new, metrics = jax.vmap(step, in_axes=(0, None))(carry, batch)
+                else:
 
-                new, metrics = jax.vmap(trial_step)(carry, data_id, idx_t)
+                    def trial_step(s, d, i):
+                        return step(s, {"x": xs[d, i], "y": ys[d, i]})
+
+                    new, metrics = jax.vmap(trial_step)(carry, data_id, idx_t)
                 new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
                 return new, metrics["loss"]
 
@@ -169,6 +179,11 @@ class PopulationTrainer:
     def _put(self, tree, axis: int = 0):
         return jax.device_put(tree, self._sharding(axis=axis))
 
+    def _put_idx(self, idx: np.ndarray):
+        if self.shared_batches:
+            return jax.device_put(idx, self._sharding(replicate=True))
+        return self._put(idx, axis=1)
+
     def chunk_size_ok(self, k: int) -> bool:
         """Whether ``k`` trials split evenly over the devices."""
         return k % len(self.devices) == 0
@@ -184,7 +199,15 @@ class PopulationTrainer:
         return self._put(jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *states))
 
     def batch_indices(self, indices: Sequence[int], start: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(idx [block, K, batch], valid [block])`` for steps ``start ..`` of trials ``indices``."""
+        """``(idx [block, K, batch], valid [block])`` for steps ``start ..`` of trials ``indices``
+        (``idx [block, batch]`` when the trials share one seed, hence their batches)."""
+        if self.shared_batches:
+            (sampler,) = self._samplers.values()
+            idx = np.zeros((self.block_steps, self.batch_size), np.int32)
+            valid = np.arange(start, start + self.block_steps) < self.steps
+            for t in np.flatnonzero(valid):
+                idx[t] = sampler.batch(start + int(t))["x"]
+            return idx, valid
         idx = np.zeros((self.block_steps, len(indices), self.batch_size), np.int32)
         valid = np.zeros(self.block_steps, bool)
         for t in range(self.block_steps):
@@ -207,7 +230,7 @@ class PopulationTrainer:
             idx, valid = self.batch_indices([0] * k, 0)
             data_id = self._put(np.zeros(k, np.int32))
             lowered = jax.jit(self._block, donate_argnums=(0,)).lower(
-                state, self._xs, self._ys, data_id, self._put(idx, axis=1), valid
+                state, self._xs, self._ys, data_id, self._put_idx(idx), valid
             )
             compiled = lowered.compile()
             self._cache[key] = (compiled, _program_bytes(compiled))
@@ -218,7 +241,7 @@ class PopulationTrainer:
         """Seconds per training step of ``k`` trials (one compiled block, timed by ``timer``)."""
         program = self.compiled(k)
         idx, valid = self.batch_indices([0] * k, 0)
-        idx = self._put(idx, axis=1)
+        idx = self._put_idx(idx)
         data_id = self._put(np.zeros(k, np.int32))
 
         state = self.initial_state([0] * k)
@@ -247,7 +270,7 @@ class PopulationTrainer:
         losses = []
         for start in range(0, self.steps, self.block_steps):
             idx, valid = self.batch_indices(padded, start)
-            state, loss = program(state, self._xs, self._ys, data_id, self._put(idx, axis=1), valid)
+            state, loss = program(state, self._xs, self._ys, data_id, self._put_idx(idx), valid)
             losses.append(np.asarray(loss)[valid])
         host = jax.device_get(state)
         seconds = time.perf_counter() - t0

@@ -206,8 +206,8 @@ def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_f
     report = sweep_lib.sweep(base, grid, str(tmp_path), progress=False, executor=make_executor("population"))
     assert [p.status for p in report.points] == ["done"] * 3
     assert [p.reused for p in report.points] == [True, True, False]
-    assert calls[2:] == [[0]]  # only the unfinished trial (the one pending) trained again, alone
-    assert report.points[2].note == "population 0, one at a time (K=1)"
+    assert len(calls) == 2  # the finished chunk was not trained again; the unfinished trial ran alone
+    assert report.points[2].note == "one after another: a single trial"
 
 
 def test_cli_sweep_executor_flag(config_file, tmp_path, capsys):
@@ -248,12 +248,15 @@ SHARDED = textwrap.dedent(
                     stages=(TrainStage(steps=3, batch_size=16, checkpoint_every=0, eval_every=0),))
     configs = [C.apply_overrides(base, [f"stages.0.learning_rate={lr}", f"seed={s}"])
                for lr, s in ((1e-3, 0), (3e-3, 1), (1e-2, 0), (3e-2, 1))]
-    one = PopulationTrainer(configs, block_steps=2, devices=jax.devices()[:1]).train(range(4))
-    sharded = PopulationTrainer(configs, block_steps=2, devices=jax.devices())
-    two = sharded.train(range(4))
-    for a, b in zip(one, two):
-        for x, y in zip(jax.tree.leaves(split_model(a.model)[1]), jax.tree.leaves(split_model(b.model)[1])):
-            np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+    one_seed = [C.apply_overrides(c, ["seed=0"]) for c in configs]  # shared batches: one gather, broadcast
+    for trials in (configs, one_seed):
+        one = PopulationTrainer(trials, block_steps=2, devices=jax.devices()[:1]).train(range(4))
+        sharded = PopulationTrainer(trials, block_steps=2, devices=jax.devices())
+        assert sharded.shared_batches == (trials is one_seed)
+        two = sharded.train(range(4))
+        for a, b in zip(one, two):
+            for x, y in zip(jax.tree.leaves(split_model(a.model)[1]), jax.tree.leaves(split_model(b.model)[1])):
+                np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
     # a single run, data-parallel over the 4 devices == on one device
     import pathlib, tempfile
     from research.population.data_parallel import data_parallel_step
