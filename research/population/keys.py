@@ -27,6 +27,7 @@ POPULATION_KEYS: dict[str, str] = {
     "stages.0.checkpoint_every": "logging cadence, not the math",
     "stages.0.eval_every": "logging cadence, not the math",
     "stages.0.log_every": "logging cadence, not the math",
+    "stages.0.data_parallel": "placement only (a population shards over its trials instead)",
 }
 
 
