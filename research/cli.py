@@ -187,7 +187,9 @@ def _cmd_sweep(args) -> int:
 
     workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [], suffix="_sweep")
     try:
-        report = sweep(config, grid, workdir, progress=not args.no_progress, overwrite=args.overwrite)
+        report = sweep(
+            config, grid, workdir, progress=not args.no_progress, overwrite=args.overwrite, executor=args.executor
+        )
     except config_lib.ConfigError as e:  # raised before any point runs
         return _config_error(e)
     except workdir_lib.WorkdirInUseError as e:
@@ -208,6 +210,8 @@ def _cmd_tune(args) -> int:
     from research.run import register_all_stages
 
     register_all_stages()
+    if args.workers > 1:  # K processes share the accelerator: none may grab most of its memory up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         config, space = tune_lib.load_config_and_space(args.config)
         config = config_lib.apply_overrides(config, args.set or [])
@@ -226,6 +230,7 @@ def _cmd_tune(args) -> int:
             min_budget=args.min_budget,
             eta=args.eta,
             workers=args.workers,
+            executor=args.executor,
             seed=args.seed,
             reference=tune_lib.parse_reference(args.reference),
             config_spec=args.config,
@@ -300,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field for every point")
     p.add_argument("--workdir", help="sweep directory (default runs/<config name>[-<hash of --set>]_sweep)")
     p.add_argument("--overwrite", action="store_true", help="delete the sweep the workdir holds and start over")
+    p.add_argument(
+        "--executor",
+        default="sequential",
+        choices=["sequential", "population"],
+        help="sequential: one run after another; population: runs sharing model and data train as one vmapped "
+        "program, K at a time (K measured; falls back to sequential when vmap does not pay)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(fn=_cmd_sweep)
 
@@ -324,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-budget", type=float, help="smallest budget (default: full / eta^2)")
     p.add_argument("--eta", type=int, default=3, help="the scheduler's halving factor")
     p.add_argument("--workers", type=int, default=1, help="local processes running trials at once")
+    p.add_argument(
+        "--executor",
+        default="sequential",
+        choices=["sequential", "population"],
+        help="sequential: one run after another; population: runs sharing model and data train as one vmapped "
+        "program, K at a time (K measured; falls back to sequential when vmap does not pay)",
+    )
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field for every trial")
     p.add_argument("--workdir", help="study directory (default runs/<config name>_tune); a rerun resumes it")

@@ -23,6 +23,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -40,6 +41,7 @@ from research.metrics import measure
 from research.nn import build_model
 from research.stages import Bundle
 from research.stages import StageContext
+from research.stages import StageFn
 from research.stages import get_stage
 
 
@@ -95,6 +97,7 @@ def run(
     progress: bool = True,
     echo: bool = True,
     overwrite: bool = False,
+    prepared: Mapping[int, StageFn] | None = None,
 ) -> dict[str, Any]:
     """Runs every stage of ``config`` in ``workdir`` and returns the report dict.
 
@@ -110,6 +113,9 @@ def run(
       progress: show progress bars.
       echo: print one line per stage (and what was reused or moved aside) to stderr.
       overwrite: delete the run that ``workdir`` holds first (``slimjax run --overwrite``).
+      prepared: ``{stage index: stage function}`` replacing the registered function of those stages
+        (the population executor hands over models it trained); measured, stored and reported as
+        any stage.
 
     Raises:
       ConfigError: the config is invalid, or ``workdir`` holds a run whose first stage, data, model
@@ -126,10 +132,17 @@ def run(
         for note in workdir_lib.reconcile(workdir, config):
             if echo:
                 print(note, file=sys.stderr)
-        return _run_stages(config, workdir, progress=progress, echo=echo)
+        return _run_stages(config, workdir, progress=progress, echo=echo, prepared=prepared or {})
 
 
-def _run_stages(config: config_lib.Config, workdir: str, *, progress: bool, echo: bool) -> dict[str, Any]:
+def _run_stages(
+    config: config_lib.Config,
+    workdir: str,
+    *,
+    progress: bool,
+    echo: bool,
+    prepared: Mapping[int, StageFn] | None = None,
+) -> dict[str, Any]:
     """The stages of :func:`run`, with the lock held and the stage directories reconciled."""
     bundle = build_bundle(config)
     report: dict[str, Any] = {
@@ -156,7 +169,7 @@ def _run_stages(config: config_lib.Config, workdir: str, *, progress: bool, echo
                 print(f"[{label}] finished earlier; loaded from {done_path}", file=sys.stderr)
         else:
             previous = (bundle.model, report["stages"][-1]["metrics"] if report["stages"] else {})
-            _, fn = get_stage(stage_cfg.kind)
+            fn = (prepared or {}).get(i) or get_stage(stage_cfg.kind)[1]
             ctx = StageContext(
                 index=i, label=label, workdir=__import__("pathlib").Path(sdir), seed=config.seed, progress=progress
             )

@@ -296,6 +296,8 @@ class TrainStage(StageConfig):
       schedule: ``cosine`` (decay to 0, after ``warmup_steps``) or ``constant``.
       grad_clip: global-norm clipping threshold (0 = off).
       checkpoint_every, eval_every, log_every: loop cadence in steps.
+      data_parallel: shard each batch over the local devices (parameters replicated); the batch
+        size must be a multiple of the device count.
     """
 
     kind: ClassVar[str] = "train"
@@ -321,6 +323,7 @@ class TrainStage(StageConfig):
     checkpoint_every: int = 100
     eval_every: int = 100
     log_every: int = 10
+    data_parallel: bool = False
 
     def check(self, key: str, context: ValidationContext) -> None:
         if self.warmup_steps > self.steps:
@@ -344,6 +347,7 @@ def train_kwargs(cfg: TrainStage) -> dict[str, Any]:
         "checkpoint_every": cfg.checkpoint_every,
         "eval_every": cfg.eval_every,
         "log_every": cfg.log_every,
+        "data_parallel": cfg.data_parallel,
     }
 
 

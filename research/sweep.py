@@ -24,8 +24,6 @@ import math
 import os
 import re
 import sys
-import time
-import traceback
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +32,7 @@ from typing import Literal
 import numpy as np
 
 from research import config as config_lib
+from research import executors as executors_lib
 from research import report as report_lib
 from research import run as run_lib
 from research import workdir as workdir_lib
@@ -54,6 +53,7 @@ class SweepPoint:
       error: ``"ExceptionType: message"`` of a failed point.
       seconds: wall time of this sweep's call for the point (0 when its report was reused).
       reused: the run had finished earlier and its report was read.
+      note: how the executor ran it (e.g. ``population 0, chunk of 8``).
     """
 
     index: int
@@ -64,6 +64,7 @@ class SweepPoint:
     error: str | None = None
     seconds: float = 0.0
     reused: bool = False
+    note: str = ""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +74,7 @@ class SweepReport:
     workdir: str
     grid: Mapping[str, Sequence[Any]]
     points: tuple[SweepPoint, ...]
+    executor: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"executor": "sequential"})
 
     @property
     def failed(self) -> tuple[SweepPoint, ...]:
@@ -111,6 +113,7 @@ class SweepReport:
             "workdir": self.workdir,
             "grid": {k: list(v) for k, v in self.grid.items()},
             "points": [dataclasses.asdict(p) for p in self.points],
+            "executor": dict(self.executor),
         }
 
 
@@ -252,25 +255,20 @@ def plot_sweep(report: SweepReport, path: str) -> str | None:
 # ----------------------------------------------------------------------------- running
 
 
+def report_populations(summary: Mapping[str, Any]) -> list[str]:
+    """One line per population of an executor summary: its trials, chunk size and why."""
+    lines = []
+    for p in summary.get("populations", []):
+        sep = f" (separate: {p['separate_because']})" if p.get("separate_because") else ""
+        lines.append(f"population {p['population']}: {len(p['trials'])} trials, K={p['k']}: {p['why']}{sep}")
+    return lines
+
+
 def _write(report: SweepReport) -> None:
     report_lib.write_text_atomic(
         os.path.join(report.workdir, "sweep.json"), json.dumps(report.to_dict(), indent=2, default=float) + "\n"
     )
     report_lib.write_text_atomic(os.path.join(report.workdir, "sweep.txt"), report.table() + "\n")
-
-
-def _finished_report(run_dir: str, config: config_lib.Config) -> dict[str, Any] | None:
-    """The run's report if ``run_dir`` holds a finished run of exactly ``config``, else ``None``."""
-    try:
-        with open(os.path.join(run_dir, "report.json")) as f:
-            report = json.load(f)
-        with open(os.path.join(run_dir, "config.json")) as f:
-            same = f.read().strip() == config_lib.to_json(config).strip()
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not same or len(report.get("stages", [])) != len(config.stages):
-        return None  # a different config (run() refuses it) or an interrupted run (run() resumes it)
-    return report
 
 
 def sweep(
@@ -280,6 +278,7 @@ def sweep(
     *,
     progress: bool = True,
     overwrite: bool = False,
+    executor: str | executors_lib.Executor = "sequential",
 ) -> SweepReport:
     """Runs ``config`` once per point of the Cartesian product of ``grid``.
 
@@ -293,6 +292,9 @@ def sweep(
       workdir: the sweep directory; point ``i`` runs in ``workdir/runs/<i>_<slug>``.
       progress: a tqdm bar over points (and the runs' own bars).
       overwrite: delete the sweep that ``workdir`` holds (its point runs and tables) first.
+      executor: ``"sequential"`` (one run after another), ``"population"`` (points that share
+        architecture and data train as one vmapped program, :mod:`research.population`), or an
+        :class:`research.executors.Executor`; what it decided goes into ``sweep.json``.
 
     Returns:
       The :class:`SweepReport`; failed points are in ``report.failed`` (not raised).
@@ -314,12 +316,14 @@ def sweep(
     run_lib.register_all_stages()
     overrides = expand_grid(grid)
     configs = _point_configs(config, overrides)
+    if isinstance(executor, str):
+        executor = executors_lib.make_executor(executor)
     with workdir_lib.WorkdirLock(workdir):
         if overwrite:
             removed = workdir_lib.clear(workdir, markers=("sweep.json", "runs"))
             if removed:
                 print(f"overwrite: deleted {', '.join(removed)} in {workdir}", file=sys.stderr)
-        return _sweep_points(configs, overrides, grid, workdir, progress=progress)
+        return _sweep_points(configs, overrides, grid, workdir, progress=progress, executor=executor)
 
 
 def _sweep_points(
@@ -329,8 +333,10 @@ def _sweep_points(
     workdir: str,
     *,
     progress: bool,
+    executor: executors_lib.Executor | None = None,
 ) -> SweepReport:
-    """The points of :func:`sweep`, run one after another with the sweep directory locked."""
+    """The points of :func:`sweep`, run by ``executor`` with the sweep directory locked."""
+    executor = executor or executors_lib.SequentialExecutor()
     width = len(str(len(overrides) - 1))
     runs_dir = os.path.join(workdir, "runs")
     os.makedirs(runs_dir, exist_ok=True)
@@ -341,7 +347,9 @@ def _sweep_points(
     grid = {k: list(v) for k, v in grid.items()}
 
     def current() -> SweepReport:
-        return SweepReport(workdir=os.path.abspath(workdir), grid=grid, points=tuple(points))
+        return SweepReport(
+            workdir=os.path.abspath(workdir), grid=grid, points=tuple(points), executor=executor.summary()
+        )
 
     _write(current())
     bar = None
@@ -350,30 +358,27 @@ def _sweep_points(
 
         bar = tqdm(total=len(points), desc="sweep", unit="run", dynamic_ncols=True)
     say = bar.write if bar is not None else (lambda s: print(s, file=sys.stderr))
+    jobs = [executors_lib.Job(key=p.index, config=c, run_dir=p.run_dir) for p, c in zip(points, configs, strict=True)]
     try:
-        for i, (point, cfg) in enumerate(zip(points, configs, strict=True)):
-            label = f"[{i + 1}/{len(points)}] {slug(point.overrides)}"
+        for n, out in enumerate(executor.run(jobs, progress=progress)):
+            i = out.job.key
+            point = points[i]
+            label = f"[{n + 1}/{len(points)}] point {i} {slug(point.overrides)}"
             if bar is not None:
                 bar.set_postfix_str(slug(point.overrides, max_len=30))
-            t0 = time.perf_counter()
-            run_report = _finished_report(point.run_dir, cfg)
-            reused = run_report is not None
-            try:
-                if run_report is None:
-                    run_report = run_lib.run(cfg, point.run_dir, progress=progress, echo=False)
-                metrics = dict(run_report["stages"][-1]["metrics"])
+            if out.report is not None:
+                metrics = dict(out.report["stages"][-1]["metrics"])
                 points[i] = dataclasses.replace(
-                    point, status="done", metrics=metrics, seconds=time.perf_counter() - t0, reused=reused
+                    point, status="done", metrics=metrics, seconds=out.seconds, reused=out.reused, note=out.note
                 )
                 say(
                     f"{label}: test acc {metrics['test_accuracy']:.4f}, bytes {report_lib.best_bytes(metrics):,.0f}"
-                    + (" (finished earlier)" if reused else f" ({points[i].seconds:.1f}s)")
+                    + (" (finished earlier)" if out.reused else f" ({out.seconds:.1f}s)")
+                    + (f" [{out.note}]" if out.note and not out.reused else "")
                 )
-            except Exception as e:  # a failed point is recorded and the sweep goes on
-                error = f"{type(e).__name__}: {e}"
-                os.makedirs(point.run_dir, exist_ok=True)
-                report_lib.write_text_atomic(os.path.join(point.run_dir, "error.txt"), traceback.format_exc())
-                points[i] = dataclasses.replace(point, status="failed", error=error, seconds=time.perf_counter() - t0)
+            else:
+                error = f"{type(out.error).__name__}: {out.error}"
+                points[i] = dataclasses.replace(point, status="failed", error=error, seconds=out.seconds, note=out.note)
                 say(f"{label}: FAILED: {error} (traceback in {point.run_dir}/error.txt)")
             _write(current())
             if bar is not None:
@@ -381,6 +386,8 @@ def _sweep_points(
     finally:
         if bar is not None:
             bar.close()
+    for pop in report_populations(executor.summary()):
+        say(pop)
     report = current()
     png = os.path.join(workdir, "sweep.png")
     if plot_sweep(report, png) is None and os.path.exists(png):

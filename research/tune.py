@@ -897,59 +897,137 @@ class _Worker:
         from research.run import run
 
         _listen_compile_time()
-        tdir = _trial_dir(self.workdir, trial.number)
         info: dict[str, Any] = {"number": trial.number, "params": dict(trial.params), "worker": self.token}
         t0, c0 = time.perf_counter(), _compile_seconds[0]
         try:
-            cfg, overrides, applied = _apply_point(self.config, self.space, trial.params, self.policies)
-            if applied:
-                info["rules"] = {k: [repr(r) for r in rules] for k, (rules, _) in applied.items()}
-                info["rule_imports"] = sorted(
-                    {(type(r).__module__, type(r).__qualname__) for rules, _ in applied.values() for r in rules}
-                )
-                info["repaired"] = {
-                    n: v for p in self.policies for n, v in zip(p.names, applied[p.key][1], strict=True)
-                }
-            run_dir = tdir
-            if trial.budget is not None:
-                budget = _budget_value(self.config, self.setup.budget_key, trial.budget)
-                overrides.append(f"{self.setup.budget_key}={budget!r}")
-                cfg = config_lib.apply_overrides(cfg, [overrides[-1]])
-                config_lib.validate(cfg)
-                run_dir = os.path.join(tdir, f"b{budget}")
-                resumed = _continue_from_previous(tdir, run_dir, cfg, self.budget_stage, budget)
-                if resumed is not None:
-                    info["resumed_from"] = resumed
-            info["overrides"] = overrides
-            info["run_dir"] = os.path.relpath(run_dir, self.workdir)
+            cfg, run_dir = self._prepare(trial, info)
             report = run(cfg, run_dir, progress=self.progress, echo=False)
-            metrics = report["stages"][-1]["metrics"]
-            values = [metric_value(metrics, o.name) for o in self.objectives]
-            info["metrics"] = {
-                k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
-            info["metrics"]["bytes"] = metric_value(metrics, "bytes")
-            info["objectives"] = values
-            info["feasible"] = all(c.holds(metric_value(metrics, c.name)) for c in self.constraints)
-            error = None
-            if not all(math.isfinite(v) for v in values):
-                bad = {o.name: v for o, v in zip(self.objectives, values, strict=True) if not math.isfinite(v)}
-                error = FloatingPointError(f"objective(s) not finite: {bad}")
-                info["error"] = str(error)
-                values = None
+            values, error = self._finish(report, info)
         except Exception as e:  # a failed trial is recorded and the study goes on
-            values, error = None, e
-            os.makedirs(tdir, exist_ok=True)
-            tb = traceback.format_exc()
-            report_lib.write_text_atomic(os.path.join(tdir, "error.txt"), tb)
-            info["error"] = f"{type(e).__name__}: {e}"
-            info["traceback"] = tb
+            values, error = None, self._failed(trial, e, info)
         seconds = time.perf_counter() - t0
         compile_s = _compile_seconds[0] - c0
         info["seconds"] = seconds
         info["compile_seconds"] = compile_s
         info["run_seconds"] = max(seconds - compile_s, 0.0)
         return values, error, info
+
+    def _prepare(self, trial: Trial, info: dict[str, Any]) -> tuple[config_lib.Config, str]:
+        """The trial's config and run directory (recording its overrides and rules in ``info``)."""
+        tdir = _trial_dir(self.workdir, trial.number)
+        cfg, overrides, applied = _apply_point(self.config, self.space, trial.params, self.policies)
+        if applied:
+            info["rules"] = {k: [repr(r) for r in rules] for k, (rules, _) in applied.items()}
+            info["rule_imports"] = sorted(
+                {(type(r).__module__, type(r).__qualname__) for rules, _ in applied.values() for r in rules}
+            )
+            info["repaired"] = {n: v for p in self.policies for n, v in zip(p.names, applied[p.key][1], strict=True)}
+        run_dir = tdir
+        if trial.budget is not None:
+            budget = _budget_value(self.config, self.setup.budget_key, trial.budget)
+            overrides.append(f"{self.setup.budget_key}={budget!r}")
+            cfg = config_lib.apply_overrides(cfg, [overrides[-1]])
+            config_lib.validate(cfg)
+            run_dir = os.path.join(tdir, f"b{budget}")
+            resumed = _continue_from_previous(tdir, run_dir, cfg, self.budget_stage, budget)
+            if resumed is not None:
+                info["resumed_from"] = resumed
+        info["overrides"] = overrides
+        info["run_dir"] = os.path.relpath(run_dir, self.workdir)
+        return cfg, run_dir
+
+    def _finish(self, report: Mapping[str, Any], info: dict[str, Any]) -> tuple[list[float] | None, Exception | None]:
+        """``(objective values, error)`` read from a finished run's report (metrics into ``info``)."""
+        metrics = report["stages"][-1]["metrics"]
+        values = [metric_value(metrics, o.name) for o in self.objectives]
+        info["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        info["metrics"]["bytes"] = metric_value(metrics, "bytes")
+        info["objectives"] = values
+        info["feasible"] = all(c.holds(metric_value(metrics, c.name)) for c in self.constraints)
+        if not all(math.isfinite(v) for v in values):
+            bad = {o.name: v for o, v in zip(self.objectives, values, strict=True) if not math.isfinite(v)}
+            error = FloatingPointError(f"objective(s) not finite: {bad}")
+            info["error"] = str(error)
+            return None, error
+        return values, None
+
+    def _failed(self, trial: Trial, e: BaseException, info: dict[str, Any], tb: str | None = None) -> BaseException:
+        tdir = _trial_dir(self.workdir, trial.number)
+        os.makedirs(tdir, exist_ok=True)
+        tb = tb or traceback.format_exc()
+        report_lib.write_text_atomic(os.path.join(tdir, "error.txt"), tb)
+        info["error"] = f"{type(e).__name__}: {e}"
+        info["traceback"] = tb
+        return e
+
+    # -- a batch through an executor (population)
+    def _next_batch(self, q: int) -> tuple[list[Trial], bool]:
+        """``(trials, stop)``: an orphan alone, or up to ``q`` new trials asked as one batch."""
+        trial, stop = self._next()
+        if trial is None:
+            return [], stop
+        if _trial_info(self.workdir, trial.number).get("attempts", 1) > 1 or q <= 1:
+            return [trial], False
+        room = self.n_trials - len(self.study.trials)
+        batch = [trial]
+        if room > 0:
+            for t in self.study.ask(min(q - 1, room)):
+                fresh = {"owner": self.token, "attempts": 1, "params": dict(t.params), "error": None, "traceback": None}
+                _update_info(self.workdir, t.number, fresh)
+                batch.append(t)
+        return batch, False
+
+    def loop_batches(self, executor: Any, q: int) -> None:
+        """Runs the study ``q`` trials at a time through ``executor`` (the sampler's batch suggestion)."""
+        from research.executors import Job
+
+        while True:
+            with _locked(self.lock_path):
+                batch, stop = self._next_batch(q)
+            if stop:
+                return
+            if not batch:
+                time.sleep(0.5)
+                continue
+            infos, jobs, results = {}, [], {}
+            for trial in batch:
+                info = {"number": trial.number, "params": dict(trial.params), "worker": self.token}
+                infos[trial.number] = info
+                try:
+                    cfg, run_dir = self._prepare(trial, info)
+                    jobs.append(Job(key=trial.number, config=cfg, run_dir=run_dir))
+                except Exception as e:  # a config the space allows but the run refuses
+                    results[trial.number] = (None, self._failed(trial, e, info))
+                    info.update(seconds=0.0, compile_seconds=0.0, run_seconds=0.0)
+            by_number = {t.number: t for t in batch}
+            for number in list(results):
+                self._tell(by_number[number], *results[number], infos[number])
+            for out in executor.run(jobs, progress=self.progress):
+                trial, info = by_number[out.job.key], infos[out.job.key]
+                info.update(seconds=out.seconds, compile_seconds=0.0, run_seconds=out.seconds, executor=out.note)
+                if out.report is not None:
+                    values, error = self._finish(out.report, info)
+                else:
+                    values, error = None, self._failed(trial, out.error, info, out.traceback)
+                self._tell(trial, values, error, info)
+            _write_json(os.path.join(self.workdir, "executor.json"), executor.summary())
+
+    def _tell(self, trial: Trial, values, error, info: dict[str, Any]) -> None:
+        with _locked(self.lock_path):
+            if error is not None:
+                told = self.study.tell(trial, exception=error)
+            else:
+                if info.get("feasible") is False:
+                    values = self._penalized(values, info)
+                    info["study_values"] = values
+                told = self.study.tell(trial, values)
+            info["status"] = told.state.value
+            info["owner"] = None
+            _update_info(self.workdir, trial.number, info)
+            self.finished += 1
+            plots = self.plot_every > 0 and self.finished % self.plot_every == 0
+            write_outputs(self.workdir, self.study, self.space, self.setup, plots=plots)
+        self.say(_one_line(told, info, self.objectives))
 
 
 def _one_line(trial: Trial, info: Mapping[str, Any], objectives: Sequence[Objective]) -> str:
@@ -1400,6 +1478,8 @@ def write_outputs(workdir: str, study: Study, space: Space, setup: TuneSetup, *,
       The summary (the ``tune.json`` dict).
     """
     summary = summarize(workdir, study, space, setup)
+    if os.path.exists(os.path.join(workdir, "executor.json")):
+        summary["executor"] = _read_json(os.path.join(workdir, "executor.json"))
     summary["best_configs"] = [os.path.join("best", n) for n in _write_best(workdir, summary, setup)]
     _write_json(os.path.join(workdir, "tune.json"), summary)
     report_lib.write_text_atomic(os.path.join(workdir, "tune.txt"), render(summary) + "\n")
@@ -1457,6 +1537,7 @@ def tune(
     min_budget: float | None = None,
     eta: int = 3,
     workers: int = 1,
+    executor: str | Any = "sequential",
     seed: int = 0,
     reference: str | Mapping[str, float] | None = "baseline",
     policies: Sequence[LayerPolicy] = (),
@@ -1487,6 +1568,11 @@ def tune(
       min_budget: smallest budget (default: full budget / eta**2).
       eta: the scheduler's halving factor.
       workers: processes running trials on the study at once (this one and ``workers - 1`` more).
+      executor: ``"sequential"`` (one trial at a time per process), ``"population"`` (the sampler
+        is asked for a batch of q trials, q the measured chunk size, and the batch trains as one
+        vmapped program, :mod:`research.population`; one process, no scheduler), or an
+        :class:`research.executors.Executor`. What it decided goes into ``executor.json`` and
+        ``tune.json``.
       seed: the sampler's seed.
       reference: hypervolume reference point (several objectives): ``"baseline"`` (default: run
         ``config`` unchanged, once, in ``workdir/baseline`` and use its metrics), ``{metric: value}``,
@@ -1527,6 +1613,20 @@ def tune(
         raise config_lib.ConfigError(f"trials={trials} must be >= 1")
     if workers < 1:
         raise config_lib.ConfigError(f"workers={workers} must be >= 1")
+    if isinstance(executor, str):
+        from research.executors import make_executor
+
+        executor = make_executor(executor)
+    batched = executor.name != "sequential"
+    if batched and workers > 1:
+        raise config_lib.ConfigError(
+            f"executor={executor.name!r} with workers={workers}: the population is the parallelism; use workers=1"
+        )
+    if batched and scheduler is not None:
+        raise config_lib.ConfigError(
+            f"executor={executor.name!r} with scheduler={scheduler!r}: promotions run one trial at a time; "
+            "use executor='sequential' with a scheduler"
+        )
     if workers > 1:
         if not config_spec:
             raise config_lib.ConfigError(
@@ -1642,7 +1742,14 @@ def tune(
         policies=policies,
         plot_every=plot_every,
     )
+    if not batched:
+        _write_json(os.path.join(workdir, "executor.json"), {"executor": executor.name, "workers": workers})
     try:
+        if batched:
+            remaining = max(trials - len(worker.study.trials), 1)
+            plan = getattr(executor, "plan", None)
+            q = plan(config, remaining) if plan else remaining
+            worker.loop_batches(executor, q)
         worker.loop()
         for child in children:
             child.wait()

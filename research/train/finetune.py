@@ -115,6 +115,7 @@ def finetune(
     log_every: int = 10,
     sampler: BatchSampler | None = None,
     return_state: bool = False,
+    data_parallel: bool = False,
 ):
     """Trains ``model`` on ``dataset``'s training split with checkpoints under ``workdir``.
 
@@ -137,6 +138,8 @@ def finetune(
       checkpoint_every, eval_every, log_every: loop cadence in steps (0 = only at the end).
       sampler: a custom batch sampler (default: shuffled batches of the training split).
       return_state: also return ``(defs, state)`` (e.g. to read masks from the optimizer state).
+      data_parallel: shard each batch over the local devices, state replicated
+        (:mod:`research.population.data_parallel`).
 
     Returns:
       ``(trained_model, records)`` or ``(trained_model, records, (defs, state))``.
@@ -159,6 +162,10 @@ def finetune(
         tx = wrap_tx(tx)
     defs, state = create_train_state(nnx.clone(model), tx, seed=seed)
     step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms)
+    if data_parallel:
+        from research.population.data_parallel import data_parallel_step  # pylint: disable=import-outside-toplevel
+
+        step_fn = data_parallel_step(step_fn, min(batch_size, len(dataset.x_train)))
     if sampler is None:
         sampler = BatchSampler(
             dataset.x_train, dataset.y_train, batch_size=min(batch_size, len(dataset.x_train)), seed=seed

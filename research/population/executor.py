@@ -1,0 +1,267 @@
+"""The population executor: sweep/tune trials trained K at a time as one vmapped program.
+
+For the trials it is given, it
+
+1. reads back every finished run (any executor's) and leaves it be;
+2. groups the rest into populations (:func:`research.population.split_populations`; the reason
+   each extra population is separate goes into :meth:`PopulationExecutor.summary`);
+3. per population, measures the chunk size K (:func:`research.population.chooser.choose_k`) and
+   trains the leading ``train`` stage of K trials at a time (:class:`PopulationTrainer`); when
+   vmap does not pay (K=1) the trials train one after another with the same compiled program;
+4. hands each trained model to :func:`research.run.run` as that trial's stage 0, which measures,
+   stores and reports it exactly as a sequential run; later stages (prune, quantize, export...)
+   run per trial from it.
+
+Each trial's run directory is complete as soon as its chunk has trained, so a killed population
+sweep keeps every finished chunk and resumes with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from research import store
+from research.executors import Job
+from research.executors import Outcome
+from research.executors import finished_report
+from research.executors import run_one
+from research.population.chooser import Choice
+from research.population.chooser import choose_k
+from research.population.keys import signature
+from research.population.keys import split_populations
+from research.population.trainer import PopulationTrainer
+from research.population.trainer import Timer
+from research.population.trainer import TrialResult
+from research.population.trainer import memory_limit_bytes
+from research.population.trainer import time_call
+
+
+class PopulationExecutor:
+    """Trains trials that share architecture and data as one vmapped program per chunk.
+
+    Args:
+      chunk_size: a fixed K (skips the measurement; 1 runs everything one after another).
+      max_k: the largest K the chooser tries.
+      block_steps: training steps per compiled call.
+      timer: ``(k, fn) -> seconds of one call of fn`` (tests inject a fake one).
+      memory_limit: bytes a chunk may use (default: the device's free memory, or half the host's).
+      devices: shard the population axis over these (default: every local device of the default
+        backend when there is more than one, else the first).
+    """
+
+    name = "population"
+
+    def __init__(
+        self,
+        *,
+        chunk_size: int | None = None,
+        max_k: int | None = None,
+        block_steps: int = 50,
+        timer: Timer | None = None,
+        memory_limit: int | None = None,
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None to measure it)")
+        if max_k is not None and max_k < 1:
+            raise ValueError(f"max_k={max_k} must be >= 1")
+        self.chunk_size, self.max_k, self.block_steps = chunk_size, max_k, block_steps
+        self.timer = timer or time_call
+        self.devices = list(devices) if devices else jax.local_devices()
+        self.memory_limit = memory_limit
+        self.populations: list[dict[str, Any]] = []
+        self._programs: dict = {}  # compiled programs by population signature (shared across calls)
+        self._choices: dict = {}  # measured chunk sizes by population signature and size
+        self._trained: set[str] = set()  # population signatures this executor has compiled programs for
+
+    def summary(self) -> dict[str, Any]:
+        """The populations, their chunk sizes, the measured figures and the device."""
+        dev = self.devices[0]
+        return {
+            "executor": self.name,
+            "device": dev.device_kind,
+            "platform": dev.platform,
+            "device_count": len(self.devices),
+            "populations": self.populations,
+        }
+
+    def run(self, jobs: Sequence[Job], *, progress: bool = False) -> Iterator[Outcome]:
+        """Yields one :class:`Outcome` per job: finished ones first, then chunk by chunk."""
+        pending = []
+        for job in jobs:
+            report = finished_report(job.run_dir, job.config)
+            if report is not None:
+                yield Outcome(job=job, report=report, reused=True, note="finished earlier")
+            elif _first_stage_stored(job):
+                yield run_one(job, progress=progress, note="resumed after its first stage")
+            else:
+                pending.append(job)
+        if not pending:
+            return
+        for number, group in enumerate(split_populations([j.config for j in pending])):
+            members = [pending[i] for i in group.indices]
+            entry: dict[str, Any] = {
+                "population": len(self.populations),
+                "trials": [j.key for j in members],
+                "separate_because": group.reason,
+            }
+            self.populations.append(entry)
+            if group.solo:
+                entry.update(k=1, why="cannot train in a population")
+                for job in members:
+                    yield run_one(job, progress=progress, note="one after another: " + group.reason)
+                continue
+            sig = json.dumps(signature(members[0].config), sort_keys=True, default=str)
+            if len(members) == 1 and sig not in self._trained:
+                # Alone and nothing compiled for it yet: a plain run costs no more than a K=1 program.
+                entry.update(k=1, why="a single trial")
+                yield run_one(members[0], progress=progress, note="one after another: a single trial")
+                continue
+            self._trained.add(sig)
+            try:
+                trainer = PopulationTrainer(
+                    [j.config for j in members],
+                    block_steps=self.block_steps,
+                    devices=self._devices(len(members)),
+                    cache=self._programs,
+                )
+                choice = self._choose(trainer, len(members))
+            except Exception as e:  # a program that does not vmap or compile: run the trials alone
+                entry.update(k=1, why=f"one after another: the population failed to build ({type(e).__name__}: {e})")
+                for job in members:
+                    yield run_one(job, progress=progress, note=entry["why"])
+                continue
+            entry.update(k=choice.k, why=choice.reason, choice=choice.to_dict(), devices=len(trainer.devices))
+            # K=1 still trains with the population's compiled program: one trial after another,
+            # compiled once for all of them (a sequential run compiles its step per run).
+            for start in range(0, len(members), choice.k):
+                chunk = list(range(start, min(start + choice.k, len(members))))
+                yield from self._run_chunk(trainer, [members[i] for i in chunk], chunk, choice.k, number, progress)
+
+    def _devices(self, n_trials: int) -> list[jax.Device]:
+        """Shard over every device only when the population fills them."""
+        return self.devices if len(self.devices) > 1 and n_trials >= len(self.devices) else self.devices[:1]
+
+    def plan(self, config, n: int) -> int:
+        """The chunk size for ``n`` trials like ``config`` (measured once; ``tune`` asks batches of it)."""
+        if n <= 1:
+            return 1
+        trainer = PopulationTrainer(
+            [config] * n, block_steps=self.block_steps, devices=self._devices(n), cache=self._programs
+        )
+        self._trained.add(json.dumps(signature(config), sort_keys=True, default=str))
+        return self._choose(trainer, n).k
+
+    def _choose(self, trainer: PopulationTrainer, n: int) -> Choice:
+        if n == 1:
+            limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+            return Choice(k=1, candidates=(), reason="a single trial", memory_limit=limit)
+        memo = (trainer.program_key, n)
+        if memo not in self._choices:
+            self._choices[memo] = self._measure_choice(trainer, n)
+        return self._choices[memo]
+
+    def _measure_choice(self, trainer: PopulationTrainer, n: int) -> Choice:
+        multiple = len(trainer.devices)
+        limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+
+        def measure(k: int) -> tuple[float, int]:
+            seconds = trainer.step_seconds(k, self.timer)
+            return seconds, trainer.memory.get(k, 0)
+
+        if self.chunk_size is not None:
+            k = min(self.chunk_size, n)
+            if k > 1 and k % multiple:
+                k = max(multiple, k - k % multiple)
+            if k > 1:
+                trainer.compiled(k)
+                needed = trainer.memory.get(k, 0)
+                if needed > limit:
+                    raise MemoryError(f"chunk_size={k} needs {needed:,} bytes > the {limit:,} available")
+            return Choice(k=k, candidates=(), reason=f"chunk_size={k} given", memory_limit=limit)
+        return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
+
+    def _run_chunk(self, trainer, jobs, indices, k, number, progress) -> Iterator[Outcome]:
+        try:
+            results = trainer.train(indices, k)
+        except Exception as e:  # the chunk's program failed: its trials run alone
+            note = f"population {number}: chunk failed ({type(e).__name__}: {e}); one after another"
+            for job in jobs:
+                yield run_one(job, progress=progress, note=note)
+            return
+        for job, result in zip(jobs, results, strict=True):
+            out = run_one(
+                job,
+                progress=progress,
+                prepared={0: _trained_stage(result, k)},
+                note=f"population {number}, chunk of {k}" if k > 1 else f"population {number}, one at a time (K=1)",
+            )
+            out.seconds += result.seconds / len(jobs)
+            yield out
+
+
+def _first_stage_stored(job: Job) -> bool:
+    """Whether the trial's run directory holds its finished first stage (a run killed later on), or
+    something :func:`research.run.run` must judge (a legacy or unreadable stage): it runs alone."""
+    if not job.config.stages:
+        return True
+    try:
+        return store.is_finished(os.path.join(job.run_dir, "stages", f"0_{job.config.stages[0].kind}"))
+    except Exception:  # e.g. a legacy pickle: run() reports it with its fix
+        return True
+
+
+def _trained_stage(result: TrialResult, k: int):
+    """A stage function returning the model the population trained (for :func:`research.run.run`)."""
+    from flax import nnx
+
+    from research.stages import StageResult
+    from research.train import NonFiniteLossError
+    from research.train import evaluate
+    from research.train import split_model
+
+    def stage(bundle, cfg, ctx):
+        losses = np.asarray(result.losses, np.float64)
+        bad = np.flatnonzero(~np.isfinite(losses))
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        rows = [{"step": i + 1, "split": "train", "loss": float(v)} for i, v in enumerate(losses)]
+        stop = int(bad[0]) + 1 if bad.size else len(rows)
+        with open(ctx.workdir / "metrics.jsonl", "w") as f:
+            f.writelines(_json_line(r) for r in rows[:stop])
+        if bad.size:
+            raise NonFiniteLossError(stop, float(losses[stop - 1]), None, None)
+        ds = bundle.dataset
+        if len(ds.x_val):  # the last row of a sequential run's metrics.jsonl
+            defs, params, model_state = split_model(nnx.clone(result.model))
+            val = evaluate(defs, params, model_state, ds.x_val, ds.y_val)
+            with open(ctx.workdir / "metrics.jsonl", "a") as f:
+                f.write(_json_line({"step": len(losses), "split": "val", **val}))
+        steps = len(losses)
+        metrics = {
+            "final_train_loss": float(losses[-1]),
+            "train_steps_per_s": steps / result.seconds if result.seconds > 0 else math.inf,
+            "train_examples_per_s": steps * min(cfg.batch_size, len(bundle.dataset.x_train)) / result.seconds
+            if result.seconds > 0
+            else math.inf,
+            "population_k": k,
+        }
+        return StageResult(
+            bundle=dataclasses.replace(bundle, model=result.model),
+            metrics=metrics,
+            notes=[f"trained in a population of {k} (one vmapped program); train_steps_per_s is per trial"],
+        )
+
+    return stage
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    return json.dumps(row) + "\n"

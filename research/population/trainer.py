@@ -1,0 +1,300 @@
+"""K trials' leading ``train`` stage as one jitted, vmapped program.
+
+Parameters, optimizer state and RNG of the K trials are stacked on a leading axis. The train step
+is the one every run uses (:func:`research.train.make_train_step`, not jitted), vmapped over the
+trials and scanned over ``block_steps`` steps per call. Per-trial learning rate and weight decay
+are values in the stacked optimizer state (``optax.inject_hyperparams`` in
+:func:`research.train.make_optimizer`), so one compiled program serves every trial. Each trial's
+batches are exactly those of its sequential run: the indices :class:`research.data.BatchSampler`
+draws from the trial's seed, gathered on the device from the trial's own data split.
+
+The population axis is sharded over ``devices`` (``Mesh`` / ``NamedSharding``) when more than one
+is given; the data are replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from research import config as config_lib
+from research.data import BatchSampler
+from research.train import create_train_state
+from research.train import make_train_step
+from research.train import state_to_model
+
+Timer = Callable[[int, Callable[[], Any]], float]
+
+
+@dataclasses.dataclass
+class TrialResult:
+    """One trial trained in a population: its model and per-step training losses."""
+
+    model: nnx.Module
+    losses: np.ndarray
+    seconds: float
+
+
+def time_call(k: int, fn: Callable[[], Any], repeats: int = 5) -> float:
+    """Seconds of one call of ``fn`` (compiled already): the fastest of ``repeats`` after a warm-up.
+
+    The minimum, not the median: other processes on the machine only ever add time.
+    """
+    del k
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(min(times))
+
+
+def memory_limit_bytes(device: jax.Device | None = None) -> int:
+    """Bytes a chunk may use on ``device``: its allocator limit, or half the host memory (CPU)."""
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except (NotImplementedError, RuntimeError):
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+
+
+class PopulationTrainer:
+    """Trains the leading ``train`` stage of trial configs that share one population signature.
+
+    Args:
+      configs: the trials (see :func:`research.population.split_populations`; all equal outside
+        :data:`research.population.POPULATION_KEYS`).
+      block_steps: steps per compiled call (a ``lax.scan``); fewer if the stage has fewer steps.
+      devices: shard the population axis over these devices (default: the first local device).
+      cache: compiled programs and their bytes, shared by trainers of the same population
+        signature (a tune study's batches compile once).
+
+    Raises:
+      ValueError: no configs, or trials that differ outside the population keys.
+    """
+
+    def __init__(
+        self,
+        configs: Sequence[config_lib.Config],
+        *,
+        block_steps: int = 50,
+        devices: Sequence[jax.Device] | None = None,
+        cache: dict | None = None,
+    ):
+        from research.population.keys import signature
+        from research.population.keys import split_populations
+        from research.run import build_bundle
+        from research.train import make_optimizer
+        from research.stages import train_kwargs
+
+        if not configs:
+            raise ValueError("no trial configs; give at least one")
+        groups = split_populations(configs)
+        if len(groups) != 1 or groups[0].solo:
+            raise ValueError(f"the trials do not form one population: {[g.reason for g in groups if g.reason]}")
+        self.configs = list(configs)
+        self.stage = configs[0].stages[0]
+        self.steps = self.stage.steps
+        self.block_steps = max(1, min(block_steps, self.steps))
+        self.devices = list(devices) if devices else [jax.local_devices()[0]]
+        # One data split and one initial model per distinct seed (trials that differ only in
+        # hyperparameters share them).
+        seeds = sorted({c.seed for c in configs})
+        self._data_id = {s: i for i, s in enumerate(seeds)}
+        bundles = {s: build_bundle(next(c for c in configs if c.seed == s)) for s in seeds}
+        self.dataset = bundles[seeds[0]].dataset
+        xs = np.stack([bundles[s].dataset.x_train for s in seeds])
+        ys = np.stack([bundles[s].dataset.y_train for s in seeds])
+        self.batch_size = min(self.stage.batch_size, xs.shape[1])
+        replicated = self._sharding(replicate=True)
+        self._xs = jax.device_put(xs, replicated)
+        self._ys = jax.device_put(ys, replicated)
+        self._samplers = {
+            s: BatchSampler(np.arange(xs.shape[1]), np.arange(xs.shape[1]), batch_size=self.batch_size, seed=s)
+            for s in seeds
+        }
+        self._txs = [make_optimizer(**_optimizer_kwargs(train_kwargs(c.stages[0]))) for c in configs]
+        self._models = {s: bundles[s].model for s in seeds}
+        self.defs, _ = create_train_state(nnx.clone(self._models[seeds[0]]), self._txs[0], seed=seeds[0])
+        # One seed: every trial sees the same batches, so the batch is gathered once and broadcast
+        # (a shared input times stacked weights is one large matmul, not K small ones).
+        self.shared_batches = len(seeds) == 1
+        shared = self.shared_batches
+        step = make_train_step(self.defs, self._txs[0], jit=False)
+        self._cache = cache if cache is not None else {}
+        self.program_key = (
+            json.dumps(signature(configs[0]), sort_keys=True, default=str),
+            len(seeds),
+            self.shared_batches,
+            self.block_steps,
+            tuple(str(d) for d in self.devices),
+        )
+        self.memory: dict[int, int] = {}
+
+        def block(state, xs, ys, data_id, idx, valid):
+            def one(carry, inp):
+                idx_t, ok = inp
+
+                if shared:
+                    batch = {"x": xs[0, idx_t], "y": ys[0, idx_t]}
+                    new, metrics = jax.vmap(step, in_axes=(0, None))(carry, batch)
+                else:
+
+                    def trial_step(s, d, i):
+                        return step(s, {"x": xs[d, i], "y": ys[d, i]})
+
+                    new, metrics = jax.vmap(trial_step)(carry, data_id, idx_t)
+                new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
+                return new, metrics["loss"]
+
+            return jax.lax.scan(one, state, (idx, valid))
+
+        self._block = block
+
+    # ------------------------------------------------------------------ placement
+    def _sharding(self, *, replicate: bool = False, axis: int = 0):
+        from jax.sharding import Mesh
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        mesh = Mesh(np.array(self.devices), ("pop",))
+        if replicate:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, P(*([None] * axis), "pop"))
+
+    def _put(self, tree, axis: int = 0):
+        return jax.device_put(tree, self._sharding(axis=axis))
+
+    def _put_idx(self, idx: np.ndarray):
+        if self.shared_batches:
+            return jax.device_put(idx, self._sharding(replicate=True))
+        return self._put(idx, axis=1)
+
+    def chunk_size_ok(self, k: int) -> bool:
+        """Whether ``k`` trials split evenly over the devices."""
+        return k % len(self.devices) == 0
+
+    # ------------------------------------------------------------------ state and batches
+    def initial_state(self, indices: Sequence[int]):
+        """The stacked train state of trials ``indices`` (trial 0's state repeats as padding)."""
+        states = []
+        for i in indices:
+            cfg = self.configs[i]
+            _, s = create_train_state(nnx.clone(self._models[cfg.seed]), self._txs[i], seed=cfg.seed)
+            states.append(s)
+        return self._put(jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *states))
+
+    def batch_indices(self, indices: Sequence[int], start: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(idx [block, K, batch], valid [block])`` for steps ``start ..`` of trials ``indices``
+        (``idx [block, batch]`` when the trials share one seed, hence their batches)."""
+        if self.shared_batches:
+            (sampler,) = self._samplers.values()
+            idx = np.zeros((self.block_steps, self.batch_size), np.int32)
+            valid = np.arange(start, start + self.block_steps) < self.steps
+            for t in np.flatnonzero(valid):
+                idx[t] = sampler.batch(start + int(t))["x"]
+            return idx, valid
+        idx = np.zeros((self.block_steps, len(indices), self.batch_size), np.int32)
+        valid = np.zeros(self.block_steps, bool)
+        for t in range(self.block_steps):
+            step = start + t
+            if step >= self.steps:
+                break
+            valid[t] = True
+            per_seed = {s: sampler.batch(step)["x"] for s, sampler in self._samplers.items()}
+            for j, i in enumerate(indices):
+                idx[t, j] = per_seed[self.configs[i].seed]
+        return idx, valid
+
+    def compiled(self, k: int):
+        """The compiled block program for ``k`` trials (compiled once per ``k``)."""
+        key = (*self.program_key, k)
+        if key not in self._cache:
+            if not self.chunk_size_ok(k):
+                raise ValueError(f"chunk size {k} does not split over {len(self.devices)} devices; use a multiple")
+            state = self.initial_state([0] * k)
+            idx, valid = self.batch_indices([0] * k, 0)
+            data_id = self._put(np.zeros(k, np.int32))
+            lowered = jax.jit(self._block, donate_argnums=(0,)).lower(
+                state, self._xs, self._ys, data_id, self._put_idx(idx), valid
+            )
+            compiled = lowered.compile()
+            self._cache[key] = (compiled, _program_bytes(compiled))
+        compiled, self.memory[k] = self._cache[key]
+        return compiled
+
+    def step_seconds(self, k: int, timer: Timer = time_call) -> float:
+        """Seconds per training step of ``k`` trials (one compiled block, timed by ``timer``)."""
+        program = self.compiled(k)
+        idx, valid = self.batch_indices([0] * k, 0)
+        idx = self._put_idx(idx)
+        data_id = self._put(np.zeros(k, np.int32))
+
+        state = self.initial_state([0] * k)
+
+        def call():  # a device copy of the state per call (the program donates its input)
+            return program(jax.tree.map(jnp.copy, state), self._xs, self._ys, data_id, idx, valid)[1]
+
+        return timer(k, call) / self.block_steps
+
+    # ------------------------------------------------------------------ training
+    def train(self, indices: Sequence[int], k: int | None = None) -> list[TrialResult]:
+        """Trains trials ``indices`` in one chunk of ``k`` (default ``len(indices)``; padded to ``k``).
+
+        Returns:
+          One :class:`TrialResult` per index, in order.
+        """
+        indices = list(indices)
+        k = k or len(indices)
+        if len(indices) > k:
+            raise ValueError(f"{len(indices)} trials do not fit a chunk of {k}; split them")
+        padded = indices + [indices[0]] * (k - len(indices))
+        program = self.compiled(k)
+        t0 = time.perf_counter()
+        state = self.initial_state(padded)
+        data_id = self._put(np.array([self._data_id[self.configs[i].seed] for i in padded], np.int32))
+        losses = []
+        for start in range(0, self.steps, self.block_steps):
+            idx, valid = self.batch_indices(padded, start)
+            state, loss = program(state, self._xs, self._ys, data_id, self._put_idx(idx), valid)
+            losses.append(np.asarray(loss)[valid])
+        host = jax.device_get(state)
+        seconds = time.perf_counter() - t0
+        loss = np.concatenate(losses, axis=0)
+        out = []
+        for j, _ in enumerate(indices):
+            trial = jax.tree.map(lambda a, j=j: jnp.asarray(a[j]), host)
+            out.append(TrialResult(model=state_to_model(self.defs, trial), losses=loss[:, j], seconds=seconds))
+        return out
+
+
+def _optimizer_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    keys = ("steps", "learning_rate", "optimizer", "weight_decay", "schedule", "warmup_steps", "grad_clip")
+    return {k: kw[k] for k in keys}
+
+
+def _program_bytes(compiled) -> int:
+    """Device bytes a compiled program needs: arguments, outputs and temporaries (aliases once)."""
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return 0
+    if m is None:
+        return 0
+    return int(
+        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - getattr(m, "alias_size_in_bytes", 0)
+    )

@@ -1,0 +1,313 @@
+"""The population executor: same answers as the sequential executor, grouping, K chooser, resume, sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from research import cli
+from research import config as C
+from research import run as run_lib
+from research import sweep as sweep_lib
+from research.executors import make_executor
+from research.population import split_populations
+from research.population.chooser import candidate_ks
+from research.population.chooser import choose_k
+from research.population.trainer import PopulationTrainer
+from research.train import split_model
+
+TINY = """
+from methods.pruning import PruneStage
+from methods.quantization import QuantizeStage
+from research.config import Config, DataConfig, ModelConfig
+from research.stages import TrainStage
+
+
+def get_config(arg=None):
+    stages = (
+        TrainStage(
+            steps=6, batch_size=32, optimizer="adamw", weight_decay=0.5, checkpoint_every=0, eval_every=0, log_every=3
+        ),
+    )
+    if arg == "pruned":
+        stages += (PruneStage(sparsity=0.8, steps=2, batch_size=32), QuantizeStage(bits=4, calibration_examples=32))
+    return Config(
+        name="tiny",
+        model=ModelConfig(name="mlp", options={"widths": (16,)}),
+        data=DataConfig(name="digits", limit=300),
+        stages=stages,
+    )
+"""
+GRID = {"stages.train.learning_rate": [3e-3, 1e-2, 3e-2]}
+
+
+def favour(k_best):
+    """A fake timer: a chunk of k costs k seconds, except k_best, which costs 1 (no wall clock)."""
+
+    def timer(k, fn):
+        return 1.0 if k == k_best else float(k)
+
+    return timer
+
+
+def _params(run_dir):
+    _, model, _ = run_lib.load_run(run_dir)
+    return jax.tree.leaves(split_model(model)[1])
+
+
+def _close(a, b, atol=2e-5):
+    return all(np.allclose(x, y, atol=atol, rtol=1e-4) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.py"
+    path.write_text(TINY)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pruned_runs(config_file, tmp_path_factory):
+    """3 learning rates of a train+prune+quantize pipeline, sequential and population (K=2 by a fake timer:
+    a chunk of 2 and a padded chunk of 1)."""
+    base = C.load_config(config_file + ":pruned")
+    seq_dir, pop_dir = str(tmp_path_factory.mktemp("seq")), str(tmp_path_factory.mktemp("pop"))
+    seq = sweep_lib.sweep(base, GRID, seq_dir, progress=False)
+    pop = sweep_lib.sweep(
+        base, GRID, pop_dir, progress=False, executor=make_executor("population", timer=favour(2), block_steps=4)
+    )
+    return seq, pop
+
+
+def test_population_trials_match_sequential_trials(pruned_runs):
+    seq, pop = pruned_runs
+    assert not seq.failed and not pop.failed
+    (population,) = pop.executor["populations"]
+    assert population["k"] == 2 and [c["k"] for c in population["choice"]["candidates"]] == [1, 2]
+    for a, b in zip(seq.points, pop.points, strict=True):
+        assert b.note == "population 0, chunk of 2"
+        stages_a, stages_b = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"] for p in (a, b))
+        assert [s["kind"] for s in stages_b] == ["train", "prune", "quantize"]
+        for sa, sb in zip(stages_a, stages_b, strict=True):
+            for key in ("test_accuracy", "val_accuracy", "nonzeros", "mask_sparsity", "bytes_int4"):
+                if key in sa["metrics"]:
+                    assert sb["metrics"][key] == pytest.approx(sa["metrics"][key], abs=2e-3), (sa["kind"], key)
+        loss_a, loss_b = (s[0]["metrics"]["final_train_loss"] for s in (stages_a, stages_b))
+        assert loss_b == pytest.approx(loss_a, rel=1e-4)
+        assert stages_b[0]["metrics"]["population_k"] == 2
+        assert _close(_params(a.run_dir), _params(b.run_dir))
+    # the grid's learning rates really reach the trials
+    params = [_params(p.run_dir) for p in pop.points]
+    assert not _close(params[0], params[1]) and not _close(params[1], params[2])
+    with open(os.path.join(pop.workdir, "sweep.json")) as f:
+        assert json.load(f)["executor"]["populations"][0]["k"] == 2
+
+
+def test_lenet5_population_matches_sequential_training(tmp_path):
+    from research.stages import StageContext
+    from research.stages import TrainStage
+    from research.stages import finetune
+    from research.stages import train_kwargs
+
+    base = C.Config(
+        model=C.ModelConfig(name="lenet5"),
+        data=C.DataConfig(name="digits", limit=120, val_fraction=0.0),
+        stages=(
+            TrainStage(steps=2, batch_size=8, learning_rate=3e-3, optimizer="adamw", checkpoint_every=0, eval_every=0),
+        ),
+    )
+    overrides = (["seed=0"], ["seed=1", "stages.0.learning_rate=1e-2", "stages.0.weight_decay=0.5"])
+    configs = [C.apply_overrides(base, o) for o in overrides]
+    trained = PopulationTrainer(configs, block_steps=2).train([0, 1])
+    cfg = configs[1]  # another seed (init, split, batches), learning rate and weight decay than trial 0
+    bundle = run_lib.build_bundle(cfg)
+    ctx = StageContext(index=0, label="0_train", workdir=tmp_path, seed=cfg.seed, progress=False)
+    model, _ = finetune(bundle.model, bundle.dataset, ctx, **train_kwargs(cfg.stages[0]))
+    assert _close(jax.tree.leaves(split_model(model)[1]), jax.tree.leaves(split_model(trained[1].model)[1]))
+
+
+def test_mixed_keys_split_into_populations_with_a_reason(config_file):
+    base = C.load_config(config_file)
+    configs = [
+        C.apply_overrides(base, o)
+        for o in (
+            ["stages.0.learning_rate=0.01"],
+            ["stages.0.batch_size=64"],
+            ["seed=3"],
+            ["stages.0.optimizer='sgd'", "stages.0.weight_decay=0.1"],
+            ["stages.0.optimizer='sgd'", "stages.0.weight_decay=0.2"],
+        )
+    ]
+    configs.append(C.Config(stages=(run_lib.get_stage("prune")[0](sparsity=0.5),)))
+    groups = split_populations(configs)
+    assert [g.indices for g in groups] == [(0, 2), (1,), (3,), (4,), (5,)]
+    assert groups[0].reason == "" and not groups[0].solo
+    assert "stages.0.batch_size=64" in groups[1].reason and "first population: 32" in groups[1].reason
+    # sgd's weight decay is a constant of the compiled program, adamw's a value in its state
+    assert "weight_decay (optimizer != adamw)" in groups[3].reason
+    assert groups[4].solo and "first stage is 'prune'" in groups[4].reason
+
+
+def test_chooser_falls_back_to_sequential_when_vmap_is_slower():
+    measured = []
+
+    def measure(k):
+        measured.append(k)
+        return (0.01 if k == 1 else 0.015 * k), 1000 * k  # a vmapped conv on a CPU: 1.5x K single steps
+
+    choice = choose_k(16, measure, memory_limit=10**9)
+    assert choice.k == 1 and choice.sequential and "does not pay" in choice.reason
+    assert measured == [1, 2]  # stops once a larger K is slower per trial
+
+
+def test_chooser_picks_best_throughput_and_respects_memory():
+    def measure(k):
+        return {1: 1.0, 2: 1.1, 4: 1.2, 8: 1.3, 16: 4.0}[k], 100 + 50 * k
+
+    assert choose_k(16, measure, memory_limit=10**9).k == 8
+    # 8 trials would need 500 bytes: predicted from K=1,2,4 and never compiled or measured
+    seen = []
+    choice = choose_k(16, lambda k: (seen.append(k), measure(k))[1], memory_limit=400)
+    assert choice.k == 4 and seen == [1, 2, 4] and "not tried" in choice.reason
+    with pytest.raises(MemoryError, match="one trial"):
+        choose_k(4, measure, memory_limit=10)
+    # padding counts: 5 trials in chunks of 4 need two chunks
+    flat = choose_k(5, lambda k: (1.0, 0), memory_limit=10**9)
+    assert [c.k for c in flat.candidates] == [1, 2, 4] and flat.k == 4
+    assert flat.candidates[-1].trial_steps_per_s == pytest.approx(5 / 2)
+    assert candidate_ks(12, max_k=8, multiple_of=4) == [1, 4, 8]
+
+
+def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_file, tmp_path, monkeypatch):
+    base = C.load_config(config_file)
+    grid = {"stages.train.learning_rate": [1e-3, 2e-3, 3e-3]}
+    real = PopulationTrainer.train
+    calls = []
+
+    def dies_on_second_chunk(self, indices, k=None):
+        calls.append(list(indices))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is killed while the second chunk trains
+        return real(self, indices, k)
+
+    monkeypatch.setattr(PopulationTrainer, "train", dies_on_second_chunk)
+    executor = make_executor("population", chunk_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_lib.sweep(base, grid, str(tmp_path), progress=False, executor=executor)
+    saved = json.load(open(tmp_path / "sweep.json"))
+    assert [p["status"] for p in saved["points"]] == ["done", "done", "pending"]
+    report = sweep_lib.sweep(base, grid, str(tmp_path), progress=False, executor=make_executor("population"))
+    assert [p.status for p in report.points] == ["done"] * 3
+    assert [p.reused for p in report.points] == [True, True, False]
+    assert len(calls) == 2  # the finished chunk was not trained again; the unfinished trial ran alone
+    assert report.points[2].note == "one after another: a single trial"
+
+
+def test_cli_sweep_executor_flag(config_file, tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    rc = cli.main(
+        ["sweep", config_file, "--grid", "seed=5", "--executor", "population", "--workdir", workdir, "--no-progress"]
+    )
+    assert rc == 0
+    saved = json.load(open(os.path.join(workdir, "sweep.json")))
+    assert saved["executor"]["executor"] == "population"
+    assert saved["executor"]["populations"][0]["why"] == "a single trial"
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", config_file, "--grid", "seed=5", "--executor", "threads"])
+    assert "invalid choice: 'threads'" in capsys.readouterr().err
+
+
+def test_nonfinite_trial_fails_alone(config_file, tmp_path):
+    base = C.load_config(config_file)
+    grid = {"stages.train.learning_rate": [1e-3, 1e30]}
+    report = sweep_lib.sweep(
+        base, grid, str(tmp_path), progress=False, executor=make_executor("population", chunk_size=2)
+    )
+    assert report.points[0].status == "done"
+    assert report.points[1].status == "failed" and "NonFiniteLossError" in report.points[1].error
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from research import config as C
+    from research.config import register_all_stages
+    register_all_stages()
+    from research.stages import TrainStage
+    from research.population.trainer import PopulationTrainer
+    from research.train import split_model
+    assert jax.device_count() == 4, jax.devices()
+    base = C.Config(model=C.ModelConfig(name="mlp", options={"widths": (16,)}), data=C.DataConfig(name="digits", limit=200),
+                    stages=(TrainStage(steps=3, batch_size=16, checkpoint_every=0, eval_every=0),))
+    configs = [C.apply_overrides(base, [f"stages.0.learning_rate={lr}", f"seed={s}"])
+               for lr, s in ((1e-3, 0), (3e-3, 1), (1e-2, 0), (3e-2, 1))]
+    one = PopulationTrainer(configs, block_steps=2, devices=jax.devices()[:1]).train(range(4))
+    sharded = PopulationTrainer(configs, block_steps=2, devices=jax.devices())
+    two = sharded.train(range(4))
+    for a, b in zip(one, two):
+        for x, y in zip(jax.tree.leaves(split_model(a.model)[1]), jax.tree.leaves(split_model(b.model)[1])):
+            np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+    # a single run, data-parallel over the 4 devices == on one device
+    import pathlib, tempfile
+    from research.population.data_parallel import data_parallel_step
+    from research.run import build_bundle
+    from research.stages import StageContext, finetune, train_kwargs
+    bundle = build_bundle(configs[1])
+    runs = []
+    for dp in (False, True):
+        ctx = StageContext(index=0, label="0_train", workdir=pathlib.Path(tempfile.mkdtemp()), seed=1, progress=False)
+        model, _ = finetune(bundle.model, bundle.dataset, ctx, **{**train_kwargs(configs[1].stages[0]), "data_parallel": dp})
+        runs.append(jax.tree.leaves(split_model(model)[1]))
+    for x, y in zip(*runs):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+    _, placed = data_parallel_step(lambda s, b: (s, b["x"]), 16)({"w": np.ones(2)}, {"x": np.ones((16, 3))})
+    assert len(placed.sharding.device_set) == 4 and placed.addressable_shards[0].data.shape == (4, 3)
+    leaf = jax.tree.leaves(sharded.initial_state(list(range(4))))[1]
+    assert len(leaf.sharding.device_set) == 4 and leaf.addressable_shards[0].data.shape[0] == 1, leaf.sharding
+    print("SHARDED-OK")
+    """
+)
+
+
+def test_data_parallel_batch_size_must_split_over_the_devices():
+    from research.population.data_parallel import data_parallel_step
+
+    with pytest.raises(
+        ValueError, match="batch_size=6 does not split over 4 devices; use a multiple of 4 \\(e.g. 8\\)"
+    ):
+        data_parallel_step(lambda s, b: (s, b), 6, devices=jax.devices() * 4)
+
+
+def test_sharded_population_and_data_parallel_run_equal_one_device_on_four_host_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED], cwd=os.getcwd(), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SHARDED-OK" in out.stdout
+
+
+def test_tune_asks_batches_of_the_chunk_size_and_trains_them_as_a_population(config_file, tmp_path):
+    from research import tune as tune_lib
+    from research.automl import Float
+    from research.automl import Space
+
+    base = C.load_config(config_file)
+    space = Space({"stages.train.learning_rate": Float(1e-3, 1e-2, log=True)})
+    executor = make_executor("population", timer=favour(2))
+    result = tune_lib.tune(
+        base, space, str(tmp_path), trials=2, sampler="random", executor=executor, echo=False, plot_every=0
+    )
+    assert [t["state"] for t in result.trials] == ["COMPLETE"] * 2
+    notes = [json.load(open(tmp_path / "trials" / f"{n:04d}" / "trial.json"))["executor"] for n in range(2)]
+    assert notes == ["population 0, chunk of 2"] * 2
+    assert result.summary["executor"]["populations"][-1]["k"] == 2
+    with pytest.raises(C.ConfigError, match="the population is the parallelism"):
+        tune_lib.tune(
+            base, space, str(tmp_path / "w"), trials=2, executor="population", workers=2, config_spec=config_file
+        )
