@@ -20,7 +20,6 @@ from flax import nnx
 
 from methods.decomposition.surgery import DecompositionRule
 from methods.decomposition.surgery import ModelBudget
-from methods.decomposition.surgery import _deep_copy
 from methods.decomposition.surgery import factorize_recipe_step
 from methods.decomposition.surgery import factorize_with_report
 from research import recipe as recipe_lib
@@ -32,6 +31,7 @@ from research.config import ValidationContext
 from research.config import at_least_one
 from research.config import fraction
 from research.config import positive
+from research.nn import copy_model
 from research.stages import Bundle
 from research.stages import StageConfig
 from research.stages import StageContext
@@ -169,7 +169,7 @@ def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> Sta
     if cfg.finetune is not None:
         transforms = ()
         if cfg.distill:
-            transforms = (_hinton_transform(_deep_copy(bundle.model), cfg.temperature, cfg.alpha),)
+            transforms = (_hinton_transform(copy_model(bundle.model), cfg.temperature, cfg.alpha),)
             notes.append(f"fine-tuned with Hinton KD from the pre-decomposition model (T={cfg.temperature})")
         model, _ = finetune(model, ds, ctx, **train_kwargs(cfg.finetune), loss_transforms=transforms)
     recipe = recipe_lib.append(bundle.recipe, factorize_recipe_step(rows))
