@@ -6,6 +6,8 @@
   collected, so their imports of TensorFlow / ONNX never run) when TensorFlow is missing.
 * The ``slow`` marker (registered in pyproject.toml): long end-to-end tests. CI runs them all;
   ``pytest -m "not slow"`` is a quick local pass.
+* ``-n auto`` (pyproject's addopts, pytest-xdist): :func:`pytest_xdist_auto_num_workers` picks
+  the number of worker processes; ``-n 0`` runs everything in one process (e.g. for ``--pdb``).
 
 Nothing here imports JAX at collection time; fixtures import what they need when first used.
 """
@@ -73,3 +75,13 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker per CPU, at most 4 (each worker holds JAX and
+    TensorFlow in memory); none, so the tests run in this process, when one test file is named."""
+    files = {str(a).split("::")[0] for a in config.args}
+    if len(files) == 1 and os.path.isfile(next(iter(files))):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus))
