@@ -10,6 +10,7 @@ from research import run as run_lib
 from research import tune as tune_lib
 
 
+@pytest.mark.slow  # the whole smoke pipeline, export included
 def test_quickstart_smoke_end_to_end(tmp_path, capsys):
     workdir = tmp_path / "qs"
     assert cli.main(["run", "configs/quickstart.py:smoke", "--workdir", str(workdir), "--no-progress"]) == 0
