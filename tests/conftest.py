@@ -6,8 +6,8 @@
   collected, so their imports of TensorFlow / ONNX never run) when TensorFlow is missing.
 * The ``slow`` marker (registered in pyproject.toml): long end-to-end tests. CI runs them all;
   ``pytest -m "not slow"`` is a quick local pass.
-* ``-n auto`` (pyproject's addopts, pytest-xdist): :func:`pytest_xdist_auto_num_workers` picks
-  the number of worker processes; ``-n 0`` runs everything in one process (e.g. for ``--pdb``).
+* ``pytest -n auto --dist loadscope`` (pytest-xdist, opt-in): :func:`pytest_xdist_auto_num_workers`
+  picks the number of worker processes.
 
 Nothing here imports JAX at collection time; fixtures import what they need when first used.
 """
@@ -78,8 +78,8 @@ def x64():
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto`` (pyproject's addopts): one worker per CPU, at most 4 (each worker holds JAX and
-    TensorFlow in memory); none, so the tests run in this process, when one test file is named."""
+    """``-n auto``: one worker per CPU, at most 4 (each worker holds JAX and TensorFlow in memory);
+    none, so the tests run in this process, when one test file is named."""
     files = {str(a).split("::")[0] for a in config.args}
     if len(files) == 1 and os.path.isfile(next(iter(files))):
         return 0
