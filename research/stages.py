@@ -266,7 +266,7 @@ def load_all_stages() -> None:
       ImportError: a plugin failed to load (the message names it).
     """
     load_stage_plugins()
-    importlib.import_module("research.export")
+    importlib.import_module("research.export.stage")
 
 
 def missing_plugins_hint() -> str:

@@ -38,80 +38,52 @@ symmetric int8 file, explicit Q/DQ nodes set the precision::
 are asymmetric, which ``report['onnx_int8'].extra['qdq']['tensorrt_symmetric']`` reports.
 """
 
-from research.export._io import atomic_path
-from research.export._trace import UnsupportedOpError
-from research.export._trace import inference_fn
-from research.export.api import FORMATS
-from research.export.api import export
-from research.export.formats import EXPORT_FORMATS
-from research.export.formats import ExportFormat
-from research.export.formats import ExportJob
-from research.export.formats import Produced
-from research.export.formats import format_names
-from research.export.formats import get_format
-from research.export.formats import register_format
-from research.export.fusion import FusionReport
-from research.export.fusion import fusion_report
-from research.export.latency import artifact_latency
-from research.export.onnx_export import OnnxRunner
-from research.export.onnx_export import qdq_summary
-from research.export.onnx_export import tflite_to_onnx
-from research.export.report import ArtifactReport
-from research.export.report import ExportReport
-from research.export.stablehlo import export_stablehlo
-from research.export.stablehlo import load_stablehlo
-from research.export.stage import ExportStage
-from research.export.stage import export_bundle
-from research.export.stage import export_run
-from research.export.tflite import TFLiteRunner
-from research.export.tflite import batch_route
-from research.export.tflite import free_batch_dim
-from research.export.tflite import op_counts
-from research.export.tflite import quantization_modes
-from research.export.tflite import register_quantization
-from research.export.tflite import size_breakdown
-from research.export.tflite import to_tflite
+from research.lazy import lazy_exports
 
-__all__ = [
-    "EXPORT_FORMATS",
-    "FORMATS",
-    "ExportFormat",
-    "ExportJob",
-    "Produced",
-    "FusionReport",
-    "ArtifactReport",
-    "ExportReport",
-    "ExportStage",
-    "OnnxRunner",
-    "TFLiteRunner",
-    "UnsupportedOpError",
-    "artifact_latency",
-    "atomic_path",
-    "batch_route",
-    "export",
-    "export_bundle",
-    "export_run",
-    "export_stablehlo",
-    "format_names",
-    "free_batch_dim",
-    "fusion_report",
-    "get_format",
-    "inference_fn",
-    "load_stablehlo",
-    "op_counts",
-    "qdq_summary",
-    "quantization_modes",
-    "register_format",
-    "register_quantization",
-    "size_breakdown",
-    "tflite_to_onnx",
-    "to_tflite",
-]
+# Public names, each imported on first use (research.lazy): a config file that names ExportStage
+# loads only its standard-library config module, so slimjax checks its values before JAX loads.
+_EXPORTS = {
+    "artifact_latency": "research.export.latency",
+    "ArtifactReport": "research.export.report",
+    "atomic_path": "research.export._io",
+    "batch_route": "research.export.tflite",
+    "export": "research.export.api",
+    "export_bundle": "research.export.stage",
+    "EXPORT_FORMATS": "research.export.formats",
+    "export_run": "research.export.stage",
+    "export_stablehlo": "research.export.stablehlo",
+    "ExportFormat": "research.export.formats",
+    "ExportJob": "research.export.formats",
+    "ExportReport": "research.export.report",
+    "ExportStage": "research.export.config",
+    "format_names": "research.export.formats",
+    "FORMATS": "research.export.api",
+    "free_batch_dim": "research.export.tflite",
+    "fusion_report": "research.export.fusion",
+    "FusionReport": "research.export.fusion",
+    "get_format": "research.export.formats",
+    "inference_fn": "research.export._trace",
+    "load_stablehlo": "research.export.stablehlo",
+    "OnnxRunner": "research.export.onnx_export",
+    "op_counts": "research.export.tflite",
+    "Produced": "research.export.formats",
+    "qdq_summary": "research.export.onnx_export",
+    "quantization_modes": "research.export.tflite",
+    "register_format": "research.export.formats",
+    "register_quantization": "research.export.tflite",
+    "size_breakdown": "research.export.tflite",
+    "tflite_to_onnx": "research.export.onnx_export",
+    "TFLiteRunner": "research.export.tflite",
+    "to_tflite": "research.export.tflite",
+    "UnsupportedOpError": "research.export._trace",
+}
+_lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):  # noqa: ANN202 - deprecated names, forwarded with their warning
+def __getattr__(name: str):  # noqa: ANN202 - lazy names, and deprecated names forwarded with their warning
     if name == "OPTIONAL_FORMATS":
         from research.export import api  # noqa: PLC0415
 
         return api.__getattr__(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _lazy_getattr(name)

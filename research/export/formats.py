@@ -57,14 +57,12 @@ from typing import ClassVar
 
 import numpy as np
 
+from research.export.config import DEFAULT_FORMATS  # noqa: F401 - re-exported: the formats written when none are named
 from research.export.report import Agreement
 from research.registry import Registry
 from research.registry import did_you_mean
 
 Runner = Callable[[np.ndarray], np.ndarray]
-
-DEFAULT_FORMATS = ("stablehlo", "tflite", "onnx")
-"""The formats :func:`research.export.export` writes when none are named."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -431,3 +429,13 @@ def producing(artifact: str, out_dir: str) -> Iterator[None]:
                 f"into {out_dir}, which still holds the previous export set"
             )
         raise
+
+
+# The built-in formats register themselves at the bottom of their modules; importing them here
+# means any use of the registry (``format_names()``, ``get_format``) sees them, however the
+# package was entered. (Each imports this module, which is complete by now.)
+from research.export import onnx_export as _onnx_export  # noqa: E402,F401
+from research.export import stablehlo as _stablehlo  # noqa: E402,F401
+from research.export import tensorrt as _tensorrt  # noqa: E402,F401
+from research.export import tflite as _tflite  # noqa: E402,F401
+from research.export import tvm as _tvm  # noqa: E402,F401

@@ -211,12 +211,14 @@ CONFIG = textwrap.dedent(
     from methods.quantization import QATStage
     from methods.quantization import QuantizeStage
     from research.config import Config, DataConfig, ModelConfig
+    from research.export import ExportStage
     from research.stages import TrainStage
 
     def get_config(arg=None):
         return Config(name="light", model=ModelConfig(name="lenet5"), data=DataConfig(name="digits"),
                       stages=(TrainStage(steps=4), PruneStage(sparsity=0.5, train=TrainStage(steps=2)),
-                              QuantizeStage(bits=8), QATStage(bits=4), NASStage()))
+                              QuantizeStage(bits=8), QATStage(bits=4), NASStage(),
+                              ExportStage(formats=("tflite",))))
     """
 )
 
@@ -251,6 +253,7 @@ def test_config_values_are_checked_without_importing_jax(tmp_path):
         "stages.nas.trials=1",
         "data.val_fraction=1.5",
         "latency_batch_size=0",
+        "stages.export.eval_examples=0",
     ]
     out = subprocess.run(
         [sys.executable, "-c", PROBE, str(cfg), *overrides], cwd=ROOT, capture_output=True, text=True, check=True

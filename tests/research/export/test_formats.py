@@ -19,7 +19,6 @@ import zipfile
 
 import numpy as np
 import pytest
-from export_test_models import SmallMLP
 from flax import nnx
 
 from research import config as C
@@ -37,6 +36,7 @@ from research.export.onnx_export import register_onnx_quantization
 from research.export.stage import ExportStage
 from research.registry import DuplicateNameError
 from research.stages import TrainStage
+from tests.research.export.export_test_models import SmallMLP
 
 
 def runnable_formats() -> tuple[list[str], dict[str, str]]:
