@@ -284,6 +284,16 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _add_executor_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--executor",
+        default="sequential",
+        choices=["sequential", "population"],
+        help="sequential: one run after another; population: runs sharing model and data train as one vmapped "
+        "program, K at a time (K measured; falls back to sequential when vmap does not pay)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slimjax`` console script."""
     parser = argparse.ArgumentParser(prog="slimjax", description="Make neural networks small and fast (JAX).")
@@ -305,13 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field for every point")
     p.add_argument("--workdir", help="sweep directory (default runs/<config name>[-<hash of --set>]_sweep)")
     p.add_argument("--overwrite", action="store_true", help="delete the sweep the workdir holds and start over")
-    p.add_argument(
-        "--executor",
-        default="sequential",
-        choices=["sequential", "population"],
-        help="sequential: one run after another; population: runs sharing model and data train as one vmapped "
-        "program, K at a time (K measured; falls back to sequential when vmap does not pay)",
-    )
+    _add_executor_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(fn=_cmd_sweep)
 
@@ -336,13 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-budget", type=float, help="smallest budget (default: full / eta^2)")
     p.add_argument("--eta", type=int, default=3, help="the scheduler's halving factor")
     p.add_argument("--workers", type=int, default=1, help="local processes running trials at once")
-    p.add_argument(
-        "--executor",
-        default="sequential",
-        choices=["sequential", "population"],
-        help="sequential: one run after another; population: runs sharing model and data train as one vmapped "
-        "program, K at a time (K measured; falls back to sequential when vmap does not pay)",
-    )
+    _add_executor_flag(p)
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field for every trial")
     p.add_argument("--workdir", help="study directory (default runs/<config name>_tune); a rerun resumes it")

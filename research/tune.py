@@ -849,21 +849,7 @@ class _Worker:
                 time.sleep(0.5)
                 continue
             values, error, info = self.evaluate(trial)
-            with _locked(self.lock_path):
-                if error is not None:
-                    told = self.study.tell(trial, exception=error)
-                else:
-                    if info.get("feasible") is False:
-                        values = self._penalized(values, info)
-                        info["study_values"] = values
-                    told = self.study.tell(trial, values)
-                info["status"] = told.state.value
-                info["owner"] = None
-                _update_info(self.workdir, trial.number, info)
-                self.finished += 1
-                plots = self.plot_every > 0 and self.finished % self.plot_every == 0
-                write_outputs(self.workdir, self.study, self.space, self.setup, plots=plots)
-            self.say(_one_line(told, info, self.objectives))
+            self._tell(trial, values, error, info)
 
     def _penalized(self, values: Sequence[float], info: Mapping[str, Any]) -> list[float]:
         """What the sampler is told for an infeasible trial: worse than every feasible trial.
@@ -1013,6 +999,7 @@ class _Worker:
             _write_json(os.path.join(self.workdir, "executor.json"), executor.summary())
 
     def _tell(self, trial: Trial, values, error, info: dict[str, Any]) -> None:
+        """Tells the study (infeasible points penalised), updates the trial's info and the outputs."""
         with _locked(self.lock_path):
             if error is not None:
                 told = self.study.tell(trial, exception=error)

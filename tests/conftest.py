@@ -1,6 +1,87 @@
-"""Shared pytest settings: small CPU-friendly defaults."""
+"""Shared pytest settings and fixtures of the whole suite.
 
+* ``digits``: the digits dataset (seed 0, every split), loaded once per session, read-only.
+* ``x64``: runs a test in float64 and restores the previous setting afterwards.
+* The export extras: test modules listed in :data:`NEEDS_EXPORT` are reported as skipped (not
+  collected, so their imports of TensorFlow / ONNX never run) when TensorFlow is missing.
+* The ``slow`` marker (registered in pyproject.toml): long end-to-end tests. CI runs them all;
+  ``pytest -m "not slow"`` is a quick local pass.
+* ``pytest -n auto --dist loadscope`` (pytest-xdist, opt-in): :func:`pytest_xdist_auto_num_workers`
+  picks the number of worker processes.
+
+Nothing here imports JAX at collection time; fixtures import what they need when first used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
 import os
+import pathlib
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+#: Test modules (paths relative to ``tests/``; a directory ends in ``/``) that need the export
+#: extras: TensorFlow, LiteRT, tf2onnx, ONNX and onnxruntime.
+NEEDS_EXPORT = ("research/export/", "methods/quantization/test_quant_deploy.py")
+EXPORT_SKIP = "export extras not installed: pip install 'slimjax[export]'"
+
+
+def _needs_export(path: pathlib.Path) -> bool:
+    try:
+        rel = path.resolve().relative_to(TESTS).as_posix()
+    except ValueError:
+        return False
+    return any(rel.startswith(p) if p.endswith("/") else rel == p for p in NEEDS_EXPORT)
+
+
+class _SkippedModule(pytest.Module):
+    """A test module reported as skipped without importing it."""
+
+    def collect(self):
+        pytest.skip(EXPORT_SKIP, allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path: pathlib.Path, parent: pytest.Collector) -> pytest.Module | None:
+    if _needs_export(module_path) and importlib.util.find_spec("tensorflow") is None:
+        return _SkippedModule.from_parent(parent, path=module_path)
+    return None
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The digits dataset (seed 0): 8x8x1 images, 10 classes, read-only arrays shared by the session."""
+    from research.data import load_dataset
+
+    ds = load_dataset("digits", seed=0)
+    for value in vars(ds).values():
+        if hasattr(value, "flags"):
+            value.flags.writeable = False
+    return ds
+
+
+@pytest.fixture
+def x64():
+    """Runs a test in float64 and restores the previous setting afterwards."""
+    import jax
+
+    previous = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per CPU, at most 4 (each worker holds JAX and TensorFlow in memory);
+    none, so the tests run in this process, when one test file is named."""
+    files = {str(a).split("::")[0] for a in config.args}
+    if len(files) == 1 and os.path.isfile(next(iter(files))):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus))

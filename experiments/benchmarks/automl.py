@@ -11,9 +11,9 @@ Optuna is a benchmark-only dependency (``pip install optuna torch greenlet``; it
 GPSampler needs torch). Without it only our samplers run.
 
 Usage:
-  python experiments/benchmarks/automl.py            # ~3-6 min on 2 CPU cores
-  python experiments/benchmarks/automl.py --quick    # smoke run, ~1-2 min
-  python experiments/benchmarks/automl.py --full     # issue protocol: 10 seeds,
+  python -m experiments.benchmarks.automl            # ~3-6 min on 2 CPU cores
+  python -m experiments.benchmarks.automl --quick    # smoke run, ~1-2 min
+  python -m experiments.benchmarks.automl --full     # issue protocol: 10 seeds,
                                                               # Branin 50, Hartmann6 100,
                                                               # conditional 100 trials
 """
@@ -29,14 +29,11 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from research.automl import Categorical  # noqa: E402
 from research.automl import Float  # noqa: E402

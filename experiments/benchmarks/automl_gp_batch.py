@@ -5,27 +5,23 @@ following calls, for single suggestions and batches (default q=64) on Hartmann-6
 Checks that the batch holds no near-duplicates.
 
 Usage:
-  python experiments/benchmarks/automl_gp_batch.py                # N=100,300; q=1,64
-  python experiments/benchmarks/automl_gp_batch.py --n 300 --q 64 --repeats 5
+  python -m experiments.benchmarks.automl_gp_batch                # N=100,300; q=1,64
+  python -m experiments.benchmarks.automl_gp_batch --n 300 --q 64 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from research.automl import GPSampler  # noqa: E402
-from research.automl import InMemoryStorage  # noqa: E402
-from research.automl import RandomSampler  # noqa: E402
-from research.automl import Study  # noqa: E402
-from research.automl import testfunctions as tf  # noqa: E402
+from research.automl import GPSampler
+from research.automl import InMemoryStorage
+from research.automl import RandomSampler
+from research.automl import Study
+from research.automl import testfunctions as tf
 
 
 def time_batch(n_obs: int, q: int, repeats: int, seed: int = 0) -> dict:

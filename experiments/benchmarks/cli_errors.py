@@ -7,9 +7,9 @@ that has to run the config file is the import of JAX and Flax, which the config'
 need; it is timed as its own row.
 
 Usage:
-  python experiments/benchmarks/cli_errors.py                       # this checkout
-  python experiments/benchmarks/cli_errors.py --repo /work/main     # this checkout vs another
-  python experiments/benchmarks/cli_errors.py --repeats 5
+  python -m experiments.benchmarks.cli_errors                       # this checkout
+  python -m experiments.benchmarks.cli_errors --repo /work/main     # this checkout vs another
+  python -m experiments.benchmarks.cli_errors --repeats 5
 
 A case that trains in an older checkout (``latency_batch_size=0`` is only caught after training
 there) is stopped after ``--timeout`` seconds (default 30) and shown as ``timeout``.

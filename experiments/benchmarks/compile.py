@@ -1,7 +1,7 @@
 """Latency of every zoo model in every runtime: JAX (jit), LiteRT, onnxruntime, TVM; fusion on vs off.
 
 Run:
-    python experiments/benchmarks/compile.py [--models mlp,resnet20] [--repeats 30]
+    python -m experiments.benchmarks.compile [--models mlp,resnet20] [--repeats 30]
         [--tune-trials 0] [--out experiments/benchmarks/compile]
 
 For each zoo model at its smallest widths (``research.nn.TINY_OPTIONS``), trained briefly on

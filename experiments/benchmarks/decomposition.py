@@ -1,7 +1,7 @@
 """Dense vs factorized latency, per layer across ranks and per whole model, measured side by side.
 
 Run:
-  PYTHONPATH=. python experiments/benchmarks/decomposition.py [--batch 32] [--repeats 30] [--quick]
+  python -m experiments.benchmarks.decomposition [--batch 32] [--repeats 30] [--quick]
       [--accuracy mnist5k]
 
 For every conv layer of VGG-small and ResNet-20 (32x32x3 inputs) and every linear layer of
@@ -18,9 +18,7 @@ accuracy-after-fine-tuning table of experiments/kim2016 (trained weights) to the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import pathlib
 import sys
 import time
 
@@ -216,12 +214,10 @@ def main(argv=None):
 
 
 def _accuracy(dataset: str) -> None:
-    """Runs experiments/kim2016/main.py's ``run`` (it prints its own table)."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "kim2016" / "main.py"
-    spec = importlib.util.spec_from_file_location("kim2016_main", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.run(dataset)
+    """Runs ``experiments.kim2016.main.run`` (it prints its own table)."""
+    from experiments.kim2016.main import run
+
+    run(dataset)
 
 
 if __name__ == "__main__":

@@ -8,32 +8,28 @@ alike. Prints median step times and the ratios to the plain step (target with th
 <= 1.1x).
 
 Run from the repository root:
-  python experiments/benchmarks/distillation.py
-  python experiments/benchmarks/distillation.py --pairs mlp --batch 256 --repeats 100
+  python -m experiments.benchmarks.distillation
+  python -m experiments.benchmarks.distillation --pairs mlp --batch 256 --repeats 100
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+import jax
+import numpy as np
+import optax
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from methods.distillation import IndexedBatchSampler  # noqa: E402
-from methods.distillation import build_teacher_cache  # noqa: E402
-from methods.distillation import distill  # noqa: E402
-from research.nn import build_model  # noqa: E402
-from research.report import format_table  # noqa: E402
-from research.train import create_train_state  # noqa: E402
-from research.train import make_train_step  # noqa: E402
+from methods.distillation import IndexedBatchSampler
+from methods.distillation import build_teacher_cache
+from methods.distillation import distill
+from research.nn import build_model
+from research.report import format_table
+from research.train import create_train_state
+from research.train import make_train_step
 
 # name -> (input shape, teacher (zoo name, options), student (zoo name, options))
 PAIRS = {

@@ -1,7 +1,7 @@
 """Every zoo model exported to TFLite fp32/int8 and ONNX: sizes, latencies and differences.
 
 Run:
-    python experiments/benchmarks/export.py [--quick] [--models lenet5,resnet20]
+    python -m experiments.benchmarks.export [--quick] [--models lenet5,resnet20]
         [--dataset digits] [--train-steps 150] [--batch 8] [--fixed-batch]
 
 Each zoo model (its default widths; ``--quick``: the smallest widths and 60 training steps) is

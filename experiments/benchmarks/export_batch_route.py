@@ -1,7 +1,7 @@
 """Variable-batch TFLite files by the two routes: graph, size and LiteRT latency side by side.
 
 Run:
-    python experiments/benchmarks/export_batch_route.py [--models mobilenetv2,resnet20]
+    python -m experiments.benchmarks.export_batch_route [--models mobilenetv2,resnet20]
         [--dataset digits] [--repeats 50]
 
 For each zoo model (default widths, initial weights, eval mode; the graph and the latency do not

@@ -2,10 +2,10 @@
 
 Two steps, so that the second can run on another (or an emulated) CPU::
 
-    python experiments/benchmarks/export_int8_isa.py write /tmp/int8_isa        # trains + exports
-    python experiments/benchmarks/export_int8_isa.py measure /tmp/int8_isa      # this CPU
+    python -m experiments.benchmarks.export_int8_isa write /tmp/int8_isa        # trains + exports
+    python -m experiments.benchmarks.export_int8_isa measure /tmp/int8_isa      # this CPU
     qemu-x86_64 -cpu Haswell $(python -c 'import sys; print(sys.executable)') \\
-        experiments/benchmarks/export_int8_isa.py measure /tmp/int8_isa         # an AVX2 CPU, no VNNI
+        -m experiments.benchmarks.export_int8_isa measure /tmp/int8_isa        # an AVX2 CPU, no VNNI
 
 ``write`` trains every zoo model as ``tests/research/export/test_export_zoo.py`` does (plus an
 untrained tiny MLP, 64-10-10) and exports ``tflite_int8``, ``onnx_int8`` (tf2onnx from it),
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 
 import numpy as np
 
@@ -34,7 +33,6 @@ FILES = ("model_int8.tflite", "model_int8.onnx", "model_int8_qdq_symmetric.onnx"
 
 def write(root: str) -> None:
     """Trains and exports every zoo model (and a tiny untrained MLP) into ``root/<model>``."""
-    sys.path.insert(0, os.getcwd())
     from flax import nnx
 
     from research.data import load_dataset

@@ -14,9 +14,9 @@ Optuna is a benchmark-only dependency: ``pip install optuna`` (its GPSampler als
 ``pip install torch``; without torch it is left out, without optuna only ours run).
 
 Usage:
-  nice -n 10 python experiments/benchmarks/multiobjective.py                 # 3 seeds x 60 trials
-  nice -n 10 python experiments/benchmarks/multiobjective.py --full          # issue protocol: 10 seeds x 100
-  python experiments/benchmarks/multiobjective.py --seeds 1 --trials 30 --samplers ours:ehvi optuna:tpe
+  nice -n 10 python -m experiments.benchmarks.multiobjective                 # 3 seeds x 60 trials
+  nice -n 10 python -m experiments.benchmarks.multiobjective --full          # issue protocol: 10 seeds x 100
+  python -m experiments.benchmarks.multiobjective --seeds 1 --trials 30 --samplers ours:ehvi optuna:tpe
 """
 
 from __future__ import annotations
@@ -29,14 +29,11 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from research.automl import Float  # noqa: E402
 from research.automl import Space  # noqa: E402

@@ -31,7 +31,6 @@ import dataclasses
 import io
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
@@ -41,24 +40,22 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from experiments.benchmarks import pruning_structured  # noqa: E402
-from methods.pruning import PruneStage  # noqa: E402
-from methods.pruning import magnitude_masks  # noqa: E402
-from methods.pruning import masked  # noqa: E402
-from methods.pruning import polynomial_schedule  # noqa: E402
-from methods.pruning.stage import run_prune  # noqa: E402
-from research.data import load_dataset  # noqa: E402
-from research.metrics import accuracy  # noqa: E402
-from research.nn import build_model  # noqa: E402
-from research.report import format_table  # noqa: E402
-from research.stages import Bundle  # noqa: E402
-from research.stages import StageContext  # noqa: E402
-from research.stages import TrainStage  # noqa: E402
-from research.train import create_train_state  # noqa: E402
-from research.train import finetune  # noqa: E402
-from research.train import make_train_step  # noqa: E402
+from experiments.benchmarks import pruning_structured
+from methods.pruning import PruneStage
+from methods.pruning import magnitude_masks
+from methods.pruning import masked
+from methods.pruning import polynomial_schedule
+from methods.pruning.stage import run_prune
+from research.data import load_dataset
+from research.metrics import accuracy
+from research.nn import build_model
+from research.report import format_table
+from research.stages import Bundle
+from research.stages import StageContext
+from research.stages import TrainStage
+from research.train import create_train_state
+from research.train import finetune
+from research.train import make_train_step
 
 STEP_MODELS = {"lenet300": (28, 28, 1), "lenet5": (28, 28, 1), "resnet20": (32, 32, 3)}
 

@@ -7,8 +7,8 @@ PTQ: BatchNorm folding plus min-max calibration on 512 images (batches of 128), 
 (includes compilation). Target: QAT step <= 1.5x the float step.
 
 Run:
-  python experiments/benchmarks/quantization.py                      # lenet5 + resnet20, CPU
-  python experiments/benchmarks/quantization.py --models resnet20 --batch 256 --repeats 100
+  python -m experiments.benchmarks.quantization                      # lenet5 + resnet20, CPU
+  python -m experiments.benchmarks.quantization --models resnet20 --batch 256 --repeats 100
 """
 
 from __future__ import annotations

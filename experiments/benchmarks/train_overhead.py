@@ -6,8 +6,8 @@ hits all alike. Prints the median step time of each, their ratio (target <= 1.05
 the step that also logs the gradient norm, and the compile time of the first step.
 
 Run:
-  python experiments/benchmarks/train_overhead.py                 # lenet5 + resnet20 + mlp on CPU
-  python experiments/benchmarks/train_overhead.py --models resnet20 --batch 256 --repeats 200
+  python -m experiments.benchmarks.train_overhead                 # lenet5 + resnet20 + mlp on CPU
+  python -m experiments.benchmarks.train_overhead --models resnet20 --batch 256 --repeats 200
 """
 
 from __future__ import annotations

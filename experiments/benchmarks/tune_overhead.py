@@ -9,8 +9,8 @@ compilation cache). Compile time is what JAX reports for tracing, lowering and b
 compilation (``jax.monitoring``); run time is the rest of the trial.
 
 Run:
-  python experiments/benchmarks/tune_overhead.py                 # 4 trials
-  python experiments/benchmarks/tune_overhead.py --trials 6 --arg smoke
+  python -m experiments.benchmarks.tune_overhead                 # 4 trials
+  python -m experiments.benchmarks.tune_overhead --trials 6 --arg smoke
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tune_quickstart.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "tune_quickstart.py")
 
 
 def _bare(workdir: str, arg: str | None) -> dict:
@@ -87,8 +86,9 @@ def main() -> None:
     extra = ["--arg", args.arg] if args.arg else []
     outs = {}
     for mode in ("bare", "tune"):
-        cmd = [sys.executable, __file__, "--mode", mode, "--workdir", os.path.join(root, mode), "--trials"]
-        proc = subprocess.run([*cmd, str(args.trials), *extra], capture_output=True, text=True, check=True)
+        cmd = [sys.executable, "-m", "experiments.benchmarks.tune_overhead", "--mode", mode]
+        cmd += ["--workdir", os.path.join(root, mode), "--trials", str(args.trials), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         outs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = [{"what": "bare slimjax run", **outs["bare"]}]
     rows += [{"what": f"tune trial {t['number']}", **t} for t in outs["tune"]]

@@ -1,9 +1,9 @@
 """Han et al. (2015): prune LeNet-300-100 to ~12x fewer weights on the shipped MNIST subset.
 
 Run from the repository root:
-  python experiments/han2015/main.py              # 8 seeds, about 2-3 minutes on 2 CPU cores
-  python experiments/han2015/main.py --quick      # smoke run in seconds
-  python experiments/han2015/main.py --seeds 0 1 2 3 4 --json out.json
+  python -m experiments.han2015.main              # 8 seeds, about 2-3 minutes on 2 CPU cores
+  python -m experiments.han2015.main --quick      # smoke run in seconds
+  python -m experiments.han2015.main --seeds 0 1 2 3 4 --json out.json
 
 Prints the per-layer kept fractions next to the paper's (fc1 8%, fc2 9%, fc3 26%) and the test
 error of the pruned model against a dense model trained with the same step budget.
@@ -15,13 +15,10 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from experiments.han2015.experiment import Han2015Config  # noqa: E402
-from experiments.han2015.experiment import quick_config  # noqa: E402
-from experiments.han2015.experiment import run_experiment  # noqa: E402
+from experiments.han2015.experiment import Han2015Config
+from experiments.han2015.experiment import quick_config
+from experiments.han2015.experiment import run_experiment
 
 
 def main(argv: list[str] | None = None) -> dict:

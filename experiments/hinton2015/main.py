@@ -1,9 +1,9 @@
 """Reproduces Hinton et al. (2015) Sec. 3 on the shipped MNIST subset; prints the error table.
 
 Run from the repository root:
-  python experiments/hinton2015/main.py              # 3 seeds, about 5 minutes on 2 CPU cores
-  python experiments/hinton2015/main.py --quick      # smoke run in seconds
-  python experiments/hinton2015/main.py --temperature 8 --seeds 0 1 2 3 --json out.json
+  python -m experiments.hinton2015.main              # 3 seeds, about 5 minutes on 2 CPU cores
+  python -m experiments.hinton2015.main --quick      # smoke run in seconds
+  python -m experiments.hinton2015.main --temperature 8 --seeds 0 1 2 3 --json out.json
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from experiments.hinton2015.experiment import HintonConfig  # noqa: E402
-from experiments.hinton2015.experiment import quick_config  # noqa: E402
-from experiments.hinton2015.experiment import run_experiment  # noqa: E402
+from experiments.hinton2015.experiment import HintonConfig
+from experiments.hinton2015.experiment import quick_config
+from experiments.hinton2015.experiment import run_experiment
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,23 +1,20 @@
 """Distillation vs. plain fine-tuning after 90% pruning and 4-bit quantization; prints the table.
 
 Run from the repository root:
-  python experiments/kd_recovery/main.py                 # 3 seeds, both pipelines
-  python experiments/kd_recovery/main.py --quick         # smoke run (tiny steps, one seed)
-  python experiments/kd_recovery/main.py --seeds 0 1 --variants prune quant2 --workdir runs/kdr
-  python experiments/kd_recovery/main.py --json out.json
+  python -m experiments.kd_recovery.main                 # 3 seeds, both pipelines
+  python -m experiments.kd_recovery.main --quick         # smoke run (tiny steps, one seed)
+  python -m experiments.kd_recovery.main --seeds 0 1 --variants prune quant2 --workdir runs/kdr
+  python -m experiments.kd_recovery.main --json out.json
 """
 
 import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from experiments.kd_recovery.experiment import VARIANTS  # noqa: E402
-from experiments.kd_recovery.experiment import config_module  # noqa: E402
-from experiments.kd_recovery.experiment import run_experiment  # noqa: E402
+from experiments.kd_recovery.experiment import VARIANTS
+from experiments.kd_recovery.experiment import config_module
+from experiments.kd_recovery.experiment import run_experiment
 
 
 def main(argv: list[str] | None = None) -> dict:

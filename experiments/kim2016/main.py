@@ -1,7 +1,7 @@
 """Kim et al. 2016 (Tucker-2 + VBMF), Lebedev et al. 2015 (CP) and SVD (Xue et al. 2013) on shipped data.
 
 Run:
-  PYTHONPATH=. python experiments/kim2016/main.py [--dataset mnist5k] [--workdir /tmp/kim2016] [--smoke]
+  python -m experiments.kim2016.main [--dataset mnist5k] [--workdir /tmp/kim2016] [--smoke]
       [--variants cp_flops50 ...]
 
 1. Train VGG-small on the data set (dense baseline). The default recipe is SGD with Nesterov

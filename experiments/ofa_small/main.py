@@ -1,9 +1,9 @@
 """Once-for-all NAS on MNIST-1D: supernet, search, fine-tuned Pareto members vs scratch vs zoo models.
 
 Run from the repository root:
-  nice -n 10 python experiments/ofa_small/main.py                 # seed 0, full sizes
-  python experiments/ofa_small/main.py --quick                    # smoke run
-  python experiments/ofa_small/main.py --seeds 0 1 2 --json out.json
+  nice -n 10 python -m experiments.ofa_small.main                 # seed 0, full sizes
+  python -m experiments.ofa_small.main --quick                    # smoke run
+  python -m experiments.ofa_small.main --seeds 0 1 2 --json out.json
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from experiments.ofa_small.experiment import OFAConfig  # noqa: E402
-from experiments.ofa_small.experiment import quick_config  # noqa: E402
-from experiments.ofa_small.experiment import run_experiment  # noqa: E402
+from experiments.ofa_small.experiment import OFAConfig
+from experiments.ofa_small.experiment import quick_config
+from experiments.ofa_small.experiment import run_experiment
 
 
 def main(argv: list[str] | None = None) -> list:

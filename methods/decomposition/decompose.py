@@ -8,6 +8,7 @@ tensorly runs on its numpy backend; the results are plain numpy arrays.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -23,6 +24,12 @@ def _tl():
             "call tensorly.set_backend('numpy')"
         )
     return tl
+
+
+def cp_max_rank(shape: Sequence[int]) -> int:
+    """An upper bound on the CP rank of a tensor: the product of all dimensions but the largest."""
+    dims = sorted(int(d) for d in shape)
+    return int(math.prod(dims[:-1]))
 
 
 def svd_factors(kernel: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,8 +127,6 @@ def cp_factors(
       Lebedev et al., https://arxiv.org/abs/1412.6553
     """
     from tensorly.decomposition import parafac
-
-    from methods.decomposition.layers import cp_max_rank
 
     _tl()
     kernel = np.asarray(kernel, np.float64)

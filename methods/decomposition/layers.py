@@ -12,7 +12,6 @@ Kernels follow NNX's layout: ``Linear`` kernels are ``(in, out)``; ``Conv`` kern
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from methods.decomposition.decompose import cp_factors
+from methods.decomposition.decompose import cp_max_rank
+from methods.decomposition.decompose import svd_factors
+from methods.decomposition.decompose import tucker2_factors
 
 
 def conv_padding_per_axis(padding: Any, ndim: int) -> list[Any]:
@@ -156,8 +160,6 @@ class LowRankLinear(nnx.Module):
         Raises:
           ValueError: ``rank`` is outside ``1..min(in, out)``.
         """
-        from methods.decomposition.decompose import svd_factors
-
         layer = nnx.eval_shape(  # structure only; every parameter is set below
             lambda: cls(
                 dense.in_features,
@@ -263,8 +265,6 @@ class Tucker2Conv(nnx.Module):
         Raises:
           ValueError: grouped/depthwise or input-dilated convolutions, ranks out of range.
         """
-        from methods.decomposition.decompose import tucker2_factors
-
         check_factorizable_conv(dense)
         nd = len(dense.kernel_size)
         layer = _conv_shell(cls, dense, ranks)  # every parameter is set below
@@ -384,8 +384,6 @@ class CPConv(nnx.Module):
         Raises:
           ValueError: grouped/depthwise or input-dilated convolutions, rank out of range.
         """
-        from methods.decomposition.decompose import cp_factors
-
         check_factorizable_conv(dense)
         nd = len(dense.kernel_size)
         layer = _conv_shell(cls, dense, rank)  # every parameter is set below
@@ -400,12 +398,6 @@ class CPConv(nnx.Module):
         if dense.use_bias:
             _assign(layer.expand.bias, dense.bias[...], (dense.out_features,), dt)
         return layer
-
-
-def cp_max_rank(shape: Sequence[int]) -> int:
-    """An upper bound on the CP rank of a tensor: the product of all dimensions but the largest."""
-    dims = sorted(int(d) for d in shape)
-    return int(math.prod(dims[:-1]))
 
 
 def check_factorizable_conv(conv: nnx.Conv) -> None:

@@ -18,8 +18,8 @@ from typing import Literal
 
 import numpy as np
 
+from methods.decomposition.decompose import cp_max_rank
 from methods.decomposition.decompose import mode_unfold
-from methods.decomposition.layers import cp_max_rank
 
 Method = Literal["svd", "cp", "tucker2"]
 Rank = int | tuple[int, int]

@@ -18,10 +18,10 @@ from flax import nnx
 
 from methods.decomposition.config import DecomposeStage
 from methods.decomposition.surgery import DecompositionRule
-from methods.decomposition.surgery import _deep_copy
 from methods.decomposition.surgery import factorize_recipe_step
 from methods.decomposition.surgery import factorize_with_report
 from research import recipe as recipe_lib
+from research.nn import copy_model
 from research.stages import Bundle
 from research.stages import StageContext
 from research.stages import StageResult
@@ -101,7 +101,7 @@ def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> Sta
     if cfg.train is not None:
         transforms = ()
         if cfg.distill:
-            transforms = (_hinton_transform(_deep_copy(bundle.model), cfg.temperature, cfg.alpha),)
+            transforms = (_hinton_transform(copy_model(bundle.model), cfg.temperature, cfg.alpha),)
             notes.append(f"fine-tuned with Hinton KD from the pre-decomposition model (T={cfg.temperature})")
         model, _ = finetune(model, ds, **context_kwargs(ctx), **train_kwargs(cfg.train), loss_transforms=transforms)
     recipe = recipe_lib.append(bundle.recipe, factorize_recipe_step(rows))

@@ -35,6 +35,7 @@ from methods.decomposition.rank import factorized_cost
 from methods.decomposition.rank import select_rank
 from methods.decomposition.speed import compare_latency
 from research import recipe as recipe_lib
+from research.nn import copy_model
 from research.nn import get_module
 from research.nn import iter_modules
 from research.nn import param_count
@@ -273,12 +274,6 @@ def capture_shapes(model: nnx.Module, paths: Sequence[str], sample_input: jax.Ar
     return shapes
 
 
-def _deep_copy(model: nnx.Module) -> nnx.Module:
-    """A clone whose arrays are fresh buffers (``nnx.clone`` shares them with the original)."""
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.array(a, copy=True), state))
-
-
 def _get(model, path):
     from research.nn import get_module
 
@@ -404,7 +399,7 @@ def factorize_with_report(
     rules = list(rules)
     if not rules:
         raise ValueError("rules is empty; pass e.g. [DecompositionRule(pattern='conv', vbmf=True)]")
-    base = _deep_copy(model)  # no buffer shared with ``model``: donating training steps stay safe
+    base = copy_model(model)  # no buffer shared with ``model``: donating training steps stay safe
     base.eval()
     cands = _candidates(base)
     matches = match_layer_rules(rules, [p for p, _ in cands])
@@ -611,7 +606,7 @@ def _shell(dense: nnx.Module, method: str, rank: Any) -> nnx.Module:
 
 @recipe_lib.register_step("factorize")
 def _replay_factorize(model: nnx.Module, data: dict[str, Any]) -> nnx.Module:
-    out = _deep_copy(model)
+    out = copy_model(model)
     out.eval()
     for layer in data["layers"]:
         new = _shell(get_module(out, layer["path"]), layer["method"], layer["rank"])

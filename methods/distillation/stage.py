@@ -35,10 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 from typing import ClassVar
 from typing import Literal
-from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -49,6 +46,8 @@ from methods.distillation.transforms import KDTerm
 from methods.distillation.transforms import list_kd_terms
 from methods.distillation.transforms import make_kd_term
 from methods.distillation.transforms import weighted_sum
+from methods.pruning.masks import nonzero_masks
+from methods.pruning.wrapper import masked
 from research import recipe as recipe_lib
 from research.config import Check
 from research.config import ConfigError
@@ -60,6 +59,7 @@ from research.config import ValidationContext
 from research.config import fraction
 from research.config import nonnegative
 from research.metrics import accuracy
+from research.nn import copy_model
 from research.nn import list_models
 from research.nn import model_kwargs
 from research.stages import Bundle
@@ -276,45 +276,15 @@ class DistillStage(StageConfig):
                 )
 
 
-class KeepZerosState(NamedTuple):
-    """State of :func:`keep_zeros`: the 0/1 mask of each parameter and the inner state."""
-
-    mask: Any
-    inner: Any
-
-
 def keep_zeros(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """Wraps ``tx`` so that kernel entries (``ndim >= 2``) that are zero at ``init`` stay zero.
 
-    The mask lives in the optimizer state (checkpointed with it). Vectors (biases, norms) are
-    never masked: a fresh layer's zero-initialised bias must still train.
+    This is :func:`methods.pruning.masked` with fixed masks taken from the params at ``init``
+    (:func:`methods.pruning.masks.nonzero_masks`): the masks live in the optimizer state
+    (checkpointed with it). Vectors (biases, norms) are never masked: a fresh layer's
+    zero-initialised bias must still train.
     """
-
-    def mask_of(p):
-        return (p != 0).astype(p.dtype) if jnp.ndim(p) >= 2 else jnp.ones((), p.dtype)
-
-    def init(params):
-        return KeepZerosState(jax.tree.map(mask_of, params), tx.init(params))
-
-    def update(updates, state, params=None):
-        updates = jax.tree.map(lambda u, m: u * m, updates, state.mask)
-        updates, inner = tx.update(updates, state.inner, params)
-        updates = jax.tree.map(lambda u, m: u * m, updates, state.mask)
-        return updates, KeepZerosState(state.mask, inner)
-
-    return optax.GradientTransformation(init, update)
-
-
-def copy_model(model: nnx.Module) -> nnx.Module:
-    """A copy of ``model`` with its own array buffers.
-
-    ``nnx.clone`` shares the arrays, and the jitted train step donates the state's buffers; a
-    student trained from a clone would delete the arrays of the model it was cloned from (often
-    the teacher). Training a copy keeps the teacher and the earlier stages' models intact.
-    """
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
-    return nnx.merge(graphdef, state)
+    return masked(tx, masks=nonzero_masks)
 
 
 def _lookup(models: Mapping[str, nnx.Module], key: str, role: str) -> nnx.Module:

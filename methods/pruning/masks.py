@@ -99,6 +99,15 @@ def ones_like_masks(params: PyTree, paths: Sequence[str]) -> PyTree:
     return map_with_paths(lambda p, x: jnp.ones(jnp.shape(x), bool) if p in keep else None, params)
 
 
+def nonzero_masks(params: PyTree) -> PyTree:
+    """Keeps the nonzero entries of every kernel (``ndim >= 2``); ``None`` (not masked) for vectors.
+
+    Used as ``masked(tx, masks=nonzero_masks)`` to fine-tune an already pruned model: its zero
+    weights stay zero, while biases and norms (often zero-initialised) still train.
+    """
+    return jax.tree.map(lambda x: jnp.asarray(x) != 0 if jnp.ndim(x) >= 2 else None, params)
+
+
 def mask_from_scores(scores: jax.Array, sparsity: jax.Array | float) -> jax.Array:
     """Keeps the highest scores: exactly ``round(sparsity * size)`` entries are pruned.
 

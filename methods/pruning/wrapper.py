@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -32,6 +33,7 @@ import optax
 
 from methods.pruning.masks import SparsityRule
 from methods.pruning.masks import leaf_targets
+from methods.pruning.masks import ones_like_masks
 from methods.pruning.patterns import Pattern
 from methods.pruning.patterns import Unstructured
 from methods.pruning.schedules import Schedule
@@ -90,7 +92,7 @@ def masked(
     scorer: str = "magnitude",
     allocation: str = "layerwise",
     pattern: Pattern | None = None,
-    masks: PyTree | None = None,
+    masks: PyTree | Callable[[PyTree], PyTree] | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformation:
     """Wraps ``inner`` so training keeps pruned weights at exactly zero.
@@ -104,7 +106,9 @@ def masked(
         scores use the gradients the wrapper receives.
       allocation: ``layerwise``, ``global`` or ``erk`` (unstructured pattern only).
       pattern: :class:`~methods.pruning.patterns.Unstructured` (default), ``NM`` or ``Block``.
-      masks: initial masks (pytree shaped like the params with ``None`` for dense leaves).
+      masks: initial masks (pytree shaped like the params with ``None`` for dense leaves), or a
+        function of the params that returns them at ``init`` (e.g.
+        :func:`~methods.pruning.masks.nonzero_masks`: a pruned model's zeros stay zero).
       seed: key for random scores.
 
     Returns:
@@ -122,13 +126,12 @@ def masked(
         if masks is not None:
             m = jax.tree.map(
                 lambda mk, p: None if mk is None else jnp.asarray(mk, bool),
-                masks,
+                masks(params) if callable(masks) else masks,
                 params,
                 is_leaf=_is_none,
             )
         else:
-            paths = set(leaf_targets(params, schedule.final_sparsity, rules))
-            m = map_with_paths(lambda p, x: jnp.ones(jnp.shape(x), bool) if p in paths else None, params)
+            m = ones_like_masks(params, leaf_targets(params, schedule.final_sparsity, rules))
         return MaskedState(jnp.zeros((), jnp.int32), m, inner.init(params))
 
     def recompute(params, grads, count):

@@ -23,7 +23,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -36,6 +35,7 @@ from methods.quantization.modules import QuantSpec
 from methods.quantization.modules import find_quantizers
 from methods.quantization.modules import list_methods
 from research import recipe as recipe_lib
+from research.nn import copy_model
 from research.nn import get_module
 from research.nn import iter_modules
 from research.nn import replace_module
@@ -239,10 +239,8 @@ def quantize_model(
             skipped[order[0]] = "skip_first"
         if skip_last:
             skipped[order[-1]] = "skip_last"
-    out = nnx.clone(model)
-    # own buffers: a train step that donates the quantized model's arrays must not delete the
-    # float model's (nnx.clone shares the immutable jax arrays)
-    nnx.update(out, jax.tree.map(lambda a: jnp.array(a, copy=True), nnx.state(out)))
+    # own buffers: a train step that donates the quantized model's arrays must not delete the float model's
+    out = copy_model(model)
     rngs = nnx.Rngs(seed)
     reasons: dict[str, str] = {}
     for path in sorted(paths, key=lambda p: -p.count("/")):

@@ -15,13 +15,12 @@ deliberate difference, the *shared bandwidth floor*: Hyperopt's "magic clip" kee
 kernel at least ``1 / min(100, n + 2)`` wide with ``n`` the size of that estimator, so the
 few points of ``l`` (5 of 50) get kernels at least 1/7 of the range wide and TPE cannot
 zoom in on a good region. Here both estimators use ``n`` = the number of observations the
-split was made from. Measured with ``experiments/benchmarks/automl.py``'s runners over
-seeds 100-159: Branin (50 trials) median regret 0.18 -> 0.009 (Optuna 0.23); Hartmann-6
-(100 trials) 0.12 -> 0.13, within seed noise (Optuna 0.11), with more runs below 0.05
-(30% vs 12%) but also more left in a local basin. ``bandwidth_floor="per_estimator"``
-restores the usual rule. Univariate TPE keeps the usual rule by default: its independent
-one-dimensional estimators each collapse onto a narrow range when their kernels may be
-narrow (Hartmann-6, seeds 100-129: median regret 0.38 -> 0.60 with the shared floor).
+split was made from. On Branin the shared floor converges where the classic clip stalls; on
+Hartmann-6 the two are within seed noise (``python -m experiments.benchmarks.automl`` measures
+the regrets against Optuna's). ``bandwidth_floor="per_estimator"`` restores the usual rule.
+Univariate TPE keeps the usual rule by default: its independent one-dimensional estimators
+each collapse onto a narrow range when their kernels may be narrow (a worse median regret on
+Hartmann-6 with the shared floor).
 
 Other known differences from Optuna: a categorical kernel adds ``prior_weight / n_choices``
 (not ``prior_weight / (n + 1)``) to every choice, so it smooths more; an integer is scored

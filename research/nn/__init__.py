@@ -13,6 +13,7 @@ from research.nn.registry import build_model
 from research.nn.registry import list_models
 from research.nn.registry import model_kwargs
 from research.nn.registry import register_model
+from research.nn.surgery import copy_model
 from research.nn.surgery import find_modules
 from research.nn.surgery import get_module
 from research.nn.surgery import iter_modules
@@ -50,6 +51,7 @@ __all__ = [
     "TINY_OPTIONS",
     "VGGSmall",
     "build_model",
+    "copy_model",
     "find_modules",
     "get_module",
     "iter_modules",

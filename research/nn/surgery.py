@@ -69,6 +69,18 @@ def _set_in_place(model: nnx.Module, path: str, new: Any) -> None:
         setattr(parent, last, new)
 
 
+def copy_model(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` whose arrays are fresh buffers.
+
+    ``nnx.clone`` shares the (immutable) jax arrays with the original, and the jitted train
+    steps donate the state's buffers: training a clone would delete the arrays of the model it
+    was cloned from (a teacher, an earlier stage's model). Training a copy leaves them intact.
+    """
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+    return nnx.merge(graphdef, state)
+
+
 def replace_module(model: nnx.Module, path: str, new: Any, *, copy: bool = True) -> nnx.Module:
     """Returns a model whose module at ``path`` is ``new``.
 

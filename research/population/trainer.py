@@ -98,8 +98,8 @@ class PopulationTrainer:
         from research.population.keys import signature
         from research.population.keys import split_populations
         from research.run import build_bundle
-        from research.train import make_optimizer
         from research.stages import train_kwargs
+        from research.train import make_optimizer
 
         if not configs:
             raise ValueError("no trial configs; give at least one")

@@ -16,6 +16,7 @@ from flax import nnx
 
 from research.data import BatchSampler
 from research.data import Dataset
+from research.train.data_parallel import data_parallel_step
 from research.train.loop import fit
 from research.train.losses import LossFn
 from research.train.losses import LossTransform
@@ -139,7 +140,7 @@ def finetune(
       sampler: a custom batch sampler (default: shuffled batches of the training split).
       return_state: also return ``(defs, state)`` (e.g. to read masks from the optimizer state).
       data_parallel: shard each batch over the local devices, state replicated
-        (:mod:`research.population.data_parallel`).
+        (:mod:`research.train.data_parallel`).
 
     Returns:
       ``(trained_model, records)`` or ``(trained_model, records, (defs, state))``.
@@ -163,8 +164,6 @@ def finetune(
     defs, state = create_train_state(nnx.clone(model), tx, seed=seed)
     step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms)
     if data_parallel:
-        from research.population.data_parallel import data_parallel_step  # pylint: disable=import-outside-toplevel
-
         step_fn = data_parallel_step(step_fn, min(batch_size, len(dataset.x_train)))
     if sampler is None:
         sampler = BatchSampler(

@@ -59,9 +59,9 @@ FLAT = {"cnn1d"}  # a 1-D model: digits are fed as length-64 signals
 
 
 @pytest.fixture(scope="module")
-def digits():
-    ds = load_dataset("digits", seed=0, limit=300)
-    return ds
+def digits300():
+    """300 digits examples: enough for every stage to run, small enough for quick compiles."""
+    return load_dataset("digits", seed=0, limit=300)
 
 
 def _bundle_data(name, ds):
@@ -73,8 +73,8 @@ def _bundle_data(name, ds):
     return ds
 
 
-def _bundle(name, digits, seed=0):
-    ds = _bundle_data(name, digits)
+def _bundle(name, data, seed=0):
+    ds = _bundle_data(name, data)
     model, recipe = _random_model(name, ds, seed)
     return Bundle(model=model, dataset=ds, seed=seed, recipe=recipe)
 
@@ -160,16 +160,16 @@ SURGERY_ZOO = [n for n in list_models() if n != "resnet56" and not n.endswith("_
 
 
 @pytest.mark.parametrize("name", ["resnet56", *(n for n in list_models() if n.endswith("_family"))])
-def test_zoo_model_rebuilds_from_its_zoo_step(name, digits, tmp_path):
-    ds = _bundle_data(name, digits)
+def test_zoo_model_rebuilds_from_its_zoo_step(name, digits300, tmp_path):
+    ds = _bundle_data(name, digits300)
     model, recipe = _random_model(name, ds)
     # same graph and same arrays is the same function (no forward compilation needed here)
     _roundtrip(tmp_path, "stage", Bundle(model=model, dataset=ds, recipe=recipe), outputs=False)
 
 
 @pytest.mark.parametrize("name", SURGERY_ZOO)
-def test_every_zoo_model_rebuilds_after_channel_removal_factorization_and_quantization(name, digits, tmp_path):
-    ds = _bundle_data(name, digits)
+def test_every_zoo_model_rebuilds_after_channel_removal_factorization_and_quantization(name, digits300, tmp_path):
+    ds = _bundle_data(name, digits300)
     x = jnp.asarray(ds.x_test[:8])
     model, recipe = _random_model(name, ds)
     model, plan = remove_channels(model, x, 0.5, return_plan=True)
@@ -195,10 +195,10 @@ def test_every_zoo_model_rebuilds_after_channel_removal_factorization_and_quanti
     _roundtrip(tmp_path, "stage", bundle)
 
 
-def test_every_stage_kind_rebuilds_identically(digits, tmp_path):
+def test_every_stage_kind_rebuilds_identically(digits300, tmp_path):
     one = TrainStage(steps=1, batch_size=16, checkpoint_every=100, eval_every=0, log_every=1)
-    teacher = _bundle("lenet5", digits)
-    bundle = _bundle("lenet5", digits, seed=1)
+    teacher = _bundle("lenet5", digits300)
+    bundle = _bundle("lenet5", digits300, seed=1)
     bundle.models["train"], bundle.recipes["train"] = teacher.model, teacher.recipe
     cases = [
         (
@@ -254,8 +254,8 @@ def test_every_stage_kind_rebuilds_identically(digits, tmp_path):
         assert nnx.graphdef(recipe_lib.build(recipe)) == nnx.graphdef(student)
 
 
-def test_a_structure_change_without_a_recipe_step_fails_at_save(digits, tmp_path):
-    bundle = _bundle("mlp", digits)
+def test_a_structure_change_without_a_recipe_step_fails_at_save(digits300, tmp_path):
+    bundle = _bundle("mlp", digits300)
     pruned = run_prune(
         bundle, PruneStage(channel_ratio=0.5, sparsity=0.0, schedule="one_shot", train=None), _ctx(tmp_path, "p")
     ).bundle

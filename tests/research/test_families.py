@@ -65,6 +65,7 @@ def test_conditional_widths_and_bad_options():
         nn.get_family("lenet5")
 
 
+@pytest.mark.slow  # every method and export on one family member
 def test_smallest_member_goes_through_every_method(tmp_path):
     name = "conv1d_family"
     from methods import decomposition

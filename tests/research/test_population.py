@@ -254,7 +254,7 @@ SHARDED = textwrap.dedent(
             np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
     # a single run, data-parallel over the 4 devices == on one device
     import pathlib, tempfile
-    from research.population.data_parallel import data_parallel_step
+    from research.train.data_parallel import data_parallel_step
     from research.run import build_bundle
     from research.stages import StageContext, finetune, train_kwargs
     bundle = build_bundle(configs[1])
@@ -275,7 +275,7 @@ SHARDED = textwrap.dedent(
 
 
 def test_data_parallel_batch_size_must_split_over_the_devices():
-    from research.population.data_parallel import data_parallel_step
+    from research.train.data_parallel import data_parallel_step
 
     with pytest.raises(
         ValueError, match="batch_size=6 does not split over 4 devices; use a multiple of 4 \\(e.g. 8\\)"

@@ -10,6 +10,7 @@ from research import run as run_lib
 from research import tune as tune_lib
 
 
+@pytest.mark.slow  # the whole smoke pipeline, export included
 def test_quickstart_smoke_end_to_end(tmp_path, capsys):
     workdir = tmp_path / "qs"
     assert cli.main(["run", "configs/quickstart.py:smoke", "--workdir", str(workdir), "--no-progress"]) == 0
@@ -58,11 +59,16 @@ def test_bad_set_key_fails_before_training(tmp_path, capsys):
 
 
 def test_workdir_of_other_config_is_refused(tmp_path):
-    cfg = C.apply_overrides(
-        C.load_config("configs/quickstart.py:smoke"), ["stages.0.steps=4", "stages.0.checkpoint_every=2"]
-    )
-    run_lib.run(cfg, str(tmp_path), progress=False, echo=False)
+    cfg = C.apply_overrides(C.load_config("configs/quickstart.py:smoke"), ["stages.0.steps=4"])
+    # The workdir of a finished run of ``cfg``: its config.json is what the check reads (written
+    # here directly instead of training and exporting the smoke pipeline).
+    config_json = C.to_json(cfg) + "\n"
+    (tmp_path / "config.json").write_text(config_json)
+    (tmp_path / "report.json").write_text('{"stages": []}')
     other = C.apply_overrides(cfg, ["stages.0.steps=5"])
     with pytest.raises(C.ConfigError, match="different config"):
         run_lib.run(other, str(tmp_path), progress=False, echo=False)
-    assert os.path.exists(tmp_path / "report.json")
+    # The refused run changed nothing: the earlier run's files are as they were.
+    assert (tmp_path / "config.json").read_text() == config_json
+    assert (tmp_path / "report.json").read_text() == '{"stages": []}'
+    assert not os.path.exists(tmp_path / "stages")

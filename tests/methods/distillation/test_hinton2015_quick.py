@@ -1,8 +1,11 @@
 """Smoke test of the Hinton et al. (2015) reproduction (``main.py --quick``)."""
 
+import pytest
+
 from experiments.hinton2015.main import main
 
 
+@pytest.mark.slow  # the whole experiment, in its quick configuration
 def test_quick_run_prints_a_table_with_paper_figures(capsys):
     result = main(["--quick"])
     out = capsys.readouterr().out

@@ -12,6 +12,7 @@ from research.train import split_model
 from research.tree import flatten_with_paths
 
 
+@pytest.mark.slow  # the whole experiment, in its quick configuration
 def test_quick_run_prints_the_table_and_pruned_weights_stay_zero(tmp_path, capsys):
     # The pruned pipeline only: each variant is a full 4-stage run through research.run.
     result = main(["--quick", "--variants", "prune", "--workdir", str(tmp_path)])

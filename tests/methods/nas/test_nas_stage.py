@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from research import cli
@@ -10,6 +11,7 @@ from research import nn
 from research import run as run_lib
 
 
+@pytest.mark.slow  # the whole nas pipeline: supernet, search, fine-tuning, int8 quantization
 def test_nas_cli_smoke_runs_the_stage_and_prints_the_front(tmp_path, capsys):
     # max_flops below the largest member's, so the chosen member is not the config's default model
     argv = ["nas", "configs/nas_mnist1d.py:smoke", "--workdir", str(tmp_path), "--no-progress"]

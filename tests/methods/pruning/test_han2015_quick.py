@@ -5,6 +5,7 @@ import pytest
 from experiments.han2015.main import main
 
 
+@pytest.mark.slow  # the whole experiment, in its quick configuration
 def test_han2015_quick(capsys):
     result = main(["--quick"])
     out = capsys.readouterr().out

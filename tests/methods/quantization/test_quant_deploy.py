@@ -9,24 +9,16 @@ import optax
 import pytest
 from flax import nnx
 
-pytest.importorskip("tensorflow", reason="export extras not installed: pip install slimjax[export]")
-
-from methods.quantization import QuantRule  # noqa: E402
-from methods.quantization import calibrate  # noqa: E402
-from methods.quantization import deployable  # noqa: E402
-from methods.quantization import quantize_model  # noqa: E402
-from methods.quantization.deploy import DeployedLayer  # noqa: E402
-from research.data import load_dataset  # noqa: E402
-from research.export import export  # noqa: E402
-from research.export.deploy import as_deployable  # noqa: E402
-from research.export.deploy import deploy_hooks  # noqa: E402
-from research.nn import build_model  # noqa: E402
-from research.nn import find_modules  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", seed=0)
+from methods.quantization import QuantRule
+from methods.quantization import calibrate
+from methods.quantization import deployable
+from methods.quantization import quantize_model
+from methods.quantization.deploy import DeployedLayer
+from research.export import export
+from research.export.deploy import as_deployable
+from research.export.deploy import deploy_hooks
+from research.nn import build_model
+from research.nn import find_modules
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,7 @@ def test_acquisition_maximiser_matches_a_dense_grid():
     assert ours >= dense - 1e-3
 
 
+@pytest.mark.slow  # the default GP's programs compile once here (most of its time)
 def test_gp_finds_the_branin_minimum():
     study = Study(branin_space(), sampler=GPSampler(seed=0))
     study.optimize(branin, n_trials=30, show_progress_bar=False)

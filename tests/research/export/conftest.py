@@ -1,4 +1,7 @@
-"""Fixtures shared by the export tests: a trained digits MLP and a conv net with BatchNorm."""
+"""Fixtures of the export tests: a trained digits MLP and a conv net with BatchNorm.
+
+The export extras skip and ``digits`` come from ``tests/conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,6 @@ import pytest
 from export_test_models import SmallConvNet
 from export_test_models import SmallMLP
 from flax import nnx
-
-pytest.importorskip("tensorflow", reason="export extras not installed: pip install slimjax[export]")
-
-
-@pytest.fixture(scope="session")
-def digits():
-    from research.data import load_dataset
-
-    return load_dataset("digits", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,9 @@ from research.nn import build_model
 from research.nn import list_models
 from research.train import train_scan
 
+# Trains and exports every hand-designed zoo model (minutes): slow, still run in CI.
+pytestmark = pytest.mark.slow
+
 # cnn1d is a 1-D model: digits are fed as length-64 signals.
 FLAT = {"cnn1d"}
 

@@ -35,6 +35,7 @@ def _inputs(name, x):
     return x.reshape(len(x), -1) if name in FLAT else x
 
 
+@pytest.mark.slow  # TFLite + tf2onnx + TVM compile per zoo model
 @pytest.mark.parametrize("name", ZOO)
 def test_tvm_fp32_parity_on_zoo_model(name, digits, tmp_path):
     x_test = _inputs(name, digits.x_test)
