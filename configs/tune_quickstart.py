@@ -10,8 +10,8 @@ learning rate (log scale), hidden widths, pruning sparsity and weight bits; ``st
 chooses adam or adamw, and ``stages.train.weight_decay`` exists only under adamw (a conditional key).
 
 Expected: about 90 s of CPU for the 12 trials plus one baseline run of the unmodified config (the
-hypervolume reference); measured 7-35 s per trial on a loaded 2-core machine, the first trials mostly
-compiling. Validation accuracy about 0.97-0.99 at 1.4-2.5 KB on the Pareto front, and the smallest
+hypervolume reference); the first trials mostly compile (``python -m experiments.benchmarks.tune_overhead``
+splits a trial's time into compile and train). Validation accuracy about 0.97-0.99 at 1.4-2.5 KB on the Pareto front, and the smallest
 trials (under 1 KB, 90%+ sparsity at 4 bits) lose most of it; ``tune.txt`` lists the Pareto trials and
 ``best/trial_<n>.py`` reruns one with ``slimjax run``. ``:smoke`` shrinks every stage for tests.
 """

@@ -17,9 +17,9 @@ Both sweeps count everything a sweep does per trial: compilation, training, meas
 (accuracy, FLOPs, latency) and writing its run directory.
 
 Run:
-  python experiments/benchmarks/population.py                      # CPU: 20 steps, K in 1 8 32 128
-  python experiments/benchmarks/population.py --steps 200 --seq-trials 8   # a GPU
-  python experiments/benchmarks/population.py --models lenet300 --ks 1 8 --steps 10 --seq-trials 2
+  python -m experiments.benchmarks.population                      # CPU: 20 steps, K in 1 8 32 128
+  python -m experiments.benchmarks.population --steps 200 --seq-trials 8   # a GPU
+  python -m experiments.benchmarks.population --models lenet300 --ks 1 8 --steps 10 --seq-trials 2
 """
 
 from __future__ import annotations
@@ -27,12 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _config(model: str, steps: int, batch_size: int):

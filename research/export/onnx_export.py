@@ -114,8 +114,8 @@ def tflite_to_onnx(tflite_bytes: bytes, opset: int = DEFAULT_OPSET) -> Any:
     """Converts TFLite bytes to an ``onnx.ModelProto`` with ``tf2onnx.convert.from_tflite``.
 
     tf2onnx deep-copies the whole graph before each of its optimizer passes so that a failing
-    pass can be undone (``TF2ONNX_CATCH_ERRORS``); on an int8 ResNet-56 with a variable batch
-    that copying is ~80% of a 60 s conversion. The conversion first runs without the copies and
+    pass can be undone (``TF2ONNX_CATCH_ERRORS``); on large int8 graphs that copying is most of the
+    conversion time. The conversion first runs without the copies and
     only falls back to tf2onnx's safe mode when a pass raises, so the result is the same.
     """
     tf2onnx = _deps.tf2onnx()

@@ -26,7 +26,7 @@ registry (:func:`register_quantization`) of functions that configure the convert
 **Variable batch.** jax2tf's shape polymorphism (``batch_route="jax2tf"``) turns every
 broadcast of a parameter against a batch-sized tensor into a runtime ``BROADCAST_TO``, which
 stops the converter from folding BatchNorm and fusing biases and activations (MobileNetV2: 190
-ops instead of 28, 33x slower in LiteRT at batch 8). The default route, ``"auto"``, converts at
+ops instead of 28; ``experiments/benchmarks/compile.py`` times the artifacts). The default route, ``"auto"``, converts at
 a fixed batch of :data:`STATIC_TRACE_BATCH`, frees the leading dimension in the flatbuffer
 (:func:`free_batch_dim`) and checks that the result does not depend on the batch size; when the
 check fails it falls back to jax2tf's route (``"static"`` raises instead). :func:`batch_route`
