@@ -270,6 +270,7 @@ def _cmd_export(args) -> int:
     except ImportError as e:
         print(f"slimjax: export is unavailable: {e}", file=sys.stderr)
         return 2
+    from research.config import ConfigError
     from research.store import StoreError
     from research.workdir import WorkdirInUseError
     from research.workdir import WorkdirLock
@@ -279,6 +280,9 @@ def _cmd_export(args) -> int:
             report = export_run(args.run_dir, formats=tuple(args.to.split(",")), int8=args.int8, out_dir=args.out)
     except (StoreError, WorkdirInUseError) as e:  # a legacy result.pkl (never opened), unreadable files, a live run
         print(f"slimjax: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:  # a mistyped or unrunnable --to, refused before the run is loaded
+        print(f"slimjax: export error: {e}", file=sys.stderr)
         return 2
     print(report.table() if hasattr(report, "table") else report)
     return 0

@@ -132,7 +132,11 @@ def _int8_modes(int8: bool, formats) -> tuple[str, ...]:
 
 
 def export_run(run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: str | None = None) -> ExportReport:
-    """Exports the final model of a finished run directory (``slimjax export RUN_DIR``)."""
+    """Exports the final model of a finished run directory (``slimjax export RUN_DIR``).
+
+    Raises:
+      ConfigError: an unknown, unrunnable or incomplete list of ``formats`` (before the run is loaded).
+    """
     from research import config as config_lib
     from research.run import load_data
     from research.run import load_run
@@ -140,7 +144,7 @@ def export_run(run_dir: str, *, formats=FORMATS, int8: bool = False, out_dir: st
 
     found = formats_lib.problems(formats, _int8_modes(int8, formats))
     if found:  # before the run is loaded: a mistyped --to comes back at once
-        raise ValueError("; ".join(msg for _, msg in found))
+        raise config_lib.ConfigError("; ".join(msg for _, msg in found))
     _, model, _ = load_run(run_dir)
     cfg = load_run_config(run_dir)
     dataset = load_data(config_lib.Config(seed=cfg["seed"], data=config_lib.DataConfig(**cfg["data"])))

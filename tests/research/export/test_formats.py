@@ -298,3 +298,13 @@ def test_export_run_refuses_a_mistyped_format_before_loading_the_run(tmp_path):
 
     with pytest.raises(ValueError, match="did you mean 'tflite'"):
         export_run(str(tmp_path / "no_run_here"), formats=("stablehlo", "tflitee"))
+
+
+def test_slimjax_export_names_a_mistyped_format_in_one_line(tmp_path, capsys):
+    from research import cli
+
+    (tmp_path / "run").mkdir()
+    code = cli.main(["export", str(tmp_path / "run"), "--to", "stablehlo,tflitee"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("slimjax: export error: ") and "did you mean 'tflite'" in err, err
+    assert len(err.strip().splitlines()) == 1, err
