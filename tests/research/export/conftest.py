@@ -5,6 +5,7 @@ The export extras skip and ``digits`` come from ``tests/conftest.py``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -16,22 +17,30 @@ from flax import nnx
 
 @pytest.fixture(scope="session")
 def trained_mlp(digits):
-    """An MLP trained on digits for a few hundred full-batch Adam steps (~97% test accuracy)."""
+    """An MLP trained on digits for 300 full-batch Adam steps (~97% test accuracy).
+
+    The loop is one ``lax.scan`` (one compilation, no per-step dispatch); the steps are the
+    same full-batch Adam updates a Python loop over a jitted step would make.
+    """
     model = SmallMLP(64, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adam(1e-2)
     x, y = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
 
-    @nnx.jit
-    def step(model, opt):
-        def loss_fn(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    def loss_fn(p):
+        return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p)(x), y).mean()
 
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
+    @jax.jit
+    def run(params, opt_state):
+        def body(carry, _):
+            params, opt_state = carry
+            grads = jax.grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
 
-    for _ in range(300):
-        step(model, opt)
+        return jax.lax.scan(body, (params, opt_state), None, length=300)[0][0]
+
+    nnx.update(model, jax.block_until_ready(run(params, tx.init(params))))
     return model
 
 
