@@ -4,7 +4,7 @@ Runs each error case as a fresh ``python -m research.cli ...`` process from one 
 checkouts, interleaved (case by case, checkout by checkout, ``--repeats`` rounds), and prints
 the median wall time, the exit code and the first line of the error. The floor of every case
 that has to run the config file is the import of JAX and Flax, which the config's stage classes
-need; it is timed as its own row.
+need once a check needs a registry (a name typo); value errors come before that import. It is timed as its own row.
 
 Usage:
   python -m experiments.benchmarks.cli_errors                       # this checkout
@@ -42,6 +42,20 @@ def cases(tmp: str) -> list[tuple[str, list[str]]]:
         ("sweep quickstart --grid x", [*cli, "sweep", qs, "--grid", "x"]),
         ("run quickstart --set stages.0.stepz=3", [*cli, "run", qs, "--set", "stages.0.stepz=3"]),
         ("run quickstart --set latency_batch_size=0", [*cli, "run", qs, "--set", "latency_batch_size=0"]),
+        (
+            "run quickstart --set stages.prune.train.learning_rate=-1",
+            [*cli, "run", qs, "--set", "stages.prune.train.learning_rate=-1"],
+        ),
+        ("run quickstart --set data.val_fraction=1.5", [*cli, "run", qs, "--set", "data.val_fraction=1.5"]),
+        # Registry names are known once the stage plugins load (JAX and Flax).
+        (
+            "run quickstart --set stages.quantize.observer=bogus",
+            [*cli, "run", qs, "--set", "stages.quantize.observer=bogus"],
+        ),
+        (
+            "run quickstart --set stages.export.formats=[tflit]",
+            [*cli, "run", qs, "--set", 'stages.export.formats=["tflit"]'],
+        ),
         ("import jax, flax.nnx (floor)", ["-c", "import jax, flax.nnx"]),
     ]
 
