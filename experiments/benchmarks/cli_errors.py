@@ -2,9 +2,9 @@
 
 Runs each error case as a fresh ``python -m research.cli ...`` process from one or more
 checkouts, interleaved (case by case, checkout by checkout, ``--repeats`` rounds), and prints
-the median wall time, the exit code and the first line of the error. The floor of every case
-that has to run the config file is the import of JAX and Flax, which the config's stage classes
-need once a check needs a registry (a name typo); value errors come before that import. It is timed as its own row.
+the median wall time, the exit code and the first line of the error. Value errors are reported
+before JAX loads; a registry-name error needs the stage plugins, so its floor is the import of
+JAX and Flax, timed as its own row.
 
 Usage:
   python -m experiments.benchmarks.cli_errors                       # this checkout
