@@ -20,10 +20,7 @@ import pathlib
 
 import pytest
 
-# LLVM -O1 instead of -O2 for XLA's CPU kernels: the same numbers (float semantics are unchanged; a
-# trained lenet5's weights hash identically), but jax 0.10's rolled-loop threefry lowering for a
-# rank-4 shape (every conv kernel initialiser) takes ~15 s to compile at -O2 and under a second at -O1.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=1")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 TESTS = pathlib.Path(__file__).resolve().parent
