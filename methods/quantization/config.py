@@ -16,10 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 from typing import ClassVar
 
+from methods.quantization import names
 from research.config import Check
 from research.config import InstancesOf
 from research.config import OneOf
 from research.config import Range
+from research.config import Registered
 from research.config import at_least_one
 from research.stages import StageConfig
 from research.stages import TrainStage
@@ -27,18 +29,6 @@ from research.stages import TrainStage
 #: The bit widths a quantizer supports (``methods.quantization.quantizers.check_bits``).
 MIN_BITS = 2
 MAX_BITS = 8
-
-
-def _list_methods() -> list[str]:
-    from methods.quantization.modules import list_methods  # pylint: disable=import-outside-toplevel
-
-    return list_methods()
-
-
-def _list_observers() -> list[str]:
-    from methods.quantization.observers import list_observers  # pylint: disable=import-outside-toplevel
-
-    return list_observers()
 
 
 def _quant_rule() -> type:
@@ -70,10 +60,10 @@ class QuantizeStage(StageConfig):
     kind: ClassVar[str] = "quantize"
     checks: ClassVar[Mapping[str, Check]] = {
         "bits": Range(lo=MIN_BITS, hi=MAX_BITS, hint="the kernel and activation bit width"),
-        "method": OneOf(_list_methods, "quantization method"),
+        "method": Registered(names.QUANT_METHODS),
         "first_last_bits": OneOf([0, *range(MIN_BITS, MAX_BITS + 1)], "bit width (0: same as bits)", bad=(1, 9)),
-        "observer": OneOf(_list_observers, "observer"),
-        "weight_observer": OneOf(_list_observers, "observer"),
+        "observer": Registered(names.OBSERVERS),
+        "weight_observer": Registered(names.OBSERVERS),
         "calibration_examples": at_least_one,
         "calibration_batch_size": at_least_one,
         "rules": InstancesOf(_quant_rule, "give methods.quantization.QuantRule(pattern=...)"),

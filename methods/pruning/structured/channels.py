@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from methods.pruning import names as _names
 from methods.pruning.structured.graph import ChannelGroup
 from methods.pruning.structured.graph import trace_groups
 from methods.pruning.structured.rebuild import rebuild
@@ -41,9 +42,8 @@ from research.tree import set_by_path
 PyTree = Any
 ChannelScoreFn = Callable[[ChannelGroup, dict[str, np.ndarray], dict[str, np.ndarray] | None], np.ndarray]
 
-CHANNEL_SCORES: Registry[tuple[ChannelScoreFn, bool]] = Registry(
-    "channel score", hint="register one with @register_channel_score('name')"
-)
+# Created (with the built-in names declared) in the standard-library names module, so configs are checked before JAX.
+CHANNEL_SCORES: Registry[tuple[ChannelScoreFn, bool]] = _names.CHANNEL_SCORES
 
 
 def register_channel_score(name: str, *, needs_grad: bool = False) -> Callable[[ChannelScoreFn], ChannelScoreFn]:
@@ -56,7 +56,7 @@ def register_channel_score(name: str, *, needs_grad: bool = False) -> Callable[[
     """
 
     def deco(fn: ChannelScoreFn) -> ChannelScoreFn:
-        old = CHANNEL_SCORES.get(name) if name in CHANNEL_SCORES else None
+        old = CHANNEL_SCORES.loaded(name)
         same = old is not None and same_definition(old[0], fn) and old[1] == needs_grad
         CHANNEL_SCORES.register(name, (fn, needs_grad), replace=same)
         return fn
