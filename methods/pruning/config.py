@@ -18,6 +18,7 @@ from typing import ClassVar
 from typing import Literal
 
 from methods.pruning import names
+from methods.pruning.rules import SparsityRule
 from research.config import Check
 from research.config import ConfigError
 from research.config import Each
@@ -34,12 +35,6 @@ def _scores():
     from methods.pruning import scores  # pylint: disable=import-outside-toplevel
 
     return scores
-
-
-def _sparsity_rule() -> type:
-    from methods.pruning.masks import SparsityRule  # pylint: disable=import-outside-toplevel
-
-    return SparsityRule
 
 
 def _default_train() -> TrainStage:
@@ -85,7 +80,7 @@ class PruneStage(StageConfig):
         "block": Each(at_least_one),
         "channel_ratio": Range(lo=0, hi=1, hi_open=True, hint="the fraction of channels removed"),
         "channel_score": Registered(names.CHANNEL_SCORES),
-        "rules": InstancesOf(_sparsity_rule, "give methods.pruning.SparsityRule(pattern=...)"),
+        "rules": InstancesOf(SparsityRule, "give methods.pruning.SparsityRule(pattern=...)"),
     }
     renamed: ClassVar[Mapping[str, str]] = {
         "steps": "train.steps",

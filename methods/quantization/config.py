@@ -17,6 +17,9 @@ from typing import Any
 from typing import ClassVar
 
 from methods.quantization import names
+from methods.quantization.rules import MAX_BITS
+from methods.quantization.rules import MIN_BITS
+from methods.quantization.rules import QuantRule
 from research.config import Check
 from research.config import InstancesOf
 from research.config import OneOf
@@ -25,16 +28,6 @@ from research.config import Registered
 from research.config import at_least_one
 from research.stages import StageConfig
 from research.stages import TrainStage
-
-#: The bit widths a quantizer supports (``methods.quantization.quantizers.check_bits``).
-MIN_BITS = 2
-MAX_BITS = 8
-
-
-def _quant_rule() -> type:
-    from methods.quantization.surgery import QuantRule  # pylint: disable=import-outside-toplevel
-
-    return QuantRule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,7 +59,7 @@ class QuantizeStage(StageConfig):
         "weight_observer": Registered(names.OBSERVERS),
         "calibration_examples": at_least_one,
         "calibration_batch_size": at_least_one,
-        "rules": InstancesOf(_quant_rule, "give methods.quantization.QuantRule(pattern=...)"),
+        "rules": InstancesOf(QuantRule, "give methods.quantization.QuantRule(pattern=...)"),
     }
     bits: int = 8
     method: str = "ste"
@@ -83,8 +76,6 @@ class QuantizeStage(StageConfig):
 
     def make_rules(self, order: list[str]) -> list[Any]:
         """The :class:`~methods.quantization.QuantRule` s of this stage (``order``: layer paths in execution order)."""
-        from methods.quantization.surgery import QuantRule  # pylint: disable=import-outside-toplevel
-
         if self.rules:
             return list(self.rules)
         rules = []

@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 
 from methods.pruning import names as _names
+from methods.pruning.rules import ChannelRule
+from methods.pruning.rules import check_channel_ratio
 from methods.pruning.structured.graph import ChannelGroup
 from methods.pruning.structured.graph import trace_groups
 from methods.pruning.structured.rebuild import rebuild
@@ -32,7 +34,6 @@ from research.registry import same_definition
 from research.train import cross_entropy_loss
 from research.train import merge_model
 from research.train import split_model
-from research.tree import Rule
 from research.tree import flatten_with_paths
 from research.tree import get_by_path
 from research.tree import map_with_paths
@@ -121,31 +122,6 @@ def taylor_channel_score(group, params, grads):
     return total**2
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ChannelRule(Rule):
-    """Per-group removal ratio, matched against the group's producer module paths.
-
-    Attributes:
-      pattern: regular expression searched in producer module paths and their kernel paths
-        (e.g. ``"^blocks/[0-2]/"``; the convention in :mod:`research.tree.rules`).
-      ratio: fraction of the group's channels to remove, in [0, 1); ``None`` uses the call's
-        ``ratio``; ``0.0`` keeps the group whole.
-    """
-
-    ratio: float | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.ratio is not None:
-            _check_ratio(self.ratio, f"ChannelRule(pattern={self.pattern!r}).ratio")
-
-
-def _check_ratio(ratio, name="ratio"):
-    if not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"{name}={ratio} is outside [0, 1); pass the fraction of channels to remove")
-    return float(ratio)
-
-
 @dataclasses.dataclass
 class GroupPlan:
     """The decision for one group: which channels stay."""
@@ -217,7 +193,7 @@ def plan_channels(
       KeyError: unknown score.
       research.tree.RuleError: a rule matches no producer path (the message lists them).
     """
-    ratio = _check_ratio(ratio)
+    ratio = check_channel_ratio(ratio)
     fn, needs_grad = CHANNEL_SCORES.get(score)
     groups = trace_groups(model, sample_input)
     _, params, _ = split_model(nnx.clone(model))
