@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from methods.pruning import names as _names
+import methods.pruning.names as _names
 from methods.pruning.masks import SparsityRule
 from methods.pruning.masks import leaf_targets
 from methods.pruning.scores import allocate

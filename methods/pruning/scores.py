@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from methods.pruning import names as _names
+import methods.pruning.names as _names
 from methods.pruning.masks import SparsityRule
 from methods.pruning.masks import leaf_targets
 from methods.pruning.masks import mask_from_scores

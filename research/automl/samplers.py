@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from research import names as _names
+import research.names as _names
 from research.automl.sobol import sobol_points
 from research.automl.space import Space
 from research.automl.trial import Trial

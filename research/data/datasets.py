@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from research import names as _names
+import research.names as _names
 from research.registry import Registry
 
 LoaderFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]]

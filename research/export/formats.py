@@ -57,7 +57,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from research import names as _names
+import research.names as _names
 from research.export.config import DEFAULT_FORMATS  # noqa: F401 - re-exported: the formats written when none are named
 from research.export.report import Agreement
 from research.registry import Registry

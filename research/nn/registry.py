@@ -9,7 +9,7 @@ from typing import Any
 
 from flax import nnx
 
-from research import names as _names
+import research.names as _names
 from research.registry import Registry
 
 # Created (with the built-in names declared) in the standard-library research.names, so configs are checked before JAX.

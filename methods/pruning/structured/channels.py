@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from methods.pruning import names as _names
+import methods.pruning.names as _names
 from methods.pruning.rules import ChannelRule
 from methods.pruning.rules import check_channel_ratio
 from methods.pruning.structured.graph import ChannelGroup
