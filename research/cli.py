@@ -32,9 +32,9 @@ def _config_error(message: object) -> int:
     return 2
 
 
-def _load_config(args):
-    """``args.config`` with ``--set`` overrides applied and validated; None (after printing the
-    error) when the config is invalid."""
+def _load_config(args, grid=None):
+    """``args.config`` with ``--set`` overrides applied and validated (and each value of a sweep's
+    ``grid``, before JAX loads); None (after printing the error) when the config is invalid."""
     from research import config as config_lib  # standard library only
 
     try:
@@ -51,6 +51,8 @@ def _load_config(args):
             if not issubclass(w.category, DeprecationWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         config_lib.check_values(config)  # types, ranges and registry names: before JAX is imported
+        if grid:
+            config_lib.check_grid_values(config, grid)  # each --grid value on its own, before JAX too
         config_lib.register_all_stages()  # the stage plugins and their registries (imports JAX)
         config_lib.validate(config)
     except (config_lib.ConfigError, ValueError, KeyError, TypeError) as e:
@@ -180,7 +182,7 @@ def _cmd_sweep(args) -> int:
     except GridError as e:
         print(f"slimjax: {e}", file=sys.stderr)
         return 2
-    config = _load_config(args)
+    config = _load_config(args, grid)
     if config is None:
         return 2
     from research.sweep import sweep

@@ -739,12 +739,40 @@ def check_values(config: Config) -> None:
     Raises:
       ConfigError: naming the dotted key of the first bad value (``stages.prune.train.learning_rate``).
     """
+    _check_values(config, declare_plugin_names())
+
+
+def check_grid_values(config: Config, grid: Mapping[str, Sequence[Any]]) -> None:
+    """:func:`check_values` of ``config`` with each value of a sweep grid set on its own.
+
+    ``slimjax sweep`` runs it before JAX is imported, so a bad or misspelt grid value is reported
+    at once (every combination is validated in full by the sweep before any point runs).
+
+    Args:
+      config: the base config (overrides applied).
+      grid: ``{override key: [values]}`` with parsed values (``slimjax sweep --grid``).
+
+    Raises:
+      ConfigError: ``--grid KEY=VALUE: <the error>`` for the first bad value.
+    """
+    complete = declare_plugin_names()
+    for key, values in grid.items():
+        for value in values:
+            try:
+                with warnings.catch_warnings():  # a deprecated key warns once, when the sweep applies it
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    point = _set(config, key.split("."), value, key)
+                _check_values(point, complete)
+            except ConfigError as e:
+                raise ConfigError(f"--grid {key}={value!r}: {e}") from None
+
+
+def _check_values(config: Config, names_complete: bool) -> None:
     if not isinstance(config, Config):
         raise ConfigError(f"expected a research.config.Config, got {type(config).__name__}")
     if not isinstance(config.stages, (tuple, list)):
         raise ConfigError(f"stages={config.stages!r} must be a tuple of stage configs, e.g. (TrainStage(steps=500),)")
-    complete = declare_plugin_names()
-    top = ValidationContext(registries=False, names_complete=complete)
+    top = ValidationContext(registries=False, names_complete=names_complete)
     validate_fields(dataclasses.replace(config, stages=()), "", top)
     earlier: list[str] = []
     for i, stage in enumerate(config.stages):

@@ -293,7 +293,8 @@ BAD_OVERRIDES = {
 
 def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
     """Bad values, registry-name typos (observer, export format, scorer, channel score, sampler,
-    model, data set...) and bad rules are config errors before jax/flax/optax/tensorflow load.
+    model, data set...), bad rules and bad sweep grid values are config errors before
+    jax/flax/optax/tensorflow load.
     (The distill stage's KD term names are declared too, methods.distillation.names, but its
     config class still imports JAX.)"""
     cfg = tmp_path / "light.py"
@@ -309,6 +310,7 @@ def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
             [*run, "--set", "stages.quantize.observer=bogus"],
             [*run, "--set", 'stages.export.formats=["tflit"]'],
             ["run", str(bad_rule), "--workdir", str(tmp_path / "run")],
+            ["sweep", str(cfg), "--grid", "stages.quantize.observer=mse,bogus", "--workdir", str(tmp_path / "run")],
         ],
     }
     out = subprocess.run(
@@ -319,7 +321,7 @@ def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
     assert len(result["errors"]) == len(BAD_OVERRIDES), result["errors"]
     for (override, expected), got in zip(BAD_OVERRIDES.items(), result["errors"], strict=True):
         assert got.startswith(expected), (override, got)
-    (code, err), (code_obs, err_obs), (code_fmt, err_fmt), (code_rule, err_rule) = result["cli"]
+    (code, err), (code_obs, err_obs), (code_fmt, err_fmt), (code_rule, err_rule), (code_grid, err_grid) = result["cli"]
     assert code == 2, err
     assert err.splitlines() == [
         "slimjax: warning: override key 'stages.prune.steps' is deprecated and will be removed in the next "
@@ -336,6 +338,10 @@ def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
     ), err_fmt
     assert code_rule == 2 and len(err_rule.splitlines()) == 1, err_rule
     assert "DecompositionRule(pattern='conv').energy=1.5 must be a number in (0, 1]" in err_rule, err_rule
+    assert code_grid == 2 and err_grid.startswith(
+        "slimjax: config error: --grid stages.quantize.observer='bogus': stages.quantize.observer='bogus' is not "
+        "registered (observer)"
+    ), err_grid
     assert not (tmp_path / "run").exists()
 
 
