@@ -233,6 +233,9 @@ class Registry(Generic[T]):
                 f"{self.what} {name!r} is declared as {lazy.target}, but importing {lazy.module} failed: "
                 f"{type(e).__name__}: {e}"
             ) from e
+        except Exception as e:
+            e.add_note(f"(raised while importing {lazy.target}, declared as {self.what} {name!r})")
+            raise
         entry = self._entries.get(name)
         if entry is not None and not isinstance(entry, Declared):
             return entry  # the module registered it on import

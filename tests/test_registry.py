@@ -167,6 +167,11 @@ def test_a_declared_target_that_is_missing_names_module_and_attribute(plugin):
     with pytest.raises(LazyTargetError, match=rf"'typo' is declared as {mod}:fnn, but {mod} has no attribute 'fnn'"):
         reg.get("typo")
     assert isinstance(LazyTargetError("x"), ImportError)
+    broken = plugin("raise RuntimeError('broken module')\n")
+    reg.register_lazy("broken", f"{broken}:fn")
+    with pytest.raises(RuntimeError, match="broken module") as e:
+        reg.get("broken")
+    assert "declared as widget 'broken'" in "".join(e.value.__notes__) and broken in "".join(e.value.__notes__)
     for bad in ("no_colon", "a.b:", ":attr", "a b:c", "a:b:c"):
         with pytest.raises(ValueError, match="must be 'package.module:attr'"):
             reg.register_lazy("bad", bad)
