@@ -180,6 +180,7 @@ class Registered(Check):
         imports (``research.names.export_quantize_modes``).
       also: extra accepted values (``""`` for "unset", ``"current"``...).
       bad: values that must be refused (for the conformance test).
+      what: what the names are, for the message (default: the registry's ``what``).
     """
 
     registry: Registry | Callable[[], Sequence[str]]
@@ -188,6 +189,7 @@ class Registered(Check):
     what: str = ""
 
     def names(self) -> list[str]:
+        """The valid names, declared ones included (nothing is imported)."""
         if isinstance(self.registry, Registry):
             return self.registry.names()
         return list(self.registry())
