@@ -125,6 +125,7 @@ class Registry(Generic[T]):
         self.hint = hint
         self._entries: dict[str, Any] = {}  # name -> entry, or a Declared placeholder
         self._declared: dict[str, str] = {}  # name -> "module:attr" of every declaration
+        self._overridden: set[str] = set()  # declared names registered with replace=True
 
     @overload
     def register(self, name: str) -> Callable[[T], T]: ...
@@ -138,7 +139,8 @@ class Registry(Generic[T]):
         Registering the same definition again (same object, or same module and qualified name, as
         when a notebook cell or a config file runs twice) takes the newer object and is not an
         error. A different implementation under a taken name raises :class:`DuplicateNameError`
-        unless ``replace=True``.
+        unless ``replace=True``. An override of a declared name (:meth:`register_lazy`) stays when
+        the declared module is imported later and registers its own entry.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"a {self.what} name must be a non-empty string, got {name!r}")
@@ -149,6 +151,10 @@ class Registry(Generic[T]):
 
             return deco
         old = self._entries.get(name)
+        if replace and name in self._declared:
+            self._overridden.add(name)
+        elif name in self._overridden and _fulfils(Declared(self._declared[name]), obj):
+            return obj  # the declared module registering the entry that was overridden on purpose
         if isinstance(old, Declared) and not replace:
             if not _fulfils(old, obj):
                 raise DuplicateNameError(
@@ -207,6 +213,7 @@ class Registry(Generic[T]):
         """Removes ``name`` and its declaration (tests that register temporary entries clean up with this)."""
         self._entries.pop(name, None)
         self._declared.pop(name, None)
+        self._overridden.discard(name)
 
     def get(self, name: str) -> T:
         """The entry registered under ``name``, importing its module first if it was only declared.

@@ -157,6 +157,24 @@ def test_a_declared_name_refuses_other_definitions_and_other_targets(plugin):
     assert reg.get("w") is other
 
 
+def test_an_override_of_a_declared_name_survives_the_declared_module_loading(plugin):
+    reg = Registry("widget")
+    sys.modules["lazyreg_registry_under_test"] = type(sys)("lazyreg_registry_under_test")
+    sys.modules["lazyreg_registry_under_test"].REG = reg
+    try:
+        mod = plugin("from lazyreg_registry_under_test import REG\n\n@REG.register('w')\ndef fn():\n    return 1\n")
+        reg.register_lazy("w", f"{mod}:fn")
+
+        def mine():
+            return 2
+
+        reg.register("w", mine, replace=True)  # before the declared module is imported
+        __import__(mod)  # it registers its own 'w': the override stays
+        assert reg.get("w") is mine
+    finally:
+        del sys.modules["lazyreg_registry_under_test"]
+
+
 def test_a_declared_target_that_is_missing_names_module_and_attribute(plugin):
     mod = plugin()
     reg = Registry("widget")
