@@ -28,6 +28,21 @@ def register_stages() -> None:
         importlib.import_module(f"methods.{name}.stage")
 
 
+#: The standard-library modules that create the method registries a config names and declare
+#: their built-in names (``methods.pruning.names``...).
+NAMES_MODULES = ("methods.distillation.names", "methods.pruning.names", "methods.quantization.names")
+
+
+def declare_names() -> None:
+    """Declares every registry name the methods register, without importing JAX: imports the
+    standard-library ``names`` modules. ``slimjax`` calls it (the ``declare_names`` of the
+    ``slimjax.stages`` entry point's module, :func:`research.config.declare_plugin_names`) before
+    checking a config's names, so a misspelt scorer or observer is reported before JAX loads.
+    """
+    for module in NAMES_MODULES:
+        importlib.import_module(module)
+
+
 def __getattr__(name: str):
     """The method packages are imported on first use (PEP 562)."""
     if name in PACKAGES:
@@ -36,7 +51,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "NAMES_MODULES",
     "PACKAGES",
+    "declare_names",
     "decomposition",
     "distillation",
     "nas",

@@ -20,11 +20,11 @@ import warnings
 
 # Heavy modules (JAX, Flax, TensorFlow, the stage plugins) are imported only where a command
 # needs them, after its arguments and config were checked: a bad path, a syntax error, a
-# malformed --set or a value out of its range (config.check_values) is reported before any of
-# them loads. The config file imports the stage classes it uses; the method packages export them
-# from light modules (no JAX), so only a config that builds rules or models itself loads JAX
-# first. Registry names are checked after the stage plugins are loaded. TensorFlow is never
-# imported before training starts.
+# malformed --set, a value out of its range or a misspelt registry name (config.check_values,
+# against the names declared in research.names and methods.<package>.names) is reported before
+# any of them loads. The config file imports the stage classes and rules it uses; the method
+# packages export them from light modules (no JAX), so only a config that builds models itself
+# (or imports the distill stage) loads JAX first. TensorFlow is never imported before training starts.
 
 
 def _config_error(message: object) -> int:
@@ -32,9 +32,9 @@ def _config_error(message: object) -> int:
     return 2
 
 
-def _load_config(args):
-    """``args.config`` with ``--set`` overrides applied and validated; None (after printing the
-    error) when the config is invalid."""
+def _load_config(args, grid=None):
+    """``args.config`` with ``--set`` overrides applied and validated (and each value of a sweep's
+    ``grid``, before JAX loads); None (after printing the error) when the config is invalid."""
     from research import config as config_lib  # standard library only
 
     try:
@@ -50,7 +50,9 @@ def _load_config(args):
         for w in caught:
             if not issubclass(w.category, DeprecationWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        config_lib.check_values(config)  # types and ranges: before JAX is imported
+        config_lib.check_values(config)  # types, ranges and registry names: before JAX is imported
+        if grid:
+            config_lib.check_grid_values(config, grid)  # each --grid value on its own, before JAX too
         config_lib.register_all_stages()  # the stage plugins and their registries (imports JAX)
         config_lib.validate(config)
     except (config_lib.ConfigError, ValueError, KeyError, TypeError) as e:
@@ -180,7 +182,7 @@ def _cmd_sweep(args) -> int:
     except GridError as e:
         print(f"slimjax: {e}", file=sys.stderr)
         return 2
-    config = _load_config(args)
+    config = _load_config(args, grid)
     if config is None:
         return 2
     from research.sweep import sweep

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -22,11 +23,14 @@ import traceback
 import types
 import typing
 import warnings
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import ClassVar
 
+from research import names
+from research.registry import Registry
 from research.registry import did_you_mean
 
 
@@ -47,10 +51,15 @@ class ValidationContext:
       registries: ``False`` skips the checks that import a registry or a method's module (see
         :meth:`Check.needs_imports`) and the classes' ``check`` hooks: :func:`check_values` runs
         the rest before JAX is imported.
+      names_complete: whether the registries' declared and registered names are all the names
+        there will be. ``False`` (an installed stage plugin declares none, so it may register
+        more when it loads) makes a :class:`Registered` check that runs before the imports
+        (``registries=False``) pass an unknown name on to :func:`validate`.
     """
 
     earlier: tuple[str, ...] | None = None
     registries: bool = True
+    names_complete: bool = True
 
 
 class Check:
@@ -158,11 +167,57 @@ class OneOf(Check):
 
 
 @dataclasses.dataclass(frozen=True)
-class InstancesOf(Check):
-    """A tuple whose items are instances of a class (rules), imported only when checked.
+class Registered(Check):
+    """A name in a :class:`research.registry.Registry`, known without importing it.
+
+    The registry's names include those declared with ``register_lazy``, so a registry created in
+    a standard-library module (:mod:`research.names`, ``methods.<package>.names``) is checked
+    before JAX is imported (:func:`check_values`), typos and all. The message names the closest
+    name and lists them all.
 
     Attributes:
-      cls: a zero-argument function returning the class (e.g. importing ``SparsityRule``).
+      registry: the registry, or a zero-argument function listing the names without heavy
+        imports (``research.names.export_quantize_modes``).
+      also: extra accepted values (``""`` for "unset", ``"current"``...).
+      bad: values that must be refused (for the conformance test).
+      what: what the names are, for the message (default: the registry's ``what``).
+    """
+
+    registry: Registry | Callable[[], Sequence[str]]
+    also: tuple[Any, ...] = ()
+    bad: tuple[Any, ...] = ("bogus",)
+    what: str = ""
+
+    def names(self) -> list[str]:
+        """The valid names, declared ones included (nothing is imported)."""
+        if isinstance(self.registry, Registry):
+            return self.registry.names()
+        return list(self.registry())
+
+    def check(self, value, key, context):
+        if value is None or value in self.also:
+            return
+        names_ = self.names()
+        if value in names_:
+            return
+        if not context.registries and not context.names_complete:
+            return  # a stage plugin may register it when it loads: validate() decides
+        what = self.what or getattr(self.registry, "what", "name")
+        extra = f" (or {list(self.also)})" if self.also else ""
+        hint = did_you_mean(value, names_) if isinstance(value, str) else ""
+        raise ConfigError(f"{key}={value!r} is not registered ({what});{hint} choose from {names_}{extra}")
+
+    def bad_values(self):
+        return self.bad
+
+
+@dataclasses.dataclass(frozen=True)
+class InstancesOf(Check):
+    """A tuple whose items are instances of a class (rules).
+
+    Attributes:
+      cls: the class, or a zero-argument function returning it (imported only when checked,
+        after the heavy imports; a class from a light module is checked before JAX loads).
       hint: how to make one (``"give methods.pruning.SparsityRule(pattern=...)"``).
     """
 
@@ -172,7 +227,7 @@ class InstancesOf(Check):
     def check(self, value, key, context):
         if not isinstance(value, (list, tuple)):
             return
-        cls = self.cls()
+        cls = self.cls if isinstance(self.cls, type) else self.cls()
         for i, item in enumerate(value):
             if not isinstance(item, cls):
                 raise ConfigError(f"{key}.{i}={item!r} is not a {cls.__name__}; {self.hint or 'give one'}")
@@ -181,7 +236,7 @@ class InstancesOf(Check):
         return (("not a rule",),)
 
     def needs_imports(self):
-        return True
+        return not isinstance(self.cls, type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +337,7 @@ def _data():
 class ModelConfig:
     """Which zoo model to build; ``options`` are its keyword options (see ``research.nn.model_kwargs``)."""
 
-    checks: ClassVar[Mapping[str, Check]] = {"name": OneOf(lambda: _models().list_models(), "model")}
+    checks: ClassVar[Mapping[str, Check]] = {"name": Registered(names.MODELS)}
 
     name: str = "mlp"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -302,7 +357,7 @@ class DataConfig:
     """Which shipped data set to load and how to split it."""
 
     checks: ClassVar[Mapping[str, Check]] = {
-        "name": OneOf(lambda: _data().list_datasets(), "data set"),
+        "name": Registered(names.DATASETS, what="data set"),
         "val_fraction": Range(lo=0, hi=1, hi_open=True, hint="the fraction of training data held out"),
         "test_fraction": Range(lo=0, hi=1, lo_open=True, hi_open=True, hint="the fraction of data used for test"),
         "limit": Range(lo=1, hint="None keeps every training example"),
@@ -637,25 +692,96 @@ def register_all_stages() -> None:
     load_all_stages()
 
 
+#: The function a stage plugin's entry-point module may define to declare, with the standard
+#: library only, the registry names its plugin registers (see :func:`declare_plugin_names`).
+DECLARE_NAMES = "declare_names"
+
+
+def declare_plugin_names() -> bool:
+    """Lets every installed stage plugin declare its registry names before JAX is imported.
+
+    For each entry point of the ``slimjax.stages`` group this imports the entry point's module
+    (which must be light: ``methods`` for ``methods:register_stages``) and calls its
+    ``declare_names()`` if it has one: a function that declares, without heavy imports, every
+    registry name the plugin registers when it loads (``MODELS.register_lazy("mine",
+    "mypkg.models:mine")``, or importing its standard-library ``names`` modules).
+
+    Returns:
+      Whether every plugin declared its names: then an unknown registry name is an error before
+      the plugins load (:func:`check_values`); otherwise such a name waits for :func:`validate`.
+    """
+    from research import stages  # pylint: disable=import-outside-toplevel
+
+    complete = True
+    for ep in stages._entry_points():  # pylint: disable=protected-access
+        try:
+            declare = getattr(importlib.import_module(ep.module), DECLARE_NAMES, None)
+            if callable(declare):
+                declare()
+            else:
+                complete = False
+        except Exception:  # noqa: BLE001 - the plugin's load (validate) reports it, naming the plugin
+            complete = False
+    return complete
+
+
 def check_values(config: Config) -> None:
     """The checks of :func:`validate` that need nothing beyond the standard library and the config's
-    own classes: types, ranges and the other declared checks of every field, except registry names
-    and the classes' ``check`` hooks. ``slimjax`` runs it before importing JAX, so a bad value is
-    reported at once; :func:`validate` (after the imports) checks everything.
+    own classes: types, ranges, registry names and the other declared checks of every field,
+    except the checks that import a method's module (:meth:`Check.needs_imports`) and the
+    classes' ``check`` hooks. ``slimjax`` runs it before importing JAX, so a bad value or an
+    unknown name (a typo of an observer, scorer, export format, model, data set...) is reported
+    at once; :func:`validate` (after the imports) checks everything.
+
+    Registry names are checked against the names declared in the standard-library registry
+    modules (:mod:`research.names`, ``methods.<package>.names``), what the config's own imports
+    registered, and what the installed stage plugins declare (:func:`declare_plugin_names`); when
+    a plugin declares nothing, an unknown name is left to :func:`validate`.
 
     Raises:
       ConfigError: naming the dotted key of the first bad value (``stages.prune.train.learning_rate``).
     """
+    _check_values(config, declare_plugin_names())
+
+
+def check_grid_values(config: Config, grid: Mapping[str, Sequence[Any]]) -> None:
+    """:func:`check_values` of ``config`` with each value of a sweep grid set on its own.
+
+    ``slimjax sweep`` runs it before JAX is imported, so a bad or misspelt grid value is reported
+    at once (every combination is validated in full by the sweep before any point runs).
+
+    Args:
+      config: the base config (overrides applied).
+      grid: ``{override key: [values]}`` with parsed values (``slimjax sweep --grid``).
+
+    Raises:
+      ConfigError: ``--grid KEY=VALUE: <the error>`` for the first bad value.
+    """
+    complete = declare_plugin_names()
+    for key, values in grid.items():
+        for value in values:
+            try:
+                with warnings.catch_warnings():  # a deprecated key warns once, when the sweep applies it
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    point = _set(config, key.split("."), value, key)
+                _check_values(point, complete)
+            except ConfigError as e:
+                raise ConfigError(f"--grid {key}={value!r}: {e}") from None
+
+
+def _check_values(config: Config, names_complete: bool) -> None:
     if not isinstance(config, Config):
         raise ConfigError(f"expected a research.config.Config, got {type(config).__name__}")
     if not isinstance(config.stages, (tuple, list)):
         raise ConfigError(f"stages={config.stages!r} must be a tuple of stage configs, e.g. (TrainStage(steps=500),)")
-    validate_fields(dataclasses.replace(config, stages=()), "", ValidationContext(registries=False))
+    top = ValidationContext(registries=False, names_complete=names_complete)
+    validate_fields(dataclasses.replace(config, stages=()), "", top)
     earlier: list[str] = []
     for i, stage in enumerate(config.stages):
         if not dataclasses.is_dataclass(stage) or not getattr(stage, "kind", None):
             continue  # validate() names it
-        validate_fields(stage, stage_key(config.stages, i), ValidationContext(earlier=tuple(earlier), registries=False))
+        context = dataclasses.replace(top, earlier=tuple(earlier))
+        validate_fields(stage, stage_key(config.stages, i), context)
         earlier += [f"{i}_{stage.kind}", stage.kind]
 
 

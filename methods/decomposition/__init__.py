@@ -10,7 +10,7 @@ the ``decompose`` stage (``methods.register_stages()``).
 from research.lazy import lazy_exports
 
 # Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
-# light (no JAX), the rest import JAX and Flax.
+# light (no JAX), and so are the rules' (methods.decomposition.rules); the rest import JAX and Flax.
 _EXPORTS = {
     "balance_cp_factors": "methods.decomposition.decompose",
     "cp_factors": "methods.decomposition.decompose",
@@ -29,10 +29,10 @@ _EXPORTS = {
     "compare_latency": "methods.decomposition.speed",
     "DecomposeStage": "methods.decomposition.config",
     "run_decompose": "methods.decomposition.stage",
-    "DecompositionRule": "methods.decomposition.surgery",
+    "DecompositionRule": "methods.decomposition.rules",
     "FactorizationReport": "methods.decomposition.surgery",
     "LayerReport": "methods.decomposition.surgery",
-    "ModelBudget": "methods.decomposition.surgery",
+    "ModelBudget": "methods.decomposition.rules",
     "factorize": "methods.decomposition.surgery",
     "factorize_with_report": "methods.decomposition.surgery",
 }

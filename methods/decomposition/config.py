@@ -5,7 +5,7 @@ Example config entry::
     DecomposeStage(rules=(DecompositionRule(pattern="conv", vbmf=True),), train=TrainStage(steps=300))
 
 The run function is in :mod:`methods.decomposition.stage`; the rules
-(:class:`~methods.decomposition.DecompositionRule`) are defined with the surgery code.
+(:class:`~methods.decomposition.DecompositionRule`) are in the light :mod:`methods.decomposition.rules`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 from typing import ClassVar
 
+from methods.decomposition.rules import DecompositionRule
+from methods.decomposition.rules import ModelBudget
 from research.config import Check
 from research.config import ConfigError
 from research.config import InstancesOf
@@ -28,30 +30,21 @@ from research.stages import StageConfig
 from research.stages import TrainStage
 
 
-def _decomposition_rule() -> type:
-    from methods.decomposition.surgery import DecompositionRule  # pylint: disable=import-outside-toplevel
-
-    return DecompositionRule
-
-
 @dataclasses.dataclass(frozen=True)
 class Rules(Check):
     """A non-empty tuple of :class:`~methods.decomposition.DecompositionRule` s."""
 
     def check(self, value, key, context):
         NonEmpty(hint="add e.g. DecompositionRule(pattern='conv', vbmf=True)").check(value, key, context)
-        if context.registries:
-            InstancesOf(_decomposition_rule, "give methods.decomposition.DecompositionRule(pattern=...)").check(
-                value, key, context
-            )
+        InstancesOf(DecompositionRule, "give methods.decomposition.DecompositionRule(pattern=...)").check(
+            value, key, context
+        )
 
     def bad_values(self):
         return ((), ("not a rule",))
 
 
 def _default_rules() -> tuple[Any, ...]:
-    from methods.decomposition.surgery import DecompositionRule  # pylint: disable=import-outside-toplevel
-
     return (DecompositionRule(pattern=".*", vbmf=True),)
 
 
@@ -109,8 +102,6 @@ class DecomposeStage(StageConfig):
 
     def budget(self) -> Any:
         """The whole-model :class:`~methods.decomposition.surgery.ModelBudget` (``None``: no budget)."""
-        from methods.decomposition.surgery import ModelBudget  # pylint: disable=import-outside-toplevel
-
         if self.budget_param_ratio:
             return ModelBudget(param_ratio=self.budget_param_ratio)
         if self.budget_flop_ratio:

@@ -32,6 +32,7 @@ import jax
 from flax import nnx
 
 from methods.distillation import losses as L
+from methods.distillation import names as _names
 from methods.distillation.capture import capture_intermediates
 from methods.distillation.hints import HintedStudent
 from methods.distillation.hints import student_prefix
@@ -73,9 +74,8 @@ class KDTerm:
 
 # ------------------------------------------------------------------------------- term registry
 
-KD_TERMS: Registry[Callable[..., KDTerm]] = Registry(
-    "KD term", hint="register a factory options -> KDTerm with @register_kd_term('name')"
-)
+# Created (with the built-in names declared) in the standard-library names module, so configs are checked before JAX.
+KD_TERMS: Registry[Callable[..., KDTerm]] = _names.KD_TERMS
 
 
 def register_kd_term(name: str) -> Callable[[Callable[..., KDTerm]], Callable[..., KDTerm]]:

@@ -9,22 +9,17 @@ import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
 
+from research import names
 from research.config import Check
 from research.config import ConfigError
-from research.config import OneOf
 from research.config import Range
+from research.config import Registered
 from research.config import ValidationContext
 from research.config import at_least_one
 from research.config import nonnegative
 from research.config import positive
 from research.stages import StageConfig
 from research.stages import TrainStage
-
-
-def _list_samplers() -> list[str]:
-    from research.automl import list_samplers  # pylint: disable=import-outside-toplevel
-
-    return list_samplers()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +51,7 @@ class NASStage(StageConfig):
         "temperature": positive,
         "trials": Range(lo=2),
         "batch": at_least_one,
-        "sampler": OneOf(_list_samplers, "sampler"),
+        "sampler": Registered(names.SAMPLERS),
         "calib_batches": at_least_one,
         "max_flops": nonnegative,
     }

@@ -4,7 +4,7 @@ block patterns, dynamic sparse training (SET/RigL) and structured channel remova
 from research.lazy import lazy_exports
 
 # Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
-# light (no JAX), the rest import JAX and Flax.
+# light (no JAX), and so are the rules' (methods.pruning.rules); the rest import JAX and Flax.
 _EXPORTS = {
     "DynamicSparseState": "methods.pruning.dst",
     "cosine_drop_fraction": "methods.pruning.dst",
@@ -17,7 +17,7 @@ _EXPORTS = {
     "random_reinit": "methods.pruning.lottery",
     "rewind": "methods.pruning.lottery",
     "DEFAULT_RULES": "methods.pruning.masks",
-    "SparsityRule": "methods.pruning.masks",
+    "SparsityRule": "methods.pruning.rules",
     "apply_masks": "methods.pruning.masks",
     "combine_masks": "methods.pruning.masks",
     "leaf_targets": "methods.pruning.masks",
@@ -48,7 +48,7 @@ _EXPORTS = {
     "saliency_masks": "methods.pruning.scores",
     "snip_masks": "methods.pruning.scores",
     "PruneStage": "methods.pruning.config",
-    "ChannelRule": "methods.pruning.structured",
+    "ChannelRule": "methods.pruning.rules",
     "channel_masks": "methods.pruning.structured",
     "plan_channels": "methods.pruning.structured",
     "remove_channels": "methods.pruning.structured",

@@ -17,12 +17,14 @@ from typing import Any
 from typing import ClassVar
 from typing import Literal
 
+from methods.pruning import names
+from methods.pruning.rules import SparsityRule
 from research.config import Check
 from research.config import ConfigError
 from research.config import Each
 from research.config import InstancesOf
-from research.config import OneOf
 from research.config import Range
+from research.config import Registered
 from research.config import ValidationContext
 from research.config import at_least_one
 from research.stages import StageConfig
@@ -33,18 +35,6 @@ def _scores():
     from methods.pruning import scores  # pylint: disable=import-outside-toplevel
 
     return scores
-
-
-def _list_channel_scores() -> list[str]:
-    from methods.pruning.structured import list_channel_scores  # pylint: disable=import-outside-toplevel
-
-    return list_channel_scores()
-
-
-def _sparsity_rule() -> type:
-    from methods.pruning.masks import SparsityRule  # pylint: disable=import-outside-toplevel
-
-    return SparsityRule
 
 
 def _default_train() -> TrainStage:
@@ -84,13 +74,13 @@ class PruneStage(StageConfig):
         "ramp_fraction": Range(lo=0, hi=1, lo_open=True),
         "rounds": at_least_one,
         "frequency": Range(lo=0, hint="0 updates the masks every train.steps // 20"),
-        "scorer": OneOf(lambda: _scores().list_scorers(), "pruning scorer"),
+        "scorer": Registered(names.SCORERS),
         "n": at_least_one,
         "m": Range(lo=2),
         "block": Each(at_least_one),
         "channel_ratio": Range(lo=0, hi=1, hi_open=True, hint="the fraction of channels removed"),
-        "channel_score": OneOf(_list_channel_scores, "channel score"),
-        "rules": InstancesOf(_sparsity_rule, "give methods.pruning.SparsityRule(pattern=...)"),
+        "channel_score": Registered(names.CHANNEL_SCORES),
+        "rules": InstancesOf(SparsityRule, "give methods.pruning.SparsityRule(pattern=...)"),
     }
     renamed: ClassVar[Mapping[str, str]] = {
         "steps": "train.steps",

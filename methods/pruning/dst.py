@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import methods.pruning.names as _names
 from methods.pruning.masks import SparsityRule
 from methods.pruning.masks import leaf_targets
 from methods.pruning.scores import allocate
@@ -37,9 +38,8 @@ from research.tree import map_with_paths
 PyTree = Any
 GrowFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-GROW: Registry[GrowFn] = Registry(
-    "dynamic-sparse grow criterion", hint="register one with @register_grow('name') (fn(weight, grad, key) -> scores)"
-)
+# Created (with the built-in names declared) in the standard-library names module, so configs are checked before JAX.
+GROW: Registry[GrowFn] = _names.GROW
 
 
 def register_grow(name: str) -> Callable[[GrowFn], GrowFn]:

@@ -12,7 +12,6 @@ weights) and leaves biases and normalisation scales dense.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.tree import Rule
+from methods.pruning.rules import SparsityRule
+from methods.pruning.rules import check_sparsity
 from research.tree import flatten_with_paths
 from research.tree import map_with_paths
 from research.tree import match_param_rules
@@ -28,42 +28,7 @@ from research.tree import match_param_rules
 PyTree = Any
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SparsityRule(Rule):
-    """Prune the leaves whose path matches ``pattern``.
-
-    Attributes:
-      pattern: regular expression searched in the parameter path and in its module path
-        (``"kernel$"``, ``"^head/"``, ``"^head$"``; the convention in :mod:`research.tree.rules`).
-      sparsity: fraction of the leaf's entries set to zero, in [0, 1). ``None`` uses the
-        sparsity passed to the function (or the schedule's). ``0.0`` leaves the leaf dense,
-        which is how a rule excludes a layer (put it before broader rules).
-    """
-
-    sparsity: float | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.sparsity is not None:
-            check_sparsity(self.sparsity, f"SparsityRule(pattern={self.pattern!r}).sparsity")
-
-
 DEFAULT_RULES: tuple[SparsityRule, ...] = (SparsityRule(pattern=r"(^|/)kernel$"),)
-
-
-def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
-    """Returns ``float(sparsity)`` or raises if it is outside [0, 1).
-
-    Raises:
-      ValueError: naming the value and the valid range.
-    """
-    s = float(sparsity)
-    if not 0.0 <= s < 1.0:
-        raise ValueError(
-            f"{name}={sparsity} is outside [0, 1); pass the fraction of weights to remove, "
-            "e.g. 0.9 for 90% sparsity (1.0 would remove every weight)"
-        )
-    return s
 
 
 def leaf_targets(params: PyTree, sparsity: float, rules: Sequence[SparsityRule] | None = None) -> dict[str, float]:

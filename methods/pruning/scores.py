@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import methods.pruning.names as _names
 from methods.pruning.masks import SparsityRule
 from methods.pruning.masks import leaf_targets
 from methods.pruning.masks import mask_from_scores
@@ -53,9 +54,8 @@ class Scorer:
     needs_grad: bool = False
 
 
-SCORERS: Registry[Scorer] = Registry(
-    "pruning scorer", hint="register one with @register_scorer('name') (fn(weight, grad, key) -> scores)"
-)
+# Created (with the built-in names declared) in the standard-library names module, so configs are checked before JAX.
+SCORERS: Registry[Scorer] = _names.SCORERS
 
 
 def register_scorer(name: str, *, needs_grad: bool = False) -> Callable[[ScoreFn], ScoreFn]:
@@ -68,7 +68,7 @@ def register_scorer(name: str, *, needs_grad: bool = False) -> Callable[[ScoreFn
     """
 
     def deco(fn: ScoreFn) -> ScoreFn:
-        old = SCORERS.get(name) if name in SCORERS else None
+        old = SCORERS.loaded(name)
         same = old is not None and same_definition(old.fn, fn) and old.needs_grad == needs_grad
         SCORERS.register(name, Scorer(name, fn, needs_grad), replace=same)
         return fn

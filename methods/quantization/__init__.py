@@ -14,7 +14,7 @@ QAT: train ``qmodel`` with the ordinary training core (``research.train`` /
 from research.lazy import lazy_exports
 
 # Public name -> defining module, imported on first use (PEP 562): the config classes' modules are
-# light (no JAX), the rest import JAX and Flax.
+# light (no JAX), and so is the rule's (methods.quantization.rules); the rest import JAX and Flax.
 _EXPORTS = {
     "calibrate": "methods.quantization.calibration",
     "deployable": "methods.quantization.deploy",
@@ -37,7 +37,7 @@ _EXPORTS = {
     "list_observers": "methods.quantization.observers",
     "make_observer": "methods.quantization.observers",
     "register_observer": "methods.quantization.observers",
-    "check_bits": "methods.quantization.quantizers",
+    "check_bits": "methods.quantization.rules",
     "dequantize": "methods.quantization.quantizers",
     "fake_quant": "methods.quantization.quantizers",
     "fake_quant_ste": "methods.quantization.quantizers",
@@ -55,7 +55,7 @@ _EXPORTS = {
     "quantized_bytes": "methods.quantization.report",
     "QATStage": "methods.quantization.config",
     "QuantizeStage": "methods.quantization.config",
-    "QuantRule": "methods.quantization.surgery",
+    "QuantRule": "methods.quantization.rules",
     "float_layers": "methods.quantization.surgery",
     "quantizable_layers": "methods.quantization.surgery",
     "quantize_model": "methods.quantization.surgery",

@@ -16,35 +16,18 @@ from collections.abc import Mapping
 from typing import Any
 from typing import ClassVar
 
+from methods.quantization import names
+from methods.quantization.rules import MAX_BITS
+from methods.quantization.rules import MIN_BITS
+from methods.quantization.rules import QuantRule
 from research.config import Check
 from research.config import InstancesOf
 from research.config import OneOf
 from research.config import Range
+from research.config import Registered
 from research.config import at_least_one
 from research.stages import StageConfig
 from research.stages import TrainStage
-
-#: The bit widths a quantizer supports (``methods.quantization.quantizers.check_bits``).
-MIN_BITS = 2
-MAX_BITS = 8
-
-
-def _list_methods() -> list[str]:
-    from methods.quantization.modules import list_methods  # pylint: disable=import-outside-toplevel
-
-    return list_methods()
-
-
-def _list_observers() -> list[str]:
-    from methods.quantization.observers import list_observers  # pylint: disable=import-outside-toplevel
-
-    return list_observers()
-
-
-def _quant_rule() -> type:
-    from methods.quantization.surgery import QuantRule  # pylint: disable=import-outside-toplevel
-
-    return QuantRule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,13 +53,13 @@ class QuantizeStage(StageConfig):
     kind: ClassVar[str] = "quantize"
     checks: ClassVar[Mapping[str, Check]] = {
         "bits": Range(lo=MIN_BITS, hi=MAX_BITS, hint="the kernel and activation bit width"),
-        "method": OneOf(_list_methods, "quantization method"),
+        "method": Registered(names.QUANT_METHODS),
         "first_last_bits": OneOf([0, *range(MIN_BITS, MAX_BITS + 1)], "bit width (0: same as bits)", bad=(1, 9)),
-        "observer": OneOf(_list_observers, "observer"),
-        "weight_observer": OneOf(_list_observers, "observer"),
+        "observer": Registered(names.OBSERVERS),
+        "weight_observer": Registered(names.OBSERVERS),
         "calibration_examples": at_least_one,
         "calibration_batch_size": at_least_one,
-        "rules": InstancesOf(_quant_rule, "give methods.quantization.QuantRule(pattern=...)"),
+        "rules": InstancesOf(QuantRule, "give methods.quantization.QuantRule(pattern=...)"),
     }
     bits: int = 8
     method: str = "ste"
@@ -93,8 +76,6 @@ class QuantizeStage(StageConfig):
 
     def make_rules(self, order: list[str]) -> list[Any]:
         """The :class:`~methods.quantization.QuantRule` s of this stage (``order``: layer paths in execution order)."""
-        from methods.quantization.surgery import QuantRule  # pylint: disable=import-outside-toplevel
-
         if self.rules:
             return list(self.rules)
         rules = []

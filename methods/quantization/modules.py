@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from methods.quantization import names as _names
 from methods.quantization import quantizers as Q
 from research.registry import Registry
 from research.registry import same_definition
@@ -108,9 +109,8 @@ class QuantMethod:
         raise NotImplementedError
 
 
-QUANT_METHODS: Registry[QuantMethod] = Registry(
-    "quantization method", hint="register a QuantMethod subclass with @register_method('name')"
-)
+# Created (with the built-in names declared) in the standard-library names module, so configs are checked before JAX.
+QUANT_METHODS: Registry[QuantMethod] = _names.QUANT_METHODS
 
 
 def register_method(name: str) -> Callable[[type[QuantMethod]], type[QuantMethod]]:
@@ -123,7 +123,7 @@ def register_method(name: str) -> Callable[[type[QuantMethod]], type[QuantMethod
     """
 
     def deco(cls):
-        old = QUANT_METHODS.get(name) if name in QUANT_METHODS else None
+        old = QUANT_METHODS.loaded(name)
         cls.name = name
         QUANT_METHODS.register(name, cls(), replace=old is not None and same_definition(type(old), cls))
         return cls

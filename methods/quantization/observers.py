@@ -19,10 +19,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from methods.quantization import names as _names
 from methods.quantization import quantizers as Q
 from research.registry import Registry
 
-OBSERVERS: Registry[type[Observer]] = Registry("observer", hint="register one with @register_observer('name')")
+# Created (with the built-in names declared) in the standard-library names module, so configs are checked before JAX.
+OBSERVERS: Registry[type[Observer]] = _names.OBSERVERS
 
 
 def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:

@@ -30,29 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from methods.quantization.config import MAX_BITS  # one definition, in the light config module
-from methods.quantization.config import MIN_BITS
+from methods.quantization.rules import check_bits
 
 _EPS = 1e-8
-
-
-def check_bits(bits: int) -> int:
-    """Validates a bit width.
-
-    Args:
-      bits: the bit width.
-
-    Returns:
-      ``bits`` as an int.
-
-    Raises:
-      ValueError: when ``bits`` is not an integer in 2..8.
-    """
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise ValueError(f"bits={bits!r} is not an int; pass an int in {MIN_BITS}..{MAX_BITS}")
-    if not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise ValueError(f"bits={bits} is outside {MIN_BITS}..{MAX_BITS}; pass an int in 2..8")
-    return int(bits)
 
 
 def qrange(bits: int, signed: bool = True, narrow_range: bool = False) -> tuple[int, int]:

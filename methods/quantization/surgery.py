@@ -26,14 +26,12 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from methods.quantization import quantizers as Q
 from methods.quantization.folding import layer_order
 from methods.quantization.modules import QuantConv
 from methods.quantization.modules import QuantLayer
 from methods.quantization.modules import QuantLinear
-from methods.quantization.modules import QuantSpec
 from methods.quantization.modules import find_quantizers
-from methods.quantization.modules import list_methods
+from methods.quantization.rules import QuantRule
 from research import recipe as recipe_lib
 from research.nn import copy_model
 from research.nn import get_module
@@ -42,7 +40,6 @@ from research.nn import replace_module
 from research.registry import DuplicateNameError
 from research.registry import Registry
 from research.registry import same_definition
-from research.tree import Rule
 from research.tree import RuleError
 from research.tree import match_layer_rules
 
@@ -86,83 +83,6 @@ def _twin_of(module: Any) -> type[QuantLayer] | None:
         if _type_name(t) in TWINS:
             return TWINS.get(_type_name(t))
     return None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantRule(Rule):
-    """Quantization of the Linear/Conv layers whose module path matches ``pattern``.
-
-    Attributes:
-      pattern: regular expression searched in the layer's module path and its kernel path
-        (``"conv1$"`` or ``"conv1/kernel"``; the convention in :mod:`research.tree.rules`).
-      bits: kernel bit width (2..8).
-      act_bits: input-activation bit width (``None``: same as ``bits``).
-      quantize_inputs: quantize the layer's input activations.
-      per_channel: one kernel scale per output channel (else one per tensor).
-      method: kernel quantizer: ``"ste"`` (min/max range), ``"lsq"`` or ``"pact"``.
-      act_method: input quantizer (``None``: same as ``method``).
-      symmetric: kernel zero point 0 (``"lsq"``/``"pact"`` are always symmetric).
-      act_symmetric: input zero point 0 for ``"ste"`` (affine by default, like TFLite).
-      narrow_range: kernel grid without the most negative level (TFLite int8 weights).
-      stochastic: stochastic rounding during training.
-      keep_float: leave the matched layers in float (listed in the report).
-    """
-
-    bits: int = 8
-    act_bits: int | None = None
-    quantize_inputs: bool = True
-    per_channel: bool = True
-    method: str = "ste"
-    act_method: str | None = None
-    symmetric: bool = True
-    act_symmetric: bool = False
-    narrow_range: bool = False
-    stochastic: bool = False
-    keep_float: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        for field in ("bits", "act_bits"):
-            value = getattr(self, field)
-            if value is None and field == "act_bits":
-                continue
-            try:
-                Q.check_bits(value)
-            except ValueError as e:
-                raise ValueError(f"QuantRule(pattern={self.pattern!r}).{field}: {e}") from None
-        for name in (self.method, self.act_method):
-            if name is not None and name not in list_methods():
-                raise ValueError(
-                    f"quantization method {name!r} (rule {self.pattern!r}) is not registered; "
-                    f"pick one of {list_methods()}"
-                )
-
-    def weight_spec(self) -> QuantSpec:
-        """The kernel's :class:`QuantSpec`."""
-        return QuantSpec(
-            bits=self.bits,
-            method=self.method,
-            signed=True,
-            symmetric=self.symmetric or self.method != "ste",
-            narrow_range=self.narrow_range,
-            per_channel=self.per_channel,
-            axis=-1,
-            stochastic=self.stochastic,
-        )
-
-    def input_spec(self) -> QuantSpec | None:
-        """The input activations' :class:`QuantSpec` (``None`` when inputs stay float)."""
-        if not self.quantize_inputs:
-            return None
-        method = self.act_method or self.method
-        return QuantSpec(
-            bits=self.act_bits if self.act_bits is not None else self.bits,
-            method=method,
-            signed=None,
-            symmetric=self.act_symmetric or method != "ste",
-            per_channel=False,
-            stochastic=self.stochastic,
-        )
 
 
 def quantizable_layers(model: nnx.Module) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+import research.names as _names
 from research.automl.sobol import sobol_points
 from research.automl.space import Space
 from research.automl.trial import Trial
@@ -34,7 +35,8 @@ __all__ = [
     "register_sampler",
 ]
 
-SAMPLERS: Registry[type[Sampler]] = Registry("sampler", hint="register one with @register_sampler('name')")
+# Created (with the built-in names declared) in the standard-library research.names, so configs are checked before JAX.
+SAMPLERS: Registry[type[Sampler]] = _names.SAMPLERS
 
 
 def register_sampler(name: str) -> Callable[[type], type]:

@@ -20,10 +20,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+import research.names as _names
 from research.registry import Registry
 
 LoaderFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]]
-DATASETS: Registry[LoaderFn] = Registry("dataset", hint="register one with @register_dataset('name')")
+# Created (with the built-in names declared) in the standard-library research.names, so configs are checked before JAX.
+DATASETS: Registry[LoaderFn] = _names.DATASETS
 
 
 @dataclasses.dataclass(frozen=True)

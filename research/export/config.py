@@ -1,54 +1,30 @@
 """The ``export`` stage's config (standard library only: a config file imports it without JAX).
 
-The stage's run function is :func:`research.export.stage.run_export`; the registry checks of
-``formats``/``quantize`` import :mod:`research.export.formats` only when they run (after the
-CLI has checked every plain value).
+The stage's run function is :func:`research.export.stage.run_export`. The names in ``formats``
+and ``quantize`` are checked against :mod:`research.names` (declared, no import) before JAX loads;
+the checks of what a request needs (required formats, availability here) import
+:mod:`research.export.formats` in the ``check`` hook, after the imports.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 from typing import ClassVar
 
+from research import names
 from research.config import Check
 from research.config import ConfigError
 from research.config import Each
 from research.config import EarlierStage
-from research.config import OneOf
+from research.config import Registered
 from research.config import ValidationContext
 from research.config import at_least_one
-from research.registry import did_you_mean
 from research.stages import StageConfig
 
 #: The formats written when none are named (kept equal to ``research.export.formats.DEFAULT_FORMATS``;
 #: a test checks it).
 DEFAULT_FORMATS = ("stablehlo", "tflite", "onnx")
-
-
-def _format_names() -> list[str]:
-    from research.export.formats import format_names  # pylint: disable=import-outside-toplevel
-
-    return format_names()
-
-
-def _quantize_modes() -> tuple[str, ...]:
-    from research.export.formats import quantize_modes  # pylint: disable=import-outside-toplevel
-
-    return quantize_modes()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Registered(OneOf):
-    """:class:`OneOf` whose message names the closest registered name."""
-
-    def check(self, value: Any, key: str, context: ValidationContext) -> None:
-        names = self.names()
-        if value is not None and value not in self.also and value not in names:
-            raise ConfigError(
-                f"{key}={value!r} is not registered ({self.what});{did_you_mean(value, names)} choose from {names}"
-            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,8 +62,8 @@ class ExportStage(StageConfig):
 
     kind: ClassVar[str] = "export"
     checks: ClassVar[Mapping[str, Check]] = {
-        "formats": Each(_Registered(_format_names, "export format")),
-        "quantize": Each(_Registered(_quantize_modes, "export quantization mode")),
+        "formats": Each(Registered(names.EXPORT_FORMATS)),
+        "quantize": Each(Registered(names.export_quantize_modes, what="export quantization mode")),
         "calibration_examples": at_least_one,
         "eval_examples": at_least_one,
         "latency_batch_size": at_least_one,

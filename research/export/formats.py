@@ -57,6 +57,7 @@ from typing import ClassVar
 
 import numpy as np
 
+import research.names as _names
 from research.export.config import DEFAULT_FORMATS  # noqa: F401 - re-exported: the formats written when none are named
 from research.export.report import Agreement
 from research.registry import Registry
@@ -247,9 +248,8 @@ class ExportFormat:
         raise NotImplementedError(f"export format {self.name!r} does not implement load()")
 
 
-EXPORT_FORMATS: Registry[type[ExportFormat]] = Registry(
-    "export format", hint="add one with @register_format on an ExportFormat subclass (research.export.formats)"
-)
+# Created (with the built-in names declared) in the standard-library research.names, so configs are checked before JAX.
+EXPORT_FORMATS: Registry[type[ExportFormat]] = _names.EXPORT_FORMATS
 
 
 def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:

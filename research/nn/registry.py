@@ -9,9 +9,11 @@ from typing import Any
 
 from flax import nnx
 
+import research.names as _names
 from research.registry import Registry
 
-MODELS: Registry[Callable[..., nnx.Module]] = Registry("model", hint="register one with @register_model('name')")
+# Created (with the built-in names declared) in the standard-library research.names, so configs are checked before JAX.
+MODELS: Registry[Callable[..., nnx.Module]] = _names.MODELS
 
 
 def register_model(name: str) -> Callable[[Callable[..., nnx.Module]], Callable[..., nnx.Module]]:

@@ -7,7 +7,6 @@ import dataclasses
 import importlib
 import importlib.metadata
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import methods
 from methods.decomposition import DecomposeStage
 from methods.nas import NASStage
 from methods.pruning import PruneStage
+from methods.quantization import names as quant_names
 from research import config as C
 from research import stages as S
 from research.stages import TrainStage
@@ -206,19 +206,36 @@ def test_every_public_name_of_the_method_packages_resolves():
 
 CONFIG = textwrap.dedent(
     """
+    from methods.decomposition import DecomposeStage, DecompositionRule
     from methods.nas import NASStage
-    from methods.pruning import PruneStage
+    from methods.pruning import ChannelRule, PruneStage, SparsityRule
     from methods.quantization import QATStage
-    from methods.quantization import QuantizeStage
+    from methods.quantization import QuantizeStage, QuantRule
     from research.config import Config, DataConfig, ModelConfig
     from research.export import ExportStage
     from research.stages import TrainStage
 
+    RULES = (ChannelRule(pattern="conv", ratio=0.5),)  # built here, used by a test of its own
+
     def get_config(arg=None):
         return Config(name="light", model=ModelConfig(name="lenet5"), data=DataConfig(name="digits"),
-                      stages=(TrainStage(steps=4), PruneStage(sparsity=0.5, train=TrainStage(steps=2)),
-                              QuantizeStage(bits=8), QATStage(bits=4), NASStage(),
+                      stages=(TrainStage(steps=4),
+                              PruneStage(sparsity=0.5, train=TrainStage(steps=2),
+                                         rules=(SparsityRule(pattern="kernel$", sparsity=0.5),)),
+                              QuantizeStage(bits=8, rules=(QuantRule(pattern=".*", bits=8),)), QATStage(bits=4),
+                              DecomposeStage(rules=(DecompositionRule(pattern="conv", rank=2),)), NASStage(),
                               ExportStage(formats=("tflite",))))
+    """
+)
+
+#: A config whose rule refuses its value when the config file builds it.
+BAD_RULE = textwrap.dedent(
+    """
+    from methods.decomposition import DecomposeStage, DecompositionRule
+    from research.config import Config
+
+    def get_config(arg=None):
+        return Config(stages=(DecomposeStage(rules=(DecompositionRule(pattern="conv", energy=1.5),)),))
     """
 )
 
@@ -227,51 +244,177 @@ PROBE = textwrap.dedent(
     import contextlib, io, json, sys
     from research import cli, config as C
 
-    config = C.load_config(sys.argv[1])
+    job = json.loads(sys.argv[1])
+    config = C.load_config(job["config"])
     errors = []
-    for override in sys.argv[2:]:
+    for override in job["overrides"]:
         try:
             C.check_values(C.apply_overrides(config, [override]))
         except C.ConfigError as e:
             errors.append(str(e))
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = cli.main(["run", sys.argv[1], "--workdir", sys.argv[1] + ".run", "--set", "stages.prune.steps=-1"])
+    runs = []
+    for argv in job["cli"]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+        runs.append([code, err.getvalue()])
     heavy = sorted(m for m in ("jax", "flax", "optax", "tensorflow") if m in sys.modules)
-    print(json.dumps({"errors": errors, "cli": [code, err.getvalue()], "heavy": heavy}))
+    print(json.dumps({"errors": errors, "cli": runs, "heavy": heavy}))
     """
 )
 
+#: Overrides with a bad value (a range, a typo of a registered name) and the first words of the
+#: error: each is refused by check_values, before JAX loads.
+BAD_OVERRIDES = {
+    "stages.prune.train.learning_rate=-1": "stages.prune.train.learning_rate=-1.0 must be > 0",
+    "stages.quantize.bits=9": "stages.quantize.bits=9 is outside",
+    "stages.qat.train.warmup_steps=-2": "stages.qat.train.warmup_steps=-2 must be >= 0",
+    "stages.nas.trials=1": "stages.nas.trials=1 must be >= 2",
+    "data.val_fraction=1.5": "data.val_fraction=1.5 is outside",
+    "latency_batch_size=0": "latency_batch_size=0 must be >= 1",
+    "stages.export.eval_examples=0": "stages.export.eval_examples=0 must be >= 1",
+    # registry names: declared in research.names / methods.<package>.names
+    "stages.quantize.observer=bogus": "stages.quantize.observer='bogus' is not registered (observer)",
+    "stages.qat.weight_observer=mse_": "stages.qat.weight_observer='mse_' is not registered (observer); did you mean 'mse'?",
+    "stages.quantize.method=lsqq": "stages.quantize.method='lsqq' is not registered (quantization method); did you",
+    'stages.export.formats=["tflit"]': "stages.export.formats.0='tflit' is not registered (export format); did you mean 'tflite'?",
+    'stages.export.quantize=["int9"]': "stages.export.quantize.0='int9' is not registered (export quantization mode)",
+    "stages.prune.scorer=magnitud": "stages.prune.scorer='magnitud' is not registered (pruning scorer); did you mean",
+    "stages.prune.channel_score=l3": "stages.prune.channel_score='l3' is not registered (channel score)",
+    "stages.nas.sampler=tpee": "stages.nas.sampler='tpee' is not registered (sampler); did you mean 'tpe'?",
+    "model.name=lenet": "model.name='lenet' is not registered (model); did you mean",
+    "data.name=digit": "data.name='digit' is not registered (data set); did you mean 'digits'?",
+    # rules a config builds (their classes load without JAX)
+    "stages.prune.rules=[1]": "stages.prune.rules.0=1 is not a SparsityRule",
+    "stages.quantize.rules=['x']": "stages.quantize.rules.0='x' is not a QuantRule",
+    "stages.decompose.rules=[]": "stages.decompose.rules is empty",
+}
 
-def test_config_values_are_checked_without_importing_jax(tmp_path):
+
+def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
+    """Bad values, registry-name typos (observer, export format, scorer, channel score, sampler,
+    model, data set...), bad rules and bad sweep grid values are config errors before
+    jax/flax/optax/tensorflow load.
+    (The distill stage's KD term names are declared too, methods.distillation.names, but its
+    config class still imports JAX.)"""
     cfg = tmp_path / "light.py"
     cfg.write_text(CONFIG)
-    overrides = [
-        "stages.prune.train.learning_rate=-1",
-        "stages.quantize.bits=9",
-        "stages.qat.train.warmup_steps=-2",
-        "stages.nas.trials=1",
-        "data.val_fraction=1.5",
-        "latency_batch_size=0",
-        "stages.export.eval_examples=0",
-    ]
+    bad_rule = tmp_path / "bad_rule.py"
+    bad_rule.write_text(BAD_RULE)
+    run = ["run", str(cfg), "--workdir", str(tmp_path / "run")]
+    job = {
+        "config": str(cfg),
+        "overrides": list(BAD_OVERRIDES),
+        "cli": [
+            [*run, "--set", "stages.prune.steps=-1"],
+            [*run, "--set", "stages.quantize.observer=bogus"],
+            [*run, "--set", 'stages.export.formats=["tflit"]'],
+            ["run", str(bad_rule), "--workdir", str(tmp_path / "run")],
+            ["sweep", str(cfg), "--grid", "stages.quantize.observer=mse,bogus", "--workdir", str(tmp_path / "run")],
+        ],
+    }
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(cfg), *overrides], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE, json.dumps(job)], cwd=ROOT, capture_output=True, text=True, check=True
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [], result
-    keys = [o.partition("=")[0] for o in overrides]
-    assert len(result["errors"]) == len(keys) and all(k in e for k, e in zip(keys, result["errors"], strict=True)), (
-        result
-    )
-    code, err = result["cli"]
+    assert len(result["errors"]) == len(BAD_OVERRIDES), result["errors"]
+    for (override, expected), got in zip(BAD_OVERRIDES.items(), result["errors"], strict=True):
+        assert got.startswith(expected), (override, got)
+    (code, err), (code_obs, err_obs), (code_fmt, err_fmt), (code_rule, err_rule), (code_grid, err_grid) = result["cli"]
     assert code == 2, err
     assert err.splitlines() == [
         "slimjax: warning: override key 'stages.prune.steps' is deprecated and will be removed in the next "
         "release; use 'stages.prune.train.steps'",
         "slimjax: config error: stages.prune.train.steps=-1 must be >= 1",
     ], err
-    assert not os.path.exists(str(cfg) + ".run")
+    assert code_obs == 2 and err_obs.splitlines() == [
+        "slimjax: config error: stages.quantize.observer='bogus' is not registered (observer); "
+        "choose from ['minmax', 'moving_average', 'mse', 'percentile']"
+    ], err_obs
+    assert code_fmt == 2 and err_fmt.startswith(
+        "slimjax: config error: stages.export.formats.0='tflit' is not registered (export format); "
+        "did you mean 'tflite'?"
+    ), err_fmt
+    assert code_rule == 2 and len(err_rule.splitlines()) == 1, err_rule
+    assert "DecompositionRule(pattern='conv').energy=1.5 must be a number in (0, 1]" in err_rule, err_rule
+    assert code_grid == 2 and err_grid.startswith(
+        "slimjax: config error: --grid stages.quantize.observer='bogus': stages.quantize.observer='bogus' is not "
+        "registered (observer)"
+    ), err_grid
+    assert not (tmp_path / "run").exists()
+
+
+#: Checks that still import a method's module (so run after JAX loads), because their config
+#: class lives in a heavy module: DistillStage (methods/distillation/stage.py). Its registry,
+#: methods.distillation.names.KD_TERMS, is declared: moving the class to a light module lets
+#: these become Registered checks and leave this list.
+CHECKED_AFTER_JAX = {("DistillStage", "student_model"), ("KDTermConfig", "name")}
+
+
+def _config_classes(obj, seen):
+    """The dataclass types of ``obj`` and of every dataclass nested in its fields (tuples too)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and type(obj) not in seen:
+        seen.add(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                _config_classes(item, seen)
+    return seen
+
+
+def test_every_declared_check_of_every_config_class_runs_before_jax():
+    """A field check that needs an import (a registry read through a callable, a rule class
+    imported when checked) waits for JAX: every stage's checks, nested ones included, are
+    checkable before it except the listed ones (a new OneOf(list_x) would fail here: use
+    Registered(REGISTRY) with the registry's names declared)."""
+    S.load_all_stages()
+    classes = _config_classes(C.Config(), set())
+    for kind in S.list_stages():
+        classes |= _config_classes(S.get_stage(kind)[0](), set())
+    late = {(cls.__name__, f) for cls in classes for f, c in getattr(cls, "checks", {}).items() if c.needs_imports()}
+    assert late == CHECKED_AFTER_JAX, late
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _PluginStage(S.StageConfig):
+    kind: ClassVar[str] = "plugin_named"
+    checks: ClassVar[dict] = {"observer": C.Registered(quant_names.OBSERVERS)}
+    observer: str = "minmax"
+
+
+def _plugin_module(tmp_path, monkeypatch, declare: bool):
+    """A stage plugin ``lazyreg_plugin_mod`` whose entry point module declares its names or not."""
+    body = "def register():\n    pass\n"
+    if declare:
+        body += "def declare_names():\n    from methods.quantization import names\n    names.OBSERVERS.register_lazy('plugin_obs', 'lazyreg_plugin_obs:Obs')\n"
+    (tmp_path / "lazyreg_plugin_mod.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazyreg_plugin_mod", raising=False)
+    ep = importlib.metadata.EntryPoint(name="mine", value="lazyreg_plugin_mod:register", group=S.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(S, "_entry_points", lambda: [ep])
+
+
+@pytest.mark.parametrize("declare", [True, False])
+def test_an_unknown_name_waits_for_a_plugin_that_declares_nothing(tmp_path, monkeypatch, declare):
+    """A stage plugin may register names when it loads: unless its entry point's module declares
+    them (``declare_names``), an unknown name is left to validate() instead of being refused early."""
+    _plugin_module(tmp_path, monkeypatch, declare)
+    try:
+        assert C.declare_plugin_names() is declare
+        config = C.Config(stages=(TrainStage(steps=2), _PluginStage(observer="plugin_obs")))
+        if declare:
+            C.check_values(config)  # declared by the plugin, known before it loads
+            with pytest.raises(
+                C.ConfigError, match=r"'plugin_ob' is not registered \(observer\); did you mean 'plugin_obs'"
+            ):
+                C.check_values(C.Config(stages=(_PluginStage(observer="plugin_ob"),)))
+        else:
+            C.check_values(config)  # unknown before the plugin loads: not refused yet
+            with pytest.raises(C.ConfigError, match=r"'plugin_obs' is not registered \(observer\)"):
+                C.validate_fields(config.stages[1], "stages.plugin_named")  # after the imports it is
+    finally:
+        quant_names.OBSERVERS.unregister("plugin_obs")
 
 
 def test_fake_quant_layers_bring_their_deploy_hook():

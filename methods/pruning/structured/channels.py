@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import methods.pruning.names as _names
+from methods.pruning.rules import ChannelRule
+from methods.pruning.rules import check_channel_ratio
 from methods.pruning.structured.graph import ChannelGroup
 from methods.pruning.structured.graph import trace_groups
 from methods.pruning.structured.rebuild import rebuild
@@ -31,7 +34,6 @@ from research.registry import same_definition
 from research.train import cross_entropy_loss
 from research.train import merge_model
 from research.train import split_model
-from research.tree import Rule
 from research.tree import flatten_with_paths
 from research.tree import get_by_path
 from research.tree import map_with_paths
@@ -41,9 +43,8 @@ from research.tree import set_by_path
 PyTree = Any
 ChannelScoreFn = Callable[[ChannelGroup, dict[str, np.ndarray], dict[str, np.ndarray] | None], np.ndarray]
 
-CHANNEL_SCORES: Registry[tuple[ChannelScoreFn, bool]] = Registry(
-    "channel score", hint="register one with @register_channel_score('name')"
-)
+# Created (with the built-in names declared) in the standard-library names module, so configs are checked before JAX.
+CHANNEL_SCORES: Registry[tuple[ChannelScoreFn, bool]] = _names.CHANNEL_SCORES
 
 
 def register_channel_score(name: str, *, needs_grad: bool = False) -> Callable[[ChannelScoreFn], ChannelScoreFn]:
@@ -56,7 +57,7 @@ def register_channel_score(name: str, *, needs_grad: bool = False) -> Callable[[
     """
 
     def deco(fn: ChannelScoreFn) -> ChannelScoreFn:
-        old = CHANNEL_SCORES.get(name) if name in CHANNEL_SCORES else None
+        old = CHANNEL_SCORES.loaded(name)
         same = old is not None and same_definition(old[0], fn) and old[1] == needs_grad
         CHANNEL_SCORES.register(name, (fn, needs_grad), replace=same)
         return fn
@@ -119,31 +120,6 @@ def taylor_channel_score(group, params, grads):
             gw = np.asarray(params[m.path]) * np.asarray(grads[m.path])
             total += _per_channel(gw, m.axis, lambda a: np.sum(a, axis=1))
     return total**2
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ChannelRule(Rule):
-    """Per-group removal ratio, matched against the group's producer module paths.
-
-    Attributes:
-      pattern: regular expression searched in producer module paths and their kernel paths
-        (e.g. ``"^blocks/[0-2]/"``; the convention in :mod:`research.tree.rules`).
-      ratio: fraction of the group's channels to remove, in [0, 1); ``None`` uses the call's
-        ``ratio``; ``0.0`` keeps the group whole.
-    """
-
-    ratio: float | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.ratio is not None:
-            _check_ratio(self.ratio, f"ChannelRule(pattern={self.pattern!r}).ratio")
-
-
-def _check_ratio(ratio, name="ratio"):
-    if not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"{name}={ratio} is outside [0, 1); pass the fraction of channels to remove")
-    return float(ratio)
 
 
 @dataclasses.dataclass
@@ -217,7 +193,7 @@ def plan_channels(
       KeyError: unknown score.
       research.tree.RuleError: a rule matches no producer path (the message lists them).
     """
-    ratio = _check_ratio(ratio)
+    ratio = check_channel_ratio(ratio)
     fn, needs_grad = CHANNEL_SCORES.get(score)
     groups = trace_groups(model, sample_input)
     _, params, _ = split_model(nnx.clone(model))
