@@ -42,14 +42,14 @@ INPUT = "input"
 class KDBackend(Protocol):
     """What a distillation package provides (``methods.distillation`` registers one).
 
-    ``term_names()`` lists the registered KD terms; ``check_term(name, options)`` raises
-    ``TypeError``/``ValueError`` when the options do not build the term; ``setup(...)`` returns a
+    ``term_names()`` lists the registered KD terms; ``build_term(name, options)`` builds one (and
+    raises ``TypeError``/``ValueError`` when the options do not build it); ``setup(...)`` returns a
     :class:`KDSetup` for one fine-tuning run.
     """
 
     def term_names(self) -> list[str]: ...
 
-    def check_term(self, name: str, options: Mapping[str, Any]) -> None: ...
+    def build_term(self, name: str, options: Mapping[str, Any]) -> Any: ...
 
     def setup(self, teacher: Any, cfg: TeacherConfig, student: Any, dataset: Any, *, batch_size: int, seed: int) -> KDSetup: ...
 
@@ -137,13 +137,16 @@ class KDTermConfig:
     weight: float = 1.0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    def build(self) -> Any:
+        """The KD term (the backend's ``make_kd_term(name, **options)``, a ``KDTerm``)."""
+        return kd_backend().build_term(self.name, dict(self.options))
+
     def check(self, key: str, context: ValidationContext) -> None:
         """The options must build the term (known option names, values the factory accepts)."""
-        backend = kd_backend()
-        if self.name not in backend.term_names():
+        if self.name not in kd_backend().term_names():
             return  # reported by the name check
         try:
-            backend.check_term(self.name, dict(self.options))
+            self.build()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{key}.options={dict(self.options)!r} do not build KD term {self.name!r}: {e}") from None
 

@@ -22,6 +22,7 @@ from methods.decomposition.surgery import factorize_recipe_step
 from methods.decomposition.surgery import factorize_with_report
 from research import constraints as constraints_lib
 from research import recipe as recipe_lib
+from research.nn import iter_modules
 from research.stages import Bundle
 from research.stages import StageContext
 from research.stages import StageResult
@@ -91,8 +92,14 @@ def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> Sta
         keep = train.keep_constraints if train is not None else True
         sparse, declared_by = _constrained_modules(bundle, bundle.model)
         if sparse and keep:
-            # Factors of a pruned kernel are dense: keep such layers as they are (sparse).
-            rules = tuple(DecompositionRule(pattern=f"^{re.escape(p)}$", skip=True) for p in sparse) + rules
+            # Factors of a pruned kernel are dense: keep such layers as they are (sparse). A rule
+            # that selects only such layers has nothing left to do: it is dropped (and said so).
+            others = [p for p, _ in iter_modules(bundle.model) if p and p not in sparse]
+            usable = tuple(r for r in rules if any(r.matches(p) or r.matches(f"{p}/kernel") for p in others))
+            dropped = [r for r in rules if r not in usable]
+            if dropped:
+                notes.append(f"rules that select only layers kept sparse, not applied: {dropped}")
+            rules = tuple(DecompositionRule(pattern=f"^{re.escape(p)}$", skip=True) for p in sparse) + usable
             notes.append(
                 f"kept {len(sparse)} layers dense (unfactorized) that carry the sparsity masks of {declared_by}: "
                 f"{', '.join(sparse)}; train.keep_constraints=False factorizes them and releases their masks"

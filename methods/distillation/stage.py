@@ -67,14 +67,14 @@ class DistillationBackend:
         """The registered KD terms."""
         return list_kd_terms()
 
-    def check_term(self, name: str, options: Mapping[str, Any]) -> None:
-        """Builds the term once (raises ``TypeError``/``ValueError`` for bad options)."""
-        make_kd_term(name, **dict(options))
+    def build_term(self, name: str, options: Mapping[str, Any]):
+        """``make_kd_term(name, **options)`` (raises ``TypeError``/``ValueError`` for bad options)."""
+        return make_kd_term(name, **dict(options))
 
     def setup(self, teacher: nnx.Module, cfg: TeacherConfig, student: nnx.Module, dataset, *, batch_size: int, seed: int):
         """The student (wrapped if a term trains extra modules), the KD loss transform and its sampler."""
         notes: list[str] = []
-        terms = [(t.weight, make_kd_term(t.name, **dict(t.options))) for t in cfg.terms]
+        terms = [(t.weight, self.build_term(t.name, t.options)) for t in cfg.terms]
         student = copy_model(student)
         wrapped = False
         for _, term in terms:
