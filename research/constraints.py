@@ -10,7 +10,8 @@ the finished stage, as data):
 * ``"factorized"``: the factor parameters of a factorized model (paths and shapes). Kept by the
   model's structure; a later stage that replaces them is reported.
 * ``"quantized"``: the fake-quant ranges (paths, shapes and values). Ranges that are trainable
-  parameters (LSQ step sizes) are frozen by later fine-tuning stages.
+  parameters (LSQ step sizes, PACT clips) are frozen by later fine-tuning stages; observed ranges
+  (min/max of a kernel or an activation) follow their observers, as in the stage that made them.
 
 A fine-tuning stage releases them with ``TrainStage(keep_constraints=False)`` (``--set
 stages.<kind>.train.keep_constraints=false``). After every stage the runner
@@ -323,21 +324,24 @@ def check_stage(
                 detail = f"{len(rec.get('layers', []))} factorized layers unchanged"
         elif kind == QUANTIZED:
             ranges = rec.get("ranges", {})
-            moved, gone = [], []
+            trainable = set(rec.get("trainable", []))
+            moved, observed, gone = [], [], []
             for p, v in ranges.items():
                 new = match_path(p, np.shape(v), shapes)
                 if new is None:
                     gone.append(p)
                 elif not np.array_equal(np.asarray(flat_after[new]), np.asarray(v)):
-                    moved.append(p)
+                    (moved if p in trainable else observed).append(p)
             if gone or moved:
                 status = "changed"
-                parts = [f"{len(moved)} quantizer ranges changed"] if moved else []
+                parts = [f"{len(moved)} trained quantizer ranges changed"] if moved else []
                 parts += [f"{len(gone)} quantizers no longer exist ({', '.join(gone[:4])})"] if gone else []
                 detail = "; ".join(parts)
                 after = drop(after, QUANTIZED)
             else:
-                detail = f"{len(ranges)} quantizer ranges unchanged"
+                detail = f"{len(ranges)} quantizers kept" + (
+                    f" ({len(observed)} observed ranges re-estimated by their observers while training)" if observed else ""
+                )
         rows.append({"constraint": kind, "declared_by": rec.get("stage"), "status": status, "detail": detail})
         if status == "changed":
             warnings.warn(
