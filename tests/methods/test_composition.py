@@ -263,5 +263,7 @@ def test_a_run_with_constraints_and_a_teacher_resumes_bit_identically(tmp_path):
     ma, mb = dict(flatten_with_paths(a[2]["masks"])), dict(flatten_with_paths(b[2]["masks"]))
     assert ma.keys() == mb.keys() and all(np.array_equal(ma[k], mb[k]) for k in ma)
     assert any(k.endswith("layer/kernel") for k in ma)  # re-keyed to the fake-quant model's paths
+    text = (tmp_path / "whole" / "report.txt").read_text()
+    assert "constraints (weight sparsity" in text and "sparsity of 1_prune: kept" in text
     report = json.loads((tmp_path / "whole" / "report.json").read_text())
     assert report["stages"][2]["metrics"]["weight_sparsity_before"] == report["stages"][2]["metrics"]["weight_sparsity_after"]
