@@ -77,7 +77,9 @@ def declare_sparsity(extras: Mapping[str, Any], masks: Any, *, stage: str, **pat
     flat = _flat(masks)
     kept = int(sum(int(np.sum(m)) for m in flat.values()))
     size = int(sum(m.size for m in flat.values()))
-    out = declare(extras, SPARSITY, stage=stage, leaves=len(flat), masked_zeros=size - kept, masked_size=size, **pattern)
+    out = declare(
+        extras, SPARSITY, stage=stage, leaves=len(flat), masked_zeros=size - kept, masked_size=size, **pattern
+    )
     out[MASKS] = masks
     return out
 
@@ -318,7 +320,10 @@ def check_stage(
         elif kind == FACTORIZED:
             missing = [p for p, s in rec.get("params", {}).items() if match_path(p, tuple(s), shapes) is None]
             if missing:
-                status, detail = "changed", f"{len(missing)} factor parameters no longer exist ({', '.join(missing[:4])})"
+                status, detail = (
+                    "changed",
+                    f"{len(missing)} factor parameters no longer exist ({', '.join(missing[:4])})",
+                )
                 after = drop(after, FACTORIZED)
             else:
                 detail = f"{len(rec.get('layers', []))} factorized layers unchanged"
@@ -340,7 +345,9 @@ def check_stage(
                 after = drop(after, QUANTIZED)
             else:
                 detail = f"{len(ranges)} quantizers kept" + (
-                    f" ({len(observed)} observed ranges re-estimated by their observers while training)" if observed else ""
+                    f" ({len(observed)} observed ranges re-estimated by their observers while training)"
+                    if observed
+                    else ""
                 )
         rows.append({"constraint": kind, "declared_by": rec.get("stage"), "status": status, "detail": detail})
         if status == "changed":

@@ -134,7 +134,10 @@ def render(report: dict[str, Any]) -> str:
     parts.append(format_table(summary_rows(report), COLUMNS))
     constraints = constraint_rows(report)
     if any(r["declares"] != "-" or r["earlier constraints"] != "-" for r in constraints):
-        parts.append("\nconstraints (weight sparsity: exact zeros of the kernels and weight matrices)\n" + format_table(constraints))
+        parts.append(
+            "\nconstraints (weight sparsity: exact zeros of the kernels and weight matrices)\n"
+            + format_table(constraints)
+        )
     for st in report["stages"]:
         for name, table in st.get("tables", {}).items():
             if table:

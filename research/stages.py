@@ -493,7 +493,11 @@ def fine_tune(
         metrics["final_train_loss"] = last["loss"]
         if setup is not None:
             metrics.update(
-                {k if k == "hard_loss" else k.replace("/", "_"): v for k, v in last.items() if k.startswith(("kd/", "hard_loss"))}
+                {
+                    k if k == "hard_loss" else k.replace("/", "_"): v
+                    for k, v in last.items()
+                    if k.startswith(("kd/", "hard_loss"))
+                }
             )
     return FineTuned(model=trained, records=records, state=(defs, state), masks=masks, notes=notes, metrics=metrics)
 

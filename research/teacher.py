@@ -51,7 +51,9 @@ class KDBackend(Protocol):
 
     def build_term(self, name: str, options: Mapping[str, Any]) -> Any: ...
 
-    def setup(self, teacher: Any, cfg: TeacherConfig, student: Any, dataset: Any, *, batch_size: int, seed: int) -> KDSetup: ...
+    def setup(
+        self, teacher: Any, cfg: TeacherConfig, student: Any, dataset: Any, *, batch_size: int, seed: int
+    ) -> KDSetup: ...
 
 
 @dataclasses.dataclass
@@ -198,7 +200,8 @@ class TeacherConfig:
         """A short description for report notes: ``teacher 0_train, 0.1 CE + 0.9 hinton(T=4)``."""
         who = f"run {self.run}" if self.run else ("the stage's input model" if self.stage == INPUT else self.stage)
         parts = [f"{self.hard_weight:g} CE"] + [
-            f"{t.weight:g} {t.name}" + (f"({', '.join(f'{k}={v}' for k, v in dict(t.options).items())})" if t.options else "")
+            f"{t.weight:g} {t.name}"
+            + (f"({', '.join(f'{k}={v}' for k, v in dict(t.options).items())})" if t.options else "")
             for t in self.terms
         ]
         return f"teacher {who}: " + " + ".join(parts)

@@ -126,7 +126,9 @@ def masked_zeros_kept(workdir: pathlib.Path, label: str) -> tuple[int, int]:
     return held, kept
 
 
-def run_stage_pipeline(variant: str, recipe, seed: int, root: pathlib.Path, *, progress: bool = False) -> dict[str, Any]:
+def run_stage_pipeline(
+    variant: str, recipe, seed: int, root: pathlib.Path, *, progress: bool = False
+) -> dict[str, Any]:
     """Runs one ``STAGE_VARIANTS`` variant for one seed: the no-teacher arm, then in the same
     workdir the KD arm (only the last stage differs and reruns); returns each arm's test accuracy."""
     pipeline = STAGE_VARIANTS[variant]

@@ -71,7 +71,9 @@ class DistillationBackend:
         """``make_kd_term(name, **options)`` (raises ``TypeError``/``ValueError`` for bad options)."""
         return make_kd_term(name, **dict(options))
 
-    def setup(self, teacher: nnx.Module, cfg: TeacherConfig, student: nnx.Module, dataset, *, batch_size: int, seed: int):
+    def setup(
+        self, teacher: nnx.Module, cfg: TeacherConfig, student: nnx.Module, dataset, *, batch_size: int, seed: int
+    ):
         """The student (wrapped if a term trains extra modules), the KD loss transform and its sampler."""
         notes: list[str] = []
         terms = [(t.weight, self.build_term(t.name, t.options)) for t in cfg.terms]

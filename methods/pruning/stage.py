@@ -40,9 +40,9 @@ from research.stages import StageResult
 from research.stages import fine_tune
 from research.stages import register_stage
 from research.train import merge_model
+from research.train import split_model
 from research.train.masking import combine_masks
 from research.train.masking import find_all_masks
-from research.train import split_model
 from research.tree import flatten_with_paths
 
 

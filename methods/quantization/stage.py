@@ -44,10 +44,10 @@ from research import metrics as _metrics
 from research import recipe as recipe_lib
 from research.data import calibration_subset
 from research.metrics import accuracy
+from research.nn import iter_modules
 from research.stages import Bundle
 from research.stages import StageContext
 from research.stages import StageResult
-from research.nn import iter_modules
 from research.stages import fine_tune
 from research.stages import register_stage
 from research.tree import flatten_with_paths
@@ -103,7 +103,9 @@ def quantizer_ranges(model: nnx.Module) -> tuple[dict, list[str]]:
     return ranges, trainable
 
 
-def _result(bundle: Bundle, model, metrics: dict, notes: list[str], steps: list[dict], ctx: StageContext) -> StageResult:
+def _result(
+    bundle: Bundle, model, metrics: dict, notes: list[str], steps: list[dict], ctx: StageContext
+) -> StageResult:
     floats = float_layers(model)
     if floats:
         notes.append("layers left in float: " + ", ".join(floats))

@@ -153,7 +153,9 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
     metrics = {f"{a.name}_latency_ms": float(a.latency_ms) for a in rep.artifacts}
     # Each artifact's accuracy on the whole test split, run in its own runtime (not only its
     # agreement with JAX): what a deployment of that file scores.
-    metrics.update({f"{name}_test_accuracy": acc for name, acc in accuracies.items() if acc is not None and name != "jax"})
+    metrics.update(
+        {f"{name}_test_accuracy": acc for name, acc in accuracies.items() if acc is not None and name != "jax"}
+    )
     return StageResult(
         bundle=bundle,
         # Measured deployment latency per artifact, readable as a tune objective/constraint.

@@ -213,13 +213,18 @@ def test_a_teacher_changes_the_loss_as_kd_should(kind, datasets, tmp_path):
 def test_teacher_options_are_validated_and_set_from_the_command_line():
     stages = (TrainStage(steps=2), QATStage(bits=8, train=TrainStage(steps=2)))
     config = Config(model=ModelConfig(name="mlp"), data=DataConfig(name="digits"), stages=stages)
-    config = apply_overrides(config, ["stages.qat.train.teacher.stage=0_train", "stages.qat.train.teacher.hard_weight=0.5"])
+    config = apply_overrides(
+        config, ["stages.qat.train.teacher.stage=0_train", "stages.qat.train.teacher.hard_weight=0.5"]
+    )
     assert config.stages[1].train.teacher == TeacherConfig(stage="0_train", hard_weight=0.5)
     validate(config)
     for override, message in [
-        ("stages.qat.train.teacher.stage=9_nothing", "stages.qat.train.teacher.stage='9_nothing' names no earlier stage"),
+        (
+            "stages.qat.train.teacher.stage=9_nothing",
+            "stages.qat.train.teacher.stage='9_nothing' names no earlier stage",
+        ),
         ("stages.qat.train.teacher.terms.0.name=hintn", "is not registered \\(KD term\\)"),
-        ("stages.qat.train.teacher.terms.0.options={\"tau\": 2}", "do not build KD term 'hinton'"),
+        ('stages.qat.train.teacher.terms.0.options={"tau": 2}', "do not build KD term 'hinton'"),
         ("stages.qat.train.teacher.stage=", "name the teacher"),
         ("stages.qat.train.keep_constraints=1", "must be a bool"),
     ]:
@@ -253,6 +258,9 @@ def test_a_run_with_constraints_and_a_teacher_resumes_bit_identically(tmp_path):
     whole = run_lib.run(_config(stages), str(tmp_path / "whole"), progress=False, echo=False)
     run_lib.run(_config(stages[:2]), str(tmp_path / "parts"), progress=False, echo=False)
     parts = run_lib.run(_config(stages), str(tmp_path / "parts"), progress=False, echo=False)  # reuses 0, 1
+    assert [s["metrics"]["test_accuracy"] for s in parts["stages"]] == [
+        s["metrics"]["test_accuracy"] for s in whole["stages"]
+    ]
     nonzeros = [s["metrics"]["nonzeros"] for s in whole["stages"]]
     assert nonzeros[1] == nonzeros[2] == nonzeros[3] < nonzeros[0]
     assert [r["status"] for s in whole["stages"][2:] for r in s["constraints"]] == ["kept", "kept", "kept"]
@@ -266,4 +274,7 @@ def test_a_run_with_constraints_and_a_teacher_resumes_bit_identically(tmp_path):
     text = (tmp_path / "whole" / "report.txt").read_text()
     assert "constraints (weight sparsity" in text and "sparsity of 1_prune: kept" in text
     report = json.loads((tmp_path / "whole" / "report.json").read_text())
-    assert report["stages"][2]["metrics"]["weight_sparsity_before"] == report["stages"][2]["metrics"]["weight_sparsity_after"]
+    assert (
+        report["stages"][2]["metrics"]["weight_sparsity_before"]
+        == report["stages"][2]["metrics"]["weight_sparsity_after"]
+    )
