@@ -52,9 +52,10 @@ VARIANTS = {
 # The stage-level teacher (issue 15) on MNIST-1D's CNN: the two arms are two configs run in one
 # workdir (the KD arm reuses the no-teacher arm's teacher and compressed model).
 STAGE_VARIANTS = {
-    "cnn1d_prune": "prune_stage",
-    "cnn1d_gradual": "gradual_stage",
-    "cnn1d_quant2": "quant_stage",
+    "cnn1d_prune": ("prune_stage", {}),
+    "cnn1d_gradual": ("gradual_stage", {}),
+    "cnn1d_quant2": ("quant_stage", {"bits": 2}),
+    "cnn1d_quant4": ("quant_stage", {"bits": 4}),
 }
 # Stage labels of each pipeline: teacher, compressed (no training), no-teacher fine-tune, KD.
 LABELS = {
@@ -131,7 +132,8 @@ def run_stage_pipeline(
 ) -> dict[str, Any]:
     """Runs one ``STAGE_VARIANTS`` variant for one seed: the no-teacher arm, then in the same
     workdir the KD arm (only the last stage differs and reruns); returns each arm's test accuracy."""
-    pipeline = STAGE_VARIANTS[variant]
+    pipeline, overrides = STAGE_VARIANTS[variant]
+    recipe = dataclasses.replace(recipe, **overrides)
     module = config_module()
     workdir = root / f"{variant}_s{seed}"
     t0 = time.perf_counter()

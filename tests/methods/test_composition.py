@@ -278,3 +278,18 @@ def test_a_run_with_constraints_and_a_teacher_resumes_bit_identically(tmp_path):
         report["stages"][2]["metrics"]["weight_sparsity_before"]
         == report["stages"][2]["metrics"]["weight_sparsity_after"]
     )
+
+
+def test_kd_recovery_stage_teacher_configs_differ_only_in_the_teacher():
+    from experiments.kd_recovery.experiment import config_module
+
+    module = config_module()
+    for pipeline in module.STAGE_PIPELINES:
+        plain, kd = (module.get_config(f"{pipeline},cnn1d{w}") for w in ("", ",kd"))
+        validate(kd)
+        assert plain.stages[:-1] == kd.stages[:-1] and plain.model.name == "cnn1d"
+        assert plain.stages[-1].train.teacher is None
+        assert kd.stages[-1].train.teacher.stage == "0_train"
+        assert dataclasses.replace(kd.stages[-1].train, teacher=None) == plain.stages[-1].train
+    with pytest.raises(ValueError, match="',kd'"):
+        module.get_config("prune,kd")
