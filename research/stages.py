@@ -22,8 +22,11 @@ Each stage takes the :class:`Bundle` left by the previous one and returns a
 :class:`StageResult`; the runner (``research.run``) measures the model after every stage and
 checkpoints it so a killed run resumes from the last finished stage. A method stage that
 fine-tunes embeds its schedule as ``train: TrainStage`` (override keys
-``stages.<kind>.train.<field>``) and calls :func:`research.train.finetune` with
-``**train_kwargs(cfg.train)``; it never copies the training loop.
+``stages.<kind>.train.<field>``) and calls :func:`fine_tune` with it; it never copies the
+training loop. :func:`fine_tune` keeps what earlier stages constrained (pruning masks, trainable
+quantizer ranges: :mod:`research.constraints`; ``train.keep_constraints=False`` releases them)
+and distils from ``train.teacher`` when one is set (:mod:`research.teacher`), so every
+fine-tuning stage composes the same way.
 
 Stage kinds of installed packages are registered by :func:`load_stage_plugins`, which calls
 every entry point of the ``slimjax.stages`` group (``methods:register_stages`` for this

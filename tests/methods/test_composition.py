@@ -49,7 +49,8 @@ from research.train import split_model
 from research.tree import flatten_with_paths
 
 ONE = TrainStage(steps=2, batch_size=32, checkpoint_every=0, eval_every=0, log_every=1)
-DATA = {"mlp": "mnist1d", "cnn1d": "mnist1d", "lenet5": "digits"}
+DATA = {"mlp": "mnist1d", "cnn1d": "mnist1d", "lenet5": "digits", "lenet300": "mnist1d"}
+OTHER_ZOO = ("lenet300", "resnet20", "resnet56", "vgg_small", "mobilenetv2")  # on digits unless in DATA
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def _step(bundle, label, cfg, tmp_path):
 
 
 def _pruned(name, datasets, tmp_path):
-    ds = datasets[DATA[name]]
+    ds = datasets[DATA.get(name, "digits")]
     model = build_model(name, input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(0))
     bundle = Bundle(model=model, dataset=ds, recipe=(zoo_step(name, {}, ds.input_shape, ds.num_classes, 0),))
     bundle.models["0_train"] = bundle.models["train"] = model
@@ -121,6 +122,19 @@ def test_prune_then_a_fine_tuning_stage_keeps_the_exact_zero_count(name, kind, d
     if kind == "decompose":  # the pruned layers stay unfactorized: their factors would be dense
         assert result.metrics["layers_factorized"] == 0
         assert any("carry the sparsity masks of 1_prune" in n for n in result.notes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OTHER_ZOO)
+@pytest.mark.parametrize("kind", ["qat", "distill"])
+def test_the_rest_of_the_zoo_keeps_its_zeros(name, kind, datasets, tmp_path):
+    pruned = _pruned(name, datasets, tmp_path)
+    zeros, _ = _masked_zeros(pruned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", constraints_lib.ConstraintWarning)
+        out, rows, _ = _step(pruned, f"2_{kind}", _later(kind), tmp_path)
+    assert _masked_zeros(out) == (zeros, [])
+    assert [r["status"] for r in rows if r["constraint"] == "sparsity"] == ["kept"]
 
 
 def test_releasing_the_constraint_lets_pruned_weights_train_and_warns(datasets, tmp_path):
