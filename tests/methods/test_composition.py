@@ -307,3 +307,32 @@ def test_kd_recovery_stage_teacher_configs_differ_only_in_the_teacher():
         assert dataclasses.replace(kd.stages[-1].train, teacher=None) == plain.stages[-1].train
     with pytest.raises(ValueError, match="',kd'"):
         module.get_config("prune,kd")
+
+
+@pytest.mark.slow
+def test_nm_masks_and_trainable_quantizer_ranges_are_kept(datasets, tmp_path):
+    ds = datasets["mnist1d"]
+    model = build_model("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(0))
+    bundle = Bundle(model=model, dataset=ds)
+    bundle.models["0_train"] = bundle.models["train"] = model
+    nm = PruneStage(pattern="nm", n=2, m=4, schedule="one_shot", train=None)
+    bundle, _, _ = _step(bundle, "1_prune", nm, tmp_path)
+    assert constraints_lib.declared(bundle.extras)["sparsity"] | {"n": 2, "m": 4, "pattern": "nm"} == (
+        constraints_lib.declared(bundle.extras)["sparsity"]
+    )
+    lsq = QATStage(bits=4, method="lsq", calibration_examples=16, train=ONE)
+    bundle, rows, _ = _step(bundle, "2_qat", lsq, tmp_path)
+    ranges = constraints_lib.declared(bundle.extras)["quantized"]
+    assert ranges["trainable"] and all(p.endswith("step") for p in ranges["trainable"])
+    out, rows, result = _step(bundle, "3_distill", DistillStage(teacher="0_train", train=ONE), tmp_path)
+    assert {r["constraint"]: r["status"] for r in rows} == {"sparsity": "kept", "quantized": "kept"}
+    assert any("froze" in n and "quantizer ranges of 2_qat" in n for n in result.notes)
+    _, params, _ = split_model(nnx.clone(out.model))
+    for path, kernel in flatten_with_paths(params):  # 2:4 still holds along the input axis
+        if path.endswith("layer/kernel"):
+            k = np.asarray(kernel)
+            groups = np.moveaxis(k, 0, -1).reshape(-1, k.shape[0] // 4, 4)
+            assert np.all(np.count_nonzero(groups, axis=-1) <= 2), path
+    release = DistillStage(teacher="0_train", train=dataclasses.replace(ONE, keep_constraints=False))
+    with pytest.warns(constraints_lib.ConstraintWarning, match="trained quantizer ranges changed"):
+        _step(bundle, "3_distill", release, tmp_path / "release")
