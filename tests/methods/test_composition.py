@@ -50,10 +50,10 @@ from research.tree import flatten_with_paths
 
 ONE = TrainStage(steps=2, batch_size=32, checkpoint_every=0, eval_every=0, log_every=1)
 DATA = {"mlp": "mnist1d", "cnn1d": "mnist1d", "lenet5": "digits", "lenet300": "mnist1d"}
-# BatchNorm folding (resnet20) and depthwise convs (mobilenetv2) under qat: the riskiest path
-# changes. The whole rest of the zoo (lenet300, resnet56, vgg_small too, qat and distill) passed
-# when run once by hand; it is left out of the suite for its time (6 min on a busy 2-core CPU).
-OTHER_ZOO = ("resnet20", "mobilenetv2")  # on digits
+# BatchNorm folding and residual blocks (resnet20) under qat: the riskiest path changes. The whole
+# rest of the zoo (lenet300, resnet56, vgg_small, mobilenetv2 too, qat and distill) passed when run
+# once by hand; it is left out of the suite for its time (6 min on a busy 2-core CPU).
+OTHER_ZOO = ("resnet20",)  # on digits
 
 
 @pytest.fixture(scope="module")
