@@ -6,7 +6,7 @@ For each seed, ``configs/kd_recovery.py`` runs two pipelines through the stage r
 
 * ``prune``: dense teacher -> one-shot 90% magnitude masks (no training) -> masked fine-tuning
   on the hard labels (``PruneStage``) and, from the same pruned model, distillation from the
-  dense teacher (``DistillStage`` with ``keep_zeros``);
+  dense teacher (``DistillStage``, which keeps the masks ``1_prune`` declared);
 * ``quant``: dense teacher -> 4-bit fake-quant + calibration (``QuantizeStage``) -> QAT on the
   hard labels (``QATStage``) and, from the same quantized model, distillation (``DistillStage``).
   LeNet-300-100 loses almost nothing at 4 bits here, so the same pipeline also runs at 2 bits
