@@ -320,8 +320,9 @@ def test_nm_masks_and_trainable_quantizer_ranges_are_kept(datasets, tmp_path):
     bundle.models["0_train"] = bundle.models["train"] = model
     nm = PruneStage(pattern="nm", n=2, m=4, schedule="one_shot", train=None)
     bundle, _, _ = _step(bundle, "1_prune", nm, tmp_path)
-    assert constraints_lib.declared(bundle.extras)["sparsity"] | {"n": 2, "m": 4, "pattern": "nm"} == (
-        constraints_lib.declared(bundle.extras)["sparsity"]
+    assert (
+        constraints_lib.declared(bundle.extras)["sparsity"] | {"n": 2, "m": 4, "pattern": "nm"}
+        == (constraints_lib.declared(bundle.extras)["sparsity"])
     )
     lsq = QATStage(bits=4, method="lsq", calibration_examples=16, train=ONE)
     bundle, rows, _ = _step(bundle, "2_qat", lsq, tmp_path)
