@@ -269,7 +269,12 @@ def weight_sparsity(params: Any) -> tuple[int, int]:
 
 
 def check_stage(
-    label: str, extras_before: Mapping[str, Any], extras_after: Mapping[str, Any], state_after: Any
+    label: str,
+    extras_before: Mapping[str, Any],
+    extras_after: Mapping[str, Any],
+    state_after: Any,
+    *,
+    released: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Compares a stage's output with the constraints it started under.
 
@@ -278,12 +283,14 @@ def check_stage(
       extras_before: the extras the stage started from (its model's declared constraints).
       extras_after: the extras the stage returned (it may declare new constraints).
       state_after: the output model's state as nested dicts (params and other variables).
+      released: the stage was told to release them (``train.keep_constraints=False``): a change
+        is reported as ``released`` instead of ``changed`` (and still warned).
 
     Returns:
       ``(extras, rows)``: the extras to store (kept masks re-keyed to the new paths; changed
       constraints dropped unless the stage declared them anew) and one row per earlier
-      constraint: ``{"constraint", "declared_by", "status" (kept/changed), "detail"}``. Every
-      ``changed`` row is also warned (:class:`ConstraintWarning`).
+      constraint: ``{"constraint", "declared_by", "status" (kept/changed/released), "detail"}``.
+      Every row that is not ``kept`` is also warned (:class:`ConstraintWarning`).
     """
     before = declared(extras_before)
     after = dict(extras_after)
@@ -349,8 +356,17 @@ def check_stage(
                     if observed
                     else ""
                 )
+        if status == "changed" and released:
+            status = "released"
         rows.append({"constraint": kind, "declared_by": rec.get("stage"), "status": status, "detail": detail})
-        if status == "changed":
+        if status == "released":
+            warnings.warn(
+                f"stage {label} released the {kind} constraint of {rec.get('stage')} as asked "
+                f"(train.keep_constraints=False): {detail}",
+                ConstraintWarning,
+                stacklevel=2,
+            )
+        elif status == "changed":
             warnings.warn(
                 f"stage {label} changed the {kind} constraint of {rec.get('stage')}: {detail}. A fine-tuning stage keeps "
                 "earlier constraints unless told otherwise (train.keep_constraints=False releases them); a stage "

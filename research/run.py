@@ -181,7 +181,11 @@ def _run_stages(
             zeros_before = constraints_lib.weight_sparsity(_state(previous[0]))
             bundle = result.bundle
             state_after = _state(bundle.model)
-            extras, constraint_rows = constraints_lib.check_stage(label, base, bundle.extras, state_after)
+            schedule = getattr(stage_cfg, "train", stage_cfg)
+            released = getattr(schedule, "keep_constraints", True) is False
+            extras, constraint_rows = constraints_lib.check_stage(
+                label, base, bundle.extras, state_after, released=released
+            )
             bundle = dataclasses.replace(bundle, extras=extras)
             zeros_after = constraints_lib.weight_sparsity(state_after)
             measured = measure(bundle.model, bundle.dataset, latency_batch_size=config.latency_batch_size)
@@ -203,9 +207,9 @@ def _run_stages(
                 "notes": [
                     *result.notes,
                     *(
-                        f"WARNING: changed the {r['constraint']} constraint of {r['declared_by']}: {r['detail']}"
+                        f"WARNING: {r['status']} the {r['constraint']} constraint of {r['declared_by']}: {r['detail']}"
                         for r in constraint_rows
-                        if r["status"] == "changed"
+                        if r["status"] != "kept"
                     ),
                 ],
                 "constraints": constraint_rows,

@@ -70,7 +70,9 @@ def _step(bundle, label, cfg, tmp_path):
     result = get_stage(cfg.kind)[1](bundle, cfg, _ctx(tmp_path, label))
     base = bundle.extras if result.base_extras is None else result.base_extras
     out = result.bundle
-    extras, rows = constraints_lib.check_stage(label, base, out.extras, nnx.to_pure_dict(nnx.state(out.model)))
+    released = getattr(getattr(cfg, "train", cfg), "keep_constraints", True) is False
+    state = nnx.to_pure_dict(nnx.state(out.model))
+    extras, rows = constraints_lib.check_stage(label, base, out.extras, state, released=released)
     out = dataclasses.replace(out, extras=extras)
     out.models[label] = out.models[cfg.kind] = out.model
     out.stage_extras[label] = out.stage_extras[cfg.kind] = out.extras
@@ -144,9 +146,9 @@ def test_releasing_the_constraint_lets_pruned_weights_train_and_warns(datasets, 
     pruned = _pruned("cnn1d", datasets, tmp_path)
     zeros, _ = _masked_zeros(pruned)
     release = QATStage(bits=8, calibration_examples=16, train=dataclasses.replace(ONE, keep_constraints=False))
-    with pytest.warns(constraints_lib.ConstraintWarning, match="2_qat changed the sparsity constraint of 1_prune"):
+    with pytest.warns(constraints_lib.ConstraintWarning, match="2_qat released the sparsity constraint of 1_prune as"):
         out, rows, result = _step(pruned, "2_qat", release, tmp_path)
-    assert [r["status"] for r in rows if r["constraint"] == "sparsity"] == ["changed"]
+    assert [r["status"] for r in rows if r["constraint"] == "sparsity"] == ["released"]
     assert any("released the constraints" in n for n in result.notes)
     assert "masks" not in out.extras and "sparsity" not in constraints_lib.declared(out.extras)
     # the released weights trained: far fewer zeros than the masks held
