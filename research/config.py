@@ -604,6 +604,11 @@ def _set(obj: Any, parts: list[str], value: Any, key: str) -> Any:
         where = type(obj).__name__
         raise ConfigError(f"unknown key {key!r}: {where} has no field {head!r}; valid keys: {sorted(fields)}")
     current = getattr(obj, head)
+    if (
+        rest and current is None
+    ):  # an unset optional dataclass (`teacher: TeacherConfig | None`): start from its defaults
+        cls = next((a for a in typing.get_args(_field_types(obj)[head]) if dataclasses.is_dataclass(a)), None)
+        current = cls() if cls is not None else None
     if rest:
         new_value = _set(current, rest, value, key)
     else:

@@ -26,6 +26,11 @@ So a stage that stores the weights in a new, smaller encoding returns its size u
 :data:`BYTES_KEYS` names (``bytes`` if none fits); any other name appears in ``report.json``
 (and so to ``slimjax tune`` objectives) but not in the table. Per-stage tables go in
 ``StageResult.tables`` and are printed under the summary.
+
+The runner also records, per stage, ``weight_sparsity_before``/``weight_sparsity_after`` (exact
+zeros of the kernels, ``ndim >= 2``), the constraints the stage ``declares`` and what it did to the
+earlier ones (``constraints``: kept or changed, :mod:`research.constraints`); the text report
+shows them in a "constraints" table.
 """
 
 from __future__ import annotations
@@ -94,6 +99,29 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"stage": st["label"], **st["metrics"], "bytes": best_bytes(st["metrics"])} for st in report["stages"]]
 
 
+def constraint_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per stage: weight sparsity before and after it, the constraints it declared, and what
+    it did to the earlier ones (``kept``/``changed``, see :mod:`research.constraints`)."""
+    rows = []
+    for st in report["stages"]:
+        m = st["metrics"]
+        if "weight_sparsity_after" not in m:
+            continue  # a report written before constraints were tracked
+        rows.append(
+            {
+                "stage": st["label"],
+                "weight sparsity": f"{m.get('weight_sparsity_before', 0.0):.2%} -> {m['weight_sparsity_after']:.2%}",
+                "declares": ", ".join(st.get("declares", [])) or "-",
+                "earlier constraints": "; ".join(
+                    f"{r['constraint']} of {r['declared_by']}: {r['status'].upper() if r['status'] != 'kept' else 'kept'}"
+                    for r in st.get("constraints", [])
+                )
+                or "-",
+            }
+        )
+    return rows
+
+
 def render(report: dict[str, Any]) -> str:
     """The human-readable report: the summary table, then each stage's tables and notes."""
     parts = [f"run: {report.get('name', '')}  ({report.get('workdir', '')})"]
@@ -104,6 +132,12 @@ def render(report: dict[str, Any]) -> str:
             f"flax {env['flax']}, python {env['python']}"
         )
     parts.append(format_table(summary_rows(report), COLUMNS))
+    constraints = constraint_rows(report)
+    if any(r["declares"] != "-" or r["earlier constraints"] != "-" for r in constraints):
+        parts.append(
+            "\nconstraints (weight sparsity: exact zeros of the kernels and weight matrices)\n"
+            + format_table(constraints)
+        )
     for st in report["stages"]:
         for name, table in st.get("tables", {}).items():
             if table:

@@ -31,6 +31,7 @@ import jax
 from flax import nnx
 
 from research import config as config_lib
+from research import constraints as constraints_lib
 from research import recipe as recipe_lib
 from research import report as report_lib
 from research import store
@@ -176,9 +177,21 @@ def _run_stages(
             t0 = time.perf_counter()
             result = fn(bundle, stage_cfg, ctx)
             seconds = time.perf_counter() - t0
+            base = bundle.extras if result.base_extras is None else result.base_extras
+            zeros_before = constraints_lib.weight_sparsity(_state(previous[0]))
             bundle = result.bundle
+            state_after = _state(bundle.model)
+            schedule = getattr(stage_cfg, "train", stage_cfg)
+            released = getattr(schedule, "keep_constraints", True) is False
+            extras, constraint_rows = constraints_lib.check_stage(
+                label, base, bundle.extras, state_after, released=released
+            )
+            bundle = dataclasses.replace(bundle, extras=extras)
+            zeros_after = constraints_lib.weight_sparsity(state_after)
             measured = measure(bundle.model, bundle.dataset, latency_batch_size=config.latency_batch_size)
             measured.update(result.metrics)
+            measured["weight_sparsity_before"] = zeros_before[0] / max(zeros_before[1], 1)
+            measured["weight_sparsity_after"] = zeros_after[0] / max(zeros_after[1], 1)
             for key in ("params", "nonzeros"):
                 measured[key] = int(measured[key])
             if bundle.model is previous[0]:  # the stage left the model as it was (e.g. export)
@@ -191,7 +204,18 @@ def _run_stages(
                 "metrics": measured,
                 "tables": result.tables,
                 "artifacts": result.artifacts,
-                "notes": result.notes,
+                "notes": [
+                    *result.notes,
+                    *(
+                        f"WARNING: {r['status']} the {r['constraint']} constraint of {r['declared_by']}: {r['detail']}"
+                        for r in constraint_rows
+                        if r["status"] != "kept"
+                    ),
+                ],
+                "constraints": constraint_rows,
+                "declares": sorted(
+                    k for k, v in constraints_lib.declared(bundle.extras).items() if v.get("stage") == label
+                ),
             }
             store.save_stage(sdir, model=bundle.model, extras=bundle.extras, record=record, recipe=bundle.recipe)
             if echo:
@@ -204,12 +228,18 @@ def _run_stages(
         bundle.models[label] = bundle.model
         bundle.models[stage_cfg.kind] = bundle.model
         bundle.recipes[label] = bundle.recipes[stage_cfg.kind] = bundle.recipe
+        bundle.stage_extras[label] = bundle.stage_extras[stage_cfg.kind] = bundle.extras
         report["stages"].append(record)
         report_lib.write_report(workdir, report)
     plot = report_lib.plot_curves(workdir, stage_dirs)
     report["plots"] = [plot] if plot else []
     report_lib.write_report(workdir, report)
     return report
+
+
+def _state(model: nnx.Module) -> dict[str, Any]:
+    """The model's variables (params and the rest) as nested dicts."""
+    return nnx.to_pure_dict(nnx.state(model))
 
 
 def load_run(workdir: str) -> tuple[dict[str, Any], nnx.Module, dict[str, Any]]:

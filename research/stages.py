@@ -22,8 +22,11 @@ Each stage takes the :class:`Bundle` left by the previous one and returns a
 :class:`StageResult`; the runner (``research.run``) measures the model after every stage and
 checkpoints it so a killed run resumes from the last finished stage. A method stage that
 fine-tunes embeds its schedule as ``train: TrainStage`` (override keys
-``stages.<kind>.train.<field>``) and calls :func:`research.train.finetune` with
-``**train_kwargs(cfg.train)``; it never copies the training loop.
+``stages.<kind>.train.<field>``) and calls :func:`fine_tune` with it; it never copies the
+training loop. :func:`fine_tune` keeps what earlier stages constrained (pruning masks, trainable
+quantizer ranges: :mod:`research.constraints`; ``train.keep_constraints=False`` releases them)
+and distils from ``train.teacher`` when one is set (:mod:`research.teacher`), so every
+fine-tuning stage composes the same way.
 
 Stage kinds of installed packages are registered by :func:`load_stage_plugins`, which calls
 every entry point of the ``slimjax.stages`` group (``methods:register_stages`` for this
@@ -58,6 +61,10 @@ from research.registry import Registry
 from research.registry import UnknownNameError
 from research.registry import same_definition
 from research.renames import RenamedFieldsMeta
+from research.teacher import INPUT
+from research.teacher import TeacherConfig
+from research.teacher import kd_backend
+from research.teacher import teacher_key_error
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -126,6 +133,8 @@ class Bundle:
       recipe: the structural steps that rebuild ``model`` from the base config
         (:mod:`research.recipe`); a stage that changes the structure appends its step.
       recipes: the recipe of each model in ``models``, by the same keys.
+      stage_extras: the extras each model in ``models`` was left with (its declared constraints,
+        :mod:`research.constraints`), by the same keys.
     """
 
     model: nnx.Module
@@ -135,6 +144,7 @@ class Bundle:
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     recipe: tuple[dict[str, Any], ...] = ()
     recipes: dict[str, tuple[dict[str, Any], ...]] = dataclasses.field(default_factory=dict)
+    stage_extras: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -161,6 +171,10 @@ class StageResult:
     tables: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
     artifacts: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    base_extras: dict[str, Any] | None = None
+    """The extras whose constraints the output model started under, when that is not the input
+    bundle's (a distillation student taken from another stage: that stage's extras; a fresh zoo
+    student: ``{}``). The runner checks the output against these (:func:`research.constraints.check_stage`)."""
 
 
 StageFn = Callable[[Bundle, Any, StageContext], StageResult]
@@ -298,6 +312,12 @@ class TrainStage(StageConfig):
       checkpoint_every, eval_every, log_every: loop cadence in steps.
       data_parallel: shard each batch over the local devices (parameters replicated); the batch
         size must be a multiple of the device count.
+      keep_constraints: keep what earlier stages fixed (:mod:`research.constraints`): pruned
+        weights stay exactly zero (their masks go into the optimizer), trainable quantizer ranges
+        stay frozen. ``False`` releases them (the report and a warning say so).
+      teacher: distil from a teacher while training (:class:`research.teacher.TeacherConfig`:
+        an earlier stage, ``"input"`` for the model the stage starts from, or a finished run;
+        KD terms by registered name with weights). ``None``: the task loss alone.
     """
 
     kind: ClassVar[str] = "train"
@@ -324,6 +344,8 @@ class TrainStage(StageConfig):
     eval_every: int = 100
     log_every: int = 10
     data_parallel: bool = False
+    keep_constraints: bool = True
+    teacher: TeacherConfig | None = None
 
     def check(self, key: str, context: ValidationContext) -> None:
         if self.warmup_steps > self.steps:
@@ -351,6 +373,144 @@ def train_kwargs(cfg: TrainStage) -> dict[str, Any]:
     }
 
 
+def resolve_teacher(bundle: Bundle, cfg: TeacherConfig, input_model: nnx.Module | None = None) -> nnx.Module:
+    """The teacher model ``cfg`` names: a finished run's final model, the stage's input model, or an
+    earlier stage's model (``bundle.models`` by label or kind).
+
+    A run directory's model is rebuilt from its stored recipe and arrays
+    (:func:`research.run.load_run`); nothing in the directory is executed.
+
+    Raises:
+      KeyError: the named stage has not run (names the finished ones).
+    """
+    if cfg.run:
+        from research.run import load_run  # pylint: disable=import-outside-toplevel
+
+        return load_run(cfg.run)[1]
+    if cfg.stage == INPUT:
+        return bundle.model if input_model is None else input_model
+    if cfg.stage not in bundle.models:
+        raise teacher_key_error(cfg.stage, list(bundle.models))
+    return bundle.models[cfg.stage]
+
+
+@dataclasses.dataclass
+class FineTuned:
+    """What :func:`fine_tune` returns.
+
+    Attributes:
+      model: the trained model (a distillation wrapper removed).
+      records: the training loop's records of this call.
+      state: ``(defs, TrainState)`` of the run (the student's, wrapper included).
+      masks: the masks the optimizer kept (every mask wrapper's, combined), shaped like the trained
+        model's params; ``None`` without masks.
+      notes, metrics: for the stage's report (constraints kept or released, the teacher,
+        ``teacher_test_accuracy``, the last ``kd_*``/``hard_loss`` values, ``final_train_loss``).
+    """
+
+    model: nnx.Module
+    records: list[dict[str, Any]]
+    state: Any
+    masks: Any
+    notes: list[str]
+    metrics: dict[str, float]
+
+
+def fine_tune(
+    bundle: Bundle,
+    model: nnx.Module,
+    train: TrainStage,
+    ctx: StageContext,
+    *,
+    input_model: nnx.Module | None = None,
+    extras: Mapping[str, Any] | None = None,
+    wrap_tx: Callable[[Any], Any] | None = None,
+    loss_transforms: tuple[Any, ...] = (),
+    description: str | None = None,
+) -> FineTuned:
+    """The fine-tuning every stage does: :func:`research.train.finetune` with the earlier stages'
+    constraints kept and the schedule's teacher, if any.
+
+    Args:
+      bundle: the stage's input (data, earlier models, declared constraints).
+      model: the model to train (the stage's pruned, quantized or factorized model).
+      train: the schedule; ``train.keep_constraints`` and ``train.teacher`` are applied here.
+      ctx: the stage's context (directory, seed, progress).
+      input_model: the model the stage started from (``TeacherConfig(stage="input")``;
+        default ``bundle.model``).
+      extras: the extras whose constraints ``model`` carries (default ``bundle.extras``).
+      wrap_tx: the stage's own optimizer wrapper (a pruning schedule); the kept masks wrap it.
+      loss_transforms: the stage's own loss transforms (the teacher's come after them).
+      description: the progress bar's label.
+
+    Returns:
+      A :class:`FineTuned`.
+    """
+    from research import constraints as constraints_lib  # pylint: disable=import-outside-toplevel
+    from research.train import finetune  # pylint: disable=import-outside-toplevel
+    from research.train import masking  # pylint: disable=import-outside-toplevel
+    from research.train import read_metrics  # pylint: disable=import-outside-toplevel
+    from research.train import split_model  # pylint: disable=import-outside-toplevel
+
+    ds = bundle.dataset
+    notes: list[str] = []
+    metrics: dict[str, float] = {}
+    student, setup = model, None
+    if train.teacher is not None:
+        teacher = resolve_teacher(bundle, train.teacher, input_model)
+        batch = min(train.batch_size, len(ds.x_train))
+        setup = kd_backend().setup(teacher, train.teacher, model, ds, batch_size=batch, seed=ctx.seed)
+        student = setup.student
+        notes += [f"distilled from {train.teacher.describe()}", *setup.notes]
+        metrics.update(setup.metrics)
+    _, params, _ = split_model(_clone(student))
+    carry = constraints_lib.carried(bundle.extras if extras is None else extras, params, keep=train.keep_constraints)
+    notes += carry.notes
+
+    def wrap(tx):
+        return carry.wrap(wrap_tx(tx) if wrap_tx is not None else tx)
+
+    kwargs = {**context_kwargs(ctx), **train_kwargs(train)}
+    if description:
+        kwargs["description"] = description
+    trained, records, (defs, state) = finetune(
+        student,
+        ds,
+        **kwargs,
+        loss_transforms=[*loss_transforms, *(setup.loss_transforms if setup else ())],
+        wrap_tx=wrap if (wrap_tx is not None or carry.active) else None,
+        sampler=setup.sampler if setup else None,
+        return_state=True,
+    )
+    masks = masking.combine_masks(*masking.find_all_masks(state.opt_state))
+    if setup is not None:
+        if setup.unwrap is not None:
+            trained = setup.unwrap(trained)
+        if masks is not None and setup.unwrap_tree is not None:
+            masks = setup.unwrap_tree(masks)
+    train_rows = [r for r in records if r.get("split") == "train"]
+    # A resumed stage logged its earlier steps in an earlier call: the last losses are in the file.
+    logged = [r for r in read_metrics(ctx.workdir) if r.get("split") == "train"] or train_rows
+    if logged:
+        last = logged[-1]
+        metrics["final_train_loss"] = last["loss"]
+        if setup is not None:
+            metrics.update(
+                {
+                    k if k == "hard_loss" else k.replace("/", "_"): v
+                    for k, v in last.items()
+                    if k.startswith(("kd/", "hard_loss"))
+                }
+            )
+    return FineTuned(model=trained, records=records, state=(defs, state), masks=masks, notes=notes, metrics=metrics)
+
+
+def _clone(model):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    return nnx.clone(model)
+
+
 def context_kwargs(ctx: StageContext) -> dict[str, Any]:
     """The :func:`research.train.finetune` keyword arguments of a stage's context (directory, seed, progress)."""
     return {"workdir": ctx.workdir, "seed": ctx.seed, "progress": ctx.progress, "description": ctx.label}
@@ -358,24 +518,18 @@ def context_kwargs(ctx: StageContext) -> dict[str, Any]:
 
 @register_stage(TrainStage)
 def run_train(bundle: Bundle, cfg: TrainStage, ctx: StageContext) -> StageResult:
-    """Trains ``bundle.model`` with the task loss."""
-    from research.train import finetune  # pylint: disable=import-outside-toplevel
-    from research.train import read_metrics  # pylint: disable=import-outside-toplevel
-
+    """Trains ``bundle.model`` with the task loss (and a teacher, if ``cfg.teacher``), keeping the
+    earlier stages' constraints unless ``cfg.keep_constraints`` is false."""
     t0 = time.perf_counter()
-    model, records = finetune(bundle.model, bundle.dataset, **context_kwargs(ctx), **train_kwargs(cfg))
+    done = fine_tune(bundle, bundle.model, cfg, ctx)
     seconds = time.perf_counter() - t0
-    train_rows = [r for r in records if r.get("split") == "train"]
-    out = {}
-    # A resumed stage logged its earlier steps in an earlier call: the last loss is in the file.
-    logged = [r for r in read_metrics(ctx.workdir) if r.get("split") == "train"] or train_rows
-    if logged:
-        out["final_train_loss"] = logged[-1]["loss"]
+    train_rows = [r for r in done.records if r.get("split") == "train"]
+    out = dict(done.metrics)
     if train_rows:
         # Throughput over the steps this call ran, compilation and evaluation included.
         out["train_steps_per_s"] = len(train_rows) / seconds
         out["train_examples_per_s"] = len(train_rows) * min(cfg.batch_size, len(bundle.dataset.x_train)) / seconds
-    return StageResult(bundle=dataclasses.replace(bundle, model=model), metrics=out)
+    return StageResult(bundle=dataclasses.replace(bundle, model=done.model), metrics=out, notes=done.notes)
 
 
 # ----------------------------------------------------------------------------- moved names

@@ -6,7 +6,7 @@ For each seed, ``configs/kd_recovery.py`` runs two pipelines through the stage r
 
 * ``prune``: dense teacher -> one-shot 90% magnitude masks (no training) -> masked fine-tuning
   on the hard labels (``PruneStage``) and, from the same pruned model, distillation from the
-  dense teacher (``DistillStage`` with ``keep_zeros``);
+  dense teacher (``DistillStage``, which keeps the masks ``1_prune`` declared);
 * ``quant``: dense teacher -> 4-bit fake-quant + calibration (``QuantizeStage``) -> QAT on the
   hard labels (``QATStage``) and, from the same quantized model, distillation (``DistillStage``).
   LeNet-300-100 loses almost nothing at 4 bits here, so the same pipeline also runs at 2 bits
@@ -48,6 +48,14 @@ VARIANTS = {
     "prune": ("prune", {}),
     "quant4": ("quant", {"bits": 4}),
     "quant2": ("quant", {"bits": 2}),
+}
+# The stage-level teacher (issue 15) on MNIST-1D's CNN: the two arms are two configs run in one
+# workdir (the KD arm reuses the no-teacher arm's teacher and compressed model).
+STAGE_VARIANTS = {
+    "cnn1d_prune": ("prune_stage", {}),
+    "cnn1d_gradual": ("gradual_stage", {}),
+    "cnn1d_quant2": ("quant_stage", {"bits": 2}),
+    "cnn1d_quant4": ("quant_stage", {"bits": 4}),
 }
 # Stage labels of each pipeline: teacher, compressed (no training), no-teacher fine-tune, KD.
 LABELS = {
@@ -100,8 +108,65 @@ def revived_weights(before, after) -> dict[str, int]:
     return {"zeros": zeros, "revived": revived}
 
 
+def masked_zeros_kept(workdir: pathlib.Path, label: str) -> tuple[int, int]:
+    """``(zeros the masks of stage `label` hold, of those, exactly zero in the stage's model)``."""
+    from research import constraints
+    from research.run import load_stage
+    from research.tree import flatten_with_paths
+
+    saved = load_stage(str(workdir), label)
+    _, params, _ = split_model(saved.model)
+    aligned, _ = constraints.align_masks(saved.extras["masks"], params)
+    leaves = dict(flatten_with_paths(params))
+    held = kept = 0
+    for path, m in flatten_with_paths(aligned):
+        if m is None:
+            continue
+        held += int(np.sum(~m))
+        kept += int(np.sum(np.asarray(leaves[path])[~m] == 0))
+    return held, kept
+
+
+def run_stage_pipeline(
+    variant: str, recipe, seed: int, root: pathlib.Path, *, progress: bool = False
+) -> dict[str, Any]:
+    """Runs one ``STAGE_VARIANTS`` variant for one seed: the no-teacher arm, then in the same
+    workdir the KD arm (only the last stage differs and reruns); returns each arm's test accuracy."""
+    pipeline, overrides = STAGE_VARIANTS[variant]
+    recipe = dataclasses.replace(recipe, **overrides)
+    module = config_module()
+    workdir = root / f"{variant}_s{seed}"
+    t0 = time.perf_counter()
+    plain = run(module.make_config(pipeline, recipe, seed, kd=False), str(workdir), progress=progress, echo=False)
+    plain_zeros = masked_zeros_kept(workdir, plain["stages"][-1]["label"]) if pipeline != "quant_stage" else None
+    kd = run(module.make_config(pipeline, recipe, seed, kd=True), str(workdir), progress=progress, echo=False)
+    kd_zeros = masked_zeros_kept(workdir, kd["stages"][-1]["label"]) if pipeline != "quant_stage" else None
+    first, last = plain["stages"][0]["metrics"], plain["stages"][-1]["metrics"]
+    # gradual pruning has no separate compressed stage: the arms start from the dense teacher
+    compressed = plain["stages"][-2]["metrics"] if len(plain["stages"]) > 2 else first
+    out: dict[str, Any] = {
+        "variant": variant,
+        "pipeline": pipeline,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        "teacher": first["test_accuracy"],
+        "compressed": compressed["test_accuracy"],
+        "plain": last["test_accuracy"],
+        "kd": kd["stages"][-1]["metrics"]["test_accuracy"],
+        "nonzeros": {"plain": last["nonzeros"], "kd": kd["stages"][-1]["metrics"]["nonzeros"]},
+        "params": first["params"],
+        "kd_loss": kd["stages"][-1]["metrics"].get("kd_hinton"),
+    }
+    if plain_zeros is not None:
+        out["pruned_zeros"] = plain_zeros[0]
+        out["revived"] = {"plain": plain_zeros[0] - plain_zeros[1], "kd": kd_zeros[0] - kd_zeros[1]}
+    return out
+
+
 def run_pipeline(variant: str, recipe, seed: int, root: pathlib.Path, *, progress: bool = False) -> dict[str, Any]:
-    """Runs one variant (see ``VARIANTS``) for one seed; returns each arm's test accuracy."""
+    """Runs one variant (see ``VARIANTS`` and ``STAGE_VARIANTS``) for one seed; returns each arm's test accuracy."""
+    if variant in STAGE_VARIANTS:
+        return run_stage_pipeline(variant, recipe, seed, root, progress=progress)
     pipeline, overrides = VARIANTS[variant]
     recipe = dataclasses.replace(recipe, **overrides)
     cfg = config_module().make_config(pipeline, recipe, seed)
@@ -152,7 +217,7 @@ def recovered(teacher: float, compressed: float, tuned: float) -> float:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The results table (one row per pipeline) and per-seed rows from :func:`run_pipeline`."""
     rows, per_seed = [], []
-    for variant in VARIANTS:
+    for variant in (*VARIANTS, *STAGE_VARIANTS):
         rs = [r for r in runs if r["variant"] == variant]
         if not rs:
             continue
@@ -234,10 +299,11 @@ def run_experiment(
       ValueError: an unknown variant name.
     """
     module = config_module()
-    recipe = recipe or module.Recipe()
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS and v not in STAGE_VARIANTS]
     if bad:
-        raise ValueError(f"variants {bad} are not in {list(VARIANTS)}")
+        raise ValueError(f"variants {bad} are not in {list(VARIANTS) + list(STAGE_VARIANTS)}")
+    if recipe is None:  # the cnn1d variants have their own preset
+        recipe = module.CNN1D if all(v in STAGE_VARIANTS for v in variants) else module.Recipe()
     with tempfile.TemporaryDirectory(prefix="kd_recovery_") as tmp:
         root = pathlib.Path(workdir or tmp)
         runs = []
@@ -252,7 +318,7 @@ def run_experiment(
                         flush=True,
                     )
     out = summarize(runs)
-    prune_runs = [r for r in runs if r["pipeline"] == "prune"]
+    prune_runs = [r for r in runs if "revived" in r]
     teachers: dict[int, set[float]] = {}
     for r in runs:
         teachers.setdefault(r["seed"], set()).add(r["teacher"])

@@ -60,8 +60,11 @@ class DecomposeStage(StageConfig):
       min_speedup: a factorized layer must be at least this much faster to be kept.
       speed_batch_size: batch size of the timing input (taken from the test split).
       repeats: timed repeats per layer (median).
-      distill: fine-tune with Hinton KD from the model as it was before this stage.
-      temperature, alpha: KD temperature and soft-loss weight.
+      distill: fine-tune with Hinton KD from the model as it was before this stage: shorthand for
+        ``train.teacher=TeacherConfig(stage="input", terms=(KDTermConfig(name="hinton",
+        weight=alpha, options={"temperature": temperature}),), hard_weight=1 - alpha)``
+        (``train.teacher`` takes any teacher and KD terms).
+      temperature, alpha: KD temperature and soft-loss weight of ``distill``.
       train: the fine-tuning schedule (override keys ``stages.decompose.train.<field>``);
         ``None`` skips fine-tuning. Its earlier name ``finetune`` (keyword and ``--set`` key
         ``stages.decompose.finetune.<field>``) still works for one release, with a ``DeprecationWarning``.
@@ -94,6 +97,11 @@ class DecomposeStage(StageConfig):
     )
 
     def check(self, key: str, context: ValidationContext) -> None:
+        if self.distill and self.train is not None and self.train.teacher is not None:
+            raise ConfigError(
+                f"{key}.distill=True and {key}.train.teacher are both set; keep train.teacher "
+                "(distill=True is its shorthand for a Hinton teacher of stage='input')"
+            )
         if self.budget_param_ratio and self.budget_flop_ratio:
             raise ConfigError(
                 f"set at most one of {key}.budget_param_ratio={self.budget_param_ratio}, "

@@ -27,7 +27,7 @@ _EXPORTS = {
     "pairwise_distances": "methods.distillation.losses",
     "rkd_angle_loss": "methods.distillation.losses",
     "rkd_distance_loss": "methods.distillation.losses",
-    "DistillStage": "methods.distillation.stage",
+    "DistillStage": "methods.distillation.config",
     "keep_zeros": "methods.distillation.stage",
     "run_distill": "methods.distillation.stage",
     "IndexedBatchSampler": "methods.distillation.teacher",
@@ -52,7 +52,8 @@ _EXPORTS = {
     "rkd_angle_term": "methods.distillation.transforms",
     "rkd_distance_term": "methods.distillation.transforms",
     "weighted_sum": "methods.distillation.transforms",
-    "KDTermConfig": "methods.distillation.stage",
+    "KDTermConfig": "methods.distillation.config",
+    "TeacherConfig": "methods.distillation.config",
     "KD_TERMS": "methods.distillation.transforms",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -68,6 +69,7 @@ __all__ = [
     "KDTerm",
     "OnlineTeacher",
     "TeacherCache",
+    "TeacherConfig",
     "as_teacher_outputs",
     "attention_loss",
     "attention_map",

@@ -31,10 +31,8 @@ from research.config import ConfigError
 from research.stages import Bundle
 from research.stages import StageContext
 from research.stages import StageResult
-from research.stages import context_kwargs
+from research.stages import fine_tune
 from research.stages import register_stage
-from research.stages import train_kwargs
-from research.train import finetune
 
 
 @register_stage(NASStage)
@@ -89,12 +87,15 @@ def run_nas(bundle: Bundle, cfg: NASStage, ctx: StageContext) -> StageResult:
     ]
     path = ctx.workdir / "nas.json"
     path.write_text(json.dumps({"family": fam.name, "chosen": cands[chosen].options, "candidates": rows}, indent=2))
-    model, _ = finetune(member, ds, **context_kwargs(ctx), **train_kwargs(cfg.train))
+    # A fresh member: it carries no earlier stage's constraints (extras={}), but its schedule's
+    # teacher, if any, is used like in every fine-tuning stage.
+    done = fine_tune(bundle, member, cfg.train, ctx, extras={})
+    model = done.model
     # The chosen member is an ordinary zoo model: its recipe starts anew from that member, so the
     # finished stage is stored and rebuilt like any other (research.store / research.recipe).
     recipe = (recipe_lib.zoo_step(fam.name, cands[chosen].options, ds.input_shape, ds.num_classes, bundle.seed),)
     return StageResult(
-        bundle=dataclasses.replace(bundle, model=model, recipe=recipe),
+        bundle=dataclasses.replace(bundle, model=model, recipe=recipe, extras={}),
         metrics={
             "supernet_final_ce_largest": float(ce[-1, 0]),
             "supernet_final_ce_smallest": float(ce[-1, 1]),
@@ -105,5 +106,7 @@ def run_nas(bundle: Bundle, cfg: NASStage, ctx: StageContext) -> StageResult:
         },
         tables={"nas_front": [rows[i] for i in front]},
         artifacts=[str(path)],
-        notes=[f"chosen {fam.name} member: " + ", ".join(f"{k}={v}" for k, v in cands[chosen].options.items())],
+        notes=[f"chosen {fam.name} member: " + ", ".join(f"{k}={v}" for k, v in cands[chosen].options.items())]
+        + done.notes,
+        base_extras={},
     )

@@ -21,6 +21,7 @@ import numpy as np
 
 from methods.pruning.rules import SparsityRule
 from methods.pruning.rules import check_sparsity
+from research.train import masking
 from research.tree import flatten_with_paths
 from research.tree import map_with_paths
 from research.tree import match_param_rules
@@ -115,13 +116,6 @@ def mask_sparsity(masks: PyTree) -> dict[str, float]:
 
 
 def combine_masks(a: PyTree, b: PyTree) -> PyTree:
-    """Logical AND of two mask pytrees (``None`` acts as all-kept)."""
-
-    def both(x, y):
-        if x is None:
-            return y
-        if y is None:
-            return x
-        return jnp.logical_and(x, y)
-
-    return jax.tree.map(both, a, b, is_leaf=lambda m: m is None)
+    """Logical AND of two mask pytrees (``None`` acts as all-kept); see
+    :func:`research.train.masking.combine_masks` (any number of trees)."""
+    return masking.combine_masks(a, b)

@@ -30,19 +30,19 @@ from methods.pruning.schedules import one_shot_schedule
 from methods.pruning.schedules import polynomial_schedule
 from methods.pruning.structured import remove_channels
 from methods.pruning.structured.channels import plan_recipe_step
-from methods.pruning.wrapper import find_masks
 from methods.pruning.wrapper import masked
+from research import constraints as constraints_lib
 from research import recipe as recipe_lib
 from research.nn import iter_modules
 from research.stages import Bundle
 from research.stages import StageContext
 from research.stages import StageResult
-from research.stages import context_kwargs
+from research.stages import fine_tune
 from research.stages import register_stage
-from research.stages import train_kwargs
-from research.train import finetune
 from research.train import merge_model
 from research.train import split_model
+from research.train.masking import combine_masks
+from research.train.masking import find_all_masks
 from research.tree import flatten_with_paths
 
 
@@ -135,20 +135,32 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
 
     if cfg.train is None:
         return _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes)
-    model, records, (defs, state) = finetune(
-        model, ds, **context_kwargs(ctx), **train_kwargs(cfg.train), wrap_tx=wrap, return_state=True
-    )
-    masks = find_masks(state.opt_state)
-    extras = dict(bundle.extras)
+    done = fine_tune(bundle, model, cfg.train, ctx, input_model=original, wrap_tx=wrap)
+    model, masks = done.model, done.masks
+    notes += done.notes
+    metrics.update(done.metrics)
+    extras = _declare(bundle.extras, masks, cfg, ctx, own=wrap is not None)
     if masks is not None:
-        extras["masks"] = masks
         metrics["mask_sparsity"] = mask_sparsity(masks)["__global__"]
-    enc = sparse_bytes(state.params, masks)
+    _, params, _ = split_model(nnx.clone(model))
+    enc = sparse_bytes(params, masks)
     metrics.update({k: float(v) for k, v in enc.items()})
     metrics["sparsity"] = 1.0 - enc["nonzeros"] / max(enc["params"], 1)
     table = layer_table(model, original, masks)
     new_bundle = dataclasses.replace(bundle, model=model, extras=extras)
     return StageResult(bundle=new_bundle, metrics=metrics, tables={"layers": table}, notes=notes)
+
+
+def _declare(extras, masks, cfg: PruneStage, ctx: StageContext, *, own: bool) -> dict:
+    """``extras`` with this stage's sparsity constraint (its masks, combined with any kept earlier ones)."""
+    if masks is None or not own:
+        return dict(extras)  # no masks of its own: the earlier constraints (if any) are checked by the runner
+    pattern = {"pattern": cfg.pattern}
+    if cfg.pattern == "nm":
+        pattern.update(n=cfg.n, m=cfg.m)
+    elif cfg.pattern == "block":
+        pattern["block"] = list(cfg.block)
+    return constraints_lib.declare_sparsity(extras, masks, stage=ctx.label, **pattern)
 
 
 def _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes) -> StageResult:
@@ -158,20 +170,21 @@ def _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes) -> S
     defs, params, model_state = split_model(nnx.clone(model))
     masks = None
     if wrap is not None:
-        tx = wrap(optax.set_to_zero())
+        # The earlier stages' masks are kept here too (the same wrapper as in training).
+        carry = constraints_lib.carried(bundle.extras, params)
+        notes.extend(carry.notes)
+        tx = carry.wrap(wrap(optax.set_to_zero()))
         state = tx.init(params)
         updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
         params = optax.apply_updates(params, updates)
-        masks = find_masks(state)
+        masks = combine_masks(*find_all_masks(state))
         metrics["mask_sparsity"] = mask_sparsity(masks)["__global__"]
     model = merge_model(defs.eval, params, model_state)
     notes.append("one-shot masks applied without fine-tuning (train=None)")
     enc = sparse_bytes(params, masks)
     metrics.update({k: float(v) for k, v in enc.items()})
     metrics["sparsity"] = 1.0 - enc["nonzeros"] / max(enc["params"], 1)
-    extras = dict(bundle.extras)
-    if masks is not None:
-        extras["masks"] = masks
+    extras = _declare(bundle.extras, masks, cfg, ctx, own=masks is not None)
     return StageResult(
         bundle=dataclasses.replace(bundle, model=model, extras=extras),
         metrics=metrics,

@@ -9,6 +9,10 @@ exactly ``0.0`` (``w + (-w) == 0`` in IEEE arithmetic); gradients of pruned weig
 before the inner optimizer sees them. Since the masks live in the optimizer state, checkpoints
 of the train state carry them and a restored run keeps pruning where it stopped.
 
+With fixed masks and no schedule this is :func:`research.train.masking.keep_masks`, the wrapper
+every later fine-tuning stage uses to keep a pruned model's zeros (one mechanism: the state type,
+the update rule and :func:`find_masks` are shared).
+
 Example:
   >>> import jax, optax, jax.numpy as jnp
   >>> from methods.pruning import masked, one_shot_schedule
@@ -25,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,48 +43,18 @@ from methods.pruning.schedules import Schedule
 from methods.pruning.scores import allocate
 from methods.pruning.scores import compute_scores
 from methods.pruning.scores import get_scorer
+from research.train.masking import MaskedState
+from research.train.masking import find_masks
+from research.train.masking import keep_masks
+from research.train.masking import mask_grads
+from research.train.masking import mask_updates
 from research.tree import map_with_paths
 
 PyTree = Any
 
 
-class MaskedState(NamedTuple):
-    """State of :func:`masked`.
-
-    Attributes:
-      count: int32 number of updates done (the schedule's step).
-      masks: bool pytree shaped like the params (``None`` for unpruned leaves).
-      inner_state: the wrapped optimizer's state.
-    """
-
-    count: jax.Array
-    masks: PyTree
-    inner_state: optax.OptState
-
-
 def _is_none(x):
     return x is None
-
-
-def mask_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
-    """``where(mask, update, -param)`` per masked leaf, so applied params are exactly zero when pruned."""
-    return jax.tree.map(
-        lambda m, u, p: u if m is None else jnp.where(m, u, -p),
-        masks,
-        updates,
-        params,
-        is_leaf=_is_none,
-    )
-
-
-def mask_grads(grads: PyTree, masks: PyTree) -> PyTree:
-    """Zeroes the gradients of pruned entries."""
-    return jax.tree.map(
-        lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros_like(g)),
-        masks,
-        grads,
-        is_leaf=_is_none,
-    )
 
 
 def masked(
@@ -119,6 +92,8 @@ def masked(
     """
     if schedule is None and masks is None:
         raise ValueError("masked() needs a schedule (to compute masks) or fixed masks=...; pass one")
+    if schedule is None:
+        return keep_masks(inner, masks)
     pattern = pattern or Unstructured()
     scorer_obj = get_scorer(scorer)
 
@@ -166,13 +141,4 @@ def masked(
     return optax.GradientTransformation(init, update)
 
 
-def find_masks(opt_state: Any) -> PyTree | None:
-    """The masks inside an optimizer state (searching chains and nested states), or ``None``."""
-    if hasattr(opt_state, "masks") and hasattr(opt_state, "inner_state"):
-        return opt_state.masks
-    if isinstance(opt_state, (tuple, list)):
-        for s in opt_state:
-            found = find_masks(s)
-            if found is not None:
-                return found
-    return None
+__all__ = ["MaskedState", "find_masks", "mask_grads", "mask_updates", "masked"]

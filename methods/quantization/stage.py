@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from flax import nnx
+
 from methods.quantization.calibration import calibrate
 from methods.quantization.config import QATStage
 from methods.quantization.config import QuantizeStage
@@ -27,6 +29,8 @@ from methods.quantization.folding import find_conv_bn_pairs
 from methods.quantization.folding import fold_batchnorm
 from methods.quantization.folding import fold_recipe_step
 from methods.quantization.folding import layer_order
+from methods.quantization.modules import FakeQuant
+from methods.quantization.modules import QuantRange
 from methods.quantization.report import layer_table
 from methods.quantization.report import quant_layers
 from methods.quantization.report import quant_params
@@ -35,17 +39,18 @@ from methods.quantization.surgery import float_layers
 from methods.quantization.surgery import quant_static_recipe_step
 from methods.quantization.surgery import quantize_model
 from methods.quantization.surgery import quantize_recipe_step
+from research import constraints as constraints_lib
 from research import metrics as _metrics
 from research import recipe as recipe_lib
 from research.data import calibration_subset
 from research.metrics import accuracy
+from research.nn import iter_modules
 from research.stages import Bundle
 from research.stages import StageContext
 from research.stages import StageResult
-from research.stages import context_kwargs
+from research.stages import fine_tune
 from research.stages import register_stage
-from research.stages import train_kwargs
-from research.train import finetune
+from research.tree import flatten_with_paths
 
 
 def _quantize(bundle: Bundle, cfg: QuantizeStage, ctx: StageContext):
@@ -83,7 +88,24 @@ def _quantize(bundle: Bundle, cfg: QuantizeStage, ctx: StageContext):
     return qmodel, notes, time.perf_counter() - t0, steps
 
 
-def _result(bundle: Bundle, model, metrics: dict, notes: list[str], steps: list[dict]) -> StageResult:
+def quantizer_ranges(model: nnx.Module) -> tuple[dict, list[str]]:
+    """``({path: value}, trainable paths)`` of every fake-quant range (observed ends, LSQ steps, PACT clips)."""
+    ranges, trainable = {}, []
+    for path, mod in iter_modules(model):
+        if not isinstance(mod, FakeQuant):
+            continue
+        prefix = f"{path}/" if path else ""
+        for kind, flt in (("range", QuantRange), ("param", nnx.Param)):
+            for p, v in flatten_with_paths(nnx.to_pure_dict(nnx.state(mod, flt))):
+                ranges[prefix + p] = v
+                if kind == "param":
+                    trainable.append(prefix + p)
+    return ranges, trainable
+
+
+def _result(
+    bundle: Bundle, model, metrics: dict, notes: list[str], steps: list[dict], ctx: StageContext
+) -> StageResult:
     floats = float_layers(model)
     if floats:
         notes.append("layers left in float: " + ", ".join(floats))
@@ -97,6 +119,8 @@ def _result(bundle: Bundle, model, metrics: dict, notes: list[str], steps: list[
         "float_layers": float(len(floats)),
     }
     extras = {**bundle.extras, "quant_params": quant_params(model)}
+    ranges, trainable = quantizer_ranges(model)
+    extras = constraints_lib.declare_quantized(extras, ranges, trainable, stage=ctx.label)
     recipe = recipe_lib.append(bundle.recipe, *steps, quant_static_recipe_step(model))
     return StageResult(
         bundle=dataclasses.replace(bundle, model=model, extras=extras, recipe=recipe),
@@ -112,7 +136,7 @@ def run_quantize(bundle: Bundle, cfg: QuantizeStage, ctx: StageContext) -> Stage
     if quant_layers(bundle.model):
         raise ValueError("the model is already fake-quantized; put 'quantize' after float stages")
     qmodel, notes, seconds, steps = _quantize(bundle, cfg, ctx)
-    return _result(bundle, qmodel, {"calibration_s": seconds}, notes, steps)
+    return _result(bundle, qmodel, {"calibration_s": seconds}, notes, steps, ctx)
 
 
 @register_stage(QATStage)
@@ -130,5 +154,7 @@ def run_qat(bundle: Bundle, cfg: QATStage, ctx: StageContext) -> StageResult:
     ds = bundle.dataset
     if len(ds.x_val):
         metrics["ptq_val_accuracy"] = accuracy(qmodel, ds.x_val, ds.y_val)
-    trained, _ = finetune(qmodel, ds, **context_kwargs(ctx), **train_kwargs(cfg.train))
-    return _result(bundle, trained, metrics, notes, steps)
+    done = fine_tune(bundle, qmodel, cfg.train, ctx, input_model=bundle.model)
+    notes += done.notes
+    metrics.update(done.metrics)
+    return _result(bundle, done.model, metrics, notes, steps, ctx)

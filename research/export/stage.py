@@ -49,11 +49,46 @@ def export_bundle(
     )
 
 
-def _artifact_rows(rep: ExportReport) -> list[dict]:
+def artifact_accuracy(fmt: str, path: str, batch_sizes, x: np.ndarray, y: np.ndarray) -> float | None:
+    """Top-1 accuracy of an exported artifact on ``(x, y)``, run in its own runtime.
+
+    The artifact is loaded from ``path`` by its format (``research.export.formats``) and run in
+    batches of the largest batch size it was checked at (the last batch is padded by repeating
+    rows; the padding is not counted). ``None`` when its output is not ``(batch, classes)``.
+    """
+    runner = formats_lib.get_format(fmt).load(path)
+    bsz = max(batch_sizes) if batch_sizes else 1
+    correct = 0
+    for i in range(0, len(x), bsz):
+        chunk = x[i : i + bsz]
+        n = len(chunk)
+        if n < bsz:
+            chunk = np.resize(chunk, (bsz, *chunk.shape[1:])).astype(x.dtype)
+        out = np.asarray(runner(chunk))
+        if out.ndim != 2:
+            return None
+        correct += int(np.sum(out[:n].argmax(-1) == y[i : i + n]))
+    return correct / len(x) if len(x) else None
+
+
+def _accuracies(rep: ExportReport, model: Any, dataset) -> dict[str, float | None]:
+    """Test-split accuracy of the JAX model and of every artifact (``{"jax": ..., name: ...}``)."""
+    from research.metrics import accuracy  # pylint: disable=import-outside-toplevel
+
+    x, y = np.asarray(dataset.x_test), np.asarray(dataset.y_test)
+    out: dict[str, float | None] = {"jax": float(accuracy(model, x, y)) if len(x) else None}
+    for a in rep.artifacts:
+        out[a.name] = artifact_accuracy(a.format, a.path, a.batch_sizes, x, y)
+    return out
+
+
+def _artifact_rows(rep: ExportReport, accuracies: dict[str, float | None] | None = None) -> list[dict]:
+    accuracies = accuracies or {}
     rows = [
         {
             "artifact": "jax",
             "size_kib": rep.jax_param_bytes / 1024,
+            "test_accuracy": accuracies.get("jax"),
             "latency_ms": rep.jax_latency_ms,
         }
     ]
@@ -65,6 +100,7 @@ def _artifact_rows(rep: ExportReport) -> list[dict]:
                 "gzip_kib": a.gzip_bytes / 1024,
                 "max_abs_diff": a.max_abs_diff,
                 "top1_agreement": a.top1_agreement,
+                "test_accuracy": accuracies.get(a.name),
                 "ref_top1": None if a.reference is None else a.reference.top1_agreement,
                 "tensorrt_symmetric": a.extra.get("qdq", {}).get("tensorrt_symmetric"),
                 "latency_ms": a.latency_ms,
@@ -113,11 +149,18 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
                 f"tflite_int8 activation ranges vs learned: {len(ranges)} ranges, max error "
                 f"{max(errs):.2%} of the range width"
             )
+    accuracies = _accuracies(rep, model, bundle.dataset)
+    metrics = {f"{a.name}_latency_ms": float(a.latency_ms) for a in rep.artifacts}
+    # Each artifact's accuracy on the whole test split, run in its own runtime (not only its
+    # agreement with JAX): what a deployment of that file scores.
+    metrics.update(
+        {f"{name}_test_accuracy": acc for name, acc in accuracies.items() if acc is not None and name != "jax"}
+    )
     return StageResult(
         bundle=bundle,
         # Measured deployment latency per artifact, readable as a tune objective/constraint.
-        metrics={f"{a.name}_latency_ms": float(a.latency_ms) for a in rep.artifacts},
-        tables={"artifacts": _artifact_rows(rep)},
+        metrics=metrics,
+        tables={"artifacts": _artifact_rows(rep, accuracies)},
         artifacts=[a.path for a in rep.artifacts],
         notes=notes,
     )

@@ -67,6 +67,8 @@ def signature(config: config_lib.Config) -> dict[str, Any]:
         first = getattr(config.stages[0], "kind", None) if config.stages else None
         raise ValueError(f"its first stage is {first!r}; the population executor trains a leading 'train' stage")
     stage = config_lib.to_dict(config.stages[0])
+    if stage.get("teacher") is not None:
+        raise ValueError("its leading train stage has a teacher; the population executor trains without one")
     flat = _flatten({"model": config_lib.to_dict(config.model), "data": config_lib.to_dict(config.data)})
     flat.update(_flatten({"stages": {"0": stage}}))
     if stage.get("optimizer") != "adamw":

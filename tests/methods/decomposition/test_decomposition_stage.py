@@ -37,7 +37,7 @@ def test_decompose_stage_runs_and_resumes(tmp_path):
     assert isinstance(out.conv2, Tucker2Conv) and isinstance(out.fc1, LowRankLinear)
     assert result.metrics["layers_factorized"] == 2 and result.metrics["params_after"] < result.metrics["params_before"]
     assert {r["path"] for r in result.tables["layers"]} == {"conv2", "fc1"}
-    assert any("Hinton KD" in n for n in result.notes)
+    assert any("stage's input model: 0.1 CE + 0.9 hinton(temperature=4.0)" in n for n in result.notes)
     saved = json.loads((tmp_path / "s" / "factorization.json").read_text())
     assert saved["layers"][0]["rank"] == "(3, 8)"
     again = run(Bundle(model=model, dataset=ds), cfg, ctx)  # finished checkpoint: rebuilt from the record
