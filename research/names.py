@@ -34,6 +34,14 @@ EXPORT_FORMATS: Registry[type] = Registry(
     "export format", hint="add one with @register_format on an ExportFormat subclass (research.export.formats)"
 )
 
+#: Distillation loss terms: ``KDTermConfig.name`` (a teacher's terms in every fine-tuning stage, the
+#: distill stage's terms). The entries are a method package's (``methods.distillation.transforms``),
+#: which declares its built-in names in its own names module; the registry lives here so the core's
+#: ``KDTermConfig`` checks a term's name before JAX is imported.
+KD_TERMS: Registry[Callable[..., Any]] = Registry(
+    "KD term", hint="register a factory options -> KDTerm with @register_kd_term('name')"
+)
+
 _DECLARED: Mapping[Registry, Mapping[str, str]] = {
     MODELS: {
         "cnn1d": "research.nn.zoo:cnn1d",

@@ -26,11 +26,12 @@ from typing import Any
 from typing import ClassVar
 from typing import Protocol
 
+from research import names
 from research.config import Check
 from research.config import ConfigError
 from research.config import EarlierStage
 from research.config import ExistingDir
-from research.config import OneOf
+from research.config import Registered
 from research.config import ValidationContext
 from research.config import nonnegative
 
@@ -132,7 +133,7 @@ class KDTermConfig:
     """
 
     checks: ClassVar[Mapping[str, Check]] = {
-        "name": OneOf(kd_term_names, "KD term"),
+        "name": Registered(names.KD_TERMS),
         "weight": nonnegative,
     }
     name: str = "hinton"

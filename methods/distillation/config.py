@@ -33,12 +33,13 @@ from typing import Any
 from typing import ClassVar
 from typing import Literal
 
+from research import names
 from research.config import Check
 from research.config import ConfigError
 from research.config import EarlierStage
 from research.config import ExistingDir
-from research.config import OneOf
 from research.config import Range
+from research.config import Registered
 from research.config import ValidationContext
 from research.config import fraction
 from research.config import nonnegative
@@ -47,12 +48,6 @@ from research.stages import TrainStage
 from research.teacher import KDTermConfig
 from research.teacher import TeacherConfig
 from research.teacher import default_terms as _default_terms
-
-
-def _list_models() -> list[str]:
-    from research.nn import list_models  # pylint: disable=import-outside-toplevel
-
-    return list_models()
 
 
 def _model_kwargs(name: str) -> Any:
@@ -116,7 +111,7 @@ class DistillStage(StageConfig):
     checks: ClassVar[Mapping[str, Check]] = {
         "teacher_run": ExistingDir(),
         "student": EarlierStage(also=("",)),
-        "student_model": OneOf(_list_models, "model", also=("",)),
+        "student_model": Registered(names.MODELS, also=("",)),
         "hard_weight": nonnegative,
         "temperature": Range(lo=0, lo_open=True, hint="e.g. 4.0"),
         "alpha": fraction,

@@ -1,7 +1,7 @@
 """The distillation registry that a config names, with the names of its built-in entries declared.
 
 Standard library only: the ``distill`` stage's KD term names can be checked against
-:data:`KD_TERMS` before JAX is imported (once its config class lives in a light module). It is the
+:data:`KD_TERMS` before JAX is imported . It is the
 registry ``methods.distillation.transforms`` registers into; each declaration names the factory
 that module registers on import (:meth:`research.registry.Registry.register_lazy`). The
 conformance test (``tests/test_registry.py``) checks that the registered names equal the declared ones.
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from research.names import KD_TERMS
 from research.registry import Registry
 
 #: Distillation loss terms (``methods.distillation.transforms``): factories ``options -> KDTerm``.
-KD_TERMS: Registry[Any] = Registry(
-    "KD term", hint="register a factory options -> KDTerm with @register_kd_term('name')"
-)
+#: The registry object is the core's (:data:`research.names.KD_TERMS`), so ``KDTermConfig`` checks
+#: names against it; the built-in names are declared here.
+KD_TERMS: Registry[Any]
 
 for _name in ("attention", "dkd", "fitnets", "hinton", "rkd_angle", "rkd_distance"):
     KD_TERMS.register_lazy(_name, f"methods.distillation.transforms:{_name}_term")

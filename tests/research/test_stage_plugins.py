@@ -207,6 +207,7 @@ def test_every_public_name_of_the_method_packages_resolves():
 CONFIG = textwrap.dedent(
     """
     from methods.decomposition import DecomposeStage, DecompositionRule
+    from methods.distillation import DistillStage
     from methods.nas import NASStage
     from methods.pruning import ChannelRule, PruneStage, SparsityRule
     from methods.quantization import QATStage
@@ -222,9 +223,23 @@ CONFIG = textwrap.dedent(
                       stages=(TrainStage(steps=4),
                               PruneStage(sparsity=0.5, train=TrainStage(steps=2),
                                          rules=(SparsityRule(pattern="kernel$", sparsity=0.5),)),
+                              DistillStage(teacher="train", train=TrainStage(steps=2)),
                               QuantizeStage(bits=8, rules=(QuantRule(pattern=".*", bits=8),)), QATStage(bits=4),
                               DecomposeStage(rules=(DecompositionRule(pattern="conv", rank=2),)), NASStage(),
                               ExportStage(formats=("tflite",))))
+    """
+)
+
+#: A config whose fine-tuning teacher names a KD term that is not registered.
+BAD_KD_TERM = textwrap.dedent(
+    """
+    from research.config import Config
+    from research.stages import TrainStage
+    from research.teacher import KDTermConfig, TeacherConfig
+
+    def get_config(arg=None):
+        teacher = TeacherConfig(stage="train", terms=(KDTermConfig(name="hintn"),))
+        return Config(stages=(TrainStage(steps=2), TrainStage(steps=2, teacher=teacher)))
     """
 )
 
@@ -284,6 +299,7 @@ BAD_OVERRIDES = {
     "stages.nas.sampler=tpee": "stages.nas.sampler='tpee' is not registered (sampler); did you mean 'tpe'?",
     "model.name=lenet": "model.name='lenet' is not registered (model); did you mean",
     "data.name=digit": "data.name='digit' is not registered (data set); did you mean 'digits'?",
+    "stages.distill.student_model=lenet": "stages.distill.student_model='lenet' is not registered (model); did you",
     # rules a config builds (their classes load without JAX)
     "stages.prune.rules=[1]": "stages.prune.rules.0=1 is not a SparsityRule",
     "stages.quantize.rules=['x']": "stages.quantize.rules.0='x' is not a QuantRule",
@@ -295,12 +311,13 @@ def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
     """Bad values, registry-name typos (observer, export format, scorer, channel score, sampler,
     model, data set...), bad rules and bad sweep grid values are config errors before
     jax/flax/optax/tensorflow load.
-    (The distill stage's KD term names are declared too, methods.distillation.names, but its
-    config class still imports JAX.)"""
+    KD term names of a teacher and the distill stage's student model included."""
     cfg = tmp_path / "light.py"
     cfg.write_text(CONFIG)
     bad_rule = tmp_path / "bad_rule.py"
     bad_rule.write_text(BAD_RULE)
+    bad_kd = tmp_path / "bad_kd.py"
+    bad_kd.write_text(BAD_KD_TERM)
     run = ["run", str(cfg), "--workdir", str(tmp_path / "run")]
     job = {
         "config": str(cfg),
@@ -311,6 +328,7 @@ def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
             [*run, "--set", 'stages.export.formats=["tflit"]'],
             ["run", str(bad_rule), "--workdir", str(tmp_path / "run")],
             ["sweep", str(cfg), "--grid", "stages.quantize.observer=mse,bogus", "--workdir", str(tmp_path / "run")],
+            ["run", str(bad_kd), "--workdir", str(tmp_path / "run")],
         ],
     }
     out = subprocess.run(
@@ -321,7 +339,9 @@ def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
     assert len(result["errors"]) == len(BAD_OVERRIDES), result["errors"]
     for (override, expected), got in zip(BAD_OVERRIDES.items(), result["errors"], strict=True):
         assert got.startswith(expected), (override, got)
-    (code, err), (code_obs, err_obs), (code_fmt, err_fmt), (code_rule, err_rule), (code_grid, err_grid) = result["cli"]
+    (code, err), (code_obs, err_obs), (code_fmt, err_fmt), (code_rule, err_rule), (code_grid, err_grid), (code_kd, err_kd) = result[
+        "cli"
+    ]
     assert code == 2, err
     assert err.splitlines() == [
         "slimjax: warning: override key 'stages.prune.steps' is deprecated and will be removed in the next "
@@ -342,14 +362,16 @@ def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
         "slimjax: config error: --grid stages.quantize.observer='bogus': stages.quantize.observer='bogus' is not "
         "registered (observer)"
     ), err_grid
+    assert code_kd == 2 and err_kd.startswith(
+        "slimjax: config error: stages.1.teacher.terms.0.name='hintn' is not registered (KD term); "
+        "did you mean 'hinton'?"
+    ), err_kd
     assert not (tmp_path / "run").exists()
 
 
-#: Checks that still import a method's module (so run after JAX loads), because their config
-#: class lives in a heavy module: DistillStage (methods/distillation/stage.py). Its registry,
-#: methods.distillation.names.KD_TERMS, is declared: moving the class to a light module lets
-#: these become Registered checks and leave this list.
-CHECKED_AFTER_JAX = {("DistillStage", "student_model"), ("KDTermConfig", "name")}
+#: Checks that still import a method's module (so run after JAX loads): none. A new
+#: OneOf(list_x) would land here; use Registered(REGISTRY) with the registry's names declared.
+CHECKED_AFTER_JAX: set[tuple[str, str]] = set()
 
 
 def _config_classes(obj, seen):
