@@ -344,12 +344,13 @@ class ModelConfig:
 
     def check(self, key: str, context: ValidationContext) -> None:
         """Model options must be keyword options of the model's constructor."""
-        valid = _models().model_kwargs(self.name)
-        bad = sorted(set(self.options) - set(valid))
+        self.check_options(key, sorted(_models().model_kwargs(self.name)))
+
+    def check_options(self, key: str, valid: Sequence[str] | None) -> None:
+        """Refuses option keys that are not in ``valid`` (``None``: not known yet, nothing checked)."""
+        bad = sorted(set(self.options) - set(valid)) if valid is not None else []
         if bad:
-            raise ConfigError(
-                f"{key}.options {bad} are not options of model {self.name!r}; valid keys: {sorted(valid)}"
-            )
+            raise ConfigError(f"{key}.options {bad} are not options of model {self.name!r}; valid keys: {sorted(valid)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -371,8 +372,11 @@ class DataConfig:
 
     def check(self, key: str, context: ValidationContext) -> None:
         """Data options must be keyword options of the data set's loader."""
-        valid = _data().dataset_options(self.name)
-        bad = sorted(set(self.options) - set(valid))
+        self.check_options(key, _data().dataset_options(self.name))
+
+    def check_options(self, key: str, valid: Sequence[str] | None) -> None:
+        """Refuses option keys that are not in ``valid`` (``None``: not known yet, nothing checked)."""
+        bad = sorted(set(self.options) - set(valid)) if valid is not None else []
         if bad:
             raise ConfigError(f"{key}.options {bad} are not options of data set {self.name!r}; valid keys: {valid}")
 
@@ -781,6 +785,11 @@ def _check_values(config: Config, names_complete: bool) -> None:
         raise ConfigError(f"stages={config.stages!r} must be a tuple of stage configs, e.g. (TrainStage(steps=500),)")
     top = ValidationContext(registries=False, names_complete=names_complete)
     validate_fields(dataclasses.replace(config, stages=()), "", top)
+    # Option keys read from the constructor's / loader's source (no import); None defers to validate().
+    if isinstance(config.model, ModelConfig) and config.model.name in names.MODELS:
+        config.model.check_options("model", names.model_option_names(config.model.name))
+    if isinstance(config.data, DataConfig) and config.data.name in names.DATASETS:
+        config.data.check_options("data", names.dataset_option_names(config.data.name))
     earlier: list[str] = []
     for i, stage in enumerate(config.stages):
         if not dataclasses.is_dataclass(stage) or not getattr(stage, "kind", None):

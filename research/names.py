@@ -16,6 +16,10 @@ registers through ``declare_names()`` in its entry point's module (see
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import inspect
+import pathlib
 import sys
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -109,3 +113,83 @@ def export_quantize_modes() -> list[str]:
 def registries() -> dict[str, Registry]:
     """The registries declared here, by the name their package exports them under."""
     return {"MODELS": MODELS, "DATASETS": DATASETS, "SAMPLERS": SAMPLERS, "EXPORT_FORMATS": EXPORT_FORMATS}
+
+
+def declared_parameters(registry: Registry, name: str) -> list[inspect.Parameter] | None:
+    """The parameters of entry ``name``'s function, read without importing its module.
+
+    A loaded entry is inspected; a declared one is read from its module's source with :mod:`ast`
+    (the ``module:attr`` target, located from the top-level package's path, so no package
+    ``__init__`` runs). ``None`` when that cannot be done without running code: an unknown name, a
+    target that is not a top-level ``def``, a module that is not a plain source file. Defaults are
+    not evaluated (each parameter's default is ``inspect.Parameter.empty`` or ``...``).
+
+    ``slimjax`` checks ``model.options`` / ``data.options`` keys with it before JAX is imported.
+    """
+    entry = registry.loaded(name)
+    if entry is not None:
+        try:
+            return list(inspect.signature(entry).parameters.values())
+        except (TypeError, ValueError):
+            return None
+    target = registry.pending().get(name)
+    if target is None:
+        return None
+    module, _, attr = target.partition(":")
+    parts = module.split(".")
+    try:
+        spec = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:  # a package: walk to the submodule's file
+        base = pathlib.Path(next(iter(spec.submodule_search_locations))).joinpath(*parts[1:])
+        path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    elif len(parts) == 1 and spec.origin:
+        path = pathlib.Path(spec.origin)
+    else:
+        return None
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == attr:
+            return _ast_parameters(node.args)
+    return None
+
+
+def _ast_parameters(args: ast.arguments) -> list[inspect.Parameter]:
+    P = inspect.Parameter
+    out = [P(a.arg, P.POSITIONAL_ONLY) for a in args.posonlyargs]
+    n_default = len(args.defaults)
+    plain = args.args
+    for i, a in enumerate(plain):
+        has_default = i >= len(plain) - n_default
+        out.append(P(a.arg, P.POSITIONAL_OR_KEYWORD, default=... if has_default else P.empty))
+    if args.vararg:
+        out.append(P(args.vararg.arg, P.VAR_POSITIONAL))
+    for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True):
+        out.append(P(a.arg, P.KEYWORD_ONLY, default=P.empty if d is None else ...))
+    if args.kwarg:
+        out.append(P(args.kwarg.arg, P.VAR_KEYWORD))
+    return out
+
+
+def model_option_names(name: str) -> list[str] | None:
+    """The keyword options of zoo model ``name`` (``ModelConfig.options`` keys), read without
+    importing it; ``None`` when that needs the import (see :func:`declared_parameters`)."""
+    params = declared_parameters(MODELS, name)
+    if params is None:
+        return None
+    return sorted(p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "rngs")
+
+
+def dataset_option_names(name: str) -> list[str] | None:
+    """The keyword options of data set ``name``'s loader (``DataConfig.options`` keys), read
+    without importing it; ``None`` when that needs the import."""
+    params = declared_parameters(DATASETS, name)
+    if params is None:
+        return None
+    return sorted(p.name for p in params if p.name != "seed" and p.kind == p.POSITIONAL_OR_KEYWORD)

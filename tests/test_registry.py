@@ -258,3 +258,47 @@ def test_declared_names_equal_the_registered_ones():
         )
     assert not problems, "\n".join(problems)
     assert len(got["registries"]) == 10, sorted(got["registries"])
+
+
+def test_option_keys_read_from_source_equal_the_signatures():
+    """model/data option keys read with ast from a declared entry's module (what check_values uses
+    before JAX) equal those of the imported constructor / loader, for every declared entry."""
+    from research import names
+    from research.data import dataset_options
+    from research.nn import model_kwargs
+
+    for registry, read, real in (
+        (names.MODELS, names.model_option_names, lambda n: sorted(model_kwargs(n))),
+        (names.DATASETS, names.dataset_option_names, dataset_options),
+    ):
+        fresh = Registry(registry.what)
+        for name, target in registry.declared().items():
+            fresh.register_lazy(name, target)
+        for name in fresh.names():
+            ast_params = names.declared_parameters(fresh, name)
+            assert ast_params is not None, name
+            kinds = {p.name: p.kind for p in ast_params}
+            real_names = real(name)
+            assert read(name) == real_names, name  # the loaded entry, inspected
+            if registry is names.MODELS:
+                from_ast = sorted(n for n, k in kinds.items() if k == k.KEYWORD_ONLY and n != "rngs")
+            else:
+                from_ast = sorted(n for n, k in kinds.items() if n != "seed" and k == k.POSITIONAL_OR_KEYWORD)
+            assert from_ast == real_names, (name, from_ast, real_names)
+
+
+def test_declared_parameters_without_a_readable_def_is_none(tmp_path, monkeypatch):
+    """A target that is not a top-level def, or a module that is missing, gives None (validate decides)."""
+    from research import names
+
+    (tmp_path / "optmod.py").write_text("def f(a, *, x=1, rngs):\n    pass\nG = f\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = Registry("t")
+    r.register_lazy("f", "optmod:f")
+    r.register_lazy("g", "optmod:G")
+    r.register_lazy("h", "no_such_module_xyz:f")
+    assert [p.name for p in names.declared_parameters(r, "f")] == ["a", "x", "rngs"]
+    assert names.declared_parameters(r, "g") is None
+    assert names.declared_parameters(r, "h") is None
+    assert names.declared_parameters(r, "unknown") is None
+    assert "optmod" not in __import__("sys").modules

@@ -299,6 +299,8 @@ BAD_OVERRIDES = {
     "stages.nas.sampler=tpee": "stages.nas.sampler='tpee' is not registered (sampler); did you mean 'tpe'?",
     "model.name=lenet": "model.name='lenet' is not registered (model); did you mean",
     "data.name=digit": "data.name='digit' is not registered (data set); did you mean 'digits'?",
+    "model.options.width=3": "model.options ['width'] are not options of model 'lenet5'; valid keys: []",
+    "data.options.num_sample=5": "data.options ['num_sample'] are not options of data set 'digits'; valid keys: []",
     "stages.distill.student_model=lenet": "stages.distill.student_model='lenet' is not registered (model); did you",
     # rules a config builds (their classes load without JAX)
     "stages.prune.rules=[1]": "stages.prune.rules.0=1 is not a SparsityRule",
