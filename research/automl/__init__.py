@@ -6,46 +6,53 @@ Pure JAX + numpy + stdlib; the numerical parts (GP fits, acquisition ascent, TPE
 are jitted and vmapped.
 """
 
-from research.automl.acquisition import ACQUISITIONS
-from research.automl.acquisition import expected_improvement
-from research.automl.acquisition import get_acquisition
-from research.automl.acquisition import list_acquisitions
-from research.automl.acquisition import log_expected_improvement
-from research.automl.acquisition import probability_of_improvement
-from research.automl.acquisition import register_acquisition
-from research.automl.acquisition import upper_confidence_bound
-from research.automl.gp import GPSampler
-from research.automl.hypervolume import hypervolume
-from research.automl.hypervolume import hypervolume_contributions
-from research.automl.hypervolume import pareto_mask
-from research.automl.mo import EHVISampler
-from research.automl.mo import MOTPESampler
-from research.automl.plots import plot_history
-from research.automl.plots import plot_pareto_front
-from research.automl.samplers import SAMPLERS
-from research.automl.samplers import QMCSampler
-from research.automl.samplers import RandomSampler
-from research.automl.samplers import Sampler
-from research.automl.samplers import list_samplers
-from research.automl.samplers import make_sampler
-from research.automl.samplers import register_sampler
-from research.automl.schedulers import ASHA
-from research.automl.schedulers import Hyperband
-from research.automl.schedulers import Scheduler
-from research.automl.schedulers import SuccessiveHalving
-from research.automl.sobol import sobol_points
-from research.automl.space import Categorical
-from research.automl.space import Float
-from research.automl.space import Int
-from research.automl.space import Space
-from research.automl.storage import InMemoryStorage
-from research.automl.storage import SQLiteStorage
-from research.automl.storage import Storage
-from research.automl.study import Study
-from research.automl.tpe import BOHBSampler
-from research.automl.tpe import TPESampler
-from research.automl.trial import Trial
-from research.automl.trial import TrialState
+from research.lazy import lazy_exports
+
+# Each public name is imported from its module on first use (PEP 562), so a tune config that
+# builds a Space (numpy only) loads without JAX and `slimjax tune` checks its values first.
+_EXPORTS = {
+    "ACQUISITIONS": "research.automl.acquisition",
+    "expected_improvement": "research.automl.acquisition",
+    "get_acquisition": "research.automl.acquisition",
+    "list_acquisitions": "research.automl.acquisition",
+    "log_expected_improvement": "research.automl.acquisition",
+    "probability_of_improvement": "research.automl.acquisition",
+    "register_acquisition": "research.automl.acquisition",
+    "upper_confidence_bound": "research.automl.acquisition",
+    "GPSampler": "research.automl.gp",
+    "hypervolume": "research.automl.hypervolume",
+    "hypervolume_contributions": "research.automl.hypervolume",
+    "pareto_mask": "research.automl.hypervolume",
+    "EHVISampler": "research.automl.mo",
+    "MOTPESampler": "research.automl.mo",
+    "plot_history": "research.automl.plots",
+    "plot_pareto_front": "research.automl.plots",
+    "SAMPLERS": "research.automl.samplers",
+    "QMCSampler": "research.automl.samplers",
+    "RandomSampler": "research.automl.samplers",
+    "Sampler": "research.automl.samplers",
+    "list_samplers": "research.automl.samplers",
+    "make_sampler": "research.automl.samplers",
+    "register_sampler": "research.automl.samplers",
+    "ASHA": "research.automl.schedulers",
+    "Hyperband": "research.automl.schedulers",
+    "Scheduler": "research.automl.schedulers",
+    "SuccessiveHalving": "research.automl.schedulers",
+    "sobol_points": "research.automl.sobol",
+    "Categorical": "research.automl.space",
+    "Float": "research.automl.space",
+    "Int": "research.automl.space",
+    "Space": "research.automl.space",
+    "InMemoryStorage": "research.automl.storage",
+    "SQLiteStorage": "research.automl.storage",
+    "Storage": "research.automl.storage",
+    "Study": "research.automl.study",
+    "BOHBSampler": "research.automl.tpe",
+    "TPESampler": "research.automl.tpe",
+    "Trial": "research.automl.trial",
+    "TrialState": "research.automl.trial",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "ACQUISITIONS",
