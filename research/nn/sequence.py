@@ -158,7 +158,7 @@ class AttentionGRU(nnx.Module):
         x = x.reshape(x.shape[0], x.shape[1], -1)  # (B, L, C)
         x = self.embed(x) + self.pos[...]
         x = self.norm(self.block(x))
-        h = jnp.zeros((x.shape[0], self.gru.dense_h.in_features), x.dtype)
+        h = jnp.zeros((x.shape[0], self.gru.hidden_features), x.dtype)
         for t in range(self.tokens):
             h, _ = self.gru(h, x[:, t])
         return self.head(h)

@@ -11,6 +11,7 @@ outputs equal those of the original model with the same channels masked to zero
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -20,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from methods.pruning.structured.graph import MODEL_IO
 from methods.pruning.structured.graph import ChannelGroup
 from methods.pruning.structured.graph import trace_groups
+from methods.pruning.structured.rebuild import fix_containers
 from methods.pruning.structured.rebuild import rebuild
 from research import recipe as recipe_lib
 from research.nn import get_module
@@ -74,11 +77,17 @@ def _per_channel(arr: np.ndarray, axis: int, fn) -> np.ndarray:
     return fn(moved.reshape(moved.shape[0], -1))
 
 
+def _member_channel(arr: np.ndarray, m, size: int, fn) -> np.ndarray:
+    """``fn`` of each channel's entries of member ``m`` (summed over a split/flattened axis's copies)."""
+    per_entry = _per_channel(arr, m.axis, fn)
+    return per_entry.reshape(m.outer, size, m.inner).sum(axis=(0, 2))
+
+
 def _producer_norm(group, params, p):
     total = np.zeros(group.size)
     for m in group.members:
         if m.role == "out" and m.collection == "params":
-            total += _per_channel(params[m.path], m.axis, lambda a: np.sum(np.abs(a) ** p, axis=1))
+            total += _member_channel(params[m.path], m, group.size, lambda a: np.sum(np.abs(a) ** p, axis=1))
     return total
 
 
@@ -115,9 +124,9 @@ def taylor_channel_score(group, params, grads):
     normalisation parameters (Molchanov et al. 2019, https://arxiv.org/abs/1906.10771)."""
     total = np.zeros(group.size)
     for m in group.members:
-        if m.collection == "params" and m.outer == 1 and m.inner == 1 and m.role in ("out", "norm", "bias"):
+        if m.collection == "params" and m.role in ("out", "norm", "bias") and not (m.role == "norm" and m.outer > 1):
             gw = np.asarray(params[m.path]) * np.asarray(grads[m.path])
-            total += _per_channel(gw, m.axis, lambda a: np.sum(a, axis=1))
+            total += _member_channel(gw, m, group.size, lambda a: np.sum(a, axis=1))
     return total**2
 
 
@@ -219,7 +228,8 @@ def plan_channels(
     """
     ratio = _check_ratio(ratio)
     fn, needs_grad = CHANNEL_SCORES.get(score)
-    groups = trace_groups(model, sample_input)
+    groups, skipped = trace_groups(model, sample_input, return_skipped=True)
+    _warn_skipped(model, groups, skipped)
     _, params, _ = split_model(nnx.clone(model))
     flat = {p: np.asarray(x) for p, x in flatten_with_paths(params)}
     grads = None
@@ -244,6 +254,31 @@ def plan_channels(
         keep = np.sort(np.argsort(-s, kind="stable")[:n_keep])
         plans.append(GroupPlan(g, keep, s))
     return ChannelPlan(plans)
+
+
+class StructuredPruningWarning(UserWarning):
+    """Some layers' output channels cannot be removed (the message names them and why)."""
+
+
+def _warn_skipped(model: nnx.Module, groups: list[ChannelGroup], skipped: dict[str, str]) -> None:
+    left = {p: r for p, r in skipped.items() if r != f"pinned by {MODEL_IO}"}
+    listed = "; ".join(f"{p!r}: {r}" for p, r in left.items())
+    if not groups:
+        reasons = listed or "; ".join(f"{p!r}: {r}" for p, r in skipped.items()) or "it has no Conv/Linear layer"
+        warnings.warn(
+            f"structured pruning found nothing prunable in {type(model).__name__}, so the model is returned "
+            f"unchanged: {reasons}. Channels can be removed where a Conv/Linear/LinearGeneral output reaches "
+            "only rebuildable layers through ops the tracer understands (register_rebuilder, PRIMITIVE_RULES)",
+            StructuredPruningWarning,
+            stacklevel=3,
+        )
+    elif left:
+        warnings.warn(
+            f"structured pruning keeps the output channels of {len(left)} layer(s) of {type(model).__name__} "
+            f"whole: {listed}",
+            StructuredPruningWarning,
+            stacklevel=3,
+        )
 
 
 def _leaf_indices(plan: ChannelPlan) -> dict[tuple[str, str], dict[int, np.ndarray]]:
@@ -332,6 +367,7 @@ def _apply_indices(model: nnx.Module, idx: dict[tuple[str, str], dict[int, np.nd
     new, _ = replace_modules(model, lambda p, m: p in changed, make, copy=False)
     for p in changed:
         get_module(new, p)  # every rebuilt path must exist
+    fix_containers(new)
     return new
 
 
