@@ -262,9 +262,16 @@ class StructuredPruningWarning(UserWarning):
 
 def _warn_skipped(model: nnx.Module, groups: list[ChannelGroup], skipped: dict[str, str]) -> None:
     left = {p: r for p, r in skipped.items() if r != f"pinned by {MODEL_IO}"}
-    listed = "; ".join(f"{p!r}: {r}" for p, r in left.items())
+
+    def by_reason(items: dict[str, str]) -> str:
+        reasons: dict[str, list[str]] = {}
+        for p, r in items.items():
+            reasons.setdefault(r, []).append(p)
+        return "; ".join(f"{', '.join(repr(p) for p in ps)}: {r}" for r, ps in reasons.items())
+
+    listed = by_reason(left)
     if not groups:
-        reasons = listed or "; ".join(f"{p!r}: {r}" for p, r in skipped.items()) or "it has no Conv/Linear layer"
+        reasons = listed or by_reason(skipped) or "it has no Conv/Linear layer"
         warnings.warn(
             f"structured pruning found nothing prunable in {type(model).__name__}, so the model is returned "
             f"unchanged: {reasons}. Channels can be removed where a Conv/Linear/LinearGeneral output reaches "
