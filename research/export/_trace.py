@@ -109,6 +109,100 @@ def inference_fn(model: Any) -> Callable[[jax.Array], jax.Array]:
     return fn
 
 
+class ExportLinearGeneral(nnx.Module):
+    """An ``nnx.LinearGeneral`` computed with the matrix products TFLite and tf2onnx convert cleanly.
+
+    jax2tf + the TFLite converter lower a ``dot_general`` whose output has several feature axes
+    (an attention projection ``(B, L, E) -> (B, L, heads, head_dim)``) through dynamic shape ops
+    (``SHAPE``, ``UNSORTED_SEGMENT_PROD``): the static-batch trace then fails its batch check and
+    tf2onnx converts the fallback into ``Reshape`` nodes with a wrong target. This stand-in computes
+    the same function from ``FULLY_CONNECTED``-shaped products: one ``x @ K[:, u, :]`` per unit of
+    the first output axis, stacked (expansion), or a flatten of the trailing input axes followed by
+    one product (contraction, the attention's output projection). Anything else calls the layer.
+
+    Args:
+      layer: the ``nnx.LinearGeneral`` (kept as ``self.layer``; its arrays are shared).
+    """
+
+    def __init__(self, layer: nnx.LinearGeneral):
+        self.layer = layer
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        m = self.layer
+        n_in, n_out = len(m.in_features), len(m.out_features)
+        axes = tuple(a % x.ndim for a in m.axis)
+        if m.batch_axis or args or axes != tuple(range(x.ndim - n_in, x.ndim)) or n_out > 2:
+            return m(x, *args, **kwargs)
+        kernel = m.kernel[...]
+        size_in = int(np.prod(m.in_features))
+        if n_in > 1:
+            x = x.reshape(*x.shape[:-n_in], size_in)
+        kernel = kernel.reshape(size_in, *m.out_features)
+        if n_out == 1:
+            y = x @ kernel
+        else:
+            y = jax.numpy.stack([x @ kernel[:, u, :] for u in range(m.out_features[0])], axis=-2)
+        if m.bias is not None:
+            y = y + m.bias[...]
+        return y
+
+
+class ExportAttention(nnx.Module):
+    """An ``nnx.MultiHeadAttention`` (self/cross attention without mask, cache or dropout) computed
+    with 4-D batched products: ``softmax(q k^T / sqrt(d)) v`` per head, the form TFLite's
+    ``BATCH_MATMUL`` and tf2onnx take at a freed batch. Flax's ``dot_product_attention`` adds a
+    grouped-query axis (5-D products) that the static-batch route cannot free. Any call it does not
+    cover (a mask, decoding, dropout, normalised q/k, grouped kv heads, another attention_fn) runs
+    the module itself.
+
+    Args:
+      attention: the ``nnx.MultiHeadAttention`` (kept as ``self.attention``; its projections are
+        called as they are, so fake-quant stand-ins and export forms of them apply).
+    """
+
+    def __init__(self, attention: nnx.MultiHeadAttention):
+        self.attention = attention
+
+    def _plain(self) -> bool:
+        m = self.attention
+        return (
+            m.attention_fn is nnx.dot_product_attention
+            and not m.normalize_qk
+            and not m.decode
+            and m.num_kv_heads == m.num_heads
+            and (m.dropout_rate == 0.0 or m.deterministic)
+        )
+
+    def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None, inputs_v: jax.Array | None = None, **kw):
+        m = self.attention
+        if kw or not self._plain() or inputs_q.ndim != 3:
+            return m(inputs_q, inputs_k, inputs_v, **kw)
+        inputs_k = inputs_q if inputs_k is None else inputs_k
+        inputs_v = inputs_k if inputs_v is None else inputs_v
+        q, k, v = m.query(inputs_q), m.key(inputs_k), m.value(inputs_v)
+        q = q / np.sqrt(q.shape[-1]).astype(q.dtype)
+        weights = jax.nn.softmax(jax.numpy.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+        return m.out(jax.numpy.einsum("bhqk,bkhd->bqhd", weights, v))
+
+
+def export_forms(model: Any) -> Any:
+    """A copy of ``model`` with layers replaced by export-friendly equivalents (same function).
+
+    Every ``nnx.LinearGeneral`` becomes an :class:`ExportLinearGeneral` and every
+    ``nnx.MultiHeadAttention`` an :class:`ExportAttention`. Non-NNX callables and models without
+    those layers are returned unchanged.
+    """
+    if not isinstance(model, nnx.Module):
+        return model
+    from research.nn import replace_modules  # noqa: PLC0415
+
+    kinds = {nnx.LinearGeneral: ExportLinearGeneral, nnx.MultiHeadAttention: ExportAttention}
+    if not any(type(m) in kinds for _, m in nnx.iter_modules(model)):
+        return model
+    out, _ = replace_modules(model, lambda p, m: type(m) in kinds, lambda p, m: kinds[type(m)](m))
+    return out
+
+
 def module_paths_by_class(model: Any) -> dict[str, list[str]]:
     """Maps each NNX module class name to the dotted paths of its instances in ``model``."""
     out: dict[str, list[str]] = {}

@@ -35,6 +35,7 @@ from research.export import tvm  # noqa: F401
 from research.export._io import commit_export_set
 from research.export._io import gzip_size
 from research.export._io import staging_dir
+from research.export._trace import export_forms
 from research.export._trace import inference_fn
 from research.export.formats import DEFAULT_FORMATS
 from research.export.formats import ExportJob
@@ -300,7 +301,7 @@ def export(
         model=model,
         fn=fn,
         convert_model=convert_model,
-        convert_fn=inference_fn(convert_model),
+        convert_fn=inference_fn(export_forms(convert_model)),
         sample=sample,
         calibration=calibration,
         inputs=inputs,
