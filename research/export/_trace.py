@@ -25,6 +25,11 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jex_core
 
+from research.nn.flax_errors import flax_boundary
+
+#: Layer paths that stand for the model itself start with this (then "the model's own __call__ (Cls)").
+ROOT_PREFIX = "<model>"
+
 _LOCATION_RE = re.compile(r"([^\s:|]+\.py):(\d+):\d+: error: (.*?)(?: \||$)", re.MULTILINE)
 
 
@@ -62,12 +67,12 @@ class UnsupportedOpError(RuntimeError):
         self.via = via or target
         self.drop = tuple(drop or (target,))
         where = ""
-        if self.layer_paths:
-            where = (
-                f" in layer {self.layer_paths[0]!r}"
-                if len(self.layer_paths) == 1
-                else f" in one of the layers {list(self.layer_paths)}"
-            )
+        named = [p for p in self.layer_paths if not p.startswith(ROOT_PREFIX)]
+        roots = [p for p in self.layer_paths if p.startswith(ROOT_PREFIX)]
+        if named:
+            where = f" in layer {named[0]!r}" if len(named) == 1 else f" in one of the layers {named}"
+        elif roots:
+            where = f" in {roots[0][len(ROOT_PREFIX) :]}"
         prim = f"JAX primitive {primitive!r}" if primitive else "an operation"
         through = "" if self.via == target else f", which the {target} export goes through"
         super().__init__(
@@ -75,6 +80,11 @@ class UnsupportedOpError(RuntimeError):
             f" (issued at {location or 'unknown location'}). Replace that operation in the model"
             f" (or drop {' and '.join(repr(d) for d in self.drop)} from formats). Converter said: {detail}"
         )
+
+    def short(self) -> str:
+        """One line: the primitive and where, without the converter's text."""
+        prim = f"JAX primitive {self.primitive!r}" if self.primitive else "an operation"
+        return f"{prim} at {self.location or 'unknown location'} is not supported by the {self.via} converter"
 
     def retarget(self, target: str, *, via: str, drop: Sequence[str]) -> UnsupportedOpError:
         """The same failure, reported for the requested format ``target`` that needed converter ``via``."""
@@ -103,8 +113,22 @@ def inference_fn(model: Any) -> Callable[[jax.Array], jax.Array]:
     clone.eval()
     graphdef, state = nnx.split(clone)
 
+    # The model is rebuilt inside one jit, at the trace level of everything it calls: NNX
+    # transforms inside the model (nnx.RNN's scan) refuse graph nodes from an outer trace.
+    # PRNG keys (an nnx.RNN's Rngs stream) travel as their raw data: converters take no key dtype.
+    is_key = jax.tree.map(lambda a: jax.dtypes.issubdtype(getattr(a, "dtype", None), jax.dtypes.prng_key), state)
+    raw = jax.tree.map(lambda a, k: jax.random.key_data(a) if k else a, state, is_key)
+    impls = jax.tree.map(lambda a, k: jax.random.key_impl(a) if k else None, state, is_key)
+
+    @jax.jit
+    def apply(s: Any, x: jax.Array) -> jax.Array:
+        s = jax.tree.map(lambda a, k, i: jax.random.wrap_key_data(a, impl=i) if k else a, s, is_key, impls)
+        merged = nnx.merge(graphdef, s)
+        with flax_boundary("tracing the model for export", merged):
+            return merged(x)
+
     def fn(x: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state)(x)
+        return apply(raw, x)
 
     return fn
 
@@ -209,7 +233,7 @@ def module_paths_by_class(model: Any) -> dict[str, list[str]]:
     if not isinstance(model, nnx.Module):
         return out
     for path, module in nnx.iter_modules(model):
-        name = ".".join(str(p) for p in path) or "<root>"
+        name = "/".join(str(p) for p in path) or f"{ROOT_PREFIX}the model's own __call__ ({type(module).__name__})"
         out.setdefault(type(module).__qualname__, []).append(name)
     return out
 
@@ -290,6 +314,21 @@ def _probe_fn(eqn: Any) -> tuple[Callable[..., Any], list[jax.ShapeDtypeStruct]]
     return f, specs
 
 
+def _converter_detail(target: str, message: str) -> str:
+    """The converter's message in one line; a long one (MLIR dumps) is saved to a file it names."""
+    flat = " ".join(message.split())
+    if len(flat) <= 400:
+        return flat
+    import tempfile  # noqa: PLC0415
+
+    fd, path = tempfile.mkstemp(prefix=f"slimjax_{target}_converter_", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(message)
+    first = _LOCATION_RE.search(message.replace(" | ", "\n"))
+    head = first.group(3).strip() if first else flat[:200]
+    return f"{head} (the converter's full output, MLIR included, is in {path})"
+
+
 def diagnose(
     target: str,
     model: Any,
@@ -315,7 +354,7 @@ def diagnose(
       An :class:`UnsupportedOpError` to raise (``from error``).
     """
     message = str(error)
-    short = " ".join(message.split())[:400]
+    short = _converter_detail(target, message)
     closed = jax.make_jaxpr(fn)(sample)
     chains = [c for c in iter_eqns(closed.jaxpr) if not list(jex_core.jaxprs_in_params(c[0].params))]
     located = []
@@ -330,6 +369,7 @@ def diagnose(
             seen.add(key)
             ordered.append(c)
     paths = module_paths_by_class(model)
+    ordered = [c for c in ordered if not c[0].primitive.name.startswith("random_")]  # key plumbing, not ops
     for chain in ordered[:max_probes]:
         probe, specs = _probe_fn(chain[0])
         try:

@@ -137,8 +137,17 @@ def _register_gelu_handler() -> None:
     tfl_op(["TFL_GELU"])(_Gelu)
 
 
+def _all_nodes(graph: Any) -> Iterator[Any]:
+    """Nodes of ``graph`` and of every subgraph (Loop / If bodies)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in [a.g] if a.HasField("g") else list(a.graphs):
+                yield from _all_nodes(g)
+
+
 def _refuse_unconverted(model_proto: Any) -> None:
-    left = [(n.op_type, n.name) for n in model_proto.graph.node if n.op_type.startswith("TFL_")]
+    left = [(n.op_type, n.name) for n in _all_nodes(model_proto.graph) if n.op_type.startswith("TFL_")]
     if left:
         op, node = left[0]
         raise UnsupportedOpError(
@@ -512,8 +521,12 @@ class OnnxRunner:
         first = self._sess.get_inputs()[0]
         self._in = first.name
         self._dtype = _ORT_DTYPES.get(first.type, np.float32)
+        lead = first.shape[0] if first.shape else None
+        self._fixed = lead if isinstance(lead, int) and lead > 0 else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._fixed is not None and x.ndim and x.shape[0] != self._fixed:  # a fixed-batch file: in chunks
+            return tflite.run_fixed_batch(self, x, self._fixed)
         return self._sess.run(None, {self._in: np.ascontiguousarray(x, dtype=self._dtype)})[0]
 
 

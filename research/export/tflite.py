@@ -291,8 +291,9 @@ def free_batch_dim(blob: bytes, batch: int) -> bytes:
     """Makes the leading dimension of a flatbuffer converted at a fixed batch variable.
 
     Every non-constant tensor whose leading size is ``batch`` gets shape signature ``-1`` there
-    (and static size 1, the batch the interpreter allocates before a resize), and every RESHAPE
-    target whose leading entry is ``batch`` gets ``-1``, so the interpreter recomputes all shapes
+    (and static size 1, the batch the interpreter allocates before a resize), every RESHAPE
+    target whose leading entry is ``batch`` gets ``-1`` and every SLICE of all ``batch`` rows
+    (a time step ``x[:, t]``) gets size ``-1`` there, so the interpreter recomputes all shapes
     from the input's batch. A graph that mixes the batch into other dimensions is not fixed by
     this; :func:`to_tflite` checks the result at three batch sizes.
 
@@ -320,6 +321,9 @@ def free_batch_dim(blob: bytes, batch: int) -> bytes:
             shape[0] = 1
             t.shape = shape
         for op in sg.operators:
+            if _op_name(m, op, names) == "SLICE" and len(op.inputs) == 3:
+                _free_slice_size(m, sg, op, batch)
+                continue
             if _op_name(m, op, names) != "RESHAPE":
                 continue
             if len(op.inputs) > 1 and op.inputs[1] >= 0:
@@ -343,6 +347,19 @@ def free_batch_dim(blob: bytes, batch: int) -> bytes:
     meta.buffer = len(m.buffers) - 1
     m.metadata = [*(m.metadata or []), meta]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
+
+
+def _free_slice_size(m: Any, sg: Any, op: Any, batch: int) -> None:
+    """A SLICE of all ``batch`` rows (begin 0, size ``batch``) takes every row (size ``-1``)."""
+    begin_t, size_t = (sg.tensors[i] for i in op.inputs[1:3])
+    begin_buf, size_buf = m.buffers[begin_t.buffer], m.buffers[size_t.buffer]
+    if begin_buf.data is None or size_buf.data is None or size_t.type != 2:  # int32 constants only
+        return
+    begin = np.frombuffer(bytes(bytearray(begin_buf.data)), np.int32)
+    size = np.frombuffer(bytes(bytearray(size_buf.data)), np.int32).copy()
+    if len(size) and size[0] == batch and begin[0] == 0:
+        size[0] = -1
+        size_buf.data = np.frombuffer(size.tobytes(), np.uint8)
 
 
 def batch_route(blob: bytes) -> str:
@@ -376,6 +393,8 @@ def _check_batch_free(blob: bytes, sample: np.ndarray, trace_batch: int) -> None
         x = x + np.random.default_rng(0).normal(0, 0.1 * scale, x.shape).astype(x.dtype)
     runner = TFLiteRunner(blob)
     y_n = runner(x)
+    if not np.shape(y_n) or np.shape(y_n)[0] != n:
+        raise ValueError(f"a batch of {n} gave outputs of shape {np.shape(y_n)}")
     tol = 1e-4 * max(1.0, float(np.max(np.abs(y_n))))
     for b in (1, trace_batch):
         y_b, ref = runner(x[:b]), y_n[:b]
@@ -452,8 +471,53 @@ def to_tflite(
         if batch_route == "static":
             raise ValueError(f"batch_route='static': {why}; use batch_route='jax2tf' or 'auto'") from err
         warnings.warn(f"{why}; converting with jax2tf shape polymorphism instead", stacklevel=2)
-        return to_tflite(fn, sample, quantize=quantize, calibration=calibration, batch_route="jax2tf", model=model)
+        try:
+            return to_tflite(fn, sample, quantize=quantize, calibration=calibration, batch_route="jax2tf", model=model)
+        except UnsupportedOpError as poly:
+            # neither variable-batch route works: a file at the sample's batch, fed in chunks of it
+            warnings.warn(
+                f"jax2tf shape polymorphism cannot convert this model either ({poly.short()}); the file keeps "
+                f"the fixed batch {sample.shape[0]} and runners feed it in chunks of that size",
+                stacklevel=2,
+            )
+            fixed = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
+            rep = None if calibration is None else calibration_batches(calibration, sample.shape[0])
+            blob = _convert(fn, [fixed], False, quantize, rep)
+            return _tag(blob, f"{FIXED_BATCH_TAG} {sample.shape[0]}: no variable-batch route converts this model")
     return freed
+
+
+FIXED_BATCH_TAG = "slimjax fixed batch"
+"""Start of the batch-route note of a file that keeps its trace batch (``batch_route="auto"`` when
+neither variable-batch route converts the model); :class:`TFLiteRunner` feeds such a file in chunks."""
+
+
+def _tag(blob: bytes, note: str) -> bytes:
+    _deps.tensorflow()
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
+    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    tag = schema.BufferT()
+    tag.data = np.frombuffer(note.encode(), np.uint8)
+    m.buffers.append(tag)
+    meta = schema.MetadataT()
+    meta.name = _BATCH_META
+    meta.buffer = len(m.buffers) - 1
+    m.metadata = [*(m.metadata or []), meta]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
+
+
+def run_fixed_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> np.ndarray:
+    """Runs a fixed-batch model on any number of rows: chunks of ``batch``, the last padded."""
+    outs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        outs.append(run(chunk)[:n])
+    return np.concatenate(outs)
 
 
 class TFLiteRunner:
@@ -473,9 +537,13 @@ class TFLiteRunner:
         self._in = self._interp.get_input_details()[0]
         self._out = self._interp.get_output_details()[0]
         self._shape: tuple[int, ...] | None = None
+        blob = bytes(model) if isinstance(model, bytes | bytearray) else open(os.fspath(model), "rb").read()
+        self._fixed = int(self._in["shape"][0]) if FIXED_BATCH_TAG.encode() in blob else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self._in["dtype"])
+        if self._fixed is not None and x.ndim and x.shape[0] != self._fixed:
+            return run_fixed_batch(self, x, self._fixed)
         if self._shape != x.shape:
             self._interp.resize_tensor_input(self._in["index"], list(x.shape), strict=False)
             self._interp.allocate_tensors()
