@@ -1,0 +1,278 @@
+"""The zoo's attention models (``vit``, ``attn_gru``) and user RNNs through every method.
+
+Fast tests use untrained models with perturbed weights (every bias non-zero, so a wrongly kept or
+dropped unit shows); the slow ones train on shipped data (digits, MNIST-1D) and export.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from methods.decomposition.layers import LowRankLinearGeneral
+from methods.decomposition.surgery import DecompositionRule
+from methods.decomposition.surgery import factorize_with_report
+from methods.distillation.transforms import KD_TERMS
+from methods.distillation.transforms import make_kd_term
+from methods.distillation.transforms import weighted_sum
+from methods.pruning.structured import StructuredPruningWarning
+from methods.pruning.structured import channel_masks
+from methods.pruning.structured import remove_channels
+from methods.pruning.structured import trace_groups
+from methods.quantization.calibration import calibrate
+from methods.quantization.modules import QuantEinsum
+from methods.quantization.modules import QuantLayer
+from methods.quantization.modules import QuantLinearGeneral
+from methods.quantization.surgery import QuantRule
+from methods.quantization.surgery import float_layers
+from methods.quantization.surgery import float_report
+from methods.quantization.surgery import quantize_model
+from research.export._trace import export_forms
+from research.export._trace import inference_fn
+from research.nn import build_model
+from research.nn import param_count
+from research.nn.flax_errors import FlaxContextError
+from research.train import cross_entropy_loss
+from research.train import merge_model
+from research.train import split_model
+
+SHAPES = {"vit": (8, 8, 1), "attn_gru": (40,)}
+
+
+def _perturbed(name, seed=0):
+    """A model with random weights drawn by numpy (no initializer compiles) and non-zero biases."""
+    abstract = nnx.eval_shape(lambda: build_model(name, input_shape=SHAPES[name], num_classes=5, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        leaf = str(path[-1])
+        z = rng.normal(size=a.shape)
+        if "kernel" in leaf:
+            z = z / np.sqrt(max(1, int(np.prod(a.shape[:-1]))))
+        elif "scale" in leaf:
+            z = 1.0 + 0.1 * z
+        else:
+            z = 0.1 * z
+        return jnp.asarray(z, a.dtype)
+
+    model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+    model.eval()
+    return model
+
+
+def _x(name, n=4):
+    return jnp.asarray(np.random.default_rng(7).normal(size=(n, *SHAPES[name])), jnp.float32)
+
+
+_apply = nnx.jit(lambda m, x: m(x))
+
+
+def _run(model, x):
+    """The model's output, jitted (eager attention dispatches every op one by one)."""
+    return np.asarray(_apply(model, x))
+
+
+def _masked_output(model, plan, x):
+    masks = channel_masks(model, plan)
+    defs, params, state = split_model(nnx.clone(model))
+    params = jax.tree.map(lambda p, m: p if m is None else p * m, params, masks, is_leaf=lambda v: v is None)
+    return _run(merge_model(defs.eval, params, state), x)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("name", ["vit", "attn_gru"])
+def test_heads_mlp_and_gru_units_removed_equal_to_masked_model(name):
+    model, x = _perturbed(name), _x(name)
+    with pytest.warns(StructuredPruningWarning, match=r"'[a-z/0-9]*fc2'.*LayerNorm"):
+        small, plan = remove_channels(model, x, 0.5, return_plan=True)
+    y_small = _run(small, x)
+    np.testing.assert_allclose(y_small, _masked_output(model, plan, x), rtol=1e-5, atol=1e-5)
+    assert param_count(small) < 0.6 * param_count(model)
+    groups = {g.group.name: (g.group.size, len(g.keep), g.group.producers) for g in plan.groups}
+    block = "blocks/0" if name == "vit" else "block"
+    assert groups[f"{block}/attn/key"] == (4, 2, [f"{block}/attn/key", f"{block}/attn/query", f"{block}/attn/value"])
+    assert groups[f"{block}/fc1"][:2] == (64, 32)
+    attn = small.blocks[0].attn if name == "vit" else small.block.attn
+    assert attn.num_heads == 2 and attn.query.kernel.shape == (32, 2, 8) and attn.out.kernel.shape == (2, 8, 32)
+    if name == "attn_gru":  # hidden units through the r/z/n gate split, both kernels of the cell
+        assert groups["gru/dense_h"][:3] == (32, 16, ["gru/dense_h", "gru/dense_i"])
+        assert small.gru.hidden_features == 16 and small.gru.dense_i.kernel.shape == (32, 48)
+        assert small.head.kernel.shape == (16, 5)
+
+
+class _NothingPrunable(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(6, 8, rngs=rngs)
+        self.norm = nnx.LayerNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.norm(self.fc(x)))
+
+
+def test_a_model_with_nothing_prunable_warns_with_the_reason():
+    model = _NothingPrunable(nnx.Rngs(0))
+    x = jnp.ones((2, 6))
+    with pytest.warns(StructuredPruningWarning, match=r"nothing prunable.*'fc'.*reduce_sum.*LayerNorm"):
+        small = remove_channels(model, x, 0.5)
+    assert param_count(small) == param_count(model)
+
+
+class UserRNN(nnx.Module):
+    """A user's sequence model as in issue 15: attention, then a GRU run by nnx.RNN (a scan)."""
+
+    def __init__(self, rngs, *, rnn_rngs=True):
+        self.embed = nnx.Linear(1, 16, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(2, 16, decode=False, rngs=rngs)
+        self.rnn = nnx.RNN(nnx.GRUCell(16, 16, rngs=rngs), rngs=rngs if rnn_rngs else False)
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.embed(x[..., None])
+        h = h + self.attn(h)
+        return self.head(self.rnn(h, initial_carry=jnp.zeros((x.shape[0], 16)))[:, -1])
+
+
+def test_scanned_rnn_is_named_in_the_pruning_warning():
+    model = UserRNN(nnx.Rngs(0))
+    model.eval()
+    x = jnp.ones((2, 12))
+    _, skipped = trace_groups(model, x, return_skipped=True)
+    assert "scan" in skipped["rnn/cell/dense_i"]
+    with pytest.warns(StructuredPruningWarning, match=r"'rnn/cell/dense_h', 'rnn/cell/dense_i'.*'scan'"):
+        small = remove_channels(model, x, 0.5)
+    assert small.attn.num_heads == 1  # the heads are still removed
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+@pytest.mark.parametrize("name", ["vit", "attn_gru"])
+def test_every_projection_is_quantized_and_the_rest_is_listed(name):
+    model, x = _perturbed(name), _x(name)
+    q = quantize_model(model, [QuantRule(pattern="^head$", keep_float=True), QuantRule(pattern=".*", bits=8)])
+    assert float_layers(q) == ["head"]
+    block = "blocks/0" if name == "vit" else "block"
+    for proj in ("query", "key", "value", "out"):
+        assert isinstance(q.blocks[0].attn if name == "vit" else q.block.attn, nnx.MultiHeadAttention)
+        assert isinstance(_get(q, f"{block}/attn/{proj}"), QuantLinearGeneral)
+    report = {r["path"]: r for r in float_report(q)}
+    assert report["head"]["reason"] == "rule '^head$' keep_float"
+    assert "query . key" in report[f"{block}/attn"]["reason"] and report[f"{block}/attn"]["type"] == "MultiHeadAttention"
+    q = calibrate(q, [np.asarray(x)])
+    y, ref = _run(q, x), _run(model, x)
+    assert np.max(np.abs(y - ref)) < 0.05 * np.max(np.abs(ref))  # 8-bit: close, not equal
+    assert not np.allclose(y, ref, atol=1e-6)
+
+
+def _get(model, path):
+    from research.nn import get_module
+
+    return get_module(model, path)
+
+
+class _EinsumNet(nnx.Module):
+    def __init__(self, rngs):
+        self.mix = nnx.Einsum("bld,dhk->blhk", (4, 2, 3), (2, 3), rngs=rngs)
+        self.head = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        y = self.mix(x)
+        return self.head(jnp.mean(y, axis=1).reshape(x.shape[0], -1))
+
+
+def test_einsum_layers_get_a_twin():
+    model = _EinsumNet(nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)
+    q = calibrate(quantize_model(model, [QuantRule(pattern=".*", bits=8)]), [x])
+    assert isinstance(q.mix, QuantEinsum) and float_layers(q) == [] and float_report(q) == []
+    np.testing.assert_allclose(_run(q, x), _run(model, x), atol=0.05)
+
+
+# ----------------------------------------------------------------------------- decomposition
+
+
+@pytest.mark.parametrize("name", ["vit", "attn_gru"])
+def test_attention_and_mlp_projections_factorize_by_svd(name):
+    model, x = _perturbed(name), _x(name)
+    full, _ = factorize_with_report(
+        model, [DecompositionRule(pattern="attn|fc", rank=32)], sample_input=x, check_speed=False
+    )
+    np.testing.assert_allclose(_run(full, x), _run(model, x), rtol=1e-4, atol=1e-4)  # full rank
+    low, report = factorize_with_report(
+        model, [DecompositionRule(pattern="attn", rank=8)], sample_input=x, check_speed=False
+    )
+    layers = {r.path: r for r in report.layers}
+    block = "blocks/0" if name == "vit" else "block"
+    assert layers[f"{block}/attn/query"].params_factorized == 32 * 8 + 8 * 32 + 32 < 32 * 32 + 32
+    assert isinstance(_get(low, f"{block}/attn/query"), LowRankLinearGeneral)
+    assert isinstance(_get(low, f"{block}/attn/out"), LowRankLinearGeneral)
+    assert param_count(low) < param_count(model)
+    assert np.all(np.isfinite(_run(low, x)))
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def test_attention_map_and_hidden_state_terms():
+    assert {"attention_map", "hidden_state"} <= set(KD_TERMS.names())
+    teacher, x = _perturbed("vit"), _x("vit", 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StructuredPruningWarning)
+        student = remove_channels(teacher, x, 0.5)  # half the heads: head-averaged maps are compared
+    terms = [
+        (1.0, make_kd_term("attention_map", pairs=[("blocks/0/attn", "blocks/0/attn"), ("blocks/1/attn",) * 2])),
+        (1.0, make_kd_term("hidden_state", pairs=[("blocks/1", "blocks/1")])),
+    ]
+    loss_fn = weighted_sum(cross_entropy_loss, teacher, terms)
+    batch = {"x": x, "y": jnp.zeros(6, jnp.int32)}
+    aux_of = nnx.jit(lambda m: loss_fn(m, batch, jax.random.key(0))[1])
+    same = aux_of(nnx.clone(teacher))
+    assert float(same["kd/attention_map"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(same["kd/hidden_state"]) == pytest.approx(0.0, abs=1e-10)
+    aux = aux_of(student)
+    assert float(aux["kd/attention_map"]) > 1e-7 and float(aux["kd/hidden_state"]) > 1e-4  # maps near uniform here
+
+    def kd_only(model):
+        return loss_fn(model, batch, jax.random.key(0))[1]["kd/attention_map"]
+
+    grads = nnx.jit(nnx.grad(kd_only))(student)
+    assert float(jnp.abs(grads.blocks[0].attn.query.kernel[...]).sum()) > 0
+    with pytest.raises(ValueError, match="at least one"):
+        make_kd_term("attention_map")
+
+
+# ----------------------------------------------------------------------------- Flax errors, export forms
+
+
+def test_rnn_calibration_names_the_layer_and_the_fix():
+    model = UserRNN(nnx.Rngs(0))
+    model.eval()
+    x = np.random.default_rng(0).normal(size=(4, 12)).astype(np.float32)
+    q = quantize_model(model, [QuantRule(pattern=".*", bits=8)])
+    with pytest.raises(FlaxContextError, match=r"calibrating activation ranges.*in layer 'rnn' \(RNN\)") as err:
+        calibrate(q, [x])
+    assert "QuantRule(pattern='^rnn/', keep_float=True)" in str(err.value) and err.value.module_path == "rnn"
+    # the fix it names works
+    q = quantize_model(model, [QuantRule(pattern="^rnn/", keep_float=True), QuantRule(pattern=".*", bits=8)])
+    q = calibrate(q, [x])
+    assert any(isinstance(m, QuantLayer) for _, m in nnx.iter_modules(q))
+    assert np.max(np.abs(_run(q, x) - _run(model, x))) < 0.1
+
+
+@pytest.mark.parametrize("name", ["vit", "attn_gru"])
+def test_export_forms_compute_the_same_function(name):
+    model, x = _perturbed(name), _x(name)
+    forms = export_forms(model)
+    assert forms is not model
+    np.testing.assert_allclose(
+        np.asarray(inference_fn(forms)(x)), np.asarray(jax.jit(inference_fn(model))(x)), rtol=1e-5, atol=1e-6
+    )
