@@ -452,15 +452,13 @@ def to_tflite(
     if calibration is not None:
         rep = calibration_batches(calibration, 8 if polymorphic and not static else shape[0])
     try:
-        blob = _convert(fn, [spec], polymorphic and not static, quantize, rep)
-    except (ValueError, TypeError, ImportError):
-        raise
-    except Exception as err:  # tf.lite ConverterError (its class moves between TF releases)
-
-        def probe(f: Callable[..., Any], specs: list[jax.ShapeDtypeStruct]) -> None:
-            _convert(f, specs, False, "fp32", None)
-
-        raise diagnose("tflite", model, fn, sample, err, probe) from err
+        blob = _convert_or_diagnose(fn, spec, polymorphic and not static, quantize, rep, sample, model)
+    except UnsupportedOpError as err:
+        if batch_route != "auto" or not static:
+            raise
+        # the static trace itself does not convert: the other routes may
+        warnings.warn(f"{err.short()} at batch {STATIC_TRACE_BATCH}; trying jax2tf shape polymorphism", stacklevel=2)
+        return _after_static(fn, sample, quantize, calibration, model, err)
     if not static:
         return blob
     freed = free_batch_dim(blob, STATIC_TRACE_BATCH)
@@ -471,20 +469,41 @@ def to_tflite(
         if batch_route == "static":
             raise ValueError(f"batch_route='static': {why}; use batch_route='jax2tf' or 'auto'") from err
         warnings.warn(f"{why}; converting with jax2tf shape polymorphism instead", stacklevel=2)
-        try:
-            return to_tflite(fn, sample, quantize=quantize, calibration=calibration, batch_route="jax2tf", model=model)
-        except UnsupportedOpError as poly:
-            # neither variable-batch route works: a file at the sample's batch, fed in chunks of it
-            warnings.warn(
-                f"jax2tf shape polymorphism cannot convert this model either ({poly.short()}); the file keeps "
-                f"the fixed batch {sample.shape[0]} and runners feed it in chunks of that size",
-                stacklevel=2,
-            )
-            fixed = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
-            rep = None if calibration is None else calibration_batches(calibration, sample.shape[0])
-            blob = _convert(fn, [fixed], False, quantize, rep)
-            return _tag(blob, f"{FIXED_BATCH_TAG} {sample.shape[0]}: no variable-batch route converts this model")
+        return _after_static(fn, sample, quantize, calibration, model, None)
     return freed
+
+
+def _convert_or_diagnose(fn, spec, polymorphic, quantize, rep, sample, model) -> bytes:
+    try:
+        return _convert(fn, [spec], polymorphic, quantize, rep)
+    except (ValueError, TypeError, ImportError):
+        raise
+    except Exception as err:  # tf.lite ConverterError (its class moves between TF releases)
+
+        def probe(f: Callable[..., Any], specs: list[jax.ShapeDtypeStruct]) -> None:
+            _convert(f, specs, False, "fp32", None)
+
+        raise diagnose("tflite", model, fn, sample, err, probe) from err
+
+
+def _after_static(fn, sample, quantize, calibration, model, static_error: UnsupportedOpError | None) -> bytes:
+    """``batch_route="auto"`` once the static route failed: jax2tf shape polymorphism, else a file at
+    the sample's fixed batch (runners feed it in chunks); the first conversion error if none converts."""
+    try:
+        return to_tflite(fn, sample, quantize=quantize, calibration=calibration, batch_route="jax2tf", model=model)
+    except UnsupportedOpError as poly:
+        warnings.warn(
+            f"jax2tf shape polymorphism cannot convert this model either ({poly.short()}); the file keeps "
+            f"the fixed batch {sample.shape[0]} and runners feed it in chunks of that size",
+            stacklevel=3,
+        )
+        fixed = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
+        rep = None if calibration is None else calibration_batches(calibration, sample.shape[0])
+        try:
+            blob = _convert_or_diagnose(fn, fixed, False, quantize, rep, sample, model)
+        except UnsupportedOpError:
+            raise (static_error or poly) from None
+        return _tag(blob, f"{FIXED_BATCH_TAG} {sample.shape[0]}: no variable-batch route converts this model")
 
 
 FIXED_BATCH_TAG = "slimjax fixed batch"
