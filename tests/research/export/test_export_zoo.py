@@ -38,7 +38,7 @@ FLAT = {"cnn1d"}
 # Deep narrow nets need more steps for margins that survive int8: after 150 steps ResNet-56
 # (width 4) agreed 0.983 and MobileNetV2 (x0.25, symmetric Q/DQ) 0.989; after 400 both >= 0.994.
 # ResNet-20's symmetric Q/DQ file executed as written agreed 0.989 after 150 steps.
-TRAIN_STEPS = {"resnet20": 400, "resnet56": 400, "mobilenetv2": 400}
+TRAIN_STEPS = {"resnet20": 400, "resnet56": 400, "mobilenetv2": 400, "vit": 1500, "attn_gru": 1500}
 # MobileNetV2 (depthwise-conv gradients are slow on a CPU) trains its 400 steps at batch 64: over
 # data-order seeds 0, 1, 2 its int8 files agree >= 0.997 (test accuracy 0.958-0.972). The ResNets keep
 # batch 128: at 64 ResNet-56's worst seed agreed 0.9946, two test images above the 0.99 bound, and they
