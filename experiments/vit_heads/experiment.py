@@ -116,7 +116,9 @@ def run_seed(recipe: Recipe, seed: int, workdir: str) -> dict[str, dict]:
     """The four models of one seed: float accuracy, int8-file accuracy, bytes, latency, parameters."""
     ds = load_dataset("digits", seed=seed)
     opts = dict(recipe.model_options)
-    dense = build_model("vit", input_shape=ds.x_train.shape[1:], num_classes=ds.num_classes, rngs=nnx.Rngs(seed), **opts)
+    dense = build_model(
+        "vit", input_shape=ds.x_train.shape[1:], num_classes=ds.num_classes, rngs=nnx.Rngs(seed), **opts
+    )
     train_scan(dense, ds.x_train, ds.y_train, steps=recipe.train_steps, batch_size=128, seed=seed)
     rules = [ChannelRule(pattern="attn/(query|key|value)$", ratio=recipe.head_ratio)]
     with warnings.catch_warnings():

@@ -133,7 +133,11 @@ def _validate(
 def _param_facts(model: Any) -> tuple[int, float]:
     """Bytes of the model's state (parameters and batch statistics) and its fraction of exact zeros."""
     state = nnx.state(model, nnx.Not(nnx.RngState)) if isinstance(model, nnx.Module) else {}
-    leaves = [v for v in jax.tree.leaves(state) if hasattr(v, "dtype") and not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)]
+    leaves = [
+        v
+        for v in jax.tree.leaves(state)
+        if hasattr(v, "dtype") and not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+    ]
     floats = [v for v in leaves if np.issubdtype(v.dtype, np.floating)]
     n = metrics.count_params(leaves)
     zeros = metrics.count_params(floats) - metrics.count_nonzeros(floats)

@@ -66,9 +66,7 @@ class FlaxContextError(RuntimeError):
         said = " ".join(str(error).split())
         if len(said) > 400:
             said = said[:400] + " ..."
-        super().__init__(
-            f"{operation} failed{where}: Flax raised {type(error).__name__}: {said}\nFix: {fix}"
-        )
+        super().__init__(f"{operation} failed{where}: Flax raised {type(error).__name__}: {said}\nFix: {fix}")
 
 
 def _module_paths(model: Any) -> dict[int, tuple[str, nnx.Module]]:

@@ -340,7 +340,6 @@ TINY_OPTIONS: dict[str, dict] = {
     "resnet56": {"width": 4},
     "mobilenetv2": {"width_multiplier": 0.25},
     "vgg_small": {"widths": (8, 16)},
-    "vit": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16},
     "attn_gru": {"dim": 16, "heads": 2, "mlp_dim": 16, "hidden": 16},
     # the searchable families' smallest members (research/nn/families.py)
     "mlp_family": {"depth": 1, "width_0": 16},

@@ -179,7 +179,9 @@ def test_every_projection_is_quantized_and_the_rest_is_listed(name):
         assert isinstance(_get(q, f"{block}/attn/{proj}"), QuantLinearGeneral)
     report = {r["path"]: r for r in float_report(q)}
     assert report["head"]["reason"] == "rule '^head$' keep_float"
-    assert "query . key" in report[f"{block}/attn"]["reason"] and report[f"{block}/attn"]["type"] == "MultiHeadAttention"
+    assert (
+        "query . key" in report[f"{block}/attn"]["reason"] and report[f"{block}/attn"]["type"] == "MultiHeadAttention"
+    )
     q = calibrate(q, [np.asarray(x)])
     y, ref = _run(q, x), _run(model, x)
     assert np.max(np.abs(y - ref)) < 0.05 * np.max(np.abs(ref))  # 8-bit: close, not equal
@@ -351,7 +353,9 @@ def test_user_rnn_exports_at_a_fixed_batch_and_onnx_names_the_op(tmp_path):
     model.eval()
     x = np.random.default_rng(0).normal(size=(4, 12)).astype(np.float32)
     with pytest.warns(UserWarning, match="fixed batch 4 and runners feed it in chunks"):
-        report = export(model, x, formats=("tflite",), out_dir=tmp_path / "t", eval_data=x.repeat(3, 0), latency_repeats=1)
+        report = export(
+            model, x, formats=("tflite",), out_dir=tmp_path / "t", eval_data=x.repeat(3, 0), latency_repeats=1
+        )
     a = report["tflite_fp32"]
     assert a.extra["batch_route"].startswith("slimjax fixed batch 4") and a.max_rel_diff <= 1e-5
     assert 1 in a.batch_sizes  # a batch of one ran, padded to the file's batch

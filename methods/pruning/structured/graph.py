@@ -615,7 +615,9 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array, *, return_skipped: 
             mod = _leaf_module(modules, m.path)[1]
             if not can_rebuild(mod):
                 where = m.path.rpartition("/")[0] or "<the model itself>"
-                return f"its channels reach {m.path!r} of {type(mod).__name__} {where!r}, which cannot be rebuilt smaller"
+                return (
+                    f"its channels reach {m.path!r} of {type(mod).__name__} {where!r}, which cannot be rebuilt smaller"
+                )
         return None
 
     def has_producer(root) -> bool:
