@@ -55,7 +55,7 @@ def rebuild(module: nnx.Module, leaves: dict[str, Any]) -> nnx.Module:
 
 
 def _set(variable, value):
-    variable.value = jnp.asarray(value)
+    variable.set_value(jnp.asarray(value))
 
 
 # Modules are built with nnx.eval_shape (no random initialisation is computed) and every
