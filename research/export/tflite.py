@@ -305,7 +305,6 @@ def free_batch_dim(blob: bytes, batch: int) -> bytes:
       The rewritten bytes, tagged with ``slimjax_batch`` metadata (see :func:`batch_route`).
     """
     _deps.tensorflow()
-    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
 
     m = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
@@ -339,8 +338,16 @@ def free_batch_dim(blob: bytes, batch: int) -> bytes:
                 new_shape = np.asarray(new_shape, np.int32).copy()
                 new_shape[0] = -1
                 opts.newShape = new_shape
+    return _with_batch_note(m, f"static trace at batch {batch}, batch dimension freed")
+
+
+def _with_batch_note(m: Any, note: str) -> bytes:
+    """The flatbuffer object ``m`` as bytes, with ``note`` as its ``slimjax_batch`` metadata."""
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
     tag = schema.BufferT()
-    tag.data = np.frombuffer(f"static trace at batch {batch}, batch dimension freed".encode(), np.uint8)
+    tag.data = np.frombuffer(note.encode(), np.uint8)
     m.buffers.append(tag)
     meta = schema.MetadataT()
     meta.name = _BATCH_META
@@ -513,18 +520,9 @@ neither variable-batch route converts the model); :class:`TFLiteRunner` feeds su
 
 def _tag(blob: bytes, note: str) -> bytes:
     _deps.tensorflow()
-    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
 
-    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
-    tag = schema.BufferT()
-    tag.data = np.frombuffer(note.encode(), np.uint8)
-    m.buffers.append(tag)
-    meta = schema.MetadataT()
-    meta.name = _BATCH_META
-    meta.buffer = len(m.buffers) - 1
-    m.metadata = [*(m.metadata or []), meta]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
+    return _with_batch_note(flatbuffer_utils.convert_bytearray_to_object(bytearray(blob)), note)
 
 
 def run_fixed_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> np.ndarray:
