@@ -117,10 +117,11 @@ def flax_boundary(operation: str, model: Any) -> Iterator[None]:
       model: the NNX model the block runs (its module objects name the failing layer).
 
     Example:
+      >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> m = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
       >>> with flax_boundary("running the model", m):
-      ...     y = m(jax.numpy.ones((1, 2)))
+      ...     y = m(jnp.ones((1, 2)))
     """
     try:
         yield
