@@ -218,13 +218,25 @@ def export_forms(model: Any) -> Any:
     """
     if not isinstance(model, nnx.Module):
         return model
+    from research.nn import get_module  # noqa: PLC0415
     from research.nn import replace_modules  # noqa: PLC0415
 
     kinds = {nnx.LinearGeneral: ExportLinearGeneral, nnx.MultiHeadAttention: ExportAttention}
-    if not any(type(m) in kinds for _, m in nnx.iter_modules(model)):
+
+    def wanted(path: str, module: Any) -> bool:
+        if type(module) not in kinds:
+            return False
+        # a fake-quant wrapper re-merges its layer's own state (kernel at the top): leave it
+        return not hasattr(get_module(model, path.rpartition("/")[0]), "weight_quant")
+
+    if not any(wanted(p, m) for p, m in _paths(model)):
         return model
-    out, _ = replace_modules(model, lambda p, m: type(m) in kinds, lambda p, m: kinds[type(m)](m))
+    out, _ = replace_modules(model, wanted, lambda p, m: kinds[type(m)](m))
     return out
+
+
+def _paths(model: nnx.Module) -> list[tuple[str, Any]]:
+    return [("/".join(str(k) for k in p), m) for p, m in nnx.iter_modules(model) if p]
 
 
 def module_paths_by_class(model: Any) -> dict[str, list[str]]:
