@@ -174,8 +174,8 @@ def test_every_projection_is_quantized_and_the_rest_is_listed(name):
     q = quantize_model(model, [QuantRule(pattern="^head$", keep_float=True), QuantRule(pattern=".*", bits=8)])
     assert float_layers(q) == ["head"]
     block = "blocks/0" if name == "vit" else "block"
+    assert isinstance(_get(q, f"{block}/attn"), nnx.MultiHeadAttention)
     for proj in ("query", "key", "value", "out"):
-        assert isinstance(q.blocks[0].attn if name == "vit" else q.block.attn, nnx.MultiHeadAttention)
         assert isinstance(_get(q, f"{block}/attn/{proj}"), QuantLinearGeneral)
     report = {r["path"]: r for r in float_report(q)}
     assert report["head"]["reason"] == "rule '^head$' keep_float"
