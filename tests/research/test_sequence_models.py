@@ -20,6 +20,7 @@ from methods.decomposition.surgery import factorize_with_report
 from methods.distillation.transforms import KD_TERMS
 from methods.distillation.transforms import make_kd_term
 from methods.distillation.transforms import weighted_sum
+from methods.pruning.structured import ChannelRule
 from methods.pruning.structured import StructuredPruningWarning
 from methods.pruning.structured import channel_masks
 from methods.pruning.structured import remove_channels
@@ -154,15 +155,39 @@ class UserGRU(nnx.Module):
         return self.head(self.rnn(h, initial_carry=jnp.zeros((x.shape[0], 16)))[:, -1])
 
 
-def test_scanned_rnn_is_named_in_the_pruning_warning():
-    model = UserRNN(nnx.Rngs(0))
+class CellCarryRNN(nnx.Module):
+    """nnx.RNN whose carry comes from the cell (its size follows the cell when units are removed)."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Linear(3, 6, rngs=rngs)
+        self.rnn = nnx.RNN(nnx.GRUCell(6, 8, rngs=rngs), rngs=False)
+        self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        carry = self.rnn.cell.initialize_carry((x.shape[0], 6), rngs=nnx.Rngs(0))
+        return self.head(self.rnn(self.embed(x), initial_carry=carry)[:, -1])
+
+
+def test_gru_units_inside_nnx_rnn_scan_are_removed():
+    model = CellCarryRNN(nnx.Rngs(0))
+    model.eval()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 3)), jnp.float32)
+    small, plan = remove_channels(model, x, 0.5, return_plan=True)
+    assert small.rnn.cell.hidden_features == 4 and small.rnn.cell.dense_h.kernel.shape == (4, 12)
+    np.testing.assert_allclose(_run(small, x), _masked_output(model, plan, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_hard_coded_carry_size_is_named_when_units_are_removed():
+    model = UserRNN(nnx.Rngs(0))  # its carry is jnp.zeros((batch, 16)) whatever the cell's size
     model.eval()
     x = jnp.ones((2, 12))
     _, skipped = trace_groups(model, x, return_skipped=True)
-    assert "scan" in skipped["rnn/cell/dense_i"]
-    with pytest.warns(StructuredPruningWarning, match=r"'rnn/cell/dense_h', 'rnn/cell/dense_i'.*'scan'"):
-        small = remove_channels(model, x, 0.5)
-    assert small.attn.num_heads == 1  # the heads are still removed
+    assert "rnn/cell/dense_i" not in skipped  # the trace sees the units; the code fixes their number
+    with pytest.raises(ValueError, match=r"no longer runs.*hard-coded.*initialize_carry"):
+        remove_channels(model, x, 0.5)
+    rules = [ChannelRule(pattern="^rnn/", ratio=0.0), ChannelRule(pattern="attn")]
+    small = remove_channels(model, x, 0.5, rules=rules)
+    assert small.attn.num_heads == 1 and small.rnn.cell.hidden_features == 16
 
 
 # ----------------------------------------------------------------------------- quantization

@@ -426,4 +426,21 @@ def remove_channels(
     plan = plan_channels(model, sample_input, ratio, score, rules, batch=batch, loss_fn=loss_fn, round_to=round_to)
     small = apply_plan(model, plan)
     small.eval()
+    _check_runs(small, sample_input, plan)
     return (small, plan) if return_plan else small
+
+
+def _check_runs(small: nnx.Module, sample_input: jax.Array, plan: ChannelPlan) -> None:
+    """Shapes only: the smaller model must still run (a size hard-coded in the model's code fails)."""
+    graphdef, state = nnx.split(small)
+    spec = jax.ShapeDtypeStruct(tuple(np.shape(sample_input)), jnp.asarray(sample_input).dtype)
+    try:
+        jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state, spec)
+    except Exception as err:  # noqa: BLE001 - any failure means the rebuilt model is unusable
+        pruned = [g.group.name for g in plan.groups if g.removed]
+        raise ValueError(
+            f"the model with channels removed from {pruned} no longer runs ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}). A size is probably hard-coded in the model's code (e.g. "
+            "a recurrent carry jnp.zeros((batch, 16))): derive it from the layer (cell.hidden_features, "
+            "cell.initialize_carry) or keep that group whole with ChannelRule(pattern=..., ratio=0.0)"
+        ) from err

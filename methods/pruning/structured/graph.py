@@ -451,6 +451,55 @@ def _conv(t, eqn, scope):
         t.pin(scope, rhs, [rspec[0], rspec[1]])
 
 
+@_rule("slice")
+def _slice(t, eqn, scope):
+    """A slice keeping a whole axis ties it; a cut axis (a time step, ``h[:, -1]``) is pinned."""
+    v, out = eqn.invars[0], eqn.outvars[0]
+    strides = eqn.params.get("strides") or (1,) * len(v.aval.shape)
+    bounds = zip(eqn.params["start_indices"], eqn.params["limit_indices"], strides, strict=True)
+    for ax, (start, limit, step) in enumerate(bounds):
+        if start == 0 and limit == v.aval.shape[ax] and step == 1:
+            t.tie(scope, v, ax, out, ax)
+        else:
+            t.pin(scope, v, [ax])
+            t.pin(scope, out, [ax])
+
+
+@_rule("scan")
+def _scan(t, eqn, scope):
+    """``lax.scan`` (``nnx.RNN``, ``nnx.scan``): the body is traced once; a carry ties its input,
+    its output and the body's carry in and out; scanned inputs/outputs drop their leading
+    (time) axis inside the body, which is pinned."""
+    body = eqn.params["jaxpr"]
+    inner = body.jaxpr if hasattr(body, "jaxpr") else body
+    n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    if len(inner.invars) != len(eqn.invars) or len(inner.outvars) != len(eqn.outvars):
+        t.pin_all(scope, eqn)
+        return
+    child = t.new_scope()
+
+    def link(outer_v, inner_v, scanned):
+        if _is_literal(outer_v) or _is_literal(inner_v):
+            if not _is_literal(outer_v):
+                t.pin(scope, outer_v)
+            return
+        if scanned:
+            t.pin(scope, outer_v, [0])
+        shift = 1 if scanned else 0
+        for ax in range(len(inner_v.aval.shape)):
+            t.uf.union(t.node(scope, outer_v, ax + shift), t.node(child, inner_v, ax))
+
+    for i, (outer_v, inner_v) in enumerate(zip(eqn.invars, inner.invars, strict=True)):
+        link(outer_v, inner_v, scanned=i >= n_consts + n_carry)
+    t.run(inner, child)
+    for j, (outer_v, inner_v) in enumerate(zip(eqn.outvars, inner.outvars, strict=True)):
+        link(outer_v, inner_v, scanned=j >= n_carry)
+        if j < n_carry and not _is_literal(inner_v):
+            carried_in = inner.invars[n_consts + j]
+            for ax in range(len(inner_v.aval.shape)):
+                t.uf.union(t.node(child, inner_v, ax), t.node(child, carried_in, ax))
+
+
 @_rule("split")
 def _split(t, eqn, scope):
     """``jnp.split`` into equal parts (a GRU's r/z/n gates): the parts' axis is one channel group
