@@ -158,6 +158,14 @@ class _Tracer:
             self.pinned.add(n)
             self.reasons.setdefault(n, self.reason)
 
+    def tie_or_pin(self, scope, v, out, ax, keep: bool):
+        """Ties axis ``ax`` of ``v`` and ``out`` when ``keep``, else pins it on both."""
+        if keep:
+            self.tie(scope, v, ax, out, ax)
+        else:
+            self.pin(scope, v, [ax])
+            self.pin(scope, out, [ax])
+
     def pin_all(self, scope, eqn):
         for v in list(eqn.invars) + list(eqn.outvars):
             if hasattr(v, "aval") and hasattr(v.aval, "shape"):
@@ -370,22 +378,14 @@ def _window(t, eqn, scope):
             and p["base_dilation"][ax] == 1
             and p["window_dilation"][ax] == 1
         )
-        if plain:
-            t.tie(scope, v, ax, out, ax)
-        else:
-            t.pin(scope, v, [ax])
-            t.pin(scope, out, [ax])
+        t.tie_or_pin(scope, v, out, ax, plain)
 
 
 @_rule("pad")
 def _pad(t, eqn, scope):
     v, out = eqn.invars[0], eqn.outvars[0]
     for ax, cfg in enumerate(eqn.params["padding_config"]):
-        if tuple(cfg) == (0, 0, 0):
-            t.tie(scope, v, ax, out, ax)
-        else:
-            t.pin(scope, v, [ax])
-            t.pin(scope, out, [ax])
+        t.tie_or_pin(scope, v, out, ax, tuple(cfg) == (0, 0, 0))
 
 
 @_rule("concatenate")
@@ -458,11 +458,7 @@ def _slice(t, eqn, scope):
     strides = eqn.params.get("strides") or (1,) * len(v.aval.shape)
     bounds = zip(eqn.params["start_indices"], eqn.params["limit_indices"], strides, strict=True)
     for ax, (start, limit, step) in enumerate(bounds):
-        if start == 0 and limit == v.aval.shape[ax] and step == 1:
-            t.tie(scope, v, ax, out, ax)
-        else:
-            t.pin(scope, v, [ax])
-            t.pin(scope, out, [ax])
+        t.tie_or_pin(scope, v, out, ax, start == 0 and limit == v.aval.shape[ax] and step == 1)
 
 
 @_rule("scan")

@@ -58,6 +58,14 @@ def _set(variable, value):
     variable.set_value(jnp.asarray(value))
 
 
+def _filled(new: nnx.Module, old: nnx.Module, leaves: dict[str, Any]) -> nnx.Module:
+    """``new`` (a Conv/Linear/LinearGeneral shell) holding the sliced kernel and, if ``old`` has one, bias."""
+    _set(new.kernel, leaves["kernel"])
+    if old.use_bias:
+        _set(new.bias, leaves["bias"])
+    return new
+
+
 # Modules are built with nnx.eval_shape (no random initialisation is computed) and every
 # variable is then set from the sliced arrays.
 
@@ -89,10 +97,7 @@ def _conv(m: nnx.Conv, leaves):
             rngs=nnx.Rngs(0),
         )
     )
-    _set(new.kernel, kernel)
-    if m.use_bias:
-        _set(new.bias, leaves["bias"])
-    return new
+    return _filled(new, m, leaves)
 
 
 @register_rebuilder(nnx.Linear)
@@ -112,10 +117,7 @@ def _linear(m: nnx.Linear, leaves):
             rngs=nnx.Rngs(0),
         )
     )
-    _set(new.kernel, kernel)
-    if m.use_bias:
-        _set(new.bias, leaves["bias"])
-    return new
+    return _filled(new, m, leaves)
 
 
 @register_rebuilder(nnx.BatchNorm)
@@ -170,10 +172,7 @@ def _linear_general(m: nnx.LinearGeneral, leaves):
             rngs=nnx.Rngs(0),
         )
     )
-    _set(new.kernel, kernel)
-    if m.use_bias:
-        _set(new.bias, leaves["bias"])
-    return new
+    return _filled(new, m, leaves)
 
 
 # ----------------------------------------------------------------------------- containers
