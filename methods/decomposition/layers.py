@@ -12,6 +12,7 @@ Kernels follow NNX's layout: ``Linear`` kernels are ``(in, out)``; ``Conv`` kern
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -178,6 +179,100 @@ class LowRankLinear(nnx.Module):
         _assign(layer.second.kernel, v, (rank, dense.out_features), dt)
         if dense.use_bias:
             _assign(layer.second.bias, dense.bias[...], (dense.out_features,), dt)
+        return layer
+
+
+class LowRankLinearGeneral(nnx.Module):
+    """Low-rank form of an ``nnx.LinearGeneral`` (attention projections): two LinearGeneral layers.
+
+    The kernel ``(*in_features, *out_features)`` is read as the matrix ``(prod(in), prod(out))``
+    and split by a truncated SVD: ``first`` contracts the input axes to ``rank`` features,
+    ``second`` expands them to ``out_features`` (``(heads, head_dim)`` for a query/key/value
+    projection) and carries the bias. At full rank it equals the dense layer.
+
+    Attributes:
+      first: ``nnx.LinearGeneral(in_features, (rank,), axis=axis, use_bias=False)``.
+      second: ``nnx.LinearGeneral((rank,), out_features)``.
+
+    Example:
+      >>> from flax import nnx
+      >>> dense = nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0))
+      >>> low = LowRankLinearGeneral.from_dense(dense, rank=8)
+      >>> x = jnp.ones((2, 3, 8))
+      >>> bool(jnp.allclose(low(x), dense(x), atol=1e-4))
+      True
+    """
+
+    def __init__(
+        self,
+        in_features: Sequence[int],
+        out_features: Sequence[int],
+        rank: int,
+        *,
+        axis: Sequence[int] = (-1,),
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        n_in, n_out = math.prod(in_features), math.prod(out_features)
+        if not 1 <= rank <= min(n_in, n_out):
+            raise ValueError(
+                f"rank={rank} is outside 1..{min(n_in, n_out)} for a LinearGeneral {tuple(in_features)} -> "
+                f"{tuple(out_features)}; pass a rank in that range"
+            )
+        self.in_features, self.out_features, self.rank = tuple(in_features), tuple(out_features), rank
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
+        self.first = nnx.LinearGeneral(self.in_features, (rank,), axis=tuple(axis), use_bias=False, **kw)
+        self.second = nnx.LinearGeneral((rank,), self.out_features, use_bias=use_bias, **kw)
+
+    def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
+        return self.second(self.first(x), out_sharding=out_sharding)
+
+    def dense_kernel(self) -> np.ndarray:
+        """The ``(prod(in), prod(out))`` matrix this layer represents (numpy, float64)."""
+        u = _np(self.first.kernel).reshape(-1, self.rank)
+        return u @ _np(self.second.kernel).reshape(self.rank, -1)
+
+    @classmethod
+    def from_dense(cls, dense: nnx.LinearGeneral, rank: int, *, factors=None) -> LowRankLinearGeneral:
+        """Builds the rank-``rank`` layer closest (Frobenius) to ``dense``.
+
+        Args:
+          dense: a trained ``nnx.LinearGeneral`` without ``batch_axis``.
+          rank: the inner width, ``1..min(prod(in), prod(out))``.
+          factors: precomputed ``(U, V)`` of the kernel read as a matrix.
+
+        Raises:
+          ValueError: ``dense`` has batch axes, or ``rank`` is out of range.
+        """
+        if dense.batch_axis:
+            raise ValueError(
+                f"LinearGeneral with batch_axis={dict(dense.batch_axis)} holds one kernel per batch entry; "
+                "it has no single low-rank form: skip it with DecompositionRule(pattern=..., skip=True)"
+            )
+        layer = nnx.eval_shape(
+            lambda: cls(
+                dense.in_features,
+                dense.out_features,
+                rank,
+                axis=dense.axis,
+                use_bias=dense.use_bias,
+                dtype=dense.dtype,
+                param_dtype=dense.param_dtype,
+                precision=dense.precision,
+                rngs=nnx.Rngs(0),
+            )
+        )
+        n_in = math.prod(dense.in_features)
+        matrix = np.asarray(dense.kernel[...]).reshape(n_in, -1)
+        u, v = factors if factors is not None else svd_factors(matrix, rank)
+        dt = dense.param_dtype
+        _assign(layer.first.kernel, np.reshape(u, (*dense.in_features, rank)), (*dense.in_features, rank), dt)
+        _assign(layer.second.kernel, np.reshape(v, (rank, *dense.out_features)), (rank, *dense.out_features), dt)
+        if dense.use_bias:
+            _assign(layer.second.bias, dense.bias[...], tuple(dense.out_features), dt)
         return layer
 
 

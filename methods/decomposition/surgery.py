@@ -28,6 +28,7 @@ from flax import nnx
 from methods.decomposition.decompose import relative_error
 from methods.decomposition.layers import CPConv
 from methods.decomposition.layers import LowRankLinear
+from methods.decomposition.layers import LowRankLinearGeneral
 from methods.decomposition.layers import Tucker2Conv
 from methods.decomposition.layers import check_factorizable_conv
 from methods.decomposition.rank import dense_cost
@@ -44,7 +45,7 @@ from research.nn import param_count
 from research.nn import replace_module
 from research.tree.rules import match_layer_rules
 
-FACTORIZED_TYPES = (LowRankLinear, CPConv, Tucker2Conv)
+FACTORIZED_TYPES = (LowRankLinear, LowRankLinearGeneral, CPConv, Tucker2Conv)
 
 
 @dataclasses.dataclass
@@ -192,6 +193,10 @@ class _Plan:
     out_shape: tuple
     rank: Any = None
     skip_reason: str = ""
+    x_shape: tuple | None = None  # the layer's real input shape, when in_shape is its matrix view
+
+    def timing_shape(self) -> tuple:
+        return self.x_shape if self.x_shape is not None else self.in_shape
 
     def spatial(self) -> dict[str, tuple]:
         """Spatial (conv) or extra token (linear) dims of the input and output, batch excluded."""
@@ -206,7 +211,7 @@ def _candidates(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     inside = [p for p, m in iter_modules(model) if isinstance(m, FACTORIZED_TYPES)]
     out = []
     for path, module in iter_modules(model):
-        if type(module) not in (nnx.Linear, nnx.Conv):
+        if type(module) not in (nnx.Linear, nnx.LinearGeneral, nnx.Conv):
             continue
         if any(path.startswith(p + "/") for p in inside):
             continue
@@ -215,7 +220,7 @@ def _candidates(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
 
 
 def _method_for(path: str, module: nnx.Module, rule: DecompositionRule) -> str:
-    if isinstance(module, nnx.Linear):
+    if isinstance(module, nnx.Linear | nnx.LinearGeneral):
         if rule.method not in ("auto", "svd"):
             raise ValueError(
                 f"rule {rule.pattern!r} asks method={rule.method!r} for linear layer {path!r}; "
@@ -267,11 +272,36 @@ def _allocate(plans: list[_Plan], budget: ModelBudget) -> None:
 
 def _build(plan: _Plan) -> nnx.Module:
     kw = {} if plan.rule.n_iter_max is None else {"n_iter_max": plan.rule.n_iter_max}
+    if plan.method == "svd" and isinstance(plan.module, nnx.LinearGeneral):
+        return LowRankLinearGeneral.from_dense(plan.module, plan.rank)
     if plan.method == "svd":
         return LowRankLinear.from_dense(plan.module, plan.rank)
     if plan.method == "tucker2":
         return Tucker2Conv.from_dense(plan.module, plan.rank, **kw)
     return CPConv.from_dense(plan.module, plan.rank, **kw)
+
+
+def _general_plan(path: str, module: nnx.LinearGeneral, rule: DecompositionRule, shapes: tuple) -> _Plan:
+    """A LinearGeneral planned as the matrix ``(prod(in), prod(out))`` it applies per token."""
+    (in_shape, out_shape) = shapes
+    n_in, n_out = len(module.in_features), len(module.out_features)
+    kernel = np.asarray(module.kernel[...])
+    n_batch = len(module.batch_axis)
+    matrix = kernel.reshape(math.prod(kernel.shape[: n_batch + n_in]), -1)
+    tokens = tuple(in_shape[1 : len(in_shape) - n_in])
+    plan = _Plan(
+        path,
+        module,
+        rule,
+        "svd",
+        matrix,
+        (in_shape[0], *tokens, matrix.shape[0]),
+        (out_shape[0], *tuple(out_shape[1 : len(out_shape) - n_out]), matrix.shape[1]),
+        x_shape=tuple(in_shape),
+    )
+    if n_batch:
+        plan.skip_reason = f"LinearGeneral with batch_axis={dict(module.batch_axis)} has one kernel per batch entry"
+    return plan
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -322,7 +352,10 @@ def factorize_with_report(
     plans, rows = [], []
     for path, module, rule in selected:
         method = _method_for(path, module, rule)
-        plan = _Plan(path, module, rule, method, np.asarray(module.kernel[...]), *shapes[path])
+        if isinstance(module, nnx.LinearGeneral):
+            plan = _general_plan(path, module, rule, shapes[path])
+        else:
+            plan = _Plan(path, module, rule, method, np.asarray(module.kernel[...]), *shapes[path])
         if isinstance(module, nnx.Conv):
             try:
                 check_factorizable_conv(module)
@@ -379,7 +412,7 @@ def factorize_with_report(
         dense_ms = fact_ms = math.nan
         if check_speed:
             key, sub = jax.random.split(key)
-            x = jax.random.normal(sub, plan.in_shape, jnp.float32)
+            x = jax.random.normal(sub, plan.timing_shape(), jnp.float32)
             d, f = compare_latency(plan.module, new, x, warmup=warmup, repeats=repeats)
             dense_ms, fact_ms = 1e3 * d, 1e3 * f
             faster = d / f >= min_speedup if f > 0 else False
@@ -484,6 +517,10 @@ def factorize_recipe_step(layers: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _shell(dense: nnx.Module, method: str, rank: Any) -> nnx.Module:
     """A factorized layer of ``dense``'s geometry with zero factors (values are loaded later)."""
+    if method == "svd" and isinstance(dense, nnx.LinearGeneral):
+        rank = int(rank)
+        n_in, n_out = math.prod(dense.in_features), math.prod(dense.out_features)
+        return LowRankLinearGeneral.from_dense(dense, rank, factors=(np.zeros((n_in, rank)), np.zeros((rank, n_out))))
     if method == "svd":
         rank = int(rank)
         return LowRankLinear.from_dense(

@@ -36,6 +36,7 @@ from flax import nnx
 
 from research.nn import get_module
 from research.nn import iter_modules
+from research.nn.flax_errors import flax_boundary
 
 _SOWN: contextvars.ContextVar[frozenset] = contextvars.ContextVar("slimjax_sow_capture", default=frozenset())
 _CALL = "__call__"
@@ -153,7 +154,8 @@ def capture_intermediates(
                 _instrument(cls)
             _RECORDERS.append(recorder)
         try:
-            result = call(model, *args, **kwargs)
+            with flax_boundary(f"capturing the outputs of {list(paths)}", model):
+                result = call(model, *args, **kwargs)
         finally:
             with _LOCK:
                 del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is recorder)]

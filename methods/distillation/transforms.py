@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from methods.distillation import losses as L
@@ -186,6 +187,101 @@ def attention_term(pairs: Sequence[tuple[str, str]] = (), p: float = 2.0) -> KDT
         return total
 
     return KDTerm("attention", fn, tuple(s for s, _ in pairs), tuple(t for _, t in pairs))
+
+
+def self_attention_maps(query: jax.Array, key: jax.Array) -> jax.Array:
+    """Attention distributions ``softmax(q . k / sqrt(head_dim))`` of shape ``(B, heads, L_q, L_k)``.
+
+    Args:
+      query, key: projections ``(B, L, heads, head_dim)`` (the outputs of an
+        ``nnx.MultiHeadAttention``'s ``query`` and ``key`` layers).
+    """
+    if query.ndim != 4 or key.ndim != 4:
+        raise ValueError(
+            f"attention maps need query/key projections shaped (batch, length, heads, head_dim), got "
+            f"{query.shape} and {key.shape}; name nnx.MultiHeadAttention modules (their query/key are captured)"
+        )
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / jnp.sqrt(jnp.asarray(query.shape[-1], query.dtype))
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def attention_map_loss(student_maps: jax.Array, teacher_maps: jax.Array) -> jax.Array:
+    """``KL(teacher || student)`` between attention distributions, averaged over batch, heads, queries.
+
+    With equal head counts each student head follows its teacher head (MiniLM); otherwise (a
+    head-pruned student) the head-averaged distributions are compared. Sequence lengths must match.
+
+    References:
+      Wang et al., "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of
+      Pre-Trained Transformers", https://arxiv.org/abs/2002.10957
+    """
+    if student_maps.shape[0] != teacher_maps.shape[0] or student_maps.shape[2:] != teacher_maps.shape[2:]:
+        raise ValueError(
+            f"attention maps {student_maps.shape} (student) and {teacher_maps.shape} (teacher) differ in batch "
+            "or sequence length; pair attention layers that see the same tokens"
+        )
+    t = jax.lax.stop_gradient(teacher_maps)
+    s = student_maps
+    if s.shape[1] != t.shape[1]:
+        s, t = jnp.mean(s, axis=1, keepdims=True), jnp.mean(t, axis=1, keepdims=True)
+    eps = jnp.finfo(s.dtype).tiny
+    kl = jnp.sum(t * (jnp.log(t + eps) - jnp.log(s + eps)), axis=-1)
+    return jnp.mean(kl)
+
+
+def hidden_state_loss(student_feature: jax.Array, teacher_feature: jax.Array) -> jax.Array:
+    """Mean squared difference between hidden states of equal shape (TinyBERT's hidden-state loss)."""
+    if student_feature.shape != teacher_feature.shape:
+        raise ValueError(
+            f"hidden states {student_feature.shape} (student) and {teacher_feature.shape} (teacher) differ; "
+            "pair layers of equal width, or use the 'fitnets' term, which learns a projection"
+        )
+    return jnp.mean((student_feature - jax.lax.stop_gradient(teacher_feature)) ** 2)
+
+
+def _attention_pairs(pairs, what: str) -> tuple[tuple[str, str], ...]:
+    pairs = tuple((str(s), str(t)) for s, t in pairs)
+    if not pairs:
+        raise ValueError(f"{what} needs at least one (student_path, teacher_path) pair")
+    return pairs
+
+
+@register_kd_term("attention_map")
+def attention_map_term(pairs: Sequence[tuple[str, str]] = ()) -> KDTerm:
+    """Self-attention distribution transfer between ``nnx.MultiHeadAttention`` layers (MiniLM).
+
+    ``pairs`` name attention modules (``("blocks/0/attn", "blocks/0/attn")``); the maps are
+    recomputed from their ``query``/``key`` projections captured in the forward pass, so
+    quantized, factorized or head-pruned projections work. See :func:`attention_map_loss`.
+    """
+    pairs = _attention_pairs(pairs, "attention_map")
+
+    def fn(s, t, batch, model):
+        total = 0.0
+        for sp, tp in pairs:
+            s_maps = self_attention_maps(_feature(s, f"{sp}/query", "student"), _feature(s, f"{sp}/key", "student"))
+            t_maps = self_attention_maps(_feature(t, f"{tp}/query", "teacher"), _feature(t, f"{tp}/key", "teacher"))
+            total = total + attention_map_loss(s_maps, t_maps)
+        return total
+
+    student = tuple(f"{sp}/{n}" for sp, _ in pairs for n in ("query", "key"))
+    teacher = tuple(f"{tp}/{n}" for _, tp in pairs for n in ("query", "key"))
+    return KDTerm("attention_map", fn, student, teacher)
+
+
+@register_kd_term("hidden_state")
+def hidden_state_term(pairs: Sequence[tuple[str, str]] = ()) -> KDTerm:
+    """Hidden-state transfer: :func:`hidden_state_loss` summed over (student, teacher) module pairs
+    (e.g. encoder blocks, ``("blocks/1", "blocks/1")``)."""
+    pairs = _attention_pairs(pairs, "hidden_state")
+
+    def fn(s, t, batch, model):
+        total = 0.0
+        for sp, tp in pairs:
+            total = total + hidden_state_loss(_feature(s, sp, "student"), _feature(t, tp, "teacher"))
+        return total
+
+    return KDTerm("hidden_state", fn, tuple(s for s, _ in pairs), tuple(t for _, t in pairs))
 
 
 def _rkd_term(name, loss, student_path, teacher_path) -> KDTerm:

@@ -13,6 +13,7 @@ from flax import nnx
 from methods.quantization.modules import find_quantizers
 from methods.quantization.observers import make_observer
 from research.nn import get_module
+from research.nn.flax_errors import flax_boundary
 
 
 def _as_input(batch: Any) -> np.ndarray:
@@ -85,7 +86,8 @@ def calibrate(
         @jax.jit
         def capture(state, x):
             m = nnx.merge(graphdef, state)
-            m(x)
+            with flax_boundary("calibrating activation ranges (quantizers record the float activations)", m):
+                m(x)
             return {p: get_module(m, p).captured[...] for p in input_paths}
 
         seen = 0

@@ -90,10 +90,10 @@ class DeployedLayer(nnx.Module):
         self.layer = layer
         self.clip = nnx.data(clip)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         if self.clip is not None:
             x = self.clip(x)
-        return self.layer(x)
+        return self.layer(x, *args, **kwargs)
 
 
 def _clip_for(fq: FakeQuant | None, path: str, ranges: dict[str, tuple[float, float]]):

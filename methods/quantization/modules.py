@@ -367,16 +367,18 @@ class QuantLayer(nnx.Module):
         kernel = self.layer.kernel[...]
         return kernel if self.weight_quant is None else self.weight_quant(kernel)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        # extra arguments (``out_sharding`` that nnx.MultiHeadAttention passes its projections,
+        # an Einsum's ``einsum_str``) go to the wrapped layer unchanged
         if self.input_quant is not None:
             x = self.input_quant(x)
         if self.weight_quant is None:
-            return self.layer(x)
+            return self.layer(x, *args, **kwargs)
         kernel = self.weight_quant(self.layer.kernel[...])
         graphdef, state = nnx.split(self.layer)
         pure = nnx.to_pure_dict(state)
         pure["kernel"] = kernel
-        return nnx.merge(graphdef, pure)(x)
+        return nnx.merge(graphdef, pure)(x, *args, **kwargs)
 
 
 class QuantLinear(QuantLayer):
@@ -393,6 +395,23 @@ class QuantConv(QuantLayer):
     """
 
     wrapped = nnx.Conv
+
+
+class QuantLinearGeneral(QuantLayer):
+    """Fake-quant twin of ``nnx.LinearGeneral`` (the projections of ``nnx.MultiHeadAttention``).
+
+    The kernel is ``(*in_features, *out_features)``; per-channel scales run along its last axis
+    (``head_dim`` for a query/key/value projection with ``out_features=(heads, head_dim)``, the
+    output features for the attention's output projection).
+    """
+
+    wrapped = nnx.LinearGeneral
+
+
+class QuantEinsum(QuantLayer):
+    """Fake-quant twin of ``nnx.Einsum`` (kernel of any shape, per-channel scales on its last axis)."""
+
+    wrapped = nnx.Einsum
 
 
 class Identity(nnx.Module):

@@ -28,8 +28,11 @@ from flax import nnx
 
 from methods.quantization.folding import layer_order
 from methods.quantization.modules import QuantConv
+from methods.quantization.modules import QuantEinsum
 from methods.quantization.modules import QuantLayer
 from methods.quantization.modules import QuantLinear
+from methods.quantization.modules import QuantLinearGeneral
+from methods.quantization.modules import QuantSpec
 from methods.quantization.modules import find_quantizers
 from methods.quantization.rules import QuantRule
 from research import recipe as recipe_lib
@@ -76,6 +79,8 @@ def register_twin(float_type: type) -> Any:
 
 register_twin(nnx.Linear)(QuantLinear)
 register_twin(nnx.Conv)(QuantConv)
+register_twin(nnx.LinearGeneral)(QuantLinearGeneral)
+register_twin(nnx.Einsum)(QuantEinsum)
 
 
 def _twin_of(module: Any) -> type[QuantLayer] | None:
@@ -177,9 +182,66 @@ def quantize_model(
         layer = get_module(out, path)
         twin = _twin_of(layer)(layer, weight=rule.weight_spec(), input=rule.input_spec(), rngs=rngs.fork())
         out = replace_module(out, path, twin, copy=False)
+    # the reasons travel with the model (a static attribute of its root), for float_report
+    out.slimjax_float_reasons = tuple(sorted(reasons.items()))
     if reasons:
         log.warning("layers left in float: %s", ", ".join(f"{p} ({r})" for p, r in sorted(reasons.items())))
     return out
+
+
+def _holds_weights(module: nnx.Module) -> bool:
+    own = getattr(module, "__dict__", {})
+    return any(isinstance(v, nnx.Param) and getattr(v, "ndim", 0) >= 2 for v in own.values())
+
+
+def float_report(model: nnx.Module) -> list[dict[str, str]]:
+    """What computes in float in a fake-quant model, and why: one row per layer or operation.
+
+    Rows (``path``, ``type``, ``reason``), sorted by path:
+
+    * layers with a fake-quant twin that were left in float, with the reason
+      :func:`quantize_model` recorded (no rule matched, ``keep_float``, ``skip_first``/``skip_last``);
+    * modules holding a weight matrix that no twin covers (a user layer type: register a twin with
+      :func:`register_twin`);
+    * the activation x activation products inside every ``nnx.MultiHeadAttention`` (query . key
+      scores and attention-weights . value): no weights to quantize; their inputs (the
+      projections' outputs) are computed by quantized layers and they run in float here (TFLite's
+      int8 converter quantizes them at export).
+
+    Args:
+      model: a model returned by :func:`quantize_model` (or any NNX model: then every layer is float).
+    """
+    recorded = dict(getattr(model, "slimjax_float_reasons", ()) or ())
+    rows = []
+    for path in float_layers(model):
+        layer = get_module(model, path)
+        reason = recorded.get(path, "not quantized (the model did not go through quantize_model)")
+        rows.append({"path": path, "type": type(layer).__name__, "reason": reason})
+    quant = [p for p, m in iter_modules(model) if isinstance(m, QuantLayer)]
+    covered = set(float_layers(model)) | set(quant)
+    for path, module in iter_modules(model):
+        inside = any(path == q or path.startswith(q + "/") for q in quant)
+        if inside or path in covered or isinstance(module, QuantLayer):
+            continue
+        if isinstance(module, nnx.MultiHeadAttention):
+            rows.append(
+                {
+                    "path": path,
+                    "type": type(module).__name__,
+                    "reason": "attention scores (query . key) and weights . value multiply two activations: "
+                    "no weights to quantize, computed in float from the quantized projections",
+                }
+            )
+        elif _twin_of(module) is None and _holds_weights(module):
+            rows.append(
+                {
+                    "path": path,
+                    "type": type(module).__name__,
+                    "reason": f"no fake-quant twin for {type(module).__name__}; register one with "
+                    "methods.quantization.surgery.register_twin",
+                }
+            )
+    return sorted(rows, key=lambda r: r["path"])
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -25,6 +25,11 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jex_core
 
+from research.nn.flax_errors import flax_boundary
+
+#: Layer paths that stand for the model itself start with this (then "the model's own __call__ (Cls)").
+ROOT_PREFIX = "<model>"
+
 _LOCATION_RE = re.compile(r"([^\s:|]+\.py):(\d+):\d+: error: (.*?)(?: \||$)", re.MULTILINE)
 
 
@@ -62,12 +67,12 @@ class UnsupportedOpError(RuntimeError):
         self.via = via or target
         self.drop = tuple(drop or (target,))
         where = ""
-        if self.layer_paths:
-            where = (
-                f" in layer {self.layer_paths[0]!r}"
-                if len(self.layer_paths) == 1
-                else f" in one of the layers {list(self.layer_paths)}"
-            )
+        named = [p for p in self.layer_paths if not p.startswith(ROOT_PREFIX)]
+        roots = [p for p in self.layer_paths if p.startswith(ROOT_PREFIX)]
+        if named:
+            where = f" in layer {named[0]!r}" if len(named) == 1 else f" in one of the layers {named}"
+        elif roots:
+            where = f" in {roots[0][len(ROOT_PREFIX) :]}"
         prim = f"JAX primitive {primitive!r}" if primitive else "an operation"
         through = "" if self.via == target else f", which the {target} export goes through"
         super().__init__(
@@ -75,6 +80,11 @@ class UnsupportedOpError(RuntimeError):
             f" (issued at {location or 'unknown location'}). Replace that operation in the model"
             f" (or drop {' and '.join(repr(d) for d in self.drop)} from formats). Converter said: {detail}"
         )
+
+    def short(self) -> str:
+        """One line: the primitive and where, without the converter's text."""
+        prim = f"JAX primitive {self.primitive!r}" if self.primitive else "an operation"
+        return f"{prim} at {self.location or 'unknown location'} is not supported by the {self.via} converter"
 
     def retarget(self, target: str, *, via: str, drop: Sequence[str]) -> UnsupportedOpError:
         """The same failure, reported for the requested format ``target`` that needed converter ``via``."""
@@ -103,10 +113,130 @@ def inference_fn(model: Any) -> Callable[[jax.Array], jax.Array]:
     clone.eval()
     graphdef, state = nnx.split(clone)
 
+    # The model is rebuilt inside one jit, at the trace level of everything it calls: NNX
+    # transforms inside the model (nnx.RNN's scan) refuse graph nodes from an outer trace.
+    # PRNG keys (an nnx.RNN's Rngs stream) travel as their raw data: converters take no key dtype.
+    is_key = jax.tree.map(lambda a: jax.dtypes.issubdtype(getattr(a, "dtype", None), jax.dtypes.prng_key), state)
+    raw = jax.tree.map(lambda a, k: jax.random.key_data(a) if k else a, state, is_key)
+    impls = jax.tree.map(lambda a, k: jax.random.key_impl(a) if k else None, state, is_key)
+
+    @jax.jit
+    def apply(s: Any, x: jax.Array) -> jax.Array:
+        s = jax.tree.map(lambda a, k, i: jax.random.wrap_key_data(a, impl=i) if k else a, s, is_key, impls)
+        merged = nnx.merge(graphdef, s)
+        with flax_boundary("tracing the model for export", merged):
+            return merged(x)
+
     def fn(x: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state)(x)
+        return apply(raw, x)
 
     return fn
+
+
+class ExportLinearGeneral(nnx.Module):
+    """An ``nnx.LinearGeneral`` computed with the matrix products TFLite and tf2onnx convert cleanly.
+
+    jax2tf + the TFLite converter lower a ``dot_general`` whose output has several feature axes
+    (an attention projection ``(B, L, E) -> (B, L, heads, head_dim)``) through dynamic shape ops
+    (``SHAPE``, ``UNSORTED_SEGMENT_PROD``): the static-batch trace then fails its batch check and
+    tf2onnx converts the fallback into ``Reshape`` nodes with a wrong target. This stand-in computes
+    the same function from ``FULLY_CONNECTED``-shaped products: one ``x @ K[:, u, :]`` per unit of
+    the first output axis, stacked (expansion), or a flatten of the trailing input axes followed by
+    one product (contraction, the attention's output projection). Anything else calls the layer.
+
+    Args:
+      layer: the ``nnx.LinearGeneral`` (kept as ``self.layer``; its arrays are shared).
+    """
+
+    def __init__(self, layer: nnx.LinearGeneral):
+        self.layer = layer
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        m = self.layer
+        n_in, n_out = len(m.in_features), len(m.out_features)
+        axes = tuple(a % x.ndim for a in m.axis)
+        if m.batch_axis or args or axes != tuple(range(x.ndim - n_in, x.ndim)) or n_out > 2:
+            return m(x, *args, **kwargs)
+        kernel = m.kernel[...]
+        size_in = int(np.prod(m.in_features))
+        if n_in > 1:
+            x = x.reshape(*x.shape[:-n_in], size_in)
+        kernel = kernel.reshape(size_in, *m.out_features)
+        if n_out == 1:
+            y = x @ kernel
+        else:
+            y = jax.numpy.stack([x @ kernel[:, u, :] for u in range(m.out_features[0])], axis=-2)
+        if m.bias is not None:
+            y = y + m.bias[...]
+        return y
+
+
+class ExportAttention(nnx.Module):
+    """An ``nnx.MultiHeadAttention`` (self/cross attention without mask, cache or dropout) computed
+    with 4-D batched products: ``softmax(q k^T / sqrt(d)) v`` per head, the form TFLite's
+    ``BATCH_MATMUL`` and tf2onnx take at a freed batch. Flax's ``dot_product_attention`` adds a
+    grouped-query axis (5-D products) that the static-batch route cannot free. Any call it does not
+    cover (a mask, decoding, dropout, normalised q/k, grouped kv heads, another attention_fn) runs
+    the module itself.
+
+    Args:
+      attention: the ``nnx.MultiHeadAttention`` (kept as ``self.attention``; its projections are
+        called as they are, so fake-quant stand-ins and export forms of them apply).
+    """
+
+    def __init__(self, attention: nnx.MultiHeadAttention):
+        self.attention = attention
+
+    def _plain(self) -> bool:
+        m = self.attention
+        return (
+            m.attention_fn is nnx.dot_product_attention
+            and not m.normalize_qk
+            and not m.decode
+            and m.num_kv_heads == m.num_heads
+            and (m.dropout_rate == 0.0 or m.deterministic)
+        )
+
+    def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None, inputs_v: jax.Array | None = None, **kw):
+        m = self.attention
+        if kw or not self._plain() or inputs_q.ndim != 3:
+            return m(inputs_q, inputs_k, inputs_v, **kw)
+        inputs_k = inputs_q if inputs_k is None else inputs_k
+        inputs_v = inputs_k if inputs_v is None else inputs_v
+        q, k, v = m.query(inputs_q), m.key(inputs_k), m.value(inputs_v)
+        q = q / np.sqrt(q.shape[-1]).astype(q.dtype)
+        weights = jax.nn.softmax(jax.numpy.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+        return m.out(jax.numpy.einsum("bhqk,bkhd->bqhd", weights, v))
+
+
+def export_forms(model: Any) -> Any:
+    """A copy of ``model`` with layers replaced by export-friendly equivalents (same function).
+
+    Every ``nnx.LinearGeneral`` becomes an :class:`ExportLinearGeneral` and every
+    ``nnx.MultiHeadAttention`` an :class:`ExportAttention`. Non-NNX callables and models without
+    those layers are returned unchanged.
+    """
+    if not isinstance(model, nnx.Module):
+        return model
+    from research.nn import get_module  # noqa: PLC0415
+    from research.nn import replace_modules  # noqa: PLC0415
+
+    kinds = {nnx.LinearGeneral: ExportLinearGeneral, nnx.MultiHeadAttention: ExportAttention}
+
+    def wanted(path: str, module: Any) -> bool:
+        if type(module) not in kinds:
+            return False
+        # a fake-quant wrapper re-merges its layer's own state (kernel at the top): leave it
+        return not hasattr(get_module(model, path.rpartition("/")[0]), "weight_quant")
+
+    if not any(wanted(p, m) for p, m in _paths(model)):
+        return model
+    out, _ = replace_modules(model, wanted, lambda p, m: kinds[type(m)](m))
+    return out
+
+
+def _paths(model: nnx.Module) -> list[tuple[str, Any]]:
+    return [("/".join(str(k) for k in p), m) for p, m in nnx.iter_modules(model) if p]
 
 
 def module_paths_by_class(model: Any) -> dict[str, list[str]]:
@@ -115,7 +245,7 @@ def module_paths_by_class(model: Any) -> dict[str, list[str]]:
     if not isinstance(model, nnx.Module):
         return out
     for path, module in nnx.iter_modules(model):
-        name = ".".join(str(p) for p in path) or "<root>"
+        name = "/".join(str(p) for p in path) or f"{ROOT_PREFIX}the model's own __call__ ({type(module).__name__})"
         out.setdefault(type(module).__qualname__, []).append(name)
     return out
 
@@ -196,6 +326,21 @@ def _probe_fn(eqn: Any) -> tuple[Callable[..., Any], list[jax.ShapeDtypeStruct]]
     return f, specs
 
 
+def _converter_detail(target: str, message: str) -> str:
+    """The converter's message in one line; a long one (MLIR dumps) is saved to a file it names."""
+    flat = " ".join(message.split())
+    if len(flat) <= 400:
+        return flat
+    import tempfile  # noqa: PLC0415
+
+    fd, path = tempfile.mkstemp(prefix=f"slimjax_{target}_converter_", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(message)
+    first = _LOCATION_RE.search(message.replace(" | ", "\n"))
+    head = first.group(3).strip() if first else flat[:200]
+    return f"{head} (the converter's full output, MLIR included, is in {path})"
+
+
 def diagnose(
     target: str,
     model: Any,
@@ -221,7 +366,7 @@ def diagnose(
       An :class:`UnsupportedOpError` to raise (``from error``).
     """
     message = str(error)
-    short = " ".join(message.split())[:400]
+    short = _converter_detail(target, message)
     closed = jax.make_jaxpr(fn)(sample)
     chains = [c for c in iter_eqns(closed.jaxpr) if not list(jex_core.jaxprs_in_params(c[0].params))]
     located = []
@@ -236,6 +381,7 @@ def diagnose(
             seen.add(key)
             ordered.append(c)
     paths = module_paths_by_class(model)
+    ordered = [c for c in ordered if not c[0].primitive.name.startswith("random_")]  # key plumbing, not ops
     for chain in ordered[:max_probes]:
         probe, specs = _probe_fn(chain[0])
         try:

@@ -35,6 +35,7 @@ from research.export import tvm  # noqa: F401
 from research.export._io import commit_export_set
 from research.export._io import gzip_size
 from research.export._io import staging_dir
+from research.export._trace import export_forms
 from research.export._trace import inference_fn
 from research.export.formats import DEFAULT_FORMATS
 from research.export.formats import ExportJob
@@ -131,8 +132,12 @@ def _validate(
 
 def _param_facts(model: Any) -> tuple[int, float]:
     """Bytes of the model's state (parameters and batch statistics) and its fraction of exact zeros."""
-    state = nnx.state(model) if isinstance(model, nnx.Module) else {}
-    leaves = [v for v in jax.tree.leaves(state) if hasattr(v, "dtype")]
+    state = nnx.state(model, nnx.Not(nnx.RngState)) if isinstance(model, nnx.Module) else {}
+    leaves = [
+        v
+        for v in jax.tree.leaves(state)
+        if hasattr(v, "dtype") and not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+    ]
     floats = [v for v in leaves if np.issubdtype(v.dtype, np.floating)]
     n = metrics.count_params(leaves)
     zeros = metrics.count_params(floats) - metrics.count_nonzeros(floats)
@@ -300,7 +305,7 @@ def export(
         model=model,
         fn=fn,
         convert_model=convert_model,
-        convert_fn=inference_fn(convert_model),
+        convert_fn=inference_fn(export_forms(convert_model)),
         sample=sample,
         calibration=calibration,
         inputs=inputs,

@@ -96,8 +96,58 @@ def _register_clamp_handlers() -> None:
         tfl_op([name], onnx_op="Clip")(_Clamp)
 
 
+def _register_gelu_handler() -> None:
+    """Maps TFLite's fused ``GELU`` (what the converter makes of ``jax.nn.gelu``) to ONNX ops.
+
+    ``approximate``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``; otherwise
+    ``0.5 x (1 + erf(x / sqrt(2)))``, the two forms ``jax.nn.gelu`` computes.
+    """
+    from tf2onnx import utils  # noqa: PLC0415 (optional dependency)
+    from tf2onnx.handler import tf_op  # noqa: PLC0415
+    from tf2onnx.handler import tfl_op  # noqa: PLC0415
+
+    if "TFL_GELU" in {name for opset in tf_op.get_opsets().get("", []) for name in opset}:
+        return
+
+    class _Gelu:
+        @classmethod
+        def version_11(cls, ctx: Any, node: Any, **kwargs: Any) -> None:
+            x = node.input[0]
+            dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(x))
+            shape = ctx.get_shape(x)
+            approximate = bool(node.get_attr_value("approximate", False))
+            outputs = list(node.output)
+            ctx.remove_node(node.name)
+
+            def const(tag: str, value: float) -> str:
+                return ctx.make_const(utils.make_name(f"{node.name}_{tag}"), np.array(value, dtype)).output[0]
+
+            def op(kind: str, *inputs: str, out: list[str] | None = None) -> str:
+                made = ctx.make_node(kind, list(inputs), outputs=out, shapes=[shape], dtypes=[ctx.get_dtype(x)])
+                return made.output[0]
+
+            if approximate:
+                cube = op("Mul", x, op("Mul", x, x))
+                inner = op("Mul", op("Add", x, op("Mul", cube, const("c", 0.044715))), const("k", np.sqrt(2 / np.pi)))
+                gate = op("Tanh", inner)
+            else:
+                gate = op("Erf", op("Mul", x, const("r", 1 / np.sqrt(2))))
+            op("Mul", op("Mul", x, const("half", 0.5)), op("Add", gate, const("one", 1.0)), out=outputs)
+
+    tfl_op(["TFL_GELU"])(_Gelu)
+
+
+def _all_nodes(graph: Any) -> Iterator[Any]:
+    """Nodes of ``graph`` and of every subgraph (Loop / If bodies)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in [a.g] if a.HasField("g") else list(a.graphs):
+                yield from _all_nodes(g)
+
+
 def _refuse_unconverted(model_proto: Any) -> None:
-    left = [(n.op_type, n.name) for n in model_proto.graph.node if n.op_type.startswith("TFL_")]
+    left = [(n.op_type, n.name) for n in _all_nodes(model_proto.graph) if n.op_type.startswith("TFL_")]
     if left:
         op, node = left[0]
         raise UnsupportedOpError(
@@ -120,6 +170,7 @@ def tflite_to_onnx(tflite_bytes: bytes, opset: int = DEFAULT_OPSET) -> Any:
     """
     tf2onnx = _deps.tf2onnx()
     _register_clamp_handlers()
+    _register_gelu_handler()
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "model.tflite")
         with open(src, "wb") as f:
@@ -470,8 +521,12 @@ class OnnxRunner:
         first = self._sess.get_inputs()[0]
         self._in = first.name
         self._dtype = _ORT_DTYPES.get(first.type, np.float32)
+        lead = first.shape[0] if first.shape else None
+        self._fixed = lead if isinstance(lead, int) and lead > 0 else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._fixed is not None and x.ndim and x.shape[0] != self._fixed:  # a fixed-batch file: in chunks
+            return tflite.run_fixed_batch(self, x, self._fixed)
         return self._sess.run(None, {self._in: np.ascontiguousarray(x, dtype=self._dtype)})[0]
 
 

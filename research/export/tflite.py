@@ -291,8 +291,9 @@ def free_batch_dim(blob: bytes, batch: int) -> bytes:
     """Makes the leading dimension of a flatbuffer converted at a fixed batch variable.
 
     Every non-constant tensor whose leading size is ``batch`` gets shape signature ``-1`` there
-    (and static size 1, the batch the interpreter allocates before a resize), and every RESHAPE
-    target whose leading entry is ``batch`` gets ``-1``, so the interpreter recomputes all shapes
+    (and static size 1, the batch the interpreter allocates before a resize), every RESHAPE
+    target whose leading entry is ``batch`` gets ``-1`` and every SLICE of all ``batch`` rows
+    (a time step ``x[:, t]``) gets size ``-1`` there, so the interpreter recomputes all shapes
     from the input's batch. A graph that mixes the batch into other dimensions is not fixed by
     this; :func:`to_tflite` checks the result at three batch sizes.
 
@@ -304,7 +305,6 @@ def free_batch_dim(blob: bytes, batch: int) -> bytes:
       The rewritten bytes, tagged with ``slimjax_batch`` metadata (see :func:`batch_route`).
     """
     _deps.tensorflow()
-    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
     from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
 
     m = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
@@ -320,6 +320,9 @@ def free_batch_dim(blob: bytes, batch: int) -> bytes:
             shape[0] = 1
             t.shape = shape
         for op in sg.operators:
+            if _op_name(m, op, names) == "SLICE" and len(op.inputs) == 3:
+                _free_slice_size(m, sg, op, batch)
+                continue
             if _op_name(m, op, names) != "RESHAPE":
                 continue
             if len(op.inputs) > 1 and op.inputs[1] >= 0:
@@ -335,14 +338,35 @@ def free_batch_dim(blob: bytes, batch: int) -> bytes:
                 new_shape = np.asarray(new_shape, np.int32).copy()
                 new_shape[0] = -1
                 opts.newShape = new_shape
+    return _with_batch_note(m, f"static trace at batch {batch}, batch dimension freed")
+
+
+def _with_batch_note(m: Any, note: str) -> bytes:
+    """The flatbuffer object ``m`` as bytes, with ``note`` as its ``slimjax_batch`` metadata."""
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
     tag = schema.BufferT()
-    tag.data = np.frombuffer(f"static trace at batch {batch}, batch dimension freed".encode(), np.uint8)
+    tag.data = np.frombuffer(note.encode(), np.uint8)
     m.buffers.append(tag)
     meta = schema.MetadataT()
     meta.name = _BATCH_META
     meta.buffer = len(m.buffers) - 1
     m.metadata = [*(m.metadata or []), meta]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
+
+
+def _free_slice_size(m: Any, sg: Any, op: Any, batch: int) -> None:
+    """A SLICE of all ``batch`` rows (begin 0, size ``batch``) takes every row (size ``-1``)."""
+    begin_t, size_t = (sg.tensors[i] for i in op.inputs[1:3])
+    begin_buf, size_buf = m.buffers[begin_t.buffer], m.buffers[size_t.buffer]
+    if begin_buf.data is None or size_buf.data is None or size_t.type != 2:  # int32 constants only
+        return
+    begin = np.frombuffer(bytes(bytearray(begin_buf.data)), np.int32)
+    size = np.frombuffer(bytes(bytearray(size_buf.data)), np.int32).copy()
+    if len(size) and size[0] == batch and begin[0] == 0:
+        size[0] = -1
+        size_buf.data = np.frombuffer(size.tobytes(), np.uint8)
 
 
 def batch_route(blob: bytes) -> str:
@@ -376,6 +400,8 @@ def _check_batch_free(blob: bytes, sample: np.ndarray, trace_batch: int) -> None
         x = x + np.random.default_rng(0).normal(0, 0.1 * scale, x.shape).astype(x.dtype)
     runner = TFLiteRunner(blob)
     y_n = runner(x)
+    if not np.shape(y_n) or np.shape(y_n)[0] != n:
+        raise ValueError(f"a batch of {n} gave outputs of shape {np.shape(y_n)}")
     tol = 1e-4 * max(1.0, float(np.max(np.abs(y_n))))
     for b in (1, trace_batch):
         y_b, ref = runner(x[:b]), y_n[:b]
@@ -433,15 +459,13 @@ def to_tflite(
     if calibration is not None:
         rep = calibration_batches(calibration, 8 if polymorphic and not static else shape[0])
     try:
-        blob = _convert(fn, [spec], polymorphic and not static, quantize, rep)
-    except (ValueError, TypeError, ImportError):
-        raise
-    except Exception as err:  # tf.lite ConverterError (its class moves between TF releases)
-
-        def probe(f: Callable[..., Any], specs: list[jax.ShapeDtypeStruct]) -> None:
-            _convert(f, specs, False, "fp32", None)
-
-        raise diagnose("tflite", model, fn, sample, err, probe) from err
+        blob = _convert_or_diagnose(fn, spec, polymorphic and not static, quantize, rep, sample, model)
+    except UnsupportedOpError as err:
+        if batch_route != "auto" or not static:
+            raise
+        # the static trace itself does not convert: the other routes may
+        warnings.warn(f"{err.short()} at batch {STATIC_TRACE_BATCH}; trying jax2tf shape polymorphism", stacklevel=2)
+        return _after_static(fn, sample, quantize, calibration, model, err)
     if not static:
         return blob
     freed = free_batch_dim(blob, STATIC_TRACE_BATCH)
@@ -452,8 +476,65 @@ def to_tflite(
         if batch_route == "static":
             raise ValueError(f"batch_route='static': {why}; use batch_route='jax2tf' or 'auto'") from err
         warnings.warn(f"{why}; converting with jax2tf shape polymorphism instead", stacklevel=2)
-        return to_tflite(fn, sample, quantize=quantize, calibration=calibration, batch_route="jax2tf", model=model)
+        return _after_static(fn, sample, quantize, calibration, model, None)
     return freed
+
+
+def _convert_or_diagnose(fn, spec, polymorphic, quantize, rep, sample, model) -> bytes:
+    try:
+        return _convert(fn, [spec], polymorphic, quantize, rep)
+    except (ValueError, TypeError, ImportError):
+        raise
+    except Exception as err:  # tf.lite ConverterError (its class moves between TF releases)
+
+        def probe(f: Callable[..., Any], specs: list[jax.ShapeDtypeStruct]) -> None:
+            _convert(f, specs, False, "fp32", None)
+
+        raise diagnose("tflite", model, fn, sample, err, probe) from err
+
+
+def _after_static(fn, sample, quantize, calibration, model, static_error: UnsupportedOpError | None) -> bytes:
+    """``batch_route="auto"`` once the static route failed: jax2tf shape polymorphism, else a file at
+    the sample's fixed batch (runners feed it in chunks); the first conversion error if none converts."""
+    try:
+        return to_tflite(fn, sample, quantize=quantize, calibration=calibration, batch_route="jax2tf", model=model)
+    except UnsupportedOpError as poly:
+        warnings.warn(
+            f"jax2tf shape polymorphism cannot convert this model either ({poly.short()}); the file keeps "
+            f"the fixed batch {sample.shape[0]} and runners feed it in chunks of that size",
+            stacklevel=3,
+        )
+        fixed = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
+        rep = None if calibration is None else calibration_batches(calibration, sample.shape[0])
+        try:
+            blob = _convert_or_diagnose(fn, fixed, False, quantize, rep, sample, model)
+        except UnsupportedOpError:
+            raise (static_error or poly) from None
+        return _tag(blob, f"{FIXED_BATCH_TAG} {sample.shape[0]}: no variable-batch route converts this model")
+
+
+FIXED_BATCH_TAG = "slimjax fixed batch"
+"""Start of the batch-route note of a file that keeps its trace batch (``batch_route="auto"`` when
+neither variable-batch route converts the model); :class:`TFLiteRunner` feeds such a file in chunks."""
+
+
+def _tag(blob: bytes, note: str) -> bytes:
+    _deps.tensorflow()
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
+    return _with_batch_note(flatbuffer_utils.convert_bytearray_to_object(bytearray(blob)), note)
+
+
+def run_fixed_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> np.ndarray:
+    """Runs a fixed-batch model on any number of rows: chunks of ``batch``, the last padded."""
+    outs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        outs.append(run(chunk)[:n])
+    return np.concatenate(outs)
 
 
 class TFLiteRunner:
@@ -473,9 +554,13 @@ class TFLiteRunner:
         self._in = self._interp.get_input_details()[0]
         self._out = self._interp.get_output_details()[0]
         self._shape: tuple[int, ...] | None = None
+        blob = bytes(model) if isinstance(model, bytes | bytearray) else open(os.fspath(model), "rb").read()
+        self._fixed = int(self._in["shape"][0]) if FIXED_BATCH_TAG.encode() in blob else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self._in["dtype"])
+        if self._fixed is not None and x.ndim and x.shape[0] != self._fixed:
+            return run_fixed_batch(self, x, self._fixed)
         if self._shape != x.shape:
             self._interp.resize_tensor_input(self._in["index"], list(x.shape), strict=False)
             self._interp.allocate_tensors()

@@ -1,6 +1,7 @@
 """Model zoo (Flax NNX) and model surgery."""
 
 from research.nn import families as _families  # noqa: F401  (registers the searchable families)
+from research.nn import sequence as _sequence  # noqa: F401  (registers the attention models)
 from research.nn import zoo as _zoo  # noqa: F401  (registers the zoo models)
 from research.nn.families import FAMILIES
 from research.nn.families import Family
@@ -13,6 +14,9 @@ from research.nn.registry import build_model
 from research.nn.registry import list_models
 from research.nn.registry import model_kwargs
 from research.nn.registry import register_model
+from research.nn.sequence import AttentionGRU
+from research.nn.sequence import EncoderBlock
+from research.nn.sequence import ViT
 from research.nn.surgery import copy_model
 from research.nn.surgery import find_modules
 from research.nn.surgery import get_module
@@ -41,8 +45,10 @@ __all__ = [
     "get_family",
     "list_families",
     "register_family",
+    "AttentionGRU",
     "BasicBlock",
     "CNN1D",
+    "EncoderBlock",
     "InvertedResidual",
     "LeNet5",
     "MLP",
@@ -50,6 +56,7 @@ __all__ = [
     "ResNetCIFAR",
     "TINY_OPTIONS",
     "VGGSmall",
+    "ViT",
     "build_model",
     "copy_model",
     "find_modules",

@@ -3,6 +3,7 @@
 from methods.pruning.structured.channels import ChannelPlan
 from methods.pruning.structured.channels import ChannelRule
 from methods.pruning.structured.channels import GroupPlan
+from methods.pruning.structured.channels import StructuredPruningWarning
 from methods.pruning.structured.channels import apply_plan
 from methods.pruning.structured.channels import channel_masks
 from methods.pruning.structured.channels import list_channel_scores
@@ -13,7 +14,9 @@ from methods.pruning.structured.graph import ChannelGroup
 from methods.pruning.structured.graph import Member
 from methods.pruning.structured.graph import trace_groups
 from methods.pruning.structured.rebuild import can_rebuild
+from methods.pruning.structured.rebuild import fix_containers
 from methods.pruning.structured.rebuild import rebuild
+from methods.pruning.structured.rebuild import register_fixup
 from methods.pruning.structured.rebuild import register_rebuilder
 
 __all__ = [
@@ -22,13 +25,16 @@ __all__ = [
     "ChannelRule",
     "GroupPlan",
     "Member",
+    "StructuredPruningWarning",
     "apply_plan",
     "can_rebuild",
     "channel_masks",
+    "fix_containers",
     "list_channel_scores",
     "plan_channels",
     "rebuild",
     "register_channel_score",
+    "register_fixup",
     "register_rebuilder",
     "remove_channels",
     "trace_groups",

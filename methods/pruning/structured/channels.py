@@ -11,6 +11,7 @@ outputs equal those of the original model with the same channels masked to zero
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -23,8 +24,10 @@ from flax import nnx
 import methods.pruning.names as _names
 from methods.pruning.rules import ChannelRule
 from methods.pruning.rules import check_channel_ratio
+from methods.pruning.structured.graph import MODEL_IO
 from methods.pruning.structured.graph import ChannelGroup
 from methods.pruning.structured.graph import trace_groups
+from methods.pruning.structured.rebuild import fix_containers
 from methods.pruning.structured.rebuild import rebuild
 from research import recipe as recipe_lib
 from research.nn import get_module
@@ -75,11 +78,17 @@ def _per_channel(arr: np.ndarray, axis: int, fn) -> np.ndarray:
     return fn(moved.reshape(moved.shape[0], -1))
 
 
+def _member_channel(arr: np.ndarray, m, size: int, fn) -> np.ndarray:
+    """``fn`` of each channel's entries of member ``m`` (summed over a split/flattened axis's copies)."""
+    per_entry = _per_channel(arr, m.axis, fn)
+    return per_entry.reshape(m.outer, size, m.inner).sum(axis=(0, 2))
+
+
 def _producer_norm(group, params, p):
     total = np.zeros(group.size)
     for m in group.members:
         if m.role == "out" and m.collection == "params":
-            total += _per_channel(params[m.path], m.axis, lambda a: np.sum(np.abs(a) ** p, axis=1))
+            total += _member_channel(params[m.path], m, group.size, lambda a: np.sum(np.abs(a) ** p, axis=1))
     return total
 
 
@@ -116,9 +125,9 @@ def taylor_channel_score(group, params, grads):
     normalisation parameters (Molchanov et al. 2019, https://arxiv.org/abs/1906.10771)."""
     total = np.zeros(group.size)
     for m in group.members:
-        if m.collection == "params" and m.outer == 1 and m.inner == 1 and m.role in ("out", "norm", "bias"):
+        if m.collection == "params" and m.role in ("out", "norm", "bias") and not (m.role == "norm" and m.outer > 1):
             gw = np.asarray(params[m.path]) * np.asarray(grads[m.path])
-            total += _per_channel(gw, m.axis, lambda a: np.sum(a, axis=1))
+            total += _member_channel(gw, m, group.size, lambda a: np.sum(a, axis=1))
     return total**2
 
 
@@ -195,7 +204,8 @@ def plan_channels(
     """
     ratio = check_channel_ratio(ratio)
     fn, needs_grad = CHANNEL_SCORES.get(score)
-    groups = trace_groups(model, sample_input)
+    groups, skipped = trace_groups(model, sample_input, return_skipped=True)
+    _warn_skipped(model, groups, skipped)
     _, params, _ = split_model(nnx.clone(model))
     flat = {p: np.asarray(x) for p, x in flatten_with_paths(params)}
     grads = None
@@ -220,6 +230,38 @@ def plan_channels(
         keep = np.sort(np.argsort(-s, kind="stable")[:n_keep])
         plans.append(GroupPlan(g, keep, s))
     return ChannelPlan(plans)
+
+
+class StructuredPruningWarning(UserWarning):
+    """Some layers' output channels cannot be removed (the message names them and why)."""
+
+
+def _warn_skipped(model: nnx.Module, groups: list[ChannelGroup], skipped: dict[str, str]) -> None:
+    left = {p: r for p, r in skipped.items() if r != f"pinned by {MODEL_IO}"}
+
+    def by_reason(items: dict[str, str]) -> str:
+        reasons: dict[str, list[str]] = {}
+        for p, r in items.items():
+            reasons.setdefault(r, []).append(p)
+        return "; ".join(f"{', '.join(repr(p) for p in ps)}: {r}" for r, ps in reasons.items())
+
+    listed = by_reason(left)
+    if not groups:
+        reasons = listed or by_reason(skipped) or "it has no Conv/Linear layer"
+        warnings.warn(
+            f"structured pruning found nothing prunable in {type(model).__name__}, so the model is returned "
+            f"unchanged: {reasons}. Channels can be removed where a Conv/Linear/LinearGeneral output reaches "
+            "only rebuildable layers through ops the tracer understands (register_rebuilder, PRIMITIVE_RULES)",
+            StructuredPruningWarning,
+            stacklevel=3,
+        )
+    elif left:
+        warnings.warn(
+            f"structured pruning keeps the output channels of {len(left)} layer(s) of {type(model).__name__} "
+            f"whole: {listed}",
+            StructuredPruningWarning,
+            stacklevel=3,
+        )
 
 
 def _leaf_indices(plan: ChannelPlan) -> dict[tuple[str, str], dict[int, np.ndarray]]:
@@ -308,6 +350,7 @@ def _apply_indices(model: nnx.Module, idx: dict[tuple[str, str], dict[int, np.nd
     new, _ = replace_modules(model, lambda p, m: p in changed, make, copy=False)
     for p in changed:
         get_module(new, p)  # every rebuilt path must exist
+    fix_containers(new)
     return new
 
 
@@ -359,4 +402,21 @@ def remove_channels(
     plan = plan_channels(model, sample_input, ratio, score, rules, batch=batch, loss_fn=loss_fn, round_to=round_to)
     small = apply_plan(model, plan)
     small.eval()
+    _check_runs(small, sample_input, plan)
     return (small, plan) if return_plan else small
+
+
+def _check_runs(small: nnx.Module, sample_input: jax.Array, plan: ChannelPlan) -> None:
+    """Shapes only: the smaller model must still run (a size hard-coded in the model's code fails)."""
+    graphdef, state = nnx.split(small)
+    spec = jax.ShapeDtypeStruct(tuple(np.shape(sample_input)), jnp.asarray(sample_input).dtype)
+    try:
+        jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state, spec)
+    except Exception as err:  # noqa: BLE001 - any failure means the rebuilt model is unusable
+        pruned = [g.group.name for g in plan.groups if g.removed]
+        raise ValueError(
+            f"the model with channels removed from {pruned} no longer runs ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}). A size is probably hard-coded in the model's code (e.g. "
+            "a recurrent carry jnp.zeros((batch, 16))): derive it from the layer (cell.hidden_features, "
+            "cell.initialize_carry) or keep that group whole with ChannelRule(pattern=..., ratio=0.0)"
+        ) from err

@@ -127,7 +127,10 @@ class _Tracer:
         self.uf = _UnionFind()
         self.nodes: dict[tuple[int, Any, int], int] = {}
         self.pinned: set[int] = set()
-        self.expand: list[tuple[int, int, int, int]] = []  # (src, dst, outer, inner)
+        self.reasons: dict[int, str] = {}  # pinned node -> why (the first reason recorded)
+        self.expand: list[tuple[int, int, int, int]] = []  # (src, dst, outer, inner): flatten
+        self.split: list[tuple[int, int, int]] = []  # (src, dst, parts): an axis cut into equal parts
+        self.reason = "model input/output"
         self._scopes = 0
 
     def node(self, scope: int, var, axis: int) -> int:
@@ -151,7 +154,17 @@ class _Tracer:
             return
         nd = len(v.aval.shape)
         for ax in range(nd) if axes is None else axes:
-            self.pinned.add(self.node(scope, v, ax))
+            n = self.node(scope, v, ax)
+            self.pinned.add(n)
+            self.reasons.setdefault(n, self.reason)
+
+    def tie_or_pin(self, scope, v, out, ax, keep: bool):
+        """Ties axis ``ax`` of ``v`` and ``out`` when ``keep``, else pins it on both."""
+        if keep:
+            self.tie(scope, v, ax, out, ax)
+        else:
+            self.pin(scope, v, [ax])
+            self.pin(scope, out, [ax])
 
     def pin_all(self, scope, eqn):
         for v in list(eqn.invars) + list(eqn.outvars):
@@ -160,6 +173,7 @@ class _Tracer:
 
     def run(self, jaxpr, scope: int) -> None:
         for eqn in jaxpr.eqns:
+            self.reason = _eqn_reason(eqn)
             rule = PRIMITIVE_RULES.get(eqn.primitive.name) if eqn.primitive.name in PRIMITIVE_RULES else None
             if rule is None:
                 sub = _sub_jaxpr(eqn)
@@ -188,6 +202,20 @@ class _Tracer:
                 continue
             for ax in range(len(outer_v.aval.shape)):
                 self.uf.union(self.node(scope, outer_v, ax), self.node(child, inner_v, ax))
+
+
+def _eqn_reason(eqn) -> str:
+    """``"primitive 'name' in Class.method (file:line)"``: the operation that pinned an axis."""
+    where, method = "", ""
+    tb = getattr(eqn.source_info, "traceback", None)
+    for fr in getattr(tb, "frames", ()) or ():
+        library = any(f"/{lib}/" in fr.file_name for lib in ("jax", "jaxlib"))
+        if not method and not library and "." in fr.function_name and not fr.function_name.startswith("_"):
+            method = f" in {fr.function_name}"
+        if not any(f"/{lib}/" in fr.file_name for lib in ("jax", "jaxlib", "flax")):
+            where = f" (called at {fr.file_name.rpartition('/')[2]}:{fr.line_num})"
+            break
+    return f"primitive {eqn.primitive.name!r}{method}{where}"
 
 
 def _sub_jaxpr(eqn):
@@ -350,22 +378,14 @@ def _window(t, eqn, scope):
             and p["base_dilation"][ax] == 1
             and p["window_dilation"][ax] == 1
         )
-        if plain:
-            t.tie(scope, v, ax, out, ax)
-        else:
-            t.pin(scope, v, [ax])
-            t.pin(scope, out, [ax])
+        t.tie_or_pin(scope, v, out, ax, plain)
 
 
 @_rule("pad")
 def _pad(t, eqn, scope):
     v, out = eqn.invars[0], eqn.outvars[0]
     for ax, cfg in enumerate(eqn.params["padding_config"]):
-        if tuple(cfg) == (0, 0, 0):
-            t.tie(scope, v, ax, out, ax)
-        else:
-            t.pin(scope, v, [ax])
-            t.pin(scope, out, [ax])
+        t.tie_or_pin(scope, v, out, ax, tuple(cfg) == (0, 0, 0))
 
 
 @_rule("concatenate")
@@ -387,6 +407,9 @@ def _dot(t, eqn, scope):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     for a, b in zip(lc, rc, strict=False):
         t.tie(scope, lhs, a, rhs, b)
+    if lb:  # activation x activation (attention's q.k and weights.v): the contracted size enters
+        # scale factors the trace cannot see (1/sqrt(head_dim)), so those axes are not pruned
+        t.pin(scope, lhs, list(lc))
     for i, (a, b) in enumerate(zip(lb, rb, strict=False)):
         t.tie(scope, lhs, a, rhs, b)
         t.tie(scope, lhs, a, out, i)
@@ -428,6 +451,71 @@ def _conv(t, eqn, scope):
         t.pin(scope, rhs, [rspec[0], rspec[1]])
 
 
+@_rule("slice")
+def _slice(t, eqn, scope):
+    """A slice keeping a whole axis ties it; a cut axis (a time step, ``h[:, -1]``) is pinned."""
+    v, out = eqn.invars[0], eqn.outvars[0]
+    strides = eqn.params.get("strides") or (1,) * len(v.aval.shape)
+    bounds = zip(eqn.params["start_indices"], eqn.params["limit_indices"], strides, strict=True)
+    for ax, (start, limit, step) in enumerate(bounds):
+        t.tie_or_pin(scope, v, out, ax, start == 0 and limit == v.aval.shape[ax] and step == 1)
+
+
+@_rule("scan")
+def _scan(t, eqn, scope):
+    """``lax.scan`` (``nnx.RNN``, ``nnx.scan``): the body is traced once; a carry ties its input,
+    its output and the body's carry in and out; scanned inputs/outputs drop their leading
+    (time) axis inside the body, which is pinned."""
+    body = eqn.params["jaxpr"]
+    inner = body.jaxpr if hasattr(body, "jaxpr") else body
+    n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    if len(inner.invars) != len(eqn.invars) or len(inner.outvars) != len(eqn.outvars):
+        t.pin_all(scope, eqn)
+        return
+    child = t.new_scope()
+
+    def link(outer_v, inner_v, scanned):
+        if _is_literal(outer_v) or _is_literal(inner_v):
+            if not _is_literal(outer_v):
+                t.pin(scope, outer_v)
+            return
+        if scanned:
+            t.pin(scope, outer_v, [0])
+        shift = 1 if scanned else 0
+        for ax in range(len(inner_v.aval.shape)):
+            t.uf.union(t.node(scope, outer_v, ax + shift), t.node(child, inner_v, ax))
+
+    for i, (outer_v, inner_v) in enumerate(zip(eqn.invars, inner.invars, strict=True)):
+        link(outer_v, inner_v, scanned=i >= n_consts + n_carry)
+    t.run(inner, child)
+    for j, (outer_v, inner_v) in enumerate(zip(eqn.outvars, inner.outvars, strict=True)):
+        link(outer_v, inner_v, scanned=j >= n_carry)
+        if j < n_carry and not _is_literal(inner_v):
+            carried_in = inner.invars[n_consts + j]
+            for ax in range(len(inner_v.aval.shape)):
+                t.uf.union(t.node(child, inner_v, ax), t.node(child, carried_in, ax))
+
+
+@_rule("split")
+def _split(t, eqn, scope):
+    """``jnp.split`` into equal parts (a GRU's r/z/n gates): the parts' axis is one channel group
+    whose channel ``c`` owns entries ``{o * C + c}`` of the input axis."""
+    v, outs, ax = eqn.invars[0], eqn.outvars, eqn.params["axis"]
+    sizes = eqn.params["sizes"]
+    for o in outs:
+        for a in range(len(v.aval.shape)):
+            if a != ax:
+                t.tie(scope, v, a, o, a)
+    if len(set(sizes)) != 1:
+        t.pin(scope, v, [ax])
+        for o in outs:
+            t.pin(scope, o, [ax])
+        return
+    for o in outs[1:]:
+        t.tie(scope, outs[0], ax, o, ax)
+    t.split.append((t.node(scope, outs[0], ax), t.node(scope, v, ax), len(outs)))
+
+
 @_rule("reshape")
 def _reshape(t, eqn, scope):
     v, out = eqn.invars[0], eqn.outvars[0]
@@ -466,8 +554,11 @@ def _reshape(t, eqn, scope):
 
 # ----------------------------------------------------------------------------- layer types
 
-_PRODUCER_TYPES = (nnx.Conv, nnx.Linear)
+_PRODUCER_TYPES = (nnx.Conv, nnx.Linear, nnx.LinearGeneral)
 _NORM_TYPES = (nnx.BatchNorm,)
+
+#: Why a group's channels are the model's own input or output (not a reason to warn about).
+MODEL_IO = "model input/output"
 
 
 def _leaf_module(modules: dict[str, nnx.Module], path: str) -> tuple[str, Any, str]:
@@ -476,6 +567,18 @@ def _leaf_module(modules: dict[str, nnx.Module], path: str) -> tuple[str, Any, s
 
 
 def _role(module, attr: str, axis: int, ndim: int) -> str:
+    if isinstance(module, nnx.LinearGeneral):
+        # kernel (*batch, *in_features, *out_features); the first output axis carries the units
+        # (the heads of an attention projection, out_features=(heads, head_dim)): the other
+        # output axes are inside a unit and are not pruned on their own
+        n_in, n_batch = len(module.in_features), len(module.batch_axis)
+        if attr == "kernel":
+            if axis == n_batch + n_in:
+                return "out"
+            return "in" if n_batch <= axis < n_batch + n_in else "other"
+        if attr == "bias":
+            return "bias" if axis == n_batch else "other"
+        return "other"
     if isinstance(module, _PRODUCER_TYPES) and attr == "kernel":
         return "out" if axis == ndim - 1 else ("in" if axis == ndim - 2 else "other")
     if isinstance(module, _PRODUCER_TYPES) and attr == "bias":
@@ -485,15 +588,19 @@ def _role(module, attr: str, axis: int, ndim: int) -> str:
     return "other"
 
 
-def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGroup]:
+def trace_groups(model: nnx.Module, sample_input: jax.Array, *, return_skipped: bool = False):
     """The prunable channel groups of ``model``, found by tracing it on ``sample_input``.
 
     Args:
       model: an NNX model (not modified).
       sample_input: a batch of inputs (only its shape and dtype matter). Use a batch of 2 or more.
+      return_skipped: also return why the other layers' output channels cannot be pruned.
 
     Returns:
-      The groups, in the order of their first producer's parameter path.
+      The groups, in the order of their first producer's parameter path; with
+      ``return_skipped``, ``(groups, skipped)`` where ``skipped`` maps each Conv/Linear/LinearGeneral
+      module path whose output channels are in no group to the reason (``MODEL_IO`` for the layers
+      that compute the model's output).
     """
     from methods.pruning.structured.rebuild import can_rebuild
 
@@ -516,6 +623,7 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
             f"traced {len(jaxpr.invars)} inputs but the model has {len(named)} leaves + 1 input; "
             "structured pruning needs a model whose forward pass takes one array"
         )
+    tracer.reason = MODEL_IO
     tracer.pin(scope, jaxpr.invars[-1])
     for v in jaxpr.outvars:
         tracer.pin(scope, v)
@@ -532,20 +640,57 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
                 continue
             root = uf.find(tracer.nodes[key])
             members.setdefault(root, []).append(Member(coll, path, ax, role=_role(module, attr, ax, nd)))
-    pinned = {uf.find(n) for n in tracer.pinned}
-    expand = [(uf.find(s), uf.find(d), o, i) for s, d, o, i in tracer.expand]
+    pinned: dict[int, str] = {}
+    for n in sorted(tracer.pinned):
+        r = uf.find(n)
+        # the model's own input/output is the most telling reason when a group has several
+        if r not in pinned or tracer.reasons[n] == MODEL_IO:
+            pinned[r] = tracer.reasons[n]
+    # a layer called in a loop (a recurrent cell) repeats its edges: keep each once
+    expand = list(dict.fromkeys((uf.find(s), uf.find(d), o, i) for s, d, o, i in tracer.expand))
+    splits = list(dict.fromkeys((uf.find(s), uf.find(d), k) for s, d, k in tracer.split))
     sizes = {uf.find(n): None for n in tracer.nodes.values()}
     for (_sc, var, ax), n in tracer.nodes.items():
         sizes[uf.find(n)] = var.aval.shape[ax]
 
-    def clean(root) -> bool:
-        ms = members.get(root, [])
-        return root not in pinned and all(can_rebuild(_leaf_module(modules, m.path)[1]) for m in ms)
+    def unclean(root) -> str | None:
+        if root in pinned:
+            return f"pinned by {pinned[root]}"
+        for m in members.get(root, []):
+            mod = _leaf_module(modules, m.path)[1]
+            if not can_rebuild(mod):
+                where = m.path.rpartition("/")[0] or "<the model itself>"
+                return (
+                    f"its channels reach {m.path!r} of {type(mod).__name__} {where!r}, which cannot be rebuilt smaller"
+                )
+        return None
 
-    candidates = {r for r, ms in members.items() if any(m.role == "out" for m in ms) and sizes[r] > 1}
-    candidates = {r for r in candidates if clean(r)}
+    def has_producer(root) -> bool:
+        return any(m.role == "out" for m in members.get(root, []))
+
+    split_dst = {d for _, d, _ in splits}
     derived_dst = {d for _, d, _, _ in expand}
-    candidates -= derived_dst
+    why: dict[int, str] = {}
+    candidates = set()
+    for r in members:
+        if not (has_producer(r) or any(s == r for s, _, _ in splits)):
+            continue
+        reason = unclean(r)
+        for s, d, _ in splits:
+            if s == r and reason is None:
+                reason = unclean(d)
+        if reason is None and sizes[r] <= 1:
+            reason = "a single channel"
+        if reason is None and r in split_dst:
+            reason = "split into gates: pruned through the gates' channel group"
+        if reason is None and r in derived_dst:
+            reason = "flattened into a later layer together with other axes"
+        if reason is None and not (has_producer(r) or any(has_producer(d) for s, d, _ in splits if s == r)):
+            reason = "no layer produces these channels"
+        if reason is None:
+            candidates.add(r)
+        else:
+            why[r] = reason
     changed = True
     while changed:
         changed = False
@@ -553,14 +698,16 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
             if s not in candidates:
                 continue
             other_sources = [s2 for s2, d2, _, _ in expand if d2 == d and s2 != s and s2 in candidates]
-            bad = (
-                not clean(d)
-                or any(m.role == "out" for m in members.get(d, []))
-                or any(s2 == d for s2, _, _, _ in expand)
-                or other_sources
-            )
-            if bad:
+            bad = unclean(d)
+            if bad is None and has_producer(d):
+                bad = "flattened into an axis that a layer also produces"
+            if bad is None and any(s2 == d for s2, _, _, _ in expand):
+                bad = "flattened twice"
+            if bad is None and other_sources:
+                bad = "flattened into a layer together with other channel groups"
+            if bad is not None:
                 candidates.discard(s)
+                why[s] = f"flattened into a later layer whose input is {bad}"
                 changed = True
 
     groups = []
@@ -569,7 +716,19 @@ def trace_groups(model: nnx.Module, sample_input: jax.Array) -> list[ChannelGrou
         for s, d, outer, inner in expand:
             if s == root:
                 ms += [dataclasses.replace(m, outer=outer, inner=inner) for m in members.get(d, [])]
+        for s, d, parts in splits:
+            if s == root:
+                ms += [dataclasses.replace(m, outer=parts) for m in members.get(d, [])]
         producers = sorted({m.path.rpartition("/")[0] for m in ms if m.role == "out"})
         groups.append(ChannelGroup(name=producers[0], size=int(sizes[root]), members=ms, producers=producers))
     groups.sort(key=lambda g: g.name)
-    return groups
+    if not return_skipped:
+        return groups
+    in_groups = {p for g in groups for p in g.producers}
+    skipped: dict[str, str] = {}
+    for r, ms in members.items():
+        for m in ms:
+            mpath = m.path.rpartition("/")[0]
+            if m.role == "out" and mpath not in in_groups and mpath not in skipped:
+                skipped[mpath] = why.get(r) or unclean(r) or "not prunable"
+    return groups, dict(sorted(skipped.items()))

@@ -55,7 +55,15 @@ def rebuild(module: nnx.Module, leaves: dict[str, Any]) -> nnx.Module:
 
 
 def _set(variable, value):
-    variable.value = jnp.asarray(value)
+    variable.set_value(jnp.asarray(value))
+
+
+def _filled(new: nnx.Module, old: nnx.Module, leaves: dict[str, Any]) -> nnx.Module:
+    """``new`` (a Conv/Linear/LinearGeneral shell) holding the sliced kernel and, if ``old`` has one, bias."""
+    _set(new.kernel, leaves["kernel"])
+    if old.use_bias:
+        _set(new.bias, leaves["bias"])
+    return new
 
 
 # Modules are built with nnx.eval_shape (no random initialisation is computed) and every
@@ -89,10 +97,7 @@ def _conv(m: nnx.Conv, leaves):
             rngs=nnx.Rngs(0),
         )
     )
-    _set(new.kernel, kernel)
-    if m.use_bias:
-        _set(new.bias, leaves["bias"])
-    return new
+    return _filled(new, m, leaves)
 
 
 @register_rebuilder(nnx.Linear)
@@ -112,10 +117,7 @@ def _linear(m: nnx.Linear, leaves):
             rngs=nnx.Rngs(0),
         )
     )
-    _set(new.kernel, kernel)
-    if m.use_bias:
-        _set(new.bias, leaves["bias"])
-    return new
+    return _filled(new, m, leaves)
 
 
 @register_rebuilder(nnx.BatchNorm)
@@ -146,3 +148,76 @@ def _batchnorm(m: nnx.BatchNorm, leaves):
     if m.use_bias:
         _set(new.bias, leaves["bias"])
     return new
+
+
+@register_rebuilder(nnx.LinearGeneral)
+def _linear_general(m: nnx.LinearGeneral, leaves):
+    kernel = leaves["kernel"]
+    n_batch, n_in = len(m.batch_axis), len(m.in_features)
+    batch_axis = dict(zip(m.batch_axis.keys(), kernel.shape[:n_batch], strict=True))
+    new = nnx.eval_shape(
+        lambda: nnx.LinearGeneral(
+            kernel.shape[n_batch : n_batch + n_in],
+            kernel.shape[n_batch + n_in :],
+            axis=m.axis,
+            batch_axis=batch_axis,
+            use_bias=m.use_bias,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            precision=m.precision,
+            promote_dtype=m.promote_dtype,
+            dot_general=m.dot_general,
+            dot_general_cls=m.dot_general_cls,
+            preferred_element_type=m.preferred_element_type,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    return _filled(new, m, leaves)
+
+
+# ----------------------------------------------------------------------------- containers
+
+Fixup = Callable[[nnx.Module], None]
+# Containers whose own attributes record their children's sizes (a MultiHeadAttention's num_heads):
+# after their children were rebuilt smaller, ``fn(container)`` sets those attributes again.
+FIXUPS: Registry[Fixup] = Registry(
+    "container fix-up after channel removal",
+    hint="register one with methods.pruning.structured.register_fixup(ContainerType)",
+)
+
+
+def register_fixup(container_type: type) -> Callable[[Fixup], Fixup]:
+    """Registers ``fn(container)`` that updates ``container_type``'s size attributes in place.
+
+    Raises:
+      DuplicateNameError: the type already has another fix-up (a ``ValueError``).
+    """
+    return FIXUPS.register(_type_name(container_type))
+
+
+def fix_containers(model: nnx.Module) -> None:
+    """Runs the registered fix-up of every container in ``model`` (in place)."""
+    from research.nn import iter_modules
+
+    for _, module in iter_modules(model, include_root=True):
+        name = _type_name(type(module))
+        if name in FIXUPS:
+            FIXUPS.get(name)(module)
+
+
+@register_fixup(nnx.MultiHeadAttention)
+def _fix_attention(m: nnx.MultiHeadAttention) -> None:
+    heads, head_dim = m.query.out_features
+    m.num_heads = heads
+    m.num_kv_heads = m.key.out_features[0]
+    m.head_dim = head_dim
+    m.qkv_features = heads * head_dim
+    m.in_features = m.query.in_features[0]
+    m.in_kv_features = m.key.in_features[0]
+    m.out_features = m.out.out_features[0]
+
+
+@register_fixup(nnx.GRUCell)
+def _fix_gru(m: nnx.GRUCell) -> None:
+    m.in_features = m.dense_i.in_features
+    m.hidden_features = m.dense_h.in_features
