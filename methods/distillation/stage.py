@@ -118,7 +118,7 @@ def keep_zeros(tx: optax.GradientTransformation) -> optax.GradientTransformation
     """
     warnings.warn(
         "methods.distillation.keep_zeros is deprecated: stages keep earlier masks themselves "
-        "(train.keep_constraints); in your own loop use methods.pruning.masked(tx, masks=methods.pruning.nonzero_masks)",
+        "(train.keep_constraints); in your own loop use methods.pruning.masked(tx, masks=methods.pruning.masks.nonzero_masks)",
         DeprecationWarning,
         stacklevel=2,
     )
