@@ -56,6 +56,8 @@ _DECLARED: Mapping[Registry, Mapping[str, str]] = {
         "resnet20": "research.nn.zoo:resnet20",
         "resnet56": "research.nn.zoo:resnet56",
         "vgg_small": "research.nn.zoo:vgg_small",
+        "attn_gru": "research.nn.sequence:attn_gru",
+        "vit": "research.nn.sequence:vit",
         "conv1d_family": "research.nn.families:conv1d_family",
         "mlp_family": "research.nn.families:mlp_family",
         "mobilenet_family": "research.nn.families:mobilenet_family",

@@ -19,7 +19,7 @@ from research.registry import Registry
 #: names against it; the built-in names are declared here.
 KD_TERMS: Registry[Any]
 
-for _name in ("attention", "dkd", "fitnets", "hinton", "rkd_angle", "rkd_distance"):
+for _name in ("attention", "attention_map", "dkd", "fitnets", "hidden_state", "hinton", "rkd_angle", "rkd_distance"):
     KD_TERMS.register_lazy(_name, f"methods.distillation.transforms:{_name}_term")
 
 
