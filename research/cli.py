@@ -186,15 +186,20 @@ def _cmd_sweep(args) -> int:
     from research.sweep import sweep
 
     workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [], suffix="_sweep")
+    from research.executors import close_executor
+
+    executor = None
     try:
-        report = sweep(
-            config, grid, workdir, progress=not args.no_progress, overwrite=args.overwrite, executor=args.executor
-        )
+        executor = _executor(args)
+        report = sweep(config, grid, workdir, progress=not args.no_progress, overwrite=args.overwrite, executor=executor)
     except config_lib.ConfigError as e:  # raised before any point runs
         return _config_error(e)
     except workdir_lib.WorkdirInUseError as e:
         print(f"slimjax: {e}", file=sys.stderr)
         return 2
+    finally:
+        if executor is not None and not isinstance(executor, str):
+            close_executor(executor)
     print(report.table())
     written = [n for n in ("sweep.json", "sweep.txt", "sweep.png") if os.path.exists(os.path.join(workdir, n))]
     print(f"wrote {', '.join(written)} in {workdir}")
@@ -209,10 +214,14 @@ def _cmd_tune(args) -> int:
     from research import tune as tune_lib
     from research.run import register_all_stages
 
+    from research.executors import close_executor
+
     register_all_stages()
     if args.workers > 1:  # K processes share the accelerator: none may grab most of its memory up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    executor = None
     try:
+        executor = _executor(args)
         config, space = tune_lib.load_config_and_space(args.config)
         config = config_lib.apply_overrides(config, args.set or [])
         config_lib.validate(config)
@@ -230,7 +239,7 @@ def _cmd_tune(args) -> int:
             min_budget=args.min_budget,
             eta=args.eta,
             workers=args.workers,
-            executor=args.executor,
+            executor=executor,
             seed=args.seed,
             reference=tune_lib.parse_reference(args.reference),
             config_spec=args.config,
@@ -241,6 +250,9 @@ def _cmd_tune(args) -> int:
     except (config_lib.ConfigError, ValueError, KeyError) as e:
         print(f"slimjax: config error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if executor is not None and not isinstance(executor, str):
+            close_executor(executor)
     print(result.table())
     print(f"wrote tune.json, tune.txt, plots and best/ in {workdir}")
     return 0 if any(t["state"] == "COMPLETE" for t in result.trials) else 1
@@ -292,10 +304,36 @@ def _add_executor_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
         default="sequential",
-        choices=["sequential", "population"],
+        choices=["sequential", "population", "ray"],
         help="sequential: one run after another; population: runs sharing model and data train as one vmapped "
-        "program, K at a time (K measured; falls back to sequential when vmap does not pay)",
+        "program, K at a time (K measured; falls back to sequential when vmap does not pay); ray: one Ray task "
+        'per run, on a local Ray or a cluster (pip install "slimjax[ray]")',
     )
+    p.add_argument(
+        "--address",
+        help="with --executor ray: 'auto' (the cluster `ray start --head` started on this machine) or HOST:PORT "
+        "of a cluster's GCS; default: start a local Ray and shut it down at the end",
+    )
+    p.add_argument("--cpus-per-trial", type=float, help="with --executor ray: CPUs each run declares (default 1)")
+    p.add_argument(
+        "--gpus-per-trial", type=float, help="with --executor ray: GPUs each run declares, e.g. 1 or 0.5 (default 0)"
+    )
+
+
+def _executor(args):
+    """``args.executor``, or the Ray executor built from the ``--address``/``--*-per-trial`` flags."""
+    from research import config as config_lib
+
+    ray_flags = {"address": args.address, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}
+    given = {k: v for k, v in ray_flags.items() if v is not None}
+    if args.executor != "ray":
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise config_lib.ConfigError(f"{flags} only apply to --executor ray (got --executor {args.executor})")
+        return args.executor
+    from research.executors import make_executor
+
+    return make_executor("ray", **given).start()  # a bad --address fails here, before anything is written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1557,7 +1557,9 @@ def tune(
       workers: processes running trials on the study at once (this one and ``workers - 1`` more).
       executor: ``"sequential"`` (one trial at a time per process), ``"population"`` (the sampler
         is asked for a batch of q trials, q the measured chunk size, and the batch trains as one
-        vmapped program, :mod:`research.population`; one process, no scheduler), or an
+        vmapped program, :mod:`research.population`; one process, no scheduler), ``"ray"`` (the
+        sampler is asked for as many trials as the Ray cluster runs at once, each a Ray task; the
+        study stays with this process; see :mod:`research.distributed.ray_executor`), or an
         :class:`research.executors.Executor`. What it decided goes into ``executor.json`` and
         ``tune.json``.
       seed: the sampler's seed.
@@ -1600,14 +1602,16 @@ def tune(
         raise config_lib.ConfigError(f"trials={trials} must be >= 1")
     if workers < 1:
         raise config_lib.ConfigError(f"workers={workers} must be >= 1")
-    if isinstance(executor, str):
+    made_here = isinstance(executor, str)
+    if made_here:
         from research.executors import make_executor
 
         executor = make_executor(executor)
     batched = executor.name != "sequential"
     if batched and workers > 1:
+        what = "the population" if executor.name == "population" else f"the {executor.name} executor"
         raise config_lib.ConfigError(
-            f"executor={executor.name!r} with workers={workers}: the population is the parallelism; use workers=1"
+            f"executor={executor.name!r} with workers={workers}: {what} is the parallelism; use workers=1"
         )
     if batched and scheduler is not None:
         raise config_lib.ConfigError(
@@ -1747,6 +1751,10 @@ def tune(
             child.wait()
         if cache_settings is not None:
             restore_compilation_cache(cache_settings)
+        if made_here:  # an executor given as an object is the caller's to close
+            from research.executors import close_executor
+
+            close_executor(executor)
     with _locked(os.path.join(workdir, "study.lock")):
         summary = write_outputs(workdir, worker.study, space, setup)
     bad = [c.returncode for c in children if c.returncode]
