@@ -191,7 +191,9 @@ def _cmd_sweep(args) -> int:
     executor = None
     try:
         executor = _executor(args)
-        report = sweep(config, grid, workdir, progress=not args.no_progress, overwrite=args.overwrite, executor=executor)
+        report = sweep(
+            config, grid, workdir, progress=not args.no_progress, overwrite=args.overwrite, executor=executor
+        )
     except config_lib.ConfigError as e:  # raised before any point runs
         return _config_error(e)
     except workdir_lib.WorkdirInUseError as e:
@@ -212,9 +214,8 @@ def _cmd_tune(args) -> int:
     """``slimjax tune CONFIG --trials N ...``: a study over the config file's ``get_space()``."""
     from research import config as config_lib
     from research import tune as tune_lib
-    from research.run import register_all_stages
-
     from research.executors import close_executor
+    from research.run import register_all_stages
 
     register_all_stages()
     if args.workers > 1:  # K processes share the accelerator: none may grab most of its memory up front
