@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import glob
 import json
 import math
 import os
@@ -198,6 +199,10 @@ def run_trial(key: int, config: config_lib.Config, run_dir: str, first_submit: f
         "research": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # which slimjax the worker ran
         "started": started,
         "status": "running",
+        # What a retry resumes from: the checkpoints the run directory already holds.
+        "checkpoints_at_start": sorted(
+            os.path.relpath(p, run_dir) for p in glob.glob(os.path.join(run_dir, "stages", "*", "checkpoints", "*"))
+        ),
     }
     attempt = _record_attempt(run_dir, placement)
     from research.executors import run_one
