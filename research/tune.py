@@ -998,6 +998,52 @@ class _Worker:
                 self._tell(trial, values, error, info)
             _write_json(os.path.join(self.workdir, "executor.json"), executor.summary())
 
+    def loop_async(self, executor: Any) -> None:
+        """Keeps every slot of ``executor`` busy (the Ray executor): asks the sampler for as many
+        trials as slots are free, submits them, and as each one finishes tells the study and asks
+        for the next. The study and its lock stay in this process."""
+        from research.executors import Job
+
+        slots = executor.slots()
+        running: dict[int, tuple[Trial, dict[str, Any]]] = {}
+        try:
+            while True:
+                stop = False
+                if len(running) < slots:
+                    with _locked(self.lock_path):
+                        batch, stop = self._next_batch(slots - len(running))
+                    for trial in batch:
+                        info = {"number": trial.number, "params": dict(trial.params), "worker": self.token}
+                        try:
+                            cfg, run_dir = self._prepare(trial, info)
+                        except Exception as e:  # a config the space allows but the run refuses
+                            info.update(seconds=0.0, compile_seconds=0.0, run_seconds=0.0)
+                            self._tell(trial, None, self._failed(trial, e, info), info)
+                            continue
+                        running[trial.number] = (trial, info)
+                        out = executor.submit(Job(key=trial.number, config=cfg, run_dir=run_dir))
+                        if out is not None:  # finished earlier (a driver killed before it told the study)
+                            self._told(out, *running.pop(trial.number))
+                if not running:
+                    if stop:
+                        return
+                    time.sleep(0.5)  # an orphan of another process may still be retried
+                    continue
+                out = executor.next_outcome()
+                self._told(out, *running.pop(out.job.key))
+        finally:
+            executor.cancel_all()
+            _write_json(os.path.join(self.workdir, "executor.json"), executor.summary())
+
+    def _told(self, out: Any, trial: Trial, info: dict[str, Any]) -> None:
+        """Tells the study the :class:`research.executors.Outcome` of ``trial``."""
+        info.update(seconds=out.seconds, compile_seconds=0.0, run_seconds=out.seconds, executor=out.note)
+        if out.report is not None:
+            values, error = self._finish(out.report, info)
+        else:
+            values, error = None, self._failed(trial, out.error, info, out.traceback)
+        self._tell(trial, values, error, info)
+
     def _tell(self, trial: Trial, values, error, info: dict[str, Any]) -> None:
         """Tells the study (infeasible points penalised), updates the trial's info and the outputs."""
         with _locked(self.lock_path):
@@ -1557,9 +1603,10 @@ def tune(
       workers: processes running trials on the study at once (this one and ``workers - 1`` more).
       executor: ``"sequential"`` (one trial at a time per process), ``"population"`` (the sampler
         is asked for a batch of q trials, q the measured chunk size, and the batch trains as one
-        vmapped program, :mod:`research.population`; one process, no scheduler), ``"ray"`` (the
-        sampler is asked for as many trials as the Ray cluster runs at once, each a Ray task; the
-        study stays with this process; see :mod:`research.distributed.ray_executor`), or an
+        vmapped program, :mod:`research.population`; one process, no scheduler), ``"ray"`` (each trial
+        a Ray task; the sampler is asked for as many trials as Ray slots are free, and for the next
+        as soon as one finishes; the study stays with this process; see
+        :mod:`research.distributed.ray_executor`), or an
         :class:`research.executors.Executor`. What it decided goes into ``executor.json`` and
         ``tune.json``.
       seed: the sampler's seed.
@@ -1736,7 +1783,9 @@ def tune(
     if not batched:
         _write_json(os.path.join(workdir, "executor.json"), {"executor": executor.name, "workers": workers})
     try:
-        if batched:
+        if batched and hasattr(executor, "submit"):  # the Ray executor: a new trial whenever a slot frees
+            worker.loop_async(executor)
+        elif batched:
             remaining = max(trials - len(worker.study.trials), 1)
             plan = getattr(executor, "plan", None)
             q = plan(config, remaining) if plan else remaining

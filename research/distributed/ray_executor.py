@@ -277,6 +277,7 @@ class RayExecutor:
         self._started = False
         self._cluster: dict[str, float] = {}
         self._trials: dict[int, dict[str, Any]] = {}
+        self._pending: dict[Any, tuple[Job, float]] = {}
         self._remote = None
 
     # -- connecting
@@ -350,13 +351,9 @@ class RayExecutor:
             n = min(n, math.floor(self._cluster.get("GPU", 0.0) / self.gpus_per_trial + 1e-9))
         return max(n, 1)
 
-    def plan(self, config: config_lib.Config, n: int) -> int:
-        """The batch ``tune`` asks the sampler for: as many trials as the cluster runs at once."""
-        del config
-        return max(1, min(n, self.slots()))
-
     def close(self) -> None:
-        """Shuts down the local Ray this executor started (a joined cluster is left running)."""
+        """Cancels trials in flight; shuts down the local Ray this executor started (a joined cluster is left running)."""
+        self.cancel_all()
         if self._owns_ray:
             ray = import_ray()
             with contextlib.suppress(Exception):
@@ -381,32 +378,56 @@ class RayExecutor:
         early (or Ctrl-C) cancels the tasks still queued or running.
         """
         del progress  # workers write no progress bars (their output is not the driver's terminal)
-        ray = import_ray()
-        todo = []
-        for job in jobs:
-            report = finished_report(job.run_dir, job.config)
-            if report is not None:
-                yield Outcome(job=job, report=report, reused=True, note="finished earlier")
-            else:
-                todo.append(job)
-        if not todo:
-            return
-        self.start()
-        submitted = time.time()
-        pending: dict[Any, Job] = {}
-        for job in todo:
-            ref = self._remote.remote(job.key, job.config, os.path.abspath(job.run_dir), submitted)
-            pending[ref] = job
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    job = pending.pop(ref)
-                    yield self._outcome(ray, job, ref, submitted)
+            for job in jobs:
+                reused = self.submit(job)
+                if reused is not None:
+                    yield reused
+            while self.in_flight:
+                yield self.next_outcome()
         finally:
-            for ref in pending:  # Ctrl-C or an abandoned generator: stop what still runs
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
+            self.cancel_all()
+
+    # -- one trial at a time (``tune`` keeps every slot busy: a new trial as soon as one finishes)
+    @property
+    def in_flight(self) -> int:
+        """Trials submitted and not yet returned by :meth:`next_outcome`."""
+        return len(self._pending)
+
+    def submit(self, job: Job) -> Outcome | None:
+        """Starts ``job`` as a Ray task; returns its outcome at once (nothing submitted) when its run
+        directory already holds the finished run."""
+        report = finished_report(job.run_dir, job.config)
+        if report is not None:
+            return Outcome(job=job, report=report, reused=True, note="finished earlier")
+        self.start()
+        now = time.time()
+        ref = self._remote.remote(job.key, job.config, os.path.abspath(job.run_dir), now)
+        self._pending[ref] = (job, now)
+        return None
+
+    def next_outcome(self) -> Outcome:
+        """Waits for the next submitted trial to finish and returns its outcome.
+
+        Raises:
+          RuntimeError: nothing is in flight.
+        """
+        if not self._pending:
+            raise RuntimeError("next_outcome() with no trial in flight; submit() one first")
+        ray = import_ray()
+        (ref,), _ = ray.wait(list(self._pending), num_returns=1)
+        job, submitted = self._pending.pop(ref)
+        return self._outcome(ray, job, ref, submitted)
+
+    def cancel_all(self) -> None:
+        """Cancels every trial in flight (Ctrl-C, an abandoned run); their run directories resume later."""
+        if not self._pending:
+            return
+        ray = import_ray()
+        for ref in list(self._pending):
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        self._pending.clear()
 
     def _outcome(self, ray, job: Job, ref, submitted: float) -> Outcome:
         t_done = time.time()
