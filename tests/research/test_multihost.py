@@ -48,7 +48,9 @@ def test_process_local_checkpoints_keep_the_newest_and_restore_dtypes(tmp_path):
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    store = M.ProcessLocalCheckpoints(str(tmp_path), max_to_keep=2)
+    from research.train.multiprocess import ProcessLocalCheckpoints
+
+    store = ProcessLocalCheckpoints(str(tmp_path), max_to_keep=2)
     for step in (1, 2, 3):
         store.save(step, ocp.args.StandardSave({"w": jnp.full(3, float(step)), "n": jnp.int32(step)}))
     assert store.all_steps() == [2, 3] and store.latest_step() == 3
