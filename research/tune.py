@@ -989,13 +989,7 @@ class _Worker:
             for number in list(results):
                 self._tell(by_number[number], *results[number], infos[number])
             for out in executor.run(jobs, progress=self.progress):
-                trial, info = by_number[out.job.key], infos[out.job.key]
-                info.update(seconds=out.seconds, compile_seconds=0.0, run_seconds=out.seconds, executor=out.note)
-                if out.report is not None:
-                    values, error = self._finish(out.report, info)
-                else:
-                    values, error = None, self._failed(trial, out.error, info, out.traceback)
-                self._tell(trial, values, error, info)
+                self._told(out, by_number[out.job.key], infos[out.job.key])
             _write_json(os.path.join(self.workdir, "executor.json"), executor.summary())
 
     def loop_async(self, executor: Any) -> None:
