@@ -161,6 +161,36 @@ def test_bad_address_is_a_clear_error_not_a_hang(config_file, tmp_path):
     assert not os.path.exists(tmp_path / "s" / "sweep.json")  # refused before anything was written
 
 
+@pytest.mark.slow
+def test_without_an_address_a_local_ray_is_started_and_shut_down(config_file, tmp_path):
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import ray\n"
+        "from research.config import load_config\n"
+        "from research.sweep import sweep\n"
+        "report = sweep(load_config(sys.argv[1]), {'seed': [0]}, sys.argv[2], progress=False, executor='ray')\n"
+        "assert [p.status for p in report.points] == ['done'], report.points\n"
+        "assert report.executor['address'] == 'local' and report.executor['slots'] >= 1, report.executor\n"
+        "assert not ray.is_initialized()\n"
+        "import json, os\n"
+        "task = json.load(open(os.path.join(report.points[0].run_dir, 'ray_task.json')))\n"
+        "print('WORKER-RESEARCH', task['attempts'][0]['research'])\n"
+        "print('LOCAL-RAY-OK')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, config_file, str(tmp_path / "s")],
+        cwd=str(tmp_path),  # not the checkout: the workers find it through the runtime environment
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "LOCAL-RAY-OK" in proc.stdout, proc.stderr[-3000:]
+    assert f"WORKER-RESEARCH {os.path.join(ROOT, 'research')}" in proc.stdout  # this checkout's slimjax
+
+
 # ----------------------------------------------------------------------------- on the cluster
 
 
