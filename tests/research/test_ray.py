@@ -311,7 +311,7 @@ def _wait_for(predicate, proc, timeout=300):
         if predicate():
             return True
         time.sleep(0.1)
-    return False
+    return predicate()
 
 
 @pytest.mark.slow
