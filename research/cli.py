@@ -319,19 +319,35 @@ def _add_executor_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpus-per-trial", type=float, help="with --executor ray: GPUs each run declares, e.g. 1 or 0.5 (default 0)"
     )
+    p.add_argument(
+        "--population-chunk",
+        type=int,
+        help="with --executor ray (sweep): send K runs per Ray task, trained there by the population executor",
+    )
 
 
 def _executor(args):
     """``args.executor``, or the Ray executor built from the ``--address``/``--*-per-trial`` flags."""
     from research import config as config_lib
 
-    ray_flags = {"address": args.address, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}
+    ray_flags = {
+        "address": args.address,
+        "cpus_per_trial": args.cpus_per_trial,
+        "gpus_per_trial": args.gpus_per_trial,
+        "population_chunk": args.population_chunk,
+    }
     given = {k: v for k, v in ray_flags.items() if v is not None}
     if args.executor != "ray":
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise config_lib.ConfigError(f"{flags} only apply to --executor ray (got --executor {args.executor})")
+            verb = "apply" if len(given) > 1 else "applies"
+            raise config_lib.ConfigError(f"{flags} {verb} only to --executor ray (got --executor {args.executor})")
         return args.executor
+    if args.command == "tune" and args.population_chunk is not None:
+        raise config_lib.ConfigError(
+            "--population-chunk applies to sweep; tune --executor ray asks one trial per free Ray slot "
+            "(use tune --executor population on one machine)"
+        )
     from research.executors import make_executor
 
     return make_executor("ray", **given).start()  # a bad --address fails here, before anything is written

@@ -229,6 +229,68 @@ def run_trial(key: int, config: config_lib.Config, run_dir: str, first_submit: f
     }
 
 
+def run_chunk(
+    keys: Sequence[int],
+    configs: Sequence[config_lib.Config],
+    run_dirs: Sequence[str],
+    first_submit: float,
+    population: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The body of one Ray task that trains several trials as a population (runs on a worker).
+
+    The trials go through :class:`research.population.executor.PopulationExecutor` (``population``
+    are its options; its chooser still falls back to one after another when vmap does not pay on
+    the worker's device). Each trial's attempt is recorded in its ``RUN_DIR/ray_task.json``.
+
+    Returns:
+      ``{"trials": [one dict per trial as :func:`run_trial` returns], "population": its summary}``.
+    """
+    import ray
+
+    from research.population.executor import PopulationExecutor
+
+    started = time.time()
+    ctx = ray.get_runtime_context()
+    base = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "node_id": ctx.get_node_id(),
+        "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "jax_env": {k: os.environ[k] for k in _FORWARDED if k in os.environ},
+        "research": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "started": started,
+        "status": "running",
+        "population_of": len(keys),
+    }
+    jobs, attempts = [], {}
+    for key, config, run_dir in zip(keys, configs, run_dirs, strict=True):
+        os.makedirs(run_dir, exist_ok=True)
+        attempts[key] = _record_attempt(run_dir, dict(base))
+        jobs.append(Job(key=key, config=config, run_dir=run_dir))
+    executor = PopulationExecutor(**population)
+    results = []
+    for out in executor.run(jobs):
+        device = (out.report or {}).get("environment", {}).get("device")
+        status = "done" if out.report is not None else "failed"
+        run_dir = out.job.run_dir
+        _finish_attempt(run_dir, attempts[out.job.key], {"status": status, "device": device, "note": out.note})
+        results.append(
+            {
+                "key": out.job.key,
+                "report": out.report,
+                "error": _portable(out.error),
+                "traceback": out.traceback,
+                "seconds": out.seconds,
+                "reused": out.reused,
+                "attempt": attempts[out.job.key],
+                "placement": {**base, "device": device, "status": status, "note": out.note},
+                "queued_s": max(started - first_submit, 0.0),
+            }
+        )
+    return {"trials": results, "population": executor.summary()}
+
+
 class RayExecutor:
     """Runs each trial as a Ray task (see the module docstring).
 
@@ -240,6 +302,10 @@ class RayExecutor:
       max_retries: times a trial whose worker process died is rerun (from its checkpoints).
       num_cpus: CPUs of the local Ray started without ``address`` (default: all).
       num_gpus: GPUs of that local Ray (default: those Ray detects).
+      population_chunk: in :meth:`run` (sweeps), send the trials ``population_chunk`` at a time, each
+        chunk one Ray task trained by the population executor on its worker (one vmapped program per
+        GPU, say); 0 (default): one trial per task. ``tune`` always sends one trial per task.
+      population: options of that population executor (e.g. ``{"chunk_size": 8}`` to skip measuring K).
 
     Raises:
       ConfigError: a negative or zero resource, or a fraction of a GPU above 1 that is not whole.
@@ -256,6 +322,8 @@ class RayExecutor:
         max_retries: int = 2,
         num_cpus: int | None = None,
         num_gpus: int | None = None,
+        population_chunk: int = 0,
+        population: Mapping[str, Any] | None = None,
     ):
         if not (isinstance(cpus_per_trial, (int, float)) and cpus_per_trial > 0):
             raise config_lib.ConfigError(f"cpus_per_trial={cpus_per_trial!r} must be a number > 0, e.g. 1")
@@ -267,12 +335,19 @@ class RayExecutor:
             )
         if not isinstance(max_retries, int) or max_retries < 0:
             raise config_lib.ConfigError(f"max_retries={max_retries!r} must be an int >= 0")
+        if not isinstance(population_chunk, int) or population_chunk < 0:
+            raise config_lib.ConfigError(
+                f"population_chunk={population_chunk!r} must be an int >= 0 (0: one trial per task)"
+            )
         if address is not None and address != "auto":
             _parse_address(address)  # probed when the executor starts
         self.address = address
         self.cpus_per_trial, self.gpus_per_trial = cpus_per_trial, gpus_per_trial
         self.max_retries = max_retries
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.population_chunk, self.population = population_chunk, dict(population or {})
+        self._populations: list[dict[str, Any]] = []
+        self._ready: list[Outcome] = []  # outcomes of a finished population chunk not yet returned
         self._owns_ray = False
         self._started = False
         self._cluster: dict[str, float] = {}
@@ -340,6 +415,7 @@ class RayExecutor:
             options["runtime_env"] = {"env_vars": env}
         self._worker_env = env
         self._remote = ray.remote(run_trial).options(**options)
+        self._remote_chunk = ray.remote(run_chunk).options(**options)
         self._started = True
         return self
 
@@ -379,20 +455,43 @@ class RayExecutor:
         """
         del progress  # workers write no progress bars (their output is not the driver's terminal)
         try:
-            for job in jobs:
-                reused = self.submit(job)
-                if reused is not None:
-                    yield reused
+            if self.population_chunk:
+                todo = []
+                for job in jobs:
+                    report = finished_report(job.run_dir, job.config)
+                    if report is not None:
+                        yield Outcome(job=job, report=report, reused=True, note="finished earlier")
+                    else:
+                        todo.append(job)
+                for start in range(0, len(todo), self.population_chunk):
+                    self._submit_chunk(todo[start : start + self.population_chunk])
+            else:
+                for job in jobs:
+                    reused = self.submit(job)
+                    if reused is not None:
+                        yield reused
             while self.in_flight:
                 yield self.next_outcome()
         finally:
             self.cancel_all()
 
+    def _submit_chunk(self, jobs: Sequence[Job]) -> None:
+        self.start()
+        now = time.time()
+        ref = self._remote_chunk.remote(
+            [j.key for j in jobs],
+            [j.config for j in jobs],
+            [os.path.abspath(j.run_dir) for j in jobs],
+            now,
+            self.population,
+        )
+        self._pending[ref] = (list(jobs), now)
+
     # -- one trial at a time (``tune`` keeps every slot busy: a new trial as soon as one finishes)
     @property
     def in_flight(self) -> int:
         """Trials submitted and not yet returned by :meth:`next_outcome`."""
-        return len(self._pending)
+        return len(self._ready) + sum(len(j) if isinstance(j, list) else 1 for j, _ in self._pending.values())
 
     def submit(self, job: Job) -> Outcome | None:
         """Starts ``job`` as a Ray task; returns its outcome at once (nothing submitted) when its run
@@ -412,11 +511,16 @@ class RayExecutor:
         Raises:
           RuntimeError: nothing is in flight.
         """
+        if self._ready:
+            return self._ready.pop(0)
         if not self._pending:
             raise RuntimeError("next_outcome() with no trial in flight; submit() one first")
         ray = import_ray()
         (ref,), _ = ray.wait(list(self._pending), num_returns=1)
         job, submitted = self._pending.pop(ref)
+        if isinstance(job, list):  # a population chunk
+            self._ready.extend(self._chunk_outcomes(ray, job, ref, submitted))
+            return self._ready.pop(0)
         return self._outcome(ray, job, ref, submitted)
 
     def cancel_all(self) -> None:
@@ -428,6 +532,7 @@ class RayExecutor:
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
         self._pending.clear()
+        self._ready.clear()
 
     def _outcome(self, ray, job: Job, ref, submitted: float) -> Outcome:
         t_done = time.time()
@@ -445,8 +550,32 @@ class RayExecutor:
             report_lib.write_text_atomic(os.path.join(job.run_dir, "error.txt"), tb)
             self._trials[job.key] = {"attempts": attempts, "status": "failed", "error": str(error)}
             return Outcome(job=job, error=error, traceback=tb, seconds=t_done - submitted, note="ray: worker died")
+        return self._from_result(job, result)
+
+    def _chunk_outcomes(self, ray, jobs: list[Job], ref, submitted: float) -> list[Outcome]:
+        """The outcomes of a population chunk (each a failed outcome when its worker died for good)."""
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError:
+            return [self._outcome(ray, job, ref, submitted) for job in jobs]
+        task = len({p["ray_task"] for p in self._populations})
+        for entry in result["population"]["populations"]:  # numbered across tasks, as sweep reports them
+            self._populations.append(
+                {
+                    **entry,
+                    "population": len(self._populations),
+                    "ray_task": task,
+                    "device": result["population"]["device"],
+                }
+            )
+        by_key = {j.key: j for j in jobs}
+        return [self._from_result(by_key[r["key"]], r) for r in result["trials"]]
+
+    def _from_result(self, job: Job, result: Mapping[str, Any]) -> Outcome:
         placement = result["placement"]
         note = f"ray attempt {result['attempt']} on {placement['host']} ({placement.get('device')})"
+        if placement.get("note"):
+            note += f"; {placement['note']}"
         if placement["gpu_ids"]:
             note += f", GPU {','.join(placement['gpu_ids'])}"
         self._trials[job.key] = {
@@ -480,6 +609,11 @@ class RayExecutor:
             "slots": self.slots() if self._started else None,
             "worker_env": dict(getattr(self, "_worker_env", {})),
             "trials": {str(k): v for k, v in sorted(self._trials.items())},
+            **(
+                {"population_chunk": self.population_chunk, "populations": self._populations}
+                if self.population_chunk
+                else {}
+            ),
         }
 
 

@@ -139,7 +139,10 @@ def test_ray_flags_without_the_ray_executor_are_refused(config_file, capsys):
 
     rc = cli.main(["sweep", config_file, "--grid", "seed=0", "--address", "auto", "--workdir", "/nonexistent/x"])
     assert rc == 2
-    assert "--address only apply to --executor ray" in capsys.readouterr().err
+    assert "--address applies only to --executor ray" in capsys.readouterr().err
+    rc = cli.main(["tune", config_file, "--trials", "2", "--executor", "ray", "--population-chunk", "2"])
+    assert rc == 2
+    assert "--population-chunk applies to sweep" in capsys.readouterr().err
 
 
 def test_the_core_never_imports_ray():
@@ -216,6 +219,30 @@ def test_six_point_sweep_over_ray_equals_the_sequential_sweep(cluster, config_fi
     again = sweep(config, GRID, str(tmp_path / "ray"), progress=False, executor=R.RayExecutor())
     assert all(p.reused for p in again.points)
     assert all(len(_attempts(p.run_dir)) == 1 for p in again.points)
+
+
+@pytest.mark.slow
+def test_population_chunks_as_ray_tasks_equal_the_local_population_executor(cluster, config_file, tmp_path):
+    config = C.load_config(config_file)
+    grid = {"stages.train.learning_rate": [1e-3, 1e-2], "seed": [0, 1]}
+    local = sweep(
+        config,
+        grid,
+        str(tmp_path / "local"),
+        progress=False,
+        executor=executors.make_executor("population", chunk_size=2),
+    )
+    ex = R.RayExecutor(population_chunk=2, population={"chunk_size": 2})
+    remote = sweep(config, grid, str(tmp_path / "ray"), progress=False, executor=ex)
+    assert [p.status for p in remote.points] == ["done"] * 4
+    _assert_same_metrics(_metrics(remote), _metrics(local))
+    summary = ex.summary()
+    # Two Ray tasks, each a population of 2 trained as one vmapped chunk.
+    assert [(p["ray_task"], p["k"], len(p["trials"])) for p in summary["populations"]] == [(0, 2, 2), (1, 2, 2)]
+    for p in remote.points:
+        (attempt,) = _attempts(p.run_dir)
+        assert attempt["population_of"] == 2 and attempt["status"] == "done"
+        assert "chunk of 2" in p.note, p.note
 
 
 @pytest.mark.slow
