@@ -175,21 +175,12 @@ def _portable(error: BaseException | None) -> BaseException | None:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
-def run_trial(key: int, config: config_lib.Config, run_dir: str, first_submit: float) -> dict[str, Any]:
-    """The body of one Ray task (runs on a worker): the trial through :func:`research.executors.run_one`.
-
-    Records the attempt (host, pid, GPU ids, ``CUDA_VISIBLE_DEVICES``, JAX memory settings) in
-    ``RUN_DIR/ray_task.json`` before training, so a retried trial shows each attempt.
-
-    Returns:
-      ``{"report", "error", "traceback", "seconds", "reused", "attempt", "placement", "queued_s"}``.
-    """
+def _placement(started: float) -> dict[str, Any]:
+    """Where a Ray task runs: host, pid, node, GPU ids, ``CUDA_VISIBLE_DEVICES``, JAX settings, slimjax path."""
     import ray
 
-    started = time.time()
-    os.makedirs(run_dir, exist_ok=True)
     ctx = ray.get_runtime_context()
-    placement: dict[str, Any] = {
+    return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "node_id": ctx.get_node_id(),
@@ -199,11 +190,24 @@ def run_trial(key: int, config: config_lib.Config, run_dir: str, first_submit: f
         "research": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # which slimjax the worker ran
         "started": started,
         "status": "running",
-        # What a retry resumes from: the checkpoints the run directory already holds.
-        "checkpoints_at_start": sorted(
-            os.path.relpath(p, run_dir) for p in glob.glob(os.path.join(run_dir, "stages", "*", "checkpoints", "*"))
-        ),
     }
+
+
+def run_trial(key: int, config: config_lib.Config, run_dir: str, first_submit: float) -> dict[str, Any]:
+    """The body of one Ray task (runs on a worker): the trial through :func:`research.executors.run_one`.
+
+    Records the attempt (host, pid, GPU ids, ``CUDA_VISIBLE_DEVICES``, JAX memory settings) in
+    ``RUN_DIR/ray_task.json`` before training, so a retried trial shows each attempt.
+
+    Returns:
+      ``{"report", "error", "traceback", "seconds", "reused", "attempt", "placement", "queued_s"}``.
+    """
+    started = time.time()
+    os.makedirs(run_dir, exist_ok=True)
+    placement = _placement(started)
+    # What a retry resumes from: the checkpoints the run directory already holds.
+    checkpoints = glob.glob(os.path.join(run_dir, "stages", "*", "checkpoints", "*"))
+    placement["checkpoints_at_start"] = sorted(os.path.relpath(p, run_dir) for p in checkpoints)
     attempt = _record_attempt(run_dir, placement)
     from research.executors import run_one
 
@@ -245,24 +249,10 @@ def run_chunk(
     Returns:
       ``{"trials": [one dict per trial as :func:`run_trial` returns], "population": its summary}``.
     """
-    import ray
-
     from research.population.executor import PopulationExecutor
 
     started = time.time()
-    ctx = ray.get_runtime_context()
-    base = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "node_id": ctx.get_node_id(),
-        "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "jax_env": {k: os.environ[k] for k in _FORWARDED if k in os.environ},
-        "research": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        "started": started,
-        "status": "running",
-        "population_of": len(keys),
-    }
+    base = {**_placement(started), "population_of": len(keys)}
     jobs, attempts = [], {}
     for key, config, run_dir in zip(keys, configs, run_dirs, strict=True):
         os.makedirs(run_dir, exist_ok=True)
