@@ -286,19 +286,15 @@ def test_a_trial_that_raises_is_recorded_with_its_traceback(cluster, config_file
     assert attempt["status"] == "failed"
 
 
-@pytest.mark.slow
-def test_worker_killed_mid_trial_is_retried_from_its_checkpoint(cluster, config_file, tmp_path):
-    config = C.load_config(config_file + ":400,40")
-    grid = {"seed": [0, 1]}
-    killed = {}
+def _kill_mid_trial(run_dir, killed):
+    """A thread that SIGKILLs the worker running ``run_dir``'s trial once it has written a checkpoint."""
 
-    def killer():
-        run_dir = tmp_path / "ray" / "runs" / "0_seed=0"
+    def kill():
         ckpts = run_dir / "stages" / "0_train" / "checkpoints"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
-                (attempt,) = _attempts(run_dir)
+                attempt = _attempts(run_dir)[0]
             except (OSError, ValueError, json.JSONDecodeError):
                 time.sleep(0.05)
                 continue
@@ -308,8 +304,17 @@ def test_worker_killed_mid_trial_is_retried_from_its_checkpoint(cluster, config_
                 return
             time.sleep(0.02)
 
-    thread = threading.Thread(target=killer)
+    thread = threading.Thread(target=kill)
     thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_trial_is_retried_from_its_checkpoint(cluster, config_file, tmp_path):
+    config = C.load_config(config_file + ":400,40")
+    grid = {"seed": [0, 1]}
+    killed = {}
+    thread = _kill_mid_trial(tmp_path / "ray" / "runs" / "0_seed=0", killed)
     try:
         report = sweep(config, grid, str(tmp_path / "ray"), progress=False, executor=R.RayExecutor(max_retries=1))
     finally:
@@ -324,6 +329,23 @@ def test_worker_killed_mid_trial_is_retried_from_its_checkpoint(cluster, config_
     # Nothing lost: the resumed run ends exactly where an uninterrupted one does.
     local = sweep(config, grid, str(tmp_path / "local"), progress=False)
     _assert_same_metrics(_metrics(report), _metrics(local))
+
+
+@pytest.mark.slow
+def test_worker_killed_with_no_retries_left_is_a_failed_trial_with_the_reason(cluster, config_file, tmp_path):
+    config = C.load_config(config_file + ":400,40")
+    killed = {}
+    thread = _kill_mid_trial(tmp_path / "runs" / "0_seed=0", killed)
+    try:
+        report = sweep(config, {"seed": [0]}, str(tmp_path), progress=False, executor=R.RayExecutor(max_retries=0))
+    finally:
+        thread.join()
+    assert killed, "the trial finished before its worker could be killed"
+    (point,) = report.points
+    assert point.status == "failed"
+    assert "the Ray worker running this trial died" in point.error and "max_retries=0" in point.error
+    assert "tried 1 time(s)" in point.error
+    assert "died" in open(os.path.join(point.run_dir, "error.txt")).read().lower()
 
 
 def _driver(config_spec, workdir, address, *extra):
