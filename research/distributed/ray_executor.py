@@ -9,7 +9,7 @@ What runs where:
   driver's disk; workers never open it) and the sweep files. It asks the sampler, submits trials
   and tells the study what comes back.
 - A worker runs :func:`research.executors.run_one` on the trial's config in the trial's run
-  directory: the workdir must be on a file system every node sees (NFS, a shared volume); on one
+  directory (or, with ``population_chunk=K`` in a sweep, the population executor on K trials): the workdir must be on a file system every node sees (NFS, a shared volume); on one
   machine it always is. The report comes back to the driver as the task's result.
 - Without an address a local Ray instance is started (all local CPUs and GPUs) and shut down when
   the executor is closed; ``address="auto"`` joins the cluster ``ray start --head`` started on this
