@@ -222,10 +222,10 @@ def _cmd_tune(args) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     executor = None
     try:
-        executor = _executor(args)
         config, space = tune_lib.load_config_and_space(args.config)
         config = config_lib.apply_overrides(config, args.set or [])
         config_lib.validate(config)
+        executor = _executor(args)  # after the config loads: a config error does not wait for Ray
         workdir = args.workdir or os.path.join("runs", f"{config.name}_tune")
         result = tune_lib.tune(
             config,
