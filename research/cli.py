@@ -183,11 +183,10 @@ def _cmd_sweep(args) -> int:
     config = _load_config(args)
     if config is None:
         return 2
+    from research.executors import close_executor
     from research.sweep import sweep
 
     workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [], suffix="_sweep")
-    from research.executors import close_executor
-
     executor = None
     try:
         executor = _executor(args)
