@@ -299,6 +299,18 @@ class RayExecutor:
 
     Raises:
       ConfigError: a negative or zero resource, or a fraction of a GPU above 1 that is not whole.
+
+    Example:
+      From the repository root (``pip install "slimjax[ray]"``; a local Ray when no address)::
+
+        from research.config import load_config
+        from research.distributed.ray_executor import RayExecutor
+        from research.sweep import sweep
+
+        with RayExecutor(cpus_per_trial=1) as executor:  # address="auto" joins `ray start --head`
+            report = sweep(load_config("configs/quickstart.py:smoke"), {"seed": [0, 1]}, "runs/ray_smoke",
+                           executor=executor)
+        print(report.table())
     """
 
     name = "ray"
