@@ -1598,8 +1598,9 @@ def tune(
       executor: ``"sequential"`` (one trial at a time per process), ``"population"`` (the sampler
         is asked for a batch of q trials, q the measured chunk size, and the batch trains as one
         vmapped program, :mod:`research.population`; one process, no scheduler), ``"ray"`` (each trial
-        a Ray task; the sampler is asked for as many trials as Ray slots are free, and for the next
-        as soon as one finishes; the study stays with this process; see
+        a Ray task; the sampler (or the scheduler, with its promotions) is asked for as many trials as
+        Ray slots are free, and for the next as soon as one finishes; the study stays with this
+        process; see
         :mod:`research.distributed.ray_executor`), or an
         :class:`research.executors.Executor`. What it decided goes into ``executor.json`` and
         ``tune.json``.
@@ -1654,7 +1655,7 @@ def tune(
         raise config_lib.ConfigError(
             f"executor={executor.name!r} with workers={workers}: {what} is the parallelism; use workers=1"
         )
-    if batched and scheduler is not None:
+    if batched and scheduler is not None and not hasattr(executor, "submit"):  # Ray runs one trial per task
         raise config_lib.ConfigError(
             f"executor={executor.name!r} with scheduler={scheduler!r}: promotions run one trial at a time; "
             "use executor='sequential' with a scheduler"

@@ -274,6 +274,27 @@ def test_eight_trial_tune_over_ray_equals_the_sequential_tune(cluster, config_fi
     assert not os.path.exists(tmp_path / "ray" / "trials" / "0000" / "study.db")  # the study stays with the driver
 
 
+@pytest.mark.slow
+def test_asha_over_ray_promotes_from_the_lower_budget_checkpoint(cluster, config_file, tmp_path):
+    from research import tune as T
+
+    base, space = T.load_config_and_space(config_file + ":9,3")
+    result = T.tune(base, space, str(tmp_path), trials=3, sampler="random", budget_key="stages.train.steps",
+                    scheduler="asha", min_budget=3, eta=3, executor=R.RayExecutor(), compilation_cache=False,
+                    plot_every=0, echo=False)  # fmt: skip
+    # Three configurations at budget 3; ASHA promoted the best one to 9 (its entry shows the last budget).
+    assert sorted(t["budget"] for t in result.trials) == [3.0, 3.0, 9.0], result.trials
+    assert not [t for t in result.trials if t["state"] in ("FAILED", "RUNNING")], result.trials
+    (promoted,) = [t for t in result.trials if t["budget"] == 9.0]
+    assert promoted["state"] == "COMPLETE"
+    assert promoted["resumed_from"] == 3  # the driver copied the step-3 checkpoint; the worker continued it
+    run_dir = os.path.join(str(tmp_path), promoted["run_dir"])
+    (attempt,) = _attempts(run_dir)
+    assert attempt["checkpoints_at_start"] and attempt["status"] == "done"
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "stages", "0_train", "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 10))  # steps 4..9 ran once
+
+
 def test_a_trial_that_raises_is_recorded_with_its_traceback(cluster, config_file, tmp_path):
     config = C.load_config(config_file)
     grid = {"stages.train.learning_rate": [1e30]}  # the loss becomes NaN: the run raises
