@@ -185,18 +185,24 @@ def _cmd_sweep(args) -> int:
     config = _load_config(args, grid)
     if config is None:
         return 2
+    from research.executors import close_executor
     from research.sweep import sweep
 
     workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [], suffix="_sweep")
+    executor = None
     try:
+        executor = _executor(args)
         report = sweep(
-            config, grid, workdir, progress=not args.no_progress, overwrite=args.overwrite, executor=args.executor
+            config, grid, workdir, progress=not args.no_progress, overwrite=args.overwrite, executor=executor
         )
     except config_lib.ConfigError as e:  # raised before any point runs
         return _config_error(e)
     except workdir_lib.WorkdirInUseError as e:
         print(f"slimjax: {e}", file=sys.stderr)
         return 2
+    finally:
+        if executor is not None and not isinstance(executor, str):
+            close_executor(executor)
     print(report.table())
     written = [n for n in ("sweep.json", "sweep.txt", "sweep.png") if os.path.exists(os.path.join(workdir, n))]
     print(f"wrote {', '.join(written)} in {workdir}")
@@ -209,15 +215,18 @@ def _cmd_tune(args) -> int:
     """``slimjax tune CONFIG --trials N ...``: a study over the config file's ``get_space()``."""
     from research import config as config_lib
     from research import tune as tune_lib
+    from research.executors import close_executor
     from research.run import register_all_stages
 
     register_all_stages()
     if args.workers > 1:  # K processes share the accelerator: none may grab most of its memory up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    executor = None
     try:
         config, space = tune_lib.load_config_and_space(args.config)
         config = config_lib.apply_overrides(config, args.set or [])
         config_lib.validate(config)
+        executor = _executor(args)  # after the config loads: a config error does not wait for Ray
         workdir = args.workdir or os.path.join("runs", f"{config.name}_tune")
         result = tune_lib.tune(
             config,
@@ -232,7 +241,7 @@ def _cmd_tune(args) -> int:
             min_budget=args.min_budget,
             eta=args.eta,
             workers=args.workers,
-            executor=args.executor,
+            executor=executor,
             seed=args.seed,
             reference=tune_lib.parse_reference(args.reference),
             config_spec=args.config,
@@ -243,6 +252,9 @@ def _cmd_tune(args) -> int:
     except (config_lib.ConfigError, ValueError, KeyError) as e:
         print(f"slimjax: config error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if executor is not None and not isinstance(executor, str):
+            close_executor(executor)
     print(result.table())
     print(f"wrote tune.json, tune.txt, plots and best/ in {workdir}")
     return 0 if any(t["state"] == "COMPLETE" for t in result.trials) else 1
@@ -294,10 +306,52 @@ def _add_executor_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
         default="sequential",
-        choices=["sequential", "population"],
+        choices=["sequential", "population", "ray"],
         help="sequential: one run after another; population: runs sharing model and data train as one vmapped "
-        "program, K at a time (K measured; falls back to sequential when vmap does not pay)",
+        "program, K at a time (K measured; falls back to sequential when vmap does not pay); ray: one Ray task "
+        'per run, on a local Ray or a cluster (pip install "slimjax[ray]")',
     )
+    p.add_argument(
+        "--address",
+        help="with --executor ray: 'auto' (the cluster `ray start --head` started on this machine) or HOST:PORT "
+        "of a cluster's GCS; default: start a local Ray and shut it down at the end",
+    )
+    p.add_argument("--cpus-per-trial", type=float, help="with --executor ray: CPUs each run declares (default 1)")
+    p.add_argument(
+        "--gpus-per-trial", type=float, help="with --executor ray: GPUs each run declares, e.g. 1 or 0.5 (default 0)"
+    )
+    p.add_argument(
+        "--population-chunk",
+        type=int,
+        help="with --executor ray (sweep): send K runs per Ray task, trained there by the population executor",
+    )
+
+
+def _executor(args):
+    """``args.executor``, or the Ray executor built from the ``--address``/``--*-per-trial`` flags."""
+    from research import config as config_lib
+
+    ray_flags = {
+        "address": args.address,
+        "cpus_per_trial": args.cpus_per_trial,
+        "gpus_per_trial": args.gpus_per_trial,
+        "population_chunk": args.population_chunk,
+    }
+    given = {k: v for k, v in ray_flags.items() if v is not None}
+    if args.executor != "ray":
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            verb = "apply" if len(given) > 1 else "applies"
+            raise config_lib.ConfigError(f"{flags} {verb} only to --executor ray (got --executor {args.executor})")
+        return args.executor
+    if args.command == "tune" and args.population_chunk is not None:
+        raise config_lib.ConfigError(
+            "--population-chunk applies to sweep; tune --executor ray asks one trial per free Ray slot "
+            "(use tune --executor population on one machine)"
+        )
+    from research.executors import make_executor
+
+    return make_executor("ray", **given).start()  # a bad --address fails here, before anything is written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,8 @@ finished trial is read back, not rerun, by any executor, and the tables read the
 - ``population``: trials that share architecture and data train their leading ``train`` stage as
   one vmapped program (:mod:`research.population`); the chunk size is measured first and the
   executor falls back to one after another when vmap does not pay.
+- ``ray``: one Ray task per trial with declared CPUs/GPUs, on a local Ray or a cluster
+  (:mod:`research.distributed.ray_executor`; Ray is the optional extra ``slimjax[ray]``).
 
 ``slimjax tune --workers K`` is a third runner: K processes share one study (see
 :mod:`research.tune`); it works with the sequential executor in each process.
@@ -29,7 +31,7 @@ from typing import Protocol
 from research import config as config_lib
 from research import report as report_lib
 
-EXECUTORS = ("sequential", "population")
+EXECUTORS = ("sequential", "population", "ray")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,15 +128,18 @@ class SequentialExecutor:
 
 
 def make_executor(name: str, **options: Any) -> Executor:
-    """The executor called ``name`` (``sequential`` or ``population``).
+    """The executor called ``name`` (``sequential``, ``population`` or ``ray``).
 
     Args:
       name: the executor.
       **options: the population executor's options (see
-        :class:`research.population.executor.PopulationExecutor`).
+        :class:`research.population.executor.PopulationExecutor`) or the Ray executor's
+        (``address``, ``cpus_per_trial``, ``gpus_per_trial``, ...; see
+        :class:`research.distributed.ray_executor.RayExecutor`).
 
     Raises:
-      ConfigError: an unknown name, or options for the sequential executor.
+      ConfigError: an unknown name, options for the sequential executor, or ``ray`` without Ray
+        installed.
     """
     if name == "sequential":
         if options:
@@ -144,4 +149,16 @@ def make_executor(name: str, **options: Any) -> Executor:
         from research.population.executor import PopulationExecutor
 
         return PopulationExecutor(**options)
+    if name == "ray":
+        from research.distributed import ray_executor
+
+        ray_executor.import_ray()  # a one-line error naming the extra to install
+        return ray_executor.RayExecutor(**options)
     raise config_lib.ConfigError(f"executor={name!r} is not one of {list(EXECUTORS)}")
+
+
+def close_executor(executor: Executor) -> None:
+    """Releases what ``executor`` holds (the Ray executor shuts down the local Ray it started)."""
+    close = getattr(executor, "close", None)
+    if close is not None:
+        close()

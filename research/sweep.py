@@ -293,7 +293,9 @@ def sweep(
       progress: a tqdm bar over points (and the runs' own bars).
       overwrite: delete the sweep that ``workdir`` holds (its point runs and tables) first.
       executor: ``"sequential"`` (one run after another), ``"population"`` (points that share
-        architecture and data train as one vmapped program, :mod:`research.population`), or an
+        architecture and data train as one vmapped program, :mod:`research.population`), ``"ray"``
+        (one Ray task per point on a local Ray; for a cluster or GPU shares pass a
+        :class:`research.distributed.ray_executor.RayExecutor`), or an
         :class:`research.executors.Executor`; what it decided goes into ``sweep.json``.
 
     Returns:
@@ -316,14 +318,19 @@ def sweep(
     run_lib.register_all_stages()
     overrides = expand_grid(grid)
     configs = _point_configs(config, overrides)
-    if isinstance(executor, str):
+    made_here = isinstance(executor, str)
+    if made_here:
         executor = executors_lib.make_executor(executor)
-    with workdir_lib.WorkdirLock(workdir):
-        if overwrite:
-            removed = workdir_lib.clear(workdir, markers=("sweep.json", "runs"))
-            if removed:
-                print(f"overwrite: deleted {', '.join(removed)} in {workdir}", file=sys.stderr)
-        return _sweep_points(configs, overrides, grid, workdir, progress=progress, executor=executor)
+    try:
+        with workdir_lib.WorkdirLock(workdir):
+            if overwrite:
+                removed = workdir_lib.clear(workdir, markers=("sweep.json", "runs"))
+                if removed:
+                    print(f"overwrite: deleted {', '.join(removed)} in {workdir}", file=sys.stderr)
+            return _sweep_points(configs, overrides, grid, workdir, progress=progress, executor=executor)
+    finally:
+        if made_here:  # an executor given as an object is the caller's to close
+            executors_lib.close_executor(executor)
 
 
 def _sweep_points(

@@ -989,14 +989,54 @@ class _Worker:
             for number in list(results):
                 self._tell(by_number[number], *results[number], infos[number])
             for out in executor.run(jobs, progress=self.progress):
-                trial, info = by_number[out.job.key], infos[out.job.key]
-                info.update(seconds=out.seconds, compile_seconds=0.0, run_seconds=out.seconds, executor=out.note)
-                if out.report is not None:
-                    values, error = self._finish(out.report, info)
-                else:
-                    values, error = None, self._failed(trial, out.error, info, out.traceback)
-                self._tell(trial, values, error, info)
+                self._told(out, by_number[out.job.key], infos[out.job.key])
             _write_json(os.path.join(self.workdir, "executor.json"), executor.summary())
+
+    def loop_async(self, executor: Any) -> None:
+        """Keeps every slot of ``executor`` busy (the Ray executor): asks the sampler for as many
+        trials as slots are free, submits them, and as each one finishes tells the study and asks
+        for the next. The study and its lock stay in this process."""
+        from research.executors import Job
+
+        slots = executor.slots()
+        running: dict[int, tuple[Trial, dict[str, Any]]] = {}
+        try:
+            while True:
+                stop = False
+                if len(running) < slots:
+                    with _locked(self.lock_path):
+                        batch, stop = self._next_batch(slots - len(running))
+                    for trial in batch:
+                        info = {"number": trial.number, "params": dict(trial.params), "worker": self.token}
+                        try:
+                            cfg, run_dir = self._prepare(trial, info)
+                        except Exception as e:  # a config the space allows but the run refuses
+                            info.update(seconds=0.0, compile_seconds=0.0, run_seconds=0.0)
+                            self._tell(trial, None, self._failed(trial, e, info), info)
+                            continue
+                        running[trial.number] = (trial, info)
+                        out = executor.submit(Job(key=trial.number, config=cfg, run_dir=run_dir))
+                        if out is not None:  # finished earlier (a driver killed before it told the study)
+                            self._told(out, *running.pop(trial.number))
+                if not running:
+                    if stop:
+                        return
+                    time.sleep(0.5)  # an orphan of another process may still be retried
+                    continue
+                out = executor.next_outcome()
+                self._told(out, *running.pop(out.job.key))
+        finally:
+            executor.cancel_all()
+            _write_json(os.path.join(self.workdir, "executor.json"), executor.summary())
+
+    def _told(self, out: Any, trial: Trial, info: dict[str, Any]) -> None:
+        """Tells the study the :class:`research.executors.Outcome` of ``trial``."""
+        info.update(seconds=out.seconds, compile_seconds=0.0, run_seconds=out.seconds, executor=out.note)
+        if out.report is not None:
+            values, error = self._finish(out.report, info)
+        else:
+            values, error = None, self._failed(trial, out.error, info, out.traceback)
+        self._tell(trial, values, error, info)
 
     def _tell(self, trial: Trial, values, error, info: dict[str, Any]) -> None:
         """Tells the study (infeasible points penalised), updates the trial's info and the outputs."""
@@ -1557,7 +1597,11 @@ def tune(
       workers: processes running trials on the study at once (this one and ``workers - 1`` more).
       executor: ``"sequential"`` (one trial at a time per process), ``"population"`` (the sampler
         is asked for a batch of q trials, q the measured chunk size, and the batch trains as one
-        vmapped program, :mod:`research.population`; one process, no scheduler), or an
+        vmapped program, :mod:`research.population`; one process, no scheduler), ``"ray"`` (each trial
+        a Ray task; the sampler (or the scheduler, with its promotions) is asked for as many trials as
+        Ray slots are free, and for the next as soon as one finishes; the study stays with this
+        process; see
+        :mod:`research.distributed.ray_executor`), or an
         :class:`research.executors.Executor`. What it decided goes into ``executor.json`` and
         ``tune.json``.
       seed: the sampler's seed.
@@ -1600,16 +1644,18 @@ def tune(
         raise config_lib.ConfigError(f"trials={trials} must be >= 1")
     if workers < 1:
         raise config_lib.ConfigError(f"workers={workers} must be >= 1")
-    if isinstance(executor, str):
+    made_here = isinstance(executor, str)
+    if made_here:
         from research.executors import make_executor
 
         executor = make_executor(executor)
     batched = executor.name != "sequential"
     if batched and workers > 1:
+        what = "the population" if executor.name == "population" else f"the {executor.name} executor"
         raise config_lib.ConfigError(
-            f"executor={executor.name!r} with workers={workers}: the population is the parallelism; use workers=1"
+            f"executor={executor.name!r} with workers={workers}: {what} is the parallelism; use workers=1"
         )
-    if batched and scheduler is not None:
+    if batched and scheduler is not None and not hasattr(executor, "submit"):  # Ray runs one trial per task
         raise config_lib.ConfigError(
             f"executor={executor.name!r} with scheduler={scheduler!r}: promotions run one trial at a time; "
             "use executor='sequential' with a scheduler"
@@ -1732,7 +1778,9 @@ def tune(
     if not batched:
         _write_json(os.path.join(workdir, "executor.json"), {"executor": executor.name, "workers": workers})
     try:
-        if batched:
+        if batched and hasattr(executor, "submit"):  # the Ray executor: a new trial whenever a slot frees
+            worker.loop_async(executor)
+        elif batched:
             remaining = max(trials - len(worker.study.trials), 1)
             plan = getattr(executor, "plan", None)
             q = plan(config, remaining) if plan else remaining
@@ -1747,6 +1795,10 @@ def tune(
             child.wait()
         if cache_settings is not None:
             restore_compilation_cache(cache_settings)
+        if made_here:  # an executor given as an object is the caller's to close
+            from research.executors import close_executor
+
+            close_executor(executor)
     with _locked(os.path.join(workdir, "study.lock")):
         summary = write_outputs(workdir, worker.study, space, setup)
     bad = [c.returncode for c in children if c.returncode]

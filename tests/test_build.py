@@ -98,7 +98,7 @@ def _first_party_deps(name: str, targets: dict[str, dict], owners: dict[str, str
 # Subpackages listed in their parent package's library instead of their own: the population
 # executor (research/population) runs pipelines through research.run and is chosen by
 # research.executors, so the two form one layer (two libraries would be a dependency cycle).
-IN_PARENT_LIBRARY = {"research_population": "research"}
+IN_PARENT_LIBRARY = {"research_population": "research", "research_distributed": "research"}
 
 
 def test_every_module_is_in_a_py_library_of_its_package():

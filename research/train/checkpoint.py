@@ -56,6 +56,11 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
         self.directory = os.path.abspath(os.fspath(directory))
+        if jax.process_count() > 1:  # a multi-process run: orbax refuses per-process (host-local) saves
+            from research.train.multiprocess import ProcessLocalCheckpoints
+
+            self._manager = ProcessLocalCheckpoints(self.directory, max_to_keep=max_to_keep)
+            return
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

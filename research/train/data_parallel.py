@@ -25,7 +25,9 @@ def data_parallel_step(
     Args:
       step_fn: ``(state, batch) -> (state, metrics)``, jitted (e.g. :func:`research.train.make_train_step`).
       batch_size: the run's batch size; it must split evenly over the devices.
-      devices: the devices (default ``jax.local_devices()``).
+      devices: the devices (default ``jax.local_devices()``; in a multi-process run started with
+        :func:`research.distributed.multihost.initialize`, every process's devices, see
+        :func:`research.train.multiprocess.global_data_parallel_step`).
 
     Returns:
       The wrapped step (the same function when there is one device).
@@ -37,6 +39,10 @@ def data_parallel_step(
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    if devices is None and jax.process_count() > 1:  # one run over several processes (jax.distributed)
+        from research.train.multiprocess import global_data_parallel_step
+
+        return global_data_parallel_step(step_fn, batch_size)
     devices = list(devices) if devices else jax.local_devices()
     if len(devices) == 1:
         return step_fn
