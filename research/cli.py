@@ -214,9 +214,12 @@ def _cmd_sweep(args) -> int:
 def _cmd_tune(args) -> int:
     """``slimjax tune CONFIG --trials N ...``: a study over the config file's ``get_space()``."""
     from research import config as config_lib
-    from research import tune as tune_lib
-    from research.executors import close_executor
-    from research.run import register_all_stages
+
+    if _load_config(args) is None:  # values and names checked before JAX, as `slimjax run` does
+        return 2
+    from research import tune as tune_lib  # pylint: disable=import-outside-toplevel
+    from research.executors import close_executor  # pylint: disable=import-outside-toplevel
+    from research.run import register_all_stages  # pylint: disable=import-outside-toplevel
 
     register_all_stages()
     if args.workers > 1:  # K processes share the accelerator: none may grab most of its memory up front

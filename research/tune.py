@@ -52,6 +52,7 @@ import numpy as np
 from research import config as config_lib
 from research import report as report_lib
 from research import workdir as workdir_lib
+from research.registry import did_you_mean
 from research.automl import ASHA
 from research.automl import Hyperband
 from research.automl import SQLiteStorage
@@ -100,10 +101,12 @@ class Objective:
                 f"objective {text!r} is not NAME:max or NAME:min (e.g. val_accuracy:max, bytes:min)"
             )
         name = _ALIASES.get(name, name)
-        if name.startswith("test_"):
+        if reads_test_split(name):
+            use = name.replace("test_", "val_", 1) if name.startswith("test_") else "a val_ metric, e.g. 'val_accuracy'"
             raise config_lib.ConfigError(
-                f"objective {name!r} reads the test split, which is only reported, never tuned on; "
-                f"use {name.replace('test_', 'val_', 1)!r}"
+                f"objective {name!r} reads the test split, which is only reported, never tuned on; use {use!r}"
+                if name.startswith("test_")
+                else f"objective {name!r} reads the test split, which is only reported, never tuned on; use {use}"
             )
         return cls(name, direction)
 
@@ -138,7 +141,7 @@ class Constraint:
                 except ValueError:
                     break
                 name = _ALIASES.get(name.strip(), name.strip())
-                if name.startswith("test_"):
+                if reads_test_split(name):
                     raise config_lib.ConfigError(f"constraint {text!r} reads the test split; use a val_ metric")
                 return cls(name, op, value)
         raise config_lib.ConfigError(f"constraint {text!r} is not NAME<=NUMBER or NAME>=NUMBER (e.g. bytes<=20000)")
@@ -150,17 +153,36 @@ class Constraint:
         return f"{self.name}{self.op}{self.bound:g}"
 
 
+def reads_test_split(name: str) -> bool:
+    """Whether metric ``name`` is measured on the test split (``test_accuracy``, an exported
+    artifact's ``tflite_int8_test_accuracy``): reported, never an objective or a constraint."""
+    return re.search(r"(^|_)test(_|$)", name) is not None
+
+
+class UnknownMetricError(config_lib.ConfigError, KeyError):
+    """An objective or constraint names a metric the pipeline's final stage does not report.
+
+    Every trial runs the same stages, so this is a config error: the study stops at the first
+    finished trial instead of training every trial to the same failure."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes.
+        return str(self.args[0]) if self.args else ""
+
+
 def metric_value(metrics: Mapping[str, Any], name: str) -> float:
     """The value of ``name`` in a stage's metrics (``bytes`` is the best encoding).
 
     Raises:
-      KeyError: the metric is absent (lists the metrics the run reported).
+      UnknownMetricError: the metric is absent (names the closest one and lists those reported).
     """
     if name == "bytes":
         return float(report_lib.best_bytes(dict(metrics)))
     if name not in metrics or not isinstance(metrics[name], (int, float)):
-        have = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("test_"))
-        raise KeyError(f"the run's final stage reported no metric {name!r}; it reported {have} and 'bytes'")
+        have = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not reads_test_split(k))
+        raise UnknownMetricError(
+            f"the run's final stage reported no metric {name!r};{did_you_mean(name, [*have, 'bytes'])} "
+            f"it reported {have} and 'bytes' (fix --objective / --constraint; a study keeps its objectives, so rerun with a new --workdir)"
+        )
     return float(metrics[name])
 
 
@@ -889,6 +911,8 @@ class _Worker:
             cfg, run_dir = self._prepare(trial, info)
             report = run(cfg, run_dir, progress=self.progress, echo=False)
             values, error = self._finish(report, info)
+        except UnknownMetricError:  # the same in every trial: stop the study (the run is kept)
+            raise
         except Exception as e:  # a failed trial is recorded and the study goes on
             values, error = None, self._failed(trial, e, info)
         seconds = time.perf_counter() - t0

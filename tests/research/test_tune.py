@@ -137,6 +137,11 @@ def test_objectives_and_constraints_parse():
     assert T.Objective.parse("val_acc:max") == T.Objective("val_accuracy", "max")
     with pytest.raises(C.ConfigError, match="only reported"):
         T.Objective.parse("test_accuracy:max")
+    with pytest.raises(C.ConfigError, match="only reported"):  # an exported artifact's test-split accuracy
+        T.Objective.parse("tflite_int8_test_accuracy:max")
+    with pytest.raises(C.ConfigError, match="test split"):
+        T.Constraint.parse("onnx_fp32_test_accuracy>=0.9")
+    assert T.Objective.parse("tflite_int8_latency_ms:min").name == "tflite_int8_latency_ms"
     with pytest.raises(C.ConfigError, match="NAME:max"):
         T.Objective.parse("bytes")
     c = T.Constraint.parse("bytes<=2000")
@@ -183,6 +188,18 @@ def _fake_run(config, workdir, **_):
     if 0.007 < lr <= 0.01:
         metrics["val_accuracy"] = float("nan")
     return {"stages": [{"label": "0_train", "metrics": metrics}]}
+
+
+def test_an_objective_no_stage_reports_stops_the_study_at_the_first_trial(base_and_space, tmp_path, monkeypatch):
+    """A misspelt objective is the same in every trial: a config error after the first run, not
+    every trial trained to the same failure."""
+    base, space = base_and_space
+    monkeypatch.setattr(run_lib, "run", _fake_run)
+    workdir = tmp_path / "tune"
+    with pytest.raises(T.UnknownMetricError, match="no metric 'val_acuracy'; did you mean 'val_accuracy'"):
+        T.tune(base, space, str(workdir), trials=4, sampler="random", objectives=["val_acuracy:max"],
+               reference=None, config_spec=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+    assert sorted(os.listdir(workdir / "trials")) == ["0000"]
 
 
 def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space, tmp_path, monkeypatch):
