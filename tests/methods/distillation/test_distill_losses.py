@@ -178,6 +178,8 @@ TERM_OPTIONS = {
     "attention": {"pairs": [("feat", "feat")]},
     "rkd_distance": {"student_path": "emb", "teacher_path": "emb"},
     "rkd_angle": {},
+    "attention_map": {"pairs": [("attn", "attn")]},
+    "hidden_state": {"pairs": [("feat", "feat")]},
 }
 
 
@@ -193,6 +195,9 @@ def _outputs(seed):
         "features": {
             "feat": jnp.asarray(r.normal(size=(B, 4, 4, 3)), jnp.float32),
             "emb": jnp.asarray(r.normal(size=(B, 7)), jnp.float32),
+            # an attention layer's query/key projections: (batch, length, heads, head_dim)
+            "attn/query": jnp.asarray(r.normal(size=(B, 3, 2, 4)), jnp.float32),
+            "attn/key": jnp.asarray(r.normal(size=(B, 3, 2, 4)), jnp.float32),
         },
     }
 
