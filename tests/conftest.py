@@ -6,8 +6,8 @@
   collected, so their imports of TensorFlow / ONNX never run) when TensorFlow is missing.
 * The ``slow`` marker (registered in pyproject.toml): long end-to-end tests. CI runs them all;
   ``pytest -m "not slow"`` is a quick local pass.
-* ``pytest -n auto --dist loadscope`` (pytest-xdist, opt-in): :func:`pytest_xdist_auto_num_workers`
-  picks the number of worker processes.
+* pytest-xdist runs by default (``-n auto --dist loadscope`` in pyproject.toml's addopts):
+  :func:`pytest_xdist_auto_num_workers` picks the number of worker processes (``-n 0``: none).
 
 Nothing here imports JAX at collection time; fixtures import what they need when first used.
 """
