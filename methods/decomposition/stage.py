@@ -18,11 +18,11 @@ from flax import nnx
 
 from methods.decomposition.config import DecomposeStage
 from methods.decomposition.surgery import DecompositionRule
+from methods.decomposition.surgery import factorizable_layers
 from methods.decomposition.surgery import factorize_recipe_step
 from methods.decomposition.surgery import factorize_with_report
 from research import constraints as constraints_lib
 from research import recipe as recipe_lib
-from research.nn import iter_modules
 from research.stages import Bundle
 from research.stages import StageContext
 from research.stages import StageResult
@@ -94,7 +94,7 @@ def run_decompose(bundle: Bundle, cfg: DecomposeStage, ctx: StageContext) -> Sta
         if sparse and keep:
             # Factors of a pruned kernel are dense: keep such layers as they are (sparse). A rule
             # that selects only such layers has nothing left to do: it is dropped (and said so).
-            others = [p for p, _ in iter_modules(bundle.model) if p and p not in sparse]
+            others = [p for p in factorizable_layers(bundle.model) if p not in sparse]
             usable = tuple(r for r in rules if any(r.matches(p) or r.matches(f"{p}/kernel") for p in others))
             dropped = [r for r in rules if r not in usable]
             if dropped:

@@ -219,6 +219,11 @@ def _candidates(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return out
 
 
+def factorizable_layers(model: nnx.Module) -> list[str]:
+    """Module paths of the layers :func:`factorize` can factorize (what its rules are matched against)."""
+    return [path for path, _ in _candidates(model)]
+
+
 def _method_for(path: str, module: nnx.Module, rule: DecompositionRule) -> str:
     if isinstance(module, nnx.Linear | nnx.LinearGeneral):
         if rule.method not in ("auto", "svd"):
