@@ -350,7 +350,9 @@ class ModelConfig:
         """Refuses option keys that are not in ``valid`` (``None``: not known yet, nothing checked)."""
         bad = sorted(set(self.options) - set(valid)) if valid is not None else []
         if bad:
-            raise ConfigError(f"{key}.options {bad} are not options of model {self.name!r}; valid keys: {sorted(valid)}")
+            raise ConfigError(
+                f"{key}.options {bad} are not options of model {self.name!r}; valid keys: {sorted(valid)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -52,7 +52,6 @@ import numpy as np
 from research import config as config_lib
 from research import report as report_lib
 from research import workdir as workdir_lib
-from research.registry import did_you_mean
 from research.automl import ASHA
 from research.automl import Hyperband
 from research.automl import SQLiteStorage
@@ -67,6 +66,7 @@ from research.automl.space import Int
 from research.automl.space import Space
 from research.automl.trial import Trial
 from research.automl.trial import TrialState
+from research.registry import did_you_mean
 
 SCHEDULERS = ("asha", "hyperband")
 _ALIASES = {"val_acc": "val_accuracy", "latency": "latency_ms", "bytes_best": "bytes"}

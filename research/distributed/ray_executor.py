@@ -42,9 +42,10 @@ import glob
 import json
 import math
 import os
-import pickle
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -165,14 +166,64 @@ def _finish_attempt(run_dir: str, attempt: int, changes: Mapping[str, Any]) -> N
 
 
 def _portable(error: BaseException | None) -> BaseException | None:
-    """``error`` if it survives pickling (to go back to the driver), else a RuntimeError naming it."""
+    """``error`` if the driver can rebuild it, else a RuntimeError naming it.
+
+    An exception travels back to the driver as its type (found again by module and qualified
+    name) called with its ``args``, so a local class, or one whose constructor needs other
+    arguments, would fail on the driver with an error about serialisation instead of the
+    trial's own. This checks both conditions here, in the worker, without pickling.
+    """
     if error is None:
         return None
+    kind = type(error)
+    owner = sys.modules.get(kind.__module__)
+    found = owner
+    for part in kind.__qualname__.split("."):
+        found = getattr(found, part, None)
     try:
-        pickle.loads(pickle.dumps(error))
+        if found is not kind:
+            raise TypeError("not importable by name")
+        kind(*error.args)
         return error
     except Exception:  # an exception type the driver cannot rebuild
-        return RuntimeError(f"{type(error).__name__}: {error}")
+        return RuntimeError(f"{kind.__name__}: {error}")
+
+
+class _InterruptLatch:
+    """Ctrl-C that the driver cannot lose.
+
+    Python raises KeyboardInterrupt wherever the main thread is when the signal lands; inside a
+    garbage-collector callback (JAX registers one) or a ``__del__`` it is printed as "Exception
+    ignored" and dropped, and the driver would go on submitting trials. This handler also records
+    the signal, and the executor raises it again at its next safe point (waiting for a trial,
+    submitting one). It is installed only over Python's default handler, from the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous: Any = None
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self.pending = True
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        if self._previous is not None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+
+    def check(self) -> None:
+        """Raises the KeyboardInterrupt a Ctrl-C left behind (once)."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def _placement(started: float) -> dict[str, Any]:
@@ -356,6 +407,7 @@ class RayExecutor:
         self._trials: dict[int, dict[str, Any]] = {}
         self._pending: dict[Any, tuple[Job, float]] = {}
         self._remote = None
+        self._interrupt = _InterruptLatch()
 
     # -- connecting
     def start(self) -> RayExecutor:
@@ -418,6 +470,7 @@ class RayExecutor:
         self._worker_env = env
         self._remote = ray.remote(run_trial).options(**options)
         self._remote_chunk = ray.remote(run_chunk).options(**options)
+        self._interrupt.install()
         self._started = True
         return self
 
@@ -432,6 +485,7 @@ class RayExecutor:
     def close(self) -> None:
         """Cancels trials in flight; shuts down the local Ray this executor started (a joined cluster is left running)."""
         self.cancel_all()
+        self._interrupt.uninstall()
         if self._owns_ray:
             ray = import_ray()
             with contextlib.suppress(Exception):
@@ -479,6 +533,7 @@ class RayExecutor:
 
     def _submit_chunk(self, jobs: Sequence[Job]) -> None:
         self.start()
+        self._interrupt.check()
         now = time.time()
         ref = self._remote_chunk.remote(
             [j.key for j in jobs],
@@ -502,6 +557,7 @@ class RayExecutor:
         if report is not None:
             return Outcome(job=job, report=report, reused=True, note="finished earlier")
         self.start()
+        self._interrupt.check()
         now = time.time()
         ref = self._remote.remote(job.key, job.config, os.path.abspath(job.run_dir), now)
         self._pending[ref] = (job, now)
@@ -518,7 +574,11 @@ class RayExecutor:
         if not self._pending:
             raise RuntimeError("next_outcome() with no trial in flight; submit() one first")
         ray = import_ray()
-        (ref,), _ = ray.wait(list(self._pending), num_returns=1)
+        ready: list[Any] = []
+        while not ready:  # in short waits, so a Ctrl-C the interpreter dropped is still seen
+            self._interrupt.check()
+            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=0.5)
+        (ref,) = ready
         job, submitted = self._pending.pop(ref)
         if isinstance(job, list):  # a population chunk
             self._ready.extend(self._chunk_outcomes(ray, job, ref, submitted))

@@ -114,7 +114,7 @@ class ProcessLocalCheckpoints:
 
     def restore(self, step: int, args: Any) -> list[Any]:
         expected = jax.tree.leaves(args.item)
-        with np.load(self._file(step)) as f:
+        with np.load(self._file(step), allow_pickle=False) as f:
             leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
         if len(leaves) != len(expected):
             raise ValueError(f"checkpoint {self._file(step)} holds {len(leaves)} arrays; the state has {len(expected)}")

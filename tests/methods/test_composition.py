@@ -58,7 +58,9 @@ DATA = {"mlp": "mnist1d", "cnn1d": "mnist1d", "lenet5": "digits", "lenet300": "m
 # train (run by hand: see the README's Development section).
 _REST = [m for m in list_models() if not m.endswith("_family") and m not in ("cnn1d", "mlp", "lenet5")]
 OTHER_ZOO = tuple(_REST) if os.environ.get("SLIMJAX_COMPOSE_ZOO") == "all" else ("resnet20",)
-OTHER_KINDS = ("qat", "decompose", "distill", "train") if os.environ.get("SLIMJAX_COMPOSE_ZOO") == "all" else ("qat", "decompose")
+OTHER_KINDS = (
+    ("qat", "decompose", "distill", "train") if os.environ.get("SLIMJAX_COMPOSE_ZOO") == "all" else ("qat", "decompose")
+)
 
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,51 @@ def test_ray_flags_without_the_ray_executor_are_refused(config_file, capsys):
     assert "--population-chunk applies to sweep" in capsys.readouterr().err
 
 
+class _NeedsTwoArguments(Exception):
+    def __init__(self, what, why):
+        super().__init__(f"{what}: {why}")
+
+
+def test_errors_the_driver_cannot_rebuild_travel_as_runtime_errors_naming_them():
+    plain = ValueError("bad learning rate")
+    assert R._portable(plain) is plain
+    assert R._portable(None) is None
+
+    class LocalError(Exception):
+        pass
+
+    for error in (LocalError("local class"), _NeedsTwoArguments("lr", "negative")):
+        out = R._portable(error)
+        assert type(out) is RuntimeError
+        assert str(out) == f"{type(error).__name__}: {error}"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop being tested
+def test_a_ctrl_c_the_interpreter_drops_is_raised_at_the_next_check():
+    latch = R._InterruptLatch()
+    latch.install()
+    try:
+        assert signal.getsignal(signal.SIGINT) == latch._handle
+
+        class RaisesInDel:  # KeyboardInterrupt raised in __del__ is printed and dropped
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the handler runs between these bytecodes
+                    pass
+
+        try:
+            RaisesInDel()
+        except KeyboardInterrupt:  # pragma: no cover - delivered after __del__ returned instead
+            pass
+        assert latch.pending
+        with pytest.raises(KeyboardInterrupt):
+            latch.check()
+        latch.check()  # raised once
+    finally:
+        latch.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_the_core_never_imports_ray():
     code = (
         "import sys, research.cli, research.sweep, research.tune, research.executors, research.distributed; "

@@ -341,9 +341,14 @@ def test_config_values_and_names_are_checked_without_importing_jax(tmp_path):
     assert len(result["errors"]) == len(BAD_OVERRIDES), result["errors"]
     for (override, expected), got in zip(BAD_OVERRIDES.items(), result["errors"], strict=True):
         assert got.startswith(expected), (override, got)
-    (code, err), (code_obs, err_obs), (code_fmt, err_fmt), (code_rule, err_rule), (code_grid, err_grid), (code_kd, err_kd) = result[
-        "cli"
-    ]
+    (
+        (code, err),
+        (code_obs, err_obs),
+        (code_fmt, err_fmt),
+        (code_rule, err_rule),
+        (code_grid, err_grid),
+        (code_kd, err_kd),
+    ) = result["cli"]
     assert code == 2, err
     assert err.splitlines() == [
         "slimjax: warning: override key 'stages.prune.steps' is deprecated and will be removed in the next "
