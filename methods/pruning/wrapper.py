@@ -48,6 +48,7 @@ from research.train.masking import find_masks
 from research.train.masking import keep_masks
 from research.train.masking import mask_grads
 from research.train.masking import mask_updates
+from research.tree import flatten_with_paths
 from research.tree import map_with_paths
 
 PyTree = Any
@@ -98,6 +99,11 @@ def masked(
     scorer_obj = get_scorer(scorer)
 
     def init(params):
+        # Shapes are static: a leaf the pattern cannot tile is named here, not as a reshape error
+        # inside the jitted update.
+        shapes = dict(flatten_with_paths(params))
+        for p in leaf_targets(params, schedule.final_sparsity, rules):
+            pattern.validate(tuple(jnp.shape(shapes[p])), p)
         if masks is not None:
             m = jax.tree.map(
                 lambda mk, p: None if mk is None else jnp.asarray(mk, bool),

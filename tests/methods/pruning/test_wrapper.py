@@ -121,3 +121,25 @@ def test_dynamic_sparse(method):
 def test_cosine_drop_fraction():
     f = [float(P.cosine_drop_fraction(t, 0.3, 100)) for t in (0, 50, 100, 200)]
     np.testing.assert_allclose(f, [0.3, 0.15, 0.0, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "match"),
+    [
+        (P.NM(n=2, m=4), r"N:M 2:4 needs axis -2 of 'conv1/kernel' \(shape \(5, 5, 1, 6\)\).*is 1"),
+        (P.Block(block=(4, 4)), r"block \(4, 4\) does not tile .*'conv1/kernel'"),
+    ],
+)
+def test_a_gradual_pattern_that_cannot_tile_a_leaf_names_it_at_init(pattern, match):
+    params = {"conv1": {"kernel": jnp.ones((5, 5, 1, 6))}, "fc": {"kernel": jnp.ones((8, 4))}}
+    tx = P.masked(optax.sgd(0.1), P.one_shot_schedule(0.5), pattern=pattern)
+    with pytest.raises(ValueError, match=match):
+        tx.init(params)
+    # the leaf excluded by a rule, the same pattern trains the others
+    rules = (P.SparsityRule(pattern="conv1", sparsity=0.0), P.SparsityRule(pattern="kernel$", sparsity=0.5))
+    tx = P.masked(optax.sgd(0.1), P.one_shot_schedule(0.5), pattern=pattern, rules=rules)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = jax.jit(tx.update)(grads, state, params)
+    assert state.masks["conv1"]["kernel"] is None
+    assert float(jnp.mean(state.masks["fc"]["kernel"])) == 0.5
