@@ -131,17 +131,37 @@ def _parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers with its
+# own SETTINGS frame (9-byte header, type 0x04) at once.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def _check_address(address: str) -> None:
-    """Fails within seconds when nothing listens at ``HOST:PORT`` (``ray.init`` would wait much longer)."""
+    """Fails within seconds when no Ray GCS answers at ``HOST:PORT`` (``ray.init`` would wait much longer).
+
+    Nothing listening is a refused connection; a listener that is not a gRPC server (a web
+    server, a database, a silent port) is found by the HTTP/2 handshake every gRPC server
+    answers, so a wrong port is refused too instead of ``ray.init`` retrying for half a minute.
+    """
     host, port = _parse_address(address)
+    hint = "start one with `ray start --head` on that host, check the GCS port it printed, or omit the address to start a local Ray"
     try:
-        with socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S):
-            pass
+        with socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S) as conn:
+            conn.sendall(_H2_PREFACE)
+            answer = b""
+            with contextlib.suppress(TimeoutError, OSError):
+                while len(answer) < 9:
+                    chunk = conn.recv(9 - len(answer))
+                    if not chunk:
+                        break
+                    answer += chunk
     except OSError as e:
+        raise config_lib.ConfigError(f"address={address!r}: no Ray cluster answers there ({e}); {hint}") from None
+    if len(answer) < 9 or answer[3] != 0x04:
+        heard = f"it answered {answer[:16]!r}" if answer else f"it sent nothing within {_CONNECT_TIMEOUT_S:g} s"
         raise config_lib.ConfigError(
-            f"address={address!r}: no Ray cluster answers there ({e}); start one with `ray start --head` on that "
-            "host, check the GCS port it printed, or omit the address to start a local Ray"
-        ) from None
+            f"address={address!r}: something listens there but it is not a Ray GCS (no gRPC handshake: {heard}); {hint}"
+        )
 
 
 def _record_attempt(run_dir: str, placement: dict[str, Any]) -> int:

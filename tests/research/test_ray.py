@@ -6,6 +6,7 @@ trials are a 6-step MLP on 300 digits; the JAX compilation cache is shared, so e
 compiles once across the workers.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -207,6 +208,53 @@ def test_bad_address_is_a_clear_error_not_a_hang(config_file, tmp_path):
     assert "address='127.0.0.1:1': no Ray cluster answers there" in proc.stderr
     assert "ray start --head" in proc.stderr
     assert not os.path.exists(tmp_path / "s" / "sweep.json")  # refused before anything was written
+
+
+def _listener(reply: bytes | None):
+    """A TCP server on a free local port that answers each connection with ``reply`` (None: silence)."""
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+
+    def serve():
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(64)  # the client's preface
+                if reply is not None:
+                    conn.sendall(reply)
+                conn.recv(64)  # holds the connection open until the client closes it
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize(
+    ("reply", "heard"),
+    [
+        (b"HTTP/1.0 400 Bad Request\r\n\r\n", "it answered b'HTTP/1.0 '"),
+        (None, "it sent nothing within"),
+    ],
+)
+def test_a_port_that_is_not_a_ray_gcs_is_refused_by_the_handshake(reply, heard):
+    server = _listener(reply)
+    try:
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(C.ConfigError, match="not a Ray GCS") as e:
+            R._check_address(address)
+        assert heard in str(e.value) and "ray start --head" in str(e.value)
+    finally:
+        server.close()
+
+
+def test_the_handshake_accepts_a_grpc_server():
+    """An HTTP/2 server's first frame is SETTINGS (type 4), which is all the check reads."""
+    server = _listener(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    try:
+        R._check_address(f"127.0.0.1:{server.getsockname()[1]}")
+    finally:
+        server.close()
 
 
 @pytest.mark.slow
