@@ -237,7 +237,8 @@ def _listener(reply: bytes | None):
         (None, "it sent nothing within"),
     ],
 )
-def test_a_port_that_is_not_a_ray_gcs_is_refused_by_the_handshake(reply, heard):
+def test_a_port_that_is_not_a_ray_gcs_is_refused_by_the_handshake(reply, heard, monkeypatch):
+    monkeypatch.setattr(R, "_CONNECT_TIMEOUT_S", 0.5)  # the silent port is given up on after this
     server = _listener(reply)
     try:
         address = f"127.0.0.1:{server.getsockname()[1]}"
