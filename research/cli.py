@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sampler",
         default="tpe",
-        help="a registered sampler: gp, tpe, bohb, random, sobol (qmc), ehvi, motpe, or one the config's modules register",
+        help="a registered sampler: gp, tpe, bohb, random, sobol (qmc), ehvi, motpe, evolution, or one the config's modules register",
     )
     p.add_argument(
         "--objective", action="append", metavar="METRIC:max|min", help="val_accuracy:max (default), bytes:min, ..."

@@ -72,6 +72,7 @@ _DECLARED: Mapping[Registry, Mapping[str, str]] = {
     SAMPLERS: {
         "bohb": "research.automl.tpe:BOHBSampler",
         "ehvi": "research.automl.mo:EHVISampler",
+        "evolution": "research.automl.evolution:EvolutionSampler",
         "gp": "research.automl.gp:GPSampler",
         "motpe": "research.automl.mo:MOTPESampler",
         "qmc": "research.automl.samplers:QMCSampler",

@@ -2,7 +2,8 @@
 
 Ours: ``ehvi`` (GP per objective, Monte-Carlo log expected hypervolume improvement),
 ``motpe`` (TPE, good set by non-dominated rank and hypervolume contribution), and the
-ParEGO-style ``gp`` (random Chebyshev scalarisation) and ``tpe`` (rank split) we had.
+ParEGO-style ``gp`` (random Chebyshev scalarisation) and ``tpe`` (rank split) we had, and
+``evolution`` (NSGA-II selection: Pareto rank, crowding distance; model-free).
 Optuna's: ``TPESampler`` (multi-objective), ``GPSampler`` (multi-objective, log EHVI) and
 ``NSGAIISampler``. Problems: ZDT1 and ZDT2 (``--dim`` variables, 2 objectives) and DTLZ2
 (``--dim`` variables, 2 objectives). Everything runs in one process, same budgets and seeds.
@@ -152,7 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--samplers",
         nargs="+",
-        default=["ours:ehvi", "ours:motpe", "ours:gp", "ours:tpe", "optuna:tpe", "optuna:gp", "optuna:nsga2"],
+        default=[
+            "ours:ehvi",
+            "ours:motpe",
+            "ours:gp",
+            "ours:tpe",
+            "ours:evolution",
+            "optuna:tpe",
+            "optuna:gp",
+            "optuna:nsga2",
+        ],
     )
     args = parser.parse_args(argv)
     if args.full:

@@ -84,7 +84,7 @@ def search(
       calib_x: ``(num_batches, batch, ...)`` training inputs for per-sub-network BN recalibration.
       trials: sub-networks to evaluate (at least 2).
       batch: sub-networks asked and evaluated together (the vmapped K).
-      sampler: a ``research.automl`` sampler name (``tpe``, ``gp``, ``random``, ``sobol``).
+      sampler: a ``research.automl`` sampler name (``tpe``, ``gp``, ``random``, ``sobol``, ``evolution``, ...).
       seed: the sampler's seed.
 
     Returns:

@@ -1,4 +1,4 @@
-"""AutoML engine: search spaces, samplers (random, Sobol, GP-BO, TPE, BOHB;
+"""AutoML engine: search spaces, samplers (random, Sobol, GP-BO, TPE, BOHB, evolution;
 multi-objective EHVI and MOTPE), schedulers
 (successive halving, Hyperband, ASHA) and a durable ask/tell :class:`Study`.
 
@@ -19,6 +19,8 @@ _EXPORTS = {
     "probability_of_improvement": "research.automl.acquisition",
     "register_acquisition": "research.automl.acquisition",
     "upper_confidence_bound": "research.automl.acquisition",
+    "EvolutionSampler": "research.automl.evolution",
+    "crowding_distance": "research.automl.evolution",
     "GPSampler": "research.automl.gp",
     "hypervolume": "research.automl.hypervolume",
     "hypervolume_contributions": "research.automl.hypervolume",
@@ -60,6 +62,7 @@ __all__ = [
     "ASHA",
     "BOHBSampler",
     "EHVISampler",
+    "EvolutionSampler",
     "Categorical",
     "Float",
     "GPSampler",
@@ -81,6 +84,7 @@ __all__ = [
     "TrialState",
     "expected_improvement",
     "get_acquisition",
+    "crowding_distance",
     "hypervolume",
     "hypervolume_contributions",
     "list_acquisitions",

@@ -86,3 +86,18 @@ def test_sandwich_step_decreases_loss_for_largest_and_smallest():
         first = np.asarray(ce) if first is None else first
     ce = np.asarray(ce)
     assert ce[0] < 0.7 * first[0] and ce[1] < 0.9 * first[1], (first, ce)
+
+
+def test_evolution_searches_a_family_over_accuracy_flops_and_bytes():
+    net = _net("mlp_family", (8, 8))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=40)
+    found = nas.search(net, x, y, trials=14, batch=4, sampler="evolution", seed=0)
+    fam = net.family
+    keys = [fam.key(c.options) for c in found]
+    assert len(keys) == len(set(keys))  # each architecture evaluated once
+    assert keys[:2] == [fam.key(fam.largest()), fam.key(fam.smallest())]
+    assert all(0.0 <= c.accuracy <= 1.0 and c.flops > 0 for c in found)
+    front = nas.pareto_front(found)
+    assert front and all(0 <= i < len(found) for i in front)

@@ -23,6 +23,7 @@ FAST = {
     "bohb": dict(n_startup_trials=4),
     "ehvi": dict(n_startup_trials=4, n_candidates=128, n_local=32, n_mc=16, gp_options=SMALL_GP),
     "motpe": dict(n_startup_trials=4),
+    "evolution": dict(population=4, tournament=2),
 }
 VARIANTS = {"tpe_multivariate": ("tpe", dict(n_startup_trials=4, multivariate=True))}
 
@@ -73,7 +74,7 @@ def check_sampler(make):
     assert [t.params for t in again.trials] == [t.params for t in study.trials[:9]]
 
 
-@pytest.mark.parametrize("name", ["random", "qmc", "tpe", "ehvi", "motpe"])
+@pytest.mark.parametrize("name", ["random", "qmc", "tpe", "ehvi", "motpe", "evolution"])
 def test_multi_objective(name):
     space = conditional_space()
     study = Study(space, sampler=SAMPLERS[name](1), direction=["minimize", "maximize"])
