@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         default=["ours:gp", "ours:tpe", "ours:evolution", "ours:random", "optuna:tpe", "optuna:gp"],
     )
     ap.add_argument("--jsonl", help="append each finished (problem, sampler) row here")
+    ap.add_argument("--table-from", nargs="+", metavar="JSONL", help="print the table of rows saved by earlier runs")
     a = ap.parse_args(argv)
+    if a.table_from:
+        print(table_from_jsonl(a.table_from))
+        return 0
     logging.getLogger("optuna").setLevel(logging.WARNING)
     probs = problems(a.bbob_dim)
     names = a.problems or list(probs)
@@ -265,7 +269,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def format_table(table: dict[str, dict[str, tuple[float, float]]], samplers: list[str], seeds: int, trials: int) -> str:
+def table_from_jsonl(paths: list[str]) -> str:
+    """The table of rows that earlier runs appended with ``--jsonl`` (a later row of the same
+    problem and sampler replaces an earlier one); runs with different seeds or trials are named."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as fh:
+            for line in fh:
+                if line.strip():
+                    r = json.loads(line)
+                    rows[(r["problem"], r["sampler"])] = r
+    if not rows:
+        raise SystemExit(f"no rows in {paths}")
+    samplers = list(dict.fromkeys(s for _, s in rows))
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    for (prob, s), r in rows.items():
+        table.setdefault(prob, {})[s] = (r["median_regret"], r["median_ask_s"])
+    protocols = sorted({(r["seeds"], r["trials"]) for r in rows.values()})
+    seeds = "/".join(str(p[0]) for p in protocols)
+    trials = "/".join(str(p[1]) for p in protocols)
+    out = format_table(table, samplers, seeds, trials)
+    if len(protocols) > 1:
+        per = ", ".join(f"{s}: {rows[next(k for k in rows if k[1] == s)]['seeds']} seeds" for s in samplers)
+        out += f"\n(seeds per sampler: {per})"
+    return out
+
+
+def format_table(table: dict[str, dict[str, tuple[float, float]]], samplers: list[str], seeds: Any, trials: Any) -> str:
     """Median regret per problem and sampler, each sampler's rank per problem, and the mean rank."""
     head = f"{'problem':<22}" + "".join(f"{s:>16}" for s in samplers)
     lines = [f"median simple regret over {seeds} seeds after {trials} trials (rank in brackets)", head, "-" * len(head)]
