@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from collections.abc import Hashable
 from collections.abc import Sequence
 
 import optax
@@ -92,6 +93,26 @@ def make_optimizer(
     return tx
 
 
+def optimizer_key(
+    *,
+    steps: int,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    momentum: float = 0.9,
+    grad_clip: float = 0.0,
+) -> tuple:
+    """What :func:`make_optimizer` with these arguments bakes into a compiled train step.
+
+    Everything but the learning rate and adamw's weight decay, which are values in the optimizer
+    state: two optimizers with equal keys run the same program (a ``cache_key`` part for
+    :func:`research.train.make_train_step`).
+    """
+    decay = None if optimizer == "adamw" else weight_decay
+    return ("make_optimizer", optimizer, schedule, steps, warmup_steps, momentum, grad_clip, decay)
+
+
 def finetune(
     model: nnx.Module,
     dataset: Dataset,
@@ -111,6 +132,7 @@ def finetune(
     loss_fn: LossFn | None = None,
     loss_transforms: Sequence[LossTransform] = (),
     wrap_tx: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None,
+    step_key: Hashable | None = None,
     checkpoint_every: int = 100,
     eval_every: int = 0,
     log_every: int = 10,
@@ -136,6 +158,13 @@ def finetune(
       loss_fn: the task loss (default cross-entropy).
       loss_transforms: e.g. knowledge distillation; applied in order.
       wrap_tx: wraps the optimizer, e.g. a pruning mask wrapper.
+      step_key: what ``wrap_tx`` and ``loss_transforms`` bake into the compiled step (their
+        structure and constants, not the values they keep in the optimizer state), hashable. Calls
+        whose optimizer settings (but the learning rate and adamw's weight decay), ``step_key``,
+        model graph and ``loss_fn`` agree share one jitted step, so the trials of a study compile
+        it once (:func:`research.train.make_train_step`'s ``cache_key``). Without ``wrap_tx`` and
+        ``loss_transforms`` it may stay ``None``; with either and ``step_key=None`` the step is
+        jitted anew (compiled again, or loaded from the persistent compilation cache).
       checkpoint_every, eval_every, log_every: loop cadence in steps (0 = only at the end).
       sampler: a custom batch sampler (default: shuffled batches of the training split).
       return_state: also return ``(defs, state)`` (e.g. to read masks from the optimizer state).
@@ -162,7 +191,18 @@ def finetune(
     if wrap_tx is not None:
         tx = wrap_tx(tx)
     defs, state = create_train_state(nnx.clone(model), tx, seed=seed)
-    step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms)
+    cache_key = None
+    if step_key is not None or (wrap_tx is None and not loss_transforms):
+        opt_key = optimizer_key(
+            steps=steps,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            grad_clip=grad_clip,
+        )
+        cache_key = (opt_key, step_key)
+    step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms, cache_key=cache_key)
     if data_parallel:
         step_fn = data_parallel_step(step_fn, min(batch_size, len(dataset.x_train)))
     if sampler is None:
