@@ -28,6 +28,7 @@ from methods.pruning.patterns import Unstructured
 from methods.pruning.schedules import iterative_schedule
 from methods.pruning.schedules import one_shot_schedule
 from methods.pruning.schedules import polynomial_schedule
+from methods.pruning.scores import get_scorer
 from methods.pruning.structured import remove_channels
 from methods.pruning.structured.channels import plan_recipe_step
 from methods.pruning.wrapper import masked
@@ -134,7 +135,7 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
             )
 
         # What the wrapper bakes into the compiled step (the same arguments): equal keys share it.
-        wrap_key = ("masked", sched, rules, cfg.scorer, cfg.allocation, pattern, ctx.seed)
+        wrap_key = ("masked", sched, rules, get_scorer(cfg.scorer), cfg.allocation, pattern, ctx.seed)
 
     if cfg.train is None:
         return _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes)

@@ -77,6 +77,11 @@ def make_train_step(
     key = None
     if jit and cache_key is not None:
         key = (defs.train, loss_fn, cache_key, donate, log_grad_norm)
+        try:
+            hash(key)
+        except TypeError:  # a part that cannot be compared (e.g. a list in a rule): no reuse
+            key = None
+    if key is not None:
         cached = _STEP_CACHE.get(key)
         if cached is not None:
             _STEP_CACHE.move_to_end(key)

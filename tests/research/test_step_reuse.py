@@ -80,19 +80,29 @@ def test_finetune_traces_its_step_once_across_learning_rates_and_weight_decays(d
     assert not _same(params_b, _finetune(model, digits, tmp_path / "f")[1])  # the learning rate did matter
 
 
-def test_a_wrapper_without_a_key_gets_a_new_step(digits, tmp_path):
-    def wrap(tx):
-        return masking.keep_masks(tx, lambda params: jax.tree.map(lambda _: None, params))
+def test_a_wrapper_is_shared_only_under_a_key_and_its_state_values_are_not_baked_in(digits, tmp_path):
+    def keep(threshold):
+        """Fixed masks (values in the optimizer state): the kernels' entries above ``threshold``."""
+
+        def masks(params):
+            return jax.tree.map(lambda p: p > threshold if p.ndim == 2 else None, params)
+
+        return lambda tx: masking.keep_masks(tx, masks)
 
     model = _mlp()
+    key = ("keep_masks", "kernels")
     step_lib.clear_train_step_cache()
     _step_traces()
     for name in ("a", "b"):
-        _finetune(model, digits, tmp_path / name, wrap_tx=wrap)
-        assert _step_traces() == 1
-    for name in ("c", "d"):
-        _finetune(model, digits, tmp_path / name, wrap_tx=wrap, step_key=("keep_masks", "none"))
+        _finetune(model, digits, tmp_path / name, wrap_tx=keep(0.0))
+        assert _step_traces() == 1  # no key: a new step each time
+    _finetune(model, digits, tmp_path / "c", wrap_tx=keep(0.0), step_key=key)
+    records, params = _finetune(model, digits, tmp_path / "d", wrap_tx=keep(-0.05), step_key=key)
     assert _step_traces() == 1
+    step_lib.clear_train_step_cache()
+    fresh_records, fresh_params = _finetune(model, digits, tmp_path / "e", wrap_tx=keep(-0.05), step_key=key)
+    assert records == fresh_records and _same(params, fresh_params)
+    assert not _same(params, _finetune(model, digits, tmp_path / "f", wrap_tx=keep(0.0), step_key=key)[1])
 
 
 def _metrics_files(workdir: str) -> dict[str, list[dict]]:
