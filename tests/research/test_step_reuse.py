@@ -10,14 +10,18 @@ import pytest
 from flax import nnx
 from jax import monitoring
 
+from methods.pruning import PruneStage
+from methods.quantization import QuantizeStage
 from research import config as config_lib
 from research import data
 from research import nn
 from research import train
+from research.config import Config
+from research.config import DataConfig
+from research.config import ModelConfig
+from research.stages import TrainStage
 from research.train import masking
 from research.train import step as step_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _traced: list[str] = []
 
@@ -123,7 +127,21 @@ def test_pipeline_runs_share_train_and_prune_steps_and_match_a_fresh_process(tmp
     from research.run import run
 
     register_all_stages()
-    base = config_lib.load_config(os.path.join(ROOT, "configs", "tune_quickstart.py") + ":smoke")
+    base = Config(  # configs/tune_quickstart.py:smoke
+        name="step-reuse",
+        seed=0,
+        model=ModelConfig(name="mlp", options={"widths": (64,)}),
+        data=DataConfig(name="digits", limit=600),
+        stages=(
+            TrainStage(steps=12, learning_rate=3e-3, batch_size=64, checkpoint_every=6, eval_every=0, log_every=6),
+            PruneStage(
+                sparsity=0.5,
+                schedule="polynomial",
+                train=TrainStage(steps=6, learning_rate=1e-3, batch_size=64, eval_every=0),
+            ),
+            QuantizeStage(bits=8, per_channel=True, calibration_examples=64),
+        ),
+    )
 
     def config(lr: float, sparsity: float = 0.5):
         sets = ["stages.train.optimizer=adamw", f"stages.train.learning_rate={lr}", f"stages.prune.sparsity={sparsity}"]
