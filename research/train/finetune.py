@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from collections.abc import Hashable
+from collections.abc import Mapping
 from collections.abc import Sequence
+from typing import Any
 
 import optax
 from flax import nnx
@@ -93,24 +95,15 @@ def make_optimizer(
     return tx
 
 
-def optimizer_key(
-    *,
-    steps: int,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    momentum: float = 0.9,
-    grad_clip: float = 0.0,
-) -> tuple:
-    """What :func:`make_optimizer` with these arguments bakes into a compiled train step.
+def optimizer_key(settings: Mapping[str, Any]) -> tuple:
+    """What ``make_optimizer(**settings)`` bakes into a compiled train step.
 
-    Everything but the learning rate and adamw's weight decay, which are values in the optimizer
+    Every setting but the learning rate and adamw's weight decay, which are values in the optimizer
     state: two optimizers with equal keys run the same program (a ``cache_key`` part for
     :func:`research.train.make_train_step`).
     """
-    decay = None if optimizer == "adamw" else weight_decay
-    return ("make_optimizer", optimizer, schedule, steps, warmup_steps, momentum, grad_clip, decay)
+    skip = {"learning_rate"} | ({"weight_decay"} if settings.get("optimizer", "adam") == "adamw" else set())
+    return ("make_optimizer", tuple(sorted((k, v) for k, v in settings.items() if k not in skip)))
 
 
 def finetune(
@@ -179,29 +172,22 @@ def finetune(
     """
     if steps <= 0:
         raise ValueError(f"steps={steps} must be positive")
-    tx = make_optimizer(
-        steps=steps,
-        learning_rate=learning_rate,
-        optimizer=optimizer,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
-    )
+    settings = {
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "optimizer": optimizer,
+        "weight_decay": weight_decay,
+        "schedule": schedule,
+        "warmup_steps": warmup_steps,
+        "grad_clip": grad_clip,
+    }
+    tx = make_optimizer(**settings)
     if wrap_tx is not None:
         tx = wrap_tx(tx)
     defs, state = create_train_state(nnx.clone(model), tx, seed=seed)
     cache_key = None
     if step_key is not None or (wrap_tx is None and not loss_transforms):
-        opt_key = optimizer_key(
-            steps=steps,
-            optimizer=optimizer,
-            weight_decay=weight_decay,
-            schedule=schedule,
-            warmup_steps=warmup_steps,
-            grad_clip=grad_clip,
-        )
-        cache_key = (opt_key, step_key)
+        cache_key = (optimizer_key(settings), step_key)
     step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms, cache_key=cache_key)
     if data_parallel:
         step_fn = data_parallel_step(step_fn, min(batch_size, len(dataset.x_train)))
