@@ -119,15 +119,9 @@ def _metrics_files(workdir: str) -> dict[str, list[dict]]:
     return out
 
 
-@pytest.mark.slow
-def test_pipeline_runs_share_train_and_prune_steps_and_match_a_fresh_process(tmp_path):
-    """Two runs of train -> prune -> quantize in one process (the trials of a study): the second traces
-    no train step, and its metrics equal those of the same config run with nothing cached."""
-    from research.run import register_all_stages
-    from research.run import run
-
-    register_all_stages()
-    base = Config(  # configs/tune_quickstart.py:smoke
+def _pipeline_config() -> Config:
+    """train -> prune -> quantize of a small MLP on digits (``configs/tune_quickstart.py:smoke``)."""
+    return Config(
         name="step-reuse",
         seed=0,
         model=ModelConfig(name="mlp", options={"widths": (64,)}),
@@ -142,6 +136,17 @@ def test_pipeline_runs_share_train_and_prune_steps_and_match_a_fresh_process(tmp
             QuantizeStage(bits=8, per_channel=True, calibration_examples=64),
         ),
     )
+
+
+@pytest.mark.slow
+def test_pipeline_runs_share_train_and_prune_steps_and_match_a_fresh_process(tmp_path):
+    """Two runs of train -> prune -> quantize in one process (the trials of a study): the second traces
+    no train step, and its metrics equal those of the same config run with nothing cached."""
+    from research.run import register_all_stages
+    from research.run import run
+
+    register_all_stages()
+    base = _pipeline_config()
 
     def config(lr: float, sparsity: float = 0.5):
         sets = ["stages.train.optimizer=adamw", f"stages.train.learning_rate={lr}", f"stages.prune.sparsity={sparsity}"]
@@ -163,3 +168,30 @@ def test_pipeline_runs_share_train_and_prune_steps_and_match_a_fresh_process(tmp
     assert second == fresh
     first = _metrics_files(str(tmp_path / "first"))
     assert first["0_train"] != second["0_train"]
+
+
+@pytest.mark.slow
+def test_a_study_traces_its_train_steps_in_its_first_run_only(tmp_path):
+    """``slimjax tune``'s worker runs its trials in one process: three trials of different learning
+    rates and weight decays trace the train and prune steps once in all."""
+    from research import tune as tune_lib
+    from research.automl import Float
+    from research.automl import Space
+    from research.run import register_all_stages
+
+    register_all_stages()
+    config = config_lib.apply_overrides(_pipeline_config(), ["stages.train.optimizer=adamw"])
+    space = Space(
+        {
+            "stages.train.learning_rate": Float(3e-4, 3e-2, log=True),
+            "stages.train.weight_decay": Float(1e-5, 1e-2, log=True),
+        }
+    )
+    step_lib.clear_train_step_cache()
+    _step_traces()
+    result = tune_lib.tune(
+        config, space, str(tmp_path), trials=3, sampler="random", plot_every=0, echo=False, compilation_cache=False
+    )
+    assert [t["state"] for t in result.trials] == ["COMPLETE"] * 3
+    assert len({t["params"]["stages.train.learning_rate"] for t in result.trials}) == 3
+    assert _step_traces() == 2
