@@ -214,6 +214,12 @@ class Carried:
     def active(self) -> bool:
         return self.masks is not None or bool(self.frozen)
 
+    @property
+    def step_key(self) -> tuple:
+        """What :meth:`wrap` bakes into a compiled train step: the frozen paths and whether masks are
+        kept (the masks themselves are optimizer-state values)."""
+        return ("carried", self.frozen, self.masks is not None)
+
 
 def carried(extras: Mapping[str, Any], params: Any, *, keep: bool = True) -> Carried:
     """The constraints of ``extras`` as a fine-tuning run over ``params`` keeps them.

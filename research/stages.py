@@ -425,6 +425,7 @@ def fine_tune(
     input_model: nnx.Module | None = None,
     extras: Mapping[str, Any] | None = None,
     wrap_tx: Callable[[Any], Any] | None = None,
+    wrap_key: Any = None,
     loss_transforms: tuple[Any, ...] = (),
     description: str | None = None,
 ) -> FineTuned:
@@ -440,6 +441,10 @@ def fine_tune(
         default ``bundle.model``).
       extras: the extras whose constraints ``model`` carries (default ``bundle.extras``).
       wrap_tx: the stage's own optimizer wrapper (a pruning schedule); the kept masks wrap it.
+      wrap_key: what ``wrap_tx`` bakes into the compiled step (its structure and constants, not the
+        values it keeps in the optimizer state), hashable. Stages whose settings agree then share
+        one jitted step (the trials of a ``slimjax tune`` study compile it once); ``None`` with a
+        ``wrap_tx``, a teacher or ``loss_transforms``: the step is jitted anew.
       loss_transforms: the stage's own loss transforms (the teacher's come after them).
       description: the progress bar's label.
 
@@ -471,6 +476,8 @@ def fine_tune(
         return carry.wrap(wrap_tx(tx) if wrap_tx is not None else tx)
 
     kwargs = {**context_kwargs(ctx), **train_kwargs(train)}
+    if setup is None and not loss_transforms and (wrap_tx is None or wrap_key is not None):
+        kwargs["step_key"] = (carry.step_key, wrap_key)
     if description:
         kwargs["description"] = description
     trained, records, (defs, state) = finetune(

@@ -3,7 +3,8 @@ study, against a bare ``slimjax run`` of the same config, in one run.
 
 The study tunes the learning rate and weight decay of ``configs/tune_quickstart.py`` (train ->
 prune -> quantize, MLP on digits); width, sparsity and bits stay at the config's values, so every
-trial has the same shapes. Each measurement runs in a fresh process (cold in-memory caches): the
+trial has the same shapes. ``--vary sparsity`` also samples the pruning sparsity, which is a
+constant of the prune stage's compiled step: each new value compiles that step again. Each measurement runs in a fresh process (cold in-memory caches): the
 bare run, then the study (its trials share one worker process and the study's persistent
 compilation cache). Compile time is what JAX reports for tracing, lowering and backend
 compilation (``jax.monitoring``); run time is the rest of the trial.
@@ -11,6 +12,10 @@ compilation (``jax.monitoring``); run time is the rest of the trial.
 Run:
   python -m experiments.benchmarks.tune_overhead                 # 4 trials
   python -m experiments.benchmarks.tune_overhead --trials 6 --arg smoke
+  python -m experiments.benchmarks.tune_overhead --against /path/to/other/checkout   # two versions side by side
+
+``--against DIR`` measures the same in a checkout of another version (its own copy of this script,
+run with ``PYTHONPATH=DIR``) right before this one, and prints both tables.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def _bare(workdir: str, arg: str | None) -> dict:
     return {"seconds": seconds, "compile_seconds": compile_s, "run_seconds": seconds - compile_s}
 
 
-def _tune(workdir: str, arg: str | None, trials: int) -> list[dict]:
+def _tune(workdir: str, arg: str | None, trials: int, vary: str = "lr") -> list[dict]:
     from research import config as config_lib
     from research import tune as tune_lib
     from research.automl import Float
@@ -57,6 +62,7 @@ def _tune(workdir: str, arg: str | None, trials: int) -> list[dict]:
         {
             "stages.train.learning_rate": Float(3e-4, 3e-2, log=True),
             "stages.train.weight_decay": Float(1e-5, 1e-2, log=True),
+            **({"stages.prune.sparsity": Float(0.3, 0.95)} if vary == "sparsity" else {}),
         }
     )
     result = tune_lib.tune(config, space, workdir, trials=trials, sampler="random", plot_every=0, echo=False)
@@ -70,6 +76,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--arg", default=None, help="config argument, e.g. smoke")
+    parser.add_argument("--against", help="a checkout of another version to measure first, side by side")
+    parser.add_argument(
+        "--vary",
+        choices=["lr", "sparsity"],
+        default="lr",
+        help="what the trials change: learning rate and weight decay (default), or also the pruning sparsity",
+    )
     parser.add_argument("--mode", choices=["bare", "tune"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -77,19 +90,32 @@ def main() -> None:
         print(json.dumps(_bare(args.workdir, args.arg)))
         return
     if args.mode == "tune":
-        print(json.dumps(_tune(args.workdir, args.arg, args.trials)))
+        print(json.dumps(_tune(args.workdir, args.arg, args.trials, args.vary)))
         return
 
     from research.report import format_table
 
     root = tempfile.mkdtemp(prefix="tune_overhead-")
-    extra = ["--arg", args.arg] if args.arg else []
+    versions = [(os.path.abspath(args.against), "against")] if args.against else []
+    for repo, name in [*versions, (ROOT, "this checkout")]:
+        print(f"== {name}: {repo}")
+        _report(format_table, _measure(repo, os.path.join(root, name.replace(" ", "_")), args))
+
+
+def _measure(repo: str, root: str, args) -> dict:
+    """Runs the bare run and the study in fresh processes of the checkout ``repo``."""
+    extra = (["--arg", args.arg] if args.arg else []) + (["--vary", args.vary] if args.vary != "lr" else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
     outs = {}
     for mode in ("bare", "tune"):
         cmd = [sys.executable, "-m", "experiments.benchmarks.tune_overhead", "--mode", mode]
         cmd += ["--workdir", os.path.join(root, mode), "--trials", str(args.trials), *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=repo, env=env)
         outs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return outs
+
+
+def _report(format_table, outs: dict) -> None:
     rows = [{"what": "bare slimjax run", **outs["bare"]}]
     rows += [{"what": f"tune trial {t['number']}", **t} for t in outs["tune"]]
     for r in rows:

@@ -28,6 +28,7 @@ from methods.pruning.patterns import Unstructured
 from methods.pruning.schedules import iterative_schedule
 from methods.pruning.schedules import one_shot_schedule
 from methods.pruning.schedules import polynomial_schedule
+from methods.pruning.scores import get_scorer
 from methods.pruning.structured import remove_channels
 from methods.pruning.structured.channels import plan_recipe_step
 from methods.pruning.wrapper import masked
@@ -115,7 +116,7 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
         bundle = dataclasses.replace(bundle, recipe=recipe)
         removed = sum(g.removed for g in plan.groups)
         notes.append(f"removed {removed} channels in {len(plan.groups)} coupled groups ({cfg.channel_score} score)")
-    wrap = None
+    wrap = wrap_key = None
     if cfg.sparsity > 0 or cfg.pattern == "nm":
         pattern = _pattern(cfg)
         target = pattern.sparsity if isinstance(pattern, NM) else cfg.sparsity
@@ -133,9 +134,12 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
                 seed=ctx.seed,
             )
 
+        # What the wrapper bakes into the compiled step (the same arguments): equal keys share it.
+        wrap_key = ("masked", sched, rules, get_scorer(cfg.scorer), cfg.allocation, pattern, ctx.seed)
+
     if cfg.train is None:
         return _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes)
-    done = fine_tune(bundle, model, cfg.train, ctx, input_model=original, wrap_tx=wrap)
+    done = fine_tune(bundle, model, cfg.train, ctx, input_model=original, wrap_tx=wrap, wrap_key=wrap_key)
     model, masks = done.model, done.masks
     notes += done.notes
     metrics.update(done.metrics)

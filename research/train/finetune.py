@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from collections.abc import Hashable
+from collections.abc import Mapping
 from collections.abc import Sequence
+from typing import Any
 
 import optax
 from flax import nnx
@@ -92,6 +95,17 @@ def make_optimizer(
     return tx
 
 
+def optimizer_key(settings: Mapping[str, Any]) -> tuple:
+    """What ``make_optimizer(**settings)`` bakes into a compiled train step.
+
+    Every setting but the learning rate and adamw's weight decay, which are values in the optimizer
+    state: two optimizers with equal keys run the same program (a ``cache_key`` part for
+    :func:`research.train.make_train_step`).
+    """
+    skip = {"learning_rate"} | ({"weight_decay"} if settings.get("optimizer", "adam") == "adamw" else set())
+    return ("make_optimizer", tuple(sorted((k, v) for k, v in settings.items() if k not in skip)))
+
+
 def finetune(
     model: nnx.Module,
     dataset: Dataset,
@@ -111,6 +125,7 @@ def finetune(
     loss_fn: LossFn | None = None,
     loss_transforms: Sequence[LossTransform] = (),
     wrap_tx: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None,
+    step_key: Hashable | None = None,
     checkpoint_every: int = 100,
     eval_every: int = 0,
     log_every: int = 10,
@@ -136,6 +151,13 @@ def finetune(
       loss_fn: the task loss (default cross-entropy).
       loss_transforms: e.g. knowledge distillation; applied in order.
       wrap_tx: wraps the optimizer, e.g. a pruning mask wrapper.
+      step_key: what ``wrap_tx`` and ``loss_transforms`` bake into the compiled step (their
+        structure and constants, not the values they keep in the optimizer state), hashable. Calls
+        whose optimizer settings (but the learning rate and adamw's weight decay), ``step_key``,
+        model graph and ``loss_fn`` agree share one jitted step, so the trials of a study compile
+        it once (:func:`research.train.make_train_step`'s ``cache_key``). Without ``wrap_tx`` and
+        ``loss_transforms`` it may stay ``None``; with either and ``step_key=None`` the step is
+        jitted anew (compiled again, or loaded from the persistent compilation cache).
       checkpoint_every, eval_every, log_every: loop cadence in steps (0 = only at the end).
       sampler: a custom batch sampler (default: shuffled batches of the training split).
       return_state: also return ``(defs, state)`` (e.g. to read masks from the optimizer state).
@@ -150,19 +172,23 @@ def finetune(
     """
     if steps <= 0:
         raise ValueError(f"steps={steps} must be positive")
-    tx = make_optimizer(
-        steps=steps,
-        learning_rate=learning_rate,
-        optimizer=optimizer,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
-    )
+    settings = {
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "optimizer": optimizer,
+        "weight_decay": weight_decay,
+        "schedule": schedule,
+        "warmup_steps": warmup_steps,
+        "grad_clip": grad_clip,
+    }
+    tx = make_optimizer(**settings)
     if wrap_tx is not None:
         tx = wrap_tx(tx)
     defs, state = create_train_state(nnx.clone(model), tx, seed=seed)
-    step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms)
+    cache_key = None
+    if step_key is not None or (wrap_tx is None and not loss_transforms):
+        cache_key = (optimizer_key(settings), step_key)
+    step_fn = make_train_step(defs, tx, loss_fn or cross_entropy_loss, loss_transforms, cache_key=cache_key)
     if data_parallel:
         step_fn = data_parallel_step(step_fn, min(batch_size, len(dataset.x_train)))
     if sampler is None:

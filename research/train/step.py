@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable
+from collections.abc import Hashable
 from collections.abc import Sequence
 
 import jax
@@ -28,6 +30,12 @@ from research.train.state import merge_model
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
 
+#: Jitted train steps by what their program depends on (see ``make_train_step``'s ``cache_key``),
+#: least recently used first. A cached step keeps the first call's optimizer object, whose update
+#: function reads every per-run value (learning rate, weight decay, masks) from the optimizer state.
+_STEP_CACHE: collections.OrderedDict[Hashable, StepFn] = collections.OrderedDict()
+_STEP_CACHE_SIZE = 16
+
 
 def make_train_step(
     defs: ModelDefs,
@@ -38,6 +46,7 @@ def make_train_step(
     jit: bool = True,
     donate: bool = True,
     log_grad_norm: bool = False,
+    cache_key: Hashable | None = None,
 ) -> StepFn:
     """Builds ``step(state, batch) -> (new_state, metrics)``.
 
@@ -52,11 +61,31 @@ def make_train_step(
       log_grad_norm: add the gradients' global norm to the metrics (off by default: an extra
         pass over the gradients; ``python -m experiments.benchmarks.train_overhead`` measures
         its cost).
+      cache_key: reuse one jitted step (and so its compiled programs) across calls: steps built
+        with equal ``cache_key``, equal model graphs (``defs.train``), the same ``loss_fn`` object
+        and the same options are the same function, so a later run of the same shapes compiles
+        nothing. The caller vouches that equal keys mean ``tx`` and ``loss_transforms`` build the
+        same program: the same transformations with the same constants; values they keep in their
+        state (a learning rate injected with ``optax.inject_hyperparams``, masks) may differ.
+        :func:`research.train.finetune` builds it from the optimizer settings. ``None`` (default):
+        a new jitted function (compiled on its first call). Ignored with ``jit=False``.
 
     Returns:
       The step function. ``metrics`` holds ``loss`` (``grad_norm`` on request) and every scalar
       in ``aux``.
     """
+    key = None
+    if jit and cache_key is not None:
+        key = (defs.train, loss_fn, cache_key, donate, log_grad_norm)
+        try:
+            hash(key)
+        except TypeError:  # a part that cannot be compared (e.g. a list in a rule): no reuse
+            key = None
+    if key is not None:
+        cached = _STEP_CACHE.get(key)
+        if cached is not None:
+            _STEP_CACHE.move_to_end(key)
+            return cached
     full_loss = apply_transforms(loss_fn, loss_transforms)
 
     def objective(params, model_state, batch, rng):
@@ -81,7 +110,18 @@ def make_train_step(
 
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+    if key is not None:
+        _STEP_CACHE[key] = jitted
+        while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+            _STEP_CACHE.popitem(last=False)
+    return jitted
+
+
+def clear_train_step_cache() -> None:
+    """Forgets the jitted train steps kept for ``make_train_step(cache_key=...)`` (and so their
+    compiled programs, unless JAX's persistent compilation cache holds them)."""
+    _STEP_CACHE.clear()
 
 
 def make_eval_step(defs: ModelDefs, *, jit: bool = True):
