@@ -6,6 +6,11 @@ target at ``step``) and ``is_update_step(step)`` (whether masks are recomputed a
 ``sparsity``) follow the same curve scaled to their target:
 ``layer_target(step) = rule.sparsity * sparsity(step) / final_sparsity``.
 
+``values()`` returns the numbers ``sparsity`` computes with that depend on the target (as Python
+computes them), and ``sparsity(step, values)`` accepts them as arrays: the pruning wrapper keeps them
+in its optimizer state, so one compiled train step serves every target sparsity (the trials of a
+``slimjax tune`` study) and computes exactly what the constants would.
+
 References:
   Zhu & Gupta, "To prune, or not to prune", https://arxiv.org/abs/1710.01878
 """
@@ -39,8 +44,13 @@ class OneShot:
     def __post_init__(self):
         check_sparsity(self.final_sparsity, "final_sparsity")
 
-    def sparsity(self, step: jax.Array) -> jax.Array:
-        return jnp.where(step >= self.step, self.final_sparsity, 0.0).astype(jnp.float32)
+    def values(self) -> dict[str, float]:
+        """The target-dependent numbers of :meth:`sparsity` (see the module docstring)."""
+        return {"final": self.final_sparsity}
+
+    def sparsity(self, step: jax.Array, values: dict[str, jax.Array] | None = None) -> jax.Array:
+        v = self.values() if values is None else values
+        return jnp.where(step >= self.step, v["final"], 0.0).astype(jnp.float32)
 
     def is_update_step(self, step: jax.Array) -> jax.Array:
         return jnp.asarray(step) == self.step
@@ -59,8 +69,13 @@ class Constant:
         check_sparsity(self.final_sparsity, "final_sparsity")
         _check_steps(self.begin_step, self.end_step, self.frequency)
 
-    def sparsity(self, step: jax.Array) -> jax.Array:
-        return jnp.where(step >= self.begin_step, self.final_sparsity, 0.0).astype(jnp.float32)
+    def values(self) -> dict[str, float]:
+        """The target-dependent numbers of :meth:`sparsity` (see the module docstring)."""
+        return {"final": self.final_sparsity}
+
+    def sparsity(self, step: jax.Array, values: dict[str, jax.Array] | None = None) -> jax.Array:
+        v = self.values() if values is None else values
+        return jnp.where(step >= self.begin_step, v["final"], 0.0).astype(jnp.float32)
 
     def is_update_step(self, step: jax.Array) -> jax.Array:
         step = jnp.asarray(step)
@@ -96,9 +111,14 @@ class Iterative:
         r = jnp.floor_divide(jnp.asarray(step) - self.begin_step, self._interval()) + 1
         return jnp.clip(jnp.where(jnp.asarray(step) >= self.begin_step, r, 0), 0, self.num_rounds)
 
-    def sparsity(self, step):
+    def values(self) -> dict[str, float]:
+        """The target-dependent numbers of :meth:`sparsity` (see the module docstring)."""
+        return {"kept": 1.0 - self.final_sparsity}
+
+    def sparsity(self, step, values=None):
+        v = self.values() if values is None else values
         r = self._round(step).astype(jnp.float32)
-        return 1.0 - (1.0 - self.final_sparsity) ** (r / self.num_rounds)
+        return 1.0 - v["kept"] ** (r / self.num_rounds)
 
     def is_update_step(self, step):
         step = jnp.asarray(step)
@@ -132,14 +152,19 @@ class Polynomial:
         check_sparsity(self.initial_sparsity, "initial_sparsity")
         _check_steps(self.begin_step, self.end_step, self.frequency)
 
-    def sparsity(self, step):
+    def values(self) -> dict[str, float]:
+        """The target-dependent numbers of :meth:`sparsity` (see the module docstring)."""
+        return {"final": self.final_sparsity, "delta": self.initial_sparsity - self.final_sparsity}
+
+    def sparsity(self, step, values=None):
+        v = self.values() if values is None else values
         step = jnp.asarray(step)
         # Held constant between updates: evaluate at the last update step at or before `step`.
         last = self.begin_step + (jnp.maximum(step - self.begin_step, 0) // self.frequency) * self.frequency
         last = jnp.minimum(last, self.end_step)
         span = max(self.end_step - self.begin_step, 1)
         frac = jnp.clip((last - self.begin_step) / span, 0.0, 1.0)
-        s = self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** self.power
+        s = v["final"] + v["delta"] * (1.0 - frac) ** self.power
         return jnp.where(step >= self.begin_step, s, 0.0).astype(jnp.float32)
 
     def is_update_step(self, step):
@@ -150,6 +175,15 @@ class Polynomial:
 
 
 Schedule = OneShot | Constant | Iterative | Polynomial
+
+
+def program_key(schedule: Schedule) -> tuple:
+    """What ``schedule`` bakes into a compiled train step: its type and every field but
+    ``final_sparsity`` (the pruning wrapper keeps the target-dependent numbers in its state)."""
+    fields = tuple(
+        (f.name, getattr(schedule, f.name)) for f in dataclasses.fields(schedule) if f.name != "final_sparsity"
+    )
+    return (type(schedule).__name__, fields, schedule.final_sparsity > 0)
 
 
 def one_shot_schedule(final_sparsity: float, step: int = 0) -> OneShot:

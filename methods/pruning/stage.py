@@ -28,6 +28,7 @@ from methods.pruning.patterns import Unstructured
 from methods.pruning.schedules import iterative_schedule
 from methods.pruning.schedules import one_shot_schedule
 from methods.pruning.schedules import polynomial_schedule
+from methods.pruning.schedules import program_key
 from methods.pruning.scores import get_scorer
 from methods.pruning.structured import remove_channels
 from methods.pruning.structured.channels import plan_recipe_step
@@ -134,8 +135,9 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
                 seed=ctx.seed,
             )
 
-        # What the wrapper bakes into the compiled step (the same arguments): equal keys share it.
-        wrap_key = ("masked", sched, rules, get_scorer(cfg.scorer), cfg.allocation, pattern, ctx.seed)
+        # What the wrapper's update bakes into the compiled step: runs with equal keys share it. The
+        # targets (the schedule's and the rules' sparsities) are values in its state.
+        wrap_key = ("masked", program_key(sched), get_scorer(cfg.scorer), cfg.allocation, pattern, ctx.seed)
 
     if cfg.train is None:
         return _prune_without_training(bundle, cfg, ctx, model, original, wrap, notes)

@@ -29,9 +29,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from methods.pruning.masks import SparsityRule
@@ -56,6 +58,33 @@ PyTree = Any
 
 def _is_none(x):
     return x is None
+
+
+def _inverse(sparsity: float) -> np.float32:
+    """``1 / sparsity`` in float32 arithmetic (as XLA folds a division by the constant), 0 for 0."""
+    return np.float32(1.0) / np.float32(sparsity) if sparsity > 0 else np.float32(0.0)
+
+
+class PruningState(NamedTuple):
+    """State of :func:`masked` with a schedule: :class:`~research.train.masking.MaskedState`'s fields
+    plus the run's targets as values, so one compiled step serves every target sparsity.
+
+    Attributes:
+      count: int32 number of updates done (the schedule's step).
+      masks: bool pytree shaped like the params (``None`` for dense leaves).
+      inner_state: the wrapped optimizer's state.
+      targets: float32 scalars shaped like the params: each pruned leaf's final sparsity (its
+        rule's, else the schedule's), ``None`` for dense leaves.
+      inverse: float32, ``1 / final_sparsity`` rounded to float32 (0 when it is 0).
+      schedule: the schedule's ``values()`` as float32 scalars.
+    """
+
+    count: jax.Array
+    masks: PyTree
+    inner_state: optax.OptState
+    targets: PyTree
+    inverse: jax.Array
+    schedule: dict[str, jax.Array]
 
 
 def masked(
@@ -86,7 +115,10 @@ def masked(
       seed: key for random scores.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is a :class:`MaskedState`.
+      An ``optax.GradientTransformation`` whose state is a :class:`PruningState` (a
+      :class:`MaskedState` without a schedule). The targets (the schedule's and the rules'
+      sparsities) are values in that state, so wrappers that differ only in them compile to one
+      program (:func:`~methods.pruning.schedules.program_key` names what the update bakes in).
 
     Raises:
       ValueError: neither ``schedule`` nor ``masks`` given; ``update`` called without params.
@@ -111,15 +143,27 @@ def masked(
                 params,
                 is_leaf=_is_none,
             )
-        else:
-            m = ones_like_masks(params, leaf_targets(params, schedule.final_sparsity, rules))
-        return MaskedState(jnp.zeros((), jnp.int32), m, inner.init(params))
-
-    def recompute(params, grads, count):
         final = leaf_targets(params, schedule.final_sparsity, rules)
-        now = schedule.sparsity(count)
-        scale = now / schedule.final_sparsity if schedule.final_sparsity > 0 else 0.0
+        if masks is None:
+            m = ones_like_masks(params, final)
+        return PruningState(
+            jnp.zeros((), jnp.int32),
+            m,
+            inner.init(params),
+            map_with_paths(lambda p, _: jnp.float32(final[p]) if p in final else None, params),
+            jnp.float32(_inverse(schedule.final_sparsity)),
+            {k: jnp.float32(v) for k, v in schedule.values().items()},
+        )
+
+    def recompute(params, grads, state):
+        # The numbers that were constants of the program, as values: the same float32 arithmetic.
+        # XLA compiled `now / final_sparsity` as `now * (1 / final_sparsity)` (the reciprocal of
+        # the float32 constant); the product with the stored reciprocal is that, bit for bit.
+        final = {p: t for p, t in flatten_with_paths(state.targets, is_leaf=_is_none) if t is not None}
+        now = schedule.sparsity(state.count, state.schedule)
+        scale = now * state.inverse if schedule.final_sparsity > 0 else 0.0
         targets = {p: t * scale for p, t in final.items()}
+        count = state.count
         key = jax.random.fold_in(jax.random.key(seed), count)
         scores = compute_scores(scorer_obj, params, list(targets), grads if scorer_obj.needs_grad else None, key)
         if isinstance(pattern, Unstructured):
@@ -131,20 +175,17 @@ def masked(
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("masked() needs params: call tx.update(grads, opt_state, params)")
-        count = state.count
-        new_masks = state.masks
-        if schedule is not None:
-            new_masks = jax.lax.cond(
-                schedule.is_update_step(count),
-                lambda: recompute(params, updates, count),
-                lambda: state.masks,
-            )
+        new_masks = jax.lax.cond(
+            schedule.is_update_step(state.count),
+            lambda: recompute(params, updates, state),
+            lambda: state.masks,
+        )
         grads = mask_grads(updates, new_masks)
         inner_updates, inner_state = inner.update(grads, state.inner_state, params)
         out = mask_updates(inner_updates, new_masks, params)
-        return out, MaskedState(count + 1, new_masks, inner_state)
+        return out, state._replace(count=state.count + 1, masks=new_masks, inner_state=inner_state)
 
     return optax.GradientTransformation(init, update)
 
 
-__all__ = ["MaskedState", "find_masks", "mask_grads", "mask_updates", "masked"]
+__all__ = ["MaskedState", "PruningState", "find_masks", "mask_grads", "mask_updates", "masked"]

@@ -143,3 +143,41 @@ def test_a_gradual_pattern_that_cannot_tile_a_leaf_names_it_at_init(pattern, mat
     _, state = jax.jit(tx.update)(grads, state, params)
     assert state.masks["conv1"]["kernel"] is None
     assert float(jnp.mean(state.masks["fc"]["kernel"])) == 0.5
+
+
+def test_one_compiled_update_serves_every_target_sparsity():
+    """The targets are optimizer-state values: the update traced for one target sparsity (and one
+    rule sparsity) computes, for another, exactly what that target's own wrapper does, and prunes
+    round(target * size) entries of each leaf."""
+
+    def tx_for(final, head):
+        rules = (P.SparsityRule(pattern="^head/kernel$", sparsity=head), P.SparsityRule(pattern="kernel$"))
+        return P.masked(optax.sgd(0.1), P.one_shot_schedule(final), rules=rules)
+
+    model = build_model("mlp", input_shape=(12,), num_classes=4, widths=(16,), rngs=nnx.Rngs(0))
+    params = create_train_state(model, optax.sgd(0.1))[1].params
+    grads = jax.tree.map(jnp.ones_like, params)
+    traces = []
+
+    def update(tx):
+        def fn(g, s, p):
+            traces.append(1)
+            return tx.update(g, s, p)
+
+        return jax.jit(fn)
+
+    shared = update(tx_for(0.5, 0.25))
+    for final, head in [(0.5, 0.25), (0.73, 0.3), (0.9, 0.45)]:
+        tx = tx_for(final, head)
+        state = tx.init(params)
+        _, got = shared(grads, state, params)
+        _, own = jax.jit(tx.update)(grads, state, params)
+        for a, b in zip(jax.tree.leaves(got.masks), jax.tree.leaves(own.masks), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for path, target in [("layers", final), ("head", head)]:
+            mask = got.masks[path]["kernel"] if path == "head" else got.masks[path][0]["kernel"]
+            # the float32 arithmetic of the schedule: target * (final * (1 / final)), rounded to a count
+            scale = np.float32(final) * (np.float32(1) / np.float32(final))
+            pruned = int(np.round(np.float32(np.float32(target) * scale) * np.float32(mask.size)))
+            assert int(mask.size - np.asarray(mask).sum()) == pruned
+    assert len(traces) == 1
