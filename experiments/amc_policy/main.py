@@ -1,0 +1,159 @@
+"""AMC in small: per-group kept-channel ratios searched at 50% FLOPs vs the uniform ratio.
+
+Run from the repository root:
+  python -m experiments.amc_policy.main                 # cnn1d on MNIST-1D, 30 trials, seeds 0-4
+  python -m experiments.amc_policy.main --resnet20      # ResNet-20 on digits (8x8)
+  python -m experiments.amc_policy.main --quick         # smoke run (tiny MLP, 2 trials, one seed)
+  python -m experiments.amc_policy.main --trials 40 --seeds 0 1 2 --workdir runs/amc --json amc.json
+
+The search is ``research.tune.tune`` (GP sampler, validation accuracy of seed 0's split) over one
+removal ratio per coupled channel group (``ChannelRule`` s in ``stages.prune.channel_rules``),
+every point repaired to the FLOPs budget before it trains. Then both the searched and the uniform
+policy are trained for every seed with the same dense model, fine-tuning steps and batches; the
+table gives test accuracy and the FLOPs measured by the run report. Writes ``results.json`` and
+``accuracy_vs_flops.png`` to the workdir (and ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+
+from experiments.amc_policy.experiment import QUICK
+from experiments.amc_policy.experiment import RESNET20
+from experiments.amc_policy.experiment import Recipe
+from experiments.amc_policy.experiment import run_experiment
+
+
+def summarize(result: dict) -> dict:
+    """Mean/sd of test accuracy per arm and the per-seed differences (searched - uniform)."""
+    by = {(r["seed"], r["arm"]): r for r in result["rows"]}
+    seeds = result["seeds"]
+    out = {}
+    for arm in ("uniform", "searched"):
+        acc = [by[(s, arm)]["test_accuracy"] for s in seeds]
+        out[arm] = {
+            "mean": statistics.fmean(acc),
+            "sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "flops_ratio": statistics.fmean(by[(s, arm)]["flops_ratio"] for s in seeds),
+        }
+    diff = [by[(s, "searched")]["test_accuracy"] - by[(s, "uniform")]["test_accuracy"] for s in seeds]
+    out["difference"] = {
+        "per_seed": diff,
+        "mean": statistics.fmean(diff),
+        "sd": statistics.stdev(diff) if len(diff) > 1 else 0.0,
+        "searched_better": sum(d > 0 for d in diff),
+    }
+    spread = max(out["uniform"]["sd"], out["searched"]["sd"])
+    out["beats_spread"] = out["difference"]["mean"] > spread
+    return out
+
+
+def table(result: dict) -> str:
+    """The per-seed table, the searched ratios and the verdict, as text."""
+    lines = ["seed  arm       test acc  val acc  FLOPs      of dense  dense test acc"]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['seed']:<5d} {r['arm']:<9s} {r['test_accuracy']:.4f}    {r['val_accuracy']:.4f}   "
+            f"{r['flops']:<10,.0f} {r['flops_ratio']:.3f}     {r['dense_test_accuracy']:.4f}"
+        )
+    lines.append("")
+    lines.append("group                 channels  uniform kept  searched kept")
+    for g, c, u, s in zip(
+        result["groups"], result["channels"], result["uniform_kept"], result["searched_kept"], strict=True
+    ):
+        lines.append(f"{g:<21s} {c:<9d} {u:<13.3f} {s:.3f}")
+    s = result["summary"]
+    lines.append("")
+    for arm in ("uniform", "searched"):
+        lines.append(
+            f"{arm:<9s} test accuracy {100 * s[arm]['mean']:.2f} +- {100 * s[arm]['sd']:.2f} % "
+            f"at {s[arm]['flops_ratio']:.3f} of the dense FLOPs"
+        )
+    d = s["difference"]
+    lines.append(
+        f"searched - uniform: {100 * d['mean']:+.2f} +- {100 * d['sd']:.2f} pt "
+        f"({d['searched_better']}/{len(d['per_seed'])} seeds better); "
+        f"{'beats' if s['beats_spread'] else 'does NOT beat'} the seed-to-seed spread"
+    )
+    lines.append(
+        f"search: {len(result['trials'])} trials, best val accuracy {result['best_val_accuracy']:.4f} "
+        f"(trial {result['best_trial']}), {result['search_seconds']:.0f} s; total {result['total_seconds']:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """Test accuracy against measured FLOPs (fraction of dense), per seed, both arms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for arm, marker, color in (("uniform", "o", "tab:gray"), ("searched", "*", "tab:red")):
+        rows = [r for r in result["rows"] if r["arm"] == arm]
+        ax.scatter(
+            [r["flops_ratio"] for r in rows],
+            [100 * r["test_accuracy"] for r in rows],
+            marker=marker,
+            s=90,
+            color=color,
+            label=arm,
+        )
+        for r in rows:
+            ax.annotate(f"s{r['seed']}", (r["flops_ratio"], 100 * r["test_accuracy"]), fontsize=7)
+    for seed in result["seeds"]:
+        pair = [r for r in result["rows"] if r["seed"] == seed]
+        ax.plot(
+            [r["flops_ratio"] for r in pair], [100 * r["test_accuracy"] for r in pair], color="0.8", lw=0.8, zorder=0
+        )
+    dense = [r for r in result["rows"] if r["arm"] == "uniform"]
+    ax.axhline(
+        100 * statistics.fmean(r["dense_test_accuracy"] for r in dense), ls="--", color="k", lw=0.8, label="dense"
+    )
+    ax.axvline(result["flops_budget"], ls=":", color="tab:blue", lw=0.8, label="budget")
+    ax.set_xlabel("FLOPs / dense FLOPs (measured)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"AMC-style channel ratios, {result['recipe']['model']} on {result['recipe']['dataset']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration, one seed")
+    p.add_argument("--resnet20", action="store_true", help="ResNet-20 on digits instead of cnn1d on MNIST-1D")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds of the final models (default 0-4; --quick: 0)")
+    p.add_argument("--trials", type=int, help="search trials")
+    p.add_argument("--workdir", default=None, help="study and run directories (default runs/amc_policy[_quick])")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    recipe = QUICK if args.quick else (RESNET20 if args.resnet20 else Recipe())
+    if args.trials:
+        recipe = dataclasses.replace(recipe, trials=args.trials)
+    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2, 3, 4))
+    workdir = args.workdir or os.path.join("runs", "amc_policy" + ("_quick" if args.quick else ""))
+    os.makedirs(workdir, exist_ok=True)
+    result = run_experiment(recipe, seeds, workdir)
+    result["summary"] = summarize(result)
+    text = table(result)
+    print(text)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(workdir, "results.txt"), "w") as f:
+        f.write(text + "\n")
+    plot(result, os.path.join(workdir, "accuracy_vs_flops.png"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""HAQ-style search of per-layer bit widths at the bytes of uniform 4-bit, against uniform 4-bit.
+
+Protocol (one :class:`Recipe`):
+
+1. Search (seed ``search_seed`` only, validation split only): ``research.tune.tune`` over one bit
+   width in ``bit_choices`` per Linear/Conv layer (``QuantRule`` s in ``stages.qat.rules``, one
+   parameter per layer from :func:`research.tune.layer_policy` with ``module_paths=True``). The
+   policy's ``budget_bytes`` is the kernels' size at uniform ``budget_bits``: a point over it is
+   repaired before it trains (the layer whose next lower width saves the most bytes is lowered,
+   repeatedly). A trial is the whole pipeline: dense training, then QAT (calibration and
+   quantization-aware fine-tuning, the kernel bits of each layer from the policy; input
+   activations at ``act_bits``, int8 by default: the budget is the weights', as in HAQ's
+   model-size-constrained setting); its objective is validation accuracy.
+2. Final models, for every seed: the same pipeline with the searched bits and with uniform
+   ``budget_bits`` bits, same dense model (one run directory per seed; the second arm reuses the
+   dense stage), same QAT steps, optimizer and batches; test accuracy reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import time
+from typing import Any
+
+from methods.quantization import QATStage
+from methods.quantization import QuantRule
+from research import tune as tune_lib
+from research.automl import Categorical
+from research.automl import Space
+from research.config import Config
+from research.config import DataConfig
+from research.config import ModelConfig
+from research.stages import TrainStage
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """The experiment's knobs; both arms use the same ones.
+
+    Attributes:
+      model, options, dataset: the zoo model, its options and the shipped data set.
+      pretrain_steps, pretrain_lr: dense (float) training.
+      qat_steps, qat_lr: quantization-aware fine-tuning (search trials and both final arms).
+      method: the quantizer of kernels and input activations (``ste``, ``lsq``, ``pact``).
+      act_bits: the input-activation bits of every layer in both arms (``None``: the layer's
+        kernel bits, i.e. activations searched jointly with the weights).
+      batch_size: examples per step everywhere.
+      bit_choices: the per-layer bit widths searched.
+      budget_bits: the uniform bit width whose kernel bytes are the budget (and the baseline).
+      trials, sampler: the search (``research.tune``).
+      search_seed: the seed (data split, init, batches) of the search.
+      limit: training examples kept (``None``: all).
+    """
+
+    model: str = "cnn1d"
+    options: tuple[tuple[str, Any], ...] = ()
+    dataset: str = "mnist1d"
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 3e-3
+    qat_steps: int = 300
+    qat_lr: float = 1e-3
+    method: str = "lsq"
+    act_bits: int | None = 8
+    batch_size: int = 128
+    bit_choices: tuple[int, ...] = (2, 4, 8)
+    budget_bits: int = 4
+    trials: int = 30
+    sampler: str = "tpe"
+    search_seed: int = 0
+    limit: int | None = None
+
+
+QUICK = Recipe(
+    model="mlp",
+    options=(("widths", (16, 16)),),
+    dataset="digits",
+    pretrain_steps=10,
+    qat_steps=4,
+    trials=2,
+    sampler="random",
+    limit=300,
+)
+
+
+def make_config(recipe: Recipe, seed: int, rules: tuple = ()) -> Config:
+    """The pipeline: dense training, then QAT with ``rules`` (default: uniform ``budget_bits``)."""
+    return Config(
+        name=f"haq-{recipe.model}",
+        seed=seed,
+        model=ModelConfig(name=recipe.model, options=dict(recipe.options)),
+        data=DataConfig(name=recipe.dataset, limit=recipe.limit),
+        stages=(
+            TrainStage(
+                steps=recipe.pretrain_steps,
+                learning_rate=recipe.pretrain_lr,
+                batch_size=recipe.batch_size,
+                checkpoint_every=0,
+                eval_every=0,
+                log_every=max(1, recipe.pretrain_steps // 4),
+            ),
+            QATStage(
+                bits=recipe.budget_bits,
+                method=recipe.method,
+                rules=tuple(rules),
+                train=TrainStage(
+                    steps=recipe.qat_steps,
+                    learning_rate=recipe.qat_lr,
+                    batch_size=recipe.batch_size,
+                    checkpoint_every=0,
+                    eval_every=0,
+                    log_every=max(1, recipe.qat_steps // 4),
+                ),
+            ),
+        ),
+    )
+
+
+def bits_policy(config: Config, recipe: Recipe) -> tune_lib.LayerPolicy:
+    """One bit width per Linear/Conv layer, budget = the kernels at uniform ``budget_bits``."""
+    probe = tune_lib.layer_policy(
+        config,
+        key="stages.qat.rules",
+        rule=QuantRule,
+        field="bits",
+        domain=Categorical(list(recipe.bit_choices)),
+        module_paths=True,
+    )
+    return dataclasses.replace(probe, budget_bytes=probe.cost([recipe.budget_bits] * len(probe.layers)))
+
+
+def _rules(policy: tune_lib.LayerPolicy, bits) -> tuple:
+    """One rule per layer, built as ``research.tune`` builds a trial's (``policy.rule``)."""
+    return tuple(
+        policy.rule(pattern="^" + re.escape(layer) + "$", bits=int(b))
+        for layer, b in zip(policy.layers, bits, strict=True)
+    )
+
+
+def run_experiment(recipe: Recipe, seeds: tuple[int, ...], workdir: str) -> dict:
+    """Search once, then train both arms for every seed; returns the results dict."""
+    from research.run import run
+
+    t_start = time.time()
+    search_cfg = make_config(recipe, recipe.search_seed)
+    policy = bits_policy(search_cfg, recipe)
+    # tune builds each layer's rule as ``rule(pattern=..., bits=...)``: fix the quantizer here.
+    policy = dataclasses.replace(
+        policy, rule=functools.partial(QuantRule, method=recipe.method, act_bits=recipe.act_bits)
+    )
+    uniform = [recipe.budget_bits] * len(policy.layers)
+    print(
+        f"{len(policy.layers)} layers {list(policy.layers)}; kernel weights {list(policy.sizes)}; "
+        f"budget {policy.budget_bytes:,.0f} bytes (uniform {recipe.budget_bits}-bit)",
+        flush=True,
+    )
+    space = Space(policy.parameters())
+    tdir = os.path.join(workdir, "search")
+    t0 = time.time()
+    result = tune_lib.tune(
+        search_cfg,
+        space,
+        tdir,
+        trials=recipe.trials,
+        sampler=recipe.sampler,
+        objectives=["val_accuracy:max"],
+        policies=[policy],
+        seed=recipe.search_seed,
+        plot_every=0,
+        echo=True,
+    )
+    search_seconds = time.time() - t0
+    done = [t for t in result.trials if t["state"] == "COMPLETE" and t.get("values")]
+    if not done:
+        raise RuntimeError(f"no search trial finished; see {tdir}/tune.txt")
+    best = max(done, key=lambda t: t["values"][0])
+    searched = [int(best["repaired"][n]) for n in policy.names]
+    trials = [
+        {
+            "number": t["number"],
+            "val_accuracy": t["values"][0] if t.get("values") else None,
+            "bits": [int((t.get("repaired") or {}).get(n, -1)) for n in policy.names],
+            "modelled_bytes": policy.cost([(t.get("repaired") or {}).get(n, 0) for n in policy.names]),
+            "seconds": t.get("seconds"),
+            "state": t["state"],
+        }
+        for t in result.trials
+    ]
+
+    rows = []
+    for seed in seeds:
+        rdir = os.path.join(workdir, f"seed{seed}")
+        for arm, bits in (("uniform", uniform), ("searched", searched)):
+            cfg = make_config(recipe, seed, _rules(policy, bits))
+            t1 = time.time()
+            report = run(cfg, rdir, progress=False, echo=False)
+            m = report["stages"][-1]["metrics"]
+            d = report["stages"][0]["metrics"]
+            rows.append(
+                {
+                    "seed": seed,
+                    "arm": arm,
+                    "test_accuracy": m["test_accuracy"],
+                    "val_accuracy": m["val_accuracy"],
+                    "modelled_bytes": policy.cost(bits),
+                    "bytes": tune_lib.metric_value(m, "bytes"),
+                    "dense_test_accuracy": d["test_accuracy"],
+                    "dense_bytes": d.get("bytes_fp32"),
+                    "seconds": time.time() - t1,
+                }
+            )
+            print(
+                f"seed {seed} {arm:8s} test {m['test_accuracy']:.4f} val {m['val_accuracy']:.4f} "
+                f"kernel bytes {policy.cost(bits):,.0f} report bytes {rows[-1]['bytes']:,.0f} "
+                f"dense test {d['test_accuracy']:.4f}",
+                flush=True,
+            )
+    return {
+        "recipe": dataclasses.asdict(recipe),
+        "seeds": list(seeds),
+        "layers": list(policy.layers),
+        "kernel_weights": list(policy.sizes),
+        "budget_bytes": policy.budget_bytes,
+        "uniform_bits": uniform,
+        "searched_bits": searched,
+        "best_trial": best["number"],
+        "best_val_accuracy": best["values"][0],
+        "trials": trials,
+        "rows": rows,
+        "search_seconds": search_seconds,
+        "total_seconds": time.time() - t_start,
+    }

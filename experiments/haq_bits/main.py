@@ -1,0 +1,153 @@
+"""HAQ in small: per-layer bit widths from {2, 4, 8} searched at the bytes of uniform 4-bit.
+
+Run from the repository root:
+  python -m experiments.haq_bits.main                 # cnn1d on MNIST-1D, LSQ QAT, 30 trials, seeds 0-4
+  python -m experiments.haq_bits.main --quick         # smoke run (tiny MLP, 2 trials, one seed)
+  python -m experiments.haq_bits.main --trials 40 --seeds 0 1 2 --workdir runs/haq --json haq.json
+
+The search is ``research.tune.tune`` (TPE sampler, validation accuracy of seed 0's split) over one
+bit width per layer (``QuantRule`` s in ``stages.qat.rules``), every point over the budget
+repaired before it trains. Then both the searched bits and uniform 4-bit are trained for every
+seed with the same float model, QAT steps and batches; the table gives test accuracy and the
+kernel bytes. Writes ``results.json`` and ``accuracy_vs_bytes.png`` to the workdir (and ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+
+from experiments.haq_bits.experiment import QUICK
+from experiments.haq_bits.experiment import Recipe
+from experiments.haq_bits.experiment import run_experiment
+
+
+def summarize(result: dict) -> dict:
+    """Mean/sd of test accuracy per arm, and searched - uniform per seed."""
+    acc = {
+        arm: {r["seed"]: r["test_accuracy"] for r in result["rows"] if r["arm"] == arm}
+        for arm in ("uniform", "searched")
+    }
+    seeds = result["seeds"]
+
+    def sd(xs):
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    out = {arm: {"mean": statistics.fmean(v.values()), "sd": sd(list(v.values()))} for arm, v in acc.items()}
+    diff = [acc["searched"][s] - acc["uniform"][s] for s in seeds]
+    out["difference"] = {
+        "per_seed": diff,
+        "mean": statistics.fmean(diff),
+        "sd": sd(diff),
+        "searched_better": sum(d > 0 for d in diff),
+    }
+    out["beats_spread"] = out["difference"]["mean"] > max(out["uniform"]["sd"], out["searched"]["sd"])
+    return out
+
+
+def table(result: dict) -> str:
+    """Per-seed rows, the bits per layer and the verdict, as text."""
+    lines = ["seed  arm       test acc  val acc  kernel bytes  report bytes  float test acc"]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['seed']:<5d} {r['arm']:<9s} {r['test_accuracy']:.4f}    {r['val_accuracy']:.4f}   "
+            f"{r['modelled_bytes']:<13,.0f} {r['bytes']:<13,.0f} {r['dense_test_accuracy']:.4f}"
+        )
+    lines += ["", "layer          kernel weights  uniform bits  searched bits"]
+    for layer, n, u, b in zip(
+        result["layers"], result["kernel_weights"], result["uniform_bits"], result["searched_bits"], strict=True
+    ):
+        lines.append(f"{layer:<14s} {n:<15d} {u:<13d} {b}")
+    s = result["summary"]
+    lines.append("")
+    for arm in ("uniform", "searched"):
+        lines.append(f"{arm:<9s} test accuracy {100 * s[arm]['mean']:.2f} +- {100 * s[arm]['sd']:.2f} %")
+    d = s["difference"]
+    verdict = "beats" if s["beats_spread"] else "does NOT beat"
+    lines.append(
+        f"searched - uniform: {100 * d['mean']:+.2f} +- {100 * d['sd']:.2f} pt "
+        f"({d['searched_better']}/{len(d['per_seed'])} seeds better); {verdict} the seed-to-seed spread"
+    )
+    lines.append(
+        f"budget {result['budget_bytes']:,.0f} kernel bytes; search: {len(result['trials'])} trials, "
+        f"best val accuracy {result['best_val_accuracy']:.4f} (trial {result['best_trial']}), "
+        f"{result['search_seconds']:.0f} s; total {result['total_seconds']:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """Test accuracy against kernel bytes, per seed, both arms, and the search trials (val)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, marker, color in (("uniform", "o", "tab:gray"), ("searched", "*", "tab:red")):
+        rows = [r for r in result["rows"] if r["arm"] == arm]
+        left.scatter(
+            [r["modelled_bytes"] for r in rows],
+            [100 * r["test_accuracy"] for r in rows],
+            marker=marker,
+            s=90,
+            color=color,
+            label=arm,
+        )
+        for r in rows:
+            left.annotate(f"s{r['seed']}", (r["modelled_bytes"], 100 * r["test_accuracy"]), fontsize=7)
+    for seed in result["seeds"]:
+        pair = [r for r in result["rows"] if r["seed"] == seed]
+        left.plot(
+            [r["modelled_bytes"] for r in pair], [100 * r["test_accuracy"] for r in pair], color="0.8", lw=0.8, zorder=0
+        )
+    left.axvline(result["budget_bytes"], ls=":", color="tab:blue", lw=0.8, label="budget")
+    left.set_xlabel("kernel bytes")
+    left.set_ylabel("test accuracy (%)")
+    left.set_title("final models, per seed")
+    left.legend(fontsize=8)
+    done = [t for t in result["trials"] if t["val_accuracy"] is not None]
+    right.scatter([t["modelled_bytes"] for t in done], [100 * t["val_accuracy"] for t in done], s=18)
+    right.axvline(result["budget_bytes"], ls=":", color="tab:blue", lw=0.8)
+    right.set_xlabel("kernel bytes (repaired point)")
+    right.set_ylabel("validation accuracy (%)")
+    right.set_title("search trials (seed 0)")
+    fig.suptitle(f"HAQ-style bits, {result['recipe']['model']} on {result['recipe']['dataset']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration, one seed")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds of the final models (default 0-4; --quick: 0)")
+    p.add_argument("--trials", type=int, help="search trials")
+    p.add_argument("--workdir", default=None, help="study and run directories (default runs/haq_bits[_quick])")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    recipe = QUICK if args.quick else Recipe()
+    if args.trials:
+        recipe = dataclasses.replace(recipe, trials=args.trials)
+    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2, 3, 4))
+    workdir = args.workdir or os.path.join("runs", "haq_bits" + ("_quick" if args.quick else ""))
+    os.makedirs(workdir, exist_ok=True)
+    result = run_experiment(recipe, seeds, workdir)
+    result["summary"] = summarize(result)
+    text = table(result)
+    print(text)
+    for name, content in (("results.json", json.dumps(result, indent=2)), ("results.txt", text + "\n")):
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(content)
+    plot(result, os.path.join(workdir, "accuracy_vs_bytes.png"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
