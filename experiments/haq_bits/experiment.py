@@ -6,8 +6,8 @@ Protocol (one :class:`Recipe`):
    width in ``bit_choices`` per Linear/Conv layer (``QuantRule`` s in ``stages.qat.rules``, one
    parameter per layer from :func:`research.tune.layer_policy` with ``module_paths=True``). The
    policy's ``budget_bytes`` is the kernels' size at uniform ``budget_bits``: a point over it is
-   repaired before it trains (the layer whose next lower width saves the most bytes is lowered,
-   repeatedly). A trial is the whole pipeline: dense training, then QAT (calibration and
+   repaired before it trains (:class:`BitsPolicy`: layers lowered one width at a time, each time
+   the one with the smallest saving that covers the excess). A trial is the whole pipeline: dense training, then QAT (calibration and
    quantization-aware fine-tuning, the kernel bits of each layer from the policy; input
    activations at ``act_bits``, int8 by default: the budget is the weights', as in HAQ's
    model-size-constrained setting); its objective is validation accuracy.
@@ -73,6 +73,9 @@ class Recipe:
     limit: int | None = None
 
 
+#: HAQ's joint setting: each layer's input activations take its kernel bits (``--joint-acts``).
+JOINT = Recipe(act_bits=None)
+
 QUICK = Recipe(
     model="mlp",
     options=(("widths", (16, 16)),),
@@ -118,7 +121,45 @@ def make_config(recipe: Recipe, seed: int, rules: tuple = ()) -> Config:
     )
 
 
-def bits_policy(config: Config, recipe: Recipe) -> tune_lib.LayerPolicy:
+@dataclasses.dataclass(frozen=True)
+class BitsPolicy(tune_lib.LayerPolicy):
+    """A bit-width :class:`~research.tune.LayerPolicy` whose repair keeps what the point asked for.
+
+    The library's repair lowers the layer whose next lower width saves the most bytes: a point
+    that raises one small layer to 8 bits loses a large layer to 2 bits, and most points collapse
+    onto a few repaired ones. Here each step lowers one of the layers at the *lowest* width that
+    can still go lower (the point asked least of them), choosing among them the smallest saving
+    that covers the remaining excess (if none covers it, the largest saving, and repeat): the
+    layers the point raised stay raised while the budget allows.
+    """
+
+    def repair(self, values) -> list[int]:
+        """Bit widths meeting ``budget_bytes`` (unchanged if they do).
+
+        Raises:
+          ConfigError: even the lowest widths exceed the budget.
+        """
+        from research.config import ConfigError
+
+        choices = sorted(self.domain.choices)
+        out = [int(v) for v in values]
+        while self.cost(out) > self.budget_bytes:
+            excess = self.cost(out) - self.budget_bytes
+            lowerable = [b for b in out if b > choices[0]]
+            if not lowerable:
+                raise ConfigError(f"no bit widths in {choices} fit {self.budget_bytes:g} bytes; raise the budget")
+            steps = [
+                (self.sizes[i] * (b - max(c for c in choices if c < b)) / 8, i)
+                for i, b in enumerate(out)
+                if b == min(lowerable)
+            ]
+            covering = [st for st in steps if st[0] >= excess]
+            _, i = min(covering) if covering else max(steps)
+            out[i] = max(c for c in choices if c < out[i])
+        return out
+
+
+def bits_policy(config: Config, recipe: Recipe) -> BitsPolicy:
     """One bit width per Linear/Conv layer, budget = the kernels at uniform ``budget_bits``."""
     probe = tune_lib.layer_policy(
         config,
@@ -128,10 +169,12 @@ def bits_policy(config: Config, recipe: Recipe) -> tune_lib.LayerPolicy:
         domain=Categorical(list(recipe.bit_choices)),
         module_paths=True,
     )
-    return dataclasses.replace(probe, budget_bytes=probe.cost([recipe.budget_bits] * len(probe.layers)))
+    fields = {f.name: getattr(probe, f.name) for f in dataclasses.fields(probe)}
+    fields["budget_bytes"] = probe.cost([recipe.budget_bits] * len(probe.layers))
+    return BitsPolicy(**fields)
 
 
-def _rules(policy: tune_lib.LayerPolicy, bits) -> tuple:
+def _rules(policy: BitsPolicy, bits) -> tuple:
     """One rule per layer, built as ``research.tune`` builds a trial's (``policy.rule``)."""
     return tuple(
         policy.rule(pattern="^" + re.escape(layer) + "$", bits=int(b))

@@ -1,7 +1,8 @@
 """HAQ in small: per-layer bit widths from {2, 4, 8} searched at the bytes of uniform 4-bit.
 
 Run from the repository root:
-  python -m experiments.haq_bits.main                 # cnn1d on MNIST-1D, LSQ QAT, 30 trials, seeds 0-4
+  python -m experiments.haq_bits.main                 # cnn1d on MNIST-1D, LSQ QAT, int8 inputs, 30 trials, seeds 0-4
+  python -m experiments.haq_bits.main --joint-acts    # inputs at each layer's bits too (HAQ's joint setting)
   python -m experiments.haq_bits.main --quick         # smoke run (tiny MLP, 2 trials, one seed)
   python -m experiments.haq_bits.main --trials 40 --seeds 0 1 2 --workdir runs/haq --json haq.json
 
@@ -20,6 +21,7 @@ import json
 import os
 import statistics
 
+from experiments.haq_bits.experiment import JOINT
 from experiments.haq_bits.experiment import QUICK
 from experiments.haq_bits.experiment import Recipe
 from experiments.haq_bits.experiment import run_experiment
@@ -124,12 +126,13 @@ def plot(result: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration, one seed")
+    p.add_argument("--joint-acts", action="store_true", help="input activations at each layer's bits (not int8)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds of the final models (default 0-4; --quick: 0)")
     p.add_argument("--trials", type=int, help="search trials")
     p.add_argument("--workdir", default=None, help="study and run directories (default runs/haq_bits[_quick])")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    recipe = QUICK if args.quick else Recipe()
+    recipe = QUICK if args.quick else (JOINT if args.joint_acts else Recipe())
     if args.trials:
         recipe = dataclasses.replace(recipe, trials=args.trials)
     seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2, 3, 4))

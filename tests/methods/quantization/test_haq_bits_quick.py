@@ -35,3 +35,25 @@ def test_quick_run_writes_well_formed_results(tmp_path, capsys):
     assert result["rows"][0]["modelled_bytes"] == result["budget_bytes"]
     # Both arms start from the same float model (one run directory, the dense stage reused).
     assert result["rows"][0]["dense_test_accuracy"] == result["rows"][1]["dense_test_accuracy"]
+
+
+def test_bits_repair_meets_the_budget_and_keeps_points_under_it():
+    import itertools
+
+    from experiments.haq_bits.experiment import QUICK
+    from experiments.haq_bits.experiment import bits_policy
+    from experiments.haq_bits.experiment import make_config
+
+    policy = bits_policy(make_config(QUICK, 0), QUICK)
+    assert policy.budget_bytes == sum(policy.sizes) * 4 / 8
+    for point in itertools.product((2, 4, 8), repeat=len(policy.layers)):
+        repaired = policy.repair(list(point))
+        assert policy.cost(repaired) <= policy.budget_bytes
+        assert all(r <= p for r, p in zip(repaired, point, strict=True))  # only ever lowered
+        if policy.cost(point) <= policy.budget_bytes:
+            assert repaired == list(point)
+    # A small layer raised to 8 bits stays at 8: the repair lowers a layer the point left at 4.
+    small = min(range(len(policy.sizes)), key=policy.sizes.__getitem__)
+    point = [4] * len(policy.layers)
+    point[small] = 8
+    assert policy.repair(point)[small] == 8
