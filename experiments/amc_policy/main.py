@@ -26,30 +26,9 @@ from experiments.amc_policy.experiment import QUICK
 from experiments.amc_policy.experiment import RESNET20
 from experiments.amc_policy.experiment import Recipe
 from experiments.amc_policy.experiment import run_experiment
-
-
-def summarize(result: dict) -> dict:
-    """Mean/sd of test accuracy per arm and the per-seed differences (searched - uniform)."""
-    by = {(r["seed"], r["arm"]): r for r in result["rows"]}
-    seeds = result["seeds"]
-    out = {}
-    for arm in ("uniform", "searched"):
-        acc = [by[(s, arm)]["test_accuracy"] for s in seeds]
-        out[arm] = {
-            "mean": statistics.fmean(acc),
-            "sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "flops_ratio": statistics.fmean(by[(s, arm)]["flops_ratio"] for s in seeds),
-        }
-    diff = [by[(s, "searched")]["test_accuracy"] - by[(s, "uniform")]["test_accuracy"] for s in seeds]
-    out["difference"] = {
-        "per_seed": diff,
-        "mean": statistics.fmean(diff),
-        "sd": statistics.stdev(diff) if len(diff) > 1 else 0.0,
-        "searched_better": sum(d > 0 for d in diff),
-    }
-    spread = max(out["uniform"]["sd"], out["searched"]["sd"])
-    out["beats_spread"] = out["difference"]["mean"] > spread
-    return out
+from experiments.policy_search import scatter_arms
+from experiments.policy_search import summarize
+from experiments.policy_search import verdict
 
 
 def table(result: dict) -> str:
@@ -73,12 +52,7 @@ def table(result: dict) -> str:
             f"{arm:<9s} test accuracy {100 * s[arm]['mean']:.2f} +- {100 * s[arm]['sd']:.2f} % "
             f"at {s[arm]['flops_ratio']:.3f} of the dense FLOPs"
         )
-    d = s["difference"]
-    lines.append(
-        f"searched - uniform: {100 * d['mean']:+.2f} +- {100 * d['sd']:.2f} pt "
-        f"({d['searched_better']}/{len(d['per_seed'])} seeds better); "
-        f"{'beats' if s['beats_spread'] else 'does NOT beat'} the seed-to-seed spread"
-    )
+    lines.append(verdict(s))
     lines.append(
         f"search: {len(result['trials'])} trials, best val accuracy {result['best_val_accuracy']:.4f} "
         f"(trial {result['best_trial']}), {result['search_seconds']:.0f} s; total {result['total_seconds']:.0f} s"
@@ -94,23 +68,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for arm, marker, color in (("uniform", "o", "tab:gray"), ("searched", "*", "tab:red")):
-        rows = [r for r in result["rows"] if r["arm"] == arm]
-        ax.scatter(
-            [r["flops_ratio"] for r in rows],
-            [100 * r["test_accuracy"] for r in rows],
-            marker=marker,
-            s=90,
-            color=color,
-            label=arm,
-        )
-        for r in rows:
-            ax.annotate(f"s{r['seed']}", (r["flops_ratio"], 100 * r["test_accuracy"]), fontsize=7)
-    for seed in result["seeds"]:
-        pair = [r for r in result["rows"] if r["seed"] == seed]
-        ax.plot(
-            [r["flops_ratio"] for r in pair], [100 * r["test_accuracy"] for r in pair], color="0.8", lw=0.8, zorder=0
-        )
+    scatter_arms(ax, result, "flops_ratio")
     dense = [r for r in result["rows"] if r["arm"] == "uniform"]
     ax.axhline(
         100 * statistics.fmean(r["dense_test_accuracy"] for r in dense), ls="--", color="k", lw=0.8, label="dense"
@@ -141,7 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = args.workdir or os.path.join("runs", "amc_policy" + ("_quick" if args.quick else ""))
     os.makedirs(workdir, exist_ok=True)
     result = run_experiment(recipe, seeds, workdir)
-    result["summary"] = summarize(result)
+    result["summary"] = summarize(result["rows"], result["seeds"])
+    for arm in ("uniform", "searched"):
+        ratios = [r["flops_ratio"] for r in result["rows"] if r["arm"] == arm]
+        result["summary"][arm]["flops_ratio"] = statistics.fmean(ratios)
     text = table(result)
     print(text)
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -25,11 +25,11 @@ import re
 import time
 from typing import Any
 
+from experiments.policy_search import search
 from methods.quantization import QATStage
 from methods.quantization import QuantRule
 from research import tune as tune_lib
 from research.automl import Categorical
-from research.automl import Space
 from research.config import Config
 from research.config import DataConfig
 from research.config import ModelConfig
@@ -199,26 +199,9 @@ def run_experiment(recipe: Recipe, seeds: tuple[int, ...], workdir: str) -> dict
         f"budget {policy.budget_bytes:,.0f} bytes (uniform {recipe.budget_bits}-bit)",
         flush=True,
     )
-    space = Space(policy.parameters())
-    tdir = os.path.join(workdir, "search")
-    t0 = time.time()
-    result = tune_lib.tune(
-        search_cfg,
-        space,
-        tdir,
-        trials=recipe.trials,
-        sampler=recipe.sampler,
-        objectives=["val_accuracy:max"],
-        policies=[policy],
-        seed=recipe.search_seed,
-        plot_every=0,
-        echo=True,
+    result, best, search_seconds = search(
+        search_cfg, policy, workdir, trials=recipe.trials, sampler=recipe.sampler, seed=recipe.search_seed
     )
-    search_seconds = time.time() - t0
-    done = [t for t in result.trials if t["state"] == "COMPLETE" and t.get("values")]
-    if not done:
-        raise RuntimeError(f"no search trial finished; see {tdir}/tune.txt")
-    best = max(done, key=lambda t: t["values"][0])
     searched = [int(best["repaired"][n]) for n in policy.names]
     trials = [
         {

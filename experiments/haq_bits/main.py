@@ -19,35 +19,14 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 
 from experiments.haq_bits.experiment import JOINT
 from experiments.haq_bits.experiment import QUICK
 from experiments.haq_bits.experiment import Recipe
 from experiments.haq_bits.experiment import run_experiment
-
-
-def summarize(result: dict) -> dict:
-    """Mean/sd of test accuracy per arm, and searched - uniform per seed."""
-    acc = {
-        arm: {r["seed"]: r["test_accuracy"] for r in result["rows"] if r["arm"] == arm}
-        for arm in ("uniform", "searched")
-    }
-    seeds = result["seeds"]
-
-    def sd(xs):
-        return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-    out = {arm: {"mean": statistics.fmean(v.values()), "sd": sd(list(v.values()))} for arm, v in acc.items()}
-    diff = [acc["searched"][s] - acc["uniform"][s] for s in seeds]
-    out["difference"] = {
-        "per_seed": diff,
-        "mean": statistics.fmean(diff),
-        "sd": sd(diff),
-        "searched_better": sum(d > 0 for d in diff),
-    }
-    out["beats_spread"] = out["difference"]["mean"] > max(out["uniform"]["sd"], out["searched"]["sd"])
-    return out
+from experiments.policy_search import scatter_arms
+from experiments.policy_search import summarize
+from experiments.policy_search import verdict
 
 
 def table(result: dict) -> str:
@@ -67,12 +46,7 @@ def table(result: dict) -> str:
     lines.append("")
     for arm in ("uniform", "searched"):
         lines.append(f"{arm:<9s} test accuracy {100 * s[arm]['mean']:.2f} +- {100 * s[arm]['sd']:.2f} %")
-    d = s["difference"]
-    verdict = "beats" if s["beats_spread"] else "does NOT beat"
-    lines.append(
-        f"searched - uniform: {100 * d['mean']:+.2f} +- {100 * d['sd']:.2f} pt "
-        f"({d['searched_better']}/{len(d['per_seed'])} seeds better); {verdict} the seed-to-seed spread"
-    )
+    lines.append(verdict(s))
     lines.append(
         f"budget {result['budget_bytes']:,.0f} kernel bytes; search: {len(result['trials'])} trials, "
         f"best val accuracy {result['best_val_accuracy']:.4f} (trial {result['best_trial']}), "
@@ -89,23 +63,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for arm, marker, color in (("uniform", "o", "tab:gray"), ("searched", "*", "tab:red")):
-        rows = [r for r in result["rows"] if r["arm"] == arm]
-        left.scatter(
-            [r["modelled_bytes"] for r in rows],
-            [100 * r["test_accuracy"] for r in rows],
-            marker=marker,
-            s=90,
-            color=color,
-            label=arm,
-        )
-        for r in rows:
-            left.annotate(f"s{r['seed']}", (r["modelled_bytes"], 100 * r["test_accuracy"]), fontsize=7)
-    for seed in result["seeds"]:
-        pair = [r for r in result["rows"] if r["seed"] == seed]
-        left.plot(
-            [r["modelled_bytes"] for r in pair], [100 * r["test_accuracy"] for r in pair], color="0.8", lw=0.8, zorder=0
-        )
+    scatter_arms(left, result, "modelled_bytes")
     left.axvline(result["budget_bytes"], ls=":", color="tab:blue", lw=0.8, label="budget")
     left.set_xlabel("kernel bytes")
     left.set_ylabel("test accuracy (%)")
@@ -139,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = args.workdir or os.path.join("runs", "haq_bits" + ("_quick" if args.quick else ""))
     os.makedirs(workdir, exist_ok=True)
     result = run_experiment(recipe, seeds, workdir)
-    result["summary"] = summarize(result)
+    result["summary"] = summarize(result["rows"], result["seeds"])
     text = table(result)
     print(text)
     for name, content in (("results.json", json.dumps(result, indent=2)), ("results.txt", text + "\n")):
