@@ -258,3 +258,47 @@ def run_experiment(recipe: Recipe, seeds: tuple[int, ...], workdir: str) -> dict
         "search_seconds": search_seconds,
         "total_seconds": time.time() - t_start,
     }
+
+
+def maximal_points(policy: BitsPolicy) -> list[list[int]]:
+    """Every point of the domain within the budget that no single layer can be raised from.
+
+    These are the candidates a search at this budget chooses among (a point below one of them
+    wastes budget); few for a small model, so they can be checked one by one.
+    """
+    import itertools
+
+    choices = sorted(policy.domain.choices)
+    out = []
+    for point in itertools.product(choices, repeat=len(policy.layers)):
+        if policy.cost(point) > policy.budget_bytes:
+            continue
+        raisable = any(
+            policy.cost([*point[:i], c, *point[i + 1 :]]) <= policy.budget_bytes
+            for i, b in enumerate(point)
+            for c in choices
+            if c > b
+        )
+        if not raisable:
+            out.append(list(point))
+    return out
+
+
+def exhaustive(recipe: Recipe, workdir: str) -> list[dict]:
+    """Validation accuracy of every :func:`maximal_points` policy on the search seed (a check of
+    the search, not part of it: the same pipeline as a search trial, one run directory)."""
+    from research.run import run
+
+    cfg = make_config(recipe, recipe.search_seed)
+    policy = bits_policy(cfg, recipe)
+    policy = dataclasses.replace(
+        policy, rule=functools.partial(QuantRule, method=recipe.method, act_bits=recipe.act_bits)
+    )
+    rows = []
+    for bits in maximal_points(policy):
+        report = run(make_config(recipe, recipe.search_seed, _rules(policy, bits)), os.path.join(workdir, "exhaustive"),
+                     progress=False, echo=False)  # fmt: skip
+        m = report["stages"][-1]["metrics"]
+        rows.append({"bits": bits, "kernel_bytes": policy.cost(bits), "val_accuracy": m["val_accuracy"]})
+        print(f"exhaustive {bits} {policy.cost(bits):,.0f} bytes: val {m['val_accuracy']:.4f}", flush=True)
+    return rows

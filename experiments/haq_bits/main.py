@@ -23,6 +23,7 @@ import os
 from experiments.haq_bits.experiment import JOINT
 from experiments.haq_bits.experiment import QUICK
 from experiments.haq_bits.experiment import Recipe
+from experiments.haq_bits.experiment import exhaustive
 from experiments.haq_bits.experiment import run_experiment
 from experiments.policy_search import scatter_arms
 from experiments.policy_search import summarize
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration, one seed")
     p.add_argument("--joint-acts", action="store_true", help="input activations at each layer's bits (not int8)")
+    p.add_argument(
+        "--exhaustive",
+        action="store_true",
+        help="also train every budget-filling policy on the search seed (a check of the search)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", help="seeds of the final models (default 0-4; --quick: 0)")
     p.add_argument("--trials", type=int, help="search trials")
     p.add_argument("--workdir", default=None, help="study and run directories (default runs/haq_bits[_quick])")
@@ -99,6 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_experiment(recipe, seeds, workdir)
     result["summary"] = summarize(result["rows"], result["seeds"])
     text = table(result)
+    if args.exhaustive:
+        result["exhaustive"] = exhaustive(recipe, workdir)
+        text += "\n\nevery budget-filling policy, search seed, validation accuracy:\n" + "\n".join(
+            f"{r['bits']}  {r['kernel_bytes']:,.0f} bytes  {r['val_accuracy']:.4f}"
+            for r in sorted(result["exhaustive"], key=lambda r: -r["val_accuracy"])
+        )
     print(text)
     for name, content in (("results.json", json.dumps(result, indent=2)), ("results.txt", text + "\n")):
         with open(os.path.join(workdir, name), "w") as f:
