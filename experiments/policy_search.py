@@ -52,7 +52,8 @@ def search(
 def summarize(rows: list[dict], seeds: list[int]) -> dict:
     """Mean/sd of test accuracy per arm and the per-seed differences searched - uniform.
 
-    ``beats_spread``: the mean difference is larger than the larger of the two arms' seed sd.
+    ``beats_spread``: the mean difference is larger than the larger of the two arms' seed sd
+    (``None`` with one seed: no spread to compare with).
     """
     acc = {arm: {r["seed"]: r["test_accuracy"] for r in rows if r["arm"] == arm} for arm in ("uniform", "searched")}
 
@@ -67,17 +68,23 @@ def summarize(rows: list[dict], seeds: list[int]) -> dict:
         "sd": sd(diff),
         "searched_better": sum(d > 0 for d in diff),
     }
-    out["beats_spread"] = out["difference"]["mean"] > max(out["uniform"]["sd"], out["searched"]["sd"])
+    spread = max(out["uniform"]["sd"], out["searched"]["sd"])
+    out["beats_spread"] = out["difference"]["mean"] > spread if len(seeds) > 1 else None
     return out
 
 
 def verdict(summary: dict) -> str:
     """One line: the mean difference, how many seeds, and whether it beats the seed spread."""
     d = summary["difference"]
+    beats = summary["beats_spread"]
+    judged = (
+        "one seed: no spread to judge by"
+        if beats is None
+        else f"{'beats' if beats else 'does NOT beat'} the seed-to-seed spread"
+    )
     return (
         f"searched - uniform: {100 * d['mean']:+.2f} +- {100 * d['sd']:.2f} pt "
-        f"({d['searched_better']}/{len(d['per_seed'])} seeds better); "
-        f"{'beats' if summary['beats_spread'] else 'does NOT beat'} the seed-to-seed spread"
+        f"({d['searched_better']}/{len(d['per_seed'])} seeds better); {judged}"
     )
 
 
