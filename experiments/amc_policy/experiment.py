@@ -20,22 +20,22 @@ Protocol (one :class:`Recipe`):
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
 from typing import Any
 
 import numpy as np
 
+from experiments.policy_search import pipeline
+from experiments.policy_search import run_arms
 from experiments.policy_search import search
+from experiments.policy_search import train_stage
+from experiments.policy_search import trial_rows
 from methods.pruning import ChannelRule
 from methods.pruning import PruneStage
 from research import tune as tune_lib
 from research.automl import Float
 from research.config import Config
-from research.config import DataConfig
-from research.config import ModelConfig
-from research.stages import TrainStage
 
 #: Coupled channel groups searched per model (their first producer's module path).
 GROUP_PATTERN = r"(^|/)(conv1|conv2|convs/\d+|layers/\d+)/kernel$"
@@ -94,44 +94,21 @@ QUICK = Recipe(
 
 def make_config(recipe: Recipe, seed: int, finetune_steps: int, rules: tuple = ()) -> Config:
     """The pipeline: dense training, then channel removal by ``rules`` and fine-tuning."""
-    short = max(1, recipe.pretrain_steps // 4)
-    return Config(
-        name=f"amc-{recipe.model}",
-        seed=seed,
-        model=ModelConfig(name=recipe.model, options=dict(recipe.options)),
-        data=DataConfig(name=recipe.dataset, limit=recipe.limit),
-        stages=(
-            TrainStage(
-                steps=recipe.pretrain_steps,
-                learning_rate=recipe.pretrain_lr,
-                batch_size=recipe.batch_size,
-                checkpoint_every=0,
-                eval_every=0,
-                log_every=short,
-            ),
-            PruneStage(
-                sparsity=0.0,
-                channel_rules=tuple(rules),
-                channel_score="l1",
-                train=TrainStage(
-                    steps=finetune_steps,
-                    learning_rate=recipe.finetune_lr,
-                    batch_size=recipe.batch_size,
-                    checkpoint_every=0,
-                    eval_every=0,
-                    log_every=max(1, finetune_steps // 4),
-                ),
-            ),
-        ),
+    prune = PruneStage(
+        sparsity=0.0,
+        channel_rules=tuple(rules),
+        channel_score="l1",
+        train=train_stage(finetune_steps, recipe.finetune_lr, recipe.batch_size),
     )
+    return pipeline("amc", recipe, seed, prune)
 
 
 @dataclasses.dataclass(frozen=True)
 class FlopsPolicy(tune_lib.LayerPolicy):
     """A :class:`research.tune.LayerPolicy` of channel removal ratios whose budget is FLOPs.
 
-    ``budget_bytes`` holds the FLOPs budget: :meth:`LayerPolicy.repair` scales every group's kept
-    fraction by one factor until :meth:`cost` meets it, and :meth:`cost` is the FLOPs model here.
+    ``budget_bytes`` holds the FLOPs budget, :meth:`cost` is the FLOPs model and :meth:`repair`
+    scales every group's kept fraction by one factor until the budget is filled.
 
     Attributes:
       channels: channels of each searched group, in layer order.
@@ -278,14 +255,8 @@ def flops_policy(config: Config, budget: float, max_ratio: float) -> tuple[Flops
     return policy, dense
 
 
-def _stage_metrics(report: dict, index: int) -> dict:
-    return report["stages"][index]["metrics"]
-
-
 def run_experiment(recipe: Recipe, seeds: tuple[int, ...], workdir: str) -> dict:
     """Search once, then train both arms for every seed; returns the results dict."""
-    from research.run import run
-
     t_start = time.time()
     search_cfg = make_config(recipe, recipe.search_seed, recipe.search_finetune_steps)
     policy, dense_flops = flops_policy(search_cfg, recipe.flops_budget, recipe.max_ratio)
@@ -300,49 +271,24 @@ def run_experiment(recipe: Recipe, seeds: tuple[int, ...], workdir: str) -> dict
         search_cfg, policy, workdir, trials=recipe.trials, sampler=recipe.sampler, seed=recipe.search_seed
     )
     searched = [float(best["repaired"][n]) for n in policy.names]
-    trials = [
-        {
-            "number": t["number"],
-            "val_accuracy": t["values"][0] if t.get("values") else None,
-            "flops": (t.get("metrics") or {}).get("flops"),
-            "seconds": t.get("seconds"),
-            "state": t["state"],
-        }
-        for t in result.trials
-    ]
+    trials = trial_rows(result, lambda t: {"flops": (t.get("metrics") or {}).get("flops")})
 
-    rows = []
-    for seed in seeds:
-        rdir = os.path.join(workdir, f"seed{seed}")
-        for arm, ratios in (("uniform", uniform), ("searched", searched)):
-            rules = tuple(
-                ChannelRule(pattern="^" + re.escape(layer) + "$", ratio=float(r))
-                for layer, r in zip(policy.layers, ratios, strict=True)
-            )
-            cfg = make_config(recipe, seed, recipe.finetune_steps, rules)
-            t1 = time.time()
-            report = run(cfg, rdir, progress=False, echo=False)
-            m = _stage_metrics(report, -1)
-            d = _stage_metrics(report, 0)
-            rows.append(
-                {
-                    "seed": seed,
-                    "arm": arm,
-                    "test_accuracy": m["test_accuracy"],
-                    "val_accuracy": m["val_accuracy"],
-                    "flops": m["flops"],
-                    "flops_ratio": m["flops"] / d["flops"],
-                    "params": m.get("params"),
-                    "dense_test_accuracy": d["test_accuracy"],
-                    "dense_flops": d["flops"],
-                    "seconds": time.time() - t1,
-                }
-            )
-            print(
-                f"seed {seed} {arm:8s} test {m['test_accuracy']:.4f} val {m['val_accuracy']:.4f} "
-                f"FLOPs {m['flops']:,.0f} ({m['flops'] / d['flops']:.3f} of dense) dense test {d['test_accuracy']:.4f}",
-                flush=True,
-            )
+    def config(seed, ratios):
+        rules = tuple(
+            ChannelRule(pattern="^" + re.escape(layer) + "$", ratio=float(r))
+            for layer, r in zip(policy.layers, ratios, strict=True)
+        )
+        return make_config(recipe, seed, recipe.finetune_steps, rules)
+
+    def extra(ratios, m, d):
+        return {
+            "flops": m["flops"],
+            "flops_ratio": m["flops"] / d["flops"],
+            "params": m.get("params"),
+            "dense_flops": d["flops"],
+        }
+
+    rows = run_arms(seeds, workdir, {"uniform": uniform, "searched": searched}, config, extra)
     return {
         "recipe": dataclasses.asdict(recipe),
         "seeds": list(seeds),

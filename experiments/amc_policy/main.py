@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 
@@ -26,9 +25,12 @@ from experiments.amc_policy.experiment import QUICK
 from experiments.amc_policy.experiment import RESNET20
 from experiments.amc_policy.experiment import Recipe
 from experiments.amc_policy.experiment import run_experiment
+from experiments.policy_search import add_arguments
 from experiments.policy_search import scatter_arms
+from experiments.policy_search import seeds_and_workdir
 from experiments.policy_search import summarize
 from experiments.policy_search import verdict
+from experiments.policy_search import write_results
 
 
 def table(result: dict) -> str:
@@ -85,19 +87,13 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration, one seed")
+    add_arguments(p, "amc_policy")
     p.add_argument("--resnet20", action="store_true", help="ResNet-20 on digits instead of cnn1d on MNIST-1D")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds of the final models (default 0-4; --quick: 0)")
-    p.add_argument("--trials", type=int, help="search trials")
-    p.add_argument("--workdir", default=None, help="study and run directories (default runs/amc_policy[_quick])")
-    p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     recipe = QUICK if args.quick else (RESNET20 if args.resnet20 else Recipe())
     if args.trials:
         recipe = dataclasses.replace(recipe, trials=args.trials)
-    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2, 3, 4))
-    workdir = args.workdir or os.path.join("runs", "amc_policy" + ("_quick" if args.quick else ""))
-    os.makedirs(workdir, exist_ok=True)
+    seeds, workdir = seeds_and_workdir(args, "amc_policy")
     result = run_experiment(recipe, seeds, workdir)
     result["summary"] = summarize(result["rows"], result["seeds"])
     for arm in ("uniform", "searched"):
@@ -105,14 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["summary"][arm]["flops_ratio"] = statistics.fmean(ratios)
     text = table(result)
     print(text)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(workdir, "results.txt"), "w") as f:
-        f.write(text + "\n")
+    write_results(result, text, workdir, args.json)
     plot(result, os.path.join(workdir, "accuracy_vs_flops.png"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
     return result
 
 

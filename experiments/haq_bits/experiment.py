@@ -25,15 +25,16 @@ import re
 import time
 from typing import Any
 
+from experiments.policy_search import pipeline
+from experiments.policy_search import run_arms
 from experiments.policy_search import search
+from experiments.policy_search import train_stage
+from experiments.policy_search import trial_rows
 from methods.quantization import QATStage
 from methods.quantization import QuantRule
 from research import tune as tune_lib
 from research.automl import Categorical
 from research.config import Config
-from research.config import DataConfig
-from research.config import ModelConfig
-from research.stages import TrainStage
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,35 +91,13 @@ QUICK = Recipe(
 
 def make_config(recipe: Recipe, seed: int, rules: tuple = ()) -> Config:
     """The pipeline: dense training, then QAT with ``rules`` (default: uniform ``budget_bits``)."""
-    return Config(
-        name=f"haq-{recipe.model}",
-        seed=seed,
-        model=ModelConfig(name=recipe.model, options=dict(recipe.options)),
-        data=DataConfig(name=recipe.dataset, limit=recipe.limit),
-        stages=(
-            TrainStage(
-                steps=recipe.pretrain_steps,
-                learning_rate=recipe.pretrain_lr,
-                batch_size=recipe.batch_size,
-                checkpoint_every=0,
-                eval_every=0,
-                log_every=max(1, recipe.pretrain_steps // 4),
-            ),
-            QATStage(
-                bits=recipe.budget_bits,
-                method=recipe.method,
-                rules=tuple(rules),
-                train=TrainStage(
-                    steps=recipe.qat_steps,
-                    learning_rate=recipe.qat_lr,
-                    batch_size=recipe.batch_size,
-                    checkpoint_every=0,
-                    eval_every=0,
-                    log_every=max(1, recipe.qat_steps // 4),
-                ),
-            ),
-        ),
+    qat = QATStage(
+        bits=recipe.budget_bits,
+        method=recipe.method,
+        rules=tuple(rules),
+        train=train_stage(recipe.qat_steps, recipe.qat_lr, recipe.batch_size),
     )
+    return pipeline("haq", recipe, seed, qat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +163,6 @@ def _rules(policy: BitsPolicy, bits) -> tuple:
 
 def run_experiment(recipe: Recipe, seeds: tuple[int, ...], workdir: str) -> dict:
     """Search once, then train both arms for every seed; returns the results dict."""
-    from research.run import run
-
     t_start = time.time()
     search_cfg = make_config(recipe, recipe.search_seed)
     policy = bits_policy(search_cfg, recipe)
@@ -203,46 +180,26 @@ def run_experiment(recipe: Recipe, seeds: tuple[int, ...], workdir: str) -> dict
         search_cfg, policy, workdir, trials=recipe.trials, sampler=recipe.sampler, seed=recipe.search_seed
     )
     searched = [int(best["repaired"][n]) for n in policy.names]
-    trials = [
-        {
-            "number": t["number"],
-            "val_accuracy": t["values"][0] if t.get("values") else None,
-            "bits": [int((t.get("repaired") or {}).get(n, -1)) for n in policy.names],
-            "modelled_bytes": policy.cost([(t.get("repaired") or {}).get(n, 0) for n in policy.names]),
-            "seconds": t.get("seconds"),
-            "state": t["state"],
-        }
-        for t in result.trials
-    ]
 
-    rows = []
-    for seed in seeds:
-        rdir = os.path.join(workdir, f"seed{seed}")
-        for arm, bits in (("uniform", uniform), ("searched", searched)):
-            cfg = make_config(recipe, seed, _rules(policy, bits))
-            t1 = time.time()
-            report = run(cfg, rdir, progress=False, echo=False)
-            m = report["stages"][-1]["metrics"]
-            d = report["stages"][0]["metrics"]
-            rows.append(
-                {
-                    "seed": seed,
-                    "arm": arm,
-                    "test_accuracy": m["test_accuracy"],
-                    "val_accuracy": m["val_accuracy"],
-                    "modelled_bytes": policy.cost(bits),
-                    "bytes": tune_lib.metric_value(m, "bytes"),
-                    "dense_test_accuracy": d["test_accuracy"],
-                    "dense_bytes": d.get("bytes_fp32"),
-                    "seconds": time.time() - t1,
-                }
-            )
-            print(
-                f"seed {seed} {arm:8s} test {m['test_accuracy']:.4f} val {m['val_accuracy']:.4f} "
-                f"kernel bytes {policy.cost(bits):,.0f} report bytes {rows[-1]['bytes']:,.0f} "
-                f"dense test {d['test_accuracy']:.4f}",
-                flush=True,
-            )
+    def repaired(t):
+        bits = [(t.get("repaired") or {}).get(n, 0) for n in policy.names]
+        return {"bits": [int(b) for b in bits], "modelled_bytes": policy.cost(bits)}
+
+    def extra(bits, m, d):
+        return {
+            "modelled_bytes": policy.cost(bits),
+            "bytes": tune_lib.metric_value(m, "bytes"),
+            "dense_bytes": d.get("bytes_fp32"),
+        }
+
+    trials = trial_rows(result, repaired)
+    rows = run_arms(
+        seeds,
+        workdir,
+        {"uniform": uniform, "searched": searched},
+        lambda seed, bits: make_config(recipe, seed, _rules(policy, bits)),
+        extra,
+    )
     return {
         "recipe": dataclasses.asdict(recipe),
         "seeds": list(seeds),

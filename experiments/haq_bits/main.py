@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 
 from experiments.haq_bits.experiment import JOINT
@@ -25,9 +24,12 @@ from experiments.haq_bits.experiment import QUICK
 from experiments.haq_bits.experiment import Recipe
 from experiments.haq_bits.experiment import exhaustive
 from experiments.haq_bits.experiment import run_experiment
+from experiments.policy_search import add_arguments
 from experiments.policy_search import scatter_arms
+from experiments.policy_search import seeds_and_workdir
 from experiments.policy_search import summarize
 from experiments.policy_search import verdict
+from experiments.policy_search import write_results
 
 
 def table(result: dict) -> str:
@@ -84,24 +86,18 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration, one seed")
+    add_arguments(p, "haq_bits")
     p.add_argument("--joint-acts", action="store_true", help="input activations at each layer's bits (not int8)")
     p.add_argument(
         "--exhaustive",
         action="store_true",
         help="also train every budget-filling policy on the search seed (a check of the search)",
     )
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds of the final models (default 0-4; --quick: 0)")
-    p.add_argument("--trials", type=int, help="search trials")
-    p.add_argument("--workdir", default=None, help="study and run directories (default runs/haq_bits[_quick])")
-    p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     recipe = QUICK if args.quick else (JOINT if args.joint_acts else Recipe())
     if args.trials:
         recipe = dataclasses.replace(recipe, trials=args.trials)
-    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2, 3, 4))
-    workdir = args.workdir or os.path.join("runs", "haq_bits" + ("_quick" if args.quick else ""))
-    os.makedirs(workdir, exist_ok=True)
+    seeds, workdir = seeds_and_workdir(args, "haq_bits")
     result = run_experiment(recipe, seeds, workdir)
     result["summary"] = summarize(result["rows"], result["seeds"])
     text = table(result)
@@ -112,13 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
             for r in sorted(result["exhaustive"], key=lambda r: -r["val_accuracy"])
         )
     print(text)
-    for name, content in (("results.json", json.dumps(result, indent=2)), ("results.txt", text + "\n")):
-        with open(os.path.join(workdir, name), "w") as f:
-            f.write(content)
+    write_results(result, text, workdir, args.json)
     plot(result, os.path.join(workdir, "accuracy_vs_bytes.png"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
     return result
 
 
