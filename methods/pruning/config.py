@@ -18,6 +18,7 @@ from typing import ClassVar
 from typing import Literal
 
 from methods.pruning import names
+from methods.pruning.rules import ChannelRule
 from methods.pruning.rules import SparsityRule
 from research.config import Check
 from research.config import ConfigError
@@ -59,6 +60,10 @@ class PruneStage(StageConfig):
       rules: :class:`~methods.pruning.SparsityRule` s (empty = every kernel).
       channel_ratio: fraction of channels removed physically (before fine-tuning); 0 = none.
       channel_score: ``l1``, ``l2``, ``bn_scale`` or ``taylor``.
+      channel_rules: :class:`~methods.pruning.ChannelRule` s giving per-group removal ratios
+        (matched against each coupled group's producer paths, first match wins; groups no rule
+        matches keep every channel; a rule with ``ratio=None`` uses ``channel_ratio``). Empty =
+        ``channel_ratio`` for every group.
       train: the fine-tuning schedule (override keys ``stages.prune.train.<field>``). ``None``
         (``one_shot`` schedule only) applies the one-shot masks without fine-tuning, e.g. to
         measure the pruned model before a later stage (distillation) trains it.
@@ -81,6 +86,7 @@ class PruneStage(StageConfig):
         "channel_ratio": Range(lo=0, hi=1, hi_open=True, hint="the fraction of channels removed"),
         "channel_score": Registered(names.CHANNEL_SCORES),
         "rules": InstancesOf(SparsityRule, "give methods.pruning.SparsityRule(pattern=...)"),
+        "channel_rules": InstancesOf(ChannelRule, "give methods.pruning.ChannelRule(pattern=..., ratio=...)"),
     }
     renamed: ClassVar[Mapping[str, str]] = {
         "steps": "train.steps",
@@ -103,6 +109,7 @@ class PruneStage(StageConfig):
     rules: tuple[Any, ...] = ()
     channel_ratio: float = 0.0
     channel_score: str = "l1"
+    channel_rules: tuple[Any, ...] = ()
     train: TrainStage | None = dataclasses.field(default_factory=_default_train)
 
     @property

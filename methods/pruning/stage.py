@@ -102,7 +102,7 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
     notes, metrics = [], {}
     ds = bundle.dataset
     recipe = bundle.recipe
-    if cfg.channel_ratio > 0:
+    if cfg.channel_ratio > 0 or cfg.channel_rules:
         sample = jnp.asarray(ds.x_train[:8])
         batch = {"x": sample, "y": jnp.asarray(ds.y_train[:8])}
         model, plan = remove_channels(
@@ -110,6 +110,7 @@ def run_prune(bundle: Bundle, cfg: PruneStage, ctx: StageContext) -> StageResult
             sample,
             cfg.channel_ratio,
             cfg.channel_score,
+            rules=cfg.channel_rules or None,
             batch=batch if cfg.channel_score == "taylor" else None,
             return_plan=True,
         )
