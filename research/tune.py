@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import importlib.util
 import json
 import math
@@ -909,8 +910,12 @@ class _Worker:
         t0, c0 = time.perf_counter(), _compile_seconds[0]
         try:
             cfg, run_dir = self._prepare(trial, info)
-            report = run(cfg, run_dir, progress=self.progress, echo=False)
-            values, error = self._finish(report, info)
+            twin = self._finished_twin(cfg, trial, info)
+            if twin is not None:  # the same config finished before: same seed, same numbers
+                values, error = self._reuse(twin, info)
+            else:
+                report = run(cfg, run_dir, progress=self.progress, echo=False)
+                values, error = self._finish(report, info)
         except UnknownMetricError:  # the same in every trial: stop the study (the run is kept)
             raise
         except Exception as e:  # a failed trial is recorded and the study goes on
@@ -945,6 +950,42 @@ class _Worker:
         info["overrides"] = overrides
         info["run_dir"] = os.path.relpath(run_dir, self.workdir)
         return cfg, run_dir
+
+    def _finished_twin(self, cfg: config_lib.Config, trial: Trial, info: dict[str, Any]) -> dict[str, Any] | None:
+        """The ``trial.json`` of an earlier complete trial whose config is exactly ``cfg``, if any.
+
+        Different points can become one config: a per-layer policy repairs them to the same rules
+        (in an AMC/HAQ-style search most points over the budget land on a few), or a parameter
+        decodes to the same value. A run is deterministic in its config, so the earlier trial's
+        metrics are this trial's; training it again would only cost time. Multi-fidelity trials
+        (a budget) always run: their checkpoints are what a promotion continues from.
+        """
+        digest = hashlib.sha256(config_lib.to_json(cfg).encode()).hexdigest()[:16]
+        info["config_digest"] = digest
+        if trial.budget is not None:
+            return None
+        root = os.path.join(self.workdir, "trials")
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            if not name.isdigit() or int(name) == trial.number:
+                continue
+            other = _trial_info(self.workdir, int(name))
+            if (
+                other.get("config_digest") == digest
+                and other.get("status") == "COMPLETE"
+                and other.get("objectives") is not None
+                and "metrics" in other
+            ):
+                return other
+        return None
+
+    def _reuse(self, twin: Mapping[str, Any], info: dict[str, Any]) -> tuple[list[float], None]:
+        """This trial's values and info from its finished twin (no run directory of its own)."""
+        info["duplicate_of"] = twin["number"]
+        info["run_dir"] = twin["run_dir"]
+        info["metrics"] = dict(twin["metrics"])
+        info["objectives"] = list(twin["objectives"])
+        info["feasible"] = twin.get("feasible", True)
+        return list(twin["objectives"]), None
 
     def _finish(self, report: Mapping[str, Any], info: dict[str, Any]) -> tuple[list[float] | None, Exception | None]:
         """``(objective values, error)`` read from a finished run's report (metrics into ``info``)."""
@@ -1087,6 +1128,8 @@ def _one_line(trial: Trial, info: Mapping[str, Any], objectives: Sequence[Object
         return f"trial {trial.number}{budget}: {trial.state.value}: {info['error']}"
     vals = ", ".join(f"{o.name} {v:.4g}" for o, v in zip(objectives, info.get("objectives", []), strict=False))
     feas = "" if info.get("feasible", True) else " (infeasible)"
+    if "duplicate_of" in info:
+        return f"trial {trial.number}{budget}: {trial.state.value}: {vals}{feas} (the config of trial {info['duplicate_of']}: not run again)"
     return (
         f"trial {trial.number}{budget}: {trial.state.value}: {vals}{feas} "
         f"({info['seconds']:.1f}s, compile {info['compile_seconds']:.1f}s)"

@@ -257,6 +257,34 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
                constraints=["bytes<=30"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
 
 
+def test_a_point_whose_config_finished_before_is_not_trained_again(base_and_space, tmp_path, monkeypatch):
+    """Points that become the same config (here: two learning-rate choices, six trials) take the
+    earlier trial's metrics instead of a second identical run."""
+    base, _ = base_and_space
+    runs = []
+
+    def counting(config, workdir, **kw):
+        runs.append(config.stages[0].learning_rate)
+        return _fake_run(config, workdir, **kw)
+
+    monkeypatch.setattr(run_lib, "run", counting)
+    space = Space({"stages.train.learning_rate": Categorical([0.001, 0.003])})
+    workdir = str(tmp_path / "tune")
+    T.tune(base, space, workdir, trials=6, sampler="random", reference=None, config_spec=None,
+           compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+    assert sorted(runs) == sorted(set(runs))  # each distinct config trained once
+    summary, states = _states(workdir)
+    assert states == [(n, "COMPLETE") for n in range(6)]
+    infos = [T._trial_info(workdir, n) for n in range(6)]
+    twins = [i for i in infos if "duplicate_of" in i]
+    assert len(twins) == 6 - len(runs) > 0
+    for info in twins:
+        first = infos[info["duplicate_of"]]
+        assert "duplicate_of" not in first and first["config_digest"] == info["config_digest"]
+        assert info["objectives"] == first["objectives"] and info["run_dir"] == first["run_dir"]
+        assert info["params"] == first["params"]
+
+
 def test_reference_point_baseline_and_user_given(base_and_space, tmp_path, monkeypatch):
     base, space = base_and_space
     monkeypatch.setattr(run_lib, "run", _fake_run)
