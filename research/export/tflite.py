@@ -210,7 +210,59 @@ def _convert(
     tf_fn = _tf_function(fn, specs, batch_polymorphic)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([tf_fn.get_concrete_function()], tf_fn)
     QUANTIZATIONS.get(quantize)(converter, rep)
-    return converter.convert()
+    blob = converter.convert()
+    if quantize == "int16x8":
+        for msg in int16_sum_warnings(blob):
+            warnings.warn(msg, stacklevel=4)
+    return blob
+
+
+class Int16SumWarning(UserWarning):
+    """A 16x8 TFLite ``SUM`` that keeps its input's scale and may clip (see :func:`int16_sum_warnings`)."""
+
+
+def int16_sum_warnings(blob: bytes) -> list[Int16SumWarning]:
+    """Warnings for the int16 ``SUM`` ops of a 16x8 flatbuffer that can clip.
+
+    TFLite's 16x8 quantizer gives a ``SUM`` the scale of its input, so a sum over ``n`` elements
+    saturates once it exceeds the largest single input (a ``jnp.mean`` becomes ``SUM`` then a
+    multiply by ``1/n``): a mean over the features of a LayerNorm, over the tokens of a pooled
+    transformer, over the pixels of a global average pool. :class:`research.export._trace.ExportLayerNorm`
+    avoids it for ``nnx.LayerNorm``; elsewhere write the mean as a product with a constant ``1/n``
+    column (``x @ jnp.full((n, 1), 1 / n)``), which the converter calibrates like any layer.
+
+    Returns:
+      One :class:`Int16SumWarning` per such op, naming its output tensor (the JAX operation's
+      name) and ``n``; empty when there is none.
+    """
+    _deps.tensorflow()
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
+    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    names = _op_names()
+    found = []
+    for sg in m.subgraphs:
+        for op in sg.operators:
+            if _op_name(m, op, names) != "SUM" or len(op.inputs) < 2:
+                continue
+            x, y = sg.tensors[op.inputs[0]], sg.tensors[op.outputs[0]]
+            axes_buf = m.buffers[sg.tensors[op.inputs[1]].buffer].data
+            if y.type != schema.TensorType.INT16 or axes_buf is None or x.shape is None:
+                continue
+            axes = np.frombuffer(bytes(bytearray(axes_buf)), np.int32)
+            n = int(np.prod([x.shape[a % len(x.shape)] for a in axes])) if len(x.shape) else 1
+            sx, sy = (t.quantization.scale for t in (x, y))
+            if n > 1 and sx is not None and sy is not None and np.allclose(sx, sy):
+                name = y.name.decode() if isinstance(y.name, bytes) else y.name
+                found.append(
+                    Int16SumWarning(
+                        f"quantize='int16x8': TFLite op SUM {name!r} adds {n} int16 values at its input's scale, so "
+                        f"its result clips at the largest single input; compute that mean as a product with a "
+                        f"constant 1/{n} column (x @ jnp.full(({n}, 1), 1 / {n})) or use quantize='int8'"
+                    )
+                )
+    return found
 
 
 def size_breakdown(blob: bytes) -> dict[str, int]:
