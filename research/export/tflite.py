@@ -26,13 +26,15 @@ registry (:func:`register_quantization`) of functions that configure the convert
   activations (symmetric, zero point 0; biases int64), calibrated like ``"int8"``. Every
   activation gets 256 times the resolution of ``"int8"`` for 2 bytes instead of 1 per value at
   run time; the file is about as small (weights stay int8; the attention + GRU zoo model:
-  86 kB against 84 kB int8 and 107 kB float32). It is the mode for models that carry a state
+  91 kB against 89 kB int8 and 105 kB float32). It is the mode for models that carry a state
   through many requantized steps (a GRU's gates and hidden state, LayerNorm statistics), where
   ``"int8"`` rounding compounds: on MNIST-1D the ``attn_gru`` zoo model agrees with JAX on
-  0.996-0.999 of the test predictions in 16x8 against 0.981-0.991 in int8 (three seeds). Slower
-  than int8 (int16 kernels are reference kernels, not XNNPACK's) and refused by the converter
-  for ops without a 16x8 kernel (``DIV`` among them; the error names the op). Its ONNX file has
-  int16 Q/DQ, which needs ONNX opset 21 (:func:`research.export.onnx_export.tflite_to_onnx`).
+  0.996-0.999 of the test predictions in 16x8 against 0.980-0.990 in int8 (five seed and
+  data-order variations). The converter refuses ops without a 16x8 kernel (``DIV`` among them;
+  the error names the op), and its 16x8 ``SUM`` keeps the input's scale, so a mean written as
+  ``jnp.mean`` can clip: :func:`int16_sum_warnings` names each such op (an ``nnx.LayerNorm`` is
+  exported in a form without one, :class:`research.export._trace.ExportLayerNorm`). Its ONNX
+  file has int16 Q/DQ, which needs ONNX opset 21 (:func:`research.export.onnx_export.tflite_to_onnx`).
 
 **Variable batch.** jax2tf's shape polymorphism (``batch_route="jax2tf"``) turns every
 broadcast of a parameter against a batch-sized tensor into a runtime ``BROADCAST_TO``, which
