@@ -260,24 +260,23 @@ class ExportLayerNorm(nnx.Module):
         return y
 
 
-def export_forms(model: Any) -> Any:
+def export_forms(model: Any, *, integer_layernorm: bool = False) -> Any:
     """A copy of ``model`` with layers replaced by export-friendly equivalents (same function).
 
-    Every ``nnx.LinearGeneral`` becomes an :class:`ExportLinearGeneral`, every
-    ``nnx.MultiHeadAttention`` an :class:`ExportAttention` and every ``nnx.LayerNorm`` an
-    :class:`ExportLayerNorm`. Non-NNX callables and models without those layers are returned
-    unchanged.
+    Every ``nnx.LinearGeneral`` becomes an :class:`ExportLinearGeneral` and every
+    ``nnx.MultiHeadAttention`` an :class:`ExportAttention`; with ``integer_layernorm`` every
+    ``nnx.LayerNorm`` also becomes an :class:`ExportLayerNorm` (what the TFLite ``"int16x8"``
+    mode converts: its ``SUM`` would clip). Non-NNX callables and models without those layers are
+    returned unchanged.
     """
     if not isinstance(model, nnx.Module):
         return model
     from research.nn import get_module  # noqa: PLC0415
     from research.nn import replace_modules  # noqa: PLC0415
 
-    kinds = {
-        nnx.LinearGeneral: ExportLinearGeneral,
-        nnx.MultiHeadAttention: ExportAttention,
-        nnx.LayerNorm: ExportLayerNorm,
-    }
+    kinds: dict[type, type] = {nnx.LinearGeneral: ExportLinearGeneral, nnx.MultiHeadAttention: ExportAttention}
+    if integer_layernorm:
+        kinds[nnx.LayerNorm] = ExportLayerNorm
 
     def wanted(path: str, module: Any) -> bool:
         if type(module) not in kinds:

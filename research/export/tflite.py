@@ -32,8 +32,9 @@ registry (:func:`register_quantization`) of functions that configure the convert
   0.996-0.999 of the test predictions in 16x8 against 0.980-0.990 in int8 (five seed and
   data-order variations). The converter refuses ops without a 16x8 kernel (``DIV`` among them;
   the error names the op), and its 16x8 ``SUM`` keeps the input's scale, so a mean written as
-  ``jnp.mean`` can clip: :func:`int16_sum_warnings` names each such op (an ``nnx.LayerNorm`` is
-  exported in a form without one, :class:`research.export._trace.ExportLayerNorm`). Its ONNX
+  ``jnp.mean`` can clip: :func:`int16_sum_warnings` names each such op (in this mode every
+  ``nnx.LayerNorm`` is converted in a form without one,
+  :class:`research.export._trace.ExportLayerNorm`; see :data:`INTEGER_LAYERNORM_MODES`). Its ONNX
   file has int16 Q/DQ, which needs ONNX opset 21 (:func:`research.export.onnx_export.tflite_to_onnx`).
 
 **Variable batch.** jax2tf's shape polymorphism (``batch_route="jax2tf"``) turns every
@@ -69,6 +70,8 @@ from research.export import formats as formats_lib
 from research.export._io import write_bytes_atomic
 from research.export._trace import UnsupportedOpError
 from research.export._trace import diagnose
+from research.export._trace import export_forms
+from research.export._trace import inference_fn
 from research.export.formats import ExportFormat
 from research.export.formats import ExportJob
 from research.export.formats import Produced
@@ -673,6 +676,14 @@ def range_agreement(runner: TFLiteRunner, ranges: Mapping[str, tuple[float, floa
     return out
 
 
+INTEGER_LAYERNORM_MODES = frozenset({"int16x8"})
+"""Modes converted with every ``nnx.LayerNorm`` as :class:`research.export._trace.ExportLayerNorm`
+(TFLite's 16x8 ``SUM`` would clip Flax's feature sums). The other modes convert the layer as it is:
+for ``"int8"`` the form made no difference beyond noise (attention + GRU model, three seeds), and
+onnxruntime's symmetric quantizer would quantize its two products where it leaves Flax's reductions
+in float."""
+
+
 def converted(job: ExportJob, q: str) -> bytes:
     """The TFLite flatbuffer of variant ``q`` for this export, converted once and shared.
 
@@ -681,11 +692,18 @@ def converted(job: ExportJob, q: str) -> bytes:
     """
     needing = job.needing("tflite")
 
+    fn = job.convert_fn
+    if q in INTEGER_LAYERNORM_MODES:  # the converted model's LayerNorms as ExportLayerNorm
+        fn = job.memo(
+            ("forms", "integer_layernorm"),
+            lambda: inference_fn(export_forms(job.convert_model, integer_layernorm=True)),
+        )
+
     def convert() -> bytes:
         with formats_lib.producing(f"the {q} TFLite conversion (needed by {' and '.join(needing)})", job.out_dir):
             try:
                 return to_tflite(
-                    job.convert_fn,
+                    fn,
                     job.sample,
                     quantize=q,
                     calibration=job.calibration,

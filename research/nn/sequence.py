@@ -104,12 +104,7 @@ class ViT(nnx.Module):
         x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.pos[...]
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
-        # Mean over the tokens as a product with a constant 1/tokens column: the same function, and
-        # the form integer converters quantize like any layer (TFLite's 16x8 SUM keeps its input's
-        # scale, so a sum over 16 tokens would clip).
-        mean_of = jnp.full((x.shape[1], 1), 1.0 / x.shape[1], x.dtype)
-        return self.head((jnp.swapaxes(x, 1, 2) @ mean_of)[..., 0])
+        return self.head(jnp.mean(self.norm(x), axis=1))
 
 
 @register_model("vit")
