@@ -233,8 +233,10 @@ def int16_sum_warnings(blob: bytes) -> list[Int16SumWarning]:
     saturates once it exceeds the largest single input (a ``jnp.mean`` becomes ``SUM`` then a
     multiply by ``1/n``): a mean over the features of a LayerNorm, over the tokens of a pooled
     transformer, over the pixels of a global average pool. :class:`research.export._trace.ExportLayerNorm`
-    avoids it for ``nnx.LayerNorm``; elsewhere write the mean as a product with a constant ``1/n``
-    column (``x @ jnp.full((n, 1), 1 / n)``), which the converter calibrates like any layer.
+    avoids it for ``nnx.LayerNorm``; elsewhere write a mean over the last axis as a product with a
+    constant ``1/n`` column (``x @ jnp.full((n, 1), 1 / n)``), which the converter calibrates like
+    any layer, and one over another axis as a sum of slices (``x[:, 0] / n + x[:, 1] / n + ...``,
+    each partial sum calibrated; a product over a middle axis broke the ViT's variable batch).
 
     Returns:
       One :class:`Int16SumWarning` per such op, naming its output tensor (the JAX operation's
@@ -680,8 +682,8 @@ INTEGER_LAYERNORM_MODES = frozenset({"int16x8"})
 """Modes converted with every ``nnx.LayerNorm`` as :class:`research.export._trace.ExportLayerNorm`
 (TFLite's 16x8 ``SUM`` would clip Flax's feature sums). The other modes convert the layer as it is:
 for ``"int8"`` the form made no difference beyond noise (attention + GRU model, three seeds), and
-onnxruntime's symmetric quantizer would quantize its two products where it leaves Flax's reductions
-in float."""
+with it the ``int8_qdq_symmetric`` ONNX file of the digits ``attn_gru`` (quantized by onnxruntime
+from the float32 file) agreed 0.989, under the export zoo test's 0.99."""
 
 
 def converted(job: ExportJob, q: str) -> bytes:
