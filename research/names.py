@@ -100,6 +100,7 @@ EXPORT_QUANTIZE_MODES: tuple[str, ...] = (
     "int8",
     "int8_dense_per_tensor",
     "int8_per_tensor",
+    "int16x8",
     "int8_qdq_reduce_range",
     "int8_qdq_symmetric",
 )

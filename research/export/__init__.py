@@ -10,7 +10,7 @@ module each:
   date until which the artifact is guaranteed loadable: 6 months of backward compatibility);
 * ``tflite`` (:mod:`~research.export.tflite`): ``model_{mode}.tflite`` via jax2tf and the TFLite
   converter, one file per registered mode (``fp32``, ``fp16``, ``dynamic_int8``, ``int8``,
-  ``int8_dense_per_tensor``, ``int8_per_tensor``; full integer calibrated on a representative
+  ``int8_dense_per_tensor``, ``int8_per_tensor``, ``int16x8``; full integer calibrated on a representative
   dataset), run in LiteRT;
 * ``onnx`` (:mod:`~research.export.onnx_export`): ``model_{mode}.onnx`` converted by tf2onnx from
   the TFLite file (full-integer modes in Q/DQ form) plus the ONNX-only modes

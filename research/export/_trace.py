@@ -209,19 +209,74 @@ class ExportAttention(nnx.Module):
         return m.out(jax.numpy.einsum("bhqk,bkhd->bqhd", weights, v))
 
 
-def export_forms(model: Any) -> Any:
+class ExportLayerNorm(nnx.Module):
+    """An ``nnx.LayerNorm`` over the last axis computed in the form integer converters quantize well.
+
+    Flax computes the variance as ``E[x^2] - E[x]^2`` (``use_fast_variance``) with the means as
+    ``reduce_sum``; converted to TFLite that is a ``SUM`` over the features, whose quantized output
+    TFLite's 16x8 mode gives the input's scale (a sum of 32 features clips), and a difference of
+    two large quantized numbers (a token with a small spread loses its variance). This stand-in
+    computes the same function as Flax's two-pass form: the mean and the variance as products with
+    a constant ``1/n`` column (``FULLY_CONNECTED``, whose output range is calibrated like any
+    layer's), the variance from the centred values. In float it differs from the layer by rounding
+    only (about 1e-6 relative). A LayerNorm over other axes, with a mask, a cross-device
+    ``axis_name`` or a compute ``dtype`` runs the layer itself.
+
+    Args:
+      layer: the ``nnx.LayerNorm`` (kept as ``self.layer``; its scale and bias are shared).
+    """
+
+    def __init__(self, layer: nnx.LayerNorm):
+        self.layer = layer
+
+    def _plain(self, x: jax.Array) -> bool:
+        m = self.layer
+
+        def last_only(axes: int | Sequence[int]) -> bool:
+            axes = (axes,) if isinstance(axes, int) else tuple(axes)
+            return x.ndim > 0 and {a % x.ndim for a in axes} == {x.ndim - 1}
+
+        floating = jax.numpy.issubdtype(x.dtype, np.floating)
+        return (
+            last_only(m.reduction_axes)
+            and last_only(m.feature_axes)
+            and m.axis_name is None
+            and m.dtype is None
+            and floating
+        )
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        m = self.layer
+        if mask is not None or not self._plain(x):
+            return m(x, mask=mask)
+        n = x.shape[-1]
+        mean_of = jax.numpy.full((n, 1), 1.0 / n, x.dtype)
+        centred = x - x @ mean_of
+        y = centred * jax.lax.rsqrt(((centred * centred) @ mean_of) + np.asarray(m.epsilon, x.dtype))
+        if m.use_scale:
+            y = y * m.scale[...].astype(x.dtype)
+        if m.use_bias:
+            y = y + m.bias[...].astype(x.dtype)
+        return y
+
+
+def export_forms(model: Any, *, integer_layernorm: bool = False) -> Any:
     """A copy of ``model`` with layers replaced by export-friendly equivalents (same function).
 
     Every ``nnx.LinearGeneral`` becomes an :class:`ExportLinearGeneral` and every
-    ``nnx.MultiHeadAttention`` an :class:`ExportAttention`. Non-NNX callables and models without
-    those layers are returned unchanged.
+    ``nnx.MultiHeadAttention`` an :class:`ExportAttention`; with ``integer_layernorm`` every
+    ``nnx.LayerNorm`` also becomes an :class:`ExportLayerNorm` (what the TFLite ``"int16x8"``
+    mode converts: its ``SUM`` would clip). Non-NNX callables and models without those layers are
+    returned unchanged.
     """
     if not isinstance(model, nnx.Module):
         return model
     from research.nn import get_module  # noqa: PLC0415
     from research.nn import replace_modules  # noqa: PLC0415
 
-    kinds = {nnx.LinearGeneral: ExportLinearGeneral, nnx.MultiHeadAttention: ExportAttention}
+    kinds: dict[type, type] = {nnx.LinearGeneral: ExportLinearGeneral, nnx.MultiHeadAttention: ExportAttention}
+    if integer_layernorm:
+        kinds[nnx.LayerNorm] = ExportLayerNorm
 
     def wanted(path: str, module: Any) -> bool:
         if type(module) not in kinds:

@@ -201,7 +201,8 @@ def export(
       out_dir: directory for ``{name}.stablehlo`` (+ ``.json`` manifest),
         ``{name}_{variant}.tflite`` and ``{name}_{variant}.onnx``.
       quantize: None, or one or several of ``"fp16"``, ``"dynamic_int8"``, ``"int8"``,
-        ``"int8_dense_per_tensor"``, ``"int8_per_tensor"`` (TFLite modes, see
+        ``"int8_dense_per_tensor"``, ``"int8_per_tensor"``, ``"int16x8"`` (int16 activations,
+        int8 weights) (TFLite modes, see
         :mod:`research.export.tflite`) and ``"int8_qdq_symmetric"`` (ONNX only). ONNX is written for the fp32 and full-integer
         TFLite variants (int8 ONNX carries the TFLite file's QuantizeLinear/DequantizeLinear
         nodes, asymmetric activations); ``"int8_qdq_symmetric"`` quantizes the fp32 ONNX file

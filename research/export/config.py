@@ -40,7 +40,9 @@ class ExportStage(StageConfig):
         calibrated on ``calibration_examples`` training inputs; also gives the int8 ONNX file),
         ``int8_dense_per_tensor`` (as ``int8`` with one scale per fully connected kernel:
         smaller files for dense networks), ``int8_per_tensor`` (one scale per kernel: the
-        smallest file; check its top-1 agreement), ``int8_qdq_symmetric`` (the
+        smallest file; check its top-1 agreement), ``int16x8`` (TFLite's 16x8 mode: int16
+        activations, int8 weights; for recurrent or LayerNorm-heavy models that lose top-1
+        agreement in int8; its ONNX file has int16 Q/DQ at opset 21), ``int8_qdq_symmetric`` (the
         TensorRT-ready ONNX file, same calibration data) and ``int8_qdq_reduce_range`` (the same
         with 7-bit weights, for onnxruntime on x86-64 CPUs without VNNI).
       calibration_examples: size of the representative data set for int8.

@@ -15,6 +15,10 @@ int8 weights (per output channel), calibrated on the same representative data as
 The TFLite converter fuses a clamp to [0, 1] or [-1, 1] into the builtins ``RELU_0_TO_1`` /
 ``RELU_N1_TO_1``, which tf2onnx does not map; :func:`tflite_to_onnx` registers both as ONNX
 ``Clip`` and refuses (naming the node) any TFLite op tf2onnx leaves unconverted.
+
+A 16x8 TFLite file (``quantize="int16x8"``) becomes int16 Q/DQ, which ONNX defines from opset
+21 on; tf2onnx stops at 18, so that file is converted at 18 and labelled 21, its int64 bias
+constants folded to float (:func:`tflite_to_onnx`).
 """
 
 from __future__ import annotations
@@ -167,10 +171,16 @@ def tflite_to_onnx(tflite_bytes: bytes, opset: int = DEFAULT_OPSET) -> Any:
     pass can be undone (``TF2ONNX_CATCH_ERRORS``); on large int8 graphs that copying is most of the
     conversion time. The conversion first runs without the copies and
     only falls back to tf2onnx's safe mode when a pass raises, so the result is the same.
+
+    A 16x8 file (int16 activations) is converted at opset ``max(opset, 18)`` and comes back at
+    opset 21 with its int64 bias constants folded to float32 (int16 Q/DQ needs opset 21).
     """
     tf2onnx = _deps.tf2onnx()
     _register_clamp_handlers()
     _register_gelu_handler()
+    wide = _has_int16_activations(tflite_bytes)
+    if wide:  # converted at >= 18 (Reduce* axes as inputs), then labelled 21: int16 Q/DQ
+        opset = max(opset, 18)
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "model.tflite")
         with open(src, "wb") as f:
@@ -182,7 +192,72 @@ def tflite_to_onnx(tflite_bytes: bytes, opset: int = DEFAULT_OPSET) -> Any:
             with _env("TF2ONNX_CATCH_ERRORS", "TRUE"):
                 model_proto, _ = tf2onnx.convert.from_tflite(src, opset=opset)
     _refuse_unconverted(model_proto)
+    if wide:
+        _as_int16_qdq_opset(model_proto)
     return model_proto
+
+
+INT16_QDQ_OPSET = 21
+"""The first ONNX opset whose QuantizeLinear/DequantizeLinear take int16 (TFLite's 16x8 mode)."""
+
+
+def _has_int16_activations(tflite_bytes: bytes) -> bool:
+    """Whether a TFLite flatbuffer has quantized int16 tensors (a 16x8 file)."""
+    _deps.tensorflow()
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
+    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_bytes))
+    return any(
+        t.type == schema.TensorType.INT16 and t.quantization is not None and t.quantization.scale is not None
+        for sg in m.subgraphs
+        for t in sg.tensors
+    )
+
+
+def _as_int16_qdq_opset(model_proto: Any) -> None:
+    """Makes tf2onnx's graph of a 16x8 TFLite file valid ONNX, in place.
+
+    Its int16 Q/DQ nodes need opset :data:`INT16_QDQ_OPSET`; every other operator tf2onnx emits
+    at opset 18 means the same at 21 (the changes in between add types and optional
+    attributes). TFLite's 16x8 biases are int64, which no DequantizeLinear takes: each such
+    constant DequantizeLinear is replaced by its float32 value (the bias as the file computes it).
+    """
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    graph = model_proto.graph
+    values = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = attr.t
+
+    def const(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(values[name]) if name in values else None
+
+    kept = []
+    for node in graph.node:
+        q = const(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is None or q.dtype != np.int64:
+            kept.append(node)
+            continue
+        scale = np.asarray(const(node.input[1]), np.float64)
+        zero = const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        zero = np.zeros((), np.int64) if zero is None else np.asarray(zero, np.int64)
+        if scale.ndim == 1 and q.ndim > 0:  # per axis
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            zero = zero.reshape(shape) if zero.ndim == 1 else zero
+        value = ((q - zero).astype(np.float64) * scale).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    del graph.node[:]
+    graph.node.extend(kept)
+    for imp in model_proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = max(imp.version, INT16_QDQ_OPSET)
 
 
 OnnxQuantizeFn = Callable[[str, str, np.ndarray], Any]
@@ -579,7 +654,7 @@ class OnnxFormat(ExportFormat):
         else:
             proto = tflite_to_onnx(tflite.converted(job, q), opset=job.onnx_opset)
             write_onnx(proto, path)
-            extra = {"opset": job.onnx_opset}
+            extra = {"opset": next(i.version for i in proto.opset_import if i.domain in ("", "ai.onnx"))}
         qdq = qdq_summary(proto)
         extra = {"qdq": qdq, **extra}
         ort_name = f"onnxruntime {formats_lib.dist_version('onnxruntime')}"

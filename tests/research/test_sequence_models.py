@@ -341,7 +341,7 @@ def exported(request, tmp_path_factory):
         ds.x_test[:8],
         formats=("tflite", "onnx"),
         out_dir=tmp_path_factory.mktemp(name),
-        quantize=("int8",),
+        quantize=("int8", "int16x8"),
         calibration=ds.x_train[:256],
         eval_data=ds.x_test,
         latency_repeats=1,
@@ -358,15 +358,27 @@ def test_trained_attention_models_export_to_tflite_and_onnx(exported, record_tes
         assert a.max_rel_diff <= 1e-5 and a.top1_agreement == 1.0, (name, a)
         assert {1, 8} <= set(a.batch_sizes)
     assert report["tflite_fp32"].extra["batch_route"].startswith("static trace")
-    for artifact in ("tflite_int8", "onnx_int8"):
+    for artifact in ("tflite_int8", "onnx_int8", "tflite_int16x8", "onnx_int16x8"):
         a = report[artifact]
         record_testsuite_property(f"{name}_{artifact}_top1_agreement", a.top1_agreement)
-        if name == "vit":
-            assert a.top1_agreement >= 0.99, (name, a)
-        else:
-            # The GRU misses the 0.99 target: its int8 gates re-quantize the hidden state at each
-            # of the 10 steps (measured 0.973 TFLite / 0.976 ONNX); asserted at what it reaches.
-            assert a.top1_agreement >= 0.96, (name, a)
+        assert a.top1_agreement >= _TOP1_BOUND[name, artifact.partition("_")[2]], (name, a)
+        if a.reference is not None:  # the Q/DQ file as written: any CPU
+            assert a.reference.top1_agreement >= _TOP1_BOUND[name, a.quantize], (name, a.reference)
+    assert report["onnx_int16x8"].extra["opset"] == 21
+
+
+#: Top-1 agreement bounds of the quantized files. Full int8 misses the 0.99 target on the GRU model:
+#: per-tensor int8 rounding of the LayerNorm outputs, the attention, and the gates and hidden state
+#: re-quantized at each of the 10 steps add up (0.973 TFLite / 0.976 ONNX here; over five seed and
+#: data-order variations 0.973-0.988). The 16x8 variant (int16 activations, int8 weights) reaches
+#: it: 0.996-0.999 over the same five. The ViT's 16x8 files keep the token mean's SUM, which 16x8
+#: clips (the export warns): 0.981-0.997 over three seeds, asserted at 0.96 and recorded.
+_TOP1_BOUND = {
+    ("vit", "int8"): 0.99,
+    ("vit", "int16x8"): 0.96,
+    ("attn_gru", "int8"): 0.96,
+    ("attn_gru", "int16x8"): 0.99,
+}
 
 
 @pytest.mark.slow
