@@ -32,7 +32,6 @@ from methods.quantization.modules import QuantEinsum
 from methods.quantization.modules import QuantLayer
 from methods.quantization.modules import QuantLinear
 from methods.quantization.modules import QuantLinearGeneral
-from methods.quantization.modules import QuantSpec
 from methods.quantization.modules import find_quantizers
 from methods.quantization.rules import QuantRule
 from research import recipe as recipe_lib
