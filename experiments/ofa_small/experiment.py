@@ -41,6 +41,7 @@ class OFAConfig:
     scratch_steps: int = 1500
     batch_size: int = 128
     learning_rate: float = 3e-3
+    sampler: str = "tpe"
 
 
 def quick_config() -> OFAConfig:
@@ -101,7 +102,7 @@ def run_seed(cfg: OFAConfig, seed: int, log=print) -> dict[str, Any]:
     timing_opts = [fam.sample(rng) for _ in range(max(cfg.batch, 2))]
     t_vm, t_one = _time_eval(net, timing_opts, ds)
     t0 = time.perf_counter()
-    cands = nas.search(net, ds.x_val, ds.y_val, trials=cfg.trials, batch=cfg.batch, seed=seed)
+    cands = nas.search(net, ds.x_val, ds.y_val, trials=cfg.trials, batch=cfg.batch, sampler=cfg.sampler, seed=seed)
     t_search = time.perf_counter() - t0
     front = nas.pareto_front(cands)
     if len(front) > cfg.front_size:  # spread over the front by FLOPs
@@ -195,6 +196,54 @@ def format_table(result: dict[str, Any]) -> str:
         f"search {result['search_seconds']:.0f} s for {result['candidates']} candidates"
     )
     return "\n".join(lines)
+
+
+def plot_results(results: list[dict[str, Any]], path: str) -> str:
+    """Test accuracy against FLOPs for every seed: the found Pareto members fine-tuned from the
+    supernet and trained from scratch, and the zoo's hand-designed models; writes a PNG."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = (
+        ("found, fine-tuned from the supernet", "finetuned_test", "found", "o", "tab:blue"),
+        ("found, trained from scratch", "scratch_test", "found", "s", "tab:green"),
+        ("zoo (hand-designed), from scratch", "scratch_test", "zoo", "*", "tab:red"),
+    )
+    for label, key, kind, marker, color in styles:
+        pts = [
+            (r["flops"], 100 * r[key], res["seed"])
+            for res in results
+            for r in res["rows"]
+            if r["model"].startswith(kind) and r[key] is not None
+        ]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=70, color=color, label=label)
+    for res in results:
+        for r in res["rows"]:
+            if r["model"].startswith("zoo"):
+                ax.annotate(f"{r['model'][4:]} s{res['seed']}", (r["flops"], 100 * r["scratch_test"]), fontsize=7)
+    ax.set(xscale="log", xlabel="FLOPs per input (log)", ylabel="test accuracy (%)",
+           title=f"MNIST-1D: searched sub-networks vs the zoo ({len(results)} seed(s))")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def dominance(results: list[dict[str, Any]], key: str = "scratch_test") -> list[dict[str, Any]]:
+    """Per seed and zoo model: the found members with accuracy above it at no more FLOPs."""
+    out = []
+    for res in results:
+        found = [r for r in res["rows"] if r["model"].startswith("found") and r[key] is not None]
+        for z in (r for r in res["rows"] if r["model"].startswith("zoo")):
+            better = [f["model"] for f in found if f["flops"] <= z["flops"] and f[key] > z["scratch_test"]]
+            out.append({"seed": res["seed"], "zoo": z["model"], "dominated_by": better})
+    return out
 
 
 def run_experiment(cfg: OFAConfig, log=print) -> list[dict[str, Any]]:

@@ -14,6 +14,8 @@ import json
 import pathlib
 
 from experiments.ofa_small.experiment import OFAConfig
+from experiments.ofa_small.experiment import dominance
+from experiments.ofa_small.experiment import plot_results
 from experiments.ofa_small.experiment import quick_config
 from experiments.ofa_small.experiment import run_experiment
 
@@ -24,14 +26,32 @@ def main(argv: list[str] | None = None) -> list:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--supernet-steps", type=int)
     p.add_argument("--trials", type=int)
+    p.add_argument("--front-size", type=int, help="Pareto members fine-tuned and trained from scratch")
+    p.add_argument("--finetune-steps", type=int)
+    p.add_argument("--scratch-steps", type=int, help="steps of every from-scratch model (found and zoo)")
+    p.add_argument("--sampler", help="the search's sampler: tpe (default), evolution, gp, random, ...")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write the accuracy-vs-FLOPs plot of every seed here (PNG)")
     a = p.parse_args(argv)
     cfg = quick_config() if a.quick else OFAConfig()
-    over = {"seeds": tuple(a.seeds) if a.seeds else None, "supernet_steps": a.supernet_steps, "trials": a.trials}
+    over = {
+        "seeds": tuple(a.seeds) if a.seeds else None,
+        "supernet_steps": a.supernet_steps,
+        "trials": a.trials,
+        "sampler": a.sampler,
+        "front_size": a.front_size,
+        "finetune_steps": a.finetune_steps,
+        "scratch_steps": a.scratch_steps,
+    }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
     results = run_experiment(cfg)
+    for d in dominance(results):
+        who = ", ".join(d["dominated_by"]) or "no found member (scratch) is more accurate at no more FLOPs"
+        print(f"seed {d['seed']}: {d['zoo']} dominated by: {who}")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(results, indent=2, default=float))
+    if a.plot:
+        print(f"wrote {plot_results(results, a.plot)}")
     return results
 
 
