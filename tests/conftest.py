@@ -85,35 +85,3 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, cpus))
-
-
-#: The longest test modules, longest first (``--durations`` of the full suite on 2 cores). With
-#: ``--dist loadscope`` xdist hands out whole modules in collection order, so a long module
-#: collected last can keep one worker busy while the other idles; these start first instead.
-LONG_MODULES = (
-    "research/export/test_export_zoo.py",
-    "research/test_ray.py",
-    "research/test_sequence_models.py",
-    "research/automl/test_automl_gp.py",
-    "research/test_multihost.py",
-    "methods/nas/test_nas_stage.py",
-    "methods/test_composition.py",
-    "methods/nas/test_nas.py",
-    "research/test_population.py",
-    "research/test_step_reuse.py",
-)
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Moves the tests of :data:`LONG_MODULES` to the front (a stable sort: order within a module kept)."""
-    del session, config
-    rank = {p: i for i, p in enumerate(LONG_MODULES)}
-
-    def key(item: pytest.Item) -> int:
-        try:
-            rel = pathlib.Path(str(item.path)).resolve().relative_to(TESTS).as_posix()
-        except ValueError:
-            return len(LONG_MODULES)
-        return rank.get(rel, len(LONG_MODULES))
-
-    items.sort(key=key)
