@@ -17,11 +17,46 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+#: The persistent compilation cache this process made for the session (removed at its end), or
+#: None when the cache directory came from the environment (a user's, or the xdist controller's).
+_SUITE_JAX_CACHE: str | None = None
+
+
+def _share_one_compilation_cache() -> None:
+    """Points JAX's persistent compilation cache of the whole run at one fresh directory.
+
+    Most of the suite's time is XLA compiling, and many tests compile the same programs in
+    different processes: both xdist workers, and every CLI, Ray or multi-host subprocess a test
+    starts (they inherit the environment). A program is then compiled once per run and loaded
+    from disk elsewhere. The directory is made by the first process (the xdist controller),
+    inherited by the workers and subprocesses, and deleted when the run ends; a clean clone starts
+    with an empty cache, so no result depends on an earlier run. A ``JAX_COMPILATION_CACHE_DIR``
+    already set is used as is (``JAX_COMPILATION_CACHE_DIR=`` with an empty value: no cache).
+    """
+    global _SUITE_JAX_CACHE
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    _SUITE_JAX_CACHE = tempfile.mkdtemp(prefix="slimjax-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SUITE_JAX_CACHE
+    # Programs that compile faster than this are not worth a disk round trip.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
+
+_share_one_compilation_cache()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SUITE_JAX_CACHE is not None:
+        shutil.rmtree(_SUITE_JAX_CACHE, ignore_errors=True)
+
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
