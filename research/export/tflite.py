@@ -10,7 +10,9 @@ registry (:func:`register_quantization`) of functions that configure the convert
 * ``"int8"``: full integer quantization; activation ranges are calibrated on a representative
   dataset (``calibration``). Inputs and outputs stay float32 (the model quantizes at entry and
   dequantizes at exit), so the artifact is a drop-in replacement for the float model. Kernels
-  are quantized per output channel (the converter's default).
+  are quantized per output channel (the converter's default). The activation ranges are the
+  calibration minimum and maximum unless ``activation_calibration`` names another rule
+  (``"percentile"``, ``"mse"``: :mod:`research.export.tflite_ranges`), as for the two modes below.
 * ``"int8_dense_per_tensor"``: as ``"int8"``, but fully connected kernels get one scale per
   tensor (convolutions stay per channel). TFLite stores a float32 scale and an int64 zero point
   per channel for each kernel *and* for its int32 bias, 24 bytes per output channel; for a
