@@ -133,3 +133,28 @@ def test_export_reports_the_rule_and_refuses_bad_requests(tmp_path):
         )
     with pytest.raises(ValueError, match=r"activation_calibration='mse'.*has none.*quantize='int8'"):
         export(model, test[:8], formats=("tflite",), out_dir=tmp_path, quantize="fp16", activation_calibration="mse")
+
+
+def test_export_stage_validates_the_rule_before_training():
+    from research import config as C
+    from research.export.stage import ExportStage
+    from research.stages import TrainStage
+
+    def config(stage):
+        return C.Config(
+            name="ranges",
+            model=C.ModelConfig(name="mlp"),
+            data=C.DataConfig(name="digits"),
+            stages=(TrainStage(steps=2), stage),
+        )
+
+    C.validate(config(ExportStage(formats=("tflite",), quantize=("int8",), activation_calibration="percentile")))
+    for stage, match in [
+        (
+            ExportStage(formats=("tflite",), quantize=("int8",), activation_calibration="mes"),
+            r"activation_calibration.*'mse'",
+        ),
+        (ExportStage(formats=("tflite",), quantize=("fp16",), activation_calibration="mse"), r"add 'int8' to quantize"),
+    ]:
+        with pytest.raises(C.ConfigError, match=match):
+            C.validate(config(stage))
