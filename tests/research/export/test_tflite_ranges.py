@@ -7,6 +7,8 @@ gets a coarse grid; the 99.99th percentile ignores those few values (under 0.01 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -138,23 +140,18 @@ def test_export_reports_the_rule_and_refuses_bad_requests(tmp_path):
 def test_export_stage_validates_the_rule_before_training():
     from research import config as C
     from research.export.stage import ExportStage
-    from research.stages import TrainStage
 
-    def config(stage):
-        return C.Config(
-            name="ranges",
-            model=C.ModelConfig(name="mlp"),
-            data=C.DataConfig(name="digits"),
-            stages=(TrainStage(steps=2), stage),
+    base = C.Config(name="ranges", model=C.ModelConfig(name="mlp"), data=C.DataConfig(name="digits"))
+    tflite = {"formats": ("tflite",)}
+    C.validate(
+        dataclasses.replace(
+            base, stages=(ExportStage(**tflite, quantize=("int8",), activation_calibration="percentile"),)
         )
-
-    C.validate(config(ExportStage(formats=("tflite",), quantize=("int8",), activation_calibration="percentile")))
-    for stage, match in [
-        (
-            ExportStage(formats=("tflite",), quantize=("int8",), activation_calibration="mes"),
-            r"activation_calibration.*'mse'",
-        ),
-        (ExportStage(formats=("tflite",), quantize=("fp16",), activation_calibration="mse"), r"add 'int8' to quantize"),
+    )
+    for quantize, rule, match in [
+        (("int8",), "mes", r"activation_calibration.*'mse'"),
+        (("fp16",), "mse", r"add 'int8' to quantize"),
     ]:
+        stage = ExportStage(**tflite, quantize=quantize, activation_calibration=rule)
         with pytest.raises(C.ConfigError, match=match):
-            C.validate(config(stage))
+            C.validate(dataclasses.replace(base, stages=(stage,)))
