@@ -4,9 +4,9 @@ The TFLite converter sets every activation's int8 range to the minimum and maxim
 representative dataset. One rare large value then stretches the grid of the whole tensor: on the
 attention + GRU zoo model (MNIST-1D) the patch embedding's output has a maximum of 16.7 where
 99.9 % of its values are below 9.5, so most values get a quarter of the steps they could have.
-Clipping the range at a percentile, or at the clip minimising the mean squared rounding error
-(as for weights in Banner et al. / Nagel et al.'s white paper), trades the error of a few clipped
-values for a finer grid everywhere.
+Clipping the range at a percentile, or at the clip minimising the mean squared quantization error
+(Banner et al.'s clipping of activations; the range-setting methods of Nagel et al.'s white
+paper), trades the error of a few clipped values for a finer grid everywhere.
 
 :func:`calibrate_with_ranges` does the conversion in three steps: the converter calibrates only
 (its float flatbuffer then carries every tensor's min/max), the float flatbuffer is run on the
@@ -27,6 +27,8 @@ report's agreement per model before changing the default.
 References:
   Nagel et al., "A White Paper on Neural Network Quantization", https://arxiv.org/abs/2106.08295
   (range setting: min-max, MSE, percentile).
+  Banner, Nahshan & Soudry, "Post training 4-bit quantization of convolutional networks for
+  rapid-deployment", https://arxiv.org/abs/1810.05723 (clipping activations to minimise the MSE).
 """
 
 from __future__ import annotations
