@@ -11,7 +11,8 @@ module each:
 * ``tflite`` (:mod:`~research.export.tflite`): ``model_{mode}.tflite`` via jax2tf and the TFLite
   converter, one file per registered mode (``fp32``, ``fp16``, ``dynamic_int8``, ``int8``,
   ``int8_dense_per_tensor``, ``int8_per_tensor``, ``int16x8``; full integer calibrated on a representative
-  dataset), run in LiteRT;
+  dataset; ``activation_calibration="percentile"``/``"mse"`` clips the int8 activation ranges,
+  :mod:`~research.export.tflite_ranges`), run in LiteRT;
 * ``onnx`` (:mod:`~research.export.onnx_export`): ``model_{mode}.onnx`` converted by tf2onnx from
   the TFLite file (full-integer modes in Q/DQ form) plus the ONNX-only modes
   (``int8_qdq_symmetric``, ``int8_qdq_reduce_range``), passing ``onnx.checker``, run in onnxruntime;
@@ -43,6 +44,7 @@ from research.lazy import lazy_exports
 # Public names, each imported on first use (research.lazy): a config file that names ExportStage
 # loads only its standard-library config module, so slimjax checks its values before JAX loads.
 _EXPORTS = {
+    "activation_calibrations": "research.export.tflite_ranges",
     "artifact_latency": "research.export.latency",
     "ArtifactReport": "research.export.report",
     "atomic_path": "research.export._io",
@@ -69,6 +71,7 @@ _EXPORTS = {
     "Produced": "research.export.formats",
     "qdq_summary": "research.export.onnx_export",
     "quantization_modes": "research.export.tflite",
+    "register_activation_calibration": "research.export.tflite_ranges",
     "register_format": "research.export.formats",
     "register_quantization": "research.export.tflite",
     "size_breakdown": "research.export.tflite",

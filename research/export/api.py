@@ -31,6 +31,7 @@ from research.export import onnx_export  # noqa: F401
 from research.export import stablehlo  # noqa: F401
 from research.export import tensorrt  # noqa: F401
 from research.export import tflite  # noqa: F401
+from research.export import tflite_ranges
 from research.export import tvm  # noqa: F401
 from research.export._io import commit_export_set
 from research.export._io import gzip_size
@@ -109,6 +110,7 @@ def _validate(
     variants: tuple[str, ...],
     calibration: np.ndarray | None,
     format_options: Mapping[str, Any],
+    activation_calibration: str = "minmax",
 ) -> None:
     """Raises on a bad request before anything is converted: ValueError, or ImportError when a format cannot run."""
     found = formats_lib.problems(formats, variants, availability=False)
@@ -125,6 +127,13 @@ def _validate(
                 "activation ranges; pass a few hundred training inputs, or use "
                 "quantize='dynamic_int8'"
             )
+    tflite_ranges.check_activation_calibration(activation_calibration)
+    if activation_calibration != "minmax" and not set(variants) & tflite_ranges.INT8_ACTIVATION_MODES:
+        raise ValueError(
+            f"activation_calibration={activation_calibration!r} chooses the activation ranges of the int8 "
+            f"TFLite modes {sorted(tflite_ranges.INT8_ACTIVATION_MODES)}, and quantize={list(variants)} has none; "
+            "add one (e.g. quantize='int8') or drop activation_calibration"
+        )
     stray = sorted(set(format_options) - set(formats))
     if stray:
         raise ValueError(f"format_options names {stray}, which are not in formats={formats!r}; drop them or add them")
@@ -156,6 +165,7 @@ def export(
     batch_polymorphic: bool = True,
     batch_route: str = "auto",
     activation_ranges: Mapping[str, tuple[float, float]] | None = None,
+    activation_calibration: str = "minmax",
     latency_repeats: int = 30,
     num_threads: int = 1,
     name: str = "model",
@@ -226,6 +236,12 @@ def export(
         learned ranges, so calibration recovers them); the report's
         ``extra["range_agreement"]`` of ``tflite_int8`` lists, per pattern, each matching int8
         tensor's deployed range and its error relative to the learned range width.
+      activation_calibration: how the int8 TFLite files (``"int8"``, ``"int8_dense_per_tensor"``,
+        ``"int8_per_tensor"``, and the ONNX files converted from them) choose each activation's
+        range from the calibration data: ``"minmax"`` (default: the converter's own minimum and
+        maximum), ``"percentile"`` (0.01/99.99 percentiles) or ``"mse"`` (the clip with the least
+        squared rounding error); see :mod:`research.export.tflite_ranges`. Each such
+        TFLite artifact's ``extra["activation_calibration"]`` names the rule used.
       latency_repeats: timed calls per latency measurement (median is reported).
       num_threads: threads for the TFLite interpreter and onnxruntime.
       name: file name stem.
@@ -277,7 +293,7 @@ def export(
     """
     formats = tuple(formats)
     variants = formats_lib.requested_variants(quantize)
-    _validate(formats, variants, calibration, format_options or {})
+    _validate(formats, variants, calibration, format_options or {}, activation_calibration)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     sample = np.asarray(sample_input)
@@ -321,6 +337,7 @@ def export(
         batch_polymorphic=batch_polymorphic,
         batch_route=batch_route,
         activation_ranges=activation_ranges,
+        activation_calibration=activation_calibration,
         num_threads=num_threads,
         latency_repeats=latency_repeats,
         onnx_opset=onnx_opset,

@@ -27,6 +27,13 @@ from research.stages import StageConfig
 DEFAULT_FORMATS = ("stablehlo", "tflite", "onnx")
 
 
+def _activation_calibrations() -> tuple[str, ...]:
+    # numpy and the registry only (no JAX, no TensorFlow): the rules' module is light
+    from research.export import tflite_ranges  # pylint: disable=import-outside-toplevel
+
+    return tflite_ranges.activation_calibrations()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportStage(StageConfig):
     """Export the current model and check every artifact in its runtime.
@@ -46,6 +53,9 @@ class ExportStage(StageConfig):
         TensorRT-ready ONNX file, same calibration data) and ``int8_qdq_reduce_range`` (the same
         with 7-bit weights, for onnxruntime on x86-64 CPUs without VNNI).
       calibration_examples: size of the representative data set for int8.
+      activation_calibration: how the int8 TFLite files (and their ONNX files) choose each
+        activation's range from that data: ``minmax`` (the converter's own), ``percentile``
+        (0.01/99.99 percentiles) or ``mse`` (:mod:`research.export.tflite_ranges`).
       eval_examples: test inputs on which every artifact is compared with JAX (top-1 agreement).
       latency_batch_size: batch size of the sample input used for latency.
       latency_threads: threads of the TFLite interpreter, onnxruntime and TVM when timing. Each
@@ -67,6 +77,7 @@ class ExportStage(StageConfig):
         "formats": Each(Registered(names.EXPORT_FORMATS)),
         "quantize": Each(Registered(names.export_quantize_modes, what="export quantization mode")),
         "calibration_examples": at_least_one,
+        "activation_calibration": Registered(_activation_calibrations, what="activation calibration"),
         "eval_examples": at_least_one,
         "latency_batch_size": at_least_one,
         "latency_threads": at_least_one,
@@ -75,6 +86,7 @@ class ExportStage(StageConfig):
     formats: tuple[str, ...] = DEFAULT_FORMATS
     quantize: tuple[str, ...] = ()
     calibration_examples: int = 256
+    activation_calibration: str = "minmax"
     eval_examples: int = 512
     latency_batch_size: int = 1
     latency_threads: int = 1
@@ -88,3 +100,11 @@ class ExportStage(StageConfig):
         if found:
             field, msg = found[0]
             raise ConfigError(f"{key}.{field}: {msg}")
+        from research.export import tflite_ranges  # pylint: disable=import-outside-toplevel
+
+        if self.activation_calibration != "minmax" and not set(self.quantize) & tflite_ranges.INT8_ACTIVATION_MODES:
+            raise ConfigError(
+                f"{key}.activation_calibration={self.activation_calibration!r} chooses the ranges of the int8 TFLite "
+                f"modes {sorted(tflite_ranges.INT8_ACTIVATION_MODES)}, and quantize={list(self.quantize)} has none; "
+                "add 'int8' to quantize or drop activation_calibration"
+            )

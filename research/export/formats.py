@@ -129,7 +129,7 @@ class ExportJob:
       stage: the staging directory the artifacts are written into; ``out_dir``: their destination.
       name: the file name stem.
       options: export keyword options formats read (``batch_polymorphic``, ``batch_route``,
-        ``activation_ranges``, ``num_threads``, ``latency_repeats``, ``onnx_opset``,
+        ``activation_ranges``, ``activation_calibration``, ``num_threads``, ``latency_repeats``, ``onnx_opset``,
         ``tvm_tuning_trials``) and per-format ``format_options``.
       notes: report notes formats add (a variant a compiler refused, a stand-in used).
       cpu: the host's int8 facts (:class:`research.export.cpu.CpuInt8`); ``cpu_text`` its description.
@@ -153,6 +153,7 @@ class ExportJob:
     batch_polymorphic: bool = True
     batch_route: str = "auto"
     activation_ranges: Mapping[str, tuple[float, float]] | None = None
+    activation_calibration: str = "minmax"
     num_threads: int = 1
     latency_repeats: int = 30
     onnx_opset: int = 17  # onnx_export.DEFAULT_OPSET (not imported: that module imports this one)

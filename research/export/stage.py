@@ -28,6 +28,7 @@ def export_bundle(
     formats=FORMATS,
     quantize=(),
     calibration_examples: int = 256,
+    activation_calibration: str = "minmax",
     eval_examples: int = 512,
     latency_batch_size: int = 1,
     latency_threads: int = 1,
@@ -44,6 +45,7 @@ def export_bundle(
         out_dir=out_dir,
         quantize=tuple(quantize) or None,
         calibration=calibration,
+        activation_calibration=activation_calibration,
         eval_data=dataset.x_test[:eval_examples],
         num_threads=latency_threads,
     )
@@ -127,6 +129,7 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
         formats=cfg.formats,
         quantize=cfg.quantize,
         calibration_examples=cfg.calibration_examples,
+        activation_calibration=cfg.activation_calibration,
         eval_examples=cfg.eval_examples,
         latency_batch_size=cfg.latency_batch_size,
         latency_threads=cfg.latency_threads,

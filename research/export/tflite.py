@@ -10,7 +10,9 @@ registry (:func:`register_quantization`) of functions that configure the convert
 * ``"int8"``: full integer quantization; activation ranges are calibrated on a representative
   dataset (``calibration``). Inputs and outputs stay float32 (the model quantizes at entry and
   dequantizes at exit), so the artifact is a drop-in replacement for the float model. Kernels
-  are quantized per output channel (the converter's default).
+  are quantized per output channel (the converter's default). The activation ranges are the
+  calibration minimum and maximum unless ``activation_calibration`` names another rule
+  (``"percentile"``, ``"mse"``: :mod:`research.export.tflite_ranges`), as for the two modes below.
 * ``"int8_dense_per_tensor"``: as ``"int8"``, but fully connected kernels get one scale per
   tensor (convolutions stay per channel). TFLite stores a float32 scale and an int64 zero point
   per channel for each kernel *and* for its int32 bias, 24 bytes per output channel; for a
@@ -67,6 +69,7 @@ import numpy as np
 
 from research.export import _deps
 from research.export import formats as formats_lib
+from research.export import tflite_ranges
 from research.export._io import write_bytes_atomic
 from research.export._trace import UnsupportedOpError
 from research.export._trace import diagnose
@@ -210,12 +213,16 @@ def _convert(
     batch_polymorphic: bool,
     quantize: str,
     rep: Callable[[], Iterator[list[np.ndarray]]] | None,
+    activation_calibration: str = "minmax",
 ) -> bytes:
     tf = _deps.tensorflow()
     tf_fn = _tf_function(fn, specs, batch_polymorphic)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([tf_fn.get_concrete_function()], tf_fn)
     QUANTIZATIONS.get(quantize)(converter, rep)
-    blob = converter.convert()
+    if quantize in tflite_ranges.INT8_ACTIVATION_MODES and rep is not None:
+        blob = tflite_ranges.calibrate_with_ranges(converter, rep, activation_calibration)
+    else:
+        blob = converter.convert()
     if quantize == "int16x8":
         for msg in int16_sum_warnings(blob):
             warnings.warn(msg, stacklevel=4)
@@ -498,6 +505,7 @@ def to_tflite(
     batch_polymorphic: bool = True,
     batch_route: str = "auto",
     model: Any = None,
+    activation_calibration: str = "minmax",
 ) -> bytes:
     """Converts ``fn`` to a TFLite flatbuffer.
 
@@ -511,6 +519,10 @@ def to_tflite(
         :data:`STATIC_TRACE_BATCH`, free the dimension, check; raises if the check fails),
         ``"jax2tf"`` (shape polymorphism) or ``"auto"`` (static, else jax2tf with a warning).
       model: the NNX model, only used to name the layer in an unsupported-op error.
+      activation_calibration: how the int8 activation ranges are chosen from the calibration
+        data (:mod:`research.export.tflite_ranges`): ``"minmax"`` (the converter's own),
+        ``"percentile"`` or ``"mse"``; applies to the int8-activation modes (``"int8"``,
+        ``"int8_dense_per_tensor"``, ``"int8_per_tensor"``), the others ignore it.
 
     Returns:
       The ``.tflite`` bytes (:func:`batch_route` tells which route they took).
@@ -524,6 +536,7 @@ def to_tflite(
         raise ValueError(f"quantize={quantize!r}: {QUANTIZATIONS.unknown_message(quantize)}")
     if batch_route not in BATCH_ROUTES:
         raise ValueError(f"batch_route={batch_route!r} is not one of {BATCH_ROUTES}")
+    tflite_ranges.check_activation_calibration(activation_calibration)
     sample = np.asarray(sample)
     polymorphic = batch_polymorphic and sample.ndim > 0
     static = polymorphic and batch_route != "jax2tf"
@@ -536,13 +549,15 @@ def to_tflite(
     if calibration is not None:
         rep = calibration_batches(calibration, 8 if polymorphic and not static else shape[0])
     try:
-        blob = _convert_or_diagnose(fn, spec, polymorphic and not static, quantize, rep, sample, model)
+        blob = _convert_or_diagnose(
+            fn, spec, polymorphic and not static, quantize, rep, sample, model, activation_calibration
+        )
     except UnsupportedOpError as err:
         if batch_route != "auto" or not static:
             raise
         # the static trace itself does not convert: the other routes may
         warnings.warn(f"{err.short()} at batch {STATIC_TRACE_BATCH}; trying jax2tf shape polymorphism", stacklevel=2)
-        return _after_static(fn, sample, quantize, calibration, model, err)
+        return _after_static(fn, sample, quantize, calibration, model, err, activation_calibration)
     if not static:
         return blob
     freed = free_batch_dim(blob, STATIC_TRACE_BATCH)
@@ -553,13 +568,13 @@ def to_tflite(
         if batch_route == "static":
             raise ValueError(f"batch_route='static': {why}; use batch_route='jax2tf' or 'auto'") from err
         warnings.warn(f"{why}; converting with jax2tf shape polymorphism instead", stacklevel=2)
-        return _after_static(fn, sample, quantize, calibration, model, None)
+        return _after_static(fn, sample, quantize, calibration, model, None, activation_calibration)
     return freed
 
 
-def _convert_or_diagnose(fn, spec, polymorphic, quantize, rep, sample, model) -> bytes:
+def _convert_or_diagnose(fn, spec, polymorphic, quantize, rep, sample, model, activation_calibration="minmax") -> bytes:
     try:
-        return _convert(fn, [spec], polymorphic, quantize, rep)
+        return _convert(fn, [spec], polymorphic, quantize, rep, activation_calibration)
     except (ValueError, TypeError, ImportError):
         raise
     except Exception as err:  # tf.lite ConverterError (its class moves between TF releases)
@@ -570,11 +585,21 @@ def _convert_or_diagnose(fn, spec, polymorphic, quantize, rep, sample, model) ->
         raise diagnose("tflite", model, fn, sample, err, probe) from err
 
 
-def _after_static(fn, sample, quantize, calibration, model, static_error: UnsupportedOpError | None) -> bytes:
+def _after_static(
+    fn, sample, quantize, calibration, model, static_error: UnsupportedOpError | None, activation_calibration="minmax"
+) -> bytes:
     """``batch_route="auto"`` once the static route failed: jax2tf shape polymorphism, else a file at
     the sample's fixed batch (runners feed it in chunks); the first conversion error if none converts."""
     try:
-        return to_tflite(fn, sample, quantize=quantize, calibration=calibration, batch_route="jax2tf", model=model)
+        return to_tflite(
+            fn,
+            sample,
+            quantize=quantize,
+            calibration=calibration,
+            batch_route="jax2tf",
+            model=model,
+            activation_calibration=activation_calibration,
+        )
     except UnsupportedOpError as poly:
         warnings.warn(
             f"jax2tf shape polymorphism cannot convert this model either ({poly.short()}); the file keeps "
@@ -584,7 +609,7 @@ def _after_static(fn, sample, quantize, calibration, model, static_error: Unsupp
         fixed = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
         rep = None if calibration is None else calibration_batches(calibration, sample.shape[0])
         try:
-            blob = _convert_or_diagnose(fn, fixed, False, quantize, rep, sample, model)
+            blob = _convert_or_diagnose(fn, fixed, False, quantize, rep, sample, model, activation_calibration)
         except UnsupportedOpError:
             raise (static_error or poly) from None
         return _tag(blob, f"{FIXED_BATCH_TAG} {sample.shape[0]}: no variable-batch route converts this model")
@@ -712,6 +737,7 @@ def converted(job: ExportJob, q: str) -> bytes:
                     batch_polymorphic=job.batch_polymorphic,
                     batch_route=job.batch_route,
                     model=job.convert_model,
+                    activation_calibration=job.activation_calibration,
                 )
             except UnsupportedOpError as err:
                 raise err.retarget(needing[0], via="tflite", drop=needing) from err
@@ -745,6 +771,8 @@ class TFLiteFormat(ExportFormat):
         write_bytes_atomic(path, blob, lambda p: TFLiteRunner(p)(job.sample))
         runner = TFLiteRunner(path, num_threads=job.num_threads)
         extra: dict[str, Any] = {"size_breakdown": size_breakdown(blob), "batch_route": batch_route(blob)}
+        if q in tflite_ranges.INT8_ACTIVATION_MODES:
+            extra["activation_calibration"] = job.activation_calibration
         if is_full_integer(q) and job.activation_ranges:
             extra["range_agreement"] = range_agreement(runner, job.activation_ranges)
         runtime = f"LiteRT {formats_lib.dist_version('ai-edge-litert')}"
