@@ -19,9 +19,11 @@ sweep keeps every finished chunk and resumes with the rest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
@@ -38,11 +40,18 @@ from research.population.chooser import Choice
 from research.population.chooser import choose_k
 from research.population.keys import signature
 from research.population.keys import split_populations
+from research.population.measure import LATENCY_NOTE
+from research.population.measure import CurvePlotter
+from research.population.measure import PopulationMeasurer
 from research.population.trainer import PopulationTrainer
 from research.population.trainer import Timer
 from research.population.trainer import TrialResult
 from research.population.trainer import memory_limit_bytes
 from research.population.trainer import time_call
+
+_PROGRAMS: dict = {}  # compiled population programs of this process, by signature and K (as the
+# sequential executor's jitted train steps are kept for the process: research.train.make_train_step)
+_PROGRAMS_KEPT = 64
 
 
 class PopulationExecutor:
@@ -79,9 +88,12 @@ class PopulationExecutor:
         self.devices = list(devices) if devices else jax.local_devices()
         self.memory_limit = memory_limit
         self.populations: list[dict[str, Any]] = []
-        self._programs: dict = {}  # compiled programs by population signature (shared across calls)
+        if len(_PROGRAMS) > _PROGRAMS_KEPT:
+            _PROGRAMS.clear()
+        self._programs = _PROGRAMS  # compiled programs by population signature (shared by the process)
         self._choices: dict = {}  # measured chunk sizes by population signature and size
         self._trained: set[str] = set()  # population signatures this executor has compiled programs for
+        self._latencies: dict = {}  # latency_ms by (population, stage, latency batch size): measured once
 
     def summary(self) -> dict[str, Any]:
         """The populations, their chunk sizes, the measured figures and the device."""
@@ -96,6 +108,13 @@ class PopulationExecutor:
 
     def run(self, jobs: Sequence[Job], *, progress: bool = False) -> Iterator[Outcome]:
         """Yields one :class:`Outcome` per job: finished ones first, then chunk by chunk."""
+        plotter = CurvePlotter()
+        try:
+            yield from self._run(jobs, progress, plotter)
+        finally:
+            plotter.close()
+
+    def _run(self, jobs: Sequence[Job], progress: bool, plotter: CurvePlotter) -> Iterator[Outcome]:
         pending = []
         for job in jobs:
             report = finished_report(job.run_dir, job.config)
@@ -145,7 +164,9 @@ class PopulationExecutor:
             # compiled once for all of them (a sequential run compiles its step per run).
             for start in range(0, len(members), choice.k):
                 chunk = list(range(start, min(start + choice.k, len(members))))
-                yield from self._run_chunk(trainer, [members[i] for i in chunk], chunk, choice.k, number, progress)
+                yield from self._run_chunk(
+                    trainer, [members[i] for i in chunk], chunk, choice.k, number, progress, plotter
+                )
 
     def _devices(self, n_trials: int) -> list[jax.Device]:
         """Shard over every device only when the population fills them."""
@@ -190,22 +211,33 @@ class PopulationExecutor:
             return Choice(k=k, candidates=(), reason=f"chunk_size={k} given", memory_limit=limit)
         return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
 
-    def _run_chunk(self, trainer, jobs, indices, k, number, progress) -> Iterator[Outcome]:
+    def _run_chunk(self, trainer, jobs, indices, k, number, progress, plotter) -> Iterator[Outcome]:
+        from research.run import RunHooks  # pylint: disable=import-outside-toplevel
+
+        measurer = PopulationMeasurer(number, self._latencies)
         try:
             results = trainer.train(indices, k)
+            t0 = time.perf_counter()
+            keys = [j.key for j in jobs]
+            measurer.evaluate(0, keys, [r.model for r in results], [trainer.bundle(i).dataset for i in indices], k)
+            shared = (time.perf_counter() - t0) / len(jobs)
         except Exception as e:  # the chunk's program failed: its trials run alone
             note = f"population {number}: chunk failed ({type(e).__name__}: {e}); one after another"
             for job in jobs:
                 yield run_one(job, progress=progress, note=note)
             return
-        for job, result in zip(jobs, results, strict=True):
+        for job, index, result in zip(jobs, indices, results, strict=True):
+            hooks = RunHooks(
+                bundle=functools.partial(trainer.bundle, index), measure=measurer.for_trial(job.key), plot=plotter
+            )
             out = run_one(
                 job,
                 progress=progress,
-                prepared={0: _trained_stage(result, k)},
+                prepared={0: _trained_stage(result, k, measurer.val_row(job.key, 0), number)},
                 note=f"population {number}, chunk of {k}" if k > 1 else f"population {number}, one at a time (K=1)",
+                hooks=hooks,
             )
-            out.seconds += result.seconds / len(jobs)
+            out.seconds += result.seconds / len(jobs) + shared
             yield out
 
 
@@ -220,14 +252,12 @@ def _first_stage_stored(job: Job) -> bool:
         return True
 
 
-def _trained_stage(result: TrialResult, k: int):
-    """A stage function returning the model the population trained (for :func:`research.run.run`)."""
-    from flax import nnx
-
+def _trained_stage(result: TrialResult, k: int, val_row: dict[str, float] | None, population: int):
+    """A stage function returning the model the population trained (for :func:`research.run.run`);
+    ``val_row`` is its validation evaluation (done for the chunk at once), ``None`` without a
+    validation split."""
     from research.stages import StageResult
     from research.train import NonFiniteLossError
-    from research.train import evaluate
-    from research.train import split_model
 
     def stage(bundle, cfg, ctx):
         losses = np.asarray(result.losses, np.float64)
@@ -239,12 +269,17 @@ def _trained_stage(result: TrialResult, k: int):
             f.writelines(_json_line(r) for r in rows[:stop])
         if bad.size:
             raise NonFiniteLossError(stop, float(losses[stop - 1]), None, None)
-        ds = bundle.dataset
-        if len(ds.x_val):  # the last row of a sequential run's metrics.jsonl
-            defs, params, model_state = split_model(nnx.clone(result.model))
-            val = evaluate(defs, params, model_state, ds.x_val, ds.y_val)
+        if result.state is not None:  # the final checkpoint a sequential run leaves
+            from research.train import Checkpointer  # pylint: disable=import-outside-toplevel
+
+            ckpt = Checkpointer(ctx.workdir / "checkpoints")
+            try:
+                ckpt.save(len(losses), result.state)
+            finally:
+                ckpt.close()
+        if val_row is not None:  # the last row of a sequential run's metrics.jsonl
             with open(ctx.workdir / "metrics.jsonl", "a") as f:
-                f.write(_json_line({"step": len(losses), "split": "val", **val}))
+                f.write(_json_line({"step": len(losses), "split": "val", **val_row}))
         steps = len(losses)
         metrics = {
             "final_train_loss": float(losses[-1]),
@@ -257,7 +292,10 @@ def _trained_stage(result: TrialResult, k: int):
         return StageResult(
             bundle=dataclasses.replace(bundle, model=result.model),
             metrics=metrics,
-            notes=[f"trained in a population of {k} (one vmapped program); train_steps_per_s is per trial"],
+            notes=[
+                f"trained in a population of {k} (one vmapped program); train_steps_per_s is per trial",
+                LATENCY_NOTE.format(population=population, stage=ctx.index),
+            ],
         )
 
     return stage

@@ -38,11 +38,13 @@ Timer = Callable[[int, Callable[[], Any]], float]
 
 @dataclasses.dataclass
 class TrialResult:
-    """One trial trained in a population: its model and per-step training losses."""
+    """One trial trained in a population: its model, per-step training losses and final train state
+    (the tree a sequential run checkpoints at its last step)."""
 
     model: nnx.Module
     losses: np.ndarray
     seconds: float
+    state: Any = None
 
 
 def time_call(k: int, fn: Callable[[], Any], repeats: int = 5) -> float:
@@ -116,6 +118,7 @@ class PopulationTrainer:
         seeds = sorted({c.seed for c in configs})
         self._data_id = {s: i for i, s in enumerate(seeds)}
         bundles = {s: build_bundle(next(c for c in configs if c.seed == s)) for s in seeds}
+        self._bundles = bundles
         self.dataset = bundles[seeds[0]].dataset
         xs = np.stack([bundles[s].dataset.x_train for s in seeds])
         ys = np.stack([bundles[s].dataset.y_train for s in seeds])
@@ -183,6 +186,15 @@ class PopulationTrainer:
         if self.shared_batches:
             return jax.device_put(idx, self._sharding(replicate=True))
         return self._put(idx, axis=1)
+
+    def bundle(self, index: int):
+        """A fresh untrained :class:`research.stages.Bundle` of trial ``index`` (what
+        :func:`research.run.build_bundle` gives for its config; data set and model shared with the
+        trials of the same seed, never modified)."""
+        from research.stages import Bundle  # pylint: disable=import-outside-toplevel
+
+        b = self._bundles[self.configs[index].seed]
+        return Bundle(model=b.model, dataset=b.dataset, seed=b.seed, recipe=b.recipe)
 
     def chunk_size_ok(self, k: int) -> bool:
         """Whether ``k`` trials split evenly over the devices."""
@@ -278,7 +290,9 @@ class PopulationTrainer:
         out = []
         for j, _ in enumerate(indices):
             trial = jax.tree.map(lambda a, j=j: jnp.asarray(a[j]), host)
-            out.append(TrialResult(model=state_to_model(self.defs, trial), losses=loss[:, j], seconds=seconds))
+            out.append(
+                TrialResult(model=state_to_model(self.defs, trial), losses=loss[:, j], seconds=seconds, state=trial)
+            )
         return out
 
 

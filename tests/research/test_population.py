@@ -60,6 +60,23 @@ def _params(run_dir):
     return jax.tree.leaves(split_model(model)[1])
 
 
+def _files(run_dir):
+    """Relative paths of a run directory's files (the lock file aside; a checkpoint as its step's
+    directory: Orbax names its files by content hashes)."""
+    out = set()
+    for d, _, fs in os.walk(run_dir):
+        for f in fs:
+            path = os.path.relpath(os.path.join(d, f), run_dir)
+            head, sep, tail = path.partition("/checkpoints/")
+            out.add(f"{head}{sep}{tail.split('/')[0]}" if sep else path)
+    return sorted(out - {".lock"})
+
+
+def _val_rows(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "stages", "0_train", "metrics.jsonl"))]
+    return [v for r in rows if r["split"] == "val" for v in (r["loss"], r["accuracy"], r["count"])]
+
+
 def _close(a, b, atol=2e-5):
     return all(np.allclose(x, y, atol=atol, rtol=1e-4) for x, y in zip(a, b, strict=True))
 
@@ -100,7 +117,11 @@ def test_population_trials_match_sequential_trials(pruned_runs):
         loss_a, loss_b = (s[0]["metrics"]["final_train_loss"] for s in (stages_a, stages_b))
         assert loss_b == pytest.approx(loss_a, rel=1e-4)
         assert stages_b[0]["metrics"]["population_k"] == 2
+        assert any("latency_ms measured once for population 0" in n for n in stages_b[0]["notes"])
         assert _close(_params(a.run_dir), _params(b.run_dir))
+        # the same files as a sequential run (curves.png drawn on the population's reused figure)
+        assert _files(b.run_dir) == _files(a.run_dir)
+        assert _val_rows(b.run_dir) == pytest.approx(_val_rows(a.run_dir), abs=2e-5)
     # the grid's learning rates really reach the trials
     params = [_params(p.run_dir) for p in pop.points]
     assert not _close(params[0], params[1]) and not _close(params[1], params[2])
@@ -311,3 +332,25 @@ def test_tune_asks_batches_of_the_chunk_size_and_trains_them_as_a_population(con
         tune_lib.tune(
             base, space, str(tmp_path / "w"), trials=2, executor="population", workers=2, config_spec=config_file
         )
+
+
+def test_vmapped_evaluation_equals_one_model_at_a_time():
+    from flax import nnx
+
+    from research.data import load_dataset
+    from research.nn import build_model
+    from research.population.measure import evaluate_many
+    from research.train import evaluate
+
+    ds = load_dataset("digits", seed=0, limit=300)
+    models = [
+        build_model("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=(16,), rngs=nnx.Rngs(s))
+        for s in (0, 1, 2)
+    ]
+    # batches of 128 with a padded last one; 3 models padded to 4
+    together = evaluate_many(models, ds.x_train, ds.y_train, batch_size=128, pad_to=4)
+    for model, row in zip(models, together, strict=True):
+        alone = evaluate(*split_model(nnx.clone(model)), ds.x_train, ds.y_train, batch_size=128)
+        assert row["count"] == alone["count"] and row["accuracy"] == alone["accuracy"]
+        assert row["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert len({r["accuracy"] for r in together}) > 1  # three different models
