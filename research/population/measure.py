@@ -107,12 +107,13 @@ class PopulationMeasurer:
     def __init__(self, population: int, latencies: dict):
         self.population = population
         self.latencies = latencies
-        self._accuracy: dict[tuple[int, int], dict[str, float]] = {}  # (trial, stage) -> accuracies
+        self._accuracy: dict[tuple[Any, int], tuple] = {}  # (trial, stage) -> (model evaluated, accuracies)
         self._val_rows: dict[tuple[int, int], dict[str, float]] = {}
 
     def evaluate(self, stage: int, trials: Sequence[Any], models: Sequence[nnx.Module], datasets, pad_to: int):
         """Evaluates ``models`` (one per trial key in ``trials``) on their data sets' test and
-        validation splits: one vmapped program per split and distinct data set."""
+        validation splits: one vmapped program per split and distinct data set. The figures are
+        used for exactly these model objects (a stage that returns another model is measured alone)."""
         groups: dict[int, list[int]] = {}
         for j, ds in enumerate(datasets):
             groups.setdefault(id(ds), []).append(j)
@@ -123,10 +124,8 @@ class PopulationMeasurer:
             val = evaluate_many(ms, ds.x_val, ds.y_val, pad_to=pad_to) if len(ds.x_val) else [None] * len(ms)
             for j, t, v in zip(members, test, val, strict=True):
                 key = (trials[j], stage)
-                self._accuracy[key] = {
-                    "test_accuracy": t["accuracy"],
-                    "val_accuracy": v["accuracy"] if v is not None else math.nan,
-                }
+                acc = {"test_accuracy": t["accuracy"], "val_accuracy": v["accuracy"] if v is not None else math.nan}
+                self._accuracy[key] = (models[j], acc)
                 if v is not None:
                     self._val_rows[key] = v
 
@@ -141,8 +140,8 @@ class PopulationMeasurer:
         the rest :func:`research.metrics.measure`."""
 
         def hook(stage: int, model: nnx.Module, dataset: Dataset, latency_batch_size: int) -> dict[str, Any]:
-            acc = self._accuracy.get((trial, stage))
-            if acc is None:
+            evaluated, acc = self._accuracy.get((trial, stage), (None, None))
+            if evaluated is not model:  # not evaluated together (or the stage changed it since)
                 return measure(model, dataset, latency_batch_size=latency_batch_size)
             model = nnx.clone(model)
             model.eval()

@@ -106,6 +106,9 @@ def test_population_trials_match_sequential_trials(pruned_runs):
     assert not seq.failed and not pop.failed
     (population,) = pop.executor["populations"]
     assert population["k"] == 2 and [c["k"] for c in population["choice"]["candidates"]] == [1, 2]
+    # the prune stage's fine-tuning of the full chunk trained as one program too; the padded chunk's
+    # single trial fine-tuned alone
+    assert population["later_stages"] == [{"stage": 1, "trials": [0, 1], "k": 2}]
     for a, b in zip(seq.points, pop.points, strict=True):
         assert b.note == "population 0, chunk of 2"
         stages_a, stages_b = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"] for p in (a, b))
@@ -118,6 +121,8 @@ def test_population_trials_match_sequential_trials(pruned_runs):
         assert loss_b == pytest.approx(loss_a, rel=1e-4)
         assert stages_b[0]["metrics"]["population_k"] == 2
         assert any("latency_ms measured once for population 0" in n for n in stages_b[0]["notes"])
+        in_population = any("fine-tuned in a population of 2" in n for n in stages_b[1]["notes"])
+        assert in_population == (a.index < 2)
         assert _close(_params(a.run_dir), _params(b.run_dir))
         # the same files as a sequential run (curves.png drawn on the population's reused figure)
         assert _files(b.run_dir) == _files(a.run_dir)
