@@ -12,8 +12,9 @@ figure. For K trials of one population the executor does instead (:class:`Popula
 - latency: measured once per population and stage, on one trial's model, and given to every
   trial of it; the stage's notes say so (every trial has the same architecture and shapes, so a
   dense forward pass costs the same);
-- ``curves.png``: the same plot as :func:`research.report.plot_curves`, drawn on one figure kept
-  open for the whole population (margins laid out once).
+- ``curves.png``: the same plot as :func:`research.report.plot_curves`, on one figure kept open
+  for the population: after the first trial only the lines' data change
+  (:func:`research.report.redraw_curves`; several times cheaper than a new figure).
 """
 
 from __future__ import annotations
@@ -162,26 +163,32 @@ class PopulationMeasurer:
 
 
 class CurvePlotter:
-    """``curves.png`` of many runs on one figure (:func:`research.report.plot_curves` with
-    ``figure=``): margins are laid out on the first plot and kept. Call :meth:`close` at the end."""
+    """``curves.png`` of many runs on one kept figure: the first run's (and any run whose stages
+    logged other lines) drawn by :func:`research.report.plot_curves`, the others by updating its
+    lines' data (:func:`research.report.redraw_curves`). Call :meth:`close` at the end."""
 
     def __init__(self):
         self._figure = None
-        self._laid_out = False
+        self._shape = None
 
     def __call__(self, workdir: str, stage_dirs) -> str | None:
         from research import report as report_lib  # pylint: disable=import-outside-toplevel
 
-        if self._figure is None:
-            import matplotlib  # pylint: disable=import-outside-toplevel
+        series = report_lib.curve_series(stage_dirs)
+        if not series:
+            return None
+        shape = [(label, bool(t[0]), bool(v[0])) for label, t, v in series]
+        if shape == self._shape:
+            return report_lib.redraw_curves(self._figure, workdir, series)
+        import matplotlib  # pylint: disable=import-outside-toplevel
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-            self._figure, _ = plt.subplots(1, 2, figsize=(11, 4))
-        path = report_lib.plot_curves(workdir, stage_dirs, figure=self._figure, layout=not self._laid_out)
-        self._laid_out = self._laid_out or path is not None
-        return path
+        self.close()
+        self._figure, _ = plt.subplots(1, 2, figsize=(11, 4))
+        self._shape = shape
+        return report_lib.plot_curves(workdir, stage_dirs, figure=self._figure)
 
     def close(self) -> None:
         """Closes the figure."""
@@ -189,4 +196,4 @@ class CurvePlotter:
             import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
             plt.close(self._figure)
-            self._figure = None
+            self._figure, self._shape = None, None
