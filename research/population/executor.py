@@ -259,6 +259,8 @@ class PopulationExecutor:
                 t.resume(replies.get(id(t)))
         per_trial = (time.perf_counter() - t_chunk) / len(jobs)
         for t in threads:
+            if t.outcome is None:  # its thread ended without an outcome (run_one never raises an Exception)
+                continue
             t.outcome.seconds = per_trial  # the chunk's wall time, shared out
             yield t.outcome
 

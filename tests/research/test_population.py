@@ -359,3 +359,30 @@ def test_vmapped_evaluation_equals_one_model_at_a_time():
         assert row["count"] == alone["count"] and row["accuracy"] == alone["accuracy"]
         assert row["loss"] == pytest.approx(alone["loss"], rel=1e-5)
     assert len({r["accuracy"] for r in together}) > 1  # three different models
+
+
+def test_later_fine_tunings_share_a_program_only_when_they_compile_to_one(tmp_path):
+    from flax import nnx
+
+    from research.data import load_dataset
+    from research.nn import build_model
+    from research.population.later import request_key
+    from research.stages import FineTuneRequest
+
+    ds = load_dataset("digits", seed=0, limit=300)
+    model = build_model("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=(16,), rngs=nnx.Rngs(0))
+    base = {"workdir": tmp_path / "a", "seed": 0, "steps": 10, "learning_rate": 1e-3, "batch_size": 32}
+    base.update(optimizer="adamw", weight_decay=0.1, eval_every=0, step_key=("wrapper", 0.9))
+
+    def key(**kw):
+        return request_key(FineTuneRequest(stage=1, model=model, dataset=ds, kwargs={**base, **kw}, wrap_tx=None))
+
+    # values in the optimizer state may differ
+    assert key() == key(learning_rate=1e-2, weight_decay=0.5, workdir=tmp_path / "b")
+    # constants of the program may not
+    assert key() != key(steps=20) and key() != key(step_key=("wrapper", 0.8)) and key() != key(batch_size=16)
+    assert key(optimizer="sgd", weight_decay=0.1) != key(optimizer="sgd", weight_decay=0.5)
+    # trains alone: validation rows during training, data parallel, a checkpoint to resume from
+    assert key(eval_every=5) is None and key(data_parallel=True) is None
+    (tmp_path / "c" / "checkpoints" / "4").mkdir(parents=True)
+    assert key(workdir=tmp_path / "c") is None
