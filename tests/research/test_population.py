@@ -199,7 +199,7 @@ def test_chooser_picks_best_throughput_and_respects_memory():
     # 8 trials would need 500 bytes: predicted from K=1,2,4 and never compiled or measured
     seen = []
     choice = choose_k(16, lambda k: (seen.append(k), measure(k))[1], memory_limit=400)
-    assert choice.k == 4 and seen == [1, 2, 4] and "not tried" in choice.reason
+    assert choice.k == 4 and seen == [1, 2, 4, 1, 4, 1, 4] and "not tried" in choice.reason
     with pytest.raises(MemoryError, match="one trial"):
         choose_k(4, measure, memory_limit=10)
     # padding counts: 5 trials in chunks of 4 need two chunks
@@ -207,6 +207,18 @@ def test_chooser_picks_best_throughput_and_respects_memory():
     assert [c.k for c in flat.candidates] == [1, 2, 4] and flat.k == 4
     assert flat.candidates[-1].trial_steps_per_s == pytest.approx(5 / 2)
     assert candidate_ks(12, max_k=8, multiple_of=4) == [1, 4, 8]
+
+
+def test_chooser_confirms_a_winning_k_against_one_trial_at_a_time():
+    # K=1's first timing was slowed by other processes: timed again alternately with K=2, it wins
+    times = {1: [2.6, 1.0, 1.1], 2: [2.4, 2.5, 2.4]}
+
+    def measure(k):
+        return times[k].pop(0), 0
+
+    choice = choose_k(2, measure, memory_limit=10**9)
+    assert choice.k == 1 and "confirmed" in choice.reason
+    assert [c.step_seconds for c in choice.candidates] == [1.0, 2.4]
 
 
 def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_file, tmp_path, monkeypatch):
