@@ -274,8 +274,8 @@ class PopulationExecutor:
                 groups.setdefault(key, []).append(t)
         replies: dict[int, Any] = {}
         for key, members in groups.items():
-            if len(members) < 2 and k > 1:
-                continue  # alone in its chunk: a plain run costs no more
+            if len(members) < 2:
+                continue  # alone (K=1, or the last chunk's only trial): its own jitted step, as in a plain run
             requests = [t.request for t in members]
             try:
                 results, defs = train_requests(
