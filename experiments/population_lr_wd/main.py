@@ -1,6 +1,6 @@
 """A learning-rate x weight-decay grid of LeNet-300-100 pruned to 90% on mnist5k, sequential vs population.
 
-Run:  python -m experiments.population_lr_wd.main [--lrs 8] [--wds 8] [--steps 300] [--out /tmp/pop_lr_wd]
+Run:  python -m experiments.population_lr_wd.main [--lrs 8] [--wds 8] [--steps 300] [--chunk-size K] [--out DIR]
 
 The pipeline is train (AdamW, the grid's learning rate and weight decay) -> prune to 90% with a
 polynomial schedule (gradual magnitude pruning) and fine-tuning. The same grid runs twice through
@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="train steps per point")
     parser.add_argument("--prune-steps", type=int, default=100, help="prune fine-tuning steps per point")
     parser.add_argument("--out", default="/tmp/pop_lr_wd")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="the population executor's K (default: measured by its chooser)"
+    )
     args = parser.parse_args(argv)
     register_all_stages()
     grid = {
@@ -71,7 +74,9 @@ def main(argv=None) -> int:
     for name in ("sequential", "population"):
         workdir = os.path.join(args.out, name)
         t0 = time.perf_counter()
-        report = sweep(config, grid, workdir, progress=False, overwrite=True, executor=make_executor(name))
+        options = {"chunk_size": args.chunk_size} if name == "population" and args.chunk_size else {}
+        executor = make_executor(name, **options)
+        report = sweep(config, grid, workdir, progress=False, overwrite=True, executor=executor)
         results[name] = {"seconds": time.perf_counter() - t0, "report": report}
     seq, pop = results["sequential"]["report"], results["population"]["report"]
 
