@@ -14,7 +14,7 @@ figure. For K trials of one population the executor does instead (:class:`Popula
   dense forward pass costs the same);
 - ``curves.png``: the same plot as :func:`research.report.plot_curves`, on one figure kept open
   for the population: after the first trial only the lines' data change
-  (:func:`research.report.redraw_curves`; several times cheaper than a new figure).
+  (:func:`research.report.redraw_curves`; about half the time of a new figure).
 """
 
 from __future__ import annotations
