@@ -269,7 +269,10 @@ class PopulationExecutor:
         returns ``{id(thread): (model, records, (defs, state), notes)}`` (absent: trains alone)."""
         groups: dict[Any, list] = {}
         for t in waiting:
-            key = request_key(t.request)
+            try:
+                key = request_key(t.request)
+            except Exception:  # e.g. an unhashable step key: it trains alone, as in a plain run
+                key = None
             if key is not None:
                 groups.setdefault(key, []).append(t)
         replies: dict[int, Any] = {}
