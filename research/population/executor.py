@@ -271,6 +271,7 @@ class PopulationExecutor:
         for t in waiting:
             try:
                 key = request_key(t.request)
+                hash(key)
             except Exception:  # e.g. an unhashable step key: it trains alone, as in a plain run
                 key = None
             if key is not None:
