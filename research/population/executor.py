@@ -8,9 +8,11 @@ For the trials it is given, it
 3. per population, measures the chunk size K (:func:`research.population.chooser.choose_k`) and
    trains the leading ``train`` stage of K trials at a time (:class:`PopulationTrainer`); when
    vmap does not pay (K=1) the trials train one after another with the same compiled program;
-4. hands each trained model to :func:`research.run.run` as that trial's stage 0, which measures,
-   stores and reports it exactly as a sequential run; later stages (prune, quantize, export...)
-   run per trial from it.
+4. hands each trained model to :func:`research.run.run` as that trial's stage 0, which stores and
+   reports it exactly as a sequential run (measured together: :mod:`research.population.measure`);
+   later stages (prune, quantize, export...) run per trial from it, each trial's run in its own
+   thread taking turns, and a later stage's fine-tuning trains with the chunk's other trials' as
+   one program when they compile to the same one (:mod:`research.population.later`).
 
 Each trial's run directory is complete as soon as its chunk has trained, so a killed population
 sweep keeps every finished chunk and resumes with the rest.
