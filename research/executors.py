@@ -92,11 +92,14 @@ def finished_report(run_dir: str, config: config_lib.Config) -> dict[str, Any] |
     return report
 
 
-def run_one(job: Job, *, progress: bool = False, prepared: dict | None = None, note: str = "") -> Outcome:
+def run_one(
+    job: Job, *, progress: bool = False, prepared: dict | None = None, note: str = "", hooks: Any = None
+) -> Outcome:
     """Runs one trial with :func:`research.run.run` (reading a finished run back); never raises.
 
     ``prepared`` maps stage indices to stage functions that replace the registered ones (the
-    population executor passes its trained models this way).
+    population executor passes its trained models this way); ``hooks`` is a
+    :class:`research.run.RunHooks` (its batched measurement and plotting).
     """
     from research import run as run_lib
 
@@ -105,7 +108,7 @@ def run_one(job: Job, *, progress: bool = False, prepared: dict | None = None, n
     if report is not None:
         return Outcome(job=job, report=report, reused=True, note="finished earlier")
     try:
-        report = run_lib.run(job.config, job.run_dir, progress=progress, echo=False, prepared=prepared)
+        report = run_lib.run(job.config, job.run_dir, progress=progress, echo=False, prepared=prepared, hooks=hooks)
         return Outcome(job=job, report=report, seconds=time.perf_counter() - t0, note=note)
     except Exception as e:  # a failed trial is recorded and the caller goes on
         tb = traceback.format_exc()

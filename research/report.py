@@ -187,12 +187,41 @@ def write_report(workdir: str, report: dict[str, Any]) -> None:
         write_text_atomic(os.path.join(workdir, name), text + "\n")
 
 
-def plot_curves(workdir: str, stage_dirs: Sequence[tuple[str, str]], path: str | None = None) -> str | None:
+def curve_series(stage_dirs: Sequence[tuple[str, str]]) -> list[tuple[str, tuple, tuple]]:
+    """``(label, (train steps, losses), (val steps, accuracies))`` of each stage that logged
+    metrics, steps cumulative over the stages (what :func:`plot_curves` draws)."""
+    from research.train.loop import read_metrics
+
+    out = []
+    offset = 0
+    for label, d in stage_dirs:
+        rows = read_metrics(d)
+        if not rows:
+            continue
+        tr = [r for r in rows if r.get("split") == "train"]
+        va = [r for r in rows if r.get("split") == "val" and "accuracy" in r]
+        out.append(
+            (
+                label,
+                ([offset + r["step"] for r in tr], [r["loss"] for r in tr]),
+                ([offset + r["step"] for r in va], [r["accuracy"] for r in va]),
+            )
+        )
+        offset += max((r["step"] for r in rows), default=0)
+    return out
+
+
+def plot_curves(
+    workdir: str, stage_dirs: Sequence[tuple[str, str]], path: str | None = None, *, figure=None
+) -> str | None:
     """Plots training loss and validation accuracy over the whole run (stages back to back).
 
     Args:
       workdir: the run directory (the PNG goes there unless ``path`` is given).
       stage_dirs: ``(label, directory)`` of each stage that wrote ``metrics.jsonl``.
+      figure: draw on this empty figure (``plt.subplots(1, 2, figsize=(11, 4))``) and leave it
+        open, for :func:`redraw_curves` to draw other runs' curves on it (the population
+        executor); ``None`` draws a new figure and closes it.
 
     Returns:
       The PNG path, or ``None`` when no stage logged metrics.
@@ -202,22 +231,18 @@ def plot_curves(workdir: str, stage_dirs: Sequence[tuple[str, str]], path: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from research.train.loop import read_metrics
-
-    series = [(label, read_metrics(d)) for label, d in stage_dirs]
-    series = [(label, rows) for label, rows in series if rows]
+    series = curve_series(stage_dirs)
     if not series:
         return None
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    offset = 0
-    for label, rows in series:
-        tr = [r for r in rows if r.get("split") == "train"]
-        va = [r for r in rows if r.get("split") == "val" and "accuracy" in r]
-        if tr:
-            ax_loss.plot([offset + r["step"] for r in tr], [r["loss"] for r in tr], label=label, lw=1)
-        if va:
-            ax_acc.plot([offset + r["step"] for r in va], [r["accuracy"] for r in va], "o-", label=label, ms=3)
-        offset += max((r["step"] for r in rows), default=0)
+    if figure is None:
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    else:
+        fig, (ax_loss, ax_acc) = figure, figure.axes
+    for label, (tx, ty), (vx, vy) in series:
+        if tx:
+            ax_loss.plot(tx, ty, label=label, lw=1)
+        if vx:
+            ax_acc.plot(vx, vy, "o-", label=label, ms=3)
     ax_loss.set(xlabel="step (cumulative over stages)", ylabel="training loss", yscale="log", title="training loss")
     ax_acc.set(xlabel="step (cumulative over stages)", ylabel="validation accuracy", title="validation accuracy")
     for ax in (ax_loss, ax_acc):
@@ -226,5 +251,24 @@ def plot_curves(workdir: str, stage_dirs: Sequence[tuple[str, str]], path: str |
     fig.tight_layout()
     path = path or os.path.join(workdir, "curves.png")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if figure is None:
+        plt.close(fig)
+    return path
+
+
+def redraw_curves(figure, workdir: str, series: list[tuple[str, tuple, tuple]]) -> str:
+    """Saves ``workdir/curves.png`` from a figure :func:`plot_curves` drew for a run whose
+    :func:`curve_series` had the same labels and the same train/val lines: only the lines' data,
+    the axis limits and ticks change (the labels, legend and margins stay), which takes about half
+    the time of drawing the figure anew."""
+    ax_loss, ax_acc = figure.axes
+    for line, xy in zip(ax_loss.lines, [t for _, t, _ in series if t[0]], strict=True):
+        line.set_data(*xy)
+    for line, xy in zip(ax_acc.lines, [v for _, _, v in series if v[0]], strict=True):
+        line.set_data(*xy)
+    for ax in (ax_loss, ax_acc):
+        ax.relim()
+        ax.autoscale_view()
+    path = os.path.join(workdir, "curves.png")
+    figure.savefig(path, dpi=110)
     return path

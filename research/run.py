@@ -23,6 +23,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,6 +92,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class RunHooks:
+    """Work a caller running many trials at once does for :func:`run` (the population executor).
+
+    Attributes:
+      bundle: returns the run's untrained bundle (data set and model), in place of
+        :func:`build_bundle` (the population has built it already).
+      measure: ``(stage index, model, dataset, latency_batch_size) -> metrics``, in place of
+        :func:`research.metrics.measure` (the population measures its trials together).
+      plot: ``(workdir, [(label, stage dir)]) -> PNG path or None``, in place of
+        :func:`research.report.plot_curves` (the same plot, drawn on a reused figure).
+    """
+
+    bundle: Callable[[], Bundle] | None = None
+    measure: Callable[[int, nnx.Module, Any, int], dict[str, Any]] | None = None
+    plot: Callable[[str, list[tuple[str, str]]], str | None] | None = None
+
+
 def run(
     config: config_lib.Config,
     workdir: str,
@@ -99,6 +118,7 @@ def run(
     echo: bool = True,
     overwrite: bool = False,
     prepared: Mapping[int, StageFn] | None = None,
+    hooks: RunHooks | None = None,
 ) -> dict[str, Any]:
     """Runs every stage of ``config`` in ``workdir`` and returns the report dict.
 
@@ -117,6 +137,8 @@ def run(
       prepared: ``{stage index: stage function}`` replacing the registered function of those stages
         (the population executor hands over models it trained); measured, stored and reported as
         any stage.
+      hooks: work done for many runs at once by the caller (:class:`RunHooks`; the population
+        executor's shared bundle, batched measurement and plotting).
 
     Raises:
       ConfigError: the config is invalid, or ``workdir`` holds a run whose first stage, data, model
@@ -133,7 +155,7 @@ def run(
         for note in workdir_lib.reconcile(workdir, config):
             if echo:
                 print(note, file=sys.stderr)
-        return _run_stages(config, workdir, progress=progress, echo=echo, prepared=prepared or {})
+        return _run_stages(config, workdir, progress=progress, echo=echo, prepared=prepared or {}, hooks=hooks)
 
 
 def _run_stages(
@@ -143,9 +165,11 @@ def _run_stages(
     progress: bool,
     echo: bool,
     prepared: Mapping[int, StageFn] | None = None,
+    hooks: RunHooks | None = None,
 ) -> dict[str, Any]:
     """The stages of :func:`run`, with the lock held and the stage directories reconciled."""
-    bundle = build_bundle(config)
+    hooks = hooks or RunHooks()
+    bundle = hooks.bundle() if hooks.bundle is not None else build_bundle(config)
     report: dict[str, Any] = {
         "name": config.name,
         "workdir": os.path.abspath(workdir),
@@ -188,7 +212,8 @@ def _run_stages(
             )
             bundle = dataclasses.replace(bundle, extras=extras)
             zeros_after = constraints_lib.weight_sparsity(state_after)
-            measured = measure(bundle.model, bundle.dataset, latency_batch_size=config.latency_batch_size)
+            measure_fn = hooks.measure or _measure
+            measured = measure_fn(i, bundle.model, bundle.dataset, config.latency_batch_size)
             measured.update(result.metrics)
             measured["weight_sparsity_before"] = zeros_before[0] / max(zeros_before[1], 1)
             measured["weight_sparsity_after"] = zeros_after[0] / max(zeros_after[1], 1)
@@ -231,10 +256,15 @@ def _run_stages(
         bundle.stage_extras[label] = bundle.stage_extras[stage_cfg.kind] = bundle.extras
         report["stages"].append(record)
         report_lib.write_report(workdir, report)
-    plot = report_lib.plot_curves(workdir, stage_dirs)
+    plot = (hooks.plot or report_lib.plot_curves)(workdir, stage_dirs)
     report["plots"] = [plot] if plot else []
     report_lib.write_report(workdir, report)
     return report
+
+
+def _measure(index: int, model: nnx.Module, dataset, latency_batch_size: int) -> dict[str, Any]:
+    del index
+    return measure(model, dataset, latency_batch_size=latency_batch_size)
 
 
 def _state(model: nnx.Module) -> dict[str, Any]:

@@ -35,6 +35,7 @@ project's methods); the core never imports a method package by name.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib
 import importlib.metadata
@@ -416,6 +417,33 @@ class FineTuned:
     metrics: dict[str, float]
 
 
+@dataclasses.dataclass(frozen=True)
+class FineTuneRequest:
+    """One stage's fine-tuning as :func:`fine_tune` hands it to a :data:`FINE_TUNE_RUNNER`.
+
+    Attributes:
+      stage: the stage's index in the run.
+      model: the model to train.
+      dataset: the run's data set.
+      kwargs: the keyword arguments of :func:`research.train.finetune` (``workdir``, ``seed``,
+        ``steps``, ``learning_rate`` ..., and ``step_key``: what the compiled step bakes in).
+      wrap_tx: the optimizer wrapper (a pruning schedule, kept masks), or ``None``.
+    """
+
+    stage: int
+    model: Any
+    dataset: Any
+    kwargs: dict[str, Any]
+    wrap_tx: Callable[[Any], Any] | None
+
+
+FINE_TUNE_RUNNER: contextvars.ContextVar = contextvars.ContextVar("slimjax_fine_tune_runner", default=None)
+"""``request -> None | (trained model, records, (defs, state), notes)``: set by the population
+executor in each trial's thread, so a stage's fine-tuning (one whose compiled step is cacheable: no
+teacher, no loss transforms) can train together with the other trials' (``None``: train alone,
+as without a runner). The runner writes what :func:`research.train.finetune` writes."""
+
+
 def fine_tune(
     bundle: Bundle,
     model: nnx.Module,
@@ -480,15 +508,26 @@ def fine_tune(
         kwargs["step_key"] = (carry.step_key, wrap_key)
     if description:
         kwargs["description"] = description
-    trained, records, (defs, state) = finetune(
-        student,
-        ds,
-        **kwargs,
-        loss_transforms=[*loss_transforms, *(setup.loss_transforms if setup else ())],
-        wrap_tx=wrap if (wrap_tx is not None or carry.active) else None,
-        sampler=setup.sampler if setup else None,
-        return_state=True,
-    )
+    wrapper = wrap if (wrap_tx is not None or carry.active) else None
+    runner = FINE_TUNE_RUNNER.get()
+    done = None
+    if runner is not None and "step_key" in kwargs:  # a cacheable step: it may train in a population
+        done = runner(FineTuneRequest(stage=ctx.index, model=student, dataset=ds, kwargs=dict(kwargs), wrap_tx=wrapper))
+    if done is None:
+        done = (
+            *finetune(
+                student,
+                ds,
+                **kwargs,
+                loss_transforms=[*loss_transforms, *(setup.loss_transforms if setup else ())],
+                wrap_tx=wrapper,
+                sampler=setup.sampler if setup else None,
+                return_state=True,
+            ),
+            [],
+        )
+    trained, records, (defs, state), runner_notes = done
+    notes += runner_notes
     masks = masking.combine_masks(*masking.find_all_masks(state.opt_state))
     if setup is not None:
         if setup.unwrap is not None:

@@ -5,21 +5,26 @@ For each model (LeNet-300-100 ``lenet300`` and LeNet-5 ``lenet5``) and each K, t
 learning rates of a train-only config (digits; the same steps and batches for every trial):
 
 - ``seq trials/s``: :func:`research.sweep.sweep` with ``executor="sequential"``. Sequential
-  throughput does not depend on K, so it is measured once per model on ``--seq-trials`` trials.
+  throughput does not depend on K, so it is measured on ``--seq-trials`` trials per round.
 - ``pop trials/s``: the same sweep with ``executor="population"`` (``max_k=K``); the chooser
   measures its chunk size (``chosen K``; 1 means it fell back to one after another).
-- ``plain ratio``: a hand-written plain-JAX loop (the whole training as one ``lax.scan``, Adam with
-  the learning rate as a traced value), K trials vmapped in one program against the same program
-  called K times; compilation excluded. ``kept`` = ``pop/seq`` over ``plain ratio``: how much of
-  the plain vmap gain the executor keeps (the issue's target: at least 90% on the MLP).
+- ``pop cold``: the first population sweep of that K in the process (compiling its programs and
+  measuring its chunk size); the warm figures reuse both, as the sequential sweep reuses its
+  jitted step after the warm-up sweep.
+- ``plain K`` / ``plain chosen``: a hand-written plain-JAX loop (the whole training as one
+  ``lax.scan``, Adam with the learning rate as a traced value), K (or the chosen K) trials
+  vmapped in one program against the same program called K times; compilation excluded.
+- ``kept`` = ``pop/seq`` over ``plain chosen``: how much of the plain vmap gain at the chunk size
+  it trains with the executor keeps (the issue's target: at least 90% on the MLP).
 
-Both sweeps count everything a sweep does per trial: compilation, training, measuring each run
-(accuracy, FLOPs, latency) and writing its run directory.
+Every timing is the fastest of ``--repeats`` rounds, sequential and population interleaved (other
+processes on a shared machine only ever add time). Both sweeps count everything a sweep does per
+trial: training, measuring each run (accuracy, FLOPs, latency) and writing its run directory.
 
 Run:
-  python -m experiments.benchmarks.population                      # CPU: 20 steps, K in 1 8 32 128
-  python -m experiments.benchmarks.population --steps 200 --seq-trials 8   # a GPU
-  python -m experiments.benchmarks.population --models lenet300 --ks 1 8 --steps 10 --seq-trials 2
+  python -m experiments.benchmarks.population                      # CPU: 200 steps, K in 1 8 32
+  python -m experiments.benchmarks.population --steps 1000 --ks 1 8 32 128 --seq-trials 8   # a GPU
+  python -m experiments.benchmarks.population --models lenet300 --ks 1 8 --steps 10 --seq-trials 2 --repeats 1
 """
 
 from __future__ import annotations
@@ -67,10 +72,9 @@ def _sweep_seconds(config, k: int, executor) -> tuple[float, object]:
     return seconds, report
 
 
-def _plain_ratio(model_name: str, k: int, steps: int, batch_size: int) -> float:
-    """Seconds of K one-after-another plain-JAX trainings over seconds of the K vmapped in one program."""
+def _plain_programs(model_name: str, steps: int, batch_size: int):
+    """``(one, many, params)``: one plain-JAX training jitted, and the same vmapped over learning rates."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from flax import nnx
@@ -82,8 +86,8 @@ def _plain_ratio(model_name: str, k: int, steps: int, batch_size: int) -> float:
     model = build_model(model_name, input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(0))
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    xs, ys = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-    idx = jnp.asarray(np.random.default_rng(0).integers(0, len(ds.x_train), (steps, batch_size)))
+    xs, ys = jax.numpy.asarray(ds.x_train), jax.numpy.asarray(ds.y_train)
+    idx = jax.numpy.asarray(np.random.default_rng(0).integers(0, len(ds.x_train), (steps, batch_size)))
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 
     def train(params, lr):
@@ -104,28 +108,44 @@ def _plain_ratio(model_name: str, k: int, steps: int, batch_size: int) -> float:
         (p, _), losses = jax.lax.scan(body, (params, opt), idx)
         return losses[-1]
 
-    one = jax.jit(train)
-    many = jax.jit(jax.vmap(train, in_axes=(None, 0)))
+    return jax.jit(train), jax.jit(jax.vmap(train, in_axes=(None, 0))), params
+
+
+def _plain_ratio(programs, k: int, repeats: int) -> float:
+    """Seconds of K one-after-another plain-JAX trainings over seconds of the K vmapped in one
+    program, each the fastest of ``repeats`` interleaved rounds (compilation excluded)."""
+    import jax
+    import jax.numpy as jnp
+
+    if k <= 1:
+        return 1.0
+    one, many, params = programs
     lrs = jnp.asarray(_lrs(k), jnp.float32)
     jax.block_until_ready(one(params, lrs[0]))
     jax.block_until_ready(many(params, lrs))
-    t0 = time.perf_counter()
-    for lr in lrs:
-        jax.block_until_ready(one(params, lr))
-    seq = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(many(params, lrs))
-    return seq / (time.perf_counter() - t0)
+    seq, vm = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for lr in lrs:
+            jax.block_until_ready(one(params, lr))
+        seq.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(params, lrs))
+        vm.append(time.perf_counter() - t0)
+    return min(seq) / min(vm)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
-    parser.add_argument("--ks", nargs="+", type=int, default=[1, 8, 32, 128])
-    parser.add_argument("--steps", type=int, default=20, help="train steps per trial")
+    parser.add_argument("--ks", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--steps", type=int, default=200, help="train steps per trial")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seq-trials", type=int, default=4, help="trials the sequential sweep runs per model")
+    parser.add_argument("--seq-trials", type=int, default=4, help="trials the sequential sweep runs per round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per figure (the fastest is kept)")
     args = parser.parse_args(argv)
+
+    import os
 
     import jax
 
@@ -136,32 +156,38 @@ def main(argv=None) -> int:
     register_all_stages()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}) x {jax.device_count()}; jax {jax.__version__}")
-    print(f"digits, train-only, {args.steps} steps of batch {args.batch_size} per trial\n")
+    print(f"load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"digits, train-only, {args.steps} steps of batch {args.batch_size} per trial; fastest of {args.repeats}\n")
     header = (
-        f"{'model':<9} {'K':>4} {'chosen K':>8} {'seq trials/s':>12} {'pop trials/s':>12} "
-        f"{'pop/seq':>8} {'plain ratio':>11} {'kept':>6}"
+        f"{'model':<9} {'K':>4} {'chosen K':>8} {'seq trials/s':>12} {'pop trials/s':>12} {'pop cold':>8} "
+        f"{'pop/seq':>8} {'plain K':>7} {'plain chosen':>12} {'kept':>6}"
     )
     print(header)
     print("-" * len(header))
     notes = []
     for model in args.models:
         config = _config(model, args.steps, args.batch_size)
+        programs = _plain_programs(model, args.steps, args.batch_size)
         _sweep_seconds(config, 1, make_executor("sequential"))  # warm-up: data loading, first compilations
-        seq_s, _ = _sweep_seconds(config, args.seq_trials, make_executor("sequential"))
-        seq_tps = args.seq_trials / seq_s
         for k in args.ks:
-            pop_s, report = _sweep_seconds(config, k, make_executor("population", max_k=k))
+            cold, report = _sweep_seconds(config, k, make_executor("population", max_k=k))
             chosen = max((p.get("k", 1) for p in report.executor["populations"]), default=1)
             notes += [f"{model} K={k}: {line}" for line in report_populations(report.executor)]
-            pop_tps = k / pop_s
-            plain = _plain_ratio(model, k, args.steps, args.batch_size) if k > 1 else 1.0
+            seq_s, pop_s = [], []
+            for _ in range(args.repeats):
+                seq_s.append(_sweep_seconds(config, args.seq_trials, make_executor("sequential"))[0])
+                pop_s.append(_sweep_seconds(config, k, make_executor("population", max_k=k))[0])
+            seq_tps, pop_tps = args.seq_trials / min(seq_s), k / min(pop_s)
+            plain = _plain_ratio(programs, k, args.repeats)
+            plain_chosen = plain if chosen == k else _plain_ratio(programs, chosen, args.repeats)
             ratio = pop_tps / seq_tps
             print(
-                f"{model:<9} {k:>4} {chosen:>8} {seq_tps:>12.2f} {pop_tps:>12.2f} {ratio:>8.2f} {plain:>11.2f} "
-                f"{ratio / plain:>6.0%}",
+                f"{model:<9} {k:>4} {chosen:>8} {seq_tps:>12.2f} {pop_tps:>12.2f} {k / cold:>8.2f} {ratio:>8.2f} "
+                f"{plain:>7.2f} {plain_chosen:>12.2f} {ratio / plain_chosen:>6.0%}",
                 flush=True,
             )
-    print("\nchooser:")
+    print(f"\nload average at end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print("chooser:")
     for line in notes:
         print(f"  {line}")
     return 0

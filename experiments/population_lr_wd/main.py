@@ -1,13 +1,16 @@
 """A learning-rate x weight-decay grid of LeNet-300-100 pruned to 90% on mnist5k, sequential vs population.
 
-Run:  python -m experiments.population_lr_wd.main [--lrs 8] [--wds 8] [--steps 300] [--out /tmp/pop_lr_wd]
+Run:  python -m experiments.population_lr_wd.main [--lrs 8] [--wds 8] [--steps 300] [--chunk-size K] [--out DIR]
 
 The pipeline is train (AdamW, the grid's learning rate and weight decay) -> prune to 90% with a
-polynomial schedule and fine-tuning. The same grid runs twice through the public sweep API, with
-``executor="sequential"`` and ``executor="population"`` (the train stage of all points as one
-vmapped program, chunk size measured), in one process. Prints both wall times, the chosen chunk
-size, the largest per-point difference of final test accuracy between the executors (they train
-the same trials on the same batches) and the best points; writes ``results.json`` to ``--out``.
+polynomial schedule (gradual magnitude pruning) and fine-tuning. The same grid runs twice through
+the public sweep API, with ``executor="sequential"`` and ``executor="population"`` (both stages
+of the points as vmapped programs, chunk size measured: the train stage's learning rate and weight
+decay, and the prune stage's masks and targets, are values in the optimizer states), in one
+process. Prints both wall times, the chosen chunk size and which stages trained as populations,
+the largest per-point differences between the executors of final test accuracy and mask sparsity
+(they train the same trials on the same batches) and the best points; writes ``results.json`` to
+``--out``.
 The default 8 x 8 = 64 points is a GPU-sized run; on a 2-core CPU use e.g. ``--lrs 2 --wds 2
 --steps 30 --prune-steps 10``.
 """
@@ -38,7 +41,13 @@ def make_config(steps: int, prune_steps: int):
         data=C.DataConfig(name="mnist5k"),
         stages=(
             TrainStage(steps=steps, batch_size=128, optimizer="adamw", checkpoint_every=0, eval_every=0, log_every=0),
-            PruneStage(sparsity=0.9, schedule="polynomial", steps=prune_steps, learning_rate=1e-3, batch_size=128),
+            PruneStage(
+                sparsity=0.9,
+                schedule="polynomial",
+                train=TrainStage(
+                    steps=prune_steps, learning_rate=1e-3, batch_size=128, checkpoint_every=0, eval_every=0, log_every=0
+                ),
+            ),
         ),
     )
 
@@ -50,6 +59,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="train steps per point")
     parser.add_argument("--prune-steps", type=int, default=100, help="prune fine-tuning steps per point")
     parser.add_argument("--out", default="/tmp/pop_lr_wd")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="the population executor's K (default: measured by its chooser)"
+    )
     args = parser.parse_args(argv)
     register_all_stages()
     grid = {
@@ -62,18 +74,29 @@ def main(argv=None) -> int:
     for name in ("sequential", "population"):
         workdir = os.path.join(args.out, name)
         t0 = time.perf_counter()
-        report = sweep(config, grid, workdir, progress=False, overwrite=True, executor=make_executor(name))
+        options = {"chunk_size": args.chunk_size} if name == "population" and args.chunk_size else {}
+        executor = make_executor(name, **options)
+        report = sweep(config, grid, workdir, progress=False, overwrite=True, executor=executor)
         results[name] = {"seconds": time.perf_counter() - t0, "report": report}
     seq, pop = results["sequential"]["report"], results["population"]["report"]
-    acc = {n: [p.metrics.get("test_accuracy", float("nan")) for p in r.points] for n, r in (("seq", seq), ("pop", pop))}
-    diff = float(np.nanmax(np.abs(np.subtract(acc["seq"], acc["pop"]))))
+
+    def column(report, key):
+        return [p.metrics.get(key, float("nan")) for p in report.points]
+
+    diff = float(np.nanmax(np.abs(np.subtract(column(seq, "test_accuracy"), column(pop, "test_accuracy")))))
+    mask_diff = float(np.nanmax(np.abs(np.subtract(column(seq, "mask_sparsity"), column(pop, "mask_sparsity")))))
     s_seq, s_pop = results["sequential"]["seconds"], results["population"]["seconds"]
     print(f"{len(seq.points)} points, LeNet-300-100 on mnist5k, {args.steps} train + {args.prune_steps} prune steps")
+    print(f"load average: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(f"sequential executor: {s_seq:8.1f} s")
     print(f"population executor: {s_pop:8.1f} s   ({s_seq / s_pop:.2f}x)")
     for line in report_populations(pop.executor):
         print("  " + line)
-    print(f"largest per-point test-accuracy difference between the executors: {diff:.4f}")
+    later = [s for p in pop.executor.get("populations", []) for s in p.get("later_stages", [])]
+    print(f"  prune stage fine-tuned as populations: {later}")
+    print(
+        f"largest per-point difference between the executors: test accuracy {diff:.4f}, mask sparsity {mask_diff:.4f}"
+    )
     best = sorted(pop.points, key=lambda p: -p.metrics.get("test_accuracy", 0.0))[:3]
     for p in best:
         print(
@@ -87,6 +110,13 @@ def main(argv=None) -> int:
                 "sequential_seconds": s_seq,
                 "population_seconds": s_pop,
                 "max_test_accuracy_difference": diff,
+                "max_mask_sparsity_difference": mask_diff,
+                "load_average": os.getloadavg(),
+                "args": vars(args),
+                "points_test_accuracy": {
+                    "sequential": column(seq, "test_accuracy"),
+                    "population": column(pop, "test_accuracy"),
+                },
                 "executor": pop.executor,
             },
             f,

@@ -84,6 +84,7 @@ def choose_k(
     max_k: int | None = None,
     multiple_of: int = 1,
     stop_below: float = 0.8,
+    confirm_rounds: int = 2,
 ) -> Choice:
     """Picks the chunk size with the most trials per second.
 
@@ -96,6 +97,9 @@ def choose_k(
       multiple_of: K above 1 must be a multiple of this (the device count when sharding).
       stop_below: stop trying larger K once one reaches less than this fraction of the best
         throughput so far (timings are noisy; a dip within it does not end the search).
+      confirm_rounds: when a K > 1 wins, K=1 and it are timed again this many times, alternately,
+        and each keeps its fastest time: on a loaded machine one lucky (or unlucky) timing of the
+        search must not decide alone.
 
     Returns:
       The :class:`Choice`; ``k == 1`` when no K > 1 beats one trial at a time.
@@ -130,6 +134,21 @@ def choose_k(
             reason += f"K={k} is slower per trial than K={best_so_far.k}; larger K not tried. "
             break
     best = max(measured, key=lambda c: c.trial_steps_per_s)
+    if best.k > 1 and confirm_rounds > 0:
+        one, times = measured[0], {1: measured[0].step_seconds, best.k: best.step_seconds}
+        for _ in range(confirm_rounds):
+            for k in (1, best.k):
+                times[k] = min(times[k], measure(k)[0])
+        chunks = math.ceil(n_trials / best.k)
+        confirmed = {
+            1: dataclasses.replace(one, step_seconds=times[1], trial_steps_per_s=n_trials / (n_trials * times[1])),
+            best.k: dataclasses.replace(
+                best, step_seconds=times[best.k], trial_steps_per_s=n_trials / (chunks * times[best.k])
+            ),
+        }
+        measured = [confirmed.get(c.k, c) for c in measured]
+        best = max(confirmed.values(), key=lambda c: c.trial_steps_per_s)
+        reason += f"confirmed against K=1 over {confirm_rounds} more alternating timings. "
     one = measured[0]
     if best.k == 1:
         reason += "vmap does not pay here (no K > 1 beats one trial at a time): trials train one after another."

@@ -8,9 +8,11 @@ For the trials it is given, it
 3. per population, measures the chunk size K (:func:`research.population.chooser.choose_k`) and
    trains the leading ``train`` stage of K trials at a time (:class:`PopulationTrainer`); when
    vmap does not pay (K=1) the trials train one after another with the same compiled program;
-4. hands each trained model to :func:`research.run.run` as that trial's stage 0, which measures,
-   stores and reports it exactly as a sequential run; later stages (prune, quantize, export...)
-   run per trial from it.
+4. hands each trained model to :func:`research.run.run` as that trial's stage 0, which stores and
+   reports it exactly as a sequential run (measured together: :mod:`research.population.measure`);
+   later stages (prune, quantize, export...) run per trial from it, each trial's run in its own
+   thread taking turns, and a later stage's fine-tuning trains with the chunk's other trials' as
+   one program when they compile to the same one (:mod:`research.population.later`).
 
 Each trial's run directory is complete as soon as its chunk has trained, so a killed population
 sweep keeps every finished chunk and resumes with the rest.
@@ -19,9 +21,11 @@ sweep keeps every finished chunk and resumes with the rest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
@@ -38,11 +42,24 @@ from research.population.chooser import Choice
 from research.population.chooser import choose_k
 from research.population.keys import signature
 from research.population.keys import split_populations
+from research.population.later import TrialThread
+from research.population.later import request_key
+from research.population.later import train_requests
+from research.population.later import write_trial
+from research.population.measure import LATENCY_NOTE
+from research.population.measure import CurvePlotter
+from research.population.measure import PopulationMeasurer
 from research.population.trainer import PopulationTrainer
 from research.population.trainer import Timer
 from research.population.trainer import TrialResult
 from research.population.trainer import memory_limit_bytes
 from research.population.trainer import time_call
+from research.stages import FINE_TUNE_RUNNER
+
+_PROGRAMS: dict = {}  # compiled population programs of this process, by signature and K (as the
+# sequential executor's jitted train steps are kept for the process: research.train.make_train_step)
+_PROGRAMS_KEPT = 64
+_CHOICES: dict = {}  # chunk sizes measured (with the wall-clock timer) by this process, by program and size
 
 
 class PopulationExecutor:
@@ -79,9 +96,13 @@ class PopulationExecutor:
         self.devices = list(devices) if devices else jax.local_devices()
         self.memory_limit = memory_limit
         self.populations: list[dict[str, Any]] = []
-        self._programs: dict = {}  # compiled programs by population signature (shared across calls)
+        if len(_PROGRAMS) > _PROGRAMS_KEPT:
+            _PROGRAMS.clear()
+            _CHOICES.clear()
+        self._programs = _PROGRAMS  # compiled programs by population signature (shared by the process)
         self._choices: dict = {}  # measured chunk sizes by population signature and size
         self._trained: set[str] = set()  # population signatures this executor has compiled programs for
+        self._latencies: dict = {}  # latency_ms by (population, stage, latency batch size): measured once
 
     def summary(self) -> dict[str, Any]:
         """The populations, their chunk sizes, the measured figures and the device."""
@@ -96,6 +117,13 @@ class PopulationExecutor:
 
     def run(self, jobs: Sequence[Job], *, progress: bool = False) -> Iterator[Outcome]:
         """Yields one :class:`Outcome` per job: finished ones first, then chunk by chunk."""
+        plotter = CurvePlotter()
+        try:
+            yield from self._run(jobs, progress, plotter)
+        finally:
+            plotter.close()
+
+    def _run(self, jobs: Sequence[Job], progress: bool, plotter: CurvePlotter) -> Iterator[Outcome]:
         pending = []
         for job in jobs:
             report = finished_report(job.run_dir, job.config)
@@ -145,7 +173,9 @@ class PopulationExecutor:
             # compiled once for all of them (a sequential run compiles its step per run).
             for start in range(0, len(members), choice.k):
                 chunk = list(range(start, min(start + choice.k, len(members))))
-                yield from self._run_chunk(trainer, [members[i] for i in chunk], chunk, choice.k, number, progress)
+                yield from self._run_chunk(
+                    trainer, [members[i] for i in chunk], chunk, choice.k, number, progress, plotter, entry
+                )
 
     def _devices(self, n_trials: int) -> list[jax.Device]:
         """Shard over every device only when the population fills them."""
@@ -165,10 +195,12 @@ class PopulationExecutor:
         if n == 1:
             limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
             return Choice(k=1, candidates=(), reason="a single trial", memory_limit=limit)
-        memo = (trainer.program_key, n)
-        if memo not in self._choices:
-            self._choices[memo] = self._measure_choice(trainer, n)
-        return self._choices[memo]
+        memo = (trainer.program_key, n, self.chunk_size, self.max_k, self.memory_limit)
+        # Measured with the real timer, a choice holds for the process (as its compiled programs do).
+        choices = _CHOICES if self.timer is time_call else self._choices
+        if memo not in choices:
+            choices[memo] = self._measure_choice(trainer, n)
+        return choices[memo]
 
     def _measure_choice(self, trainer: PopulationTrainer, n: int) -> Choice:
         multiple = len(trainer.devices)
@@ -190,23 +222,93 @@ class PopulationExecutor:
             return Choice(k=k, candidates=(), reason=f"chunk_size={k} given", memory_limit=limit)
         return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
 
-    def _run_chunk(self, trainer, jobs, indices, k, number, progress) -> Iterator[Outcome]:
+    def _run_chunk(self, trainer, jobs, indices, k, number, progress, plotter, entry) -> Iterator[Outcome]:
+        from research.run import RunHooks  # pylint: disable=import-outside-toplevel
+
+        t_chunk = time.perf_counter()
+        measurer = PopulationMeasurer(number, self._latencies)
         try:
             results = trainer.train(indices, k)
+            keys = [j.key for j in jobs]
+            measurer.evaluate(0, keys, [r.model for r in results], [trainer.bundle(i).dataset for i in indices], k)
         except Exception as e:  # the chunk's program failed: its trials run alone
             note = f"population {number}: chunk failed ({type(e).__name__}: {e}); one after another"
             for job in jobs:
                 yield run_one(job, progress=progress, note=note)
             return
-        for job, result in zip(jobs, results, strict=True):
-            out = run_one(
+        # Each trial's run() in its own thread, one at a time: a later stage's fine-tuning waits
+        # for the chunk's other trials and trains with them (research.population.later).
+        threads = []
+        for job, index, result in zip(jobs, indices, results, strict=True):
+            hooks = RunHooks(
+                bundle=functools.partial(trainer.bundle, index), measure=measurer.for_trial(job.key), plot=plotter
+            )
+            target = functools.partial(
+                run_one,
                 job,
                 progress=progress,
-                prepared={0: _trained_stage(result, k)},
+                prepared={0: _trained_stage(result, k, measurer.val_row(job.key, 0), number)},
                 note=f"population {number}, chunk of {k}" if k > 1 else f"population {number}, one at a time (K=1)",
+                hooks=hooks,
             )
-            out.seconds += result.seconds / len(jobs)
-            yield out
+            threads.append(TrialThread(target, FINE_TUNE_RUNNER))
+        for t in threads:
+            t.resume()
+        while any(t.request is not None for t in threads):
+            waiting = [t for t in threads if t.request is not None]
+            replies = self._fine_tune_together(waiting, jobs, threads, k, number, measurer, entry)
+            for t in waiting:
+                t.resume(replies.get(id(t)))
+        per_trial = (time.perf_counter() - t_chunk) / len(jobs)
+        for t in threads:
+            if t.outcome is None:  # its thread ended without an outcome (run_one never raises an Exception)
+                continue
+            t.outcome.seconds = per_trial  # the chunk's wall time, shared out
+            yield t.outcome
+
+    def _fine_tune_together(self, waiting, jobs, threads, k, number, measurer, entry) -> dict[int, Any]:
+        """Trains the waiting trials' fine-tuning requests, those with one program key together;
+        returns ``{id(thread): (model, records, (defs, state), notes)}`` (absent: trains alone)."""
+        groups: dict[Any, list] = {}
+        for t in waiting:
+            try:
+                key = request_key(t.request)
+                hash(key)
+            except Exception:  # e.g. an unhashable step key: it trains alone, as in a plain run
+                key = None
+            if key is not None:
+                groups.setdefault(key, []).append(t)
+        replies: dict[int, Any] = {}
+        for key, members in groups.items():
+            if len(members) < 2:
+                continue  # alone (K=1, or the last chunk's only trial): its own jitted step, as in a plain run
+            requests = [t.request for t in members]
+            try:
+                results, defs = train_requests(
+                    requests, key, k, block_steps=self.block_steps, devices=self.devices, cache=self._programs
+                )
+                trials = [jobs[threads.index(t)].key for t in members]
+                stage = requests[0].stage
+                measurer.evaluate(stage, trials, [r.model for r in results], [q.dataset for q in requests], k)
+            except Exception as e:  # the group's program failed: each trains alone
+                entry.setdefault("later_stages", []).append(
+                    {"stage": requests[0].stage, "error": f"{type(e).__name__}: {e}; trained one after another"}
+                )
+                continue
+            entry.setdefault("later_stages", []).append({"stage": stage, "trials": trials, "k": k})
+            notes = [
+                f"fine-tuned in a population of {len(members)} (chunks of {k}, one vmapped program); "
+                "its validation and test accuracy evaluated together",
+                LATENCY_NOTE.format(population=number, stage=stage),
+            ]
+            for t, trial, request, result in zip(members, trials, requests, results, strict=True):
+                try:
+                    rows = write_trial(request.kwargs["workdir"], result, measurer.val_row(trial, stage))
+                except Exception as e:  # a NaN loss: raised in the trial's own thread
+                    replies[id(t)] = e
+                    continue
+                replies[id(t)] = (result.model, rows, (defs, result.state), notes)
+        return replies
 
 
 def _first_stage_stored(job: Job) -> bool:
@@ -220,31 +322,15 @@ def _first_stage_stored(job: Job) -> bool:
         return True
 
 
-def _trained_stage(result: TrialResult, k: int):
-    """A stage function returning the model the population trained (for :func:`research.run.run`)."""
-    from flax import nnx
-
+def _trained_stage(result: TrialResult, k: int, val_row: dict[str, float] | None, population: int):
+    """A stage function returning the model the population trained (for :func:`research.run.run`);
+    ``val_row`` is its validation evaluation (done for the chunk at once), ``None`` without a
+    validation split."""
     from research.stages import StageResult
-    from research.train import NonFiniteLossError
-    from research.train import evaluate
-    from research.train import split_model
 
     def stage(bundle, cfg, ctx):
+        write_trial(ctx.workdir, result, val_row)
         losses = np.asarray(result.losses, np.float64)
-        bad = np.flatnonzero(~np.isfinite(losses))
-        ctx.workdir.mkdir(parents=True, exist_ok=True)
-        rows = [{"step": i + 1, "split": "train", "loss": float(v)} for i, v in enumerate(losses)]
-        stop = int(bad[0]) + 1 if bad.size else len(rows)
-        with open(ctx.workdir / "metrics.jsonl", "w") as f:
-            f.writelines(_json_line(r) for r in rows[:stop])
-        if bad.size:
-            raise NonFiniteLossError(stop, float(losses[stop - 1]), None, None)
-        ds = bundle.dataset
-        if len(ds.x_val):  # the last row of a sequential run's metrics.jsonl
-            defs, params, model_state = split_model(nnx.clone(result.model))
-            val = evaluate(defs, params, model_state, ds.x_val, ds.y_val)
-            with open(ctx.workdir / "metrics.jsonl", "a") as f:
-                f.write(_json_line({"step": len(losses), "split": "val", **val}))
         steps = len(losses)
         metrics = {
             "final_train_loss": float(losses[-1]),
@@ -257,11 +343,10 @@ def _trained_stage(result: TrialResult, k: int):
         return StageResult(
             bundle=dataclasses.replace(bundle, model=result.model),
             metrics=metrics,
-            notes=[f"trained in a population of {k} (one vmapped program); train_steps_per_s is per trial"],
+            notes=[
+                f"trained in a population of {k} (one vmapped program); train_steps_per_s is per trial",
+                LATENCY_NOTE.format(population=population, stage=ctx.index),
+            ],
         )
 
     return stage
-
-
-def _json_line(row: dict[str, Any]) -> str:
-    return json.dumps(row) + "\n"

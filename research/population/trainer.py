@@ -37,12 +37,26 @@ Timer = Callable[[int, Callable[[], Any]], float]
 
 
 @dataclasses.dataclass
+class Member:
+    """One trial of a :class:`PopulationTrainer`: its initial model, optimizer (with any wrapper),
+    seed (initial train state and batch order) and training split."""
+
+    model: nnx.Module
+    tx: Any
+    seed: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+
+
+@dataclasses.dataclass
 class TrialResult:
-    """One trial trained in a population: its model and per-step training losses."""
+    """One trial trained in a population: its model, per-step training losses and final train state
+    (the tree a sequential run checkpoints at its last step)."""
 
     model: nnx.Module
     losses: np.ndarray
     seconds: float
+    state: Any = None
 
 
 def time_call(k: int, fn: Callable[[], Any], repeats: int = 5) -> float:
@@ -108,18 +122,63 @@ class PopulationTrainer:
             raise ValueError(f"the trials do not form one population: {[g.reason for g in groups if g.reason]}")
         self.configs = list(configs)
         self.stage = configs[0].stages[0]
-        self.steps = self.stage.steps
-        self.block_steps = max(1, min(block_steps, self.steps))
-        self.devices = list(devices) if devices else [jax.local_devices()[0]]
         # One data split and one initial model per distinct seed (trials that differ only in
         # hyperparameters share them).
         seeds = sorted({c.seed for c in configs})
+        self._bundles = {s: build_bundle(next(c for c in configs if c.seed == s)) for s in seeds}
+        self.dataset = self._bundles[seeds[0]].dataset
+        members = [
+            Member(
+                model=self._bundles[c.seed].model,
+                tx=make_optimizer(**_optimizer_kwargs(train_kwargs(c.stages[0]))),
+                seed=c.seed,
+                x_train=self._bundles[c.seed].dataset.x_train,
+                y_train=self._bundles[c.seed].dataset.y_train,
+            )
+            for c in configs
+        ]
+        key = json.dumps(signature(configs[0]), sort_keys=True, default=str)
+        self._setup(members, self.stage.steps, self.stage.batch_size, key, block_steps, devices, cache)
+
+    @classmethod
+    def for_members(
+        cls,
+        members: Sequence[Member],
+        *,
+        steps: int,
+        batch_size: int,
+        program_key: Any,
+        block_steps: int = 50,
+        devices: Sequence[jax.Device] | None = None,
+        cache: dict | None = None,
+        loss_fn=None,
+    ) -> PopulationTrainer:
+        """A trainer of given models and optimizers (a later stage's fine-tuning of K trials).
+
+        ``program_key`` (hashable) names everything the members' train step bakes in (optimizer
+        settings but the values in its state, wrapper structure, model graph, data shapes); members
+        of one trainer must agree on it. Their optimizers' states hold what differs (learning rate,
+        weight decay, a pruning wrapper's targets).
+        """
+        if not members:
+            raise ValueError("no members; give at least one")
+        self = cls.__new__(cls)
+        self.configs, self.stage, self._bundles = [], None, {}
+        self.dataset = None
+        self._setup(list(members), steps, batch_size, program_key, block_steps, devices, cache, loss_fn)
+        return self
+
+    def _setup(self, members, steps, batch_size, key, block_steps, devices, cache, loss_fn=None):
+        self.members = members
+        self.steps = steps
+        self.block_steps = max(1, min(block_steps, self.steps))
+        self.devices = list(devices) if devices else [jax.local_devices()[0]]
+        seeds = sorted({m.seed for m in members})
         self._data_id = {s: i for i, s in enumerate(seeds)}
-        bundles = {s: build_bundle(next(c for c in configs if c.seed == s)) for s in seeds}
-        self.dataset = bundles[seeds[0]].dataset
-        xs = np.stack([bundles[s].dataset.x_train for s in seeds])
-        ys = np.stack([bundles[s].dataset.y_train for s in seeds])
-        self.batch_size = min(self.stage.batch_size, xs.shape[1])
+        first = {s: next(m for m in members if m.seed == s) for s in seeds}
+        xs = np.stack([first[s].x_train for s in seeds])
+        ys = np.stack([first[s].y_train for s in seeds])
+        self.batch_size = min(batch_size, xs.shape[1])
         replicated = self._sharding(replicate=True)
         self._xs = jax.device_put(xs, replicated)
         self._ys = jax.device_put(ys, replicated)
@@ -127,17 +186,15 @@ class PopulationTrainer:
             s: BatchSampler(np.arange(xs.shape[1]), np.arange(xs.shape[1]), batch_size=self.batch_size, seed=s)
             for s in seeds
         }
-        self._txs = [make_optimizer(**_optimizer_kwargs(train_kwargs(c.stages[0]))) for c in configs]
-        self._models = {s: bundles[s].model for s in seeds}
-        self.defs, _ = create_train_state(nnx.clone(self._models[seeds[0]]), self._txs[0], seed=seeds[0])
+        self.defs, _ = create_train_state(nnx.clone(members[0].model), members[0].tx, seed=members[0].seed)
         # One seed: every trial sees the same batches, so the batch is gathered once and broadcast
         # (a shared input times stacked weights is one large matmul, not K small ones).
         self.shared_batches = len(seeds) == 1
         shared = self.shared_batches
-        step = make_train_step(self.defs, self._txs[0], jit=False)
+        step = make_train_step(self.defs, members[0].tx, *([loss_fn] if loss_fn else []), jit=False)
         self._cache = cache if cache is not None else {}
         self.program_key = (
-            json.dumps(signature(configs[0]), sort_keys=True, default=str),
+            key,
             len(seeds),
             self.shared_batches,
             self.block_steps,
@@ -184,6 +241,17 @@ class PopulationTrainer:
             return jax.device_put(idx, self._sharding(replicate=True))
         return self._put(idx, axis=1)
 
+    def bundle(self, index: int):
+        """A fresh untrained :class:`research.stages.Bundle` of trial ``index`` (what
+        :func:`research.run.build_bundle` gives for its config; data set and model shared with the
+        trials of the same seed, never modified)."""
+        from research.stages import Bundle  # pylint: disable=import-outside-toplevel
+
+        if not self.configs:
+            raise ValueError("a trainer built for_members has no configs; its members bring their models")
+        b = self._bundles[self.configs[index].seed]
+        return Bundle(model=b.model, dataset=b.dataset, seed=b.seed, recipe=b.recipe)
+
     def chunk_size_ok(self, k: int) -> bool:
         """Whether ``k`` trials split evenly over the devices."""
         return k % len(self.devices) == 0
@@ -193,8 +261,8 @@ class PopulationTrainer:
         """The stacked train state of trials ``indices`` (trial 0's state repeats as padding)."""
         states = []
         for i in indices:
-            cfg = self.configs[i]
-            _, s = create_train_state(nnx.clone(self._models[cfg.seed]), self._txs[i], seed=cfg.seed)
+            m = self.members[i]
+            _, s = create_train_state(nnx.clone(m.model), m.tx, seed=m.seed)
             states.append(s)
         return self._put(jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *states))
 
@@ -217,7 +285,7 @@ class PopulationTrainer:
             valid[t] = True
             per_seed = {s: sampler.batch(step)["x"] for s, sampler in self._samplers.items()}
             for j, i in enumerate(indices):
-                idx[t, j] = per_seed[self.configs[i].seed]
+                idx[t, j] = per_seed[self.members[i].seed]
         return idx, valid
 
     def compiled(self, k: int):
@@ -266,7 +334,7 @@ class PopulationTrainer:
         program = self.compiled(k)
         t0 = time.perf_counter()
         state = self.initial_state(padded)
-        data_id = self._put(np.array([self._data_id[self.configs[i].seed] for i in padded], np.int32))
+        data_id = self._put(np.array([self._data_id[self.members[i].seed] for i in padded], np.int32))
         losses = []
         for start in range(0, self.steps, self.block_steps):
             idx, valid = self.batch_indices(padded, start)
@@ -278,7 +346,9 @@ class PopulationTrainer:
         out = []
         for j, _ in enumerate(indices):
             trial = jax.tree.map(lambda a, j=j: jnp.asarray(a[j]), host)
-            out.append(TrialResult(model=state_to_model(self.defs, trial), losses=loss[:, j], seconds=seconds))
+            out.append(
+                TrialResult(model=state_to_model(self.defs, trial), losses=loss[:, j], seconds=seconds, state=trial)
+            )
         return out
 
 

@@ -60,6 +60,23 @@ def _params(run_dir):
     return jax.tree.leaves(split_model(model)[1])
 
 
+def _files(run_dir):
+    """Relative paths of a run directory's files (the lock file aside; a checkpoint as its step's
+    directory: Orbax names its files by content hashes)."""
+    out = set()
+    for d, _, fs in os.walk(run_dir):
+        for f in fs:
+            path = os.path.relpath(os.path.join(d, f), run_dir)
+            head, sep, tail = path.partition("/checkpoints/")
+            out.add(f"{head}{sep}{tail.split('/')[0]}" if sep else path)
+    return sorted(out - {".lock"})
+
+
+def _val_rows(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "stages", "0_train", "metrics.jsonl"))]
+    return [v for r in rows if r["split"] == "val" for v in (r["loss"], r["accuracy"], r["count"])]
+
+
 def _close(a, b, atol=2e-5):
     return all(np.allclose(x, y, atol=atol, rtol=1e-4) for x, y in zip(a, b, strict=True))
 
@@ -89,6 +106,9 @@ def test_population_trials_match_sequential_trials(pruned_runs):
     assert not seq.failed and not pop.failed
     (population,) = pop.executor["populations"]
     assert population["k"] == 2 and [c["k"] for c in population["choice"]["candidates"]] == [1, 2]
+    # the prune stage's fine-tuning of the full chunk trained as one program too; the padded chunk's
+    # single trial fine-tuned alone
+    assert population["later_stages"] == [{"stage": 1, "trials": [0, 1], "k": 2}]
     for a, b in zip(seq.points, pop.points, strict=True):
         assert b.note == "population 0, chunk of 2"
         stages_a, stages_b = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"] for p in (a, b))
@@ -100,7 +120,13 @@ def test_population_trials_match_sequential_trials(pruned_runs):
         loss_a, loss_b = (s[0]["metrics"]["final_train_loss"] for s in (stages_a, stages_b))
         assert loss_b == pytest.approx(loss_a, rel=1e-4)
         assert stages_b[0]["metrics"]["population_k"] == 2
+        assert any("latency_ms measured once for population 0" in n for n in stages_b[0]["notes"])
+        in_population = any("fine-tuned in a population of 2" in n for n in stages_b[1]["notes"])
+        assert in_population == (a.index < 2)
         assert _close(_params(a.run_dir), _params(b.run_dir))
+        # the same files as a sequential run (curves.png drawn on the population's reused figure)
+        assert _files(b.run_dir) == _files(a.run_dir)
+        assert _val_rows(b.run_dir) == pytest.approx(_val_rows(a.run_dir), abs=2e-5)
     # the grid's learning rates really reach the trials
     params = [_params(p.run_dir) for p in pop.points]
     assert not _close(params[0], params[1]) and not _close(params[1], params[2])
@@ -173,7 +199,7 @@ def test_chooser_picks_best_throughput_and_respects_memory():
     # 8 trials would need 500 bytes: predicted from K=1,2,4 and never compiled or measured
     seen = []
     choice = choose_k(16, lambda k: (seen.append(k), measure(k))[1], memory_limit=400)
-    assert choice.k == 4 and seen == [1, 2, 4] and "not tried" in choice.reason
+    assert choice.k == 4 and seen == [1, 2, 4, 1, 4, 1, 4] and "not tried" in choice.reason
     with pytest.raises(MemoryError, match="one trial"):
         choose_k(4, measure, memory_limit=10)
     # padding counts: 5 trials in chunks of 4 need two chunks
@@ -181,6 +207,18 @@ def test_chooser_picks_best_throughput_and_respects_memory():
     assert [c.k for c in flat.candidates] == [1, 2, 4] and flat.k == 4
     assert flat.candidates[-1].trial_steps_per_s == pytest.approx(5 / 2)
     assert candidate_ks(12, max_k=8, multiple_of=4) == [1, 4, 8]
+
+
+def test_chooser_confirms_a_winning_k_against_one_trial_at_a_time():
+    # K=1's first timing was slowed by other processes: timed again alternately with K=2, it wins
+    times = {1: [2.6, 1.0, 1.1], 2: [2.4, 2.5, 2.4]}
+
+    def measure(k):
+        return times[k].pop(0), 0
+
+    choice = choose_k(2, measure, memory_limit=10**9)
+    assert choice.k == 1 and "confirmed" in choice.reason
+    assert [c.step_seconds for c in choice.candidates] == [1.0, 2.4]
 
 
 def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_file, tmp_path, monkeypatch):
@@ -311,3 +349,52 @@ def test_tune_asks_batches_of_the_chunk_size_and_trains_them_as_a_population(con
         tune_lib.tune(
             base, space, str(tmp_path / "w"), trials=2, executor="population", workers=2, config_spec=config_file
         )
+
+
+def test_vmapped_evaluation_equals_one_model_at_a_time():
+    from flax import nnx
+
+    from research.data import load_dataset
+    from research.nn import build_model
+    from research.population.measure import evaluate_many
+    from research.train import evaluate
+
+    ds = load_dataset("digits", seed=0, limit=300)
+    models = [
+        build_model("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=(16,), rngs=nnx.Rngs(s))
+        for s in (0, 1, 2)
+    ]
+    # batches of 128 with a padded last one; 3 models padded to 4
+    together = evaluate_many(models, ds.x_train, ds.y_train, batch_size=128, pad_to=4)
+    for model, row in zip(models, together, strict=True):
+        alone = evaluate(*split_model(nnx.clone(model)), ds.x_train, ds.y_train, batch_size=128)
+        assert row["count"] == alone["count"] and row["accuracy"] == alone["accuracy"]
+        assert row["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert len({r["accuracy"] for r in together}) > 1  # three different models
+
+
+def test_later_fine_tunings_share_a_program_only_when_they_compile_to_one(tmp_path):
+    from flax import nnx
+
+    from research.data import load_dataset
+    from research.nn import build_model
+    from research.population.later import request_key
+    from research.stages import FineTuneRequest
+
+    ds = load_dataset("digits", seed=0, limit=300)
+    model = build_model("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=(16,), rngs=nnx.Rngs(0))
+    base = {"workdir": tmp_path / "a", "seed": 0, "steps": 10, "learning_rate": 1e-3, "batch_size": 32}
+    base.update(optimizer="adamw", weight_decay=0.1, eval_every=0, step_key=("wrapper", 0.9))
+
+    def key(**kw):
+        return request_key(FineTuneRequest(stage=1, model=model, dataset=ds, kwargs={**base, **kw}, wrap_tx=None))
+
+    # values in the optimizer state may differ
+    assert key() == key(learning_rate=1e-2, weight_decay=0.5, workdir=tmp_path / "b")
+    # constants of the program may not
+    assert key() != key(steps=20) and key() != key(step_key=("wrapper", 0.8)) and key() != key(batch_size=16)
+    assert key(optimizer="sgd", weight_decay=0.1) != key(optimizer="sgd", weight_decay=0.5)
+    # trains alone: validation rows during training, data parallel, a checkpoint to resume from
+    assert key(eval_every=5) is None and key(data_parallel=True) is None
+    (tmp_path / "c" / "checkpoints" / "4").mkdir(parents=True)
+    assert key(workdir=tmp_path / "c") is None

@@ -1,0 +1,193 @@
+"""Later stages of a population: the fine-tuning of a prune (or any) stage trained as one program.
+
+After the leading ``train`` stage, each trial of a chunk runs its stages through
+:func:`research.run.run` as usual, but in its own thread, one trial at a time (a baton: exactly
+one thread runs; the others wait). When a stage's fine-tuning starts (:func:`research.stages.fine_tune`
+with a cacheable step), the trial hands its :class:`~research.stages.FineTuneRequest` over
+(:data:`research.stages.FINE_TUNE_RUNNER`) and waits. Once every trial of the chunk waits or has
+finished, the requests that compile to the same program (:func:`request_key`: the same stage,
+optimizer settings but the values in its state, wrapper structure (``step_key``), model graph and
+data shapes) train together as one vmapped program; the rest train alone, as a sequential run
+would. Then each trial resumes, one at a time, with its trained model.
+
+What differs between the trials' fine-tunings lives in the optimizer state and so may differ
+inside one program: learning rate, AdamW's weight decay, and a pruning wrapper's per-leaf target
+sparsities and masks (masks have the parameters' shapes). What a trial writes is what
+:func:`research.train.finetune` writes: ``metrics.jsonl`` (every step's loss, the final validation
+row) and the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from research.population.trainer import Member
+from research.population.trainer import PopulationTrainer
+from research.population.trainer import TrialResult
+
+
+class TrialThread:
+    """Runs ``target`` (one trial's :func:`research.run.run`) in a thread that holds the baton only
+    between :meth:`resume` calls of the coordinator.
+
+    Attributes:
+      request: the fine-tuning request it waits on (``None`` while running or once finished).
+      outcome: what ``target`` returned, once finished.
+    """
+
+    def __init__(self, target: Callable[[], Any], runner_var):
+        self.request = None
+        self.outcome = None
+        self.finished = False
+        self._reply = None
+        self._go = threading.Event()
+        self._back = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(target, runner_var), daemon=True)
+        self._started = False
+
+    def _main(self, target, runner_var) -> None:
+        self._go.wait()
+        self._go.clear()
+        runner_var.set(self._ask)  # this thread's context only
+        try:
+            self.outcome = target()
+        finally:
+            self.finished = True
+            self._back.set()
+
+    def _ask(self, request):
+        self.request = request
+        self._back.set()
+        self._go.wait()
+        self._go.clear()
+        reply, self._reply = self._reply, None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def resume(self, reply=None) -> None:
+        """Hands the baton to the thread (with ``reply`` to its request) and waits until it asks
+        again or finishes."""
+        self.request, self._reply = None, reply
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        self._go.set()
+        self._back.wait()
+        self._back.clear()
+        if self.finished:
+            self._thread.join()
+
+
+def _settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("steps", "learning_rate", "optimizer", "weight_decay", "schedule", "warmup_steps", "grad_clip")
+    defaults = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "cosine", "warmup_steps": 0, "grad_clip": 0.0}
+    return {k: kwargs.get(k, defaults.get(k)) for k in keys}
+
+
+def request_key(request) -> tuple | None:
+    """What the request's compiled train step depends on (requests with equal keys train as one
+    program), or ``None`` when it must train alone: data-parallel, validation rows during training
+    (``eval_every`` below ``steps``), or a checkpoint to resume from in its directory."""
+    from research.train.finetune import optimizer_key  # pylint: disable=import-outside-toplevel
+
+    kw = request.kwargs
+    steps = kw["steps"]
+    if kw.get("data_parallel") or (kw.get("eval_every") and kw["eval_every"] < steps):
+        return None
+    ckpts = os.path.join(os.fspath(kw["workdir"]), "checkpoints")
+    if os.path.isdir(ckpts) and os.listdir(ckpts):
+        return None  # an interrupted stage: finetune resumes it
+    ds = request.dataset
+    return (
+        "fine_tune",
+        request.stage,
+        optimizer_key(_settings(kw)),
+        kw["step_key"],
+        nnx.graphdef(request.model),
+        np.shape(ds.x_train),
+        str(np.asarray(ds.x_train).dtype),
+        min(kw.get("batch_size", 128), len(ds.x_train)),
+    )
+
+
+def train_requests(
+    requests: Sequence[Any], key: tuple, k: int, *, block_steps: int, devices, cache: dict
+) -> tuple[list[TrialResult], Any]:
+    """Trains requests that share ``key`` as one population, ``k`` at a time (padded).
+
+    Returns:
+      ``(one TrialResult per request, the ModelDefs of their train states)``.
+    """
+    from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
+
+    members = []
+    for r in requests:
+        tx = make_optimizer(**_settings(r.kwargs))
+        members.append(
+            Member(
+                model=r.model,
+                tx=r.wrap_tx(tx) if r.wrap_tx is not None else tx,
+                seed=r.kwargs.get("seed", 0),
+                x_train=r.dataset.x_train,
+                y_train=r.dataset.y_train,
+            )
+        )
+    kw = requests[0].kwargs
+    trainer = PopulationTrainer.for_members(
+        members,
+        steps=kw["steps"],
+        batch_size=kw.get("batch_size", 128),
+        program_key=key,
+        block_steps=block_steps,
+        devices=devices[:1] if k % len(devices) else devices,
+        cache=cache,
+    )
+    out: list[TrialResult] = []
+    for start in range(0, len(members), k):
+        out += trainer.train(list(range(start, min(start + k, len(members)))), k)
+    return out, trainer.defs
+
+
+def write_trial(workdir, result: TrialResult, val_row: dict[str, float] | None) -> list[dict[str, Any]]:
+    """Writes what :func:`research.train.fit` leaves in a stage directory for a trial trained in a
+    population (``metrics.jsonl``: every step's loss, then the validation row; the final
+    checkpoint) and returns the rows.
+
+    Raises:
+      NonFiniteLossError: a loss was NaN or infinite (the rows up to it are written; no checkpoint).
+    """
+    from research.train import Checkpointer  # pylint: disable=import-outside-toplevel
+    from research.train import NonFiniteLossError  # pylint: disable=import-outside-toplevel
+
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    losses = np.asarray(result.losses, np.float64)
+    bad = np.flatnonzero(~np.isfinite(losses))
+    rows = [{"step": i + 1, "split": "train", "loss": float(v)} for i, v in enumerate(losses)]
+    stop = int(bad[0]) + 1 if bad.size else len(rows)
+    rows = rows[:stop]
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    if bad.size:
+        raise NonFiniteLossError(stop, float(losses[stop - 1]), None, None)
+    if result.state is not None:  # the final checkpoint a sequential run leaves
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+        try:
+            ckpt.save(len(losses), result.state)
+        finally:
+            ckpt.close()
+    if val_row is not None:  # the last row of a sequential run's metrics.jsonl
+        row = {"step": len(losses), "split": "val", **val_row}
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+    return rows
