@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> list:
     p.add_argument("--finetune-steps", type=int)
     p.add_argument("--scratch-steps", type=int, help="steps of every from-scratch model (found and zoo)")
     p.add_argument("--sampler", help="the search's sampler: tpe (default), evolution, gp, random, ...")
+    p.add_argument("--supernet-batch-size", type=int)
+    p.add_argument("--first-phase", type=float, help="progressive shrinking: fraction of steps on the largest alone")
     p.add_argument("--no-progressive", action="store_true", help="plain sandwich rule, no progressive shrinking")
     p.add_argument("--constrained-trials", type=int, help="per zoo model, candidates of the FLOPs-limited search")
     p.add_argument("--constrained-top", type=int, help="per zoo model, constrained candidates trained from scratch")
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> list:
         "finetune_steps": a.finetune_steps,
         "scratch_steps": a.scratch_steps,
         "progressive": False if a.no_progressive else None,
+        "supernet_batch_size": a.supernet_batch_size,
+        "first_phase": a.first_phase,
         "constrained_trials": a.constrained_trials,
         "constrained_top": a.constrained_top,
         "tau_members": a.tau_members,
