@@ -151,7 +151,7 @@ def test_search_under_a_flops_limit_with_a_measured_latency_objective():
     x = rng.normal(size=(40, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=40)
     cost = nas.CostModel(net, latency_runtime="jax", latency_repeats=3)
-    limit = cost({"depth": 1, "width_0": 64})[0]
+    limit = cost({"depth": 2, "width_0": 64, "width_1": 64})[0]  # about half the family is within
     found = nas.search(net, x, y, trials=4, batch=2, sampler="random", seed=0, max_flops=limit, cost=cost)
     assert found and all(c.flops <= limit for c in found)
     assert fam.key(fam.largest()) not in {fam.key(c.options) for c in found}  # over the limit: not evaluated
