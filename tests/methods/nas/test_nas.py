@@ -10,6 +10,11 @@ from methods import nas
 from research import nn
 
 
+def _data(n=40):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 8, 8)).astype(np.float32), rng.integers(0, 10, size=n)
+
+
 def _net(name, shape, seed=0):
     return nas.split_supernet(nas.build_supernet(name, shape, 10, seed=seed), name, shape, 10)
 
@@ -48,9 +53,7 @@ def test_vmapped_evaluation_equals_separate_evaluations():
 def test_bn_recalibration_changes_only_bn_statistics_and_is_per_subnetwork():
     net = _net("resnet_family", (8, 8))
     fam = net.family
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 8, 8)).astype(np.float32)
-    y = rng.integers(0, 10, size=40)
+    x, y = _data()
     calib = nas.calibration_batches(x, 2, 16)
     options = [fam.largest(), fam.smallest()]
     masks = nas.stack_masks(net, options)
@@ -90,9 +93,7 @@ def test_sandwich_step_decreases_loss_for_largest_and_smallest():
 
 def test_evolution_searches_a_family_over_accuracy_flops_and_bytes():
     net = _net("mlp_family", (8, 8))
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 8, 8)).astype(np.float32)
-    y = rng.integers(0, 10, size=40)
+    x, y = _data()
     found = nas.search(net, x, y, trials=14, batch=4, sampler="evolution", seed=0)
     fam = net.family
     keys = [fam.key(c.options) for c in found]
@@ -147,9 +148,7 @@ def test_a_sandwich_step_decreases_the_loss_in_every_progressive_phase():
 def test_search_under_a_flops_limit_with_a_measured_latency_objective():
     net = _net("mlp_family", (8, 8))
     fam = net.family
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 8, 8)).astype(np.float32)
-    y = rng.integers(0, 10, size=40)
+    x, y = _data()
     cost = nas.CostModel(net, latency_runtime="jax", latency_repeats=3)
     limit = cost({"depth": 2, "width_0": 64, "width_1": 64})[0]  # about half the family is within
     found = nas.search(net, x, y, trials=4, batch=2, sampler="random", seed=0, max_flops=limit, cost=cost)
