@@ -123,9 +123,10 @@ def _tflite_ms(model: nnx.Module, sample: np.ndarray, log=print) -> float | None
         return None
 
 
-def _spread(cands: list, n: int, exclude: set) -> list:
-    """Up to ``n`` candidates not in ``exclude``, spread evenly over the ranks of supernet accuracy."""
-    pool = sorted((c for c in cands if c not in exclude), key=lambda c: c.accuracy)
+def _spread(cands: list, n: int, exclude: set, key) -> list:
+    """Up to ``n`` candidates whose ``key(options)`` is not in ``exclude``, spread evenly over the
+    ranks of supernet accuracy."""
+    pool = sorted((c for c in cands if key(c.options) not in exclude), key=lambda c: c.accuracy)
     if len(pool) <= n:
         return pool
     return [pool[i] for i in np.linspace(0, len(pool) - 1, n).round().astype(int)]
@@ -194,7 +195,7 @@ def run_seed(cfg: OFAConfig, seed: int, log=print) -> dict[str, Any]:
             roles.setdefault(fam.key(c.options), []).append(f"<= {z['model'][4:]}")
     t_search = time.perf_counter() - t0
     if len(chosen) < cfg.tau_members:  # fill the tau set with members spread over the supernet's ranking
-        for c in _spread(cands, cfg.tau_members - len(chosen), set(chosen.values())):
+        for c in _spread(cands, cfg.tau_members - len(chosen), set(chosen), fam.key):
             chosen[fam.key(c.options)] = c
             roles[fam.key(c.options)] = ["tau"]
 

@@ -43,3 +43,14 @@ def test_plots_are_written(tmp_path):
     path = plot_results([_result(0), _result(1)], str(tmp_path / "pareto.png"))
     with_latency = plot_results([_result(0, tflite=True)], str(tmp_path / "latency.png"))
     assert os.path.getsize(path) > 1000 and os.path.getsize(with_latency) > os.path.getsize(path) / 2
+
+
+def test_tau_members_are_spread_over_the_supernet_ranking_and_skip_chosen_architectures():
+    from experiments.ofa_small.experiment import _spread  # noqa: PLC0415
+    from methods.nas.search import Candidate  # noqa: PLC0415
+
+    cands = [Candidate({"width": w}, accuracy=w / 10, flops=1.0, bytes=1.0, params=1) for w in range(10)]
+    key = lambda o: (o["width"],)  # noqa: E731
+    out = _spread(cands, 3, {(0,), (9,)}, key)
+    assert [c.options["width"] for c in out] == [1, 5, 8]  # the lowest, middle and highest of the rest
+    assert len(_spread(cands, 20, set(), key)) == 10
