@@ -4,6 +4,7 @@ Run from the repository root:
   nice -n 10 python -m experiments.ofa_small.main                 # seed 0, full sizes
   python -m experiments.ofa_small.main --quick                    # smoke run
   python -m experiments.ofa_small.main --seeds 0 1 2 --json out.json
+  python -m experiments.ofa_small.main --merge s0.json s1.json s2.json --json all.json --plot all.png
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pathlib
 
 from experiments.ofa_small.experiment import OFAConfig
 from experiments.ofa_small.experiment import dominance
+from experiments.ofa_small.experiment import format_dominance
+from experiments.ofa_small.experiment import format_table
 from experiments.ofa_small.experiment import plot_results
 from experiments.ofa_small.experiment import quick_config
 from experiments.ofa_small.experiment import run_experiment
@@ -30,6 +33,15 @@ def main(argv: list[str] | None = None) -> list:
     p.add_argument("--finetune-steps", type=int)
     p.add_argument("--scratch-steps", type=int, help="steps of every from-scratch model (found and zoo)")
     p.add_argument("--sampler", help="the search's sampler: tpe (default), evolution, gp, random, ...")
+    p.add_argument("--supernet-batch-size", type=int)
+    p.add_argument("--first-phase", type=float, help="progressive shrinking: fraction of steps on the largest alone")
+    p.add_argument("--no-progressive", action="store_true", help="plain sandwich rule, no progressive shrinking")
+    p.add_argument("--constrained-trials", type=int, help="per zoo model, candidates of the FLOPs-limited search")
+    p.add_argument("--constrained-top", type=int, help="per zoo model, constrained candidates trained from scratch")
+    p.add_argument("--tau-members", type=int, help="found members trained from scratch for Kendall's tau (at least)")
+    p.add_argument("--search-latency", choices=("jax", "tflite", ""), help="the main search's latency objective")
+    p.add_argument("--no-tflite", action="store_true", help="do not time the exported TFLite files")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: summarise (and plot) these results files")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write the accuracy-vs-FLOPs plot of every seed here (PNG)")
     a = p.parse_args(argv)
@@ -42,12 +54,27 @@ def main(argv: list[str] | None = None) -> list:
         "front_size": a.front_size,
         "finetune_steps": a.finetune_steps,
         "scratch_steps": a.scratch_steps,
+        "progressive": False if a.no_progressive else None,
+        "supernet_batch_size": a.supernet_batch_size,
+        "first_phase": a.first_phase,
+        "constrained_trials": a.constrained_trials,
+        "constrained_top": a.constrained_top,
+        "tau_members": a.tau_members,
+        "search_latency": a.search_latency,
+        "tflite_latency": False if a.no_tflite else None,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
-    results = run_experiment(cfg)
+    if a.merge:
+        results = [r for f in a.merge for r in json.loads(pathlib.Path(f).read_text())]
+        for res in results:
+            print(f"seed {res['seed']}:")
+            print(format_table(res))
+    else:
+        results = run_experiment(cfg)
     for d in dominance(results):
-        who = ", ".join(d["dominated_by"]) or "no found member (scratch) is more accurate at no more FLOPs"
-        print(f"seed {d['seed']}: {d['zoo']} dominated by: {who}")
+        print(format_dominance(d))
+    taus = ", ".join(f"seed {r['seed']}: {r['kendall_tau']:.3f} over {r.get('tau_members', '?')}" for r in results)
+    print(f"Kendall tau (supernet val vs scratch test): {taus}")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(results, indent=2, default=float))
     if a.plot:

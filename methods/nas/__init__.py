@@ -1,6 +1,7 @@
 """One-shot architecture search over the zoo's searchable families (``research.nn.families``).
 
-A weight-sharing supernet (the family's largest member) is trained once with the sandwich rule;
+A weight-sharing supernet (the family's largest member) is trained once with the sandwich rule (optionally with
+progressive shrinking: largest first, then kernel, depth and width choices freed in turn);
 sub-networks are masks over its weights, evaluated K at a time as one vmapped program with
 per-sub-network BatchNorm recalibration; a multi-objective search (accuracy, FLOPs, bytes) over the
 family's ``get_space()`` finds a Pareto front whose members are extracted as ordinary, physically
@@ -17,7 +18,11 @@ _EXPORTS = {
     "evaluate_subnets": "methods.nas.evaluate",
     "make_evaluator": "methods.nas.evaluate",
     "recalibrate": "methods.nas.evaluate",
+    "Phase": "methods.nas.sandwich",
+    "SHRINK_ORDER": "methods.nas.sandwich",
     "make_sandwich_step": "methods.nas.sandwich",
+    "phase_masks": "methods.nas.sandwich",
+    "progressive_phases": "methods.nas.sandwich",
     "sandwich_loss": "methods.nas.sandwich",
     "sandwich_masks": "methods.nas.sandwich",
     "train_supernet": "methods.nas.sandwich",
@@ -54,6 +59,10 @@ __all__ = [
     "extract",
     "make_evaluator",
     "make_sandwich_step",
+    "Phase",
+    "phase_masks",
+    "progressive_phases",
+    "SHRINK_ORDER",
     "masks_for",
     "merge",
     "recalibrate",

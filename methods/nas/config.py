@@ -32,6 +32,9 @@ class NASStage(StageConfig):
       learning_rate: peak Adam learning rate of the supernet.
       batch_size: supernet batch size.
       temperature: in-place distillation temperature.
+      progressive: progressive shrinking (``methods.nas.progressive_phases``): the first quarter
+        of the steps trains the largest member alone, then kernel, depth (expansion) and width
+        choices are freed in turn; ``False``: the whole family from the first step.
       trials: sub-networks the search evaluates.
       batch: sub-networks evaluated together (vmapped) per search round.
       sampler: a registered ``research.automl`` sampler (``tpe``, ``gp``, ``random``, ``sobol``, ...).
@@ -61,6 +64,7 @@ class NASStage(StageConfig):
     learning_rate: float = 3e-3
     batch_size: int = 128
     temperature: float = 1.0
+    progressive: bool = False
     trials: int = 48
     batch: int = 16
     sampler: str = "tpe"

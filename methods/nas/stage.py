@@ -19,6 +19,7 @@ from methods.nas.config import NASStage
 from methods.nas.evaluate import bn_momentum
 from methods.nas.evaluate import calibration_batches
 from methods.nas.evaluate import evaluate_subnets
+from methods.nas.sandwich import progressive_phases
 from methods.nas.sandwich import train_supernet
 from methods.nas.search import pareto_front
 from methods.nas.search import search
@@ -58,6 +59,7 @@ def run_nas(bundle: Bundle, cfg: NASStage, ctx: StageContext) -> StageResult:
         n_random=cfg.n_random,
         temperature=cfg.temperature,
         seed=bundle.seed,
+        phases=progressive_phases(fam, cfg.supernet_steps) if cfg.progressive else None,
     )
     t_train = time.perf_counter() - t0
     calib = None

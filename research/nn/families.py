@@ -112,6 +112,26 @@ class Family:
     def _product(self):
         return itertools.product(*self.choices.values())
 
+    def dimensions(self) -> tuple[str, ...]:
+        """The elastic dimensions of the family in declaration order: each option's name up to its
+        first ``_`` (``width_0`` -> ``width``, ``depth`` -> ``depth``)."""
+        return tuple(dict.fromkeys(dimension(k) for k in self.choices))
+
+    def restrict(self, elastic: Sequence[str]) -> Family:
+        """The same family with only the dimensions in ``elastic`` free: every other option is
+        fixed at its largest choice (progressive shrinking's phases, ``methods.nas.Phase``).
+
+        Raises:
+          ValueError: a name in ``elastic`` is not one of :meth:`dimensions`.
+        """
+        unknown = sorted(set(elastic) - set(self.dimensions()))
+        if unknown:
+            raise ValueError(
+                f"family {self.name!r} has no dimension(s) {unknown}; dimensions: {list(self.dimensions())}"
+            )
+        choices = {k: (v if dimension(k) in elastic else (v[-1],)) for k, v in self.choices.items()}
+        return dataclasses.replace(self, choices=choices)
+
     def get_space(self, prefix: str = "model.options.") -> Space:
         """The family as a :class:`research.automl.Space` of categorical choices.
 
@@ -132,6 +152,11 @@ class Family:
     def overrides(self, options: Mapping[str, Any]) -> list[str]:
         """``--set`` strings that select ``options`` in a config (``model.name=...`` included)."""
         return [f"model.name={self.name}"] + [f"model.options.{k}={v}" for k, v in self.canonical(options).items()]
+
+
+def dimension(option: str) -> str:
+    """The elastic dimension an option belongs to: its name up to the first ``_``."""
+    return option.split("_", 1)[0]
 
 
 FAMILIES: Registry[Family] = Registry(

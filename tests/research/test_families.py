@@ -93,3 +93,15 @@ def test_smallest_member_goes_through_every_method(tmp_path):
     assert bool(jnp.isfinite(loss))
     report = export.export(model, np.asarray(x[:2]), formats=("stablehlo",), out_dir=str(tmp_path))
     assert report.artifacts
+
+
+def test_restrict_frees_only_the_named_dimensions():
+    fam = nn.get_family("mobilenet_family")
+    assert fam.dimensions() == ("width", "expand", "kernel", "depth")
+    sub = fam.restrict(("kernel",))
+    assert sub.size() == 2**3  # three stages, kernel 3 or 5; everything else at its largest
+    assert sub.smallest() == {**fam.largest(), "kernel_0": 3, "kernel_1": 3, "kernel_2": 3}
+    assert sub.largest() == fam.largest() and sub.name == fam.name
+    assert fam.restrict(()).size() == 1
+    with pytest.raises(ValueError, match="colour"):
+        fam.restrict(("colour",))

@@ -10,6 +10,11 @@ from methods import nas
 from research import nn
 
 
+def _data(n=40):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 8, 8)).astype(np.float32), rng.integers(0, 10, size=n)
+
+
 def _net(name, shape, seed=0):
     return nas.split_supernet(nas.build_supernet(name, shape, 10, seed=seed), name, shape, 10)
 
@@ -48,9 +53,7 @@ def test_vmapped_evaluation_equals_separate_evaluations():
 def test_bn_recalibration_changes_only_bn_statistics_and_is_per_subnetwork():
     net = _net("resnet_family", (8, 8))
     fam = net.family
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 8, 8)).astype(np.float32)
-    y = rng.integers(0, 10, size=40)
+    x, y = _data()
     calib = nas.calibration_batches(x, 2, 16)
     options = [fam.largest(), fam.smallest()]
     masks = nas.stack_masks(net, options)
@@ -90,9 +93,7 @@ def test_sandwich_step_decreases_loss_for_largest_and_smallest():
 
 def test_evolution_searches_a_family_over_accuracy_flops_and_bytes():
     net = _net("mlp_family", (8, 8))
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 8, 8)).astype(np.float32)
-    y = rng.integers(0, 10, size=40)
+    x, y = _data()
     found = nas.search(net, x, y, trials=14, batch=4, sampler="evolution", seed=0)
     fam = net.family
     keys = [fam.key(c.options) for c in found]
@@ -101,3 +102,60 @@ def test_evolution_searches_a_family_over_accuracy_flops_and_bytes():
     assert all(0.0 <= c.accuracy <= 1.0 and c.flops > 0 for c in found)
     front = nas.pareto_front(found)
     assert front and all(0 <= i < len(found) for i in front)
+
+
+def test_progressive_phases_free_the_dimensions_in_order():
+    fam = nn.get_family("conv1d_family")
+    phases = nas.progressive_phases(fam, 12, first=0.25)
+    assert [p.elastic for p in phases] == [(), ("kernel",), ("kernel", "depth"), ("kernel", "depth", "width")]
+    assert [p.steps for p in phases] == [3, 3, 3, 3]
+    net = _net("conv1d_family", (40,))
+    masks = nas.phase_masks(net, phases, np.random.default_rng(0), n_random=3)
+    full = nas.masks_for(net, fam.largest())
+    dim = {"c": "width", "g": "depth", "k": "kernel"}  # mask key c<s>/g<s>/k<s> -> dimension
+    for step, m in enumerate(masks):
+        for key, value in m.items():  # a dimension not yet freed stays at its largest choice
+            if dim[key[0]] not in phases[step // 3].elastic:
+                np.testing.assert_array_equal(np.asarray(value), np.broadcast_to(full[key], value.shape))
+    for p, step in zip(phases, (0, 3, 6, 9), strict=True):  # the phase's smallest member (row 1)
+        small = jax.tree.map(lambda a: a[1], masks[step])
+        shrunk = {dim[k[0]] for k in small if float(small[k].sum()) < float(full[k].sum())}
+        assert shrunk == set(p.elastic)
+    with pytest.raises(ValueError, match="expand"):
+        nas.progressive_phases(fam, 12, order=("expand",))
+    with pytest.raises(ValueError, match="add up to"):
+        nas.train_supernet(net, np.zeros((4, 40), np.float32), np.zeros(4, int), steps=5, phases=phases)
+
+
+def test_a_sandwich_step_decreases_the_loss_in_every_progressive_phase():
+    net = _net("mlp_family", (8, 8))  # phases: largest alone, then depth, then depth and width
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(32, 8, 8)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 10, size=32))
+    tx = optax.adam(1e-3)
+    step = nas.make_sandwich_step(net, tx)
+    loss = jax.jit(lambda p, s, m: nas.sandwich_loss(net, p, s, m, x, y)[0])
+    params, stats, opt_state = net.params, net.stats, tx.init(net.params)
+    phases = nas.progressive_phases(net.family, 6, first=0.34)
+    assert [p.elastic for p in phases] == [(), ("depth",), ("depth", "width")]
+    for phase in phases:
+        masks = nas.sandwich_masks(net, rng, n_random=2, family=net.family.restrict(phase.elastic))
+        before = float(loss(params, stats, masks))
+        params, stats, opt_state, _ = step(params, stats, opt_state, masks, x, y)
+        assert float(loss(params, stats, masks)) < before, phase
+
+
+def test_search_under_a_flops_limit_with_a_measured_latency_objective():
+    net = _net("mlp_family", (8, 8))
+    fam = net.family
+    x, y = _data()
+    cost = nas.CostModel(net, latency_runtime="jax", latency_repeats=3)
+    limit = cost({"depth": 2, "width_0": 64, "width_1": 64})[0]  # about half the family is within
+    found = nas.search(net, x, y, trials=4, batch=2, sampler="random", seed=0, max_flops=limit, cost=cost)
+    assert found and all(c.flops <= limit for c in found)
+    assert fam.key(fam.largest()) not in {fam.key(c.options) for c in found}  # over the limit: not evaluated
+    assert fam.key(found[0].options) == fam.key(fam.smallest())
+    assert all(c.latency is not None and c.latency > 0 for c in found)
+    assert nas.pareto_front(found, ("accuracy", "flops", "latency"))
+    with pytest.raises(ValueError, match="latency_runtime"):
+        nas.CostModel(net, latency_runtime="abacus")

@@ -1,36 +1,56 @@
-"""experiments/ofa_small's summary of a run: dominance over the zoo models and the Pareto plot."""
+"""experiments/ofa_small's summary of a run: dominance over the zoo models and the Pareto plots."""
 
 import os
 
 from experiments.ofa_small.experiment import dominance
+from experiments.ofa_small.experiment import format_dominance
 from experiments.ofa_small.experiment import plot_results
 
 
-def _result(seed):
-    def row(model, flops, scratch, finetuned=None):
-        return {"model": model, "flops": flops, "params": 1, "supernet_val": None, "finetuned_test": finetuned,
-                "scratch_test": scratch}  # fmt: skip
+def _result(seed, tflite=False):
+    def row(model, flops, val, test, finetuned=None):
+        return {"model": model, "role": "front", "flops": flops, "params": 1, "supernet_val": None,
+                "finetuned_test": finetuned, "scratch_val": val, "scratch_test": test,
+                "tflite_ms": flops / 1e6 if tflite else None}  # fmt: skip
 
     return {
         "seed": seed,
         "rows": [
-            row("found small", 1_000, 0.70, 0.60),
-            row("found mid", 50_000, 0.90, 0.80),
-            row("found big", 900_000, 0.95, 0.90),
-            row("zoo cnn1d", 60_000, 0.85),
-            row("zoo mlp", 40_000, 0.95),
+            row("found small", 1_000, 0.70, 0.70, 0.60),
+            row("found mid", 50_000, 0.88, 0.86, 0.80),
+            row("found mid2", 55_000, 0.86, 0.90, 0.80),
+            row("found big", 900_000, 0.95, 0.95, 0.90),
+            row("zoo cnn1d", 60_000, 0.85, 0.85),
+            row("zoo mlp", 40_000, 0.95, 0.95),
         ],
     }
 
 
-def test_a_zoo_model_is_dominated_only_by_more_accurate_members_at_no_more_flops():
-    out = {(d["seed"], d["zoo"]): d["dominated_by"] for d in dominance([_result(0), _result(1)])}
-    assert out[(0, "zoo cnn1d")] == ["found mid"]  # 'big' is more accurate but costs more
-    assert out[(1, "zoo mlp")] == []  # 'small' costs less but is less accurate
-    fine = {d["zoo"]: d["dominated_by"] for d in dominance([_result(0)], key="finetuned_test")}
-    assert fine["zoo cnn1d"] == []  # fine-tuned 'mid' (0.80) is below cnn1d's 0.85
+def test_the_found_model_compared_with_a_zoo_model_is_chosen_on_validation_within_its_flops():
+    out = {(d["seed"], d["zoo"]): d for d in dominance([_result(0), _result(1)])}
+    cnn = out[(0, "zoo cnn1d")]
+    # 'mid' has the best validation accuracy within 60k FLOPs; 'mid2' is better on test but is not
+    # chosen on test data; 'big' is more accurate but costs more
+    assert cnn["pick"] == "found mid" and cnn["dominates"] and cnn["any_better"] == ["found mid", "found mid2"]
+    mlp = out[(1, "zoo mlp")]
+    assert mlp["pick"] == "found small" and not mlp["dominates"] and mlp["any_better"] == []
+    fine = {d["zoo"]: d for d in dominance([_result(0)], key="finetuned_test")}
+    assert not fine["zoo cnn1d"]["dominates"]  # fine-tuned 'mid' (0.80) is below cnn1d's 0.85
+    assert "does NOT dominate" in format_dominance(fine["zoo cnn1d"])
 
 
-def test_plot_is_written(tmp_path):
+def test_plots_are_written(tmp_path):
     path = plot_results([_result(0), _result(1)], str(tmp_path / "pareto.png"))
-    assert os.path.getsize(path) > 1000
+    with_latency = plot_results([_result(0, tflite=True)], str(tmp_path / "latency.png"))
+    assert os.path.getsize(path) > 1000 and os.path.getsize(with_latency) > os.path.getsize(path) / 2
+
+
+def test_tau_members_are_spread_over_the_supernet_ranking_and_skip_chosen_architectures():
+    from experiments.ofa_small.experiment import _spread  # noqa: PLC0415
+    from methods.nas.search import Candidate  # noqa: PLC0415
+
+    cands = [Candidate({"width": w}, accuracy=w / 10, flops=1.0, bytes=1.0, params=1) for w in range(10)]
+    key = lambda o: (o["width"],)  # noqa: E731
+    out = _spread(cands, 3, {(0,), (9,)}, key)
+    assert [c.options["width"] for c in out] == [1, 5, 8]  # the lowest, middle and highest of the rest
+    assert len(_spread(cands, 20, set(), key)) == 10
