@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
             "optuna:nsga2",
         ],
     )
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="run seeds first-seed .. seeds-1 (to split a run over processes)"
+    )
     parser.add_argument("--jsonl", help="append each finished (problem, sampler, seed) row here")
     parser.add_argument(
         "--table-from", nargs="+", metavar="JSONL", help="print the table of rows saved by earlier runs"
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
                     done.add((r["problem"], r["sampler"], r["seed"]))
                     results.setdefault((r["problem"], r["sampler"]), []).append((r["hv"], r["trial_s"], r["ask_s"]))
     # Seeds outermost, so that a run stopped early has the same seeds of every sampler.
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for p in args.problems:
             for s in samplers:
                 engine, _, name = s.partition(":")

@@ -184,7 +184,9 @@ def test_acquisition_maximiser_matches_a_dense_grid():
 @pytest.mark.slow  # the default GP's programs compile once here (most of its time)
 def test_gp_finds_the_branin_minimum():
     study = Study(branin_space(), sampler=GPSampler(seed=0))
-    study.optimize(branin, n_trials=30, show_progress_bar=False)
+    # 50 trials (the suite's budget; 30 before the output warping): at 30 trials the
+    # unwarped GP was below 1e-3 on seed 0 but its median over seeds 0-5 was 2e-3.
+    study.optimize(branin, n_trials=50, show_progress_bar=False)
     assert study.best_value - BRANIN_MIN < 1e-3
 
 
@@ -251,12 +253,18 @@ def test_output_warping_rejects_an_unknown_name():
         GPSampler(output_warping="rank")
 
 
-@pytest.mark.slow  # compiles the small GP's programs
+@pytest.mark.slow  # the default GP on Branin's box: shares the programs compiled for the Branin test
 def test_default_warping_solves_goldstein_price():
     # The losses span six orders of magnitude on [-2, 2]^2: standardised alone, the GP
     # fitted the walls and left the minimum (3 at (0, -1)) unrefined (median regret 7.9
     # over 20 seeds after 50 trials, before the warping).
-    space = Space({"x0": Float(-2.0, 2.0), "x1": Float(-2.0, 2.0)})
-    study = Study(space, sampler=GPSampler(seed=0, **SMALL_GP))
-    study.optimize(_goldstein_price, n_trials=40, show_progress_bar=False)
+    lo, hi = np.array([-5.0, 0.0]), np.array([10.0, 15.0])  # Branin's box, mapped to [-2, 2]^2
+
+    def objective(p):
+        u = (np.array([p["x1"], p["x2"]]) - lo) / (hi - lo)
+        x = -2.0 + 4.0 * u
+        return _goldstein_price({"x0": x[0], "x1": x[1]})
+
+    study = Study(branin_space(), sampler=GPSampler(seed=0))
+    study.optimize(objective, n_trials=30, show_progress_bar=False)
     assert study.best_value - 3.0 < 0.5
