@@ -194,11 +194,15 @@ def main(argv: list[str] | None = None) -> None:
                     if line.strip():
                         r = json.loads(line)
                         rows[(r["problem"], r["sampler"], r["seed"])] = r
-        res: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-        for (p, s, _), r in sorted(rows.items()):
-            res.setdefault((p, s), []).append((r["hv"], r["trial_s"], r["ask_s"]))
         probs = list(dict.fromkeys(p for p, _, _ in rows))
         samps = list(dict.fromkeys(s for _, s, _ in rows))
+        # Only the seeds that every sampler finished on a problem, so medians are comparable.
+        seeds = {p: {k for q, _, k in rows if q == p} for p in probs}
+        full = {p: {k for k in seeds[p] if all((p, s, k) in rows for s in samps)} for p in probs}
+        res: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        for (p, s, k), r in sorted(rows.items()):
+            if k in full[p]:
+                res.setdefault((p, s), []).append((r["hv"], r["trial_s"], r["ask_s"]))
         print(table(res, probs, samps))
         return
     if args.full:
