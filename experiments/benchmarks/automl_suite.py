@@ -225,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         default=["ours:gp", "ours:tpe", "ours:evolution", "ours:random", "optuna:tpe", "optuna:gp"],
     )
     ap.add_argument("--jsonl", help="append each finished (problem, sampler) row here")
-    ap.add_argument("--table-from", nargs="+", metavar="JSONL", help="print the table of rows saved by earlier runs")
+    ap.add_argument(
+        "--table-from",
+        nargs="+",
+        metavar="JSONL[@TAG]",
+        help="print the table of rows saved by earlier runs (samplers of a path with @TAG are named sampler@TAG)",
+    )
     a = ap.parse_args(argv)
     if a.table_from:
         print(table_from_jsonl(a.table_from))
@@ -271,13 +276,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def table_from_jsonl(paths: list[str]) -> str:
     """The table of rows that earlier runs appended with ``--jsonl`` (a later row of the same
-    problem and sampler replaces an earlier one); runs with different seeds or trials are named."""
+    problem and sampler replaces an earlier one); runs with different seeds or trials are named.
+
+    A path may end in ``@TAG``: its samplers are then shown as ``sampler@TAG``, so that two runs
+    of one sampler (e.g. before and after a change) stand side by side."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in paths:
+    for spec in paths:
+        path, _, tag = spec.partition("@")
         with open(path) as fh:
             for line in fh:
                 if line.strip():
                     r = json.loads(line)
+                    if tag:
+                        r["sampler"] = f"{r['sampler']}@{tag}"
                     rows[(r["problem"], r["sampler"])] = r
     if not rows:
         raise SystemExit(f"no rows in {paths}")

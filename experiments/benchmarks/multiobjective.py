@@ -28,6 +28,7 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -72,19 +73,26 @@ OPTIMUM = {
 PROBLEMS: dict[str, Callable[[np.ndarray], tuple[float, float]]] = {"zdt1": zdt1, "zdt2": zdt2, "dtlz2": dtlz2}
 
 
-def run_ours(name: str, fn, dim: int, n_trials: int, seed: int) -> tuple[float, float]:
+def run_ours(name: str, fn, dim: int, n_trials: int, seed: int) -> tuple[float, float, float]:
+    """Hypervolume, wall time per trial and median time per suggestion of one study."""
     space = Space({f"x{i}": Float(0.0, 1.0) for i in range(dim)})
     study = Study(space, sampler=make_sampler(name, seed=seed), direction=["minimize", "minimize"])
+    asks = []
     t0 = time.perf_counter()
     for _ in range(n_trials):
+        t1 = time.perf_counter()
         (trial,) = study.ask()
-        study.tell(trial, fn(np.array([trial.params[f"x{i}"] for i in range(dim)])))
+        x = np.array([trial.params[f"x{i}"] for i in range(dim)])
+        asks.append(time.perf_counter() - t1)
+        study.tell(trial, fn(x))
     wall = (time.perf_counter() - t0) / n_trials
     losses = np.array([t.values for t in study.trials])
-    return hypervolume(losses, REFERENCE), wall
+    return hypervolume(losses, REFERENCE), wall, float(np.median(asks))
 
 
-def run_optuna(name: str, fn, dim: int, n_trials: int, seed: int) -> tuple[float, float]:
+def run_optuna(name: str, fn, dim: int, n_trials: int, seed: int) -> tuple[float, float, float]:
+    """Hypervolume, wall time per trial and median time per suggestion (ask plus the
+    ``suggest_float`` calls, where Optuna samples a trial's first parameters)."""
     import optuna  # pylint: disable=import-outside-toplevel
 
     sampler = {
@@ -93,14 +101,17 @@ def run_optuna(name: str, fn, dim: int, n_trials: int, seed: int) -> tuple[float
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
     }[name]()
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    asks = []
     t0 = time.perf_counter()
     for _ in range(n_trials):
+        t1 = time.perf_counter()
         trial = study.ask()
         x = np.array([trial.suggest_float(f"x{i}", 0.0, 1.0) for i in range(dim)])
+        asks.append(time.perf_counter() - t1)
         study.tell(trial, fn(x))
     wall = (time.perf_counter() - t0) / n_trials
     losses = np.array([t.values for t in study.trials])
-    return hypervolume(losses, REFERENCE), wall
+    return hypervolume(losses, REFERENCE), wall, float(np.median(asks))
 
 
 def available(samplers: list[str]) -> list[str]:
@@ -123,21 +134,24 @@ def available(samplers: list[str]) -> list[str]:
     return out
 
 
-def table(results: Mapping[tuple[str, str], list[tuple[float, float]]], problems, samplers) -> str:
+def table(results: Mapping[tuple[str, str], list[tuple[float, ...]]], problems, samplers) -> str:
+    """Per problem and sampler: median, min and max hypervolume over the seeds, the median as a
+    fraction of the true front's, and the median wall time per trial and per suggestion."""
     lines = [
         f"{'problem':8} {'sampler':14} {'seeds':>5} {'median HV':>10} {'min HV':>8} {'max HV':>8} "
-        f"{'HV/optimum':>10} {'ms/trial':>9}"
+        f"{'HV/optimum':>10} {'ms/trial':>9} {'ms/ask':>8}"
     ]
     for p in problems:
         for s in samplers:
             r = results.get((p, s))
             if not r:
                 continue
-            hv = np.array([a for a, _ in r])
-            ms = np.median([b for _, b in r]) * 1e3
+            hv = np.array([row[0] for row in r])
+            ms = np.median([row[1] for row in r]) * 1e3
+            ask = np.median([row[2] for row in r]) * 1e3
             lines.append(
                 f"{p:8} {s:14} {len(r):>5} {np.median(hv):>10.4f} {hv.min():>8.4f} {hv.max():>8.4f} "
-                f"{np.median(hv) / OPTIMUM[p]:>10.3f} {ms:>9.1f}"
+                f"{np.median(hv) / OPTIMUM[p]:>10.3f} {ms:>9.1f} {ask:>8.1f}"
             )
         lines.append("")
     return "\n".join(lines)
@@ -164,7 +178,33 @@ def main(argv: list[str] | None = None) -> None:
             "optuna:nsga2",
         ],
     )
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="run seeds first-seed .. seeds-1 (to split a run over processes)"
+    )
+    parser.add_argument("--jsonl", help="append each finished (problem, sampler, seed) row here")
+    parser.add_argument(
+        "--table-from", nargs="+", metavar="JSONL", help="print the table of rows saved by earlier runs"
+    )
     args = parser.parse_args(argv)
+    if args.table_from:
+        rows: dict[tuple[str, str, int], dict] = {}
+        for path in args.table_from:
+            with open(path) as fh:
+                for line in fh:
+                    if line.strip():
+                        r = json.loads(line)
+                        rows[(r["problem"], r["sampler"], r["seed"])] = r
+        probs = list(dict.fromkeys(p for p, _, _ in rows))
+        samps = list(dict.fromkeys(s for _, s, _ in rows))
+        # Only the seeds that every sampler finished on a problem, so medians are comparable.
+        seeds = {p: {k for q, _, k in rows if q == p} for p in probs}
+        full = {p: {k for k in seeds[p] if all((p, s, k) in rows for s in samps)} for p in probs}
+        res: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        for (p, s, k), r in sorted(rows.items()):
+            if k in full[p]:
+                res.setdefault((p, s), []).append((r["hv"], r["trial_s"], r["ask_s"]))
+        print(table(res, probs, samps))
+        return
     if args.full:
         args.seeds, args.trials = 10, 100
     if args.seeds < 1 or args.trials < 2 or args.dim < 2:
@@ -180,15 +220,32 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.seeds} seeds x {args.trials} trials, {args.dim} variables, reference {REFERENCE.tolist()}", flush=True
     )
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for p in args.problems:
-        for s in samplers:
-            engine, _, name = s.partition(":")
-            run = run_ours if engine == "ours" else run_optuna
-            for seed in range(args.seeds):
-                hv, wall = run(name, PROBLEMS[p], args.dim, args.trials, seed)
-                results.setdefault((p, s), []).append((hv, wall))
+    results: dict[tuple[str, str], list[tuple[float, ...]]] = {}
+    done = set()
+    if args.jsonl and os.path.exists(args.jsonl):
+        # Resume: rows of the same protocol already in --jsonl are kept, not rerun.
+        with open(args.jsonl) as fh:
+            for line in fh:
+                r = json.loads(line) if line.strip() else None
+                if r and (r["trials"], r["dim"]) == (args.trials, args.dim):
+                    done.add((r["problem"], r["sampler"], r["seed"]))
+                    results.setdefault((r["problem"], r["sampler"]), []).append((r["hv"], r["trial_s"], r["ask_s"]))
+    # Seeds outermost, so that a run stopped early has the same seeds of every sampler.
+    for seed in range(args.first_seed, args.seeds):
+        for p in args.problems:
+            for s in samplers:
+                engine, _, name = s.partition(":")
+                run = run_ours if engine == "ours" else run_optuna
+                if (p, s, seed) in done:
+                    continue
+                hv, wall, ask = run(name, PROBLEMS[p], args.dim, args.trials, seed)
+                results.setdefault((p, s), []).append((hv, wall, ask))
                 print(f"  {p} {s} seed {seed}: HV {hv:.4f}, {wall * 1e3:.1f} ms/trial", flush=True)
+                if args.jsonl:
+                    row = {"problem": p, "sampler": s, "seed": seed, "trials": args.trials, "dim": args.dim}
+                    row.update(hv=hv, trial_s=wall, ask_s=ask)
+                    with open(args.jsonl, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
     print()
     print(table(results, args.problems, samplers))
 
