@@ -6,6 +6,7 @@
   collected, so their imports of TensorFlow / ONNX never run) when TensorFlow is missing.
 * The ``slow`` marker (registered in pyproject.toml): long end-to-end tests. CI runs them all;
   ``pytest -m "not slow"`` is a quick local pass.
+* One persistent JAX compilation cache for the whole run (:func:`_share_one_compilation_cache`).
 * pytest-xdist runs by default (``-n auto --dist loadscope`` in pyproject.toml's addopts):
   :func:`pytest_xdist_auto_num_workers` picks the number of worker processes (``-n 0``: none).
 
