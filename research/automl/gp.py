@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import statistics
 from typing import Any
 from typing import NamedTuple
 
@@ -76,7 +75,6 @@ LOG_NOISE_LOWER = -25.0
 _SQRT5 = math.sqrt(5.0)
 _CAT_SENTINEL = -1.0
 _CONT_SENTINEL = 0.5
-_NORMAL = statistics.NormalDist()
 
 
 def matern52(x1: jax.Array, x2: jax.Array, inv_sq_ls: jax.Array, signal, is_cat) -> jax.Array:
@@ -261,13 +259,10 @@ def warp_losses(loss: np.ndarray, method: str = "halfrank") -> np.ndarray:
         sigma = math.sqrt(float(np.mean((good - med) ** 2)))
         bad = y > med
         if sigma > 0 and bad.any():
-            ranks = np.argsort(np.argsort(y, kind="stable"), kind="stable")
-            # Ties share the mean of their ranks' quantiles.
-            q = (ranks + 0.5) / n
-            _, inv = np.unique(y, return_inverse=True)
-            q = np.bincount(inv, q) / np.bincount(inv)
-            q = q[inv]
-            z = np.array([_NORMAL.inv_cdf(v) for v in q])
+            from scipy.stats import norm  # pylint: disable=import-outside-toplevel
+            from scipy.stats import rankdata  # pylint: disable=import-outside-toplevel
+
+            z = norm.ppf((rankdata(y) - 0.5) / n)  # ties share their mean rank
             y = np.where(bad, med + sigma * np.maximum(z, 0.0), y)
     mu, sd = y.mean(), y.std()
     return (y - mu) / (sd if sd > 0 else 1.0)
