@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +83,37 @@ def _check_inputs(sample: np.ndarray, eval_data: np.ndarray | None, batch_polymo
         other = 1 if bsz != 1 else 3
         inputs.append(np.resize(sample, (other, *sample.shape[1:])).astype(sample.dtype))
     return inputs
+
+
+def _jax_outputs(
+    jfn: Callable, inputs: list[np.ndarray], sample: np.ndarray, row_independent: bool
+) -> list[np.ndarray]:
+    """JAX's outputs on every checked input, computed at the sample's batch size only.
+
+    A module in eval mode computes each row on its own, so an input of another batch size runs in
+    sample-sized pieces, the last one filled up with copies of its last row and cut back: one compiled
+    program instead of one per batch size (ResNet-56 at width 4 compiles in about 4 s). A plain
+    callable, or an output without the batch as its leading axis, is called on each input as it is.
+    """
+    bsz = _batch(sample)
+    if not row_independent or not sample.ndim:
+        return [np.asarray(jfn(x)) for x in inputs]
+    outs = []
+    for x in inputs:
+        if _batch(x) == bsz:
+            outs.append(np.asarray(jfn(x)))
+            continue
+        pieces = []
+        for i in range(0, len(x), bsz):
+            chunk = x[i : i + bsz]
+            n = len(chunk)
+            filled = np.concatenate([chunk, np.repeat(chunk[-1:], bsz - n, axis=0)]) if n < bsz else chunk
+            y = np.asarray(jfn(filled))
+            if y.ndim == 0 or y.shape[0] != bsz:  # not batch-major: no pieces
+                return [np.asarray(jfn(x)) for x in inputs]
+            pieces.append(y[:n])
+        outs.append(np.concatenate(pieces))
+    return outs
 
 
 def _record(job: ExportJob, fmt: str, p: formats_lib.Produced) -> ArtifactReport:
@@ -312,7 +344,7 @@ def export(
         ]
 
     inputs = _check_inputs(sample, eval_data, batch_polymorphic)
-    refs = [np.asarray(jfn(x)) for x in inputs]
+    refs = _jax_outputs(jfn, inputs, sample, row_independent=isinstance(model, nnx.Module))
     jax_ms = metrics.median_ms(lambda: jfn(sample).block_until_ready(), latency_repeats)
     param_bytes, zero_frac = _param_facts(model)
 

@@ -431,3 +431,42 @@ def test_symmetric_qdq_runs_onnxruntime_preprocessing(cnn_report, tmp_path, capl
     np.testing.assert_allclose(OnnxRunner(tmp_path / "q.onnx", optimization="none")(x), ref, atol=atol)
     if not fused_int8_saturates():
         np.testing.assert_allclose(OnnxRunner(tmp_path / "q.onnx")(x), ref, atol=atol)
+
+
+def _spy(fn):
+    """``fn`` that records the batch size of every call."""
+    seen = []
+
+    def run(x):
+        seen.append(int(np.shape(x)[0]))
+        return fn(x)
+
+    return run, seen
+
+
+def test_jax_references_run_at_the_sample_batch_only_and_equal_direct_calls(convnet):
+    from research.export.api import _jax_outputs
+
+    rng = np.random.default_rng(1)
+    sample = rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
+    inputs = [sample, rng.normal(size=(4, 8, 8, 1)).astype(np.float32), sample[:3], sample[:1]]
+    fn = jax.jit(inference_fn(convnet))
+    run, seen = _spy(fn)
+    got = _jax_outputs(run, inputs, sample, row_independent=True)
+    assert set(seen) == {4}  # the remainder (3) and the batch of one ran in sample-sized pieces
+    for x, y in zip(inputs, got, strict=True):
+        assert y.shape == (len(x), 10)
+        np.testing.assert_allclose(y, np.asarray(fn(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_jax_references_of_a_plain_callable_or_a_non_batch_output_are_direct_calls():
+    from research.export.api import _jax_outputs
+
+    sample = np.ones((4, 3), np.float32)
+    inputs = [sample, sample[:1]]
+    run, seen = _spy(lambda x: x.sum(0))  # mixes rows: only a direct call is right
+    got = _jax_outputs(run, inputs, sample, row_independent=False)
+    assert seen == [4, 1] and [g.tolist() for g in got] == [[4.0] * 3, [1.0] * 3]
+    run, seen = _spy(lambda x: x.sum())  # scalar output: no batch axis to cut pieces from
+    got = _jax_outputs(run, inputs, sample, row_independent=True)
+    assert [float(g) for g in got] == [12.0, 3.0] and seen[-2:] == [4, 1]

@@ -49,6 +49,12 @@ BATCH_SIZE = {"mobilenetv2": 64}
 # Models with attention (softmax and activation x activation products in int8).
 ATTENTION = {"vit", "attn_gru"}
 
+# The ViT's int16x8 files (int16 activations, int8 weights) are checked here too, on the same trained
+# model, instead of training that ViT a second time in tests/research/test_sequence_models.py.
+EXTRA_QUANTIZE = {"vit": ("int16x8",)}
+# The ViT (no dropout, no BatchNorm: train and eval mode agree) reaches more after its 1500 steps.
+MIN_ACCURACY = {"vit": 0.85}
+
 
 def _inputs(name, x):
     return x.reshape(len(x), -1) if name in FLAT else x
@@ -79,7 +85,7 @@ def zoo(request, digits, tmp_path_factory):
         x_test[:8],
         formats=("tflite", "onnx"),
         out_dir=tmp_path_factory.mktemp(name),
-        quantize=("int8", "int8_qdq_symmetric"),
+        quantize=("int8", "int8_qdq_symmetric", *EXTRA_QUANTIZE.get(name, ())),
         calibration=x_train[:256],
         eval_data=x_test,
         latency_repeats=1,
@@ -90,7 +96,8 @@ def zoo(request, digits, tmp_path_factory):
 def test_zoo_model_is_trained(zoo, digits):
     name, model, _, x_test = zoo
     acc = float(np.mean(np.asarray(model(x_test)).argmax(-1) == digits.y_test))
-    assert acc >= 0.8, f"{name} reached only {acc:.3f} test accuracy; int8 agreement is moot"
+    bound = MIN_ACCURACY.get(name, 0.8)
+    assert acc >= bound, f"{name} reached only {acc:.3f} test accuracy (< {bound}); int8 agreement is moot"
 
 
 @pytest.mark.parametrize("artifact", ["tflite_fp32", "onnx_fp32"])
@@ -168,3 +175,22 @@ def test_zoo_onnx_files_pass_checker_and_symmetric_qdq(zoo):
     assert sym["tensorrt_symmetric"] and sym["nonzero_zero_points"] == 0, sym
     assert sym["quantize_linear"] >= 1
     assert not report["onnx_int8"].extra["qdq"]["tensorrt_symmetric"]  # TFLite: asymmetric
+
+
+def test_zoo_int16x8_files(zoo, record_testsuite_property):
+    """The files asked for beyond int8 (the ViT's int16x8) exist, and nothing else was written.
+
+    The ViT's 16x8 files keep the token mean's SUM, which int16 activations clip (the export warns):
+    0.981-0.997 top-1 agreement over three seeds, asserted at 0.96 and recorded; ONNX opset 21.
+    """
+    name, _, report, _ = zoo
+    extra = [a for a in report.artifacts if a.quantize == "int16x8"]
+    expected = {f"{fmt}_{q}" for q in EXTRA_QUANTIZE.get(name, ()) for fmt in ("tflite", "onnx")}
+    assert {a.name for a in extra} == expected, name
+    for a in extra:
+        record_testsuite_property(f"{name}_{a.name}_top1_agreement", a.top1_agreement)
+        assert a.top1_agreement >= 0.96, (name, a)
+        if a.reference is not None:  # the Q/DQ file as written: any CPU
+            assert a.reference.top1_agreement >= 0.96, (name, a.reference)
+        if a.format == "onnx":
+            assert a.extra["opset"] == 21, (name, a.extra)
