@@ -15,6 +15,7 @@ logit error, and the fine-tuning's wall time (compilation included).
 Run from the repository root:
   python -m experiments.int8_seq.kurtosis                                  # five variations
   python -m experiments.int8_seq.kurtosis --variations 0,0 1,1 --weight 0.01 --steps 300
+  python -m experiments.int8_seq.kurtosis --weight 0.03 --kd-alpha 0.5 --rules percentile
 
 ``--cache DIR`` keeps the 1500-step models between runs (``.npz``, no pickle).
 """
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from methods.distillation import distill
 from methods.quantization import kurtosis_regularizer
 from research.data import load_dataset
 from research.export import export
@@ -71,14 +73,21 @@ def run(
     learning_rate: float = 1e-3,
     schedule: str = "constant",
     cache: str | None = None,
+    kd_alpha: float = 0.0,
 ) -> list[dict]:
     """Fine-tunes each variation with and without the penalty and exports both; one row per
-    (variation, fine-tuning, rule)."""
+    (variation, fine-tuning, rule). ``kd_alpha > 0``: both fine-tunings also distil from the
+    1500-step model (Hinton KD, temperature 2, ``methods.distillation.distill``)."""
     ds = load_dataset("mnist1d", seed=0)
     rows = []
     for init, data in variations:
         base = trained(ds, init, data, cache=cache)
-        for label, transforms in (("control", []), (f"kurtosis {weight:g}", [kurtosis_regularizer(weight)])):
+        kd = [distill(None, base, temperature=2.0, alpha=kd_alpha)] if kd_alpha else []
+        tag = f" +kd {kd_alpha:g}" if kd_alpha else ""
+        for label, transforms in (
+            ("control" + tag, kd),
+            (f"kurtosis {weight:g}{tag}", [*kd, kurtosis_regularizer(weight)]),
+        ):
             t = time.time()
             model, _ = finetune(
                 base,
@@ -150,11 +159,12 @@ def main(argv=None) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
     p.add_argument("--cache", default=None, help="directory keeping the 1500-step models")
+    p.add_argument("--kd-alpha", type=float, default=0.0, help="> 0: both fine-tunings distil from the 1500-step model")
     a = p.parse_args(argv)
     variations = [tuple(int(v) for v in s.split(",")) for s in a.variations]
     print(HEADER)
     print("|" + "---|" * 8)
-    rows = run(variations, a.rules, a.weight, a.steps, a.learning_rate, a.schedule, a.cache)
+    rows = run(variations, a.rules, a.weight, a.steps, a.learning_rate, a.schedule, a.cache, a.kd_alpha)
     print("\nmeans over variations:")
     for label in sorted({r["finetune"] for r in rows}):
         for rule in a.rules:

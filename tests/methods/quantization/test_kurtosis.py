@@ -43,6 +43,20 @@ def test_activations_are_the_tensors_computed_from_the_input():
         activations(model, x, min_size=1)
 
 
+def test_attention_and_gru_activations_are_covered():
+    from research.nn import build_model
+
+    model = build_model("attn_gru", input_shape=(40,), num_classes=10, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 40)), jnp.float32)
+    y, acts = activations(model, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    ops = {name.rsplit(":", 1)[1] for name, _ in acts}
+    # patch embedding, attention scores and softmax, LayerNorm's rsqrt, GRU gates and candidate
+    assert {"conv_general_dilated", "dot_general", "exp", "rsqrt", "logistic", "tanh"} <= ops, ops
+    assert not ops & {"reshape", "transpose", "broadcast_in_dim", "split", "slice"}
+    assert sum(name.endswith(":logistic") for name, _ in acts) == 2 * model.tokens  # r and z per step
+
+
 def test_kurtosis_of_known_distributions():
     rng = np.random.default_rng(0)
     assert abs(float(kurtosis(rng.normal(size=200_000))) - 3.0) < 0.05
