@@ -26,18 +26,16 @@ import argparse
 import os
 import tempfile
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.int8_seq.ranges import export_int8
 from methods.distillation import distill
 from methods.quantization import kurtosis_regularizer
 from research.data import load_dataset
-from research.export import export
-from research.export import tflite
 from research.nn import build_model
 from research.train import finetune
 from research.train import train_scan
@@ -108,33 +106,8 @@ def run(
             ref = np.asarray(nnx.jit(lambda m, x: m(x))(model, ds.x_test))
             acc = float(np.mean(ref.argmax(-1) == ds.y_test))
             for rule in rules:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    rep = export(
-                        model,
-                        ds.x_test[:8],
-                        formats=("tflite", "onnx"),
-                        out_dir=tempfile.mkdtemp(),
-                        quantize="int8",
-                        calibration=ds.x_train[:256],
-                        eval_data=ds.x_test,
-                        activation_calibration=rule,
-                        latency_repeats=1,
-                    )
-                y = tflite.TFLiteRunner(rep["tflite_int8"].path)(ds.x_test)
-                rows.append(
-                    {
-                        "init": init,
-                        "data": data,
-                        "finetune": label,
-                        "test_acc": acc,
-                        "rule": rule,
-                        "tflite_int8": rep["tflite_int8"].top1_agreement,
-                        "onnx_int8": rep["onnx_int8"].top1_agreement,
-                        "median_max_logit_err": float(np.median(np.abs(y - ref).max(-1))),
-                        "finetune_s": seconds,
-                    }
-                )
+                row = {"init": init, "data": data, "finetune": label, "test_acc": acc, "rule": rule}
+                rows.append({**row, **export_int8(model, ds, ref, rule), "finetune_s": seconds})
                 print(_line(rows[-1]), flush=True)
     return rows
 
