@@ -197,9 +197,20 @@ def kurtosis(t: jax.Array) -> jax.Array:
 
 
 def activation_kurtosis(model: nnx.Module, x: jax.Array, *, min_size: int = 2) -> dict[str, jax.Array]:
-    """The kurtosis of every activation of ``model(x)`` (:func:`activations`), by name."""
-    _, acts = activations(model, x, min_size=min_size)
-    return {name: kurtosis(t) for name, t in acts}
+    """The kurtosis of every activation of ``model(x)`` (:func:`activations`), by name.
+
+    Compiled (``jax.jit``): the equation-by-equation evaluation runs once, at trace time.
+    """
+    names: list[str] = []
+    graphdef, state = nnx.split(model)
+
+    def measure(state, x):
+        _, acts = activations(nnx.merge(graphdef, state), x, min_size=min_size)
+        names.extend(name for name, _ in acts)
+        return kurtoses([t for _, t in acts]) if acts else jnp.zeros((0,), jnp.float32)
+
+    values = jax.jit(measure)(state, x)
+    return {name: values[i] for i, name in enumerate(names)}
 
 
 def _check(weight: float, target: float) -> None:
@@ -215,12 +226,20 @@ def _check(weight: float, target: float) -> None:
 def kurtosis_penalty(model: nnx.Module, x: jax.Array, *, target: float = 3.0, min_size: int = 2) -> jax.Array:
     """``mean over activations of max(kurtosis - target, 0)`` of ``model(x)`` (0 when it has none).
 
+    Compiled (``jax.jit``); differentiable with respect to the model's variables when called
+    inside ``jax.grad`` (e.g. through ``nnx.split``/``nnx.merge``).
+
     Raises:
       ValueError: ``target`` below 1 or not finite; ``min_size`` below 2.
     """
     _check(0.0, target)
-    _, acts = activations(model, x, min_size=min_size)
-    return _penalty([t for _, t in acts], target)
+    graphdef, state = nnx.split(model)
+
+    def measure(state, x):
+        _, acts = activations(nnx.merge(graphdef, state), x, min_size=min_size)
+        return _penalty([t for _, t in acts], target)
+
+    return jax.jit(measure)(state, x)
 
 
 def kurtoses(tensors: list) -> jax.Array:
