@@ -35,6 +35,32 @@ VARIATIONS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2))
 RULES = ("minmax", "percentile", "mse")
 
 
+def export_int8(model, ds, ref: np.ndarray, rule: str) -> dict:
+    """Exports ``model`` to TFLite and ONNX ``int8`` with activation rule ``rule`` (calibrated on the
+    first 256 training inputs, compared on the test split + sample + a batch of one); returns both
+    files' top-1 agreement and the TFLite file's median max-logit error against ``ref`` (the
+    model's test-split logits)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = export(
+            model,
+            ds.x_test[:8],
+            formats=("tflite", "onnx"),
+            out_dir=tempfile.mkdtemp(),
+            quantize="int8",
+            calibration=ds.x_train[:256],
+            eval_data=ds.x_test,
+            activation_calibration=rule,
+            latency_repeats=1,
+        )
+    y = tflite.TFLiteRunner(rep["tflite_int8"].path)(ds.x_test)
+    return {
+        "tflite_int8": rep["tflite_int8"].top1_agreement,
+        "onnx_int8": rep["onnx_int8"].top1_agreement,
+        "median_max_logit_err": float(np.median(np.abs(y - ref).max(-1))),
+    }
+
+
 def run(variations=VARIATIONS, rules=RULES, steps=1500) -> list[dict]:
     """Trains each variation once and exports it with every rule; returns one row per (variation, rule)."""
     ds = load_dataset("mnist1d", seed=0)
@@ -49,33 +75,10 @@ def run(variations=VARIATIONS, rules=RULES, steps=1500) -> list[dict]:
         acc = float(np.mean(ref.argmax(-1) == ds.y_test))
         for rule in rules:
             t = time.time()
-            out = tempfile.mkdtemp()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rep = export(
-                    model,
-                    ds.x_test[:8],
-                    formats=("tflite", "onnx"),
-                    out_dir=out,
-                    quantize="int8",
-                    calibration=ds.x_train[:256],
-                    eval_data=ds.x_test,
-                    activation_calibration=rule,
-                    latency_repeats=1,
-                )
-            y = tflite.TFLiteRunner(rep["tflite_int8"].path)(ds.x_test)
             rows.append(
-                {
-                    "init": init,
-                    "data": data,
-                    "test_acc": acc,
-                    "rule": rule,
-                    "tflite_int8": rep["tflite_int8"].top1_agreement,
-                    "onnx_int8": rep["onnx_int8"].top1_agreement,
-                    "median_max_logit_err": float(np.median(np.abs(y - ref).max(-1))),
-                    "seconds": time.time() - t,
-                }
+                {"init": init, "data": data, "test_acc": acc, "rule": rule, **export_int8(model, ds, ref, rule)}
             )
+            rows[-1]["seconds"] = time.time() - t
             print(_line(rows[-1]), flush=True)
     return rows
 

@@ -7,6 +7,9 @@ Typical post-training quantization::
     qmodel = calibrate(qmodel, batches, observer="percentile")
     params = quant_params(qmodel)      # for research.export
 
+Before a full-integer export (TFLite int8), fine-tuning with ``kurtosis_regularizer(0.01)`` (or the
+``kurtosis`` stage) makes heavy-tailed activations easier to round on one int8 grid.
+
 QAT: train ``qmodel`` with the ordinary training core (``research.train`` /
 ``research.train.finetune``); LSQ steps and PACT clipping values are ``nnx.Param`` leaves.
 """
@@ -53,7 +56,13 @@ _EXPORTS = {
     "quant_layers": "methods.quantization.report",
     "quant_params": "methods.quantization.report",
     "quantized_bytes": "methods.quantization.report",
+    "KurtosisStage": "methods.quantization.config",
     "QATStage": "methods.quantization.config",
+    "activation_kurtosis": "methods.quantization.kurtosis",
+    "activations": "methods.quantization.kurtosis",
+    "kurtosis": "methods.quantization.kurtosis",
+    "kurtosis_penalty": "methods.quantization.kurtosis",
+    "kurtosis_regularizer": "methods.quantization.kurtosis",
     "QuantizeStage": "methods.quantization.config",
     "QuantRule": "methods.quantization.rules",
     "float_layers": "methods.quantization.surgery",
@@ -70,6 +79,7 @@ __all__ = [
     "QUANT_METHODS",
     "FakeQuant",
     "Identity",
+    "KurtosisStage",
     "Observer",
     "QATStage",
     "QuantConv",
@@ -80,6 +90,8 @@ __all__ = [
     "QuantRule",
     "QuantSpec",
     "QuantizeStage",
+    "activation_kurtosis",
+    "activations",
     "calibrate",
     "check_bits",
     "dequantize",
@@ -95,6 +107,9 @@ __all__ = [
     "list_methods",
     "list_observers",
     "lsq_init_step",
+    "kurtosis",
+    "kurtosis_penalty",
+    "kurtosis_regularizer",
     "lsq_quantize",
     "make_observer",
     "pact_quantize",

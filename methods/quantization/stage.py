@@ -23,12 +23,15 @@ import time
 from flax import nnx
 
 from methods.quantization.calibration import calibrate
+from methods.quantization.config import KurtosisStage
 from methods.quantization.config import QATStage
 from methods.quantization.config import QuantizeStage
 from methods.quantization.folding import find_conv_bn_pairs
 from methods.quantization.folding import fold_batchnorm
 from methods.quantization.folding import fold_recipe_step
 from methods.quantization.folding import layer_order
+from methods.quantization.kurtosis import kurtosis_penalty
+from methods.quantization.kurtosis import kurtosis_regularizer
 from methods.quantization.modules import FakeQuant
 from methods.quantization.modules import QuantRange
 from methods.quantization.report import layer_table
@@ -154,7 +157,58 @@ def run_qat(bundle: Bundle, cfg: QATStage, ctx: StageContext) -> StageResult:
     ds = bundle.dataset
     if len(ds.x_val):
         metrics["ptq_val_accuracy"] = accuracy(qmodel, ds.x_val, ds.y_val)
-    done = fine_tune(bundle, qmodel, cfg.train, ctx, input_model=bundle.model)
+    transforms = (kurtosis_regularizer(cfg.kurtosis_weight),) if cfg.kurtosis_weight else ()
+    done = fine_tune(bundle, qmodel, cfg.train, ctx, input_model=bundle.model, loss_transforms=transforms)
     notes += done.notes
     metrics.update(done.metrics)
+    if transforms:
+        metrics.update(_last_penalty(done.records))
     return _result(bundle, done.model, metrics, notes, steps, ctx)
+
+
+def _last_penalty(records: list[dict]) -> dict[str, float]:
+    rows = [r for r in records if r.get("split") == "train" and "kurtosis_penalty" in r]
+    return {"final_kurtosis_penalty": float(rows[-1]["kurtosis_penalty"])} if rows else {}
+
+
+#: Training examples the ``kurtosis`` stage measures the penalty on, before and after.
+KURTOSIS_PROBE_EXAMPLES = 256
+
+
+@register_stage(KurtosisStage)
+def run_kurtosis(bundle: Bundle, cfg: KurtosisStage, ctx: StageContext) -> StageResult:
+    """Fine-tunes the float ``bundle.model`` with the activation-kurtosis penalty; reports the
+    penalty on a fixed training subset before and after (evaluation mode)."""
+    if quant_layers(bundle.model):
+        raise ValueError(
+            "the 'kurtosis' stage fine-tunes a float model, and this one is already fake-quantized; put it "
+            "before 'quantize'/'qat', or use QATStage(kurtosis_weight=...) to add the penalty to QAT"
+        )
+    probe = calibration_subset(bundle.dataset, KURTOSIS_PROBE_EXAMPLES, seed=ctx.seed)
+    measure = nnx.jit(lambda m, x: kurtosis_penalty(m, x, target=cfg.target))
+
+    def penalty(model) -> float:
+        model = nnx.clone(model)
+        model.eval()
+        return float(measure(model, probe))
+
+    before = penalty(bundle.model)
+    t0 = time.perf_counter()
+    transform = kurtosis_regularizer(cfg.weight, target=cfg.target)
+    done = fine_tune(bundle, bundle.model, cfg.train, ctx, loss_transforms=(transform,))
+    seconds = time.perf_counter() - t0
+    metrics = {
+        **done.metrics,
+        **_last_penalty(done.records),
+        "kurtosis_penalty_before": before,
+        "kurtosis_penalty_after": penalty(done.model),
+        "finetune_s": seconds,
+    }
+    if len(bundle.dataset.x_val):
+        metrics["val_accuracy"] = accuracy(done.model, bundle.dataset.x_val, bundle.dataset.y_val)
+    notes = [
+        *done.notes,
+        f"activation-kurtosis penalty (weight {cfg.weight:g}, target {cfg.target:g}) on a fixed subset of "
+        f"{len(probe)} training inputs: {before:.3g} -> {metrics['kurtosis_penalty_after']:.3g}",
+    ]
+    return StageResult(bundle=dataclasses.replace(bundle, model=done.model), metrics=metrics, notes=notes)
