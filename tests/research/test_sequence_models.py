@@ -320,8 +320,10 @@ def test_export_forms_compute_the_same_function(name):
 
 # ----------------------------------------------------------------------------- export (slow)
 
-#: Trained on shipped data: ViT on digits, the attention + GRU on MNIST-1D (1500 Adam steps each).
-TRAINED = {"vit": "digits", "attn_gru": "mnist1d"}
+#: Trained on shipped data: the attention + GRU on MNIST-1D (1500 Adam steps). The ViT on digits is
+#: trained, exported (int8, int16x8, symmetric Q/DQ) and checked once, in
+#: tests/research/export/test_export_zoo.py (same model, data, seed and steps).
+TRAINED = {"attn_gru": "mnist1d"}
 
 
 @pytest.fixture(scope="module", params=sorted(TRAINED))
@@ -377,11 +379,8 @@ def test_trained_attention_models_export_to_tflite_and_onnx(exported, record_tes
 #: percentile ranges lowers the median logit error on every variation but leaves agreement at
 #: 0.979-0.996 by variation and weight (experiments/int8_seq/README.md), so the bound stays.
 #: The 16x8 variant (int16 activations, int8 weights) reaches it: 0.996-0.999 over the same five.
-#: The ViT's 16x8 files keep the token mean's SUM, which 16x8 clips (the export warns): 0.981-0.997
-#: over three seeds, asserted at 0.96 and recorded.
+#: The ViT's bounds (int8 0.99, int16x8 0.96) are asserted in tests/research/export/test_export_zoo.py.
 _TOP1_BOUND = {
-    ("vit", "int8"): 0.99,
-    ("vit", "int16x8"): 0.96,
     ("attn_gru", "int8"): 0.96,
     ("attn_gru", "int16x8"): 0.99,
 }
