@@ -7,7 +7,10 @@ For the trials it is given, it
    each extra population is separate goes into :meth:`PopulationExecutor.summary`);
 3. per population, measures the chunk size K (:func:`research.population.chooser.choose_k`) and
    trains the leading ``train`` stage of K trials at a time (:class:`PopulationTrainer`); when
-   vmap does not pay (K=1) the trials train one after another with the same compiled program;
+   vmap does not pay (K=1) the trials train one after another, with the population's K=1 program
+   or, when the sequential executor's own jitted step was measured at least as fast, exactly as
+   the sequential executor trains them (``runner == "sequential"``: the population is never
+   slower than that path for its training);
 4. hands each trained model to :func:`research.run.run` as that trial's stage 0, which stores and
    reports it exactly as a sequential run (measured together: :mod:`research.population.measure`);
    later stages (prune, quantize, export...) run per trial from it, each trial's run in its own
@@ -169,8 +172,11 @@ class PopulationExecutor:
                     yield run_one(job, progress=progress, note=entry["why"])
                 continue
             entry.update(k=choice.k, why=choice.reason, choice=choice.to_dict(), devices=len(trainer.devices))
-            # K=1 still trains with the population's compiled program: one trial after another,
-            # compiled once for all of them (a sequential run compiles its step per run).
+            if choice.runner == "sequential":
+                yield from self._run_plain(trainer, members, number, progress, plotter)
+                continue
+            # K=1 here trains with the population's compiled program, one trial after another: it was
+            # measured faster than the sequential executor's step (else runner == "sequential" above).
             for start in range(0, len(members), choice.k):
                 chunk = list(range(start, min(start + choice.k, len(members))))
                 yield from self._run_chunk(
@@ -220,7 +226,18 @@ class PopulationExecutor:
                 if needed > limit:
                     raise MemoryError(f"chunk_size={k} needs {needed:,} bytes > the {limit:,} available")
             return Choice(k=k, candidates=(), reason=f"chunk_size={k} given", memory_limit=limit)
-        return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
+        sequential = (lambda: trainer.sequential_step_seconds(self.timer)) if trainer.configs else None
+        return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple, sequential=sequential)
+
+    def _run_plain(self, trainer, jobs, number, progress, plotter) -> Iterator[Outcome]:
+        """The trials trained exactly as the sequential executor trains them (each stage's own jitted
+        step), one after another; only the untrained bundle and the curves' figure are shared."""
+        from research.run import RunHooks  # pylint: disable=import-outside-toplevel
+
+        note = f"population {number}: one after another as the sequential executor trains (its step measured faster)"
+        for index, job in enumerate(jobs):
+            hooks = RunHooks(bundle=functools.partial(trainer.bundle, index), plot=plotter)
+            yield run_one(job, progress=progress, note=note, hooks=hooks)
 
     def _run_chunk(self, trainer, jobs, indices, k, number, progress, plotter, entry) -> Iterator[Outcome]:
         from research.run import RunHooks  # pylint: disable=import-outside-toplevel

@@ -319,6 +319,47 @@ class PopulationTrainer:
 
         return timer(k, call) / self.block_steps
 
+    def sequential_step_seconds(self, timer: Timer = time_call) -> float:
+        """Seconds per training step of trial 0 trained as the sequential executor trains it.
+
+        The step is the one :func:`research.train.finetune` jits for this stage (the same cached
+        jitted function, so a later sequential run of the trials compiles nothing), called once per
+        step from Python with the host batches of :class:`research.data.BatchSampler`, the metrics
+        fetched at the end of the block, as :func:`research.train.fit` does. ``timer`` is called with
+        ``k=`` :data:`research.population.chooser.SEQUENTIAL_K` and one block of ``block_steps`` steps.
+
+        Raises:
+          ValueError: the trainer was built ``for_members`` (no stage config to train).
+        """
+        from research.constraints import Carried  # pylint: disable=import-outside-toplevel
+        from research.population.chooser import SEQUENTIAL_K  # pylint: disable=import-outside-toplevel
+        from research.stages import train_kwargs  # pylint: disable=import-outside-toplevel
+        from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
+        from research.train.finetune import optimizer_key  # pylint: disable=import-outside-toplevel
+        from research.train.losses import cross_entropy_loss  # pylint: disable=import-outside-toplevel
+
+        if not self.configs:
+            raise ValueError("a trainer built for_members has no stage config; time its members' steps instead")
+        settings = _optimizer_kwargs(train_kwargs(self.stage))
+        tx = make_optimizer(**settings)
+        member = self.members[0]
+        defs, state = create_train_state(nnx.clone(member.model), tx, seed=member.seed)
+        # finetune's cache key for a first stage (no constraints carried, no wrapper): the same jitted step
+        cache_key = (optimizer_key(settings), (Carried().step_key, None))
+        step = make_train_step(defs, tx, cross_entropy_loss, (), cache_key=cache_key)
+        sampler = BatchSampler(member.x_train, member.y_train, batch_size=self.batch_size, seed=member.seed)
+        batches = self.block_steps
+
+        def call():  # a copy of the state per call (the step donates its input)
+            s, pending = jax.tree.map(jnp.copy, state), []
+            for i in range(batches):
+                s, metrics = step(s, sampler.batch(i))
+                pending.append(metrics)
+            jax.device_get(pending)
+            return s
+
+        return timer(SEQUENTIAL_K, call) / self.block_steps
+
     # ------------------------------------------------------------------ training
     def train(self, indices: Sequence[int], k: int | None = None) -> list[TrialResult]:
         """Trains trials ``indices`` in one chunk of ``k`` (default ``len(indices)``; padded to ``k``).

@@ -16,6 +16,7 @@ from research import run as run_lib
 from research import sweep as sweep_lib
 from research.executors import make_executor
 from research.population import split_populations
+from research.population.chooser import SEQUENTIAL_K
 from research.population.chooser import candidate_ks
 from research.population.chooser import choose_k
 from research.population.trainer import PopulationTrainer
@@ -47,10 +48,11 @@ GRID = {"stages.train.learning_rate": [3e-3, 1e-2, 3e-2]}
 
 
 def favour(k_best):
-    """A fake timer: a chunk of k costs k seconds, except k_best, which costs 1 (no wall clock)."""
+    """A fake timer: a chunk of k costs k seconds, except k_best, which costs 1 (no wall clock); the
+    sequential executor's step (k=SEQUENTIAL_K) costs as much as one trial's, 1."""
 
     def timer(k, fn):
-        return 1.0 if k == k_best else float(k)
+        return 1.0 if k in (k_best, SEQUENTIAL_K) else float(k)
 
     return timer
 
@@ -219,6 +221,72 @@ def test_chooser_confirms_a_winning_k_against_one_trial_at_a_time():
     choice = choose_k(2, measure, memory_limit=10**9)
     assert choice.k == 1 and "confirmed" in choice.reason
     assert [c.step_seconds for c in choice.candidates] == [1.0, 2.4]
+
+
+def test_chooser_compares_the_best_program_with_the_sequential_step():
+    def pop(k):  # seconds per step of a chunk of k: K=2 is the best program
+        return {1: 1.0, 2: 1.2, 4: 4.0}[k], 0
+
+    # the sequential executor's step beats even K=2's 0.6 s per trial step: the sequential path
+    calls = []
+    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: calls.append(1) or 0.5)
+    assert choice.k == 1 and choice.runner == "sequential" and choice.sequential
+    assert choice.sequential_seconds == 0.5 and len(calls) == 3  # timed 1 + 2 confirm rounds
+    assert "sequential executor" in choice.reason and choice.to_dict()["sequential_step_seconds"] == 0.5
+    # slower than K=2 per trial step (0.7 > 0.6): the population's K=2 program
+    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: 0.7)
+    assert choice.k == 2 and choice.runner == "population" and choice.sequential_seconds == 0.7
+    # a tie goes to the sequential path (the population must be faster, never slower)
+    assert choose_k(4, pop, memory_limit=10**9, sequential=lambda: 0.6).runner == "sequential"
+    # vmap does not pay, and the sequential step (1.1 s) is slower than the K=1 program (1.0 s)
+    slow = choose_k(4, lambda k: (1.0 * k * 1.5 if k > 1 else 1.0, 0), memory_limit=10**9, sequential=lambda: 1.1)
+    assert slow.k == 1 and slow.runner == "population" and "K=1 program beats" in slow.reason
+    # ... and faster than it: the sequential path
+    fast = choose_k(4, lambda k: (1.0 * k * 1.5 if k > 1 else 1.0, 0), memory_limit=10**9, sequential=lambda: 0.9)
+    assert fast.runner == "sequential"
+
+
+def test_sequential_step_timings_alternate_with_the_best_program_and_keep_the_fastest():
+    # a loaded machine: the sequential step's first timing was slowed; timed again alternately, it wins
+    order, seq_times = [], [3.0, 0.4, 0.45]
+
+    def pop(k):
+        order.append(k)
+        return {1: 1.0, 2: 1.0}[k], 0
+
+    def seq():
+        order.append("seq")
+        return seq_times.pop(0)
+
+    choice = choose_k(2, pop, memory_limit=10**9, sequential=seq, confirm_rounds=2)
+    assert choice.runner == "sequential" and choice.sequential_seconds == 0.4
+    assert order == [1, 2, 1, 2, 1, 2, "seq", 2, "seq", 2, "seq"]
+
+
+def test_population_falls_back_to_the_sequential_executor_when_its_step_is_faster(config_file, tmp_path):
+    """Fake timer: every population program is slower than the sequential step; the trials then
+    run as the sequential executor runs them, with its results, and the report says why."""
+    base = C.load_config(config_file)
+    grid = {"stages.train.learning_rate": [1e-3, 2e-3]}
+    timed = []
+
+    def timer(k, fn):
+        timed.append(k)
+        return 0.5 if k == SEQUENTIAL_K else 1.0 * k
+
+    pop = sweep_lib.sweep(
+        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=timer, max_k=1)
+    )
+    (population,) = pop.executor["populations"]
+    assert population["k"] == 1 and population["choice"]["runner"] == "sequential"
+    assert population["choice"]["sequential_step_seconds"] == pytest.approx(0.5 / 6)  # a block of 6 steps
+    assert SEQUENTIAL_K in timed and "sequential executor" in population["why"]
+    assert all("as the sequential executor trains" in p.note for p in pop.points)
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    for a, b in zip(seq.points, pop.points, strict=True):
+        assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]
+        assert _close(_params(a.run_dir), _params(b.run_dir), atol=0)
+        assert "population_k" not in b.metrics  # trained by the train stage itself
 
 
 def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_file, tmp_path, monkeypatch):
