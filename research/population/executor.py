@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from research import store
+from research import workdir as workdir_lib
 from research.executors import Job
 from research.executors import Outcome
 from research.executors import finished_report
@@ -47,6 +48,7 @@ from research.population.keys import signature
 from research.population.keys import split_populations
 from research.population.later import TrialThread
 from research.population.later import request_key
+from research.population.later import save_progress
 from research.population.later import train_requests
 from research.population.later import write_trial
 from research.population.measure import LATENCY_NOTE
@@ -58,6 +60,7 @@ from research.population.trainer import TrialResult
 from research.population.trainer import memory_limit_bytes
 from research.population.trainer import time_call
 from research.stages import FINE_TUNE_RUNNER
+from research.workdir import WorkdirLock
 
 _PROGRAMS: dict = {}  # compiled population programs of this process, by signature and K (as the
 # sequential executor's jitted train steps are kept for the process: research.train.make_train_step)
@@ -177,11 +180,30 @@ class PopulationExecutor:
                 continue
             # K=1 here trains with the population's compiled program, one trial after another: it was
             # measured faster than the sequential executor's step (else runner == "sequential" above).
-            for start in range(0, len(members), choice.k):
-                chunk = list(range(start, min(start + choice.k, len(members))))
-                yield from self._run_chunk(
-                    trainer, [members[i] for i in chunk], chunk, choice.k, number, progress, plotter, entry
-                )
+            # Trials of a killed sweep resume from their checkpoints: chunks of one resume step each.
+            resumed = _resume_points(trainer, members)
+            finish_alone = [i for i, (_, step) in resumed.items() if step >= trainer.steps]
+            for i in finish_alone:  # checkpointed at the last step, not stored: run() finishes it
+                yield run_one(members[i], progress=progress, note="resumed after its last checkpoint")
+            by_start: dict[int, list[int]] = {}
+            for i in range(len(members)):
+                if i not in finish_alone:
+                    by_start.setdefault(resumed[i][1] if i in resumed else 0, []).append(i)
+            for start_step, positions in sorted(by_start.items()):
+                for first in range(0, len(positions), choice.k):
+                    chunk = positions[first : first + choice.k]
+                    yield from self._run_chunk(
+                        trainer,
+                        [members[i] for i in chunk],
+                        chunk,
+                        choice.k,
+                        number,
+                        progress,
+                        plotter,
+                        entry,
+                        start=start_step,
+                        states=[resumed[i][0] for i in chunk] if start_step else None,
+                    )
 
     def _devices(self, n_trials: int) -> list[jax.Device]:
         """Shard over every device only when the population fills them."""
@@ -239,13 +261,20 @@ class PopulationExecutor:
             hooks = RunHooks(bundle=functools.partial(trainer.bundle, index), plot=plotter)
             yield run_one(job, progress=progress, note=note, hooks=hooks)
 
-    def _run_chunk(self, trainer, jobs, indices, k, number, progress, plotter, entry) -> Iterator[Outcome]:
+    def _run_chunk(
+        self, trainer, jobs, indices, k, number, progress, plotter, entry, *, start=0, states=None
+    ) -> Iterator[Outcome]:
         from research.run import RunHooks  # pylint: disable=import-outside-toplevel
 
         t_chunk = time.perf_counter()
         measurer = PopulationMeasurer(number, self._latencies)
+
+        def save(step, j, state, losses):  # a checkpoint where a sequential run saves one
+            with WorkdirLock(jobs[j].run_dir):
+                save_progress(_stage_dir(jobs[j]), step, state, losses, start)
+
         try:
-            results = trainer.train(indices, k)
+            results = trainer.train(indices, k, start=start, states=states, on_checkpoint=save)
             keys = [j.key for j in jobs]
             measurer.evaluate(0, keys, [r.model for r in results], [trainer.bundle(i).dataset for i in indices], k)
         except Exception as e:  # the chunk's program failed: its trials run alone
@@ -326,6 +355,31 @@ class PopulationExecutor:
                     continue
                 replies[id(t)] = (result.model, rows, (defs, result.state), notes)
         return replies
+
+
+def _stage_dir(job: Job) -> str:
+    return os.path.join(job.run_dir, workdir_lib.STAGES_DIR, f"0_{job.config.stages[0].kind}")
+
+
+def _resume_points(trainer: PopulationTrainer, jobs: Sequence[Job]) -> dict[int, tuple[Any, int]]:
+    """``{position: (train state, step)}`` of the trials whose first stage a killed sweep left
+    checkpointed. A trial that will checkpoint (or has a stage directory) first gets what
+    :func:`research.run.run` prepares before a stage (``config.json``, the stage's ``key.json``;
+    a directory of another config moved aside), so its checkpoints are resumed by any executor."""
+    out = {}
+    for i, job in enumerate(jobs):
+        sdir = _stage_dir(job)
+        if not (trainer.checkpoint_steps(i) or os.path.isdir(sdir)):
+            continue
+        with WorkdirLock(job.run_dir):
+            workdir_lib.reconcile(job.run_dir, job.config)
+            label = os.path.basename(sdir)
+            keys = workdir_lib.stage_keys(job.config)
+            workdir_lib.prepare_stage_dir(job.run_dir, label, keys[0], workdir_lib.stage_prefix(job.config, 0))
+            found = trainer.restore(i, os.path.join(sdir, "checkpoints"))
+        if found is not None:
+            out[i] = found
+    return out
 
 
 def _first_stage_stored(job: Job) -> bool:

@@ -1,5 +1,6 @@
 """The population executor: same answers as the sequential executor, grouping, K chooser, resume, sharding."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,11 +16,14 @@ from research import config as C
 from research import run as run_lib
 from research import sweep as sweep_lib
 from research.executors import make_executor
+from research.population import executor as pop_executor
 from research.population import split_populations
 from research.population.chooser import SEQUENTIAL_K
 from research.population.chooser import candidate_ks
 from research.population.chooser import choose_k
 from research.population.trainer import PopulationTrainer
+from research.population.trainer import _block_length
+from research.train import read_metrics
 from research.train import split_model
 
 TINY = """
@@ -72,6 +76,11 @@ def _files(run_dir):
             head, sep, tail = path.partition("/checkpoints/")
             out.add(f"{head}{sep}{tail.split('/')[0]}" if sep else path)
     return sorted(out - {".lock"})
+
+
+def _steps(stage_dir):
+    """The checkpoint steps kept in a stage directory."""
+    return sorted(int(n) for n in os.listdir(os.path.join(stage_dir, "checkpoints")) if n.isdigit())
 
 
 def _val_rows(run_dir):
@@ -295,11 +304,11 @@ def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_f
     real = PopulationTrainer.train
     calls = []
 
-    def dies_on_second_chunk(self, indices, k=None):
+    def dies_on_second_chunk(self, indices, k=None, **kw):
         calls.append(list(indices))
         if len(calls) == 2:
             raise KeyboardInterrupt  # the process is killed while the second chunk trains
-        return real(self, indices, k)
+        return real(self, indices, k, **kw)
 
     monkeypatch.setattr(PopulationTrainer, "train", dies_on_second_chunk)
     executor = make_executor("population", chunk_size=2)
@@ -312,6 +321,58 @@ def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_f
     assert [p.reused for p in report.points] == [True, True, False]
     assert len(calls) == 2  # the finished chunk was not trained again; the unfinished trial ran alone
     assert report.points[2].note == "one after another: a single trial"
+
+
+def test_block_length_ends_blocks_on_checkpoint_steps():
+    assert _block_length(50, 300, [100, 0]) == 50  # 100 is a multiple of 50
+    assert _block_length(50, 300, [30]) == 30  # the largest divisor of 30 up to 50
+    assert _block_length(4, 6, [5]) == 4  # 5's divisors below 4 waste too much: blocks are cut at 5
+    assert _block_length(50, 20, [100]) == 20  # no checkpoint before the last step
+
+
+def test_killed_population_chunk_resumes_from_checkpoints_like_a_sequential_run(config_file, tmp_path, monkeypatch):
+    """checkpoint_every=2 of 6 steps: the population saves steps 2 and 4 (a chunk killed after
+    step 4 keeps them, as a killed sequential run would), resumes its chunk from step 4, and ends
+    with a sequential run's checkpoints, metrics and parameters."""
+    base = C.load_config(config_file)
+    base = dataclasses.replace(base, stages=(dataclasses.replace(base.stages[0], checkpoint_every=2),))
+    grid = {"stages.train.learning_rate": [1e-3, 2e-3]}
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    saved, real_save = [], pop_executor.save_progress
+
+    def killed_after_step_4(workdir, step, state, losses, start=0):
+        real_save(workdir, step, state, losses, start)
+        saved.append(step)
+        if saved.count(4) == 2:
+            raise KeyboardInterrupt  # the process dies before step 6
+
+    monkeypatch.setattr(pop_executor, "save_progress", killed_after_step_4)
+    pop_dir = str(tmp_path / "pop")
+    with pytest.raises(KeyboardInterrupt):
+        sweep_lib.sweep(
+            base, grid, pop_dir, progress=False, executor=make_executor("population", chunk_size=2, block_steps=4)
+        )
+    stage_dirs = [os.path.join(pop_dir, "runs", os.path.basename(p.run_dir), "stages", "0_train") for p in seq.points]
+    assert saved == [2, 2, 4, 4] and all(_steps(d) == [2, 4] for d in stage_dirs)
+    monkeypatch.setattr(pop_executor, "save_progress", real_save)
+    starts, real_train = [], PopulationTrainer.train
+
+    def spy(self, indices, k=None, **kw):
+        starts.append(kw.get("start", 0))
+        return real_train(self, indices, k, **kw)
+
+    monkeypatch.setattr(PopulationTrainer, "train", spy)
+    pop = sweep_lib.sweep(
+        base, grid, pop_dir, progress=False, executor=make_executor("population", chunk_size=2, block_steps=4)
+    )
+    assert starts == [4] and [p.status for p in pop.points] == ["done", "done"]
+    for a, b, d in zip(seq.points, pop.points, stage_dirs, strict=True):
+        seq_stage = os.path.join(a.run_dir, "stages", "0_train")
+        assert _steps(d) == _steps(seq_stage) == [4, 6]
+        assert _close(_params(a.run_dir), _params(b.run_dir))
+        rows = [[r["step"], r["loss"]] for r in read_metrics(d) if r["split"] == "train"]
+        seq_rows = [[r["step"], r["loss"]] for r in read_metrics(seq_stage) if r["split"] == "train"]
+        assert [r[0] for r in rows] == list(range(1, 7)) and _close(rows, seq_rows)
 
 
 def test_cli_sweep_executor_flag(config_file, tmp_path, capsys):
@@ -466,3 +527,36 @@ def test_later_fine_tunings_share_a_program_only_when_they_compile_to_one(tmp_pa
     assert key(eval_every=5) is None and key(data_parallel=True) is None
     (tmp_path / "c" / "checkpoints" / "4").mkdir(parents=True)
     assert key(workdir=tmp_path / "c") is None
+
+
+def test_later_fine_tunings_in_a_population_checkpoint_as_finetune_does(tmp_path):
+    """A later stage's fine-tuning trained as a population with checkpoint_every=4 of 10 steps keeps
+    the checkpoints and parameters that research.train.finetune leaves for the same request."""
+    from flax import nnx
+
+    from research.data import load_dataset
+    from research.nn import build_model
+    from research.population.later import request_key
+    from research.population.later import train_requests
+    from research.population.later import write_trial
+    from research.stages import FineTuneRequest
+    from research.train import finetune
+
+    ds = load_dataset("digits", seed=0, limit=300)
+    model = build_model("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=(16,), rngs=nnx.Rngs(0))
+    kw = {"seed": 0, "steps": 10, "learning_rate": 1e-2, "batch_size": 32, "optimizer": "adam"}
+    kw.update(eval_every=0, log_every=5, checkpoint_every=4, step_key=None, progress=False)
+    requests = [
+        FineTuneRequest(stage=1, model=model, dataset=ds, kwargs={**kw, "workdir": tmp_path / n}, wrap_tx=None)
+        for n in ("a", "b")
+    ]
+    results, _ = train_requests(
+        requests, request_key(requests[0]), 2, block_steps=3, devices=jax.devices()[:1], cache={}
+    )
+    assert [_steps(tmp_path / n) for n in ("a", "b")] == [[4, 8], [4, 8]]  # before the last step's
+    write_trial(tmp_path / "a", results[0], None)
+    alone, _ = finetune(model, ds, **{**kw, "workdir": tmp_path / "alone"})
+    assert _steps(tmp_path / "a") == _steps(tmp_path / "alone") == [8, 10]
+    assert _close(jax.tree.leaves(split_model(results[0].model)[1]), jax.tree.leaves(split_model(alone)[1]))
+    rows = [r["loss"] for r in read_metrics(tmp_path / "a")]
+    assert _close(rows, [r["loss"] for r in read_metrics(tmp_path / "alone") if r["split"] == "train"])
