@@ -220,12 +220,24 @@ class PopulationExecutor:
         return self._choose(trainer, n).k
 
     def _choose(self, trainer: PopulationTrainer, n: int) -> Choice:
-        if n == 1:
-            limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
-            return Choice(k=1, candidates=(), reason="a single trial", memory_limit=limit)
-        memo = (trainer.program_key, n, self.chunk_size, self.max_k, self.memory_limit)
         # Measured with the real timer, a choice holds for the process (as its compiled programs do).
         choices = _CHOICES if self.timer is time_call else self._choices
+        if n == 1:
+            limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+            # as measured for larger batches of this program (a tune study's), else as the sequential executor
+            earlier = [c for m, c in choices.items() if m[0] == trainer.program_key and self.chunk_size is None]
+            if earlier and earlier[-1].runner == "population":
+                return Choice(
+                    k=1, candidates=(), reason="a single trial (its K=1 program measured faster)", memory_limit=limit
+                )
+            return Choice(
+                k=1,
+                candidates=(),
+                reason="a single trial, trained as the sequential executor trains it",
+                memory_limit=limit,
+                runner="sequential",
+            )
+        memo = (trainer.program_key, n, self.chunk_size, self.max_k, self.memory_limit)
         if memo not in choices:
             choices[memo] = self._measure_choice(trainer, n)
         return choices[memo]
