@@ -62,6 +62,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="the population executor's K (default: measured by its chooser)"
     )
+    parser.add_argument(
+        "--population-first", action="store_true", help="run the population sweep before the sequential one"
+    )
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the one-point sequential sweep that first compiles the steps both executors share",
+    )
     args = parser.parse_args(argv)
     register_all_stages()
     grid = {
@@ -71,7 +79,10 @@ def main(argv=None) -> int:
     config = make_config(args.steps, args.prune_steps)
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    for name in ("sequential", "population"):
+    if not args.no_warmup:  # compiles the jitted steps of both stages (shared by every point of either executor)
+        first = {k: v[:1] for k, v in grid.items()}
+        sweep(config, first, os.path.join(args.out, "warmup"), progress=False, overwrite=True, executor="sequential")
+    for name in ("population", "sequential") if args.population_first else ("sequential", "population"):
         workdir = os.path.join(args.out, name)
         t0 = time.perf_counter()
         options = {"chunk_size": args.chunk_size} if name == "population" and args.chunk_size else {}
@@ -83,7 +94,8 @@ def main(argv=None) -> int:
     def column(report, key):
         return [p.metrics.get(key, float("nan")) for p in report.points]
 
-    diff = float(np.nanmax(np.abs(np.subtract(column(seq, "test_accuracy"), column(pop, "test_accuracy")))))
+    acc_diffs = np.abs(np.subtract(column(seq, "test_accuracy"), column(pop, "test_accuracy")))
+    diff = float(np.nanmax(acc_diffs))
     mask_diff = float(np.nanmax(np.abs(np.subtract(column(seq, "mask_sparsity"), column(pop, "mask_sparsity")))))
     s_seq, s_pop = results["sequential"]["seconds"], results["population"]["seconds"]
     print(f"{len(seq.points)} points, LeNet-300-100 on mnist5k, {args.steps} train + {args.prune_steps} prune steps")
@@ -96,6 +108,14 @@ def main(argv=None) -> int:
     print(f"  prune stage fine-tuned as populations: {later}")
     print(
         f"largest per-point difference between the executors: test accuracy {diff:.4f}, mask sparsity {mask_diff:.4f}"
+    )
+    print(
+        f"points with identical test accuracy: {int(np.sum(acc_diffs == 0))}/{len(acc_diffs)}; "
+        f"mean |difference| {float(np.nanmean(acc_diffs)):.5f}; differing by more than 0.002: "
+        f"{int(np.sum(acc_diffs > 0.002))}"
+    )
+    print(
+        f"order: {'population first' if args.population_first else 'sequential first'}; warm-up: {not args.no_warmup}"
     )
     best = sorted(pop.points, key=lambda p: -p.metrics.get("test_accuracy", 0.0))[:3]
     for p in best:
@@ -110,6 +130,8 @@ def main(argv=None) -> int:
                 "sequential_seconds": s_seq,
                 "population_seconds": s_pop,
                 "max_test_accuracy_difference": diff,
+                "identical_test_accuracy_points": int(np.sum(acc_diffs == 0)),
+                "mean_test_accuracy_difference": float(np.nanmean(acc_diffs)),
                 "max_mask_sparsity_difference": mask_diff,
                 "load_average": os.getloadavg(),
                 "args": vars(args),

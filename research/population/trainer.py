@@ -62,7 +62,7 @@ class TrialResult:
     start: int = 0
 
 
-def time_call(k: int, fn: Callable[[], Any], repeats: int = 5) -> float:
+def time_call(k: int, fn: Callable[[], Any], repeats: int = 3) -> float:
     """Seconds of one call of ``fn`` (compiled already): the fastest of ``repeats`` after a warm-up.
 
     The minimum, not the median: other processes on the machine only ever add time.
