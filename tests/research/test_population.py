@@ -468,12 +468,13 @@ def test_tune_asks_batches_of_the_chunk_size_and_trains_them_as_a_population(con
     space = Space({"stages.train.learning_rate": Float(1e-3, 1e-2, log=True)})
     executor = make_executor("population", timer=favour(2))
     result = tune_lib.tune(
-        base, space, str(tmp_path), trials=2, sampler="random", executor=executor, echo=False, plot_every=0
+        base, space, str(tmp_path), trials=3, sampler="random", executor=executor, echo=False, plot_every=0
     )
-    assert [t["state"] for t in result.trials] == ["COMPLETE"] * 2
-    notes = [json.load(open(tmp_path / "trials" / f"{n:04d}" / "trial.json"))["executor"] for n in range(2)]
-    assert notes == ["population 0, chunk of 2"] * 2
-    assert result.summary["executor"]["populations"][-1]["k"] == 2
+    assert [t["state"] for t in result.trials] == ["COMPLETE"] * 3
+    notes = [json.load(open(tmp_path / "trials" / f"{n:04d}" / "trial.json"))["executor"] for n in range(3)]
+    # the last trial, alone in its batch, trains as its program's measured choice says (the population's)
+    assert notes == ["population 0, chunk of 2"] * 2 + ["population 0, one at a time (K=1)"]
+    assert result.summary["executor"]["populations"][0]["k"] == 2
     with pytest.raises(C.ConfigError, match="the population is the parallelism"):
         tune_lib.tune(
             base, space, str(tmp_path / "w"), trials=2, executor="population", workers=2, config_spec=config_file
