@@ -139,6 +139,10 @@ def main(argv=None) -> int:
                     "sequential": column(seq, "test_accuracy"),
                     "population": column(pop, "test_accuracy"),
                 },
+                "points_mask_sparsity": {
+                    "sequential": column(seq, "mask_sparsity"),
+                    "population": column(pop, "mask_sparsity"),
+                },
                 "executor": pop.executor,
             },
             f,

@@ -176,7 +176,8 @@ class PopulationExecutor:
                 continue
             entry.update(k=choice.k, why=choice.reason, choice=choice.to_dict(), devices=len(trainer.devices))
             if choice.runner == "sequential":
-                yield from self._run_plain(trainer, members, number, progress, plotter)
+                why = "its step measured faster" if choice.candidates else choice.reason
+                yield from self._run_plain(trainer, members, number, progress, plotter, why)
                 continue
             # K=1 here trains with the population's compiled program, one trial after another: it was
             # measured faster than the sequential executor's step (else runner == "sequential" above).
@@ -263,12 +264,12 @@ class PopulationExecutor:
         sequential = (lambda: trainer.sequential_step_seconds(self.timer)) if trainer.configs else None
         return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple, sequential=sequential)
 
-    def _run_plain(self, trainer, jobs, number, progress, plotter) -> Iterator[Outcome]:
+    def _run_plain(self, trainer, jobs, number, progress, plotter, why) -> Iterator[Outcome]:
         """The trials trained exactly as the sequential executor trains them (each stage's own jitted
         step), one after another; only the untrained bundle and the curves' figure are shared."""
         from research.run import RunHooks  # pylint: disable=import-outside-toplevel
 
-        note = f"population {number}: one after another as the sequential executor trains (its step measured faster)"
+        note = f"population {number}: one after another as the sequential executor trains ({why})"
         for index, job in enumerate(jobs):
             hooks = RunHooks(bundle=functools.partial(trainer.bundle, index), plot=plotter)
             yield run_one(job, progress=progress, note=note, hooks=hooks)
