@@ -70,6 +70,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="skip the one-point sequential sweep that first compiles the steps both executors share",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="one sweep per learning rate (a row of the grid), sequential and population alternating row by row "
+        "(the order flipping each row), so that both executors see the same machine load; times are summed",
+    )
     args = parser.parse_args(argv)
     register_all_stages()
     grid = {
@@ -82,29 +88,37 @@ def main(argv=None) -> int:
     if not args.no_warmup:  # compiles the jitted steps of both stages (shared by every point of either executor)
         first = {k: v[:1] for k, v in grid.items()}
         sweep(config, first, os.path.join(args.out, "warmup"), progress=False, overwrite=True, executor="sequential")
-    for name in ("population", "sequential") if args.population_first else ("sequential", "population"):
-        workdir = os.path.join(args.out, name)
-        t0 = time.perf_counter()
-        options = {"chunk_size": args.chunk_size} if name == "population" and args.chunk_size else {}
-        executor = make_executor(name, **options)
-        report = sweep(config, grid, workdir, progress=False, overwrite=True, executor=executor)
-        results[name] = {"seconds": time.perf_counter() - t0, "report": report}
-    seq, pop = results["sequential"]["report"], results["population"]["report"]
+    lr_key = "stages.train.learning_rate"
+    rows = [{**grid, lr_key: [lr]} for lr in grid[lr_key]] if args.interleave else [grid]
+    order = ("population", "sequential") if args.population_first else ("sequential", "population")
+    results = {name: {"seconds": 0.0, "reports": []} for name in order}
+    for r, row in enumerate(rows):
+        for name in order if r % 2 == 0 else order[::-1]:
+            workdir = os.path.join(args.out, name, f"row{r}") if args.interleave else os.path.join(args.out, name)
+            t0 = time.perf_counter()
+            options = {"chunk_size": args.chunk_size} if name == "population" and args.chunk_size else {}
+            executor = make_executor(name, **options)
+            report = sweep(config, row, workdir, progress=False, overwrite=True, executor=executor)
+            results[name]["seconds"] += time.perf_counter() - t0
+            results[name]["reports"].append(report)
+    seq, pop = "sequential", "population"
 
-    def column(report, key):
-        return [p.metrics.get(key, float("nan")) for p in report.points]
+    def column(name, key):
+        return [p.metrics.get(key, float("nan")) for rep in results[name]["reports"] for p in rep.points]
 
     acc_diffs = np.abs(np.subtract(column(seq, "test_accuracy"), column(pop, "test_accuracy")))
     diff = float(np.nanmax(acc_diffs))
     mask_diff = float(np.nanmax(np.abs(np.subtract(column(seq, "mask_sparsity"), column(pop, "mask_sparsity")))))
     s_seq, s_pop = results["sequential"]["seconds"], results["population"]["seconds"]
-    print(f"{len(seq.points)} points, LeNet-300-100 on mnist5k, {args.steps} train + {args.prune_steps} prune steps")
+    points = [p for rep in results[pop]["reports"] for p in rep.points]
+    print(f"{len(points)} points, LeNet-300-100 on mnist5k, {args.steps} train + {args.prune_steps} prune steps")
     print(f"load average: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(f"sequential executor: {s_seq:8.1f} s")
     print(f"population executor: {s_pop:8.1f} s   ({s_seq / s_pop:.2f}x)")
-    for line in report_populations(pop.executor):
+    executors = [rep.executor for rep in results[pop]["reports"]]
+    for line in dict.fromkeys(line for e in executors for line in report_populations(e)):
         print("  " + line)
-    later = [s for p in pop.executor.get("populations", []) for s in p.get("later_stages", [])]
+    later = [s for e in executors for p in e.get("populations", []) for s in p.get("later_stages", [])]
     print(f"  prune stage fine-tuned as populations: {later}")
     print(
         f"largest per-point difference between the executors: test accuracy {diff:.4f}, mask sparsity {mask_diff:.4f}"
@@ -115,9 +129,11 @@ def main(argv=None) -> int:
         f"{int(np.sum(acc_diffs > 0.002))}"
     )
     print(
-        f"order: {'population first' if args.population_first else 'sequential first'}; warm-up: {not args.no_warmup}"
+        f"order: {'population first' if args.population_first else 'sequential first'}"
+        f"{', alternating row by row (one sweep per learning rate)' if args.interleave else ''}; "
+        f"warm-up: {not args.no_warmup}"
     )
-    best = sorted(pop.points, key=lambda p: -p.metrics.get("test_accuracy", 0.0))[:3]
+    best = sorted(points, key=lambda p: -p.metrics.get("test_accuracy", 0.0))[:3]
     for p in best:
         print(
             f"  lr {p.overrides['stages.train.learning_rate']:<8g} wd {p.overrides['stages.train.weight_decay']:<8g}"
@@ -126,7 +142,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(
             {
-                "points": len(seq.points),
+                "points": len(points),
                 "sequential_seconds": s_seq,
                 "population_seconds": s_pop,
                 "max_test_accuracy_difference": diff,
@@ -143,7 +159,7 @@ def main(argv=None) -> int:
                     "sequential": column(seq, "mask_sparsity"),
                     "population": column(pop, "mask_sparsity"),
                 },
-                "executor": pop.executor,
+                "executor": executors,
             },
             f,
             indent=2,
