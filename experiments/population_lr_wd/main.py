@@ -11,8 +11,9 @@ process. Prints both wall times, the chosen chunk size and which stages trained 
 the largest per-point differences between the executors of final test accuracy and mask sparsity
 (they train the same trials on the same batches) and the best points; writes ``results.json`` to
 ``--out``.
-The default 8 x 8 = 64 points is a GPU-sized run; on a 2-core CPU use e.g. ``--lrs 2 --wds 2
---steps 30 --prune-steps 10``.
+The default 8 x 8 = 64 points took about 5 min per executor on a loaded 2-core CPU;
+``--interleave`` runs one sweep per learning rate, the executors alternating, so both see the same
+load; for a quick check use e.g. ``--lrs 2 --wds 2 --steps 30 --prune-steps 10``.
 """
 
 from __future__ import annotations
