@@ -4,8 +4,10 @@ sweep API, with a hand-written plain-JAX vmapped loop as the reference ratio; on
 For each model (LeNet-300-100 ``lenet300`` and LeNet-5 ``lenet5``) and each K, the sweep runs K
 learning rates of a train-only config (digits; the same steps and batches for every trial):
 
-- ``seq trials/s``: :func:`research.sweep.sweep` with ``executor="sequential"``. Sequential
-  throughput does not depend on K, so it is measured on ``--seq-trials`` trials per round.
+- ``seq trials/s``: :func:`research.sweep.sweep` with ``executor="sequential"``, on the same K
+  trials per round by default (a sweep's own fixed work, its table, plot and directory, is then
+  shared out over as many trials in both executors); ``--seq-trials N`` measures it on N trials
+  instead (faster, but biased for K far from N).
 - ``pop trials/s``: the same sweep with ``executor="population"`` (``max_k=K``); the chooser
   measures its chunk size (``chosen K``; 1 means it fell back to one after another) and times the
   sequential executor's own jitted step against the best population program (``runner``: ``pop``
@@ -28,7 +30,7 @@ trial: training, measuring each run (accuracy, FLOPs, latency) and writing its r
 
 Run:
   python -m experiments.benchmarks.population                      # CPU: 200 steps, K in 1 8 32 128
-  python -m experiments.benchmarks.population --steps 1000 --ks 1 8 32 128 --seq-trials 8   # a GPU
+  python -m experiments.benchmarks.population --steps 1000 --ks 1 8 32 128   # a GPU
   python -m experiments.benchmarks.population --models lenet300 --ks 1 8 --steps 10 --seq-trials 2 --repeats 1
 """
 
@@ -146,7 +148,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--steps", type=int, default=200, help="train steps per trial")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seq-trials", type=int, default=4, help="trials the sequential sweep runs per round")
+    parser.add_argument(
+        "--seq-trials",
+        type=int,
+        default=0,
+        help="trials the sequential sweep runs per round (default 0: K, as the population)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="rounds per figure (the fastest is kept)")
     args = parser.parse_args(argv)
 
@@ -180,19 +187,20 @@ def main(argv=None) -> int:
             runners = {p.get("choice", {}).get("runner", "population") for p in report.executor["populations"]}
             runner = "seq" if runners == {"sequential"} else "pop"
             notes += [f"{model} K={k}: {line}" for line in report_populations(report.executor)]
+            n_seq = args.seq_trials or k
             seq_s, pop_s = [], []
             for r in range(args.repeats):
                 order = ("seq", "pop") if r % 2 == 0 else ("pop", "seq")
                 for which in order:
                     if which == "seq":
-                        seq_s.append(_sweep_seconds(config, args.seq_trials, make_executor("sequential"))[0])
+                        seq_s.append(_sweep_seconds(config, n_seq, make_executor("sequential"))[0])
                     else:
                         pop_s.append(_sweep_seconds(config, k, make_executor("population", max_k=k))[0])
             rounds.append(
-                f"{model} K={k}: seq trials/s per round {[round(args.seq_trials / t, 2) for t in seq_s]}, "
+                f"{model} K={k}: seq trials/s per round ({n_seq} trials) {[round(n_seq / t, 2) for t in seq_s]}, "
                 f"pop trials/s per round {[round(k / t, 2) for t in pop_s]} (rounds alternate seq-first, pop-first)"
             )
-            seq_tps, pop_tps = args.seq_trials / min(seq_s), k / min(pop_s)
+            seq_tps, pop_tps = n_seq / min(seq_s), k / min(pop_s)
             plain = _plain_ratio(programs, k, args.repeats)
             plain_chosen = plain if chosen == k else _plain_ratio(programs, chosen, args.repeats)
             ratio = pop_tps / seq_tps
