@@ -23,7 +23,8 @@ learning rates of a train-only config (digits; the same steps and batches for ev
   ``pop/seq`` over ``plain K``, against the plain gain at the K the row allows (stricter when
   the plain loop gains more at K than at the chosen K).
 
-Every timing is the fastest of ``--repeats`` rounds, sequential and population interleaved, the
+Every timing is the fastest of ``--repeats`` rounds (more for small K: at least ``--min-trials``
+trials per executor), sequential and population interleaved, the
 order alternating from round to round (other processes on a shared machine only ever add time);
 every round's figures are printed after the table, so the noise is visible. Both sweeps count everything a sweep does per
 trial: training, measuring each run (accuracy, FLOPs, latency) and writing its run directory.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import sys
 import tempfile
 import time
@@ -155,6 +157,12 @@ def main(argv=None) -> int:
         help="trials the sequential sweep runs per round (default 0: K, as the population)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="rounds per figure (the fastest is kept)")
+    parser.add_argument(
+        "--min-trials",
+        type=int,
+        default=8,
+        help="at least this many trials per executor over the rounds: small K get more rounds (less noise)",
+    )
     args = parser.parse_args(argv)
 
     import os
@@ -184,12 +192,13 @@ def main(argv=None) -> int:
         for k in args.ks:
             cold, report = _sweep_seconds(config, k, make_executor("population", max_k=k))
             chosen = max((p.get("k", 1) for p in report.executor["populations"]), default=1)
-            runners = {p.get("choice", {}).get("runner", "population") for p in report.executor["populations"]}
+            # a population without a measured choice (a single trial) ran as the sequential executor runs
+            runners = {p.get("choice", {}).get("runner", "sequential") for p in report.executor["populations"]}
             runner = "seq" if runners == {"sequential"} else "pop"
             notes += [f"{model} K={k}: {line}" for line in report_populations(report.executor)]
             n_seq = args.seq_trials or k
             seq_s, pop_s = [], []
-            for r in range(args.repeats):
+            for r in range(max(args.repeats, math.ceil(args.min_trials / k))):
                 order = ("seq", "pop") if r % 2 == 0 else ("pop", "seq")
                 for which in order:
                     if which == "seq":
