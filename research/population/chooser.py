@@ -108,6 +108,7 @@ def choose_k(
     stop_below: float = 0.8,
     confirm_rounds: int = 2,
     sequential: Callable[[], float] | None = None,
+    may_measure: Callable[[int], bool] | None = None,
 ) -> Choice:
     """Picks the chunk size with the most trials per second.
 
@@ -126,7 +127,11 @@ def choose_k(
       sequential: ``() -> seconds per step`` of one trial trained as the sequential executor
         trains it (its own jitted step). When given, it is timed against the best population
         program (``1 + confirm_rounds`` times each, alternately, fastest kept), and the sequential
-        path is chosen unless the population trains more trial steps per second.
+        path is chosen unless the population trains more trial steps per second. It is timed
+        first, before any population program is compiled.
+      may_measure: ``k -> whether K may still be compiled and measured`` (with ``sequential``
+        only): the executor's measurement budget. Once it says no, the search stops; with no K
+        measured, the sequential path is chosen.
 
     Returns:
       The :class:`Choice`; ``k == 1`` when no K > 1 beats one trial at a time, and
@@ -137,7 +142,11 @@ def choose_k(
     """
     measured: list[Candidate] = []
     reason = ""
+    first_seq = sequential() if sequential is not None else None
     for k in candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of):
+        if first_seq is not None and may_measure is not None and not may_measure(k):
+            reason += f"K={k} and larger not measured: the measurement budget is spent. "
+            break
         if len(measured) >= 2:
             a, b = measured[0], measured[-1]
             per_trial = (b.bytes - a.bytes) / max(b.k - a.k, 1)
@@ -161,6 +170,16 @@ def choose_k(
         if len(measured) >= 2 and tps < stop_below * best_so_far.trial_steps_per_s:
             reason += f"K={k} is slower per trial than K={best_so_far.k}; larger K not tried. "
             break
+    if not measured:  # the budget allowed no population program
+        reason += "the trials train exactly as the sequential executor trains them."
+        return Choice(
+            k=1,
+            candidates=(),
+            reason=reason.strip(),
+            memory_limit=memory_limit,
+            runner="sequential",
+            sequential_seconds=first_seq,
+        )
     best = max(measured, key=lambda c: c.trial_steps_per_s)
     if best.k > 1 and confirm_rounds > 0:
         one, times = measured[0], {1: measured[0].step_seconds, best.k: best.step_seconds}
@@ -179,7 +198,9 @@ def choose_k(
         reason += f"confirmed against K=1 over {confirm_rounds} more alternating timings. "
     one = measured[0]
     if sequential is not None:
-        return _against_sequential(n_trials, measure, sequential, measured, best, reason, memory_limit, confirm_rounds)
+        return _against_sequential(
+            n_trials, measure, sequential, first_seq, measured, best, reason, memory_limit, confirm_rounds
+        )
     if best.k == 1:
         reason += "vmap does not pay here (no K > 1 beats one trial at a time): trials train one after another."
     else:
@@ -193,14 +214,15 @@ def _against_sequential(
     n_trials: int,
     measure: Callable[[int], tuple[float, int]],
     sequential: Callable[[], float],
+    seq: float,
     measured: list[Candidate],
     best: Candidate,
     reason: str,
     memory_limit: int,
     confirm_rounds: int,
 ) -> Choice:
-    """The population's best candidate timed against the sequential executor's step, alternately."""
-    seq = sequential()
+    """The population's best candidate timed against the sequential executor's step (``seq`` its
+    first timing), alternately."""
     pop = best.step_seconds
     for _ in range(confirm_rounds):
         pop = min(pop, measure(best.k)[0])

@@ -79,6 +79,12 @@ class PopulationExecutor:
       memory_limit: bytes a chunk may use (default: the device's free memory, or half the host's).
       devices: shard the population axis over these (default: every local device of the default
         backend when there is more than one, else the first).
+      measure_budget: with the wall-clock timer, the chooser compiles and times population programs
+        only while the time it has spent (after timing the sequential step) is below this fraction
+        of the population's estimated sequential training time (trials x steps x the sequential
+        step's seconds); past it, the trials train as the sequential executor trains them. Short
+        populations (e.g. a few hundred CPU steps per trial) then never pay more for measuring
+        than the population could save. ``None``: no budget.
     """
 
     name = "population"
@@ -92,12 +98,14 @@ class PopulationExecutor:
         timer: Timer | None = None,
         memory_limit: int | None = None,
         devices: Sequence[jax.Device] | None = None,
+        measure_budget: float | None = 0.25,
     ):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None to measure it)")
         if max_k is not None and max_k < 1:
             raise ValueError(f"max_k={max_k} must be >= 1")
         self.chunk_size, self.max_k, self.block_steps = chunk_size, max_k, block_steps
+        self.measure_budget = measure_budget
         self.timer = timer or time_call
         self.devices = list(devices) if devices else jax.local_devices()
         self.memory_limit = memory_limit
@@ -261,8 +269,32 @@ class PopulationExecutor:
                 if needed > limit:
                     raise MemoryError(f"chunk_size={k} needs {needed:,} bytes > the {limit:,} available")
             return Choice(k=k, candidates=(), reason=f"chunk_size={k} given", memory_limit=limit)
-        sequential = (lambda: trainer.sequential_step_seconds(self.timer)) if trainer.configs else None
-        return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple, sequential=sequential)
+        if not trainer.configs:
+            return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
+        seq_seconds: list[float] = []
+        started: list[float] = []
+
+        def sequential() -> float:
+            seq_seconds.append(trainer.sequential_step_seconds(self.timer))
+            return seq_seconds[-1]
+
+        def may_measure(k: int) -> bool:  # wall clock, from after the sequential step's first timing
+            del k
+            if not started:
+                started.append(time.perf_counter())
+            budget = self.measure_budget * n * trainer.steps * min(seq_seconds)
+            return time.perf_counter() - started[0] < budget
+
+        budgeted = self.measure_budget is not None and self.timer is time_call
+        return choose_k(
+            n,
+            measure,
+            memory_limit=limit,
+            max_k=self.max_k,
+            multiple_of=multiple,
+            sequential=sequential,
+            may_measure=may_measure if budgeted else None,
+        )
 
     def _run_plain(self, trainer, jobs, number, progress, plotter, why) -> Iterator[Outcome]:
         """The trials trained exactly as the sequential executor trains them (each stage's own jitted

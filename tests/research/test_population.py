@@ -269,7 +269,24 @@ def test_sequential_step_timings_alternate_with_the_best_program_and_keep_the_fa
 
     choice = choose_k(2, pop, memory_limit=10**9, sequential=seq, confirm_rounds=2)
     assert choice.runner == "sequential" and choice.sequential_seconds == 0.4
-    assert order == [1, 2, 1, 2, 1, 2, "seq", 2, "seq", 2, "seq"]
+    assert order == ["seq", 1, 2, 1, 2, 1, 2, 2, "seq", 2, "seq"]  # the sequential step first
+
+
+def test_chooser_stops_measuring_when_the_budget_is_spent():
+    measured = []
+
+    def pop(k):
+        measured.append(k)
+        return {1: 1.0, 2: 1.0, 4: 1.0}[k], 0
+
+    # the budget allows K=1 only: K=2 is never compiled; K=1 is compared with the sequential step
+    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: 0.8, may_measure=lambda k: k < 2)
+    assert set(measured) == {1} and choice.runner == "sequential" and "budget is spent" in choice.reason
+    # no budget at all: no population program is compiled; the sequential path
+    measured.clear()
+    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: 2.0, may_measure=lambda k: False)
+    assert measured == [] and choice.runner == "sequential" and choice.candidates == ()
+    assert choice.sequential_seconds == 2.0
 
 
 def test_population_falls_back_to_the_sequential_executor_when_its_step_is_faster(config_file, tmp_path):
