@@ -7,8 +7,9 @@ finished trial is read back, not rerun, by any executor, and the tables read the
 
 - ``sequential``: :func:`research.run.run` per trial, one after another.
 - ``population``: trials that share architecture and data train their leading ``train`` stage as
-  one vmapped program (:mod:`research.population`); the chunk size is measured first and the
-  executor falls back to one after another when vmap does not pay.
+  one vmapped program (:mod:`research.population`); the chunk size is measured first, against
+  the sequential executor's own step, and the trials run exactly as the sequential executor runs
+  them when no population program is faster.
 - ``ray``: one Ray task per trial with declared CPUs/GPUs, on a local Ray or a cluster
   (:mod:`research.distributed.ray_executor`; Ray is the optional extra ``slimjax[ray]``).
 

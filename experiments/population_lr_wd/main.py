@@ -11,8 +11,9 @@ process. Prints both wall times, the chosen chunk size and which stages trained 
 the largest per-point differences between the executors of final test accuracy and mask sparsity
 (they train the same trials on the same batches) and the best points; writes ``results.json`` to
 ``--out``.
-The default 8 x 8 = 64 points is a GPU-sized run; on a 2-core CPU use e.g. ``--lrs 2 --wds 2
---steps 30 --prune-steps 10``.
+The default 8 x 8 = 64 points took about 5 min per executor on a loaded 2-core CPU;
+``--interleave`` runs one sweep per learning rate, the executors alternating, so both see the same
+load; for a quick check use e.g. ``--lrs 2 --wds 2 --steps 30 --prune-steps 10``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="the population executor's K (default: measured by its chooser)"
     )
+    parser.add_argument(
+        "--population-first", action="store_true", help="run the population sweep before the sequential one"
+    )
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the one-point sequential sweep that first compiles the steps both executors share",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="one sweep per learning rate (a row of the grid), sequential and population alternating row by row "
+        "(the order flipping each row), so that both executors see the same machine load; times are summed",
+    )
     args = parser.parse_args(argv)
     register_all_stages()
     grid = {
@@ -71,33 +86,55 @@ def main(argv=None) -> int:
     config = make_config(args.steps, args.prune_steps)
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    for name in ("sequential", "population"):
-        workdir = os.path.join(args.out, name)
-        t0 = time.perf_counter()
-        options = {"chunk_size": args.chunk_size} if name == "population" and args.chunk_size else {}
-        executor = make_executor(name, **options)
-        report = sweep(config, grid, workdir, progress=False, overwrite=True, executor=executor)
-        results[name] = {"seconds": time.perf_counter() - t0, "report": report}
-    seq, pop = results["sequential"]["report"], results["population"]["report"]
+    if not args.no_warmup:  # compiles the jitted steps of both stages (shared by every point of either executor)
+        first = {k: v[:1] for k, v in grid.items()}
+        sweep(config, first, os.path.join(args.out, "warmup"), progress=False, overwrite=True, executor="sequential")
+    lr_key = "stages.train.learning_rate"
+    rows = [{**grid, lr_key: [lr]} for lr in grid[lr_key]] if args.interleave else [grid]
+    order = ("population", "sequential") if args.population_first else ("sequential", "population")
+    results = {name: {"seconds": 0.0, "reports": []} for name in order}
+    for r, row in enumerate(rows):
+        for name in order if r % 2 == 0 else order[::-1]:
+            workdir = os.path.join(args.out, name, f"row{r}") if args.interleave else os.path.join(args.out, name)
+            t0 = time.perf_counter()
+            options = {"chunk_size": args.chunk_size} if name == "population" and args.chunk_size else {}
+            executor = make_executor(name, **options)
+            report = sweep(config, row, workdir, progress=False, overwrite=True, executor=executor)
+            results[name]["seconds"] += time.perf_counter() - t0
+            results[name]["reports"].append(report)
+    seq, pop = "sequential", "population"
 
-    def column(report, key):
-        return [p.metrics.get(key, float("nan")) for p in report.points]
+    def column(name, key):
+        return [p.metrics.get(key, float("nan")) for rep in results[name]["reports"] for p in rep.points]
 
-    diff = float(np.nanmax(np.abs(np.subtract(column(seq, "test_accuracy"), column(pop, "test_accuracy")))))
+    acc_diffs = np.abs(np.subtract(column(seq, "test_accuracy"), column(pop, "test_accuracy")))
+    diff = float(np.nanmax(acc_diffs))
     mask_diff = float(np.nanmax(np.abs(np.subtract(column(seq, "mask_sparsity"), column(pop, "mask_sparsity")))))
     s_seq, s_pop = results["sequential"]["seconds"], results["population"]["seconds"]
-    print(f"{len(seq.points)} points, LeNet-300-100 on mnist5k, {args.steps} train + {args.prune_steps} prune steps")
+    points = [p for rep in results[pop]["reports"] for p in rep.points]
+    print(f"{len(points)} points, LeNet-300-100 on mnist5k, {args.steps} train + {args.prune_steps} prune steps")
     print(f"load average: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(f"sequential executor: {s_seq:8.1f} s")
     print(f"population executor: {s_pop:8.1f} s   ({s_seq / s_pop:.2f}x)")
-    for line in report_populations(pop.executor):
+    executors = [rep.executor for rep in results[pop]["reports"]]
+    for line in dict.fromkeys(line for e in executors for line in report_populations(e)):
         print("  " + line)
-    later = [s for p in pop.executor.get("populations", []) for s in p.get("later_stages", [])]
+    later = [s for e in executors for p in e.get("populations", []) for s in p.get("later_stages", [])]
     print(f"  prune stage fine-tuned as populations: {later}")
     print(
         f"largest per-point difference between the executors: test accuracy {diff:.4f}, mask sparsity {mask_diff:.4f}"
     )
-    best = sorted(pop.points, key=lambda p: -p.metrics.get("test_accuracy", 0.0))[:3]
+    print(
+        f"points with identical test accuracy: {int(np.sum(acc_diffs == 0))}/{len(acc_diffs)}; "
+        f"mean |difference| {float(np.nanmean(acc_diffs)):.5f}; differing by more than 0.002: "
+        f"{int(np.sum(acc_diffs > 0.002))}"
+    )
+    print(
+        f"order: {'population first' if args.population_first else 'sequential first'}"
+        f"{', alternating row by row (one sweep per learning rate)' if args.interleave else ''}; "
+        f"warm-up: {not args.no_warmup}"
+    )
+    best = sorted(points, key=lambda p: -p.metrics.get("test_accuracy", 0.0))[:3]
     for p in best:
         print(
             f"  lr {p.overrides['stages.train.learning_rate']:<8g} wd {p.overrides['stages.train.weight_decay']:<8g}"
@@ -106,10 +143,12 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(
             {
-                "points": len(seq.points),
+                "points": len(points),
                 "sequential_seconds": s_seq,
                 "population_seconds": s_pop,
                 "max_test_accuracy_difference": diff,
+                "identical_test_accuracy_points": int(np.sum(acc_diffs == 0)),
+                "mean_test_accuracy_difference": float(np.nanmean(acc_diffs)),
                 "max_mask_sparsity_difference": mask_diff,
                 "load_average": os.getloadavg(),
                 "args": vars(args),
@@ -117,7 +156,11 @@ def main(argv=None) -> int:
                     "sequential": column(seq, "test_accuracy"),
                     "population": column(pop, "test_accuracy"),
                 },
-                "executor": pop.executor,
+                "points_mask_sparsity": {
+                    "sequential": column(seq, "mask_sparsity"),
+                    "population": column(pop, "mask_sparsity"),
+                },
+                "executor": executors,
             },
             f,
             indent=2,

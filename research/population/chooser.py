@@ -5,6 +5,14 @@
 most trials per second over the whole population (the last chunk is padded, so a K that leaves a
 mostly empty last chunk pays for it). K=1 means vmap does not pay (e.g. convolutions on a CPU,
 which vmap lowers to grouped convolutions): the trials then run one after another.
+
+The population's programs are not the only way to train the trials: the sequential executor
+trains each one with its own jitted step, called once per step from Python. Given ``sequential``
+(seconds per step of that step, timed the way the sequential executor calls it), :func:`choose_k`
+times it against the best population program, alternately, and picks the sequential path
+(``runner == "sequential"``) unless the population is faster per trial step: on a CPU a
+convolution inside the population's scanned program can be slower than the plain step even at
+K=1, and then the population must not train slower than the sequential executor would.
 """
 
 from __future__ import annotations
@@ -13,6 +21,10 @@ import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
+
+SEQUENTIAL_K = 0
+"""The ``k`` a :data:`research.population.trainer.Timer` is called with for the sequential
+executor's own step (one trial, one jitted call per step): not a chunk size."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,23 +50,33 @@ class Choice:
       candidates: every measured K, in order.
       reason: one sentence on why this K.
       memory_limit: the bytes a chunk may use.
+      runner: ``"population"`` (the population's compiled programs, K at a time) or
+        ``"sequential"`` (each trial trained exactly as the sequential executor trains it: its
+        plain jitted step was measured faster than every population program).
+      sequential_seconds: the measured seconds per step of the sequential executor's step
+        (``None`` when it was not measured).
     """
 
     k: int
     candidates: tuple[Candidate, ...]
     reason: str
     memory_limit: int
+    runner: str = "population"
+    sequential_seconds: float | None = None
 
     @property
     def sequential(self) -> bool:
+        """Whether the trials train one after another (K=1 or the sequential executor's path)."""
         return self.k == 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "k": self.k,
+            "runner": self.runner,
             "reason": self.reason,
             "memory_limit": self.memory_limit,
             "candidates": [c.to_dict() for c in self.candidates],
+            "sequential_step_seconds": self.sequential_seconds,
         }
 
 
@@ -85,6 +107,8 @@ def choose_k(
     multiple_of: int = 1,
     stop_below: float = 0.8,
     confirm_rounds: int = 2,
+    sequential: Callable[[], float] | None = None,
+    may_measure: Callable[[int], bool] | None = None,
 ) -> Choice:
     """Picks the chunk size with the most trials per second.
 
@@ -100,16 +124,29 @@ def choose_k(
       confirm_rounds: when a K > 1 wins, K=1 and it are timed again this many times, alternately,
         and each keeps its fastest time: on a loaded machine one lucky (or unlucky) timing of the
         search must not decide alone.
+      sequential: ``() -> seconds per step`` of one trial trained as the sequential executor
+        trains it (its own jitted step). When given, it is timed against the best population
+        program (``1 + confirm_rounds`` times each, alternately, fastest kept), and the sequential
+        path is chosen unless the population trains more trial steps per second. It is timed
+        first, before any population program is compiled.
+      may_measure: ``k -> whether K may still be compiled and measured`` (with ``sequential``
+        only): the executor's measurement budget. Once it says no, the search stops; with no K
+        measured, the sequential path is chosen.
 
     Returns:
-      The :class:`Choice`; ``k == 1`` when no K > 1 beats one trial at a time.
+      The :class:`Choice`; ``k == 1`` when no K > 1 beats one trial at a time, and
+      ``runner == "sequential"`` when the sequential executor's step beats every population program.
 
     Raises:
       MemoryError: even one trial does not fit in ``memory_limit``.
     """
     measured: list[Candidate] = []
     reason = ""
+    first_seq = sequential() if sequential is not None else None
     for k in candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of):
+        if first_seq is not None and may_measure is not None and not may_measure(k):
+            reason += f"K={k} and larger not measured: the measurement budget is spent. "
+            break
         if len(measured) >= 2:
             a, b = measured[0], measured[-1]
             per_trial = (b.bytes - a.bytes) / max(b.k - a.k, 1)
@@ -133,6 +170,16 @@ def choose_k(
         if len(measured) >= 2 and tps < stop_below * best_so_far.trial_steps_per_s:
             reason += f"K={k} is slower per trial than K={best_so_far.k}; larger K not tried. "
             break
+    if not measured:  # the budget allowed no population program
+        reason += "the trials train exactly as the sequential executor trains them."
+        return Choice(
+            k=1,
+            candidates=(),
+            reason=reason.strip(),
+            memory_limit=memory_limit,
+            runner="sequential",
+            sequential_seconds=first_seq,
+        )
     best = max(measured, key=lambda c: c.trial_steps_per_s)
     if best.k > 1 and confirm_rounds > 0:
         one, times = measured[0], {1: measured[0].step_seconds, best.k: best.step_seconds}
@@ -150,6 +197,10 @@ def choose_k(
         best = max(confirmed.values(), key=lambda c: c.trial_steps_per_s)
         reason += f"confirmed against K=1 over {confirm_rounds} more alternating timings. "
     one = measured[0]
+    if sequential is not None:
+        return _against_sequential(
+            n_trials, measure, sequential, first_seq, measured, best, reason, memory_limit, confirm_rounds
+        )
     if best.k == 1:
         reason += "vmap does not pay here (no K > 1 beats one trial at a time): trials train one after another."
     else:
@@ -157,3 +208,51 @@ def choose_k(
             f"K={best.k}: {best.trial_steps_per_s / one.trial_steps_per_s:.2f}x the trial steps per second of K=1."
         )
     return Choice(k=best.k, candidates=tuple(measured), reason=reason.strip(), memory_limit=memory_limit)
+
+
+def _against_sequential(
+    n_trials: int,
+    measure: Callable[[int], tuple[float, int]],
+    sequential: Callable[[], float],
+    seq: float,
+    measured: list[Candidate],
+    best: Candidate,
+    reason: str,
+    memory_limit: int,
+    confirm_rounds: int,
+) -> Choice:
+    """The population's best candidate timed against the sequential executor's step (``seq`` its
+    first timing), alternately."""
+    pop = best.step_seconds
+    for _ in range(confirm_rounds):
+        pop = min(pop, measure(best.k)[0])
+        seq = min(seq, sequential())
+    chunks = math.ceil(n_trials / best.k)
+    best = dataclasses.replace(best, step_seconds=pop, trial_steps_per_s=n_trials / (chunks * pop))
+    measured = [best if c.k == best.k else c for c in measured]
+    seq_tps = 1.0 / seq if seq > 0 else math.inf
+    figures = f"{best.trial_steps_per_s:.4g} trial steps/s at K={best.k} against {seq_tps:.4g} for the sequential step"
+    if seq_tps >= best.trial_steps_per_s:
+        reason += (
+            f"the sequential executor's own jitted step is at least as fast as every population program ({figures}): "
+            "the trials train exactly as the sequential executor trains them."
+        )
+        return Choice(
+            k=1,
+            candidates=tuple(measured),
+            reason=reason.strip(),
+            memory_limit=memory_limit,
+            runner="sequential",
+            sequential_seconds=seq,
+        )
+    one = measured[0]
+    if best.k == 1:
+        reason += f"vmap does not pay here, but the population's K=1 program beats the sequential step ({figures})."
+    else:
+        reason += (
+            f"K={best.k}: {best.trial_steps_per_s / one.trial_steps_per_s:.2f}x the trial steps per second of K=1 "
+            f"({figures})."
+        )
+    return Choice(
+        k=best.k, candidates=tuple(measured), reason=reason.strip(), memory_limit=memory_limit, sequential_seconds=seq
+    )

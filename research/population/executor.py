@@ -7,7 +7,10 @@ For the trials it is given, it
    each extra population is separate goes into :meth:`PopulationExecutor.summary`);
 3. per population, measures the chunk size K (:func:`research.population.chooser.choose_k`) and
    trains the leading ``train`` stage of K trials at a time (:class:`PopulationTrainer`); when
-   vmap does not pay (K=1) the trials train one after another with the same compiled program;
+   vmap does not pay (K=1) the trials train one after another, with the population's K=1 program
+   or, when the sequential executor's own jitted step was measured at least as fast, exactly as
+   the sequential executor trains them (``runner == "sequential"``: the population is never
+   slower than that path for its training);
 4. hands each trained model to :func:`research.run.run` as that trial's stage 0, which stores and
    reports it exactly as a sequential run (measured together: :mod:`research.population.measure`);
    later stages (prune, quantize, export...) run per trial from it, each trial's run in its own
@@ -34,6 +37,7 @@ import jax
 import numpy as np
 
 from research import store
+from research import workdir as workdir_lib
 from research.executors import Job
 from research.executors import Outcome
 from research.executors import finished_report
@@ -44,6 +48,7 @@ from research.population.keys import signature
 from research.population.keys import split_populations
 from research.population.later import TrialThread
 from research.population.later import request_key
+from research.population.later import save_progress
 from research.population.later import train_requests
 from research.population.later import write_trial
 from research.population.measure import LATENCY_NOTE
@@ -55,6 +60,7 @@ from research.population.trainer import TrialResult
 from research.population.trainer import memory_limit_bytes
 from research.population.trainer import time_call
 from research.stages import FINE_TUNE_RUNNER
+from research.workdir import WorkdirLock
 
 _PROGRAMS: dict = {}  # compiled population programs of this process, by signature and K (as the
 # sequential executor's jitted train steps are kept for the process: research.train.make_train_step)
@@ -73,6 +79,12 @@ class PopulationExecutor:
       memory_limit: bytes a chunk may use (default: the device's free memory, or half the host's).
       devices: shard the population axis over these (default: every local device of the default
         backend when there is more than one, else the first).
+      measure_budget: with the wall-clock timer, the chooser compiles and times population programs
+        only while the time it has spent (after timing the sequential step) is below this fraction
+        of the population's estimated sequential training time (trials x steps x the sequential
+        step's seconds); past it, the trials train as the sequential executor trains them. Short
+        populations (e.g. a few hundred CPU steps per trial) then never pay more for measuring
+        than the population could save. ``None``: no budget.
     """
 
     name = "population"
@@ -86,12 +98,14 @@ class PopulationExecutor:
         timer: Timer | None = None,
         memory_limit: int | None = None,
         devices: Sequence[jax.Device] | None = None,
+        measure_budget: float | None = 0.25,
     ):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None to measure it)")
         if max_k is not None and max_k < 1:
             raise ValueError(f"max_k={max_k} must be >= 1")
         self.chunk_size, self.max_k, self.block_steps = chunk_size, max_k, block_steps
+        self.measure_budget = measure_budget
         self.timer = timer or time_call
         self.devices = list(devices) if devices else jax.local_devices()
         self.memory_limit = memory_limit
@@ -169,13 +183,36 @@ class PopulationExecutor:
                     yield run_one(job, progress=progress, note=entry["why"])
                 continue
             entry.update(k=choice.k, why=choice.reason, choice=choice.to_dict(), devices=len(trainer.devices))
-            # K=1 still trains with the population's compiled program: one trial after another,
-            # compiled once for all of them (a sequential run compiles its step per run).
-            for start in range(0, len(members), choice.k):
-                chunk = list(range(start, min(start + choice.k, len(members))))
-                yield from self._run_chunk(
-                    trainer, [members[i] for i in chunk], chunk, choice.k, number, progress, plotter, entry
-                )
+            if choice.runner == "sequential":
+                why = "its step measured faster" if choice.candidates else choice.reason
+                yield from self._run_plain(trainer, members, number, progress, plotter, why)
+                continue
+            # K=1 here trains with the population's compiled program, one trial after another: it was
+            # measured faster than the sequential executor's step (else runner == "sequential" above).
+            # Trials of a killed sweep resume from their checkpoints: chunks of one resume step each.
+            resumed = _resume_points(trainer, members)
+            finish_alone = [i for i, (_, step) in resumed.items() if step >= trainer.steps]
+            for i in finish_alone:  # checkpointed at the last step, not stored: run() finishes it
+                yield run_one(members[i], progress=progress, note="resumed after its last checkpoint")
+            by_start: dict[int, list[int]] = {}
+            for i in range(len(members)):
+                if i not in finish_alone:
+                    by_start.setdefault(resumed[i][1] if i in resumed else 0, []).append(i)
+            for start_step, positions in sorted(by_start.items()):
+                for first in range(0, len(positions), choice.k):
+                    chunk = positions[first : first + choice.k]
+                    yield from self._run_chunk(
+                        trainer,
+                        [members[i] for i in chunk],
+                        chunk,
+                        choice.k,
+                        number,
+                        progress,
+                        plotter,
+                        entry,
+                        start=start_step,
+                        states=[resumed[i][0] for i in chunk] if start_step else None,
+                    )
 
     def _devices(self, n_trials: int) -> list[jax.Device]:
         """Shard over every device only when the population fills them."""
@@ -192,12 +229,24 @@ class PopulationExecutor:
         return self._choose(trainer, n).k
 
     def _choose(self, trainer: PopulationTrainer, n: int) -> Choice:
-        if n == 1:
-            limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
-            return Choice(k=1, candidates=(), reason="a single trial", memory_limit=limit)
-        memo = (trainer.program_key, n, self.chunk_size, self.max_k, self.memory_limit)
         # Measured with the real timer, a choice holds for the process (as its compiled programs do).
         choices = _CHOICES if self.timer is time_call else self._choices
+        if n == 1:
+            limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+            # as measured for larger batches of this program (a tune study's), else as the sequential executor
+            earlier = [c for m, c in choices.items() if m[0] == trainer.program_key and self.chunk_size is None]
+            if earlier and earlier[-1].runner == "population":
+                return Choice(
+                    k=1, candidates=(), reason="a single trial (its K=1 program measured faster)", memory_limit=limit
+                )
+            return Choice(
+                k=1,
+                candidates=(),
+                reason="a single trial, trained as the sequential executor trains it",
+                memory_limit=limit,
+                runner="sequential",
+            )
+        memo = (trainer.program_key, n, self.chunk_size, self.max_k, self.memory_limit)
         if memo not in choices:
             choices[memo] = self._measure_choice(trainer, n)
         return choices[memo]
@@ -220,15 +269,57 @@ class PopulationExecutor:
                 if needed > limit:
                     raise MemoryError(f"chunk_size={k} needs {needed:,} bytes > the {limit:,} available")
             return Choice(k=k, candidates=(), reason=f"chunk_size={k} given", memory_limit=limit)
-        return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
+        if not trainer.configs:
+            return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
+        seq_seconds: list[float] = []
+        started: list[float] = []
 
-    def _run_chunk(self, trainer, jobs, indices, k, number, progress, plotter, entry) -> Iterator[Outcome]:
+        def sequential() -> float:
+            seq_seconds.append(trainer.sequential_step_seconds(self.timer))
+            return seq_seconds[-1]
+
+        def may_measure(k: int) -> bool:  # wall clock, from after the sequential step's first timing
+            del k
+            if not started:
+                started.append(time.perf_counter())
+            budget = self.measure_budget * n * trainer.steps * min(seq_seconds)
+            return time.perf_counter() - started[0] < budget
+
+        budgeted = self.measure_budget is not None and self.timer is time_call
+        return choose_k(
+            n,
+            measure,
+            memory_limit=limit,
+            max_k=self.max_k,
+            multiple_of=multiple,
+            sequential=sequential,
+            may_measure=may_measure if budgeted else None,
+        )
+
+    def _run_plain(self, trainer, jobs, number, progress, plotter, why) -> Iterator[Outcome]:
+        """The trials trained exactly as the sequential executor trains them (each stage's own jitted
+        step), one after another; only the untrained bundle and the curves' figure are shared."""
+        from research.run import RunHooks  # pylint: disable=import-outside-toplevel
+
+        note = f"population {number}: one after another as the sequential executor trains ({why})"
+        for index, job in enumerate(jobs):
+            hooks = RunHooks(bundle=functools.partial(trainer.bundle, index), plot=plotter)
+            yield run_one(job, progress=progress, note=note, hooks=hooks)
+
+    def _run_chunk(
+        self, trainer, jobs, indices, k, number, progress, plotter, entry, *, start=0, states=None
+    ) -> Iterator[Outcome]:
         from research.run import RunHooks  # pylint: disable=import-outside-toplevel
 
         t_chunk = time.perf_counter()
         measurer = PopulationMeasurer(number, self._latencies)
+
+        def save(step, j, state, losses):  # a checkpoint where a sequential run saves one
+            with WorkdirLock(jobs[j].run_dir):
+                save_progress(_stage_dir(jobs[j]), step, state, losses, start)
+
         try:
-            results = trainer.train(indices, k)
+            results = trainer.train(indices, k, start=start, states=states, on_checkpoint=save)
             keys = [j.key for j in jobs]
             measurer.evaluate(0, keys, [r.model for r in results], [trainer.bundle(i).dataset for i in indices], k)
         except Exception as e:  # the chunk's program failed: its trials run alone
@@ -309,6 +400,31 @@ class PopulationExecutor:
                     continue
                 replies[id(t)] = (result.model, rows, (defs, result.state), notes)
         return replies
+
+
+def _stage_dir(job: Job) -> str:
+    return os.path.join(job.run_dir, workdir_lib.STAGES_DIR, f"0_{job.config.stages[0].kind}")
+
+
+def _resume_points(trainer: PopulationTrainer, jobs: Sequence[Job]) -> dict[int, tuple[Any, int]]:
+    """``{position: (train state, step)}`` of the trials whose first stage a killed sweep left
+    checkpointed. A trial that will checkpoint (or has a stage directory) first gets what
+    :func:`research.run.run` prepares before a stage (``config.json``, the stage's ``key.json``;
+    a directory of another config moved aside), so its checkpoints are resumed by any executor."""
+    out = {}
+    for i, job in enumerate(jobs):
+        sdir = _stage_dir(job)
+        if not (trainer.checkpoint_steps(i) or os.path.isdir(sdir)):
+            continue
+        with WorkdirLock(job.run_dir):
+            workdir_lib.reconcile(job.run_dir, job.config)
+            label = os.path.basename(sdir)
+            keys = workdir_lib.stage_keys(job.config)
+            workdir_lib.prepare_stage_dir(job.run_dir, label, keys[0], workdir_lib.stage_prefix(job.config, 0))
+            found = trainer.restore(i, os.path.join(sdir, "checkpoints"))
+        if found is not None:
+            out[i] = found
+    return out
 
 
 def _first_stage_stored(job: Job) -> bool:

@@ -150,17 +150,58 @@ def train_requests(
         block_steps=block_steps,
         devices=devices[:1] if k % len(devices) else devices,
         cache=cache,
+        checkpoint_every=[r.kwargs.get("checkpoint_every", 100) for r in requests],
     )
     out: list[TrialResult] = []
-    for start in range(0, len(members), k):
-        out += trainer.train(list(range(start, min(start + k, len(members)))), k)
+    for first in range(0, len(members), k):
+        chunk = list(range(first, min(first + k, len(members))))
+
+        def save(step, j, state, losses, chunk=chunk):
+            save_progress(requests[chunk[j]].kwargs["workdir"], step, state, losses)
+
+        out += trainer.train(chunk, k, on_checkpoint=save)
     return out, trainer.defs
+
+
+def _train_rows(workdir: str, losses: np.ndarray, start: int) -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` rows of a trial: those of steps up to ``start`` already in the file (a
+    resumed trial's), then one per step of ``losses`` (steps ``start + 1`` on)."""
+    from research.train import read_metrics  # pylint: disable=import-outside-toplevel
+
+    rows = [r for r in read_metrics(workdir) if r.get("step", 0) <= start] if start else []
+    return rows + [{"step": start + i + 1, "split": "train", "loss": float(v)} for i, v in enumerate(losses)]
+
+
+def _write_rows(workdir: str, rows: list[dict[str, Any]]) -> None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def save_progress(workdir, step: int, state: Any, losses: np.ndarray, start: int = 0) -> None:
+    """What :func:`research.train.fit` has on disk at checkpoint ``step`` of a trial trained in a
+    population: ``metrics.jsonl`` with every step's loss up to ``step`` and the checkpoint (the
+    last two are kept, as a sequential run keeps them), so a killed sweep resumes from it.
+
+    ``losses`` are those of steps ``start + 1 .. step``.
+    """
+    from research.train import Checkpointer  # pylint: disable=import-outside-toplevel
+
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    _write_rows(workdir, _train_rows(workdir, np.asarray(losses, np.float64), start))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        ckpt.save(step, state)
+    finally:
+        ckpt.close()
 
 
 def write_trial(workdir, result: TrialResult, val_row: dict[str, float] | None) -> list[dict[str, Any]]:
     """Writes what :func:`research.train.fit` leaves in a stage directory for a trial trained in a
     population (``metrics.jsonl``: every step's loss, then the validation row; the final
-    checkpoint) and returns the rows.
+    checkpoint) and returns the rows (a resumed trial's rows up to ``result.start`` are kept).
 
     Raises:
       NonFiniteLossError: a loss was NaN or infinite (the rows up to it are written; no checkpoint).
@@ -172,21 +213,28 @@ def write_trial(workdir, result: TrialResult, val_row: dict[str, float] | None) 
     os.makedirs(workdir, exist_ok=True)
     losses = np.asarray(result.losses, np.float64)
     bad = np.flatnonzero(~np.isfinite(losses))
-    rows = [{"step": i + 1, "split": "train", "loss": float(v)} for i, v in enumerate(losses)]
-    stop = int(bad[0]) + 1 if bad.size else len(rows)
+    rows = _train_rows(workdir, losses, result.start)
+    stop = len(rows) - len(losses) + (int(bad[0]) + 1 if bad.size else len(losses))
     rows = rows[:stop]
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    if bad.size:
-        raise NonFiniteLossError(stop, float(losses[stop - 1]), None, None)
+    _write_rows(workdir, rows)
+    last = result.start + len(losses)
+    if bad.size:  # as fit() stops: the last good checkpoint (if one was saved) is kept
+        ckpts = os.path.join(workdir, "checkpoints")
+        kept = None
+        if os.path.isdir(ckpts) and os.listdir(ckpts):
+            ckpt = Checkpointer(ckpts)
+            kept = ckpt.latest_step()
+            ckpt.close()
+        raise NonFiniteLossError(rows[-1]["step"], rows[-1]["loss"], kept, ckpts if kept is not None else None)
     if result.state is not None:  # the final checkpoint a sequential run leaves
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
         try:
-            ckpt.save(len(losses), result.state)
+            if ckpt.latest_step() != last:
+                ckpt.save(last, result.state)
         finally:
             ckpt.close()
     if val_row is not None:  # the last row of a sequential run's metrics.jsonl
-        row = {"step": len(losses), "split": "val", **val_row}
+        row = {"step": last, "split": "val", **val_row}
         with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)

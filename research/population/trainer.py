@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -50,16 +51,18 @@ class Member:
 
 @dataclasses.dataclass
 class TrialResult:
-    """One trial trained in a population: its model, per-step training losses and final train state
-    (the tree a sequential run checkpoints at its last step)."""
+    """One trial trained in a population: its model, per-step training losses (of steps ``start + 1``
+    on) and final train state (the tree a sequential run checkpoints at its last step); ``start`` is
+    the step it resumed from (a checkpoint of a killed sweep), 0 when it trained from the start."""
 
     model: nnx.Module
     losses: np.ndarray
     seconds: float
     state: Any = None
+    start: int = 0
 
 
-def time_call(k: int, fn: Callable[[], Any], repeats: int = 5) -> float:
+def time_call(k: int, fn: Callable[[], Any], repeats: int = 3) -> float:
     """Seconds of one call of ``fn`` (compiled already): the fastest of ``repeats`` after a warm-up.
 
     The minimum, not the median: other processes on the machine only ever add time.
@@ -96,6 +99,10 @@ class PopulationTrainer:
       devices: shard the population axis over these devices (default: the first local device).
       cache: compiled programs and their bytes, shared by trainers of the same population
         signature (a tune study's batches compile once).
+
+    Each trial's ``checkpoint_every`` (of its stage) says where :meth:`train` stops a block to hand
+    the trial's state to its ``on_checkpoint`` callback, as a sequential run checkpoints; the block
+    length is cut down to a divisor of the checkpoint cadence when that costs at most half of it.
 
     Raises:
       ValueError: no configs, or trials that differ outside the population keys.
@@ -138,7 +145,8 @@ class PopulationTrainer:
             for c in configs
         ]
         key = json.dumps(signature(configs[0]), sort_keys=True, default=str)
-        self._setup(members, self.stage.steps, self.stage.batch_size, key, block_steps, devices, cache)
+        every = [c.stages[0].checkpoint_every for c in configs]
+        self._setup(members, self.stage.steps, self.stage.batch_size, key, block_steps, devices, cache, every=every)
 
     @classmethod
     def for_members(
@@ -152,26 +160,32 @@ class PopulationTrainer:
         devices: Sequence[jax.Device] | None = None,
         cache: dict | None = None,
         loss_fn=None,
+        checkpoint_every: Sequence[int] | int = 0,
     ) -> PopulationTrainer:
         """A trainer of given models and optimizers (a later stage's fine-tuning of K trials).
 
         ``program_key`` (hashable) names everything the members' train step bakes in (optimizer
         settings but the values in its state, wrapper structure, model graph, data shapes); members
         of one trainer must agree on it. Their optimizers' states hold what differs (learning rate,
-        weight decay, a pruning wrapper's targets).
+        weight decay, a pruning wrapper's targets). ``checkpoint_every``: one cadence for all, or
+        one per member (0: only the final state).
         """
         if not members:
             raise ValueError("no members; give at least one")
         self = cls.__new__(cls)
         self.configs, self.stage, self._bundles = [], None, {}
         self.dataset = None
-        self._setup(list(members), steps, batch_size, program_key, block_steps, devices, cache, loss_fn)
+        every = [checkpoint_every] * len(members) if isinstance(checkpoint_every, int) else list(checkpoint_every)
+        self._setup(list(members), steps, batch_size, program_key, block_steps, devices, cache, loss_fn, every=every)
         return self
 
-    def _setup(self, members, steps, batch_size, key, block_steps, devices, cache, loss_fn=None):
+    def _setup(self, members, steps, batch_size, key, block_steps, devices, cache, loss_fn=None, every=()):
         self.members = members
         self.steps = steps
-        self.block_steps = max(1, min(block_steps, self.steps))
+        self.checkpoint_every = [int(c) for c in every] if every else [0] * len(members)
+        if len(self.checkpoint_every) != len(members):
+            raise ValueError(f"{len(self.checkpoint_every)} checkpoint cadences for {len(members)} members")
+        self.block_steps = _block_length(block_steps, steps, self.checkpoint_every)
         self.devices = list(devices) if devices else [jax.local_devices()[0]]
         seeds = sorted({m.seed for m in members})
         self._data_id = {s: i for i, s in enumerate(seeds)}
@@ -266,13 +280,17 @@ class PopulationTrainer:
             states.append(s)
         return self._put(jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *states))
 
-    def batch_indices(self, indices: Sequence[int], start: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(idx [block, K, batch], valid [block])`` for steps ``start ..`` of trials ``indices``
-        (``idx [block, batch]`` when the trials share one seed, hence their batches)."""
+    def batch_indices(
+        self, indices: Sequence[int], start: int, stop: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(idx [block, K, batch], valid [block])`` for steps ``start ..`` (before ``stop``, default
+        the last step) of trials ``indices`` (``idx [block, batch]`` when the trials share one seed,
+        hence their batches)."""
+        stop = self.steps if stop is None else min(stop, self.steps)
         if self.shared_batches:
             (sampler,) = self._samplers.values()
             idx = np.zeros((self.block_steps, self.batch_size), np.int32)
-            valid = np.arange(start, start + self.block_steps) < self.steps
+            valid = np.arange(start, start + self.block_steps) < stop
             for t in np.flatnonzero(valid):
                 idx[t] = sampler.batch(start + int(t))["x"]
             return idx, valid
@@ -280,7 +298,7 @@ class PopulationTrainer:
         valid = np.zeros(self.block_steps, bool)
         for t in range(self.block_steps):
             step = start + t
-            if step >= self.steps:
+            if step >= stop:
                 break
             valid[t] = True
             per_seed = {s: sampler.batch(step)["x"] for s, sampler in self._samplers.items()}
@@ -319,9 +337,95 @@ class PopulationTrainer:
 
         return timer(k, call) / self.block_steps
 
+    def sequential_step_seconds(self, timer: Timer = time_call) -> float:
+        """Seconds per training step of trial 0 trained as the sequential executor trains it.
+
+        The step is the one :func:`research.train.finetune` jits for this stage (the same cached
+        jitted function, so a later sequential run of the trials compiles nothing), called once per
+        step from Python with the host batches of :class:`research.data.BatchSampler`, the metrics
+        fetched at the end of the block, as :func:`research.train.fit` does. ``timer`` is called with
+        ``k=`` :data:`research.population.chooser.SEQUENTIAL_K` and one block of ``block_steps`` steps.
+
+        Raises:
+          ValueError: the trainer was built ``for_members`` (no stage config to train).
+        """
+        from research.constraints import Carried  # pylint: disable=import-outside-toplevel
+        from research.population.chooser import SEQUENTIAL_K  # pylint: disable=import-outside-toplevel
+        from research.stages import train_kwargs  # pylint: disable=import-outside-toplevel
+        from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
+        from research.train.finetune import optimizer_key  # pylint: disable=import-outside-toplevel
+        from research.train.losses import cross_entropy_loss  # pylint: disable=import-outside-toplevel
+
+        if not self.configs:
+            raise ValueError("a trainer built for_members has no stage config; time its members' steps instead")
+        settings = _optimizer_kwargs(train_kwargs(self.stage))
+        tx = make_optimizer(**settings)
+        member = self.members[0]
+        defs, state = create_train_state(nnx.clone(member.model), tx, seed=member.seed)
+        # finetune's cache key for a first stage (no constraints carried, no wrapper): the same jitted step
+        cache_key = (optimizer_key(settings), (Carried().step_key, None))
+        step = make_train_step(defs, tx, cross_entropy_loss, (), cache_key=cache_key)
+        sampler = BatchSampler(member.x_train, member.y_train, batch_size=self.batch_size, seed=member.seed)
+        batches = self.block_steps
+
+        def call():  # a copy of the state per call (the step donates its input)
+            s, pending = jax.tree.map(jnp.copy, state), []
+            for i in range(batches):
+                s, metrics = step(s, sampler.batch(i))
+                pending.append(metrics)
+            jax.device_get(pending)
+            return s
+
+        return timer(SEQUENTIAL_K, call) / self.block_steps
+
     # ------------------------------------------------------------------ training
-    def train(self, indices: Sequence[int], k: int | None = None) -> list[TrialResult]:
+    def initial_states(self, indices: Sequence[int], states: Sequence[Any]):
+        """The stacked train state of trials ``indices`` from their given ``states`` (restored
+        checkpoints; the first repeats as padding up to ``len(indices)``)."""
+        states = list(states) + [states[0]] * (len(indices) - len(states))
+        return self._put(jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *states))
+
+    def restore(self, index: int, directory: str) -> tuple[Any, int] | None:
+        """``(train state, step)`` of the newest readable checkpoint of trial ``index`` in
+        ``directory`` (a killed sweep's), or ``None`` when it holds none."""
+        from research.train import Checkpointer  # pylint: disable=import-outside-toplevel
+
+        if not (os.path.isdir(directory) and os.listdir(directory)):
+            return None
+        m = self.members[index]
+        _, template = create_train_state(nnx.clone(m.model), m.tx, seed=m.seed)
+        ckpt = Checkpointer(directory)
+        try:
+            return ckpt.restore_latest(template)
+        finally:
+            ckpt.close()
+
+    def checkpoint_steps(self, index: int) -> set[int]:
+        """The steps before the last at which trial ``index`` checkpoints (its ``checkpoint_every``)."""
+        every = self.checkpoint_every[index]
+        return set(range(every, self.steps, every)) if 0 < every < self.steps else set()
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        indices: Sequence[int],
+        k: int | None = None,
+        *,
+        start: int = 0,
+        states: Sequence[Any] | None = None,
+        on_checkpoint: Callable[[int, int, Any, np.ndarray], None] | None = None,
+    ) -> list[TrialResult]:
         """Trains trials ``indices`` in one chunk of ``k`` (default ``len(indices)``; padded to ``k``).
+
+        Args:
+          indices: the trials (members) to train.
+          k: the chunk size (the compiled program's K).
+          start: the step the trials are at (a resumed chunk; its trials share it).
+          states: their train states at ``start`` (restored checkpoints), one per index; default:
+            the initial states.
+          on_checkpoint: called as ``on_checkpoint(step, position in indices, train state, losses
+            of steps start + 1 .. step)`` at each of a trial's checkpoint steps (its
+            ``checkpoint_every``) before the last, as a sequential run saves a checkpoint there.
 
         Returns:
           One :class:`TrialResult` per index, in order.
@@ -330,26 +434,54 @@ class PopulationTrainer:
         k = k or len(indices)
         if len(indices) > k:
             raise ValueError(f"{len(indices)} trials do not fit a chunk of {k}; split them")
+        if states is not None and len(states) != len(indices):
+            raise ValueError(f"{len(states)} states for {len(indices)} trials; give one per trial")
         padded = indices + [indices[0]] * (k - len(indices))
         program = self.compiled(k)
         t0 = time.perf_counter()
-        state = self.initial_state(padded)
+        state = self.initial_state(padded) if states is None else self.initial_states(padded, states)
         data_id = self._put(np.array([self._data_id[self.members[i].seed] for i in padded], np.int32))
-        losses = []
-        for start in range(0, self.steps, self.block_steps):
-            idx, valid = self.batch_indices(padded, start)
+        saves = {j: self.checkpoint_steps(i) for j, i in enumerate(indices)} if on_checkpoint else {}
+        stops = sorted({t for steps in saves.values() for t in steps if t > start} | {self.steps})
+        losses, step = [], start
+        while step < self.steps:
+            stop = min(step + self.block_steps, next(t for t in stops if t > step))
+            idx, valid = self.batch_indices(padded, step, stop)
             state, loss = program(state, self._xs, self._ys, data_id, self._put_idx(idx), valid)
             losses.append(np.asarray(loss)[valid])
+            step = stop
+            due = [j for j, steps in saves.items() if step in steps]
+            if due:
+                host, so_far = jax.device_get(state), np.concatenate(losses, axis=0)
+                for j in due:
+                    if not np.all(np.isfinite(so_far[:, j])):
+                        continue  # as fit(): no checkpoint from a state after a NaN loss
+                    on_checkpoint(step, j, jax.tree.map(lambda a, j=j: a[j], host), so_far[:, j])
         host = jax.device_get(state)
         seconds = time.perf_counter() - t0
-        loss = np.concatenate(losses, axis=0)
+        loss = np.concatenate(losses, axis=0) if losses else np.zeros((0, k), np.float32)
         out = []
         for j, _ in enumerate(indices):
             trial = jax.tree.map(lambda a, j=j: jnp.asarray(a[j]), host)
             out.append(
-                TrialResult(model=state_to_model(self.defs, trial), losses=loss[:, j], seconds=seconds, state=trial)
+                TrialResult(
+                    model=state_to_model(self.defs, trial), losses=loss[:, j], seconds=seconds, state=trial, start=start
+                )
             )
         return out
+
+
+def _block_length(block_steps: int, steps: int, every: Sequence[int]) -> int:
+    """Steps per compiled call: ``block_steps`` (at most ``steps``), or the largest divisor of the
+    checkpoint cadences' greatest common divisor below it when that is at least half of it (blocks
+    then end on checkpoint steps; otherwise :meth:`PopulationTrainer.train` cuts a block short there)."""
+    block = max(1, min(block_steps, steps))
+    cadences = [c for c in every if 0 < c < steps]
+    if not cadences:
+        return block
+    g = math.gcd(*cadences)
+    d = max(d for d in range(1, min(g, block) + 1) if g % d == 0)
+    return d if 2 * d >= block else block
 
 
 def _optimizer_kwargs(kw: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The population executor: same answers as the sequential executor, grouping, K chooser, resume, sharding."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,10 +16,14 @@ from research import config as C
 from research import run as run_lib
 from research import sweep as sweep_lib
 from research.executors import make_executor
+from research.population import executor as pop_executor
 from research.population import split_populations
+from research.population.chooser import SEQUENTIAL_K
 from research.population.chooser import candidate_ks
 from research.population.chooser import choose_k
 from research.population.trainer import PopulationTrainer
+from research.population.trainer import _block_length
+from research.train import read_metrics
 from research.train import split_model
 
 TINY = """
@@ -47,10 +52,11 @@ GRID = {"stages.train.learning_rate": [3e-3, 1e-2, 3e-2]}
 
 
 def favour(k_best):
-    """A fake timer: a chunk of k costs k seconds, except k_best, which costs 1 (no wall clock)."""
+    """A fake timer: a chunk of k costs k seconds, except k_best, which costs 1 (no wall clock); the
+    sequential executor's step (k=SEQUENTIAL_K) costs as much as one trial's, 1."""
 
     def timer(k, fn):
-        return 1.0 if k == k_best else float(k)
+        return 1.0 if k in (k_best, SEQUENTIAL_K) else float(k)
 
     return timer
 
@@ -70,6 +76,11 @@ def _files(run_dir):
             head, sep, tail = path.partition("/checkpoints/")
             out.add(f"{head}{sep}{tail.split('/')[0]}" if sep else path)
     return sorted(out - {".lock"})
+
+
+def _steps(stage_dir):
+    """The checkpoint steps kept in a stage directory."""
+    return sorted(int(n) for n in os.listdir(os.path.join(stage_dir, "checkpoints")) if n.isdigit())
 
 
 def _val_rows(run_dir):
@@ -221,17 +232,100 @@ def test_chooser_confirms_a_winning_k_against_one_trial_at_a_time():
     assert [c.step_seconds for c in choice.candidates] == [1.0, 2.4]
 
 
+def test_chooser_compares_the_best_program_with_the_sequential_step():
+    def pop(k):  # seconds per step of a chunk of k: K=2 is the best program
+        return {1: 1.0, 2: 1.2, 4: 4.0}[k], 0
+
+    # the sequential executor's step beats even K=2's 0.6 s per trial step: the sequential path
+    calls = []
+    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: calls.append(1) or 0.5)
+    assert choice.k == 1 and choice.runner == "sequential" and choice.sequential
+    assert choice.sequential_seconds == 0.5 and len(calls) == 3  # timed 1 + 2 confirm rounds
+    assert "sequential executor" in choice.reason and choice.to_dict()["sequential_step_seconds"] == 0.5
+    # slower than K=2 per trial step (0.7 > 0.6): the population's K=2 program
+    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: 0.7)
+    assert choice.k == 2 and choice.runner == "population" and choice.sequential_seconds == 0.7
+    # a tie goes to the sequential path (the population must be faster, never slower)
+    assert choose_k(4, pop, memory_limit=10**9, sequential=lambda: 0.6).runner == "sequential"
+    # vmap does not pay, and the sequential step (1.1 s) is slower than the K=1 program (1.0 s)
+    slow = choose_k(4, lambda k: (1.0 * k * 1.5 if k > 1 else 1.0, 0), memory_limit=10**9, sequential=lambda: 1.1)
+    assert slow.k == 1 and slow.runner == "population" and "K=1 program beats" in slow.reason
+    # ... and faster than it: the sequential path
+    fast = choose_k(4, lambda k: (1.0 * k * 1.5 if k > 1 else 1.0, 0), memory_limit=10**9, sequential=lambda: 0.9)
+    assert fast.runner == "sequential"
+
+
+def test_sequential_step_timings_alternate_with_the_best_program_and_keep_the_fastest():
+    # a loaded machine: the sequential step's first timing was slowed; timed again alternately, it wins
+    order, seq_times = [], [3.0, 0.4, 0.45]
+
+    def pop(k):
+        order.append(k)
+        return {1: 1.0, 2: 1.0}[k], 0
+
+    def seq():
+        order.append("seq")
+        return seq_times.pop(0)
+
+    choice = choose_k(2, pop, memory_limit=10**9, sequential=seq, confirm_rounds=2)
+    assert choice.runner == "sequential" and choice.sequential_seconds == 0.4
+    assert order == ["seq", 1, 2, 1, 2, 1, 2, 2, "seq", 2, "seq"]  # the sequential step first
+
+
+def test_chooser_stops_measuring_when_the_budget_is_spent():
+    measured = []
+
+    def pop(k):
+        measured.append(k)
+        return {1: 1.0, 2: 1.0, 4: 1.0}[k], 0
+
+    # the budget allows K=1 only: K=2 is never compiled; K=1 is compared with the sequential step
+    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: 0.8, may_measure=lambda k: k < 2)
+    assert set(measured) == {1} and choice.runner == "sequential" and "budget is spent" in choice.reason
+    # no budget at all: no population program is compiled; the sequential path
+    measured.clear()
+    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: 2.0, may_measure=lambda k: False)
+    assert measured == [] and choice.runner == "sequential" and choice.candidates == ()
+    assert choice.sequential_seconds == 2.0
+
+
+def test_population_falls_back_to_the_sequential_executor_when_its_step_is_faster(config_file, tmp_path):
+    """Fake timer: every population program is slower than the sequential step; the trials then
+    run as the sequential executor runs them, with its results, and the report says why."""
+    base = C.load_config(config_file)
+    grid = {"stages.train.learning_rate": [1e-3, 2e-3]}
+    timed = []
+
+    def timer(k, fn):
+        timed.append(k)
+        return 0.5 if k == SEQUENTIAL_K else 1.0 * k
+
+    pop = sweep_lib.sweep(
+        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=timer, max_k=1)
+    )
+    (population,) = pop.executor["populations"]
+    assert population["k"] == 1 and population["choice"]["runner"] == "sequential"
+    assert population["choice"]["sequential_step_seconds"] == pytest.approx(0.5 / 6)  # a block of 6 steps
+    assert SEQUENTIAL_K in timed and "sequential executor" in population["why"]
+    assert all("as the sequential executor trains" in p.note for p in pop.points)
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    for a, b in zip(seq.points, pop.points, strict=True):
+        assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]
+        assert _close(_params(a.run_dir), _params(b.run_dir), atol=0)
+        assert "population_k" not in b.metrics  # trained by the train stage itself
+
+
 def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_file, tmp_path, monkeypatch):
     base = C.load_config(config_file)
     grid = {"stages.train.learning_rate": [1e-3, 2e-3, 3e-3]}
     real = PopulationTrainer.train
     calls = []
 
-    def dies_on_second_chunk(self, indices, k=None):
+    def dies_on_second_chunk(self, indices, k=None, **kw):
         calls.append(list(indices))
         if len(calls) == 2:
             raise KeyboardInterrupt  # the process is killed while the second chunk trains
-        return real(self, indices, k)
+        return real(self, indices, k, **kw)
 
     monkeypatch.setattr(PopulationTrainer, "train", dies_on_second_chunk)
     executor = make_executor("population", chunk_size=2)
@@ -244,6 +338,58 @@ def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_f
     assert [p.reused for p in report.points] == [True, True, False]
     assert len(calls) == 2  # the finished chunk was not trained again; the unfinished trial ran alone
     assert report.points[2].note == "one after another: a single trial"
+
+
+def test_block_length_ends_blocks_on_checkpoint_steps():
+    assert _block_length(50, 300, [100, 0]) == 50  # 100 is a multiple of 50
+    assert _block_length(50, 300, [30]) == 30  # the largest divisor of 30 up to 50
+    assert _block_length(4, 6, [5]) == 4  # 5's divisors below 4 waste too much: blocks are cut at 5
+    assert _block_length(50, 20, [100]) == 20  # no checkpoint before the last step
+
+
+def test_killed_population_chunk_resumes_from_checkpoints_like_a_sequential_run(config_file, tmp_path, monkeypatch):
+    """checkpoint_every=2 of 6 steps: the population saves steps 2 and 4 (a chunk killed after
+    step 4 keeps them, as a killed sequential run would), resumes its chunk from step 4, and ends
+    with a sequential run's checkpoints, metrics and parameters."""
+    base = C.load_config(config_file)
+    base = dataclasses.replace(base, stages=(dataclasses.replace(base.stages[0], checkpoint_every=2),))
+    grid = {"stages.train.learning_rate": [1e-3, 2e-3]}
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    saved, real_save = [], pop_executor.save_progress
+
+    def killed_after_step_4(workdir, step, state, losses, start=0):
+        real_save(workdir, step, state, losses, start)
+        saved.append(step)
+        if saved.count(4) == 2:
+            raise KeyboardInterrupt  # the process dies before step 6
+
+    monkeypatch.setattr(pop_executor, "save_progress", killed_after_step_4)
+    pop_dir = str(tmp_path / "pop")
+    with pytest.raises(KeyboardInterrupt):
+        sweep_lib.sweep(
+            base, grid, pop_dir, progress=False, executor=make_executor("population", chunk_size=2, block_steps=4)
+        )
+    stage_dirs = [os.path.join(pop_dir, "runs", os.path.basename(p.run_dir), "stages", "0_train") for p in seq.points]
+    assert saved == [2, 2, 4, 4] and all(_steps(d) == [2, 4] for d in stage_dirs)
+    monkeypatch.setattr(pop_executor, "save_progress", real_save)
+    starts, real_train = [], PopulationTrainer.train
+
+    def spy(self, indices, k=None, **kw):
+        starts.append(kw.get("start", 0))
+        return real_train(self, indices, k, **kw)
+
+    monkeypatch.setattr(PopulationTrainer, "train", spy)
+    pop = sweep_lib.sweep(
+        base, grid, pop_dir, progress=False, executor=make_executor("population", chunk_size=2, block_steps=4)
+    )
+    assert starts == [4] and [p.status for p in pop.points] == ["done", "done"]
+    for a, b, d in zip(seq.points, pop.points, stage_dirs, strict=True):
+        seq_stage = os.path.join(a.run_dir, "stages", "0_train")
+        assert _steps(d) == _steps(seq_stage) == [4, 6]
+        assert _close(_params(a.run_dir), _params(b.run_dir))
+        rows = [[r["step"], r["loss"]] for r in read_metrics(d) if r["split"] == "train"]
+        seq_rows = [[r["step"], r["loss"]] for r in read_metrics(seq_stage) if r["split"] == "train"]
+        assert [r[0] for r in rows] == list(range(1, 7)) and _close(rows, seq_rows)
 
 
 def test_cli_sweep_executor_flag(config_file, tmp_path, capsys):
@@ -339,12 +485,13 @@ def test_tune_asks_batches_of_the_chunk_size_and_trains_them_as_a_population(con
     space = Space({"stages.train.learning_rate": Float(1e-3, 1e-2, log=True)})
     executor = make_executor("population", timer=favour(2))
     result = tune_lib.tune(
-        base, space, str(tmp_path), trials=2, sampler="random", executor=executor, echo=False, plot_every=0
+        base, space, str(tmp_path), trials=3, sampler="random", executor=executor, echo=False, plot_every=0
     )
-    assert [t["state"] for t in result.trials] == ["COMPLETE"] * 2
-    notes = [json.load(open(tmp_path / "trials" / f"{n:04d}" / "trial.json"))["executor"] for n in range(2)]
-    assert notes == ["population 0, chunk of 2"] * 2
-    assert result.summary["executor"]["populations"][-1]["k"] == 2
+    assert [t["state"] for t in result.trials] == ["COMPLETE"] * 3
+    notes = [json.load(open(tmp_path / "trials" / f"{n:04d}" / "trial.json"))["executor"] for n in range(3)]
+    # the last trial, alone in its batch, trains as its program's measured choice says (the population's)
+    assert notes == ["population 0, chunk of 2"] * 2 + ["population 0, one at a time (K=1)"]
+    assert result.summary["executor"]["populations"][0]["k"] == 2
     with pytest.raises(C.ConfigError, match="the population is the parallelism"):
         tune_lib.tune(
             base, space, str(tmp_path / "w"), trials=2, executor="population", workers=2, config_spec=config_file
@@ -398,3 +545,36 @@ def test_later_fine_tunings_share_a_program_only_when_they_compile_to_one(tmp_pa
     assert key(eval_every=5) is None and key(data_parallel=True) is None
     (tmp_path / "c" / "checkpoints" / "4").mkdir(parents=True)
     assert key(workdir=tmp_path / "c") is None
+
+
+def test_later_fine_tunings_in_a_population_checkpoint_as_finetune_does(tmp_path):
+    """A later stage's fine-tuning trained as a population with checkpoint_every=4 of 10 steps keeps
+    the checkpoints and parameters that research.train.finetune leaves for the same request."""
+    from flax import nnx
+
+    from research.data import load_dataset
+    from research.nn import build_model
+    from research.population.later import request_key
+    from research.population.later import train_requests
+    from research.population.later import write_trial
+    from research.stages import FineTuneRequest
+    from research.train import finetune
+
+    ds = load_dataset("digits", seed=0, limit=300)
+    model = build_model("mlp", input_shape=ds.input_shape, num_classes=ds.num_classes, widths=(16,), rngs=nnx.Rngs(0))
+    kw = {"seed": 0, "steps": 10, "learning_rate": 1e-2, "batch_size": 32, "optimizer": "adam"}
+    kw.update(eval_every=0, log_every=5, checkpoint_every=4, step_key=None, progress=False)
+    requests = [
+        FineTuneRequest(stage=1, model=model, dataset=ds, kwargs={**kw, "workdir": tmp_path / n}, wrap_tx=None)
+        for n in ("a", "b")
+    ]
+    results, _ = train_requests(
+        requests, request_key(requests[0]), 2, block_steps=3, devices=jax.devices()[:1], cache={}
+    )
+    assert [_steps(tmp_path / n) for n in ("a", "b")] == [[4, 8], [4, 8]]  # before the last step's
+    write_trial(tmp_path / "a", results[0], None)
+    alone, _ = finetune(model, ds, **{**kw, "workdir": tmp_path / "alone"})
+    assert _steps(tmp_path / "a") == _steps(tmp_path / "alone") == [8, 10]
+    assert _close(jax.tree.leaves(split_model(results[0].model)[1]), jax.tree.leaves(split_model(alone)[1]))
+    rows = [r["loss"] for r in read_metrics(tmp_path / "a")]
+    assert _close(rows, [r["loss"] for r in read_metrics(tmp_path / "alone") if r["split"] == "train"])
