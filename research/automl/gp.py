@@ -22,7 +22,9 @@ are excluded, so a batch never holds near-duplicates. The noise variance may fal
 ``MIN_NOISE`` (1e-8 of the standardised variance), so that deterministic objectives are
 refined to their last digits. Observation arrays are padded to size buckets
 (:func:`research.automl._numerics.bucket`), so a study compiles about twice per doubling
-of its trial count rather than at every trial.
+of its trial count rather than at every trial. The compiled programs are keyed by the
+space's :meth:`~research.automl.space.Space.structure` (parameter kinds and conditions), not
+its names or bounds, which enter as values: studies over same-shaped spaces share them.
 
 References:
   Snoek, Larochelle and Adams (2012), Practical Bayesian optimization of machine learning
@@ -54,6 +56,8 @@ from research.automl.samplers import observations
 from research.automl.samplers import register_sampler
 from research.automl.samplers import scalarize
 from research.automl.space import Space
+from research.automl.space import active_unit
+from research.automl.space import snap_unit
 
 __all__ = [
     "OUTPUT_WARPINGS",
@@ -285,19 +289,23 @@ class _Config(NamedTuple):
     fit_maxiter: int
 
 
-def _build_suggest(space: Space, cfg: _Config, q: int):
-    """Returns the jitted ``suggest`` for one space, configuration and batch size."""
-    is_cat = jnp.asarray(space.is_categorical)
-    frozen = jnp.asarray(space.is_categorical | space.is_parent)
-    n_choices = jnp.asarray(np.maximum(space.n_choices, 1))
+def _build_suggest(structure: tuple, cfg: _Config, q: int):
+    """Returns the jitted ``suggest`` for one space structure (:meth:`Space.structure`),
+    configuration and batch size.
+
+    The space's bounds and cell counts are an argument (a :class:`UnitLayout` of arrays), not
+    constants of the program, so spaces that differ only in names and bounds share it.
+    """
+    kinds, conditions = structure
+    is_cat_np = np.asarray(kinds) == 2
+    is_parent_np = np.zeros(len(kinds), bool)
+    for conds in conditions:
+        for p, _ in conds:
+            is_parent_np[p] = True
+    is_cat = jnp.asarray(is_cat_np)
+    frozen = jnp.asarray(is_cat_np | is_parent_np)
     acq = functools.partial(get_acquisition(cfg.acquisition), **dict(cfg.acq_kwargs))
-    dim = space.dim
-
-    def snap(u):
-        return space.snap(u, jnp)
-
-    def activity(u):
-        return space.active_mask(u, jnp)
+    dim = len(kinds)
 
     def too_close(xc, xs, mask_s, n_obs):
         # Distance in feature space: categorical mismatches count 1. Rows from ``n_obs`` on
@@ -313,7 +321,13 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         mean, var = gp_posterior(state, x, is_cat)
         return acq(mean, jnp.sqrt(var), best)
 
-    def pick_one(state, best, key, x_all, mask_all, n_obs):
+    def snap(u, lay):
+        return snap_unit(u, lay, jnp)
+
+    def activity(u, lay):
+        return active_unit(u, lay, structure, jnp)
+
+    def pick_one(state, best, key, x_all, mask_all, n_obs, lay):
         k1, k2, k3, k4, k5 = jax.random.split(key, 5)
         dt = x_all.dtype
         u_rand = jax.random.uniform(k1, (cfg.n_candidates, dim), dt)
@@ -323,7 +337,7 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         mean_obs, _ = gp_posterior(state, x_all, is_cat)
         order = jnp.argsort(jnp.where(mask_all, mean_obs, jnp.inf))
         centers_x = x_all[order[:8]]
-        centers_u = jnp.where(centers_x < 0, 0.5 / n_choices, centers_x)
+        centers_u = jnp.where(centers_x < 0, 0.5 / lay.n_choices, centers_x)
         pick = jax.random.randint(k2, (cfg.n_local,), 0, jnp.minimum(8, n_real))
         base = centers_u[pick]
         ls = jnp.clip(jax.lax.rsqrt(state.inv_sq_ls), 1e-3, 1.0)
@@ -332,8 +346,8 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         flip = jax.random.uniform(k4, base.shape, dt) < (1.0 / dim)
         resample = jax.random.uniform(jax.random.fold_in(k4, 1), base.shape, dt)
         u_loc = jnp.where(frozen, jnp.where(flip, resample, base), base + step)
-        u = snap(jnp.concatenate([u_rand, u_loc], 0))
-        act = activity(u)
+        u = snap(jnp.concatenate([u_rand, u_loc], 0), lay)
+        act = activity(u, lay)
         s = score_u(state, u, act, best)
         close = too_close(_features(u, act, is_cat), x_all, mask_all, n_obs)
         s = jnp.where(close | ~jnp.isfinite(s), -jnp.inf, s)
@@ -345,8 +359,8 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         top = jnp.argsort(-keyed)[: cfg.n_starts]
         u0, a0, s0 = u[top], act[top], s[top]
         u1 = ascend(state, best, u0, a0, ls)
-        u1 = snap(u1)
-        a1 = activity(u1)
+        u1 = snap(u1, lay)
+        a1 = activity(u1, lay)
         s1 = score_u(state, u1, a1, best)
         close1 = too_close(_features(u1, a1, is_cat), x_all, mask_all, n_obs)
         s1 = jnp.where(close1 | ~jnp.isfinite(s1), -jnp.inf, s1)
@@ -384,7 +398,7 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
 
         return jax.vmap(run)(u0, free, a0)
 
-    def acquire(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key):
+    def acquire(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key, lay):
         TRACE_COUNTS["gp_acquire"] += 1
         mask = jnp.arange(u_obs.shape[0]) < n_obs
         x = _features(u_obs, act_obs, is_cat)
@@ -402,8 +416,8 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
 
         def step(carry, k):
             st, n_used = carry
-            u_new, s_new = pick_one(st, best, k, st.x, st.mask, n_obs)
-            x_new = _features(u_new[None], activity(u_new[None]), is_cat)
+            u_new, s_new = pick_one(st, best, k, st.x, st.mask, n_obs, lay)
+            x_new = _features(u_new[None], activity(u_new[None], lay), is_cat)
             m_new, _ = gp_posterior(st, x_new, is_cat)
             st = add_point(st, n_used, x_new[0], m_new[0], is_cat)
             return (st, n_used + 1), (u_new, s_new)
@@ -432,10 +446,24 @@ def _fit_fn(maxiter: int, n_restarts: int):
 
 
 def _acquire_fn(space: Space, cfg: _Config, q: int):
-    key = ("acquire", json_key(space), cfg, q)
+    """The jitted suggestion step of ``space``, with the space's layout bound as values.
+
+    The compiled program is cached by :meth:`Space.structure` (kinds and conditions), the
+    configuration and ``q``, never by names or bounds: same-shaped spaces share it.
+
+    Returns:
+      ``suggest(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key) -> (us, scores)``.
+    """
+    key = ("acquire", space.structure(), cfg, q)
     if key not in _COMPILED:
-        _COMPILED[key] = _build_suggest(space, cfg, q)
-    return _COMPILED[key]
+        _COMPILED[key] = _build_suggest(space.structure(), cfg, q)
+    jitted = _COMPILED[key]
+    layout = space.layout()
+
+    def suggest(theta, u_obs, *args):
+        return jitted(theta, u_obs, *args, layout.astype(jnp, u_obs.dtype))
+
+    return suggest
 
 
 @register_sampler("gp")

@@ -16,6 +16,7 @@ from research.automl import acquisition as acq
 from research.automl._numerics import TRACE_COUNTS
 from research.automl._numerics import bfgs_minimize
 from research.automl._numerics import maybe_x64
+from research.automl.gp import _COMPILED
 from research.automl.gp import MIN_NOISE
 from research.automl.gp import OUTPUT_WARPINGS
 from research.automl.gp import _acquire_fn
@@ -25,7 +26,9 @@ from research.automl.gp import fit_gp
 from research.automl.gp import gp_posterior
 from research.automl.gp import posterior_state
 from research.automl.gp import warp_losses
+from research.automl.space import Categorical
 from research.automl.space import Float
+from research.automl.space import Int
 from research.automl.space import Space
 from research.automl.testfunctions import BRANIN_MIN
 from research.automl.testfunctions import branin
@@ -130,6 +133,47 @@ def test_batch_is_diverse_and_does_not_recompile_within_a_bucket():
     # The second ask (same bucket, same q, warm fit) traced nothing new.
     assert after == first
     assert after["gp_acquire"] >= before.get("gp_acquire", 0)
+
+
+def test_same_shaped_spaces_share_one_program_and_suggest_the_same_points():
+    """Bounds and names are values of the compiled suggestion step, not part of its key.
+
+    The spaces have the structure of ``conditional_space`` (k = 0 is that space), so after
+    the batch test above nothing here compiles.
+    """
+
+    def space(k):  # the same kinds, cell counts and conditions for every k
+        m = [f"prune{k}", f"quantize{k}", f"none{k}"]
+        return Space(
+            {
+                f"method{k}": Categorical(m),
+                f"sparsity{k}": Float(0.0 - k, 0.99 + 3 * k, when={f"method{k}": m[0]}),
+                f"schedule{k}": Categorical([f"oneshot{k}", f"gradual{k}"], when={f"method{k}": m[0]}),
+                f"steps{k}": Int(1, 64, log=True, when={f"schedule{k}": f"gradual{k}"}),
+                f"bits{k}": Int(2 + k, 8 + k, when={f"method{k}": m[1]}),
+                f"lr{k}": Float(1e-5 * 10**k, 1e-1 * 10**k, log=True, when={f"method{k}": m[1]}),
+                f"knob{k}": Float(-k, 1.0 + k, when={f"method{k}": m[2]}),
+            }
+        )
+
+    def run(sp):
+        target = np.linspace(0.2, 0.8, sp.dim)
+
+        def objective(params):  # a function of the unit-cube point: the same for every k
+            u, act = sp.encode(params)
+            return float(np.sum(np.where(act, (u - target) ** 2, 0.0)) + 0.1 * u[0])
+
+        study = Study(sp, sampler=GPSampler(seed=1, n_startup_trials=4, **SMALL_GP))
+        study.optimize(objective, n_trials=6, show_progress_bar=False)
+        return np.stack([sp.encode(t.params)[0] for t in study.trials])
+
+    first = run(space(0))
+    traces, keys = TRACE_COUNTS["gp_acquire"], set(_COMPILED)
+    for k in (1, 2):
+        np.testing.assert_allclose(run(space(k)), first, rtol=0, atol=1e-9)
+    # Neither other space compiled a suggestion step: no new cache entry, no new trace.
+    assert TRACE_COUNTS["gp_acquire"] == traces
+    assert set(_COMPILED) == keys
 
 
 def test_bfgs_stops_on_the_face_of_a_per_coordinate_box():
