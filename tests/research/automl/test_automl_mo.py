@@ -110,11 +110,11 @@ def test_registered_and_single_objective_falls_back():
         EHVISampler(n_mc=0)
 
 
-def test_ehvi_reference_point_is_the_fronts_nadir_plus_a_margin():
+def test_ehvi_reference_point_from_all_observations_or_the_front():
     ys = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [3.0, 4.0], [0.9, 0.9]])
     # Pareto front: the first three rows; nadir (1, 1), range (1, 1).
-    np.testing.assert_allclose(EHVISampler(reference_margin=0.1).reference_point(ys), [1.1, 1.1])
-    observed = EHVISampler(reference="observed", reference_margin=0.1).reference_point(ys)
+    np.testing.assert_allclose(EHVISampler(reference="front", reference_margin=0.1).reference_point(ys), [1.1, 1.1])
+    observed = EHVISampler(reference_margin=0.1).reference_point(ys)  # the default
     np.testing.assert_allclose(observed, [3.3, 4.4])
     with pytest.raises(ValueError, match="reference='best'"):
         EHVISampler(reference="best")
