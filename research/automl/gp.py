@@ -60,6 +60,8 @@ from research.automl.space import active_unit
 from research.automl.space import snap_unit
 
 __all__ = [
+    "AUTO_LAMBDAS",
+    "GP_OUTPUT_WARPINGS",
     "OUTPUT_WARPINGS",
     "GPSampler",
     "GPState",
@@ -67,6 +69,7 @@ __all__ = [
     "gp_posterior",
     "matern52",
     "posterior_state",
+    "tail_warps",
     "warp_losses",
 ]
 
@@ -224,6 +227,51 @@ def gp_posterior(state: GPState, xq: jax.Array, is_cat) -> tuple[jax.Array, jax.
 
 
 OUTPUT_WARPINGS = ("halfrank", "log", "none")
+#: What ``GPSampler(output_warping=...)`` accepts: a fixed warping, or ``"auto"`` (a tail warp
+#: chosen per fit by marginal likelihood, see :func:`tail_warps`).
+GP_OUTPUT_WARPINGS = (*OUTPUT_WARPINGS, "auto")
+#: Exponents of the tail warps that ``output_warping="auto"`` chooses from (1: no warping).
+AUTO_LAMBDAS = (1.0, 0.5, 0.0, -1.0)
+
+
+def tail_warps(loss: np.ndarray, lambdas=AUTO_LAMBDAS) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised losses under each tail warp of a C1 family, and the log-Jacobians.
+
+    Losses at or below the median ``m`` are kept; a worse loss ``y`` becomes
+    ``m + sigma * ((t**lam - 1) / lam)`` with ``t = 1 + (y - m) / sigma`` (``m + sigma * log t``
+    for ``lam = 0``), ``sigma`` the spread of the better half around the median (as in
+    ``"halfrank"``). The map is increasing with slope 1 at the median, so the better half
+    keeps its shape; ``lam = 1`` is no warping, smaller ``lam`` compresses the worse half more
+    (``lam < 0``: bounded). Each result is then standardised.
+
+    Args:
+      loss: Losses ``(n,)`` (minimised), finite.
+      lambdas: The exponents ``(K,)``.
+
+    Returns:
+      ``(y, log_jac)``: warped, standardised losses ``(K, n)`` and the log-determinant of
+      the Jacobian of each whole map (warp and standardisation) at ``loss`` ``(K,)``, so that
+      the marginal likelihood of ``y[k]`` plus ``log_jac[k]`` is the likelihood of the raw
+      losses under warp ``k`` (Box and Cox, 1964; Snelson et al., 2004).
+    """
+    y0 = np.asarray(loss, np.float64)
+    n = y0.size
+    med = np.median(y0) if n else 0.0
+    good = y0[y0 <= med]
+    sigma = math.sqrt(float(np.mean((good - med) ** 2))) if n > 2 else 0.0
+    ys, jacs = [], []
+    for lam in lambdas:
+        y, logj = y0.copy(), 0.0
+        if sigma > 0 and lam != 1.0:
+            bad = y0 > med
+            t = 1.0 + (y0[bad] - med) / sigma
+            y[bad] = med + sigma * (np.log(t) if lam == 0 else (t**lam - 1.0) / lam)
+            logj = float((lam - 1.0) * np.sum(np.log(t)))
+        sd = y.std()
+        sd = sd if sd > 0 else 1.0
+        ys.append((y - y.mean()) / sd)
+        jacs.append(logj - n * math.log(sd))
+    return np.stack(ys), np.asarray(jacs)
 
 
 def warp_losses(loss: np.ndarray, method: str = "halfrank") -> np.ndarray:
@@ -445,6 +493,25 @@ def _fit_fn(maxiter: int, n_restarts: int):
     return _COMPILED[key]
 
 
+def _fit_many_fn(maxiter: int, n_restarts: int):
+    """:func:`_fit_fn` vmapped over ``K`` warped copies of the losses (``theta_warm``, ``h_warm``, ``y``)."""
+    key = ("fit_many", maxiter, n_restarts)
+    if key not in _COMPILED:
+
+        def fit(theta_warm, h_warm, theta_screen, u_obs, act_obs, y, n_obs, is_cat):
+            TRACE_COUNTS["gp_fit"] += 1
+            mask = jnp.arange(u_obs.shape[0]) < n_obs
+            x = _features(u_obs, act_obs, is_cat)
+
+            def one(tw, hw, yy):
+                return fit_gp(tw, theta_screen, x, yy, mask, is_cat, n_restarts, maxiter, hw)
+
+            return jax.vmap(one)(theta_warm, h_warm, y)
+
+        _COMPILED[key] = jax.jit(fit)
+    return _COMPILED[key]
+
+
 def _acquire_fn(space: Space, cfg: _Config, q: int):
     """The jitted suggestion step of ``space``, with the space's layout bound as values.
 
@@ -500,7 +567,11 @@ class GPSampler(Sampler):
       float64: Run the GP in 64-bit floats (recommended; the Cholesky factor of a nearly
         noise-free GP is ill-conditioned in 32 bits).
       output_warping: Monotone transform of the losses before the fit (see
-        :func:`warp_losses`): ``"halfrank"`` (default), ``"log"`` or ``"none"`` (standardisation only, the behaviour before the warping was added).
+        :func:`warp_losses`): ``"halfrank"`` (default), ``"log"`` or ``"none"`` (standardisation
+        only, the behaviour before the warping was added), or ``"auto"``: one GP is fitted per
+        tail warp of :func:`tail_warps` (one vmapped call) and the warp with the highest
+        marginal likelihood of the raw losses (log posterior plus log-Jacobian) is used
+        (``last_warp`` tells which).
 
     Example:
       >>> from research.automl.space import Float, Space
@@ -542,8 +613,8 @@ class GPSampler(Sampler):
             raise ValueError(f"n_startup_trials={n_startup_trials} must be >= 1")
         if n_restarts < 1:
             raise ValueError(f"n_restarts={n_restarts} must be >= 1")
-        if output_warping not in OUTPUT_WARPINGS:
-            raise ValueError(f"output_warping={output_warping!r} is not one of {OUTPUT_WARPINGS}")
+        if output_warping not in GP_OUTPUT_WARPINGS:
+            raise ValueError(f"output_warping={output_warping!r} is not one of {GP_OUTPUT_WARPINGS}")
         self.output_warping = output_warping
         self.n_startup_trials = n_startup_trials
         self.n_restarts = n_restarts
@@ -568,6 +639,8 @@ class GPSampler(Sampler):
         self._fit_bucket: dict[str, int] = {}
         self._last_h: dict[str, np.ndarray] = {}
         self.last_fit_loss: float | None = None
+        #: The tail-warp exponent the last fit chose (``output_warping="auto"`` only).
+        self.last_warp: float | None = None
 
     def sample_unit(self, space, trials, directions, n):
         obs = observations(space, trials, directions, min_points=space.dim + 2)
@@ -575,7 +648,12 @@ class GPSampler(Sampler):
             return self._startup.sample_unit(space, trials, directions, n)
         rng = self.rng(trials)
         loss = scalarize(obs.losses, rng)
-        y = warp_losses(loss, self.output_warping)
+        auto = self.output_warping == "auto"
+        if auto:
+            y_all, log_jac = tail_warps(loss)
+            y = y_all[0]
+        else:
+            y = warp_losses(loss, self.output_warping)
         n_obs, n_pend = obs.n, obs.pending_u.shape[0]
         cap = bucket(n_obs + n_pend + n)
         pcap = bucket(max(n_pend, 1), minimum=4)
@@ -610,20 +688,25 @@ class GPSampler(Sampler):
             u_j, a_j = jnp.asarray(u_obs, dt), jnp.asarray(act_obs)
             y_j, n_j = jnp.asarray(yy, dt), jnp.asarray(n_obs, jnp.int32)
             maxiter = self.config.fit_maxiter if restart else self.warm_maxiter
-            h_warm = self._last_h.get(skey, np.eye(d + 2))
-            theta, fit_loss, h_new = _fit_fn(maxiter, n_starts)(
-                jnp.asarray(theta_warm, dt),
-                jnp.asarray(h_warm, dt),
-                jnp.asarray(screen, dt),
-                u_j,
-                a_j,
-                y_j,
-                n_j,
-                jnp.asarray(space.is_categorical),
-            )
-            if not bool(jnp.all(jnp.isfinite(theta))):
-                theta = jnp.asarray(theta_warm, dt)
-                h_new = jnp.eye(d + 2, dtype=dt)
+            if auto:
+                theta, fit_loss, h_new, y_j = self._fit_auto(
+                    skey, theta_warm, screen, u_j, a_j, y_all, log_jac, n_obs, cap, maxiter, n_starts, space, dt
+                )
+            else:
+                h_warm = self._last_h.get(skey, np.eye(d + 2))
+                theta, fit_loss, h_new = _fit_fn(maxiter, n_starts)(
+                    jnp.asarray(theta_warm, dt),
+                    jnp.asarray(h_warm, dt),
+                    jnp.asarray(screen, dt),
+                    u_j,
+                    a_j,
+                    y_j,
+                    n_j,
+                    jnp.asarray(space.is_categorical),
+                )
+                if not bool(jnp.all(jnp.isfinite(theta))):
+                    theta = jnp.asarray(theta_warm, dt)
+                    h_new = jnp.eye(d + 2, dtype=dt)
             us, _ = _acquire_fn(space, self.config, n)(
                 theta,
                 u_j,
@@ -637,10 +720,44 @@ class GPSampler(Sampler):
             )
             us = np.asarray(us, np.float64)
             theta = np.asarray(theta, np.float64)
-        self._last_theta[skey] = theta
-        self._last_h[skey] = np.asarray(h_new, np.float64)
+        if not auto:
+            self._last_theta[skey] = theta
+            self._last_h[skey] = np.asarray(h_new, np.float64)
         self.last_fit_loss = float(fit_loss)
         return us
+
+    def _fit_auto(self, skey, theta_warm, screen, u_j, a_j, y_all, log_jac, n_obs, cap, maxiter, n_starts, space, dt):
+        """Fits one GP per tail warp (one vmapped call) and keeps the warp of the highest
+        marginal likelihood of the raw losses: the fit's log posterior plus the warp's log-Jacobian.
+
+        Returns ``(theta, fit_loss, h, y)`` of the chosen warp (``y`` padded, on the device).
+        """
+        k_n, d = y_all.shape[0], space.dim
+        yy = np.zeros((k_n, cap))
+        yy[:, :n_obs] = y_all
+        tw = np.broadcast_to(theta_warm, (k_n, d + 2)) if theta_warm.ndim == 1 else theta_warm
+        hw = self._last_h.get(skey, np.broadcast_to(np.eye(d + 2), (k_n, d + 2, d + 2)))
+        thetas, losses, hs = _fit_many_fn(maxiter, n_starts)(
+            jnp.asarray(tw, dt),
+            jnp.asarray(hw, dt),
+            jnp.asarray(screen, dt),
+            u_j,
+            a_j,
+            jnp.asarray(yy, dt),
+            jnp.asarray(n_obs, jnp.int32),
+            jnp.asarray(space.is_categorical),
+        )
+        thetas, losses, hs = (np.asarray(v, np.float64) for v in (thetas, losses, hs))
+        ok = np.all(np.isfinite(thetas), axis=1) & np.isfinite(losses)
+        thetas = np.where(ok[:, None], thetas, tw)
+        hs = np.where(ok[:, None, None], hs, np.eye(d + 2))
+        # losses are the negative log posterior per observation of the warped losses.
+        score = np.where(ok, -n_obs * losses + log_jac, -np.inf)
+        k = int(np.argmax(score)) if np.any(ok) else 0
+        self.last_warp = AUTO_LAMBDAS[k]
+        self._last_theta[skey] = thetas
+        self._last_h[skey] = hs
+        return jnp.asarray(thetas[k], dt), losses[k], hs[k], jnp.asarray(yy[k], dt)
 
 
 def json_key(space: Space) -> str:

@@ -17,6 +17,7 @@ from research.automl._numerics import TRACE_COUNTS
 from research.automl._numerics import bfgs_minimize
 from research.automl._numerics import maybe_x64
 from research.automl.gp import _COMPILED
+from research.automl.gp import AUTO_LAMBDAS
 from research.automl.gp import MIN_NOISE
 from research.automl.gp import OUTPUT_WARPINGS
 from research.automl.gp import _acquire_fn
@@ -25,6 +26,7 @@ from research.automl.gp import add_point
 from research.automl.gp import fit_gp
 from research.automl.gp import gp_posterior
 from research.automl.gp import posterior_state
+from research.automl.gp import tail_warps
 from research.automl.gp import warp_losses
 from research.automl.space import Categorical
 from research.automl.space import Float
@@ -288,6 +290,34 @@ def test_halfrank_keeps_the_better_half_and_bounds_the_worse_half():
     assert np.max(y) <= slope * worst + icpt + 1e-9
     # Without warping the outliers squeeze the better half into a tiny interval.
     assert np.ptp(y[good]) > 100 * np.ptp(warp_losses(loss, "none")[good])
+
+
+def test_tail_warps_are_monotone_c1_and_their_log_jacobian_is_exact():
+    rng = np.random.default_rng(2)
+    loss = np.exp(rng.normal(0.0, 2.0, 31))
+    ys, log_jac = tail_warps(loss)
+    assert ys.shape == (len(AUTO_LAMBDAS), 31) and AUTO_LAMBDAS[0] == 1.0
+    np.testing.assert_allclose(ys[0], warp_losses(loss, "none"), atol=1e-12)  # lambda = 1: no warping
+    med = np.median(loss)
+    sigma = math.sqrt(np.mean((loss[loss <= med] - med) ** 2))
+    for lam, y, lj in zip(AUTO_LAMBDAS, ys, log_jac, strict=True):
+        order = np.argsort(loss)
+        assert np.all(np.diff(y[order]) > 0)
+        np.testing.assert_allclose([y.mean(), y.std()], [0.0, 1.0], atol=1e-12)
+
+        def warp(v, lam=lam):  # the map with its fitted constants (median, spread) held fixed
+            t = 1.0 + np.maximum(v - med, 0.0) / sigma
+            tail = np.log(t) if lam == 0 else (t**lam - 1.0) / lam
+            return np.where(v > med, med + sigma * tail, v)
+
+        w = warp(loss)
+        scale = w.std()
+        np.testing.assert_allclose((w - w.mean()) / scale, y, atol=1e-9)
+        h = 1e-6 * np.maximum(np.abs(loss), 1.0)
+        slope = (warp(loss + h) - warp(loss - h)) / (2 * h) / scale
+        np.testing.assert_allclose(lj, np.sum(np.log(slope)), rtol=1e-6)
+        # C1 at the median: the slope just above it is 1 (before standardisation).
+        assert (warp(med + 1e-9) - med) / 1e-9 == pytest.approx(1.0, rel=1e-6)
 
 
 def test_output_warping_rejects_an_unknown_name():
