@@ -493,6 +493,20 @@ def _fit_fn(maxiter: int, n_restarts: int):
     return _COMPILED[key]
 
 
+def _call_fit(fit, theta_warm, h_warm, screen, u_j, a_j, y_j, n_obs, space: Space, dt):
+    """Calls a jitted fit of :func:`_fit_fn` / :func:`_fit_many_fn` with device arrays."""
+    return fit(
+        jnp.asarray(theta_warm, dt),
+        jnp.asarray(h_warm, dt),
+        jnp.asarray(screen, dt),
+        u_j,
+        a_j,
+        y_j,
+        jnp.asarray(n_obs, jnp.int32),
+        jnp.asarray(space.is_categorical),
+    )
+
+
 def _fit_many_fn(maxiter: int, n_restarts: int):
     """:func:`_fit_fn` vmapped over ``K`` warped copies of the losses (``theta_warm``, ``h_warm``, ``y``)."""
     key = ("fit_many", maxiter, n_restarts)
@@ -694,16 +708,8 @@ class GPSampler(Sampler):
                 )
             else:
                 h_warm = self._last_h.get(skey, np.eye(d + 2))
-                theta, fit_loss, h_new = _fit_fn(maxiter, n_starts)(
-                    jnp.asarray(theta_warm, dt),
-                    jnp.asarray(h_warm, dt),
-                    jnp.asarray(screen, dt),
-                    u_j,
-                    a_j,
-                    y_j,
-                    n_j,
-                    jnp.asarray(space.is_categorical),
-                )
+                fit = _fit_fn(maxiter, n_starts)
+                theta, fit_loss, h_new = _call_fit(fit, theta_warm, h_warm, screen, u_j, a_j, y_j, n_obs, space, dt)
                 if not bool(jnp.all(jnp.isfinite(theta))):
                     theta = jnp.asarray(theta_warm, dt)
                     h_new = jnp.eye(d + 2, dtype=dt)
@@ -737,16 +743,8 @@ class GPSampler(Sampler):
         yy[:, :n_obs] = y_all
         tw = np.broadcast_to(theta_warm, (k_n, d + 2)) if theta_warm.ndim == 1 else theta_warm
         hw = self._last_h.get(skey, np.broadcast_to(np.eye(d + 2), (k_n, d + 2, d + 2)))
-        thetas, losses, hs = _fit_many_fn(maxiter, n_starts)(
-            jnp.asarray(tw, dt),
-            jnp.asarray(hw, dt),
-            jnp.asarray(screen, dt),
-            u_j,
-            a_j,
-            jnp.asarray(yy, dt),
-            jnp.asarray(n_obs, jnp.int32),
-            jnp.asarray(space.is_categorical),
-        )
+        fit = _fit_many_fn(maxiter, n_starts)
+        thetas, losses, hs = _call_fit(fit, tw, hw, screen, u_j, a_j, jnp.asarray(yy, dt), n_obs, space, dt)
         thetas, losses, hs = (np.asarray(v, np.float64) for v in (thetas, losses, hs))
         ok = np.all(np.isfinite(thetas), axis=1) & np.isfinite(losses)
         thetas = np.where(ok[:, None], thetas, tw)
