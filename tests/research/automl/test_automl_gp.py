@@ -342,3 +342,17 @@ def test_default_warping_solves_goldstein_price():
     study = Study(branin_space(), sampler=GPSampler(seed=0))
     study.optimize(objective, n_trials=30, show_progress_bar=False)
     assert study.best_value - 3.0 < 0.5
+
+
+@pytest.mark.parametrize(
+    "objective, expected",
+    [
+        (lambda p: math.sin(3 * p["x1"] / 15) + math.cos(2 * p["x2"] / 15), 1.0),  # smooth: no warp
+        (lambda p: math.exp(0.8 * p["x1"] + 0.4 * p["x2"]), 0.0),  # six orders of magnitude: log tail
+    ],
+)
+def test_auto_warping_chooses_by_marginal_likelihood(objective, expected):
+    # Branin's box again, so that the acquisition program compiled above is reused.
+    sampler = GPSampler(seed=0, n_startup_trials=12, output_warping="auto")
+    Study(branin_space(), sampler=sampler).optimize(objective, n_trials=13, show_progress_bar=False)
+    assert sampler.last_warp == expected
