@@ -25,6 +25,7 @@ and is left out when torch is missing).
 Usage:
   nice -n 10 python -m experiments.benchmarks.automl_suite                      # 20 seeds x 50 trials
   python -m experiments.benchmarks.automl_suite --seeds 2 --trials 20 --problems sphere branin
+  python -m experiments.benchmarks.automl_suite --samplers 'ours:gp{"output_warping": "auto"}'  # sampler options
 """
 
 from __future__ import annotations
@@ -168,8 +169,21 @@ def problems(bbob_dim: int) -> dict[str, Callable[[int], tuple[Space, Objective,
 
 
 # --------------------------------------------------------------------------- engines
+def sampler_options(name: str) -> tuple[str, dict[str, Any]]:
+    """Splits ``gp{"output_warping": "auto"}`` into ``("gp", {"output_warping": "auto"})``."""
+    base, brace, rest = name.partition("{")
+    if not brace:
+        return name, {}
+    try:
+        opts = json.loads(brace + rest)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"sampler {name!r}: the options after the name must be a JSON object ({e})") from None
+    return base, opts
+
+
 def run_ours(name: str, space: Space, f: Objective, n_trials: int, seed: int) -> tuple[float, float]:
-    study = Study(space, sampler=make_sampler(name, seed=seed))
+    base, opts = sampler_options(name)
+    study = Study(space, sampler=make_sampler(base, seed=seed, **opts))
     asks = []
     for _ in range(n_trials):
         t0 = time.perf_counter()

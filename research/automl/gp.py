@@ -22,7 +22,9 @@ are excluded, so a batch never holds near-duplicates. The noise variance may fal
 ``MIN_NOISE`` (1e-8 of the standardised variance), so that deterministic objectives are
 refined to their last digits. Observation arrays are padded to size buckets
 (:func:`research.automl._numerics.bucket`), so a study compiles about twice per doubling
-of its trial count rather than at every trial.
+of its trial count rather than at every trial. The compiled programs are keyed by the
+space's :meth:`~research.automl.space.Space.structure` (parameter kinds and conditions), not
+its names or bounds, which enter as values: studies over same-shaped spaces share them.
 
 References:
   Snoek, Larochelle and Adams (2012), Practical Bayesian optimization of machine learning
@@ -54,8 +56,12 @@ from research.automl.samplers import observations
 from research.automl.samplers import register_sampler
 from research.automl.samplers import scalarize
 from research.automl.space import Space
+from research.automl.space import active_unit
+from research.automl.space import snap_unit
 
 __all__ = [
+    "AUTO_LAMBDAS",
+    "GP_OUTPUT_WARPINGS",
     "OUTPUT_WARPINGS",
     "GPSampler",
     "GPState",
@@ -63,6 +69,7 @@ __all__ = [
     "gp_posterior",
     "matern52",
     "posterior_state",
+    "tail_warps",
     "warp_losses",
 ]
 
@@ -220,6 +227,51 @@ def gp_posterior(state: GPState, xq: jax.Array, is_cat) -> tuple[jax.Array, jax.
 
 
 OUTPUT_WARPINGS = ("halfrank", "log", "none")
+#: What ``GPSampler(output_warping=...)`` accepts: a fixed warping, or ``"auto"`` (a tail warp
+#: chosen per fit by marginal likelihood, see :func:`tail_warps`).
+GP_OUTPUT_WARPINGS = (*OUTPUT_WARPINGS, "auto")
+#: Exponents of the tail warps that ``output_warping="auto"`` chooses from (1: no warping).
+AUTO_LAMBDAS = (1.0, 0.5, 0.0, -1.0)
+
+
+def tail_warps(loss: np.ndarray, lambdas=AUTO_LAMBDAS) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised losses under each tail warp of a C1 family, and the log-Jacobians.
+
+    Losses at or below the median ``m`` are kept; a worse loss ``y`` becomes
+    ``m + sigma * ((t**lam - 1) / lam)`` with ``t = 1 + (y - m) / sigma`` (``m + sigma * log t``
+    for ``lam = 0``), ``sigma`` the spread of the better half around the median (as in
+    ``"halfrank"``). The map is increasing with slope 1 at the median, so the better half
+    keeps its shape; ``lam = 1`` is no warping, smaller ``lam`` compresses the worse half more
+    (``lam < 0``: bounded). Each result is then standardised.
+
+    Args:
+      loss: Losses ``(n,)`` (minimised), finite.
+      lambdas: The exponents ``(K,)``.
+
+    Returns:
+      ``(y, log_jac)``: warped, standardised losses ``(K, n)`` and the log-determinant of
+      the Jacobian of each whole map (warp and standardisation) at ``loss`` ``(K,)``, so that
+      the marginal likelihood of ``y[k]`` plus ``log_jac[k]`` is the likelihood of the raw
+      losses under warp ``k`` (Box and Cox, 1964; Snelson et al., 2004).
+    """
+    y0 = np.asarray(loss, np.float64)
+    n = y0.size
+    med = np.median(y0) if n else 0.0
+    good = y0[y0 <= med]
+    sigma = math.sqrt(float(np.mean((good - med) ** 2))) if n > 2 else 0.0
+    ys, jacs = [], []
+    for lam in lambdas:
+        y, logj = y0.copy(), 0.0
+        if sigma > 0 and lam != 1.0:
+            bad = y0 > med
+            t = 1.0 + (y0[bad] - med) / sigma
+            y[bad] = med + sigma * (np.log(t) if lam == 0 else (t**lam - 1.0) / lam)
+            logj = float((lam - 1.0) * np.sum(np.log(t)))
+        sd = y.std()
+        sd = sd if sd > 0 else 1.0
+        ys.append((y - y.mean()) / sd)
+        jacs.append(logj - n * math.log(sd))
+    return np.stack(ys), np.asarray(jacs)
 
 
 def warp_losses(loss: np.ndarray, method: str = "halfrank") -> np.ndarray:
@@ -285,19 +337,23 @@ class _Config(NamedTuple):
     fit_maxiter: int
 
 
-def _build_suggest(space: Space, cfg: _Config, q: int):
-    """Returns the jitted ``suggest`` for one space, configuration and batch size."""
-    is_cat = jnp.asarray(space.is_categorical)
-    frozen = jnp.asarray(space.is_categorical | space.is_parent)
-    n_choices = jnp.asarray(np.maximum(space.n_choices, 1))
+def _build_suggest(structure: tuple, cfg: _Config, q: int):
+    """Returns the jitted ``suggest`` for one space structure (:meth:`Space.structure`),
+    configuration and batch size.
+
+    The space's bounds and cell counts are an argument (a :class:`UnitLayout` of arrays), not
+    constants of the program, so spaces that differ only in names and bounds share it.
+    """
+    kinds, conditions = structure
+    is_cat_np = np.asarray(kinds) == 2
+    is_parent_np = np.zeros(len(kinds), bool)
+    for conds in conditions:
+        for p, _ in conds:
+            is_parent_np[p] = True
+    is_cat = jnp.asarray(is_cat_np)
+    frozen = jnp.asarray(is_cat_np | is_parent_np)
     acq = functools.partial(get_acquisition(cfg.acquisition), **dict(cfg.acq_kwargs))
-    dim = space.dim
-
-    def snap(u):
-        return space.snap(u, jnp)
-
-    def activity(u):
-        return space.active_mask(u, jnp)
+    dim = len(kinds)
 
     def too_close(xc, xs, mask_s, n_obs):
         # Distance in feature space: categorical mismatches count 1. Rows from ``n_obs`` on
@@ -313,7 +369,13 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         mean, var = gp_posterior(state, x, is_cat)
         return acq(mean, jnp.sqrt(var), best)
 
-    def pick_one(state, best, key, x_all, mask_all, n_obs):
+    def snap(u, lay):
+        return snap_unit(u, lay, jnp)
+
+    def activity(u, lay):
+        return active_unit(u, lay, structure, jnp)
+
+    def pick_one(state, best, key, x_all, mask_all, n_obs, lay):
         k1, k2, k3, k4, k5 = jax.random.split(key, 5)
         dt = x_all.dtype
         u_rand = jax.random.uniform(k1, (cfg.n_candidates, dim), dt)
@@ -323,7 +385,7 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         mean_obs, _ = gp_posterior(state, x_all, is_cat)
         order = jnp.argsort(jnp.where(mask_all, mean_obs, jnp.inf))
         centers_x = x_all[order[:8]]
-        centers_u = jnp.where(centers_x < 0, 0.5 / n_choices, centers_x)
+        centers_u = jnp.where(centers_x < 0, 0.5 / lay.n_choices, centers_x)
         pick = jax.random.randint(k2, (cfg.n_local,), 0, jnp.minimum(8, n_real))
         base = centers_u[pick]
         ls = jnp.clip(jax.lax.rsqrt(state.inv_sq_ls), 1e-3, 1.0)
@@ -332,8 +394,8 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         flip = jax.random.uniform(k4, base.shape, dt) < (1.0 / dim)
         resample = jax.random.uniform(jax.random.fold_in(k4, 1), base.shape, dt)
         u_loc = jnp.where(frozen, jnp.where(flip, resample, base), base + step)
-        u = snap(jnp.concatenate([u_rand, u_loc], 0))
-        act = activity(u)
+        u = snap(jnp.concatenate([u_rand, u_loc], 0), lay)
+        act = activity(u, lay)
         s = score_u(state, u, act, best)
         close = too_close(_features(u, act, is_cat), x_all, mask_all, n_obs)
         s = jnp.where(close | ~jnp.isfinite(s), -jnp.inf, s)
@@ -345,8 +407,8 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
         top = jnp.argsort(-keyed)[: cfg.n_starts]
         u0, a0, s0 = u[top], act[top], s[top]
         u1 = ascend(state, best, u0, a0, ls)
-        u1 = snap(u1)
-        a1 = activity(u1)
+        u1 = snap(u1, lay)
+        a1 = activity(u1, lay)
         s1 = score_u(state, u1, a1, best)
         close1 = too_close(_features(u1, a1, is_cat), x_all, mask_all, n_obs)
         s1 = jnp.where(close1 | ~jnp.isfinite(s1), -jnp.inf, s1)
@@ -384,7 +446,7 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
 
         return jax.vmap(run)(u0, free, a0)
 
-    def acquire(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key):
+    def acquire(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key, lay):
         TRACE_COUNTS["gp_acquire"] += 1
         mask = jnp.arange(u_obs.shape[0]) < n_obs
         x = _features(u_obs, act_obs, is_cat)
@@ -402,8 +464,8 @@ def _build_suggest(space: Space, cfg: _Config, q: int):
 
         def step(carry, k):
             st, n_used = carry
-            u_new, s_new = pick_one(st, best, k, st.x, st.mask, n_obs)
-            x_new = _features(u_new[None], activity(u_new[None]), is_cat)
+            u_new, s_new = pick_one(st, best, k, st.x, st.mask, n_obs, lay)
+            x_new = _features(u_new[None], activity(u_new[None], lay), is_cat)
             m_new, _ = gp_posterior(st, x_new, is_cat)
             st = add_point(st, n_used, x_new[0], m_new[0], is_cat)
             return (st, n_used + 1), (u_new, s_new)
@@ -431,11 +493,58 @@ def _fit_fn(maxiter: int, n_restarts: int):
     return _COMPILED[key]
 
 
-def _acquire_fn(space: Space, cfg: _Config, q: int):
-    key = ("acquire", json_key(space), cfg, q)
+def _call_fit(fit, theta_warm, h_warm, screen, u_j, a_j, y_j, n_obs, space: Space, dt):
+    """Calls a jitted fit of :func:`_fit_fn` / :func:`_fit_many_fn` with device arrays."""
+    return fit(
+        jnp.asarray(theta_warm, dt),
+        jnp.asarray(h_warm, dt),
+        jnp.asarray(screen, dt),
+        u_j,
+        a_j,
+        y_j,
+        jnp.asarray(n_obs, jnp.int32),
+        jnp.asarray(space.is_categorical),
+    )
+
+
+def _fit_many_fn(maxiter: int, n_restarts: int):
+    """:func:`_fit_fn` vmapped over ``K`` warped copies of the losses (``theta_warm``, ``h_warm``, ``y``)."""
+    key = ("fit_many", maxiter, n_restarts)
     if key not in _COMPILED:
-        _COMPILED[key] = _build_suggest(space, cfg, q)
+
+        def fit(theta_warm, h_warm, theta_screen, u_obs, act_obs, y, n_obs, is_cat):
+            TRACE_COUNTS["gp_fit"] += 1
+            mask = jnp.arange(u_obs.shape[0]) < n_obs
+            x = _features(u_obs, act_obs, is_cat)
+
+            def one(tw, hw, yy):
+                return fit_gp(tw, theta_screen, x, yy, mask, is_cat, n_restarts, maxiter, hw)
+
+            return jax.vmap(one)(theta_warm, h_warm, y)
+
+        _COMPILED[key] = jax.jit(fit)
     return _COMPILED[key]
+
+
+def _acquire_fn(space: Space, cfg: _Config, q: int):
+    """The jitted suggestion step of ``space``, with the space's layout bound as values.
+
+    The compiled program is cached by :meth:`Space.structure` (kinds and conditions), the
+    configuration and ``q``, never by names or bounds: same-shaped spaces share it.
+
+    Returns:
+      ``suggest(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key) -> (us, scores)``.
+    """
+    key = ("acquire", space.structure(), cfg, q)
+    if key not in _COMPILED:
+        _COMPILED[key] = _build_suggest(space.structure(), cfg, q)
+    jitted = _COMPILED[key]
+    layout = space.layout()
+
+    def suggest(theta, u_obs, *args):
+        return jitted(theta, u_obs, *args, layout.astype(jnp, u_obs.dtype))
+
+    return suggest
 
 
 @register_sampler("gp")
@@ -472,7 +581,11 @@ class GPSampler(Sampler):
       float64: Run the GP in 64-bit floats (recommended; the Cholesky factor of a nearly
         noise-free GP is ill-conditioned in 32 bits).
       output_warping: Monotone transform of the losses before the fit (see
-        :func:`warp_losses`): ``"halfrank"`` (default), ``"log"`` or ``"none"`` (standardisation only, the behaviour before the warping was added).
+        :func:`warp_losses`): ``"halfrank"`` (default), ``"log"`` or ``"none"`` (standardisation
+        only, the behaviour before the warping was added), or ``"auto"``: one GP is fitted per
+        tail warp of :func:`tail_warps` (one vmapped call) and the warp with the highest
+        marginal likelihood of the raw losses (log posterior plus log-Jacobian) is used
+        (``last_warp`` tells which).
 
     Example:
       >>> from research.automl.space import Float, Space
@@ -514,8 +627,8 @@ class GPSampler(Sampler):
             raise ValueError(f"n_startup_trials={n_startup_trials} must be >= 1")
         if n_restarts < 1:
             raise ValueError(f"n_restarts={n_restarts} must be >= 1")
-        if output_warping not in OUTPUT_WARPINGS:
-            raise ValueError(f"output_warping={output_warping!r} is not one of {OUTPUT_WARPINGS}")
+        if output_warping not in GP_OUTPUT_WARPINGS:
+            raise ValueError(f"output_warping={output_warping!r} is not one of {GP_OUTPUT_WARPINGS}")
         self.output_warping = output_warping
         self.n_startup_trials = n_startup_trials
         self.n_restarts = n_restarts
@@ -540,6 +653,8 @@ class GPSampler(Sampler):
         self._fit_bucket: dict[str, int] = {}
         self._last_h: dict[str, np.ndarray] = {}
         self.last_fit_loss: float | None = None
+        #: The tail-warp exponent the last fit chose (``output_warping="auto"`` only).
+        self.last_warp: float | None = None
 
     def sample_unit(self, space, trials, directions, n):
         obs = observations(space, trials, directions, min_points=space.dim + 2)
@@ -547,7 +662,12 @@ class GPSampler(Sampler):
             return self._startup.sample_unit(space, trials, directions, n)
         rng = self.rng(trials)
         loss = scalarize(obs.losses, rng)
-        y = warp_losses(loss, self.output_warping)
+        auto = self.output_warping == "auto"
+        if auto:
+            y_all, log_jac = tail_warps(loss)
+            y = y_all[0]
+        else:
+            y = warp_losses(loss, self.output_warping)
         n_obs, n_pend = obs.n, obs.pending_u.shape[0]
         cap = bucket(n_obs + n_pend + n)
         pcap = bucket(max(n_pend, 1), minimum=4)
@@ -582,20 +702,17 @@ class GPSampler(Sampler):
             u_j, a_j = jnp.asarray(u_obs, dt), jnp.asarray(act_obs)
             y_j, n_j = jnp.asarray(yy, dt), jnp.asarray(n_obs, jnp.int32)
             maxiter = self.config.fit_maxiter if restart else self.warm_maxiter
-            h_warm = self._last_h.get(skey, np.eye(d + 2))
-            theta, fit_loss, h_new = _fit_fn(maxiter, n_starts)(
-                jnp.asarray(theta_warm, dt),
-                jnp.asarray(h_warm, dt),
-                jnp.asarray(screen, dt),
-                u_j,
-                a_j,
-                y_j,
-                n_j,
-                jnp.asarray(space.is_categorical),
-            )
-            if not bool(jnp.all(jnp.isfinite(theta))):
-                theta = jnp.asarray(theta_warm, dt)
-                h_new = jnp.eye(d + 2, dtype=dt)
+            if auto:
+                theta, fit_loss, h_new, y_j = self._fit_auto(
+                    skey, theta_warm, screen, u_j, a_j, y_all, log_jac, n_obs, cap, maxiter, n_starts, space, dt
+                )
+            else:
+                h_warm = self._last_h.get(skey, np.eye(d + 2))
+                fit = _fit_fn(maxiter, n_starts)
+                theta, fit_loss, h_new = _call_fit(fit, theta_warm, h_warm, screen, u_j, a_j, y_j, n_obs, space, dt)
+                if not bool(jnp.all(jnp.isfinite(theta))):
+                    theta = jnp.asarray(theta_warm, dt)
+                    h_new = jnp.eye(d + 2, dtype=dt)
             us, _ = _acquire_fn(space, self.config, n)(
                 theta,
                 u_j,
@@ -609,10 +726,36 @@ class GPSampler(Sampler):
             )
             us = np.asarray(us, np.float64)
             theta = np.asarray(theta, np.float64)
-        self._last_theta[skey] = theta
-        self._last_h[skey] = np.asarray(h_new, np.float64)
+        if not auto:
+            self._last_theta[skey] = theta
+            self._last_h[skey] = np.asarray(h_new, np.float64)
         self.last_fit_loss = float(fit_loss)
         return us
+
+    def _fit_auto(self, skey, theta_warm, screen, u_j, a_j, y_all, log_jac, n_obs, cap, maxiter, n_starts, space, dt):
+        """Fits one GP per tail warp (one vmapped call) and keeps the warp of the highest
+        marginal likelihood of the raw losses: the fit's log posterior plus the warp's log-Jacobian.
+
+        Returns ``(theta, fit_loss, h, y)`` of the chosen warp (``y`` padded, on the device).
+        """
+        k_n, d = y_all.shape[0], space.dim
+        yy = np.zeros((k_n, cap))
+        yy[:, :n_obs] = y_all
+        tw = np.broadcast_to(theta_warm, (k_n, d + 2)) if theta_warm.ndim == 1 else theta_warm
+        hw = self._last_h.get(skey, np.broadcast_to(np.eye(d + 2), (k_n, d + 2, d + 2)))
+        fit = _fit_many_fn(maxiter, n_starts)
+        thetas, losses, hs = _call_fit(fit, tw, hw, screen, u_j, a_j, jnp.asarray(yy, dt), n_obs, space, dt)
+        thetas, losses, hs = (np.asarray(v, np.float64) for v in (thetas, losses, hs))
+        ok = np.all(np.isfinite(thetas), axis=1) & np.isfinite(losses)
+        thetas = np.where(ok[:, None], thetas, tw)
+        hs = np.where(ok[:, None, None], hs, np.eye(d + 2))
+        # losses are the negative log posterior per observation of the warped losses.
+        score = np.where(ok, -n_obs * losses + log_jac, -np.inf)
+        k = int(np.argmax(score)) if np.any(ok) else 0
+        self.last_warp = AUTO_LAMBDAS[k]
+        self._last_theta[skey] = thetas
+        self._last_h[skey] = hs
+        return jnp.asarray(thetas[k], dt), losses[k], hs[k], jnp.asarray(yy[k], dt)
 
 
 def json_key(space: Space) -> str:

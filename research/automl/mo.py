@@ -113,8 +113,19 @@ class EHVISampler(Sampler):
       n_candidates: Random candidates per suggestion.
       n_local: Candidates drawn around the Pareto set, and again around the best candidates.
       n_mc: Quasi-random base samples of the Monte-Carlo EHVI.
-      reference_margin: The reference point is the worst observed value of each (standardised)
-        objective plus this fraction of its range.
+      reference_margin: The reference point of the EHVI is the worst value of each
+        (standardised) objective plus this fraction of its range, over the points named by
+        ``reference``.
+      reference: Where the EHVI's reference point sits. ``"nadir"`` (default): the current
+        Pareto front's nadir (its worst value of each objective) plus ``reference_margin``
+        times the range of all observations, so trials go to filling in the front rather than
+        to extending it towards the worst values ever seen, while a short front can still
+        grow by a margin of the observed range per step. ``"observed"`` (before): the worst
+        observation plus the margin times the observed range. ``"front"``: the nadir plus the
+        margin times the front's own range (as BoTorch infers a reference point). Measured on
+        ``experiments/benchmarks/multiobjective.py``, seed 0, 100 trials: DTLZ2 0.4048
+        (observed) / 0.4170 (front) / 0.4160 (nadir); ZDT1 ~0.869 (observed) / 0.5219 (front:
+        a short front cannot grow) / 0.8706 (nadir).
       min_distance: Candidates closer than this (unit cube) to an evaluated, pending or
         chosen point are excluded.
       fit_maxiter: BFGS iterations of a fit with restarts.
@@ -142,6 +153,7 @@ class EHVISampler(Sampler):
         n_local: int = 256,
         n_mc: int = 32,
         reference_margin: float = 0.1,
+        reference: str = "nadir",
         min_distance: float = 1e-4,
         fit_maxiter: int = 50,
         warm_maxiter: int = 20,
@@ -159,6 +171,9 @@ class EHVISampler(Sampler):
         self.n_local = n_local
         self.n_mc = n_mc
         self.reference_margin = reference_margin
+        if reference not in ("observed", "front", "nadir"):
+            raise ValueError(f"reference={reference!r} is not one of ('observed', 'front', 'nadir')")
+        self.reference = reference
         self.min_distance = min_distance
         self.fit_maxiter = fit_maxiter
         self.warm_maxiter = warm_maxiter
@@ -217,8 +232,7 @@ class EHVISampler(Sampler):
         act_obs = np.zeros((cap, d), bool)
         y_pad = np.zeros((m, cap))
         u_obs[:n_obs], act_obs[:n_obs], y_pad[:, :n_obs] = obs.u, obs.active, ys.T
-        hi_y, lo_y = ys.max(0), ys.min(0)
-        ref = hi_y + self.reference_margin * np.where(hi_y > lo_y, hi_y - lo_y, 1.0)
+        ref = self.reference_point(ys)
         z = np.asarray(
             ndtri(np.clip(sobol_points(np.arange(1, self.n_mc + 1), m, scramble=True, seed=0), 1e-6, 1 - 1e-6))
         )
@@ -272,6 +286,18 @@ class EHVISampler(Sampler):
                 front = front[pareto_mask(front)]
                 taken.append(u[i][None])
         return np.stack(out)
+
+    def reference_point(self, ys: np.ndarray) -> np.ndarray:
+        """The EHVI reference point of (standardised) losses ``ys`` ``(n, m)`` (see ``reference``)."""
+        hi_o, lo_o = ys.max(0), ys.min(0)
+        span = np.where(hi_o > lo_o, hi_o - lo_o, 1.0)
+        if self.reference == "observed":
+            return hi_o + self.reference_margin * span
+        front = ys[pareto_mask(ys)]
+        hi_f, lo_f = front.max(0), front.min(0)
+        if self.reference == "nadir":
+            return hi_f + self.reference_margin * span
+        return hi_f + self.reference_margin * np.where(hi_f > lo_f, hi_f - lo_f, 1.0)
 
     def _around(self, centers: np.ndarray, frozen: np.ndarray, rng: np.random.Generator, small: bool = False):
         """``n_local`` Gaussian steps around rows of ``centers`` (categorical coordinates: resampled w.p. 1/D)."""

@@ -38,10 +38,11 @@ import math
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Categorical", "Float", "Int", "Param", "Space"]
+__all__ = ["Categorical", "Float", "Int", "Param", "Space", "UnitLayout", "active_unit", "snap_unit"]
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
@@ -239,6 +240,92 @@ class Categorical:
         return {"type": "categorical", "choices": list(self.choices)}
 
 
+class UnitLayout(NamedTuple):
+    """What :meth:`Space.snap` and :meth:`Space.active_mask` need of each parameter, as arrays.
+
+    Jitted code that takes these arrays as arguments (instead of closing over the space's
+    bounds, which makes them constants of the program) is shared by every space of the same
+    :meth:`Space.structure` (see :func:`snap_unit`, :func:`active_unit`).
+
+    Fields, each ``(D,)``: ``kind`` (0 float, 1 int, 2 categorical), ``n_choices``
+    (categoricals; 1 elsewhere), ``edge`` and ``width`` (ints: the lower cell edge and the
+    width of ``[low - 0.5, high + 0.5]``, in log space for log ints; 0 and 1 elsewhere),
+    ``low`` and ``high`` (ints; 0 and 1 elsewhere) and ``log`` (log-spaced ints).
+    """
+
+    kind: Any
+    n_choices: Any
+    edge: Any
+    width: Any
+    low: Any
+    high: Any
+    log: Any
+
+    def astype(self, xp, dtype) -> UnitLayout:
+        """The same layout as ``xp`` arrays: ``kind`` int32, ``log`` bool, the rest ``dtype``."""
+        return UnitLayout(
+            kind=xp.asarray(self.kind, xp.int32),
+            n_choices=xp.asarray(self.n_choices, dtype),
+            edge=xp.asarray(self.edge, dtype),
+            width=xp.asarray(self.width, dtype),
+            low=xp.asarray(self.low, dtype),
+            high=xp.asarray(self.high, dtype),
+            log=xp.asarray(self.log, bool),
+        )
+
+
+def snap_unit(u, layout: UnitLayout, xp=np):
+    """:meth:`Space.snap` computed from a :class:`UnitLayout` (same values, same operations).
+
+    Args:
+      u: Array ``(..., D)`` in the unit cube.
+      layout: The space's :meth:`Space.layout` (numpy or, inside jitted code, JAX arrays).
+      xp: ``numpy`` or ``jax.numpy``.
+    """
+    u = xp.clip(u, 0.0, 1.0)
+    n = layout.n_choices
+    cat = (xp.clip(xp.floor(u * n), 0, n - 1) + 0.5) / n
+    x = layout.edge + u * layout.width
+    v = xp.where(layout.log, xp.exp(xp.where(layout.log, x, 0.0)), x)
+    v = xp.clip(xp.round(v), layout.low, layout.high)
+    x = xp.where(layout.log, xp.log(xp.where(layout.log, v, 1.0)), v)
+    iu = (x - layout.edge) / layout.width
+    return xp.where(layout.kind == 2, cat, xp.where(layout.kind == 1, iu, u))
+
+
+def _cell_unit(c, layout: UnitLayout, j: int, xp):
+    n = layout.n_choices[j]
+    cat = xp.clip(xp.floor(c * n), 0, n - 1)
+    x = layout.edge[j] + c * layout.width[j]
+    v = xp.where(layout.log[j], xp.exp(xp.where(layout.log[j], x, 0.0)), x)
+    num = xp.clip(xp.round(v), layout.low[j], layout.high[j]) - layout.low[j]
+    return xp.where(layout.kind[j] == 2, cat, num).astype(xp.int32)
+
+
+def active_unit(u, layout: UnitLayout, structure: tuple, xp=np):
+    """:meth:`Space.active_mask` computed from a :class:`UnitLayout` and :meth:`Space.structure`.
+
+    Args:
+      u: Array ``(..., D)`` in the unit cube (need not be snapped).
+      layout: The space's :meth:`Space.layout`.
+      structure: The space's :meth:`Space.structure` (static: it is a Python tuple).
+      xp: ``numpy`` or ``jax.numpy``.
+
+    Returns:
+      Boolean array ``(..., D)``.
+    """
+    _, conditions = structure
+    cols: list[Any] = []
+    for conds in conditions:
+        a = xp.ones(u.shape[:-1], bool)
+        for parent, allowed in conds:
+            cell = _cell_unit(u[..., parent], layout, parent, xp)
+            ok = xp.any(cell[..., None] == xp.asarray(allowed, xp.int32), axis=-1)
+            a = a & cols[parent] & ok
+        cols.append(a)
+    return xp.stack(cols, axis=-1)
+
+
 Param = Float | Int | Categorical
 _FROM_DICT = {"float": Float, "int": Int, "categorical": Categorical}
 
@@ -405,6 +492,31 @@ class Space:
             ],
             np.int32,
         )
+
+    def structure(self) -> tuple:
+        """What a program over this space's unit cube depends on besides values: a hashable
+        ``(kinds, conditions)``, with ``kinds`` the tuple of parameter kinds (0 float, 1 int,
+        2 categorical) and ``conditions[j]`` the tuple of ``(parent index, allowed parent
+        cells)`` of parameter ``j``. Names and bounds are not part of it (see :meth:`layout`):
+        two spaces with the same structure share their samplers' compiled programs.
+        """
+        conditions = tuple(tuple((p, tuple(int(c) for c in cells)) for p, cells in conds) for conds in self._conditions)
+        return tuple(int(k) for k in self.kinds), conditions
+
+    def layout(self) -> UnitLayout:
+        """The bounds and cell counts of the parameters as float64 arrays (:class:`UnitLayout`)."""
+        d = self.dim
+        edge, width = np.zeros(d), np.ones(d)
+        low, high, nch = np.zeros(d), np.ones(d), np.ones(d)
+        log = np.zeros(d, bool)
+        for j, p in enumerate(self._params.values()):
+            if isinstance(p, Categorical):
+                nch[j] = len(p.choices)
+            elif isinstance(p, Int):
+                a, b = p._edges()
+                edge[j], width[j] = a, b - a
+                low[j], high[j], log[j] = p.low, p.high, p.log
+        return UnitLayout(self.kinds.copy(), nch, edge, width, low, high, log)
 
     def snap(self, u, xp=np):
         """Moves each coordinate to the encoding of the value it decodes to.

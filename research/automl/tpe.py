@@ -48,7 +48,7 @@ References:
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -64,6 +64,7 @@ from research.automl.samplers import Sampler
 from research.automl.samplers import nondominated_rank
 from research.automl.samplers import observations
 from research.automl.samplers import register_sampler
+from research.automl.space import snap_unit
 
 __all__ = ["BOHBSampler", "Mixture", "TPESampler", "default_gamma", "log_mixture_pdf"]
 
@@ -130,10 +131,11 @@ def _sample(key, mix: Mixture, n: int, is_cat, n_choices, bw_factor):
     return jnp.where(is_cat[None, :], catu, cont)
 
 
-def _build_pick(snap, n_candidates: int):
-    def pick(key, below: Mixture, above: Mixture, dims, is_cat, n_choices, bw_factor):
+def _build_pick(n_candidates: int):
+    # The space enters as values (its layout), so every space shares the program of its shape.
+    def pick(key, below: Mixture, above: Mixture, dims, is_cat, n_choices, bw_factor, layout):
         TRACE_COUNTS["tpe_pick"] += 1
-        cand = snap(_sample(key, below, n_candidates, is_cat, n_choices, bw_factor))
+        cand = snap_unit(_sample(key, below, n_candidates, is_cat, n_choices, bw_factor), layout, jnp)
         score = jax.vmap(
             lambda x: (
                 log_mixture_pdf(x, below, dims, is_cat, n_choices) - log_mixture_pdf(x, above, dims, is_cat, n_choices)
@@ -144,7 +146,7 @@ def _build_pick(snap, n_candidates: int):
     return jax.jit(pick)
 
 
-_PICKS: dict[tuple, Callable] = {}
+_PICKS: dict[int, Callable] = {}
 
 
 def _neighbour_sigmas(mus: np.ndarray) -> np.ndarray:
@@ -339,10 +341,14 @@ class TPESampler(Sampler):
         return below
 
     def _pick_fn(self, space):
-        key = (json.dumps(space.to_dict(), sort_keys=True), self.n_ei_candidates)
+        # Keyed by the candidate count only: the space's bounds are an argument (its layout)
+        # and a new dimensionality retraces the same jitted function.
+        key = self.n_ei_candidates
         if key not in _PICKS:
-            _PICKS[key] = _build_pick(lambda u: space.snap(u, jnp), self.n_ei_candidates)
-        return _PICKS[key]
+            _PICKS[key] = _build_pick(self.n_ei_candidates)
+        pick = _PICKS[key]
+        layout = space.layout().astype(jnp, jnp.asarray(0.0).dtype)
+        return functools.partial(pick, layout=layout)
 
     # ----------------------------------------------------------------- sampling
     def sample_unit(self, space, trials, directions, n):

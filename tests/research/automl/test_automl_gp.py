@@ -16,6 +16,8 @@ from research.automl import acquisition as acq
 from research.automl._numerics import TRACE_COUNTS
 from research.automl._numerics import bfgs_minimize
 from research.automl._numerics import maybe_x64
+from research.automl.gp import _COMPILED
+from research.automl.gp import AUTO_LAMBDAS
 from research.automl.gp import MIN_NOISE
 from research.automl.gp import OUTPUT_WARPINGS
 from research.automl.gp import _acquire_fn
@@ -24,8 +26,11 @@ from research.automl.gp import add_point
 from research.automl.gp import fit_gp
 from research.automl.gp import gp_posterior
 from research.automl.gp import posterior_state
+from research.automl.gp import tail_warps
 from research.automl.gp import warp_losses
+from research.automl.space import Categorical
 from research.automl.space import Float
+from research.automl.space import Int
 from research.automl.space import Space
 from research.automl.testfunctions import BRANIN_MIN
 from research.automl.testfunctions import branin
@@ -130,6 +135,47 @@ def test_batch_is_diverse_and_does_not_recompile_within_a_bucket():
     # The second ask (same bucket, same q, warm fit) traced nothing new.
     assert after == first
     assert after["gp_acquire"] >= before.get("gp_acquire", 0)
+
+
+def test_same_shaped_spaces_share_one_program_and_suggest_the_same_points():
+    """Bounds and names are values of the compiled suggestion step, not part of its key.
+
+    The spaces have the structure of ``conditional_space`` (k = 0 is that space), so after
+    the batch test above nothing here compiles.
+    """
+
+    def space(k):  # the same kinds, cell counts and conditions for every k
+        m = [f"prune{k}", f"quantize{k}", f"none{k}"]
+        return Space(
+            {
+                f"method{k}": Categorical(m),
+                f"sparsity{k}": Float(0.0 - k, 0.99 + 3 * k, when={f"method{k}": m[0]}),
+                f"schedule{k}": Categorical([f"oneshot{k}", f"gradual{k}"], when={f"method{k}": m[0]}),
+                f"steps{k}": Int(1, 64, log=True, when={f"schedule{k}": f"gradual{k}"}),
+                f"bits{k}": Int(2 + k, 8 + k, when={f"method{k}": m[1]}),
+                f"lr{k}": Float(1e-5 * 10**k, 1e-1 * 10**k, log=True, when={f"method{k}": m[1]}),
+                f"knob{k}": Float(-k, 1.0 + k, when={f"method{k}": m[2]}),
+            }
+        )
+
+    def run(sp):
+        target = np.linspace(0.2, 0.8, sp.dim)
+
+        def objective(params):  # a function of the unit-cube point: the same for every k
+            u, act = sp.encode(params)
+            return float(np.sum(np.where(act, (u - target) ** 2, 0.0)) + 0.1 * u[0])
+
+        study = Study(sp, sampler=GPSampler(seed=1, n_startup_trials=4, **SMALL_GP))
+        study.optimize(objective, n_trials=6, show_progress_bar=False)
+        return np.stack([sp.encode(t.params)[0] for t in study.trials])
+
+    first = run(space(0))
+    traces, keys = TRACE_COUNTS["gp_acquire"], set(_COMPILED)
+    for k in (1, 2):
+        np.testing.assert_allclose(run(space(k)), first, rtol=0, atol=1e-9)
+    # Neither other space compiled a suggestion step: no new cache entry, no new trace.
+    assert TRACE_COUNTS["gp_acquire"] == traces
+    assert set(_COMPILED) == keys
 
 
 def test_bfgs_stops_on_the_face_of_a_per_coordinate_box():
@@ -246,6 +292,34 @@ def test_halfrank_keeps_the_better_half_and_bounds_the_worse_half():
     assert np.ptp(y[good]) > 100 * np.ptp(warp_losses(loss, "none")[good])
 
 
+def test_tail_warps_are_monotone_c1_and_their_log_jacobian_is_exact():
+    rng = np.random.default_rng(2)
+    loss = np.exp(rng.normal(0.0, 2.0, 31))
+    ys, log_jac = tail_warps(loss)
+    assert ys.shape == (len(AUTO_LAMBDAS), 31) and AUTO_LAMBDAS[0] == 1.0
+    np.testing.assert_allclose(ys[0], warp_losses(loss, "none"), atol=1e-12)  # lambda = 1: no warping
+    med = np.median(loss)
+    sigma = math.sqrt(np.mean((loss[loss <= med] - med) ** 2))
+    for lam, y, lj in zip(AUTO_LAMBDAS, ys, log_jac, strict=True):
+        order = np.argsort(loss)
+        assert np.all(np.diff(y[order]) > 0)
+        np.testing.assert_allclose([y.mean(), y.std()], [0.0, 1.0], atol=1e-12)
+
+        def warp(v, lam=lam):  # the map with its fitted constants (median, spread) held fixed
+            t = 1.0 + np.maximum(v - med, 0.0) / sigma
+            tail = np.log(t) if lam == 0 else (t**lam - 1.0) / lam
+            return np.where(v > med, med + sigma * tail, v)
+
+        w = warp(loss)
+        scale = w.std()
+        np.testing.assert_allclose((w - w.mean()) / scale, y, atol=1e-9)
+        h = 1e-6 * np.maximum(np.abs(loss), 1.0)
+        slope = (warp(loss + h) - warp(loss - h)) / (2 * h) / scale
+        np.testing.assert_allclose(lj, np.sum(np.log(slope)), rtol=1e-6)
+        # C1 at the median: the slope just above it is 1 (before standardisation).
+        assert (warp(med + 1e-9) - med) / 1e-9 == pytest.approx(1.0, rel=1e-6)
+
+
 def test_output_warping_rejects_an_unknown_name():
     with pytest.raises(ValueError, match="output_warping='rank'"):
         warp_losses(np.arange(5.0), "rank")
@@ -268,3 +342,17 @@ def test_default_warping_solves_goldstein_price():
     study = Study(branin_space(), sampler=GPSampler(seed=0))
     study.optimize(objective, n_trials=30, show_progress_bar=False)
     assert study.best_value - 3.0 < 0.5
+
+
+@pytest.mark.parametrize(
+    "objective, expected",
+    [
+        (lambda p: math.sin(3 * p["x1"] / 15) + math.cos(2 * p["x2"] / 15), 1.0),  # smooth: no warp
+        (lambda p: math.exp(0.8 * p["x1"] + 0.4 * p["x2"]), 0.0),  # six orders of magnitude: log tail
+    ],
+)
+def test_auto_warping_chooses_by_marginal_likelihood(objective, expected):
+    # Branin's box again, so that the acquisition program compiled above is reused.
+    sampler = GPSampler(seed=0, n_startup_trials=12, output_warping="auto")
+    Study(branin_space(), sampler=sampler).optimize(objective, n_trials=13, show_progress_bar=False)
+    assert sampler.last_warp == expected

@@ -110,6 +110,17 @@ def test_registered_and_single_objective_falls_back():
         EHVISampler(n_mc=0)
 
 
+def test_ehvi_reference_point_nadir_front_or_observed():
+    ys = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [3.0, 4.0], [0.9, 0.9]])
+    # Pareto front: the first three rows; nadir (1, 1), front range (1, 1), observed range (3, 4).
+    np.testing.assert_allclose(EHVISampler(reference_margin=0.1).reference_point(ys), [1.3, 1.4])  # "nadir"
+    np.testing.assert_allclose(EHVISampler(reference="front", reference_margin=0.1).reference_point(ys), [1.1, 1.1])
+    observed = EHVISampler(reference="observed", reference_margin=0.1).reference_point(ys)
+    np.testing.assert_allclose(observed, [3.3, 4.4])
+    with pytest.raises(ValueError, match="reference='best'"):
+        EHVISampler(reference="best")
+
+
 def test_motpe_good_set_spreads_by_contribution():
     # Five front points, room for three: the extremes (largest contributions with the 1.1
     # reference) and the middle point stay; the two points crowded next to the middle go.

@@ -1,5 +1,6 @@
 """Search-space encoding, conditions and validation."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +9,9 @@ from research.automl import Categorical
 from research.automl import Float
 from research.automl import Int
 from research.automl import Space
+from research.automl._numerics import maybe_x64
+from research.automl.space import active_unit
+from research.automl.space import snap_unit
 from research.automl.testfunctions import conditional_space
 
 
@@ -62,6 +66,51 @@ def test_decode_of_any_point_is_valid_and_numpy_matches_jax():
     np.testing.assert_allclose(space.snap(u), np.asarray(space.snap(jnp.asarray(u), jnp)), atol=1e-6)
     for row in u:
         space.validate(space.decode(row))
+
+
+def _mixed_space(bounds_shift=0):
+    k = bounds_shift
+    return Space(
+        {
+            "lr": Float(1e-4 * 10**k, 1e-1 * 10**k, log=True),
+            "w": Float(-3.0 - k, 7.0 + 2 * k),
+            "n": Int(-10 + k, 10 + k),
+            "k": Int(1 + k, 300 + 7 * k, log=True),
+            "c": Categorical(["a", "b", "c"]),
+            "depth": Int(1 + k, 3 + k),
+            "p": Float(0.0, 1.0, when={"depth": [2 + k, 3 + k]}),
+            "q": Int(0, 5 + k, when={"c": "b"}),
+        }
+    )
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_layout_functions_equal_snap_and_active_mask_exactly(shift):
+    # The samplers' jitted code snaps with the layout as values; it must give the very
+    # values of Space.snap / Space.active_mask (in numpy and in JAX, 64 and 32 bits).
+    space = _mixed_space(shift)
+    u = np.random.default_rng(shift).random((500, space.dim))
+    u[:50] = np.round(u[:50] * 4) / 4  # cell edges and cube faces
+    layout, structure = space.layout(), space.structure()
+    np.testing.assert_array_equal(snap_unit(u, layout), space.snap(u))
+    np.testing.assert_array_equal(active_unit(u, layout, structure), space.active_mask(u))
+    # As the samplers run them: jitted, the layout an argument against the bounds as constants.
+    new = jax.jit(lambda uj, lay: (snap_unit(uj, lay, jnp), active_unit(uj, lay, structure, jnp)))
+    old = jax.jit(lambda uj: (space.snap(uj, jnp), space.active_mask(uj, jnp)))
+    for x64, dtype in ((True, jnp.float64), (False, jnp.float32)):
+        with maybe_x64(x64):
+            uj = jnp.asarray(u, dtype)
+            for a, b in zip(new(uj, layout.astype(jnp, dtype)), old(uj), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_structure_ignores_names_and_bounds_only():
+    assert _mixed_space(0).structure() == _mixed_space(3).structure()
+    assert _mixed_space(0).layout().edge.tolist() != _mixed_space(3).layout().edge.tolist()
+    a = Space({"x": Float(0.0, 1.0), "c": Categorical(["a", "b"]), "y": Float(0.0, 1.0, when={"c": "a"})})
+    b = Space({"x": Float(0.0, 1.0), "c": Categorical(["a", "b"]), "y": Float(0.0, 1.0, when={"c": "b"})})
+    c = Space({"x": Int(0, 1), "c": Categorical(["a", "b"]), "y": Float(0.0, 1.0, when={"c": "a"})})
+    assert len({a.structure(), b.structure(), c.structure()}) == 3
 
 
 def test_groups_follow_conditions():

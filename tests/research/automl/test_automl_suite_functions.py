@@ -53,3 +53,12 @@ def test_integer_heavy_minimum_is_at_its_seeded_integers():
     best = {**{f"k{i}": int(t) for i, t in enumerate(target)}, "x": 0.3}
     space.validate(best)
     assert f(best) == pytest.approx(fmin)
+
+
+def test_sampler_options_parse_and_reject_bad_json():
+    from experiments.benchmarks.automl_suite import sampler_options
+
+    assert sampler_options("gp") == ("gp", {})
+    assert sampler_options('gp{"output_warping": "auto"}') == ("gp", {"output_warping": "auto"})
+    with pytest.raises(SystemExit, match="must be a JSON object"):
+        sampler_options("gp{output_warping: auto}")

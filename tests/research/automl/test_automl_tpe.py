@@ -119,3 +119,24 @@ def test_shared_floor_converges_on_branin():
     shared, per_estimator = median_regret("shared"), median_regret("per_estimator")
     assert shared < 0.05
     assert shared < 0.5 * per_estimator
+
+
+def test_same_shaped_spaces_share_the_candidate_program():
+    """The space's bounds are values of the jitted candidate step: other bounds, no new trace."""
+    from research.automl import Study
+    from research.automl._numerics import TRACE_COUNTS
+
+    def run(space):
+        def objective(params):  # a function of the unit-cube point: the same for both spaces
+            u, _ = space.encode(params)
+            return float((u[0] - 0.3) ** 2 + (u[1] - 0.7) ** 2)
+
+        study = Study(space, sampler=TPESampler(seed=2))
+        study.optimize(objective, n_trials=16, show_progress_bar=False)
+        return np.stack([space.encode(t.params)[0] for t in study.trials])
+
+    first = run(Space({"x1": Float(-5.0, 10.0), "x2": Float(0.0, 15.0)}))
+    traces = TRACE_COUNTS["tpe_pick"]
+    again = run(Space({"a": Float(1e-3, 1.0, log=True), "b": Float(-1.0, 1.0)}))
+    assert TRACE_COUNTS["tpe_pick"] == traces
+    np.testing.assert_allclose(again, first, rtol=0, atol=1e-9)
