@@ -168,8 +168,7 @@ def activations(model: nnx.Module, x: jax.Array, *, min_size: int = 2) -> tuple[
     Raises:
       ValueError: ``min_size`` below 2.
     """
-    if int(min_size) < 2:
-        raise ValueError(f"min_size={min_size}: a kurtosis needs at least 2 values per tensor; pass min_size >= 2")
+    _check_min_size(min_size)
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
 
@@ -179,21 +178,17 @@ def activations(model: nnx.Module, x: jax.Array, *, min_size: int = 2) -> tuple[
     def spec(a):
         return jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
 
-    closed = jax.make_jaxpr(call)(jax.tree.map(spec, leaves), spec(x))
+    closed, out_shapes = jax.make_jaxpr(call, return_shape=True)(jax.tree.map(spec, leaves), spec(x))
     found: list = []
     outs = _evaluate(
         closed.jaxpr, closed.consts, [*leaves, x], [False] * len(leaves) + [True], found, int(min_size), ""
     )
-    out_tree = jax.tree.structure(jax.eval_shape(call, jax.tree.map(spec, leaves), spec(x)))
-    return jax.tree.unflatten(out_tree, outs), found
+    return jax.tree.unflatten(jax.tree.structure(out_shapes), outs), found
 
 
 def kurtosis(t: jax.Array) -> jax.Array:
     """``E[(t - mean)^4] / var(t)^2`` over all of ``t``'s elements, in float32 (3 for a Gaussian)."""
-    t = jnp.asarray(t, jnp.float32)
-    c = t - jnp.mean(t)
-    var = jnp.mean(c * c)
-    return jnp.mean(jnp.square(c * c)) / (var * var + EPS)
+    return kurtoses([t])[0]
 
 
 def activation_kurtosis(model: nnx.Module, x: jax.Array, *, min_size: int = 2) -> dict[str, jax.Array]:
@@ -211,6 +206,11 @@ def activation_kurtosis(model: nnx.Module, x: jax.Array, *, min_size: int = 2) -
 
     values = jax.jit(measure)(state, x)
     return {name: values[i] for i, name in enumerate(names)}
+
+
+def _check_min_size(min_size: int) -> None:
+    if int(min_size) < 2:
+        raise ValueError(f"min_size={min_size}: a kurtosis needs at least 2 values per tensor; pass min_size >= 2")
 
 
 def _check(weight: float, target: float) -> None:
@@ -296,8 +296,7 @@ def kurtosis_regularizer(
                            loss_transforms=[kurtosis_regularizer(0.01)])
     """
     _check(weight, target)
-    if int(min_size) < 2:
-        raise ValueError(f"min_size={min_size}: a kurtosis needs at least 2 values per tensor; pass min_size >= 2")
+    _check_min_size(min_size)
 
     def transform(loss_fn: LossFn) -> LossFn:
         if weight == 0:

@@ -535,9 +535,10 @@ def _acquire_fn(space: Space, cfg: _Config, q: int):
     Returns:
       ``suggest(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key) -> (us, scores)``.
     """
-    key = ("acquire", space.structure(), cfg, q)
+    structure = space.structure()
+    key = ("acquire", structure, cfg, q)
     if key not in _COMPILED:
-        _COMPILED[key] = _build_suggest(space.structure(), cfg, q)
+        _COMPILED[key] = _build_suggest(structure, cfg, q)
     jitted = _COMPILED[key]
     layout = space.layout()
 

@@ -157,7 +157,7 @@ def test_kurtosis_stage_and_qat_with_the_penalty_run(tmp_path):
         model=ModelConfig(name="mlp", options={"widths": (32,)}),
         data=DataConfig(name="digits", limit=400),
         stages=(
-            TrainStage(steps=30, learning_rate=3e-3, batch_size=32, checkpoint_every=0, eval_every=0),
+            schedule(30),
             KurtosisStage(weight=1.0, train=schedule(30)),
             QATStage(bits=8, calibration_examples=64, kurtosis_weight=0.5, train=schedule(5)),
         ),
