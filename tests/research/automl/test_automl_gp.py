@@ -15,6 +15,7 @@ from research.automl import Study
 from research.automl import acquisition as acq
 from research.automl._numerics import TRACE_COUNTS
 from research.automl._numerics import bfgs_minimize
+from research.automl._numerics import bucket
 from research.automl._numerics import maybe_x64
 from research.automl.gp import _COMPILED
 from research.automl.gp import AUTO_LAMBDAS
@@ -235,6 +236,13 @@ def test_gp_finds_the_branin_minimum():
     # default output_warping="auto", seeds 0-19 all end below 3.4e-5 (the suite's Branin).
     study.optimize(branin, n_trials=50, show_progress_bar=False)
     assert study.best_value - BRANIN_MIN < 1e-3
+
+
+def test_size_buckets_and_a_minimum_below_two_is_refused():
+    assert [bucket(n) for n in (1, 16, 17, 25, 100, 129, 1280)] == [16, 16, 24, 32, 128, 160, 1280]
+    assert bucket(3, minimum=2) == 3 and bucket(1, minimum=64) == 64
+    with pytest.raises(ValueError, match="minimum=1"):
+        bucket(5, minimum=1)
 
 
 def test_fit_of_a_deterministic_objective_reaches_the_noise_floor():
