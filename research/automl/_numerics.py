@@ -23,7 +23,12 @@ def bucket(n: int, minimum: int = 16) -> int:
     per octave (160, 192, 224, 256, 320, 384, 448, 512, 640, ...). Padding observation
     arrays to these sizes bounds the number of compilations over a whole study while the
     O(N^3) work stays within ~1.25-1.5x of the unpadded size.
+
+    Raises:
+      ValueError: If ``minimum < 2`` (the step from a size of 1 would be 0).
     """
+    if minimum < 2:
+        raise ValueError(f"bucket(minimum={minimum}) must be >= 2; use minimum=2 for the smallest buckets")
     size = minimum
     while size < n:
         octave = 1 << (size.bit_length() - 1)  # largest power of two <= size

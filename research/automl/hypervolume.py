@@ -107,9 +107,13 @@ def nondominated_boxes(losses: np.ndarray, reference: np.ndarray) -> tuple[np.nd
     """Disjoint boxes covering the region below ``reference`` that ``losses`` do not dominate.
 
     The hypervolume improvement of a new point ``y`` is then exactly
-    ``sum_b prod_j max(0, hi[b, j] - max(y_j, lo[b, j]))``. Cells of the grid spanned by the
-    front's coordinates (lower bound ``-inf`` on the first cell of each axis), keeping those
-    whose lower corner no front point weakly dominates: ``O(k^m)`` cells for ``k`` front points.
+    ``sum_b prod_j max(0, hi[b, j] - max(y_j, lo[b, j]))``. One box per cell of the grid that
+    the front's coordinates span in the first ``m - 1`` objectives (lower bound ``-inf`` on
+    the first cell of each axis): within such a column, a point is dominated exactly when
+    its last objective reaches the lowest last objective of the front points that weakly
+    dominate the column's lower corner, so the column's non-dominated part is one box from
+    ``-inf`` up to that value (the reference where no point does). ``O(k^(m-1))`` boxes for
+    ``k`` front points: ``k + 1`` for two objectives.
 
     Args:
       losses: Objective values ``(n, m)``, minimised.
@@ -117,19 +121,26 @@ def nondominated_boxes(losses: np.ndarray, reference: np.ndarray) -> tuple[np.nd
 
     Returns:
       ``(lo, hi)``, each ``(n_boxes, m)``.
+
+    Example:
+      >>> lo, hi = nondominated_boxes(np.array([[1.0, 2.0], [2.0, 1.0]]), np.array([3.0, 3.0]))
+      >>> hi.tolist()
+      [[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]
     """
     pts, ref = _check(losses, reference)
     m = ref.shape[0]
     pts = pts[np.all(pts < ref, axis=1)]
     if len(pts):
         pts = pts[pareto_mask(pts)]
-    axes = [np.concatenate([[-np.inf], np.unique(pts[:, j]), [ref[j]]]) for j in range(m)]
-    lo_idx = np.stack(np.meshgrid(*[np.arange(len(a) - 1) for a in axes], indexing="ij"), -1).reshape(-1, m)
-    lo = np.stack([axes[j][lo_idx[:, j]] for j in range(m)], -1)
-    hi = np.stack([axes[j][lo_idx[:, j] + 1] for j in range(m)], -1)
-    if len(pts):
-        dominated = np.zeros(len(lo), bool)
-        for p in pts:
-            dominated |= np.all(p <= lo, axis=1)
-        lo, hi = lo[~dominated], hi[~dominated]
+    axes = [np.concatenate([[-np.inf], np.unique(pts[:, j]), [ref[j]]]) for j in range(m - 1)]
+    lo = hi = np.zeros((1, 0))  # one objective: a single column
+    if m > 1:
+        cell = np.stack(np.meshgrid(*[np.arange(len(a) - 1) for a in axes], indexing="ij"), -1).reshape(-1, m - 1)
+        lo = np.stack([axes[j][cell[:, j]] for j in range(m - 1)], -1)
+        hi = np.stack([axes[j][cell[:, j] + 1] for j in range(m - 1)], -1)
+    # Top of each column: the lowest last objective among the points below its lower corner.
+    below = np.all(pts[None, :, : m - 1] <= lo[:, None, :], axis=-1)  # (cells, k)
+    top = np.min(np.where(below, pts[None, :, m - 1], ref[m - 1]), axis=1, initial=ref[m - 1])
+    lo = np.concatenate([lo, np.full((len(lo), 1), -np.inf)], axis=1)
+    hi = np.concatenate([hi, top[:, None]], axis=1)
     return lo, hi

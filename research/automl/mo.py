@@ -244,6 +244,8 @@ class EHVISampler(Sampler):
             score = _score_fn()
             args = (jnp.asarray(theta), u_j, a_j, jnp.asarray(y_pad), n_j)
 
+            # Every batch of candidates is padded to one size and the boxes to a size bucket, so
+            # the scoring program compiles once per (observation bucket, box bucket).
             size_c = self.n_candidates + self.n_local
 
             def evaluate(u, front):
@@ -270,19 +272,19 @@ class EHVISampler(Sampler):
             out = []
             for _ in range(n):
                 cand = np.concatenate([rng.random((self.n_candidates, d)), self._around(centers, frozen, rng)])
-                u, e, _, std = evaluate(cand, front)
+                u, e, mean, std = evaluate(cand, front)
                 e = self._exclude(u, e, np.concatenate(taken))
                 top = u[np.argsort(-e)[:8]]
-                u2, e2, _, std2 = evaluate(self._around(top, frozen, rng, small=True), front)
+                u2, e2, mean2, std2 = evaluate(self._around(top, frozen, rng, small=True), front)
                 e2 = self._exclude(u2, e2, np.concatenate(taken))
-                u, e, std = np.concatenate([u, u2]), np.concatenate([e, e2]), np.concatenate([std, std2])
+                u, e = np.concatenate([u, u2]), np.concatenate([e, e2])
+                mean, std = np.concatenate([mean, mean2]), np.concatenate([std, std2])
                 if np.max(e) > 0:
                     i = int(np.argmax(np.log(np.maximum(e, 1e-300))))
                 else:  # no sample improves anywhere: explore where the GPs are least sure
                     i = int(np.argmax(np.where(np.isfinite(e), std.sum(1), -np.inf)))
                 out.append(u[i])
-                _, _, mean_i, _ = evaluate(u[i][None], front)
-                front = np.concatenate([front, mean_i])
+                front = np.concatenate([front, mean[i][None]])
                 front = front[pareto_mask(front)]
                 taken.append(u[i][None])
         return np.stack(out)

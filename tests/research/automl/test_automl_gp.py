@@ -15,6 +15,7 @@ from research.automl import Study
 from research.automl import acquisition as acq
 from research.automl._numerics import TRACE_COUNTS
 from research.automl._numerics import bfgs_minimize
+from research.automl._numerics import bucket
 from research.automl._numerics import maybe_x64
 from research.automl.gp import _COMPILED
 from research.automl.gp import AUTO_LAMBDAS
@@ -230,10 +231,20 @@ def test_acquisition_maximiser_matches_a_dense_grid():
 @pytest.mark.slow  # the default GP's programs compile once here (most of its time)
 def test_gp_finds_the_branin_minimum():
     study = Study(branin_space(), sampler=GPSampler(seed=0))
-    # 50 trials (the suite's budget; 30 before the output warping): at 30 trials the
-    # unwarped GP was below 1e-3 on seed 0 but its median over seeds 0-5 was 2e-3.
-    study.optimize(branin, n_trials=50, show_progress_bar=False)
+    # 48 trials (30 before the output warping; at 30 the unwarped GP was below 1e-3 on seed 0
+    # but its median over seeds 0-5 was 2e-3). Not 50, the suite's budget: trials 49 and 50
+    # would open the 64-observation bucket, three more programs to compile for two
+    # suggestions. With the default output_warping="auto", seeds 0-19 of this study all end
+    # below 5.3e-5 after 48 trials.
+    study.optimize(branin, n_trials=48, show_progress_bar=False)
     assert study.best_value - BRANIN_MIN < 1e-3
+
+
+def test_size_buckets_and_a_minimum_below_two_is_refused():
+    assert [bucket(n) for n in (1, 16, 17, 25, 100, 129, 1280)] == [16, 16, 24, 32, 128, 160, 1280]
+    assert bucket(3, minimum=2) == 3 and bucket(1, minimum=64) == 64
+    with pytest.raises(ValueError, match="minimum=1"):
+        bucket(5, minimum=1)
 
 
 def test_fit_of_a_deterministic_objective_reaches_the_noise_floor():
@@ -327,21 +338,27 @@ def test_output_warping_rejects_an_unknown_name():
         GPSampler(output_warping="rank")
 
 
-@pytest.mark.slow  # the default GP on Branin's box: shares the programs compiled for the Branin test
+def _goldstein_price_on_branins_box(p):
+    lo, hi = np.array([-5.0, 0.0]), np.array([10.0, 15.0])  # Branin's box, mapped to [-2, 2]^2
+    u = (np.array([p["x1"], p["x2"]]) - lo) / (hi - lo)
+    x = -2.0 + 4.0 * u
+    return _goldstein_price({"x0": x[0], "x1": x[1]})
+
+
+@pytest.mark.slow  # the default GP on Branin's box for 48 trials: the Branin test's programs
 def test_default_warping_solves_goldstein_price():
     # The losses span six orders of magnitude on [-2, 2]^2: standardised alone, the GP
     # fitted the walls and left the minimum (3 at (0, -1)) unrefined (median regret 7.9
-    # over 20 seeds after 50 trials, before the warping).
-    lo, hi = np.array([-5.0, 0.0]), np.array([10.0, 15.0])  # Branin's box, mapped to [-2, 2]^2
-
-    def objective(p):
-        u = (np.array([p["x1"], p["x2"]]) - lo) / (hi - lo)
-        x = -2.0 + 4.0 * u
-        return _goldstein_price({"x0": x[0], "x1": x[1]})
-
+    # over 20 seeds after 50 trials). With the default output_warping="auto", seeds 0-19
+    # of exactly this study all end below 0.06 after 48 trials (median 0.0012, worst 0.053;
+    # seed 0: 0.035), so the bound is not a lucky seed and a trajectory that rounds
+    # differently on another CPU still passes. It fails for a broken sampler: random
+    # search's best of seeds 0-19 after 50 trials is 0.27 (median 21.6); "halfrank" (the
+    # previous default) ends above 0.1 on 6 of 20 seeds of the suite's Goldstein-Price
+    # after 50 trials (experiments/benchmarks/automl_suite.py); 48 trials can only do worse.
     study = Study(branin_space(), sampler=GPSampler(seed=0))
-    study.optimize(objective, n_trials=30, show_progress_bar=False)
-    assert study.best_value - 3.0 < 0.5
+    study.optimize(_goldstein_price_on_branins_box, n_trials=48, show_progress_bar=False)
+    assert study.best_value - 3.0 < 0.1
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from research.automl import hypervolume
 from research.automl import hypervolume_contributions
 from research.automl import make_sampler
 from research.automl.hypervolume import nondominated_boxes
+from research.automl.hypervolume import pareto_mask
 from research.automl.mo import expected_hvi
 
 
@@ -46,7 +47,7 @@ def test_hypervolume_hand_computed():
         hypervolume(np.ones((1, 2)), np.array([np.inf, 1.0]))
 
 
-@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_hypervolume_matches_cell_count_and_boxes(m):
     rng = np.random.default_rng(m)
     ref = np.full(m, 6.0)
@@ -64,6 +65,10 @@ def test_hypervolume_matches_cell_count_and_boxes(m):
             side = np.maximum(hi - np.maximum(y, lo), 0.0)
             hvi = np.sum(np.prod(side, -1))
             np.testing.assert_allclose(hvi, hypervolume(np.vstack([pts, y]), ref) - hv, atol=1e-9)
+        # One box per column of the grid over the first m - 1 objectives: k + 1 for two.
+        front = pts[np.all(pts < ref, axis=1)]
+        k = len(np.unique(front[pareto_mask(front)], axis=0)) if len(front) else 0
+        assert len(lo) == k + 1 if m == 2 else len(lo) <= (k + 1) ** (m - 1)
 
 
 def test_ehvi_zero_when_dominated_positive_when_improving():
