@@ -19,7 +19,13 @@ of ``var + epsilon`` is then at most ``1 / (2 * steps)`` of its value (10 % at t
 the float model, so a short fine-tuning follows (any ``train``/``qat``/``kurtosis`` stage, or
 ``research.train.finetune``); the export compares the file with that fine-tuned float model.
 
-Measured (``python -m experiments.int8_seq.norm_eps``, tables in ``experiments/int8_seq/README.md``).
+Measured (``python -m experiments.int8_seq.norm_eps``, tables in ``experiments/int8_seq/README.md``):
+on the attention + GRU zoo model (MNIST-1D, five init/data-order variations), 5 steps + 300
+fine-tuning steps + ``export(..., activation_calibration="percentile")`` gave top-1 agreement of the
+int8 TFLite file with JAX 0.9911-0.9950 (ONNX 0.9911-0.9941) against 0.9832-0.9921 for the same
+fine-tuning without the floor, at the same test accuracy (0.942 vs 0.941 mean). With the
+converter's min/max ranges it was 0.9822-0.9931, and 10 steps left one variation at 0.9891: the
+margin over 0.99 is a few inputs in a thousand.
 """
 
 from __future__ import annotations
