@@ -73,6 +73,7 @@ class LN(nnx.Module):
         return self.ln(self.a(x))
 
 
+@pytest.mark.slow
 def test_int8_file_of_quiet_tokens_is_more_accurate_with_the_floor(tmp_path):
     from research.export import export
     from research.export import tflite
