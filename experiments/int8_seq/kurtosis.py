@@ -152,14 +152,22 @@ def main(argv=None) -> None:
     print(HEADER)
     print("|" + "---|" * 10)
     rows = run(variations, a.rules, a.weight, a.steps, a.learning_rate, a.schedule, a.cache, a.kd_alpha)
+    print_means(rows, sorted({r["finetune"] for r in rows}), a.rules)
+
+
+def print_means(rows: list[dict], labels, rules) -> None:
+    """Prints, per fine-tuning label and range rule, the mean and minimum agreement over the
+    variations, the mean median error and the mean test accuracy."""
     print("\nmeans over variations:")
-    for label in sorted({r["finetune"] for r in rows}):
-        for rule in a.rules:
+    for label in labels:
+        for rule in rules:
             sel = [r for r in rows if r["finetune"] == label and r["rule"] == rule]
             print(
-                f"  {label:>15} {rule:>10}: tflite {np.mean([r['tflite_int8'] for r in sel]):.4f} "
+                f"  {label:>24} {rule:>10}: tflite {np.mean([r['tflite_int8'] for r in sel]):.4f} "
                 f"(min {min(r['tflite_int8'] for r in sel):.4f})  onnx {np.mean([r['onnx_int8'] for r in sel]):.4f} "
-                f"(min {min(r['onnx_int8'] for r in sel):.4f})  test acc {np.mean([r['test_acc'] for r in sel]):.4f}"
+                f"(min {min(r['onnx_int8'] for r in sel):.4f})  median err "
+                f"{np.mean([r['median_max_logit_err'] for r in sel]):.3f}  test acc "
+                f"{np.mean([r['test_acc'] for r in sel]):.4f}"
             )
 
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from experiments.int8_seq.kurtosis import HEADER
 from experiments.int8_seq.kurtosis import VARIATIONS
 from experiments.int8_seq.kurtosis import finetune_and_export
+from experiments.int8_seq.kurtosis import print_means
 from experiments.int8_seq.kurtosis import trained
 from methods.quantization import quant_noise_regularizer
 from research.data import load_dataset
@@ -53,17 +52,7 @@ def main(argv=None) -> None:
             rows += finetune_and_export(
                 base, ds, init, data, name, transforms, a.rules, a.steps, a.learning_rate, a.schedule
             )
-    print("\nmeans over variations:")
-    for name, _ in runs:
-        for rule in a.rules:
-            sel = [r for r in rows if r["finetune"] == name and r["rule"] == rule]
-            print(
-                f"  {name:>24} {rule:>10}: tflite {np.mean([r['tflite_int8'] for r in sel]):.4f} "
-                f"(min {min(r['tflite_int8'] for r in sel):.4f})  onnx {np.mean([r['onnx_int8'] for r in sel]):.4f} "
-                f"(min {min(r['onnx_int8'] for r in sel):.4f})  median err "
-                f"{np.mean([r['median_max_logit_err'] for r in sel]):.3f}  test acc "
-                f"{np.mean([r['test_acc'] for r in sel]):.4f}"
-            )
+    print_means(rows, [name for name, _ in runs], a.rules)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from experiments.int8_seq.kurtosis import HEADER
 from experiments.int8_seq.kurtosis import VARIATIONS
 from experiments.int8_seq.kurtosis import finetune_and_export
+from experiments.int8_seq.kurtosis import print_means
 from experiments.int8_seq.kurtosis import trained
 from methods.quantization import int8_norm_epsilon
 from research.data import load_dataset
@@ -54,17 +53,7 @@ def main(argv=None) -> None:
             models.append((f"eps {s:g} steps", model))
         for label, model in models:
             rows += finetune_and_export(model, ds, init, data, label, [], a.rules, a.steps, a.learning_rate, a.schedule)
-    print("\nmeans over variations:")
-    for label in labels:
-        for rule in a.rules:
-            sel = [r for r in rows if r["finetune"] == label and r["rule"] == rule]
-            print(
-                f"  {label:>16} {rule:>10}: tflite {np.mean([r['tflite_int8'] for r in sel]):.4f} "
-                f"(min {min(r['tflite_int8'] for r in sel):.4f})  onnx {np.mean([r['onnx_int8'] for r in sel]):.4f} "
-                f"(min {min(r['onnx_int8'] for r in sel):.4f})  median err "
-                f"{np.mean([r['median_max_logit_err'] for r in sel]):.3f}  test acc "
-                f"{np.mean([r['test_acc'] for r in sel]):.4f}"
-            )
+    print_means(rows, labels, a.rules)
 
 
 if __name__ == "__main__":
