@@ -36,6 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from research import recipe as recipe_lib
 from research.nn import get_module
 from research.nn import iter_modules
 from research.nn import replace_module
@@ -130,3 +131,17 @@ def int8_norm_epsilon(
         module.epsilon = new
         changed[path] = (old, new)
     return out, changed
+
+
+def norm_epsilon_recipe_step(changed: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """The :mod:`research.recipe` step replaying :func:`int8_norm_epsilon` (``{path: (old, new)}``):
+    epsilon is a static setting of the norm, so a stored model is rebuilt with it."""
+    return recipe_lib.step("norm_epsilon", epsilons={path: float(new) for path, (_, new) in changed.items()})
+
+
+@recipe_lib.register_step("norm_epsilon")
+def _replay_norm_epsilon(model: nnx.Module, data: dict[str, Any]) -> nnx.Module:
+    out = nnx.clone(model)
+    for path, eps in data["epsilons"].items():
+        get_module(out, path).epsilon = float(eps)
+    return out

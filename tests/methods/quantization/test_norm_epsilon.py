@@ -96,3 +96,38 @@ def test_int8_file_of_quiet_tokens_is_more_accurate_with_the_floor(tmp_path):
         errors.append(np.abs(y - np.asarray(m(jnp.asarray(x[256:])))).max())
     # plain: the quiet tokens' variance is a fraction of one grid step of var + epsilon
     assert errors[1] < 0.5 * errors[0], errors
+
+
+@pytest.mark.slow
+def test_norm_epsilon_stage_raises_the_epsilons_and_fine_tunes(tmp_path):
+    from methods.quantization import NormEpsilonStage
+    from research.config import Config
+    from research.config import DataConfig
+    from research.config import ModelConfig
+    from research.run import run
+    from research.stages import TrainStage
+
+    def schedule(steps):
+        return TrainStage(steps=steps, learning_rate=3e-3, batch_size=32, checkpoint_every=0, eval_every=0)
+
+    options = {"dim": 8, "heads": 2, "mlp_dim": 8, "hidden": 8}
+    config = Config(
+        name="norm-epsilon-smoke",
+        model=ModelConfig(name="attn_gru", options=options),
+        data=DataConfig(name="mnist1d", limit=300),
+        stages=(NormEpsilonStage(steps=5, calibration_examples=64, train=schedule(2)),),
+    )
+    report = run(config, str(tmp_path / "run"), progress=False, echo=False)  # the recipe rebuilds the epsilons
+    metrics = report["stages"][0]["metrics"]
+    eps = {k: v for k, v in metrics.items() if k.startswith("epsilon/")}
+    assert set(eps) == {"epsilon/block/norm1", "epsilon/block/norm2", "epsilon/norm"}, metrics
+    assert all(v > 1e-6 for v in eps.values()), eps
+    assert any("norm epsilons raised to 5 steps" in n for n in report["stages"][0]["notes"])
+    bad = Config(
+        name="norm-epsilon-mlp",
+        model=ModelConfig(name="mlp", options={"widths": (8,)}),
+        data=DataConfig(name="digits", limit=100),
+        stages=(NormEpsilonStage(train=schedule(2)),),
+    )
+    with pytest.raises(ValueError, match="no nnx.LayerNorm or nnx.RMSNorm"):
+        run(bad, str(tmp_path / "bad"), progress=False, echo=False)
