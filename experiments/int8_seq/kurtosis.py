@@ -86,39 +86,53 @@ def run(
             ("control" + tag, kd),
             (f"kurtosis {weight:g}{tag}", [*kd, kurtosis_regularizer(weight)]),
         ):
-            t = time.time()
-            model, _ = finetune(
-                base,
-                ds,
-                workdir=tempfile.mkdtemp(),
-                steps=steps,
-                learning_rate=learning_rate,
-                schedule=schedule,
-                seed=data,
-                progress=False,
-                checkpoint_every=0,
-                eval_every=0,
-                log_every=0,
-                loss_transforms=transforms,
-            )
-            seconds = time.time() - t
-            model.eval()
-            ref = np.asarray(nnx.jit(lambda m, x: m(x))(model, ds.x_test))
-            acc = float(np.mean(ref.argmax(-1) == ds.y_test))
-            for rule in rules:
-                row = {"init": init, "data": data, "finetune": label, "test_acc": acc, "rule": rule}
-                rows.append({**row, **export_int8(model, ds, ref, rule), "finetune_s": seconds})
-                print(_line(rows[-1]), flush=True)
+            rows += finetune_and_export(base, ds, init, data, label, transforms, rules, steps, learning_rate, schedule)
     return rows
 
 
-HEADER = "| (i,d) | fine-tune | test acc | rule | tflite_int8 | onnx_int8 | median max-logit err | fine-tune s |"
+def finetune_and_export(
+    base, ds, init: int, data: int, label: str, transforms, rules, steps: int, learning_rate: float, schedule: str
+) -> list[dict]:
+    """Fine-tunes ``base`` with ``transforms`` (batch order ``data``) and exports the result once per
+    range rule; one printed row per rule (test accuracy, agreements, median error, seconds)."""
+    t = time.time()
+    model, _ = finetune(
+        base,
+        ds,
+        workdir=tempfile.mkdtemp(),
+        steps=steps,
+        learning_rate=learning_rate,
+        schedule=schedule,
+        seed=data,
+        progress=False,
+        checkpoint_every=0,
+        eval_every=0,
+        log_every=0,
+        loss_transforms=transforms,
+    )
+    seconds = time.time() - t
+    model.eval()
+    ref = np.asarray(nnx.jit(lambda m, x: m(x))(model, ds.x_test))
+    acc = float(np.mean(ref.argmax(-1) == ds.y_test))
+    rows = []
+    for rule in rules:
+        row = {"init": init, "data": data, "finetune": label, "test_acc": acc, "rule": rule}
+        rows.append({**row, **export_int8(model, ds, ref, rule), "finetune_s": seconds})
+        print(_line(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = (
+    "| (i,d) | fine-tune | test acc | rule | tflite_int8 | onnx_int8 | median max-logit err | fine-tune s |"
+    " test flips | margins < 0.5 |"
+)
 
 
 def _line(r: dict) -> str:
     return (
         f"| ({r['init']},{r['data']}) | {r['finetune']} | {r['test_acc']:.3f} | {r['rule']} | "
-        f"{r['tflite_int8']:.4f} | {r['onnx_int8']:.4f} | {r['median_max_logit_err']:.3f} | {r['finetune_s']:.0f} |"
+        f"{r['tflite_int8']:.4f} | {r['onnx_int8']:.4f} | {r['median_max_logit_err']:.3f} | {r['finetune_s']:.0f} | "
+        f"{r['test_flips']} | {r['near_ties']} |"
     )
 
 
@@ -136,16 +150,24 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     variations = [tuple(int(v) for v in s.split(",")) for s in a.variations]
     print(HEADER)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 10)
     rows = run(variations, a.rules, a.weight, a.steps, a.learning_rate, a.schedule, a.cache, a.kd_alpha)
+    print_means(rows, sorted({r["finetune"] for r in rows}), a.rules)
+
+
+def print_means(rows: list[dict], labels, rules) -> None:
+    """Prints, per fine-tuning label and range rule, the mean and minimum agreement over the
+    variations, the mean median error and the mean test accuracy."""
     print("\nmeans over variations:")
-    for label in sorted({r["finetune"] for r in rows}):
-        for rule in a.rules:
+    for label in labels:
+        for rule in rules:
             sel = [r for r in rows if r["finetune"] == label and r["rule"] == rule]
             print(
-                f"  {label:>15} {rule:>10}: tflite {np.mean([r['tflite_int8'] for r in sel]):.4f} "
+                f"  {label:>24} {rule:>10}: tflite {np.mean([r['tflite_int8'] for r in sel]):.4f} "
                 f"(min {min(r['tflite_int8'] for r in sel):.4f})  onnx {np.mean([r['onnx_int8'] for r in sel]):.4f} "
-                f"(min {min(r['onnx_int8'] for r in sel):.4f})  test acc {np.mean([r['test_acc'] for r in sel]):.4f}"
+                f"(min {min(r['onnx_int8'] for r in sel):.4f})  median err "
+                f"{np.mean([r['median_max_logit_err'] for r in sel]):.3f}  test acc "
+                f"{np.mean([r['test_acc'] for r in sel]):.4f}"
             )
 
 

@@ -38,8 +38,9 @@ RULES = ("minmax", "percentile", "mse")
 def export_int8(model, ds, ref: np.ndarray, rule: str) -> dict:
     """Exports ``model`` to TFLite and ONNX ``int8`` with activation rule ``rule`` (calibrated on the
     first 256 training inputs, compared on the test split + sample + a batch of one); returns both
-    files' top-1 agreement and the TFLite file's median max-logit error against ``ref`` (the
-    model's test-split logits)."""
+    files' top-1 agreement, the TFLite file's median max-logit error against ``ref`` (the
+    model's test-split logits), its top-1 flips on the test split and the number of test inputs
+    whose float top-1 margin is below 0.5 (the near-ties a small error can flip)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep = export(
@@ -54,10 +55,13 @@ def export_int8(model, ds, ref: np.ndarray, rule: str) -> dict:
             latency_repeats=1,
         )
     y = tflite.TFLiteRunner(rep["tflite_int8"].path)(ds.x_test)
+    top2 = np.sort(ref, -1)[:, -2:]
     return {
         "tflite_int8": rep["tflite_int8"].top1_agreement,
         "onnx_int8": rep["onnx_int8"].top1_agreement,
         "median_max_logit_err": float(np.median(np.abs(y - ref).max(-1))),
+        "test_flips": int(np.sum(y.argmax(-1) != ref.argmax(-1))),
+        "near_ties": int(np.sum(top2[:, 1] - top2[:, 0] < 0.5)),
     }
 
 

@@ -7,8 +7,12 @@ Typical post-training quantization::
     qmodel = calibrate(qmodel, batches, observer="percentile")
     params = quant_params(qmodel)      # for research.export
 
-Before a full-integer export (TFLite int8), fine-tuning with ``kurtosis_regularizer(0.01)`` (or the
-``kurtosis`` stage) makes heavy-tailed activations easier to round on one int8 grid.
+Before a full-integer export (TFLite int8) of a model with LayerNorms, ``int8_norm_epsilon`` (raise
+each norm's epsilon to a few steps of its variance's int8 grid) followed by a short fine-tuning and
+``activation_calibration="percentile"`` at export keeps quiet tokens' normalisation accurate;
+fine-tuning with ``kurtosis_regularizer(0.01)`` (or the ``kurtosis`` stage) makes heavy-tailed
+activations easier to round on one int8 grid; ``quant_noise_regularizer`` trains against simulated
+int8 grid noise.
 
 QAT: train ``qmodel`` with the ordinary training core (``research.train`` /
 ``research.train.finetune``); LSQ steps and PACT clipping values are ``nnx.Param`` leaves.
@@ -57,12 +61,18 @@ _EXPORTS = {
     "quant_params": "methods.quantization.report",
     "quantized_bytes": "methods.quantization.report",
     "KurtosisStage": "methods.quantization.config",
+    "NormEpsilonStage": "methods.quantization.config",
     "QATStage": "methods.quantization.config",
     "activation_kurtosis": "methods.quantization.kurtosis",
     "activations": "methods.quantization.kurtosis",
     "kurtosis": "methods.quantization.kurtosis",
     "kurtosis_penalty": "methods.quantization.kurtosis",
     "kurtosis_regularizer": "methods.quantization.kurtosis",
+    "grid_noise": "methods.quantization.noise",
+    "int8_norm_epsilon": "methods.quantization.norm_epsilon",
+    "norm_statistics": "methods.quantization.norm_epsilon",
+    "noisy_forward": "methods.quantization.noise",
+    "quant_noise_regularizer": "methods.quantization.noise",
     "QuantizeStage": "methods.quantization.config",
     "QuantRule": "methods.quantization.rules",
     "float_layers": "methods.quantization.surgery",
@@ -80,6 +90,7 @@ __all__ = [
     "FakeQuant",
     "Identity",
     "KurtosisStage",
+    "NormEpsilonStage",
     "Observer",
     "QATStage",
     "QuantConv",
@@ -102,6 +113,8 @@ __all__ = [
     "float_layers",
     "fold_batchnorm",
     "format_table",
+    "grid_noise",
+    "int8_norm_epsilon",
     "layer_order",
     "layer_table",
     "list_methods",
@@ -112,9 +125,12 @@ __all__ = [
     "kurtosis_regularizer",
     "lsq_quantize",
     "make_observer",
+    "noisy_forward",
+    "norm_statistics",
     "pact_quantize",
     "qrange",
     "quant_layers",
+    "quant_noise_regularizer",
     "quant_params",
     "quantizable_layers",
     "quantize",

@@ -5,6 +5,7 @@ Example config entries::
     QuantizeStage(bits=8, per_channel=True, calibration_examples=256)
     QATStage(bits=4, method="lsq", first_last_bits=8, train=TrainStage(steps=300, learning_rate=1e-3))
     KurtosisStage(weight=0.01, train=TrainStage(steps=300, learning_rate=1e-3))  # before a full-int8 export
+    NormEpsilonStage(steps=5.0)  # LayerNorm epsilon floor + fine-tuning, before a full-int8 export
 
 The run functions are in :mod:`methods.quantization.stage`.
 """
@@ -143,6 +144,39 @@ class KurtosisStage(StageConfig):
     }
     weight: float = 0.01
     target: float = 3.0
+    train: TrainStage = dataclasses.field(
+        default_factory=lambda: TrainStage(steps=300, learning_rate=1e-3, schedule="constant", eval_every=100)
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NormEpsilonStage(StageConfig):
+    """Raises every LayerNorm/RMSNorm epsilon to a floor on the int8 grid, then fine-tunes.
+
+    ``epsilon = max(epsilon, steps * v_max / (2**bits - 1))`` per norm, ``v_max`` the largest
+    per-token variance of its input on ``calibration_examples`` training inputs
+    (:func:`methods.quantization.norm_epsilon.int8_norm_epsilon`): in a full-integer export the
+    ``var + epsilon`` of all tokens shares one int8 grid, and quiet tokens' variances would be a
+    fraction of a step. The changed model is fine-tuned with ``train`` (earlier constraints kept, a
+    teacher through ``train.teacher``, as in every fine-tuning stage). Follow it with
+    ``ExportStage(quantize="int8", activation_calibration="percentile")``.
+
+    Attributes:
+      steps: the floor in grid steps (> 0; 5 on the attention + GRU zoo model).
+      bits: the activations' bit width (8 for a full-int8 export).
+      calibration_examples: training inputs the variances are measured on.
+      train: the fine-tuning schedule (override keys ``stages.norm_epsilon.train.<field>``).
+    """
+
+    kind: ClassVar[str] = "norm_epsilon"
+    checks: ClassVar[Mapping[str, Check]] = {
+        "steps": Range(lo=0, lo_open=True, hint="the epsilon floor in int8 grid steps; 5 bounds rounding at 10%"),
+        "bits": Range(lo=2, hi=16, hint="8 for a full-int8 export"),
+        "calibration_examples": Range(lo=1, hint="training inputs the variances are measured on"),
+    }
+    steps: float = 5.0
+    bits: int = 8
+    calibration_examples: int = 256
     train: TrainStage = dataclasses.field(
         default_factory=lambda: TrainStage(steps=300, learning_rate=1e-3, schedule="constant", eval_every=100)
     )

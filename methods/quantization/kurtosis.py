@@ -111,7 +111,10 @@ def _bind(eqn, invals):
     return out if eqn.primitive.multiple_results else [out]
 
 
-def _evaluate(jaxpr, consts, args, active, found: list, min_size: int, scope: str) -> list:
+def _evaluate(jaxpr, consts, args, active, found: list, min_size: int, scope: str, perturb=None) -> list:
+    """Evaluates ``jaxpr`` equation by equation, appending ``(name, tensor)`` of each activation to
+    ``found``; ``perturb(name, tensor) -> tensor``, when given, replaces each activation by its
+    result before later equations read it (:mod:`methods.quantization.noise`)."""
     env: dict = {}
     live: set = set()
 
@@ -132,7 +135,9 @@ def _evaluate(jaxpr, consts, args, active, found: list, min_size: int, scope: st
         if body is not None:
             inner, inner_consts = body
             n = len(inner.invars)
-            outs = _evaluate(inner, inner_consts, invals[-n:], dep[-n:], found, min_size, f"{scope}{i}:{name}/")
+            outs = _evaluate(
+                inner, inner_consts, invals[-n:], dep[-n:], found, min_size, f"{scope}{i}:{name}/", perturb
+            )
         else:
             outs = _bind(eqn, invals)
         for v, val in zip(eqn.outvars, outs, strict=True):
@@ -146,6 +151,8 @@ def _evaluate(jaxpr, consts, args, active, found: list, min_size: int, scope: st
                 and jnp.issubdtype(jnp.result_type(val), jnp.floating)
                 and math.prod(jnp.shape(val)) >= min_size
             ):
+                if perturb is not None:
+                    val = env[v] = perturb(f"{scope}{i}:{name}", val)
                 found.append((f"{scope}{i}:{name}", val))
     return [read(v) for v in jaxpr.outvars]
 
@@ -169,6 +176,13 @@ def activations(model: nnx.Module, x: jax.Array, *, min_size: int = 2) -> tuple[
       ValueError: ``min_size`` below 2.
     """
     _check_min_size(min_size)
+    return run_activations(model, x, min_size=int(min_size))
+
+
+def run_activations(model: nnx.Module, x: jax.Array, *, min_size: int = 2, perturb=None):
+    """:func:`activations` with an optional ``perturb(name, tensor) -> tensor`` applied to each
+    activation (and to the input, named ``"input"``) before the equations after it read it; the
+    returned tensors are the perturbed ones."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
 
@@ -180,8 +194,10 @@ def activations(model: nnx.Module, x: jax.Array, *, min_size: int = 2) -> tuple[
 
     closed, out_shapes = jax.make_jaxpr(call, return_shape=True)(jax.tree.map(spec, leaves), spec(x))
     found: list = []
+    if perturb is not None:
+        x = perturb("input", x)
     outs = _evaluate(
-        closed.jaxpr, closed.consts, [*leaves, x], [False] * len(leaves) + [True], found, int(min_size), ""
+        closed.jaxpr, closed.consts, [*leaves, x], [False] * len(leaves) + [True], found, int(min_size), "", perturb
     )
     return jax.tree.unflatten(jax.tree.structure(out_shapes), outs), found
 

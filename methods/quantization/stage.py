@@ -24,6 +24,7 @@ from flax import nnx
 
 from methods.quantization.calibration import calibrate
 from methods.quantization.config import KurtosisStage
+from methods.quantization.config import NormEpsilonStage
 from methods.quantization.config import QATStage
 from methods.quantization.config import QuantizeStage
 from methods.quantization.folding import find_conv_bn_pairs
@@ -34,6 +35,8 @@ from methods.quantization.kurtosis import kurtosis_penalty
 from methods.quantization.kurtosis import kurtosis_regularizer
 from methods.quantization.modules import FakeQuant
 from methods.quantization.modules import QuantRange
+from methods.quantization.norm_epsilon import int8_norm_epsilon
+from methods.quantization.norm_epsilon import norm_epsilon_recipe_step
 from methods.quantization.report import layer_table
 from methods.quantization.report import quant_layers
 from methods.quantization.report import quant_params
@@ -212,3 +215,36 @@ def run_kurtosis(bundle: Bundle, cfg: KurtosisStage, ctx: StageContext) -> Stage
         f"{len(probe)} training inputs: {before:.3g} -> {metrics['kurtosis_penalty_after']:.3g}",
     ]
     return StageResult(bundle=dataclasses.replace(bundle, model=done.model), metrics=metrics, notes=notes)
+
+
+@register_stage(NormEpsilonStage)
+def run_norm_epsilon(bundle: Bundle, cfg: NormEpsilonStage, ctx: StageContext) -> StageResult:
+    """Raises the float ``bundle.model``'s norm epsilons to ``cfg.steps`` int8 grid steps
+    (:func:`methods.quantization.norm_epsilon.int8_norm_epsilon`) and fine-tunes it; reports each
+    norm's epsilon before and after."""
+    if quant_layers(bundle.model):
+        raise ValueError(
+            "the 'norm_epsilon' stage changes a float model, and this one is already fake-quantized; put it "
+            "before 'quantize'/'qat' (and before the int8 export)"
+        )
+    x = calibration_subset(bundle.dataset, cfg.calibration_examples, seed=ctx.seed)
+    model, changed = int8_norm_epsilon(bundle.model, x, steps=cfg.steps, bits=int(cfg.bits))
+    t0 = time.perf_counter()
+    done = fine_tune(bundle, model, cfg.train, ctx)
+    metrics = {
+        **done.metrics,
+        **{f"epsilon/{path}": new for path, (_, new) in changed.items()},
+        "finetune_s": time.perf_counter() - t0,
+    }
+    if len(bundle.dataset.x_val):
+        metrics["val_accuracy"] = accuracy(done.model, bundle.dataset.x_val, bundle.dataset.y_val)
+    notes = [
+        *done.notes,
+        f"norm epsilons raised to {cfg.steps:g} steps of their variance's {cfg.bits}-bit grid "
+        f"({len(x)} training inputs): "
+        + ", ".join(f"{path or '<root>'} {old:.3g} -> {new:.3g}" for path, (old, new) in changed.items()),
+    ]
+    recipe = recipe_lib.append(bundle.recipe, norm_epsilon_recipe_step(changed))
+    return StageResult(
+        bundle=dataclasses.replace(bundle, model=done.model, recipe=recipe), metrics=metrics, notes=notes
+    )

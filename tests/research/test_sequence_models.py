@@ -328,14 +328,31 @@ TRAINED = {"attn_gru": "mnist1d"}
 
 @pytest.fixture(scope="module", params=sorted(TRAINED))
 def exported(request, tmp_path_factory):
+    from methods.quantization import int8_norm_epsilon
     from research.data import load_dataset
     from research.export import export
+    from research.train import finetune
     from research.train import train_scan
 
     name = request.param
     ds = load_dataset(TRAINED[name], seed=0)
     model = build_model(name, input_shape=ds.x_train.shape[1:], num_classes=ds.num_classes, rngs=nnx.Rngs(0))
     train_scan(model, ds.x_train, ds.y_train, steps=1500, batch_size=128)
+    # Before a full-int8 export: LayerNorm epsilons raised to 5 steps of their variance's int8 grid,
+    # then 300 fine-tuning steps (methods.quantization.norm_epsilon; experiments/int8_seq/README.md).
+    model, _ = int8_norm_epsilon(model, ds.x_train[:256], steps=5)
+    model, _ = finetune(
+        model,
+        ds,
+        workdir=tmp_path_factory.mktemp(f"{name}_ft"),
+        steps=300,
+        learning_rate=1e-3,
+        schedule="constant",
+        progress=False,
+        checkpoint_every=0,
+        eval_every=0,
+        log_every=0,
+    )
     model.eval()
     acc = float(np.mean(_run(model, ds.x_test).argmax(-1) == ds.y_test))
     report = export(
@@ -346,6 +363,7 @@ def exported(request, tmp_path_factory):
         quantize=("int8", "int16x8"),
         calibration=ds.x_train[:256],
         eval_data=ds.x_test,
+        activation_calibration="percentile",
         latency_repeats=1,
     )
     return name, acc, report
@@ -369,19 +387,17 @@ def test_trained_attention_models_export_to_tflite_and_onnx(exported, record_tes
     assert report["onnx_int16x8"].extra["opset"] == 21
 
 
-#: Top-1 agreement bounds of the quantized files. Full int8 misses the 0.99 target on the GRU model:
-#: per-tensor int8 rounding of the LayerNorm outputs, the attention, and the gates and hidden state
-#: re-quantized at each of the 10 steps add up (0.973 TFLite / 0.976 ONNX here; over five seed and
-#: data-order variations 0.973-0.988; with activation_calibration="percentile" 0.982-0.993, and
-#: equalizing the LayerNorm outputs, the residual stream or the attention heads, or training with
-#: every activation fake-quantized, stayed between 0.976 and 0.994 where measured: gru8b report).
-#: Fine-tuning 300 steps with the activation-kurtosis penalty (methods.quantization.kurtosis) then
-#: percentile ranges lowers the median logit error on every variation but leaves agreement at
-#: 0.979-0.996 by variation and weight (experiments/int8_seq/README.md), so the bound stays.
-#: The 16x8 variant (int16 activations, int8 weights) reaches it: 0.996-0.999 over the same five.
+#: Top-1 agreement bounds of the quantized files. Full int8 of the GRU model: with the converter's
+#: ranges alone 0.973-0.988 over five seed and data-order variations (gru8/gru8b reports). The
+#: spread came mostly from a few inputs with large logit errors, traced to the LayerNorms: one
+#: int8 grid for ``var + epsilon`` of all tokens (variances ~0.05-23) leaves quiet tokens a fraction
+#: of a step. With epsilon raised to 5 grid steps (methods.quantization.int8_norm_epsilon), 300
+#: fine-tuning steps and percentile ranges: 0.991-0.995 TFLite and ONNX on the five (this model:
+#: 0.995), 0.989-0.997 for neighbouring settings (experiments/int8_seq/README.md). The bound
+#: leaves that margin. The 16x8 variant (int16 activations, int8 weights): 0.996-0.999.
 #: The ViT's bounds (int8 0.99, int16x8 0.96) are asserted in tests/research/export/test_export_zoo.py.
 _TOP1_BOUND = {
-    ("attn_gru", "int8"): 0.96,
+    ("attn_gru", "int8"): 0.985,
     ("attn_gru", "int16x8"): 0.99,
 }
 
