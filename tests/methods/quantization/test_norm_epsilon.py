@@ -110,17 +110,18 @@ def test_norm_epsilon_stage_raises_the_epsilons_and_fine_tunes(tmp_path):
     def schedule(steps):
         return TrainStage(steps=steps, learning_rate=3e-3, batch_size=32, checkpoint_every=0, eval_every=0)
 
-    options = {"dim": 8, "heads": 2, "mlp_dim": 8, "hidden": 8}
+    # A one-block ViT: LayerNorms like attn_gru's, without a GRU scan to compile.
+    options = {"dim": 8, "depth": 1, "heads": 2, "mlp_dim": 8}
     config = Config(
         name="norm-epsilon-smoke",
-        model=ModelConfig(name="attn_gru", options=options),
-        data=DataConfig(name="mnist1d", limit=300),
+        model=ModelConfig(name="vit", options=options),
+        data=DataConfig(name="digits", limit=300),
         stages=(NormEpsilonStage(steps=5, calibration_examples=64, train=schedule(2)),),
     )
     report = run(config, str(tmp_path / "run"), progress=False, echo=False)  # the recipe rebuilds the epsilons
     metrics = report["stages"][0]["metrics"]
     eps = {k: v for k, v in metrics.items() if k.startswith("epsilon/")}
-    assert set(eps) == {"epsilon/block/norm1", "epsilon/block/norm2", "epsilon/norm"}, metrics
+    assert set(eps) == {"epsilon/blocks/0/norm1", "epsilon/blocks/0/norm2", "epsilon/norm"}, metrics
     assert all(v > 1e-6 for v in eps.values()), eps
     assert any("norm epsilons raised to 5 steps" in n for n in report["stages"][0]["notes"])
     bad = Config(
