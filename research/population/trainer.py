@@ -62,7 +62,11 @@ class TrialResult:
     start: int = 0
 
 
-def time_call(k: int, fn: Callable[[], Any], repeats: int = 3) -> float:
+TIMED_REPEATS = 3
+"""Timed calls of :func:`time_call` after its warm-up call."""
+
+
+def time_call(k: int, fn: Callable[[], Any], repeats: int = TIMED_REPEATS) -> float:
     """Seconds of one call of ``fn`` (compiled already): the fastest of ``repeats`` after a warm-up.
 
     The minimum, not the median: other processes on the machine only ever add time.
@@ -215,6 +219,9 @@ class PopulationTrainer:
             tuple(str(d) for d in self.devices),
         )
         self.memory: dict[int, int] = {}
+        self.compile_seconds: dict[int, float] = {}  # seconds each K's program took to compile here (0: cached)
+        self.sequential_compile_seconds = 0.0  # the sequential step's first call beyond its steps (0: cached)
+        self._sequential_timed = False
 
         def block(state, xs, ys, data_id, idx, valid):
             def one(carry, inp):
@@ -315,11 +322,14 @@ class PopulationTrainer:
             state = self.initial_state([0] * k)
             idx, valid = self.batch_indices([0] * k, 0)
             data_id = self._put(np.zeros(k, np.int32))
+            t0 = time.perf_counter()
             lowered = jax.jit(self._block, donate_argnums=(0,)).lower(
                 state, self._xs, self._ys, data_id, self._put_idx(idx), valid
             )
             compiled = lowered.compile()
             self._cache[key] = (compiled, _program_bytes(compiled))
+            self.compile_seconds[k] = time.perf_counter() - t0
+        self.compile_seconds.setdefault(k, 0.0)
         compiled, self.memory[k] = self._cache[key]
         return compiled
 
@@ -337,14 +347,16 @@ class PopulationTrainer:
 
         return timer(k, call) / self.block_steps
 
-    def sequential_step_seconds(self, timer: Timer = time_call) -> float:
+    def sequential_step_seconds(self, timer: Timer = time_call, steps: int | None = None) -> float:
         """Seconds per training step of trial 0 trained as the sequential executor trains it.
 
         The step is the one :func:`research.train.finetune` jits for this stage (the same cached
         jitted function, so a later sequential run of the trials compiles nothing), called once per
         step from Python with the host batches of :class:`research.data.BatchSampler`, the metrics
         fetched at the end of the block, as :func:`research.train.fit` does. ``timer`` is called with
-        ``k=`` :data:`research.population.chooser.SEQUENTIAL_K` and one block of ``block_steps`` steps.
+        ``k=`` :data:`research.population.chooser.SEQUENTIAL_K` and a call of ``steps`` steps (default
+        ``block_steps``). The first call this trainer makes of the step is timed apart: what it takes
+        beyond its steps is :attr:`sequential_compile_seconds` (0 when the step was compiled before).
 
         Raises:
           ValueError: the trainer was built ``for_members`` (no stage config to train).
@@ -366,17 +378,25 @@ class PopulationTrainer:
         cache_key = (optimizer_key(settings), (Carried().step_key, None))
         step = make_train_step(defs, tx, cross_entropy_loss, (), cache_key=cache_key)
         sampler = BatchSampler(member.x_train, member.y_train, batch_size=self.batch_size, seed=member.seed)
-        batches = self.block_steps
+        batches = steps or self.block_steps
+        first: list[float] = []
 
         def call():  # a copy of the state per call (the step donates its input)
+            t0 = time.perf_counter()
             s, pending = jax.tree.map(jnp.copy, state), []
             for i in range(batches):
                 s, metrics = step(s, sampler.batch(i))
                 pending.append(metrics)
             jax.device_get(pending)
+            if not self._sequential_timed and not first:
+                first.append(time.perf_counter() - t0)
             return s
 
-        return timer(SEQUENTIAL_K, call) / self.block_steps
+        seconds = timer(SEQUENTIAL_K, call) / batches
+        if first:
+            self.sequential_compile_seconds = max(0.0, first[0] - batches * seconds)
+        self._sequential_timed = True
+        return seconds
 
     # ------------------------------------------------------------------ training
     def initial_states(self, indices: Sequence[int], states: Sequence[Any]):
