@@ -323,9 +323,9 @@ class PopulationExecutor:
         t_chunk = time.perf_counter()
         measurer = PopulationMeasurer(number, self._latencies)
 
-        def save(step, j, state, losses):  # a checkpoint where a sequential run saves one
+        def save(step, j, state, metrics, val_rows):  # a checkpoint where a sequential run saves one
             with WorkdirLock(jobs[j].run_dir):
-                save_progress(_stage_dir(jobs[j]), step, state, losses, start)
+                save_progress(_stage_dir(jobs[j]), step, state, metrics, start, val_rows)
 
         try:
             results = trainer.train(indices, k, start=start, states=states, on_checkpoint=save)

@@ -104,8 +104,8 @@ def config_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pruned_runs(config_file, tmp_path_factory):
     """3 learning rates of a train+prune+quantize pipeline, sequential and population (K=2 by a fake timer:
-    a chunk of 2 and a padded chunk of 1)."""
-    base = C.load_config(config_file + ":pruned")
+    a chunk of 2 and a padded chunk of 1); the first stage writes validation rows every 2 of its 6 steps."""
+    base = C.apply_overrides(C.load_config(config_file + ":pruned"), ["stages.0.eval_every=2"])
     seq_dir, pop_dir = str(tmp_path_factory.mktemp("seq")), str(tmp_path_factory.mktemp("pop"))
     seq = sweep_lib.sweep(base, GRID, seq_dir, progress=False)
     pop = sweep_lib.sweep(
@@ -140,6 +140,16 @@ def test_population_trials_match_sequential_trials(pruned_runs):
         # the same files as a sequential run (curves.png drawn on the population's reused figure)
         assert _files(b.run_dir) == _files(a.run_dir)
         assert _val_rows(b.run_dir) == pytest.approx(_val_rows(a.run_dir), abs=2e-5)
+        # metrics.jsonl: the same rows (every step's scalars, validation rows at steps 2, 4 and 6)
+        rows_a, rows_b = (read_metrics(os.path.join(p.run_dir, "stages", "0_train")) for p in (a, b))
+        assert [(r["step"], r["split"], sorted(r)) for r in rows_b] == [
+            (r["step"], r["split"], sorted(r)) for r in rows_a
+        ]
+        assert [r["step"] for r in rows_b if r["split"] == "val"] == [2, 4, 6]
+        for ra, rb in zip(rows_a, rows_b, strict=True):
+            assert {n: rb[n] for n in ra if n != "split"} == pytest.approx(
+                {n: v for n, v in ra.items() if n != "split"}, abs=2e-5, rel=1e-4
+            )
     # the grid's learning rates really reach the trials
     params = [_params(p.run_dir) for p in pop.points]
     assert not _close(params[0], params[1]) and not _close(params[1], params[2])
@@ -448,15 +458,15 @@ def test_block_length_ends_blocks_on_checkpoint_steps():
 def test_killed_population_chunk_resumes_from_checkpoints_like_a_sequential_run(config_file, tmp_path, monkeypatch):
     """checkpoint_every=2 of 6 steps: the population saves steps 2 and 4 (a chunk killed after
     step 4 keeps them, as a killed sequential run would), resumes its chunk from step 4, and ends
-    with a sequential run's checkpoints, metrics and parameters."""
+    with a sequential run's checkpoints, metrics (a validation row at step 3 too) and parameters."""
     base = C.load_config(config_file)
-    base = dataclasses.replace(base, stages=(dataclasses.replace(base.stages[0], checkpoint_every=2),))
+    base = dataclasses.replace(base, stages=(dataclasses.replace(base.stages[0], checkpoint_every=2, eval_every=3),))
     grid = {"stages.train.learning_rate": [1e-3, 2e-3]}
     seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
     saved, real_save = [], pop_executor.save_progress
 
-    def killed_after_step_4(workdir, step, state, losses, start=0):
-        real_save(workdir, step, state, losses, start)
+    def killed_after_step_4(workdir, step, state, metrics, start=0, val_rows=()):
+        real_save(workdir, step, state, metrics, start, val_rows)
         saved.append(step)
         if saved.count(4) == 2:
             raise KeyboardInterrupt  # the process dies before step 6
@@ -488,6 +498,11 @@ def test_killed_population_chunk_resumes_from_checkpoints_like_a_sequential_run(
         rows = [[r["step"], r["loss"]] for r in read_metrics(d) if r["split"] == "train"]
         seq_rows = [[r["step"], r["loss"]] for r in read_metrics(seq_stage) if r["split"] == "train"]
         assert [r[0] for r in rows] == list(range(1, 7)) and _close(rows, seq_rows)
+        val, seq_val = (
+            [[r["step"], r["loss"], r["accuracy"]] for r in read_metrics(x) if r["split"] == "val"]
+            for x in (d, seq_stage)
+        )
+        assert [r[0] for r in val] == [3, 6] and _close(val, seq_val)
 
 
 def test_cli_sweep_executor_flag(config_file, tmp_path, capsys):
