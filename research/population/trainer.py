@@ -440,7 +440,9 @@ class PopulationTrainer:
         every = self.eval_every[index]
         return set(range(every, self.steps, every)) if 0 < every < self.steps else set()
 
-    def _validate(self, indices: Sequence[int], due: Sequence[int], host, step: int) -> dict[int, dict[str, Any]]:
+    def _validate(
+        self, indices: Sequence[int], due: Sequence[int], host, step: int, k: int
+    ) -> dict[int, dict[str, Any]]:
         """``{position: validation row}`` of the trials at positions ``due`` of ``indices`` (their
         states in ``host``), evaluated together per data set, as :func:`research.train.fit` writes them."""
         from research.population.measure import evaluate_many  # pylint: disable=import-outside-toplevel
@@ -451,7 +453,7 @@ class PopulationTrainer:
         for seed, positions in by_seed.items():
             ds = self._bundles[seed].dataset
             models = [state_to_model(self.defs, jax.tree.map(lambda a, j=j: a[j], host)) for j in positions]
-            for j, row in zip(positions, evaluate_many(models, ds.x_val, ds.y_val, pad_to=len(indices)), strict=True):
+            for j, row in zip(positions, evaluate_many(models, ds.x_val, ds.y_val, pad_to=k), strict=True):
                 rows[j] = {"step": step, "split": "val", **row}
         return rows
 
@@ -514,7 +516,7 @@ class PopulationTrainer:
             so_far = _concat(blocks, k)
             finite = {j: bool(np.all(np.isfinite(so_far["loss"][:, j]))) for j in range(len(indices))}
             # as fit(): a NaN loss ends the trial's rows before its next validation row or checkpoint
-            for j, row in self._validate(indices, [j for j in due_eval if finite[j]], host, step).items():
+            for j, row in self._validate(indices, [j for j in due_eval if finite[j]], host, step, k).items():
                 val_rows[j].append(row)
             for j in due:
                 if finite[j]:  # as fit(): no checkpoint from a state after a NaN loss
