@@ -343,19 +343,33 @@ def _against_sequential(
     budget: Budget | None,
 ) -> Choice:
     """The population's best candidate timed against the sequential executor's step (``seq`` its
-    first timing), alternately (the rounds the budget allows)."""
-    pop = best.step_seconds
+    first timing), alternately (the rounds the budget allows). With confirmation rounds asked for
+    and none allowed by the budget, the sequential path is kept: one timing each, taken at
+    different moments of a loaded machine, does not show the population faster."""
+    pop, rounds = best.step_seconds, 0
     for _ in range(confirm_rounds):
         if budget is not None and not budget.allows(budget.timed_steps * pop + budget.sequential_timed_steps * seq):
             reason += "the budget allows no more alternating timings against the sequential step. "
             break
+        rounds += 1
         pop = min(pop, measure(best.k)[0])
         seq = min(seq, sequential())
+    unconfirmed = confirm_rounds > 0 and rounds == 0
     chunks = math.ceil(n_trials / best.k)
     best = dataclasses.replace(best, step_seconds=pop, trial_steps_per_s=n_trials / (chunks * pop))
     measured = [best if c.k == best.k else c for c in measured]
     seq_tps = 1.0 / seq if seq > 0 else math.inf
     figures = f"{best.trial_steps_per_s:.4g} trial steps/s at K={best.k} against {seq_tps:.4g} for the sequential step"
+    if unconfirmed:
+        reason += f"unconfirmed ({figures}, one timing each): the trials train exactly as the sequential executor trains them."
+        return Choice(
+            k=1,
+            candidates=tuple(measured),
+            reason=reason.strip(),
+            memory_limit=memory_limit,
+            runner="sequential",
+            sequential_seconds=seq,
+        )
     if seq_tps >= best.trial_steps_per_s:
         reason += (
             f"the sequential executor's own jitted step is at least as fast as every population program ({figures}): "

@@ -340,6 +340,10 @@ def test_chooser_stops_measuring_when_the_budget_is_spent():
     costs = FakeCosts(step=lambda k: 1.0 * k**0.5, compile_=lambda k: 30.0 + k, seq=0.9, seq_compile=30.0)
     choice, budget = costs.choose(8, 1000)
     assert set(costs.measured) == {1, 2, 4, 8} and choice.k == 8 and choice.runner == "population"
+    # a population program faster in its one timing, with no budget left to confirm it: the sequential path
+    costs = FakeCosts(step=lambda k: {1: 0.5, 2: 2.0}[k], compile_=lambda k: 40.0, seq=1.0, seq_compile=40.0)
+    choice, _ = costs.choose(8, 55)
+    assert costs.measured == [1] and choice.runner == "sequential" and "unconfirmed" in choice.reason
 
 
 def test_chooser_compiles_a_program_only_when_its_best_gain_repays_it():
