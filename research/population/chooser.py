@@ -360,21 +360,12 @@ def _against_sequential(
     measured = [best if c.k == best.k else c for c in measured]
     seq_tps = 1.0 / seq if seq > 0 else math.inf
     figures = f"{best.trial_steps_per_s:.4g} trial steps/s at K={best.k} against {seq_tps:.4g} for the sequential step"
-    if unconfirmed:
-        reason += f"unconfirmed ({figures}, one timing each): the trials train exactly as the sequential executor trains them."
-        return Choice(
-            k=1,
-            candidates=tuple(measured),
-            reason=reason.strip(),
-            memory_limit=memory_limit,
-            runner="sequential",
-            sequential_seconds=seq,
-        )
-    if seq_tps >= best.trial_steps_per_s:
-        reason += (
-            f"the sequential executor's own jitted step is at least as fast as every population program ({figures}): "
-            "the trials train exactly as the sequential executor trains them."
-        )
+    if unconfirmed or seq_tps >= best.trial_steps_per_s:
+        if unconfirmed:
+            reason += f"unconfirmed ({figures}, one timing each): "
+        else:
+            reason += f"the sequential executor's own jitted step is at least as fast as every population program ({figures}): "
+        reason += "the trials train exactly as the sequential executor trains them."
         return Choice(
             k=1,
             candidates=tuple(measured),
