@@ -12,9 +12,13 @@ learning rates of a train-only config (digits; the same steps and batches for ev
   measures its chunk size (``chosen K``; 1 means it fell back to one after another) and times the
   sequential executor's own jitted step against the best population program (``runner``: ``pop``
   trains with the population's programs, ``seq`` exactly as the sequential executor trains).
-- ``pop cold``: the first population sweep of that K in the process (compiling its programs and
-  measuring its chunk size); the warm figures reuse both, as the sequential sweep reuses its
-  jitted step after the warm-up sweep.
+- ``pop 1st``: the first population sweep of that K in the process (compiling its programs and
+  measuring its chunk size), after the sequential warm-up sweep compiled the sequential step; the
+  warm figures reuse both, as the sequential sweep reuses its jitted step after the warm-up sweep.
+- ``seq cold`` / ``pop cold`` / ``cold p/s``: each executor's sweep of the K trials as the first
+  sweep of a fresh process (``--cold``, the default; one subprocess each, seq first), so both pay
+  their compilations: what a one-shot ``slimjax sweep`` pays. Only the sweep call is timed, not
+  the interpreter's start.
 - ``plain K`` / ``plain chosen``: a hand-written plain-JAX loop (the whole training as one
   ``lax.scan``, Adam with the learning rate as a traced value), K (or the chosen K) trials
   vmapped in one program against the same program called K times; compilation excluded.
@@ -144,6 +148,19 @@ def _plain_ratio(programs, k: int, repeats: int) -> float:
     return min(seq) / min(vm)
 
 
+def _cold_seconds(model: str, k: int, executor: str, args) -> float:
+    """Seconds of a K-trial sweep run as the first sweep of a fresh Python process."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "experiments.benchmarks.population", "--one-sweep", model, str(k), executor]
+    cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("SECONDS ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"the cold {executor} sweep failed (rc {out.returncode}): {out.stderr[-2000:]}")
+    return float(lines[-1].split()[1])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
@@ -157,6 +174,13 @@ def main(argv=None) -> int:
         help="trials the sequential sweep runs per round (default 0: K, as the population)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="rounds per figure (the fastest is kept)")
+    parser.add_argument(
+        "--cold",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time each executor's sweep as the first of a fresh process (one subprocess each)",
+    )
+    parser.add_argument("--one-sweep", nargs=3, metavar=("MODEL", "K", "EXECUTOR"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--min-trials",
         type=int,
@@ -174,13 +198,20 @@ def main(argv=None) -> int:
     from research.sweep import report_populations
 
     register_all_stages()
+    if args.one_sweep:  # a cold sweep in this fresh process (for --cold): prints its seconds
+        model, k, name = args.one_sweep
+        executor = make_executor(name, **({"max_k": int(k)} if name == "population" else {}))
+        seconds, _ = _sweep_seconds(_config(model, args.steps, args.batch_size), int(k), executor)
+        print(f"SECONDS {seconds}")
+        return 0
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}) x {jax.device_count()}; jax {jax.__version__}")
     print(f"load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(f"digits, train-only, {args.steps} steps of batch {args.batch_size} per trial; fastest of {args.repeats}\n")
     header = (
         f"{'model':<9} {'K':>4} {'chosen K':>8} {'runner':>6} {'seq trials/s':>12} {'pop trials/s':>12} "
-        f"{'pop cold':>8} {'pop/seq':>8} {'plain K':>7} {'plain chosen':>12} {'kept':>6} {'kept@K':>7}"
+        f"{'pop 1st':>8} {'pop/seq':>8} {'plain K':>7} {'plain chosen':>12} {'kept':>6} {'kept@K':>7}"
+        f"{' seq cold':>9} {'pop cold':>8} {'cold p/s':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -213,9 +244,14 @@ def main(argv=None) -> int:
             plain = _plain_ratio(programs, k, args.repeats)
             plain_chosen = plain if chosen == k else _plain_ratio(programs, chosen, args.repeats)
             ratio = pop_tps / seq_tps
+            cold_cells = ""
+            if args.cold:
+                seq_cold = k / _cold_seconds(model, k, "sequential", args)
+                pop_cold = k / _cold_seconds(model, k, "population", args)
+                cold_cells = f" {seq_cold:>8.2f} {pop_cold:>8.2f} {pop_cold / seq_cold:>8.2f}"
             print(
                 f"{model:<9} {k:>4} {chosen:>8} {runner:>6} {seq_tps:>12.2f} {pop_tps:>12.2f} {k / cold:>8.2f} {ratio:>8.2f} "
-                f"{plain:>7.2f} {plain_chosen:>12.2f} {ratio / plain_chosen:>6.0%} {ratio / plain:>7.0%}",
+                f"{plain:>7.2f} {plain_chosen:>12.2f} {ratio / plain_chosen:>6.0%} {ratio / plain:>7.0%}{cold_cells}",
                 flush=True,
             )
     print(f"\nload average at end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")

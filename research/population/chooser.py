@@ -13,6 +13,14 @@ times it against the best population program, alternately, and picks the sequent
 (``runner == "sequential"``) unless the population is faster per trial step: on a CPU a
 convolution inside the population's scanned program can be slower than the plain step even at
 K=1, and then the population must not train slower than the sequential executor would.
+
+Measuring costs time the sweep does not train in: compiling each population program and timing
+it. A :class:`Budget` decides, *before* each program is compiled and timed, whether that cost is
+worth paying: it predicts the cost from what was already measured (the sequential step's first
+compile is a lower bound for any population program's compile; an earlier K's compile and step
+time are lower bounds for a larger K's), and refuses when the measuring so far plus the predicted
+cost would exceed a fraction of the estimated sequential training, or when even a perfect outcome
+for that K (the lower bound on its step time) could not repay the cost over the whole training.
 """
 
 from __future__ import annotations
@@ -80,6 +88,108 @@ class Choice:
         }
 
 
+@dataclasses.dataclass
+class Budget:
+    """What measuring population programs may cost, decided before each program is compiled and timed.
+
+    Measuring trains nothing: compiling a population program, timing it, timing the sequential step
+    again. From the end of the sequential step's first timing (its compile is one the sequential
+    path pays anyway), a measurement is allowed only when
+
+    1. the time spent measuring so far plus the measurement's predicted cost stays within
+       ``fraction`` of the estimated sequential training (trials x steps x the sequential step's
+       seconds), and
+    2. for a population program, its predicted cost is below the most it could save. That is the
+       whole training at the best per-trial-step time so far, less the same training at the
+       lower bound of K's time. The bound is the step time of the largest smaller K measured: a
+       chunk of more trials does not step faster.
+
+    Predictions, from what was measured:
+
+    - K's compile is at least the largest compile measured for a smaller K of the same program,
+      and at least the sequential step's first compile (``sequential_compile``);
+    - timing K runs ``timed_steps`` steps, each no faster than the largest smaller K measured, or
+      than the sequential step's for the first.
+
+    They are lower bounds or measured figures. Measuring therefore exceeds ``fraction`` by at most
+    what one measurement costs beyond its prediction: when vmap does not pay, the population loses
+    at most that to the sequential executor.
+
+    Attributes:
+      trials: trials in the population.
+      steps: training steps per trial.
+      fraction: the most measuring may spend, as a fraction of the estimated sequential training.
+      clock: seconds now (``time.perf_counter``; tests give a fake one).
+      compile_seconds: ``k -> seconds`` K's program took to compile when it was measured (0 when it
+        came from a cache).
+      timed_steps: steps one ``measure(k)`` runs (its warm-up and timed calls).
+      sequential_timed_steps: steps one timing of the sequential step runs.
+      sequential_compile: ``() -> seconds`` of the sequential step's first compile (0 when unknown,
+        e.g. compiled before the chooser ran); read after its first timing.
+    """
+
+    trials: int
+    steps: int
+    fraction: float
+    clock: Callable[[], float]
+    compile_seconds: Callable[[int], float]
+    timed_steps: int
+    sequential_timed_steps: int
+    sequential_compile: Callable[[], float] = lambda: 0.0
+    _sequential: float = dataclasses.field(default=math.nan, init=False)
+    _start: float = dataclasses.field(default=math.nan, init=False)
+
+    def __post_init__(self):
+        if not 0 <= self.fraction:
+            raise ValueError(f"fraction={self.fraction} must be >= 0 (e.g. 0.1: measuring costs at most 10%)")
+
+    def begin(self, sequential_seconds: float) -> None:
+        """Starts the clock, after the sequential step's first timing (seconds per step)."""
+        self._sequential, self._start = sequential_seconds, self.clock()
+
+    def spent(self) -> float:
+        """Seconds spent measuring since :meth:`begin`."""
+        return self.clock() - self._start
+
+    def limit(self) -> float:
+        """The most measuring may spend: ``fraction`` of the estimated sequential training."""
+        return self.fraction * self.trials * self.steps * self._sequential
+
+    def predict(self, k: int, measured: list[Candidate]) -> float:
+        """Seconds that compiling and timing K will cost at least."""
+        smaller = [c for c in measured if c.k < k]
+        compiled = max([self.sequential_compile(), *(self.compile_seconds(c.k) for c in smaller)])
+        step = max(smaller, key=lambda c: c.k).step_seconds if smaller else self._sequential
+        return compiled + self.timed_steps * step
+
+    def gain(self, k: int, measured: list[Candidate]) -> float:
+        """The most K could save over the whole training (``inf`` when no smaller K bounds it)."""
+        smaller = [c for c in measured if c.k < k]
+        if not smaller:
+            return math.inf
+        best = min([self._sequential, *(1.0 / c.trial_steps_per_s for c in measured)])
+        floor = math.ceil(self.trials / k) * max(smaller, key=lambda c: c.k).step_seconds / self.trials
+        return self.trials * self.steps * max(0.0, best - floor)
+
+    def refuse(self, k: int, measured: list[Candidate]) -> str | None:
+        """Why K is not compiled and timed (``None``: it may be)."""
+        cost, spent, limit = self.predict(k, measured), self.spent(), self.limit()
+        if spent + cost > limit:
+            return (
+                f"measuring it would cost at least {cost:.3g} s; with {spent:.3g} s spent that exceeds the budget of "
+                f"{limit:.3g} s ({self.fraction:g} of the sequential training's estimated "
+                f"{self.trials * self.steps * self._sequential:.3g} s)"
+            )
+        gain = self.gain(k, measured)
+        if cost >= gain:
+            return f"measuring it would cost at least {cost:.3g} s, and it could save at most {gain:.3g} s"
+        return None
+
+    def allows(self, seconds: float) -> bool:
+        """Whether a further ``seconds`` of measuring (a confirmation round) stays within the budget."""
+        return self.spent() + seconds <= self.limit()
+
+
 def candidate_ks(n_trials: int, *, max_k: int | None = None, multiple_of: int = 1) -> list[int]:
     """Powers of two from 1 up to ``n_trials`` (and ``max_k``), multiples of ``multiple_of`` above 1.
 
@@ -108,7 +218,7 @@ def choose_k(
     stop_below: float = 0.8,
     confirm_rounds: int = 2,
     sequential: Callable[[], float] | None = None,
-    may_measure: Callable[[int], bool] | None = None,
+    budget: Budget | None = None,
 ) -> Choice:
     """Picks the chunk size with the most trials per second.
 
@@ -129,9 +239,10 @@ def choose_k(
         program (``1 + confirm_rounds`` times each, alternately, fastest kept), and the sequential
         path is chosen unless the population trains more trial steps per second. It is timed
         first, before any population program is compiled.
-      may_measure: ``k -> whether K may still be compiled and measured`` (with ``sequential``
-        only): the executor's measurement budget. Once it says no, the search stops; with no K
-        measured, the sequential path is chosen.
+      budget: what measuring may cost (with ``sequential`` only; :class:`Budget`). It is asked
+        before each K is compiled and timed and before each confirmation round; once it refuses
+        a K the search stops (with no K measured, the sequential path is chosen), and refused
+        confirmation rounds are skipped.
 
     Returns:
       The :class:`Choice`; ``k == 1`` when no K > 1 beats one trial at a time, and
@@ -143,9 +254,14 @@ def choose_k(
     measured: list[Candidate] = []
     reason = ""
     first_seq = sequential() if sequential is not None else None
+    if first_seq is None:
+        budget = None
+    if budget is not None:
+        budget.begin(first_seq)
     for k in candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of):
-        if first_seq is not None and may_measure is not None and not may_measure(k):
-            reason += f"K={k} and larger not measured: the measurement budget is spent. "
+        why = budget.refuse(k, measured) if budget is not None else None
+        if why:
+            reason += f"K={k} and larger not measured: {why}. "
             break
         if len(measured) >= 2:
             a, b = measured[0], measured[-1]
@@ -183,7 +299,11 @@ def choose_k(
     best = max(measured, key=lambda c: c.trial_steps_per_s)
     if best.k > 1 and confirm_rounds > 0:
         one, times = measured[0], {1: measured[0].step_seconds, best.k: best.step_seconds}
+        rounds = 0
         for _ in range(confirm_rounds):
+            if budget is not None and not budget.allows(budget.timed_steps * (times[1] + times[best.k])):
+                break
+            rounds += 1
             for k in (1, best.k):
                 times[k] = min(times[k], measure(k)[0])
         chunks = math.ceil(n_trials / best.k)
@@ -195,11 +315,11 @@ def choose_k(
         }
         measured = [confirmed.get(c.k, c) for c in measured]
         best = max(confirmed.values(), key=lambda c: c.trial_steps_per_s)
-        reason += f"confirmed against K=1 over {confirm_rounds} more alternating timings. "
+        reason += f"confirmed against K=1 over {rounds} more alternating timings. "
     one = measured[0]
     if sequential is not None:
         return _against_sequential(
-            n_trials, measure, sequential, first_seq, measured, best, reason, memory_limit, confirm_rounds
+            n_trials, measure, sequential, first_seq, measured, best, reason, memory_limit, confirm_rounds, budget
         )
     if best.k == 1:
         reason += "vmap does not pay here (no K > 1 beats one trial at a time): trials train one after another."
@@ -220,23 +340,32 @@ def _against_sequential(
     reason: str,
     memory_limit: int,
     confirm_rounds: int,
+    budget: Budget | None,
 ) -> Choice:
     """The population's best candidate timed against the sequential executor's step (``seq`` its
-    first timing), alternately."""
-    pop = best.step_seconds
+    first timing), alternately (the rounds the budget allows). With confirmation rounds asked for
+    and none allowed by the budget, the sequential path is kept: one timing each, taken at
+    different moments of a loaded machine, does not show the population faster."""
+    pop, rounds = best.step_seconds, 0
     for _ in range(confirm_rounds):
+        if budget is not None and not budget.allows(budget.timed_steps * pop + budget.sequential_timed_steps * seq):
+            reason += "the budget allows no more alternating timings against the sequential step. "
+            break
+        rounds += 1
         pop = min(pop, measure(best.k)[0])
         seq = min(seq, sequential())
+    unconfirmed = confirm_rounds > 0 and rounds == 0
     chunks = math.ceil(n_trials / best.k)
     best = dataclasses.replace(best, step_seconds=pop, trial_steps_per_s=n_trials / (chunks * pop))
     measured = [best if c.k == best.k else c for c in measured]
     seq_tps = 1.0 / seq if seq > 0 else math.inf
     figures = f"{best.trial_steps_per_s:.4g} trial steps/s at K={best.k} against {seq_tps:.4g} for the sequential step"
-    if seq_tps >= best.trial_steps_per_s:
-        reason += (
-            f"the sequential executor's own jitted step is at least as fast as every population program ({figures}): "
-            "the trials train exactly as the sequential executor trains them."
-        )
+    if unconfirmed or seq_tps >= best.trial_steps_per_s:
+        if unconfirmed:
+            reason += f"unconfirmed ({figures}, one timing each): "
+        else:
+            reason += f"the sequential executor's own jitted step is at least as fast as every population program ({figures}): "
+        reason += "the trials train exactly as the sequential executor trains them."
         return Choice(
             k=1,
             candidates=tuple(measured),

@@ -42,6 +42,7 @@ from research.executors import Job
 from research.executors import Outcome
 from research.executors import finished_report
 from research.executors import run_one
+from research.population.chooser import Budget
 from research.population.chooser import Choice
 from research.population.chooser import choose_k
 from research.population.keys import signature
@@ -54,6 +55,7 @@ from research.population.later import write_trial
 from research.population.measure import LATENCY_NOTE
 from research.population.measure import CurvePlotter
 from research.population.measure import PopulationMeasurer
+from research.population.trainer import TIMED_REPEATS
 from research.population.trainer import PopulationTrainer
 from research.population.trainer import Timer
 from research.population.trainer import TrialResult
@@ -66,6 +68,7 @@ _PROGRAMS: dict = {}  # compiled population programs of this process, by signatu
 # sequential executor's jitted train steps are kept for the process: research.train.make_train_step)
 _PROGRAMS_KEPT = 64
 _CHOICES: dict = {}  # chunk sizes measured (with the wall-clock timer) by this process, by program and size
+SEQUENTIAL_PROBE_STEPS = 20  # steps per timed call of the sequential step (its timings train nothing)
 
 
 class PopulationExecutor:
@@ -79,12 +82,14 @@ class PopulationExecutor:
       memory_limit: bytes a chunk may use (default: the device's free memory, or half the host's).
       devices: shard the population axis over these (default: every local device of the default
         backend when there is more than one, else the first).
-      measure_budget: with the wall-clock timer, the chooser compiles and times population programs
-        only while the time it has spent (after timing the sequential step) is below this fraction
-        of the population's estimated sequential training time (trials x steps x the sequential
-        step's seconds); past it, the trials train as the sequential executor trains them. Short
-        populations (e.g. a few hundred CPU steps per trial) then never pay more for measuring
-        than the population could save. ``None``: no budget.
+      measure_budget: with the wall-clock timer, the most the chooser may spend compiling and timing
+        population programs, as a fraction of the population's estimated sequential training time
+        (trials x steps x the sequential step's seconds). Each program's cost is predicted before
+        it is compiled (:class:`research.population.chooser.Budget`), and it is compiled only when
+        the cost fits the budget and its best possible gain could repay it; otherwise the trials
+        train as the sequential executor trains them. When vmap does not pay, a population sweep
+        is then slower than a sequential one by about this fraction at most (plus what one
+        measurement costs beyond its prediction). ``None``: no budget.
     """
 
     name = "population"
@@ -98,12 +103,14 @@ class PopulationExecutor:
         timer: Timer | None = None,
         memory_limit: int | None = None,
         devices: Sequence[jax.Device] | None = None,
-        measure_budget: float | None = 0.25,
+        measure_budget: float | None = 0.1,
     ):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None to measure it)")
         if max_k is not None and max_k < 1:
             raise ValueError(f"max_k={max_k} must be >= 1")
+        if measure_budget is not None and measure_budget < 0:
+            raise ValueError(f"measure_budget={measure_budget} must be >= 0 (or None for no budget)")
         self.chunk_size, self.max_k, self.block_steps = chunk_size, max_k, block_steps
         self.measure_budget = measure_budget
         self.timer = timer or time_call
@@ -271,21 +278,23 @@ class PopulationExecutor:
             return Choice(k=k, candidates=(), reason=f"chunk_size={k} given", memory_limit=limit)
         if not trainer.configs:
             return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
-        seq_seconds: list[float] = []
-        started: list[float] = []
+        probe = min(trainer.block_steps, SEQUENTIAL_PROBE_STEPS)
 
         def sequential() -> float:
-            seq_seconds.append(trainer.sequential_step_seconds(self.timer))
-            return seq_seconds[-1]
+            return trainer.sequential_step_seconds(self.timer, steps=probe)
 
-        def may_measure(k: int) -> bool:  # wall clock, from after the sequential step's first timing
-            del k
-            if not started:
-                started.append(time.perf_counter())
-            budget = self.measure_budget * n * trainer.steps * min(seq_seconds)
-            return time.perf_counter() - started[0] < budget
-
-        budgeted = self.measure_budget is not None and self.timer is time_call
+        budget = None
+        if self.measure_budget is not None and self.timer is time_call:
+            budget = Budget(
+                trials=n,
+                steps=trainer.steps,
+                fraction=self.measure_budget,
+                clock=time.perf_counter,
+                compile_seconds=lambda k: trainer.compile_seconds.get(k, 0.0),
+                timed_steps=(1 + TIMED_REPEATS) * trainer.block_steps,
+                sequential_timed_steps=(1 + TIMED_REPEATS) * probe,
+                sequential_compile=lambda: trainer.sequential_compile_seconds,
+            )
         return choose_k(
             n,
             measure,
@@ -293,7 +302,7 @@ class PopulationExecutor:
             max_k=self.max_k,
             multiple_of=multiple,
             sequential=sequential,
-            may_measure=may_measure if budgeted else None,
+            budget=budget,
         )
 
     def _run_plain(self, trainer, jobs, number, progress, plotter, why) -> Iterator[Outcome]:
@@ -314,9 +323,9 @@ class PopulationExecutor:
         t_chunk = time.perf_counter()
         measurer = PopulationMeasurer(number, self._latencies)
 
-        def save(step, j, state, losses):  # a checkpoint where a sequential run saves one
+        def save(step, j, state, metrics, val_rows):  # a checkpoint where a sequential run saves one
             with WorkdirLock(jobs[j].run_dir):
-                save_progress(_stage_dir(jobs[j]), step, state, losses, start)
+                save_progress(_stage_dir(jobs[j]), step, state, metrics, start, val_rows)
 
         try:
             results = trainer.train(indices, k, start=start, states=states, on_checkpoint=save)

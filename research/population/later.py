@@ -13,8 +13,8 @@ would. Then each trial resumes, one at a time, with its trained model.
 What differs between the trials' fine-tunings lives in the optimizer state and so may differ
 inside one program: learning rate, AdamW's weight decay, and a pruning wrapper's per-leaf target
 sparsities and masks (masks have the parameters' shapes). What a trial writes is what
-:func:`research.train.finetune` writes: ``metrics.jsonl`` (every step's loss, the final validation
-row) and the final checkpoint.
+:func:`research.train.finetune` writes: ``metrics.jsonl`` (one row per step with every scalar the
+train step returns, the validation rows) and the checkpoints.
 """
 
 from __future__ import annotations
@@ -156,20 +156,30 @@ def train_requests(
     for first in range(0, len(members), k):
         chunk = list(range(first, min(first + k, len(members))))
 
-        def save(step, j, state, losses, chunk=chunk):
-            save_progress(requests[chunk[j]].kwargs["workdir"], step, state, losses)
+        def save(step, j, state, metrics, val_rows, chunk=chunk):
+            save_progress(requests[chunk[j]].kwargs["workdir"], step, state, metrics, val_rows=val_rows)
 
         out += trainer.train(chunk, k, on_checkpoint=save)
     return out, trainer.defs
 
 
-def _train_rows(workdir: str, losses: np.ndarray, start: int) -> list[dict[str, Any]]:
-    """The ``metrics.jsonl`` rows of a trial: those of steps up to ``start`` already in the file (a
-    resumed trial's), then one per step of ``losses`` (steps ``start + 1`` on)."""
+def _train_rows(
+    workdir: str, metrics: dict[str, np.ndarray], start: int, val_rows: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` rows of a trial, in :func:`research.train.fit`'s order: those of steps up
+    to ``start`` already in the file (a resumed trial's), then one train row per step of ``metrics``
+    (steps ``start + 1`` on, every scalar of the step), each validation row after its step's row."""
     from research.train import read_metrics  # pylint: disable=import-outside-toplevel
 
     rows = [r for r in read_metrics(workdir) if r.get("step", 0) <= start] if start else []
-    return rows + [{"step": start + i + 1, "split": "train", "loss": float(v)} for i, v in enumerate(losses)]
+    vals = {r["step"]: r for r in val_rows}
+    names = sorted(metrics)  # fit's rows: the step's metrics as jax returns them (keys sorted)
+    for i in range(len(metrics["loss"])):
+        step = start + i + 1
+        rows.append({"step": step, "split": "train", **{n: float(metrics[n][i]) for n in names}})
+        if step in vals:
+            rows.append(vals[step])
+    return rows
 
 
 def _write_rows(workdir: str, rows: list[dict[str, Any]]) -> None:
@@ -179,18 +189,21 @@ def _write_rows(workdir: str, rows: list[dict[str, Any]]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def save_progress(workdir, step: int, state: Any, losses: np.ndarray, start: int = 0) -> None:
+def save_progress(
+    workdir, step: int, state: Any, metrics: dict[str, np.ndarray], start: int = 0, val_rows: Sequence[dict] = ()
+) -> None:
     """What :func:`research.train.fit` has on disk at checkpoint ``step`` of a trial trained in a
-    population: ``metrics.jsonl`` with every step's loss up to ``step`` and the checkpoint (the
-    last two are kept, as a sequential run keeps them), so a killed sweep resumes from it.
+    population: ``metrics.jsonl`` with every step's row up to ``step`` (and the validation rows so
+    far) and the checkpoint (the last two are kept, as a sequential run keeps them), so a killed
+    sweep resumes from it.
 
-    ``losses`` are those of steps ``start + 1 .. step``.
+    ``metrics`` (``{name: values}``, ``loss`` among them) are those of steps ``start + 1 .. step``.
     """
     from research.train import Checkpointer  # pylint: disable=import-outside-toplevel
 
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    _write_rows(workdir, _train_rows(workdir, np.asarray(losses, np.float64), start))
+    _write_rows(workdir, _train_rows(workdir, metrics, start, val_rows))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         ckpt.save(step, state)
@@ -200,8 +213,9 @@ def save_progress(workdir, step: int, state: Any, losses: np.ndarray, start: int
 
 def write_trial(workdir, result: TrialResult, val_row: dict[str, float] | None) -> list[dict[str, Any]]:
     """Writes what :func:`research.train.fit` leaves in a stage directory for a trial trained in a
-    population (``metrics.jsonl``: every step's loss, then the validation row; the final
-    checkpoint) and returns the rows (a resumed trial's rows up to ``result.start`` are kept).
+    population (``metrics.jsonl``: every step's row and the validation rows of its ``eval_every``
+    steps, then the final validation row; the final checkpoint) and returns the rows (a resumed
+    trial's rows up to ``result.start`` are kept).
 
     Raises:
       NonFiniteLossError: a loss was NaN or infinite (the rows up to it are written; no checkpoint).
@@ -213,9 +227,11 @@ def write_trial(workdir, result: TrialResult, val_row: dict[str, float] | None) 
     os.makedirs(workdir, exist_ok=True)
     losses = np.asarray(result.losses, np.float64)
     bad = np.flatnonzero(~np.isfinite(losses))
-    rows = _train_rows(workdir, losses, result.start)
-    stop = len(rows) - len(losses) + (int(bad[0]) + 1 if bad.size else len(losses))
-    rows = rows[:stop]
+    metrics = result.metrics or {"loss": losses}
+    rows = _train_rows(workdir, metrics, result.start, result.val_rows)
+    if bad.size:  # the rows up to the first bad step's
+        first = result.start + int(bad[0]) + 1
+        rows = [r for r in rows if r["step"] < first or (r["step"] == first and r["split"] == "train")]
     _write_rows(workdir, rows)
     last = result.start + len(losses)
     if bad.size:  # as fit() stops: the last good checkpoint (if one was saved) is kept

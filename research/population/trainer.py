@@ -53,16 +53,25 @@ class Member:
 class TrialResult:
     """One trial trained in a population: its model, per-step training losses (of steps ``start + 1``
     on) and final train state (the tree a sequential run checkpoints at its last step); ``start`` is
-    the step it resumed from (a checkpoint of a killed sweep), 0 when it trained from the start."""
+    the step it resumed from (a checkpoint of a killed sweep), 0 when it trained from the start.
+    ``metrics`` holds every scalar the train step returns (``loss`` among them), one value per step
+    like ``losses``; ``val_rows`` the validation rows of its ``eval_every`` steps before the last
+    (``{"step", "split": "val", "loss", "accuracy", "count"}``, as :func:`research.train.fit` writes)."""
 
     model: nnx.Module
     losses: np.ndarray
     seconds: float
     state: Any = None
     start: int = 0
+    metrics: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    val_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def time_call(k: int, fn: Callable[[], Any], repeats: int = 3) -> float:
+TIMED_REPEATS = 3
+"""Timed calls of :func:`time_call` after its warm-up call."""
+
+
+def time_call(k: int, fn: Callable[[], Any], repeats: int = TIMED_REPEATS) -> float:
     """Seconds of one call of ``fn`` (compiled already): the fastest of ``repeats`` after a warm-up.
 
     The minimum, not the median: other processes on the machine only ever add time.
@@ -146,7 +155,11 @@ class PopulationTrainer:
         ]
         key = json.dumps(signature(configs[0]), sort_keys=True, default=str)
         every = [c.stages[0].checkpoint_every for c in configs]
-        self._setup(members, self.stage.steps, self.stage.batch_size, key, block_steps, devices, cache, every=every)
+        # validation rows during training, as fit writes them (only with a validation split)
+        evals = [c.stages[0].eval_every if len(self._bundles[c.seed].dataset.x_val) else 0 for c in configs]
+        self._setup(
+            members, self.stage.steps, self.stage.batch_size, key, block_steps, devices, cache, every=every, evals=evals
+        )
 
     @classmethod
     def for_members(
@@ -179,13 +192,14 @@ class PopulationTrainer:
         self._setup(list(members), steps, batch_size, program_key, block_steps, devices, cache, loss_fn, every=every)
         return self
 
-    def _setup(self, members, steps, batch_size, key, block_steps, devices, cache, loss_fn=None, every=()):
+    def _setup(self, members, steps, batch_size, key, block_steps, devices, cache, loss_fn=None, every=(), evals=()):
         self.members = members
         self.steps = steps
         self.checkpoint_every = [int(c) for c in every] if every else [0] * len(members)
+        self.eval_every = [int(c) for c in evals] if evals else [0] * len(members)
         if len(self.checkpoint_every) != len(members):
             raise ValueError(f"{len(self.checkpoint_every)} checkpoint cadences for {len(members)} members")
-        self.block_steps = _block_length(block_steps, steps, self.checkpoint_every)
+        self.block_steps = _block_length(block_steps, steps, self.checkpoint_every + self.eval_every)
         self.devices = list(devices) if devices else [jax.local_devices()[0]]
         seeds = sorted({m.seed for m in members})
         self._data_id = {s: i for i, s in enumerate(seeds)}
@@ -215,6 +229,9 @@ class PopulationTrainer:
             tuple(str(d) for d in self.devices),
         )
         self.memory: dict[int, int] = {}
+        self.compile_seconds: dict[int, float] = {}  # seconds each K's program took to compile here (0: cached)
+        self.sequential_compile_seconds = 0.0  # the sequential step's first call beyond its steps (0: cached)
+        self._sequential_timed = False
 
         def block(state, xs, ys, data_id, idx, valid):
             def one(carry, inp):
@@ -230,7 +247,7 @@ class PopulationTrainer:
 
                     new, metrics = jax.vmap(trial_step)(carry, data_id, idx_t)
                 new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
-                return new, metrics["loss"]
+                return new, metrics
 
             return jax.lax.scan(one, state, (idx, valid))
 
@@ -315,11 +332,14 @@ class PopulationTrainer:
             state = self.initial_state([0] * k)
             idx, valid = self.batch_indices([0] * k, 0)
             data_id = self._put(np.zeros(k, np.int32))
+            t0 = time.perf_counter()
             lowered = jax.jit(self._block, donate_argnums=(0,)).lower(
                 state, self._xs, self._ys, data_id, self._put_idx(idx), valid
             )
             compiled = lowered.compile()
             self._cache[key] = (compiled, _program_bytes(compiled))
+            self.compile_seconds[k] = time.perf_counter() - t0
+        self.compile_seconds.setdefault(k, 0.0)
         compiled, self.memory[k] = self._cache[key]
         return compiled
 
@@ -337,14 +357,16 @@ class PopulationTrainer:
 
         return timer(k, call) / self.block_steps
 
-    def sequential_step_seconds(self, timer: Timer = time_call) -> float:
+    def sequential_step_seconds(self, timer: Timer = time_call, steps: int | None = None) -> float:
         """Seconds per training step of trial 0 trained as the sequential executor trains it.
 
         The step is the one :func:`research.train.finetune` jits for this stage (the same cached
         jitted function, so a later sequential run of the trials compiles nothing), called once per
         step from Python with the host batches of :class:`research.data.BatchSampler`, the metrics
         fetched at the end of the block, as :func:`research.train.fit` does. ``timer`` is called with
-        ``k=`` :data:`research.population.chooser.SEQUENTIAL_K` and one block of ``block_steps`` steps.
+        ``k=`` :data:`research.population.chooser.SEQUENTIAL_K` and a call of ``steps`` steps (default
+        ``block_steps``). The first call this trainer makes of the step is timed apart: what it takes
+        beyond its steps is :attr:`sequential_compile_seconds` (0 when the step was compiled before).
 
         Raises:
           ValueError: the trainer was built ``for_members`` (no stage config to train).
@@ -366,17 +388,25 @@ class PopulationTrainer:
         cache_key = (optimizer_key(settings), (Carried().step_key, None))
         step = make_train_step(defs, tx, cross_entropy_loss, (), cache_key=cache_key)
         sampler = BatchSampler(member.x_train, member.y_train, batch_size=self.batch_size, seed=member.seed)
-        batches = self.block_steps
+        batches = steps or self.block_steps
+        first: list[float] = []
 
         def call():  # a copy of the state per call (the step donates its input)
+            t0 = time.perf_counter()
             s, pending = jax.tree.map(jnp.copy, state), []
             for i in range(batches):
                 s, metrics = step(s, sampler.batch(i))
                 pending.append(metrics)
             jax.device_get(pending)
+            if not self._sequential_timed and not first:
+                first.append(time.perf_counter() - t0)
             return s
 
-        return timer(SEQUENTIAL_K, call) / self.block_steps
+        seconds = timer(SEQUENTIAL_K, call) / batches
+        if first:
+            self.sequential_compile_seconds = max(0.0, first[0] - batches * seconds)
+        self._sequential_timed = True
+        return seconds
 
     # ------------------------------------------------------------------ training
     def initial_states(self, indices: Sequence[int], states: Sequence[Any]):
@@ -405,6 +435,28 @@ class PopulationTrainer:
         every = self.checkpoint_every[index]
         return set(range(every, self.steps, every)) if 0 < every < self.steps else set()
 
+    def eval_steps(self, index: int) -> set[int]:
+        """The steps before the last at which trial ``index`` writes a validation row (its ``eval_every``)."""
+        every = self.eval_every[index]
+        return set(range(every, self.steps, every)) if 0 < every < self.steps else set()
+
+    def _validate(
+        self, indices: Sequence[int], due: Sequence[int], host, step: int, k: int
+    ) -> dict[int, dict[str, Any]]:
+        """``{position: validation row}`` of the trials at positions ``due`` of ``indices`` (their
+        states in ``host``), evaluated together per data set, as :func:`research.train.fit` writes them."""
+        from research.population.measure import evaluate_many  # pylint: disable=import-outside-toplevel
+
+        rows, by_seed = {}, {}
+        for j in due:
+            by_seed.setdefault(self.members[indices[j]].seed, []).append(j)
+        for seed, positions in by_seed.items():
+            ds = self._bundles[seed].dataset
+            models = [state_to_model(self.defs, jax.tree.map(lambda a, j=j: a[j], host)) for j in positions]
+            for j, row in zip(positions, evaluate_many(models, ds.x_val, ds.y_val, pad_to=k), strict=True):
+                rows[j] = {"step": step, "split": "val", **row}
+        return rows
+
     # ------------------------------------------------------------------ training
     def train(
         self,
@@ -413,7 +465,7 @@ class PopulationTrainer:
         *,
         start: int = 0,
         states: Sequence[Any] | None = None,
-        on_checkpoint: Callable[[int, int, Any, np.ndarray], None] | None = None,
+        on_checkpoint: Callable[[int, int, Any, dict[str, np.ndarray], list[dict]], None] | None = None,
     ) -> list[TrialResult]:
         """Trains trials ``indices`` in one chunk of ``k`` (default ``len(indices)``; padded to ``k``).
 
@@ -423,9 +475,14 @@ class PopulationTrainer:
           start: the step the trials are at (a resumed chunk; its trials share it).
           states: their train states at ``start`` (restored checkpoints), one per index; default:
             the initial states.
-          on_checkpoint: called as ``on_checkpoint(step, position in indices, train state, losses
-            of steps start + 1 .. step)`` at each of a trial's checkpoint steps (its
-            ``checkpoint_every``) before the last, as a sequential run saves a checkpoint there.
+          on_checkpoint: called as ``on_checkpoint(step, position in indices, train state, metrics
+            of steps start + 1 .. step ({name: values}), validation rows so far)`` at each of a
+            trial's checkpoint steps (its ``checkpoint_every``) before the last, as a sequential
+            run saves a checkpoint there.
+
+        A trial with ``eval_every`` below the steps (and a validation split) is evaluated at those
+        steps, the chunk's due trials together (:func:`research.population.measure.evaluate_many`),
+        into :attr:`TrialResult.val_rows`.
 
         Returns:
           One :class:`TrialResult` per index, in order.
@@ -442,33 +499,54 @@ class PopulationTrainer:
         state = self.initial_state(padded) if states is None else self.initial_states(padded, states)
         data_id = self._put(np.array([self._data_id[self.members[i].seed] for i in padded], np.int32))
         saves = {j: self.checkpoint_steps(i) for j, i in enumerate(indices)} if on_checkpoint else {}
-        stops = sorted({t for steps in saves.values() for t in steps if t > start} | {self.steps})
-        losses, step = [], start
+        evals = {j: self.eval_steps(i) for j, i in enumerate(indices)}
+        stops = sorted({t for steps in [*saves.values(), *evals.values()] for t in steps if t > start} | {self.steps})
+        blocks, step, val_rows = [], start, {j: [] for j in range(len(indices))}
         while step < self.steps:
             stop = min(step + self.block_steps, next(t for t in stops if t > step))
             idx, valid = self.batch_indices(padded, step, stop)
-            state, loss = program(state, self._xs, self._ys, data_id, self._put_idx(idx), valid)
-            losses.append(np.asarray(loss)[valid])
+            state, metrics = program(state, self._xs, self._ys, data_id, self._put_idx(idx), valid)
+            blocks.append({name: np.asarray(v)[valid] for name, v in metrics.items()})
             step = stop
             due = [j for j, steps in saves.items() if step in steps]
-            if due:
-                host, so_far = jax.device_get(state), np.concatenate(losses, axis=0)
-                for j in due:
-                    if not np.all(np.isfinite(so_far[:, j])):
-                        continue  # as fit(): no checkpoint from a state after a NaN loss
-                    on_checkpoint(step, j, jax.tree.map(lambda a, j=j: a[j], host), so_far[:, j])
+            due_eval = [j for j, steps in evals.items() if step in steps]
+            if not (due or due_eval):
+                continue
+            host = jax.device_get(state)
+            so_far = _concat(blocks, k)
+            finite = {j: bool(np.all(np.isfinite(so_far["loss"][:, j]))) for j in range(len(indices))}
+            # as fit(): a NaN loss ends the trial's rows before its next validation row or checkpoint
+            for j, row in self._validate(indices, [j for j in due_eval if finite[j]], host, step, k).items():
+                val_rows[j].append(row)
+            for j in due:
+                if finite[j]:  # as fit(): no checkpoint from a state after a NaN loss
+                    rows = {name: v[:, j] for name, v in so_far.items()}
+                    on_checkpoint(step, j, jax.tree.map(lambda a, j=j: a[j], host), rows, list(val_rows[j]))
         host = jax.device_get(state)
         seconds = time.perf_counter() - t0
-        loss = np.concatenate(losses, axis=0) if losses else np.zeros((0, k), np.float32)
+        metrics = _concat(blocks, k)
         out = []
         for j, _ in enumerate(indices):
             trial = jax.tree.map(lambda a, j=j: jnp.asarray(a[j]), host)
             out.append(
                 TrialResult(
-                    model=state_to_model(self.defs, trial), losses=loss[:, j], seconds=seconds, state=trial, start=start
+                    model=state_to_model(self.defs, trial),
+                    losses=metrics["loss"][:, j],
+                    seconds=seconds,
+                    state=trial,
+                    start=start,
+                    metrics={name: v[:, j] for name, v in metrics.items()},
+                    val_rows=val_rows[j],
                 )
             )
         return out
+
+
+def _concat(blocks: list[dict[str, np.ndarray]], k: int) -> dict[str, np.ndarray]:
+    """The blocks' per-step metrics joined: ``{name: [steps, k]}`` (``loss`` always present)."""
+    if not blocks:
+        return {"loss": np.zeros((0, k), np.float32)}
+    return {name: np.concatenate([b[name] for b in blocks], axis=0) for name in blocks[0]}
 
 
 def _block_length(block_steps: int, steps: int, every: Sequence[int]) -> int:

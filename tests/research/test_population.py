@@ -19,6 +19,8 @@ from research.executors import make_executor
 from research.population import executor as pop_executor
 from research.population import split_populations
 from research.population.chooser import SEQUENTIAL_K
+from research.population.chooser import Budget
+from research.population.chooser import Candidate
 from research.population.chooser import candidate_ks
 from research.population.chooser import choose_k
 from research.population.trainer import PopulationTrainer
@@ -102,8 +104,8 @@ def config_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pruned_runs(config_file, tmp_path_factory):
     """3 learning rates of a train+prune+quantize pipeline, sequential and population (K=2 by a fake timer:
-    a chunk of 2 and a padded chunk of 1)."""
-    base = C.load_config(config_file + ":pruned")
+    a chunk of 2 and a padded chunk of 1); the first stage writes validation rows every 2 of its 6 steps."""
+    base = C.apply_overrides(C.load_config(config_file + ":pruned"), ["stages.0.eval_every=2"])
     seq_dir, pop_dir = str(tmp_path_factory.mktemp("seq")), str(tmp_path_factory.mktemp("pop"))
     seq = sweep_lib.sweep(base, GRID, seq_dir, progress=False)
     pop = sweep_lib.sweep(
@@ -138,6 +140,16 @@ def test_population_trials_match_sequential_trials(pruned_runs):
         # the same files as a sequential run (curves.png drawn on the population's reused figure)
         assert _files(b.run_dir) == _files(a.run_dir)
         assert _val_rows(b.run_dir) == pytest.approx(_val_rows(a.run_dir), abs=2e-5)
+        # metrics.jsonl: the same rows (every step's scalars, validation rows at steps 2, 4 and 6)
+        rows_a, rows_b = (read_metrics(os.path.join(p.run_dir, "stages", "0_train")) for p in (a, b))
+        assert [(r["step"], r["split"], sorted(r)) for r in rows_b] == [
+            (r["step"], r["split"], sorted(r)) for r in rows_a
+        ]
+        assert [r["step"] for r in rows_b if r["split"] == "val"] == [2, 4, 6]
+        for ra, rb in zip(rows_a, rows_b, strict=True):
+            assert {n: rb[n] for n in ra if n != "split"} == pytest.approx(
+                {n: v for n, v in ra.items() if n != "split"}, abs=2e-5, rel=1e-4
+            )
     # the grid's learning rates really reach the trials
     params = [_params(p.run_dir) for p in pop.points]
     assert not _close(params[0], params[1]) and not _close(params[1], params[2])
@@ -272,21 +284,121 @@ def test_sequential_step_timings_alternate_with_the_best_program_and_keep_the_fa
     assert order == ["seq", 1, 2, 1, 2, 1, 2, 2, "seq", 2, "seq"]  # the sequential step first
 
 
+class FakeCosts:
+    """A fake clock and fake programs: measuring K costs its compile (the first time) plus
+    ``timed`` steps of its step time, on the fake clock; no wall clock anywhere."""
+
+    def __init__(self, step, compile_, seq, seq_compile=0.0, timed=4, seq_timed=4):
+        self.step, self.compile_, self.seq, self.seq_compile = step, compile_, seq, seq_compile
+        self.timed, self.seq_timed, self.now, self.measured, self.compiled = timed, seq_timed, 0.0, [], {}
+
+    def measure(self, k):
+        self.measured.append(k)
+        if k not in self.compiled:
+            self.compiled[k] = self.compile_(k)
+            self.now += self.compiled[k]
+        self.now += self.timed * self.step(k)
+        return self.step(k), 0
+
+    def sequential(self):
+        self.now += self.seq_timed * self.seq
+        return self.seq
+
+    def budget(self, trials, steps, fraction=0.1):
+        return Budget(
+            trials=trials,
+            steps=steps,
+            fraction=fraction,
+            clock=lambda: self.now,
+            compile_seconds=lambda k: self.compiled.get(k, 0.0),
+            timed_steps=self.timed,
+            sequential_timed_steps=self.seq_timed,
+            sequential_compile=lambda: self.seq_compile,
+        )
+
+    def choose(self, trials, steps, fraction=0.1):
+        budget = self.budget(trials, steps, fraction)
+        choice = choose_k(trials, self.measure, memory_limit=10**9, sequential=self.sequential, budget=budget)
+        return choice, budget
+
+
 def test_chooser_stops_measuring_when_the_budget_is_spent():
-    measured = []
+    # 8 trials x 100 steps at 1 s a step: a budget of 0.1 x 800 s = 80 s
+    # the sequential step compiled in 100 s: a population program compiles no faster; none is compiled
+    costs = FakeCosts(step=lambda k: 1.0, compile_=lambda k: 100.0, seq=1.0, seq_compile=100.0)
+    choice, _ = costs.choose(8, 100)
+    assert costs.measured == [] and choice.runner == "sequential" and choice.candidates == ()
+    assert "K=1 and larger not measured" in choice.reason and "exceeds the budget" in choice.reason
+    # its compile took 40 s: K=1 (at least 40 s + 4 timed steps) fits; K=2 would compile in at least
+    # K=1's 41 s more, beyond the 80 s, so it is not compiled; the two confirmation rounds against the
+    # sequential step (8 s each) fit
+    costs = FakeCosts(step=lambda k: 1.0 * k, compile_=lambda k: 40.0 + k, seq=1.0, seq_compile=40.0)
+    choice, budget = costs.choose(8, 100)
+    assert costs.measured == [1, 1, 1] and choice.runner == "sequential"
+    assert "K=2 and larger not measured" in choice.reason and budget.spent() <= budget.limit()
+    # a longer training affords more: K=1, 2 and 4 are compiled (at 1000 steps the budget is 800 s)
+    costs = FakeCosts(step=lambda k: 1.0 * k**0.5, compile_=lambda k: 30.0 + k, seq=0.9, seq_compile=30.0)
+    choice, budget = costs.choose(8, 1000)
+    assert set(costs.measured) == {1, 2, 4, 8} and choice.k == 8 and choice.runner == "population"
+    # a population program faster in its one timing, with no budget left to confirm it: the sequential path
+    costs = FakeCosts(step=lambda k: {1: 0.5, 2: 2.0}[k], compile_=lambda k: 40.0, seq=1.0, seq_compile=40.0)
+    choice, _ = costs.choose(8, 55)
+    assert costs.measured == [1] and choice.runner == "sequential" and "unconfirmed" in choice.reason
 
-    def pop(k):
-        measured.append(k)
-        return {1: 1.0, 2: 1.0, 4: 1.0}[k], 0
 
-    # the budget allows K=1 only: K=2 is never compiled; K=1 is compared with the sequential step
-    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: 0.8, may_measure=lambda k: k < 2)
-    assert set(measured) == {1} and choice.runner == "sequential" and "budget is spent" in choice.reason
-    # no budget at all: no population program is compiled; the sequential path
-    measured.clear()
-    choice = choose_k(4, pop, memory_limit=10**9, sequential=lambda: 2.0, may_measure=lambda k: False)
-    assert measured == [] and choice.runner == "sequential" and choice.candidates == ()
-    assert choice.sequential_seconds == 2.0
+def test_chooser_compiles_a_program_only_when_its_best_gain_repays_it():
+    # the K=1 program steps at twice the sequential step's time: a chunk of 2 steps at least as long,
+    # so K=2 trains each trial step in at least the sequential step's time: it cannot gain; not compiled
+    costs = FakeCosts(step=lambda k: 2.0 * k, compile_=lambda k: 1.0, seq=1.0)
+    choice, _ = costs.choose(16, 10**6, fraction=1.0)
+    assert set(costs.measured) == {1} and choice.runner == "sequential" and "could save at most 0 s" in choice.reason
+    # K=2 nearly as slow as K=1 per step: K=4 could save at most ~1/2 of the training, worth its compile
+    costs = FakeCosts(step=lambda k: {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0}[k], compile_=lambda k: 1.0, seq=1.0)
+    choice, _ = costs.choose(16, 10**6, fraction=1.0)
+    assert choice.k == 16 and choice.runner == "population"
+    # a short training cannot repay a large compile even with the whole budget: K=2 saves at most
+    # 16 trials x 10 steps x (1 - 1/2) s = 80 s, less than its predicted 100 s compile
+    costs = FakeCosts(step=lambda k: 1.0, compile_=lambda k: 100.0, seq=1.0)
+    choice, _ = costs.choose(16, 10, fraction=10.0)
+    assert set(costs.measured) == {1} and "could save at most 80 s" in choice.reason
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_when_vmap_does_not_pay_measuring_loses_at_most_the_budget_and_one_misprediction(seed):
+    """Random fake programs, every one slower per trial step than the sequential step, compiles growing
+    with K (so each is predicted below its cost): the time spent measuring stays within the budget plus
+    the largest amount by which one measurement's cost exceeded its prediction."""
+    rng = np.random.default_rng(seed)
+    compiled_two = mispredicted = 0
+    for _ in range(25):
+        seq = rng.uniform(0.5, 2.0)
+        slow = rng.uniform(1.0, 3.0, size=9)  # per-trial slowdown of K = 2**i against the sequential step
+        growth = rng.uniform(1.0, 2.0)
+        seq_compile = rng.uniform(0.0, 50.0)
+        costs = FakeCosts(
+            step=lambda k, slow=slow, seq=seq: seq * slow[int(np.log2(k))] * k,
+            compile_=lambda k, g=growth, c=seq_compile: (c + 1.0) * g ** np.log2(k),
+            seq=seq,
+            seq_compile=seq_compile,
+        )
+        trials, steps = int(rng.integers(2, 256)), int(rng.integers(10, 5000))
+        budget = costs.budget(trials, steps)
+        overrun, measured = [0.0], []
+
+        def measure(k, budget=budget, costs=costs, overrun=overrun, measured=measured):
+            predicted, before = budget.predict(k, measured), costs.now
+            out = costs.measure(k)
+            if k not in [c.k for c in measured]:
+                overrun[0] = max(overrun[0], costs.now - before - predicted)
+                measured.append(Candidate(k=k, step_seconds=out[0], trial_steps_per_s=k / out[0], bytes=0))
+            return out
+
+        choice = choose_k(trials, measure, memory_limit=10**9, sequential=costs.sequential, budget=budget)
+        assert choice.runner == "sequential"
+        assert budget.spent() <= budget.limit() + overrun[0] + 1e-9
+        compiled_two += len(measured) >= 2
+        mispredicted += overrun[0] > 0
+    assert compiled_two and mispredicted  # the scenarios do measure, and predict below the cost
 
 
 def test_population_falls_back_to_the_sequential_executor_when_its_step_is_faster(config_file, tmp_path):
@@ -350,15 +462,15 @@ def test_block_length_ends_blocks_on_checkpoint_steps():
 def test_killed_population_chunk_resumes_from_checkpoints_like_a_sequential_run(config_file, tmp_path, monkeypatch):
     """checkpoint_every=2 of 6 steps: the population saves steps 2 and 4 (a chunk killed after
     step 4 keeps them, as a killed sequential run would), resumes its chunk from step 4, and ends
-    with a sequential run's checkpoints, metrics and parameters."""
+    with a sequential run's checkpoints, metrics (a validation row at step 3 too) and parameters."""
     base = C.load_config(config_file)
-    base = dataclasses.replace(base, stages=(dataclasses.replace(base.stages[0], checkpoint_every=2),))
+    base = dataclasses.replace(base, stages=(dataclasses.replace(base.stages[0], checkpoint_every=2, eval_every=3),))
     grid = {"stages.train.learning_rate": [1e-3, 2e-3]}
     seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
     saved, real_save = [], pop_executor.save_progress
 
-    def killed_after_step_4(workdir, step, state, losses, start=0):
-        real_save(workdir, step, state, losses, start)
+    def killed_after_step_4(workdir, step, state, metrics, start=0, val_rows=()):
+        real_save(workdir, step, state, metrics, start, val_rows)
         saved.append(step)
         if saved.count(4) == 2:
             raise KeyboardInterrupt  # the process dies before step 6
@@ -390,6 +502,11 @@ def test_killed_population_chunk_resumes_from_checkpoints_like_a_sequential_run(
         rows = [[r["step"], r["loss"]] for r in read_metrics(d) if r["split"] == "train"]
         seq_rows = [[r["step"], r["loss"]] for r in read_metrics(seq_stage) if r["split"] == "train"]
         assert [r[0] for r in rows] == list(range(1, 7)) and _close(rows, seq_rows)
+        val, seq_val = (
+            [[r["step"], r["loss"], r["accuracy"]] for r in read_metrics(x) if r["split"] == "val"]
+            for x in (d, seq_stage)
+        )
+        assert [r[0] for r in val] == [3, 6] and _close(val, seq_val)
 
 
 def test_cli_sweep_executor_flag(config_file, tmp_path, capsys):
