@@ -136,21 +136,33 @@ def _line(r: dict) -> str:
     )
 
 
-def main(argv=None) -> None:
-    """Command line: see the module docstring."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def experiment_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every int8_seq fine-tuning experiment takes: variations, range rules, the
+    fine-tuning schedule and the model cache (``doc``: the experiment's module docstring)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--variations", nargs="+", default=[f"{i},{d}" for i, d in VARIATIONS], help="init,data pairs")
     p.add_argument("--rules", nargs="+", default=list(RULES))
-    p.add_argument("--weight", type=float, default=0.01)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
     p.add_argument("--cache", default=None, help="directory keeping the 1500-step models")
-    p.add_argument("--kd-alpha", type=float, default=0.0, help="> 0: both fine-tunings distil from the 1500-step model")
-    a = p.parse_args(argv)
-    variations = [tuple(int(v) for v in s.split(",")) for s in a.variations]
+    return p
+
+
+def variations_of(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """``--variations`` as ``(init, data)`` pairs; prints the table header the rows follow."""
     print(HEADER)
     print("|" + "---|" * 10)
+    return [tuple(int(v) for v in s.split(",")) for s in args.variations]
+
+
+def main(argv=None) -> None:
+    """Command line: see the module docstring."""
+    p = experiment_parser(__doc__)
+    p.add_argument("--weight", type=float, default=0.01)
+    p.add_argument("--kd-alpha", type=float, default=0.0, help="> 0: both fine-tunings distil from the 1500-step model")
+    a = p.parse_args(argv)
+    variations = variations_of(a)
     rows = run(variations, a.rules, a.weight, a.steps, a.learning_rate, a.schedule, a.cache, a.kd_alpha)
     print_means(rows, sorted({r["finetune"] for r in rows}), a.rules)
 

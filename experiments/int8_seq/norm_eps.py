@@ -14,35 +14,25 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
-
-from experiments.int8_seq.kurtosis import HEADER
-from experiments.int8_seq.kurtosis import VARIATIONS
+from experiments.int8_seq.kurtosis import experiment_parser
 from experiments.int8_seq.kurtosis import finetune_and_export
 from experiments.int8_seq.kurtosis import print_means
 from experiments.int8_seq.kurtosis import trained
+from experiments.int8_seq.kurtosis import variations_of
 from methods.quantization import int8_norm_epsilon
 from research.data import load_dataset
 
 
 def main(argv=None) -> None:
     """Command line: see the module docstring."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variations", nargs="+", default=[f"{i},{d}" for i, d in VARIATIONS], help="init,data pairs")
-    p.add_argument("--rules", nargs="+", default=["minmax", "percentile"])
+    p = experiment_parser(__doc__)
     p.add_argument("--steps-floor", nargs="+", type=float, default=[5.0], help="epsilon floors, in int8 grid steps")
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
-    p.add_argument("--cache", default=None, help="directory keeping the 1500-step models")
     p.add_argument("--no-control", action="store_true", help="skip the fine-tuning without the floor")
     a = p.parse_args(argv)
     ds = load_dataset("mnist1d", seed=0)
     labels = ([] if a.no_control else ["control"]) + [f"eps {s:g} steps" for s in a.steps_floor]
-    print(HEADER)
-    print("|" + "---|" * 10)
     rows = []
-    for init, data in (tuple(int(v) for v in s.split(",")) for s in a.variations):
+    for init, data in variations_of(a):
         base = trained(ds, init, data, cache=a.cache)
         models = [] if a.no_control else [("control", base)]
         for s in a.steps_floor:
