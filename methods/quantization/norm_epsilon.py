@@ -122,15 +122,19 @@ def int8_norm_epsilon(
         raise ValueError(
             "the model has no nnx.LayerNorm or nnx.RMSNorm called in its forward pass: there is no epsilon to raise"
         )
-    out = nnx.clone(model)
     changed = {}
     for path, v_max in stats.items():
-        module = get_module(out, path)
-        old = float(module.epsilon)
-        new = max(old, float(steps) * v_max / (2**bits - 1))
-        module.epsilon = new
-        changed[path] = (old, new)
-    return out, changed
+        old = float(get_module(model, path).epsilon)
+        changed[path] = (old, max(old, float(steps) * v_max / (2**bits - 1)))
+    return _with_epsilons(model, {path: new for path, (_, new) in changed.items()}), changed
+
+
+def _with_epsilons(model: nnx.Module, epsilons: dict[str, float]) -> nnx.Module:
+    """A copy of ``model`` with the norms at ``epsilons``' paths set to those epsilons."""
+    out = nnx.clone(model)
+    for path, eps in epsilons.items():
+        get_module(out, path).epsilon = float(eps)
+    return out
 
 
 def norm_epsilon_recipe_step(changed: dict[str, tuple[float, float]]) -> dict[str, Any]:
@@ -141,7 +145,4 @@ def norm_epsilon_recipe_step(changed: dict[str, tuple[float, float]]) -> dict[st
 
 @recipe_lib.register_step("norm_epsilon")
 def _replay_norm_epsilon(model: nnx.Module, data: dict[str, Any]) -> nnx.Module:
-    out = nnx.clone(model)
-    for path, eps in data["epsilons"].items():
-        get_module(out, path).epsilon = float(eps)
-    return out
+    return _with_epsilons(model, data["epsilons"])

@@ -227,8 +227,7 @@ def write_trial(workdir, result: TrialResult, val_row: dict[str, float] | None) 
     os.makedirs(workdir, exist_ok=True)
     losses = np.asarray(result.losses, np.float64)
     bad = np.flatnonzero(~np.isfinite(losses))
-    metrics = result.metrics or {"loss": losses}
-    rows = _train_rows(workdir, metrics, result.start, result.val_rows)
+    rows = _train_rows(workdir, result.metrics, result.start, result.val_rows)
     if bad.size:  # the rows up to the first bad step's
         first = result.start + int(bad[0]) + 1
         rows = [r for r in rows if r["step"] < first or (r["step"] == first and r["split"] == "train")]

@@ -51,20 +51,24 @@ class Member:
 
 @dataclasses.dataclass
 class TrialResult:
-    """One trial trained in a population: its model, per-step training losses (of steps ``start + 1``
-    on) and final train state (the tree a sequential run checkpoints at its last step); ``start`` is
-    the step it resumed from (a checkpoint of a killed sweep), 0 when it trained from the start.
-    ``metrics`` holds every scalar the train step returns (``loss`` among them), one value per step
-    like ``losses``; ``val_rows`` the validation rows of its ``eval_every`` steps before the last
+    """One trial trained in a population: its model, per-step training metrics (of steps
+    ``start + 1`` on: every scalar the train step returns, ``loss`` among them; :attr:`losses`) and
+    final train state (the tree a sequential run checkpoints at its last step); ``start`` is the
+    step it resumed from (a checkpoint of a killed sweep), 0 when it trained from the start;
+    ``val_rows`` the validation rows of its ``eval_every`` steps before the last
     (``{"step", "split": "val", "loss", "accuracy", "count"}``, as :func:`research.train.fit` writes)."""
 
     model: nnx.Module
-    losses: np.ndarray
+    metrics: dict[str, np.ndarray]
     seconds: float
     state: Any = None
     start: int = 0
-    metrics: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     val_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def losses(self) -> np.ndarray:
+        """The per-step training losses (``metrics["loss"]``)."""
+        return self.metrics["loss"]
 
 
 TIMED_REPEATS = 3
@@ -432,13 +436,11 @@ class PopulationTrainer:
 
     def checkpoint_steps(self, index: int) -> set[int]:
         """The steps before the last at which trial ``index`` checkpoints (its ``checkpoint_every``)."""
-        every = self.checkpoint_every[index]
-        return set(range(every, self.steps, every)) if 0 < every < self.steps else set()
+        return _cadence(self.checkpoint_every[index], self.steps)
 
     def eval_steps(self, index: int) -> set[int]:
         """The steps before the last at which trial ``index`` writes a validation row (its ``eval_every``)."""
-        every = self.eval_every[index]
-        return set(range(every, self.steps, every)) if 0 < every < self.steps else set()
+        return _cadence(self.eval_every[index], self.steps)
 
     def _validate(
         self, indices: Sequence[int], due: Sequence[int], host, step: int, k: int
@@ -531,15 +533,19 @@ class PopulationTrainer:
             out.append(
                 TrialResult(
                     model=state_to_model(self.defs, trial),
-                    losses=metrics["loss"][:, j],
+                    metrics={name: v[:, j] for name, v in metrics.items()},
                     seconds=seconds,
                     state=trial,
                     start=start,
-                    metrics={name: v[:, j] for name, v in metrics.items()},
                     val_rows=val_rows[j],
                 )
             )
         return out
+
+
+def _cadence(every: int, steps: int) -> set[int]:
+    """The multiples of ``every`` below ``steps`` (none when ``every`` is 0 or not below ``steps``)."""
+    return set(range(every, steps, every)) if 0 < every < steps else set()
 
 
 def _concat(blocks: list[dict[str, np.ndarray]], k: int) -> dict[str, np.ndarray]:
