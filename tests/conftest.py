@@ -7,6 +7,9 @@
 * The ``slow`` marker (registered in pyproject.toml): long end-to-end tests. CI runs them all;
   ``pytest -m "not slow"`` is a quick local pass.
 * One persistent JAX compilation cache for the whole run (:func:`_share_one_compilation_cache`).
+* Parameter initialisation draws random numbers through one compiled program per size bucket
+  instead of one per shape, with bit-identical values (``tests/shared_random_programs.py``,
+  installed by the autouse fixture :func:`_shared_random_programs`).
 * pytest-xdist runs by default (``-n auto --dist loadscope`` in pyproject.toml's addopts):
   :func:`pytest_xdist_auto_num_workers` picks the number of worker processes (``-n 0``: none).
 
@@ -87,6 +90,22 @@ def pytest_pycollect_makemodule(module_path: pathlib.Path, parent: pytest.Collec
     if _needs_export(module_path) and importlib.util.find_spec("tensorflow") is None:
         return _SkippedModule.from_parent(parent, path=module_path)
     return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_random_programs():
+    """Installs tests/shared_random_programs.py for the session (each xdist worker is a session).
+
+    ``SLIMJAX_TESTS_JAX_RANDOM=own`` leaves JAX's functions alone (its identity tests then fail,
+    saying so): for comparing the suite's time with and without the shared programs.
+    """
+    import shared_random_programs
+
+    own = os.environ.get("SLIMJAX_TESTS_JAX_RANDOM", "") == "own"
+    installed = False if own else shared_random_programs.install()
+    yield installed
+    if installed:
+        shared_random_programs.uninstall()
 
 
 @pytest.fixture(scope="session")
