@@ -1,18 +1,19 @@
 """One compiled program per size bucket for the random draws of parameter initialisation (tests only).
 
 Building a model calls ``jax.random.truncated_normal`` (or ``normal``/``uniform``) eagerly once per
-parameter, and JAX compiles one program per distinct shape: 0.15-0.6 s each on the 2-core CI
-machine. Over the suite that was 340 programs and about 120 s of XLA compilation (measured with a
-``jax.monitoring`` listener over a full run), for draws that take microseconds.
+parameter, and JAX compiles one program per distinct shape: 0.15-0.6 s each on the project's
+2-core Xeon. Over the suite that was 340 programs and about 120 s of XLA compilation (measured with
+a ``jax.monitoring`` listener over a full run), for draws that take microseconds.
 
 With JAX's default partitionable Threefry (``jax_threefry_partitionable``), element ``i`` of a draw
-depends only on the key and on ``i``: the first ``n`` values of a draw of size ``m >= n`` are the draw
-of size ``n``, in row-major order. :func:`install` therefore replaces the three functions, for eager
-calls on a single Threefry key with scalar bounds and no sharding, by a draw at the next power of two
-of the size (one program per bucket), cut to size on the host. Every other call (under a trace,
-even one that closes over a concrete key, batched keys, array bounds, another PRNG implementation or dtype) goes to JAX's own function.
-The values are bit-identical: ``tests/test_shared_random_programs.py`` checks it for every patched
-function against JAX's, and a whole model built both ways. The library itself is never patched.
+depends only on the key and on ``i``: the first ``n`` values of a draw of size ``m >= n`` are the
+draw of size ``n``, in row-major order. :func:`install` therefore replaces the three functions, for
+eager calls on a single Threefry key with scalar bounds and no sharding, by a draw at the next power
+of two of the size (one program per bucket), cut to size on the host. Every other call goes to
+JAX's own function: under a trace (even one that closes over a concrete key), batched keys, array
+bounds, another PRNG implementation or dtype. The values are bit-identical:
+``tests/test_shared_random_programs.py`` checks every patched function against JAX's, and whole
+zoo models built both ways. The library itself is never patched.
 """
 
 from __future__ import annotations
