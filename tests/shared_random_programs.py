@@ -41,22 +41,14 @@ def _bucket(n: int) -> int:
     return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
-def _scalar(v: Any) -> bool:
-    return not isinstance(v, jax.core.Tracer) and np.ndim(v) == 0
-
-
-def _shareable(key: Any, shape: Any, dtype: Any, scalars: tuple, out_sharding: Any) -> bool:
-    if out_sharding is not None or shape is None or not jax.config.jax_threefry_partitionable:
+def _shareable(key: Any, shape: Any, dtype: Any, bounds: tuple, out_sharding: Any) -> bool:
+    if out_sharding is not None or not shape or not jax.config.jax_threefry_partitionable:
         return False
-    if not _trace_state_clean():  # inside jit/vmap/grad, even with a concrete key closed over
-        return False
-    if isinstance(key, jax.core.Tracer) or not all(_scalar(v) for v in scalars):
+    # Inside jit/vmap/grad (even with a concrete key closed over), every value may be a tracer.
+    if not _trace_state_clean() or any(np.ndim(v) != 0 for v in bounds):
         return False
     try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        return False
-    try:
+        tuple(int(d) for d in shape)
         canonical = np.dtype(jax.dtypes.canonicalize_dtype(float if dtype is None else dtype))
     except TypeError:
         return False
@@ -68,10 +60,16 @@ def _shareable(key: Any, shape: Any, dtype: Any, scalars: tuple, out_sharding: A
     return np.shape(key) == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"
 
 
-def _cut(flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def _draw(draw, key: Any, shape: Any, dtype: Any, bounds: tuple, out_sharding: Any) -> jax.Array:
+    """``draw(shape, out_sharding)`` (JAX's function with the other arguments bound) at the size
+    bucket of ``shape``, cut to ``shape``; or as called when the call cannot be shared."""
     global shared_draws
-    shared_draws += 1
+    if not _shareable(key, shape, dtype, bounds, out_sharding):
+        return draw(shape, out_sharding)
+    shape = tuple(int(d) for d in shape)
     n = int(np.prod(shape, dtype=np.int64))
+    flat = draw((_bucket(n),), None)
+    shared_draws += 1
     return jax.numpy.asarray(np.asarray(flat)[:n].reshape(shape))
 
 
@@ -82,10 +80,10 @@ def _shared(name: str):
 
         @functools.wraps(original)
         def truncated_normal(key, lower, upper, shape=None, dtype=None, *, out_sharding=None):
-            if not _shareable(key, shape, dtype, (lower, upper), out_sharding) or not shape:
-                return original(key, lower, upper, shape, dtype, out_sharding=out_sharding)
-            flat = original(key, lower, upper, (_bucket(int(np.prod(shape))),), dtype)
-            return _cut(flat, tuple(shape))
+            def draw(s, o):
+                return original(key, lower, upper, s, dtype, out_sharding=o)
+
+            return _draw(draw, key, shape, dtype, (lower, upper), out_sharding)
 
         return truncated_normal
 
@@ -93,17 +91,16 @@ def _shared(name: str):
 
         @functools.wraps(original)
         def normal(key, shape=(), dtype=None, *, out_sharding=None):
-            if not _shareable(key, shape, dtype, (), out_sharding) or not shape:
-                return original(key, shape, dtype, out_sharding=out_sharding)
-            return _cut(original(key, (_bucket(int(np.prod(shape))),), dtype), tuple(shape))
+            return _draw(lambda s, o: original(key, s, dtype, out_sharding=o), key, shape, dtype, (), out_sharding)
 
         return normal
 
     @functools.wraps(original)
     def uniform(key, shape=(), dtype=None, minval=0.0, maxval=1.0, *, out_sharding=None):
-        if not _shareable(key, shape, dtype, (minval, maxval), out_sharding) or not shape:
-            return original(key, shape, dtype, minval, maxval, out_sharding=out_sharding)
-        return _cut(original(key, (_bucket(int(np.prod(shape))),), dtype, minval, maxval), tuple(shape))
+        def draw(s, o):
+            return original(key, s, dtype, minval, maxval, out_sharding=o)
+
+        return _draw(draw, key, shape, dtype, (minval, maxval), out_sharding)
 
     return uniform
 
