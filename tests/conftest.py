@@ -6,6 +6,7 @@
   collected, so their imports of TensorFlow / ONNX never run) when TensorFlow is missing.
 * The ``slow`` marker (registered in pyproject.toml): long end-to-end tests. CI runs them all;
   ``pytest -m "not slow"`` is a quick local pass.
+* One XLA CPU compute thread per process (``NPROC=1``): the same numbers on any number of cores.
 * One persistent JAX compilation cache for the whole run (:func:`_share_one_compilation_cache`).
 * Parameter initialisation draws random numbers through one compiled program per size bucket
   instead of one per shape, with bit-identical values (``tests/shared_random_programs.py``,
@@ -28,6 +29,15 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One XLA CPU compute thread per process (XLA sizes its CPU thread pool from NPROC, else from the
+# core count), in the test processes and everything they start (Ray workers, CLI runs):
+# * the same numbers on every machine: summation order follows the thread count, so a model
+#   trained on a 2-core machine differed from the same training on 1 or 4 cores (the ViT's
+#   trained weights differed for NPROC=1, 2 and 4; its int8 agreement moved by up to 0.016);
+# * less CPU: the xdist workers already fill the cores, and two threads per worker spent CPU on
+#   synchronisation (ResNet-56 training: 19.7 s of CPU against 25.4 s, the same wall time).
+# NPROC=<n> in the environment overrides it.
+os.environ.setdefault("NPROC", "1")
 
 #: The persistent compilation cache this process made for the session (removed at its end), or
 #: None when the cache directory came from the environment (a user's, or the xdist controller's).
