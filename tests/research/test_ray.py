@@ -464,8 +464,11 @@ def test_worker_killed_with_no_retries_left_is_a_failed_trial_with_the_reason(cl
 
 
 def _driver(config_spec, workdir, address, *extra):
+    # Each driver is a new Ray job, and every job starts its own worker processes (each imports
+    # JAX and slimjax again, seconds of CPU): trials that take the cluster's two CPUs run one at a
+    # time in one worker per driver.
     cmd = [sys.executable, "-m", "research.cli", *extra[:1], config_spec, *extra[1:]]
-    cmd += ["--executor", "ray", "--address", address, "--workdir", workdir, "--no-progress"]
+    cmd += ["--executor", "ray", "--address", address, "--workdir", workdir, "--no-progress", "--cpus-per-trial", "2"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -15,13 +15,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-pytest.importorskip("tvm", reason="TVM not installed: pip install 'slimjax[tvm]'")
+from research.export import export
+from research.export import tvm as tvm_lib
+from research.nn import TINY_OPTIONS
+from research.nn import build_model
+from research.nn import list_models
 
-from research.export import export  # noqa: E402
-from research.export import tvm as tvm_lib  # noqa: E402
-from research.nn import TINY_OPTIONS  # noqa: E402
-from research.nn import build_model  # noqa: E402
-from research.nn import list_models  # noqa: E402
+
+@pytest.fixture(scope="module", autouse=True)
+def _tvm_installed():
+    """Skips the module without TVM. Imported when the module runs, not when it is collected: every
+    pytest-xdist worker collects every module, and importing TVM takes about 4 s of CPU."""
+    pytest.importorskip("tvm", reason="TVM not installed: pip install 'slimjax[tvm]'")
+
 
 FLAT = {"cnn1d"}
 # The whole zoo takes ~2 min here (TFLite + tf2onnx + TVM compile per model; 341 s for all 8 on
