@@ -30,13 +30,12 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One XLA CPU compute thread per process (XLA sizes its CPU thread pool from NPROC, else from the
-# core count), in the test processes and everything they start (Ray workers, CLI runs):
-# * the same numbers on every machine: summation order follows the thread count, so a model
-#   trained on a 2-core machine differed from the same training on 1 or 4 cores (the ViT's
-#   trained weights differed for NPROC=1, 2 and 4; its int8 agreement moved by up to 0.016);
-# * less CPU: the xdist workers already fill the cores, and two threads per worker spent CPU on
-#   synchronisation (ResNet-56 training: 19.7 s of CPU against 25.4 s, the same wall time).
-# NPROC=<n> in the environment overrides it.
+# core count), in the test processes and everything they start (Ray workers, CLI runs), so that
+# a test computes the same numbers on every machine: summation order follows the thread count,
+# and a model trained on a 2-core machine differed from the same training on 1 or 4 cores (the
+# ViT's trained weights differed for NPROC=1, 2 and 4; its int8 agreement moved by up to 0.016).
+# It does not make the suite faster: side by side, half the suite took 616 s of user CPU with
+# NPROC=1 and 620 s with 2 (the xdist workers already fill the cores). NPROC=<n> overrides it.
 os.environ.setdefault("NPROC", "1")
 
 #: The persistent compilation cache this process made for the session (removed at its end), or
