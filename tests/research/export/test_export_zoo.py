@@ -3,8 +3,8 @@
 fp32: TFLite and ONNX within 1e-5 of the output scale of JAX (float32 runtimes reorder sums:
 XNNPACK / MLAS accumulate in another order, so bit equality is not available; measured
 <= 6e-7 on every model). int8: top-1 agreement with the JAX model >= 99% on the digits test
-split (the ViT: lower measured bounds, :data:`INT8_BOUND`) for what each file computes on any CPU: the TFLite int8 file in LiteRT (32-bit
-accumulation on every CPU), and its ONNX (Q/DQ) conversion and the TensorRT-ready symmetric Q/DQ
+split (the ViT: lower measured bounds, :data:`INT8_BOUND`) for what each file computes on any
+CPU: the TFLite int8 file in LiteRT (32-bit accumulation on every CPU), and its ONNX (Q/DQ) conversion and the TensorRT-ready symmetric Q/DQ
 file executed as written (onnxruntime ``ORT_DISABLE_ALL``). onnxruntime's fused int8 kernels
 saturate on x86-64 CPUs without VNNI (measured on an emulated AVX2 CPU: symmetric files 0.40-0.98
 top-1 agreement), so their figure is recorded (``record_testsuite_property``), not asserted. Every file
