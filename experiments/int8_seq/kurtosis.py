@@ -44,12 +44,19 @@ VARIATIONS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2))
 RULES = ("minmax", "percentile")
 
 
-def trained(ds, init: int, data: int, steps: int = 1500, cache: str | None = None) -> nnx.Module:
-    """The zoo ``attn_gru`` trained as the slow test trains it (loaded from ``cache`` if stored there)."""
-    model = build_model("attn_gru", input_shape=ds.x_train.shape[1:], num_classes=ds.num_classes, rngs=nnx.Rngs(init))
+def trained(
+    ds, init: int, data: int, steps: int = 1500, cache: str | None = None, name: str = "attn_gru", **options
+) -> nnx.Module:
+    """The zoo model ``name`` (``attn_gru`` at its defaults unless ``options`` say otherwise) trained as
+    the slow tests train it: ``train_scan``, ``steps`` Adam steps, batch 128, data order ``data``
+    (loaded from ``cache`` if stored there)."""
+    model = build_model(
+        name, input_shape=ds.x_train.shape[1:], num_classes=ds.num_classes, rngs=nnx.Rngs(init), **options
+    )
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    path = os.path.join(cache, f"attn_gru_i{init}_d{data}_n{steps}.npz") if cache else None
+    tag = "".join(f"_{k}{v}" for k, v in sorted(options.items()))
+    path = os.path.join(cache, f"{name}{tag}_i{init}_d{data}_n{steps}.npz") if cache else None
     if path and os.path.exists(path):
         with np.load(path, allow_pickle=False) as z:
             leaves = [jnp.asarray(z[f"a{i}"]) for i in range(len(leaves))]
