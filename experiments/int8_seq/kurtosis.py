@@ -117,7 +117,12 @@ def finetune_and_export(
         log_every=0,
         loss_transforms=transforms,
     )
-    seconds = time.time() - t
+    return export_rows(model, ds, init, data, label, rules, time.time() - t)
+
+
+def export_rows(model, ds, init: int, data: int, label: str, rules, seconds: float) -> list[dict]:
+    """Exports ``model`` (put in eval mode) once per range rule; one printed row per rule (test
+    accuracy, agreements, median error, ``seconds`` of fine-tuning)."""
     model.eval()
     ref = np.asarray(nnx.jit(lambda m, x: m(x))(model, ds.x_test))
     acc = float(np.mean(ref.argmax(-1) == ds.y_test))

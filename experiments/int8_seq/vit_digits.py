@@ -25,15 +25,11 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-from flax import nnx
-
 from experiments.int8_seq.kurtosis import HEADER
-from experiments.int8_seq.kurtosis import _line
+from experiments.int8_seq.kurtosis import export_rows
 from experiments.int8_seq.kurtosis import finetune_and_export
 from experiments.int8_seq.kurtosis import print_means
 from experiments.int8_seq.kurtosis import trained
-from experiments.int8_seq.ranges import export_int8
 from methods.quantization import int8_norm_epsilon
 from research.data import load_dataset
 from research.nn import TINY_OPTIONS
@@ -57,12 +53,7 @@ def main(argv=None) -> None:
     for data in a.seeds:
         base = trained(ds, 0, data, cache=a.cache, name="vit", **TINY_OPTIONS.get("vit", {}))
         if not a.no_control:
-            ref = np.asarray(nnx.jit(lambda m, x: m(x))(base, ds.x_test))
-            acc = float(np.mean(ref.argmax(-1) == ds.y_test))
-            for rule in a.rules:
-                row = {"init": 0, "data": data, "finetune": "as trained", "test_acc": acc, "rule": rule}
-                rows.append({**row, **export_int8(base, ds, ref, rule), "finetune_s": 0.0})
-                print(_line(rows[-1]), flush=True)
+            rows += export_rows(base, ds, 0, data, "as trained", a.rules, 0.0)
         models = [] if a.no_control else [("control", base)]
         for s in a.steps_floor:
             model, changed = int8_norm_epsilon(base, ds.x_train[:256], steps=s)

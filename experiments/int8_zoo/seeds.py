@@ -34,9 +34,9 @@ from research.nn import build_model
 from research.train import train_scan
 
 
-def measure(name: str, seed: int, *, steps: int, batch_size: int, rule: str, options: dict) -> dict:
-    """Trains ``name`` (data order ``seed``) and exports it to int8 TFLite/ONNX and symmetric Q/DQ."""
-    ds = load_dataset("digits", seed=0)
+def measure(ds, name: str, seed: int, *, steps: int, batch_size: int, rule: str, options: dict) -> dict:
+    """Trains ``name`` on ``ds`` (digits; data order ``seed``) and exports it to int8 TFLite/ONNX and
+    symmetric Q/DQ."""
     flat = name == "cnn1d"  # a 1-D model: digits as length-64 signals, as the zoo test feeds them
     x_train = ds.x_train.reshape(len(ds.x_train), -1) if flat else ds.x_train
     x_test = ds.x_test.reshape(len(ds.x_test), -1) if flat else ds.x_test
@@ -92,8 +92,9 @@ def main(argv=None) -> None:
     p.add_argument("--options", default="{}", help="JSON model options over the zoo's TINY_OPTIONS")
     a = p.parse_args(argv)
     options = json.loads(a.options)
+    ds = load_dataset("digits", seed=0)
     for seed in a.seeds:
-        row = measure(a.model, seed, steps=a.steps, batch_size=a.batch_size, rule=a.rule, options=options)
+        row = measure(ds, a.model, seed, steps=a.steps, batch_size=a.batch_size, rule=a.rule, options=options)
         print(json.dumps(row), flush=True)
 
 

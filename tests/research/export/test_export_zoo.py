@@ -66,7 +66,7 @@ MIN_ACCURACY = {"vit": 0.85}
 # ResNet-56's (the zoo's tiny width 4: 4-channel tensors quantized through 27 residual adds): its
 # weights depend on the CPU (XLA generates other code for AVX2 than for AVX-512, so one seed trains
 # other weights), and on an AVX2-only AMD EPYC the suite's model (data-order seed 0) failed 0.99.
-# Over data-order seeds 0-7 there (``python -m experiments.int8_zoo.seeds resnet56 --seeds 0 1 2 3 4 5 6 7``):
+# Over data-order seeds 0-7 there (``experiments/int8_zoo/seeds.py resnet56 --seeds 0 1 2 3 4 5 6 7``):
 # * int8 TFLite and its ONNX file: 0.9891, 0.9973, 1.0, 0.9891, 0.9891, 0.9973, 0.9891, 0.9946
 #   (0.9891 = four of 368 inputs flipped; 0.99 allows three);
 # * symmetric Q/DQ: 0.9783, 1.0, 1.0, 1.0, 0.9864, 0.9946, 0.9837, 0.9973 (its grids also spend half
