@@ -76,6 +76,8 @@ def render() -> str:
         if name == SUPPORT:
             lines.append("    testonly = True,")
         lines += _fmt("srcs", t["srcs"])
+        if name == SUPPORT:  # tests/trained_models.py reads the stored trained models
+            lines.append('    data = glob(["tests/data/**"]),')
         if t["kind"] == "py_test":
             lines.append(f'    main = "{SHIM}",')
             lines += _fmt("args", t["args"])

@@ -1,8 +1,9 @@
 """Int8 top-1 agreement of one zoo model trained as the export zoo test trains it, per data-order seed.
 
-``tests/research/export/test_export_zoo.py`` trains each hand-designed zoo model on digits
-(``train_scan``, init seed 0, batch 128, lr 1e-2) and asserts that its full-int8 files agree with
-JAX on >= 0.99 of 368 inputs (the test split + a sample of 8 + a batch of one): three flips at most.
+``tests/trained_models.py`` trains each hand-designed zoo model on digits (``train_scan``, init
+seed 0, batch 128, lr 1e-2) once and stores the weights, and
+``tests/research/export/test_export_zoo.py`` asserts that their full-int8 files agree with JAX on
+>= 0.99 of 368 inputs (the test split + a sample of 8 + a batch of one): three flips at most.
 Whether a trained model clears that depends on its near-ties, i.e. on the exact weights, which
 change with the data order and with the CPU (XLA generates other code for AVX2 than for AVX-512,
 so the same seed trains other weights). This script trains one model per seed and prints one JSON

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import trained_models
 from flax import nnx
 
 from methods.decomposition.layers import LowRankLinearGeneral
@@ -320,8 +321,8 @@ def test_export_forms_compute_the_same_function(name):
 
 # ----------------------------------------------------------------------------- export (slow)
 
-#: Trained on shipped data: the attention + GRU on MNIST-1D (1500 Adam steps). The ViT on digits is
-#: trained, exported (int8, int16x8, symmetric Q/DQ) and checked once, in
+#: Trained on shipped data: the attention + GRU on MNIST-1D (1500 Adam steps; the weights are stored
+#: test data, see tests/trained_models.py). The ViT on digits is trained, exported (int8, int16x8, symmetric Q/DQ) and checked once, in
 #: tests/research/export/test_export_zoo.py (same model, data, seed and steps).
 TRAINED = {"attn_gru": "mnist1d"}
 
@@ -332,12 +333,11 @@ def exported(request, tmp_path_factory):
     from research.data import load_dataset
     from research.export import export
     from research.train import finetune
-    from research.train import train_scan
 
     name = request.param
     ds = load_dataset(TRAINED[name], seed=0)
-    model = build_model(name, input_shape=ds.x_train.shape[1:], num_classes=ds.num_classes, rngs=nnx.Rngs(0))
-    train_scan(model, ds.x_train, ds.y_train, steps=1500, batch_size=128)
+    # 1500 Adam steps from nnx.Rngs(0), stored in tests/data/trained/ (tests/trained_models.py).
+    model, _ = trained_models.load(f"{TRAINED[name]}_{name}", ds)
     # Before a full-int8 export: LayerNorm epsilons raised to 5 steps of their variance's int8 grid,
     # then 300 fine-tuning steps (methods.quantization.norm_epsilon; experiments/int8_seq/README.md).
     model, _ = int8_norm_epsilon(model, ds.x_train[:256], steps=5)
