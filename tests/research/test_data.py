@@ -23,6 +23,26 @@ def test_official_sizes():
     assert sum(data.load_dataset("digits").sizes().values()) == 1797
 
 
+def test_digits_read_from_the_shipped_file_equal_scikit_learns_loader(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from research.data import datasets
+
+    d = load_digits()
+    x, y = datasets._digits_arrays()
+    np.testing.assert_array_equal(x.reshape(len(x), -1) * 16.0, d.data)
+    np.testing.assert_array_equal(y, d.target)
+    # Where the file is not found, scikit-learn's loader gives the same arrays.
+    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)
+    datasets._digits_arrays.cache_clear()
+    try:
+        x2, y2 = datasets._digits_arrays()
+    finally:
+        datasets._digits_arrays.cache_clear()
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(y2, y)
+
+
 def test_splits_are_deterministic_by_seed_and_disjoint():
     a, b, c = (data.load_dataset("digits", seed=s) for s in (0, 0, 1))
     np.testing.assert_array_equal(a.x_train, b.x_train)
