@@ -1,19 +1,54 @@
-"""Small numerical helpers shared by the samplers: size buckets, batched BFGS, trace counts."""
+"""Small numerical helpers shared by the samplers: size buckets, batched BFGS, trace counts, and
+the jit the samplers compile their programs with (:func:`sampler_jit`)."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["TRACE_COUNTS", "bfgs_minimize", "bucket", "maybe_x64"]
+__all__ = ["CPU_COMPILE_OPTIONS", "TRACE_COUNTS", "bfgs_minimize", "bucket", "maybe_x64", "sampler_jit"]
 
 #: Number of times each jitted hot path was traced (compiled). Tests read it to check that
 #: consecutive suggestions inside one size bucket do not recompile.
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+#: XLA options of the samplers' programs on a CPU backend: no LLVM optimisation, the older
+#: (faster to compile) fusion emitters. Their arrays are tiny (a few hundred observations at
+#: most) and their programs large (BFGS with line searches inside vmaps and scans), so compiling
+#: them took ~3x longer than running them, and the optimisations bought ~10% of run time. See
+#: ``experiments/benchmarks/sampler_compile.py`` for the figures (a 48-trial GP study of Branin
+#: ran 2x faster on a 2-core CPU, suggesting the same points to 1e-6). Options that the installed
+#: XLA does not know are dropped (jaxlib 0.11 has no ``xla_cpu_use_fusion_emitters``). Other
+#: backends get XLA's defaults. Set to ``{}`` to compile with XLA's defaults everywhere.
+CPU_COMPILE_OPTIONS: dict[str, object] = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+@functools.cache
+def _supported(backend: str, options: tuple[tuple[str, object], ...]) -> dict[str, object]:
+    """The subset of ``options`` that this XLA accepts (each tried once on a one-op program)."""
+    ok: dict[str, object] = {}
+    for name, value in options:
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={**ok, name: value}, backend=backend).lower(0.0).compile()
+        except Exception as e:  # XlaRuntimeError "No such compile option" (the type moved between releases)
+            if "compile option" not in str(e):
+                raise
+            continue
+        ok[name] = value
+    return ok
+
+
+def sampler_jit(fun: Callable, **kwargs) -> Callable:
+    """``jax.jit(fun)`` compiled with :data:`CPU_COMPILE_OPTIONS` when JAX's default backend is
+    the CPU (the backend is read now: build the function after choosing the device)."""
+    backend = jax.default_backend()
+    options = _supported(backend, tuple(CPU_COMPILE_OPTIONS.items())) if backend == "cpu" else {}
+    return jax.jit(fun, compiler_options=options or None, **kwargs)
 
 
 def bucket(n: int, minimum: int = 16) -> int:

@@ -49,6 +49,7 @@ from research.automl._numerics import TRACE_COUNTS
 from research.automl._numerics import bfgs_minimize
 from research.automl._numerics import bucket
 from research.automl._numerics import maybe_x64
+from research.automl._numerics import sampler_jit
 from research.automl.acquisition import get_acquisition
 from research.automl.samplers import QMCSampler
 from research.automl.samplers import Sampler
@@ -473,14 +474,14 @@ def _build_suggest(structure: tuple, cfg: _Config, q: int):
         _, (us, ss) = jax.lax.scan(step, (state, n_obs + n_pend), jax.random.split(key, q))
         return us, ss
 
-    return jax.jit(acquire)
+    return sampler_jit(acquire)
 
 
 _COMPILED: dict[tuple, Any] = {}
 
 
 def _fit_fn(maxiter: int, n_restarts: int):
-    key = ("fit", maxiter, n_restarts)
+    key = ("fit", maxiter, n_restarts, jax.default_backend())
     if key not in _COMPILED:
 
         def fit(theta_warm, h_warm, theta_screen, u_obs, act_obs, y, n_obs, is_cat):
@@ -489,7 +490,7 @@ def _fit_fn(maxiter: int, n_restarts: int):
             x = _features(u_obs, act_obs, is_cat)
             return fit_gp(theta_warm, theta_screen, x, y, mask, is_cat, n_restarts, maxiter, h_warm)
 
-        _COMPILED[key] = jax.jit(fit)
+        _COMPILED[key] = sampler_jit(fit)
     return _COMPILED[key]
 
 
@@ -509,7 +510,7 @@ def _call_fit(fit, theta_warm, h_warm, screen, u_j, a_j, y_j, n_obs, space: Spac
 
 def _fit_many_fn(maxiter: int, n_restarts: int):
     """:func:`_fit_fn` vmapped over ``K`` warped copies of the losses (``theta_warm``, ``h_warm``, ``y``)."""
-    key = ("fit_many", maxiter, n_restarts)
+    key = ("fit_many", maxiter, n_restarts, jax.default_backend())
     if key not in _COMPILED:
 
         def fit(theta_warm, h_warm, theta_screen, u_obs, act_obs, y, n_obs, is_cat):
@@ -522,7 +523,7 @@ def _fit_many_fn(maxiter: int, n_restarts: int):
 
             return jax.vmap(one)(theta_warm, h_warm, y)
 
-        _COMPILED[key] = jax.jit(fit)
+        _COMPILED[key] = sampler_jit(fit)
     return _COMPILED[key]
 
 
@@ -536,7 +537,7 @@ def _acquire_fn(space: Space, cfg: _Config, q: int):
       ``suggest(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key) -> (us, scores)``.
     """
     structure = space.structure()
-    key = ("acquire", structure, cfg, q)
+    key = ("acquire", structure, cfg, q, jax.default_backend())
     if key not in _COMPILED:
         _COMPILED[key] = _build_suggest(structure, cfg, q)
     jitted = _COMPILED[key]

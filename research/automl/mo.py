@@ -37,6 +37,7 @@ from jax.scipy.special import ndtri
 
 from research.automl._numerics import bucket
 from research.automl._numerics import maybe_x64
+from research.automl._numerics import sampler_jit
 from research.automl.gp import GPSampler
 from research.automl.gp import _features
 from research.automl.gp import _fit_fn
@@ -82,7 +83,8 @@ _SCORE: dict[tuple, Any] = {}
 
 def _score_fn():
     """Jitted ``(theta (m, P), u_obs, act_obs, y (m, N), n_obs, u_c, act_c, lo, hi, z) -> (ehvi, mean, std)``."""
-    if "score" not in _SCORE:
+    key = ("score", jax.default_backend())
+    if key not in _SCORE:
 
         def score(theta, u_obs, act_obs, y, n_obs, u_c, act_c, lo, hi, z, is_cat):
             mask = jnp.arange(u_obs.shape[0]) < n_obs
@@ -97,8 +99,8 @@ def _score_fn():
             mean, std = mean.T, jnp.sqrt(var).T
             return expected_hvi(mean, std, lo, hi, z), mean, std
 
-        _SCORE["score"] = jax.jit(score)
-    return _SCORE["score"]
+        _SCORE[key] = sampler_jit(score)
+    return _SCORE[key]
 
 
 @register_sampler("ehvi")

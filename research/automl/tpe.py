@@ -59,6 +59,7 @@ import numpy as np
 
 from research.automl._numerics import TRACE_COUNTS
 from research.automl._numerics import bucket
+from research.automl._numerics import sampler_jit
 from research.automl.samplers import RandomSampler
 from research.automl.samplers import Sampler
 from research.automl.samplers import nondominated_rank
@@ -143,10 +144,10 @@ def _build_pick(n_candidates: int):
         )(cand)
         return cand[jnp.argmax(score)]
 
-    return jax.jit(pick)
+    return sampler_jit(pick)
 
 
-_PICKS: dict[int, Callable] = {}
+_PICKS: dict[tuple[int, str], Callable] = {}
 
 
 def _neighbour_sigmas(mus: np.ndarray) -> np.ndarray:
@@ -343,7 +344,7 @@ class TPESampler(Sampler):
     def _pick_fn(self, space):
         # Keyed by the candidate count only: the space's bounds are an argument (its layout)
         # and a new dimensionality retraces the same jitted function.
-        key = self.n_ei_candidates
+        key = (self.n_ei_candidates, jax.default_backend())
         if key not in _PICKS:
             _PICKS[key] = _build_pick(self.n_ei_candidates)
         pick = _PICKS[key]

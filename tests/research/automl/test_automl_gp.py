@@ -373,3 +373,39 @@ def test_auto_warping_chooses_by_marginal_likelihood(objective, expected):
     sampler = GPSampler(seed=0, n_startup_trials=12, output_warping="auto")
     Study(branin_space(), sampler=sampler).optimize(objective, n_trials=13, show_progress_bar=False)
     assert sampler.last_warp == expected
+
+
+def test_compile_options_this_xla_does_not_know_are_dropped():
+    from research.automl._numerics import _supported
+
+    options = (("xla_backend_optimization_level", 0), ("xla_no_such_option_anywhere", True))
+    assert _supported("cpu", options) == {"xla_backend_optimization_level": 0}
+
+
+def test_sampler_programs_get_the_cpu_options_only_on_a_cpu(monkeypatch):
+    from research.automl import _numerics
+
+    seen = []
+    real_jit = jax.jit
+    monkeypatch.setattr(jax, "jit", lambda f, **kw: seen.append(kw.get("compiler_options")) or real_jit(f, **kw))
+    monkeypatch.setattr(_numerics, "CPU_COMPILE_OPTIONS", {"xla_backend_optimization_level": 0})
+    assert float(_numerics.sampler_jit(lambda x: 2 * x)(3.0)) == 6.0
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    _numerics.sampler_jit(lambda x: 2 * x)
+    assert seen[-2:] == [{"xla_backend_optimization_level": 0}, None]
+
+
+def test_gp_suggestions_with_and_without_the_cpu_compile_options_agree(monkeypatch):
+    from research.automl import _numerics
+    from research.automl import gp
+
+    def points(options):
+        monkeypatch.setattr(_numerics, "CPU_COMPILE_OPTIONS", options)
+        monkeypatch.setattr(gp, "_COMPILED", {})  # compile afresh with these options
+        study = Study(branin_space(), sampler=GPSampler(seed=0, n_startup_trials=4, **SMALL_GP))
+        study.optimize(branin, n_trials=7, show_progress_bar=False)
+        return np.array([[t.params["x1"], t.params["x2"]] for t in study.trials])
+
+    with_options = points(dict(_numerics.CPU_COMPILE_OPTIONS))
+    defaults = points({})
+    np.testing.assert_allclose(with_options, defaults, rtol=1e-6, atol=1e-9)
