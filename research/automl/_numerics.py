@@ -29,12 +29,13 @@ CPU_COMPILE_OPTIONS: dict[str, object] = {"xla_backend_optimization_level": 0, "
 
 
 @functools.cache
-def _supported(backend: str, options: tuple[tuple[str, object], ...]) -> dict[str, object]:
-    """The subset of ``options`` that this XLA accepts (each tried once on a one-op program)."""
+def _supported(options: tuple[tuple[str, object], ...]) -> dict[str, object]:
+    """The subset of ``options`` that this XLA accepts (each tried once on a one-op program of
+    the default backend)."""
     ok: dict[str, object] = {}
     for name, value in options:
         try:
-            jax.jit(lambda x: x + 1, compiler_options={**ok, name: value}, backend=backend).lower(0.0).compile()
+            jax.jit(lambda x: x + 1, compiler_options={**ok, name: value}).lower(0.0).compile()
         except Exception as e:  # XlaRuntimeError "No such compile option" (the type moved between releases)
             if "compile option" not in str(e):
                 raise
@@ -47,7 +48,7 @@ def sampler_jit(fun: Callable, **kwargs) -> Callable:
     """``jax.jit(fun)`` compiled with :data:`CPU_COMPILE_OPTIONS` when JAX's default backend is
     the CPU (the backend is read now: build the function after choosing the device)."""
     backend = jax.default_backend()
-    options = _supported(backend, tuple(CPU_COMPILE_OPTIONS.items())) if backend == "cpu" else {}
+    options = _supported(tuple(CPU_COMPILE_OPTIONS.items())) if backend == "cpu" else {}
     return jax.jit(fun, compiler_options=options or None, **kwargs)
 
 
