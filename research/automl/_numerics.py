@@ -45,11 +45,19 @@ def _supported(options: tuple[tuple[str, object], ...]) -> dict[str, object]:
 
 
 def sampler_jit(fun: Callable, **kwargs) -> Callable:
-    """``jax.jit(fun)`` compiled with :data:`CPU_COMPILE_OPTIONS` when JAX's default backend is
-    the CPU (the backend is read now: build the function after choosing the device)."""
-    backend = jax.default_backend()
-    options = _supported(tuple(CPU_COMPILE_OPTIONS.items())) if backend == "cpu" else {}
-    return jax.jit(fun, compiler_options=options or None, **kwargs)
+    """``jax.jit(fun)``, compiled with :data:`CPU_COMPILE_OPTIONS` when JAX's default backend at
+    the call is the CPU (one jitted function per backend, made at its first call)."""
+    jitted: dict[str, Callable] = {}
+
+    @functools.wraps(fun)
+    def call(*args, **kw):
+        backend = jax.default_backend()
+        if backend not in jitted:
+            options = _supported(tuple(CPU_COMPILE_OPTIONS.items())) if backend == "cpu" else {}
+            jitted[backend] = jax.jit(fun, compiler_options=options or None, **kwargs)
+        return jitted[backend](*args, **kw)
+
+    return call
 
 
 def bucket(n: int, minimum: int = 16) -> int:

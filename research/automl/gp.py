@@ -481,7 +481,7 @@ _COMPILED: dict[tuple, Any] = {}
 
 
 def _fit_fn(maxiter: int, n_restarts: int):
-    key = ("fit", maxiter, n_restarts, jax.default_backend())
+    key = ("fit", maxiter, n_restarts)
     if key not in _COMPILED:
 
         def fit(theta_warm, h_warm, theta_screen, u_obs, act_obs, y, n_obs, is_cat):
@@ -510,7 +510,7 @@ def _call_fit(fit, theta_warm, h_warm, screen, u_j, a_j, y_j, n_obs, space: Spac
 
 def _fit_many_fn(maxiter: int, n_restarts: int):
     """:func:`_fit_fn` vmapped over ``K`` warped copies of the losses (``theta_warm``, ``h_warm``, ``y``)."""
-    key = ("fit_many", maxiter, n_restarts, jax.default_backend())
+    key = ("fit_many", maxiter, n_restarts)
     if key not in _COMPILED:
 
         def fit(theta_warm, h_warm, theta_screen, u_obs, act_obs, y, n_obs, is_cat):
@@ -537,7 +537,7 @@ def _acquire_fn(space: Space, cfg: _Config, q: int):
       ``suggest(theta, u_obs, act_obs, y, n_obs, u_pend, act_pend, n_pend, key) -> (us, scores)``.
     """
     structure = space.structure()
-    key = ("acquire", structure, cfg, q, jax.default_backend())
+    key = ("acquire", structure, cfg, q)
     if key not in _COMPILED:
         _COMPILED[key] = _build_suggest(structure, cfg, q)
     jitted = _COMPILED[key]

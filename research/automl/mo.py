@@ -83,8 +83,7 @@ _SCORE: dict[tuple, Any] = {}
 
 def _score_fn():
     """Jitted ``(theta (m, P), u_obs, act_obs, y (m, N), n_obs, u_c, act_c, lo, hi, z) -> (ehvi, mean, std)``."""
-    key = ("score", jax.default_backend())
-    if key not in _SCORE:
+    if "score" not in _SCORE:
 
         def score(theta, u_obs, act_obs, y, n_obs, u_c, act_c, lo, hi, z, is_cat):
             mask = jnp.arange(u_obs.shape[0]) < n_obs
@@ -99,8 +98,8 @@ def _score_fn():
             mean, std = mean.T, jnp.sqrt(var).T
             return expected_hvi(mean, std, lo, hi, z), mean, std
 
-        _SCORE[key] = sampler_jit(score)
-    return _SCORE[key]
+        _SCORE["score"] = sampler_jit(score)
+    return _SCORE["score"]
 
 
 @register_sampler("ehvi")

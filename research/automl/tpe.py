@@ -147,7 +147,7 @@ def _build_pick(n_candidates: int):
     return sampler_jit(pick)
 
 
-_PICKS: dict[tuple[int, str], Callable] = {}
+_PICKS: dict[int, Callable] = {}
 
 
 def _neighbour_sigmas(mus: np.ndarray) -> np.ndarray:
@@ -344,7 +344,7 @@ class TPESampler(Sampler):
     def _pick_fn(self, space):
         # Keyed by the candidate count only: the space's bounds are an argument (its layout)
         # and a new dimensionality retraces the same jitted function.
-        key = (self.n_ei_candidates, jax.default_backend())
+        key = self.n_ei_candidates
         if key not in _PICKS:
             _PICKS[key] = _build_pick(self.n_ei_candidates)
         pick = _PICKS[key]

@@ -390,8 +390,8 @@ def test_sampler_programs_get_the_cpu_options_only_on_a_cpu(monkeypatch):
     monkeypatch.setattr(jax, "jit", lambda f, **kw: seen.append(kw.get("compiler_options")) or real_jit(f, **kw))
     monkeypatch.setattr(_numerics, "CPU_COMPILE_OPTIONS", {"xla_backend_optimization_level": 0})
     assert float(_numerics.sampler_jit(lambda x: 2 * x)(3.0)) == 6.0
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    _numerics.sampler_jit(lambda x: 2 * x)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the jit is made at the first call
+    _numerics.sampler_jit(lambda x: 2 * x)(3.0)
     assert seen[-2:] == [{"xla_backend_optimization_level": 0}, None]
 
 
