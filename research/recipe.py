@@ -123,7 +123,7 @@ def zeros_like_abstract(abstract: nnx.Module) -> nnx.Module:
             n = int(np.prod(leaf.shape))
             keys = jax.random.key(0) if not leaf.shape else jax.random.split(jax.random.key(0), n)
             return keys.reshape(leaf.shape)
-        return jax.numpy.asarray(np.zeros(leaf.shape, leaf.dtype))
+        return jax.device_put(np.zeros(leaf.shape, leaf.dtype))
 
     graphdef, state = nnx.split(abstract)
     pure = jax.tree.map(concrete, nnx.to_pure_dict(state))

@@ -310,7 +310,7 @@ def load_model(stage_dir: str | os.PathLike) -> tuple[nnx.Module, tuple[dict[str
                 f"{rdir}/state.npz: {path} is {arr.dtype}{list(arr.shape)} but the rebuilt model needs "
                 f"{ref.dtype}{list(ref.shape)}; rerun the stage"
             )
-        return jax.numpy.asarray(arr)
+        return jax.device_put(arr)  # a transfer (jnp.asarray compiles a program per shape)
 
     nnx.replace_by_pure_dict(state, map_with_paths(value, pure))
     nnx.update(model, state)

@@ -68,7 +68,9 @@ def _axis_padding(pads: list[Any], axis: int) -> Any:
 
 def _assign(var: nnx.Variable, value: Any, shape: Sequence[int], dtype: Any) -> None:
     """Sets a parameter of an abstract (``nnx.eval_shape``) module to a concrete array."""
-    var.value = jnp.asarray(np.reshape(np.asarray(value), tuple(shape)), dtype)
+    # Converted on the host and put on the device: no compiled conversion program per shape.
+    host = np.reshape(np.asarray(value), tuple(shape)).astype(jax.dtypes.canonicalize_dtype(dtype))
+    var.value = jax.device_put(host)
 
 
 def _np(var: nnx.Variable) -> np.ndarray:

@@ -95,6 +95,12 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
       ...             {"w": jnp.array([False, True]), "b": None})["w"].tolist()
       [0.0, 2.0]
     """
+    return _apply_masks(params, masks)
+
+
+# One compiled program per tree of shapes, not two per leaf shape when called eagerly (inlined in a jit).
+@jax.jit
+def _apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     return jax.tree.map(
         lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
         masks,

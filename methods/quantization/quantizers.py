@@ -129,13 +129,23 @@ def scale_zero_point(
       ``(scale, zero_point)``: float32 scale > 0 and an integer-valued float32 zero point.
     """
     qmin, qmax = qrange(bits, signed, narrow_range)
+    f = np.float32
+    return _scale_zero_point(lo, hi, f(qmin), f(qmax), f(qmax - qmin), signed, symmetric)
+
+
+# Jitted: one compiled program per range shape instead of one per operation and shape when called
+# eagerly (calibration); inlined inside a jit. The grid ends come in as arguments, not constants,
+# so XLA divides by them as the eager operations did (a constant divisor becomes a multiplication
+# by its reciprocal, one ulp away).
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _scale_zero_point(lo, hi, qmin, qmax, span, signed: bool, symmetric: bool):
     lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
     hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
     if symmetric:
         bound = jnp.maximum(-lo, hi) if signed else hi
         scale = jnp.maximum(bound / qmax, _EPS)
         return scale, jnp.zeros_like(scale)
-    scale = jnp.maximum((hi - lo) / (qmax - qmin), _EPS)
+    scale = jnp.maximum((hi - lo) / span, _EPS)
     zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
     return scale, zero_point
 

@@ -78,7 +78,8 @@ def copy_model(model: nnx.Module) -> nnx.Module:
     was cloned from (a teacher, an earlier stage's model). Training a copy leaves them intact.
     """
     graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+    # A device copy compiles nothing (Array.copy compiled one program per shape and dtype).
+    state = jax.tree.map(lambda a: jax.device_put(a, may_alias=False) if isinstance(a, jax.Array) else a, state)
     return nnx.merge(graphdef, state)
 
 

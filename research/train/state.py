@@ -70,8 +70,9 @@ def create_train_state(
     """
     defs, params, model_state = split_model(model)
     # Own buffers: the train step donates its input state, and the model's arrays may be shared
-    # with other models (nnx.clone shares immutable arrays), e.g. a distillation teacher.
-    params, model_state = jax.tree.map(jax.numpy.copy, (params, model_state))
+    # with other models (nnx.clone shares immutable arrays), e.g. a distillation teacher. A device
+    # copy (device_put, may_alias=False) compiles nothing; jnp.copy compiled one program per shape.
+    params, model_state = jax.tree.map(lambda a: jax.device_put(a, may_alias=False), (params, model_state))
     state = TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
         params=params,

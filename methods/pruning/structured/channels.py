@@ -299,7 +299,7 @@ def channel_masks(model: nnx.Module, plan: ChannelPlan) -> PyTree:
             shape = [1] * m.ndim
             shape[ax] = -1
             m &= sel.reshape(shape)
-        return jnp.asarray(m)
+        return jax.device_put(m)
 
     return map_with_paths(mask, params)
 

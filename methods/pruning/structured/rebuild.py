@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 from flax import nnx
 
 from research.registry import Registry
@@ -55,7 +55,7 @@ def rebuild(module: nnx.Module, leaves: dict[str, Any]) -> nnx.Module:
 
 
 def _set(variable, value):
-    variable.set_value(jnp.asarray(value))
+    variable.set_value(jax.device_put(value))
 
 
 def _filled(new: nnx.Module, old: nnx.Module, leaves: dict[str, Any]) -> nnx.Module:

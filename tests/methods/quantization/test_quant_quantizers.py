@@ -227,3 +227,46 @@ def test_stochastic_rounding_is_unbiased():
     y = fake_quant_ste(x, 1.0, 0.0, 4, key=jax.random.key(0))
     assert set(np.unique(np.asarray(y)).tolist()) == {0.0, 1.0}
     assert abs(float(jnp.mean(y)) - 0.3) < 0.02
+
+
+# --- scale_zero_point is one jitted program ---------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [None, 5])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("signed", [True, False])
+def test_scale_zero_point_equals_its_operations_run_one_by_one(channels, symmetric, signed):
+    """Jitted, it gives what its operations give one at a time (no division by a constant grid end
+    turned into a multiplication by its reciprocal), per tensor and per channel."""
+    rng = np.random.default_rng(channels or 0)
+    size = () if channels is None else (channels,)
+    for bits in (2, 3, 5, 8):
+        for _ in range(20):
+            lo = jnp.asarray(-np.abs(rng.normal(size=size)) * rng.uniform(0.01, 30), jnp.float32)
+            hi = jnp.asarray(np.abs(rng.normal(size=size)) * rng.uniform(0.01, 30), jnp.float32)
+            got = scale_zero_point(lo, hi, bits, signed=signed, symmetric=symmetric)
+            with jax.disable_jit():
+                want = scale_zero_point(lo, hi, bits, signed=signed, symmetric=symmetric)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype == jnp.float32 and g.shape == w.shape == size
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_scale_zero_point_compiles_one_program_per_range_shape():
+    import jax.monitoring
+
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        lo, hi = -np.linspace(1.0, 2.0, 13, dtype=np.float32), np.linspace(0.5, 3.0, 13, dtype=np.float32)
+        scale_zero_point(lo, hi, 8, symmetric=False)  # a shape no other test uses
+        assert compiled == ["jit(_scale_zero_point)"], compiled
+        scale_zero_point(lo * 2, hi * 3, 8, symmetric=False)  # new values, same shape: nothing to compile
+        assert len(compiled) == 1, compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
