@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,6 +27,21 @@ def test_flops_of_dense_layer_from_xla():
     f8 = metrics.flops(m, jnp.ones((8, 64)))
     assert f8 == pytest.approx(8 * f, rel=0.02)
     assert metrics.flops(lambda x: x @ x.T, jnp.ones((4, 5))) == pytest.approx(2 * 4 * 4 * 5, rel=0.1)
+
+
+def test_model_flops_are_counted_on_the_cpu_whatever_the_default_backend(monkeypatch):
+    from research.metrics import cost
+
+    m = nn.build_model("lenet5", input_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 8, 8, 1))
+    on_cpu = metrics.flops(m, x)
+    dense = 2 * (64 * 120 + 120 * 84 + 84 * 10)  # what the GPU's cost analysis counted (no cuDNN convolutions)
+    assert on_cpu > 1.5 * dense
+    assert cost._counting_sharding() is None  # pylint: disable=protected-access
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the code path of an accelerator process
+    sharding = cost._counting_sharding()  # pylint: disable=protected-access
+    assert sharding.device_set == {jax.devices("cpu")[0]}
+    assert metrics.flops(m, x) == on_cpu
 
 
 def test_latency_reports_median_of_repeats():
