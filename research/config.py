@@ -539,7 +539,9 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}={value!r} must be a string")
     if origin in (tuple, Sequence, list) or annotation in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list/tuple, e.g. [1, 2]")
+            raise ConfigError(
+                f"{key}={value!r} must be a list/tuple, e.g. {_list_example(args)}{_quote_hint(key, value)}"
+            )
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(args) != len(value):
                 raise ConfigError(f"{key}={value!r} must have {len(args)} items")
@@ -555,6 +557,24 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: cannot set a whole {annotation.__name__} from {value!r}; set its fields")
     return value
+
+
+def _list_example(args: tuple) -> str:
+    """An example list for a sequence field's error: its item type's (``["a", "b"]`` for strings)."""
+    item = args[0] if args else Any
+    if typing.get_origin(item) is typing.Literal:
+        return repr(list(typing.get_args(item)[:2])).replace("'", '"')
+    return '["a", "b"]' if item is str else "[1, 2]"
+
+
+def _quote_hint(key: str, value: Any) -> str:
+    """For a ``--set`` value that looked like a list but was read as a string (unquoted items):
+    the same items quoted, as a ``--set`` argument."""
+    if not (isinstance(value, str) and value.strip()[:1] in ("[", "(")):
+        return ""
+    items = [v.strip().strip("'\"") for v in value.strip().strip("[]()").split(",") if v.strip()]
+    quoted = ", ".join(f'"{v}"' for v in items)
+    return f"; a --set value is read as a Python literal, so quote the strings inside it: --set '{key}=[{quoted}]'"
 
 
 def _field_types(obj: Any) -> dict[str, Any]:

@@ -311,6 +311,21 @@ def test_rule_fields_set_from_the_command_line_name_their_key():
     assert C.apply_overrides(cfg, ["stages.prune.rules.0.sparsity=0.5"]).stages[1].rules[0].sparsity == 0.5
 
 
+def test_a_list_of_unquoted_strings_from_the_command_line_gets_the_quoted_form():
+    from research.export import ExportStage
+
+    cfg = _base(ExportStage())
+    with pytest.raises(C.ConfigError) as e:
+        C.apply_overrides(cfg, ["stages.export.formats=[stablehlo, onnx]"])
+    assert """--set 'stages.export.formats=["stablehlo", "onnx"]'""" in str(e.value)
+    assert C.apply_overrides(cfg, ['stages.export.formats=["stablehlo", "onnx"]']).stages[1].formats == (
+        "stablehlo",
+        "onnx",
+    )
+    with pytest.raises(C.ConfigError, match=r"must be a list/tuple, e.g. \[1, 2\]$"):
+        C._check_type(3, tuple[int, ...], "k")  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize(
     "source, message",
     [
