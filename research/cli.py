@@ -326,34 +326,82 @@ def _add_executor_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--population-chunk",
         type=int,
-        help="with --executor ray (sweep): send K runs per Ray task, trained there by the population executor",
+        metavar="K",
+        help="with --executor population: train K runs per compiled program instead of measuring K (tune asks "
+        "batches of K); with --executor ray (sweep): send K runs per Ray task, trained there by the population "
+        "executor",
+    )
+    p.add_argument(
+        "--measure-budget",
+        type=_budget,
+        default=_NOT_GIVEN,
+        metavar="F|none",
+        help="with --executor population: the most measuring K may cost, as a fraction of the estimated "
+        "sequential training (default 0.1); 'none' lifts the limit (on a GPU vmap usually pays, but this "
+        "budget rarely allows a measurement: see the README's population section)",
     )
 
 
-def _executor(args):
-    """``args.executor``, or the Ray executor built from the ``--address``/``--*-per-trial`` flags."""
-    from research import config as config_lib
+_NOT_GIVEN = object()  # --measure-budget's default ('none' is a value: no budget)
 
-    ray_flags = {
+
+def _budget(value: str) -> float | None:
+    """``--measure-budget``: a fraction >= 0, or ``none``."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not fraction >= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fraction >= 0 (e.g. 0.1) or 'none'")
+    return fraction
+
+
+def _executor(args):
+    """``args.executor``, the population executor built from ``--population-chunk``/``--measure-budget``,
+    or the Ray executor built from the ``--address``/``--*-per-trial``/``--population-chunk`` flags."""
+    from research import config as config_lib
+    from research.executors import make_executor
+
+    ray_only = {
         "address": args.address,
         "cpus_per_trial": args.cpus_per_trial,
         "gpus_per_trial": args.gpus_per_trial,
-        "population_chunk": args.population_chunk,
     }
-    given = {k: v for k, v in ray_flags.items() if v is not None}
+    given = {k: v for k, v in ray_only.items() if v is not None}
+    chunk, budget = args.population_chunk, args.measure_budget
+    if chunk is not None and chunk < 1:
+        raise config_lib.ConfigError(f"--population-chunk {chunk} must be >= 1")
+    if budget is not _NOT_GIVEN and args.executor != "population":
+        raise config_lib.ConfigError(
+            f"--measure-budget applies only to --executor population (got --executor {args.executor})"
+        )
+    if chunk is not None and args.executor not in ("population", "ray"):
+        raise config_lib.ConfigError(
+            f"--population-chunk applies only to --executor population or ray (got --executor {args.executor})"
+        )
     if args.executor != "ray":
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             verb = "apply" if len(given) > 1 else "applies"
             raise config_lib.ConfigError(f"{flags} {verb} only to --executor ray (got --executor {args.executor})")
-        return args.executor
-    if args.command == "tune" and args.population_chunk is not None:
+        if args.executor != "population" or (chunk is None and budget is _NOT_GIVEN):
+            return args.executor
+        if chunk is not None and budget is not _NOT_GIVEN:
+            raise config_lib.ConfigError(
+                "--population-chunk fixes K, so nothing is measured: give --measure-budget or --population-chunk, "
+                "not both"
+            )
+        options = {"chunk_size": chunk} if chunk is not None else {"measure_budget": budget}
+        return make_executor("population", **options)
+    if args.command == "tune" and chunk is not None:
         raise config_lib.ConfigError(
             "--population-chunk applies to sweep; tune --executor ray asks one trial per free Ray slot "
             "(use tune --executor population on one machine)"
         )
-    from research.executors import make_executor
-
+    if chunk is not None:
+        given["population_chunk"] = chunk
     return make_executor("ray", **given).start()  # a bad --address fails here, before anything is written
 
 

@@ -1,5 +1,6 @@
 """The population executor: same answers as the sequential executor, grouping, K chooser, resume, sharding."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -521,6 +522,35 @@ def test_cli_sweep_executor_flag(config_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["sweep", config_file, "--grid", "seed=5", "--executor", "threads"])
     assert "invalid choice: 'threads'" in capsys.readouterr().err
+
+
+def test_cli_population_chunk_and_measure_budget(config_file, tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    args = ["sweep", config_file, "--grid", "seed=5,6", "--executor", "population", "--no-progress"]
+    assert cli.main([*args, "--population-chunk", "2", "--workdir", workdir]) == 0
+    (population,) = json.load(open(os.path.join(workdir, "sweep.json")))["executor"]["populations"]
+    assert population["k"] == 2 and population["choice"]["reason"] == "chunk_size=2 given"
+
+    def executor(*flags):
+        parser = argparse.ArgumentParser()
+        cli._add_executor_flag(parser)  # pylint: disable=protected-access
+        parsed = parser.parse_args(["--executor", "population", *flags])
+        parsed.command = "sweep"
+        return cli._executor(parsed)  # pylint: disable=protected-access
+
+    assert executor() == "population"
+    assert executor("--measure-budget", "none").measure_budget is None
+    assert executor("--measure-budget", "0.5").measure_budget == 0.5
+    assert executor("--population-chunk", "4").chunk_size == 4
+    with pytest.raises(C.ConfigError, match="not both"):
+        executor("--population-chunk", "4", "--measure-budget", "none")
+    with pytest.raises(SystemExit):
+        executor("--measure-budget", "-1")
+    assert "'-1' is not a fraction >= 0" in capsys.readouterr().err
+    rc = cli.main(["sweep", config_file, "--grid", "seed=5", "--measure-budget", "0.5", "--workdir", workdir + "2"])
+    assert rc == 2 and "--measure-budget applies only to --executor population" in capsys.readouterr().err
+    rc = cli.main(["sweep", config_file, "--grid", "seed=5", "--population-chunk", "2", "--workdir", workdir + "2"])
+    assert rc == 2 and "--population-chunk applies only to --executor population or ray" in capsys.readouterr().err
 
 
 def test_nonfinite_trial_fails_alone(config_file, tmp_path):
