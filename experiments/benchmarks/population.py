@@ -154,6 +154,7 @@ def _cold_seconds(model: str, k: int, executor: str, args) -> float:
 
     cmd = [sys.executable, "-m", "experiments.benchmarks.population", "--one-sweep", model, str(k), executor]
     cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    cmd += ["--measure-budget", "none" if args.measure_budget is None else str(args.measure_budget)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("SECONDS ")]
     if out.returncode or not lines:
@@ -180,6 +181,14 @@ def main(argv=None) -> int:
         default=True,
         help="also time each executor's sweep as the first of a fresh process (one subprocess each)",
     )
+    parser.add_argument(
+        "--measure-budget",
+        type=lambda v: None if v == "none" else float(v),
+        default=0.1,
+        help="the population executor's measure_budget (fraction of the estimated sequential training the "
+        "chooser may spend measuring; 'none': no limit)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="print the chooser's figures as each K finishes")
     parser.add_argument("--one-sweep", nargs=3, metavar=("MODEL", "K", "EXECUTOR"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--min-trials",
@@ -200,7 +209,9 @@ def main(argv=None) -> int:
     register_all_stages()
     if args.one_sweep:  # a cold sweep in this fresh process (for --cold): prints its seconds
         model, k, name = args.one_sweep
-        executor = make_executor(name, **({"max_k": int(k)} if name == "population" else {}))
+        executor = make_executor(
+            name, **({"max_k": int(k), "measure_budget": args.measure_budget} if name == "population" else {})
+        )
         seconds, _ = _sweep_seconds(_config(model, args.steps, args.batch_size), int(k), executor)
         print(f"SECONDS {seconds}")
         return 0
@@ -216,17 +227,23 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     notes, rounds = [], []
+
+    def population():
+        return make_executor("population", max_k=k, measure_budget=args.measure_budget)
+
     for model in args.models:
         config = _config(model, args.steps, args.batch_size)
         programs = _plain_programs(model, args.steps, args.batch_size)
         _sweep_seconds(config, 1, make_executor("sequential"))  # warm-up: data loading, first compilations
         for k in args.ks:
-            cold, report = _sweep_seconds(config, k, make_executor("population", max_k=k))
+            cold, report = _sweep_seconds(config, k, population())
             chosen = max((p.get("k", 1) for p in report.executor["populations"]), default=1)
             # a population without a measured choice (a single trial) ran as the sequential executor runs
             runners = {p.get("choice", {}).get("runner", "sequential") for p in report.executor["populations"]}
             runner = "seq" if runners == {"sequential"} else "pop"
             notes += [f"{model} K={k}: {line}" for line in report_populations(report.executor)]
+            if args.verbose:  # the chooser's figures now, not only after the table (a run cut short keeps them)
+                print("\n".join(f"    {line}" for line in notes if line.startswith(f"{model} K={k}:")), flush=True)
             n_seq = args.seq_trials or k
             seq_s, pop_s = [], []
             for r in range(max(args.repeats, math.ceil(args.min_trials / k))):
@@ -235,7 +252,7 @@ def main(argv=None) -> int:
                     if which == "seq":
                         seq_s.append(_sweep_seconds(config, n_seq, make_executor("sequential"))[0])
                     else:
-                        pop_s.append(_sweep_seconds(config, k, make_executor("population", max_k=k))[0])
+                        pop_s.append(_sweep_seconds(config, k, population())[0])
             rounds.append(
                 f"{model} K={k}: seq trials/s per round ({n_seq} trials) {[round(n_seq / t, 2) for t in seq_s]}, "
                 f"pop trials/s per round {[round(k / t, 2) for t in pop_s]} (rounds alternate seq-first, pop-first)"
