@@ -337,8 +337,7 @@ def _add_executor_flag(p: argparse.ArgumentParser) -> None:
         default=_NOT_GIVEN,
         metavar="F|none",
         help="with --executor population: the most measuring K may cost, as a fraction of the estimated "
-        "sequential training (default 0.1); 'none' lifts the limit (on a GPU vmap usually pays, but this "
-        "budget rarely allows a measurement: see the README's population section)",
+        "sequential training (default 0.1 on a CPU, 0.5 on a GPU/TPU); 'none' lifts the limit",
     )
 
 

@@ -13,8 +13,8 @@
 #   experiments/benchmarks/gpu_checks.sh OUTDIR [SECONDS [STEP ...]]
 # SECONDS: overall deadline (default 420); STEPs: run only these (default: the first seven below).
 # More steps: nas_eval_highest (TF32 off), population_lenet300_free / population_lenet5_free (the
-# chooser without its measuring budget), profile_population (cProfile of a K=8 benchmark, to
-# OUTDIR/population.prof).
+# ascending search without its measuring budget: session 18's comparison), profile_population
+# (cProfile of a K=8 benchmark, to OUTDIR/population.prof).
 set -u
 out=${1:?usage: gpu_checks.sh OUTDIR [SECONDS [STEP ...]]}
 budget=${2:-420}
@@ -73,11 +73,11 @@ cp "$runs/lr_wd/results.json" "$out/lr_wd_results.json" 2>/dev/null
 step nas_eval_highest 45 python3 -m experiments.benchmarks.nas_eval --ks 16 64 --repeats 5 --calibrate \
   --precision highest
 step population_lenet300_free 120 python3 -m experiments.benchmarks.population --models lenet300 --ks 8 32 \
-  --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none --verbose
+  --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none --search ascending --verbose
 step profile_population 60 python3 -m cProfile -o "$out/population.prof" -m experiments.benchmarks.population \
   --models lenet300 --ks 8 --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none
 step population_lenet5_free 120 python3 -m experiments.benchmarks.population --models lenet5 --ks 8 32 \
-  --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none --verbose
+  --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none --search ascending --verbose
 
 echo "=== summary (${budget}s budget, $(($(date +%s) - start))s used)" | tee -a "$log"
 printf '%s\n' "${summary[@]}" | tee -a "$log"

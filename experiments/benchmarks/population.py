@@ -155,11 +155,22 @@ def _cold_seconds(model: str, k: int, executor: str, args) -> float:
     cmd = [sys.executable, "-m", "experiments.benchmarks.population", "--one-sweep", model, str(k), executor]
     cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     cmd += ["--measure-budget", "none" if args.measure_budget is None else str(args.measure_budget)]
+    cmd += ["--search", args.search]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("SECONDS ")]
     if out.returncode or not lines:
         raise RuntimeError(f"the cold {executor} sweep failed (rc {out.returncode}): {out.stderr[-2000:]}")
     return float(lines[-1].split()[1])
+
+
+def _population_options(args, k: int) -> dict:
+    """The population executor's options for a K-trial sweep (``--measure-budget``, ``--search``)."""
+    options: dict = {"max_k": k}
+    if args.measure_budget != "default":
+        options["measure_budget"] = args.measure_budget
+    if args.search != "auto":
+        options["largest_first"] = args.search == "largest"
+    return options
 
 
 def main(argv=None) -> int:
@@ -183,10 +194,17 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--measure-budget",
-        type=lambda v: None if v == "none" else float(v),
-        default=0.1,
+        type=lambda v: v if v == "default" else None if v == "none" else float(v),
+        default="default",
         help="the population executor's measure_budget (fraction of the estimated sequential training the "
-        "chooser may spend measuring; 'none': no limit)",
+        "chooser may spend measuring; 'none': no limit; default: the executor's, 0.1 on a CPU, 0.5 on a GPU/TPU)",
+    )
+    parser.add_argument(
+        "--search",
+        choices=("auto", "ascending", "largest"),
+        default="auto",
+        help="the chooser's search: every power of two from K=1 up, or only the largest K against the sequential "
+        "step (auto: largest on a GPU/TPU)",
     )
     parser.add_argument("--verbose", action="store_true", help="print the chooser's figures as each K finishes")
     parser.add_argument("--one-sweep", nargs=3, metavar=("MODEL", "K", "EXECUTOR"), help=argparse.SUPPRESS)
@@ -209,9 +227,7 @@ def main(argv=None) -> int:
     register_all_stages()
     if args.one_sweep:  # a cold sweep in this fresh process (for --cold): prints its seconds
         model, k, name = args.one_sweep
-        executor = make_executor(
-            name, **({"max_k": int(k), "measure_budget": args.measure_budget} if name == "population" else {})
-        )
+        executor = make_executor(name, **(_population_options(args, int(k)) if name == "population" else {}))
         seconds, _ = _sweep_seconds(_config(model, args.steps, args.batch_size), int(k), executor)
         print(f"SECONDS {seconds}")
         return 0
@@ -229,7 +245,7 @@ def main(argv=None) -> int:
     notes, rounds = [], []
 
     def population():
-        return make_executor("population", max_k=k, measure_budget=args.measure_budget)
+        return make_executor("population", **_population_options(args, k))
 
     for model in args.models:
         config = _config(model, args.steps, args.batch_size)

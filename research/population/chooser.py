@@ -190,6 +190,22 @@ class Budget:
         return self.spent() + seconds <= self.limit()
 
 
+def _over_memory(k: int, nbytes: int, memory_limit: int) -> str:
+    """Why a compiled chunk of K is not used (``""``: it fits).
+
+    Raises:
+      MemoryError: K=1 does not fit.
+    """
+    if nbytes <= memory_limit:
+        return ""
+    if k == 1:
+        raise MemoryError(
+            f"one trial's compiled step needs {nbytes:,} bytes > the {memory_limit:,} available; "
+            "use a smaller model or batch"
+        )
+    return f"K={k} needs {nbytes:,} bytes > the {memory_limit:,} available. "
+
+
 def candidate_ks(n_trials: int, *, max_k: int | None = None, multiple_of: int = 1) -> list[int]:
     """Powers of two from 1 up to ``n_trials`` (and ``max_k``), multiples of ``multiple_of`` above 1.
 
@@ -219,6 +235,8 @@ def choose_k(
     confirm_rounds: int = 2,
     sequential: Callable[[], float] | None = None,
     budget: Budget | None = None,
+    largest_first: bool = False,
+    accept_margin: float | None = None,
 ) -> Choice:
     """Picks the chunk size with the most trials per second.
 
@@ -243,6 +261,12 @@ def choose_k(
         before each K is compiled and timed and before each confirmation round; once it refuses
         a K the search stops (with no K measured, the sequential path is chosen), and refused
         confirmation rounds are skipped.
+      largest_first: with ``sequential``, the search an accelerator wants (see
+        :func:`choose_largest_first`): only the largest K that fits is compiled and timed, against
+        the sequential step; K=1 and the Ks between are not.
+      accept_margin: with ``sequential``, a population program whose first timing trains at least
+        this many times the sequential step's trial steps per second is chosen even when the
+        budget allows no confirmation round (``None``: never unconfirmed).
 
     Returns:
       The :class:`Choice`; ``k == 1`` when no K > 1 beats one trial at a time, and
@@ -258,6 +282,11 @@ def choose_k(
         budget = None
     if budget is not None:
         budget.begin(first_seq)
+    if largest_first and sequential is not None:
+        return choose_largest_first(
+            n_trials, measure, sequential, first_seq, memory_limit=memory_limit, max_k=max_k,
+            multiple_of=multiple_of, confirm_rounds=confirm_rounds, budget=budget, accept_margin=accept_margin,
+        )  # fmt: skip
     for k in candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of):
         why = budget.refuse(k, measured) if budget is not None else None
         if why:
@@ -271,13 +300,8 @@ def choose_k(
                 reason = f"K={k} would need about {predicted:,.0f} bytes > the {memory_limit:,} available; not tried. "
                 break
         seconds, nbytes = measure(k)
-        if nbytes > memory_limit:
-            if k == 1:
-                raise MemoryError(
-                    f"one trial's compiled step needs {nbytes:,} bytes > the {memory_limit:,} available; "
-                    "use a smaller model or batch"
-                )
-            reason = f"K={k} needs {nbytes:,} bytes > the {memory_limit:,} available. "
+        if over := _over_memory(k, nbytes, memory_limit):
+            reason = over
             break
         chunks = math.ceil(n_trials / k)
         tps = n_trials / (chunks * seconds) if seconds > 0 else math.inf
@@ -319,8 +343,9 @@ def choose_k(
     one = measured[0]
     if sequential is not None:
         return _against_sequential(
-            n_trials, measure, sequential, first_seq, measured, best, reason, memory_limit, confirm_rounds, budget
-        )
+            n_trials, measure, sequential, first_seq, measured, best, reason, memory_limit, confirm_rounds, budget,
+            accept_margin,
+        )  # fmt: skip
     if best.k == 1:
         reason += "vmap does not pay here (no K > 1 beats one trial at a time): trials train one after another."
     else:
@@ -341,11 +366,13 @@ def _against_sequential(
     memory_limit: int,
     confirm_rounds: int,
     budget: Budget | None,
+    accept_margin: float | None = None,
 ) -> Choice:
     """The population's best candidate timed against the sequential executor's step (``seq`` its
     first timing), alternately (the rounds the budget allows). With confirmation rounds asked for
     and none allowed by the budget, the sequential path is kept: one timing each, taken at
-    different moments of a loaded machine, does not show the population faster."""
+    different moments of a loaded machine, does not show the population faster; unless it is
+    ``accept_margin`` times faster or more (no load moves a timing that far)."""
     pop, rounds = best.step_seconds, 0
     for _ in range(confirm_rounds):
         if budget is not None and not budget.allows(budget.timed_steps * pop + budget.sequential_timed_steps * seq):
@@ -360,6 +387,9 @@ def _against_sequential(
     measured = [best if c.k == best.k else c for c in measured]
     seq_tps = 1.0 / seq if seq > 0 else math.inf
     figures = f"{best.trial_steps_per_s:.4g} trial steps/s at K={best.k} against {seq_tps:.4g} for the sequential step"
+    if unconfirmed and accept_margin is not None and best.trial_steps_per_s >= accept_margin * seq_tps:
+        unconfirmed = False
+        reason += f"one timing each, {best.trial_steps_per_s / seq_tps:.1f}x (at least {accept_margin:g}x: taken). "
     if unconfirmed or seq_tps >= best.trial_steps_per_s:
         if unconfirmed:
             reason += f"unconfirmed ({figures}, one timing each): "
@@ -377,6 +407,10 @@ def _against_sequential(
     one = measured[0]
     if best.k == 1:
         reason += f"vmap does not pay here, but the population's K=1 program beats the sequential step ({figures})."
+    elif one.k != 1:  # the largest-first search measured no K=1 program
+        reason += (
+            f"K={best.k}: {best.trial_steps_per_s * seq:.2f}x the sequential step's trial steps per second ({figures})."
+        )
     else:
         reason += (
             f"K={best.k}: {best.trial_steps_per_s / one.trial_steps_per_s:.2f}x the trial steps per second of K=1 "
@@ -385,3 +419,56 @@ def _against_sequential(
     return Choice(
         k=best.k, candidates=tuple(measured), reason=reason.strip(), memory_limit=memory_limit, sequential_seconds=seq
     )
+
+
+def choose_largest_first(
+    n_trials: int,
+    measure: Callable[[int], tuple[float, int]],
+    sequential: Callable[[], float],
+    first_seq: float,
+    *,
+    memory_limit: int,
+    max_k: int | None = None,
+    multiple_of: int = 1,
+    confirm_rounds: int = 2,
+    budget: Budget | None = None,
+    accept_margin: float | None = None,
+) -> Choice:
+    """The search for an accelerator: the largest K that fits, against the sequential step.
+
+    On a GPU the trials of a chunk train in parallel: the measured H200 programs stepped 32 trials
+    21.6x as fast per trial as K=1, and each population program took seconds to compile, so the
+    ascending search (one compile per power of two) spends more than the training it could save.
+    Here the Ks are tried from the largest down, and only until one fits in ``memory_limit``
+    (``measure`` returns its bytes before timing it; a K over the limit is reported with
+    ``inf`` seconds and not run): that one K is compiled and timed, then timed against the
+    sequential step as :func:`choose_k` does (:func:`_against_sequential`: alternating rounds under
+    the budget, ``accept_margin`` for a clear winner), and the faster trains.
+    ``first_seq`` is the sequential step's first timing (the budget began after it).
+
+    Raises:
+      MemoryError: even one trial does not fit in ``memory_limit``.
+    """
+    reason = ""
+    for k in reversed(candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of)):
+        why = budget.refuse(k, []) if budget is not None else None
+        if why:  # every K is predicted alike before any is measured
+            reason += f"K={k} and smaller not measured: {why}. "
+            break
+        seconds, nbytes = measure(k)
+        if over := _over_memory(k, nbytes, memory_limit):
+            reason += over
+            continue
+        chunks = math.ceil(n_trials / k)
+        tps = n_trials / (chunks * seconds) if seconds > 0 else math.inf
+        best = Candidate(k=k, step_seconds=seconds, trial_steps_per_s=tps, bytes=nbytes)
+        reason += f"largest first: K={k} measured. "
+        return _against_sequential(
+            n_trials, measure, sequential, first_seq, [best], best, reason, memory_limit, confirm_rounds, budget,
+            accept_margin,
+        )  # fmt: skip
+    reason += "the trials train exactly as the sequential executor trains them."
+    return Choice(
+        k=1, candidates=(), reason=reason.strip(), memory_limit=memory_limit, runner="sequential",
+        sequential_seconds=first_seq,
+    )  # fmt: skip

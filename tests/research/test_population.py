@@ -317,9 +317,11 @@ class FakeCosts:
             sequential_compile=lambda: self.seq_compile,
         )
 
-    def choose(self, trials, steps, fraction=0.1):
+    def choose(self, trials, steps, fraction=0.1, **options):
         budget = self.budget(trials, steps, fraction)
-        choice = choose_k(trials, self.measure, memory_limit=10**9, sequential=self.sequential, budget=budget)
+        choice = choose_k(
+            trials, self.measure, memory_limit=10**9, sequential=self.sequential, budget=budget, **options
+        )
         return choice, budget
 
 
@@ -400,6 +402,75 @@ def test_when_vmap_does_not_pay_measuring_loses_at_most_the_budget_and_one_mispr
         compiled_two += len(measured) >= 2
         mispredicted += overrun[0] > 0
     assert compiled_two and mispredicted  # the scenarios do measure, and predict below the cost
+
+
+# Costs as measured on one H200 (session 18, LeNet-300-100, digits, batch 64): the sequential step
+# 0.78 ms, a chunk of 32 stepping in 0.133 ms, of 8 in 0.107 ms; population programs compiled in
+# about 3 s each (inferred from the first population sweep of a process against a warm one).
+H200 = dict(step=lambda k: {1: 0.8e-3, 2: 0.8e-3, 4: 0.9e-3, 8: 0.107e-3, 16: 0.12e-3, 32: 0.133e-3}[k],
+            compile_=lambda k: 3.0, seq=0.78e-3, seq_compile=1.0)  # fmt: skip
+
+
+def test_on_gpu_costs_the_ascending_search_trains_sequentially_and_largest_first_finds_the_gain():
+    # the ascending search with the CPU budget: what session 18 saw on the H200 (no K taken)
+    costs = FakeCosts(**H200)
+    choice, _ = costs.choose(32, 1000)
+    assert choice.runner == "sequential"
+    # largest first, with the accelerator defaults: one program compiled, K=32 confirmed and taken
+    accelerator = dict(fraction=0.5, largest_first=True, accept_margin=2.0)
+    costs = FakeCosts(**H200)
+    choice, budget = costs.choose(32, 1000, **accelerator)
+    assert choice.k == 32 and choice.runner == "population" and list(costs.compiled) == [32]
+    # the scanned program also saves the per-step dispatch that the sequential step pays from Python
+    assert "largest first: K=32 measured" in choice.reason and "187.67x the sequential step" in choice.reason
+    assert budget.spent() <= budget.limit()
+    # 8 trials, a 3.2 s compile: it spends the budget (3.12 s), no confirmation round is left; 58x is taken
+    slow_compile = {**H200, "compile_": lambda k: 3.2}
+    costs = FakeCosts(**slow_compile)
+    choice, _ = costs.choose(8, 1000, **accelerator)
+    assert choice.k == 8 and costs.measured == [8] and "at least 2x: taken" in choice.reason
+    # ... but not without the margin (the CPU's rule: one timing each does not decide)
+    costs = FakeCosts(**slow_compile)
+    choice, _ = costs.choose(8, 1000, fraction=0.5, largest_first=True)
+    assert choice.runner == "sequential" and "unconfirmed" in choice.reason
+
+
+def test_largest_first_skips_what_does_not_fit_and_falls_back_when_vmap_does_not_pay():
+    timed = []
+
+    def measure(k):  # 100 bytes per trial; a chunk of k steps in 1.5 k sequential steps (no gain)
+        if 100 * k > 1000:
+            return float("inf"), 100 * k  # over the limit: reported, never run
+        timed.append(k)
+        return 1.5 * k, 100 * k
+
+    choice = choose_k(32, measure, memory_limit=1000, sequential=lambda: 1.0, largest_first=True, accept_margin=2.0)
+    assert timed[0] == 8 and set(timed) == {8}  # 32 and 16 do not fit; 8 timed, then its confirmation rounds
+    assert "K=32 needs 3,200 bytes" in choice.reason and "K=16 needs 1,600 bytes" in choice.reason
+    assert choice.runner == "sequential" and choice.k == 1  # 8 trials in 12 s: slower than 8 sequential steps
+    with pytest.raises(MemoryError, match="one trial"):
+        choose_k(2, lambda k: (1.0, 10**6), memory_limit=10, sequential=lambda: 1.0, largest_first=True)
+
+
+def test_the_executor_searches_largest_first_on_accelerators(config_file, tmp_path):
+    class Gpu:  # what the executor reads of a device before it trains
+        platform, device_kind = "gpu", "fake GPU"
+
+    gpu = pop_executor.PopulationExecutor(devices=[Gpu()])
+    assert gpu.largest_first and gpu.measure_budget == pop_executor.ACCELERATOR_MEASURE_BUDGET
+    cpu = pop_executor.PopulationExecutor()
+    assert not cpu.largest_first and cpu.measure_budget == pop_executor.CPU_MEASURE_BUDGET
+    assert pop_executor.PopulationExecutor(measure_budget=None, largest_first=False).measure_budget is None
+    with pytest.raises(ValueError, match="measure_budget=-1"):
+        pop_executor.PopulationExecutor(measure_budget=-1)
+    # on this CPU, asked for: only the largest K (4) is compiled and timed, and its trials train as one chunk
+    base = C.load_config(config_file)
+    grid = {"stages.train.learning_rate": [1e-3, 2e-3, 3e-3, 4e-3]}
+    executor = make_executor("population", timer=favour(4), largest_first=True)
+    report = sweep_lib.sweep(base, grid, str(tmp_path / "pop"), progress=False, executor=executor)
+    (population,) = report.executor["populations"]
+    assert population["k"] == 4 and [c["k"] for c in population["choice"]["candidates"]] == [4]
+    assert "largest first" in population["choice"]["reason"] and not report.failed
 
 
 def test_population_falls_back_to_the_sequential_executor_when_its_step_is_faster(config_file, tmp_path):
