@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,22 @@ def _counting_sharding() -> jax.sharding.Sharding | None:
     """
     if jax.default_backend() == "cpu":
         return None
-    return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError as e:  # JAX_PLATFORMS names no cpu: the default backend's count, said once
+        _warn_no_cpu(str(e).splitlines()[0])
+        return None
+    return jax.sharding.SingleDeviceSharding(cpu)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_cpu(why: str) -> None:
+    warnings.warn(
+        f"FLOPs are counted by the {jax.default_backend()} backend's cost analysis, which may leave out "
+        f"convolutions, because JAX has no CPU backend here ({why}); add cpu to JAX_PLATFORMS "
+        "(e.g. JAX_PLATFORMS=cuda,cpu) for FLOPs that do not depend on the machine",
+        stacklevel=4,
+    )
 
 
 def _cost_flops(compiled) -> float:

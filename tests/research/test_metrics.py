@@ -42,6 +42,18 @@ def test_model_flops_are_counted_on_the_cpu_whatever_the_default_backend(monkeyp
     sharding = cost._counting_sharding()  # pylint: disable=protected-access
     assert sharding.device_set == {jax.devices("cpu")[0]}
     assert metrics.flops(m, x) == on_cpu
+    # JAX_PLATFORMS without cpu: the default backend counts, and a warning names the fix (once)
+    real_devices = jax.devices
+
+    def devices(backend=None):
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu")
+        return real_devices(backend)
+
+    monkeypatch.setattr(jax, "devices", devices)
+    cost._warn_no_cpu.cache_clear()  # pylint: disable=protected-access
+    with pytest.warns(UserWarning, match="JAX_PLATFORMS=cuda,cpu"):
+        assert cost._counting_sharding() is None  # pylint: disable=protected-access
 
 
 def test_latency_reports_median_of_repeats():
