@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The figures slimjax records on a GPU host, in one run that fits a short lease, most wanted first:
-#   the population executor against the sequential one (LeNet-300-100, then LeNet-5), supernet
+#   the population executor against the sequential one (LeNet-300-100, then LeNet-5), fit in
+#   scanned blocks against one call per step (finetune's GPU default), supernet
 #   evaluation vmapped against one by one, the quickstart's training throughput (StableHLO export
 #   only: TensorFlow is not needed), one GP batch of q=64 suggestions, the lr x wd population
 #   reproduction at 4 x 4, and which TensorRT / onnxruntime GPU providers the machine has.
@@ -20,7 +21,7 @@ out=${1:?usage: gpu_checks.sh OUTDIR [SECONDS [STEP ...]]}
 budget=${2:-420}
 shift $(($# < 2 ? $# : 2))
 only=" $* "
-default=" environment population_lenet300 nas_eval quickstart gp_batch population_lenet5 population_lr_wd "
+default=" environment population_lenet300 fit_blocks nas_eval quickstart gp_batch population_lenet5 population_lr_wd "
 mkdir -p "$out"
 log="$out/all.log"
 : >"$log"
@@ -58,6 +59,7 @@ step environment 30 bash -c '
   ldconfig -p | grep -i -E "nvinfer|libnvonnxparser" || echo "no TensorRT libraries (libnvinfer) on the loader path"'
 step population_lenet300 130 python3 -m experiments.benchmarks.population --models lenet300 --ks 1 8 32 128 \
   --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold
+step fit_blocks 60 python3 -m experiments.benchmarks.fit_blocks --steps 1000 --repeats 2
 step nas_eval 60 python3 -m experiments.benchmarks.nas_eval --ks 1 4 16 64 --repeats 5
 step quickstart 90 python3 -m research.cli run configs/quickstart.py --set 'stages.export.formats=["stablehlo"]' \
   --set 'stages.export.quantize=[]' --workdir "$runs/quickstart" --overwrite

@@ -7,6 +7,7 @@ from research.train.finetune import finetune
 from research.train.finetune import make_optimizer
 from research.train.loop import MetricsFileError
 from research.train.loop import NonFiniteLossError
+from research.train.loop import default_block_steps
 from research.train.loop import fit
 from research.train.loop import read_metrics
 from research.train.losses import LossFn
@@ -40,6 +41,7 @@ __all__ = [
     "compose",
     "create_train_state",
     "cross_entropy_loss",
+    "default_block_steps",
     "evaluate",
     "finetune",
     "fit",

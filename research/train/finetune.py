@@ -20,6 +20,7 @@ from flax import nnx
 from research.data import BatchSampler
 from research.data import Dataset
 from research.train.data_parallel import data_parallel_step
+from research.train.loop import default_block_steps
 from research.train.loop import fit
 from research.train.losses import LossFn
 from research.train.losses import LossTransform
@@ -212,6 +213,7 @@ def finetune(
         eval_fn=eval_fn if len(dataset.x_val) else None,
         progress=progress,
         description=description or os.path.basename(os.fspath(workdir)),
+        block_steps=1 if data_parallel else default_block_steps(),
     )
     trained = state_to_model(defs, state)
     if return_state:

@@ -107,6 +107,7 @@ def fit(
     progress: bool = True,
     description: str = "train",
     on_step: Callable[[int, TrainState], None] | None = None,
+    block_steps: int = 1,
 ) -> tuple[TrainState, list[dict]]:
     """Runs ``step_fn`` until ``state.step == num_steps``, resuming from ``workdir`` if possible.
 
@@ -128,10 +129,20 @@ def fit(
       eval_fn: returns a dict of validation metrics, recorded with ``"split": "val"``.
       progress: show a tqdm bar.
       on_step: called as ``on_step(step, state)`` after every step (e.g. a test that kills the run).
+      block_steps: run up to this many steps as one compiled call, ``jax.lax.scan`` over ``step_fn``
+        with the block's batches sent in one transfer (at most :data:`BLOCK_BYTES` of them;
+        ``step_fn`` must then be a pure function of ``(state, batch)``); blocks end where metrics are fetched, evaluated or checkpointed, so
+        rows, checkpoints and resumes are those of single steps. 1 (default): one call per step.
+        On a GPU one call per step costs more than a small model's step (see
+        :func:`default_block_steps`); ignored with ``on_step``, which needs every step's state.
 
     Returns:
       ``(final_state, records)`` where ``records`` are all metric rows written by this call.
     """
+    if block_steps < 1:
+        raise ValueError(f"block_steps={block_steps} must be >= 1")
+    if on_step is not None:
+        block_steps = 1
     ckpt = None
     metrics_path = None
     if workdir is not None:
@@ -160,7 +171,7 @@ def fit(
             return
         fetched = jax.device_get([m for _, m in pending])
         rows = []
-        for (step, _), m in zip(pending, fetched, strict=False):
+        for step, m in _per_step(pending, fetched):
             row = {"step": step, "split": "train"}
             row.update({k: float(np.asarray(v)) for k, v in m.items()})
             if not math.isfinite(row["loss"]):
@@ -180,11 +191,25 @@ def fit(
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
 
+    cadences = [c for c in (log_every, eval_every if eval_fn is not None else 0, checkpoint_every if ckpt else 0) if c]
     try:
-        for step in range(start, num_steps):
-            state, metrics = step_fn(state, sampler.batch(step))
-            pending.append((step + 1, metrics))
-            done = step + 1
+        step = start
+        while step < num_steps:
+            n = _block_end(step, num_steps, block_steps, cadences) - step
+            first = sampler.batch(step)
+            if n > 1:  # the block's batches travel together: at most BLOCK_BYTES of them
+                size = sum(np.asarray(b).nbytes for b in jax.tree.leaves(first))
+                n = max(1, min(n, BLOCK_BYTES // max(size, 1)))
+            if n == 1:
+                state, metrics = step_fn(state, first)
+                pending.append((step + 1, metrics))
+            else:
+                rest = [sampler.batch(i) for i in range(step + 1, step + n)]
+                batches = jax.tree.map(lambda *b: np.stack(b), first, *rest)
+                state, metrics = _scanned(step_fn)(state, batches)
+                pending.append((-(step + 1), metrics))  # n stacked rows from step + 1 (negative: a block)
+            step += n
+            done = step
             if on_step is not None:
                 on_step(done, state)
             if log_every and done % log_every == 0:
@@ -197,7 +222,7 @@ def fit(
                 ckpt.save(done, state)
                 last_ckpt = done
             if bar is not None:
-                bar.update(1)
+                bar.update(n)
         flush()
         if eval_fn is not None and (start < num_steps or not records):
             _write([{"step": num_steps, "split": "val", **eval_fn(state)}])
@@ -209,6 +234,64 @@ def fit(
         if ckpt is not None:
             ckpt.close()
     return state, records
+
+
+BLOCK_STEPS_ACCELERATOR = 50
+"""Steps per compiled call of :func:`research.train.finetune` on a GPU/TPU (:func:`default_block_steps`)."""
+BLOCK_BYTES = 256 << 20
+"""The most bytes of batches one block of :func:`fit` sends at once (fewer steps for large batches)."""
+
+
+def default_block_steps() -> int:
+    """Steps per compiled call for :func:`fit` on this process's default backend: 1 on a CPU (a call
+    per step costs little beside the step there), :data:`BLOCK_STEPS_ACCELERATOR` on a GPU/TPU.
+
+    Measured on one H200 (LeNet-300-100, batch 64): one jitted step per Python call trained
+    1,275-1,396 steps/s, the same step scanned 50 at a time (the population executor's K=1
+    program) about 11,000.
+    """
+    return 1 if jax.default_backend() == "cpu" else BLOCK_STEPS_ACCELERATOR
+
+
+def _block_end(step: int, num_steps: int, block_steps: int, cadences: list[int]) -> int:
+    """Where a block starting after ``step`` steps ends: ``block_steps`` on, or earlier at the next
+    multiple of a cadence (metrics fetched, evaluated, checkpointed) or at ``num_steps``."""
+    end = min(num_steps, step + block_steps)
+    for c in cadences:
+        end = min(end, (step // c + 1) * c)
+    return end
+
+
+_SCANNED: dict = {}
+
+
+def _scanned(step_fn: Callable) -> Callable:
+    """``step_fn`` scanned over a block of stacked batches, jitted once per step function."""
+    key = id(step_fn)
+    hit = _SCANNED.get(key)
+    if hit is not None and hit[0] is step_fn:
+        return hit[1]
+
+    @jax.jit
+    def run(state, batches):
+        return jax.lax.scan(step_fn, state, batches)
+
+    if len(_SCANNED) > 64:
+        _SCANNED.clear()
+    _SCANNED[key] = (step_fn, run)
+    return run
+
+
+def _per_step(pending: list, fetched: list):
+    """``(step, metrics)`` per step from the pending entries: ``(step, metrics)`` of one step, or
+    ``(-first_step, stacked metrics)`` of a block."""
+    for (step, _), m in zip(pending, fetched, strict=True):
+        if step > 0:
+            yield step, m
+            continue
+        n = len(next(iter(m.values()))) if m else 0
+        for i in range(n):
+            yield -step + i, {k: v[i] for k, v in m.items()}
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -207,3 +207,115 @@ def test_train_scan_fits_in_one_program():
     assert train.evaluate(defs, params, rest, ds.x_val, ds.y_val)["accuracy"] > before + 0.5
     with pytest.raises(ValueError, match="steps=0"):
         train.train_scan(model, ds.x_train, ds.y_train, steps=0)
+
+
+def _close_leaves(a, b, **tol):
+    return all(
+        np.allclose(np.asarray(x), np.asarray(y), **tol)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def test_fit_in_scanned_blocks_trains_and_records_as_single_steps_do(tmp_path):
+    """Blocks of up to 7 steps as one call (cut to 5 by the logging cadence; a GPU gets 50 by
+    default): the same rows, validation rows, checkpoints and weights as one call per step, and a
+    resume from a checkpoint lands on the same weights as the uninterrupted run."""
+    ds, defs, state0, tx, sampler = _setup("mlp", dropout=0.2)
+    step = train.make_train_step(defs, tx, donate=False)
+    eval_step = train.make_eval_step(defs)
+
+    def eval_fn(s):
+        return train.evaluate(defs, s.params, s.model_state, ds.x_val, ds.y_val, eval_step=eval_step)
+
+    cadence = dict(num_steps=20, checkpoint_every=10, log_every=5, eval_every=10, eval_fn=eval_fn, progress=False)
+    one, _ = train.fit(state0, step, sampler, workdir=tmp_path / "one", **cadence)
+    blocks, _ = train.fit(state0, step, sampler, workdir=tmp_path / "blocks", block_steps=7, **cadence)
+    assert int(blocks.step) == 20
+    assert _close_leaves(one.params, blocks.params, rtol=1e-5, atol=1e-6)
+    assert _close_leaves(one.opt_state, blocks.opt_state, rtol=1e-5, atol=1e-6)
+    rows_one, rows_blocks = (train.read_metrics(tmp_path / d) for d in ("one", "blocks"))
+    assert [(r["step"], r["split"]) for r in rows_blocks] == [(r["step"], r["split"]) for r in rows_one]
+    assert [r["step"] for r in rows_blocks if r["split"] == "val"] == [10, 20]
+    for a, b in zip(rows_one, rows_blocks, strict=True):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    kept = [train.Checkpointer(tmp_path / d / "checkpoints").all_steps() for d in ("one", "blocks")]
+    assert kept[1] == kept[0] == [10, 20]  # the last two, as fit keeps them
+    # stopped at 10 steps, then resumed to 20: the uninterrupted run's weights
+    train.fit(state0, step, sampler, workdir=tmp_path / "resumed", block_steps=7, **{**cadence, "num_steps": 10})
+    resumed, _ = train.fit(state0, step, sampler, workdir=tmp_path / "resumed", block_steps=7, **cadence)
+    assert _leaves_equal(blocks.params, resumed.params) and _leaves_equal(blocks.opt_state, resumed.opt_state)
+    assert [r["step"] for r in train.read_metrics(tmp_path / "resumed") if r["split"] == "train"] == list(range(1, 21))
+
+
+def test_fit_blocks_stop_at_a_nan_as_single_steps_do_and_on_step_gets_every_step(tmp_path):
+    ds, defs, state, tx, sampler = _setup()
+    step_ok = train.make_train_step(defs, tx, donate=False)
+
+    def step(s, b):  # a pure function of (state, batch): scannable
+        new, m = step_ok(s, b)
+        return new, {**m, "loss": jnp.where(s.step >= 12, jnp.nan, m["loss"])}
+
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 13.*step 10") as info:
+        train.fit(
+            state, step, sampler, num_steps=30, workdir=tmp_path, checkpoint_every=5, log_every=4, progress=False,
+            block_steps=16,
+        )  # fmt: skip
+    assert info.value.step == 13 and train.Checkpointer(tmp_path / "checkpoints").latest_step() == 10
+    seen = []
+    train.fit(
+        state,
+        step_ok,
+        sampler,
+        num_steps=6,
+        log_every=0,
+        progress=False,
+        block_steps=4,
+        on_step=lambda d, s: seen.append(d),
+    )
+    assert seen == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="block_steps=0"):
+        train.fit(state, step_ok, sampler, num_steps=2, progress=False, block_steps=0)
+
+
+def test_finetune_scans_blocks_of_steps_by_default_on_an_accelerator(monkeypatch, tmp_path):
+    import importlib
+
+    from research.train import loop
+
+    finetune_lib = importlib.import_module("research.train.finetune")  # the module (the package exports the function)
+
+    assert train.default_block_steps() == 1  # this CPU: one call per step, as before
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert train.default_block_steps() == loop.BLOCK_STEPS_ACCELERATOR
+    monkeypatch.undo()
+    ds = data.load_dataset("digits", seed=0, limit=512)
+    model = nn.build_model("mlp", input_shape=ds.input_shape, num_classes=10, rngs=nnx.Rngs(0))
+    options = dict(steps=12, learning_rate=1e-2, log_every=4, progress=False)
+    plain, rows = train.finetune(model, ds, workdir=str(tmp_path / "a"), **options)
+    monkeypatch.setattr(finetune_lib, "default_block_steps", lambda: 8)
+    scanned_before = len(loop._SCANNED)  # pylint: disable=protected-access
+    blocked, rows_blocked = train.finetune(model, ds, workdir=str(tmp_path / "b"), **options)
+    assert len(loop._SCANNED) > scanned_before  # pylint: disable=protected-access
+    assert [r["step"] for r in rows_blocked] == [r["step"] for r in rows]
+    assert _close_leaves(nnx.state(plain, nnx.Param), nnx.state(blocked, nnx.Param), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_blocks_send_at_most_block_bytes_of_batches(monkeypatch):
+    from research.train import loop
+
+    ds, defs, state, tx, sampler = _setup()
+    step = train.make_train_step(defs, tx, donate=False)
+    one_batch = sum(np.asarray(b).nbytes for b in jax.tree.leaves(sampler.batch(0)))
+    monkeypatch.setattr(loop, "BLOCK_BYTES", 3 * one_batch)
+    sizes = []
+    scanned = loop._scanned  # pylint: disable=protected-access
+
+    def recording(fn):
+        run = scanned(fn)
+        return lambda s, batches: (sizes.append(len(batches["x"])), run(s, batches))[1]
+
+    monkeypatch.setattr(loop, "_scanned", recording)
+    blocked, _ = train.fit(state, step, sampler, num_steps=10, log_every=0, progress=False, block_steps=8)
+    assert sizes == [3, 3, 3]  # and the 10th step alone
+    plain, _ = train.fit(state, step, sampler, num_steps=10, log_every=0, progress=False)
+    assert _close_leaves(plain.params, blocked.params, rtol=1e-5, atol=1e-6)
