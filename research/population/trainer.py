@@ -365,9 +365,11 @@ class PopulationTrainer:
         """Seconds per training step of trial 0 trained as the sequential executor trains it.
 
         The step is the one :func:`research.train.finetune` jits for this stage (the same cached
-        jitted function, so a later sequential run of the trials compiles nothing), called once per
-        step from Python with the host batches of :class:`research.data.BatchSampler`, the metrics
-        fetched at the end of the block, as :func:`research.train.fit` does. ``timer`` is called with
+        jitted function, so a later sequential run of the trials compiles nothing), called as
+        :func:`research.train.fit` calls it from ``finetune``: once per step from Python with the
+        host batches of :class:`research.data.BatchSampler` on a CPU, scanned over the stacked
+        batches in one call on a GPU/TPU (:func:`research.train.default_block_steps` > 1); the
+        metrics fetched at the end of the block. ``timer`` is called with
         ``k=`` :data:`research.population.chooser.SEQUENTIAL_K` and a call of ``steps`` steps (default
         ``block_steps``). The first call this trainer makes of the step is timed apart: what it takes
         beyond its steps is :attr:`sequential_compile_seconds` (0 when the step was compiled before).
@@ -380,6 +382,8 @@ class PopulationTrainer:
         from research.stages import train_kwargs  # pylint: disable=import-outside-toplevel
         from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
         from research.train.finetune import optimizer_key  # pylint: disable=import-outside-toplevel
+        from research.train.loop import default_block_steps  # pylint: disable=import-outside-toplevel
+        from research.train.loop import scanned  # pylint: disable=import-outside-toplevel
         from research.train.losses import cross_entropy_loss  # pylint: disable=import-outside-toplevel
 
         if not self.configs:
@@ -394,13 +398,19 @@ class PopulationTrainer:
         sampler = BatchSampler(member.x_train, member.y_train, batch_size=self.batch_size, seed=member.seed)
         batches = steps or self.block_steps
         first: list[float] = []
+        in_blocks = default_block_steps() > 1
 
         def call():  # a copy of the state per call (the step donates its input)
             t0 = time.perf_counter()
             s, pending = jax.tree.map(jnp.copy, state), []
-            for i in range(batches):
-                s, metrics = step(s, sampler.batch(i))
+            if in_blocks:
+                stacked = jax.tree.map(lambda *b: np.stack(b), *[sampler.batch(i) for i in range(batches)])
+                s, metrics = scanned(step)(s, stacked)
                 pending.append(metrics)
+            else:
+                for i in range(batches):
+                    s, metrics = step(s, sampler.batch(i))
+                    pending.append(metrics)
             jax.device_get(pending)
             if not self._sequential_timed and not first:
                 first.append(time.perf_counter() - t0)

@@ -206,7 +206,7 @@ def fit(
             else:
                 rest = [sampler.batch(i) for i in range(step + 1, step + n)]
                 batches = jax.tree.map(lambda *b: np.stack(b), first, *rest)
-                state, metrics = _scanned(step_fn)(state, batches)
+                state, metrics = scanned(step_fn)(state, batches)
                 pending.append((-(step + 1), metrics))  # n stacked rows from step + 1 (negative: a block)
             step += n
             done = step
@@ -265,8 +265,10 @@ def _block_end(step: int, num_steps: int, block_steps: int, cadences: list[int])
 _SCANNED: dict = {}
 
 
-def _scanned(step_fn: Callable) -> Callable:
-    """``step_fn`` scanned over a block of stacked batches, jitted once per step function."""
+def scanned(step_fn: Callable) -> Callable:
+    """``step_fn`` scanned over a block of stacked batches (leading axis: the steps), jitted once
+    per step function: ``scanned(step_fn)(state, batches) -> (state, stacked metrics)``, what
+    :func:`fit` calls for a block."""
     key = id(step_fn)
     hit = _SCANNED.get(key)
     if hit is not None and hit[0] is step_fn:

@@ -796,3 +796,20 @@ def test_later_fine_tunings_in_a_population_checkpoint_as_finetune_does(tmp_path
     assert _close(jax.tree.leaves(split_model(results[0].model)[1]), jax.tree.leaves(split_model(alone)[1]))
     rows = [r["loss"] for r in read_metrics(tmp_path / "a")]
     assert _close(rows, [r["loss"] for r in read_metrics(tmp_path / "alone") if r["split"] == "train"])
+
+
+def test_the_sequential_probe_times_the_step_as_fit_calls_it(config_file, monkeypatch):
+    """On a CPU one call per step; where finetune scans blocks (a GPU/TPU), the probe scans too."""
+    from research.train import loop
+
+    base = C.load_config(config_file)
+    configs = [C.apply_overrides(base, [f"stages.train.learning_rate={lr}"]) for lr in (1e-3, 2e-3)]
+    calls = []
+    real = loop.scanned
+    monkeypatch.setattr(loop, "scanned", lambda fn: (calls.append(fn), real(fn))[1])
+    timer = lambda k, fn: (fn(), 1.0)[1]  # noqa: E731 (runs the call once, a fake second)
+    assert PopulationTrainer(configs, block_steps=4).sequential_step_seconds(timer) == pytest.approx(1 / 4)
+    assert calls == []  # this CPU: one call per step
+    monkeypatch.setattr(loop, "default_block_steps", lambda: 50)
+    PopulationTrainer(configs, block_steps=4).sequential_step_seconds(timer)
+    assert len(calls) == 1  # one scanned call of the 4 steps

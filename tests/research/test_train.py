@@ -308,13 +308,13 @@ def test_fit_blocks_send_at_most_block_bytes_of_batches(monkeypatch):
     one_batch = sum(np.asarray(b).nbytes for b in jax.tree.leaves(sampler.batch(0)))
     monkeypatch.setattr(loop, "BLOCK_BYTES", 3 * one_batch)
     sizes = []
-    scanned = loop._scanned  # pylint: disable=protected-access
+    scanned = loop.scanned
 
     def recording(fn):
         run = scanned(fn)
         return lambda s, batches: (sizes.append(len(batches["x"])), run(s, batches))[1]
 
-    monkeypatch.setattr(loop, "_scanned", recording)
+    monkeypatch.setattr(loop, "scanned", recording)
     blocked, _ = train.fit(state, step, sampler, num_steps=10, log_every=0, progress=False, block_steps=8)
     assert sizes == [3, 3, 3]  # and the 10th step alone
     plain, _ = train.fit(state, step, sampler, num_steps=10, log_every=0, progress=False)
