@@ -37,9 +37,9 @@ def _model_flops(graphdef, avals, x_aval) -> float:
     return _cost_flops(_forward_fn(graphdef).lower(state, x_aval).compile())
 
 
-def _aval(x: Any) -> jax.ShapeDtypeStruct:
+def _aval(x: Any, sharding: jax.sharding.Sharding | None) -> jax.ShapeDtypeStruct:
     dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
-    return jax.ShapeDtypeStruct(jnp.shape(x), dtype, sharding=_counting_sharding())
+    return jax.ShapeDtypeStruct(jnp.shape(x), dtype, sharding=sharding)
 
 
 def _counting_sharding() -> jax.sharding.Sharding | None:
@@ -89,8 +89,9 @@ def flops(model_or_fn: nnx.Module | Callable, sample_input: jax.Array) -> float:
     if isinstance(model_or_fn, nnx.Module):
         graphdef, state = nnx.split(model_or_fn)
         leaves, treedef = jax.tree.flatten(state)
-        avals = (treedef, tuple(_aval(x) for x in leaves))
-        x_aval = _aval(sample_input)
+        sharding = _counting_sharding()
+        avals = (treedef, tuple(_aval(x, sharding) for x in leaves))
+        x_aval = _aval(sample_input, sharding)
         return _model_flops(graphdef, avals, x_aval)  # depends on shapes and graph only: cached
     return _cost_flops(jax.jit(model_or_fn).lower(sample_input).compile())
 

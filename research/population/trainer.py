@@ -383,7 +383,7 @@ class PopulationTrainer:
         from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
         from research.train.finetune import optimizer_key  # pylint: disable=import-outside-toplevel
         from research.train.loop import default_block_steps  # pylint: disable=import-outside-toplevel
-        from research.train.loop import scanned  # pylint: disable=import-outside-toplevel
+        from research.train.loop import run_block  # pylint: disable=import-outside-toplevel
         from research.train.losses import cross_entropy_loss  # pylint: disable=import-outside-toplevel
 
         if not self.configs:
@@ -404,8 +404,7 @@ class PopulationTrainer:
             t0 = time.perf_counter()
             s, pending = jax.tree.map(jnp.copy, state), []
             if in_blocks:
-                stacked = jax.tree.map(lambda *b: np.stack(b), *[sampler.batch(i) for i in range(batches)])
-                s, metrics = scanned(step)(s, stacked)
+                s, metrics = run_block(step, s, [sampler.batch(i) for i in range(batches)])
                 pending.append(metrics)
             else:
                 for i in range(batches):

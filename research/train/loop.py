@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -205,8 +206,7 @@ def fit(
                 pending.append((step + 1, metrics))
             else:
                 rest = [sampler.batch(i) for i in range(step + 1, step + n)]
-                batches = jax.tree.map(lambda *b: np.stack(b), first, *rest)
-                state, metrics = scanned(step_fn)(state, batches)
+                state, metrics = run_block(step_fn, state, [first, *rest])
                 pending.append((-(step + 1), metrics))  # n stacked rows from step + 1 (negative: a block)
             step += n
             done = step
@@ -262,26 +262,18 @@ def _block_end(step: int, num_steps: int, block_steps: int, cadences: list[int])
     return end
 
 
-_SCANNED: dict = {}
-
-
+@functools.lru_cache(maxsize=64)
 def scanned(step_fn: Callable) -> Callable:
     """``step_fn`` scanned over a block of stacked batches (leading axis: the steps), jitted once
-    per step function: ``scanned(step_fn)(state, batches) -> (state, stacked metrics)``, what
-    :func:`fit` calls for a block."""
-    key = id(step_fn)
-    hit = _SCANNED.get(key)
-    if hit is not None and hit[0] is step_fn:
-        return hit[1]
+    per step function: ``scanned(step_fn)(state, batches) -> (state, stacked metrics)``."""
+    return jax.jit(lambda state, batches: jax.lax.scan(step_fn, state, batches))
 
-    @jax.jit
-    def run(state, batches):
-        return jax.lax.scan(step_fn, state, batches)
 
-    if len(_SCANNED) > 64:
-        _SCANNED.clear()
-    _SCANNED[key] = (step_fn, run)
-    return run
+def run_block(step_fn: Callable, state: Any, batches: list) -> tuple[Any, Any]:
+    """``len(batches)`` steps of ``step_fn`` in one call: the host batches stacked and sent
+    together, :func:`scanned` over them; returns ``(state, metrics stacked per step)``. What
+    :func:`fit` runs for a block."""
+    return scanned(step_fn)(state, jax.tree.map(lambda *b: np.stack(b), *batches))
 
 
 def _per_step(pending: list, fetched: list):

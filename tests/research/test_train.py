@@ -293,9 +293,9 @@ def test_finetune_scans_blocks_of_steps_by_default_on_an_accelerator(monkeypatch
     options = dict(steps=12, learning_rate=1e-2, log_every=4, progress=False)
     plain, rows = train.finetune(model, ds, workdir=str(tmp_path / "a"), **options)
     monkeypatch.setattr(finetune_lib, "default_block_steps", lambda: 8)
-    scanned_before = len(loop._SCANNED)  # pylint: disable=protected-access
+    scanned_before = loop.scanned.cache_info().currsize
     blocked, rows_blocked = train.finetune(model, ds, workdir=str(tmp_path / "b"), **options)
-    assert len(loop._SCANNED) > scanned_before  # pylint: disable=protected-access
+    assert loop.scanned.cache_info().currsize > scanned_before
     assert [r["step"] for r in rows_blocked] == [r["step"] for r in rows]
     assert _close_leaves(nnx.state(plain, nnx.Param), nnx.state(blocked, nnx.Param), rtol=1e-5, atol=1e-6)
 
