@@ -27,6 +27,13 @@ from research.stages import StageConfig
 DEFAULT_FORMATS = ("stablehlo", "tflite", "onnx")
 
 
+INT8_LAYERNORM_CHOICES = ("l2_normalization", "as_is")
+"""Values of ``ExportStage.int8_layernorm`` and ``format_options={"tflite": {"int8_layernorm": ...}}``:
+how the full-int8 TFLite modes convert an ``nnx.LayerNorm`` (``"l2_normalization"``, the default,
+see :data:`research.export.tflite.L2_LAYERNORM_MODES`; ``"as_is"``: the layer's own ops, for a model
+whose epsilons :func:`methods.quantization.int8_norm_epsilon` raised for that form)."""
+
+
 def _activation_calibrations() -> tuple[str, ...]:
     # numpy and the registry only (no JAX, no TensorFlow): the rules' module is light
     from research.export import tflite_ranges  # pylint: disable=import-outside-toplevel
@@ -56,6 +63,10 @@ class ExportStage(StageConfig):
       activation_calibration: how the int8 TFLite files (and their ONNX files) choose each
         activation's range from that data: ``minmax`` (the converter's own), ``percentile``
         (0.01/99.99 percentiles) or ``mse`` (:mod:`research.export.tflite_ranges`).
+      int8_layernorm: how the full-int8 TFLite files (and their ONNX files) convert an
+        ``nnx.LayerNorm``: ``l2_normalization`` (default: one ``L2_NORMALIZATION`` op, statistics
+        in 32-bit integers) or ``as_is`` (the layer's own ops; for a model whose epsilons a
+        ``norm_epsilon`` stage raised). Needs ``tflite`` in ``formats`` to be anything but the default.
       eval_examples: test inputs on which every artifact is compared with JAX (top-1 agreement).
       latency_batch_size: batch size of the sample input used for latency.
       latency_threads: threads of the TFLite interpreter, onnxruntime and TVM when timing. Each
@@ -78,6 +89,7 @@ class ExportStage(StageConfig):
         "quantize": Each(Registered(names.export_quantize_modes, what="export quantization mode")),
         "calibration_examples": at_least_one,
         "activation_calibration": Registered(_activation_calibrations, what="activation calibration"),
+        "int8_layernorm": Registered(lambda: INT8_LAYERNORM_CHOICES, what="int8 LayerNorm form"),
         "eval_examples": at_least_one,
         "latency_batch_size": at_least_one,
         "latency_threads": at_least_one,
@@ -87,6 +99,7 @@ class ExportStage(StageConfig):
     quantize: tuple[str, ...] = ()
     calibration_examples: int = 256
     activation_calibration: str = "minmax"
+    int8_layernorm: str = "l2_normalization"
     eval_examples: int = 512
     latency_batch_size: int = 1
     latency_threads: int = 1
@@ -102,6 +115,11 @@ class ExportStage(StageConfig):
             raise ConfigError(f"{key}.{field}: {msg}")
         from research.export import tflite_ranges  # pylint: disable=import-outside-toplevel
 
+        if self.int8_layernorm != "l2_normalization" and "tflite" not in self.formats:
+            raise ConfigError(
+                f"{key}.int8_layernorm={self.int8_layernorm!r} is an option of the TFLite conversion, and "
+                f"formats={list(self.formats)} has no 'tflite'; add it or drop int8_layernorm"
+            )
         if self.activation_calibration != "minmax" and not set(self.quantize) & tflite_ranges.INT8_ACTIVATION_MODES:
             raise ConfigError(
                 f"{key}.activation_calibration={self.activation_calibration!r} chooses the ranges of the int8 TFLite "

@@ -29,6 +29,7 @@ def export_bundle(
     quantize=(),
     calibration_examples: int = 256,
     activation_calibration: str = "minmax",
+    int8_layernorm: str = "l2_normalization",
     eval_examples: int = 512,
     latency_batch_size: int = 1,
     latency_threads: int = 1,
@@ -46,6 +47,7 @@ def export_bundle(
         quantize=tuple(quantize) or None,
         calibration=calibration,
         activation_calibration=activation_calibration,
+        format_options={"tflite": {"int8_layernorm": int8_layernorm}} if "tflite" in formats else None,
         eval_data=dataset.x_test[:eval_examples],
         num_threads=latency_threads,
     )
@@ -130,6 +132,7 @@ def run_export(bundle: Bundle, cfg: ExportStage, ctx: StageContext) -> StageResu
         quantize=cfg.quantize,
         calibration_examples=cfg.calibration_examples,
         activation_calibration=cfg.activation_calibration,
+        int8_layernorm=cfg.int8_layernorm,
         eval_examples=cfg.eval_examples,
         latency_batch_size=cfg.latency_batch_size,
         latency_threads=cfg.latency_threads,

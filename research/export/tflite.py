@@ -13,6 +13,9 @@ registry (:func:`register_quantization`) of functions that configure the convert
   are quantized per output channel (the converter's default). The activation ranges are the
   calibration minimum and maximum unless ``activation_calibration`` names another rule
   (``"percentile"``, ``"mse"``: :mod:`research.export.tflite_ranges`), as for the two modes below.
+  In these three modes every last-axis ``nnx.LayerNorm`` converts as one ``L2_NORMALIZATION``
+  (:data:`L2_LAYERNORM_MODES`; ``format_options={"tflite": {"int8_layernorm": "as_is"}}`` keeps the
+  layer's own ops).
 * ``"int8_dense_per_tensor"``: as ``"int8"``, but fully connected kernels get one scale per
   tensor (convolutions stay per channel). TFLite stores a float32 scale and an int64 zero point
   per channel for each kernel *and* for its int32 bias, 24 bytes per output channel; for a
@@ -75,6 +78,7 @@ from research.export._trace import UnsupportedOpError
 from research.export._trace import diagnose
 from research.export._trace import export_forms
 from research.export._trace import inference_fn
+from research.export.config import INT8_LAYERNORM_CHOICES
 from research.export.formats import ExportFormat
 from research.export.formats import ExportJob
 from research.export.formats import Produced
@@ -705,10 +709,31 @@ def range_agreement(runner: TFLiteRunner, ranges: Mapping[str, tuple[float, floa
 
 INTEGER_LAYERNORM_MODES = frozenset({"int16x8"})
 """Modes converted with every ``nnx.LayerNorm`` as :class:`research.export._trace.ExportLayerNorm`
-(TFLite's 16x8 ``SUM`` would clip Flax's feature sums). The other modes convert the layer as it is:
-for ``"int8"`` the form made no difference beyond noise (attention + GRU model, three seeds), and
-with it the ``int8_qdq_symmetric`` ONNX file of the digits ``attn_gru`` (quantized by onnxruntime
-from the float32 file) agreed 0.989, under the export zoo test's 0.99."""
+(TFLite's 16x8 ``SUM`` would clip Flax's feature sums). For ``"int8"`` that form made no
+difference beyond noise (attention + GRU model, three seeds); see :data:`L2_LAYERNORM_MODES`."""
+
+L2_LAYERNORM_MODES = frozenset({"int8", "int8_dense_per_tensor", "int8_per_tensor"})
+"""Full-int8 modes, converted with every ``nnx.LayerNorm`` as
+:class:`research.export._trace.L2LayerNorm` (one int8 ``L2_NORMALIZATION`` per LayerNorm, its
+statistics in 32-bit integers, instead of a variance on a shared int8 grid). Float and
+ONNX-only modes (``int8_qdq_symmetric`` quantizes the float32 ONNX file) convert the layer as it is,
+and so do the full-int8 modes with ``format_options={"tflite": {"int8_layernorm": "as_is"}}``."""
+
+
+def _int8_layernorm(job: ExportJob) -> str | None:
+    """The LayerNorm form of the full-int8 conversions asked for in ``format_options["tflite"]``."""
+    options = job.options_of("tflite")
+    unknown = sorted(set(options) - {"int8_layernorm"})
+    if unknown:
+        raise ValueError(
+            f"format_options['tflite'] has unknown keys {unknown}; the TFLite format takes 'int8_layernorm'"
+        )
+    value = options.get("int8_layernorm", "l2_normalization")
+    if value not in INT8_LAYERNORM_CHOICES:
+        raise ValueError(
+            f"format_options['tflite']['int8_layernorm']={value!r}: choose one of {INT8_LAYERNORM_CHOICES}"
+        )
+    return None if value == "as_is" else value
 
 
 def converted(job: ExportJob, q: str) -> bytes:
@@ -720,11 +745,9 @@ def converted(job: ExportJob, q: str) -> bytes:
     needing = job.needing("tflite")
 
     fn = job.convert_fn
-    if q in INTEGER_LAYERNORM_MODES:  # the converted model's LayerNorms as ExportLayerNorm
-        fn = job.memo(
-            ("forms", "integer_layernorm"),
-            lambda: inference_fn(export_forms(job.convert_model, integer_layernorm=True)),
-        )
+    form = "mean_column" if q in INTEGER_LAYERNORM_MODES else _int8_layernorm(job) if q in L2_LAYERNORM_MODES else None
+    if form is not None:  # the converted model's LayerNorms in the form this mode quantizes well
+        fn = job.memo(("forms", form), lambda: inference_fn(export_forms(job.convert_model, layernorm=form)))
 
     def convert() -> bytes:
         with formats_lib.producing(f"the {q} TFLite conversion (needed by {' and '.join(needing)})", job.out_dir):

@@ -42,20 +42,17 @@ EXTRA_QUANTIZE = {"vit": ("int16x8",)}
 # The ViT (no dropout, no BatchNorm: train and eval mode agree) reaches more after its 1500 steps.
 MIN_ACCURACY = {"vit": 0.85}
 
-# Top-1 agreement bounds below the 0.99 target, each measured, not a target met. The ViT's:
-# * its int8 file (and the ONNX file converted from it) reaches 0.99 on about half of its trainings.
-#   Over data-order seeds 0-6 with one XLA thread: 0.986, 0.978, 0.995, 0.992, 0.989, 0.981, 0.989
-#   (seeds 0-2 with two threads: 0.992, 0.992, 0.984; 3000 steps instead of 1500 do not help,
-#   0.981-0.997; nor 1024 calibration examples instead of 256). Its stored weights (seed 0, trained
-#   on an AVX2-only EPYC) agree 0.984.
-# * its symmetric Q/DQ file (0.984 on an earlier training, 0.995 on the stored weights): symmetric activation grids spend half their levels on
-#   the softmax's absent negative values.
+# Top-1 agreement bounds below the 0.99 target, each measured, not a target met. The ViT's symmetric
+# Q/DQ file (0.984 on an earlier training, 0.995 on the stored weights): symmetric activation grids
+# spend half their levels on the softmax's absent negative values. Its int8 TFLite file (and the ONNX
+# file converted from it) is held to 0.99 since its LayerNorms convert as one L2_NORMALIZATION each
+# (research.export._trace.L2LayerNorm): stored weights 0.9837 -> 0.9918 TFLite (3 of 368 inputs
+# flip, the most 0.99 allows), 0.9946 ONNX as written; over data-order seeds 0-5 (one XLA thread)
+# 0.9864-0.9973, mean 0.9923, against 0.9755-0.9946, mean 0.9842, before (experiments/int8_seq/README.md).
 # ResNet-56 met 0.99 only on some trainings at the zoo's tiniest width 4 (over data-order seeds 0-7
 # on an AVX2-only EPYC: int8 TFLite/ONNX 0.9891-1.0, symmetric Q/DQ 0.9783-1.0); at width 8 the
 # same seeds gave >= 0.9918 and >= 0.9891, and its stored weights (seed 0) agree 0.9973, 0.9973, 1.0.
 INT8_BOUND = {
-    ("vit", "tflite_int8"): 0.97,
-    ("vit", "onnx_int8"): 0.97,
     ("vit", "onnx_int8_qdq_symmetric"): 0.98,
 }
 

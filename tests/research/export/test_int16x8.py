@@ -1,4 +1,4 @@
-"""The 16x8 export mode (int16 activations, int8 weights) and the LayerNorm export form.
+"""The 16x8 export mode (int16 activations, int8 weights) and the LayerNorm export forms.
 
 A LayerNorm followed by a GRU unrolled over its tokens: the pattern whose int8 export loses
 top-1 agreement (each step re-quantizes the gates and the hidden state; a LayerNorm's statistics
@@ -23,9 +23,11 @@ from research.export import export
 from research.export import inference_fn
 from research.export import to_tflite
 from research.export._trace import ExportLayerNorm
+from research.export._trace import L2LayerNorm
 from research.export._trace import export_forms
 from research.export.report import ExportAgreementWarning
 from research.export.tflite import Int16SumWarning
+from research.export.tflite import op_counts
 
 TOKENS, FEATURES = 6, 4
 
@@ -83,6 +85,38 @@ def test_layernorm_export_form_computes_the_same_function():
     )
 
 
+@pytest.mark.parametrize("epsilon", [1e-6, 0.5])
+@pytest.mark.parametrize("affine", [True, False])
+def test_l2_layernorm_form_computes_the_same_function(epsilon, affine):
+    model = _model()
+    model.norm = nnx.LayerNorm(16, epsilon=epsilon, use_scale=affine, use_bias=affine, rngs=nnx.Rngs(0))
+    if affine:
+        rng = np.random.default_rng(2)
+        model.norm.scale[...] = jnp.asarray(1.0 + 0.5 * rng.normal(size=16), jnp.float32)
+        model.norm.bias[...] = jnp.asarray(0.3 * rng.normal(size=16), jnp.float32)
+    forms = export_forms(model, layernorm="l2_normalization")
+    assert isinstance(forms.norm, L2LayerNorm) and isinstance(model.norm, nnx.LayerNorm)
+    x = np.array(model.embed(_inputs(64, 0)) + 3.0)
+    x[0, 0] = 1.25  # a token with no spread: the epsilon column alone keeps it finite
+    # against the layer's function in float64 (Flax's own E[x^2] - E[x]^2 loses digits on these offset tokens)
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    want = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + epsilon)
+    if affine:
+        want = want * np.asarray(model.norm.scale[...], np.float64) + np.asarray(model.norm.bias[...], np.float64)
+    np.testing.assert_allclose(np.asarray(forms.norm(x)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.norm(x)), want, rtol=1e-3, atol=1e-3)  # the reference is the layer's
+    # a LayerNorm over tokens and features runs the layer itself
+    other = _model(reduction_axes=(1, 2))
+    y = np.asarray(inference_fn(export_forms(other, layernorm="l2_normalization"))(_inputs(8, 1)))
+    np.testing.assert_allclose(y, np.asarray(jax.jit(inference_fn(other))(_inputs(8, 1))), rtol=1e-6, atol=1e-6)
+
+
+def test_an_unknown_layernorm_form_is_refused():
+    with pytest.raises(ValueError, match=r"layernorm='rms': unknown LayerNorm export form; choose from"):
+        export_forms(_model(), layernorm="rms")
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     with warnings.catch_warnings():
@@ -118,6 +152,32 @@ def test_int16x8_files_have_int16_activations_and_int8_weights(report):
     assert not a.extra["qdq"]["tensorrt_symmetric"]
     y = OnnxRunner(a.path, optimization="none")(_inputs(3, 5))
     assert y.shape == (3, 5) and np.all(np.isfinite(y))
+
+
+def test_each_integer_mode_converts_its_layernorm_form(report):
+    """int8: one L2_NORMALIZATION (statistics in 32-bit integers), no int8 RSQRT of a variance;
+    int16x8: the 1/n-column form (FULLY_CONNECTED means, no SUM); float32: the layer as it is."""
+    ops = {q: op_counts(open(report[f"tflite_{q}"].path, "rb").read()) for q in ("fp32", "int8", "int16x8")}
+    assert ops["int8"]["L2_NORMALIZATION"] == 1 and ops["int8"]["RSQRT"] == 0, ops["int8"]
+    assert ops["int16x8"]["L2_NORMALIZATION"] == 0 and ops["int16x8"]["SUM"] == 0, ops["int16x8"]
+    assert ops["fp32"]["L2_NORMALIZATION"] == 0, ops["fp32"]
+    assert report["tflite_int8"].max_rel_diff < 1.0 and report["onnx_int8"].reference.max_rel_diff < 1.0
+
+
+def test_int8_layernorm_as_is_converts_the_layer_and_a_bad_option_is_refused(tmp_path):
+    x = _inputs(16, 7)
+    kw = dict(formats=("tflite",), quantize=("int8",), calibration=_inputs(64, 8), eval_data=x, latency_repeats=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportAgreementWarning)
+        rep = export(
+            _model(), x[:4], out_dir=tmp_path / "a", format_options={"tflite": {"int8_layernorm": "as_is"}}, **kw
+        )
+    ops = op_counts(open(rep["tflite_int8"].path, "rb").read())
+    assert ops["L2_NORMALIZATION"] == 0 and ops["RSQRT"] == 1, ops
+    with pytest.raises(ValueError, match=r"\['int8_layernorm'\]='rms': choose one of \('l2_normalization', 'as_is'\)"):
+        export(_model(), x[:4], out_dir=tmp_path / "b", format_options={"tflite": {"int8_layernorm": "rms"}}, **kw)
+    with pytest.raises(ValueError, match=r"unknown keys \['layernorm'\]; the TFLite format takes 'int8_layernorm'"):
+        export(_model(), x[:4], out_dir=tmp_path / "c", format_options={"tflite": {"layernorm": "as_is"}}, **kw)
 
 
 def test_int16x8_agrees_with_jax_better_than_int8(report):

@@ -155,3 +155,24 @@ def test_export_stage_validates_the_rule_before_training():
         stage = ExportStage(**tflite, quantize=quantize, activation_calibration=rule)
         with pytest.raises(C.ConfigError, match=match):
             C.validate(dataclasses.replace(base, stages=(stage,)))
+
+
+def test_export_stage_validates_the_int8_layernorm_form_before_training():
+    from research import config as C
+    from research.export.stage import ExportStage
+
+    base = C.Config(name="forms", model=C.ModelConfig(name="mlp"), data=C.DataConfig(name="digits"))
+    C.validate(
+        dataclasses.replace(
+            base, stages=(ExportStage(formats=("tflite",), quantize=("int8",), int8_layernorm="as_is"),)
+        )
+    )
+    for stage, match in [
+        (ExportStage(formats=("tflite",), int8_layernorm="l2"), r"int8_layernorm.*'l2'.*l2_normalization"),
+        (
+            ExportStage(formats=("onnx",), int8_layernorm="as_is"),
+            r"formats=\['onnx'\] has no 'tflite'; add it or drop int8_layernorm",
+        ),
+    ]:
+        with pytest.raises(C.ConfigError, match=match):
+            C.validate(dataclasses.replace(base, stages=(stage,)))
