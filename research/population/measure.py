@@ -83,7 +83,7 @@ def evaluate_many(
     params = jax.tree.map(lambda *a: jnp.stack(a), *[s[1] for s in splits])
     model_state = jax.tree.map(lambda *a: jnp.stack(a), *[s[2] for s in splits])
     step = _vmapped_eval(defs.eval)
-    sums = [step(params, model_state, b) for b in eval_batches(x, y, min(batch_size, len(x)))]
+    sums = [step(params, model_state, b) for b in eval_batches(x, y, batch_size)]  # as evaluate: one shape
     host = jax.device_get(sums)
     out = []
     for j in range(len(models)):

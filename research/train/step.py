@@ -159,7 +159,9 @@ def evaluate(defs: ModelDefs, params, model_state, x, y, *, batch_size: int = 25
 
     eval_step = eval_step or make_eval_step(defs)
     total = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    sums = [eval_step(params, model_state, b) for b in eval_batches(x, y, min(batch_size, len(x)))]
+    # Every split in batches of ``batch_size`` (a short one padded): the test and validation splits of
+    # one model share one compiled program.
+    sums = [eval_step(params, model_state, b) for b in eval_batches(x, y, batch_size)]
     for s in jax.device_get(sums):
         for k in total:
             total[k] += float(s[k])
