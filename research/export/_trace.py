@@ -252,8 +252,9 @@ class ExportLayerNorm(nnx.Module):
         n = x.shape[-1]
         mean_of = jax.numpy.full((n, 1), 1.0 / n, x.dtype)
         y, gain = self._normalized(x - x @ mean_of, mean_of)
-        if m.use_scale:  # a constant gain folds into the scale: one multiplication, not two
-            y = y * (m.scale[...].astype(x.dtype) if gain is None else m.scale[...].astype(x.dtype) * gain)
+        if m.use_scale:
+            scale = m.scale[...].astype(x.dtype)
+            y = y * (scale if gain is None else scale * gain)  # a constant gain folds into the scale
         elif gain is not None:
             y = y * gain
         if m.use_bias:
@@ -300,21 +301,18 @@ class L2LayerNorm(ExportLayerNorm):
 LAYERNORM_FORMS: dict[str, type] = {"mean_column": ExportLayerNorm, "l2_normalization": L2LayerNorm}
 
 
-def export_forms(model: Any, *, integer_layernorm: bool = False, layernorm: str | None = None) -> Any:
+def export_forms(model: Any, *, layernorm: str | None = None) -> Any:
     """A copy of ``model`` with layers replaced by export-friendly equivalents (same function).
 
     Every ``nnx.LinearGeneral`` becomes an :class:`ExportLinearGeneral` and every
     ``nnx.MultiHeadAttention`` an :class:`ExportAttention`. ``layernorm`` names a stand-in for
     every ``nnx.LayerNorm`` (:data:`LAYERNORM_FORMS`): ``"mean_column"`` (:class:`ExportLayerNorm`,
-    what the TFLite ``"int16x8"`` mode converts: its ``SUM`` would clip; ``integer_layernorm=True``
-    is the same) or ``"l2_normalization"`` (:class:`L2LayerNorm`, what the full-int8 modes
+    what the TFLite ``"int16x8"`` mode converts: its ``SUM`` would clip) or ``"l2_normalization"`` (:class:`L2LayerNorm`, what the full-int8 modes
     convert). Non-NNX callables and models without those layers are returned unchanged.
 
     Raises:
       ValueError: an unknown ``layernorm``.
     """
-    if integer_layernorm:
-        layernorm = layernorm or "mean_column"
     if layernorm is not None and layernorm not in LAYERNORM_FORMS:
         raise ValueError(
             f"layernorm={layernorm!r}: unknown LayerNorm export form; choose from {sorted(LAYERNORM_FORMS)}"

@@ -169,6 +169,8 @@ def _validate(
     stray = sorted(set(format_options) - set(formats))
     if stray:
         raise ValueError(f"format_options names {stray}, which are not in formats={formats!r}; drop them or add them")
+    for f, options in format_options.items():
+        formats_lib.get_format(f).check_options(options)
 
 
 def _param_facts(model: Any) -> tuple[int, float]:

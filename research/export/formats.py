@@ -229,6 +229,13 @@ class ExportFormat:
         """Why this format cannot run here, naming the install command; None when it can."""
         return None
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuses bad ``format_options[name]`` in :func:`~research.export.export`, before anything
+        converts (raise ValueError naming the option and what the format takes). The base accepts
+        any: a format reads its own with :meth:`ExportJob.options_of`.
+        """
+        del options
+
     def prepare(self, job: ExportJob) -> None:
         """Called once per export before any artifact is produced (e.g. to measure the CPU)."""
         del job

@@ -721,18 +721,9 @@ and so do the full-int8 modes with ``format_options={"tflite": {"int8_layernorm"
 
 
 def _int8_layernorm(job: ExportJob) -> str | None:
-    """The LayerNorm form of the full-int8 conversions asked for in ``format_options["tflite"]``."""
-    options = job.options_of("tflite")
-    unknown = sorted(set(options) - {"int8_layernorm"})
-    if unknown:
-        raise ValueError(
-            f"format_options['tflite'] has unknown keys {unknown}; the TFLite format takes 'int8_layernorm'"
-        )
-    value = options.get("int8_layernorm", "l2_normalization")
-    if value not in INT8_LAYERNORM_CHOICES:
-        raise ValueError(
-            f"format_options['tflite']['int8_layernorm']={value!r}: choose one of {INT8_LAYERNORM_CHOICES}"
-        )
+    """The LayerNorm form of the full-int8 conversions (``format_options["tflite"]``, checked by
+    :meth:`TFLiteFormat.check_options`); ``None``: the layer as it is."""
+    value = job.options_of("tflite").get("int8_layernorm", "l2_normalization")
     return None if value == "as_is" else value
 
 
@@ -781,6 +772,19 @@ class TFLiteFormat(ExportFormat):
 
     def modes(self) -> tuple[str, ...]:
         return quantization_modes()
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """``int8_layernorm``: :data:`research.export.config.INT8_LAYERNORM_CHOICES` (see :data:`L2_LAYERNORM_MODES`)."""
+        unknown = sorted(set(options) - {"int8_layernorm"})
+        if unknown:
+            raise ValueError(
+                f"format_options['tflite'] has unknown keys {unknown}; the TFLite format takes 'int8_layernorm'"
+            )
+        value = options.get("int8_layernorm", "l2_normalization")
+        if value not in INT8_LAYERNORM_CHOICES:
+            raise ValueError(
+                f"format_options['tflite']['int8_layernorm']={value!r}: choose one of {INT8_LAYERNORM_CHOICES}"
+            )
 
     def needs_calibration(self, mode: str) -> bool:
         return is_full_integer(mode)

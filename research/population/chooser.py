@@ -206,6 +206,12 @@ def _over_memory(k: int, nbytes: int, memory_limit: int) -> str:
     return f"K={k} needs {nbytes:,} bytes > the {memory_limit:,} available. "
 
 
+def _candidate(n_trials: int, k: int, seconds: float, nbytes: int) -> Candidate:
+    """K's measured step as a candidate: ``n_trials`` trained in ``ceil(n_trials / k)`` chunks of K."""
+    tps = n_trials / (math.ceil(n_trials / k) * seconds) if seconds > 0 else math.inf
+    return Candidate(k=k, step_seconds=seconds, trial_steps_per_s=tps, bytes=nbytes)
+
+
 def candidate_ks(n_trials: int, *, max_k: int | None = None, multiple_of: int = 1) -> list[int]:
     """Powers of two from 1 up to ``n_trials`` (and ``max_k``), multiples of ``multiple_of`` above 1.
 
@@ -303,9 +309,8 @@ def choose_k(
         if over := _over_memory(k, nbytes, memory_limit):
             reason = over
             break
-        chunks = math.ceil(n_trials / k)
-        tps = n_trials / (chunks * seconds) if seconds > 0 else math.inf
-        measured.append(Candidate(k=k, step_seconds=seconds, trial_steps_per_s=tps, bytes=nbytes))
+        measured.append(_candidate(n_trials, k, seconds, nbytes))
+        tps = measured[-1].trial_steps_per_s
         best_so_far = max(measured, key=lambda c: c.trial_steps_per_s)
         if len(measured) >= 2 and tps < stop_below * best_so_far.trial_steps_per_s:
             reason += f"K={k} is slower per trial than K={best_so_far.k}; larger K not tried. "
@@ -459,9 +464,7 @@ def choose_largest_first(
         if over := _over_memory(k, nbytes, memory_limit):
             reason += over
             continue
-        chunks = math.ceil(n_trials / k)
-        tps = n_trials / (chunks * seconds) if seconds > 0 else math.inf
-        best = Candidate(k=k, step_seconds=seconds, trial_steps_per_s=tps, bytes=nbytes)
+        best = _candidate(n_trials, k, seconds, nbytes)
         reason += f"largest first: K={k} measured. "
         return _against_sequential(
             n_trials, measure, sequential, first_seq, [best], best, reason, memory_limit, confirm_rounds, budget,

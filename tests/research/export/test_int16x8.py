@@ -66,7 +66,7 @@ def _inputs(n: int, seed: int) -> np.ndarray:
 
 def test_layernorm_export_form_computes_the_same_function():
     model, x = _model(), _inputs(64, 0)
-    forms = export_forms(model, integer_layernorm=True)
+    forms = export_forms(model, layernorm="mean_column")
     assert isinstance(export_forms(model).norm, nnx.LayerNorm)  # the other modes convert the layer as it is
     assert isinstance(forms.norm, ExportLayerNorm) and isinstance(model.norm, nnx.LayerNorm)
     ref = np.asarray(jax.jit(inference_fn(model))(x))
@@ -76,9 +76,9 @@ def test_layernorm_export_form_computes_the_same_function():
     assert "reduce_sum" not in prims and "dot_general" in prims
     # a LayerNorm over tokens and features runs the layer itself (same function)
     other = _model(reduction_axes=(1, 2))
-    assert isinstance(export_forms(other, integer_layernorm=True).norm, ExportLayerNorm)
+    assert isinstance(export_forms(other, layernorm="mean_column").norm, ExportLayerNorm)
     np.testing.assert_allclose(
-        np.asarray(inference_fn(export_forms(other, integer_layernorm=True))(x)),
+        np.asarray(inference_fn(export_forms(other, layernorm="mean_column"))(x)),
         np.asarray(jax.jit(inference_fn(other))(x)),
         rtol=1e-6,
         atol=1e-6,
