@@ -254,7 +254,8 @@ def run_seed(cfg: OFAConfig, seed: int, log=print) -> dict[str, Any]:
 
 
 def _short(o: dict[str, Any]) -> str:
-    return "w{}-{}-{} d{}{}{} k{}{}{}".format(*(o[f"{k}_{s}"] for k in ("width", "depth", "kernel") for s in range(3)))
+    body = "w{}-{}-{} d{}{}{} k{}{}{}".format(*(o[f"{k}_{s}"] for k in ("width", "depth", "kernel") for s in range(3)))
+    return body + (" max" if o.get("head") == "max" else "")
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -109,8 +109,10 @@ class Phase:
 
 
 #: The order in which progressive shrinking frees the dimensions (Once-for-All: kernel, then depth,
-#: then width; expansion ratios shrink with width). Dimensions not listed are freed last.
-SHRINK_ORDER = ("kernel", "depth", "expand", "width")
+#: then width; expansion ratios shrink with width). A head choice (``conv1d_family``'s global-max or
+#: flattened head) changes no layer of the body, so it is freed first, like the kernel.
+#: Dimensions not listed are freed last.
+SHRINK_ORDER = ("head", "kernel", "depth", "expand", "width")
 
 
 def progressive_phases(

@@ -16,7 +16,7 @@ network of ``nnx.Linear``/``nnx.Conv``/``nnx.BatchNorm`` layers that pruning, qu
 decomposition, distillation and export accept like any other zoo model.
 
 Families: ``mlp_family`` (depth, per-layer width), ``conv1d_family`` (MNIST-1D: per-stage width,
-depth and kernel 3/5), ``resnet_family`` (per-stage width and depth, BatchNorm) and
+depth and kernel 3/5, a global-max or flattened head), ``resnet_family`` (per-stage width and depth, BatchNorm) and
 ``mobilenet_family`` (MobileNetV2-style inverted residuals: per-stage width multiplier,
 expansion ratio, kernel 3/5 and depth, BatchNorm).
 
@@ -345,6 +345,9 @@ def mlp_family(input_shape, num_classes, *, depth=3, width_0=128, width_1=128, w
 CONV1D_WIDTHS = (8, 16, 24, 32)
 CONV1D_DEPTHS = (1, 2, 3)
 KERNELS = (3, 5)
+#: The 1-D family's heads, smaller first: a linear layer on the global max over positions of each
+#: channel (shift-invariant, ``C`` inputs) or on every position's features (``C * L`` inputs).
+CONV1D_HEADS = ("max", "flatten")
 
 
 class Conv1DStage(nnx.Module):
@@ -362,13 +365,17 @@ class Conv1DStage(nnx.Module):
 
 
 class Conv1DFamily(nnx.Module):
-    """Three 1-D conv stages (stride 2 each) and a linear head on the channel-major flattened features.
+    """Three 1-D conv stages (stride 2 each) and a linear head.
 
     Inputs ``(L,)`` are one-channel signals; ``(L, C, ...)`` are length-``L`` signals with ``C * ...``
     channels (an 8x8 image is 8 steps of 8 channels).
 
-    Flattening channel-major (``(B, C, L) -> (B, C*L)``) makes a narrower stage's features a prefix
-    of the wider one's, so the head's kernel slices like every other layer's.
+    ``head="flatten"`` reads the channel-major flattened features (``(B, C, L) -> (B, C*L)``), so a
+    narrower stage's features are a prefix of the wider one's and the head's kernel slices like
+    every other layer's. ``head="max"`` reads each channel's maximum over positions (``C`` inputs,
+    invariant to where in the signal a pattern sits); inside the supernet (a ``flatten`` model) the
+    pooled features take the first ``C`` inputs of the flattened head, so a ``max`` member's head
+    is again a prefix of the supernet's.
 
     References:
       Greydanus & Kobak, "Scaling down deep learning with MNIST-1D", https://arxiv.org/abs/2011.14439
@@ -376,11 +383,14 @@ class Conv1DFamily(nnx.Module):
 
     family_name = "conv1d_family"
 
-    def __init__(self, input_shape, num_classes, *, widths, depths, kernels, rngs: nnx.Rngs):
+    def __init__(self, input_shape, num_classes, *, widths, depths, kernels, head="flatten", rngs: nnx.Rngs):
+        if head not in CONV1D_HEADS:
+            raise ValueError(f"head={head!r} is not one of {list(CONV1D_HEADS)}")
         self.input_shape = tuple(input_shape)
         length = int(input_shape[0])
         cin = _flat_size(input_shape[1:])  # (L,) -> 1 channel; (L, C, ...) -> prod(C, ...) channels
         self.widths, self.depths, self.kernels = tuple(widths), tuple(depths), tuple(kernels)
+        self.head_kind = head
         stages = []
         for w, d, k in zip(widths, depths, kernels, strict=True):
             stages.append(Conv1DStage(cin, w, d, k, rngs=rngs))
@@ -388,7 +398,7 @@ class Conv1DFamily(nnx.Module):
             length = (length - 1) // 2 + 1
         self.stages = nnx.List(stages)
         self.length = length
-        self.head = nnx.Linear(cin * length, num_classes, rngs=rngs)
+        self.head = nnx.Linear(cin * (length if head == "flatten" else 1), num_classes, rngs=rngs)
 
     def arch_masks(self, options: Mapping[str, Any]) -> Masks:
         """Masks selecting the sub-network ``options`` (this model must be the family's largest)."""
@@ -398,14 +408,22 @@ class Conv1DFamily(nnx.Module):
             out[f"c{s}"] = prefix_mask(o[f"width_{s}"], w)
             out[f"g{s}"] = prefix_mask(o[f"depth_{s}"], d)
             out[f"k{s}"] = centre_mask(o[f"kernel_{s}"], k)
+        out["pool"] = jnp.asarray([o["head"] == "max"], jnp.float32)
         return out
 
     def __call__(self, x: jax.Array, masks: Masks | None = None) -> jax.Array:
         x = x.reshape(x.shape[0], self.input_shape[0], -1)
         for s, stage in enumerate(self.stages):
             x = stage(x, _get(masks, f"c{s}"), _get(masks, f"g{s}"), _get(masks, f"k{s}"))
-        x = jnp.swapaxes(x, 1, 2).reshape(x.shape[0], -1)
-        return self.head(x)
+        if self.head_kind == "max":
+            return self.head(jnp.max(x, axis=1))
+        flat = jnp.swapaxes(x, 1, 2).reshape(x.shape[0], -1)
+        pool = _get(masks, "pool")
+        if pool is not None:  # a max-head member inside the supernet: pooled features on the first C inputs
+            pooled = jnp.max(x, axis=1)
+            pooled = jnp.pad(pooled, ((0, 0), (0, flat.shape[1] - pooled.shape[1])))
+            flat = _gate(pooled, flat, pool[0])
+        return self.head(flat)
 
 
 CONV1D_FAMILY = register_family(
@@ -415,6 +433,7 @@ CONV1D_FAMILY = register_family(
             **{f"width_{s}": CONV1D_WIDTHS for s in range(3)},
             **{f"depth_{s}": CONV1D_DEPTHS for s in range(3)},
             **{f"kernel_{s}": KERNELS for s in range(3)},
+            "head": CONV1D_HEADS,
         },
     )
 )
@@ -434,15 +453,18 @@ def conv1d_family(
     kernel_0=5,
     kernel_1=5,
     kernel_2=5,
+    head="flatten",
     rngs,
 ):
-    """Searchable 1-D CNN for MNIST-1D: per stage width 8..32, depth 1..3, kernel 3/5 (see ``CONV1D_FAMILY``)."""
+    """Searchable 1-D CNN for MNIST-1D: per stage width 8..32, depth 1..3, kernel 3/5; a global-max or
+    flattened head (see ``CONV1D_FAMILY``)."""
     return Conv1DFamily(
         input_shape,
         num_classes,
         widths=(width_0, width_1, width_2),
         depths=(depth_0, depth_1, depth_2),
         kernels=(kernel_0, kernel_1, kernel_2),
+        head=head,
         rngs=rngs,
     )
 

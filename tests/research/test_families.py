@@ -65,6 +65,21 @@ def test_conditional_widths_and_bad_options():
         nn.get_family("lenet5")
 
 
+def test_conv1d_max_head_reads_each_channels_maximum_over_positions():
+    kw = dict(input_shape=(40,), num_classes=10, rngs=nnx.Rngs(0), width_2=8)
+    pooled = nn.build_model("conv1d_family", head="max", **kw)
+    flat = nn.build_model("conv1d_family", **kw)
+    assert flat.head_kind == "flatten" and flat.head.in_features == 8 * 5  # the default: the supernet's head
+    assert pooled.head.in_features == 8
+    x = jax.random.normal(jax.random.key(0), (3, 40))
+    features = x[..., None]
+    for stage in pooled.stages:
+        features = stage(features)
+    np.testing.assert_allclose(pooled(x), pooled.head(features.max(axis=1)), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"head='mean' is not one of \['max', 'flatten'\]"):
+        nn.build_model("conv1d_family", head="mean", **kw)
+
+
 @pytest.mark.slow  # every method and export on one family member
 def test_smallest_member_goes_through_every_method(tmp_path):
     name = "conv1d_family"

@@ -34,6 +34,19 @@ def test_supernet_under_a_mask_equals_the_extracted_subnetwork(name, shape):
     np.testing.assert_allclose(np.asarray(masked), np.asarray(sub(x)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["max", "flatten"])
+def test_conv1d_heads_inside_the_supernet_equal_the_extracted_member(head):
+    net = _net("conv1d_family", (40,))
+    options = {"width_2": 16, "depth_1": 2, "kernel_0": 3, "head": head}
+    x = jax.random.normal(jax.random.key(2), (6, 40))
+    masked, _ = nas.apply(net, net.params, net.stats, x, nas.masks_for(net, options))
+    sub = nas.extract(net, options)
+    assert sub.head.in_features == 16 * (5 if head == "flatten" else 1)  # 40 -> 20 -> 10 -> 5 positions
+    np.testing.assert_allclose(np.asarray(masked), np.asarray(sub(x)), rtol=1e-5, atol=1e-5)
+    other = nas.extract(net, {**options, "head": "flatten" if head == "max" else "max"})
+    assert not np.allclose(np.asarray(other(x)), np.asarray(sub(x)), atol=1e-3)  # the choice changes the function
+
+
 def test_vmapped_evaluation_equals_separate_evaluations():
     net = _net("mlp_family", (8, 8))
     fam = net.family
@@ -106,20 +119,26 @@ def test_evolution_searches_a_family_over_accuracy_flops_and_bytes():
 
 def test_progressive_phases_free_the_dimensions_in_order():
     fam = nn.get_family("conv1d_family")
-    phases = nas.progressive_phases(fam, 12, first=0.25)
-    assert [p.elastic for p in phases] == [(), ("kernel",), ("kernel", "depth"), ("kernel", "depth", "width")]
-    assert [p.steps for p in phases] == [3, 3, 3, 3]
+    phases = nas.progressive_phases(fam, 15, first=0.2)
+    assert [p.elastic for p in phases] == [
+        (),
+        ("head",),
+        ("head", "kernel"),
+        ("head", "kernel", "depth"),
+        ("head", "kernel", "depth", "width"),
+    ]
+    assert [p.steps for p in phases] == [3, 3, 3, 3, 3]
     net = _net("conv1d_family", (40,))
     masks = nas.phase_masks(net, phases, np.random.default_rng(0), n_random=3)
     full = nas.masks_for(net, fam.largest())
-    dim = {"c": "width", "g": "depth", "k": "kernel"}  # mask key c<s>/g<s>/k<s> -> dimension
+    dim = {"c": "width", "g": "depth", "k": "kernel", "p": "head"}  # mask key c<s>/g<s>/k<s>/pool -> dimension
     for step, m in enumerate(masks):
         for key, value in m.items():  # a dimension not yet freed stays at its largest choice
             if dim[key[0]] not in phases[step // 3].elastic:
                 np.testing.assert_array_equal(np.asarray(value), np.broadcast_to(full[key], value.shape))
-    for p, step in zip(phases, (0, 3, 6, 9), strict=True):  # the phase's smallest member (row 1)
+    for p, step in zip(phases, (0, 3, 6, 9, 12), strict=True):  # the phase's smallest member (row 1)
         small = jax.tree.map(lambda a: a[1], masks[step])
-        shrunk = {dim[k[0]] for k in small if float(small[k].sum()) < float(full[k].sum())}
+        shrunk = {dim[k[0]] for k in small if not np.array_equal(np.asarray(small[k]), np.asarray(full[k]))}
         assert shrunk == set(p.elastic)
     with pytest.raises(ValueError, match="expand"):
         nas.progressive_phases(fam, 12, order=("expand",))

@@ -54,3 +54,16 @@ def test_tau_members_are_spread_over_the_supernet_ranking_and_skip_chosen_archit
     out = _spread(cands, 3, {(0,), (9,)}, key)
     assert [c.options["width"] for c in out] == [1, 5, 8]  # the lowest, middle and highest of the rest
     assert len(_spread(cands, 20, set(), key)) == 10
+
+
+def test_head_control_trains_cnn1d_and_its_family_twin_with_either_head():
+    from experiments.ofa_small.head_control import format_controls
+    from experiments.ofa_small.head_control import run_controls
+
+    rows = run_controls((0,), steps=3, batch_size=16)
+    flops = {r["model"]: r["flops"] for r in rows}
+    assert list(flops) == ["zoo cnn1d", "w24-24-24 d111 k533 (flatten)", "w24-24-24 d111 k533 max"]
+    # the max head reads 24 inputs instead of 24 * 5: fewer FLOPs than the flattened twin and cnn1d
+    assert flops["w24-24-24 d111 k533 max"] < flops["w24-24-24 d111 k533 (flatten)"] < flops["zoo cnn1d"]
+    assert all(0.0 <= r["val"] <= 1.0 and 0.0 <= r["test"] <= 1.0 for r in rows)
+    assert "mean test zoo cnn1d" in format_controls(rows)
