@@ -261,14 +261,14 @@ def _short(o: dict[str, Any]) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The result of one seed as a text table."""
     head = (
-        f"{'model':<26} {'role':<22} {'FLOPs':>9} {'params':>7} {'supernet val':>12} {'fine-tuned':>10} "
+        f"{'model':<30} {'role':<22} {'FLOPs':>9} {'params':>7} {'supernet val':>12} {'fine-tuned':>10} "
         f"{'scratch val':>11} {'scratch test':>12} {'TFLite ms':>9}"
     )
     lines = [head, "-" * len(head)]
     f = lambda v, d=4: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in result["rows"]:
         lines.append(
-            f"{r['model']:<26} {r['role']:<22} {r['flops']:>9,.0f} {r['params']:>7,} {f(r['supernet_val']):>12} "
+            f"{r['model']:<30} {r['role']:<22} {r['flops']:>9,.0f} {r['params']:>7,} {f(r['supernet_val']):>12} "
             f"{f(r['finetuned_test']):>10} {f(r.get('scratch_val')):>11} {f(r['scratch_test']):>12} "
             f"{f(r.get('tflite_ms'), 4):>9}"
         )
