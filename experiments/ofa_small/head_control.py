@@ -38,14 +38,29 @@ MODELS = {
 
 
 def run_controls(
-    seeds: tuple[int, ...] = (0, 1, 2), *, steps: int = 1500, batch_size: int = 128, learning_rate: float = 3e-3
+    seeds: tuple[int, ...] = (0, 1, 2),
+    *,
+    steps: int = 1500,
+    batch_size: int = 128,
+    learning_rate: float = 3e-3,
+    models: tuple[str, ...] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every model of :data:`MODELS` trained from scratch per seed: FLOPs, validation and test accuracy."""
+    """The models of :data:`MODELS` (``models``: some of its labels; default all) trained from scratch
+    per seed: FLOPs, validation and test accuracy.
+
+    Raises:
+      KeyError: a label in ``models`` that :data:`MODELS` lacks (the error lists the labels).
+    """
+    labels = tuple(MODELS) if models is None else tuple(models)
+    unknown = [m for m in labels if m not in MODELS]
+    if unknown:
+        raise KeyError(f"no control model(s) {unknown}; the labels are {list(MODELS)}")
     rows = []
     for seed in seeds:
         ds = data.load_dataset("mnist1d", seed=seed)
         sample = jnp.zeros((1, *ds.input_shape), jnp.float32)
-        for label, (name, options) in MODELS.items():
+        for label in labels:
+            name, options = MODELS[label]
             model = nn.build_model(
                 name, input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed), **options
             )

@@ -56,14 +56,29 @@ def test_tau_members_are_spread_over_the_supernet_ranking_and_skip_chosen_archit
     assert len(_spread(cands, 20, set(), key)) == 10
 
 
-def test_head_control_trains_cnn1d_and_its_family_twin_with_either_head():
+def test_head_control_models_and_a_short_run():
+    import jax.numpy as jnp
+    import pytest
+    from flax import nnx
+
+    from experiments.ofa_small.head_control import MODELS
     from experiments.ofa_small.head_control import format_controls
     from experiments.ofa_small.head_control import run_controls
+    from research import metrics
+    from research import nn
 
-    rows = run_controls((0,), steps=3, batch_size=16)
-    flops = {r["model"]: r["flops"] for r in rows}
+    sample = jnp.zeros((1, 40))
+    flops = {
+        label: metrics.flops(nn.build_model(name, input_shape=(40,), num_classes=10, rngs=nnx.Rngs(0), **o), sample)
+        for label, (name, o) in MODELS.items()
+    }
     assert list(flops) == ["zoo cnn1d", "w24-24-24 d111 k533 (flatten)", "w24-24-24 d111 k533 max"]
     # the max head reads 24 inputs instead of 24 * 5: fewer FLOPs than the flattened twin and cnn1d
     assert flops["w24-24-24 d111 k533 max"] < flops["w24-24-24 d111 k533 (flatten)"] < flops["zoo cnn1d"]
-    assert all(0.0 <= r["val"] <= 1.0 and 0.0 <= r["test"] <= 1.0 for r in rows)
-    assert "mean test zoo cnn1d" in format_controls(rows)
+    rows = run_controls((0,), steps=2, batch_size=16, models=("w24-24-24 d111 k533 max",))
+    assert [r["model"] for r in rows] == ["w24-24-24 d111 k533 max"]
+    assert rows[0]["flops"] == flops["w24-24-24 d111 k533 max"]
+    assert 0.0 <= rows[0]["val"] <= 1.0 and 0.0 <= rows[0]["test"] <= 1.0
+    assert "mean test w24-24-24 d111 k533 max: " in format_controls(rows)
+    with pytest.raises(KeyError, match="no control model.*the labels are"):
+        run_controls((0,), steps=1, models=("resnet",))
