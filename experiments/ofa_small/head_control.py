@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.ofa_small.experiment import OFAConfig
 from experiments.ofa_small.experiment import _acc
 from research import data
 from research import metrics
@@ -30,6 +31,8 @@ from research.train import train_scan
 CNN1D_SHAPE = dict(
     width_0=24, width_1=24, width_2=24, depth_0=1, depth_1=1, depth_2=1, kernel_0=5, kernel_1=3, kernel_2=3
 )
+#: ofa_small's from-scratch budget (``OFAConfig``'s defaults), which every control model gets.
+BUDGET = OFAConfig()
 MODELS = {
     "zoo cnn1d": ("cnn1d", {}),
     "w24-24-24 d111 k533 (flatten)": ("conv1d_family", {**CNN1D_SHAPE, "head": "flatten"}),
@@ -40,9 +43,9 @@ MODELS = {
 def run_controls(
     seeds: tuple[int, ...] = (0, 1, 2),
     *,
-    steps: int = 1500,
-    batch_size: int = 128,
-    learning_rate: float = 3e-3,
+    steps: int = BUDGET.scratch_steps,
+    batch_size: int = BUDGET.batch_size,
+    learning_rate: float = BUDGET.learning_rate,
     models: tuple[str, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """The models of :data:`MODELS` (``models``: some of its labels; default all) trained from scratch
@@ -95,7 +98,12 @@ def format_controls(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=1500, help="training steps of every model (ofa_small's scratch budget)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=BUDGET.scratch_steps,
+        help="training steps of every model (ofa_small's scratch budget)",
+    )
     a = p.parse_args(argv)
     rows = run_controls(tuple(a.seeds), steps=a.steps)
     print(format_controls(rows))
