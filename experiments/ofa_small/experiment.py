@@ -51,6 +51,11 @@ class OFAConfig:
         (no latency objective).
       tflite_latency: time the exported TFLite file of every front member, validation-chosen
         member (:func:`dominance`) and zoo model (for the accuracy-vs-latency plot).
+      scratch_repeats: from-scratch trainings (initialisation and batch-order seeds ``seed``,
+        ``seed + 1000``, ...) of each zoo model and of each found member with no more FLOPs than
+        the largest zoo model (the members :func:`dominance` can choose); their mean validation
+        accuracy chooses the found model and their mean test accuracies are compared. The first
+        training is the single run of ``scratch_repeats=1``.
     """
 
     seeds: tuple[int, ...] = (0,)
@@ -73,6 +78,11 @@ class OFAConfig:
     search_latency: str = "jax"
     latency_batch: int = 256
     tflite_latency: bool = True
+    scratch_repeats: int = 1
+
+    def __post_init__(self):
+        if self.scratch_repeats < 1:
+            raise ValueError(f"scratch_repeats={self.scratch_repeats} must be at least 1 (1 = one training per model)")
 
 
 def quick_config() -> OFAConfig:
@@ -132,6 +142,28 @@ def _spread(cands: list, n: int, exclude: set, key) -> list:
     return [pool[i] for i in np.linspace(0, len(pool) - 1, n).round().astype(int)]
 
 
+def _scratch(name: str, options: dict, ds, cfg: OFAConfig, seed: int, repeats: int) -> tuple[nnx.Module, dict]:
+    """Trains model ``name(**options)`` from scratch ``repeats`` times (seeds ``seed + 1000 * r``);
+    returns the first trained model and the row fields: mean and per-run validation and test accuracy."""
+    val, test, first = [], [], None
+    for r in range(repeats):
+        s = seed + 1000 * r
+        model = nn.build_model(
+            name, input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(s), **options
+        )
+        model = train_scan(
+            model, ds.x_train, ds.y_train, steps=cfg.scratch_steps, batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, seed=s,
+        )  # fmt: skip
+        val.append(_acc(model, ds.x_val, ds.y_val))
+        test.append(_acc(model, ds.x_test, ds.y_test))
+        first = model if first is None else first
+    return first, {
+        "scratch_val": float(np.mean(val)), "scratch_test": float(np.mean(test)),
+        "scratch_val_runs": val, "scratch_test_runs": test,
+    }  # fmt: skip
+
+
 def run_seed(cfg: OFAConfig, seed: int, log=print) -> dict[str, Any]:
     """One seed of the experiment; returns its rows and figures."""
     ds = data.load_dataset("mnist1d", seed=seed)
@@ -143,17 +175,16 @@ def run_seed(cfg: OFAConfig, seed: int, log=print) -> dict[str, Any]:
     # the zoo's hand-designed models, from scratch, with the budget every found model also gets
     zoo_rows = []
     for name in ZOO:
-        model = nn.build_model(name, input_shape=shape, num_classes=classes, rngs=nnx.Rngs(seed))
-        model = train_scan(model, ds.x_train, ds.y_train, steps=cfg.scratch_steps, **train)
+        model, runs = _scratch(name, {}, ds, cfg, seed, cfg.scratch_repeats)
         zoo_rows.append(
             {
                 "model": f"zoo {name}", "role": "zoo", "flops": metrics.flops(model, sample),
-                "params": metrics.count_params(model), "supernet_val": None, "finetuned_test": None,
-                "scratch_val": _acc(model, ds.x_val, ds.y_val), "scratch_test": _acc(model, ds.x_test, ds.y_test),
+                "params": metrics.count_params(model), "supernet_val": None, "finetuned_test": None, **runs,
                 "tflite_ms": _tflite_ms(model, ds.x_val[:1], log) if cfg.tflite_latency else None,
             }
         )  # fmt: skip
         log(f"  {zoo_rows[-1]}")
+    contest_flops = max(z["flops"] for z in zoo_rows)
 
     t0 = time.perf_counter()
     net = nas.split_supernet(nas.build_supernet(fam, shape, classes, seed=seed), fam, shape, classes)
@@ -201,8 +232,8 @@ def run_seed(cfg: OFAConfig, seed: int, log=print) -> dict[str, Any]:
 
     rows, models = [], {}
     for key, c in sorted(chosen.items(), key=lambda kv: kv[1].flops):
-        scratch = nn.build_model(fam.name, input_shape=shape, num_classes=classes, rngs=nnx.Rngs(seed), **c.options)
-        scratch = train_scan(scratch, ds.x_train, ds.y_train, steps=cfg.scratch_steps, **train)
+        repeats = cfg.scratch_repeats if c.flops <= contest_flops else 1
+        scratch, runs = _scratch(fam.name, c.options, ds, cfg, seed, repeats)
         tuned = None
         if roles[key] != ["tau"]:
             tuned = train_scan(
@@ -214,8 +245,7 @@ def run_seed(cfg: OFAConfig, seed: int, log=print) -> dict[str, Any]:
                 "model": "found " + _short(c.options), "role": ", ".join(roles[key]), "options": c.options,
                 "flops": c.flops, "params": c.params, "supernet_val": c.accuracy, "search_latency_ms": c.latency,
                 "finetuned_test": None if tuned is None else _acc(tuned, ds.x_test, ds.y_test),
-                "scratch_val": _acc(scratch, ds.x_val, ds.y_val), "scratch_test": _acc(scratch, ds.x_test, ds.y_test),
-                "tflite_ms": None,
+                **runs, "tflite_ms": None,
             }
         )  # fmt: skip
         models[rows[-1]["model"]] = scratch
@@ -250,6 +280,8 @@ def run_seed(cfg: OFAConfig, seed: int, log=print) -> dict[str, Any]:
         "supernet_subnet_steps": cfg.supernet_steps * (2 + cfg.n_random),
         "scratch_steps_per_arch": cfg.scratch_steps,
         "scratch_trained": len(found),
+        "scratch_repeats": cfg.scratch_repeats,
+        "scratch_trainings": sum(len(r["scratch_test_runs"]) for r in found),
     }
 
 
@@ -262,7 +294,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The result of one seed as a text table."""
     head = (
         f"{'model':<30} {'role':<22} {'FLOPs':>9} {'params':>7} {'supernet val':>12} {'fine-tuned':>10} "
-        f"{'scratch val':>11} {'scratch test':>12} {'TFLite ms':>9}"
+        f"{'scratch val':>11} {'scratch test':>12} {'runs':>4} {'TFLite ms':>9}"
     )
     lines = [head, "-" * len(head)]
     f = lambda v, d=4: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -270,7 +302,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"{r['model']:<30} {r['role']:<22} {r['flops']:>9,.0f} {r['params']:>7,} {f(r['supernet_val']):>12} "
             f"{f(r['finetuned_test']):>10} {f(r.get('scratch_val')):>11} {f(r['scratch_test']):>12} "
-            f"{f(r.get('tflite_ms'), 4):>9}"
+            f"{len(r.get('scratch_test_runs') or [0]):>4} {f(r.get('tflite_ms'), 4):>9}"
         )
     lines.append(
         f"Kendall tau (supernet val vs scratch test, {result.get('tau_members', '?')} found members): "
@@ -324,34 +356,58 @@ def plot_results(results: list[dict[str, Any]], path: str) -> str:
     return path
 
 
-def dominance(results: list[dict[str, Any]], key: str = "scratch_test") -> list[dict[str, Any]]:
+def dominance(results: list[dict[str, Any]], key: str = "scratch_test", run: int | None = None) -> list[dict[str, Any]]:
     """Per seed and zoo model: the found model compared with it, and whether it dominates.
 
     The found model is chosen without test data: among the found members with no more FLOPs than
-    the zoo model, the one with the best from-scratch validation accuracy. It dominates when its
-    ``key`` accuracy (test) is above the zoo model's test accuracy. ``any_better`` lists every
-    member more accurate at no more FLOPs (a selection on test data, for information only).
+    the zoo model, the one with the best from-scratch validation accuracy (the mean over its
+    ``scratch_repeats`` trainings). It dominates when its ``key`` accuracy (test) is above the zoo
+    model's test accuracy (means again). ``run=r`` (with ``key="scratch_test"``) instead uses only
+    the ``r``-th training of every model, validation and test: ``run=0`` is the single-training
+    protocol. ``any_better`` lists every member more accurate at no more FLOPs (a selection on test
+    data, for information only).
+
+    Raises:
+      ValueError: ``run`` is given with another ``key``, or a model has fewer than ``run + 1`` trainings.
     """
+    if run is not None and key != "scratch_test":
+        raise ValueError(f"run={run} selects one from-scratch training; it needs key='scratch_test', not {key!r}")
+
+    def val(r):
+        return (r.get("scratch_val") or 0.0) if run is None else _nth(r, "scratch_val_runs", run)
+
+    def acc(r, key=key):
+        return r[key] if run is None else _nth(r, "scratch_test_runs", run)
+
     out = []
     for res in results:
         found = [r for r in res["rows"] if r["model"].startswith("found") and r[key] is not None]
         for z in (r for r in res["rows"] if r["model"].startswith("zoo")):
             within = [f for f in found if f["flops"] <= z["flops"]]
-            pick = max(within, key=lambda f: (f.get("scratch_val") or 0.0, -f["flops"]), default=None)
+            pick = max(within, key=lambda f: (val(f), -f["flops"]), default=None)
             out.append(
                 {
                     "seed": res["seed"],
                     "zoo": z["model"],
                     "zoo_flops": z["flops"],
-                    "zoo_test": z["scratch_test"],
+                    "zoo_test": acc(z, "scratch_test"),
                     "pick": None if pick is None else pick["model"],
                     "pick_flops": None if pick is None else pick["flops"],
-                    "pick_test": None if pick is None else pick[key],
-                    "dominates": pick is not None and pick[key] > z["scratch_test"],
-                    "any_better": [f["model"] for f in within if f[key] > z["scratch_test"]],
+                    "pick_test": None if pick is None else acc(pick),
+                    "dominates": pick is not None and acc(pick) > acc(z, "scratch_test"),
+                    "any_better": [f["model"] for f in within if acc(f) > acc(z, "scratch_test")],
+                    "runs": "mean" if run is None else run,
+                    "pick_trainings": None if pick is None else len(pick.get("scratch_test_runs") or [0]),
                 }
             )
     return out
+
+
+def _nth(row: dict[str, Any], field: str, run: int) -> float:
+    runs = row.get(field) or [row[field.removesuffix("_runs")]]  # results of older runs: one training
+    if run >= len(runs):
+        raise ValueError(f"{row['model']} has {len(runs)} from-scratch training(s); run={run} is not one of them")
+    return runs[run]
 
 
 def format_dominance(d: dict[str, Any]) -> str:
@@ -359,10 +415,13 @@ def format_dominance(d: dict[str, Any]) -> str:
     if d["pick"] is None:
         return f"seed {d['seed']}: {d['zoo']}: no found member within its {d['zoo_flops']:,.0f} FLOPs"
     verdict = "dominates" if d["dominates"] else "does NOT dominate"
+    n = d.get("pick_trainings") or 1
+    runs = d.get("runs", "mean")
+    how = f"training {runs} only" if runs != "mean" else f"mean of {n} trainings" if n > 1 else "one training"
     return (
         f"seed {d['seed']}: {d['zoo']} ({d['zoo_flops']:,.0f} FLOPs, test {d['zoo_test']:.3f}): {d['pick']} "
         f"({d['pick_flops']:,.0f} FLOPs = {d['pick_flops'] / d['zoo_flops']:.2f}x, test {d['pick_test']:.3f}; "
-        f"chosen by validation) {verdict}; members more accurate at <= FLOPs: {', '.join(d['any_better']) or 'none'}"
+        f"chosen by validation, {how}) {verdict}; members more accurate at <= FLOPs: {', '.join(d['any_better']) or 'none'}"
     )
 
 

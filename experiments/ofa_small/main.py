@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> list:
     p.add_argument("--constrained-top", type=int, help="per zoo model, constrained candidates trained from scratch")
     p.add_argument("--tau-members", type=int, help="found members trained from scratch for Kendall's tau (at least)")
     p.add_argument("--search-latency", choices=("jax", "tflite", ""), help="the main search's latency objective")
+    p.add_argument(
+        "--scratch-repeats", type=int,
+        help="trainings (seeds) of each zoo model and each member within their FLOPs; means choose and compare",
+    )  # fmt: skip
     p.add_argument("--no-tflite", action="store_true", help="do not time the exported TFLite files")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: summarise (and plot) these results files")
     p.add_argument("--json", help="write the results here")
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> list:
         "tau_members": a.tau_members,
         "search_latency": a.search_latency,
         "tflite_latency": False if a.no_tflite else None,
+        "scratch_repeats": a.scratch_repeats,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
     if a.merge:
@@ -73,6 +78,10 @@ def main(argv: list[str] | None = None) -> list:
         results = run_experiment(cfg)
     for d in dominance(results):
         print(format_dominance(d))
+    if any(res.get("scratch_repeats", 1) > 1 for res in results):  # the single-training protocol, for comparison
+        print("with the first training of every model only:")
+        for d in dominance(results, run=0):
+            print("  " + format_dominance(d))
     taus = ", ".join(f"seed {r['seed']}: {r['kendall_tau']:.3f} over {r.get('tau_members', '?')}" for r in results)
     print(f"Kendall tau (supernet val vs scratch test): {taus}")
     if a.json:

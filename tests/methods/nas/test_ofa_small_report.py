@@ -82,3 +82,84 @@ def test_head_control_models_and_a_short_run():
     assert "mean test w24-24-24 d111 k533 max: " in format_controls(rows)
     with pytest.raises(KeyError, match="no control model.*the labels are"):
         run_controls((0,), steps=1, models=("resnet",))
+
+
+def _repeated(seed):
+    """A result whose models were trained three times: the means and the first trainings disagree."""
+
+    def row(model, flops, vals, tests):
+        return {"model": model, "role": "front", "flops": flops, "params": 1, "supernet_val": None,
+                "finetuned_test": None, "scratch_val": sum(vals) / len(vals), "scratch_test": sum(tests) / len(tests),
+                "scratch_val_runs": vals, "scratch_test_runs": tests, "tflite_ms": None}  # fmt: skip
+
+    return {
+        "seed": seed,
+        "scratch_repeats": 3,
+        "rows": [
+            # 'lucky' wins validation on its first training only; 'steady' wins on the mean
+            row("found lucky", 40_000, [0.90, 0.80, 0.80], [0.84, 0.80, 0.80]),
+            row("found steady", 50_000, [0.88, 0.88, 0.88], [0.87, 0.88, 0.89]),
+            row("found big", 900_000, [0.95], [0.95]),
+            row("zoo cnn1d", 60_000, [0.85, 0.86, 0.87], [0.85, 0.86, 0.87]),
+        ],
+    }
+
+
+def test_dominance_chooses_and_compares_on_the_mean_of_the_trainings_or_on_one_training():
+    mean = dominance([_repeated(0)])[0]
+    assert mean["pick"] == "found steady" and mean["dominates"] and mean["runs"] == "mean"
+    assert abs(mean["zoo_test"] - 0.86) < 1e-9 and abs(mean["pick_test"] - 0.88) < 1e-9
+    assert "mean of 3 trainings" in format_dominance(mean)
+    first = dominance([_repeated(0)], run=0)[0]
+    assert first["pick"] == "found lucky" and not first["dominates"]  # 0.84 < cnn1d's first 0.85
+    assert first["any_better"] == ["found steady"] and "training 0 only" in format_dominance(first)
+    assert dominance([_repeated(0)], run=2)[0]["pick_test"] == 0.89
+    # results written before repeats existed (one training, no *_runs) still summarise with run=0
+    assert dominance([_result(0)], run=0)[0]["pick"] == "found mid"
+
+
+def test_dominance_refuses_a_run_that_was_not_trained_or_a_run_of_the_fine_tuned_accuracy():
+    import pytest
+
+    with pytest.raises(ValueError, match="found lucky has 3 from-scratch training.*run=3"):
+        dominance([_repeated(0)], run=3)
+    with pytest.raises(ValueError, match="needs key='scratch_test'"):
+        dominance([_repeated(0)], key="finetuned_test", run=0)
+
+
+def test_scratch_repeats_trains_with_seeds_seed_plus_1000_r_and_its_first_training_is_the_single_run():
+    import dataclasses
+
+    import jax
+    import numpy as np
+    import pytest
+    from flax import nnx
+
+    from experiments.ofa_small.experiment import OFAConfig
+    from experiments.ofa_small.experiment import _acc
+    from experiments.ofa_small.experiment import _scratch
+    from research import data
+    from research import nn
+    from research.train import train_scan
+
+    with pytest.raises(ValueError, match="scratch_repeats=0 must be at least 1"):
+        OFAConfig(scratch_repeats=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 40)).astype(np.float32), rng.integers(0, 10, 96).astype(np.int32)
+    ds = data.Dataset("tiny", x[:64], y[:64], x[64:80], y[64:80], x[80:], y[80:], 10)
+    cfg = dataclasses.replace(OFAConfig(), scratch_steps=3, batch_size=16)
+    first, runs = _scratch("mlp", {}, ds, cfg, seed=5, repeats=2)
+    assert len(runs["scratch_val_runs"]) == len(runs["scratch_test_runs"]) == 2
+    assert runs["scratch_test"] == pytest.approx(np.mean(runs["scratch_test_runs"]))
+    alone = nn.build_model("mlp", input_shape=(40,), num_classes=10, rngs=nnx.Rngs(5))
+    alone = train_scan(alone, ds.x_train, ds.y_train, steps=3, batch_size=16, learning_rate=cfg.learning_rate, seed=5)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(first, nnx.Param)), jax.tree.leaves(nnx.state(alone, nnx.Param)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    second = nn.build_model("mlp", input_shape=(40,), num_classes=10, rngs=nnx.Rngs(1005))
+    second = train_scan(
+        second, ds.x_train, ds.y_train, steps=3, batch_size=16, learning_rate=cfg.learning_rate, seed=1005
+    )
+    assert runs["scratch_val_runs"][1] == _acc(second, ds.x_val, ds.y_val)
+    assert runs["scratch_test_runs"][1] == _acc(second, ds.x_test, ds.y_test)
