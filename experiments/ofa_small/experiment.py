@@ -365,7 +365,9 @@ def dominance(results: list[dict[str, Any]], key: str = "scratch_test", run: int
     model's test accuracy (means again). ``run=r`` (with ``key="scratch_test"``) instead uses only
     the ``r``-th training of every model, validation and test: ``run=0`` is the single-training
     protocol. ``any_better`` lists every member more accurate at no more FLOPs (a selection on test
-    data, for information only).
+    data, for information only); ``paired_wins`` is ``(k, R)`` when the pick and the zoo model were
+    both trained ``R > 1`` times: the pick was more accurate on test in ``k`` of the ``R`` trainings
+    paired by seed (means only, else ``None``).
 
     Raises:
       ValueError: ``run`` is given with another ``key``, or a model has fewer than ``run + 1`` trainings.
@@ -398,9 +400,19 @@ def dominance(results: list[dict[str, Any]], key: str = "scratch_test", run: int
                     "any_better": [f["model"] for f in within if acc(f) > acc(z, "scratch_test")],
                     "runs": "mean" if run is None else run,
                     "pick_trainings": None if pick is None else len(pick.get("scratch_test_runs") or [0]),
+                    "paired_wins": None if pick is None or run is not None or key != "scratch_test" else _wins(pick, z),
                 }
             )
     return out
+
+
+def _wins(pick: dict[str, Any], zoo: dict[str, Any]) -> tuple[int, int] | None:
+    """``(k, R)``: in ``k`` of the ``R`` trainings (paired by seed) the pick beat the zoo model on
+    test; ``None`` when either was trained once or their numbers of trainings differ."""
+    a, b = pick.get("scratch_test_runs") or [], zoo.get("scratch_test_runs") or []
+    if len(a) < 2 or len(a) != len(b):
+        return None
+    return sum(x > y for x, y in zip(a, b, strict=True)), len(a)
 
 
 def _nth(row: dict[str, Any], field: str, run: int) -> float:
@@ -418,10 +430,13 @@ def format_dominance(d: dict[str, Any]) -> str:
     n = d.get("pick_trainings") or 1
     runs = d.get("runs", "mean")
     how = f"training {runs} only" if runs != "mean" else f"mean of {n} trainings" if n > 1 else "one training"
+    wins = d.get("paired_wins")
+    paired = f" (more accurate in {wins[0]} of the {wins[1]} trainings paired by seed)" if wins else ""
     return (
         f"seed {d['seed']}: {d['zoo']} ({d['zoo_flops']:,.0f} FLOPs, test {d['zoo_test']:.3f}): {d['pick']} "
         f"({d['pick_flops']:,.0f} FLOPs = {d['pick_flops'] / d['zoo_flops']:.2f}x, test {d['pick_test']:.3f}; "
-        f"chosen by validation, {how}) {verdict}; members more accurate at <= FLOPs: {', '.join(d['any_better']) or 'none'}"
+        f"chosen by validation, {how}) {verdict}{paired}; members more accurate at <= FLOPs: "
+        f"{', '.join(d['any_better']) or 'none'}"
     )
 
 
