@@ -387,17 +387,18 @@ def dominance(results: list[dict[str, Any]], key: str = "scratch_test", run: int
         for z in (r for r in res["rows"] if r["model"].startswith("zoo")):
             within = [f for f in found if f["flops"] <= z["flops"]]
             pick = max(within, key=lambda f: (val(f), -f["flops"]), default=None)
+            zoo_test = acc(z, "scratch_test")
             out.append(
                 {
                     "seed": res["seed"],
                     "zoo": z["model"],
                     "zoo_flops": z["flops"],
-                    "zoo_test": acc(z, "scratch_test"),
+                    "zoo_test": zoo_test,
                     "pick": None if pick is None else pick["model"],
                     "pick_flops": None if pick is None else pick["flops"],
                     "pick_test": None if pick is None else acc(pick),
-                    "dominates": pick is not None and acc(pick) > acc(z, "scratch_test"),
-                    "any_better": [f["model"] for f in within if acc(f) > acc(z, "scratch_test")],
+                    "dominates": pick is not None and acc(pick) > zoo_test,
+                    "any_better": [f["model"] for f in within if acc(f) > zoo_test],
                     "runs": "mean" if run is None else run,
                     "pick_trainings": None if pick is None else len(pick.get("scratch_test_runs") or [0]),
                     "paired_wins": None if pick is None or run is not None or key != "scratch_test" else _wins(pick, z),

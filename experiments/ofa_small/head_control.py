@@ -14,18 +14,16 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from experiments.ofa_small.experiment import OFAConfig
-from experiments.ofa_small.experiment import _acc
+from experiments.ofa_small.experiment import _scratch
 from research import data
 from research import metrics
-from research import nn
-from research.train import train_scan
 
 #: The family member of cnn1d's shape (cnn1d: 25 channels, kernels 5/3/3, one conv per stage).
 CNN1D_SHAPE = dict(
@@ -58,28 +56,18 @@ def run_controls(
     unknown = [m for m in labels if m not in MODELS]
     if unknown:
         raise KeyError(f"no control model(s) {unknown}; the labels are {list(MODELS)}")
+    budget = dataclasses.replace(BUDGET, scratch_steps=steps, batch_size=batch_size, learning_rate=learning_rate)
     rows = []
     for seed in seeds:
         ds = data.load_dataset("mnist1d", seed=seed)
         sample = jnp.zeros((1, *ds.input_shape), jnp.float32)
         for label in labels:
             name, options = MODELS[label]
-            model = nn.build_model(
-                name, input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(seed), **options
-            )
-            model = train_scan(
-                model,
-                ds.x_train,
-                ds.y_train,
-                steps=steps,
-                batch_size=batch_size,
-                learning_rate=learning_rate,
-                seed=seed,
-            )
+            model, runs = _scratch(name, options, ds, budget, seed, repeats=1)
             rows.append(
                 {
                     "seed": seed, "model": label, "flops": metrics.flops(model, sample),
-                    "val": _acc(model, ds.x_val, ds.y_val), "test": _acc(model, ds.x_test, ds.y_test),
+                    "val": runs["scratch_val"], "test": runs["scratch_test"],
                 }
             )  # fmt: skip
     return rows
