@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+import trained_models
 from flax import nnx
 
 from methods.quantization import QuantRule
@@ -23,29 +21,9 @@ from research.nn import find_modules
 
 @pytest.fixture(scope="module")
 def qmodel(digits):
-    """LeNet-5 trained on digits (one jitted scan of Adam steps), quantized int8, calibrated."""
-    model = build_model("lenet5", input_shape=digits.input_shape, num_classes=10, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    tx = optax.adam(1e-2)
-    idx = np.random.default_rng(0).integers(0, len(digits.x_train), size=(150, 64))
-    x, y = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
-
-    @jax.jit
-    def run(params, opt_state, idx):
-        def body(carry, i):
-            p, s = carry
-
-            def loss_fn(p):
-                logits = nnx.merge(graphdef, p)(x[i])
-                return optax.softmax_cross_entropy_with_integer_labels(logits, y[i]).mean()
-
-            grads = jax.grad(loss_fn)(p)
-            updates, s = tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), None
-
-        return jax.lax.scan(body, (params, opt_state), idx)[0][0]
-
-    model = nnx.merge(graphdef, run(params, tx.init(params), jnp.asarray(idx)))
+    """LeNet-5 trained on digits (the stored ``zoo_lenet5``: 150 Adam steps, tests/trained_models.py;
+    stored, not trained here, so every CPU checks the same weights), quantized int8, calibrated."""
+    model, _ = trained_models.load("zoo_lenet5", digits)
     q = quantize_model(model, [QuantRule(pattern=".*", bits=8)])
     return calibrate(q, [digits.x_train[:256]])
 
