@@ -1,6 +1,7 @@
 """Shared pytest settings and fixtures of the whole suite.
 
 * ``digits``: the digits dataset (seed 0, every split), loaded once per session, read-only.
+* ``tempfiles_under_pytest_tmp``: temporary files (converter diagnostics) go under pytest's temporary directory.
 * ``x64``: runs a test in float64 and restores the previous setting afterwards.
 * The export extras: test modules listed in :data:`NEEDS_EXPORT` are reported as skipped (not
   collected, so their imports of TensorFlow / ONNX never run) when TensorFlow is missing.
@@ -136,6 +137,21 @@ def digits():
         if hasattr(value, "flags"):
             value.flags.writeable = False
     return ds
+
+
+@pytest.fixture
+def tempfiles_under_pytest_tmp(tmp_path_factory, monkeypatch):
+    """Python's ``tempfile`` default directory is a fresh directory under pytest's base temporary
+    directory for the test (beside ``tmp_path``, whose listing tests check), removed with it.
+
+    A conversion that fails with a long converter message saves it to a temporary file that the
+    error names (``research.export._trace``); a user keeps it, a test should not leave it in /tmp.
+    """
+    import tempfile
+
+    where = tmp_path_factory.mktemp("tempfile")
+    monkeypatch.setattr(tempfile, "tempdir", str(where))
+    return where
 
 
 @pytest.fixture

@@ -167,8 +167,28 @@ def test_errors_the_driver_cannot_rebuild_travel_as_runtime_errors_naming_them()
         assert str(out) == f"{type(error).__name__}: {error}"
 
 
+@contextlib.contextmanager
+def _python_sigint():
+    """Python's own SIGINT handler while inside, whatever this process inherited.
+
+    A test run started in the background by a non-interactive shell (``pytest ... &`` in a script)
+    inherits SIGINT ignored, and so would every process it starts: Ctrl-C would reach neither the
+    latch nor a driver subprocess (an ignored signal stays ignored across exec).
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop being tested
 def test_a_ctrl_c_the_interpreter_drops_is_raised_at_the_next_check():
+    with _python_sigint():
+        _check_the_latch()
+
+
+def _check_the_latch():
     latch = R._InterruptLatch()
     latch.install()
     try:
@@ -471,7 +491,8 @@ def _driver(config_spec, workdir, address, *extra):
     # time in one worker per driver.
     cmd = [sys.executable, "-m", "research.cli", *extra[:1], config_spec, *extra[1:]]
     cmd += ["--executor", "ray", "--address", address, "--workdir", workdir, "--no-progress", "--cpus-per-trial", "2"]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with _python_sigint():  # the driver must not inherit SIGINT ignored: the tests send it Ctrl-C
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(predicate, proc, timeout=300):

@@ -15,6 +15,11 @@ from export_test_models import SmallMLP
 from flax import nnx
 
 
+@pytest.fixture(autouse=True)
+def _no_temp_files_left(tempfiles_under_pytest_tmp):
+    """Converter diagnostics of the failing-conversion tests are written under ``tmp_path``."""
+
+
 @pytest.fixture(scope="session")
 def trained_mlp(digits):
     """An MLP trained on digits for 300 full-batch Adam steps (~97% test accuracy).
