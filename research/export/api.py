@@ -166,9 +166,13 @@ def _validate(
             f"TFLite modes {sorted(tflite_ranges.INT8_ACTIVATION_MODES)}, and quantize={list(variants)} has none; "
             "add one (e.g. quantize='int8') or drop activation_calibration"
         )
-    stray = sorted(set(format_options) - set(formats))
+    used = formats_lib.conversions_used(formats)
+    stray = sorted(set(format_options) - set(used))
     if stray:
-        raise ValueError(f"format_options names {stray}, which are not in formats={formats!r}; drop them or add them")
+        raise ValueError(
+            f"format_options names {stray}, which are not in formats={formats!r} nor converted through by them "
+            f"(options apply to {list(used)}); drop them or add them"
+        )
     for f, options in format_options.items():
         formats_lib.get_format(f).check_options(options)
 
@@ -295,8 +299,9 @@ def export(
         operators before/after fusion, fused patterns, latency with fusion off and on) as
         ``report.fusion``, printed after the table.
       format_options: per-format options for formats that take them (``{"name": {...}}``),
-        read by the format from :meth:`ExportJob.options_of`; a key that names no requested format
-        is refused.
+        read by the format from :meth:`ExportJob.options_of`. Options of a format that a requested
+        one is converted through apply too (``formats=("onnx",)`` with ``{"tflite": {...}}``: the
+        ONNX files are the TFLite conversion's); any other key is refused.
       min_top1_agreement: an artifact whose top-1 agreement with JAX (runtime or reference) is
         below this gets a warning naming the likely cause (for float32 artifacts also a max
         relative difference above 1e-4).

@@ -66,7 +66,8 @@ class ExportStage(StageConfig):
       int8_layernorm: how the full-int8 TFLite files (and their ONNX files) convert an
         ``nnx.LayerNorm``: ``l2_normalization`` (default: one ``L2_NORMALIZATION`` op, statistics
         in 32-bit integers) or ``as_is`` (the layer's own ops; for a model whose epsilons a
-        ``norm_epsilon`` stage raised). Needs ``tflite`` in ``formats`` to be anything but the default.
+        ``norm_epsilon`` stage raised). Needs ``tflite`` in ``formats``, or a format converted
+        through it (``onnx``), to be anything but the default.
       eval_examples: test inputs on which every artifact is compared with JAX (top-1 agreement).
       latency_batch_size: batch size of the sample input used for latency.
       latency_threads: threads of the TFLite interpreter, onnxruntime and TVM when timing. Each
@@ -115,10 +116,11 @@ class ExportStage(StageConfig):
             raise ConfigError(f"{key}.{field}: {msg}")
         from research.export import tflite_ranges  # pylint: disable=import-outside-toplevel
 
-        if self.int8_layernorm != "l2_normalization" and "tflite" not in self.formats:
+        if self.int8_layernorm != "l2_normalization" and "tflite" not in formats_lib.conversions_used(self.formats):
             raise ConfigError(
                 f"{key}.int8_layernorm={self.int8_layernorm!r} is an option of the TFLite conversion, and "
-                f"formats={list(self.formats)} has no 'tflite'; add it or drop int8_layernorm"
+                f"formats={list(self.formats)} neither has 'tflite' nor is converted through it; "
+                "add 'tflite' or 'onnx', or drop int8_layernorm"
             )
         if self.activation_calibration != "minmax" and not set(self.quantize) & tflite_ranges.INT8_ACTIVATION_MODES:
             raise ConfigError(

@@ -48,6 +48,7 @@ import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -305,6 +306,13 @@ def conversion_chain(name: str) -> tuple[str, ...]:
         chain.append(nxt)
         name = nxt
     return tuple(chain)
+
+
+def conversions_used(formats: Iterable[str]) -> tuple[str, ...]:
+    """Every format whose converter an export of ``formats`` runs: each requested format and the
+    formats it is converted through (``("onnx",)`` -> ``("onnx", "tflite")``), in first-seen order.
+    Their ``format_options`` apply, requested or not (an ONNX file is the TFLite conversion's)."""
+    return tuple(dict.fromkeys(c for f in formats for c in conversion_chain(f)))
 
 
 def quantize_modes() -> tuple[str, ...]:

@@ -47,7 +47,11 @@ def export_bundle(
         quantize=tuple(quantize) or None,
         calibration=calibration,
         activation_calibration=activation_calibration,
-        format_options={"tflite": {"int8_layernorm": int8_layernorm}} if "tflite" in formats else None,
+        format_options=(
+            {"tflite": {"int8_layernorm": int8_layernorm}}
+            if "tflite" in formats_lib.conversions_used(formats)
+            else None
+        ),
         eval_data=dataset.x_test[:eval_examples],
         num_threads=latency_threads,
     )

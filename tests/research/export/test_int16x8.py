@@ -9,6 +9,7 @@ sum is much larger than any single feature (what clips in TFLite's 16x8 ``SUM``)
 
 from __future__ import annotations
 
+import collections
 import warnings
 
 import jax
@@ -178,6 +179,29 @@ def test_int8_layernorm_as_is_converts_the_layer_and_a_bad_option_is_refused(tmp
         export(_model(), x[:4], out_dir=tmp_path / "b", format_options={"tflite": {"int8_layernorm": "rms"}}, **kw)
     with pytest.raises(ValueError, match=r"unknown keys \['layernorm'\]; the TFLite format takes 'int8_layernorm'"):
         export(_model(), x[:4], out_dir=tmp_path / "c", format_options={"tflite": {"layernorm": "as_is"}}, **kw)
+
+
+def test_int8_layernorm_option_reaches_an_onnx_only_export(tmp_path):
+    """The ONNX files are the TFLite conversion's: its options apply when only ONNX is requested."""
+    import onnx
+
+    x = _inputs(16, 7)
+    kw = dict(formats=("onnx",), quantize=("int8",), calibration=_inputs(64, 8), eval_data=x, latency_repeats=1)
+    ops = {}
+    for form in ("l2_normalization", "as_is"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExportAgreementWarning)
+            rep = export(
+                _model(), x[:4], out_dir=tmp_path / form, format_options={"tflite": {"int8_layernorm": form}}, **kw
+            )
+        assert {a.format for a in rep.artifacts} == {"onnx"}  # no TFLite file was asked for or written
+        ops[form] = collections.Counter(n.op_type for n in onnx.load(rep["onnx_int8"].path).graph.node)
+    assert ops["l2_normalization"]["LpNormalization"] == 1 and ops["l2_normalization"]["Sqrt"] == 0, ops
+    assert ops["as_is"]["LpNormalization"] == 0 and ops["as_is"]["Sqrt"] == 1, ops
+    with pytest.raises(ValueError, match=r"\['int8_layernorm'\]='rms': choose one of"):
+        export(_model(), x[:4], out_dir=tmp_path / "b", format_options={"tflite": {"int8_layernorm": "rms"}}, **kw)
+    with pytest.raises(ValueError, match=r"format_options names \['tvm'\], which are not in formats=\('onnx',\) nor"):
+        export(_model(), x[:4], out_dir=tmp_path / "c", format_options={"tvm": {}}, **kw)
 
 
 def test_int16x8_agrees_with_jax_better_than_int8(report):

@@ -162,17 +162,30 @@ def test_export_stage_validates_the_int8_layernorm_form_before_training():
     from research.export.stage import ExportStage
 
     base = C.Config(name="forms", model=C.ModelConfig(name="mlp"), data=C.DataConfig(name="digits"))
-    C.validate(
-        dataclasses.replace(
-            base, stages=(ExportStage(formats=("tflite",), quantize=("int8",), int8_layernorm="as_is"),)
+    for formats in (("tflite",), ("onnx",)):  # the ONNX files are the TFLite conversion's: it applies
+        C.validate(
+            dataclasses.replace(
+                base, stages=(ExportStage(formats=formats, quantize=("int8",), int8_layernorm="as_is"),)
+            )
         )
-    )
     for stage, match in [
         (ExportStage(formats=("tflite",), int8_layernorm="l2"), r"int8_layernorm.*'l2'.*l2_normalization"),
         (
-            ExportStage(formats=("onnx",), int8_layernorm="as_is"),
-            r"formats=\['onnx'\] has no 'tflite'; add it or drop int8_layernorm",
+            ExportStage(formats=("stablehlo",), int8_layernorm="as_is"),
+            r"formats=\['stablehlo'\] neither has 'tflite' nor is converted through it; add 'tflite' or 'onnx'",
         ),
     ]:
         with pytest.raises(C.ConfigError, match=match):
             C.validate(dataclasses.replace(base, stages=(stage,)))
+
+
+@pytest.mark.parametrize(
+    "formats, passed", [(("onnx",), {"tflite": {"int8_layernorm": "as_is"}}), (("stablehlo",), None)]
+)
+def test_export_stage_passes_the_int8_layernorm_form_to_the_tflite_conversion(formats, passed, monkeypatch, digits):
+    from research.export import stage
+
+    seen = {}
+    monkeypatch.setattr(stage, "export", lambda *a, **kw: seen.update(kw))
+    stage.export_bundle(None, digits, "unused", formats=formats, int8_layernorm="as_is")
+    assert seen["format_options"] == passed  # ONNX alone is converted through TFLite: the form applies
