@@ -587,6 +587,9 @@ class OnnxRunner:
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATIONS[optimization])
         if x64_quant_precision:
             opts.add_session_config_entry("session.x64quantprecision", "1")
+            # onnxruntime refuses some graphs with it; its exception carries the whole message, which
+            # it would also print to stderr as an error log (the export records the exception instead)
+            opts.log_severity_level = 4
         self.description = ORT_OPTIMIZATIONS[optimization] + (
             " (Q/DQ executed as written)" if optimization == "none" else ""
         )

@@ -229,3 +229,14 @@ def test_a_16x8_sum_that_can_clip_is_named():
     x = _inputs(32, 6)
     with pytest.warns(Int16SumWarning, match=r"SUM '.*reduce_sum.*' adds 6 int16 values.*1/6 column"):
         to_tflite(inference_fn(Pool(nnx.Rngs(0))), x[:4], quantize="int16x8", calibration=x)
+
+
+def test_a_session_refused_with_x64quantprecision_raises_without_an_error_log(report, capfd):
+    """onnxruntime refuses this GRU's int8 file with ``session.x64quantprecision=1`` (on an AVX2 EPYC
+    with onnxruntime 1.32); the exception names why, and nothing is printed to stderr beside it."""
+    capfd.readouterr()
+    try:
+        OnnxRunner(report["onnx_int8"].path, x64_quant_precision=True)
+    except Exception as err:  # noqa: BLE001 - onnxruntime's Fail type moves between releases
+        assert "ONNXRuntimeError" in str(err), err
+    assert "[E:onnxruntime" not in capfd.readouterr().err
