@@ -160,10 +160,11 @@ def _validate(
                 "quantize='dynamic_int8'"
             )
     tflite_ranges.check_activation_calibration(activation_calibration)
-    if activation_calibration != "minmax" and not set(variants) & tflite_ranges.INT8_ACTIVATION_MODES:
+    users = formats_lib.activation_calibration_modes(activation_calibration)
+    if activation_calibration != "minmax" and not set(variants) & users:
         raise ValueError(
             f"activation_calibration={activation_calibration!r} chooses the activation ranges of the int8 "
-            f"TFLite modes {sorted(tflite_ranges.INT8_ACTIVATION_MODES)}, and quantize={list(variants)} has none; "
+            f"modes {sorted(users)}, and quantize={list(variants)} has none; "
             "add one (e.g. quantize='int8') or drop activation_calibration"
         )
     used = formats_lib.conversions_used(formats)
@@ -278,8 +279,10 @@ def export(
         ``"int8_per_tensor"``, and the ONNX files converted from them) choose each activation's
         range from the calibration data: ``"minmax"`` (default: the converter's own minimum and
         maximum), ``"percentile"`` (0.01/99.99 percentiles) or ``"mse"`` (the clip with the least
-        squared rounding error); see :mod:`research.export.tflite_ranges`. Each such
-        TFLite artifact's ``extra["activation_calibration"]`` names the rule used.
+        squared rounding error); see :mod:`research.export.tflite_ranges`. The ONNX-only symmetric
+        modes (``"int8_qdq_symmetric"``, ``"int8_qdq_reduce_range"``) take ``"percentile"``
+        through onnxruntime's calibrator and use min/max for ``"mse"``, which it has none for. Each
+        such artifact's ``extra["activation_calibration"]`` names the rule used.
       latency_repeats: timed calls per latency measurement (median is reported).
       num_threads: threads for the TFLite interpreter and onnxruntime.
       name: file name stem.

@@ -62,7 +62,9 @@ class ExportStage(StageConfig):
       calibration_examples: size of the representative data set for int8.
       activation_calibration: how the int8 TFLite files (and their ONNX files) choose each
         activation's range from that data: ``minmax`` (the converter's own), ``percentile``
-        (0.01/99.99 percentiles) or ``mse`` (:mod:`research.export.tflite_ranges`).
+        (0.01/99.99 percentiles) or ``mse`` (:mod:`research.export.tflite_ranges`); the
+        ``int8_qdq_*`` ONNX files take ``percentile`` through onnxruntime's calibrator and use
+        min/max for ``mse``.
       int8_layernorm: how the full-int8 TFLite files (and their ONNX files) convert an
         ``nnx.LayerNorm``: ``l2_normalization`` (default: one ``L2_NORMALIZATION`` op, statistics
         in 32-bit integers) or ``as_is`` (the layer's own ops; for a model whose epsilons a
@@ -114,17 +116,16 @@ class ExportStage(StageConfig):
         if found:
             field, msg = found[0]
             raise ConfigError(f"{key}.{field}: {msg}")
-        from research.export import tflite_ranges  # pylint: disable=import-outside-toplevel
-
         if self.int8_layernorm != "l2_normalization" and "tflite" not in formats_lib.conversions_used(self.formats):
             raise ConfigError(
                 f"{key}.int8_layernorm={self.int8_layernorm!r} is an option of the TFLite conversion, and "
                 f"formats={list(self.formats)} neither has 'tflite' nor is converted through it; "
                 "add 'tflite' or 'onnx', or drop int8_layernorm"
             )
-        if self.activation_calibration != "minmax" and not set(self.quantize) & tflite_ranges.INT8_ACTIVATION_MODES:
+        users = formats_lib.activation_calibration_modes(self.activation_calibration)
+        if self.activation_calibration != "minmax" and not set(self.quantize) & users:
             raise ConfigError(
-                f"{key}.activation_calibration={self.activation_calibration!r} chooses the ranges of the int8 TFLite "
-                f"modes {sorted(tflite_ranges.INT8_ACTIVATION_MODES)}, and quantize={list(self.quantize)} has none; "
+                f"{key}.activation_calibration={self.activation_calibration!r} chooses the ranges of the int8 "
+                f"modes {sorted(users)}, and quantize={list(self.quantize)} has none; "
                 "add 'int8' to quantize or drop activation_calibration"
             )

@@ -315,6 +315,16 @@ def conversions_used(formats: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(c for f in formats for c in conversion_chain(f)))
 
 
+def activation_calibration_modes(rule: str) -> frozenset[str]:
+    """The ``quantize`` modes whose activation ranges ``activation_calibration=rule`` chooses: the
+    int8 TFLite modes (and the ONNX files converted from them) and the ONNX-only modes that
+    implement ``rule`` (:func:`research.export.onnx_export.register_onnx_quantization`)."""
+    from research.export import onnx_export  # noqa: PLC0415 - it imports this module
+    from research.export import tflite_ranges  # noqa: PLC0415
+
+    return tflite_ranges.INT8_ACTIVATION_MODES | frozenset(onnx_export.onnx_modes_with_rule(rule))
+
+
 def quantize_modes() -> tuple[str, ...]:
     """Every ``quantize=`` mode some registered format writes, ``"fp32"`` excluded.
 

@@ -32,6 +32,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -266,19 +267,42 @@ ONNX_QUANTIZATIONS: Registry[OnnxQuantizeFn] = Registry(
 )
 
 
-def register_onnx_quantization(name: str) -> Callable[[OnnxQuantizeFn], OnnxQuantizeFn]:
+#: The ``activation_calibration`` rules each ONNX-only mode implements, by mode name.
+_ACTIVATION_RULES: dict[str, tuple[str, ...]] = {}
+
+
+def register_onnx_quantization(
+    name: str, *, activation_calibrations: Sequence[str] = ("minmax",)
+) -> Callable[[OnnxQuantizeFn], OnnxQuantizeFn]:
     """Decorator registering an ONNX-only quantization mode; refuses a taken name (same definition again is fine).
 
     An ONNX-only mode quantizes the float32 ONNX file (not the TFLite one): the decorated
     ``fn(fp32_path, out_path, calibration) -> onnx.ModelProto`` writes ``out_path``.
     :func:`research.export.export` accepts its name in ``quantize`` and writes
     ``{name}_{mode}.onnx`` (artifact ``onnx_{mode}``).
+
+    ``activation_calibrations``: the export's ``activation_calibration`` rules the mode implements
+    besides min/max; for those it is called with ``activation_calibration=<rule>``, for any other
+    rule without it (min/max). The artifact's ``extra["activation_calibration"]`` names the rule used.
     """
 
     def deco(fn: OnnxQuantizeFn) -> OnnxQuantizeFn:
-        return ONNX_QUANTIZATIONS.register(name, fn)
+        out = ONNX_QUANTIZATIONS.register(name, fn)
+        _ACTIVATION_RULES[name] = tuple(dict.fromkeys(("minmax", *activation_calibrations)))
+        return out
 
     return deco
+
+
+def onnx_activation_rule(mode: str, requested: str) -> str:
+    """The ``activation_calibration`` rule the ONNX-only ``mode`` uses when ``requested`` is asked
+    for: ``requested`` if the mode implements it, else ``"minmax"``."""
+    return requested if requested in _ACTIVATION_RULES.get(mode, ("minmax",)) else "minmax"
+
+
+def onnx_modes_with_rule(rule: str) -> tuple[str, ...]:
+    """The ONNX-only modes that implement the ``activation_calibration`` rule ``rule``."""
+    return tuple(m for m in onnx_quantization_modes() if onnx_activation_rule(m, rule) == rule)
 
 
 def onnx_quantization_modes() -> tuple[str, ...]:
@@ -286,9 +310,18 @@ def onnx_quantization_modes() -> tuple[str, ...]:
     return tuple(ONNX_QUANTIZATIONS.names())
 
 
-def onnx_quantize(mode: str, fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
-    """Runs the registered ONNX-only quantization ``mode``; returns the written proto."""
-    return ONNX_QUANTIZATIONS.get(mode)(fp32_path, out_path, calibration)
+def onnx_quantize(
+    mode: str, fp32_path: str, out_path: str, calibration: np.ndarray, activation_calibration: str = "minmax"
+) -> Any:
+    """Runs the registered ONNX-only quantization ``mode``; returns the written proto.
+
+    ``activation_calibration`` is passed on when the mode implements it (:func:`onnx_activation_rule`).
+    """
+    rule = onnx_activation_rule(mode, activation_calibration)
+    fn = ONNX_QUANTIZATIONS.get(mode)
+    if rule == "minmax":
+        return fn(fp32_path, out_path, calibration)
+    return fn(fp32_path, out_path, calibration, activation_calibration=rule)
 
 
 def quantize_qdq_symmetric(
@@ -301,6 +334,7 @@ def quantize_qdq_symmetric(
     per_channel: bool = True,
     preprocess: bool = True,
     reduce_range: bool = False,
+    activation_calibration: str = "minmax",
 ) -> Any:
     """Writes a TensorRT-ready int8 ONNX file: symmetric Q/DQ, calibrated on ``calibration``.
 
@@ -311,9 +345,10 @@ def quantize_qdq_symmetric(
     quantized as it is.
     Then ``onnxruntime.quantization.quantize_static`` runs on it in QDQ format:
     activations int8 per tensor with zero point 0 (``ActivationSymmetric``), weights int8 with
-    zero point 0 per output channel (``WeightSymmetric``, ``per_channel``), ranges from min/max
-    calibration over ``calibration`` (the same representative data TFLite's int8 uses). The
-    file is written atomically after ``onnx.checker`` and onnxruntime accept it.
+    zero point 0 per output channel (``WeightSymmetric``, ``per_channel``), activation ranges
+    from ``calibration`` (the same representative data TFLite's int8 uses) by onnxruntime's
+    calibrator for ``activation_calibration``. The file is written atomically after
+    ``onnx.checker`` and onnxruntime accept it.
 
     Args:
       fp32_path: the float32 ONNX file (e.g. from :func:`tflite_to_onnx`).
@@ -326,12 +361,17 @@ def quantize_qdq_symmetric(
       reduce_range: quantize weights to 7 bits (``[-64, 63]``), onnxruntime's ``reduce_range``:
         its fused ``uint8 x int8`` kernels cannot saturate then, on any x86-64 CPU (see
         :mod:`research.export.cpu`), at the cost of half the weight resolution everywhere.
+      activation_calibration: ``"minmax"`` (each activation's largest magnitude) or
+        ``"percentile"`` (onnxruntime's percentile calibrator at 99.99: with symmetric ranges, the
+        99.99th percentile of each activation's magnitudes), the rules of
+        :mod:`research.export.tflite_ranges` that onnxruntime has a calibrator for.
 
     Returns:
       The written ``onnx.ModelProto``.
 
     Raises:
-      ValueError: empty calibration data.
+      ValueError: empty calibration data, or an ``activation_calibration`` onnxruntime has no
+        calibrator for.
 
     Example (the mode ``"int8_qdq_symmetric"`` of :func:`research.export.export` calls this)::
 
@@ -343,6 +383,16 @@ def quantize_qdq_symmetric(
     onnx = _deps.onnx()
     from onnxruntime import quantization as oq
 
+    calibrators = {
+        "minmax": (oq.CalibrationMethod.MinMax, {}),
+        "percentile": (oq.CalibrationMethod.Percentile, {"CalibPercentile": 99.99}),
+    }
+    if activation_calibration not in calibrators:
+        raise ValueError(
+            f"activation_calibration={activation_calibration!r}: onnxruntime's symmetric Q/DQ quantizer "
+            f"calibrates with {sorted(calibrators)}; use one of them"
+        )
+    method, calib_options = calibrators[activation_calibration]
     data = np.asarray(calibration, np.float32)[:max_samples]
     if len(data) == 0:
         raise ValueError(
@@ -402,8 +452,9 @@ def quantize_qdq_symmetric(
             reduce_range=reduce_range,
             activation_type=oq.QuantType.QInt8,
             weight_type=oq.QuantType.QInt8,
-            calibrate_method=oq.CalibrationMethod.MinMax,
+            calibrate_method=method,
             extra_options={
+                **calib_options,
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
                 # TensorRT fuses float biases into its int8 kernels; int32 bias Q/DQ is not
@@ -429,15 +480,21 @@ def write_onnx(model_proto: Any, path: str | os.PathLike) -> None:
     write_bytes_atomic(path, model_proto.SerializeToString(), check_onnx)
 
 
-@register_onnx_quantization("int8_qdq_symmetric")
-def _int8_qdq_symmetric(fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
-    return quantize_qdq_symmetric(fp32_path, out_path, calibration)
+@register_onnx_quantization("int8_qdq_symmetric", activation_calibrations=("percentile",))
+def _int8_qdq_symmetric(
+    fp32_path: str, out_path: str, calibration: np.ndarray, activation_calibration: str = "minmax"
+) -> Any:
+    return quantize_qdq_symmetric(fp32_path, out_path, calibration, activation_calibration=activation_calibration)
 
 
-@register_onnx_quantization("int8_qdq_reduce_range")
-def _int8_qdq_reduce_range(fp32_path: str, out_path: str, calibration: np.ndarray) -> Any:
+@register_onnx_quantization("int8_qdq_reduce_range", activation_calibrations=("percentile",))
+def _int8_qdq_reduce_range(
+    fp32_path: str, out_path: str, calibration: np.ndarray, activation_calibration: str = "minmax"
+) -> Any:
     # 7-bit weights: onnxruntime's default session computes it as written on every x86-64 CPU.
-    return quantize_qdq_symmetric(fp32_path, out_path, calibration, reduce_range=True)
+    return quantize_qdq_symmetric(
+        fp32_path, out_path, calibration, reduce_range=True, activation_calibration=activation_calibration
+    )
 
 
 def qdq_summary(model_proto: Any) -> dict[str, Any]:
@@ -652,8 +709,9 @@ class OnnxFormat(ExportFormat):
         path = job.path(f"{job.name}_{q}.onnx")
         if q in ONNX_QUANTIZATIONS:
             fp32_path = job.written("onnx")["fp32"].path
-            proto = onnx_quantize(q, fp32_path, path, np.asarray(job.calibration))
-            extra: dict[str, Any] = {"from": os.path.basename(fp32_path)}
+            rule = onnx_activation_rule(q, job.activation_calibration)
+            proto = onnx_quantize(q, fp32_path, path, np.asarray(job.calibration), rule)
+            extra: dict[str, Any] = {"from": os.path.basename(fp32_path), "activation_calibration": rule}
         else:
             proto = tflite_to_onnx(tflite.converted(job, q), opset=job.onnx_opset)
             write_onnx(proto, path)

@@ -189,3 +189,48 @@ def test_export_stage_passes_the_int8_layernorm_form_to_the_tflite_conversion(fo
     monkeypatch.setattr(stage, "export", lambda *a, **kw: seen.update(kw))
     stage.export_bundle(None, digits, "unused", formats=formats, int8_layernorm="as_is")
     assert seen["format_options"] == passed  # ONNX alone is converted through TFLite: the form applies
+
+
+def test_symmetric_qdq_onnx_files_take_the_percentile_rule_through_onnxruntime(tmp_path):
+    from research import config as C
+    from research.export.onnx_export import quantize_qdq_symmetric
+    from research.export.stage import ExportStage
+
+    model, (calibration, test) = _model(), _data()
+    kw = dict(formats=("onnx",), calibration=calibration, eval_data=test, latency_repeats=1)
+    reports = {
+        rule: export(
+            model, test[:8], out_dir=tmp_path / rule, quantize="int8_qdq_symmetric", activation_calibration=rule, **kw
+        )
+        for rule in ("minmax", "percentile")
+    }
+    reps = {rule: report["onnx_int8_qdq_symmetric"] for rule, report in reports.items()}
+    assert {r: a.extra["activation_calibration"] for r, a in reps.items()} == {r: r for r in reps}
+    # The outlier token stretches every min/max range; the files executed as written (any CPU) show it
+    # (here max abs differences 0.343 against 1.058).
+    assert reps["percentile"].reference.max_abs_diff < 0.5 * reps["minmax"].reference.max_abs_diff, reps
+    # MSE has no onnxruntime calibrator: refused when only these modes would use it, min/max beside int8.
+    with pytest.raises(ValueError, match=r"activation_calibration='mse'.*has none"):
+        export(
+            model, test[:8], out_dir=tmp_path / "x", quantize="int8_qdq_symmetric", activation_calibration="mse", **kw
+        )
+    both = export(
+        model,
+        test[:8],
+        out_dir=tmp_path / "mse",
+        quantize=("int8", "int8_qdq_symmetric"),
+        activation_calibration="mse",
+        **kw,
+    )
+    assert (
+        both["onnx_int8"].extra.get("opset")
+        and both["onnx_int8_qdq_symmetric"].extra["activation_calibration"] == "minmax"
+    )
+    with pytest.raises(ValueError, match=r"activation_calibration='mse'.*calibrates with \['minmax', 'percentile'\]"):
+        fp32 = reports["minmax"]["onnx_fp32"].path
+        quantize_qdq_symmetric(fp32, tmp_path / "q.onnx", calibration, activation_calibration="mse")
+    base = C.Config(name="ranges", model=C.ModelConfig(name="mlp"), data=C.DataConfig(name="digits"))
+    onnx_only = {"formats": ("onnx",), "quantize": ("int8_qdq_symmetric",)}
+    C.validate(dataclasses.replace(base, stages=(ExportStage(**onnx_only, activation_calibration="percentile"),)))
+    with pytest.raises(C.ConfigError, match=r"activation_calibration='mse'.*has none"):
+        C.validate(dataclasses.replace(base, stages=(ExportStage(**onnx_only, activation_calibration="mse"),)))
