@@ -8,7 +8,7 @@
 * The ``slow`` marker (registered in pyproject.toml): long end-to-end tests. CI runs them all;
   ``pytest -m "not slow"`` is a quick local pass.
 * One XLA CPU compute thread per process (``NPROC=1``): the same numbers on any number of cores.
-* XLA compiles without LLVM's optimisations (``XLA_FLAGS``, below): 15% less wall time.
+* XLA compiles without LLVM's optimisations (``XLA_FLAGS``, below): a quarter less wall time.
 * One persistent JAX compilation cache for the whole run (:func:`_share_one_compilation_cache`).
 * Parameter initialisation draws random numbers through one compiled program per size bucket
   instead of one per shape, with bit-identical values (``tests/shared_random_programs.py``,
@@ -31,11 +31,11 @@ import pytest
 
 # XLA compiles the suite's programs without LLVM's optimisations (``--xla_backend_optimization_level=0``;
 # XLA's own HLO passes, fusion included, still run). Most of the suite's time is compiling many small
-# programs that then run a few steps: side by side on an idle 2-core EPYC (AVX2), the whole suite
-# took 640 s with XLA's defaults and 545 s with this flag (1,093 s and 848 s of user CPU). What it
-# changes is rounding, which no test may depend on: the suite passes both ways (the int8 export
-# tests check stored weights, tests/trained_models.py, because a fine-tuning in the test moved an
-# int8 agreement across its bound). To run the suite with XLA's defaults, set XLA_FLAGS yourself:
+# programs that then run a few steps: back to back from one clone on an idle 2-core EPYC (AVX2), the
+# whole suite took 692.9 s with XLA's defaults and 522.6 s with this flag (1,191 s and 878 s of user
+# CPU). What it changes is rounding, which no test may depend on: the suite passes both ways (the
+# int8 export tests check stored weights, tests/trained_models.py, because a fine-tuning in the test
+# moved an int8 agreement across its bound). To run the suite with XLA's defaults, set XLA_FLAGS yourself:
 #   XLA_FLAGS=--xla_force_host_platform_device_count=1 python -m pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -17,7 +17,8 @@ from flax import nnx
 
 @pytest.fixture(autouse=True)
 def _no_temp_files_left(tempfiles_under_pytest_tmp):
-    """Converter diagnostics of the failing-conversion tests are written under ``tmp_path``."""
+    """Converter diagnostics of the failing-conversion tests are written under pytest's temporary
+    directory, not left in /tmp."""
 
 
 @pytest.fixture(scope="session")
