@@ -4,6 +4,7 @@ one process does."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -65,7 +66,9 @@ def test_process_local_checkpoints_keep_the_newest_and_restore_dtypes(tmp_path):
 def test_two_cpu_processes_train_one_run_as_one_process_does(tmp_path):
     config = tmp_path / "mh.py"
     config.write_text(CONFIG)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    # One CPU device per process (the suite's other XLA flags, tests/conftest.py, are kept).
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1"}
     env["JAX_PLATFORMS"] = "cpu"
     two = str(tmp_path / "two")
     cmd = [sys.executable, "-m", "research.distributed.multihost", "--local", "2", str(config), "--workdir", two]
