@@ -4,7 +4,9 @@ Every step trains the largest sub-network on the labels and, on the same batch, 
 ``n_random`` random sub-networks on the largest one's softened outputs (``methods.distillation``'s
 KD loss, teacher gradients stopped). The gradients of all of them are summed into one update of
 the shared weights. Sub-networks are masks (:func:`methods.nas.stack_masks`), so a step is one
-program whatever sub-networks it samples, and a whole run is one ``lax.scan``.
+program whatever sub-networks it samples, and a whole run is one ``lax.scan``
+(:func:`research.train.scan_steps`: one compiled step per call on a CPU, where convolutions run
+slowly inside a loop).
 
 References:
   Yu et al., "BigNAS: Scaling Up Neural Architecture Search with Big Single-Stage Models",
@@ -30,6 +32,7 @@ from methods.nas.supernet import stack_masks
 from research.nn.families import Family
 from research.nn.families import Masks
 from research.nn.families import family_masks
+from research.train.scan import scan_steps
 
 PyTree = Any
 
@@ -174,7 +177,7 @@ def train_supernet(
     seed: int = 0,
     phases: Sequence[Phase] | None = None,
 ) -> tuple[Supernet, np.ndarray]:
-    """Trains the supernet with the sandwich rule (Adam, cosine decay); the loop is one ``lax.scan``.
+    """Trains the supernet with the sandwich rule (Adam, cosine decay); the loop is :func:`scan_steps`.
 
     Args:
       net: the supernet (:func:`methods.nas.split_supernet`).
@@ -215,23 +218,18 @@ def train_supernet(
         schedule = optax.join_schedules(
             [optax.cosine_decay_schedule(learning_rate, n) for n in lengths], list(np.cumsum(lengths)[:-1])
         )
-    idx = jnp.asarray(rng.integers(0, len(x), size=(steps, batch_size)))
+    idx = rng.integers(0, len(x), size=(steps, batch_size))
     tx = optax.adam(schedule)
     xs, ys = jnp.asarray(x), jnp.asarray(y)
 
-    @jax.jit
-    def run(params, stats, opt_state, masks, idx):
-        def body(carry, inp):
-            params, stats, opt_state = carry
-            m, i = inp
-            grad_fn = jax.value_and_grad(
-                lambda p: sandwich_loss(net, p, stats, m, xs[i], ys[i], temperature), has_aux=True
-            )
-            (_, (stats, ce)), grads = grad_fn(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), stats, opt_state), ce
+    def body(carry, inp):
+        params, stats, opt_state = carry
+        m, i = inp
+        grad_fn = jax.value_and_grad(lambda p: sandwich_loss(net, p, stats, m, xs[i], ys[i], temperature), has_aux=True)
+        (_, (stats, ce)), grads = grad_fn(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), stats, opt_state), ce
 
-        return jax.lax.scan(body, (params, stats, opt_state), (masks, idx))
-
-    (params, stats, _), ce = run(net.params, net.stats, tx.init(net.params), masks, idx)
+    # One lax.scan, or on a CPU one compiled step per call (convolutions run slowly in a loop there).
+    (params, stats, _), ce = scan_steps(body)((net.params, net.stats, tx.init(net.params)), (masks, idx))
     return net._replace(params=params, stats=stats), np.asarray(ce)

@@ -204,7 +204,13 @@ class PopulationExecutor:
                 for job in members:
                     yield run_one(job, progress=progress, note=entry["why"])
                 continue
-            entry.update(k=choice.k, why=choice.reason, choice=choice.to_dict(), devices=len(trainer.devices))
+            entry.update(
+                k=choice.k,
+                why=choice.reason,
+                choice=choice.to_dict(),
+                devices=len(trainer.devices),
+                block_steps=trainer.block_steps,
+            )
             if choice.runner == "sequential":
                 why = "its step measured faster" if choice.candidates else choice.reason
                 yield from self._run_plain(trainer, members, number, progress, plotter, why)

@@ -2,7 +2,9 @@
 
 Parameters, optimizer state and RNG of the K trials are stacked on a leading axis. The train step
 is the one every run uses (:func:`research.train.make_train_step`, not jitted), vmapped over the
-trials and scanned over ``block_steps`` steps per call. Per-trial learning rate and weight decay
+trials and scanned over ``block_steps`` steps per call (one step per call on a CPU when the step
+has convolutions, which XLA's CPU backend runs slowly inside a loop body: see
+:func:`research.train.loops_slow_down_convolutions`). Per-trial learning rate and weight decay
 are values in the stacked optimizer state (``optax.inject_hyperparams`` in
 :func:`research.train.make_optimizer`), so one compiled program serves every trial. Each trial's
 batches are exactly those of its sequential run: the indices :class:`research.data.BatchSampler`
@@ -31,6 +33,8 @@ from flax import nnx
 from research import config as config_lib
 from research.data import BatchSampler
 from research.train import create_train_state
+from research.train import has_convolution
+from research.train import loops_slow_down_convolutions
 from research.train import make_train_step
 from research.train import state_to_model
 
@@ -108,7 +112,9 @@ class PopulationTrainer:
     Args:
       configs: the trials (see :func:`research.population.split_populations`; all equal outside
         :data:`research.population.POPULATION_KEYS`).
-      block_steps: steps per compiled call (a ``lax.scan``); fewer if the stage has fewer steps.
+      block_steps: steps per compiled call (a ``lax.scan``); fewer if the stage has fewer steps,
+        and 1 (no loop) where :func:`research.train.loops_slow_down_convolutions` on the devices and
+        the step has convolutions.
       devices: shard the population axis over these devices (default: the first local device).
       cache: compiled programs and their bytes, shared by trainers of the same population
         signature (a tune study's batches compile once).
@@ -203,7 +209,6 @@ class PopulationTrainer:
         self.eval_every = [int(c) for c in evals] if evals else [0] * len(members)
         if len(self.checkpoint_every) != len(members):
             raise ValueError(f"{len(self.checkpoint_every)} checkpoint cadences for {len(members)} members")
-        self.block_steps = _block_length(block_steps, steps, self.checkpoint_every + self.eval_every)
         self.devices = list(devices) if devices else [jax.local_devices()[0]]
         seeds = sorted({m.seed for m in members})
         self._data_id = {s: i for i, s in enumerate(seeds)}
@@ -218,12 +223,18 @@ class PopulationTrainer:
             s: BatchSampler(np.arange(xs.shape[1]), np.arange(xs.shape[1]), batch_size=self.batch_size, seed=s)
             for s in seeds
         }
-        self.defs, _ = create_train_state(nnx.clone(members[0].model), members[0].tx, seed=members[0].seed)
+        self.defs, state0 = create_train_state(nnx.clone(members[0].model), members[0].tx, seed=members[0].seed)
         # One seed: every trial sees the same batches, so the batch is gathered once and broadcast
         # (a shared input times stacked weights is one large matmul, not K small ones).
         self.shared_batches = len(seeds) == 1
         shared = self.shared_batches
         step = make_train_step(self.defs, members[0].tx, *([loss_fn] if loss_fn else []), jit=False)
+        batch0 = {"x": xs[0, : self.batch_size], "y": ys[0, : self.batch_size]}
+        #: Whether the blocks are single steps, not loops (convolutions on a CPU).
+        self.unlooped = loops_slow_down_convolutions(self.devices[0].platform) and has_convolution(step, state0, batch0)
+        self.block_steps = _block_length(
+            1 if self.unlooped else block_steps, steps, self.checkpoint_every + self.eval_every
+        )
         self._cache = cache if cache is not None else {}
         self.program_key = (
             key,
@@ -253,6 +264,9 @@ class PopulationTrainer:
                 new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
                 return new, metrics
 
+            if idx.shape[0] == 1:  # no loop around a single step (see ``unlooped``)
+                new, metrics = one(state, (idx[0], valid[0]))
+                return new, jax.tree.map(lambda a: a[None], metrics)
             return jax.lax.scan(one, state, (idx, valid))
 
         self._block = block

@@ -16,6 +16,9 @@ from research.train.losses import apply_transforms
 from research.train.losses import compose
 from research.train.losses import cross_entropy_loss
 from research.train.losses import l2_regularizer
+from research.train.scan import has_convolution
+from research.train.scan import loops_slow_down_convolutions
+from research.train.scan import scan_steps
 from research.train.scan import train_scan
 from research.train.state import ModelDefs
 from research.train.state import TrainState
@@ -45,12 +48,15 @@ __all__ = [
     "evaluate",
     "finetune",
     "fit",
+    "has_convolution",
     "l2_regularizer",
+    "loops_slow_down_convolutions",
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
     "merge_model",
     "read_metrics",
+    "scan_steps",
     "split_model",
     "state_to_model",
     "train_scan",

@@ -15,6 +15,7 @@ import numpy as np
 
 from research.data.batching import BatchSampler
 from research.train.checkpoint import Checkpointer
+from research.train.scan import scan_steps
 from research.train.state import TrainState
 
 
@@ -136,6 +137,7 @@ def fit(
         rows, checkpoints and resumes are those of single steps. 1 (default): one call per step.
         On a GPU one call per step costs more than a small model's step (see
         :func:`default_block_steps`); ignored with ``on_step``, which needs every step's state.
+        On a CPU a step with convolutions still runs one call per step (:func:`scan_steps`).
 
     Returns:
       ``(final_state, records)`` where ``records`` are all metric rows written by this call.
@@ -265,8 +267,10 @@ def _block_end(step: int, num_steps: int, block_steps: int, cadences: list[int])
 @functools.lru_cache(maxsize=64)
 def scanned(step_fn: Callable) -> Callable:
     """``step_fn`` scanned over a block of stacked batches (leading axis: the steps), jitted once
-    per step function: ``scanned(step_fn)(state, batches) -> (state, stacked metrics)``."""
-    return jax.jit(lambda state, batches: jax.lax.scan(step_fn, state, batches))
+    per step function: ``scanned(step_fn)(state, batches) -> (state, stacked metrics)``. A
+    :func:`research.train.scan_steps` loop: one call per step on a CPU when the step has
+    convolutions, which XLA's CPU backend runs slowly inside a loop body."""
+    return scan_steps(step_fn)
 
 
 def run_block(step_fn: Callable, state: Any, batches: list) -> tuple[Any, Any]:

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,7 @@ from research.population.chooser import candidate_ks
 from research.population.chooser import choose_k
 from research.population.trainer import PopulationTrainer
 from research.population.trainer import _block_length
+from research.train import loops_slow_down_convolutions
 from research.train import read_metrics
 from research.train import split_model
 
@@ -173,7 +175,11 @@ def test_lenet5_population_matches_sequential_training(tmp_path):
     )
     overrides = (["seed=0"], ["seed=1", "stages.0.learning_rate=1e-2", "stages.0.weight_decay=0.5"])
     configs = [C.apply_overrides(base, o) for o in overrides]
-    trained = PopulationTrainer(configs, block_steps=2).train([0, 1])
+    trainer = PopulationTrainer(configs, block_steps=2)
+    # A CPU runs LeNet-5's convolutions slowly inside a loop: the blocks are single steps there.
+    assert trainer.unlooped == loops_slow_down_convolutions(jax.devices()[0].platform)
+    assert trainer.block_steps == (1 if trainer.unlooped else 2)
+    trained = trainer.train([0, 1])
     cfg = configs[1]  # another seed (init, split, batches), learning rate and weight decay than trial 0
     bundle = run_lib.build_bundle(cfg)
     ctx = StageContext(index=0, label="0_train", workdir=tmp_path, seed=cfg.seed, progress=False)
@@ -686,7 +692,9 @@ def test_data_parallel_batch_size_must_split_over_the_devices():
 
 
 def test_sharded_population_and_data_parallel_run_equal_one_device_on_four_host_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    # The suite's XLA flags (tests/conftest.py) with four host devices instead of one.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", SHARDED], cwd=os.getcwd(), env=env, capture_output=True, text=True, timeout=300
     )
@@ -808,7 +816,9 @@ def test_the_sequential_probe_times_the_step_as_fit_calls_it(config_file, monkey
     real = loop.scanned
     monkeypatch.setattr(loop, "scanned", lambda fn: (calls.append(fn), real(fn))[1])
     timer = lambda k, fn: (fn(), 1.0)[1]  # noqa: E731 (runs the call once, a fake second)
-    assert PopulationTrainer(configs, block_steps=4).sequential_step_seconds(timer) == pytest.approx(1 / 4)
+    trainer = PopulationTrainer(configs, block_steps=4)
+    assert not trainer.unlooped and trainer.block_steps == 4  # an MLP has no convolution: its blocks loop
+    assert trainer.sequential_step_seconds(timer) == pytest.approx(1 / 4)
     assert calls == []  # this CPU: one call per step
     monkeypatch.setattr(loop, "default_block_steps", lambda: 50)
     PopulationTrainer(configs, block_steps=4).sequential_step_seconds(timer)

@@ -321,3 +321,50 @@ def test_fit_blocks_send_at_most_block_bytes_of_batches(monkeypatch):
     assert sizes == [3, 3, 3]  # and the 10th step alone
     plain, _ = train.fit(state, step, sampler, num_steps=10, log_every=0, progress=False)
     assert _close_leaves(plain.params, blocked.params, rtol=1e-5, atol=1e-6)
+
+
+def _conv_step(w, x):
+    """One gradient step of a 1-D convolution (channels last) and its loss."""
+
+    def loss(w):
+        y = jax.lax.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+        return (y**2).mean()
+
+    value, grad = jax.value_and_grad(loss)(w)
+    return w - 0.1 * grad, value
+
+
+def test_has_convolution_finds_a_convolution_in_nested_programs():
+    x, w = jnp.ones((2, 9, 3)), jnp.ones((3, 3, 3))
+    assert train.has_convolution(_conv_step, w, x)
+    nested = jax.vmap(jax.jit(lambda w, x: _conv_step(w, x)[1]), in_axes=(0, None))
+    assert train.has_convolution(nested, jnp.stack([w, w]), x)
+    assert train.has_convolution(lambda w: jax.lax.scan(lambda c, _: (_conv_step(c, x)[0], None), w, None, 2)[0], w)
+    assert not train.has_convolution(lambda a, b: jnp.tanh(a @ b), jnp.ones((3, 3)), jnp.ones((3, 3)))
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_scan_steps_runs_convolutions_step_by_step_on_a_cpu_with_scans_results(conv):
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.normal(size=(5, 2, 9, 3)), jnp.float32)  # 5 steps of a (2, 9, 3) batch
+    w = jnp.asarray(rng.normal(size=(3, 3, 3)) * 0.3, jnp.float32)
+    if conv:
+        body = _conv_step
+    else:
+        body = lambda w, x: (w - 0.1 * jnp.tanh(x.mean() * w), (w**2).sum())  # noqa: E731
+    loop = train.scan_steps(body)
+    assert loop.mode is None
+    w_out, losses = loop(w, xs)
+    expected = "loop" if conv and train.loops_slow_down_convolutions() else "scan"
+    assert loop.mode == expected
+    assert train.loops_slow_down_convolutions("cpu") and not train.loops_slow_down_convolutions("gpu")
+    ref_w, ref_losses = jax.jit(lambda w, xs: jax.lax.scan(body, w, xs))(w, xs)
+    assert losses.shape == (5,)
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(w_out), np.asarray(ref_w), rtol=1e-5, atol=1e-6)
+    # One step (XLA keeps a one-trip loop, so it is decided the same way) and a host-array xs.
+    w1, l1 = loop(w, np.asarray(xs[:1]))
+    assert loop.mode == expected and l1.shape == (1,)
+    np.testing.assert_allclose(np.asarray(l1), np.asarray(ref_losses[:1]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one array"):
+        loop(w, ())
