@@ -135,8 +135,9 @@ def _mnist5k(seed: int, **_):
     return x, y, None, None
 
 
-@register_dataset("mnist1d")
-def _mnist1d(seed: int, num_samples: int = 5000, **_):
+@functools.cache
+def _mnist1d_arrays(num_samples: int) -> tuple[np.ndarray, ...]:
+    """MNIST-1D generated once per process and size (seconds of scipy interpolation per call)."""
     try:
         from mnist1d.data import get_dataset_args
         from mnist1d.data import make_dataset
@@ -146,12 +147,20 @@ def _mnist1d(seed: int, num_samples: int = 5000, **_):
     args.num_samples = num_samples
     args.seed = 42  # the paper's fixed generator seed; ``seed`` only changes the val split
     d = make_dataset(args)
-    return (
+    out = (
         d["x"].astype(np.float32),
         d["y"].astype(np.int32),
         d["x_test"].astype(np.float32),
         d["y_test"].astype(np.int32),
     )
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+@register_dataset("mnist1d")
+def _mnist1d(seed: int, num_samples: int = 5000, **_):
+    return _mnist1d_arrays(int(num_samples))
 
 
 @register_dataset("synthetic")

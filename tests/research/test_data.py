@@ -23,6 +23,20 @@ def test_official_sizes():
     assert sum(data.load_dataset("digits").sizes().values()) == 1797
 
 
+def test_mnist1d_is_generated_once_per_process_and_size():
+    from research.data import datasets
+
+    first = data.load_dataset("mnist1d", seed=0)
+    again = data.load_dataset("mnist1d", seed=1)  # another validation split of the same arrays
+    assert datasets._mnist1d_arrays.cache_info().hits >= 1
+    arrays = datasets._mnist1d_arrays(5000)
+    assert all(not a.flags.writeable for a in arrays)  # shared: nobody may change them in place
+    np.testing.assert_array_equal(first.x_test, again.x_test)
+    assert sorted(map(len, (first.x_train, first.x_val))) == sorted(map(len, (again.x_train, again.x_val)))
+    small = data.load_dataset("mnist1d", seed=0, num_samples=500)
+    assert sum(small.sizes().values()) < sum(first.sizes().values())
+
+
 def test_digits_read_from_the_shipped_file_equal_scikit_learns_loader(monkeypatch):
     from sklearn.datasets import load_digits
 
