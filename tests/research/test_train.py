@@ -368,3 +368,12 @@ def test_scan_steps_runs_convolutions_step_by_step_on_a_cpu_with_scans_results(c
     np.testing.assert_allclose(np.asarray(l1), np.asarray(ref_losses[:1]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least one array"):
         loop(w, ())
+    # Either mode can be chosen; the results stay those of lax.scan.
+    other = "scan" if expected == "loop" else "loop"
+    forced = train.scan_steps(body, mode=other)
+    w2, l2 = forced(w, xs)
+    assert forced.mode == other
+    np.testing.assert_allclose(np.asarray(l2), np.asarray(ref_losses), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(w2), np.asarray(ref_w), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"mode='unrolled': use 'auto'"):
+        train.scan_steps(body, mode="unrolled")
