@@ -2,6 +2,7 @@
 
 * ``digits``: the digits dataset (seed 0, every split), loaded once per session, read-only.
 * ``tempfiles_under_pytest_tmp``: temporary files (converter diagnostics) go under pytest's temporary directory.
+* ``xla_flags_for``: the run's ``XLA_FLAGS`` with another number of host devices (subprocesses).
 * ``x64``: runs a test in float64 and restores the previous setting afterwards.
 * The export extras: test modules listed in :data:`NEEDS_EXPORT` are reported as skipped (not
   collected, so their imports of TensorFlow / ONNX never run) when TensorFlow is missing.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -54,8 +56,8 @@ OPTIONAL_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 
 def _suite_xla_flags() -> None:
     """Sets ``XLA_FLAGS`` for the run unless it is set already (by the user, or by the xdist
-    controller for its workers): :data:`SUITE_XLA_FLAGS` plus each of :data:`OPTIONAL_XLA_FLAGS`
-    that a CPU backend started with it in a subprocess accepts (one probe of ~2 s per run)."""
+    controller for its workers): :data:`SUITE_XLA_FLAGS`, plus :data:`OPTIONAL_XLA_FLAGS` when a
+    CPU backend started with them in a subprocess accepts them (one probe of ~2 s per run)."""
     if "XLA_FLAGS" in os.environ:
         return
     flags = SUITE_XLA_FLAGS
@@ -184,6 +186,18 @@ def tempfiles_under_pytest_tmp(tmp_path_factory, monkeypatch):
     where = tmp_path_factory.mktemp("tempfile")
     monkeypatch.setattr(tempfile, "tempdir", str(where))
     return where
+
+
+@pytest.fixture
+def xla_flags_for():
+    """``xla_flags_for(n)``: this run's ``XLA_FLAGS`` (:func:`_suite_xla_flags`) with ``n`` host
+    CPU devices, for a subprocess that needs its own device count."""
+
+    def flags(devices: int) -> str:
+        others = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        return f"{others.strip()} --xla_force_host_platform_device_count={devices}".strip()
+
+    return flags
 
 
 @pytest.fixture

@@ -116,8 +116,8 @@ class PopulationTrainer:
         and 1 (no loop) where :func:`research.train.loops_slow_down_convolutions` on the devices and
         the step has convolutions.
       devices: shard the population axis over these devices (default: the first local device).
-      cache: compiled programs and their bytes, shared by trainers of the same population
-        signature (a tune study's batches compile once).
+      cache: compiled programs and their bytes (and whether the step has convolutions), shared
+        by trainers of the same population signature (a tune study's batches compile once).
 
     Each trial's ``checkpoint_every`` (of its stage) says where :meth:`train` stops a block to hand
     the trial's state to its ``on_checkpoint`` callback, as a sequential run checkpoints; the block
@@ -229,13 +229,18 @@ class PopulationTrainer:
         self.shared_batches = len(seeds) == 1
         shared = self.shared_batches
         step = make_train_step(self.defs, members[0].tx, *([loss_fn] if loss_fn else []), jit=False)
-        batch0 = {"x": xs[0, : self.batch_size], "y": ys[0, : self.batch_size]}
-        #: Whether the blocks are single steps, not loops (convolutions on a CPU).
-        self.unlooped = loops_slow_down_convolutions(self.devices[0].platform) and has_convolution(step, state0, batch0)
+        self._cache = cache if cache is not None else {}
+        #: Whether the blocks are single steps, not loops (convolutions on a CPU); traced once per
+        #: population signature and platform (trainers of a tune study's batches share ``cache``).
+        platform = self.devices[0].platform
+        unlooped_key = ("unlooped", key, platform)
+        if unlooped_key not in self._cache:
+            batch0 = {"x": xs[0, : self.batch_size], "y": ys[0, : self.batch_size]}
+            self._cache[unlooped_key] = loops_slow_down_convolutions(platform) and has_convolution(step, state0, batch0)
+        self.unlooped = self._cache[unlooped_key]
         self.block_steps = _block_length(
             1 if self.unlooped else block_steps, steps, self.checkpoint_every + self.eval_every
         )
-        self._cache = cache if cache is not None else {}
         self.program_key = (
             key,
             len(seeds),

@@ -60,23 +60,24 @@ class _StepLoop:
         leaves = jax.tree.leaves(xs)
         if not leaves:
             raise ValueError("scan_steps needs xs with at least one array (their leading axis is the steps)")
-        n = int(np.shape(leaves[0])[0])
+        self.mode = self._forced or self._decide(carry, xs, leaves)
+        if self.mode == "scan":
+            return self._scan(carry, xs)
+        ys = []
+        for i in range(int(np.shape(leaves[0])[0])):
+            carry, y = self._step(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+            ys.append(y)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+    def _decide(self, carry: Any, xs: Any, leaves: list) -> str:
+        """The mode for this backend and argument structure, decided once (one trace of ``body``)."""
         key = (jax.default_backend(), jax.tree.structure((carry, xs)), tuple(np.shape(a)[1:] for a in leaves))
-        if self._forced:
-            self._modes[key] = self._forced
-        elif key not in self._modes:
+        if key not in self._modes:
             slow = loops_slow_down_convolutions() and has_convolution(
                 self.body, carry, jax.tree.map(lambda a: a[0], xs)
             )
             self._modes[key] = "loop" if slow else "scan"  # even one step: XLA keeps a 1-trip loop
-        self.mode = self._modes[key]
-        if self.mode == "scan":
-            return self._scan(carry, xs)
-        ys = []
-        for i in range(n):
-            carry, y = self._step(carry, jax.tree.map(lambda a, i=i: a[i], xs))
-            ys.append(y)
-        return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        return self._modes[key]
 
 
 def scan_steps(body: Callable, mode: str = "auto") -> _StepLoop:

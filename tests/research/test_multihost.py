@@ -4,7 +4,6 @@ one process does."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -63,12 +62,10 @@ def test_process_local_checkpoints_keep_the_newest_and_restore_dtypes(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_train_one_run_as_one_process_does(tmp_path):
+def test_two_cpu_processes_train_one_run_as_one_process_does(tmp_path, xla_flags_for):
     config = tmp_path / "mh.py"
     config.write_text(CONFIG)
-    # One CPU device per process (the suite's other XLA flags, tests/conftest.py, are kept).
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags_for(1)}  # one CPU device per process
     env["JAX_PLATFORMS"] = "cpu"
     two = str(tmp_path / "two")
     cmd = [sys.executable, "-m", "research.distributed.multihost", "--local", "2", str(config), "--workdir", two]

@@ -4,7 +4,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -691,10 +690,8 @@ def test_data_parallel_batch_size_must_split_over_the_devices():
         data_parallel_step(lambda s, b: (s, b), 6, devices=jax.devices() * 4)
 
 
-def test_sharded_population_and_data_parallel_run_equal_one_device_on_four_host_devices():
-    # The suite's XLA flags (tests/conftest.py) with four host devices instead of one.
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+def test_sharded_population_and_data_parallel_run_equal_one_device_on_four_host_devices(xla_flags_for):
+    env = {**os.environ, "XLA_FLAGS": xla_flags_for(4), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", SHARDED], cwd=os.getcwd(), env=env, capture_output=True, text=True, timeout=300
     )
