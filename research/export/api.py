@@ -145,7 +145,8 @@ def _validate(
     activation_calibration: str = "minmax",
 ) -> None:
     """Raises on a bad request before anything is converted: ValueError, or ImportError when a format cannot run."""
-    found = formats_lib.problems(formats, variants, availability=False)
+    tflite_ranges.check_activation_calibration(activation_calibration)
+    found = formats_lib.problems(formats, variants, availability=False, activation_calibration=activation_calibration)
     if found:
         raise ValueError("; ".join(msg for _, msg in found))
     for f in dict.fromkeys(formats):
@@ -159,14 +160,6 @@ def _validate(
                 "activation ranges; pass a few hundred training inputs, or use "
                 "quantize='dynamic_int8'"
             )
-    tflite_ranges.check_activation_calibration(activation_calibration)
-    users = formats_lib.activation_calibration_modes(activation_calibration)
-    if activation_calibration != "minmax" and not set(variants) & users:
-        raise ValueError(
-            f"activation_calibration={activation_calibration!r} chooses the activation ranges of the int8 "
-            f"modes {sorted(users)}, and quantize={list(variants)} has none; "
-            "add one (e.g. quantize='int8') or drop activation_calibration"
-        )
     used = formats_lib.conversions_used(formats)
     stray = sorted(set(format_options) - set(used))
     if stray:

@@ -112,7 +112,7 @@ class ExportStage(StageConfig):
         del context
         from research.export import formats as formats_lib  # pylint: disable=import-outside-toplevel
 
-        found = formats_lib.problems(self.formats, self.quantize)
+        found = formats_lib.problems(self.formats, self.quantize, activation_calibration=self.activation_calibration)
         if found:
             field, msg = found[0]
             raise ConfigError(f"{key}.{field}: {msg}")
@@ -121,11 +121,4 @@ class ExportStage(StageConfig):
                 f"{key}.int8_layernorm={self.int8_layernorm!r} is an option of the TFLite conversion, and "
                 f"formats={list(self.formats)} neither has 'tflite' nor is converted through it; "
                 "add 'tflite' or 'onnx', or drop int8_layernorm"
-            )
-        users = formats_lib.activation_calibration_modes(self.activation_calibration)
-        if self.activation_calibration != "minmax" and not set(self.quantize) & users:
-            raise ConfigError(
-                f"{key}.activation_calibration={self.activation_calibration!r} chooses the ranges of the int8 "
-                f"modes {sorted(users)}, and quantize={list(self.quantize)} has none; "
-                "add 'int8' to quantize or drop activation_calibration"
             )

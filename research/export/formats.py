@@ -355,16 +355,24 @@ def requested_variants(quantize: str | Sequence[str] | None) -> tuple[str, ...]:
     return ("fp32", *[q for q in dict.fromkeys(qs) if q != "fp32"])
 
 
-def problems(formats: Sequence[str], quantize: Sequence[str], *, availability: bool = True) -> list[tuple[str, str]]:
+def problems(
+    formats: Sequence[str],
+    quantize: Sequence[str],
+    *,
+    availability: bool = True,
+    activation_calibration: str = "minmax",
+) -> list[tuple[str, str]]:
     """What is wrong with a request of ``formats`` and ``quantize`` modes, each with its fix.
 
     Checks, in order: formats given and registered (with a did-you-mean), each available here
     (``availability``), each format's ``requires`` requested too, every mode known and written by
-    some requested format. Calibration data is checked by :func:`research.export.export` itself.
+    some requested format, and a non-default ``activation_calibration`` (a known rule) used by
+    some requested mode. Calibration data is checked by :func:`research.export.export` itself.
 
     Returns:
-      ``(field, message)`` pairs; ``field`` is ``"formats"``, ``"formats.<i>"`` or
-      ``"quantize.<i>"`` (``i`` indexes the given sequence), for config errors.
+      ``(field, message)`` pairs; ``field`` is ``"formats"``, ``"formats.<i>"``,
+      ``"quantize.<i>"`` (``i`` indexes the given sequence) or ``"activation_calibration"``, for
+      config errors.
     """
     formats, quantize = tuple(formats), tuple(quantize)
     names = format_names()
@@ -400,6 +408,16 @@ def problems(formats: Sequence[str], quantize: Sequence[str], *, availability: b
             by = writers(q)
             what = f"an {by[0]!r} file only" if len(by) == 1 else f"files of the formats {by} only"
             out.append((f"quantize.{i}", f"quantize={q!r} writes {what}; add {by[0]!r} to formats={formats!r}"))
+    users = activation_calibration_modes(activation_calibration)
+    if activation_calibration != "minmax" and not set(quantize) & users:
+        out.append(
+            (
+                "activation_calibration",
+                f"activation_calibration={activation_calibration!r} chooses the activation ranges of the int8 "
+                f"modes {sorted(users)}, and quantize={list(quantize)} has none; "
+                "add one to quantize (e.g. quantize='int8') or drop activation_calibration",
+            )
+        )
     return out
 
 

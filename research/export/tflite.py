@@ -324,18 +324,28 @@ def size_breakdown(blob: bytes) -> dict[str, int]:
 def calibration_batches(
     calibration: np.ndarray, batch_size: int, max_samples: int = 512
 ) -> Callable[[], Iterator[list[np.ndarray]]]:
-    """Returns a representative-dataset generator over ``calibration`` in fixed-size batches."""
+    """Returns a representative-dataset generator over ``calibration`` in fixed-size batches.
+
+    Every one of the first ``max_samples`` samples is in a batch: when ``batch_size`` does not
+    divide their number (the static trace's batch of 7, say), the last batch is filled with samples
+    from the start, which the converter has seen already (min/max ranges are unchanged by them).
+
+    Raises:
+      ValueError: fewer samples than one batch.
+    """
     data = np.asarray(calibration)[:max_samples]
-    n = (len(data) // batch_size) * batch_size
-    if n == 0:
+    if len(data) < batch_size:
         raise ValueError(
             f"calibration has {len(data)} samples, fewer than one batch of {batch_size}; "
             f"pass at least {batch_size} samples"
         )
 
     def gen() -> Iterator[list[np.ndarray]]:
-        for i in range(0, n, batch_size):
-            yield [data[i : i + batch_size]]
+        for i in range(0, len(data), batch_size):
+            batch = data[i : i + batch_size]
+            if len(batch) < batch_size:
+                batch = np.concatenate([batch, data[: batch_size - len(batch)]])
+            yield [batch]
 
     return gen
 

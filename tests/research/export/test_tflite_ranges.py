@@ -150,7 +150,7 @@ def test_export_stage_validates_the_rule_before_training():
     )
     for quantize, rule, match in [
         (("int8",), "mes", r"activation_calibration.*'mse'"),
-        (("fp16",), "mse", r"add 'int8' to quantize"),
+        (("fp16",), "mse", r"quantize=\['fp16'\] has none; add one to quantize \(e.g. quantize='int8'\)"),
     ]:
         stage = ExportStage(**tflite, quantize=quantize, activation_calibration=rule)
         with pytest.raises(C.ConfigError, match=match):
@@ -234,3 +234,19 @@ def test_symmetric_qdq_onnx_files_take_the_percentile_rule_through_onnxruntime(t
     C.validate(dataclasses.replace(base, stages=(ExportStage(**onnx_only, activation_calibration="percentile"),)))
     with pytest.raises(C.ConfigError, match=r"activation_calibration='mse'.*has none"):
         C.validate(dataclasses.replace(base, stages=(ExportStage(**onnx_only, activation_calibration="mse"),)))
+
+
+def test_calibration_batches_cover_every_sample_at_the_static_batch():
+    from research.export.tflite import STATIC_TRACE_BATCH
+    from research.export.tflite import calibration_batches
+
+    data = np.arange(3 * STATIC_TRACE_BATCH + 4, dtype=np.float32)[:, None]  # 4 past the last full batch
+    batches = [b for (b,) in calibration_batches(data, STATIC_TRACE_BATCH)()]
+    assert {b.shape for b in batches} == {(STATIC_TRACE_BATCH, 1)} and len(batches) == 4
+    seen = np.concatenate(batches)[:, 0]
+    assert set(seen) == set(data[:, 0])  # the remainder too (an outlier there sets the range)
+    np.testing.assert_array_equal(seen[-STATIC_TRACE_BATCH:], [*data[-4:, 0], *data[:3, 0]])
+    assert len([*calibration_batches(data[:14], STATIC_TRACE_BATCH)()]) == 2  # divisible: nothing repeated
+    assert len([*calibration_batches(data, 8, max_samples=16)()]) == 2
+    with pytest.raises(ValueError, match="6 samples, fewer than one batch of 7; pass at least 7"):
+        calibration_batches(data[:6], STATIC_TRACE_BATCH)
