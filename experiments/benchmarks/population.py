@@ -20,8 +20,10 @@ learning rates of a train-only config (digits; the same steps and batches for ev
   their compilations: what a one-shot ``slimjax sweep`` pays. Only the sweep call is timed, not
   the interpreter's start.
 - ``plain K`` / ``plain chosen``: a hand-written plain-JAX loop (the whole training as one
-  ``lax.scan``, Adam with the learning rate as a traced value), K (or the chosen K) trials
-  vmapped in one program against the same program called K times; compilation excluded.
+  ``lax.scan``, Adam with the learning rate as a traced value; on a CPU a model with convolutions
+  steps one compiled step per call instead, as :func:`research.train.scan_steps` does), K (or the
+  chosen K) trials vmapped in one program against the same program called K times; compilation
+  excluded.
 - ``kept`` = ``pop/seq`` over ``plain chosen``: how much of the plain vmap gain at the chunk size
   it trains with the executor keeps (the issue's target: at least 90% on the MLP); ``kept@K`` =
   ``pop/seq`` over ``plain K``, against the plain gain at the K the row allows (stricter when
@@ -86,7 +88,13 @@ def _sweep_seconds(config, k: int, executor) -> tuple[float, object]:
 
 
 def _plain_programs(model_name: str, steps: int, batch_size: int):
-    """``(one, many, params)``: one plain-JAX training jitted, and the same vmapped over learning rates."""
+    """``(one, many, params)``: one plain-JAX training, and the same vmapped over learning rates.
+
+    Each is a step loop of :func:`research.train.scan_steps`: one ``lax.scan`` over the steps,
+    except on a CPU for a model with convolutions, where both run one compiled step per call (XLA's
+    CPU backend runs convolution gradients many times slower inside a loop: ``conv_in_loop.py``),
+    so the reference is the fastest plain loop on either side, not one that carries the penalty.
+    """
     import jax
     import numpy as np
     import optax
@@ -94,6 +102,7 @@ def _plain_programs(model_name: str, steps: int, batch_size: int):
 
     from research.data import load_dataset
     from research.nn import build_model
+    from research.train import scan_steps
 
     ds = load_dataset("digits", seed=0)
     model = build_model(model_name, input_shape=ds.input_shape, num_classes=ds.num_classes, rngs=nnx.Rngs(0))
@@ -103,25 +112,34 @@ def _plain_programs(model_name: str, steps: int, batch_size: int):
     idx = jax.numpy.asarray(np.random.default_rng(0).integers(0, len(ds.x_train), (steps, batch_size)))
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 
-    def train(params, lr):
+    def init(params, lr):
         opt = tx.init(params)
         opt.hyperparams["learning_rate"] = lr
+        return params, opt
 
-        def body(carry, i):
-            p, o = carry
+    def body(carry, i):
+        p, o = carry
 
-            def loss(p):
-                m = nnx.merge(graphdef, p, rest, copy=True)
-                return optax.softmax_cross_entropy_with_integer_labels(m(xs[i]), ys[i]).mean()
+        def loss(p):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            return optax.softmax_cross_entropy_with_integer_labels(m(xs[i]), ys[i]).mean()
 
-            value, grads = jax.value_and_grad(loss)(p)
-            updates, o = tx.update(grads, o, p)
-            return (optax.apply_updates(p, updates), o), value
+        value, grads = jax.value_and_grad(loss)(p)
+        updates, o = tx.update(grads, o, p)
+        return (optax.apply_updates(p, updates), o), value
 
-        (p, _), losses = jax.lax.scan(body, (params, opt), idx)
-        return losses[-1]
+    def program(init, body):
+        init, loop = jax.jit(init), scan_steps(body)
 
-    return jax.jit(train), jax.jit(jax.vmap(train, in_axes=(None, 0))), params
+        def train(params, lr):
+            _, losses = loop(init(params, lr), idx)
+            return losses[-1]
+
+        return train
+
+    many_init = jax.vmap(init, in_axes=(None, 0))
+    many_body = jax.vmap(body, in_axes=(0, None))  # K trials, the same batch
+    return program(init, body), program(many_init, many_body), params
 
 
 def _plain_ratio(programs, k: int, repeats: int) -> float:
@@ -204,7 +222,7 @@ def main(argv=None) -> int:
         choices=("auto", "ascending", "largest"),
         default="auto",
         help="the chooser's search: every power of two from K=1 up, or only the largest K against the sequential "
-        "step (auto: largest on a GPU/TPU)",
+        "step (auto: the executor's default, largest on a GPU/TPU and for a CPU population with convolutions)",
     )
     parser.add_argument("--verbose", action="store_true", help="print the chooser's figures as each K finishes")
     parser.add_argument("--one-sweep", nargs=3, metavar=("MODEL", "K", "EXECUTOR"), help=argparse.SUPPRESS)
