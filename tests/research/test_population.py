@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -464,7 +465,14 @@ def test_the_executor_searches_largest_first_on_accelerators(config_file, tmp_pa
     gpu = pop_executor.PopulationExecutor(devices=[Gpu()])
     assert gpu.largest_first and gpu.measure_budget == pop_executor.ACCELERATOR_MEASURE_BUDGET
     cpu = pop_executor.PopulationExecutor()
-    assert not cpu.largest_first and cpu.measure_budget == pop_executor.CPU_MEASURE_BUDGET
+    assert cpu.largest_first is None and cpu.measure_budget == pop_executor.CPU_MEASURE_BUDGET
+    # on a CPU decided per population: largest first where the step has convolutions (single-step
+    # blocks, vmap's gain grows with K), ascending for the others; asked for, as asked
+    conv, mlp = SimpleNamespace(unlooped=True), SimpleNamespace(unlooped=False)
+    assert cpu._largest_first(conv) and not cpu._largest_first(mlp)
+    assert gpu._largest_first(mlp) and gpu._largest_first(conv)
+    assert not pop_executor.PopulationExecutor(largest_first=False)._largest_first(conv)
+    assert pop_executor.PopulationExecutor(largest_first=True)._largest_first(mlp)
     assert pop_executor.PopulationExecutor(measure_budget=None, largest_first=False).measure_budget is None
     with pytest.raises(ValueError, match="measure_budget=-1"):
         pop_executor.PopulationExecutor(measure_budget=-1)
