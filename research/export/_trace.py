@@ -210,7 +210,8 @@ class ExportAttention(nnx.Module):
 
 
 class ExportLayerNorm(nnx.Module):
-    """An ``nnx.LayerNorm`` over the last axis computed in the form integer converters quantize well.
+    """An ``nnx.LayerNorm`` (or ``nnx.RMSNorm``) over the last axis computed in the form integer
+    converters quantize well.
 
     Flax computes the variance as ``E[x^2] - E[x]^2`` (``use_fast_variance``) with the means as
     ``reduce_sum``; converted to TFLite that is a ``SUM`` over the features, whose quantized output
@@ -219,11 +220,14 @@ class ExportLayerNorm(nnx.Module):
     computes the same function as Flax's two-pass form: the mean and the variance as products with
     a constant ``1/n`` column (``FULLY_CONNECTED``, whose output range is calibrated like any
     layer's), the variance from the centred values. In float it differs from the layer by rounding
-    only (about 1e-6 relative). A LayerNorm over other axes, with a mask, a cross-device
-    ``axis_name`` or a compute ``dtype`` runs the layer itself.
+    only (about 1e-6 relative). An ``nnx.RMSNorm`` (``x * rsqrt(mean(x^2) + epsilon) * scale``)
+    is the same without the centring and the bias: its mean square is the product with the
+    column. A norm over other axes, with a mask, a cross-device ``axis_name`` or a compute
+    ``dtype`` runs the layer itself.
 
     Args:
-      layer: the ``nnx.LayerNorm`` (kept as ``self.layer``; its scale and bias are shared).
+      layer: the ``nnx.LayerNorm`` or ``nnx.RMSNorm`` (kept as ``self.layer``; its scale and bias
+        are shared).
     """
 
     def __init__(self, layer: nnx.LayerNorm):
@@ -251,24 +255,27 @@ class ExportLayerNorm(nnx.Module):
             return m(x, mask=mask)
         n = x.shape[-1]
         mean_of = jax.numpy.full((n, 1), 1.0 / n, x.dtype)
-        y, gain = self._normalized(x - x @ mean_of, mean_of)
+        rms = isinstance(m, nnx.RMSNorm)  # no mean subtracted, no bias
+        y, gain = self._normalized(x if rms else x - x @ mean_of, mean_of)
         if m.use_scale:
             scale = m.scale[...].astype(x.dtype)
             y = y * (scale if gain is None else scale * gain)  # a constant gain folds into the scale
         elif gain is not None:
             y = y * gain
-        if m.use_bias:
+        if not rms and m.use_bias:
             y = y + m.bias[...].astype(x.dtype)
         return y
 
     def _normalized(self, centred: jax.Array, mean_of: jax.Array) -> tuple[jax.Array, np.ndarray | None]:
-        """``(x - mean) / sqrt(var + epsilon)`` as ``(y, gain)``: ``y * gain`` (``gain`` None: 1)."""
+        """``centred / sqrt(mean(centred^2) + epsilon)`` as ``(y, gain)``: ``y * gain`` (``gain`` None:
+        1). ``centred`` is ``x - mean`` for a LayerNorm, ``x`` for an RMSNorm."""
         eps = np.asarray(self.layer.epsilon, centred.dtype)
         return centred * jax.lax.rsqrt(((centred * centred) @ mean_of) + eps), None
 
 
 class L2LayerNorm(ExportLayerNorm):
-    """An ``nnx.LayerNorm`` over the last axis written as TFLite's ``L2_NORMALIZATION`` (full int8).
+    """An ``nnx.LayerNorm`` (or ``nnx.RMSNorm``) over the last axis written as TFLite's
+    ``L2_NORMALIZATION`` (full int8).
 
     Converted as it is, a LayerNorm becomes int8 ``SUM``/``MUL``/``RSQRT`` ops, each requantized
     to one per-tensor grid: the variance of every token shares one grid (on the digits ViT its
@@ -279,10 +286,11 @@ class L2LayerNorm(ExportLayerNorm):
 
     which the converter fuses into one ``L2_NORMALIZATION`` (the sum of squares and its inverse
     square root in 32-bit integers, per token; output grid fixed at 1/128). The padded column
-    carries the epsilon, so in float it is the layer's function up to rounding. Measured on the zoo
-    ViT (digits, six trainings): TFLite int8 top-1 agreement 0.9842 -> 0.9923 on average, the median
-    largest logit error 0.86 -> 0.51 (``experiments/int8_seq/README.md``). The same fallbacks as
-    :class:`ExportLayerNorm` (other axes, a mask, ...) run the layer itself.
+    carries the epsilon, so in float it is the layer's function up to rounding. An ``nnx.RMSNorm``
+    is ``x * rsqrt(mean(x^2) + epsilon) * scale``: the same with ``a = pad(x, ...)``. Measured on
+    the zoo ViT (digits, six trainings): TFLite int8 top-1 agreement 0.9842 -> 0.9923 on average,
+    the median largest logit error 0.86 -> 0.51 (``experiments/int8_seq/README.md``). The same
+    fallbacks as :class:`ExportLayerNorm` (other axes, a mask, ...) run the layer itself.
     """
 
     def _normalized(self, centred: jax.Array, mean_of: jax.Array) -> tuple[jax.Array, np.ndarray]:
@@ -297,7 +305,8 @@ class L2LayerNorm(ExportLayerNorm):
         return unit[..., :n], np.asarray(np.sqrt(n), centred.dtype)
 
 
-#: ``layernorm=`` of :func:`export_forms`: the stand-in each name converts every ``nnx.LayerNorm`` to.
+#: ``layernorm=`` of :func:`export_forms`: the stand-in each name converts every ``nnx.LayerNorm``
+#: and ``nnx.RMSNorm`` to.
 LAYERNORM_FORMS: dict[str, type] = {"mean_column": ExportLayerNorm, "l2_normalization": L2LayerNorm}
 
 
@@ -306,7 +315,7 @@ def export_forms(model: Any, *, layernorm: str | None = None) -> Any:
 
     Every ``nnx.LinearGeneral`` becomes an :class:`ExportLinearGeneral` and every
     ``nnx.MultiHeadAttention`` an :class:`ExportAttention`. ``layernorm`` names a stand-in for
-    every ``nnx.LayerNorm`` (:data:`LAYERNORM_FORMS`): ``"mean_column"`` (:class:`ExportLayerNorm`,
+    every ``nnx.LayerNorm`` and ``nnx.RMSNorm`` (:data:`LAYERNORM_FORMS`): ``"mean_column"`` (:class:`ExportLayerNorm`,
     what the TFLite ``"int16x8"`` mode converts: its ``SUM`` would clip) or ``"l2_normalization"`` (:class:`L2LayerNorm`, what the full-int8 modes
     convert). Non-NNX callables and models without those layers are returned unchanged.
 
@@ -324,7 +333,7 @@ def export_forms(model: Any, *, layernorm: str | None = None) -> Any:
 
     kinds: dict[type, type] = {nnx.LinearGeneral: ExportLinearGeneral, nnx.MultiHeadAttention: ExportAttention}
     if layernorm is not None:
-        kinds[nnx.LayerNorm] = LAYERNORM_FORMS[layernorm]
+        kinds[nnx.LayerNorm] = kinds[nnx.RMSNorm] = LAYERNORM_FORMS[layernorm]
 
     def wanted(path: str, module: Any) -> bool:
         if type(module) not in kinds:

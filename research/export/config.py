@@ -29,7 +29,7 @@ DEFAULT_FORMATS = ("stablehlo", "tflite", "onnx")
 
 INT8_LAYERNORM_CHOICES = ("l2_normalization", "as_is")
 """Values of ``ExportStage.int8_layernorm`` and ``format_options={"tflite": {"int8_layernorm": ...}}``:
-how the full-int8 TFLite modes convert an ``nnx.LayerNorm`` (``"l2_normalization"``, the default,
+how the full-int8 TFLite modes convert an ``nnx.LayerNorm`` or ``nnx.RMSNorm`` (``"l2_normalization"``, the default,
 see :data:`research.export.tflite.L2_LAYERNORM_MODES`; ``"as_is"``: the layer's own ops, for a model
 whose epsilons :func:`methods.quantization.int8_norm_epsilon` raised for that form)."""
 
@@ -66,7 +66,7 @@ class ExportStage(StageConfig):
         ``int8_qdq_*`` ONNX files take ``percentile`` through onnxruntime's calibrator and use
         min/max for ``mse``.
       int8_layernorm: how the full-int8 TFLite files (and their ONNX files) convert an
-        ``nnx.LayerNorm``: ``l2_normalization`` (default: one ``L2_NORMALIZATION`` op, statistics
+        ``nnx.LayerNorm`` or ``nnx.RMSNorm``: ``l2_normalization`` (default: one ``L2_NORMALIZATION`` op, statistics
         in 32-bit integers) or ``as_is`` (the layer's own ops; for a model whose epsilons a
         ``norm_epsilon`` stage raised). Needs ``tflite`` in ``formats``, or a format converted
         through it (``onnx``), to be anything but the default.

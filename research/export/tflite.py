@@ -13,7 +13,7 @@ registry (:func:`register_quantization`) of functions that configure the convert
   are quantized per output channel (the converter's default). The activation ranges are the
   calibration minimum and maximum unless ``activation_calibration`` names another rule
   (``"percentile"``, ``"mse"``: :mod:`research.export.tflite_ranges`), as for the two modes below.
-  In these three modes every last-axis ``nnx.LayerNorm`` converts as one ``L2_NORMALIZATION``
+  In these three modes every last-axis ``nnx.LayerNorm`` and ``nnx.RMSNorm`` converts as one ``L2_NORMALIZATION``
   (:data:`L2_LAYERNORM_MODES`; ``format_options={"tflite": {"int8_layernorm": "as_is"}}`` keeps the
   layer's own ops).
 * ``"int8_dense_per_tensor"``: as ``"int8"``, but fully connected kernels get one scale per
@@ -38,7 +38,7 @@ registry (:func:`register_quantization`) of functions that configure the convert
   data-order variations). The converter refuses ops without a 16x8 kernel (``DIV`` among them;
   the error names the op), and its 16x8 ``SUM`` keeps the input's scale, so a mean written as
   ``jnp.mean`` can clip: :func:`int16_sum_warnings` names each such op (in this mode every
-  ``nnx.LayerNorm`` is converted in a form without one,
+  ``nnx.LayerNorm`` and ``nnx.RMSNorm`` is converted in a form without one,
   :class:`research.export._trace.ExportLayerNorm`; see :data:`INTEGER_LAYERNORM_MODES`). Its ONNX
   file has int16 Q/DQ, which needs ONNX opset 21 (:func:`research.export.onnx_export.tflite_to_onnx`).
 
@@ -718,12 +718,12 @@ def range_agreement(runner: TFLiteRunner, ranges: Mapping[str, tuple[float, floa
 
 
 INTEGER_LAYERNORM_MODES = frozenset({"int16x8"})
-"""Modes converted with every ``nnx.LayerNorm`` as :class:`research.export._trace.ExportLayerNorm`
+"""Modes converted with every ``nnx.LayerNorm`` (and ``nnx.RMSNorm``) as :class:`research.export._trace.ExportLayerNorm`
 (TFLite's 16x8 ``SUM`` would clip Flax's feature sums). For ``"int8"`` that form made no
 difference beyond noise (attention + GRU model, three seeds); see :data:`L2_LAYERNORM_MODES`."""
 
 L2_LAYERNORM_MODES = frozenset({"int8", "int8_dense_per_tensor", "int8_per_tensor"})
-"""Full-int8 modes, converted with every ``nnx.LayerNorm`` as
+"""Full-int8 modes, converted with every ``nnx.LayerNorm`` and ``nnx.RMSNorm`` as
 :class:`research.export._trace.L2LayerNorm` (one int8 ``L2_NORMALIZATION`` per LayerNorm, its
 statistics in 32-bit integers, instead of a variance on a shared int8 grid). Float and
 ONNX-only modes (``int8_qdq_symmetric`` quantizes the float32 ONNX file) convert the layer as it is,

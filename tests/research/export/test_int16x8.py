@@ -113,6 +113,58 @@ def test_l2_layernorm_form_computes_the_same_function(epsilon, affine):
     np.testing.assert_allclose(y, np.asarray(jax.jit(inference_fn(other))(_inputs(8, 1))), rtol=1e-6, atol=1e-6)
 
 
+def _rms_model(epsilon: float = 1e-6, use_scale: bool = True) -> NormGRU:
+    """The same model with an ``nnx.RMSNorm`` (a Llama-style transformer's norm) for its LayerNorm."""
+    model = _model()
+    model.norm = nnx.RMSNorm(16, epsilon=epsilon, use_scale=use_scale, rngs=nnx.Rngs(0))
+    if use_scale:
+        model.norm.scale[...] = jnp.asarray(1.0 + 0.5 * np.random.default_rng(2).normal(size=16), jnp.float32)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("epsilon", [1e-6, 0.5])
+@pytest.mark.parametrize("use_scale", [True, False])
+@pytest.mark.parametrize("form", ["mean_column", "l2_normalization"])
+def test_rmsnorm_export_forms_compute_the_same_function(form, epsilon, use_scale):
+    model = _rms_model(epsilon, use_scale)
+    forms = export_forms(model, layernorm=form)
+    assert type(forms.norm) is {"mean_column": ExportLayerNorm, "l2_normalization": L2LayerNorm}[form]
+    assert isinstance(model.norm, nnx.RMSNorm)
+    x = np.array(model.embed(_inputs(64, 0)) + 3.0)
+    x[0, 0] = 0.0  # an all-zero token: the epsilon alone keeps it finite
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + epsilon)  # no mean subtracted, no bias
+    if use_scale:
+        want = want * np.asarray(model.norm.scale[...], np.float64)
+    np.testing.assert_allclose(np.asarray(forms.norm(x)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.norm(x)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(inference_fn(forms)(_inputs(8, 1))), np.asarray(jax.jit(inference_fn(model))(_inputs(8, 1))),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_rmsnorm_converts_as_one_l2_normalization_in_int8(tmp_path):
+    x = _inputs(16, 7)
+    kw = dict(formats=("tflite",), calibration=_inputs(64, 8), eval_data=x, latency_repeats=1)
+    ops = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportAgreementWarning)
+        warnings.simplefilter("error", Int16SumWarning)  # the 16x8 form leaves no SUM to clip
+        rep = export(_rms_model(), x[:4], out_dir=tmp_path / "l2", quantize=("int8", "int16x8"), **kw)
+        ops.update({q: op_counts(open(rep[f"tflite_{q}"].path, "rb").read()) for q in ("int8", "int16x8")})
+        as_is = export(
+            _rms_model(), x[:4], out_dir=tmp_path / "as_is", quantize=("int8",),
+            format_options={"tflite": {"int8_layernorm": "as_is"}}, **kw,
+        )  # fmt: skip
+    ops["as_is"] = op_counts(open(as_is["tflite_int8"].path, "rb").read())
+    assert ops["int8"]["L2_NORMALIZATION"] == 1 and ops["int8"]["RSQRT"] == 0, ops["int8"]
+    assert ops["int16x8"]["L2_NORMALIZATION"] == 0 and ops["int16x8"]["SUM"] == 0, ops["int16x8"]
+    assert ops["as_is"]["L2_NORMALIZATION"] == 0 and ops["as_is"]["RSQRT"] == 1, ops["as_is"]
+    assert rep["tflite_int8"].max_rel_diff < 1.0 and rep["tflite_int16x8"].top1_agreement >= 0.98
+
+
 def test_an_unknown_layernorm_form_is_refused():
     with pytest.raises(ValueError, match=r"layernorm='rms': unknown LayerNorm export form; choose from"):
         export_forms(_model(), layernorm="rms")
