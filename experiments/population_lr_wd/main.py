@@ -1,6 +1,7 @@
 """A learning-rate x weight-decay grid of LeNet-300-100 pruned to 90% on mnist5k, sequential vs population.
 
 Run:  python -m experiments.population_lr_wd.main [--lrs 8] [--wds 8] [--steps 300] [--chunk-size K] [--out DIR]
+      python -m experiments.population_lr_wd.main --model lenet5 --lrs 4 --wds 8 --interleave   # a CNN
 
 The pipeline is train (AdamW, the grid's learning rate and weight decay) -> prune to 90% with a
 polynomial schedule (gradual magnitude pruning) and fine-tuning. The same grid runs twice through
@@ -32,13 +33,13 @@ from research.sweep import report_populations
 from research.sweep import sweep
 
 
-def make_config(steps: int, prune_steps: int):
+def make_config(steps: int, prune_steps: int, model: str = "lenet300"):
     from methods.pruning import PruneStage
     from research.stages import TrainStage
 
     return C.Config(
         name="pop-lr-wd",
-        model=C.ModelConfig(name="lenet300"),
+        model=C.ModelConfig(name=model),
         data=C.DataConfig(name="mnist5k"),
         stages=(
             TrainStage(steps=steps, batch_size=128, optimizer="adamw", checkpoint_every=0, eval_every=0, log_every=0),
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="train steps per point")
     parser.add_argument("--prune-steps", type=int, default=100, help="prune fine-tuning steps per point")
     parser.add_argument("--out", default="/tmp/pop_lr_wd")
+    parser.add_argument("--model", default="lenet300", help="a zoo model for mnist5k (default LeNet-300-100)")
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="the population executor's K (default: measured by its chooser)"
     )
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         "stages.train.learning_rate": [float(f"{v:.4g}") for v in np.geomspace(1e-4, 1e-2, args.lrs)],
         "stages.train.weight_decay": [float(f"{v:.4g}") for v in np.geomspace(1e-5, 1e-1, args.wds)],
     }
-    config = make_config(args.steps, args.prune_steps)
+    config = make_config(args.steps, args.prune_steps, args.model)
     os.makedirs(args.out, exist_ok=True)
     results = {}
     if not args.no_warmup:  # compiles the jitted steps of both stages (shared by every point of either executor)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     mask_diff = float(np.nanmax(np.abs(np.subtract(column(seq, "mask_sparsity"), column(pop, "mask_sparsity")))))
     s_seq, s_pop = results["sequential"]["seconds"], results["population"]["seconds"]
     points = [p for rep in results[pop]["reports"] for p in rep.points]
-    print(f"{len(points)} points, LeNet-300-100 on mnist5k, {args.steps} train + {args.prune_steps} prune steps")
+    print(f"{len(points)} points, {args.model} on mnist5k, {args.steps} train + {args.prune_steps} prune steps")
     print(f"load average: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(f"sequential executor: {s_seq:8.1f} s")
     print(f"population executor: {s_pop:8.1f} s   ({s_seq / s_pop:.2f}x)")

@@ -353,6 +353,11 @@ def test_chooser_stops_measuring_when_the_budget_is_spent():
     costs = FakeCosts(step=lambda k: {1: 0.5, 2: 2.0}[k], compile_=lambda k: 40.0, seq=1.0, seq_compile=40.0)
     choice, _ = costs.choose(8, 55)
     assert costs.measured == [1] and choice.runner == "sequential" and "unconfirmed" in choice.reason
+    # ... and one slower in its one timing: the sequential step is faster, nothing to confirm
+    costs = FakeCosts(step=lambda k: {1: 2.0, 2: 4.0}[k], compile_=lambda k: 40.0, seq=1.0, seq_compile=40.0)
+    choice, _ = costs.choose(8, 55)
+    assert costs.measured == [1] and choice.runner == "sequential" and "unconfirmed" not in choice.reason
+    assert "the sequential executor's own jitted step is at least as fast" in choice.reason, choice.reason
 
 
 def test_chooser_compiles_a_program_only_when_its_best_gain_repays_it():
