@@ -408,8 +408,8 @@ def problems(
             by = writers(q)
             what = f"an {by[0]!r} file only" if len(by) == 1 else f"files of the formats {by} only"
             out.append((f"quantize.{i}", f"quantize={q!r} writes {what}; add {by[0]!r} to formats={formats!r}"))
-    users = activation_calibration_modes(activation_calibration)
-    if activation_calibration != "minmax" and not set(quantize) & users:
+    users = activation_calibration_modes(activation_calibration) if activation_calibration != "minmax" else ()
+    if users and not set(quantize) & users:
         out.append(
             (
                 "activation_calibration",

@@ -71,7 +71,7 @@ _CHOICES: dict = {}  # chunk sizes measured (with the wall-clock timer) by this 
 SEQUENTIAL_PROBE_STEPS = 20  # steps per timed call of the sequential step (its timings train nothing)
 CPU_MEASURE_BUDGET = 0.1  # measure_budget's default on a CPU
 ACCELERATOR_MEASURE_BUDGET = 0.5  # ... on a GPU/TPU, where the largest-first search compiles one program
-LARGEST_FIRST_ACCEPT_MARGIN = 2.0  # a largest-first program this much faster than the sequential step needs no confirming
+LARGEST_FIRST_ACCEPT_MARGIN = 2.0  # a largest-first program this much faster than sequential needs no confirming
 _PLATFORM_DEFAULT: Any = object()  # measure_budget's default: CPU_ or ACCELERATOR_MEASURE_BUDGET by platform
 
 
@@ -332,6 +332,7 @@ class PopulationExecutor:
                 sequential_timed_steps=(1 + TIMED_REPEATS) * probe,
                 sequential_compile=lambda: trainer.sequential_compile_seconds,
             )
+        largest_first = self._largest_first(trainer)
         return choose_k(
             n,
             measure,
@@ -340,8 +341,8 @@ class PopulationExecutor:
             multiple_of=multiple,
             sequential=sequential,
             budget=budget,
-            largest_first=self._largest_first(trainer),
-            accept_margin=LARGEST_FIRST_ACCEPT_MARGIN if self._largest_first(trainer) else None,
+            largest_first=largest_first,
+            accept_margin=LARGEST_FIRST_ACCEPT_MARGIN if largest_first else None,
         )
 
     def _run_plain(self, trainer, jobs, number, progress, plotter, why) -> Iterator[Outcome]:
