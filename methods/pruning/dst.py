@@ -28,6 +28,7 @@ import optax
 import methods.pruning.names as _names
 from methods.pruning.masks import SparsityRule
 from methods.pruning.masks import leaf_targets
+from methods.pruning.masks import smallest_k
 from methods.pruning.scores import allocate
 from methods.pruning.wrapper import mask_grads
 from methods.pruning.wrapper import mask_updates
@@ -82,9 +83,9 @@ def cosine_drop_fraction(step, drop_fraction: float, end_step: int) -> jax.Array
     return jnp.where(jnp.asarray(step) <= end_step, drop_fraction / 2 * (1 + jnp.cos(jnp.pi * t)), 0.0)
 
 
-def _rank_desc(x):
-    flat = jnp.ravel(x)
-    return jnp.argsort(jnp.argsort(-flat, stable=True), stable=True).reshape(x.shape)
+def _largest_k(x, k):
+    """The ``k`` largest entries of ``x`` (ties by position), as :func:`smallest_k` of ``-x``."""
+    return smallest_k(-jnp.ravel(x), k).reshape(x.shape)
 
 
 def drop_and_grow(mask, weight, grow_scores, fraction):
@@ -96,10 +97,8 @@ def drop_and_grow(mask, weight, grow_scores, fraction):
     n_active = jnp.sum(mask)
     n_inactive = mask.size - n_active
     k = jnp.minimum(jnp.floor(fraction * n_active).astype(jnp.int32), n_inactive)
-    drop_rank = _rank_desc(jnp.where(mask, -jnp.abs(weight), -jnp.inf))  # smallest |w| first
-    dropped = mask & (drop_rank < k)
-    grow_rank = _rank_desc(jnp.where(mask, -jnp.inf, grow_scores))  # excludes dropped (were active)
-    grown = (~mask) & (grow_rank < k)
+    dropped = mask & _largest_k(jnp.where(mask, -jnp.abs(weight), -jnp.inf), k)  # smallest |w| first
+    grown = (~mask) & _largest_k(jnp.where(mask, -jnp.inf, grow_scores), k)  # excludes dropped (were active)
     return (mask & ~dropped) | grown, grown
 
 

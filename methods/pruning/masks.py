@@ -78,12 +78,69 @@ def mask_from_scores(scores: jax.Array, sparsity: jax.Array | float) -> jax.Arra
     """Keeps the highest scores: exactly ``round(sparsity * size)`` entries are pruned.
 
     Ties are broken by position, so the count is exact even when many scores are equal
-    (e.g. weights that are already zero). Works with a traced ``sparsity``.
+    (e.g. weights that are already zero). Works with a traced ``sparsity``. The pruned entries
+    are :func:`smallest_k`'s (the same on every platform).
     """
     flat = jnp.ravel(scores)
     k = jnp.round(jnp.asarray(sparsity, jnp.float32) * flat.size).astype(jnp.int32)
-    ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
-    return (ranks >= k).reshape(jnp.shape(scores))
+    return (~smallest_k(flat, k)).reshape(jnp.shape(scores))
+
+
+def smallest_k(values: jax.Array, k: jax.Array | int) -> jax.Array:
+    """The ``k`` smallest entries of a 1-D array, ties taken by position (earlier first).
+
+    Exactly the entries whose rank in a stable ascending sort is below ``k`` (JAX's sort
+    order: ``-0.0`` equals ``0.0``, NaNs last); ``k`` may be traced and is clipped to
+    ``[0, size]``. On a CPU it selects instead of sorting (:func:`_smallest_k_by_selection`: 32
+    counting passes find the k-th smallest value; XLA's CPU sort of a 784x300 kernel costs about
+    25x that); elsewhere one stable ``argsort``. Both give the same entries; integer values sort
+    on every platform.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> smallest_k(jnp.array([3.0, 1.0, 1.0, 2.0]), 2).tolist()
+      [False, True, True, False]
+    """
+    values = jnp.ravel(values)
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, values.size)
+    if not jnp.issubdtype(values.dtype, jnp.floating) or values.size == 0:
+        return _smallest_k_by_sort(values, k)
+    return jax.lax.platform_dependent(values, k, cpu=_smallest_k_by_selection, default=_smallest_k_by_sort)
+
+
+def _smallest_k_by_sort(values: jax.Array, k: jax.Array) -> jax.Array:
+    order = jnp.argsort(values, stable=True)
+    return jnp.zeros(values.shape, bool).at[order].set(jnp.arange(values.size) < k, unique_indices=True)
+
+
+def _sort_keys(values: jax.Array) -> jax.Array:
+    """``uint32`` keys in JAX's float sort order: ``-0.0`` as ``0.0``, every NaN after ``+inf``."""
+    x = values.astype(jnp.float32)  # exact for the narrower floats, the order kept
+    x = jnp.where(x == 0, jnp.float32(0), x)
+    x = jnp.where(jnp.isnan(x), jnp.float32(jnp.nan), x)
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(0x80000000))
+
+
+def _smallest_k_by_selection(values: jax.Array, k: jax.Array) -> jax.Array:
+    """:func:`smallest_k` without a sort: a bisection over the ``uint32`` keys finds the
+    k-th smallest key ``t`` (32 passes that count the keys ``<= mid``); the entries below ``t``
+    are taken, then the first ``k - #below`` equal to ``t`` by position."""
+    if values.dtype == jnp.float64:  # 64-bit keys would need 64 passes; x64 users sort
+        return _smallest_k_by_sort(values, k)
+    keys = _sort_keys(values)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(keys <= mid, dtype=jnp.int32) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    t, _ = jax.lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+    below = keys < t
+    tied = keys == t
+    quota = k - jnp.sum(below, dtype=jnp.int32)
+    return (k > 0) & (below | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= quota)))
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:

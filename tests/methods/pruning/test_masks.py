@@ -116,3 +116,75 @@ def test_sparse_bytes():
     assert b["dense_bytes"] == 128 and b["nonzeros"] == 2
     assert b["bitmask_bytes"] == 4 + 8
     assert b["csr_bytes"] == 2 * (4 + 1) + 5 * 4
+
+
+def _stable_ranks_below(values, k):
+    """The definition: entries whose rank in a stable ascending argsort is below ``k``."""
+    return np.asarray(jnp.argsort(jnp.argsort(values, stable=True), stable=True) < k)
+
+
+def _hard_values(kind: str, n: int) -> np.ndarray:
+    rng = np.random.default_rng(n)
+    v = rng.normal(size=n).astype(np.float32)
+    if kind == "ties":  # pruned weights: many exact zeros among magnitudes
+        v = np.abs(v)
+        v[rng.random(n) < 0.5] = 0.0
+    elif kind == "signed_zeros":  # -0.0 sorts equal to 0.0 (by position)
+        v = np.round(v * 2) / 2
+        v[rng.random(n) < 0.3] = -0.0
+    elif kind == "non_finite":  # NaN after +inf, -inf first
+        v[rng.random(n) < 0.15] = np.nan
+        v[rng.random(n) < 0.15] = np.inf
+        v[rng.random(n) < 0.15] = -np.inf
+    elif kind == "constant":
+        v = np.full(n, 1.5, np.float32)
+    return v
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros", "non_finite", "constant", "bfloat16"])
+def test_smallest_k_is_the_stable_sort_rank_on_both_paths(kind):
+    """The selection (the CPU path) and the sort (every other platform) take exactly the entries
+    a stable argsort ranks below k, for every k from 0 to the size."""
+    from methods.pruning.masks import _smallest_k_by_selection
+    from methods.pruning.masks import _smallest_k_by_sort
+
+    n = 61
+    v = _hard_values("normal" if kind == "bfloat16" else kind, n)
+    v = jnp.asarray(v, jnp.bfloat16 if kind == "bfloat16" else jnp.float32)
+    paths = [jax.jit(P.smallest_k), jax.jit(_smallest_k_by_selection), jax.jit(_smallest_k_by_sort)]
+    for k in range(n + 1):
+        want = _stable_ranks_below(v, k)
+        assert want.sum() == k
+        for path in paths:
+            np.testing.assert_array_equal(np.asarray(path(v, jnp.int32(k))), want, err_msg=f"{path} k={k}")
+
+
+def test_smallest_k_clips_k_and_vmaps_with_a_k_per_row():
+    v = jnp.asarray(_hard_values("ties", 40))
+    assert not P.smallest_k(v, -3).any() and P.smallest_k(v, 99).all()
+    rows = jnp.stack([v, -v, jnp.roll(v, 7)])
+    ks = jnp.array([0, 13, 40], jnp.int32)
+    got = jax.jit(jax.vmap(P.smallest_k))(rows, ks)
+    for row, k, g in zip(rows, ks, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), _stable_ranks_below(row, k))
+
+
+def test_smallest_k_of_integers_sorts():
+    v = jnp.array([5, 1, 3, 1, 2], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(P.smallest_k(v, 3)), [False, True, False, True, True])
+
+
+def test_mask_from_scores_prunes_the_lowest_scores_by_position_among_ties():
+    scores = jnp.array([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]])
+    # 3 of 6 pruned: the three zeros (ties taken by position), then nothing else
+    np.testing.assert_array_equal(
+        np.asarray(P.mask_from_scores(scores, 0.5)), [[False, True, False], [True, False, True]]
+    )
+    # 4 pruned: the zeros and the 1.0
+    np.testing.assert_array_equal(
+        np.asarray(P.mask_from_scores(scores, 4 / 6)), [[False, True, False], [False, False, True]]
+    )
+    # 2 pruned: the first two zeros by position
+    np.testing.assert_array_equal(
+        np.asarray(P.mask_from_scores(scores, 2 / 6)), [[False, True, False], [True, True, True]]
+    )

@@ -181,3 +181,26 @@ def test_one_compiled_update_serves_every_target_sparsity():
             pruned = int(np.round(np.float32(np.float32(target) * scale) * np.float32(mask.size)))
             assert int(mask.size - np.asarray(mask).sum()) == pruned
     assert len(traces) == 1
+
+
+def test_drop_and_grow_takes_the_ranked_entries_with_ties_by_position():
+    """Drop the k smallest active |w| and grow the k highest-scored inactive entries, k =
+    floor(fraction x active), ties (here: equal magnitudes and all-zero gradients) by position."""
+    from methods.pruning.dst import drop_and_grow
+
+    def ranks_desc(x):
+        flat = jnp.ravel(x)
+        return jnp.argsort(jnp.argsort(-flat, stable=True), stable=True).reshape(x.shape)
+
+    rng = np.random.default_rng(3)
+    mask = jnp.asarray(rng.random((9, 7)) < 0.4)
+    weight = jnp.asarray(np.round(rng.normal(size=(9, 7)), 1).astype(np.float32))
+    for grow in (jnp.asarray(np.round(rng.normal(size=(9, 7)), 1).astype(np.float32)), jnp.zeros((9, 7))):
+        for fraction in (0.0, 0.25, 1.0):
+            k = min(int(np.floor(fraction * int(mask.sum()))), mask.size - int(mask.sum()))
+            dropped = mask & (ranks_desc(jnp.where(mask, -jnp.abs(weight), -jnp.inf)) < k)
+            grown = ~mask & (ranks_desc(jnp.where(mask, -jnp.inf, grow)) < k)
+            new_mask, got_grown = jax.jit(drop_and_grow)(mask, weight, grow, fraction)
+            np.testing.assert_array_equal(np.asarray(got_grown), np.asarray(grown))
+            np.testing.assert_array_equal(np.asarray(new_mask), np.asarray((mask & ~dropped) | grown))
+            assert int(new_mask.sum()) == int(mask.sum())
