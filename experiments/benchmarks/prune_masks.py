@@ -8,14 +8,17 @@ cost ~90x a training step. :func:`methods.pruning.masks.smallest_k` selects inst
 32-pass bisection over the scores' order-preserving integer keys, then the ties by position) and
 sorts once elsewhere; every path takes the same entries (``tests/methods/pruning/test_masks.py``).
 
-Three tables, each timed interleaved in one process (medians):
+Four tables, each timed interleaved in one process (medians):
 
 1. one leaf: the former double ``argsort``, one ``argsort`` + scatter (the non-CPU path),
    ``smallest_k`` (this platform's path), and ``jax.lax.top_k`` with ``k`` fixed at trace time
    (the usual alternative; no exact tie order), with the entries checked equal;
-2. the masked train step (:func:`methods.pruning.masked`, polynomial schedule) of a zoo model at
+2. an N:M mask of a kernel: two argsorts per group of ``m`` (before) against
+   :func:`methods.pruning.masks.ranks_in_groups` (counting each entry's smaller and earlier equal
+   group members: the same ranks);
+3. the masked train step (:func:`methods.pruning.masked`, polynomial schedule) of a zoo model at
    mask updates every step and every 5 steps, with the former and the new selection;
-3. one LeNet-300-100 pipeline run (train 300 steps -> prune to 90% with 100 fine-tuning steps,
+4. one LeNet-300-100 pipeline run (train 300 steps -> prune to 90% with 100 fine-tuning steps,
    the ``experiments/population_lr_wd`` trial) with each selection, compiled steps excluded.
 
 Run:
@@ -43,6 +46,7 @@ from methods.pruning import masked
 from methods.pruning import polynomial_schedule
 from methods.pruning.masks import _smallest_k_by_sort
 from methods.pruning.masks import mask_from_scores
+from methods.pruning.masks import ranks_in_groups
 from methods.pruning.masks import smallest_k
 from research.report import format_table
 
@@ -106,6 +110,35 @@ def leaf_row(n: int, repeats: int) -> dict:
         "double / smallest_k": ms["double"] / ms["select"],
         "same entries": all((outs[name] == outs["double"]).all() for name in ("scatter", "select")),
         "k taken (top_k)": int(outs["top_k"].sum()),
+    }
+
+
+def nm_row(shape: tuple[int, ...], n: int, m: int, repeats: int) -> dict:
+    """An N:M mask of one kernel (groups along axis 0): the former two argsorts per group vs the
+    counted ranks (:func:`methods.pruning.masks.ranks_in_groups`)."""
+    x = jnp.asarray(np.abs(np.random.default_rng(0).normal(size=shape)).astype(np.float32))
+
+    def groups(s):
+        return jnp.moveaxis(s, 0, -1).reshape(*s.shape[1:], s.shape[0] // m, m)
+
+    def former(s):
+        g = -groups(s)
+        return jnp.argsort(jnp.argsort(g, axis=-1, stable=True), axis=-1, stable=True) < n
+
+    fns = {"former": jax.jit(former), "now": jax.jit(lambda s: ranks_in_groups(-groups(s)) < n)}
+    outs = {name: np.asarray(f(x)) for name, f in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            times[name] += _time(lambda f=f: f(x), 1)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {
+        "kernel": "x".join(map(str, shape)),
+        "N:M": f"{n}:{m}",
+        "argsorts ms": ms["former"],
+        "counted ms": ms["now"],
+        "argsorts / counted": ms["former"] / ms["now"],
+        "same mask": bool((outs["former"] == outs["now"]).all()),
     }
 
 
@@ -206,6 +239,9 @@ def main(argv=None) -> int:
     print(f"device: {dev.platform} ({dev.device_kind}); jax {jax.__version__}; medians of {args.repeats}")
     print("\none leaf, 90% pruned (half its entries tied at zero):")
     print(format_table([leaf_row(n, args.repeats) for n in args.sizes]))
+    print("\nN:M masks (groups along the input axis):")
+    nm = [((784, 300), 2, 4), ((784, 300), 4, 8), ((3 * 3 * 256, 256), 2, 4)]
+    print(format_table([nm_row(shape, n, m, args.repeats) for shape, n, m in nm]))
     print(f"\nmasked train step, mnist5k batch 128 ({args.steps} steps per timed call):")
     print(format_table(step_rows(args.models, args.repeats, args.steps)))
     if not args.no_pipeline:

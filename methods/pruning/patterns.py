@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from methods.pruning.masks import SparsityRule
 from methods.pruning.masks import leaf_targets
 from methods.pruning.masks import mask_from_scores
+from methods.pruning.masks import ranks_in_groups
 from methods.pruning.scores import compute_scores
 from research.tree import flatten_with_paths
 from research.tree import map_with_paths
@@ -75,7 +76,7 @@ class NM:
         x = jnp.moveaxis(scores, self.axis, -1)
         shp = x.shape
         g = x.reshape(*shp[:-1], shp[-1] // self.m, self.m)
-        ranks = jnp.argsort(jnp.argsort(-g, axis=-1, stable=True), axis=-1, stable=True)
+        ranks = ranks_in_groups(-g)
         keep = (ranks < self.n).reshape(shp)
         return jnp.moveaxis(keep, -1, self.axis)
 

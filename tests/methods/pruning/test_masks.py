@@ -188,3 +188,27 @@ def test_mask_from_scores_prunes_the_lowest_scores_by_position_among_ties():
     np.testing.assert_array_equal(
         np.asarray(P.mask_from_scores(scores, 2 / 6)), [[False, True, False], [True, True, True]]
     )
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 40])
+def test_ranks_in_groups_are_the_stable_sort_ranks(m):
+    """Counted (m <= 32) or sorted, each entry's rank within its group is its stable argsort rank,
+    ties (signed zeros included) by position, NaNs last."""
+    from methods.pruning.masks import ranks_in_groups
+
+    rng = np.random.default_rng(m)
+    v = np.round(rng.normal(size=(30, m)), 0).astype(np.float32)
+    v[rng.random(v.shape) < 0.2] = -0.0
+    v[rng.random(v.shape) < 0.05] = np.nan
+    v[rng.random(v.shape) < 0.05] = -np.inf
+    for x in (jnp.asarray(v), -jnp.asarray(v), jnp.asarray(v, jnp.bfloat16)):
+        want = jnp.argsort(jnp.argsort(x, axis=-1, stable=True), axis=-1, stable=True)
+        np.testing.assert_array_equal(np.asarray(jax.jit(ranks_in_groups)(x)), np.asarray(want))
+
+
+def test_nm_keeps_the_n_largest_of_each_group_ties_by_position():
+    w = jnp.array([[1.0, 1.0, 1.0, 1.0], [0.0, -3.0, 2.0, 3.0], [5.0, 0.0, 0.0, 5.0]]).T  # groups along axis 0
+    keep = P.nm_masks({"kernel": w}, 2, 4, axis=0)["kernel"].T
+    np.testing.assert_array_equal(
+        np.asarray(keep), [[True, True, False, False], [False, True, False, True], [True, False, False, True]]
+    )
