@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     lr_key = "stages.train.learning_rate"
     rows = [{**grid, lr_key: [lr]} for lr in grid[lr_key]] if args.interleave else [grid]
     order = ("population", "sequential") if args.population_first else ("sequential", "population")
-    results = {name: {"seconds": 0.0, "reports": []} for name in order}
+    results = {name: {"seconds": 0.0, "reports": [], "rows": []} for name in order}
     for r, row in enumerate(rows):
         for name in order if r % 2 == 0 else order[::-1]:
             workdir = os.path.join(args.out, name, f"row{r}") if args.interleave else os.path.join(args.out, name)
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
             executor = make_executor(name, **options)
             report = sweep(config, row, workdir, progress=False, overwrite=True, executor=executor)
             results[name]["seconds"] += time.perf_counter() - t0
+            results[name]["rows"].append(time.perf_counter() - t0)
             results[name]["reports"].append(report)
     seq, pop = "sequential", "population"
 
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
     print(f"load average: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(f"sequential executor: {s_seq:8.1f} s")
     print(f"population executor: {s_pop:8.1f} s   ({s_seq / s_pop:.2f}x)")
+    if args.interleave:
+        for name in order:
+            print(f"  {name} rows: {' '.join(f'{t:.1f}' for t in results[name]['rows'])} s")
     executors = [rep.executor for rep in results[pop]["reports"]]
     for line in dict.fromkeys(line for e in executors for line in report_populations(e)):
         print("  " + line)
@@ -148,6 +152,7 @@ def main(argv=None) -> int:
                 "points": len(points),
                 "sequential_seconds": s_seq,
                 "population_seconds": s_pop,
+                "row_seconds": {name: results[name]["rows"] for name in order},
                 "max_test_accuracy_difference": diff,
                 "identical_test_accuracy_points": int(np.sum(acc_diffs == 0)),
                 "mean_test_accuracy_difference": float(np.nanmean(acc_diffs)),
