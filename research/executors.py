@@ -124,8 +124,14 @@ class SequentialExecutor:
     name = "sequential"
 
     def run(self, jobs: Sequence[Job], *, progress: bool = False) -> Iterator[Outcome]:
-        for job in jobs:
-            yield run_one(job, progress=progress)
+        from research import run as run_lib
+
+        plotter = report_lib.CurvePlotter()  # each trial's curves.png drawn on one kept figure
+        try:
+            for job in jobs:
+                yield run_one(job, progress=progress, hooks=run_lib.RunHooks(plot=plotter))
+        finally:
+            plotter.close()
 
     def summary(self) -> dict[str, Any]:
         return {"executor": self.name}

@@ -94,7 +94,8 @@ def environment() -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class RunHooks:
-    """Work a caller running many trials at once does for :func:`run` (the population executor).
+    """Work a caller running many trials does for :func:`run` (the population executor; the
+    sequential one gives its trials a kept figure for ``plot``).
 
     Attributes:
       bundle: returns the run's untrained bundle (data set and model), in place of
@@ -102,7 +103,8 @@ class RunHooks:
       measure: ``(stage index, model, dataset, latency_batch_size) -> metrics``, in place of
         :func:`research.metrics.measure` (the population measures its trials together).
       plot: ``(workdir, [(label, stage dir)]) -> PNG path or None``, in place of
-        :func:`research.report.plot_curves` (the same plot, drawn on a reused figure).
+        :func:`research.report.plot_curves` (the same plot, drawn on a reused figure:
+        :class:`research.report.CurvePlotter`).
     """
 
     bundle: Callable[[], Bundle] | None = None

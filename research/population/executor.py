@@ -53,7 +53,6 @@ from research.population.later import save_progress
 from research.population.later import train_requests
 from research.population.later import write_trial
 from research.population.measure import LATENCY_NOTE
-from research.population.measure import CurvePlotter
 from research.population.measure import PopulationMeasurer
 from research.population.trainer import TIMED_REPEATS
 from research.population.trainer import PopulationTrainer
@@ -61,6 +60,7 @@ from research.population.trainer import Timer
 from research.population.trainer import TrialResult
 from research.population.trainer import memory_limit_bytes
 from research.population.trainer import time_call
+from research.report import CurvePlotter
 from research.stages import FINE_TUNE_RUNNER
 from research.workdir import WorkdirLock
 

@@ -13,8 +13,7 @@ figure. For K trials of one population the executor does instead (:class:`Popula
   trial of it; the stage's notes say so (every trial has the same architecture and shapes, so a
   dense forward pass costs the same);
 - ``curves.png``: the same plot as :func:`research.report.plot_curves`, on one figure kept open
-  for the population: after the first trial only the lines' data change
-  (:func:`research.report.redraw_curves`; about half the time of a new figure).
+  (:class:`research.report.CurvePlotter`, as the sequential executor does).
 """
 
 from __future__ import annotations
@@ -160,40 +159,3 @@ class PopulationMeasurer:
             }
 
         return hook
-
-
-class CurvePlotter:
-    """``curves.png`` of many runs on one kept figure: the first run's (and any run whose stages
-    logged other lines) drawn by :func:`research.report.plot_curves`, the others by updating its
-    lines' data (:func:`research.report.redraw_curves`). Call :meth:`close` at the end."""
-
-    def __init__(self):
-        self._figure = None
-        self._shape = None
-
-    def __call__(self, workdir: str, stage_dirs) -> str | None:
-        from research import report as report_lib  # pylint: disable=import-outside-toplevel
-
-        series = report_lib.curve_series(stage_dirs)
-        if not series:
-            return None
-        shape = [(label, bool(t[0]), bool(v[0])) for label, t, v in series]
-        if shape == self._shape:
-            return report_lib.redraw_curves(self._figure, workdir, series)
-        import matplotlib  # pylint: disable=import-outside-toplevel
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-        self.close()
-        self._figure, _ = plt.subplots(1, 2, figsize=(11, 4))
-        self._shape = shape
-        return report_lib.plot_curves(workdir, stage_dirs, figure=self._figure)
-
-    def close(self) -> None:
-        """Closes the figure."""
-        if self._figure is not None:
-            import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-            plt.close(self._figure)
-            self._figure, self._shape = None, None

@@ -1,6 +1,8 @@
 """The report-column contract (research/report.py): which metric names a stage returns make which columns."""
 
 import dataclasses
+import json
+import os
 from typing import ClassVar
 
 import pytest
@@ -82,3 +84,41 @@ def test_a_stage_s_metrics_merge_over_the_measured_ones(tmp_path, probe_stage):
     line = next(line for line in table if line.startswith("0_report_probe"))
     assert "bytes (best encoding)" in header and "FLOPs" in header
     assert "5" in line.split() and "7" in line.split()  # the bytes and FLOPs cells
+
+
+def _stage_dir(root, name, losses, accuracies):
+    d = root / name
+    d.mkdir(parents=True)
+    rows = [{"split": "train", "step": i + 1, "loss": v} for i, v in enumerate(losses)]
+    rows += [{"split": "val", "step": len(losses), "accuracy": a} for a in accuracies]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return (name, str(d))
+
+
+def test_curve_plotter_redraws_each_run_on_one_figure(tmp_path):
+    """The second run with the same lines is drawn on the kept figure with its own data; a run
+    whose stages logged other lines gets a new figure."""
+    from research.report import CurvePlotter
+
+    plotter = CurvePlotter()
+    try:
+        first = [_stage_dir(tmp_path / "a", "0_train", [2.0, 1.0, 0.5], [0.6])]
+        second = [_stage_dir(tmp_path / "b", "0_train", [3.0, 0.25, 0.125], [0.9])]
+        for run_dir in ("a", "b"):
+            (tmp_path / run_dir / "run").mkdir()
+        path_a = plotter(str(tmp_path / "a" / "run"), first)
+        figure = plotter._figure
+        path_b = plotter(str(tmp_path / "b" / "run"), second)
+        assert plotter._figure is figure  # kept
+        assert os.path.getsize(path_a) > 0 and os.path.getsize(path_b) > 0
+        assert open(path_a, "rb").read() != open(path_b, "rb").read()
+        loss_line, acc_line = figure.axes[0].lines[0], figure.axes[1].lines[0]
+        assert list(loss_line.get_ydata()) == [3.0, 0.25, 0.125] and list(acc_line.get_ydata()) == [0.9]
+        other = [_stage_dir(tmp_path / "c", "0_prune", [1.0, 0.5], [])]
+        (tmp_path / "c" / "run").mkdir()
+        assert plotter(str(tmp_path / "c" / "run"), other).endswith("curves.png")
+        assert plotter._figure is not figure and len(plotter._figure.axes[1].lines) == 0
+        assert plotter(str(tmp_path / "c" / "run"), []) is None  # nothing logged: no plot
+    finally:
+        plotter.close()
+    assert plotter._figure is None

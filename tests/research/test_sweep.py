@@ -7,6 +7,7 @@ import pytest
 
 from research import cli
 from research import config as C
+from research import report as report_lib
 from research import run as run_lib
 from research import sweep as sweep_lib
 from research import workdir as workdir_lib
@@ -99,6 +100,27 @@ def test_grid_product_runs_every_point_with_its_overrides(swept):
     by = {(p.overrides["stages.prune.sparsity"], p.overrides["seed"]): p.metrics for p in report.points}
     for seed in (0, 1):
         assert by[0.8, seed]["nonzeros"] < by[0.5, seed]["nonzeros"]
+
+
+def test_sequential_trials_draw_their_curves_on_one_kept_figure(base, tmp_path, monkeypatch):
+    real_run, real_redraw = run_lib.run, report_lib.redraw_curves
+    plots, redrawn = [], []
+
+    def recording(config, workdir, **kwargs):
+        plots.append(kwargs["hooks"].plot)
+        return real_run(config, workdir, **kwargs)
+
+    def redraw(figure, workdir, series):
+        redrawn.append(workdir)
+        return real_redraw(figure, workdir, series)
+
+    monkeypatch.setattr(run_lib, "run", recording)
+    monkeypatch.setattr(report_lib, "redraw_curves", redraw)
+    report = sweep_lib.sweep(base, {"seed": [0, 1]}, str(tmp_path), progress=False, executor="sequential")
+    assert len(plots) == 2 and plots[0] is plots[1] and isinstance(plots[0], report_lib.CurvePlotter)
+    assert redrawn == [report.points[1].run_dir]  # the first drew the figure, the second updated it
+    for p in report.points:
+        assert os.path.getsize(os.path.join(p.run_dir, "curves.png")) > 0
 
 
 def test_sweep_files_are_written(swept):
