@@ -256,16 +256,15 @@ class PopulationTrainer:
         def block(state, xs, ys, data_id, idx, valid):
             def one(carry, inp):
                 idx_t, ok = inp
-
                 if shared:
                     batch = {"x": xs[0, idx_t], "y": ys[0, idx_t]}
-                    new, metrics = jax.vmap(step, in_axes=(0, None))(carry, batch)
+                    new, metrics = _vmap_lockstep(step, (None,))(carry, batch)
                 else:
 
                     def trial_step(s, d, i):
                         return step(s, {"x": xs[d, i], "y": ys[d, i]})
 
-                    new, metrics = jax.vmap(trial_step)(carry, data_id, idx_t)
+                    new, metrics = _vmap_lockstep(trial_step, (0, 0))(carry, data_id, idx_t)
                 new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
                 return new, metrics
 
@@ -569,6 +568,50 @@ class PopulationTrainer:
                 )
             )
         return out
+
+
+LOCKSTEP_FIELDS = ("step", "count")
+"""Per-trial integer scalars named so (``TrainState.step``, optax's and the pruning wrapper's
+``count``) are the same in every trial of a chunk: its trials start at one step and step
+together. :func:`_vmap_lockstep` passes them to the step unbatched."""
+
+
+def _lockstep(state) -> Any:
+    """``True`` at the leaves of a stacked state that are :data:`LOCKSTEP_FIELDS` counters."""
+
+    def flag(path, leaf):
+        name = getattr(path[-1], "name", None) if path else None
+        return name in LOCKSTEP_FIELDS and jnp.ndim(leaf) == 1 and jnp.issubdtype(jnp.result_type(leaf), jnp.integer)
+
+    return jax.tree_util.tree_map_with_path(flag, state)
+
+
+def _vmap_lockstep(step: Callable, other_axes: tuple) -> Callable:
+    """``jax.vmap(step)`` over a stacked train state (first argument) and ``other_axes``, with the
+    state's step counters (:func:`_lockstep`) passed and returned unbatched, then broadcast back.
+
+    A schedule's ``lax.cond`` on the step (a pruning wrapper's mask update every ``frequency``
+    steps) then stays a branch: with a batched counter, vmap turns it into a select that
+    recomputes every trial's masks at every step. A step that makes a counter differ between
+    trials (vmap refuses an unbatched output it batched) is vmapped over the whole state instead.
+    """
+
+    def call(state, *args):
+        flags = _lockstep(state)
+        if not any(jax.tree.leaves(flags)):
+            return jax.vmap(step, in_axes=(0, *other_axes))(state, *args)
+        k = jax.tree.leaves(state)[0].shape[0]
+        axes = jax.tree.map(lambda f: None if f else 0, flags)
+        first = jax.tree.map(lambda f, x: x[0] if f else x, flags, state)
+        try:
+            new, metrics = jax.vmap(step, in_axes=(axes, *other_axes), out_axes=(axes, 0))(first, *args)
+        except ValueError as e:  # a counter that depends on the trial
+            if "out_axes" not in str(e):
+                raise
+            return jax.vmap(step, in_axes=(0, *other_axes))(state, *args)
+        return jax.tree.map(lambda f, x: jnp.broadcast_to(x, (k, *jnp.shape(x))) if f else x, flags, new), metrics
+
+    return call
 
 
 def _cadence(every: int, steps: int) -> set[int]:

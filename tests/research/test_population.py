@@ -542,6 +542,70 @@ def test_killed_population_sweep_resumes_without_losing_finished_chunks(config_f
     assert report.points[2].note == "one after another: a single trial"
 
 
+def _cond_depth(jaxpr) -> int:
+    """How deep ``cond`` equations nest in a jaxpr."""
+    from jax.extend.core import jaxprs_in_params
+
+    depth = 0
+    for eqn in jaxpr.eqns:
+        inner = max((_cond_depth(sub) for sub in jaxprs_in_params(eqn.params)), default=0)
+        depth = max(depth, inner + (eqn.primitive.name == "cond"))
+    return depth
+
+
+def test_lockstep_counters_keep_a_mask_update_a_branch_and_give_the_same_step():
+    """A population's step counters go to the step unbatched: the pruning wrapper's update every
+    `frequency` steps stays a `cond` (a batched counter makes it a select that recomputes every
+    trial's masks at every step), with the same new state as vmapping over everything."""
+    import jax.numpy as jnp
+    import optax
+
+    from methods.pruning import masked
+    from methods.pruning import polynomial_schedule
+    from research.population.trainer import _vmap_lockstep
+
+    tx = masked(optax.adam(1e-2), polynomial_schedule(0.5, end_step=8, frequency=4))
+
+    def step(state, batch):
+        grads = jax.tree.map(lambda p: p * batch, state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1}, {}
+
+    rng = np.random.default_rng(0)
+    stacked = []
+    for _ in range(3):
+        params = {"kernel": jnp.asarray(rng.normal(size=(6, 5)).astype(np.float32))}
+        stacked.append({"params": params, "opt": tx.init(params), "step": jnp.int32(0)})
+    state = jax.tree.map(lambda *a: jnp.stack(a), *stacked)
+    batch = jnp.float32(0.5)
+    lockstep = _vmap_lockstep(step, (None,))
+    # the update's cond around the mask selection's platform switch, against the switch alone (the
+    # selection evaluated at every step, its result selected)
+    assert _cond_depth(jax.make_jaxpr(lockstep)(state, batch).jaxpr) == 2
+    assert _cond_depth(jax.make_jaxpr(jax.vmap(step, in_axes=(0, None)))(state, batch).jaxpr) == 1
+    a = b = state
+    for _ in range(6):  # through two mask updates (steps 0 and 4)
+        a, _ = jax.jit(lockstep)(a, batch)
+        b, _ = jax.jit(jax.vmap(step, in_axes=(0, None)))(b, batch)
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    assert int(a["opt"].count[0]) == 6 and a["opt"].count.shape == (3,)
+
+
+def test_a_counter_that_differs_between_trials_is_vmapped_with_the_state():
+    import jax.numpy as jnp
+
+    from research.population.trainer import _vmap_lockstep
+
+    def step(state, x):  # a "count" that advances by each trial's own data
+        return {"count": state["count"] + (x > 0).astype(jnp.int32), "x": state["x"] + x}, {}
+
+    state = {"count": jnp.zeros(3, jnp.int32), "x": jnp.zeros(3)}
+    xs = jnp.array([1.0, -1.0, 2.0])
+    new, _ = _vmap_lockstep(step, (0,))(state, xs)
+    np.testing.assert_array_equal(np.asarray(new["count"]), [1, 0, 1])
+    np.testing.assert_array_equal(np.asarray(new["x"]), [1.0, -1.0, 2.0])
+
+
 def test_block_length_ends_blocks_on_checkpoint_steps():
     assert _block_length(50, 300, [100, 0]) == 50  # 100 is a multiple of 50
     assert _block_length(50, 300, [30]) == 30  # the largest divisor of 30 up to 50
