@@ -10,7 +10,8 @@ sorts once elsewhere; every path takes the same entries (``tests/methods/pruning
 
 Four tables, each timed interleaved in one process (medians):
 
-1. one leaf: the former double ``argsort``, one ``argsort`` + scatter (the non-CPU path),
+1. one leaf: the former double ``argsort``, one ``argsort`` + scatter (the non-CPU path), the
+   bisection (the CPU path; timed on every platform, to see whether it would pay there too),
    ``smallest_k`` (this platform's path), and ``jax.lax.top_k`` with ``k`` fixed at trace time
    (the usual alternative; no exact tie order), with the entries checked equal;
 2. an N:M mask of a kernel: two argsorts per group of ``m`` (before) against
@@ -44,6 +45,7 @@ from flax import nnx
 import methods.pruning.scores as scores_lib
 from methods.pruning import masked
 from methods.pruning import polynomial_schedule
+from methods.pruning.masks import _smallest_k_by_selection
 from methods.pruning.masks import _smallest_k_by_sort
 from methods.pruning.masks import mask_from_scores
 from methods.pruning.masks import ranks_in_groups
@@ -91,6 +93,7 @@ def leaf_row(n: int, repeats: int) -> dict:
     fns = {
         "double": jax.jit(lambda s, k: ~former_mask_from_scores(s, k / s.size)),
         "scatter": jax.jit(_smallest_k_by_sort),
+        "bisect": jax.jit(_smallest_k_by_selection),
         "select": jax.jit(smallest_k),
         "top_k": jax.jit(lambda s, k: jnp.zeros(s.shape, bool).at[jax.lax.top_k(-s, k)[1]].set(True), static_argnums=1),
     }
@@ -105,10 +108,11 @@ def leaf_row(n: int, repeats: int) -> dict:
         "elements": n,
         "double argsort ms": ms["double"],
         "argsort+scatter ms": ms["scatter"],
+        "bisection ms": ms["bisect"],
         "smallest_k ms": ms["select"],
         "lax.top_k ms": ms["top_k"],
         "double / smallest_k": ms["double"] / ms["select"],
-        "same entries": all((outs[name] == outs["double"]).all() for name in ("scatter", "select")),
+        "same entries": all((outs[name] == outs["double"]).all() for name in ("scatter", "bisect", "select")),
         "k taken (top_k)": int(outs["top_k"].sum()),
     }
 
