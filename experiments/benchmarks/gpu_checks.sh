@@ -16,7 +16,8 @@
 # More steps: nas_eval_highest (TF32 off), population_lenet300_free / population_lenet5_free (the
 # ascending search without its measuring budget: session 18's comparison), profile_population
 # (cProfile of a K=8 benchmark, to OUTDIR/population.prof), prune_masks (a mask update's selection:
-# the GPU's sort against the CPU's bisection, up to a 4096x1024 leaf).
+# the GPU's sort against the CPU's bisection, up to a 4096x1024 leaf), population_prune (a prune
+# stage vmapped over 32 trials with its step counters batched vs unbatched).
 set -u
 out=${1:?usage: gpu_checks.sh OUTDIR [SECONDS [STEP ...]]}
 budget=${2:-420}
@@ -81,6 +82,7 @@ step profile_population 60 python3 -m cProfile -o "$out/population.prof" -m expe
   --models lenet300 --ks 8 --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none
 step prune_masks 60 python3 -m experiments.benchmarks.prune_masks --sizes 235200 589824 4194304 \
   --models lenet300 resnet20 --repeats 7 --no-pipeline
+step population_prune 90 python3 -m experiments.benchmarks.population_prune --points 32 --chunk 32 --rounds 2
 step population_lenet5_free 120 python3 -m experiments.benchmarks.population --models lenet5 --ks 8 32 \
   --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none --search ascending --verbose
 
