@@ -3,8 +3,8 @@
 A mask update keeps the ``size - k`` highest scores of a leaf, ties taken by position (an exact
 count however many weights are already zero). Until session 25 ``mask_from_scores`` ranked every
 entry with two stable ``argsort`` s; on a CPU, XLA sorts with a comparator, and two sorts of
-LeNet-300-100's 784x300 kernel took about 140 ms: a gradual-pruning step that updates its masks
-cost ~90x a training step. :func:`methods.pruning.masks.smallest_k` selects instead on a CPU (a
+LeNet-300-100's 784x300 kernel took about 115 ms: a gradual-pruning step that updates its masks
+cost ~100x a training step. :func:`methods.pruning.masks.smallest_k` selects instead on a CPU (a
 32-pass bisection over the scores' order-preserving integer keys, then the ties by position) and
 sorts once elsewhere; every path takes the same entries (``tests/methods/pruning/test_masks.py``).
 

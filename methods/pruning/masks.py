@@ -93,7 +93,7 @@ def smallest_k(values: jax.Array, k: jax.Array | int) -> jax.Array:
     order: ``-0.0`` equals ``0.0``, NaNs last); ``k`` may be traced and is clipped to
     ``[0, size]``. On a CPU it selects instead of sorting (:func:`_smallest_k_by_selection`: 32
     counting passes find the k-th smallest value; XLA's CPU sort of a 784x300 kernel costs about
-    25x that); elsewhere one stable ``argsort``. Both give the same entries; integer values sort
+    20x that); elsewhere one stable ``argsort``. Both give the same entries; integer values sort
     on every platform.
 
     Example:
