@@ -285,8 +285,8 @@ def redraw_curves(figure, workdir: str, series: list[tuple[str, tuple, tuple]]) 
 class CurvePlotter:
     """``curves.png`` of many runs on one kept figure: the first run's (and any run whose stages
     logged other lines) drawn by :func:`plot_curves`, the others by updating its lines' data
-    (:func:`redraw_curves`: 112 ms against 177 ms for a new figure of a train -> prune run on a
-    2-core CPU). The executors give one to their trials (:class:`research.run.RunHooks`'s
+    (:func:`redraw_curves`: 123 ms against 191 ms for a new figure of a train -> prune run on a
+    2-core CPU, ``python -m experiments.benchmarks.curves_plot``). The executors give one to their trials (:class:`research.run.RunHooks`'s
     ``plot``). Call :meth:`close` at the end."""
 
     def __init__(self):
