@@ -260,7 +260,9 @@ def report_populations(summary: Mapping[str, Any]) -> list[str]:
     lines = []
     for p in summary.get("populations", []):
         sep = f" (separate: {p['separate_because']})" if p.get("separate_because") else ""
-        lines.append(f"population {p['population']}: {len(p['trials'])} trials, K={p['k']}: {p['why']}{sep}")
+        took = (p.get("choice") or {}).get("measuring_seconds")
+        took = f" (choosing took {took:.1f} s)" if took else ""
+        lines.append(f"population {p['population']}: {len(p['trials'])} trials, K={p['k']}{took}: {p['why']}{sep}")
     return lines
 
 

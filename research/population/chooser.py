@@ -63,6 +63,8 @@ class Choice:
         plain jitted step was measured faster than every population program).
       sequential_seconds: the measured seconds per step of the sequential executor's step
         (``None`` when it was not measured).
+      measuring_seconds: wall seconds the choice took (compiling and timing; ``None`` when not
+        recorded). A choice reused from earlier in the process reports the seconds it took then.
     """
 
     k: int
@@ -71,6 +73,7 @@ class Choice:
     memory_limit: int
     runner: str = "population"
     sequential_seconds: float | None = None
+    measuring_seconds: float | None = None
 
     @property
     def sequential(self) -> bool:
@@ -85,6 +88,7 @@ class Choice:
             "memory_limit": self.memory_limit,
             "candidates": [c.to_dict() for c in self.candidates],
             "sequential_step_seconds": self.sequential_seconds,
+            "measuring_seconds": self.measuring_seconds,
         }
 
 

@@ -285,7 +285,9 @@ class PopulationExecutor:
             self.measure_budget,
         )  # fmt: skip
         if memo not in choices:
-            choices[memo] = self._measure_choice(trainer, n)
+            t0 = time.perf_counter()
+            choice = self._measure_choice(trainer, n)
+            choices[memo] = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
         return choices[memo]
 
     def _largest_first(self, trainer: PopulationTrainer) -> bool:
@@ -295,12 +297,13 @@ class PopulationExecutor:
     def _measure_choice(self, trainer: PopulationTrainer, n: int) -> Choice:
         multiple = len(trainer.devices)
         limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+        timer = {"population": self.timer}  # a budget's timer replaces it below
 
         def measure(k: int) -> tuple[float, int]:
             trainer.compiled(k)  # its bytes first: a program that would not fit is never run
             if trainer.memory.get(k, 0) > limit:
                 return math.inf, trainer.memory[k]
-            seconds = trainer.step_seconds(k, self.timer)
+            seconds = trainer.step_seconds(k, timer["population"])
             return seconds, trainer.memory.get(k, 0)
 
         if self.chunk_size is not None:
@@ -332,6 +335,8 @@ class PopulationExecutor:
                 sequential_timed_steps=(1 + TIMED_REPEATS) * probe,
                 sequential_compile=lambda: trainer.sequential_compile_seconds,
             )
+            # a program slower than predicted stops being timed when the budget runs out
+            timer["population"] = functools.partial(time_call, afford=budget.allows)
         largest_first = self._largest_first(trainer)
         return choose_k(
             n,

@@ -79,19 +79,41 @@ TIMED_REPEATS = 3
 """Timed calls of :func:`time_call` after its warm-up call."""
 
 
-def time_call(k: int, fn: Callable[[], Any], repeats: int = TIMED_REPEATS) -> float:
+def time_call(
+    k: int,
+    fn: Callable[[], Any],
+    repeats: int = TIMED_REPEATS,
+    *,
+    afford: Callable[[float], bool] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Seconds of one call of ``fn`` (compiled already): the fastest of ``repeats`` after a warm-up.
 
     The minimum, not the median: other processes on the machine only ever add time.
+
+    Args:
+      afford: ``seconds -> whether another call that long may still be paid`` (a measuring
+        budget, :meth:`research.population.chooser.Budget.allows`), asked before each timed call
+        with the last call's seconds. When it says no, the timing stops: the fastest timed call,
+        or the warm-up's own time (an upper bound: it may include first-call work) when none was
+        timed. A population program far slower than predicted (a vmapped convolution on a CPU:
+        ~1 s per step where the sequential step took 25 ms) then costs its compile and one call,
+        not four calls.
+      clock: seconds now (tests give a fake one).
     """
     del k
+    t0 = clock()
     jax.block_until_ready(fn())
+    last = clock() - t0
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        if afford is not None and not afford(last):
+            break
+        t0 = clock()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(min(times))
+        last = clock() - t0
+        times.append(last)
+    return float(min(times)) if times else float(last)
 
 
 def memory_limit_bytes(device: jax.Device | None = None) -> int:

@@ -508,6 +508,7 @@ def test_population_falls_back_to_the_sequential_executor_when_its_step_is_faste
     (population,) = pop.executor["populations"]
     assert population["k"] == 1 and population["choice"]["runner"] == "sequential"
     assert population["choice"]["sequential_step_seconds"] == pytest.approx(0.5 / 6)  # a block of 6 steps
+    assert population["choice"]["measuring_seconds"] > 0  # what choosing took, in the report
     assert SEQUENTIAL_K in timed and "sequential executor" in population["why"]
     assert all("as the sequential executor trains" in p.note for p in pop.points)
     seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
@@ -551,6 +552,40 @@ def _cond_depth(jaxpr) -> int:
         inner = max((_cond_depth(sub) for sub in jaxprs_in_params(eqn.params)), default=0)
         depth = max(depth, inner + (eqn.primitive.name == "cond"))
     return depth
+
+
+def test_time_call_stops_timing_when_the_budget_cannot_pay_another_call():
+    """With a budget that affords no further call after the warm-up, the program is called once and
+    its warm-up time is the figure; with room for one call, that call's time; without a budget,
+    the fastest of the repeats."""
+    from research.population.trainer import time_call
+
+    durations = iter([5.0, 2.0, 1.5, 3.0])  # warm-up, then the timed calls
+    now = [0.0]
+    calls = []
+
+    def clock():
+        return now[0]
+
+    def fn():
+        calls.append(1)
+        now[0] += next(durations)
+
+    asked = []
+
+    def never(seconds):
+        asked.append(seconds)
+        return False
+
+    assert time_call(8, fn, repeats=3, afford=never, clock=clock) == 5.0
+    assert len(calls) == 1 and asked == [5.0]
+    durations, calls[:] = iter([5.0, 2.0, 1.5, 3.0]), []
+    budget = iter([True, False])
+    assert time_call(8, fn, repeats=3, afford=lambda s: next(budget), clock=clock) == 2.0
+    assert len(calls) == 2
+    durations, calls[:] = iter([5.0, 2.0, 1.5, 3.0]), []
+    assert time_call(8, fn, repeats=3, clock=clock) == 1.5
+    assert len(calls) == 4
 
 
 def test_lockstep_counters_keep_a_mask_update_a_branch_and_give_the_same_step():

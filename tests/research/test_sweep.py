@@ -306,3 +306,19 @@ def test_pareto_front(acc, size, front):
 def test_pareto_front_needs_one_size_per_accuracy():
     with pytest.raises(ValueError, match="accuracy has 2 values and size 1"):
         sweep_lib.pareto_front([0.1, 0.2], [3])
+
+
+def test_report_populations_names_each_population_its_k_what_choosing_took_and_why():
+    summary = {
+        "populations": [
+            {"population": 0, "trials": [0, 1, 2], "k": 1, "why": "sequential is faster", "separate_because": "",
+             "choice": {"measuring_seconds": 9.24}},
+            {"population": 1, "trials": [3], "k": 1, "why": "a single trial", "separate_because": "model differs",
+             "choice": {"measuring_seconds": None}},
+        ]
+    }  # fmt: skip
+    assert sweep_lib.report_populations(summary) == [
+        "population 0: 3 trials, K=1 (choosing took 9.2 s): sequential is faster",
+        "population 1: 1 trials, K=1: a single trial (separate: model differs)",
+    ]
+    assert sweep_lib.report_populations({"executor": "sequential"}) == []
