@@ -262,7 +262,8 @@ def report_populations(summary: Mapping[str, Any]) -> list[str]:
         sep = f" (separate: {p['separate_because']})" if p.get("separate_because") else ""
         took = (p.get("choice") or {}).get("measuring_seconds")
         took = f" (choosing took {took:.1f} s)" if took else ""
-        lines.append(f"population {p['population']}: {len(p['trials'])} trials, K={p['k']}{took}: {p['why']}{sep}")
+        n = len(p["trials"])
+        lines.append(f"population {p['population']}: {n} trial{'s' * (n != 1)}, K={p['k']}{took}: {p['why']}{sep}")
     return lines
 
 

@@ -319,6 +319,6 @@ def test_report_populations_names_each_population_its_k_what_choosing_took_and_w
     }  # fmt: skip
     assert sweep_lib.report_populations(summary) == [
         "population 0: 3 trials, K=1 (choosing took 9.2 s): sequential is faster",
-        "population 1: 1 trials, K=1: a single trial (separate: model differs)",
+        "population 1: 1 trial, K=1: a single trial (separate: model differs)",
     ]
     assert sweep_lib.report_populations({"executor": "sequential"}) == []
