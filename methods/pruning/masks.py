@@ -93,8 +93,8 @@ def smallest_k(values: jax.Array, k: jax.Array | int) -> jax.Array:
     order: ``-0.0`` equals ``0.0``, NaNs last); ``k`` may be traced and is clipped to
     ``[0, size]``. On a CPU it selects instead of sorting (:func:`_smallest_k_by_selection`: 32
     counting passes find the k-th smallest value; XLA's CPU sort of a 784x300 kernel costs about
-    20x that); elsewhere one stable ``argsort``. Both give the same entries; integer values sort
-    on every platform.
+    20x that); elsewhere one stable ``argsort``. Both give the same entries; integer and float64
+    values sort on every platform.
 
     Example:
       >>> import jax.numpy as jnp
@@ -103,7 +103,8 @@ def smallest_k(values: jax.Array, k: jax.Array | int) -> jax.Array:
     """
     values = jnp.ravel(values)
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, values.size)
-    if not jnp.issubdtype(values.dtype, jnp.floating) or values.size == 0:
+    # integers, and float64 (its 64-bit keys would need 64 passes), sort on every platform
+    if not jnp.issubdtype(values.dtype, jnp.floating) or values.dtype == jnp.float64 or values.size == 0:
         return _smallest_k_by_sort(values, k)
     return jax.lax.platform_dependent(values, k, cpu=_smallest_k_by_selection, default=_smallest_k_by_sort)
 
@@ -155,9 +156,7 @@ def _sort_keys(values: jax.Array) -> jax.Array:
 def _smallest_k_by_selection(values: jax.Array, k: jax.Array) -> jax.Array:
     """:func:`smallest_k` without a sort: a bisection over the ``uint32`` keys finds the
     k-th smallest key ``t`` (32 passes that count the keys ``<= mid``); the entries below ``t``
-    are taken, then the first ``k - #below`` equal to ``t`` by position."""
-    if values.dtype == jnp.float64:  # 64-bit keys would need 64 passes; x64 users sort
-        return _smallest_k_by_sort(values, k)
+    are taken, then the first ``k - #below`` equal to ``t`` by position (floats of at most 32 bits)."""
     keys = _sort_keys(values)
 
     def halve(_, bounds):

@@ -297,13 +297,12 @@ class PopulationExecutor:
     def _measure_choice(self, trainer: PopulationTrainer, n: int) -> Choice:
         multiple = len(trainer.devices)
         limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
-        timer = {"population": self.timer}  # a budget's timer replaces it below
 
-        def measure(k: int) -> tuple[float, int]:
+        def measure(k: int, timer: Timer = self.timer) -> tuple[float, int]:
             trainer.compiled(k)  # its bytes first: a program that would not fit is never run
             if trainer.memory.get(k, 0) > limit:
                 return math.inf, trainer.memory[k]
-            seconds = trainer.step_seconds(k, timer["population"])
+            seconds = trainer.step_seconds(k, timer)
             return seconds, trainer.memory.get(k, 0)
 
         if self.chunk_size is not None:
@@ -336,7 +335,7 @@ class PopulationExecutor:
                 sequential_compile=lambda: trainer.sequential_compile_seconds,
             )
             # a program slower than predicted stops being timed when the budget runs out
-            timer["population"] = functools.partial(time_call, afford=budget.allows)
+            measure = functools.partial(measure, timer=functools.partial(time_call, afford=budget.allows))
         largest_first = self._largest_first(trainer)
         return choose_k(
             n,

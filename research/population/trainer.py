@@ -619,9 +619,12 @@ def _vmap_lockstep(step: Callable, other_axes: tuple) -> Callable:
     """
 
     def call(state, *args):
+        def batched():
+            return jax.vmap(step, in_axes=(0, *other_axes))(state, *args)
+
         flags = _lockstep(state)
         if not any(jax.tree.leaves(flags)):
-            return jax.vmap(step, in_axes=(0, *other_axes))(state, *args)
+            return batched()
         k = jax.tree.leaves(state)[0].shape[0]
         axes = jax.tree.map(lambda f: None if f else 0, flags)
         first = jax.tree.map(lambda f, x: x[0] if f else x, flags, state)
@@ -630,7 +633,7 @@ def _vmap_lockstep(step: Callable, other_axes: tuple) -> Callable:
         except ValueError as e:  # a counter that depends on the trial
             if "out_axes" not in str(e):
                 raise
-            return jax.vmap(step, in_axes=(0, *other_axes))(state, *args)
+            return batched()
         return jax.tree.map(lambda f, x: jnp.broadcast_to(x, (k, *jnp.shape(x))) if f else x, flags, new), metrics
 
     return call
