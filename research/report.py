@@ -41,6 +41,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from research.figures import save_figure  # noqa: F401  (re-exported: report_lib.save_figure)
+
 # (metric key, header, format) of the summary table; see the contract in the module docstring.
 COLUMNS = (
     ("stage", "stage", "{}"),
@@ -257,8 +259,7 @@ def plot_curves(
     # Fixed margins for this fixed-size figure: tight_layout measured every tick label's extent and
     # took ~45% of the plot's time (a plot per run: most of a small trial's wall time in a sweep).
     fig.subplots_adjust(left=0.065, right=0.985, bottom=0.13, top=0.92, wspace=0.2)
-    path = path or os.path.join(workdir, "curves.png")
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, path or os.path.join(workdir, "curves.png"))
     if figure is None:
         plt.close(fig)
     return path
@@ -277,9 +278,7 @@ def redraw_curves(figure, workdir: str, series: list[tuple[str, tuple, tuple]]) 
     for ax in (ax_loss, ax_acc):
         ax.relim()
         ax.autoscale_view()
-    path = os.path.join(workdir, "curves.png")
-    figure.savefig(path, dpi=110)
-    return path
+    return save_figure(figure, os.path.join(workdir, "curves.png"))
 
 
 class CurvePlotter:

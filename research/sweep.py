@@ -247,7 +247,7 @@ def plot_sweep(report: SweepReport, path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    report_lib.save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -1442,7 +1442,7 @@ def _plot(summary: Mapping[str, Any], workdir: str) -> list[str]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(workdir, "history.png")
-    fig.savefig(path, dpi=100)
+    report_lib.save_figure(fig, path, dpi=100)
     plt.close(fig)
     written.append(path)
     if len(objectives) >= 2:
@@ -1464,7 +1464,7 @@ def _plot(summary: Mapping[str, Any], workdir: str) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(workdir, "pareto.png")
-        fig.savefig(path, dpi=100)
+        report_lib.save_figure(fig, path, dpi=100)
         plt.close(fig)
         written.append(path)
         hist = [h for h in summary["hypervolume_history"] if h["hypervolume"] is not None]
@@ -1475,7 +1475,7 @@ def _plot(summary: Mapping[str, Any], workdir: str) -> list[str]:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             path = os.path.join(workdir, "hypervolume.png")
-            fig.savefig(path, dpi=100)
+            report_lib.save_figure(fig, path, dpi=100)
             plt.close(fig)
             written.append(path)
     return written

@@ -13,6 +13,7 @@ import numpy as np
 
 from research.automl.study import Study
 from research.automl.trial import TrialState
+from research.figures import save_figure
 
 __all__ = ["plot_history", "plot_pareto_front"]
 
@@ -54,7 +55,7 @@ def plot_history(study: Study, path: str | os.PathLike, objective: int = 0) -> s
     ax.set_title(f"{study.name}: optimisation history")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return os.fspath(path)
 
@@ -87,6 +88,6 @@ def plot_pareto_front(
     ax.set_ylabel(f"{names[1]} ({study.directions[j]})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return os.fspath(path)

@@ -122,3 +122,46 @@ def test_curve_plotter_redraws_each_run_on_one_figure(tmp_path):
     finally:
         plotter.close()
     assert plotter._figure is None
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    return fig, plt
+
+
+def test_save_figure_replaces_the_image_only_once_complete(tmp_path):
+    fig, plt = _figure()
+    path = str(tmp_path / "curves.png")
+    assert report_lib.save_figure(fig, path, dpi=50) == path
+    with open(path, "rb") as f:
+        first = f.read()
+    assert first.startswith(b"\x89PNG")
+
+    def broken(tmp, **kwargs):  # writes part of an image, then fails (a full disk, a kill mid-save)
+        with open(tmp, "wb") as f:
+            f.write(b"\x89PN")
+        raise OSError("No space left on device")
+
+    fig.savefig = broken
+    with pytest.raises(OSError, match="No space"):
+        report_lib.save_figure(fig, path)
+    with open(path, "rb") as f:
+        assert f.read() == first  # the previous image, untouched
+    assert os.listdir(tmp_path) == ["curves.png"]  # no temporary file left behind
+    plt.close(fig)
+
+
+def test_save_figure_takes_the_format_from_the_extension(tmp_path):
+    fig, plt = _figure()
+    svg = report_lib.save_figure(fig, str(tmp_path / "a.svg"))
+    with open(svg) as f:
+        assert "<svg" in f.read()
+    with pytest.raises(ValueError, match=r"no extension.*'.*a\.png'"):
+        report_lib.save_figure(fig, str(tmp_path / "a"))
+    plt.close(fig)
