@@ -204,7 +204,9 @@ def _cmd_sweep(args) -> int:
         if executor is not None and not isinstance(executor, str):
             close_executor(executor)
     print(report.table())
-    written = [n for n in ("sweep.json", "sweep.txt", "sweep.png") if os.path.exists(os.path.join(workdir, n))]
+    written = [
+        n for n in ("sweep.json", "sweep.txt", "sweep.png", "grid.png") if os.path.exists(os.path.join(workdir, n))
+    ]
     print(f"wrote {', '.join(written)} in {workdir}")
     for p in report.failed:
         print(f"slimjax: point {p.index} failed: {p.error}", file=sys.stderr)

@@ -7,6 +7,8 @@
     WORKDIR/sweep.json             the grid and, per point: overrides, run dir, status, final-stage metrics
     WORKDIR/sweep.txt              one row per point: override values, test acc, bytes, FLOPs, latency
     WORKDIR/sweep.png              final test accuracy vs bytes, with the Pareto front
+    WORKDIR/grid.png               final test accuracy over the grid's values (a heatmap for two
+                                   keys or more, a line for one; keys with one value are left out)
 
 Grid keys are the dotted override keys of ``slimjax run --set`` (see :mod:`research.config`).
 Every point is built and validated before the first one runs. The sweep resumes: a point whose
@@ -252,6 +254,110 @@ def plot_sweep(report: SweepReport, path: str) -> str | None:
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class GridAccuracy:
+    """Final test accuracy laid out over the grid's varying keys (what ``grid.png`` shows).
+
+    Attributes:
+      rows: ``(key, values)`` of the first key with more than one value.
+      columns: ``(key, values)`` of the second such key, or ``None`` when only one key varies.
+      accuracy: ``[len(rows values), len(columns values) or 1]``; NaN where no point finished. With
+        more than two varying keys each cell is the best over the others.
+      best_over: the varying keys beyond the first two (their best value per cell).
+    """
+
+    rows: tuple[str, tuple[Any, ...]]
+    columns: tuple[str, tuple[Any, ...]] | None
+    accuracy: np.ndarray
+    best_over: tuple[str, ...]
+
+
+def grid_accuracy(report: SweepReport) -> GridAccuracy | None:
+    """Lays the finished points' final test accuracy out over the grid (``None``: no key has more
+    than one value, or no point finished)."""
+    varying = [k for k, v in report.grid.items() if len(v) > 1]
+    done = [p for p in report.points if p.status == "done"]
+    if not varying or not done:
+        return None
+    rows = (varying[0], tuple(report.grid[varying[0]]))
+    columns = (varying[1], tuple(report.grid[varying[1]])) if len(varying) > 1 else None
+    accuracy = np.full((len(rows[1]), len(columns[1]) if columns else 1), np.nan)
+    keys, shape = list(report.grid), [len(v) for v in report.grid.values()]
+    for p in done:  # a point's index is its place in the product, first key slowest (expand_grid)
+        where = np.unravel_index(p.index, shape)
+        value = float(p.metrics.get("test_accuracy", np.nan))
+        i = int(where[keys.index(rows[0])])
+        j = int(where[keys.index(columns[0])]) if columns else 0
+        if not np.isnan(value) and (np.isnan(accuracy[i, j]) or value > accuracy[i, j]):
+            accuracy[i, j] = value
+    return GridAccuracy(rows, columns, accuracy, tuple(varying[2:]))
+
+
+def _label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def plot_grid(report: SweepReport, path: str) -> str | None:
+    """Final test accuracy over the grid: for two varying keys a heatmap (rows the first key,
+    columns the second, each cell labelled, the best outlined; with more keys, each cell the best
+    over the rest), for one a line over its values.
+
+    Returns:
+      ``path``, or ``None`` when :func:`grid_accuracy` has nothing to show.
+    """
+    grid = grid_accuracy(report)
+    if grid is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (row_key, row_values), acc = grid.rows, grid.accuracy
+    n_done = sum(p.status == "done" for p in report.points)
+    title = f"test accuracy, final stage ({n_done} of {len(report.points)} runs)"
+    if grid.columns is None:
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(row_values) + 2), 3.8))
+        x = np.arange(len(row_values))
+        ax.plot(x, acc[:, 0], "o-", color="C0")
+        if np.isfinite(acc).any():
+            best = int(np.nanargmax(acc[:, 0]))
+            ax.plot([best], [acc[best, 0]], "o", ms=12, mfc="none", mec="C3", label="best")
+            ax.legend(fontsize=8)
+        ax.set_xticks(x, [_label(v) for v in row_values], rotation=45 if len(row_values) > 8 else 0)
+        ax.set(xlabel=row_key, ylabel="test accuracy")
+        ax.grid(alpha=0.3)
+    else:
+        col_key, col_values = grid.columns
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(col_values) + 2.5), max(3.5, 0.45 * len(row_values) + 1.8)))
+        image = ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto")
+        image.cmap.set_bad("0.85")  # no finished run
+        fig.colorbar(image, ax=ax, label="test accuracy")
+        ax.set_xticks(
+            np.arange(len(col_values)), [_label(v) for v in col_values], rotation=45 if len(col_values) > 6 else 0
+        )
+        ax.set_yticks(np.arange(len(row_values)), [_label(v) for v in row_values])
+        ax.set(xlabel=col_key, ylabel=row_key)
+        if acc.size <= 400 and np.isfinite(acc).any():
+            low, high = np.nanmin(acc), np.nanmax(acc)
+            for (i, j), value in np.ndenumerate(acc):
+                if np.isfinite(value):
+                    dark = high == low or (value - low) / (high - low) < 0.6
+                    ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
+        if np.isfinite(acc).any():
+            i, j = np.unravel_index(int(np.nanargmax(acc)), acc.shape)
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="C3", lw=2))
+        if grid.best_over:
+            title += f"; each cell the best over {', '.join(grid.best_over)}"
+        if np.isnan(acc).any():
+            title += "; grey: no finished run"
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    report_lib.save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -399,9 +505,10 @@ def _sweep_points(
     for pop in report_populations(executor.summary()):
         say(pop)
     report = current()
-    png = os.path.join(workdir, "sweep.png")
-    if plot_sweep(report, png) is None and os.path.exists(png):
-        os.remove(png)  # no point finished: a plot from an earlier sweep would be stale
+    for name, plot in (("sweep.png", plot_sweep), ("grid.png", plot_grid)):
+        png = os.path.join(workdir, name)
+        if plot(report, png) is None and os.path.exists(png):
+            os.remove(png)  # nothing to plot: a plot from an earlier sweep would be stale
     if report.failed:
         say(f"sweep: {len(report.failed)} of {len(points)} points failed: {[p.index for p in report.failed]}")
     return report

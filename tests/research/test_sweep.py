@@ -139,8 +139,9 @@ def test_sweep_files_are_written(swept):
         assert col in lines[0], col
     assert lines[4].split()[:4] == ["2", "0.8", "0", "done"]
     assert lines == report.table().splitlines()
-    with open(os.path.join(workdir, "sweep.png"), "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in ("sweep.png", "grid.png"):
+        with open(os.path.join(workdir, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_reruns_only_missing_and_interrupted_points(base, swept, count_runs, tmp_path):
@@ -239,6 +240,7 @@ def test_cli_sweep_default_workdir_and_exit_code_on_failure(config_file, count_r
         saved = json.load(f)
     assert saved["points"][0]["status"] == "failed"
     assert not (sweep_dir / "sweep.png").exists()  # no finished point to plot
+    assert not (sweep_dir / "grid.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -322,3 +324,66 @@ def test_report_populations_names_each_population_its_k_what_choosing_took_and_w
         "population 1: 1 trial, K=1: a single trial (separate: model differs)",
     ]
     assert sweep_lib.report_populations({"executor": "sequential"}) == []
+
+
+def _report(grid, outcomes):
+    """A sweep report over ``grid`` whose points finished with ``outcomes[index]`` test accuracy
+    (``None``: failed; absent: pending)."""
+    points = []
+    for i, overrides in enumerate(sweep_lib.expand_grid(grid)):
+        acc = outcomes.get(i, "pending")
+        status = "pending" if acc == "pending" else ("failed" if acc is None else "done")
+        metrics = {"test_accuracy": acc} if status == "done" else {}
+        points.append(
+            sweep_lib.SweepPoint(index=i, overrides=overrides, run_dir=f"r{i}", status=status, metrics=metrics)
+        )
+    return sweep_lib.SweepReport(workdir="w", grid=grid, points=tuple(points))
+
+
+def test_grid_accuracy_lays_points_out_over_the_varying_keys():
+    # lr (3 values) x a fixed key x wd (2 values): rows lr, columns wd, the fixed key left out.
+    grid = {"stages.0.learning_rate": [1e-3, 3e-3, 1e-2], "seed": [0], "stages.0.weight_decay": [0.0, 0.1]}
+    report = _report(grid, {0: 0.5, 1: 0.6, 2: 0.7, 3: None, 5: 0.9})  # 3 failed, 4 pending
+    g = sweep_lib.grid_accuracy(report)
+    assert g.rows == ("stages.0.learning_rate", (1e-3, 3e-3, 1e-2))
+    assert g.columns == ("stages.0.weight_decay", (0.0, 0.1))
+    assert g.best_over == ()
+    expected = [[0.5, 0.6], [0.7, math.nan], [math.nan, 0.9]]
+    assert g.accuracy.shape == (3, 2)
+    for row, want in zip(g.accuracy.tolist(), expected, strict=True):
+        assert row == pytest.approx(want, nan_ok=True)
+
+
+def test_grid_accuracy_takes_the_best_over_keys_beyond_two():
+    grid = {"a": [1, 2], "b": ["x", "y"], "seed": [0, 1, 2]}
+    # point index = a * 6 + b * 3 + seed
+    report = _report(grid, {0: 0.1, 1: 0.4, 2: 0.2, 3: 0.3, 9: 0.8, 10: float("nan")})
+    g = sweep_lib.grid_accuracy(report)
+    assert g.best_over == ("seed",)
+    assert g.accuracy[0, 0] == 0.4 and g.accuracy[0, 1] == 0.3
+    assert math.isnan(g.accuracy[1, 0]) and g.accuracy[1, 1] == 0.8  # a NaN accuracy is not a best
+
+
+def test_grid_accuracy_of_one_key_is_a_column_and_of_none_is_nothing():
+    g = sweep_lib.grid_accuracy(_report({"seed": [0, 1, 2], "x": [5]}, {0: 0.9, 2: 0.7}))
+    assert g.columns is None and g.accuracy.shape == (3, 1)
+    assert g.accuracy[:, 0].tolist() == pytest.approx([0.9, math.nan, 0.7], nan_ok=True)
+    assert sweep_lib.grid_accuracy(_report({"seed": [0]}, {0: 0.9})) is None  # nothing varies
+    assert sweep_lib.grid_accuracy(_report({"seed": [0, 1]}, {0: None})) is None  # nothing finished
+
+
+@pytest.mark.parametrize(
+    "grid, outcomes",
+    [
+        ({"a": [0.1, 0.2, 0.3]}, {0: 0.5, 2: 0.7}),
+        ({"a": [0.1, 0.2], "b": [1, 2, 3]}, {0: 0.5, 4: 0.7, 5: 0.6}),
+        ({"a": [0.1, 0.2], "b": [1, 2], "c": [True, False]}, {1: 0.5}),
+    ],
+)
+def test_plot_grid_writes_an_image_for_one_two_and_more_keys(tmp_path, grid, outcomes):
+    path = str(tmp_path / "grid.png")
+    assert sweep_lib.plot_grid(_report(grid, outcomes), path) == path
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sweep_lib.plot_grid(_report(grid, {}), str(tmp_path / "none.png")) is None
+    assert not (tmp_path / "none.png").exists()

@@ -225,4 +225,4 @@ def test_sweep_overwrite_deletes_the_previous_sweep(tmp_path, monkeypatch, capsy
     (sweep_dir / "runs" / "7_seed=9").mkdir()  # a point of an earlier grid
     assert cli.main([*args, "--overwrite"]) == 0 and calls[2:] == ["0_seed=0", "1_seed=1"]
     assert sorted(os.listdir(sweep_dir / "runs")) == ["0_seed=0", "1_seed=1"]
-    assert "overwrite: deleted runs, sweep.json, sweep.png, sweep.txt" in capsys.readouterr().err
+    assert "overwrite: deleted grid.png, runs, sweep.json, sweep.png, sweep.txt" in capsys.readouterr().err
