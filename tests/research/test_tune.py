@@ -14,6 +14,7 @@ import pytest
 
 from research import cli
 from research import config as C
+from research import report as report_lib
 from research import run as run_lib
 from research import tune as T
 from research.automl import Categorical
@@ -241,7 +242,7 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
     assert os.path.exists(os.path.join(workdir, "trials", f"{failed[0]['number']:04d}", "trial.json"))
     front = result.pareto
     assert front and all(t["feasible"] for t in front)
-    for name in ("tune.json", "tune.txt", "pareto.png", "history.png", "hypervolume.png"):
+    for name in ("tune.json", "tune.txt", "pareto.png", "history.png", "hypervolume.png", "params.png"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert summary["hypervolume"] > 0
     assert "learning_rate" in open(os.path.join(workdir, "tune.txt")).read()
@@ -255,6 +256,43 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
     with pytest.raises(C.ConfigError, match="other"):
         T.tune(base, space, workdir, trials=10, sampler="tpe", objectives=["val_accuracy:max", "bytes:min"],
                constraints=["bytes<=30"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+
+
+def test_params_png_has_a_panel_per_parameter_with_the_trials_where_it_was_active(
+    base_and_space, tmp_path, monkeypatch
+):
+    base, space = base_and_space
+    monkeypatch.setattr(run_lib, "run", _fake_run)
+    workdir = str(tmp_path / "tune")
+    result = T.tune(base, space, workdir, trials=12, sampler="random", objectives=["val_accuracy:max"],
+                    reference=None, config_spec=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
+    figures = {}
+
+    def keep(figure, path, **kwargs):
+        figures[os.path.basename(path)] = figure
+        return path
+
+    monkeypatch.setattr(report_lib, "save_figure", keep)
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "close", lambda *a: None)  # keep the figures to look at
+    T._plot(T._read_json(os.path.join(workdir, "tune.json")), workdir)
+    monkeypatch.undo()
+    panels = [ax for ax in figures["params.png"].axes if ax.get_visible() and ax.get_title()]  # not the colour bar
+    assert [ax.get_title().split()[0] for ax in panels] == list(space.names)
+    done = [t for t in result.trials if t["state"] == "COMPLETE" and t["values"] is not None]
+    for ax, name in zip(panels, space.names, strict=True):
+        active = [t for t in done if t["params"].get(name) is not None]
+        plotted = sum(len(c.get_offsets()) for c in ax.collections)
+        best = any(t["number"] == max(done, key=lambda t: t["values"][0])["number"] for t in active)
+        assert plotted == len(active) + best, name  # every active trial once, plus the best's ring
+    by_name = dict(zip(space.names, panels, strict=True))
+    assert by_name["stages.train.learning_rate"].get_xscale() == "log"
+    assert [t.get_text() for t in by_name["stages.train.optimizer"].get_xticklabels()] == list(
+        space["stages.train.optimizer"].choices
+    )
+    for figure in figures.values():
+        plt.close(figure)
 
 
 def test_a_point_whose_config_finished_before_is_not_trained_again(base_and_space, tmp_path, monkeypatch):
