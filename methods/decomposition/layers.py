@@ -514,3 +514,113 @@ def check_factorizable_conv(conv: nnx.Conv) -> None:
         raise ValueError("masked convolutions (mask=...) are not supported; leave this layer dense")
     if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
         raise ValueError("padding='CAUSAL' is not supported; leave this layer dense")
+
+
+# ----------------------------------------------------------------------------- resizing (populations)
+# Trials whose factorized layers differ only in rank train as one population program, each padded
+# with zero components to the largest rank (research.population.padding: zero components of a
+# product of factors have zero gradients, so they stay zero). Each sub-layer is rebuilt with new
+# feature counts and every other option of the old one.
+
+
+def _linear_with(lin: nnx.Linear, in_features: int, out_features: int) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=lin.use_bias,
+        dtype=lin.dtype,
+        param_dtype=lin.param_dtype,
+        precision=lin.precision,
+        dot_general=lin.dot_general,
+        promote_dtype=lin.promote_dtype,
+        preferred_element_type=lin.preferred_element_type,
+        rngs=nnx.Rngs(0),
+    )
+
+
+def _linear_general_with(lin: nnx.LinearGeneral, in_features, out_features) -> nnx.LinearGeneral:
+    return nnx.LinearGeneral(
+        tuple(in_features),
+        tuple(out_features),
+        axis=lin.axis,
+        use_bias=lin.use_bias,
+        dtype=lin.dtype,
+        param_dtype=lin.param_dtype,
+        precision=lin.precision,
+        dot_general=lin.dot_general,
+        dot_general_cls=lin.dot_general_cls,
+        promote_dtype=lin.promote_dtype,
+        preferred_element_type=lin.preferred_element_type,
+        rngs=nnx.Rngs(0),
+    )
+
+
+def _conv_with(conv: nnx.Conv, in_features: int, out_features: int, groups: int = 1) -> nnx.Conv:
+    return nnx.Conv(
+        in_features,
+        out_features,
+        conv.kernel_size,
+        strides=conv.strides,
+        padding=conv.padding,
+        input_dilation=conv.input_dilation,
+        kernel_dilation=conv.kernel_dilation,
+        feature_group_count=groups,
+        use_bias=conv.use_bias,
+        dtype=conv.dtype,
+        param_dtype=conv.param_dtype,
+        precision=conv.precision,
+        conv_general_dilated=conv.conv_general_dilated,
+        promote_dtype=conv.promote_dtype,
+        preferred_element_type=conv.preferred_element_type,
+        rngs=nnx.Rngs(0),
+    )
+
+
+def _low_rank_resized(layer: LowRankLinear, sizes: tuple[int, ...]) -> LowRankLinear:
+    (rank,) = sizes
+    new = nnx.clone(layer)
+    new.rank = rank
+    new.first = _linear_with(layer.first, layer.in_features, rank)
+    new.second = _linear_with(layer.second, rank, layer.out_features)
+    return new
+
+
+def _low_rank_general_resized(layer: LowRankLinearGeneral, sizes: tuple[int, ...]) -> LowRankLinearGeneral:
+    (rank,) = sizes
+    new = nnx.clone(layer)
+    new.rank = rank
+    new.first = _linear_general_with(layer.first, layer.in_features, (rank,))
+    new.second = _linear_general_with(layer.second, (rank,), layer.out_features)
+    return new
+
+
+def _tucker2_resized(layer: Tucker2Conv, sizes: tuple[int, ...]) -> Tucker2Conv:
+    r_in, r_out = sizes
+    new = nnx.clone(layer)
+    new.ranks = (r_in, r_out)
+    new.reduce = _conv_with(layer.reduce, layer.in_features, r_in)
+    new.core = _conv_with(layer.core, r_in, r_out)
+    new.expand = _conv_with(layer.expand, r_out, layer.out_features)
+    return new
+
+
+def _cp_resized(layer: CPConv, sizes: tuple[int, ...]) -> CPConv:
+    (rank,) = sizes
+    new = nnx.clone(layer)
+    new.rank = rank
+    new.reduce = _conv_with(layer.reduce, layer.in_features, rank)
+    new.spatial = nnx.List([_conv_with(conv, rank, rank, groups=rank) for conv in layer.spatial])
+    new.expand = _conv_with(layer.expand, rank, layer.out_features)
+    return new
+
+
+def _register_resizable() -> None:
+    from research.population.padding import register_resizable  # pylint: disable=import-outside-toplevel
+
+    register_resizable(LowRankLinear, sizes=lambda m: (m.rank,), resized=_low_rank_resized)
+    register_resizable(LowRankLinearGeneral, sizes=lambda m: (m.rank,), resized=_low_rank_general_resized)
+    register_resizable(Tucker2Conv, sizes=lambda m: tuple(m.ranks), resized=_tucker2_resized)
+    register_resizable(CPConv, sizes=lambda m: (m.rank,), resized=_cp_resized)
+
+
+_register_resizable()

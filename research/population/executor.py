@@ -53,7 +53,9 @@ from research.population.later import save_progress
 from research.population.later import train_requests
 from research.population.later import write_trial
 from research.population.measure import LATENCY_NOTE
+from research.population.measure import LATENCY_NOTE_SIZES
 from research.population.measure import PopulationMeasurer
+from research.population.padding import resizable_layers
 from research.population.trainer import TIMED_REPEATS
 from research.population.trainer import PopulationTrainer
 from research.population.trainer import Timer
@@ -428,24 +430,35 @@ class PopulationExecutor:
                 continue  # alone (K=1, or the last chunk's only trial): its own jitted step, as in a plain run
             requests = [t.request for t in members]
             try:
-                results, defs = train_requests(
+                trained = train_requests(
                     requests, key, k, block_steps=self.block_steps, devices=self.devices, cache=self._programs
                 )
+                results = trained.results
                 trials = [jobs[threads.index(t)].key for t in members]
                 stage = requests[0].stage
-                measurer.evaluate(stage, trials, [r.model for r in results], [q.dataset for q in requests], k)
+                measurer.evaluate(
+                    stage, trials, trained.models, [q.dataset for q in requests], k, same_as=[r.model for r in results]
+                )
             except Exception as e:  # the group's program failed: each trains alone
                 entry.setdefault("later_stages", []).append(
                     {"stage": requests[0].stage, "error": f"{type(e).__name__}: {e}; trained one after another"}
                 )
                 continue
-            entry.setdefault("later_stages", []).append({"stage": stage, "trials": trials, "k": k})
+            later = {"stage": stage, "trials": trials, "k": k}
             notes = [
                 f"fine-tuned in a population of {len(members)} (chunks of {k}, one vmapped program); "
                 "its validation and test accuracy evaluated together",
-                LATENCY_NOTE.format(population=number, stage=stage),
+                (LATENCY_NOTE_SIZES if trained.padded else LATENCY_NOTE).format(population=number, stage=stage),
             ]
-            for t, trial, request, result in zip(members, trials, requests, results, strict=True):
+            if trained.padded:
+                sizes = resizable_layers(trained.models[0])
+                later["padded_to"] = {"/".join(map(str, p)): list(v) for p, v in sizes.items()}
+                notes.append(
+                    "its factorized layers trained padded with zero components to the population's largest "
+                    f"ranks ({', '.join(f'{p}: {v}' for p, v in later['padded_to'].items())}), then cut back to its own"
+                )
+            entry.setdefault("later_stages", []).append(later)
+            for t, trial, request, result, defs in zip(members, trials, requests, results, trained.defs, strict=True):
                 try:
                     rows = write_trial(request.kwargs["workdir"], result, measurer.val_row(trial, stage))
                 except Exception as e:  # a NaN loss: raised in the trial's own thread

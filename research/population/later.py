@@ -19,6 +19,7 @@ train step returns, the validation rows) and the checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -29,6 +30,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from research.population.padding import canonical_graphdef
+from research.population.padding import pad_models
+from research.population.padding import unpad_model
+from research.population.padding import unpad_tree
 from research.population.trainer import Member
 from research.population.trainer import PopulationTrainer
 from research.population.trainer import TrialResult
@@ -96,7 +101,9 @@ def _settings(kwargs: dict[str, Any]) -> dict[str, Any]:
 def request_key(request) -> tuple | None:
     """What the request's compiled train step depends on (requests with equal keys train as one
     program), or ``None`` when it must train alone: data-parallel, validation rows during training
-    (``eval_every`` below ``steps``), or a checkpoint to resume from in its directory."""
+    (``eval_every`` below ``steps``), or a checkpoint to resume from in its directory. Models that
+    differ only in the sizes of registered layers (factorization ranks,
+    :mod:`research.population.padding`) have one key: they train padded to one shape."""
     from research.train.finetune import optimizer_key  # pylint: disable=import-outside-toplevel
 
     kw = request.kwargs
@@ -112,35 +119,61 @@ def request_key(request) -> tuple | None:
         request.stage,
         optimizer_key(_settings(kw)),
         kw["step_key"],
-        nnx.graphdef(request.model),
+        canonical_graphdef(request.model),  # models differing only in ranks train together, padded
         np.shape(ds.x_train),
         str(np.asarray(ds.x_train).dtype),
         min(kw.get("batch_size", 128), len(ds.x_train)),
     )
 
 
-def train_requests(
-    requests: Sequence[Any], key: tuple, k: int, *, block_steps: int, devices, cache: dict
-) -> tuple[list[TrialResult], Any]:
-    """Trains requests that share ``key`` as one population, ``k`` at a time (padded).
+@dataclasses.dataclass
+class Trained:
+    """What :func:`train_requests` gives back for a group of requests.
 
-    Returns:
-      ``(one TrialResult per request, the ModelDefs of their train states)``.
+    Attributes:
+      results: one :class:`TrialResult` per request, at the request's own shapes (model, state).
+      defs: one :class:`research.train.ModelDefs` per request (its own graph).
+      models: the models as trained (padded to one shape when ``padded``), for evaluating together.
+      padded: whether the models were padded (their ranks differ).
     """
+
+    results: list[TrialResult]
+    defs: list[Any]
+    models: list[nnx.Module]
+    padded: bool
+
+
+def train_requests(requests: Sequence[Any], key: tuple, k: int, *, block_steps: int, devices, cache: dict) -> Trained:
+    """Trains requests that share ``key`` as one population, ``k`` at a time (padded). Models whose
+    factorization ranks differ train padded with zero components to the largest
+    (:func:`research.population.padding.pad_models`) and are cut back to their own ranks after
+    training; so are the checkpoints written on the way.
+    """
+    from research.train import create_train_state  # pylint: disable=import-outside-toplevel
     from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
 
-    members = []
-    for r in requests:
+    models, padded = pad_models([r.model for r in requests])
+    txs, members = [], []
+    for r, model in zip(requests, models, strict=True):
         tx = make_optimizer(**_settings(r.kwargs))
+        tx = r.wrap_tx(tx) if r.wrap_tx is not None else tx
+        txs.append(tx)
         members.append(
             Member(
-                model=r.model,
-                tx=r.wrap_tx(tx) if r.wrap_tx is not None else tx,
+                model=model,
+                tx=tx,
                 seed=r.kwargs.get("seed", 0),
                 x_train=r.dataset.x_train,
                 y_train=r.dataset.y_train,
             )
         )
+    own = None  # each request's (defs, train state) at its own shapes: what the padded states are cut to
+    if padded:
+        own = [
+            create_train_state(nnx.clone(r.model), tx, seed=m.seed)
+            for r, tx, m in zip(requests, txs, members, strict=True)
+        ]
+        key = (key, nnx.graphdef(models[0]))  # the program is that of the padded shapes
     kw = requests[0].kwargs
     trainer = PopulationTrainer.for_members(
         members,
@@ -152,15 +185,26 @@ def train_requests(
         cache=cache,
         checkpoint_every=[r.kwargs.get("checkpoint_every", 100) for r in requests],
     )
+
+    def cut(i, state):
+        return state if own is None or state is None else unpad_tree(state, own[i][1])
+
     out: list[TrialResult] = []
     for first in range(0, len(members), k):
         chunk = list(range(first, min(first + k, len(members))))
 
         def save(step, j, state, metrics, val_rows, chunk=chunk):
-            save_progress(requests[chunk[j]].kwargs["workdir"], step, state, metrics, val_rows=val_rows)
+            save_progress(requests[chunk[j]].kwargs["workdir"], step, cut(chunk[j], state), metrics, val_rows=val_rows)
 
         out += trainer.train(chunk, k, on_checkpoint=save)
-    return out, trainer.defs
+    trained = [r.model for r in out]
+    if padded:
+        out = [
+            dataclasses.replace(r, model=unpad_model(r.model, q.model), state=cut(i, r.state))
+            for i, (r, q) in enumerate(zip(out, requests, strict=True))
+        ]
+    defs = [d for d, _ in own] if own is not None else [trainer.defs] * len(out)
+    return Trained(results=out, defs=defs, models=trained, padded=padded)
 
 
 def _train_rows(

@@ -43,6 +43,10 @@ LATENCY_NOTE = (
     "latency_ms measured once for population {population}, stage {stage} (on the model of its first "
     "trial measured), not per trial: its trials share one architecture and shapes"
 )
+LATENCY_NOTE_SIZES = (
+    "latency_ms measured once per architecture of population {population}, stage {stage} (its trials "
+    "trained together padded to one set of ranks; each is measured at its own)"
+)
 
 
 @functools.lru_cache(maxsize=32)
@@ -100,8 +104,8 @@ class PopulationMeasurer:
 
     Args:
       population: the population's number (for the latency note and its cache).
-      latencies: ``{(population, stage index, latency batch size): ms}`` shared by the executor's
-        chunks, so a population's latency is measured once.
+      latencies: ``{(population, stage index, latency batch size, model graph): ms}`` shared by
+        the executor's chunks, so a population's latency is measured once per architecture.
     """
 
     def __init__(self, population: int, latencies: dict):
@@ -110,10 +114,21 @@ class PopulationMeasurer:
         self._accuracy: dict[tuple[Any, int], tuple] = {}  # (trial, stage) -> (model evaluated, accuracies)
         self._val_rows: dict[tuple[int, int], dict[str, float]] = {}
 
-    def evaluate(self, stage: int, trials: Sequence[Any], models: Sequence[nnx.Module], datasets, pad_to: int):
+    def evaluate(
+        self,
+        stage: int,
+        trials: Sequence[Any],
+        models: Sequence[nnx.Module],
+        datasets,
+        pad_to: int,
+        *,
+        same_as: Sequence[nnx.Module] | None = None,
+    ):
         """Evaluates ``models`` (one per trial key in ``trials``) on their data sets' test and
         validation splits: one vmapped program per split and distinct data set. The figures are
-        used for exactly these model objects (a stage that returns another model is measured alone)."""
+        used for exactly these model objects (a stage that returns another model is measured alone),
+        or for ``same_as``'s: models that compute the same functions (the trials' own models of
+        ``models`` padded to one shape, :mod:`research.population.padding`)."""
         groups: dict[int, list[int]] = {}
         for j, ds in enumerate(datasets):
             groups.setdefault(id(ds), []).append(j)
@@ -125,7 +140,7 @@ class PopulationMeasurer:
             for j, t, v in zip(members, test, val, strict=True):
                 key = (trials[j], stage)
                 acc = {"test_accuracy": t["accuracy"], "val_accuracy": v["accuracy"] if v is not None else math.nan}
-                self._accuracy[key] = (models[j], acc)
+                self._accuracy[key] = ((same_as or models)[j], acc)
                 if v is not None:
                     self._val_rows[key] = v
 
@@ -145,7 +160,7 @@ class PopulationMeasurer:
                 return measure(model, dataset, latency_batch_size=latency_batch_size)
             model = nnx.clone(model)
             model.eval()
-            key = (self.population, stage, latency_batch_size)
+            key = (self.population, stage, latency_batch_size, nnx.graphdef(model))  # one per architecture
             if key not in self.latencies:
                 batch = jnp.asarray(np.repeat(dataset.x_test[:1], latency_batch_size, axis=0))
                 self.latencies[key] = 1e3 * model_latency(model, batch)["median"]

@@ -187,6 +187,74 @@ def test_lenet5_population_matches_sequential_training(tmp_path):
     assert _close(jax.tree.leaves(split_model(model)[1]), jax.tree.leaves(split_model(trained[1].model)[1]))
 
 
+DECOMPOSED = """
+from methods.decomposition import DecomposeStage, DecompositionRule
+from research.config import Config, DataConfig, ModelConfig
+from research.stages import TrainStage
+
+
+def get_config(arg=None):
+    return Config(
+        name="decomposed",
+        model=ModelConfig(name="mlp", options={"widths": (32,)}),
+        data=DataConfig(name="digits", limit=300),
+        stages=(
+            TrainStage(steps=40, learning_rate=1e-2, batch_size=32, checkpoint_every=0, eval_every=0, log_every=10),
+            DecomposeStage(
+                rules=(DecompositionRule(pattern=".*"),),  # ranks from the parameter budget
+                check_speed=False,
+                train=TrainStage(steps=4, batch_size=32, checkpoint_every=2, eval_every=0, log_every=2),
+            ),
+        ),
+    )
+"""
+
+
+def _checkpoint_shapes(stage_dir, step):
+    import orbax.checkpoint as ocp
+
+    item = os.path.join(stage_dir, "checkpoints", str(step), "default")
+    meta = ocp.StandardCheckpointer().metadata(item)
+    leaves = jax.tree_util.tree_leaves(getattr(meta, "item_metadata", meta), is_leaf=lambda x: hasattr(x, "shape"))
+    return sorted(tuple(v.shape) for v in leaves if hasattr(v, "shape"))
+
+
+def test_factorized_trials_of_different_ranks_fine_tune_together_padded(tmp_path):
+    """Two parameter budgets give different ranks; the decompose stage's fine-tuning trains both as
+    one program padded to the larger ranks, and each trial ends at its own ranks with what a
+    sequential run leaves (metrics, parameters, files, checkpoint shapes)."""
+    cfg = tmp_path / "decomposed.py"
+    cfg.write_text(DECOMPOSED)
+    base = C.load_config(str(cfg))
+    grid = {"stages.decompose.budget_param_ratio": [0.3, 0.6]}
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    pop = sweep_lib.sweep(
+        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(2))
+    )
+    assert not seq.failed and not pop.failed
+    (later,) = pop.executor["populations"][0]["later_stages"]
+    assert later["stage"] == 1 and later["trials"] == [0, 1] and later["k"] == 2
+    stages = [[json.load(open(os.path.join(p.run_dir, "report.json")))["stages"] for p in r.points] for r in (seq, pop)]
+    rows = [json.load(open(os.path.join(p.run_dir, "stages", "1_decompose", "factorization.json")))["layers"]
+            for p in seq.points]  # fmt: skip
+    ranks = [{r["path"]: r["rank"] for r in layers if r["decision"] == "factorized"} for layers in rows]
+    assert ranks[0] != ranks[1] and set(ranks[0]) == set(later["padded_to"])
+    for path, padded in later["padded_to"].items():  # the larger of the two trials' ranks
+        assert padded == [max(json.loads(r[path]) for r in ranks)]
+    for a, b, sa, sb in zip(seq.points, pop.points, *stages, strict=True):
+        ma, mb = sa[1]["metrics"], sb[1]["metrics"]
+        for key in ("test_accuracy", "val_accuracy", "params", "flops", "final_train_loss"):
+            assert mb[key] == pytest.approx(ma[key], abs=2e-3, rel=1e-4), key
+        assert any("trained padded with zero components" in n for n in sb[1]["notes"])
+        assert any("latency_ms measured once per architecture" in n for n in sb[1]["notes"])
+        assert _close(_params(a.run_dir), _params(b.run_dir))
+        assert _files(b.run_dir) == _files(a.run_dir)
+        for step in (2, 4):  # checkpoints at the trial's own ranks: a killed stage resumes from them
+            dirs = [os.path.join(p.run_dir, "stages", "1_decompose") for p in (a, b)]
+            assert _checkpoint_shapes(dirs[1], step) == _checkpoint_shapes(dirs[0], step)
+    assert stages[1][0][1]["metrics"]["params"] != stages[1][1][1]["metrics"]["params"]
+
+
 def test_mixed_keys_split_into_populations_with_a_reason(config_file):
     base = C.load_config(config_file)
     configs = [
@@ -903,9 +971,9 @@ def test_later_fine_tunings_in_a_population_checkpoint_as_finetune_does(tmp_path
         FineTuneRequest(stage=1, model=model, dataset=ds, kwargs={**kw, "workdir": tmp_path / n}, wrap_tx=None)
         for n in ("a", "b")
     ]
-    results, _ = train_requests(
+    results = train_requests(
         requests, request_key(requests[0]), 2, block_steps=3, devices=jax.devices()[:1], cache={}
-    )
+    ).results
     assert [_steps(tmp_path / n) for n in ("a", "b")] == [[4, 8], [4, 8]]  # before the last step's
     write_trial(tmp_path / "a", results[0], None)
     alone, _ = finetune(model, ds, **{**kw, "workdir": tmp_path / "alone"})

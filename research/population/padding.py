@@ -1,0 +1,155 @@
+"""Trials whose models differ only in inner sizes (factorization ranks) trained as one program.
+
+A vmapped program needs every trial's arrays at one shape. Layers whose size is a free choice of
+the trial (a low-rank layer's rank, a Tucker-2 convolution's two ranks) are registered here with
+:func:`register_resizable`; the population executor then groups a later stage's fine-tuning
+requests by the model graph *with those sizes set to 1* (:func:`canonical_graphdef`), pads each
+trial's layers to the largest sizes of its group (:func:`pad_models`: the new components are
+zeros), trains the group as one program and slices every trained array back to the trial's own
+shapes (:func:`unpad_model`, :func:`unpad_tree`).
+
+Why zeros need no mask: in a factorization the padded components enter the output only through
+products of factors that are all zero in those components, so the loss does not depend on any
+single one of them at zero, their gradients are zero, and an optimizer whose update is zero for a
+zero gradient (SGD, momentum, Adam, AdamW: weight decay of zero is zero) keeps them at zero. The
+padded model computes the same function as the trial's own, and trains the same way up to the
+summation order of the padded contractions (float rounding). A registered layer must have this
+property: every size it declares is an axis where the components beyond a smaller size are
+multiplied only by each other.
+
+The registry is filled by the method packages (``methods.decomposition`` registers its factorized
+layers); the core names none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Resizable:
+    """How to read and change a layer class's free sizes.
+
+    Attributes:
+      sizes: ``layer -> tuple of ints`` (e.g. ``(rank,)``).
+      resized: ``(layer, sizes) -> a layer of the same class and options with those sizes`` (its
+        values are replaced: it may be built with any initialisation, under ``nnx.eval_shape``).
+    """
+
+    sizes: Callable[[nnx.Module], tuple[int, ...]]
+    resized: Callable[[nnx.Module, tuple[int, ...]], nnx.Module]
+
+
+RESIZABLE: dict[type, Resizable] = {}
+"""Layer class -> :class:`Resizable`; see :func:`register_resizable`."""
+
+
+def register_resizable(
+    cls: type,
+    *,
+    sizes: Callable[[nnx.Module], tuple[int, ...]],
+    resized: Callable[[nnx.Module, tuple[int, ...]], nnx.Module],
+) -> None:
+    """Declares ``cls``'s free sizes (see the module docstring for what zero padding requires)."""
+    RESIZABLE[cls] = Resizable(sizes=sizes, resized=resized)
+
+
+def resizable_layers(model: nnx.Module) -> dict[tuple, tuple[int, ...]]:
+    """``{path: sizes}`` of the registered layers in ``model`` (outermost only)."""
+    found = {tuple(p): m for p, m in nnx.iter_modules(model) if type(m) in RESIZABLE}
+    outer = [p for p in found if not any(len(q) < len(p) and p[: len(q)] == q for q in found)]
+    return {p: tuple(int(s) for s in RESIZABLE[type(found[p])].sizes(found[p])) for p in sorted(outer, key=str)}
+
+
+def _get(model: nnx.Module, path: tuple) -> Any:
+    node = model
+    for part in path:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+def _set(model: nnx.Module, path: tuple, value: Any) -> None:
+    parent = _get(model, path[:-1])
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
+def _fit(values: Any, shape: tuple[int, ...]) -> jax.Array:
+    """``values`` in the leading corner of zeros of ``shape`` (or its leading corner of that shape)."""
+    values = np.asarray(values)
+    if values.ndim != len(shape):
+        raise ValueError(f"an array of shape {values.shape} cannot take the shape {shape}: different ranks")
+    out = np.zeros(shape, values.dtype)
+    common = tuple(slice(0, min(a, b)) for a, b in zip(values.shape, shape, strict=True))
+    out[common] = values[common]
+    return jnp.asarray(out)
+
+
+def _with_sizes(model: nnx.Module, sizes: dict[tuple, tuple[int, ...]], fill: bool) -> nnx.Module:
+    """A copy of ``model`` whose registered layers at ``sizes``' paths have those sizes; with
+    ``fill`` their arrays are the old ones padded with zeros (or cut), else left abstract."""
+    model = nnx.clone(model)
+    for path, new in sizes.items():
+        layer = _get(model, path)
+        spec = RESIZABLE[type(layer)]
+        if tuple(spec.sizes(layer)) == tuple(new):
+            continue
+        shell = nnx.eval_shape(lambda layer=layer, spec=spec, new=new: spec.resized(layer, tuple(new)))
+        graph, shapes = nnx.split(shell)
+        if fill:
+            _, old = nnx.split(layer)
+            shapes = jax.tree.map(lambda a, v: _fit(v, a.shape), shapes, old)
+        _set(model, path, nnx.merge(graph, shapes))
+    return model
+
+
+def canonical_graphdef(model: nnx.Module) -> Any:
+    """The graph of ``model`` with every registered layer's sizes set to 1: equal for models that
+    differ only in those sizes (the grouping key of :func:`pad_models`)."""
+    layers = resizable_layers(model)
+    if not layers:
+        return nnx.graphdef(model)
+    ones = {p: (1,) * len(s) for p, s in layers.items()}
+    return nnx.graphdef(_with_sizes(model, ones, fill=False))
+
+
+def pad_models(models: Sequence[nnx.Module]) -> tuple[list[nnx.Module], bool]:
+    """Each model with its registered layers padded with zeros to the largest sizes among ``models``
+    at the same path; ``(models, whether any was padded)``.
+
+    Raises:
+      ValueError: the models' registered layers are not at the same paths (different graphs).
+    """
+    layers = [resizable_layers(m) for m in models]
+    if not any(layers):
+        return list(models), False
+    paths = set(layers[0])
+    if any(set(ls) != paths for ls in layers):
+        raise ValueError("the models' resizable layers are at different paths; they cannot be padded to one graph")
+    target = {p: tuple(int(v) for v in np.max([ls[p] for ls in layers], axis=0)) for p in paths}
+    if all(ls == target for ls in layers):
+        return list(models), False
+    return [_with_sizes(m, target, fill=True) for m in models], True
+
+
+def unpad_tree(padded: Any, template: Any) -> Any:
+    """``padded``'s arrays cut to the shapes of ``template``'s (the same tree at the trial's own
+    sizes: a model state, a train state, an optimizer state)."""
+    return jax.tree.map(lambda a, t: _fit(a, np.shape(t)) if np.shape(a) != np.shape(t) else a, padded, template)
+
+
+def unpad_model(padded: nnx.Module, original: nnx.Module) -> nnx.Module:
+    """The trained ``padded`` model at ``original``'s sizes (``original``'s graph, ``padded``'s values)."""
+    graph, template = nnx.split(original)
+    _, values = nnx.split(padded)
+    return nnx.merge(graph, unpad_tree(values, template))
