@@ -523,7 +523,15 @@ def check_factorizable_conv(conv: nnx.Conv) -> None:
 # feature counts and every other option of the old one.
 
 
+def _plain(layer: nnx.Module, cls: type) -> None:
+    """Only plain sub-layers are rebuilt: a wrapped one (a fake-quant twin) would lose its wrapper,
+    and its quantization range would see the padding (such trials train alone)."""
+    if type(layer) is not cls:
+        raise TypeError(f"a factorized layer holds a {type(layer).__name__}, not an {cls.__name__}: not resizable")
+
+
 def _linear_with(lin: nnx.Linear, in_features: int, out_features: int) -> nnx.Linear:
+    _plain(lin, nnx.Linear)
     return nnx.Linear(
         in_features,
         out_features,
@@ -539,6 +547,7 @@ def _linear_with(lin: nnx.Linear, in_features: int, out_features: int) -> nnx.Li
 
 
 def _linear_general_with(lin: nnx.LinearGeneral, in_features, out_features) -> nnx.LinearGeneral:
+    _plain(lin, nnx.LinearGeneral)
     return nnx.LinearGeneral(
         tuple(in_features),
         tuple(out_features),
@@ -556,6 +565,9 @@ def _linear_general_with(lin: nnx.LinearGeneral, in_features, out_features) -> n
 
 
 def _conv_with(conv: nnx.Conv, in_features: int, out_features: int, groups: int = 1) -> nnx.Conv:
+    _plain(conv, nnx.Conv)
+    if conv.mask is not None:
+        raise TypeError("a factorized layer holds a masked nnx.Conv: not resizable")
     return nnx.Conv(
         in_features,
         out_features,

@@ -115,12 +115,17 @@ def _with_sizes(model: nnx.Module, sizes: dict[tuple, tuple[int, ...]], fill: bo
 
 def canonical_graphdef(model: nnx.Module) -> Any:
     """The graph of ``model`` with every registered layer's sizes set to 1: equal for models that
-    differ only in those sizes (the grouping key of :func:`pad_models`)."""
+    differ only in those sizes (the grouping key of :func:`pad_models`). A layer whose ``resized``
+    refuses it (raises ``TypeError``, e.g. a sub-layer wrapped by a fake quantizer) leaves the
+    model's own graph: it groups only with models of its exact shapes."""
     layers = resizable_layers(model)
     if not layers:
         return nnx.graphdef(model)
     ones = {p: (1,) * len(s) for p, s in layers.items()}
-    return nnx.graphdef(_with_sizes(model, ones, fill=False))
+    try:
+        return nnx.graphdef(_with_sizes(model, ones, fill=False))
+    except TypeError:
+        return nnx.graphdef(model)
 
 
 def pad_models(models: Sequence[nnx.Module]) -> tuple[list[nnx.Module], bool]:

@@ -117,3 +117,17 @@ def test_models_without_resizable_layers_or_with_them_elsewhere():
 
     with pytest.raises(ValueError, match="different paths"):
         padding.pad_models([Net(a), Elsewhere(b)])
+
+
+def test_a_layer_with_a_wrapped_sub_layer_keeps_its_own_graph():
+    class Wrapped(nnx.Linear):  # e.g. a fake-quant twin: resizing would drop what it adds
+        pass
+
+    (a, _), (b, _) = _layer("low_rank", 2), _layer("low_rank", 6)
+    for layer in (a, b):
+        first = layer.first
+        layer.first = Wrapped(first.in_features, first.out_features, use_bias=False, rngs=nnx.Rngs(0))
+    a, b = Net(a), Net(b)
+    assert padding.canonical_graphdef(a) == nnx.graphdef(a) != padding.canonical_graphdef(b)
+    with pytest.raises(TypeError, match="not resizable"):
+        padding.pad_models([a, b])
