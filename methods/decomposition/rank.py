@@ -232,6 +232,28 @@ def _as_matrix(kernel: np.ndarray) -> np.ndarray:
     return kernel if kernel.ndim == 2 else kernel.reshape(-1, kernel.shape[-1])
 
 
+def energy_spectra(kernel: np.ndarray, method: Method) -> tuple[np.ndarray, ...]:
+    """The singular values an ``energy`` criterion reads: the kernel matrix's (svd), or both channel
+    unfoldings' (tucker2). Compute them once to select ranks at many energies
+    (:func:`rank_at_energy`), as a budget's bisection does.
+
+    Raises:
+      ValueError: ``method="cp"`` (energy is not defined for it).
+    """
+    kernel = np.asarray(kernel)
+    if method == "svd":
+        return (np.linalg.svd(_as_matrix(kernel).astype(np.float64), compute_uv=False),)
+    if method == "tucker2":
+        return _channel_spectra(kernel)
+    raise ValueError("energy is not defined for method='cp'; use rank, param_ratio or flop_ratio")
+
+
+def rank_at_energy(spectra: tuple[np.ndarray, ...], energy: float) -> Rank:
+    """The rank that keeps ``energy`` of :func:`energy_spectra`'s values: an int (svd) or a pair (tucker2)."""
+    ranks = tuple(energy_rank(s, energy) for s in spectra)
+    return ranks[0] if len(ranks) == 1 else ranks
+
+
 def _largest_feasible(candidates: Sequence[Rank], cost: Callable[[Rank], float], budget: float) -> Rank | None:
     """The last candidate (costs increase along the list) with cost <= budget (bisection)."""
     lo, hi = 0, len(candidates) - 1
@@ -317,12 +339,9 @@ def select_rank(
     if rank is not None:
         return check_rank(method, shape, rank, where)
     if energy is not None:
-        if method == "svd":
-            return energy_rank(np.linalg.svd(_as_matrix(kernel).astype(np.float64), compute_uv=False), energy)
-        if method == "tucker2":
-            s_in, s_out = _channel_spectra(kernel)
-            return (energy_rank(s_in, energy), energy_rank(s_out, energy))
-        raise ValueError(f"energy{at} is not defined for method='cp'; use rank, param_ratio or flop_ratio")
+        if method == "cp":
+            raise ValueError(f"energy{at} is not defined for method='cp'; use rank, param_ratio or flop_ratio")
+        return rank_at_energy(energy_spectra(kernel, method), energy)
     if vbmf:
         if method == "svd":
             return max(1, evbmf(_as_matrix(kernel))[0])

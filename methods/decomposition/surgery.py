@@ -32,7 +32,9 @@ from methods.decomposition.layers import LowRankLinearGeneral
 from methods.decomposition.layers import Tucker2Conv
 from methods.decomposition.layers import check_factorizable_conv
 from methods.decomposition.rank import dense_cost
+from methods.decomposition.rank import energy_spectra
 from methods.decomposition.rank import factorized_cost
+from methods.decomposition.rank import rank_at_energy
 from methods.decomposition.rank import select_rank
 from methods.decomposition.rules import DecompositionRule
 from methods.decomposition.rules import ModelBudget
@@ -194,6 +196,7 @@ class _Plan:
     rank: Any = None
     skip_reason: str = ""
     x_shape: tuple | None = None  # the layer's real input shape, when in_shape is its matrix view
+    spectra: tuple | None = None  # the kernel's singular values, once a budget's bisection needs them
 
     def timing_shape(self) -> tuple:
         return self.x_shape if self.x_shape is not None else self.in_shape
@@ -239,8 +242,10 @@ def _method_for(path: str, module: nnx.Module, rule: DecompositionRule) -> str:
 
 def _knob_rank(plan: _Plan, t: float) -> Any:
     """The rank of ``plan`` at a shared budget knob ``t`` in (0, 1]."""
-    if plan.method in ("svd", "tucker2"):
-        return select_rank(plan.kernel, plan.method, energy=min(max(t, 1e-6), 1.0), where=plan.path)
+    if plan.method in ("svd", "tucker2"):  # the SVDs once per layer, not once per bisection step
+        if plan.spectra is None:
+            plan.spectra = energy_spectra(plan.kernel, plan.method)
+        return rank_at_energy(plan.spectra, min(max(t, 1e-6), 1.0))
     kw = plan.spatial()
     dense_p = dense_cost(plan.kernel.shape, bias=plan.bias(), **kw)[0]
     per = factorized_cost("cp", plan.kernel.shape, 1, bias=False, **kw)[0]

@@ -19,6 +19,8 @@ from methods.decomposition import factorize
 from methods.decomposition import factorize_with_report
 from methods.decomposition import factorized_cost
 from methods.decomposition import select_rank
+from methods.decomposition.rank import energy_spectra
+from methods.decomposition.rank import rank_at_energy
 from research.nn import build_model
 from research.train import Checkpointer
 from research.train import create_train_state
@@ -144,6 +146,44 @@ def test_model_budget_is_met():
     _, report = factorize_with_report(model, [DecompositionRule(pattern="conv2|fc")], budget=budget, check_speed=False)
     dense = sum(r.params_dense for r in report.layers)
     assert sum(r.params_factorized for r in report.layers) <= 0.4 * dense
+
+
+def test_a_budget_s_bisection_computes_each_layer_s_singular_values_once(monkeypatch):
+    """40-odd bisection steps read every layer's rank at the shared energy knob; the SVDs are made
+    once per layer (one matrix for svd, two unfoldings for tucker2), not once per step."""
+    from methods.decomposition import surgery
+
+    model = _lenet()
+    real_svd, real_allocate, calls = np.linalg.svd, surgery._allocate, []
+
+    def counting(a, *args, **kwargs):
+        calls.append(np.shape(a))
+        return real_svd(a, *args, **kwargs)
+
+    def allocate(plans, budget):  # count the SVDs of the allocation only (not the factors built after)
+        monkeypatch.setattr(np.linalg, "svd", counting)
+        try:
+            return real_allocate(plans, budget)
+        finally:
+            monkeypatch.setattr(np.linalg, "svd", real_svd)
+
+    monkeypatch.setattr(surgery, "_allocate", allocate)
+    rules = [DecompositionRule(pattern="conv2", method="tucker2"), DecompositionRule(pattern="fc")]
+    _, report = factorize_with_report(model, rules, budget=ModelBudget(param_ratio=0.4), check_speed=False)
+    methods = [r.method for r in report.layers]
+    assert methods.count("tucker2") == 1 and methods.count("svd") >= 2
+    assert len(calls) == 2 * methods.count("tucker2") + methods.count("svd")
+
+
+def test_rank_at_energy_is_select_rank_s_energy_criterion():
+    rng = np.random.default_rng(0)
+    linear, conv = rng.standard_normal((20, 12)), rng.standard_normal((3, 3, 6, 10))
+    for kernel, method in ((linear, "svd"), (conv, "svd"), (conv, "tucker2")):
+        spectra = energy_spectra(kernel, method)
+        for energy in (1e-6, 0.2, 0.5, 0.9, 0.999, 1.0):
+            assert rank_at_energy(spectra, energy) == select_rank(kernel, method, energy=energy)
+    with pytest.raises(ValueError, match="not defined for method='cp'"):
+        energy_spectra(conv, "cp")
 
 
 def test_bad_rules_fail_clearly():
