@@ -17,7 +17,9 @@
 # ascending search without its measuring budget: session 18's comparison), profile_population
 # (cProfile of a K=8 benchmark, to OUTDIR/population.prof), prune_masks (a mask update's selection:
 # the GPU's sort against the CPU's bisection, up to a 4096x1024 leaf), population_prune (a prune
-# stage vmapped over 32 trials with its step counters batched vs unbatched).
+# stage vmapped over 32 trials with its step counters batched vs unbatched), population_decompose
+# (16 decompose stages of different ranks fine-tuned together, padded, vs alone vs sequential),
+# decompose_budget (a budget's bisection with the SVDs once vs per step; host-side numpy).
 set -u
 out=${1:?usage: gpu_checks.sh OUTDIR [SECONDS [STEP ...]]}
 budget=${2:-420}
@@ -83,6 +85,8 @@ step profile_population 60 python3 -m cProfile -o "$out/population.prof" -m expe
 step prune_masks 60 python3 -m experiments.benchmarks.prune_masks --sizes 235200 589824 4194304 \
   --models lenet300 resnet20 --repeats 7 --no-pipeline
 step population_prune 90 python3 -m experiments.benchmarks.population_prune --points 32 --chunk 32 --rounds 2
+step population_decompose 120 python3 -m experiments.benchmarks.population_decompose --points 16 --chunk 16 --rounds 2
+step decompose_budget 45 python3 -m experiments.benchmarks.decompose_budget --rounds 2
 step population_lenet5_free 120 python3 -m experiments.benchmarks.population --models lenet5 --ks 8 32 \
   --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none --search ascending --verbose
 
