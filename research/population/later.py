@@ -151,6 +151,7 @@ def train_requests(requests: Sequence[Any], key: tuple, k: int, *, block_steps: 
     """
     from research.train import create_train_state  # pylint: disable=import-outside-toplevel
     from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
+    from research.train import state_to_model  # pylint: disable=import-outside-toplevel
 
     models, padded = pad_models([r.model for r in requests])
     txs, members = [], []
@@ -198,11 +199,13 @@ def train_requests(requests: Sequence[Any], key: tuple, k: int, *, block_steps: 
 
         out += trainer.train(chunk, k, on_checkpoint=save)
     trained = [r.model for r in out]
-    if padded:
-        out = [
-            dataclasses.replace(r, model=unpad_model(r.model, q.model), state=cut(i, r.state))
-            for i, (r, q) in enumerate(zip(out, requests, strict=True))
-        ]
+    if padded:  # each trial's model built as the trainer builds it, from its state at its own shapes
+        cut_back = []
+        for i, (r, q) in enumerate(zip(out, requests, strict=True)):
+            state = cut(i, r.state)
+            model = state_to_model(own[i][0], state) if state is not None else unpad_model(r.model, q.model)
+            cut_back.append(dataclasses.replace(r, model=model, state=state))
+        out = cut_back
     defs = [d for d, _ in own] if own is not None else [trainer.defs] * len(out)
     return Trained(results=out, defs=defs, models=trained, padded=padded)
 
