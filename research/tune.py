@@ -1445,7 +1445,7 @@ def _plot(summary: Mapping[str, Any], workdir: str) -> list[str]:
     report_lib.save_figure(fig, path, dpi=100)
     plt.close(fig)
     written.append(path)
-    path = _plot_params(summary, objectives[0], done, os.path.join(workdir, "params.png"))
+    path = _plot_params(summary, objectives, done, os.path.join(workdir, "params.png"))
     if path is not None:
         written.append(path)
     if len(objectives) >= 2:
@@ -1488,12 +1488,15 @@ PARAMS_PER_ROW = 4
 """Panels per row of ``params.png``."""
 
 
-def _plot_params(summary: Mapping[str, Any], objective: Objective, done: list[dict], path: str) -> str | None:
-    """``params.png``: the first objective against each parameter's value, one panel per parameter
-    (a slice plot), the trials coloured by number, infeasible ones grey crosses, the best feasible
-    one ringed, each panel titled with the parameter's importance (eta^2). A log-scaled parameter
-    gets a log axis, a categorical one its choices as positions; a trial where a conditional
-    parameter was inactive is absent from its panel. ``None`` when no trial completed."""
+def _plot_params(
+    summary: Mapping[str, Any], objectives: Sequence[Objective], done: list[dict], path: str
+) -> str | None:
+    """``params.png``: each objective against each parameter's value (a slice plot), one panel per
+    (objective, parameter), a block of rows per objective; the trials coloured by number, infeasible
+    ones grey crosses, the objective's best feasible trial ringed, each panel titled with the
+    parameter's importance (eta^2) for that objective. A log-scaled parameter gets a log axis, a
+    categorical one its choices as positions; a trial where a conditional parameter was inactive is
+    absent from its panel. ``None`` when no trial completed."""
     if not done:
         return None
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -1501,65 +1504,70 @@ def _plot_params(summary: Mapping[str, Any], objective: Objective, done: list[di
 
     space = Space.from_dict(summary["setup"]["space"])
     names = list(space.names)
-    importance = summary["importance"].get(str(objective), {})
     cols = min(len(names), PARAMS_PER_ROW)
-    rows = math.ceil(len(names) / cols)
+    block = math.ceil(len(names) / cols)  # rows per objective
+    rows = block * len(objectives)
     width, height = 3.4 * cols + 1.2, 2.9 * rows
     fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
     # Fixed margins in inches (a layout engine measured every label: half the plot's time).
     fig.subplots_adjust(
-        left=0.7 / width, right=1 - 1.05 / width, bottom=0.4 / height, top=1 - 0.3 / height, wspace=0.25, hspace=0.35
+        left=0.7 / width, right=1 - 1.05 / width, bottom=0.4 / height, top=1 - 0.3 / height, wspace=0.25, hspace=0.4
     )
     numbers = [r["number"] for r in done]
     norm = plt.Normalize(min(numbers), max(max(numbers), min(numbers) + 1))
     feasible = [r for r in done if r["feasible"] is not False]
-    best = None
-    if feasible:
-        pick = max if objective.direction == "max" else min
-        best = pick(feasible, key=lambda r: r["values"][0])["number"]
     image = None
-    for ax, name in zip(axes.flat, names, strict=False):
-        param = space[name]
-        active = [r for r in done if r["params"].get(name) is not None]
-        if isinstance(param, Categorical):
-            choices = list(param.choices)
-            xs = [choices.index(r["params"][name]) for r in active]
-            ax.set_xticks(range(len(choices)), [str(c) for c in choices], rotation=30 if len(choices) > 4 else 0)
-            ax.set_xlim(-0.5, len(choices) - 0.5)
-        else:
-            xs = [r["params"][name] for r in active]
-            if param.log:  # ticks at 1, 2 and 5 per decade, labelled as plain numbers
-                ax.set_xscale("log")
-                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-                ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ys = [r["values"][0] for r in active]
-        ok = [i for i, r in enumerate(active) if r["feasible"] is not False]
-        bad = [i for i, r in enumerate(active) if r["feasible"] is False]
-        image = ax.scatter(
-            [xs[i] for i in ok],
-            [ys[i] for i in ok],
-            c=[active[i]["number"] for i in ok],
-            cmap="viridis",
-            norm=norm,
-            s=16,
-        )
-        if bad:
-            ax.scatter([xs[i] for i in bad], [ys[i] for i in bad], marker="x", color="0.5", s=16, label="infeasible")
-            ax.legend(fontsize=7)
-        for i, r in enumerate(active):
-            if r["number"] == best:
-                ax.scatter([xs[i]], [ys[i]], s=110, facecolors="none", edgecolors="C3", lw=1.5)
-        title = name if len(name) <= 32 else "..." + name[-29:]
-        if name in importance:
-            title += f"  (eta^2 {importance[name]:.2f})"
-        ax.set_title(title, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(str(objective), fontsize=8)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.set_visible(False)
+    for j, objective in enumerate(objectives):
+        importance = summary["importance"].get(str(objective), {})
+        best = None
+        if feasible:
+            pick = max if objective.direction == "max" else min
+            best = pick(feasible, key=lambda r, j=j: r["values"][j])["number"]
+        panels = list(axes[j * block : (j + 1) * block].flat)
+        for ax, name in zip(panels, names, strict=False):
+            param = space[name]
+            active = [r for r in done if r["params"].get(name) is not None]
+            if isinstance(param, Categorical):
+                choices = list(param.choices)
+                xs = [choices.index(r["params"][name]) for r in active]
+                ax.set_xticks(range(len(choices)), [str(c) for c in choices], rotation=30 if len(choices) > 4 else 0)
+                ax.set_xlim(-0.5, len(choices) - 0.5)
+            else:
+                xs = [r["params"][name] for r in active]
+                if param.log:  # ticks at 1, 2 and 5 per decade, labelled as plain numbers
+                    ax.set_xscale("log")
+                    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ys = [r["values"][j] for r in active]
+            ok = [i for i, r in enumerate(active) if r["feasible"] is not False]
+            bad = [i for i, r in enumerate(active) if r["feasible"] is False]
+            image = ax.scatter(
+                [xs[i] for i in ok],
+                [ys[i] for i in ok],
+                c=[active[i]["number"] for i in ok],
+                cmap="viridis",
+                norm=norm,
+                s=16,
+            )
+            if bad:
+                ax.scatter(
+                    [xs[i] for i in bad], [ys[i] for i in bad], marker="x", color="0.5", s=16, label="infeasible"
+                )
+                ax.legend(fontsize=7)
+            for i, r in enumerate(active):
+                if r["number"] == best:
+                    ax.scatter([xs[i]], [ys[i]], s=110, facecolors="none", edgecolors="C3", lw=1.5)
+            title = name if len(name) <= 32 else "..." + name[-29:]
+            if name in importance:
+                title += f"  (eta^2 {importance[name]:.2f})"
+            ax.set_title(title, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        for ax in axes[j * block : (j + 1) * block, 0]:
+            ax.set_ylabel(str(objective), fontsize=8)
+        for ax in panels[len(names) :]:
+            ax.set_visible(False)
     if image is not None:
         bar = fig.add_axes((1 - 0.8 / width, 0.4 / height, 0.12 / width, 1 - 0.7 / height))
         fig.colorbar(image, cax=bar, label="trial")

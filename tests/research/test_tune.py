@@ -258,13 +258,14 @@ def test_objectives_from_validation_failures_recorded_and_outputs(base_and_space
                constraints=["bytes<=30"], reference=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
 
 
-def test_params_png_has_a_panel_per_parameter_with_the_trials_where_it_was_active(
-    base_and_space, tmp_path, monkeypatch
+@pytest.mark.parametrize("objectives", [["val_accuracy:max"], ["val_accuracy:max", "bytes:min"]])
+def test_params_png_has_a_panel_per_objective_and_parameter_with_the_trials_where_it_was_active(
+    base_and_space, tmp_path, monkeypatch, objectives
 ):
     base, space = base_and_space
     monkeypatch.setattr(run_lib, "run", _fake_run)
     workdir = str(tmp_path / "tune")
-    result = T.tune(base, space, workdir, trials=12, sampler="random", objectives=["val_accuracy:max"],
+    result = T.tune(base, space, workdir, trials=12, sampler="random", objectives=objectives,
                     reference=None, config_spec=None, compilation_cache=False, plot_every=0, echo=False)  # fmt: skip
     figures = {}
 
@@ -279,14 +280,21 @@ def test_params_png_has_a_panel_per_parameter_with_the_trials_where_it_was_activ
     T._plot(T._read_json(os.path.join(workdir, "tune.json")), workdir)
     monkeypatch.undo()
     panels = [ax for ax in figures["params.png"].axes if ax.get_visible() and ax.get_title()]  # not the colour bar
-    assert [ax.get_title().split()[0] for ax in panels] == list(space.names)
+    names = list(space.names)
+    assert [ax.get_title().split()[0] for ax in panels] == names * len(objectives)
     done = [t for t in result.trials if t["state"] == "COMPLETE" and t["values"] is not None]
-    for ax, name in zip(panels, space.names, strict=True):
-        active = [t for t in done if t["params"].get(name) is not None]
-        plotted = sum(len(c.get_offsets()) for c in ax.collections)
-        best = any(t["number"] == max(done, key=lambda t: t["values"][0])["number"] for t in active)
-        assert plotted == len(active) + best, name  # every active trial once, plus the best's ring
-    by_name = dict(zip(space.names, panels, strict=True))
+    for j, objective in enumerate(objectives):
+        pick = max if objective.endswith(":max") else min
+        best = pick(done, key=lambda t, j=j: t["values"][j])["number"]
+        for ax, name in zip(panels[j * len(names) : (j + 1) * len(names)], names, strict=True):
+            active = [t for t in done if t["params"].get(name) is not None]
+            # the feasible trials' dots (the first collection), the infeasible crosses, the best's ring
+            trials = [ax.collections[0], *(c for c in ax.collections if c.get_label() == "infeasible")]
+            ys = sorted(float(y) for c in trials for _, y in c.get_offsets())
+            assert ys == pytest.approx(sorted(t["values"][j] for t in active)), (objective, name)
+            ringed = sum(len(c.get_offsets()) for c in ax.collections) - len(active)
+            assert ringed == any(t["number"] == best for t in active), (objective, name)
+    by_name = dict(zip(names, panels, strict=False))
     assert by_name["stages.train.learning_rate"].get_xscale() == "log"
     assert [t.get_text() for t in by_name["stages.train.optimizer"].get_xticklabels()] == list(
         space["stages.train.optimizer"].choices
