@@ -452,7 +452,7 @@ class PopulationExecutor:
             ]
             if trained.padded:
                 sizes = resizable_layers(trained.models[0])
-                later["padded_to"] = {"/".join(map(str, p)): list(v) for p, v in sizes.items()}
+                later["padded_to"] = {p: list(v) for p, v in sizes.items()}
                 notes.append(
                     "its factorized layers trained padded with zero components to the population's largest "
                     f"ranks ({', '.join(f'{p}: {v}' for p, v in later['padded_to'].items())}), then cut back to its own"

@@ -33,6 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from research.nn import get_module
+from research.nn import iter_modules
+from research.nn import replace_module
+
 
 @dataclasses.dataclass(frozen=True)
 class Resizable:
@@ -62,26 +66,12 @@ def register_resizable(
     RESIZABLE[cls] = Resizable(sizes=sizes, resized=resized)
 
 
-def resizable_layers(model: nnx.Module) -> dict[tuple, tuple[int, ...]]:
-    """``{path: sizes}`` of the registered layers in ``model`` (outermost only)."""
-    found = {tuple(p): m for p, m in nnx.iter_modules(model) if type(m) in RESIZABLE}
-    outer = [p for p in found if not any(len(q) < len(p) and p[: len(q)] == q for q in found)]
-    return {p: tuple(int(s) for s in RESIZABLE[type(found[p])].sizes(found[p])) for p in sorted(outer, key=str)}
-
-
-def _get(model: nnx.Module, path: tuple) -> Any:
-    node = model
-    for part in path:
-        node = node[part] if isinstance(part, int) else getattr(node, part)
-    return node
-
-
-def _set(model: nnx.Module, path: tuple, value: Any) -> None:
-    parent = _get(model, path[:-1])
-    if isinstance(path[-1], int):
-        parent[path[-1]] = value
-    else:
-        setattr(parent, path[-1], value)
+def resizable_layers(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """``{path: sizes}`` of the registered layers in ``model`` (outermost only; paths as
+    :func:`research.nn.iter_modules` writes them, e.g. ``"layers/0"``)."""
+    found = {p: m for p, m in iter_modules(model) if type(m) in RESIZABLE}
+    outer = [p for p in found if not any(p.startswith(q + "/") for q in found)]
+    return {p: tuple(int(s) for s in RESIZABLE[type(found[p])].sizes(found[p])) for p in sorted(outer)}
 
 
 def _fit(values: Any, shape: tuple[int, ...]) -> jax.Array:
@@ -95,12 +85,12 @@ def _fit(values: Any, shape: tuple[int, ...]) -> jax.Array:
     return jnp.asarray(out)
 
 
-def _with_sizes(model: nnx.Module, sizes: dict[tuple, tuple[int, ...]], fill: bool) -> nnx.Module:
+def _with_sizes(model: nnx.Module, sizes: dict[str, tuple[int, ...]], fill: bool) -> nnx.Module:
     """A copy of ``model`` whose registered layers at ``sizes``' paths have those sizes; with
     ``fill`` their arrays are the old ones padded with zeros (or cut), else left abstract."""
     model = nnx.clone(model)
     for path, new in sizes.items():
-        layer = _get(model, path)
+        layer = get_module(model, path)
         spec = RESIZABLE[type(layer)]
         if tuple(spec.sizes(layer)) == tuple(new):
             continue
@@ -109,7 +99,7 @@ def _with_sizes(model: nnx.Module, sizes: dict[tuple, tuple[int, ...]], fill: bo
         if fill:
             _, old = nnx.split(layer)
             shapes = jax.tree.map(lambda a, v: _fit(v, a.shape), shapes, old)
-        _set(model, path, nnx.merge(graph, shapes))
+        replace_module(model, path, nnx.merge(graph, shapes), copy=False)
     return model
 
 

@@ -66,7 +66,7 @@ def test_a_padded_layer_computes_the_same_and_cuts_back_exactly(kind, small, lar
     assert nnx.graphdef(a) != nnx.graphdef(b)
     (pa, pb), padded = padding.pad_models([a, b])
     assert padded and nnx.graphdef(pa) == nnx.graphdef(pb)
-    assert padding.resizable_layers(pa) == padding.resizable_layers(b) == {("layer",): _sizes(large)}
+    assert padding.resizable_layers(pa) == padding.resizable_layers(b) == {"layer": _sizes(large)}
     np.testing.assert_allclose(pa(x), a(x), atol=1e-6)
     back = padding.unpad_model(pa, a)
     assert nnx.graphdef(back) == nnx.graphdef(a)
