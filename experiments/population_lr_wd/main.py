@@ -10,8 +10,8 @@ of the points as vmapped programs, chunk size measured: the train stage's learni
 decay, and the prune stage's masks and targets, are values in the optimizer states), in one
 process. Prints both wall times, the chosen chunk size and which stages trained as populations,
 the largest per-point differences between the executors of final test accuracy and mask sparsity
-(they train the same trials on the same batches) and the best points; writes ``results.json`` to
-``--out``.
+(they train the same trials on the same batches) and the best points; writes ``results.json`` and
+``grid.png`` (the population executor's test accuracy over the grid) to ``--out``.
 The default 8 x 8 = 64 points took about 5 min per executor on a loaded 2-core CPU;
 ``--interleave`` runs one sweep per learning rate, the executors alternating, so both see the same
 load; for a quick check use e.g. ``--lrs 2 --wds 2 --steps 30 --prune-steps 10``.
@@ -20,6 +20,7 @@ load; for a quick check use e.g. ``--lrs 2 --wds 2 --steps 30 --prune-steps 10``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -29,6 +30,8 @@ import numpy as np
 from research import config as C
 from research.executors import make_executor
 from research.run import register_all_stages
+from research.sweep import SweepReport
+from research.sweep import plot_grid
 from research.sweep import report_populations
 from research.sweep import sweep
 
@@ -146,6 +149,16 @@ def main(argv=None) -> int:
             f"  lr {p.overrides['stages.train.learning_rate']:<8g} wd {p.overrides['stages.train.weight_decay']:<8g}"
             f" test acc {p.metrics['test_accuracy']:.4f}, mask sparsity {p.metrics.get('mask_sparsity', 0):.3f}"
         )
+    # The population executor's points over the whole grid (the rows' sweeps joined), as a heatmap.
+    n_wd = len(grid["stages.train.weight_decay"])
+    joined = [
+        dataclasses.replace(p, index=r * n_wd + p.index if args.interleave else p.index)
+        for r, rep in enumerate(results[pop]["reports"])
+        for p in rep.points
+    ]
+    whole = SweepReport(workdir=args.out, grid=grid, points=tuple(joined))
+    png = plot_grid(whole, os.path.join(args.out, "grid.png"))
+    print(f"test accuracy over the grid: {png}")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(
             {
