@@ -297,6 +297,10 @@ def _label(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+MAX_INCHES = 20.0
+"""The largest side of ``grid.png`` (a grid of hundreds of values keeps a viewable image)."""
+
+
 def plot_grid(report: SweepReport, path: str) -> str | None:
     """Final test accuracy over the grid: for two varying keys a heatmap (rows the first key,
     columns the second, each cell labelled, the best outlined; with more keys, each cell the best
@@ -317,7 +321,7 @@ def plot_grid(report: SweepReport, path: str) -> str | None:
     n_done = sum(p.status == "done" for p in report.points)
     title = f"test accuracy, final stage ({n_done} of {len(report.points)} runs)"
     if grid.columns is None:
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(row_values) + 2), 3.8))
+        fig, ax = plt.subplots(figsize=(min(MAX_INCHES, max(5.0, 0.6 * len(row_values) + 2)), 3.8))
         x = np.arange(len(row_values))
         ax.plot(x, acc[:, 0], "o-", color="C0")
         if np.isfinite(acc).any():
@@ -329,7 +333,8 @@ def plot_grid(report: SweepReport, path: str) -> str | None:
         ax.grid(alpha=0.3)
     else:
         col_key, col_values = grid.columns
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(col_values) + 2.5), max(3.5, 0.45 * len(row_values) + 1.8)))
+        width = min(MAX_INCHES, max(5.0, 0.75 * len(col_values) + 2.5))
+        fig, ax = plt.subplots(figsize=(width, min(MAX_INCHES, max(3.5, 0.45 * len(row_values) + 1.8))))
         image = ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto")
         image.cmap.set_bad("0.85")  # no finished run
         fig.colorbar(image, ax=ax, label="test accuracy")

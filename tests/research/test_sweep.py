@@ -387,3 +387,14 @@ def test_plot_grid_writes_an_image_for_one_two_and_more_keys(tmp_path, grid, out
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert sweep_lib.plot_grid(_report(grid, {}), str(tmp_path / "none.png")) is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_plot_grid_of_many_values_stays_a_viewable_size(tmp_path):
+    from PIL import Image
+
+    grid = {"a": list(range(60)), "b": list(range(50))}
+    report = _report(grid, {i: (i % 7) / 7 for i in range(60 * 50)})
+    path = sweep_lib.plot_grid(report, str(tmp_path / "grid.png"))
+    width, height = Image.open(path).size
+    limit = sweep_lib.MAX_INCHES * 110  # inches at the saved 110 dpi
+    assert width <= limit and height <= limit
