@@ -186,6 +186,7 @@ def _cmd_sweep(args) -> int:
     if config is None:
         return 2
     from research.executors import close_executor
+    from research.sweep import FILES as SWEEP_FILES
     from research.sweep import sweep
 
     workdir = args.workdir or workdir_lib.default_workdir(config.name, args.set or [], suffix="_sweep")
@@ -204,9 +205,7 @@ def _cmd_sweep(args) -> int:
         if executor is not None and not isinstance(executor, str):
             close_executor(executor)
     print(report.table())
-    written = [
-        n for n in ("sweep.json", "sweep.txt", "sweep.png", "grid.png") if os.path.exists(os.path.join(workdir, n))
-    ]
+    written = [n for n in SWEEP_FILES if os.path.exists(os.path.join(workdir, n))]
     print(f"wrote {', '.join(written)} in {workdir}")
     for p in report.failed:
         print(f"slimjax: point {p.index} failed: {p.error}", file=sys.stderr)

@@ -366,6 +366,11 @@ def plot_grid(report: SweepReport, path: str) -> str | None:
 # ----------------------------------------------------------------------------- running
 
 
+FILES = ("sweep.json", "sweep.txt", "sweep.png", "grid.png")
+"""What :func:`sweep` writes in the sweep directory besides ``runs/`` (the plots only when there is
+something to plot)."""
+
+
 def report_populations(summary: Mapping[str, Any]) -> list[str]:
     """One line per population of an executor summary: its trials, chunk size and why."""
     lines = []

@@ -32,7 +32,6 @@ from flax import nnx
 
 from research.population.padding import canonical_graphdef
 from research.population.padding import pad_models
-from research.population.padding import unpad_model
 from research.population.padding import unpad_tree
 from research.population.trainer import Member
 from research.population.trainer import PopulationTrainer
@@ -188,7 +187,7 @@ def train_requests(requests: Sequence[Any], key: tuple, k: int, *, block_steps: 
     )
 
     def cut(i, state):
-        return state if own is None or state is None else unpad_tree(state, own[i][1])
+        return state if own is None else unpad_tree(state, own[i][1])
 
     out: list[TrialResult] = []
     for first in range(0, len(members), k):
@@ -200,12 +199,11 @@ def train_requests(requests: Sequence[Any], key: tuple, k: int, *, block_steps: 
         out += trainer.train(chunk, k, on_checkpoint=save)
     trained = [r.model for r in out]
     if padded:  # each trial's model built as the trainer builds it, from its state at its own shapes
-        cut_back = []
-        for i, (r, q) in enumerate(zip(out, requests, strict=True)):
-            state = cut(i, r.state)
-            model = state_to_model(own[i][0], state) if state is not None else unpad_model(r.model, q.model)
-            cut_back.append(dataclasses.replace(r, model=model, state=state))
-        out = cut_back
+        states = [cut(i, r.state) for i, r in enumerate(out)]
+        out = [
+            dataclasses.replace(r, model=state_to_model(own[i][0], state), state=state)
+            for i, (r, state) in enumerate(zip(out, states, strict=True))
+        ]
     defs = [d for d, _ in own] if own is not None else [trainer.defs] * len(out)
     return Trained(results=out, defs=defs, models=trained, padded=padded)
 
