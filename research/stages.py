@@ -428,6 +428,8 @@ class FineTuneRequest:
       kwargs: the keyword arguments of :func:`research.train.finetune` (``workdir``, ``seed``,
         ``steps``, ``learning_rate`` ..., and ``step_key``: what the compiled step bakes in).
       wrap_tx: the optimizer wrapper (a pruning schedule, kept masks), or ``None``.
+      batch_loss: the loss transforms as a :class:`research.train.BatchLoss` (a cached teacher's
+        distillation: its values travel in the batches), or ``None`` (the plain task loss).
     """
 
     stage: int
@@ -435,13 +437,15 @@ class FineTuneRequest:
     dataset: Any
     kwargs: dict[str, Any]
     wrap_tx: Callable[[Any], Any] | None
+    batch_loss: Any = None
 
 
 FINE_TUNE_RUNNER: contextvars.ContextVar = contextvars.ContextVar("slimjax_fine_tune_runner", default=None)
 """``request -> None | (trained model, records, (defs, state), notes)``: set by the population
 executor in each trial's thread, so a stage's fine-tuning (one whose compiled step is cacheable: no
-teacher, no loss transforms) can train together with the other trials' (``None``: train alone,
-as without a runner). The runner writes what :func:`research.train.finetune` writes."""
+loss transforms of its own, and no teacher or one whose loss reads its values from the batches,
+:attr:`research.teacher.KDSetup.batch_loss`) can train together with the other trials' (``None``:
+train alone, as without a runner). The runner writes what :func:`research.train.finetune` writes."""
 
 
 def fine_tune(
@@ -504,15 +508,23 @@ def fine_tune(
         return carry.wrap(wrap_tx(tx) if wrap_tx is not None else tx)
 
     kwargs = {**context_kwargs(ctx), **train_kwargs(train)}
-    if setup is None and not loss_transforms and (wrap_tx is None or wrap_key is not None):
-        kwargs["step_key"] = (carry.step_key, wrap_key)
     if description:
         kwargs["description"] = description
+    cacheable = not loss_transforms and (wrap_tx is None or wrap_key is not None)
+    if setup is None and cacheable:
+        kwargs["step_key"] = (carry.step_key, wrap_key)
+    # A teacher whose loss reads its values from the batches may train in a population too; its own
+    # run (below) keeps the loss that closes over them, with no step key (its step is jitted anew).
+    batch_loss = setup.batch_loss if setup is not None and cacheable else None
+    asked = kwargs if batch_loss is None else {**kwargs, "step_key": (carry.step_key, wrap_key, batch_loss.key)}
     wrapper = wrap if (wrap_tx is not None or carry.active) else None
     runner = FINE_TUNE_RUNNER.get()
     done = None
-    if runner is not None and "step_key" in kwargs:  # a cacheable step: it may train in a population
-        done = runner(FineTuneRequest(stage=ctx.index, model=student, dataset=ds, kwargs=dict(kwargs), wrap_tx=wrapper))
+    if runner is not None and "step_key" in asked:  # a cacheable step: it may train in a population
+        request = FineTuneRequest(
+            stage=ctx.index, model=student, dataset=ds, kwargs=dict(asked), wrap_tx=wrapper, batch_loss=batch_loss
+        )
+        done = runner(request)
     if done is None:
         done = (
             *finetune(

@@ -335,8 +335,8 @@ def plot_grid(report: SweepReport, path: str) -> str | None:
         col_key, col_values = grid.columns
         width = min(MAX_INCHES, max(5.0, 0.75 * len(col_values) + 2.5))
         fig, ax = plt.subplots(figsize=(width, min(MAX_INCHES, max(3.5, 0.45 * len(row_values) + 1.8))))
-        image = ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto")
-        image.cmap.set_bad("0.85")  # no finished run
+        cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")  # grey: no finished run
+        image = ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, aspect="auto")
         fig.colorbar(image, ax=ax, label="test accuracy")
         ax.set_xticks(
             np.arange(len(col_values)), [_label(v) for v in col_values], rotation=45 if len(col_values) > 6 else 0

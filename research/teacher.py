@@ -70,6 +70,9 @@ class KDSetup:
       unwrap: maps the trained model back to the student (drops the extras).
       unwrap_tree: maps a pytree shaped like the trained model's params to the student's.
       notes: report notes; ``metrics``: report metrics (e.g. ``teacher_test_accuracy``).
+      batch_loss: the same loss as a :class:`research.train.BatchLoss` (its values read from the
+        batches: a cached teacher's outputs, the weights, traced term options), or ``None``; with
+        one, a population may fine-tune trials that differ in those values as one program.
     """
 
     student: Any
@@ -79,6 +82,7 @@ class KDSetup:
     unwrap_tree: Any = None
     notes: list[str] = dataclasses.field(default_factory=list)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    batch_loss: Any = None
 
 
 _backends: list[KDBackend] = []

@@ -31,6 +31,7 @@ from methods.distillation.hints import HintedStudent
 from methods.distillation.hints import unwrap_student
 from methods.distillation.teacher import IndexedBatchSampler
 from methods.distillation.teacher import build_teacher_cache
+from methods.distillation.transforms import kd_batch_loss
 from methods.distillation.transforms import list_kd_terms
 from methods.distillation.transforms import make_kd_term
 from methods.distillation.transforms import weighted_sum
@@ -95,6 +96,11 @@ class DistillationBackend:
             notes.append("teacher run online in every step")
         metrics = {"teacher_test_accuracy": accuracy(teacher, dataset.x_test, dataset.y_test)}
         transform = weighted_sum(None, teacher_fn, terms, hard_weight=cfg.hard_weight)
+        batch_loss = None
+        if cfg.cache:  # the same loss with its values in the batches (a population trains such trials together)
+            batch_loss = kd_batch_loss(
+                teacher_fn, [(t.weight, t.name, dict(t.options)) for t in cfg.terms], hard_weight=cfg.hard_weight
+            )
         return KDSetup(
             student=student,
             loss_transforms=(transform,),
@@ -103,6 +109,7 @@ class DistillationBackend:
             unwrap_tree=(lambda tree: tree[HintedStudent.PREFIX]) if wrapped else None,
             notes=notes,
             metrics=metrics,
+            batch_loss=batch_loss,
         )
 
 

@@ -23,6 +23,8 @@ Every public transform accepts ``loss_fn=None`` and then returns the transform i
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from methods.distillation import losses as L
@@ -39,6 +42,7 @@ from methods.distillation.hints import HintedStudent
 from methods.distillation.hints import student_prefix
 from methods.distillation.hints import with_hints
 from methods.distillation.teacher import OnlineTeacher
+from methods.distillation.teacher import TeacherCache
 from methods.distillation.teacher import TeacherFn
 from methods.distillation.teacher import as_teacher_outputs
 from research.registry import Registry
@@ -79,17 +83,46 @@ class KDTerm:
 KD_TERMS: Registry[Callable[..., KDTerm]] = _names.KD_TERMS
 
 
-def register_kd_term(name: str) -> Callable[[Callable[..., KDTerm]], Callable[..., KDTerm]]:
+def register_kd_term(
+    name: str, *, traced: Sequence[str] = ()
+) -> Callable[[Callable[..., KDTerm]], Callable[..., KDTerm]]:
     """Registers a :class:`KDTerm` factory ``factory(**options) -> KDTerm`` under ``name``.
 
     The ``distill`` stage then accepts ``KDTermConfig(name=name, weight=..., options={...})``;
     config validation builds the term from its options, so bad options fail before training.
     Registering the same factory again is a no-op.
 
+    Args:
+      name: the term's name in configs.
+      traced: numeric options the factory accepts as traced JAX scalars (used only in arithmetic,
+        never in Python control flow). Runs that differ only in these (and in the weights) share
+        one compiled step, so a population trains them together (:func:`kd_batch_loss`).
+
     Raises:
       DuplicateNameError: another factory is registered as ``name`` (a ``ValueError``).
+      ValueError: a ``traced`` name is not a parameter of the factory.
     """
-    return KD_TERMS.register(name)
+    register = KD_TERMS.register(name)
+
+    def deco(factory: Callable[..., KDTerm]) -> Callable[..., KDTerm]:
+        params = inspect.signature(factory).parameters
+        unknown = [t for t in traced if t not in params]
+        if unknown:
+            raise ValueError(
+                f"KD term {name!r}: traced options {unknown} are not parameters of {factory.__name__} "
+                f"(it takes {list(params)}); name only numeric options it uses in arithmetic"
+            )
+        out = register(factory)
+        if traced or not hasattr(factory, "kd_traced_options"):  # registering it again keeps its declaration
+            factory.kd_traced_options = tuple(traced)
+        return out
+
+    return deco
+
+
+def traced_options(name: str) -> tuple[str, ...]:
+    """The options of registered term ``name`` that may be traced values (see :func:`register_kd_term`)."""
+    return tuple(getattr(KD_TERMS.get(name), "kd_traced_options", ()))
 
 
 def list_kd_terms() -> list[str]:
@@ -126,14 +159,14 @@ def _feature(outputs: Outputs, path: str | None, who: str) -> jax.Array:
     return feats[path]
 
 
-@register_kd_term("hinton")
+@register_kd_term("hinton", traced=("temperature",))
 def hinton_term(temperature: float = 4.0) -> KDTerm:
     """Hinton KD on logits, :func:`methods.distillation.kd_loss` (``T**2``-scaled KL)."""
     L._check_temperature(temperature)
     return KDTerm("hinton", lambda s, t, b, m: L.kd_loss(s["logits"], t["logits"], temperature))
 
 
-@register_kd_term("dkd")
+@register_kd_term("dkd", traced=("alpha", "beta", "temperature"))
 def dkd_term(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> KDTerm:
     """Decoupled KD on logits (needs ``batch["y"]``), :func:`methods.distillation.dkd_loss`."""
     L._check_temperature(temperature)
@@ -344,33 +377,39 @@ class KDLoss:
         return self._online[id(teacher)] if isinstance(teacher, nnx.Module) else teacher
 
     def __call__(self, model: nnx.Module, batch, rng):
-        prefix = student_prefix(model)
-        if self.student_paths:
-            full = [prefix + p for p in self.student_paths]
-            (loss, aux), feats = capture_intermediates(self.base, full)(model, batch, rng)
-            feats = {p: feats[prefix + p] for p in self.student_paths}
-        else:
-            loss, aux = self.base(model, batch, rng)
-            feats = {}
-        if "logits" not in aux:
-            raise KeyError(f"the wrapped loss function's aux has keys {sorted(aux)}; KD needs aux['logits']")
-        student = {"logits": aux["logits"], "features": feats}
-        teachers: dict[int, Outputs] = {}
-        total = self.hard_weight * loss
-        metrics: dict[str, jax.Array] = {"hard_loss": loss}
-        for e in self.entries:
-            fn = self._teacher_fn(e.teacher)
-            if id(fn) not in teachers:
-                teachers[id(fn)] = jax.lax.stop_gradient(as_teacher_outputs(fn(batch)))
-            value = e.term.fn(student, teachers[id(fn)], batch, model)
-            key = f"kd/{e.term.name}"
-            n = 1
-            while key in metrics or key in aux:
-                n += 1
-                key = f"kd/{e.term.name}_{n}"
-            metrics[key] = value
-            total = total + e.weight * value
-        return total, {**aux, **metrics}
+        entries = [(e.weight, e.term, self._teacher_fn(e.teacher)) for e in self.entries]
+        return _kd_objective(self.base, self.student_paths, entries, self.hard_weight, model, batch, rng)
+
+
+def _kd_objective(base: LossFn, student_paths, entries, hard_weight, model, batch, rng):
+    """``hard_weight * base + sum w * term(student, teacher_fn(batch))`` over ``entries`` of
+    ``(w, KDTerm, teacher_fn)``: the student captured once, each distinct teacher function called once."""
+    prefix = student_prefix(model)
+    if student_paths:
+        full = [prefix + p for p in student_paths]
+        (loss, aux), feats = capture_intermediates(base, full)(model, batch, rng)
+        feats = {p: feats[prefix + p] for p in student_paths}
+    else:
+        loss, aux = base(model, batch, rng)
+        feats = {}
+    if "logits" not in aux:
+        raise KeyError(f"the wrapped loss function's aux has keys {sorted(aux)}; KD needs aux['logits']")
+    student = {"logits": aux["logits"], "features": feats}
+    teachers: dict[int, Outputs] = {}
+    total = hard_weight * loss
+    metrics: dict[str, jax.Array] = {"hard_loss": loss}
+    for weight, term, fn in entries:
+        if id(fn) not in teachers:
+            teachers[id(fn)] = jax.lax.stop_gradient(as_teacher_outputs(fn(batch)))
+        value = term.fn(student, teachers[id(fn)], batch, model)
+        key = f"kd/{term.name}"
+        n = 1
+        while key in metrics or key in aux:
+            n += 1
+            key = f"kd/{term.name}_{n}"
+        metrics[key] = value
+        total = total + weight * value
+    return total, {**aux, **metrics}
 
 
 def weighted_sum(
@@ -404,6 +443,102 @@ def weighted_sum(
         return KDLoss(fn, entries, hard_weight)
 
     return transform if loss_fn is None else transform(loss_fn)
+
+
+class BatchKDLoss:
+    """A :class:`KDLoss` with a cached teacher whose values come from the batch, not the closure.
+
+    ``batch["teacher"]`` holds the teacher's outputs for the batch's rows (``{"logits", "features"}``)
+    and ``batch["kd"]`` the weights and the terms' traced options (``{"hard_weight": (),
+    "weights": (n,), "options": ({option: ()}, ...)}``); the terms are built inside the traced
+    function from them. The loss equals the :class:`KDLoss` of the same teacher cache and values
+    (within float rounding), and runs that differ only in those values share one compiled step.
+    Built by :func:`kd_batch_loss`.
+    """
+
+    def __init__(self, base: LossFn, specs: Sequence[tuple[str, Mapping[str, Any], tuple[str, ...]]], student_paths):
+        self.base = base
+        self.specs = tuple(specs)
+        self.student_paths = tuple(student_paths)
+
+    def __call__(self, model: nnx.Module, batch, rng):
+        values = batch["kd"]
+        outputs = batch["teacher"]
+
+        def teacher(_batch):
+            return outputs
+
+        entries = []
+        for i, (name, static, traced) in enumerate(self.specs):
+            term = make_kd_term(name, **static, **{o: values["options"][i][o] for o in traced})
+            entries.append((values["weights"][i], term, teacher))
+        return _kd_objective(self.base, self.student_paths, entries, values["hard_weight"], model, batch, rng)
+
+
+def kd_batch_loss(cache: TeacherCache, terms: Sequence[tuple[float, str, Mapping[str, Any]]], hard_weight: float = 1.0):
+    """The KD loss of ``cache``'s teacher as a :class:`research.train.BatchLoss`: the teacher's
+    outputs are rows, the weights and every term's traced numeric options (those declared with
+    :func:`register_kd_term`'s ``traced``, defaults included) are constants of the batch.
+
+    Trials whose KD differs only in temperatures, term weights, ``hard_weight`` (and their
+    teachers) then share one program key, so a population fine-tunes them together.
+
+    Args:
+      cache: the teacher's outputs on the training split (row ``i`` for example ``i``).
+      terms: ``(weight, term name, options)`` per term, as a :class:`KDTermConfig` gives them.
+      hard_weight: weight of the wrapped loss's own (hard-label) loss.
+
+    Returns:
+      The :class:`research.train.BatchLoss` (one transform, a :class:`BatchKDLoss`).
+
+    Raises:
+      UnknownNameError, TypeError, ValueError: a term or option that does not build (as
+        :func:`make_kd_term`).
+    """
+    from research.train.losses import BatchLoss  # pylint: disable=import-outside-toplevel
+
+    specs, options, weights, student_paths = [], [], [], []
+    for weight, name, opts in terms:
+        built = make_kd_term(name, **dict(opts))  # refuses bad options with the factory's own error
+        student_paths += [p for p in built.student_paths if p not in student_paths]
+        params = inspect.signature(KD_TERMS.get(name)).parameters
+        given = {o: params[o].default for o in traced_options(name) if params[o].default is not inspect.Parameter.empty}
+        given.update(opts)
+        traced = tuple(
+            sorted(
+                o
+                for o, v in given.items()
+                if o in traced_options(name) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            )
+        )
+        specs.append((name, {o: v for o, v in dict(opts).items() if o not in traced}, traced))
+        options.append({o: np.float32(given[o]) for o in traced})
+        weights.append(weight)
+    constants = {
+        "kd": {
+            "hard_weight": np.float32(hard_weight),
+            "weights": np.asarray(weights, np.float32),
+            "options": tuple(options),
+        }
+    }
+    rows = {
+        "teacher": {
+            "logits": np.asarray(cache.logits),
+            "features": {k: np.asarray(v) for k, v in cache.features.items()},
+        }
+    }
+    shapes = jax.tree.map(lambda a: (a.shape[1:], str(a.dtype)), rows)
+    key = (
+        "kd_batch_loss",
+        tuple((name, json.dumps(static, sort_keys=True, default=repr), traced) for name, static, traced in specs),
+        tuple(student_paths),
+        json.dumps(shapes, sort_keys=True, default=repr),
+    )
+
+    def transform(fn: LossFn) -> LossFn:
+        return BatchKDLoss(fn, specs, student_paths)
+
+    return BatchLoss(transforms=(transform,), constants=constants, rows=rows, key=key)
 
 
 def distill(

@@ -10,9 +10,11 @@ optimizer settings but the values in its state, wrapper structure (``step_key``)
 data shapes) train together as one vmapped program; the rest train alone, as a sequential run
 would. Then each trial resumes, one at a time, with its trained model.
 
-What differs between the trials' fine-tunings lives in the optimizer state and so may differ
-inside one program: learning rate, AdamW's weight decay, and a pruning wrapper's per-leaf target
-sparsities and masks (masks have the parameters' shapes). What a trial writes is what
+What differs between the trials' fine-tunings lives in the optimizer state or in the batches and
+so may differ inside one program: learning rate, AdamW's weight decay, a pruning wrapper's per-leaf
+target sparsities and masks (masks have the parameters' shapes), and a cached teacher's
+distillation (its logits, the terms' weights and temperatures: the loss's
+:class:`research.train.BatchLoss`, whose key joins the program key). What a trial writes is what
 :func:`research.train.finetune` writes: ``metrics.jsonl`` (one row per step with every scalar the
 train step returns, the validation rows) and the checkpoints.
 """
@@ -165,6 +167,7 @@ def train_requests(requests: Sequence[Any], key: tuple, k: int, *, block_steps: 
                 seed=r.kwargs.get("seed", 0),
                 x_train=r.dataset.x_train,
                 y_train=r.dataset.y_train,
+                batch_loss=r.batch_loss,
             )
         )
     own = None  # each request's (defs, train state) at its own shapes: what the padded states are cut to

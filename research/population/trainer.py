@@ -44,13 +44,17 @@ Timer = Callable[[int, Callable[[], Any]], float]
 @dataclasses.dataclass
 class Member:
     """One trial of a :class:`PopulationTrainer`: its initial model, optimizer (with any wrapper),
-    seed (initial train state and batch order) and training split."""
+    seed (initial train state and batch order) and training split; ``batch_loss`` (a
+    :class:`research.train.BatchLoss`, or ``None``) adds the trial's constants and its rows of
+    per-example tables (a cached teacher's logits) to each of its batches, for the trainer's loss
+    transforms to read."""
 
     model: nnx.Module
     tx: Any
     seed: int
     x_train: np.ndarray
     y_train: np.ndarray
+    batch_loss: Any = None
 
 
 @dataclasses.dataclass
@@ -210,10 +214,15 @@ class PopulationTrainer:
         """A trainer of given models and optimizers (a later stage's fine-tuning of K trials).
 
         ``program_key`` (hashable) names everything the members' train step bakes in (optimizer
-        settings but the values in its state, wrapper structure, model graph, data shapes); members
-        of one trainer must agree on it. Their optimizers' states hold what differs (learning rate,
-        weight decay, a pruning wrapper's targets). ``checkpoint_every``: one cadence for all, or
-        one per member (0: only the final state).
+        settings but the values in its state, wrapper structure, model graph, data shapes, the
+        loss's :attr:`research.train.BatchLoss.key`); members of one trainer must agree on it.
+        Their optimizers' states hold what differs (learning rate, weight decay, a pruning
+        wrapper's targets), and their batch losses' constants and tables (KD temperatures,
+        weights, teacher logits). ``checkpoint_every``: one cadence for all, or one per member
+        (0: only the final state).
+
+        Raises:
+          ValueError: no members, or some with a batch loss and some without.
         """
         if not members:
             raise ValueError("no members; give at least one")
@@ -250,7 +259,30 @@ class PopulationTrainer:
         # (a shared input times stacked weights is one large matmul, not K small ones).
         self.shared_batches = len(seeds) == 1
         shared = self.shared_batches
-        step = make_train_step(self.defs, members[0].tx, *([loss_fn] if loss_fn else []), jit=False)
+        with_loss = [m.batch_loss is not None for m in members]
+        if any(with_loss) and not all(with_loss):
+            raise ValueError(
+                f"members {[i for i, w in enumerate(with_loss) if not w]} have no batch loss and the others have one; "
+                "a population trains one loss: split them"
+            )
+        self.extended = all(with_loss)
+        extended = self.extended
+        # Per-example tables (a cached teacher's logits) once per distinct table, replicated; each
+        # trial gathers its rows by its table's index.
+        self._table_id, tables = [], []
+        for m in members:
+            table = m.batch_loss.rows if extended else {}
+            found = next((t for t, other in enumerate(tables) if _same_tree(other, table)), None)
+            if found is None:
+                tables.append(table)
+                found = len(tables) - 1
+            self._table_id.append(found)
+        stacked = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *tables)
+        self._tables = jax.device_put(stacked, replicated)
+        transforms = members[0].batch_loss.transforms if extended else ()
+        step = make_train_step(
+            self.defs, members[0].tx, *([loss_fn] if loss_fn else []), loss_transforms=transforms, jit=False
+        )
         self._cache = cache if cache is not None else {}
         #: Whether the blocks are single steps, not loops (convolutions on a CPU); traced once per
         #: population signature and platform (trainers of a tune study's batches share ``cache``).
@@ -258,6 +290,9 @@ class PopulationTrainer:
         unlooped_key = ("unlooped", key, platform)
         if unlooped_key not in self._cache:
             batch0 = {"x": xs[0, : self.batch_size], "y": ys[0, : self.batch_size]}
+            if extended:
+                rows = np.arange(self.batch_size, dtype=np.int32)
+                batch0 = members[0].batch_loss.extend({**batch0, "index": rows})
             self._cache[unlooped_key] = loops_slow_down_convolutions(platform) and has_convolution(step, state0, batch0)
         self.unlooped = self._cache[unlooped_key]
         self.block_steps = _block_length(
@@ -275,18 +310,30 @@ class PopulationTrainer:
         self.sequential_compile_seconds = 0.0  # the sequential step's first call beyond its steps (0: cached)
         self._sequential_timed = False
 
-        def block(state, xs, ys, data_id, idx, valid):
+        def block(state, xs, ys, data_id, idx, valid, constants, tables, table_id):
+            def extend(batch, i, c, t):  # the trial's constants and its tables' rows i
+                rows = jax.tree.map(lambda table: table[t][i], tables)
+                return {**batch, **c, **rows, "index": i}
+
             def one(carry, inp):
                 idx_t, ok = inp
-                if shared:
+                if shared and not extended:
                     batch = {"x": xs[0, idx_t], "y": ys[0, idx_t]}
                     new, metrics = _vmap_lockstep(step, (None,))(carry, batch)
+                elif shared:
+                    batch = {"x": xs[0, idx_t], "y": ys[0, idx_t]}  # gathered once, shared by the trials
+
+                    def trial_step(s, c, t):
+                        return step(s, extend(batch, idx_t, c, t))
+
+                    new, metrics = _vmap_lockstep(trial_step, (0, 0))(carry, constants, table_id)
                 else:
 
-                    def trial_step(s, d, i):
-                        return step(s, {"x": xs[d, i], "y": ys[d, i]})
+                    def trial_step(s, d, i, c, t):
+                        batch = {"x": xs[d, i], "y": ys[d, i]}
+                        return step(s, extend(batch, i, c, t) if extended else batch)
 
-                    new, metrics = _vmap_lockstep(trial_step, (0, 0))(carry, data_id, idx_t)
+                    new, metrics = _vmap_lockstep(trial_step, (0, 0, 0, 0))(carry, data_id, idx_t, constants, table_id)
                 new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, carry)
                 return new, metrics
 
@@ -315,6 +362,17 @@ class PopulationTrainer:
         if self.shared_batches:
             return jax.device_put(idx, self._sharding(replicate=True))
         return self._put(idx, axis=1)
+
+    def _trial_args(self, indices: Sequence[int], idx: np.ndarray, valid: np.ndarray) -> tuple:
+        """The block program's arguments after the data for trials ``indices`` (placed): their data
+        sets, batch rows (``idx``), ``valid`` steps, batch-loss constants, tables and table ids."""
+        data_id = self._put(np.array([self._data_id[self.members[i].seed] for i in indices], np.int32))
+        constants = {}
+        if self.extended:
+            trees = [self.members[i].batch_loss.constants for i in indices]
+            constants = self._put(jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *trees))
+        table_id = self._put(np.array([self._table_id[i] for i in indices], np.int32))
+        return data_id, self._put_idx(idx), valid, constants, self._tables, table_id
 
     def bundle(self, index: int):
         """A fresh untrained :class:`research.stages.Bundle` of trial ``index`` (what
@@ -375,10 +433,9 @@ class PopulationTrainer:
                 raise ValueError(f"chunk size {k} does not split over {len(self.devices)} devices; use a multiple")
             state = self.initial_state([0] * k)
             idx, valid = self.batch_indices([0] * k, 0)
-            data_id = self._put(np.zeros(k, np.int32))
             t0 = time.perf_counter()
             lowered = jax.jit(self._block, donate_argnums=(0,)).lower(
-                state, self._xs, self._ys, data_id, self._put_idx(idx), valid
+                state, self._xs, self._ys, *self._trial_args([0] * k, idx, valid)
             )
             compiled = lowered.compile()
             self._cache[key] = (compiled, _program_bytes(compiled))
@@ -391,13 +448,11 @@ class PopulationTrainer:
         """Seconds per training step of ``k`` trials (one compiled block, timed by ``timer``)."""
         program = self.compiled(k)
         idx, valid = self.batch_indices([0] * k, 0)
-        idx = self._put_idx(idx)
-        data_id = self._put(np.zeros(k, np.int32))
-
+        args = self._trial_args([0] * k, idx, valid)
         state = self.initial_state([0] * k)
 
         def call():  # a device copy of the state per call (the program donates its input)
-            return program(jax.tree.map(jnp.copy, state), self._xs, self._ys, data_id, idx, valid)[1]
+            return program(jax.tree.map(jnp.copy, state), self._xs, self._ys, *args)[1]
 
         return timer(k, call) / self.block_steps
 
@@ -548,7 +603,6 @@ class PopulationTrainer:
         program = self.compiled(k)
         t0 = time.perf_counter()
         state = self.initial_state(padded) if states is None else self.initial_states(padded, states)
-        data_id = self._put(np.array([self._data_id[self.members[i].seed] for i in padded], np.int32))
         saves = {j: self.checkpoint_steps(i) for j, i in enumerate(indices)} if on_checkpoint else {}
         evals = {j: self.eval_steps(i) for j, i in enumerate(indices)}
         stops = sorted({t for steps in [*saves.values(), *evals.values()] for t in steps if t > start} | {self.steps})
@@ -556,7 +610,7 @@ class PopulationTrainer:
         while step < self.steps:
             stop = min(step + self.block_steps, next(t for t in stops if t > step))
             idx, valid = self.batch_indices(padded, step, stop)
-            state, metrics = program(state, self._xs, self._ys, data_id, self._put_idx(idx), valid)
+            state, metrics = program(state, self._xs, self._ys, *self._trial_args(padded, idx, valid))
             blocks.append({name: np.asarray(v)[valid] for name, v in metrics.items()})
             step = stop
             due = [j for j, steps in saves.items() if step in steps]
@@ -637,6 +691,16 @@ def _vmap_lockstep(step: Callable, other_axes: tuple) -> Callable:
         return jax.tree.map(lambda f, x: jnp.broadcast_to(x, (k, *jnp.shape(x))) if f else x, flags, new), metrics
 
     return call
+
+
+def _same_tree(a, b) -> bool:
+    """Whether two pytrees of arrays have one structure and equal leaves (shapes, dtypes, values)."""
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    return all(
+        np.shape(x) == np.shape(y) and np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def _cadence(every: int, steps: int) -> set[int]:

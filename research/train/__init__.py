@@ -10,6 +10,7 @@ from research.train.loop import NonFiniteLossError
 from research.train.loop import default_block_steps
 from research.train.loop import fit
 from research.train.loop import read_metrics
+from research.train.losses import BatchLoss
 from research.train.losses import LossFn
 from research.train.losses import LossTransform
 from research.train.losses import apply_transforms
@@ -31,6 +32,7 @@ from research.train.step import make_eval_step
 from research.train.step import make_train_step
 
 __all__ = [
+    "BatchLoss",
     "CheckpointReadError",
     "CheckpointWarning",
     "Checkpointer",

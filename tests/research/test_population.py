@@ -255,6 +255,68 @@ def test_factorized_trials_of_different_ranks_fine_tune_together_padded(tmp_path
     assert stages[1][0][1]["metrics"]["params"] != stages[1][1][1]["metrics"]["params"]
 
 
+DISTILLED = """
+from methods.pruning import PruneStage
+from research.config import Config, DataConfig, ModelConfig
+from research.stages import TrainStage
+from research.teacher import KDTermConfig, TeacherConfig
+
+
+def get_config(arg=None):
+    teacher = TeacherConfig(stage="0_train", terms=(KDTermConfig(name="hinton", weight=0.7),), hard_weight=0.3)
+    return Config(
+        name="distilled",
+        model=ModelConfig(name="mlp", options={"widths": (16,)}),
+        data=DataConfig(name="digits", limit=300),
+        stages=(
+            TrainStage(steps=6, batch_size=32, checkpoint_every=0, eval_every=0, log_every=3),
+            PruneStage(
+                sparsity=0.5,
+                train=TrainStage(steps=4, batch_size=32, checkpoint_every=2, eval_every=0, log_every=2, teacher=teacher),
+            ),
+        ),
+    )
+"""
+
+
+def test_distilled_fine_tunings_of_different_teachers_and_temperatures_train_together(tmp_path):
+    """A prune stage distilled from each trial's own trained model at two temperatures: the four
+    fine-tunings train as one program (the teachers' logits and the temperatures are data of the
+    program) and each trial ends where its sequential run ends."""
+    cfg = tmp_path / "distilled.py"
+    cfg.write_text(DISTILLED)
+    base = C.load_config(str(cfg))
+    grid = {
+        "stages.train.learning_rate": [1e-2, 3e-2],
+        "stages.prune.train.teacher.terms.0.options.temperature": [2.0, 6.0],
+    }
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    pop = sweep_lib.sweep(
+        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(4))
+    )
+    assert not seq.failed and not pop.failed
+    assert pop.executor["populations"][0]["later_stages"] == [{"stage": 1, "trials": [0, 1, 2, 3], "k": 4}]
+    kd = []
+    for a, b in zip(seq.points, pop.points, strict=True):
+        sa, sb = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"][1] for p in (a, b))
+        assert any("fine-tuned in a population of 4" in n for n in sb["notes"])
+        assert any("distilled from" in n for n in sb["notes"])
+        for key in ("test_accuracy", "val_accuracy", "final_train_loss", "kd_hinton", "hard_loss"):
+            assert sb["metrics"][key] == pytest.approx(sa["metrics"][key], abs=2e-3, rel=1e-4), key
+        kd.append(sa["metrics"]["kd_hinton"])
+        assert _close(_params(a.run_dir), _params(b.run_dir))
+        assert _files(b.run_dir) == _files(a.run_dir)
+        rows_a, rows_b = (read_metrics(os.path.join(p.run_dir, "stages", "1_prune")) for p in (a, b))
+        assert [(r["step"], r["split"], sorted(r)) for r in rows_b] == [
+            (r["step"], r["split"], sorted(r)) for r in rows_a
+        ]
+        for ra, rb in zip(rows_a, rows_b, strict=True):
+            assert {n: rb[n] for n in ra if n != "split"} == pytest.approx(
+                {n: v for n, v in ra.items() if n != "split"}, abs=2e-5, rel=1e-4
+            )
+    assert len({round(v, 4) for v in kd}) == 4  # the temperatures and teachers reached the trials
+
+
 def test_mixed_keys_split_into_populations_with_a_reason(config_file):
     base = C.load_config(config_file)
     configs = [
