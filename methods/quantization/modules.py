@@ -20,7 +20,6 @@ fake-quantized input; every option of the wrapped layer (strides, padding, dilat
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 from typing import ClassVar
@@ -42,6 +41,12 @@ class QuantRange(nnx.Variable):
 
 class QuantCapture(nnx.Variable):
     """A tensor captured during calibration."""
+
+
+class QuantGrid(nnx.Variable):
+    """A quantizer's integer grid ``[qmin, qmax, 1 / sqrt(qmax)]`` as a value (float32 ``(3,)``), not its spec's
+    ``bits``: set only while a population trains trials of different bit widths as one program
+    (:func:`lift_bits`); never trained."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -155,6 +160,7 @@ class SteMethod(QuantMethod):
             signed=fq.signed,
             symmetric=s.symmetric,
             narrow_range=s.narrow_range,
+            grid=fq.grid_values(),
         )
 
     def apply(self, fq, x, key):
@@ -179,6 +185,7 @@ class SteMethod(QuantMethod):
             narrow_range=s.narrow_range,
             axis=fq.axis,
             key=key,
+            grid=fq.grid_values(),
         )
 
 
@@ -200,7 +207,6 @@ class LsqMethod(QuantMethod):
 
     def apply(self, fq, x, key):
         s = fq.spec
-        _, qmax = s.grid(fq.signed)
         step = jnp.maximum(fq.step[...], 1e-8)
         if fq.role == "weight":
             n = x.size / max(int(np.prod(step.shape)), 1)
@@ -213,8 +219,9 @@ class LsqMethod(QuantMethod):
             signed=fq.signed,
             narrow_range=s.narrow_range,
             axis=fq.axis,
-            grad_scale=1.0 / math.sqrt(n * qmax),
+            grad_scale=Q.lsq_grad_scale(n, fq.inv_sqrt_qmax()),
             key=key,
+            grid=fq.grid_values(),
         )
 
     def scale_zero_point(self, fq):
@@ -239,10 +246,10 @@ class PactMethod(QuantMethod):
 
     def apply(self, fq, x, key):
         alpha = jnp.maximum(fq.alpha[...], 1e-6)
-        return Q.pact_quantize(x, alpha, fq.spec.bits, signed=fq.signed, axis=fq.axis, key=key)
+        return Q.pact_quantize(x, alpha, fq.spec.bits, signed=fq.signed, axis=fq.axis, key=key, grid=fq.grid_values())
 
     def scale_zero_point(self, fq):
-        _, qmax = fq.spec.grid(fq.signed)
+        _, qmax = fq.levels()
         scale = jnp.maximum(fq.alpha[...], 1e-6) / qmax
         return scale, jnp.zeros_like(scale)
 
@@ -314,6 +321,28 @@ class FakeQuant(nnx.Module):
     def scale_zero_point(self) -> tuple[jax.Array, jax.Array]:
         """The current ``(scale, zero_point)`` (per channel when ``spec.per_channel``)."""
         return self.method.scale_zero_point(self)
+
+    def grid_values(self) -> tuple[jax.Array, jax.Array] | None:
+        """``(qmin, qmax)`` from the :class:`QuantGrid` value a population set (:func:`lift_bits`),
+        or ``None``: the grid of ``spec.bits``."""
+        grid = getattr(self, "lifted_grid", None)
+        if grid is None:
+            return None
+        value = grid[...]
+        return value[0], value[1]
+
+    def inv_sqrt_qmax(self) -> Any:
+        """``float32(1 / sqrt(qmax))`` (LSQ's gradient scale): a constant, or the lifted value."""
+        grid = getattr(self, "lifted_grid", None)
+        if grid is None:
+            return Q.inv_sqrt(self.spec.grid(self.signed)[1])
+        return grid[...][2]
+
+    def levels(self) -> tuple[Any, Any]:
+        """``(qmin, qmax)`` this quantizer rounds to: Python ints of ``spec.bits``, or values (see
+        :meth:`grid_values`)."""
+        grid = self.grid_values()
+        return self.spec.grid(self.signed) if grid is None else grid
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.observing:
@@ -426,6 +455,29 @@ def find_quantizers(model: nnx.Module) -> list[tuple[str, FakeQuant]]:
     from research.nn import find_modules
 
     return find_modules(model, FakeQuant)
+
+
+LIFTED_BITS = 8
+"""The ``spec.bits`` of a lifted quantizer (:func:`lift_bits`): one graph for every bit width."""
+
+
+def lift_bits(fq: FakeQuant) -> None:
+    """In place: ``fq`` rounds to its grid read from a :class:`QuantGrid` value (``lifted_grid``)
+    and its spec says :data:`LIFTED_BITS`, so quantizers of any bit width share one graph (a
+    population trains trials of different bit widths as one program; each trial's model is
+    rebuilt at its own bits afterwards). The function it computes is unchanged."""
+    qmin, qmax = fq.spec.grid(fq.signed)
+    fq.lifted_grid = QuantGrid(jnp.asarray([qmin, qmax, Q.inv_sqrt(qmax)], jnp.float32))
+    fq.spec = dataclasses.replace(fq.spec, bits=LIFTED_BITS)
+
+
+def _register_liftable() -> None:
+    from research.population.padding import register_liftable  # pylint: disable=import-outside-toplevel
+
+    register_liftable(FakeQuant, values=lambda fq: (fq.spec.bits,), lift=lift_bits)
+
+
+_register_liftable()
 
 
 # A model with fake-quant layers exports through the deploy hook; registering it here (not only

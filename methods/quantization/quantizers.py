@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,7 @@ def scale_zero_point(
     signed: bool = True,
     symmetric: bool = True,
     narrow_range: bool = False,
+    grid: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Scale and zero point mapping the real range ``[lo, hi]`` onto the integer grid.
 
@@ -124,28 +126,44 @@ def scale_zero_point(
       signed: signed (``[-2**(b-1), 2**(b-1)-1]``) or unsigned (``[0, 2**b-1]``) grid.
       symmetric: zero point fixed at 0.
       narrow_range: drop the most negative signed level.
+      grid: ``(qmin, qmax)`` as (traced) values instead of ``bits``' grid (see :func:`levels`).
 
     Returns:
       ``(scale, zero_point)``: float32 scale > 0 and an integer-valued float32 zero point.
     """
-    qmin, qmax = qrange(bits, signed, narrow_range)
-    f = np.float32
-    return _scale_zero_point(lo, hi, f(qmin), f(qmax), f(qmax - qmin), signed, symmetric)
+    qmin, qmax = levels(bits, signed, narrow_range, grid)
+    return _scale_zero_point(lo, hi, _f32(qmin), _f32(qmax), _f32(qmax - qmin), signed, symmetric)
+
+
+def levels(bits: int, signed: bool = True, narrow_range: bool = False, grid=None) -> tuple[Any, Any]:
+    """``(qmin, qmax)``: ``grid`` when given (values, possibly traced: a population trains trials
+    of different bit widths as one program with each trial's grid in its model state), else
+    :func:`qrange` of ``bits`` (Python ints)."""
+    if grid is None:
+        return qrange(bits, signed, narrow_range)
+    qmin, qmax = grid
+    return qmin, qmax
+
+
+def _f32(v):
+    """``v`` as a float32 scalar: a NumPy constant for a Python number, a JAX value otherwise."""
+    return np.float32(v) if isinstance(v, (int, float, np.number)) else jnp.asarray(v, jnp.float32)
 
 
 # Jitted: one compiled program per range shape instead of one per operation and shape when called
-# eagerly (calibration); inlined inside a jit. The grid ends come in as arguments, not constants,
-# so XLA divides by them as the eager operations did (a constant divisor becomes a multiplication
-# by its reciprocal, one ulp away).
+# eagerly (calibration); inlined inside a jit. The range is multiplied by the grid's reciprocal,
+# not divided by the grid: compiled, a division by a constant grid end becomes a multiplication by
+# its reciprocal (one ulp away from the division), so a grid given as a value (a lifted quantizer,
+# :func:`levels`) and one given as a constant round alike only in this form.
 @functools.partial(jax.jit, static_argnums=(5, 6))
 def _scale_zero_point(lo, hi, qmin, qmax, span, signed: bool, symmetric: bool):
     lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
     hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
     if symmetric:
         bound = jnp.maximum(-lo, hi) if signed else hi
-        scale = jnp.maximum(bound / qmax, _EPS)
+        scale = jnp.maximum(bound * (1.0 / qmax), _EPS)
         return scale, jnp.zeros_like(scale)
-    scale = jnp.maximum((hi - lo) / span, _EPS)
+    scale = jnp.maximum((hi - lo) * (1.0 / span), _EPS)
     zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
     return scale, zero_point
 
@@ -232,6 +250,7 @@ def fake_quant_ste(
     narrow_range: bool = False,
     axis: int | None = None,
     key: jax.Array | None = None,
+    grid: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
 ) -> jax.Array:
     """Quantize-dequantize with the clipped straight-through estimator.
 
@@ -249,12 +268,13 @@ def fake_quant_ste(
       narrow_range: symmetric signed grid without the most negative level.
       axis: channel axis of ``x`` for per-channel parameters.
       key: PRNG key for stochastic rounding (``None``: round to nearest).
+      grid: ``(qmin, qmax)`` values instead of ``bits``' grid (:func:`levels`).
 
     Returns:
       The fake-quantized array (float, shape of ``x``).
     """
     x = jnp.asarray(x)
-    qmin, qmax = qrange(bits, signed, narrow_range)
+    qmin, qmax = levels(bits, signed, narrow_range, grid)
     s, z = _bcast(scale, x, axis), _bcast(zero_point, x, axis)
     noise = _noise(key, x.shape, x.dtype)
     stochastic = noise is not None
@@ -370,6 +390,7 @@ def lsq_quantize(
     axis: int | None = None,
     grad_scale: float | None = None,
     key: jax.Array | None = None,
+    grid: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
 ) -> jax.Array:
     """Learned Step Size Quantization: ``round(clip(x / s, -Qn, Qp)) * s`` with a learned ``s``.
 
@@ -388,6 +409,7 @@ def lsq_quantize(
       axis: channel axis for a per-channel step.
       grad_scale: overrides ``g`` (pass 1.0 to disable the scaling).
       key: PRNG key for stochastic rounding.
+      grid: ``(qmin, qmax)`` values instead of ``bits``' grid (:func:`levels`).
 
     Returns:
       The quantized array (values ``k * s`` with integer ``k`` in ``[-Qn, Qp]``).
@@ -396,7 +418,7 @@ def lsq_quantize(
       Esser et al., "Learned Step Size Quantization", ICLR 2020, https://arxiv.org/abs/1902.08153
     """
     x = jnp.asarray(x)
-    qmin, qmax = qrange(bits, signed, narrow_range)
+    qmin, qmax = levels(bits, signed, narrow_range, grid)
     s = _bcast(step, x, axis)
     if grad_scale is None:
         n = x.size / max(int(np.prod(np.shape(step))), 1)
@@ -406,6 +428,18 @@ def lsq_quantize(
     noise = jnp.zeros((), x.dtype) if noise is None else noise
     f = jnp.float32
     return _lsq(stochastic, x, s, f(-qmin), f(qmax), f(grad_scale), noise)
+
+
+def lsq_grad_scale(n: float, inv_sqrt_qmax) -> Any:
+    """LSQ's gradient scale ``1 / sqrt(n * Qp)`` as ``float32(1 / sqrt(n)) * inv_sqrt_qmax``, with
+    ``inv_sqrt_qmax = float32(1 / sqrt(Qp))`` a constant or a value (:func:`inv_sqrt`): the same
+    product of two float32 numbers either way."""
+    return np.float32(1.0 / math.sqrt(n)) * inv_sqrt_qmax
+
+
+def inv_sqrt(qmax: int) -> np.float32:
+    """``float32(1 / sqrt(qmax))`` (LSQ's gradient scale factor of the grid)."""
+    return np.float32(1.0 / math.sqrt(qmax))
 
 
 def lsq_init_step(x: jax.typing.ArrayLike, bits: int, *, signed: bool = True, axis=None) -> jax.Array:
@@ -427,7 +461,7 @@ def lsq_init_step(x: jax.typing.ArrayLike, bits: int, *, signed: bool = True, ax
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _pact(stochastic, x, alpha, levels, lower, noise):
-    s = alpha / levels
+    s = alpha * (1.0 / levels)  # the grid's reciprocal, constant or not (see _scale_zero_point)
     return _rnd(jnp.clip(x, lower * alpha, alpha) / s, noise, stochastic) * s
 
 
@@ -457,6 +491,7 @@ def pact_quantize(
     signed: bool = False,
     axis: int | None = None,
     key: jax.Array | None = None,
+    grid: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
 ) -> jax.Array:
     """PACT: clip to ``[0, alpha]`` (``[-alpha, alpha]`` when signed), then quantize uniformly.
 
@@ -472,6 +507,7 @@ def pact_quantize(
       signed: symmetric signed variant for inputs that can be negative.
       axis: channel axis for a per-channel ``alpha``.
       key: PRNG key for stochastic rounding.
+      grid: ``(qmin, qmax)`` values instead of ``bits``' grid (:func:`levels`; PACT uses ``qmax``).
 
     Returns:
       The quantized array.
@@ -481,10 +517,10 @@ def pact_quantize(
       https://arxiv.org/abs/1805.06085
     """
     x = jnp.asarray(x)
-    _, qmax = qrange(bits, signed)
+    _, qmax = levels(bits, signed, False, grid)
     a = _bcast(alpha, x, axis)
     noise = _noise(key, x.shape, x.dtype)
     stochastic = noise is not None
     noise = jnp.zeros((), x.dtype) if noise is None else noise
     lower = jnp.float32(-1.0 if signed else 0.0)
-    return _pact(stochastic, x, a, jnp.float32(qmax), lower, noise)
+    return _pact(stochastic, x, a, jnp.asarray(qmax, jnp.float32), lower, noise)

@@ -448,7 +448,9 @@ class PopulationExecutor:
             notes = [
                 f"fine-tuned in a population of {len(members)} (chunks of {k}, one vmapped program); "
                 "its validation and test accuracy evaluated together",
-                (LATENCY_NOTE_SIZES if trained.padded else LATENCY_NOTE).format(population=number, stage=stage),
+                (LATENCY_NOTE_SIZES if trained.padded or trained.lifted else LATENCY_NOTE).format(
+                    population=number, stage=stage
+                ),
             ]
             if trained.padded:
                 sizes = resizable_layers(trained.models[0])
@@ -456,6 +458,13 @@ class PopulationExecutor:
                 notes.append(
                     "its factorized layers trained padded with zero components to the population's largest "
                     f"ranks ({', '.join(f'{p}: {v}' for p, v in later['padded_to'].items())}), then cut back to its own"
+                )
+            if trained.lifted:
+                later["lifted"] = {p: [list(v) for v in values] for p, values in trained.lifted.items()}
+                notes.append(
+                    "its quantizers of different bit widths trained with their integer grids as values in the "
+                    f"state ({', '.join(f'{p}: {sorted(v[0] for v in vs)}' for p, vs in trained.lifted.items())}), "
+                    "then rebuilt at its own"
                 )
             entry.setdefault("later_stages", []).append(later)
             for t, trial, request, result, defs in zip(members, trials, requests, results, trained.defs, strict=True):

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from research.population.padding import canonical_graphdef
+from research.population.padding import lift_models
 from research.population.padding import pad_models
 from research.population.padding import unpad_tree
 from research.population.trainer import Member
@@ -136,25 +137,31 @@ class Trained:
       defs: one :class:`research.train.ModelDefs` per request (its own graph).
       models: the models as trained (padded to one shape when ``padded``), for evaluating together.
       padded: whether the models were padded (their ranks differ).
+      lifted: ``{path: distinct values}`` of the lifted choices that differ between the models
+        (their quantizers' bit widths: :func:`research.population.padding.lift_models`), ``{}``
+        when none was lifted.
     """
 
     results: list[TrialResult]
     defs: list[Any]
     models: list[nnx.Module]
     padded: bool
+    lifted: dict[str, list] = dataclasses.field(default_factory=dict)
 
 
 def train_requests(requests: Sequence[Any], key: tuple, k: int, *, block_steps: int, devices, cache: dict) -> Trained:
     """Trains requests that share ``key`` as one population, ``k`` at a time (padded). Models whose
     factorization ranks differ train padded with zero components to the largest
-    (:func:`research.population.padding.pad_models`) and are cut back to their own ranks after
-    training; so are the checkpoints written on the way.
+    (:func:`research.population.padding.pad_models`), models whose quantizers' bit widths differ
+    train lifted (the grids as values: :func:`research.population.padding.lift_models`), and each is
+    cut back to its own ranks and graph after training; so are the checkpoints written on the way.
     """
     from research.train import create_train_state  # pylint: disable=import-outside-toplevel
     from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
     from research.train import state_to_model  # pylint: disable=import-outside-toplevel
 
     models, padded = pad_models([r.model for r in requests])
+    models, lifted = lift_models(models)
     txs, members = [], []
     for r, model in zip(requests, models, strict=True):
         tx = make_optimizer(**_settings(r.kwargs))
@@ -171,12 +178,12 @@ def train_requests(requests: Sequence[Any], key: tuple, k: int, *, block_steps: 
             )
         )
     own = None  # each request's (defs, train state) at its own shapes: what the padded states are cut to
-    if padded:
+    if padded or lifted:
         own = [
             create_train_state(nnx.clone(r.model), tx, seed=m.seed)
             for r, tx, m in zip(requests, txs, members, strict=True)
         ]
-        key = (key, nnx.graphdef(models[0]))  # the program is that of the padded shapes
+        key = (key, nnx.graphdef(models[0]))  # the program is that of the padded (lifted) graph
     kw = requests[0].kwargs
     trainer = PopulationTrainer.for_members(
         members,
@@ -201,14 +208,14 @@ def train_requests(requests: Sequence[Any], key: tuple, k: int, *, block_steps: 
 
         out += trainer.train(chunk, k, on_checkpoint=save)
     trained = [r.model for r in out]
-    if padded:  # each trial's model built as the trainer builds it, from its state at its own shapes
+    if own is not None:  # each trial's model built as the trainer builds it, from its state at its own shapes
         states = [cut(i, r.state) for i, r in enumerate(out)]
         out = [
             dataclasses.replace(r, model=state_to_model(own[i][0], state), state=state)
             for i, (r, state) in enumerate(zip(out, states, strict=True))
         ]
     defs = [d for d, _ in own] if own is not None else [trainer.defs] * len(out)
-    return Trained(results=out, defs=defs, models=trained, padded=padded)
+    return Trained(results=out, defs=defs, models=trained, padded=padded, lifted=lifted)
 
 
 def _train_rows(

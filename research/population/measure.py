@@ -45,7 +45,8 @@ LATENCY_NOTE = (
 )
 LATENCY_NOTE_SIZES = (
     "latency_ms measured once per architecture of population {population}, stage {stage} (its trials "
-    "trained together padded to one set of ranks; each is measured at its own)"
+    "trained together padded to one set of ranks or with their bit widths as values; each is measured "
+    "at its own)"
 )
 
 

@@ -17,8 +17,14 @@ summation order of the padded contractions (float rounding). A registered layer 
 property: every size it declares is an axis where the components beyond a smaller size are
 multiplied only by each other.
 
-The registry is filled by the method packages (``methods.decomposition`` registers its factorized
-layers); the core names none of them.
+Choices that are not sizes but constants of a module's code (a quantizer's bit width) are
+registered with :func:`register_liftable`: a *lifted* copy of the module holds the choice as a value
+in its state and has one graph whatever the choice. Requests are grouped by the lifted graph too;
+when a group's choices differ, every model trains lifted (:func:`lift_models`) and is cut back to its
+own graph afterwards (:func:`unpad_tree` drops the lifted values).
+
+The registries are filled by the method packages (``methods.decomposition`` registers its factorized
+layers, ``methods.quantization`` its fake quantizers); the core names none of them.
 """
 
 from __future__ import annotations
@@ -66,6 +72,65 @@ def register_resizable(
     RESIZABLE[cls] = Resizable(sizes=sizes, resized=resized)
 
 
+@dataclasses.dataclass(frozen=True)
+class Liftable:
+    """How a module class's choice (a constant of its code) becomes a value in its state.
+
+    Attributes:
+      values: ``module -> tuple`` of the choice (e.g. ``(bits,)``); modules with equal values
+        compute alike.
+      lift: ``module -> None``, in place (on a copy): the module keeps computing the same function
+        with the choice read from a variable of its state, and its graph no longer depends on the
+        choice (equal for every value).
+    """
+
+    values: Callable[[nnx.Module], tuple]
+    lift: Callable[[nnx.Module], None]
+
+
+LIFTABLE: dict[type, Liftable] = {}
+"""Module class -> :class:`Liftable`; see :func:`register_liftable`."""
+
+
+def register_liftable(cls: type, *, values: Callable[[nnx.Module], tuple], lift: Callable[[nnx.Module], None]) -> None:
+    """Declares that ``cls``'s choice ``values(module)`` can be lifted into its state by ``lift``."""
+    LIFTABLE[cls] = Liftable(values=values, lift=lift)
+
+
+def liftable_modules(model: nnx.Module) -> dict[str, tuple]:
+    """``{path: values}`` of the registered liftable modules in ``model`` (paths as
+    :func:`research.nn.iter_modules` writes them)."""
+    return {p: tuple(LIFTABLE[type(m)].values(m)) for p, m in iter_modules(model) if type(m) in LIFTABLE}
+
+
+def lift_model(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` with every registered liftable module lifted (same function, one graph
+    for every choice)."""
+    model = nnx.clone(model)
+    for _, m in iter_modules(model):
+        if type(m) in LIFTABLE:
+            LIFTABLE[type(m)].lift(m)
+    return model
+
+
+def lift_models(models: Sequence[nnx.Module]) -> tuple[list[nnx.Module], dict[str, list]]:
+    """The models lifted when their liftable modules' choices differ (``({path: sorted distinct
+    values}`` of the paths where they differ``)``), else unchanged with ``{}``.
+
+    Raises:
+      ValueError: the models' liftable modules are not at the same paths (different graphs).
+    """
+    found = [liftable_modules(m) for m in models]
+    if not any(found):
+        return list(models), {}
+    if any(set(f) != set(found[0]) for f in found):
+        raise ValueError("the models' liftable modules are at different paths; they cannot train as one graph")
+    differ = {p: sorted({f[p] for f in found}) for p in found[0] if len({f[p] for f in found}) > 1}
+    if not differ:
+        return list(models), {}
+    return [lift_model(m) for m in models], differ
+
+
 def resizable_layers(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     """``{path: sizes}`` of the registered layers in ``model`` (outermost only; paths as
     :func:`research.nn.iter_modules` writes them, e.g. ``"layers/0"``)."""
@@ -104,10 +169,13 @@ def _with_sizes(model: nnx.Module, sizes: dict[str, tuple[int, ...]], fill: bool
 
 
 def canonical_graphdef(model: nnx.Module) -> Any:
-    """The graph of ``model`` with every registered layer's sizes set to 1: equal for models that
-    differ only in those sizes (the grouping key of :func:`pad_models`). A layer whose ``resized``
-    refuses it (raises ``TypeError``, e.g. a sub-layer wrapped by a fake quantizer) leaves the
-    model's own graph: it groups only with models of its exact shapes."""
+    """The graph of ``model`` lifted (:func:`lift_model`) and with every registered layer's sizes
+    set to 1: equal for models that differ only in those sizes and lifted choices (the grouping key
+    of :func:`pad_models` and :func:`lift_models`). A layer whose ``resized`` refuses it (raises
+    ``TypeError``, e.g. a sub-layer wrapped by a fake quantizer) leaves the model's sizes: it groups
+    only with models of its exact shapes."""
+    if liftable_modules(model):
+        model = lift_model(model)
     layers = resizable_layers(model)
     if not layers:
         return nnx.graphdef(model)
@@ -139,12 +207,20 @@ def pad_models(models: Sequence[nnx.Module]) -> tuple[list[nnx.Module], bool]:
 
 def unpad_tree(padded: Any, template: Any) -> Any:
     """``padded``'s arrays cut to the shapes of ``template``'s (the same tree at the trial's own
-    sizes: a model state, a train state, an optimizer state)."""
-    return jax.tree.map(lambda a, t: _fit(a, np.shape(t)) if np.shape(a) != np.shape(t) else a, padded, template)
+    sizes: a model state, a train state, an optimizer state); the entries of its dicts that
+    ``template``'s lack (a lifted model's values, :func:`lift_models`) are dropped."""
+    if isinstance(template, dict):
+        return {k: unpad_tree(padded[k], t) for k, t in template.items()}
+    leaves, treedef = jax.tree.flatten(template, is_leaf=lambda x: isinstance(x, dict))
+    if jax.tree_util.treedef_is_leaf(treedef):  # an array
+        return _fit(padded, np.shape(template)) if np.shape(padded) != np.shape(template) else padded
+    cut = [unpad_tree(p, t) for p, t in zip(treedef.flatten_up_to(padded), leaves, strict=True)]
+    return jax.tree.unflatten(treedef, cut)
 
 
 def unpad_model(padded: nnx.Module, original: nnx.Module) -> nnx.Module:
-    """The trained ``padded`` model at ``original``'s sizes (``original``'s graph, ``padded``'s values)."""
+    """The trained ``padded`` model at ``original``'s sizes and graph (``original``'s graph,
+    ``padded``'s values; lifted values dropped)."""
     graph, template = nnx.split(original)
     _, values = nnx.split(padded)
-    return nnx.merge(graph, unpad_tree(values, template))
+    return nnx.merge(graph, unpad_tree(nnx.to_pure_dict(values), nnx.to_pure_dict(template)))

@@ -317,6 +317,74 @@ def test_distilled_fine_tunings_of_different_teachers_and_temperatures_train_tog
     assert len({round(v, 4) for v in kd}) == 4  # the temperatures and teachers reached the trials
 
 
+QAT = """
+from methods.quantization import QATStage
+from research.config import Config, DataConfig, ModelConfig
+from research.stages import TrainStage
+
+
+def get_config(arg=None):
+    return Config(
+        name="qat",
+        model=ModelConfig(name="mlp", options={"widths": (16,)}),
+        data=DataConfig(name="digits", limit=300),
+        stages=(
+            TrainStage(steps=30, learning_rate=1e-2, batch_size=32, checkpoint_every=0, eval_every=0, log_every=10),
+            QATStage(
+                method=arg or "ste",
+                calibration_examples=64,
+                train=TrainStage(steps=4, learning_rate=1e-3, batch_size=32, checkpoint_every=2, eval_every=0, log_every=2),
+            ),
+        ),
+    )
+"""
+
+
+def test_qat_trials_of_different_bit_widths_fine_tune_together(tmp_path):
+    """QAT at 3, 4, 6 and 8 bits: the four fine-tunings train as one program with each quantizer's
+    integer grid a value in the state, and each trial ends at its own bit width where its
+    sequential run ends (metrics, parameters, files, checkpoint shapes, the stored model's bits).
+
+    A vmapped step rounds some sums differently from the sequential one (ulps); a weight whose value
+    sits on its grid's rounding or clipping boundary (a weight quantizer re-reads the kernel's range
+    each step, so its largest weight sits on the clipping edge) then takes the other side, and its
+    update differs by about one optimizer step: a few weights differ by up to ~3e-3, the rest agree to
+    float rounding. That the lifted grids compute exactly what the trials' own do is
+    tests/methods/quantization/test_quant_lift.py's."""
+    cfg = tmp_path / "qat.py"
+    cfg.write_text(QAT)
+    base = C.load_config(str(cfg))
+    grid = {"stages.qat.bits": [3, 4, 6, 8]}
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    pop = sweep_lib.sweep(
+        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(4))
+    )
+    assert not seq.failed and not pop.failed
+    (later,) = pop.executor["populations"][0]["later_stages"]
+    assert later["stage"] == 1 and later["trials"] == [0, 1, 2, 3] and later["k"] == 4
+    assert later["lifted"] and all(v == [[3], [4], [6], [8]] for v in later["lifted"].values())
+    accuracy = []
+    for bits, a, b in zip((3, 4, 6, 8), seq.points, pop.points, strict=True):
+        sa, sb = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"][1] for p in (a, b))
+        assert any("integer grids as values" in n for n in sb["notes"])
+        for key in ("test_accuracy", "val_accuracy", "final_train_loss"):
+            assert sb["metrics"][key] == pytest.approx(sa["metrics"][key], abs=2e-3, rel=1e-4), key
+        accuracy.append(sa["metrics"]["final_train_loss"])
+        for x, y in zip(_params(a.run_dir), _params(b.run_dir), strict=True):
+            off = np.abs(np.asarray(x) - np.asarray(y))
+            assert off.max() < 5e-3 and np.mean(off > 2e-5) < 0.01, (bits, off.max(), np.mean(off > 2e-5))
+        assert _files(b.run_dir) == _files(a.run_dir)
+        stage_dirs = [os.path.join(p.run_dir, "stages", "1_qat") for p in (a, b)]
+        for step in (2, 4):
+            assert _checkpoint_shapes(stage_dirs[1], step) == _checkpoint_shapes(stage_dirs[0], step)
+        from methods.quantization.modules import find_quantizers
+
+        _, model, _ = run_lib.load_run(b.run_dir)
+        assert {q.spec.bits for _, q in find_quantizers(model)} == {bits}
+        assert all(getattr(q, "lifted_grid", None) is None for _, q in find_quantizers(model))
+    assert len(set(accuracy)) == 4  # the bit widths reached the trials
+
+
 def test_mixed_keys_split_into_populations_with_a_reason(config_file):
     base = C.load_config(config_file)
     configs = [
