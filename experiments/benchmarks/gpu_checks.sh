@@ -19,7 +19,9 @@
 # the GPU's sort against the CPU's bisection, up to a 4096x1024 leaf), population_prune (a prune
 # stage vmapped over 32 trials with its step counters batched vs unbatched), population_decompose
 # (16 decompose stages of different ranks fine-tuned together, padded, vs alone vs sequential),
-# decompose_budget (a budget's bisection with the SVDs once vs per step; host-side numpy).
+# decompose_budget (a budget's bisection with the SVDs once vs per step; host-side numpy),
+# population_distill / population_qat (8 distilled prune stages at 4 temperatures x 2 hard weights,
+# 8 QAT stages at 4 bit widths x 2 learning rates: fine-tuned together vs alone vs sequential).
 set -u
 out=${1:?usage: gpu_checks.sh OUTDIR [SECONDS [STEP ...]]}
 budget=${2:-420}
@@ -87,6 +89,8 @@ step prune_masks 60 python3 -m experiments.benchmarks.prune_masks --sizes 235200
 step population_prune 90 python3 -m experiments.benchmarks.population_prune --points 32 --chunk 32 --rounds 2
 step population_decompose 120 python3 -m experiments.benchmarks.population_decompose --points 16 --chunk 16 --rounds 2
 step decompose_budget 45 python3 -m experiments.benchmarks.decompose_budget --rounds 2
+step population_distill 120 python3 -m experiments.benchmarks.population_kd_qat --stage distill --rounds 2
+step population_qat 120 python3 -m experiments.benchmarks.population_kd_qat --stage qat --rounds 2
 step population_lenet5_free 120 python3 -m experiments.benchmarks.population --models lenet5 --ks 8 32 \
   --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none --search ascending --verbose
 
