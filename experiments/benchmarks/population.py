@@ -16,9 +16,9 @@ learning rates of a train-only config (digits; the same steps and batches for ev
   measuring its chunk size), after the sequential warm-up sweep compiled the sequential step; the
   warm figures reuse both, as the sequential sweep reuses its jitted step after the warm-up sweep.
 - ``seq cold`` / ``pop cold`` / ``cold p/s``: each executor's sweep of the K trials as the first
-  sweep of a fresh process (``--cold``, the default; one subprocess each, seq first), so both pay
-  their compilations: what a one-shot ``slimjax sweep`` pays. Only the sweep call is timed, not
-  the interpreter's start.
+  sweep of a fresh process (``--cold``, the default; one subprocess each, ``--cold-repeats`` times
+  alternating which goes first, the fastest of each kept), so both pay their compilations: what a
+  one-shot ``slimjax sweep`` pays. Only the sweep call is timed, not the interpreter's start.
 - ``plain K`` / ``plain chosen``: a hand-written plain-JAX loop (the whole training as one
   ``lax.scan``, Adam with the learning rate as a traced value; on a CPU a model with convolutions
   steps one compiled step per call instead, as :func:`research.train.scan_steps` does), K (or the
@@ -211,6 +211,12 @@ def main(argv=None) -> int:
         help="also time each executor's sweep as the first of a fresh process (one subprocess each)",
     )
     parser.add_argument(
+        "--cold-repeats",
+        type=int,
+        default=1,
+        help="fresh processes per executor for the cold figures (alternating which goes first; fastest kept)",
+    )
+    parser.add_argument(
         "--measure-budget",
         type=lambda v: v if v == "default" else None if v == "none" else float(v),
         default="default",
@@ -297,8 +303,15 @@ def main(argv=None) -> int:
             ratio = pop_tps / seq_tps
             cold_cells = ""
             if args.cold:
-                seq_cold = k / _cold_seconds(model, k, "sequential", args)
-                pop_cold = k / _cold_seconds(model, k, "population", args)
+                colds: dict[str, list[float]] = {"sequential": [], "population": []}
+                for r in range(args.cold_repeats):
+                    for name in ("sequential", "population") if r % 2 == 0 else ("population", "sequential"):
+                        colds[name].append(_cold_seconds(model, k, name, args))
+                rounds.append(
+                    f"{model} K={k}: cold seconds per fresh process, seq {[round(t, 2) for t in colds['sequential']]}, "
+                    f"pop {[round(t, 2) for t in colds['population']]}"
+                )
+                seq_cold, pop_cold = k / min(colds["sequential"]), k / min(colds["population"])
                 cold_cells = f" {seq_cold:>8.2f} {pop_cold:>8.2f} {pop_cold / seq_cold:>8.2f}"
             print(
                 f"{model:<9} {k:>4} {chosen:>8} {runner:>6} {seq_tps:>12.2f} {pop_tps:>12.2f} {k / cold:>8.2f} {ratio:>8.2f} "

@@ -116,8 +116,11 @@ class Budget:
       than the sequential step's for the first.
 
     They are lower bounds or measured figures. Measuring therefore exceeds ``fraction`` by at most
-    what one measurement costs beyond its prediction: when vmap does not pay, the population loses
-    at most that to the sequential executor.
+    what one measurement costs beyond its prediction, plus the rounds that confirm a compiled
+    program against the sequential step (:meth:`allows_confirming`: each at most ``fraction`` of
+    what the program's timing promises to save). When vmap does not pay (no program times faster
+    than the sequential step, so no saving is promised), the population loses at most the first
+    to the sequential executor.
 
     Attributes:
       trials: trials in the population.
@@ -192,6 +195,19 @@ class Budget:
     def allows(self, seconds: float) -> bool:
         """Whether a further ``seconds`` of measuring (a confirmation round) stays within the budget."""
         return self.spent() + seconds <= self.limit()
+
+    def saving(self, trial_step_seconds: float) -> float:
+        """Seconds the whole training saves at ``trial_step_seconds`` per trial step against the
+        sequential step (0 when it is not faster)."""
+        return self.trials * self.steps * max(0.0, self._sequential - trial_step_seconds)
+
+    def allows_confirming(self, seconds: float, trial_step_seconds: float) -> bool:
+        """Whether a round of ``seconds`` timing a compiled program (at ``trial_step_seconds`` per
+        trial step so far) against the sequential step may run: within the budget, or at most
+        ``fraction`` of what the program would save if its timing holds. Its compile, the
+        expensive part, is paid by then: a cold process whose compile overran the budget would
+        otherwise drop a program that one timing showed 1.7x faster, unconfirmed, after paying for it."""
+        return self.allows(seconds) or seconds <= self.fraction * self.saving(trial_step_seconds)
 
 
 def _over_memory(k: int, nbytes: int, memory_limit: int) -> str:
@@ -383,15 +399,16 @@ def _against_sequential(
     different moments of a loaded machine, does not show the population faster; unless it is
     ``accept_margin`` times faster or more (no load moves a timing that far)."""
     pop, rounds = best.step_seconds, 0
+    chunks = math.ceil(n_trials / best.k)
     for _ in range(confirm_rounds):
-        if budget is not None and not budget.allows(budget.timed_steps * pop + budget.sequential_timed_steps * seq):
+        cost = budget.timed_steps * pop + budget.sequential_timed_steps * seq if budget is not None else 0.0
+        if budget is not None and not budget.allows_confirming(cost, chunks * pop / n_trials):
             reason += "the budget allows no more alternating timings against the sequential step. "
             break
         rounds += 1
         pop = min(pop, measure(best.k)[0])
         seq = min(seq, sequential())
     unconfirmed = confirm_rounds > 0 and rounds == 0
-    chunks = math.ceil(n_trials / best.k)
     best = dataclasses.replace(best, step_seconds=pop, trial_steps_per_s=n_trials / (chunks * pop))
     measured = [best if c.k == best.k else c for c in measured]
     seq_tps = 1.0 / seq if seq > 0 else math.inf

@@ -317,6 +317,57 @@ def test_distilled_fine_tunings_of_different_teachers_and_temperatures_train_tog
     assert len({round(v, 4) for v in kd}) == 4  # the temperatures and teachers reached the trials
 
 
+DISTILL_STAGE = """
+from methods.distillation import DistillStage
+from research.config import Config, DataConfig, ModelConfig
+from research.stages import TrainStage
+from research.teacher import KDTermConfig
+
+
+def get_config(arg=None):
+    return Config(
+        name="distill",
+        model=ModelConfig(name="mlp", options={"widths": (16,)}),
+        data=DataConfig(name="digits", limit=300),
+        stages=(
+            TrainStage(steps=20, learning_rate=1e-2, batch_size=32, checkpoint_every=0, eval_every=0, log_every=10),
+            DistillStage(
+                student_model="mlp",
+                student_options={"widths": (8,)},
+                terms=(KDTermConfig(name="dkd", weight=1.0, options={"beta": 4.0}),),
+                hard_weight=1.0,
+                train=TrainStage(steps=4, batch_size=32, checkpoint_every=0, eval_every=0, log_every=2),
+            ),
+        ),
+    )
+"""
+
+
+def test_distill_stages_with_different_kd_values_train_together(tmp_path):
+    """The ``distill`` stage (a fresh student, DKD) at two betas and two hard weights: one program,
+    the sequential executor's results."""
+    cfg = tmp_path / "distill.py"
+    cfg.write_text(DISTILL_STAGE)
+    base = C.load_config(str(cfg))
+    grid = {"stages.distill.terms.0.options.beta": [2.0, 8.0], "stages.distill.hard_weight": [0.5, 1.0]}
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    pop = sweep_lib.sweep(
+        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(4))
+    )
+    assert not seq.failed and not pop.failed
+    assert pop.executor["populations"][0]["later_stages"] == [{"stage": 1, "trials": [0, 1, 2, 3], "k": 4}]
+    losses = []
+    for a, b in zip(seq.points, pop.points, strict=True):
+        sa, sb = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"][1] for p in (a, b))
+        assert any("fine-tuned in a population of 4" in n for n in sb["notes"])
+        for key in ("test_accuracy", "final_train_loss", "kd_dkd", "hard_loss"):
+            assert sb["metrics"][key] == pytest.approx(sa["metrics"][key], abs=2e-3, rel=1e-4), key
+        losses.append(sa["metrics"]["final_train_loss"])
+        assert _close(_params(a.run_dir), _params(b.run_dir))
+        assert _files(b.run_dir) == _files(a.run_dir)
+    assert len({round(v, 5) for v in losses}) == 4
+
+
 QAT = """
 from methods.quantization import QATStage
 from research.config import Config, DataConfig, ModelConfig
@@ -547,10 +598,19 @@ def test_chooser_stops_measuring_when_the_budget_is_spent():
     costs = FakeCosts(step=lambda k: 1.0 * k**0.5, compile_=lambda k: 30.0 + k, seq=0.9, seq_compile=30.0)
     choice, budget = costs.choose(8, 1000)
     assert set(costs.measured) == {1, 2, 4, 8} and choice.k == 8 and choice.runner == "population"
-    # a population program faster in its one timing, with no budget left to confirm it: the sequential path
-    costs = FakeCosts(step=lambda k: {1: 0.5, 2: 2.0}[k], compile_=lambda k: 40.0, seq=1.0, seq_compile=40.0)
-    choice, _ = costs.choose(8, 55)
+    # a population program slightly faster in its one timing, with no budget left to confirm it (a
+    # round costs 4 x 0.9 + 4 x 1 = 7.6 s, more than 0.1 of the 8 x 55 x 0.1 = 44 s it promises): the
+    # sequential path
+    costs = FakeCosts(step=lambda k: {1: 0.9, 2: 2.0}[k], compile_=lambda k: 40.0, seq=1.0, seq_compile=40.0)
+    choice, budget = costs.choose(8, 55)
     assert costs.measured == [1] and choice.runner == "sequential" and "unconfirmed" in choice.reason
+    assert not budget.allows(7.6) and not budget.allows_confirming(7.6, 0.9)
+    # ... twice as fast: its compile overran the budget, but a round (6 s) costs less than 0.1 of the
+    # 220 s it promises, so both rounds run, confirm it and it trains (K=2 is not compiled: over budget)
+    costs = FakeCosts(step=lambda k: {1: 0.5, 2: 2.0}[k], compile_=lambda k: 40.0, seq=1.0, seq_compile=40.0)
+    choice, budget = costs.choose(8, 55)
+    assert costs.measured == [1, 1, 1] and choice.runner == "population" and choice.k == 1
+    assert budget.spent() > budget.limit() and "unconfirmed" not in choice.reason
     # ... and one slower in its one timing: the sequential step is faster, nothing to confirm
     costs = FakeCosts(step=lambda k: {1: 2.0, 2: 4.0}[k], compile_=lambda k: 40.0, seq=1.0, seq_compile=40.0)
     choice, _ = costs.choose(8, 55)
@@ -633,15 +693,27 @@ def test_on_gpu_costs_the_ascending_search_trains_sequentially_and_largest_first
     # the scanned program also saves the per-step dispatch that the sequential step pays from Python
     assert "largest first: K=32 measured" in choice.reason and "187.67x the sequential step" in choice.reason
     assert budget.spent() <= budget.limit()
-    # 8 trials, a 3.2 s compile: it spends the budget (3.12 s), no confirmation round is left; 58x is taken
+    # 8 trials, a 3.2 s compile: it spends the budget (3.12 s); the confirmation rounds cost 3.5 ms
+    # against the 6.1 s it promises, so they run and it is taken confirmed
     slow_compile = {**H200, "compile_": lambda k: 3.2}
     costs = FakeCosts(**slow_compile)
     choice, _ = costs.choose(8, 1000, **accelerator)
+    assert choice.k == 8 and costs.measured == [8, 8, 8] and "at least 2x: taken" not in choice.reason
+    # where a round costs too much the margin still decides an unconfirmed timing: 2.5x the sequential step
+    # at a compile that leaves no budget, where a round (3.3 s) costs more than half of the 3.7 s it would save
+    costs = FakeCosts(**{**slow_compile, "step": lambda k: 8 * 0.78e-3 / 2.5}, timed=1000, seq_timed=1000)
+    choice, _ = costs.choose(8, 1000, **accelerator)
     assert choice.k == 8 and costs.measured == [8] and "at least 2x: taken" in choice.reason
-    # ... but not without the margin (the CPU's rule: one timing each does not decide)
+    # ... and without the margin (the CPU's rule: one timing each does not decide), the two rounds
+    # that confirm it cost 3.5 ms against the 6.1 s it promises: they run, and it is taken
     costs = FakeCosts(**slow_compile)
     choice, _ = costs.choose(8, 1000, fraction=0.5, largest_first=True)
-    assert choice.runner == "sequential" and "unconfirmed" in choice.reason
+    assert choice.k == 8 and choice.runner == "population" and costs.measured == [8, 8, 8]
+    assert "unconfirmed" not in choice.reason
+    # a compile that overran the budget and a timing that promises nothing: no round, the sequential path
+    costs = FakeCosts(**{**slow_compile, "step": lambda k: 8 * 0.78e-3})
+    choice, _ = costs.choose(8, 1000, fraction=0.5, largest_first=True)
+    assert choice.runner == "sequential" and costs.measured == [8]
 
 
 def test_largest_first_skips_what_does_not_fit_and_falls_back_when_vmap_does_not_pay():
