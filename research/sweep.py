@@ -380,6 +380,8 @@ def report_populations(summary: Mapping[str, Any]) -> list[str]:
         took = f" (choosing took {took:.1f} s)" if took else ""
         n = len(p["trials"])
         lines.append(f"population {p['population']}: {n} trial{'s' * (n != 1)}, K={p['k']}{took}: {p['why']}{sep}")
+        for a in p.get("later_alone", []):
+            lines.append(f"  trial {a['trial']}, stage {a['stage']}: fine-tuned alone: {a['why']}")
     return lines
 
 

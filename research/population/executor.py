@@ -48,6 +48,7 @@ from research.population.chooser import choose_k
 from research.population.keys import signature
 from research.population.keys import split_populations
 from research.population.later import TrialThread
+from research.population.later import alone_reason
 from research.population.later import request_key
 from research.population.later import save_progress
 from research.population.later import train_requests
@@ -416,18 +417,27 @@ class PopulationExecutor:
         """Trains the waiting trials' fine-tuning requests, those with one program key together;
         returns ``{id(thread): (model, records, (defs, state), notes)}`` (absent: trains alone)."""
         groups: dict[Any, list] = {}
+        keys: dict[int, Any] = {}
+        unhashable: dict[int, str] = {}
         for t in waiting:
             try:
                 key = request_key(t.request)
                 hash(key)
-            except Exception:  # e.g. an unhashable step key: it trains alone, as in a plain run
-                key = None
+            except Exception as e:  # e.g. an unhashable step key: it trains alone, as in a plain run
+                key, unhashable[id(t)] = None, f"its program key is not hashable ({type(e).__name__}: {e})"
+            keys[id(t)] = key
             if key is not None:
                 groups.setdefault(key, []).append(t)
+        for t in waiting:  # why a fine-tuning trains alone (its own jitted step, as in a plain run)
+            if keys[id(t)] is None or len(groups[keys[id(t)]]) < 2:
+                others = [keys[id(o)] for o in waiting if o is not t]
+                why = unhashable.get(id(t)) or alone_reason(t.request, keys[id(t)], others)
+                trial = jobs[threads.index(t)].key
+                entry.setdefault("later_alone", []).append({"stage": t.request.stage, "trial": trial, "why": why})
         replies: dict[int, Any] = {}
         for key, members in groups.items():
             if len(members) < 2:
-                continue  # alone (K=1, or the last chunk's only trial): its own jitted step, as in a plain run
+                continue
             requests = [t.request for t in members]
             try:
                 trained = train_requests(

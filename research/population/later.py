@@ -128,6 +128,37 @@ def request_key(request) -> tuple | None:
     )
 
 
+KEY_PARTS = (
+    "kind",
+    "stage",
+    "optimizer settings (but the learning rate and AdamW's weight decay)",
+    "optimizer wrapper, kept constraints or loss (step_key)",
+    "model graph (sizes and lifted choices aside)",
+    "training data shape",
+    "training data dtype",
+    "batch size",
+)
+"""What each entry of :func:`request_key` is, for the reasons :func:`alone_reason` gives."""
+
+
+def alone_reason(request, key: tuple | None, others: Sequence[tuple]) -> str:
+    """Why ``request`` (program key ``key``) trains alone in its chunk, whose other fine-tuning
+    requests of the stage have the program keys ``others`` (``None`` for those that train alone)."""
+    kw = request.kwargs
+    if key is None:
+        if kw.get("data_parallel"):
+            return "data-parallel over the devices (a population shards over its trials instead)"
+        if kw.get("eval_every") and kw["eval_every"] < kw["steps"]:
+            return f"validation rows during training (eval_every={kw['eval_every']} < steps={kw['steps']})"
+        return "resumed from its own checkpoint (an interrupted stage)"
+    keyed = [o for o in others if o is not None]
+    if not keyed:
+        return "the only fine-tuning of its chunk at this stage"
+    common = max(set(keyed), key=keyed.count)
+    differ = [name for name, a, b in zip(KEY_PARTS, key, common, strict=False) if a != b]
+    return "its program differs from the chunk's other trials' in: " + ", ".join(differ or ["its key"])
+
+
 @dataclasses.dataclass
 class Trained:
     """What :func:`train_requests` gives back for a group of requests.

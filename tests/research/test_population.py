@@ -125,6 +125,9 @@ def test_population_trials_match_sequential_trials(pruned_runs):
     # the prune stage's fine-tuning of the full chunk trained as one program too; the padded chunk's
     # single trial fine-tuned alone
     assert population["later_stages"] == [{"stage": 1, "trials": [0, 1], "k": 2}]
+    assert population["later_alone"] == [
+        {"stage": 1, "trial": 2, "why": "the only fine-tuning of its chunk at this stage"}
+    ]
     for a, b in zip(seq.points, pop.points, strict=True):
         assert b.note == "population 0, chunk of 2"
         stages_a, stages_b = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"] for p in (a, b))
@@ -434,6 +437,33 @@ def test_qat_trials_of_different_bit_widths_fine_tune_together(tmp_path):
         assert {q.spec.bits for _, q in find_quantizers(model)} == {bits}
         assert all(getattr(q, "lifted_grid", None) is None for _, q in find_quantizers(model))
     assert len(set(accuracy)) == 4  # the bit widths reached the trials
+
+
+def test_later_fine_tunings_that_differ_train_alone_with_the_reason(config_file, tmp_path):
+    """Two trials whose prune stages fine-tune at different batch sizes: both train alone, and the
+    executor summary (sweep.json, the CLI's lines) says which part of their programs differs."""
+    base = C.load_config(config_file + ":pruned")
+    grid = {"stages.prune.batch_size": [32, 16]}
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    pop = sweep_lib.sweep(
+        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(2))
+    )
+    assert not seq.failed and not pop.failed
+    (population,) = pop.executor["populations"]
+    assert population["k"] == 2 and "later_stages" not in population
+    assert population["later_alone"] == [
+        {"stage": 1, "trial": i, "why": "its program differs from the chunk's other trials' in: batch size"}
+        for i in (0, 1)
+    ]
+    lines = sweep_lib.report_populations(pop.executor)
+    assert (
+        "  trial 1, stage 1: fine-tuned alone: its program differs from the chunk's other trials' in: batch size"
+        in lines
+    )
+    for a, b in zip(seq.points, pop.points, strict=True):
+        assert _close(_params(a.run_dir), _params(b.run_dir))
+    with open(os.path.join(pop.workdir, "sweep.json")) as f:
+        assert json.load(f)["executor"]["populations"][0]["later_alone"] == population["later_alone"]
 
 
 def test_mixed_keys_split_into_populations_with_a_reason(config_file):
