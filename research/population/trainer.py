@@ -17,6 +17,7 @@ is given; the data are replicated.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -269,14 +270,14 @@ class PopulationTrainer:
         extended = self.extended
         # Per-example tables (a cached teacher's logits) once per distinct table, replicated; each
         # trial gathers its rows by its table's index.
-        self._table_id, tables = [], []
+        self._table_id, tables, seen = [], [], {}
         for m in members:
             table = m.batch_loss.rows if extended else {}
-            found = next((t for t, other in enumerate(tables) if _same_tree(other, table)), None)
-            if found is None:
+            digest = _tree_digest(table)
+            if digest not in seen:
+                seen[digest] = len(tables)
                 tables.append(table)
-                found = len(tables) - 1
-            self._table_id.append(found)
+            self._table_id.append(seen[digest])
         stacked = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *tables)
         self._tables = jax.device_put(stacked, replicated)
         transforms = members[0].batch_loss.transforms if extended else ()
@@ -696,13 +697,13 @@ def _vmap_lockstep(step: Callable, other_axes: tuple) -> Callable:
     return call
 
 
-def _same_tree(a, b) -> bool:
-    """Whether two pytrees of arrays have one structure and equal leaves (shapes, dtypes, values)."""
-    if jax.tree.structure(a) != jax.tree.structure(b):
-        return False
-    return all(
-        np.shape(x) == np.shape(y) and np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+def _tree_digest(tree) -> tuple:
+    """A pytree of arrays as a hashable digest: its structure and each leaf's shape, dtype and a
+    SHA-256 of its bytes (equal digests: equal tables, so K trials with one teacher keep one copy)."""
+    leaves = [np.ascontiguousarray(np.asarray(x)) for x in jax.tree.leaves(tree)]
+    return (
+        str(jax.tree.structure(tree)),
+        tuple((x.shape, str(x.dtype), hashlib.sha256(x.tobytes()).hexdigest()) for x in leaves),
     )
 
 
