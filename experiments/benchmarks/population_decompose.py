@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import statistics
-import tempfile
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from research.population import executor as pop_executor
+from experiments.benchmarks.later_ways import alternate_ways
+from experiments.benchmarks.later_ways import ways_rows
 from research.population import later as pop_later
 from research.report import format_table
 
@@ -63,9 +60,7 @@ def _ranks(run_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    from research.executors import make_executor  # pylint: disable=import-outside-toplevel
     from research.run import register_all_stages  # pylint: disable=import-outside-toplevel
-    from research.sweep import sweep  # pylint: disable=import-outside-toplevel
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="lenet300")
@@ -80,43 +75,21 @@ def main(argv=None) -> int:
     grid = {"stages.decompose.budget_param_ratio": [round(float(v), 3) for v in np.linspace(0.15, 0.6, args.points)]}
     padded_key = pop_later.canonical_graphdef
     ways = ("sequential", "population, alone", "population, padded together")
-    programs = {name: {} for name in ways}
-    seconds = {name: [] for name in ways}
-    accuracy, later, ranks = {}, {}, []
-    root = tempfile.mkdtemp(prefix="population_decompose_")
+    ranks: list[str] = []
+
+    def switch(name):  # alone: each trial's own graph as its grouping key (no padding)
+        pop_later.canonical_graphdef = nnx.graphdef if name and name.endswith("alone") else padded_key
+
+    def on_report(name, report):
+        ranks[:] = [_ranks(p.run_dir) for p in report.points]
+
     dev = jax.devices()[0]
     print(f"device: {dev.platform} ({dev.device_kind}) x {jax.device_count()}; jax {jax.__version__}")
-    try:
-        for r in range(args.rounds + 1):
-            for name in ways if r % 2 == 0 else reversed(ways):
-                pop_later.canonical_graphdef = nnx.graphdef if name.endswith("alone") else padded_key
-                pop_executor._PROGRAMS = programs[name]  # pylint: disable=protected-access
-                executor = "sequential" if name == "sequential" else make_executor("population", chunk_size=args.chunk)
-                t0 = time.perf_counter()
-                report = sweep(config, grid, f"{root}/{r}", progress=False, overwrite=True, executor=executor)
-                dt = time.perf_counter() - t0
-                print(f"round {r} {name}: {dt:.2f} s{' (compiles; not counted)' if r == 0 else ''}", flush=True)
-                if r:
-                    seconds[name].append(dt)
-                accuracy[name] = [p.metrics.get("test_accuracy", float("nan")) for p in report.points]
-                pops = report.executor.get("populations", [])
-                later[name] = sum(len(p.get("later_stages", [])) for p in pops)
-                ranks = [_ranks(p.run_dir) for p in report.points]
-    finally:
-        pop_later.canonical_graphdef = padded_key
-        pop_executor._PROGRAMS = {}  # pylint: disable=protected-access
-        shutil.rmtree(root, ignore_errors=True)
-    med = {name: statistics.median(t) for name, t in seconds.items()}
-    rows = [
-        {
-            "way": name,
-            "sweep s (median)": med[name],
-            "rounds": " ".join(f"{t:.2f}" for t in seconds[name]),
-            "decompose stages as populations": later[name],
-            "max |test acc - sequential|": float(np.max(np.abs(np.subtract(accuracy[name], accuracy["sequential"])))),
-        }
-        for name in ways
-    ]
+    seconds, accuracy, later = alternate_ways(
+        config, grid, ways, switch, rounds=args.rounds, chunk=args.chunk, prefix="population_decompose_",
+        on_report=on_report,
+    )  # fmt: skip
+    rows, med = ways_rows(ways, seconds, accuracy, later, "decompose stages as populations")
     print(
         f"\n{args.points} points of {args.model} on mnist5k, train {args.steps} -> decompose (parameter budgets "
         f"{grid['stages.decompose.budget_param_ratio']}) with {args.fine_tune_steps} fine-tuning steps, chunk {args.chunk}:"

@@ -19,14 +19,11 @@ Run:
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
-import tempfile
-import time
 
 import jax
-import numpy as np
 
+from experiments.benchmarks.later_ways import alternate_ways
+from experiments.benchmarks.later_ways import ways_rows
 from research.population import executor as pop_executor
 from research.report import format_table
 
@@ -65,9 +62,7 @@ def make_config(stage: str, steps: int, fine_tune_steps: int, model: str):
 
 
 def main(argv=None) -> int:
-    from research.executors import make_executor  # pylint: disable=import-outside-toplevel
     from research.run import register_all_stages  # pylint: disable=import-outside-toplevel
-    from research.sweep import sweep  # pylint: disable=import-outside-toplevel
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=sorted(GRIDS), default="distill")
@@ -82,45 +77,21 @@ def main(argv=None) -> int:
     grid = GRIDS[args.stage]
     together_key = pop_executor.request_key
     ways = ("sequential", "population, alone", "population, together")
-    programs = {name: {} for name in ways}
-    seconds = {name: [] for name in ways}
-    accuracy, later = {}, {}
-    root = tempfile.mkdtemp(prefix=f"population_{args.stage}_")
+
+    def switch(name):  # alone: no later stage's request has a program key, so each trains as in a sequential run
+        pop_executor.request_key = (lambda request: None) if name and name.endswith("alone") else together_key
+
+    def on_report(name, report):
+        if report.failed:
+            raise RuntimeError(f"{name}: {len(report.failed)} points failed: {report.failed[0].error}")
+
     dev = jax.devices()[0]
     print(f"device: {dev.platform} ({dev.device_kind}) x {jax.device_count()}; jax {jax.__version__}")
-    try:
-        for r in range(args.rounds + 1):
-            for name in ways if r % 2 == 0 else reversed(ways):
-                # alone: no later stage's request has a program key, so each trains as in a sequential run
-                pop_executor.request_key = (lambda request: None) if name.endswith("alone") else together_key
-                pop_executor._PROGRAMS = programs[name]  # pylint: disable=protected-access
-                executor = "sequential" if name == "sequential" else make_executor("population", chunk_size=args.chunk)
-                t0 = time.perf_counter()
-                report = sweep(config, grid, f"{root}/{r}", progress=False, overwrite=True, executor=executor)
-                dt = time.perf_counter() - t0
-                print(f"round {r} {name}: {dt:.2f} s{' (compiles; not counted)' if r == 0 else ''}", flush=True)
-                if r:
-                    seconds[name].append(dt)
-                if report.failed:
-                    raise RuntimeError(f"{name}: {len(report.failed)} points failed: {report.failed[0].error}")
-                accuracy[name] = [p.metrics.get("test_accuracy", float("nan")) for p in report.points]
-                pops = report.executor.get("populations", [])
-                later[name] = sum(len([s for s in p.get("later_stages", []) if "trials" in s]) for p in pops)
-    finally:
-        pop_executor.request_key = together_key
-        pop_executor._PROGRAMS = {}  # pylint: disable=protected-access
-        shutil.rmtree(root, ignore_errors=True)
-    med = {name: statistics.median(t) for name, t in seconds.items()}
-    rows = [
-        {
-            "way": name,
-            "sweep s (median)": med[name],
-            "rounds": " ".join(f"{t:.2f}" for t in seconds[name]),
-            f"{args.stage} stages as populations": later[name],
-            "max |test acc - sequential|": float(np.max(np.abs(np.subtract(accuracy[name], accuracy["sequential"])))),
-        }
-        for name in ways
-    ]
+    seconds, accuracy, later = alternate_ways(
+        config, grid, ways, switch, rounds=args.rounds, chunk=args.chunk, prefix=f"population_{args.stage}_",
+        on_report=on_report,
+    )  # fmt: skip
+    rows, med = ways_rows(ways, seconds, accuracy, later, f"{args.stage} stages as populations")
     points = len(accuracy["sequential"])
     print(
         f"\n{points} points of {args.model} on mnist5k, train {args.steps} -> {args.stage} ({grid}) with "

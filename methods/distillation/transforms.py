@@ -501,16 +501,11 @@ def kd_batch_loss(cache: TeacherCache, terms: Sequence[tuple[float, str, Mapping
     for weight, name, opts in terms:
         built = make_kd_term(name, **dict(opts))  # refuses bad options with the factory's own error
         student_paths += [p for p in built.student_paths if p not in student_paths]
-        params = inspect.signature(KD_TERMS.get(name)).parameters
-        given = {o: params[o].default for o in traced_options(name) if params[o].default is not inspect.Parameter.empty}
+        params, declared = inspect.signature(KD_TERMS.get(name)).parameters, traced_options(name)
+        given = {o: params[o].default for o in declared if params[o].default is not inspect.Parameter.empty}
         given.update(opts)
-        traced = tuple(
-            sorted(
-                o
-                for o, v in given.items()
-                if o in traced_options(name) and isinstance(v, (int, float)) and not isinstance(v, bool)
-            )
-        )
+        numeric = {o for o, v in given.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        traced = tuple(sorted(numeric & set(declared)))
         specs.append((name, {o: v for o, v in dict(opts).items() if o not in traced}, traced))
         options.append({o: np.float32(given[o]) for o in traced})
         weights.append(weight)

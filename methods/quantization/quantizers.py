@@ -422,7 +422,7 @@ def lsq_quantize(
     s = _bcast(step, x, axis)
     if grad_scale is None:
         n = x.size / max(int(np.prod(np.shape(step))), 1)
-        grad_scale = 1.0 / math.sqrt(n * qmax)
+        grad_scale = 1.0 / math.sqrt(n * qmax) if grid is None else jax.lax.rsqrt(jnp.float32(n) * qmax)
     noise = _noise(key, x.shape, x.dtype)
     stochastic = noise is not None
     noise = jnp.zeros((), x.dtype) if noise is None else noise

@@ -270,14 +270,15 @@ class PopulationTrainer:
         extended = self.extended
         # Per-example tables (a cached teacher's logits) once per distinct table, replicated; each
         # trial gathers its rows by its table's index.
-        self._table_id, tables, seen = [], [], {}
-        for m in members:
-            table = m.batch_loss.rows if extended else {}
-            digest = _tree_digest(table)
-            if digest not in seen:
-                seen[digest] = len(tables)
-                tables.append(table)
-            self._table_id.append(seen[digest])
+        self._table_id, tables, seen = [0] * len(members), [{}], {}
+        if extended:
+            tables = []
+            for j, m in enumerate(members):
+                digest = _tree_digest(m.batch_loss.rows)
+                if digest not in seen:
+                    seen[digest] = len(tables)
+                    tables.append(m.batch_loss.rows)
+                self._table_id[j] = seen[digest]
         stacked = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *tables)
         self._tables = jax.device_put(stacked, replicated)
         transforms = members[0].batch_loss.transforms if extended else ()
