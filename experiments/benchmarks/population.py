@@ -19,6 +19,9 @@ learning rates of a train-only config (digits; the same steps and batches for ev
   sweep of a fresh process (``--cold``, the default; one subprocess each, ``--cold-repeats`` times
   alternating which goes first, the fastest of each kept), so both pay their compilations: what a
   one-shot ``slimjax sweep`` pays. Only the sweep call is timed, not the interpreter's start.
+- ``ovl cold`` / ``ovl/seq`` (``--overlap``): a third fresh process per round, the population
+  executor with ``overlap=True`` (its program compiled in a background thread while its first
+  trials train one after another), against the same sequential figure.
 - ``plain K`` / ``plain chosen``: a hand-written plain-JAX loop (the whole training as one
   ``lax.scan``, Adam with the learning rate as a traced value; on a CPU a model with convolutions
   steps one compiled step per call instead, as :func:`research.train.scan_steps` does), K (or the
@@ -230,6 +233,12 @@ def main(argv=None) -> int:
         help="the chooser's search: every power of two from K=1 up, or only the largest K against the sequential "
         "step (auto: the executor's default, largest on a GPU/TPU and for a CPU population with convolutions)",
     )
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="cold figures also for the population executor with overlap=True (its program compiled in a "
+        "background thread while the first trials train)",
+    )
     parser.add_argument("--verbose", action="store_true", help="print the chooser's figures as each K finishes")
     parser.add_argument("--one-sweep", nargs=3, metavar=("MODEL", "K", "EXECUTOR"), help=argparse.SUPPRESS)
     parser.add_argument(
@@ -251,7 +260,10 @@ def main(argv=None) -> int:
     register_all_stages()
     if args.one_sweep:  # a cold sweep in this fresh process (for --cold): prints its seconds
         model, k, name = args.one_sweep
-        executor = make_executor(name, **(_population_options(args, int(k)) if name == "population" else {}))
+        options = _population_options(args, int(k)) if name.startswith("population") else {}
+        if name == "population-overlap":
+            name, options["overlap"] = "population", True
+        executor = make_executor(name, **options)
         seconds, _ = _sweep_seconds(_config(model, args.steps, args.batch_size), int(k), executor)
         print(f"SECONDS {seconds}")
         return 0
@@ -263,6 +275,7 @@ def main(argv=None) -> int:
         f"{'model':<9} {'K':>4} {'chosen K':>8} {'runner':>6} {'seq trials/s':>12} {'pop trials/s':>12} "
         f"{'pop 1st':>8} {'pop/seq':>8} {'plain K':>7} {'plain chosen':>12} {'kept':>6} {'kept@K':>7}"
         f"{' seq cold':>9} {'pop cold':>8} {'cold p/s':>8}"
+        + (f" {'ovl cold':>8} {'ovl/seq':>7}" if args.overlap else "")
     )
     print(header)
     print("-" * len(header))
@@ -303,16 +316,20 @@ def main(argv=None) -> int:
             ratio = pop_tps / seq_tps
             cold_cells = ""
             if args.cold:
-                colds: dict[str, list[float]] = {"sequential": [], "population": []}
+                names = ["sequential", "population"] + (["population-overlap"] if args.overlap else [])
+                colds: dict[str, list[float]] = {name: [] for name in names}
                 for r in range(args.cold_repeats):
-                    for name in ("sequential", "population") if r % 2 == 0 else ("population", "sequential"):
+                    for name in names if r % 2 == 0 else names[::-1]:
                         colds[name].append(_cold_seconds(model, k, name, args))
                 rounds.append(
-                    f"{model} K={k}: cold seconds per fresh process, seq {[round(t, 2) for t in colds['sequential']]}, "
-                    f"pop {[round(t, 2) for t in colds['population']]}"
+                    f"{model} K={k}: cold seconds per fresh process, "
+                    + ", ".join(f"{name} {[round(t, 2) for t in colds[name]]}" for name in names)
                 )
                 seq_cold, pop_cold = k / min(colds["sequential"]), k / min(colds["population"])
                 cold_cells = f" {seq_cold:>8.2f} {pop_cold:>8.2f} {pop_cold / seq_cold:>8.2f}"
+                if args.overlap:
+                    ovl_cold = k / min(colds["population-overlap"])
+                    cold_cells += f" {ovl_cold:>8.2f} {ovl_cold / seq_cold:>7.2f}"
             print(
                 f"{model:<9} {k:>4} {chosen:>8} {runner:>6} {seq_tps:>12.2f} {pop_tps:>12.2f} {k / cold:>8.2f} {ratio:>8.2f} "
                 f"{plain:>7.2f} {plain_chosen:>12.2f} {ratio / plain_chosen:>6.0%} {ratio / plain:>7.0%}{cold_cells}",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 SEQUENTIAL_K = 0
@@ -263,6 +264,8 @@ def choose_k(
     budget: Budget | None = None,
     largest_first: bool = False,
     accept_margin: float | None = None,
+    ks: Sequence[int] | None = None,
+    sequential_seconds: float | None = None,
 ) -> Choice:
     """Picks the chunk size with the most trials per second.
 
@@ -293,6 +296,10 @@ def choose_k(
       accept_margin: with ``sequential``, a population program whose first timing trains at least
         this many times the sequential step's trial steps per second is chosen even when the
         budget allows no confirmation round (``None``: never unconfirmed).
+      ks: with ``largest_first``, the Ks to try instead of :func:`candidate_ks` (a program compiled
+        for more trials than ``n_trials``, its chunk padded: the executor's background compile).
+      sequential_seconds: the sequential step's first timing when it was timed already (then
+        ``sequential`` is called only for the confirmation rounds).
 
     Returns:
       The :class:`Choice`; ``k == 1`` when no K > 1 beats one trial at a time, and
@@ -303,7 +310,9 @@ def choose_k(
     """
     measured: list[Candidate] = []
     reason = ""
-    first_seq = sequential() if sequential is not None else None
+    first_seq = None
+    if sequential is not None:
+        first_seq = sequential() if sequential_seconds is None else sequential_seconds
     if first_seq is None:
         budget = None
     if budget is not None:
@@ -311,7 +320,7 @@ def choose_k(
     if largest_first and sequential is not None:
         return choose_largest_first(
             n_trials, measure, sequential, first_seq, memory_limit=memory_limit, max_k=max_k,
-            multiple_of=multiple_of, confirm_rounds=confirm_rounds, budget=budget, accept_margin=accept_margin,
+            multiple_of=multiple_of, confirm_rounds=confirm_rounds, budget=budget, accept_margin=accept_margin, ks=ks,
         )  # fmt: skip
     for k in candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of):
         why = budget.refuse(k, measured) if budget is not None else None
@@ -459,6 +468,7 @@ def choose_largest_first(
     confirm_rounds: int = 2,
     budget: Budget | None = None,
     accept_margin: float | None = None,
+    ks: Sequence[int] | None = None,
 ) -> Choice:
     """The search for an accelerator: the largest K that fits, against the sequential step.
 
@@ -470,13 +480,15 @@ def choose_largest_first(
     ``inf`` seconds and not run): that one K is compiled and timed, then timed against the
     sequential step as :func:`choose_k` does (:func:`_against_sequential`: alternating rounds under
     the budget, ``accept_margin`` for a clear winner), and the faster trains.
-    ``first_seq`` is the sequential step's first timing (the budget began after it).
+    ``first_seq`` is the sequential step's first timing (the budget began after it). ``ks``: the
+    Ks to try (default :func:`candidate_ks`), largest first; one above ``n_trials`` trains one padded chunk.
 
     Raises:
       MemoryError: even one trial does not fit in ``memory_limit``.
     """
     reason = ""
-    for k in reversed(candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of)):
+    tried = sorted(ks) if ks is not None else candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of)
+    for k in reversed(tried):
         why = budget.refuse(k, []) if budget is not None else None
         if why:  # every K is predicted alike before any is measured
             reason += f"K={k} and smaller not measured: {why}. "

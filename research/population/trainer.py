@@ -430,18 +430,28 @@ class PopulationTrainer:
                 idx[t, j] = per_seed[self.members[i].seed]
         return idx, valid
 
-    def compiled(self, k: int):
-        """The compiled block program for ``k`` trials (compiled once per ``k``)."""
+    def program_args(self, k: int) -> tuple:
+        """The arguments the ``k`` trials' program is compiled with: trial 0 repeated ``k`` times
+        (its state, data, first batches and batch-loss values), placed."""
+        if not self.chunk_size_ok(k):
+            raise ValueError(f"chunk size {k} does not split over {len(self.devices)} devices; use a multiple")
+        idx, valid = self.batch_indices([0] * k, 0)
+        return (self.initial_state([0] * k), self._xs, self._ys, *self._trial_args([0] * k, idx, valid))
+
+    def is_compiled(self, k: int) -> bool:
+        """Whether the program for ``k`` trials is compiled already (by this trainer or one sharing its cache)."""
+        return (*self.program_key, k) in self._cache
+
+    def compiled(self, k: int, args: tuple | None = None):
+        """The compiled block program for ``k`` trials (compiled once per ``k``).
+
+        ``args``: :meth:`program_args` made beforehand (a compile in another thread then reads no
+        model of the trials while they train; default: made here)."""
         key = (*self.program_key, k)
         if key not in self._cache:
-            if not self.chunk_size_ok(k):
-                raise ValueError(f"chunk size {k} does not split over {len(self.devices)} devices; use a multiple")
-            state = self.initial_state([0] * k)
-            idx, valid = self.batch_indices([0] * k, 0)
+            args = self.program_args(k) if args is None else args
             t0 = time.perf_counter()
-            lowered = jax.jit(self._block, donate_argnums=(0,)).lower(
-                state, self._xs, self._ys, *self._trial_args([0] * k, idx, valid)
-            )
+            lowered = jax.jit(self._block, donate_argnums=(0,)).lower(*args)
             compiled = lowered.compile()
             self._cache[key] = (compiled, _program_bytes(compiled))
             self.compile_seconds[k] = time.perf_counter() - t0
