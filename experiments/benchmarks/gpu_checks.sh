@@ -21,7 +21,10 @@
 # (16 decompose stages of different ranks fine-tuned together, padded, vs alone vs sequential),
 # decompose_budget (a budget's bisection with the SVDs once vs per step; host-side numpy),
 # population_distill / population_qat (8 distilled prune stages at 4 temperatures x 2 hard weights,
-# 8 QAT stages at 4 bit widths x 2 learning rates: fine-tuned together vs alone vs sequential).
+# 8 QAT stages at 4 bit widths x 2 learning rates: fine-tuned together vs alone vs sequential),
+# population_overlap (cold sweeps of LeNet-5 with the population's program compiled in a background
+# thread while the first trials train, against measured first and against sequential: overlap=True
+# is off by default until this shows it pays beside an accelerator).
 set -u
 out=${1:?usage: gpu_checks.sh OUTDIR [SECONDS [STEP ...]]}
 budget=${2:-420}
@@ -93,6 +96,8 @@ step population_distill 120 python3 -m experiments.benchmarks.population_kd_qat 
 step population_qat 120 python3 -m experiments.benchmarks.population_kd_qat --stage qat --rounds 2
 step population_lenet5_free 120 python3 -m experiments.benchmarks.population --models lenet5 --ks 8 32 \
   --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none --search ascending --verbose
+step population_overlap 150 python3 -m experiments.benchmarks.population --models lenet5 --ks 8 32 \
+  --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --cold-repeats 1 --overlap
 
 echo "=== summary (${budget}s budget, $(($(date +%s) - start))s used)" | tee -a "$log"
 printf '%s\n' "${summary[@]}" | tee -a "$log"
