@@ -430,6 +430,9 @@ class FineTuneRequest:
       wrap_tx: the optimizer wrapper (a pruning schedule, kept masks), or ``None``.
       batch_loss: the loss transforms as a :class:`research.train.BatchLoss` (a cached teacher's
         distillation: its values travel in the batches), or ``None`` (the plain task loss).
+      alone: why this fine-tuning cannot train with others (its compiled step is not cacheable:
+        the stage's own loss transforms, a wrapper without a ``wrap_key``, a teacher run in the
+        step); ``""`` when it may. The runner records the reason and replies ``None``: it trains alone.
     """
 
     stage: int
@@ -438,6 +441,7 @@ class FineTuneRequest:
     kwargs: dict[str, Any]
     wrap_tx: Callable[[Any], Any] | None
     batch_loss: Any = None
+    alone: str = ""
 
 
 FINE_TUNE_RUNNER: contextvars.ContextVar = contextvars.ContextVar("slimjax_fine_tune_runner", default=None)
@@ -525,6 +529,11 @@ def fine_tune(
             stage=ctx.index, model=student, dataset=ds, kwargs=dict(asked), wrap_tx=wrapper, batch_loss=batch_loss
         )
         done = runner(request)
+    elif runner is not None:  # the runner reports why this one trains alone
+        why = _not_cacheable(ctx.label, loss_transforms, wrap_tx, wrap_key, setup)
+        runner(
+            FineTuneRequest(stage=ctx.index, model=student, dataset=ds, kwargs=dict(kwargs), wrap_tx=None, alone=why)
+        )
     if done is None:
         done = (
             *finetune(
@@ -567,6 +576,21 @@ def _clone(model):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     return nnx.clone(model)
+
+
+def _not_cacheable(label: str, loss_transforms, wrap_tx, wrap_key, setup) -> str:
+    """Why :func:`fine_tune`'s compiled step (stage ``label``) cannot be shared with other runs' (one sentence)."""
+    why = []
+    if loss_transforms:
+        why.append(f"the loss transforms of stage {label} itself are constants of its program")
+    if wrap_tx is not None and wrap_key is None:
+        why.append("its optimizer wrapper declares no wrap_key (what it bakes into the step is unknown)")
+    if setup is not None and setup.batch_loss is None:
+        why.append(
+            "its teacher runs in every step (not cached: TeacherConfig(cache=False) or "
+            "DistillStage(cache_teacher=False)), so its outputs are not values in the batches"
+        )
+    return "; ".join(why) or "its compiled step is not cacheable"
 
 
 def context_kwargs(ctx: StageContext) -> dict[str, Any]:

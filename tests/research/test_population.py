@@ -371,6 +371,67 @@ def test_distill_stages_with_different_kd_values_train_together(tmp_path):
     assert len({round(v, 5) for v in losses}) == 4
 
 
+UNCACHEABLE = """
+from methods.distillation import DistillStage
+from methods.quantization import KurtosisStage
+from research.config import Config, DataConfig, ModelConfig
+from research.stages import TrainStage
+
+
+def get_config(arg=None):
+    short = dict(steps=2, batch_size=32, checkpoint_every=0, eval_every=0, log_every=1)
+    return Config(
+        name="uncacheable",
+        model=ModelConfig(name="mlp", options={"widths": (16,)}),
+        data=DataConfig(name="digits", limit=300),
+        stages=(
+            TrainStage(steps=6, learning_rate=1e-2, batch_size=32, checkpoint_every=0, eval_every=0, log_every=3),
+            KurtosisStage(weight=0.01, train=TrainStage(learning_rate=1e-3, **short)),
+            DistillStage(student_model="mlp", student_options={"widths": (8,)}, cache_teacher=False, train=TrainStage(**short)),
+        ),
+    )
+"""
+
+
+def test_fine_tunings_that_cannot_share_a_program_are_reported_with_the_reason(tmp_path):
+    """A stage with its own loss transform (kurtosis) and one whose teacher runs in every step:
+    both train alone in every trial, as in a sequential run, and the summary says why."""
+    cfg = tmp_path / "uncacheable.py"
+    cfg.write_text(UNCACHEABLE)
+    base = C.load_config(str(cfg))
+    grid = {"stages.train.learning_rate": [1e-2, 3e-2]}
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    pop = sweep_lib.sweep(
+        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(2))
+    )
+    assert not seq.failed and not pop.failed
+    (population,) = pop.executor["populations"]
+    assert population["k"] == 2 and "later_stages" not in population
+    why = {(a["stage"], a["trial"]): a["why"] for a in population["later_alone"]}
+    assert set(why) == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    assert why[1, 0] == "the loss transforms of stage 1_kurtosis itself are constants of its program"
+    assert why[2, 1].startswith("its teacher runs in every step (not cached: TeacherConfig(cache=False) or ")
+    lines = sweep_lib.report_populations(pop.executor)
+    assert any(
+        line.startswith("  trial 1, stage 2: fine-tuned alone: its teacher runs in every step") for line in lines
+    )
+    for a, b in zip(seq.points, pop.points, strict=True):
+        assert _close(_params(a.run_dir), _params(b.run_dir))
+
+
+def test_the_reason_names_every_part_of_a_step_that_is_not_cacheable():
+    from research.stages import _not_cacheable
+    from research.teacher import KDSetup
+
+    online = KDSetup(student=None, loss_transforms=())
+    assert _not_cacheable("2_prune", (), lambda tx: tx, None, None) == (
+        "its optimizer wrapper declares no wrap_key (what it bakes into the step is unknown)"
+    )
+    assert _not_cacheable("2_prune", (), lambda tx: tx, ("masked", 1), None) == "its compiled step is not cacheable"
+    both = _not_cacheable("1_kd", (lambda loss: loss,), None, None, online)
+    assert both.startswith("the loss transforms of stage 1_kd itself are constants of its program; its teacher runs")
+
+
 QAT = """
 from methods.quantization import QATStage
 from research.config import Config, DataConfig, ModelConfig
