@@ -93,6 +93,16 @@ def _val_rows(run_dir):
     return [v for r in rows if r["split"] == "val" for v in (r["loss"], r["accuracy"], r["count"])]
 
 
+def _seq_and_pop(base, grid, tmp_path, timer):
+    """The grid swept by the sequential and the population executor (``timer``), neither failing."""
+    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
+    pop = sweep_lib.sweep(
+        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=timer)
+    )
+    assert not seq.failed and not pop.failed
+    return seq, pop
+
+
 def _close(a, b, atol=2e-5):
     return all(np.allclose(x, y, atol=atol, rtol=1e-4) for x, y in zip(a, b, strict=True))
 
@@ -230,11 +240,7 @@ def test_factorized_trials_of_different_ranks_fine_tune_together_padded(tmp_path
     cfg.write_text(DECOMPOSED)
     base = C.load_config(str(cfg))
     grid = {"stages.decompose.budget_param_ratio": [0.3, 0.6]}
-    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
-    pop = sweep_lib.sweep(
-        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(2))
-    )
-    assert not seq.failed and not pop.failed
+    seq, pop = _seq_and_pop(base, grid, tmp_path, favour(2))
     (later,) = pop.executor["populations"][0]["later_stages"]
     assert later["stage"] == 1 and later["trials"] == [0, 1] and later["k"] == 2
     stages = [[json.load(open(os.path.join(p.run_dir, "report.json")))["stages"] for p in r.points] for r in (seq, pop)]
@@ -400,11 +406,7 @@ def test_fine_tunings_that_cannot_share_a_program_are_reported_with_the_reason(t
     cfg.write_text(UNCACHEABLE)
     base = C.load_config(str(cfg))
     grid = {"stages.train.learning_rate": [1e-2, 3e-2]}
-    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
-    pop = sweep_lib.sweep(
-        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(2))
-    )
-    assert not seq.failed and not pop.failed
+    seq, pop = _seq_and_pop(base, grid, tmp_path, favour(2))
     (population,) = pop.executor["populations"]
     assert population["k"] == 2 and "later_stages" not in population
     why = {(a["stage"], a["trial"]): a["why"] for a in population["later_alone"]}
@@ -505,11 +507,7 @@ def test_later_fine_tunings_that_differ_train_alone_with_the_reason(config_file,
     executor summary (sweep.json, the CLI's lines) says which part of their programs differs."""
     base = C.load_config(config_file + ":pruned")
     grid = {"stages.prune.batch_size": [32, 16]}
-    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
-    pop = sweep_lib.sweep(
-        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(2))
-    )
-    assert not seq.failed and not pop.failed
+    seq, pop = _seq_and_pop(base, grid, tmp_path, favour(2))
     (population,) = pop.executor["populations"]
     assert population["k"] == 2 and "later_stages" not in population
     assert population["later_alone"] == [
