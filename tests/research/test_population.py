@@ -377,6 +377,35 @@ def test_distill_stages_with_different_kd_values_train_together(tmp_path):
     assert len({round(v, 5) for v in losses}) == 4
 
 
+FITNETS = DISTILL_STAGE.replace(
+    'terms=(KDTermConfig(name="dkd", weight=1.0, options={"beta": 4.0}),),',
+    'terms=(KDTermConfig(name="hinton", weight=0.9, options={"temperature": 4.0}), '
+    'KDTermConfig(name="fitnets", weight=0.01, options={"hints": (("layers/0", "layers/0"),)})),',
+)
+
+
+def test_fitnets_hints_from_cached_teacher_features_train_together(tmp_path):
+    """A FitNets hint (the student wrapped with a trained projection, the teacher's hidden features
+    cached per example) at two weights and two Hinton temperatures: one program, sequential results."""
+    assert FITNETS != DISTILL_STAGE
+    cfg = tmp_path / "fitnets.py"
+    cfg.write_text(FITNETS)
+    grid = {"stages.distill.terms.1.weight": [0.01, 0.1], "stages.distill.terms.0.options.temperature": [2.0, 4.0]}
+    seq, pop = _seq_and_pop(C.load_config(str(cfg)), grid, tmp_path, favour(4))
+    (population,) = pop.executor["populations"]
+    assert population["later_stages"] == [{"stage": 1, "trials": [0, 1, 2, 3], "k": 4}]
+    assert "later_alone" not in population
+    hints = []
+    for a, b in zip(seq.points, pop.points, strict=True):
+        sa, sb = (json.load(open(os.path.join(p.run_dir, "report.json")))["stages"][1] for p in (a, b))
+        for key in ("test_accuracy", "final_train_loss", "kd_fitnets", "kd_hinton"):
+            assert sb["metrics"][key] == pytest.approx(sa["metrics"][key], abs=2e-3, rel=1e-4), key
+        hints.append(sa["metrics"]["kd_fitnets"])
+        assert _close(_params(a.run_dir), _params(b.run_dir))
+        assert _files(b.run_dir) == _files(a.run_dir)  # the projection dropped after the stage in both
+    assert len({round(v, 4) for v in hints}) == 4
+
+
 UNCACHEABLE = """
 from methods.distillation import DistillStage
 from methods.quantization import KurtosisStage
