@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -93,3 +94,53 @@ def test_summary_lists_modules_and_total():
     model = nn.build_model("lenet5", input_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))
     text = nn.summary(model)
     assert "conv1" in text and f"{nn.param_count(model):,}" in text
+
+
+@pytest.mark.parametrize("name,shape", [("lenet5", (8, 8, 1)), ("mlp", (64,)), ("attn_gru", (16, 8))])
+def test_models_initialize_as_one_program_with_the_weights_built_op_by_op(name, shape):
+    from research.nn import registry
+
+    fn = registry.get_model_fn(name)
+    rngs_one, rngs_eager = nnx.Rngs(3), nnx.Rngs(3)
+    model = nn.build_model(name, input_shape=shape, num_classes=10, rngs=rngs_one)
+    eager = fn(shape, 10, rngs=rngs_eager)
+    assert nnx.graphdef(model) == nnx.graphdef(eager)
+    # the same draws within float rounding (a fused program may round a few weights differently)
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(eager)), strict=True):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    # the caller's Rngs advanced as the constructor advanced it
+    for a, b in zip(jax.tree.leaves(nnx.state(rngs_one)), jax.tree.leaves(nnx.state(rngs_eager)), strict=True):
+        a, b = (jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x for x in (a, b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # another seed runs the same program (its keys are arguments), with that seed's weights
+    programs = len(registry._INIT_PROGRAMS)
+    other = nn.build_model(name, input_shape=shape, num_classes=10, rngs=nnx.Rngs(4))
+    assert len(registry._INIT_PROGRAMS) == programs
+    (drawn, mine) = (max(jax.tree.leaves(nnx.state(m, nnx.Param)), key=np.size) for m in (other, model))
+    assert not np.array_equal(np.asarray(drawn), np.asarray(mine))
+
+
+def test_constructors_that_cannot_be_traced_are_built_op_by_op():
+    from research.nn import registry
+
+    class Picky(nnx.Module):
+        def __init__(self, *, rngs):
+            w = jax.random.normal(rngs.params(), (3,))
+            self.w = nnx.Param(w if float(w.sum()) > -100 else -w)  # Python control flow on a value
+
+    model = registry.initialize(Picky, rngs=nnx.Rngs(0))
+    assert model.w.get_value().shape == (3,)
+    assert any(v is registry._EAGER for v in registry._INIT_PROGRAMS.values())
+
+    # unhashable arguments, and a build inside a transformation, take the same path
+    class Scaled(nnx.Module):
+        def __init__(self, scale, *, rngs):
+            self.w = nnx.Param(jax.random.normal(rngs.params(), (2,)) * np.asarray(scale).sum())
+
+    assert registry.initialize(Scaled, np.ones(2), rngs=nnx.Rngs(0)).w.get_value().shape == (2,)
+    shapes = nnx.eval_shape(lambda: nn.build_model("mlp", input_shape=(4,), num_classes=3, rngs=nnx.Rngs(0)))
+    assert nnx.graphdef(shapes) == nnx.graphdef(
+        nn.build_model("mlp", input_shape=(4,), num_classes=3, rngs=nnx.Rngs(0))
+    )
