@@ -38,7 +38,7 @@ from methods.decomposition.rank import rank_at_energy
 from methods.decomposition.rank import select_rank
 from methods.decomposition.rules import DecompositionRule
 from methods.decomposition.rules import ModelBudget
-from methods.decomposition.speed import compare_latency
+from methods.decomposition.speed import layer_latencies
 from research import recipe as recipe_lib
 from research.nn import copy_model
 from research.nn import get_module
@@ -423,7 +423,7 @@ def factorize_with_report(
         if check_speed:
             key, sub = jax.random.split(key)
             x = jax.random.normal(sub, plan.timing_shape(), jnp.float32)
-            d, f = compare_latency(plan.module, new, x, warmup=warmup, repeats=repeats)
+            d, f, before = layer_latencies(plan.module, new, x, warmup=warmup, repeats=repeats)
             dense_ms, fact_ms = 1e3 * d, 1e3 * f
             faster = d / f >= min_speedup if f > 0 else False
             if faster:
@@ -432,6 +432,8 @@ def factorize_with_report(
                 decision, reason = "factorized", f"kept although {d / f:.2f}x (keep_if_slower=True)"
             else:
                 decision, reason = "dense", f"factorized form measured {d / f:.2f}x (not faster)"
+            if before:
+                reason += " (timed earlier in this process: same layer shapes)"
         else:
             decision, reason = "factorized", "speed not measured (check_speed=False)"
         rows.append(
@@ -462,7 +464,7 @@ def factorize_with_report(
         params_after=param_count(out),
     )
     if check_speed and sample_input is not None and report.factorized:
-        d, f = compare_latency(base, out, sample_input, warmup=warmup, repeats=repeats)
+        d, f, _ = layer_latencies(base, out, sample_input, warmup=warmup, repeats=repeats)  # once per architecture
         report.model_dense_ms, report.model_factorized_ms = 1e3 * d, 1e3 * f
     return out, report
 

@@ -29,8 +29,8 @@ from research.train import state_to_model
 from research.tree.rules import RuleError
 
 
-def _lenet():
-    return build_model("lenet5", input_shape=(8, 8, 1), num_classes=4, rngs=nnx.Rngs(0))
+def _lenet(seed=0):
+    return build_model("lenet5", input_shape=(8, 8, 1), num_classes=4, rngs=nnx.Rngs(seed))
 
 
 def _eval(model, x):
@@ -114,6 +114,38 @@ def test_rules_report_and_speed_decisions():
     assert (fc1.decision == "factorized") == (fc1.dense_ms / fc1.factorized_ms >= 1.0)
     assert isinstance(fact.fc1, LowRankLinear) == (fc1.decision == "factorized")
     assert np.isfinite(report.model_dense_ms) and "conv2" in report.table()
+
+
+def test_a_layer_is_timed_once_per_process_for_its_shapes(monkeypatch):
+    from methods.decomposition import clear_latency_cache
+    from methods.decomposition import speed
+
+    clear_latency_cache()
+    timed = []
+
+    def fake(dense, factorized, x, **kw):  # the dense layer 1.5x the factorized one, no wall clock
+        timed.append((type(dense).__name__, tuple(x.shape)))
+        return 3e-3, 2e-3
+
+    monkeypatch.setattr(speed, "compare_latency", fake)
+    rules = [DecompositionRule(pattern="conv1|conv2", skip=True), DecompositionRule(pattern="fc1", rank=8)]
+    first = _lenet()
+    _, report = factorize_with_report(first, rules, repeats=3, warmup=1)
+    assert len(timed) == 2  # fc1, then the whole model
+    assert report.layers[0].decision == "factorized" and "timed earlier" not in report.layers[0].reason
+    # another trial's weights, the same shapes: nothing timed again, the same decision
+    other = _lenet(seed=1)
+    _, again = factorize_with_report(other, rules, repeats=3, warmup=1)
+    assert len(timed) == 2 and again.layers[0].decision == "factorized"
+    assert again.layers[0].reason == "1.50x faster (timed earlier in this process: same layer shapes)"
+    assert again.model_dense_ms == report.model_dense_ms == 3.0
+    # another rank is another layer; a cleared cache times again
+    factorize_with_report(first, [rules[0], DecompositionRule(pattern="fc1", rank=4)], repeats=3, warmup=1)
+    assert len(timed) == 4
+    clear_latency_cache()
+    factorize_with_report(first, rules, repeats=3, warmup=1)
+    assert len(timed) == 6
+    clear_latency_cache()
 
 
 class _GroupedNet(nnx.Module):
