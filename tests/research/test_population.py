@@ -1107,17 +1107,23 @@ def test_cli_population_chunk_and_measure_budget(config_file, tmp_path, capsys):
     (population,) = json.load(open(os.path.join(workdir, "sweep.json")))["executor"]["populations"]
     assert population["k"] == 2 and population["choice"]["reason"] == "chunk_size=2 given"
 
-    def executor(*flags):
+    def executor(*flags, command="sweep"):
         parser = argparse.ArgumentParser()
         cli._add_executor_flag(parser)  # pylint: disable=protected-access
         parsed = parser.parse_args(["--executor", "population", *flags])
-        parsed.command = "sweep"
+        parsed.command = command
         return cli._executor(parsed)  # pylint: disable=protected-access
 
     assert executor() == "population"
     assert executor("--measure-budget", "none").measure_budget is None
     assert executor("--measure-budget", "0.5").measure_budget == 0.5
     assert executor("--population-chunk", "4").chunk_size == 4
+    assert executor("--overlap").overlap and not executor("--measure-budget", "0.5").overlap
+    assert executor("--overlap", "--measure-budget", "0.2").measure_budget == 0.2
+    with pytest.raises(C.ConfigError, match="--overlap compiles the program of a measured K"):
+        executor("--population-chunk", "4", "--overlap")
+    with pytest.raises(C.ConfigError, match="--overlap applies to sweep"):
+        executor("--overlap", command="tune")
     with pytest.raises(C.ConfigError, match="not both"):
         executor("--population-chunk", "4", "--measure-budget", "none")
     with pytest.raises(SystemExit):
@@ -1127,6 +1133,8 @@ def test_cli_population_chunk_and_measure_budget(config_file, tmp_path, capsys):
     assert rc == 2 and "--measure-budget applies only to --executor population" in capsys.readouterr().err
     rc = cli.main(["sweep", config_file, "--grid", "seed=5", "--population-chunk", "2", "--workdir", workdir + "2"])
     assert rc == 2 and "--population-chunk applies only to --executor population or ray" in capsys.readouterr().err
+    rc = cli.main(["sweep", config_file, "--grid", "seed=5", "--overlap", "--workdir", workdir + "2"])
+    assert rc == 2 and "--overlap applies only to --executor population" in capsys.readouterr().err
 
 
 def test_nonfinite_trial_fails_alone(config_file, tmp_path):
