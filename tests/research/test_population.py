@@ -299,11 +299,7 @@ def test_distilled_fine_tunings_of_different_teachers_and_temperatures_train_tog
         "stages.train.learning_rate": [1e-2, 3e-2],
         "stages.prune.train.teacher.terms.0.options.temperature": [2.0, 6.0],
     }
-    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
-    pop = sweep_lib.sweep(
-        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(4))
-    )
-    assert not seq.failed and not pop.failed
+    seq, pop = _seq_and_pop(base, grid, tmp_path, favour(4))
     assert pop.executor["populations"][0]["later_stages"] == [{"stage": 1, "trials": [0, 1, 2, 3], "k": 4}]
     kd = []
     for a, b in zip(seq.points, pop.points, strict=True):
@@ -359,11 +355,7 @@ def test_distill_stages_with_different_kd_values_train_together(tmp_path):
     cfg.write_text(DISTILL_STAGE)
     base = C.load_config(str(cfg))
     grid = {"stages.distill.terms.0.options.beta": [2.0, 8.0], "stages.distill.hard_weight": [0.5, 1.0]}
-    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
-    pop = sweep_lib.sweep(
-        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(4))
-    )
-    assert not seq.failed and not pop.failed
+    seq, pop = _seq_and_pop(base, grid, tmp_path, favour(4))
     assert pop.executor["populations"][0]["later_stages"] == [{"stage": 1, "trials": [0, 1, 2, 3], "k": 4}]
     losses = []
     for a, b in zip(seq.points, pop.points, strict=True):
@@ -501,11 +493,7 @@ def test_qat_trials_of_different_bit_widths_fine_tune_together(tmp_path):
     cfg.write_text(QAT)
     base = C.load_config(str(cfg))
     grid = {"stages.qat.bits": [3, 4, 6, 8]}
-    seq = sweep_lib.sweep(base, grid, str(tmp_path / "seq"), progress=False)
-    pop = sweep_lib.sweep(
-        base, grid, str(tmp_path / "pop"), progress=False, executor=make_executor("population", timer=favour(4))
-    )
-    assert not seq.failed and not pop.failed
+    seq, pop = _seq_and_pop(base, grid, tmp_path, favour(4))
     (later,) = pop.executor["populations"][0]["later_stages"]
     assert later["stage"] == 1 and later["trials"] == [0, 1, 2, 3] and later["k"] == 4
     assert later["lifted"] and all(v == [[3], [4], [6], [8]] for v in later["lifted"].values())
