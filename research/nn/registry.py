@@ -76,7 +76,8 @@ def build_model(
 
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 """How a model's initialization program is compiled: it runs once per model, so its compile is
-what costs (LLVM's level 1 compiled LeNet-5's in 0.6 s against 1.5 s at the default level)."""
+what costs (LLVM's level 1 compiled LeNet-5's in 0.6 s against 1.5 s at the default level, with the
+same weights; level 0 was faster still but rounded differently)."""
 _INIT_PROGRAMS: collections.OrderedDict = collections.OrderedDict()  # jitted initializations by model and shapes
 _INIT_PROGRAMS_KEPT = 32
 _INIT_LOCK = threading.Lock()
@@ -87,10 +88,10 @@ def initialize(fn: Callable[..., nnx.Module], *args: Any, rngs: nnx.Rngs, **kwar
     """``fn(*args, rngs=rngs, **kwargs)``, its initializers run as one compiled program.
 
     Built op by op, a model compiles a program per initializer and shape (each truncated normal
-    took ~0.4 s to compile on a 2-core CPU: LeNet-5 2.2 s, ResNet-20 4.3 s, MobileNetV2 5.8 s in a
-    fresh process); traced once under :func:`jax.jit` and compiled at
-    :data:`INIT_COMPILER_OPTIONS`, LeNet-5 took 0.7 s, ResNet-20 1.8 s and MobileNetV2 2.7 s
-    (``configs/quickstart.py``: 19.6 s -> 17.7 s). The weights are the same draws within float
+    took ~0.4 s to compile on a 2-core CPU); traced once under :func:`jax.jit` and compiled at
+    :data:`INIT_COMPILER_OPTIONS`, a fresh process builds the zoo models 1.9-3.3x faster (LeNet-5
+    3.2 s -> 1.1 s, ResNet-20 5.8 s -> 2.4 s, MobileNetV2 8.7 s -> 3.7 s, backend start included:
+    ``python -m experiments.benchmarks.model_init``; ``configs/quickstart.py``: 19.6 s -> 17.7 s). The weights are the same draws within float
     rounding: with XLA's default flags every zoo model without attention or a GRU came out
     bit-identical on that CPU, and a few weights of those two in the last bit; fused programs
     may round differently under other flags or CPUs. The program takes the keys of ``rngs`` as
