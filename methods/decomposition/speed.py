@@ -78,10 +78,11 @@ def layer_latencies(
     and its factorized twin, timed once per process for each pair of graphs, shapes and input
     shape (the weights' values do not change a latency).
 
-    A sweep of decompose stages times each distinct layer once, not once per trial (0.5-0.6 s of
-    a LeNet-300-100 factorization on the 2-core CPU), and trials with the same ranks keep or drop
-    the same layers: timed anew, a 1.0x-1.1x layer came out dense in one trial and factorized in
-    the next. :func:`clear_latency_cache` forgets the timings (e.g. after the machine's load changed).
+    A sweep of decompose stages times each distinct layer once, not once per trial (a
+    LeNet-300-100 factorization took ~0.05 s instead of ~0.6 s on the 2-core CPU,
+    ``python -m experiments.benchmarks.factorize_timings``), and trials with the same ranks keep
+    or drop the same layers: timed anew, layers near 1.0x came out dense in one call and
+    factorized in the next. :func:`clear_latency_cache` forgets the timings (e.g. after the machine's load changed).
     """
     try:
         key = (_signature(dense), _signature(factorized), tuple(x.shape), str(x.dtype), jax.default_backend())
