@@ -89,7 +89,10 @@ def main(argv=None) -> int:
             for r in range(args.rounds):
                 for how in ("op-by-op", "one-program") if r % 2 == 0 else ("one-program", "op-by-op"):
                     times[how].append(_fresh(name, how, os.path.join(tmp, f"{name}-{how}.npy")))
-            a, b = (np.load(os.path.join(tmp, f"{name}-{how}.npy")) for how in ("op-by-op", "one-program"))
+            a, b = (
+                np.load(os.path.join(tmp, f"{name}-{how}.npy"), allow_pickle=False)
+                for how in ("op-by-op", "one-program")
+            )
             same = "bit-identical" if np.array_equal(a, b) else f"max |diff| {np.max(np.abs(a - b)):.2g}"
             slow, fast = min(times["op-by-op"]), min(times["one-program"])
             print(f"{name:<12} {slow:>10.2f} {fast:>13.2f} {slow / fast:>5.2f}x  {same}", flush=True)
