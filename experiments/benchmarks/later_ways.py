@@ -1,4 +1,5 @@
-"""The loop both later-stage population benchmarks share (``population_decompose``, ``population_kd_qat``).
+"""The loop the later-stage population benchmarks share (``population_decompose``, ``population_kd_qat``,
+``population_prune``).
 
 A sweep runs once per *way* (the sequential executor; the population executor with the later
 stage's fine-tunings trained alone; trained together) and round, the ways alternating their order,

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
+
+from experiments.benchmarks.fresh import fresh_seconds
+from experiments.benchmarks.fresh import seconds_line
 
 #: zoo model -> input shape (no batch dimension)
 SHAPES = {
@@ -56,16 +58,11 @@ def _build(name: str, how: str, out: str) -> None:
     seconds = time.perf_counter() - t0
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     np.save(out, np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in leaves]))
-    print(f"SECONDS {seconds}")
+    print(seconds_line(seconds))
 
 
 def _fresh(name: str, how: str, out: str) -> float:
-    cmd = [sys.executable, "-m", "experiments.benchmarks.model_init", "--one", name, how, out]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("SECONDS ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"building {name} {how} failed (rc {done.returncode}): {done.stderr[-2000:]}")
-    return float(lines[-1].split()[1])
+    return fresh_seconds("experiments.benchmarks.model_init", "--one", name, how, out, what=f"building {name} {how}")
 
 
 def main(argv=None) -> int:

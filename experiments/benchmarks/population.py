@@ -171,17 +171,14 @@ def _plain_ratio(programs, k: int, repeats: int) -> float:
 
 def _cold_seconds(model: str, k: int, executor: str, args) -> float:
     """Seconds of a K-trial sweep run as the first sweep of a fresh Python process."""
-    import subprocess
+    from experiments.benchmarks.fresh import fresh_seconds  # pylint: disable=import-outside-toplevel
 
-    cmd = [sys.executable, "-m", "experiments.benchmarks.population", "--one-sweep", model, str(k), executor]
-    cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-    cmd += ["--measure-budget", "none" if args.measure_budget is None else str(args.measure_budget)]
-    cmd += ["--search", args.search]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("SECONDS ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"the cold {executor} sweep failed (rc {out.returncode}): {out.stderr[-2000:]}")
-    return float(lines[-1].split()[1])
+    budget = "none" if args.measure_budget is None else str(args.measure_budget)
+    return fresh_seconds(
+        "experiments.benchmarks.population", "--one-sweep", model, str(k), executor, "--steps", str(args.steps),
+        "--batch-size", str(args.batch_size), "--measure-budget", budget, "--search", args.search,
+        what=f"the cold {executor} sweep",
+    )  # fmt: skip
 
 
 def _population_options(args, k: int) -> dict:
@@ -259,13 +256,15 @@ def main(argv=None) -> int:
 
     register_all_stages()
     if args.one_sweep:  # a cold sweep in this fresh process (for --cold): prints its seconds
+        from experiments.benchmarks.fresh import seconds_line  # pylint: disable=import-outside-toplevel
+
         model, k, name = args.one_sweep
         options = _population_options(args, int(k)) if name.startswith("population") else {}
         if name == "population-overlap":
             name, options["overlap"] = "population", True
         executor = make_executor(name, **options)
         seconds, _ = _sweep_seconds(_config(model, args.steps, args.batch_size), int(k), executor)
-        print(f"SECONDS {seconds}")
+        print(seconds_line(seconds))
         return 0
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}) x {jax.device_count()}; jax {jax.__version__}")

@@ -7,7 +7,8 @@ counters unbatched (:func:`research.population.trainer._vmap_lockstep`; its tria
 together), so the cond stays a branch. This benchmark sweeps train -> prune points of a zoo model
 on mnist5k through ``executor=PopulationExecutor(chunk_size=K)`` (both stages as vmapped
 programs) both ways: ``LOCKSTEP_FIELDS`` emptied for "batched", each way with its own compiled
-programs (the first sweep of each compiles and is not counted), the ways alternating.
+programs (the first sweep of each compiles and is not counted), the ways alternating
+(:func:`experiments.benchmarks.later_ways.alternate_ways`).
 
 Run:
   python -m experiments.benchmarks.population_prune
@@ -17,15 +18,12 @@ Run:
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
-import time
 
 import jax
 import numpy as np
 
-from research.population import executor as pop_executor
+from experiments.benchmarks.later_ways import alternate_ways
 from research.population import trainer as pop_trainer
 from research.report import format_table
 
@@ -33,7 +31,6 @@ from research.report import format_table
 def main(argv=None) -> int:
     from experiments.population_lr_wd.main import make_config  # pylint: disable=import-outside-toplevel
     from research.run import register_all_stages  # pylint: disable=import-outside-toplevel
-    from research.sweep import sweep  # pylint: disable=import-outside-toplevel
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="lenet300")
@@ -51,30 +48,15 @@ def main(argv=None) -> int:
     }
     fields = pop_trainer.LOCKSTEP_FIELDS
     ways = {"batched": (), "lockstep": fields}
-    programs = {name: {} for name in ways}
-    seconds = {name: [] for name in ways}
-    accuracy, later = {}, {}
-    root = tempfile.mkdtemp(prefix="population_prune_")
     dev = jax.devices()[0]
     print(f"device: {dev.platform} ({dev.device_kind}) x {jax.device_count()}; jax {jax.__version__}")
-    try:
-        for r in range(args.rounds + 1):
-            for name in ways if r % 2 == 0 else reversed(list(ways)):
-                pop_trainer.LOCKSTEP_FIELDS = ways[name]
-                pop_executor._PROGRAMS = programs[name]  # pylint: disable=protected-access
-                executor = pop_executor.PopulationExecutor(chunk_size=args.chunk)
-                t0 = time.perf_counter()
-                report = sweep(config, grid, f"{root}/{name}", progress=False, overwrite=True, executor=executor)
-                dt = time.perf_counter() - t0
-                print(f"round {r} {name}: {dt:.2f} s{' (compiles; not counted)' if r == 0 else ''}", flush=True)
-                if r:
-                    seconds[name].append(dt)
-                accuracy[name] = [p.metrics.get("test_accuracy", float("nan")) for p in report.points]
-                later[name] = sum(len(p.get("later_stages", [])) for p in report.executor.get("populations", []))
-    finally:
-        pop_trainer.LOCKSTEP_FIELDS = fields
-        pop_executor._PROGRAMS = {}  # pylint: disable=protected-access
-        shutil.rmtree(root, ignore_errors=True)
+
+    def switch(name):
+        pop_trainer.LOCKSTEP_FIELDS = ways[name] if name else fields
+
+    seconds, accuracy, later = alternate_ways(
+        config, grid, list(ways), switch, rounds=args.rounds, chunk=args.chunk, prefix="population_prune_"
+    )
     med = {name: statistics.median(t) for name, t in seconds.items()}
     diff = float(np.max(np.abs(np.subtract(accuracy["batched"], accuracy["lockstep"]))))
     rows = [

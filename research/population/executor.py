@@ -29,6 +29,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
+from collections.abc import Generator
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
@@ -303,9 +305,9 @@ class PopulationExecutor:
         ks = candidate_ks(n, max_k=self.max_k, multiple_of=len(trainer.devices))[1:]
         if not ks or any(trainer.is_compiled(k) for k in ks):
             return None, None
-        limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+        limit = self._memory_limit(trainer)
         t0 = time.perf_counter()
-        seq = trainer.sequential_step_seconds(self.timer, steps=min(trainer.block_steps, SEQUENTIAL_PROBE_STEPS))
+        seq = trainer.sequential_step_seconds(self.timer, steps=_probe_steps(trainer))
         budget = self._budget(trainer, n)
         if budget is not None:
             budget.begin(seq)
@@ -328,14 +330,10 @@ class PopulationExecutor:
 
         Returns (as the generator's value) ``(trials trained, the choice for the rest or None when
         every trial trained here, the sentence that precedes its reason)``."""
-        from research.run import RunHooks  # pylint: disable=import-outside-toplevel
-
-        note = f"population {number}: one after another as the sequential executor trains, while its program compiled"
-        first = 0
-        while first < len(members) and not background.done():
-            hooks = RunHooks(bundle=functools.partial(trainer.bundle, first), plot=plotter)
-            yield run_one(members[first], progress=progress, note=note, hooks=hooks)
-            first += 1
+        first = yield from self._run_plain(
+            trainer, members, range(len(members)), number, progress, plotter, "while its program compiled",
+            until=background.done,
+        )  # fmt: skip
         entry["overlap"] = {"compiling": background.ks[0], "trained_first": first}
         if not background.done():
             entry.update(
@@ -385,7 +383,7 @@ class PopulationExecutor:
         # Measured with the real timer, a choice holds for the process (as its compiled programs do).
         choices = _CHOICES if self.timer is time_call else self._choices
         if n == 1:
-            limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+            limit = self._memory_limit(trainer)
             # as measured for larger batches of this program (a tune study's), else as the sequential executor
             earlier = [c for m, c in choices.items() if m[0] == trainer.program_key and self.chunk_size is None]
             if earlier and earlier[-1].runner == "population":
@@ -406,6 +404,10 @@ class PopulationExecutor:
             choices[memo] = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
         return choices[memo]
 
+    def _memory_limit(self, trainer: PopulationTrainer) -> int:
+        """Bytes a chunk may use: ``memory_limit``, or what the trainer's first device has free."""
+        return self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+
     def _memo(self, trainer: PopulationTrainer, n: int) -> tuple:
         """What a measured choice of ``n`` trials of ``trainer``'s program depends on."""
         return (
@@ -425,7 +427,7 @@ class PopulationExecutor:
         sequential_seconds: float | None = None,
     ) -> Choice:
         multiple = len(trainer.devices)
-        limit = self.memory_limit if self.memory_limit is not None else memory_limit_bytes(trainer.devices[0])
+        limit = self._memory_limit(trainer)
 
         def measure(k: int, timer: Timer = self.timer) -> tuple[float, int]:
             trainer.compiled(k)  # its bytes first: a program that would not fit is never run
@@ -446,7 +448,7 @@ class PopulationExecutor:
             return Choice(k=k, candidates=(), reason=f"chunk_size={k} given", memory_limit=limit)
         if not trainer.configs:
             return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
-        probe = min(trainer.block_steps, SEQUENTIAL_PROBE_STEPS)
+        probe = _probe_steps(trainer)
 
         def sequential() -> float:
             return trainer.sequential_step_seconds(self.timer, steps=probe)
@@ -475,7 +477,7 @@ class PopulationExecutor:
         ``compiled``: the programs are compiled already (in the background): timing them is the cost."""
         if self.measure_budget is None or self.timer is not time_call:
             return None
-        probe = min(trainer.block_steps, SEQUENTIAL_PROBE_STEPS)
+        probe = _probe_steps(trainer)
         return Budget(
             trials=n,
             steps=trainer.steps,
@@ -487,17 +489,26 @@ class PopulationExecutor:
             sequential_compile=(lambda: 0.0) if compiled else (lambda: trainer.sequential_compile_seconds),
         )
 
-    def _run_plain(self, trainer, members, positions, number, progress, plotter, why) -> Iterator[Outcome]:
+    def _run_plain(
+        self, trainer, members, positions, number, progress, plotter, why, *, until: Callable[[], bool] | None = None
+    ) -> Generator[Outcome, None, int]:
         """Trials ``positions`` trained exactly as the sequential executor trains them (each stage's
-        own jitted step), one after another; only the untrained bundle and the curves' figure are shared."""
+        own jitted step), one after another; only the untrained bundle and the curves' figure are
+        shared. With ``until``, it is asked before each trial and the trials stop once it says so.
+        Returns (as the generator's value) how many trials trained."""
         from research.run import RunHooks  # pylint: disable=import-outside-toplevel
 
         note = f"population {number}: one after another as the sequential executor trains" + (
             f" ({why})" if why else ""
         )
+        trained = 0
         for index in positions:
+            if until is not None and until():
+                break
             hooks = RunHooks(bundle=functools.partial(trainer.bundle, index), plot=plotter)
             yield run_one(members[index], progress=progress, note=note, hooks=hooks)
+            trained += 1
+        return trained
 
     def _run_chunk(
         self, trainer, jobs, indices, k, number, progress, plotter, entry, *, start=0, states=None
@@ -622,6 +633,11 @@ class PopulationExecutor:
                     continue
                 replies[id(t)] = (result.model, rows, (defs, result.state), notes)
         return replies
+
+
+def _probe_steps(trainer: PopulationTrainer) -> int:
+    """Steps per timed call of the sequential step (its timings train nothing)."""
+    return min(trainer.block_steps, SEQUENTIAL_PROBE_STEPS)
 
 
 def _stage_dir(job: Job) -> str:

@@ -108,7 +108,7 @@ def request_key(request) -> tuple | None:
     :mod:`research.population.padding`) have one key: they train padded to one shape."""
     from research.train.finetune import optimizer_key  # pylint: disable=import-outside-toplevel
 
-    if getattr(request, "alone", ""):  # not cacheable: research.stages.fine_tune says why
+    if request.alone:  # not cacheable: research.stages.fine_tune says why
         return None
     kw = request.kwargs
     steps = kw["steps"]
@@ -148,7 +148,7 @@ def alone_reason(request, key: tuple | None, others: Sequence[tuple]) -> str:
     requests of the stage have the program keys ``others`` (``None`` for those that train alone)."""
     kw = request.kwargs
     if key is None:
-        if getattr(request, "alone", ""):
+        if request.alone:
             return request.alone
         if kw.get("data_parallel"):
             return "data-parallel over the devices (a population shards over its trials instead)"
