@@ -109,6 +109,10 @@ def _share_one_compilation_cache() -> None:
 
 
 _share_one_compilation_cache()
+# The population executor keeps measured chunk sizes beside the compilation cache for later
+# processes (research.population.choices); in the suite a test's choice must not depend on which
+# test measured the same population first, so none is kept (the store's tests name their file).
+os.environ.setdefault("SLIMJAX_POPULATION_CHOICES", "")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -24,7 +24,8 @@
 # 8 QAT stages at 4 bit widths x 2 learning rates: fine-tuned together vs alone vs sequential),
 # population_overlap (cold sweeps of LeNet-5 with the population's program compiled in a background
 # thread while the first trials train, against measured first and against sequential: overlap=True
-# is off by default until this shows it pays beside an accelerator).
+# is off by default until this shows it pays beside an accelerator), population_rerun (cold sweeps
+# again with a filled persistent compilation cache, the population's measured choice read back).
 set -u
 out=${1:?usage: gpu_checks.sh OUTDIR [SECONDS [STEP ...]]}
 budget=${2:-420}
@@ -98,6 +99,8 @@ step population_lenet5_free 120 python3 -m experiments.benchmarks.population --m
   --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --no-cold --measure-budget none --search ascending --verbose
 step population_overlap 150 python3 -m experiments.benchmarks.population --models lenet5 --ks 8 32 \
   --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --cold-repeats 1 --overlap
+step population_rerun 150 python3 -m experiments.benchmarks.population --models lenet300 lenet5 --ks 32 \
+  --steps 1000 --seq-trials 8 --repeats 1 --min-trials 1 --cold-repeats 1 --rerun
 
 echo "=== summary (${budget}s budget, $(($(date +%s) - start))s used)" | tee -a "$log"
 printf '%s\n' "${summary[@]}" | tee -a "$log"

@@ -22,6 +22,11 @@ learning rates of a train-only config (digits; the same steps and batches for ev
 - ``ovl cold`` / ``ovl/seq`` (``--overlap``): a third fresh process per round, the population
   executor with ``overlap=True`` (its program compiled in a background thread while its first
   trials train one after another), against the same sequential figure.
+- ``seq rerun`` / ``pop rerun`` / ``rerun p/s`` (``--rerun``): the same fresh-process sweeps with a
+  persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``, every program kept) that one untimed
+  fresh sweep of each executor filled first: what running the sweep again (other learning rates,
+  same population) pays. Both load their compiled programs; the population executor also reads its
+  measured chunk size back (:mod:`research.population.choices`) instead of measuring it.
 - ``plain K`` / ``plain chosen``: a hand-written plain-JAX loop (the whole training as one
   ``lax.scan``, Adam with the learning rate as a traced value; on a CPU a model with convolutions
   steps one compiled step per call instead, as :func:`research.train.scan_steps` does), K (or the
@@ -169,16 +174,36 @@ def _plain_ratio(programs, k: int, repeats: int) -> float:
     return min(seq) / min(vm)
 
 
-def _cold_seconds(model: str, k: int, executor: str, args) -> float:
-    """Seconds of a K-trial sweep run as the first sweep of a fresh Python process."""
+def _cold_seconds(model: str, k: int, executor: str, args, cache_dir: str | None = None) -> float:
+    """Seconds of a K-trial sweep run as the first sweep of a fresh Python process (``cache_dir``:
+    with that persistent compilation cache, where the population executor also keeps its choices)."""
     from experiments.benchmarks.fresh import fresh_seconds  # pylint: disable=import-outside-toplevel
 
     budget = "none" if args.measure_budget is None else str(args.measure_budget)
     return fresh_seconds(
         "experiments.benchmarks.population", "--one-sweep", model, str(k), executor, "--steps", str(args.steps),
         "--batch-size", str(args.batch_size), "--measure-budget", budget, "--search", args.search,
-        what=f"the cold {executor} sweep",
+        what=f"the cold {executor} sweep", cache_dir=cache_dir,
     )  # fmt: skip
+
+
+def _rerun_cells(model: str, k: int, args, rounds: list[str]) -> str:
+    """``seq rerun``, ``pop rerun`` (trials/s) and their ratio: each executor's K-trial sweep in fresh
+    processes sharing one persistent compilation cache, after one untimed fresh sweep of each filled it."""
+    names = ("sequential", "population")
+    with tempfile.TemporaryDirectory(prefix="population-rerun-") as cache:
+        for name in names:
+            _cold_seconds(model, k, name, args, cache_dir=cache)
+        reruns: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(args.cold_repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
+                reruns[name].append(_cold_seconds(model, k, name, args, cache_dir=cache))
+    rounds.append(
+        f"{model} K={k}: rerun seconds per fresh process (compilation cache filled), "
+        + ", ".join(f"{name} {[round(t, 2) for t in reruns[name]]}" for name in names)
+    )
+    seq, pop = k / min(reruns["sequential"]), k / min(reruns["population"])
+    return f" {seq:>9.2f} {pop:>9.2f} {pop / seq:>9.2f}"
 
 
 def _population_options(args, k: int) -> dict:
@@ -236,6 +261,12 @@ def main(argv=None) -> int:
         help="cold figures also for the population executor with overlap=True (its program compiled in a "
         "background thread while the first trials train)",
     )
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="cold figures also for a fresh process with a persistent compilation cache that one earlier fresh "
+        "sweep of each executor filled (every program kept; the population executor's measured choice beside it)",
+    )
     parser.add_argument("--verbose", action="store_true", help="print the chooser's figures as each K finishes")
     parser.add_argument("--one-sweep", nargs=3, metavar=("MODEL", "K", "EXECUTOR"), help=argparse.SUPPRESS)
     parser.add_argument(
@@ -275,6 +306,7 @@ def main(argv=None) -> int:
         f"{'pop 1st':>8} {'pop/seq':>8} {'plain K':>7} {'plain chosen':>12} {'kept':>6} {'kept@K':>7}"
         f"{' seq cold':>9} {'pop cold':>8} {'cold p/s':>8}"
         + (f" {'ovl cold':>8} {'ovl/seq':>7}" if args.overlap else "")
+        + (f" {'seq rerun':>9} {'pop rerun':>9} {'rerun p/s':>9}" if args.rerun else "")
     )
     print(header)
     print("-" * len(header))
@@ -329,6 +361,8 @@ def main(argv=None) -> int:
                 if args.overlap:
                     ovl_cold = k / min(colds["population-overlap"])
                     cold_cells += f" {ovl_cold:>8.2f} {ovl_cold / seq_cold:>7.2f}"
+            if args.rerun:
+                cold_cells += _rerun_cells(model, k, args, rounds)
             print(
                 f"{model:<9} {k:>4} {chosen:>8} {runner:>6} {seq_tps:>12.2f} {pop_tps:>12.2f} {k / cold:>8.2f} {ratio:>8.2f} "
                 f"{plain:>7.2f} {plain_chosen:>12.2f} {ratio / plain_chosen:>6.0%} {ratio / plain:>7.0%}{cold_cells}",

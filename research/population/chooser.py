@@ -66,6 +66,9 @@ class Choice:
         (``None`` when it was not measured).
       measuring_seconds: wall seconds the choice took (compiling and timing; ``None`` when not
         recorded). A choice reused from earlier in the process reports the seconds it took then.
+      stored: for figures an earlier process measured (read back from a
+        :class:`research.population.choices.ChoiceStore`), the file and when they were measured;
+        ``None`` when this process measured them.
     """
 
     k: int
@@ -75,6 +78,7 @@ class Choice:
     runner: str = "population"
     sequential_seconds: float | None = None
     measuring_seconds: float | None = None
+    stored: str | None = None
 
     @property
     def sequential(self) -> bool:
@@ -90,7 +94,22 @@ class Choice:
             "candidates": [c.to_dict() for c in self.candidates],
             "sequential_step_seconds": self.sequential_seconds,
             "measuring_seconds": self.measuring_seconds,
+            "stored": self.stored,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Choice:
+        """The choice :meth:`to_dict` wrote."""
+        return cls(
+            k=int(d["k"]),
+            candidates=tuple(Candidate(**c) for c in d["candidates"]),
+            reason=str(d["reason"]),
+            memory_limit=int(d["memory_limit"]),
+            runner=str(d["runner"]),
+            sequential_seconds=d.get("sequential_step_seconds"),
+            measuring_seconds=d.get("measuring_seconds"),
+            stored=d.get("stored"),
+        )
 
 
 @dataclasses.dataclass

@@ -44,6 +44,7 @@ from research.executors import Job
 from research.executors import Outcome
 from research.executors import finished_report
 from research.executors import run_one
+from research.population import choices as choices_lib
 from research.population.background import BackgroundCompile
 from research.population.chooser import Budget
 from research.population.chooser import Choice
@@ -80,6 +81,7 @@ CPU_MEASURE_BUDGET = 0.1  # measure_budget's default on a CPU
 ACCELERATOR_MEASURE_BUDGET = 0.5  # ... on a GPU/TPU, where the largest-first search compiles one program
 LARGEST_FIRST_ACCEPT_MARGIN = 2.0  # a largest-first program this much faster than sequential needs no confirming
 _PLATFORM_DEFAULT: Any = object()  # measure_budget's default: CPU_ or ACCELERATOR_MEASURE_BUDGET by platform
+_BESIDE_JAX_CACHE: Any = object()  # choices_file's default: choices_lib.default_path() when choosing
 
 
 class PopulationExecutor:
@@ -124,6 +126,13 @@ class PopulationExecutor:
         100 steps, four fresh processes each: fastest 18.28 s overlapped, 17.95 s measured first,
         17.46 s sequential); it is meant for hosts with idle cores beside an accelerator, where it
         has not been measured yet.
+      choices_file: a JSON file where measured chunk sizes are kept for later processes
+        (:class:`research.population.choices.ChoiceStore`): a population measured before on the
+        same machine, with the same program and options, reads its choice back instead of
+        compiling and timing (a stored K is compiled and checked against the memory free now;
+        one that no longer fits is measured again). Default: beside JAX's persistent compilation
+        cache when one is set (``JAX_COMPILATION_CACHE_DIR``, or a tune study's
+        ``workdir/jax_cache``), with the wall-clock timer only; ``None``: never stored.
     """
 
     name = "population"
@@ -140,6 +149,7 @@ class PopulationExecutor:
         measure_budget: float | None = _PLATFORM_DEFAULT,
         largest_first: bool | None = None,
         overlap: bool = False,
+        choices_file: str | None = _BESIDE_JAX_CACHE,
     ):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None to measure it)")
@@ -157,6 +167,7 @@ class PopulationExecutor:
         self.measure_budget = measure_budget
         self.memory_limit = memory_limit
         self.overlap = bool(overlap)
+        self.choices_file = choices_file
         self._background: list[BackgroundCompile] = []  # compiles started by this executor (joined by run)
         self.populations: list[dict[str, Any]] = []
         if len(_PROGRAMS) > _PROGRAMS_KEPT:
@@ -300,6 +311,8 @@ class PopulationExecutor:
             return None, None
         if self._memo(trainer, n) in (_CHOICES if self.timer is time_call else self._choices):
             return None, None  # measured before in this process: its programs are compiled
+        if self._stored_entry(trainer, n) is not None:
+            return None, None  # measured by an earlier process: read back by _choose
         if any(os.path.isdir(_stage_dir(job)) for job in members):
             return None, None  # a killed sweep's trials: they resume from their checkpoints, chunk by chunk
         ks = candidate_ks(n, max_k=self.max_k, multiple_of=len(trainer.devices))[1:]
@@ -319,6 +332,7 @@ class PopulationExecutor:
                 )
                 choice = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
                 _CHOICES[self._memo(trainer, n)] = choice  # as a measured choice: for the process
+                self._keep(trainer, n, choice)
                 return None, choice
         started = BackgroundCompile(trainer, ks, limit, sequential_seconds=seq).start()
         self._background.append(started)
@@ -399,10 +413,60 @@ class PopulationExecutor:
             )
         memo = self._memo(trainer, n)
         if memo not in choices:
-            t0 = time.perf_counter()
-            choice = self._measure_choice(trainer, n)
-            choices[memo] = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
+            choice = self._read_back(trainer, n)
+            if choice is None:
+                t0 = time.perf_counter()
+                choice = self._measure_choice(trainer, n)
+                choice = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
+                self._keep(trainer, n, choice)
+            choices[memo] = choice
         return choices[memo]
+
+    def _store(self, trainer: PopulationTrainer) -> choices_lib.ChoiceStore | None:
+        """Where measured choices of ``trainer``'s population are kept for later processes (see
+        ``choices_file``); ``None``: nowhere (a fixed chunk size, a later stage's fine-tuning)."""
+        if self.chunk_size is not None or not trainer.configs:
+            return None
+        if self.choices_file is _BESIDE_JAX_CACHE:
+            path = choices_lib.default_path() if self.timer is time_call else None  # a fake timer's are a test's
+        else:
+            path = self.choices_file
+        return choices_lib.ChoiceStore(path) if path else None
+
+    def _stored_entry(self, trainer: PopulationTrainer, n: int) -> tuple[Choice, dict[str, Any]] | None:
+        store = self._store(trainer)
+        return store.get(choices_lib.entry_key(self._memo(trainer, n), trainer.devices)) if store else None
+
+    def _read_back(self, trainer: PopulationTrainer, n: int) -> Choice | None:
+        """The choice an earlier process measured for ``n`` trials of ``trainer``'s program, its
+        chunk's program compiled; ``None`` when none was stored or its chunk no longer fits."""
+        found = self._stored_entry(trainer, n)
+        if found is None:
+            return None
+        choice, entry = found
+        t0 = time.perf_counter()
+        limit = self._memory_limit(trainer)
+        if choice.runner == "population":
+            trainer.compiled(choice.k)
+            if trainer.memory.get(choice.k, 0) > limit:
+                return None
+        stored = f"{self._store(trainer).path}, measured {entry.get('measured', '?')}"
+        reason = f"{choice.reason} (figures measured by an earlier process on this machine: {stored})"
+        return dataclasses.replace(
+            choice, reason=reason, memory_limit=limit, measuring_seconds=time.perf_counter() - t0, stored=stored
+        )
+
+    def _keep(self, trainer: PopulationTrainer, n: int, choice: Choice) -> None:
+        """Stores a choice measured here for later processes (see ``choices_file``)."""
+        store = self._store(trainer)
+        if store is not None:
+            config = trainer.configs[0]
+            store.put(
+                choices_lib.entry_key(self._memo(trainer, n), trainer.devices),
+                choice,
+                population=f"{config.name}: {n} trials of {config.model.name} on {config.data.name}",
+                machine_=choices_lib.machine(trainer.devices),
+            )
 
     def _memory_limit(self, trainer: PopulationTrainer) -> int:
         """Bytes a chunk may use: ``memory_limit``, or what the trainer's first device has free."""
