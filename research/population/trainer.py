@@ -365,16 +365,23 @@ class PopulationTrainer:
             return jax.device_put(idx, self._sharding(replicate=True))
         return self._put(idx, axis=1)
 
-    def _trial_args(self, indices: Sequence[int], idx: np.ndarray, valid: np.ndarray) -> tuple:
+    def _trial_args(self, indices: Sequence[int], idx: np.ndarray, valid: np.ndarray, chunk=None) -> tuple:
         """The block program's arguments after the data for trials ``indices`` (placed): their data
-        sets, batch rows (``idx``), ``valid`` steps, batch-loss constants, tables and table ids."""
+        sets, batch rows (``idx``), ``valid`` steps, batch-loss constants, tables and table ids
+        (``chunk``: :meth:`_chunk_args` of ``indices`` made before, the same for every block)."""
+        data_id, constants, tables, table_id = chunk or self._chunk_args(indices)
+        return data_id, self._put_idx(idx), valid, constants, tables, table_id
+
+    def _chunk_args(self, indices: Sequence[int]) -> tuple:
+        """The arguments of every block of trials ``indices`` (placed): data set ids, batch-loss
+        constants, tables, table ids."""
         data_id = self._put(np.array([self._data_id[self.members[i].seed] for i in indices], np.int32))
         constants = {}
         if self.extended:
             trees = [self.members[i].batch_loss.constants for i in indices]
             constants = self._put(jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *trees))
         table_id = self._put(np.array([self._table_id[i] for i in indices], np.int32))
-        return data_id, self._put_idx(idx), valid, constants, self._tables, table_id
+        return data_id, constants, self._tables, table_id
 
     def bundle(self, index: int):
         """A fresh untrained :class:`research.stages.Bundle` of trial ``index`` (what
@@ -622,11 +629,14 @@ class PopulationTrainer:
         evals = {j: self.eval_steps(i) for j, i in enumerate(indices)}
         stops = sorted({t for steps in [*saves.values(), *evals.values()] for t in steps if t > start} | {self.steps})
         blocks, step, val_rows = [], start, {j: [] for j in range(len(indices))}
+        chunk = self._chunk_args(padded)
         while step < self.steps:
             stop = min(step + self.block_steps, next(t for t in stops if t > step))
             idx, valid = self.batch_indices(padded, step, stop)
-            state, metrics = program(state, self._xs, self._ys, *self._trial_args(padded, idx, valid))
-            blocks.append({name: np.asarray(v)[valid] for name, v in metrics.items()})
+            state, metrics = program(state, self._xs, self._ys, *self._trial_args(padded, idx, valid, chunk))
+            # kept on the device until read: the next block is dispatched without waiting for this
+            # one (single-step blocks, a CPU's convolutions, would otherwise wait once per step)
+            blocks.append((metrics, valid))
             step = stop
             due = [j for j, steps in saves.items() if step in steps]
             due_eval = [j for j, steps in evals.items() if step in steps]
@@ -723,11 +733,16 @@ def _cadence(every: int, steps: int) -> set[int]:
     return set(range(every, steps, every)) if 0 < every < steps else set()
 
 
-def _concat(blocks: list[dict[str, np.ndarray]], k: int) -> dict[str, np.ndarray]:
-    """The blocks' per-step metrics joined: ``{name: [steps, k]}`` (``loss`` always present)."""
+def _concat(blocks: list[tuple[dict[str, Any], np.ndarray]], k: int) -> dict[str, np.ndarray]:
+    """The blocks' per-step metrics, ``(metrics of the block's steps, which steps are valid)``,
+    joined on the host: ``{name: [steps, k]}`` (``loss`` always present)."""
     if not blocks:
         return {"loss": np.zeros((0, k), np.float32)}
-    return {name: np.concatenate([b[name] for b in blocks], axis=0) for name in blocks[0]}
+    host = jax.device_get([metrics for metrics, _ in blocks])
+    return {
+        name: np.concatenate([np.asarray(m[name])[valid] for m, (_, valid) in zip(host, blocks, strict=True)], axis=0)
+        for name in host[0]
+    }
 
 
 def _block_length(block_steps: int, steps: int, every: Sequence[int]) -> int:
