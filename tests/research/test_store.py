@@ -226,3 +226,30 @@ def test_no_code_path_unpickles():
                 if re.search(r"\bnp\.load\(", line) and "allow_pickle=False" not in line:
                     offenders.append(f"{path.relative_to(ROOT)}:{i}: np.load without allow_pickle=False")
     assert not offenders, offenders
+
+
+def test_a_recipe_is_replayed_once_per_process_and_a_model_that_differs_is_still_refused(tmp_path, monkeypatch):
+    from research.nn import build_model
+
+    monkeypatch.setattr(store, "_REBUILT", {})
+    builds = []
+    real_build = recipe_lib.build
+    monkeypatch.setattr(recipe_lib, "build", lambda recipe: builds.append(1) or real_build(recipe))
+    recipe = (recipe_lib.zoo_step("mlp", {"widths": (4,)}, (3,), 2, 0),)
+
+    def model(widths=(4,), seed=0):
+        return build_model("mlp", input_shape=(3,), num_classes=2, rngs=nnx.Rngs(seed), widths=widths)
+
+    for i in range(3):  # a sweep's trials: other values, the same recipe and graph
+        store.save_stage(tmp_path / f"t{i}", model=model(seed=i), extras={}, record={}, recipe=recipe)
+    assert len(builds) == 1
+    loaded, _ = store.load_model(tmp_path / "t2")
+    np.testing.assert_array_equal(
+        nnx.state(loaded)["head"]["kernel"][...], nnx.state(model(seed=2))["head"]["kernel"][...]
+    )
+    # other widths and another depth are refused after the replay was kept
+    with pytest.raises(recipe_lib.RecipeError, match="different variables or shapes|does not rebuild"):
+        store.save_stage(tmp_path / "wide", model=model(widths=(5,)), extras={}, record={}, recipe=recipe)
+    with pytest.raises(recipe_lib.RecipeError, match="does not rebuild"):
+        store.save_stage(tmp_path / "deep", model=model(widths=(4, 4)), extras={}, record={}, recipe=recipe)
+    assert not os.path.exists(tmp_path / "wide" / "result") and not os.path.exists(tmp_path / "deep" / "result")
