@@ -123,10 +123,13 @@ class ChoiceStore:
             return {}
         except (OSError, ValueError) as e:
             aside = f"{self.path}.unreadable-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-            with contextlib.suppress(OSError):
+            try:
                 os.replace(self.path, aside)
+                moved = f"moved to {aside}"
+            except OSError as why:
+                moved = f"left where it is ({why})"
             print(
-                f"warning: the population choices file {self.path} could not be read ({e}); moved to {aside}, "
+                f"warning: the population choices file {self.path} could not be read ({e}); {moved}; "
                 "chunk sizes are measured again",
                 file=sys.stderr,
             )

@@ -64,6 +64,7 @@ from research.population.measure import PopulationMeasurer
 from research.population.padding import resizable_layers
 from research.population.trainer import TIMED_REPEATS
 from research.population.trainer import PopulationTrainer
+from research.population.trainer import SeedBundles
 from research.population.trainer import Timer
 from research.population.trainer import TrialResult
 from research.population.trainer import memory_limit_bytes
@@ -232,6 +233,15 @@ class PopulationExecutor:
                 yield run_one(members[0], progress=progress, note="one after another: a single trial")
                 continue
             self._trained.add(sig)
+            stored = self._stored([j.config for j in members])
+            if stored is not None and stored.runner == "sequential":
+                # An earlier process measured the sequential path faster: no trainer, no measuring.
+                entry.update(k=1, why=stored.reason, choice=stored.to_dict(), devices=len(self._devices(len(members))))
+                yield from self._run_plain(
+                    SeedBundles([j.config for j in members]), members, range(len(members)), number, progress,
+                    plotter, "its step measured faster" if stored.candidates else stored.reason,
+                )  # fmt: skip
+                continue
             try:
                 trainer = PopulationTrainer(
                     [j.config for j in members],
@@ -311,7 +321,7 @@ class PopulationExecutor:
             return None, None
         if self._memo(trainer, n) in (_CHOICES if self.timer is time_call else self._choices):
             return None, None  # measured before in this process: its programs are compiled
-        if self._stored_entry(trainer, n) is not None:
+        if self._stored(trainer.configs) is not None:
             return None, None  # measured by an earlier process: read back by _choose
         if any(os.path.isdir(_stage_dir(job)) for job in members):
             return None, None  # a killed sweep's trials: they resume from their checkpoints, chunk by chunk
@@ -332,7 +342,7 @@ class PopulationExecutor:
                 )
                 choice = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
                 _CHOICES[self._memo(trainer, n)] = choice  # as a measured choice: for the process
-                self._keep(trainer, n, choice)
+                self._keep(trainer, choice)
                 return None, choice
         started = BackgroundCompile(trainer, ks, limit, sequential_seconds=seq).start()
         self._background.append(started)
@@ -413,19 +423,19 @@ class PopulationExecutor:
             )
         memo = self._memo(trainer, n)
         if memo not in choices:
-            choice = self._read_back(trainer, n)
+            choice = self._read_back(trainer)
             if choice is None:
                 t0 = time.perf_counter()
                 choice = self._measure_choice(trainer, n)
                 choice = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
-                self._keep(trainer, n, choice)
+                self._keep(trainer, choice)
             choices[memo] = choice
         return choices[memo]
 
-    def _store(self, trainer: PopulationTrainer) -> choices_lib.ChoiceStore | None:
-        """Where measured choices of ``trainer``'s population are kept for later processes (see
+    def _store(self, configs: Sequence[Any]) -> choices_lib.ChoiceStore | None:
+        """Where measured choices of a population of ``configs`` are kept for later processes (see
         ``choices_file``); ``None``: nowhere (a fixed chunk size, a later stage's fine-tuning)."""
-        if self.chunk_size is not None or not trainer.configs:
+        if self.chunk_size is not None or not configs:
             return None
         if self.choices_file is _BESIDE_JAX_CACHE:
             path = choices_lib.default_path() if self.timer is time_call else None  # a fake timer's are a test's
@@ -433,39 +443,54 @@ class PopulationExecutor:
             path = self.choices_file
         return choices_lib.ChoiceStore(path) if path else None
 
-    def _stored_entry(self, trainer: PopulationTrainer, n: int) -> tuple[Choice, dict[str, Any]] | None:
-        store = self._store(trainer)
-        return store.get(choices_lib.entry_key(self._memo(trainer, n), trainer.devices)) if store else None
+    def _store_key(self, configs: Sequence[Any]) -> str:
+        """The stored entry's key of a population of ``configs``: what its program and the choice
+        depend on, read from the configs and the executor's options (no trainer is built: a
+        population whose stored choice is the sequential path builds none), and the machine."""
+        n, devices = len(configs), self._devices(len(configs))
+        memo = (
+            json.dumps(signature(configs[0]), sort_keys=True, default=str), len({c.seed for c in configs}),
+            self.block_steps, n, self.chunk_size, self.max_k, self.memory_limit, self.largest_first,
+            self.measure_budget,
+        )  # fmt: skip
+        return choices_lib.entry_key(memo, devices)
 
-    def _read_back(self, trainer: PopulationTrainer, n: int) -> Choice | None:
-        """The choice an earlier process measured for ``n`` trials of ``trainer``'s program, its
-        chunk's program compiled; ``None`` when none was stored or its chunk no longer fits."""
-        found = self._stored_entry(trainer, n)
+    def _stored(self, configs: Sequence[Any]) -> Choice | None:
+        """The choice an earlier process measured for a population of ``configs`` (read back: its
+        reason says so), or ``None``."""
+        store = self._store(configs)
+        found = store.get(self._store_key(configs)) if store else None
         if found is None:
             return None
         choice, entry = found
+        stored = f"{store.path}, measured {entry.get('measured', '?')}"
+        reason = f"{choice.reason} (figures measured by an earlier process on this machine: {stored})"
+        return dataclasses.replace(choice, reason=reason, stored=stored, measuring_seconds=0.0)
+
+    def _read_back(self, trainer: PopulationTrainer) -> Choice | None:
+        """:meth:`_stored` for ``trainer``'s population, its chunk's program compiled; ``None`` when
+        none was stored or its chunk no longer fits in the memory free now."""
+        choice = self._stored(trainer.configs)
+        if choice is None:
+            return None
         t0 = time.perf_counter()
         limit = self._memory_limit(trainer)
         if choice.runner == "population":
             trainer.compiled(choice.k)
             if trainer.memory.get(choice.k, 0) > limit:
                 return None
-        stored = f"{self._store(trainer).path}, measured {entry.get('measured', '?')}"
-        reason = f"{choice.reason} (figures measured by an earlier process on this machine: {stored})"
-        return dataclasses.replace(
-            choice, reason=reason, memory_limit=limit, measuring_seconds=time.perf_counter() - t0, stored=stored
-        )
+        return dataclasses.replace(choice, memory_limit=limit, measuring_seconds=time.perf_counter() - t0)
 
-    def _keep(self, trainer: PopulationTrainer, n: int, choice: Choice) -> None:
+    def _keep(self, trainer: PopulationTrainer, choice: Choice) -> None:
         """Stores a choice measured here for later processes (see ``choices_file``)."""
-        store = self._store(trainer)
+        store = self._store(trainer.configs)
         if store is not None:
             config = trainer.configs[0]
             store.put(
-                choices_lib.entry_key(self._memo(trainer, n), trainer.devices),
+                self._store_key(trainer.configs),
                 choice,
-                population=f"{config.name}: {n} trials of {config.model.name} on {config.data.name}",
-                machine_=choices_lib.machine(trainer.devices),
+                population=f"{config.name}: {len(trainer.configs)} trials of {config.model.name} on {config.data.name}",
+                machine_=choices_lib.machine(self._devices(len(trainer.configs))),
             )
 
     def _memory_limit(self, trainer: PopulationTrainer) -> int:
@@ -557,8 +582,8 @@ class PopulationExecutor:
         self, trainer, members, positions, number, progress, plotter, why, *, until: Callable[[], bool] | None = None
     ) -> Generator[Outcome, None, int]:
         """Trials ``positions`` trained exactly as the sequential executor trains them (each stage's
-        own jitted step), one after another; only the untrained bundle and the curves' figure are
-        shared. With ``until``, it is asked before each trial and the trials stop once it says so.
+        own jitted step), one after another; only the untrained bundle (``trainer.bundle``: a
+        :class:`PopulationTrainer` or :class:`SeedBundles`) and the curves' figure are shared. With ``until``, it is asked before each trial and the trials stop once it says so.
         Returns (as the generator's value) how many trials trained."""
         from research.run import RunHooks  # pylint: disable=import-outside-toplevel
 

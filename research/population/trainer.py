@@ -121,6 +121,32 @@ def time_call(
     return float(min(times)) if times else float(last)  # (repeats=0: the warm-up's time)
 
 
+def shared_bundle(built):
+    """A fresh :class:`research.stages.Bundle` over ``built``'s (a :func:`research.run.build_bundle`
+    result) model and data set: the trials of one seed share them, never modifying them."""
+    from research.stages import Bundle  # pylint: disable=import-outside-toplevel
+
+    return Bundle(model=built.model, dataset=built.dataset, seed=built.seed, recipe=built.recipe)
+
+
+class SeedBundles:
+    """The untrained bundle of each trial of ``configs``, built once per seed, when first asked
+    (:meth:`PopulationTrainer.bundle` without a trainer: trials that train as the sequential
+    executor trains them)."""
+
+    def __init__(self, configs: Sequence[config_lib.Config]):
+        self.configs = list(configs)
+        self._built: dict[int, Any] = {}
+
+    def bundle(self, index: int):
+        from research.run import build_bundle  # pylint: disable=import-outside-toplevel
+
+        config = self.configs[index]
+        if config.seed not in self._built:
+            self._built[config.seed] = build_bundle(config)
+        return shared_bundle(self._built[config.seed])
+
+
 def memory_limit_bytes(device: jax.Device | None = None) -> int:
     """Bytes a chunk may use on ``device``: its allocator limit, or half the host memory (CPU)."""
     device = device or jax.local_devices()[0]
@@ -387,12 +413,9 @@ class PopulationTrainer:
         """A fresh untrained :class:`research.stages.Bundle` of trial ``index`` (what
         :func:`research.run.build_bundle` gives for its config; data set and model shared with the
         trials of the same seed, never modified)."""
-        from research.stages import Bundle  # pylint: disable=import-outside-toplevel
-
         if not self.configs:
             raise ValueError("a trainer built for_members has no configs; its members bring their models")
-        b = self._bundles[self.configs[index].seed]
-        return Bundle(model=b.model, dataset=b.dataset, seed=b.seed, recipe=b.recipe)
+        return shared_bundle(self._bundles[self.configs[index].seed])
 
     def chunk_size_ok(self, k: int) -> bool:
         """Whether ``k`` trials split evenly over the devices."""

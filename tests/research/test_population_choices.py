@@ -13,6 +13,7 @@ from research import sweep as sweep_lib
 from research.executors import make_executor
 from research.population import choices as choices_lib
 from research.population import executor as pop_executor
+from research.population.chooser import SEQUENTIAL_K
 from research.population.chooser import Candidate
 from research.population.chooser import Choice
 
@@ -91,6 +92,32 @@ def test_a_later_process_reads_the_measured_choice_back_without_measuring(base, 
     assert read_back["choice"]["candidates"] == measured["choice"]["candidates"]
     for a, b in zip(first.points, second.points, strict=True):
         assert a.metrics["test_accuracy"] == pytest.approx(b.metrics["test_accuracy"], abs=1e-6)
+
+
+def test_a_stored_sequential_choice_trains_the_trials_as_the_sequential_executor_without_a_trainer(
+    base, tmp_path, monkeypatch
+):
+    path = str(tmp_path / "choices.json")
+
+    def sequential_faster(k, fn):
+        return 1e-6 if k == SEQUENTIAL_K else 10.0
+
+    _, measured = _sweep(base, tmp_path / "first", sequential_faster, path)
+    assert measured["choice"]["runner"] == "sequential"
+    _fresh_process(monkeypatch)
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a population trainer was built")
+
+    monkeypatch.setattr(pop_executor.PopulationTrainer, "__init__", no_trainer)
+    timer = CountingTimer()
+    second, read_back = _sweep(base, tmp_path / "second", timer, path)
+    assert timer.calls == 0 and read_back["k"] == 1 and read_back["choice"]["runner"] == "sequential"
+    assert read_back["choice"]["stored"].startswith(path)
+    sequential = sweep_lib.sweep(base, GRID, str(tmp_path / "seq"), progress=False)
+    for a, b in zip(sequential.points, second.points, strict=True):
+        assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]  # the same path: the same figures
+        assert "one after another as the sequential executor trains" in b.note
 
 
 def test_another_machine_or_other_program_sources_measure_anew(base, tmp_path, monkeypatch):
