@@ -583,7 +583,8 @@ class PopulationExecutor:
     ) -> Generator[Outcome, None, int]:
         """Trials ``positions`` trained exactly as the sequential executor trains them (each stage's
         own jitted step), one after another; only the untrained bundle (``trainer.bundle``: a
-        :class:`PopulationTrainer` or :class:`SeedBundles`) and the curves' figure are shared. With ``until``, it is asked before each trial and the trials stop once it says so.
+        :class:`PopulationTrainer` or :class:`SeedBundles`) and the curves' figure are shared.
+        With ``until``, it is asked before each trial and the trials stop once it says so.
         Returns (as the generator's value) how many trials trained."""
         from research.run import RunHooks  # pylint: disable=import-outside-toplevel
 
