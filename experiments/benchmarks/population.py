@@ -19,6 +19,8 @@ learning rates of a train-only config (digits; the same steps and batches for ev
   sweep of a fresh process (``--cold``, the default; one subprocess each, ``--cold-repeats`` times
   alternating which goes first, the fastest of each kept), so both pay their compilations: what a
   one-shot ``slimjax sweep`` pays. Only the sweep call is timed, not the interpreter's start.
+  The rounds printed after the table give each fresh population sweep's choice (``K=32 pop``,
+  ``K=1 seq``: the sequential path; ``stored``: read back from an earlier process).
 - ``ovl cold`` / ``ovl/seq`` (``--overlap``): a third fresh process per round, the population
   executor with ``overlap=True`` (its program compiled in a background thread while its first
   trials train one after another), against the same sequential figure.
@@ -174,17 +176,38 @@ def _plain_ratio(programs, k: int, repeats: int) -> float:
     return min(seq) / min(vm)
 
 
-def _cold_seconds(model: str, k: int, executor: str, args, cache_dir: str | None = None) -> float:
+def _cold_seconds(model: str, k: int, executor: str, args, cache_dir: str | None = None) -> tuple[float, str]:
     """Seconds of a K-trial sweep run as the first sweep of a fresh Python process (``cache_dir``:
-    with that persistent compilation cache, where the population executor also keeps its choices)."""
-    from experiments.benchmarks.fresh import fresh_seconds  # pylint: disable=import-outside-toplevel
+    with that persistent compilation cache, where the population executor also keeps its choices),
+    and what its populations chose (:func:`_chosen`; empty for the sequential executor)."""
+    from experiments.benchmarks.fresh import fresh_timing  # pylint: disable=import-outside-toplevel
 
     budget = "none" if args.measure_budget is None else str(args.measure_budget)
-    return fresh_seconds(
+    return fresh_timing(
         "experiments.benchmarks.population", "--one-sweep", model, str(k), executor, "--steps", str(args.steps),
         "--batch-size", str(args.batch_size), "--measure-budget", budget, "--search", args.search,
         what=f"the cold {executor} sweep", cache_dir=cache_dir,
     )  # fmt: skip
+
+
+def _chosen(summary: dict) -> str:
+    """What an executor summary's populations chose: ``K=32 pop``, ``K=1 seq`` (the sequential
+    path), ``stored`` when read back from an earlier process; ``""`` without populations."""
+    out = []
+    for p in summary.get("populations", []):
+        choice = p.get("choice") or {}
+        runner = "seq" if choice.get("runner", "sequential") == "sequential" else "pop"
+        out.append(f"K={p.get('k', 1)} {runner}" + (" stored" if choice.get("stored") else ""))
+    return ", ".join(out)
+
+
+def _times(runs: list[tuple[float, str]]) -> str:
+    """Seconds of fresh-process sweeps, each with what it chose when it says."""
+    return "[" + ", ".join(f"{t:.2f}" + (f" ({note})" if note else "") for t, note in runs) + "]"
+
+
+def _fastest(runs: list[tuple[float, str]]) -> float:
+    return min(t for t, _ in runs)
 
 
 def _rerun_cells(model: str, k: int, args, rounds: list[str]) -> str:
@@ -194,15 +217,15 @@ def _rerun_cells(model: str, k: int, args, rounds: list[str]) -> str:
     with tempfile.TemporaryDirectory(prefix="population-rerun-") as cache:
         for name in names:
             _cold_seconds(model, k, name, args, cache_dir=cache)
-        reruns: dict[str, list[float]] = {name: [] for name in names}
+        reruns: dict[str, list[tuple[float, str]]] = {name: [] for name in names}
         for r in range(args.cold_repeats):
             for name in names if r % 2 == 0 else names[::-1]:
                 reruns[name].append(_cold_seconds(model, k, name, args, cache_dir=cache))
     rounds.append(
         f"{model} K={k}: rerun seconds per fresh process (compilation cache filled), "
-        + ", ".join(f"{name} {[round(t, 2) for t in reruns[name]]}" for name in names)
+        + ", ".join(f"{name} {_times(reruns[name])}" for name in names)
     )
-    seq, pop = k / min(reruns["sequential"]), k / min(reruns["population"])
+    seq, pop = k / _fastest(reruns["sequential"]), k / _fastest(reruns["population"])
     return f" {seq:>9.2f} {pop:>9.2f} {pop / seq:>9.2f}"
 
 
@@ -294,8 +317,8 @@ def main(argv=None) -> int:
         if name == "population-overlap":
             name, options["overlap"] = "population", True
         executor = make_executor(name, **options)
-        seconds, _ = _sweep_seconds(_config(model, args.steps, args.batch_size), int(k), executor)
-        print(seconds_line(seconds))
+        seconds, report = _sweep_seconds(_config(model, args.steps, args.batch_size), int(k), executor)
+        print(seconds_line(seconds, _chosen(report.executor)))
         return 0
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}) x {jax.device_count()}; jax {jax.__version__}")
@@ -348,18 +371,18 @@ def main(argv=None) -> int:
             cold_cells = ""
             if args.cold:
                 names = ["sequential", "population"] + (["population-overlap"] if args.overlap else [])
-                colds: dict[str, list[float]] = {name: [] for name in names}
+                colds: dict[str, list[tuple[float, str]]] = {name: [] for name in names}
                 for r in range(args.cold_repeats):
                     for name in names if r % 2 == 0 else names[::-1]:
                         colds[name].append(_cold_seconds(model, k, name, args))
                 rounds.append(
                     f"{model} K={k}: cold seconds per fresh process, "
-                    + ", ".join(f"{name} {[round(t, 2) for t in colds[name]]}" for name in names)
+                    + ", ".join(f"{name} {_times(colds[name])}" for name in names)
                 )
-                seq_cold, pop_cold = k / min(colds["sequential"]), k / min(colds["population"])
+                seq_cold, pop_cold = k / _fastest(colds["sequential"]), k / _fastest(colds["population"])
                 cold_cells = f" {seq_cold:>8.2f} {pop_cold:>8.2f} {pop_cold / seq_cold:>8.2f}"
                 if args.overlap:
-                    ovl_cold = k / min(colds["population-overlap"])
+                    ovl_cold = k / _fastest(colds["population-overlap"])
                     cold_cells += f" {ovl_cold:>8.2f} {ovl_cold / seq_cold:>7.2f}"
             if args.rerun:
                 cold_cells += _rerun_cells(model, k, args, rounds)
