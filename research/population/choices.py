@@ -59,6 +59,7 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.cache
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -83,6 +83,7 @@ ACCELERATOR_MEASURE_BUDGET = 0.5  # ... on a GPU/TPU, where the largest-first se
 LARGEST_FIRST_ACCEPT_MARGIN = 2.0  # a largest-first program this much faster than sequential needs no confirming
 _PLATFORM_DEFAULT: Any = object()  # measure_budget's default: CPU_ or ACCELERATOR_MEASURE_BUDGET by platform
 _BESIDE_JAX_CACHE: Any = object()  # choices_file's default: choices_lib.default_path() when choosing
+_UNREAD: Any = object()  # _choose's stored choice not read yet
 
 
 class PopulationExecutor:
@@ -249,9 +250,9 @@ class PopulationExecutor:
                     devices=self._devices(len(members)),
                     cache=self._programs,
                 )
-                background, choice = self._start_overlap(trainer, members)
+                background, choice = self._start_overlap(trainer, members, stored)
                 if background is None and choice is None:
-                    choice = self._choose(trainer, len(members))
+                    choice = self._choose(trainer, len(members), stored=stored)
             except Exception as e:  # a program that does not vmap or compile: run the trials alone
                 entry.update(k=1, why=f"one after another: the population failed to build ({type(e).__name__}: {e})")
                 for job in members:
@@ -309,7 +310,7 @@ class PopulationExecutor:
                 )
 
     def _start_overlap(
-        self, trainer: PopulationTrainer, members: Sequence[Job]
+        self, trainer: PopulationTrainer, members: Sequence[Job], stored: Choice | None = None
     ) -> tuple[BackgroundCompile | None, Choice | None]:
         """Starts a :class:`BackgroundCompile` of the population's largest chunk size when it is to
         overlap the first trials' training (see ``overlap``): ``(started, None)``; ``(None, choice)``
@@ -321,8 +322,8 @@ class PopulationExecutor:
             return None, None
         if self._memo(trainer, n) in (_CHOICES if self.timer is time_call else self._choices):
             return None, None  # measured before in this process: its programs are compiled
-        if self._stored(trainer.configs) is not None:
-            return None, None  # measured by an earlier process: read back by _choose
+        if stored is not None:
+            return None, None  # measured by an earlier process (``stored``, :meth:`_stored`): read back by _choose
         if any(os.path.isdir(_stage_dir(job)) for job in members):
             return None, None  # a killed sweep's trials: they resume from their checkpoints, chunk by chunk
         ks = candidate_ks(n, max_k=self.max_k, multiple_of=len(trainer.devices))[1:]
@@ -403,7 +404,9 @@ class PopulationExecutor:
         self._trained.add(json.dumps(signature(config), sort_keys=True, default=str))
         return self._choose(trainer, n).k
 
-    def _choose(self, trainer: PopulationTrainer, n: int) -> Choice:
+    def _choose(self, trainer: PopulationTrainer, n: int, stored: Any = _UNREAD) -> Choice:
+        """The chunk size of ``n`` trials of ``trainer``'s program: measured once per process, or
+        read back from an earlier process's (``stored``: :meth:`_stored` when read already)."""
         # Measured with the real timer, a choice holds for the process (as its compiled programs do).
         choices = _CHOICES if self.timer is time_call else self._choices
         if n == 1:
@@ -423,7 +426,7 @@ class PopulationExecutor:
             )
         memo = self._memo(trainer, n)
         if memo not in choices:
-            choice = self._read_back(trainer)
+            choice = self._read_back(trainer, self._stored(trainer.configs) if stored is _UNREAD else stored)
             if choice is None:
                 t0 = time.perf_counter()
                 choice = self._measure_choice(trainer, n)
@@ -467,10 +470,9 @@ class PopulationExecutor:
         reason = f"{choice.reason} (figures measured by an earlier process on this machine: {stored})"
         return dataclasses.replace(choice, reason=reason, stored=stored, measuring_seconds=0.0)
 
-    def _read_back(self, trainer: PopulationTrainer) -> Choice | None:
-        """:meth:`_stored` for ``trainer``'s population, its chunk's program compiled; ``None`` when
-        none was stored or its chunk no longer fits in the memory free now."""
-        choice = self._stored(trainer.configs)
+    def _read_back(self, trainer: PopulationTrainer, choice: Choice | None) -> Choice | None:
+        """``choice`` (:meth:`_stored` for ``trainer``'s population) with its chunk's program
+        compiled; ``None`` when none was stored or its chunk no longer fits in the memory free now."""
         if choice is None:
             return None
         t0 = time.perf_counter()

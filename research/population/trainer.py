@@ -121,30 +121,29 @@ def time_call(
     return float(min(times)) if times else float(last)  # (repeats=0: the warm-up's time)
 
 
-def shared_bundle(built):
-    """A fresh :class:`research.stages.Bundle` over ``built``'s (a :func:`research.run.build_bundle`
-    result) model and data set: the trials of one seed share them, never modifying them."""
-    from research.stages import Bundle  # pylint: disable=import-outside-toplevel
-
-    return Bundle(model=built.model, dataset=built.dataset, seed=built.seed, recipe=built.recipe)
-
-
 class SeedBundles:
-    """The untrained bundle of each trial of ``configs``, built once per seed, when first asked
-    (:meth:`PopulationTrainer.bundle` without a trainer: trials that train as the sequential
-    executor trains them)."""
+    """The untrained bundle of each trial of ``configs``, built once per seed, when first asked:
+    the trials of one seed share its model and data set, never modifying them (a
+    :class:`PopulationTrainer`'s, and trials that train as the sequential executor trains them)."""
 
     def __init__(self, configs: Sequence[config_lib.Config]):
         self.configs = list(configs)
         self._built: dict[int, Any] = {}
 
-    def bundle(self, index: int):
+    def built(self, seed: int):
+        """:func:`research.run.build_bundle` of the first config with ``seed`` (built once)."""
         from research.run import build_bundle  # pylint: disable=import-outside-toplevel
 
-        config = self.configs[index]
-        if config.seed not in self._built:
-            self._built[config.seed] = build_bundle(config)
-        return shared_bundle(self._built[config.seed])
+        if seed not in self._built:
+            self._built[seed] = build_bundle(next(c for c in self.configs if c.seed == seed))
+        return self._built[seed]
+
+    def bundle(self, index: int):
+        """A fresh :class:`research.stages.Bundle` of trial ``index`` over its seed's model and data set."""
+        from research.stages import Bundle  # pylint: disable=import-outside-toplevel
+
+        b = self.built(self.configs[index].seed)
+        return Bundle(model=b.model, dataset=b.dataset, seed=b.seed, recipe=b.recipe)
 
 
 def memory_limit_bytes(device: jax.Device | None = None) -> int:
@@ -190,7 +189,6 @@ class PopulationTrainer:
     ):
         from research.population.keys import signature
         from research.population.keys import split_populations
-        from research.run import build_bundle
         from research.stages import train_kwargs
         from research.train import make_optimizer
 
@@ -204,7 +202,8 @@ class PopulationTrainer:
         # One data split and one initial model per distinct seed (trials that differ only in
         # hyperparameters share them).
         seeds = sorted({c.seed for c in configs})
-        self._bundles = {s: build_bundle(next(c for c in configs if c.seed == s)) for s in seeds}
+        self._seed_bundles = SeedBundles(configs)
+        self._bundles = {s: self._seed_bundles.built(s) for s in seeds}
         self.dataset = self._bundles[seeds[0]].dataset
         members = [
             Member(
@@ -415,7 +414,7 @@ class PopulationTrainer:
         trials of the same seed, never modified)."""
         if not self.configs:
             raise ValueError("a trainer built for_members has no configs; its members bring their models")
-        return shared_bundle(self._bundles[self.configs[index].seed])
+        return self._seed_bundles.bundle(index)
 
     def chunk_size_ok(self, k: int) -> bool:
         """Whether ``k`` trials split evenly over the devices."""
