@@ -315,8 +315,9 @@ def choose_k(
       accept_margin: with ``sequential``, a population program whose first timing trains at least
         this many times the sequential step's trial steps per second is chosen even when the
         budget allows no confirmation round (``None``: never unconfirmed).
-      ks: with ``largest_first``, the Ks to try instead of :func:`candidate_ks` (a program compiled
-        for more trials than ``n_trials``, its chunk padded: the executor's background compile).
+      ks: the Ks to try instead of :func:`candidate_ks` (one above ``n_trials`` trains one padded
+        chunk: the executor's background compile, or the Ks of a population whose first trial
+        trained alone).
       sequential_seconds: the sequential step's first timing when it was timed already (then
         ``sequential`` is called only for the confirmation rounds).
 
@@ -341,7 +342,7 @@ def choose_k(
             n_trials, measure, sequential, first_seq, memory_limit=memory_limit, max_k=max_k,
             multiple_of=multiple_of, confirm_rounds=confirm_rounds, budget=budget, accept_margin=accept_margin, ks=ks,
         )  # fmt: skip
-    for k in candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of):
+    for k in sorted(ks) if ks is not None else candidate_ks(n_trials, max_k=max_k, multiple_of=multiple_of):
         why = budget.refuse(k, measured) if budget is not None else None
         if why:
             reason += f"K={k} and larger not measured: {why}. "

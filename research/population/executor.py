@@ -5,7 +5,9 @@ For the trials it is given, it
 1. reads back every finished run (any executor's) and leaves it be;
 2. groups the rest into populations (:func:`research.population.split_populations`; the reason
    each extra population is separate goes into :meth:`PopulationExecutor.summary`);
-3. per population, measures the chunk size K (:func:`research.population.chooser.choose_k`) and
+3. per population, measures the chunk size K (:func:`research.population.chooser.choose_k`; on a
+   CPU after its first trial trained as the sequential executor trains it, that trial's steps
+   timing the sequential step: ``lead_trial``) and
    trains the leading ``train`` stage of K trials at a time (:class:`PopulationTrainer`); when
    vmap does not pay (K=1) the trials train one after another, with the population's K=1 program
    or, when the sequential executor's own jitted step was measured at least as fast, exactly as
@@ -71,19 +73,21 @@ from research.population.trainer import memory_limit_bytes
 from research.population.trainer import time_call
 from research.report import CurvePlotter
 from research.stages import FINE_TUNE_RUNNER
+from research.train.loop import record_step_times
 from research.workdir import WorkdirLock
 
 _PROGRAMS: dict = {}  # compiled population programs of this process, by signature and K (as the
 # sequential executor's jitted train steps are kept for the process: research.train.make_train_step)
 _PROGRAMS_KEPT = 64
 _CHOICES: dict = {}  # chunk sizes measured (with the wall-clock timer) by this process, by program and size
-SEQUENTIAL_PROBE_STEPS = 20  # steps per timed call of the sequential step (its timings train nothing)
+SEQUENTIAL_PROBE_STEPS = 20  # steps per timed call of the sequential step (its timings train nothing),
+# and the fewest steps per group of a lead trial's stretches (see ``lead_trial``)
 CPU_MEASURE_BUDGET = 0.1  # measure_budget's default on a CPU
 ACCELERATOR_MEASURE_BUDGET = 0.5  # ... on a GPU/TPU, where the largest-first search compiles one program
 LARGEST_FIRST_ACCEPT_MARGIN = 2.0  # a largest-first program this much faster than sequential needs no confirming
 _PLATFORM_DEFAULT: Any = object()  # measure_budget's default: CPU_ or ACCELERATOR_MEASURE_BUDGET by platform
 _BESIDE_JAX_CACHE: Any = object()  # choices_file's default: choices_lib.default_path() when choosing
-_UNREAD: Any = object()  # _choose's stored choice not read yet
+_UNREAD: Any = object()  # _choose's stored choice not read yet; no lead trial trained (_measure_choice)
 
 
 class PopulationExecutor:
@@ -135,6 +139,16 @@ class PopulationExecutor:
         one that no longer fits is measured again). Default: beside JAX's persistent compilation
         cache when one is set (``JAX_COMPILATION_CACHE_DIR``, or a tune study's
         ``workdir/jax_cache``), with the wall-clock timer only; ``None``: never stored.
+      lead_trial: before a population's chunk size is measured, its first trial trains exactly as
+        the sequential executor trains it, and its training loop's stretches of steps are timed
+        (:func:`research.train.loop.record_step_times`): the sequential step's pace and compile
+        then come from steps that train, not from timed calls of a copy of the state that train
+        nothing, and the chooser measures the population programs for the other trials against
+        them. Only a population measured for the first time (nothing compiled, stored or measured
+        for it in the process, no trial resuming, no ``chunk_size``, not overlapped). ``None``
+        (default): with the wall-clock timer on a CPU, where a population program gains little
+        over one trial trained alone (LeNet-5: 1.3-1.4x); on a GPU/TPU a population can train
+        20x as fast, and a whole trial at the sequential pace would cost more than the timed calls.
     """
 
     name = "population"
@@ -152,6 +166,7 @@ class PopulationExecutor:
         largest_first: bool | None = None,
         overlap: bool = False,
         choices_file: str | None = _BESIDE_JAX_CACHE,
+        lead_trial: bool | None = None,
     ):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None to measure it)")
@@ -170,6 +185,7 @@ class PopulationExecutor:
         self.memory_limit = memory_limit
         self.overlap = bool(overlap)
         self.choices_file = choices_file
+        self.lead_trial = lead_trial
         self._background: list[BackgroundCompile] = []  # compiles started by this executor (joined by run)
         self.populations: list[dict[str, Any]] = []
         if len(_PROGRAMS) > _PROGRAMS_KEPT:
@@ -251,7 +267,8 @@ class PopulationExecutor:
                     cache=self._programs,
                 )
                 background, choice = self._start_overlap(trainer, members, stored)
-                if background is None and choice is None:
+                leads = background is None and choice is None and self._leads(trainer, members, stored)
+                if background is None and choice is None and not leads:
                     choice = self._choose(trainer, len(members), stored=stored)
             except Exception as e:  # a program that does not vmap or compile: run the trials alone
                 entry.update(k=1, why=f"one after another: the population failed to build ({type(e).__name__}: {e})")
@@ -259,6 +276,20 @@ class PopulationExecutor:
                     yield run_one(job, progress=progress, note=entry["why"])
                 continue
             positions, lead = list(range(len(members))), ""
+            if leads:
+                timing = yield from self._run_lead(trainer, members, number, progress, plotter, entry)
+                positions = positions[1:]
+                try:
+                    choice = self._choose(trainer, len(members), stored=None, lead=timing)
+                except Exception as e:  # a program that does not vmap or compile: the rest train alone
+                    entry.update(
+                        k=1, why=f"one after another: the population failed to build ({type(e).__name__}: {e})"
+                    )
+                    for i in positions:
+                        yield run_one(members[i], progress=progress, note=entry["why"])
+                    continue
+                lead = f"trial {members[0].key} trained first as the sequential executor trains it, its steps timed; "
+                lead += f"the other {len(positions)}: "
             if background is not None:
                 first, choice, lead = yield from self._run_overlapped(
                     trainer, members, background, number, progress, plotter, entry
@@ -390,6 +421,42 @@ class PopulationExecutor:
         choice = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
         return first, choice, lead + f"the other {rest}: "
 
+    def _leads(self, trainer: PopulationTrainer, members: Sequence[Job], stored: Choice | None) -> bool:
+        """Whether the population's first trial trains first, timed, before its chunk size is
+        measured (see ``lead_trial``)."""
+        n = len(members)
+        leads = self.lead_trial
+        if leads is None:
+            leads = self.timer is time_call and trainer.devices[0].platform == "cpu"
+        if not leads or self.chunk_size is not None or n < 2 or not trainer.configs or stored is not None:
+            return False
+        if self._memo(trainer, n) in (_CHOICES if self.timer is time_call else self._choices):
+            return False  # measured before in this process
+        if any(os.path.isdir(_stage_dir(job)) for job in members):
+            return False  # a killed sweep's trials: they resume from their checkpoints
+        return not any(trainer.is_compiled(k) for k in candidate_ks(n, max_k=self.max_k))
+
+    def _run_lead(
+        self, trainer, members, number, progress, plotter, entry
+    ) -> Generator[Outcome, None, tuple[float, float] | None]:
+        """Trains the population's first trial as the sequential executor trains it, timing its
+        first stage's stretches of steps. Returns (as the generator's value) ``(seconds per step,
+        seconds of the step's first call beyond its steps)`` of the sequential step, or ``None``
+        when too few steps were timed (the chooser then times the step itself)."""
+        with record_step_times(_stage_dir(members[0]), every=SEQUENTIAL_PROBE_STEPS) as times:
+            (outcome,) = self._run_plain(
+                trainer, members, [0], number, progress, plotter, "trained first, its steps timed for the chooser"
+            )
+        timing = times.step_seconds(SEQUENTIAL_PROBE_STEPS) if outcome.error is None else None
+        entry["lead"] = {
+            "trial": members[0].key,
+            "stretches": [list(s) for s in times.stretches],
+            "sequential_step_seconds": timing[0] if timing else None,
+            "compile_seconds": timing[1] if timing else None,
+        }
+        yield outcome
+        return timing
+
     def _devices(self, n_trials: int) -> list[jax.Device]:
         """Shard over every device only when the population fills them."""
         return self.devices if len(self.devices) > 1 and n_trials >= len(self.devices) else self.devices[:1]
@@ -404,9 +471,11 @@ class PopulationExecutor:
         self._trained.add(json.dumps(signature(config), sort_keys=True, default=str))
         return self._choose(trainer, n).k
 
-    def _choose(self, trainer: PopulationTrainer, n: int, stored: Any = _UNREAD) -> Choice:
+    def _choose(self, trainer: PopulationTrainer, n: int, stored: Any = _UNREAD, lead: Any = _UNREAD) -> Choice:
         """The chunk size of ``n`` trials of ``trainer``'s program: measured once per process, or
-        read back from an earlier process's (``stored``: :meth:`_stored` when read already)."""
+        read back from an earlier process's (``stored``: :meth:`_stored` when read already).
+        ``lead``: the first trial trained already, its sequential step timed (:meth:`_run_lead`'s
+        figures, or ``None``): the chunk size is measured for the other ``n - 1`` against them."""
         # Measured with the real timer, a choice holds for the process (as its compiled programs do).
         choices = _CHOICES if self.timer is time_call else self._choices
         if n == 1:
@@ -429,7 +498,7 @@ class PopulationExecutor:
             choice = self._read_back(trainer, self._stored(trainer.configs) if stored is _UNREAD else stored)
             if choice is None:
                 t0 = time.perf_counter()
-                choice = self._measure_choice(trainer, n)
+                choice = self._measure_choice(trainer, n, lead=lead)
                 choice = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
                 self._keep(trainer, choice)
             choices[memo] = choice
@@ -516,7 +585,12 @@ class PopulationExecutor:
         n: int,
         ks: Sequence[int] | None = None,
         sequential_seconds: float | None = None,
+        lead: Any = _UNREAD,
     ) -> Choice:
+        """``ks`` and ``sequential_seconds``: the programs compiled in the background and the
+        sequential step's timing then; ``lead``: the figures of a first trial trained alone
+        (:meth:`_run_lead`; ``None`` when too few of its steps were timed): the chunk size of the
+        other ``n - 1`` trials is measured, from the same Ks as for ``n``."""
         multiple = len(trainer.devices)
         limit = self._memory_limit(trainer)
 
@@ -539,11 +613,22 @@ class PopulationExecutor:
             return Choice(k=k, candidates=(), reason=f"chunk_size={k} given", memory_limit=limit)
         if not trainer.configs:
             return choose_k(n, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple)
-        probe = _probe_steps(trainer)
 
         def sequential() -> float:
-            return trainer.sequential_step_seconds(self.timer, steps=probe)
+            return trainer.sequential_step_seconds(self.timer, steps=_probe_steps(trainer))
 
+        if lead is not _UNREAD:
+            trials = n - 1
+            budget = self._budget(trainer, trials, sequential_compile=lead[1] if lead else None)
+            if budget is not None:
+                measure = functools.partial(measure, timer=functools.partial(time_call, afford=budget.allows))
+            largest_first = self._largest_first(trainer)
+            return choose_k(
+                trials, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple, sequential=sequential,
+                budget=budget, largest_first=largest_first,
+                accept_margin=LARGEST_FIRST_ACCEPT_MARGIN if largest_first else None,
+                ks=candidate_ks(n, max_k=self.max_k, multiple_of=multiple), sequential_seconds=lead[0] if lead else None,
+            )  # fmt: skip
         budget = self._budget(trainer, n, compiled=ks is not None)
         if budget is not None:
             # a program slower than predicted stops being timed when the budget runs out
@@ -563,12 +648,21 @@ class PopulationExecutor:
             sequential_seconds=sequential_seconds,
         )
 
-    def _budget(self, trainer: PopulationTrainer, n: int, *, compiled: bool = False) -> Budget | None:
+    def _budget(
+        self, trainer: PopulationTrainer, n: int, *, compiled: bool = False, sequential_compile: float | None = None
+    ) -> Budget | None:
         """What measuring ``n`` trials' programs may cost (``None``: no budget, or a fake timer).
-        ``compiled``: the programs are compiled already (in the background): timing them is the cost."""
+        ``compiled``: the programs are compiled already (in the background): timing them is the cost.
+        ``sequential_compile``: the sequential step's first compile when it was measured already
+        (a lead trial's: :meth:`_run_lead`)."""
         if self.measure_budget is None or self.timer is not time_call:
             return None
-        probe = _probe_steps(trainer)
+
+        def seq_compile() -> float:
+            if sequential_compile is not None:
+                return sequential_compile
+            return 0.0 if compiled else trainer.sequential_compile_seconds
+
         return Budget(
             trials=n,
             steps=trainer.steps,
@@ -576,8 +670,8 @@ class PopulationExecutor:
             clock=time.perf_counter,
             compile_seconds=lambda k: 0.0 if compiled else trainer.compile_seconds.get(k, 0.0),
             timed_steps=(1 + TIMED_REPEATS) * trainer.block_steps,
-            sequential_timed_steps=(1 + TIMED_REPEATS) * probe,
-            sequential_compile=(lambda: 0.0) if compiled else (lambda: trainer.sequential_compile_seconds),
+            sequential_timed_steps=(1 + TIMED_REPEATS) * _probe_steps(trainer),
+            sequential_compile=seq_compile,
         )
 
     def _run_plain(
@@ -728,8 +822,12 @@ class PopulationExecutor:
 
 
 def _probe_steps(trainer: PopulationTrainer) -> int:
-    """Steps per timed call of the sequential step (its timings train nothing)."""
-    return min(trainer.block_steps, SEQUENTIAL_PROBE_STEPS)
+    """Steps per timed call of the sequential step (its timings train nothing): as many as one
+    block of the population's program, at most :data:`SEQUENTIAL_PROBE_STEPS`; that many for a
+    population of single-step blocks (convolutions on a CPU), whose sequential step, timed one
+    step per call, would wait for the device after every step, as the sequential executor does
+    not (LeNet-5: 342 timed steps/s against 508 in its training loop)."""
+    return SEQUENTIAL_PROBE_STEPS if trainer.unlooped else min(trainer.block_steps, SEQUENTIAL_PROBE_STEPS)
 
 
 def _stage_dir(job: Job) -> str:

@@ -220,8 +220,9 @@ class PopulationTrainer:
         # validation rows during training, as fit writes them (only with a validation split)
         evals = [c.stages[0].eval_every if len(self._bundles[c.seed].dataset.x_val) else 0 for c in configs]
         self._setup(
-            members, self.stage.steps, self.stage.batch_size, key, block_steps, devices, cache, every=every, evals=evals
-        )
+            members, self.stage.steps, self.stage.batch_size, key, block_steps, devices, cache, every=every,
+            evals=evals, traced=lambda defs: self._sequential_step(defs)[0],
+        )  # fmt: skip
 
     @classmethod
     def for_members(
@@ -259,7 +260,23 @@ class PopulationTrainer:
         self._setup(list(members), steps, batch_size, program_key, block_steps, devices, cache, loss_fn, every=every)
         return self
 
-    def _setup(self, members, steps, batch_size, key, block_steps, devices, cache, loss_fn=None, every=(), evals=()):
+    def _setup(
+        self,
+        members,
+        steps,
+        batch_size,
+        key,
+        block_steps,
+        devices,
+        cache,
+        loss_fn=None,
+        every=(),
+        evals=(),
+        traced=None,
+    ):
+        """``traced``: ``defs -> the step`` the convolution check traces (default: the population's
+        step); the sequential executor's jitted step for a first stage, whose first call by the
+        sequential path (or :meth:`sequential_step_seconds`) then reuses the trace."""
         self.members = members
         self.steps = steps
         self.checkpoint_every = [int(c) for c in every] if every else [0] * len(members)
@@ -320,7 +337,9 @@ class PopulationTrainer:
             if extended:
                 rows = np.arange(self.batch_size, dtype=np.int32)
                 batch0 = members[0].batch_loss.extend({**batch0, "index": rows})
-            self._cache[unlooped_key] = loops_slow_down_convolutions(platform) and has_convolution(step, state0, batch0)
+            self._cache[unlooped_key] = loops_slow_down_convolutions(platform) and has_convolution(
+                traced(self.defs) if traced else step, state0, batch0
+            )
         self.unlooped = self._cache[unlooped_key]
         self.block_steps = _block_length(
             1 if self.unlooped else block_steps, steps, self.checkpoint_every + self.eval_every
@@ -516,24 +535,15 @@ class PopulationTrainer:
         Raises:
           ValueError: the trainer was built ``for_members`` (no stage config to train).
         """
-        from research.constraints import Carried  # pylint: disable=import-outside-toplevel
         from research.population.chooser import SEQUENTIAL_K  # pylint: disable=import-outside-toplevel
-        from research.stages import train_kwargs  # pylint: disable=import-outside-toplevel
-        from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
-        from research.train.finetune import optimizer_key  # pylint: disable=import-outside-toplevel
         from research.train.loop import default_block_steps  # pylint: disable=import-outside-toplevel
         from research.train.loop import run_block  # pylint: disable=import-outside-toplevel
-        from research.train.losses import cross_entropy_loss  # pylint: disable=import-outside-toplevel
 
         if not self.configs:
             raise ValueError("a trainer built for_members has no stage config; time its members' steps instead")
-        settings = _optimizer_kwargs(train_kwargs(self.stage))
-        tx = make_optimizer(**settings)
+        step, tx = self._sequential_step(self.defs)
         member = self.members[0]
-        defs, state = create_train_state(nnx.clone(member.model), tx, seed=member.seed)
-        # finetune's cache key for a first stage (no constraints carried, no wrapper): the same jitted step
-        cache_key = (optimizer_key(settings), (Carried().step_key, None))
-        step = make_train_step(defs, tx, cross_entropy_loss, (), cache_key=cache_key)
+        _, state = create_train_state(nnx.clone(member.model), tx, seed=member.seed)
         sampler = BatchSampler(member.x_train, member.y_train, batch_size=self.batch_size, seed=member.seed)
         batches = steps or self.block_steps
         first: list[float] = []
@@ -559,6 +569,21 @@ class PopulationTrainer:
             self.sequential_compile_seconds = max(0.0, first[0] - batches * seconds)
         self._sequential_timed = True
         return seconds
+
+    def _sequential_step(self, defs) -> tuple[Callable, Any]:
+        """``(jitted step, optimizer)`` of trial 0's first stage as :func:`research.train.finetune`
+        makes them: the same cached jitted function (finetune's cache key for a first stage, no
+        constraints carried, no wrapper), so what is traced or compiled here the sequential path reuses."""
+        from research.constraints import Carried  # pylint: disable=import-outside-toplevel
+        from research.stages import train_kwargs  # pylint: disable=import-outside-toplevel
+        from research.train import make_optimizer  # pylint: disable=import-outside-toplevel
+        from research.train.finetune import optimizer_key  # pylint: disable=import-outside-toplevel
+        from research.train.losses import cross_entropy_loss  # pylint: disable=import-outside-toplevel
+
+        settings = _optimizer_kwargs(train_kwargs(self.stage))
+        tx = make_optimizer(**settings)
+        cache_key = (optimizer_key(settings), (Carried().step_key, None))
+        return make_train_step(defs, tx, cross_entropy_loss, (), cache_key=cache_key), tx
 
     # ------------------------------------------------------------------ training
     def initial_states(self, indices: Sequence[int], states: Sequence[Any]):

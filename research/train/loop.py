@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import json
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -95,6 +100,71 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+@dataclasses.dataclass
+class StepTimes:
+    """Wall seconds of one :func:`fit` call's stretches of steps, each from its first step's
+    dispatch to the fetch of its metrics (evaluation and checkpoints between stretches excluded):
+    the sequential executor's step timed while it trains (:func:`record_step_times`).
+
+    Attributes:
+      workdir: the ``fit`` call recorded is the first one with this ``workdir``.
+      every: a stretch ends after at most this many steps (its last step's metrics waited for,
+        not fetched), or where ``fit`` fetches the metrics (``log_every``, evaluation, checkpoint).
+      stretches: ``(steps, seconds)`` of each stretch, in order (the first holds the compile).
+    """
+
+    workdir: str
+    every: int = 20
+    stretches: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    claimed: bool = False
+
+    def step_seconds(self, min_steps: int) -> tuple[float, float] | None:
+        """``(seconds per step, seconds the first stretch took beyond its steps)``: the fastest
+        group of consecutive stretches after the first, each group at least ``min_steps`` steps
+        (the fastest, as a timer keeps its fastest call: other work on the machine only adds
+        time), and what the first stretch (the step's compile) took beyond that pace. ``None``
+        when the stretches after the first hold fewer than ``min_steps`` steps."""
+        if len(self.stretches) < 2:
+            return None
+        groups, steps, seconds = [], 0, 0.0
+        for n, s in self.stretches[1:]:
+            steps, seconds = steps + n, seconds + s
+            if steps >= min_steps:
+                groups.append(seconds / steps)
+                steps, seconds = 0, 0.0
+        if not groups:
+            return None
+        pace = min(groups)
+        first_steps, first_seconds = self.stretches[0]
+        return pace, max(0.0, first_seconds - first_steps * pace)
+
+
+_STEP_TIMES: contextvars.ContextVar[StepTimes | None] = contextvars.ContextVar("slimjax_step_times", default=None)
+
+
+@contextlib.contextmanager
+def record_step_times(workdir: str | os.PathLike, *, every: int = 20) -> Iterator[StepTimes]:
+    """Within the block (in this thread), the first :func:`fit` call writing to ``workdir`` records
+    its stretches of steps, at most ``every`` steps each, into the :class:`StepTimes` yielded. It
+    costs a clock read per stretch and a wait for the device every ``every`` steps."""
+    if every < 1:
+        raise ValueError(f"every={every} must be >= 1")
+    times = StepTimes(os.path.abspath(os.fspath(workdir)), every)
+    token = _STEP_TIMES.set(times)
+    try:
+        yield times
+    finally:
+        _STEP_TIMES.reset(token)
+
+
+def _claim_step_times(workdir: str | os.PathLike | None) -> StepTimes | None:
+    times = _STEP_TIMES.get()
+    if times is None or times.claimed or workdir is None or os.path.abspath(os.fspath(workdir)) != times.workdir:
+        return None
+    times.claimed = True
+    return times
+
+
 def fit(
     state: TrainState,
     step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]],
@@ -162,6 +232,8 @@ def fit(
     last_ckpt = start if (ckpt is not None and ckpt.latest_step() is not None) else None
     records: list[dict] = []
     pending: list[tuple[int, dict]] = []
+    timing = _claim_step_times(workdir)
+    stretch: list[float] = []  # timing only: [when the stretch's first step was dispatched, its steps so far]
 
     bar = None
     if progress:
@@ -173,6 +245,9 @@ def fit(
         if not pending:
             return
         fetched = jax.device_get([m for _, m in pending])
+        if timing is not None and stretch:
+            timing.stretches.append((int(stretch[1]), time.perf_counter() - stretch[0]))
+            stretch.clear()
         rows = []
         for step, m in _per_step(pending, fetched):
             row = {"step": step, "split": "train"}
@@ -198,6 +273,8 @@ def fit(
     try:
         step = start
         while step < num_steps:
+            if timing is not None and not stretch:
+                stretch[:] = [time.perf_counter(), 0]
             n = _block_end(step, num_steps, block_steps, cadences) - step
             first = sampler.batch(step)
             if n > 1:  # the block's batches travel together: at most BLOCK_BYTES of them
@@ -212,6 +289,12 @@ def fit(
                 pending.append((-(step + 1), metrics))  # n stacked rows from step + 1 (negative: a block)
             step += n
             done = step
+            if stretch:
+                stretch[1] += n
+                if stretch[1] >= timing.every:  # the stretch ends: its last step waited for, not fetched
+                    jax.block_until_ready(metrics)
+                    timing.stretches.append((int(stretch[1]), time.perf_counter() - stretch[0]))
+                    stretch.clear()
             if on_step is not None:
                 on_step(done, state)
             if log_every and done % log_every == 0:

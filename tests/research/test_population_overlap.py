@@ -1,5 +1,6 @@
-"""The population executor's background compile: the first trials train one after another while the
-population's program compiles; the rest train as the faster of the two, with the same answers."""
+"""A population's first trials trained one after another before the rest: while the population's
+program compiles in the background (``overlap``), or one lead trial whose training loop times the
+sequential step for the chooser (``lead_trial``); the rest train as the faster, with the same answers."""
 
 import json
 import os
@@ -46,6 +47,17 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sequential(base, tmp_path_factory):
     return sweep_lib.sweep(base, GRID, str(tmp_path_factory.mktemp("seq")), progress=False)
+
+
+@pytest.fixture(scope="module")
+def long(base):
+    """60 steps, metrics fetched only at the end: a lead trial's loop times stretches of 20."""
+    return C.apply_overrides(base, ["stages.0.steps=60", "stages.0.log_every=0", "stages.0.eval_every=0"])
+
+
+@pytest.fixture(scope="module")
+def sequential_long(long, tmp_path_factory):
+    return sweep_lib.sweep(long, GRID, str(tmp_path_factory.mktemp("seq_long")), progress=False)
 
 
 @pytest.fixture(autouse=True)
@@ -223,3 +235,105 @@ def test_the_chooser_times_given_chunk_sizes_padded():
     )
     assert not seq_calls and choice.sequential_seconds == 2.0  # timed before: not timed again
     assert SEQUENTIAL_K == 0
+
+
+# ----------------------------------------------------------------------------- a lead trial
+
+
+class ChunksFaster:
+    """A fake timer (no wall clock) under which every population program steps far faster than
+    the sequential step; records the ``k`` of each call in order."""
+
+    def __init__(self):
+        self.ks = []
+
+    def __call__(self, k, fn):
+        self.ks.append(k)
+        return 1.0 if k == SEQUENTIAL_K else 1e-9
+
+
+def test_the_first_trial_trains_alone_timed_and_the_rest_are_measured_against_it(
+    long, sequential_long, tmp_path, monkeypatch
+):
+    timer = ChunksFaster()
+    probes = []
+    real = PopulationTrainer.sequential_step_seconds
+    monkeypatch.setattr(
+        PopulationTrainer, "sequential_step_seconds", lambda self, *a, **k: probes.append(1) or real(self, *a, **k)
+    )
+    executor = make_executor("population", timer=timer, lead_trial=True)
+    pop = sweep_lib.sweep(long, GRID, str(tmp_path), progress=False, executor=executor)
+    (population,) = pop.executor["populations"]
+    lead = population["lead"]
+    # 60 steps, fetched only at the end (log_every=0): stretches of 20 waited for
+    assert lead["trial"] == population["trials"][0]
+    assert [s[0] for s in lead["stretches"]] == [20, 20, 20]
+    assert lead["sequential_step_seconds"] > 0 and lead["compile_seconds"] >= 0
+    # the first population program is timed before the sequential step is (its pace came from the lead)
+    assert timer.ks[0] != SEQUENTIAL_K
+    assert population["why"].startswith(f"trial {lead['trial']} trained first as the sequential executor trains it")
+    assert "the other 4: " in population["why"]
+    # the Ks of 5 trials, measured for the other 4 (K=4: one chunk, trial steps per second = 4 / seconds)
+    choice = population["choice"]
+    assert population["k"] == 4 and choice["runner"] == "population"
+    by_k = {c["k"]: c for c in choice["candidates"]}
+    assert by_k[4]["trial_steps_per_s"] == pytest.approx(4 / by_k[4]["step_seconds"])
+    assert choice["sequential_step_seconds"] is not None
+    notes = [p.note for p in pop.points]
+    assert "trained first, its steps timed for the chooser" in notes[0]
+    assert all("chunk of 4" in n for n in notes[1:])
+    assert [p.metrics.get("population_k") for p in pop.points] == [None, 4, 4, 4, 4]
+    _same_results(sequential_long, pop)
+    # only the confirmation rounds time the sequential step, never before the population programs
+    assert len(probes) == timer.ks.count(SEQUENTIAL_K)
+
+
+def test_too_few_steps_timed_and_the_chooser_times_the_sequential_step_itself(long, tmp_path):
+    short = C.apply_overrides(long, ["stages.0.steps=15"])
+    timer = ChunksFaster()
+    executor = make_executor("population", timer=timer, lead_trial=True)
+    pop = sweep_lib.sweep(short, GRID, str(tmp_path), progress=False, executor=executor)
+    (population,) = pop.executor["populations"]
+    assert [s[0] for s in population["lead"]["stretches"]] == [15]
+    assert population["lead"]["sequential_step_seconds"] is None
+    assert timer.ks[0] == SEQUENTIAL_K  # timed first, as without a lead trial
+    assert population["k"] == 4 and [p.status for p in pop.points] == ["done"] * 5
+
+
+def test_no_lead_trial_for_a_fixed_chunk_size_or_when_switched_off(long, sequential_long, tmp_path):
+    fixed = make_executor("population", timer=ChunksFaster(), lead_trial=True, chunk_size=2)
+    pop = sweep_lib.sweep(long, GRID, str(tmp_path / "fixed"), progress=False, executor=fixed)
+    (population,) = pop.executor["populations"]
+    assert "lead" not in population and population["k"] == 2
+    timer = ChunksFaster()
+    off = make_executor("population", timer=timer, lead_trial=False)
+    pop = sweep_lib.sweep(long, GRID, str(tmp_path / "off"), progress=False, executor=off)
+    (population,) = pop.executor["populations"]
+    assert "lead" not in population and timer.ks[0] == SEQUENTIAL_K
+    _same_results(sequential_long, pop)
+
+
+def test_by_default_a_lead_trial_with_the_wall_clock_timer_on_a_cpu_only(base):
+    trainer = PopulationTrainer([base] * 3, cache={})
+    jobs = [pop_executor.Job(key=i, config=base, run_dir="/nonexistent/run") for i in range(3)]
+    assert pop_executor.PopulationExecutor()._leads(trainer, jobs, None)
+    assert not pop_executor.PopulationExecutor(timer=ChunksFaster())._leads(trainer, jobs, None)
+    assert not pop_executor.PopulationExecutor(lead_trial=False)._leads(trainer, jobs, None)
+    assert not pop_executor.PopulationExecutor()._leads(trainer, jobs[:1], None)  # a single trial
+
+
+def test_the_convolution_check_traces_the_sequential_step_that_the_sequential_path_then_calls(base, monkeypatch):
+    from research.train import losses
+
+    traced = []
+    real = losses.cross_entropy_loss
+
+    def counting(model, batch, rng):
+        traced.append(1)
+        return real(model, batch, rng)
+
+    monkeypatch.setattr(losses, "cross_entropy_loss", counting)
+    trainer = PopulationTrainer([base] * 2, cache={})
+    assert len(traced) == 1  # the convolution check traced the sequential executor's jitted step
+    trainer.sequential_step_seconds(lambda k, fn: fn() and 1.0, steps=2)
+    assert len(traced) == 1  # its call reused that trace

@@ -8,6 +8,8 @@ from flax import nnx
 from research import data
 from research import nn
 from research import train
+from research.train.loop import StepTimes
+from research.train.loop import record_step_times
 
 
 def _setup(model_name="mlp", seed=0, **opts):
@@ -377,3 +379,38 @@ def test_scan_steps_runs_convolutions_step_by_step_on_a_cpu_with_scans_results(c
     np.testing.assert_allclose(np.asarray(w2), np.asarray(ref_w), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"mode='unrolled': use 'auto'"):
         train.scan_steps(body, mode="unrolled")
+
+
+def _timed_fit(workdir, **kw):
+    _, defs, state, tx, sampler = _setup()
+    return train.fit(
+        state, train.make_train_step(defs, tx), sampler, num_steps=50, workdir=workdir, progress=False, **kw
+    )
+
+
+def test_fit_records_its_stretches_of_steps_for_its_workdir_only(tmp_path):
+    with record_step_times(tmp_path / "a", every=15) as times:
+        _timed_fit(str(tmp_path / "b"), log_every=0)  # another directory: not recorded
+        assert times.stretches == []
+        _timed_fit(str(tmp_path / "a"), log_every=10)
+        first = list(times.stretches)
+        _timed_fit(str(tmp_path / "a"), log_every=0)  # a second call: not recorded
+    # fetched every 10 steps, each stretch ends there (before the 15 steps ``every`` allows)
+    assert [n for n, _ in first] == [10] * 5 and times.stretches == first
+    assert all(s > 0 for _, s in first)
+    with record_step_times(tmp_path / "c", every=15) as times:
+        _timed_fit(str(tmp_path / "c"), log_every=0)
+    assert [n for n, _ in times.stretches] == [15, 15, 15, 5]
+    _timed_fit(str(tmp_path / "d"), log_every=0)  # outside a block: nothing records, nothing fails
+    with pytest.raises(ValueError, match="every=0"):
+        with record_step_times(tmp_path, every=0):
+            pass
+
+
+def test_step_times_pace_is_the_fastest_group_after_the_first_stretch():
+    times = StepTimes("/x", stretches=[(20, 1.0), (10, 0.1), (10, 0.1), (20, 0.3), (5, 0.001)])
+    pace, compile_seconds = times.step_seconds(20)
+    assert pace == pytest.approx(0.01)  # (0.1 + 0.1) / 20; 0.3 / 20 slower; 5 steps too few alone
+    assert compile_seconds == pytest.approx(1.0 - 20 * 0.01)
+    assert StepTimes("/x", stretches=[(20, 1.0), (10, 0.1)]).step_seconds(20) is None
+    assert StepTimes("/x", stretches=[(60, 1.0)]).step_seconds(20) is None
