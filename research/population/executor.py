@@ -144,8 +144,8 @@ class PopulationExecutor:
         (:func:`research.train.loop.record_step_times`): the sequential step's pace and compile
         then come from steps that train, not from timed calls of a copy of the state that train
         nothing, and the chooser measures the population programs for the other trials against
-        them. Only a population measured for the first time (nothing compiled, stored or measured
-        for it in the process, no trial resuming, no ``chunk_size``, not overlapped). ``None``
+        them. Only a population whose choice is measured (not measured before in the process nor
+        stored, no trial resuming, no ``chunk_size``, not overlapped). ``None``
         (default): with the wall-clock timer on a CPU, where a population program gains little
         over one trial trained alone (LeNet-5: 1.3-1.4x); on a GPU/TPU a population can train
         20x as fast, and a whole trial at the sequential pace would cost more than the timed calls.
@@ -432,9 +432,8 @@ class PopulationExecutor:
             return False
         if self._memo(trainer, n) in (_CHOICES if self.timer is time_call else self._choices):
             return False  # measured before in this process
-        if any(os.path.isdir(_stage_dir(job)) for job in members):
-            return False  # a killed sweep's trials: they resume from their checkpoints
-        return not any(trainer.is_compiled(k) for k in candidate_ks(n, max_k=self.max_k))
+        # a killed sweep's trials resume from their checkpoints
+        return not any(os.path.isdir(_stage_dir(job)) for job in members)
 
     def _run_lead(
         self, trainer, members, number, progress, plotter, entry
@@ -623,9 +622,12 @@ class PopulationExecutor:
             if budget is not None:
                 measure = functools.partial(measure, timer=functools.partial(time_call, afford=budget.allows))
             largest_first = self._largest_first(trainer)
+            # With the lead's pace (the fastest of several stretches of real steps), a program's
+            # timing needs no confirming rounds: other work on the machine only ever adds time to
+            # it, so a program timed faster than that pace is faster.
             return choose_k(
                 trials, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple, sequential=sequential,
-                budget=budget, largest_first=largest_first,
+                budget=budget, largest_first=largest_first, confirm_rounds=0 if lead else 2,
                 accept_margin=LARGEST_FIRST_ACCEPT_MARGIN if largest_first else None,
                 ks=candidate_ks(n, max_k=self.max_k, multiple_of=multiple), sequential_seconds=lead[0] if lead else None,
             )  # fmt: skip

@@ -284,8 +284,20 @@ def test_the_first_trial_trains_alone_timed_and_the_rest_are_measured_against_it
     assert all("chunk of 4" in n for n in notes[1:])
     assert [p.metrics.get("population_k") for p in pop.points] == [None, 4, 4, 4, 4]
     _same_results(sequential_long, pop)
-    # only the confirmation rounds time the sequential step, never before the population programs
-    assert len(probes) == timer.ks.count(SEQUENTIAL_K)
+    # the sequential step is never timed apart: the lead's pace needs no confirming rounds
+    assert probes == [] and SEQUENTIAL_K not in timer.ks
+
+
+def test_programs_slower_than_the_lead_trials_pace_leave_the_rest_to_the_sequential_path(
+    long, sequential_long, tmp_path
+):
+    executor = make_executor("population", timer=lambda k, fn: 10.0, lead_trial=True)  # 10 s per call
+    pop = sweep_lib.sweep(long, GRID, str(tmp_path), progress=False, executor=executor)
+    (population,) = pop.executor["populations"]
+    assert population["k"] == 1 and population["choice"]["runner"] == "sequential"
+    assert "the sequential executor's own jitted step is at least as fast" in population["why"]
+    assert all("one after another as the sequential executor trains" in p.note for p in pop.points)
+    _same_results(sequential_long, pop)
 
 
 def test_too_few_steps_timed_and_the_chooser_times_the_sequential_step_itself(long, tmp_path):
