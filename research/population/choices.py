@@ -91,9 +91,10 @@ def machine(devices: list[jax.Device]) -> dict[str, Any]:
     }
 
 
-def entry_key(memo: Any, devices: list[jax.Device]) -> str:
-    """The file's key of the executor's ``memo`` (a population program and size) on ``devices``."""
-    text = json.dumps({"memo": memo, "machine": machine(devices)}, sort_keys=True, default=str)
+def entry_key(memo: Any, machine_: dict[str, Any]) -> str:
+    """The file's key of the executor's ``memo`` (a population program and size) on ``machine_``
+    (:func:`machine` of its devices)."""
+    text = json.dumps({"memo": memo, "machine": machine_}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -271,9 +271,7 @@ class PopulationExecutor:
                 if background is None and choice is None and not leads:
                     choice = self._choose(trainer, len(members), stored=stored)
             except Exception as e:  # a program that does not vmap or compile: run the trials alone
-                entry.update(k=1, why=f"one after another: the population failed to build ({type(e).__name__}: {e})")
-                for job in members:
-                    yield run_one(job, progress=progress, note=entry["why"])
+                yield from _alone(members, e, entry, progress)
                 continue
             positions, lead = list(range(len(members))), ""
             if leads:
@@ -282,11 +280,7 @@ class PopulationExecutor:
                 try:
                     choice = self._choose(trainer, len(members), stored=None, lead=timing)
                 except Exception as e:  # a program that does not vmap or compile: the rest train alone
-                    entry.update(
-                        k=1, why=f"one after another: the population failed to build ({type(e).__name__}: {e})"
-                    )
-                    for i in positions:
-                        yield run_one(members[i], progress=progress, note=entry["why"])
+                    yield from _alone(members[1:], e, entry, progress)
                     continue
                 lead = f"trial {members[0].key} trained first as the sequential executor trains it, its steps timed; "
                 lead += f"the other {len(positions)}: "
@@ -349,14 +343,8 @@ class PopulationExecutor:
         program's predicted cost against the budget; the trials then train as the sequential
         executor trains them); ``(None, None)`` when the population does not overlap."""
         n = len(members)
-        if not self.overlap or self.chunk_size is not None or n < 2 or not trainer.configs:
+        if not self.overlap or not self._measured_afresh(trainer, members, stored):
             return None, None
-        if self._memo(trainer, n) in (_CHOICES if self.timer is time_call else self._choices):
-            return None, None  # measured before in this process: its programs are compiled
-        if stored is not None:
-            return None, None  # measured by an earlier process (``stored``, :meth:`_stored`): read back by _choose
-        if any(os.path.isdir(_stage_dir(job)) for job in members):
-            return None, None  # a killed sweep's trials: they resume from their checkpoints, chunk by chunk
         ks = candidate_ks(n, max_k=self.max_k, multiple_of=len(trainer.devices))[1:]
         if not ks or any(trainer.is_compiled(k) for k in ks):
             return None, None
@@ -421,19 +409,25 @@ class PopulationExecutor:
         choice = dataclasses.replace(choice, measuring_seconds=time.perf_counter() - t0)
         return first, choice, lead + f"the other {rest}: "
 
+    def _measured_afresh(self, trainer: PopulationTrainer, members: Sequence[Job], stored: Choice | None) -> bool:
+        """Whether the population's chunk size is to be measured from nothing (what overlap and
+        the lead trial apply to): no ``chunk_size``, two trials or more, a first stage's configs,
+        not measured before in this process (its programs compiled) nor by an earlier one
+        (``stored``, :meth:`_stored`: read back by :meth:`_choose`), no trial resuming."""
+        if self.chunk_size is not None or len(members) < 2 or not trainer.configs or stored is not None:
+            return False
+        if self._memo(trainer, len(members)) in (_CHOICES if self.timer is time_call else self._choices):
+            return False
+        # a killed sweep's trials resume from their checkpoints, chunk by chunk
+        return not any(os.path.isdir(_stage_dir(job)) for job in members)
+
     def _leads(self, trainer: PopulationTrainer, members: Sequence[Job], stored: Choice | None) -> bool:
         """Whether the population's first trial trains first, timed, before its chunk size is
         measured (see ``lead_trial``)."""
-        n = len(members)
         leads = self.lead_trial
         if leads is None:
             leads = self.timer is time_call and trainer.devices[0].platform == "cpu"
-        if not leads or self.chunk_size is not None or n < 2 or not trainer.configs or stored is not None:
-            return False
-        if self._memo(trainer, n) in (_CHOICES if self.timer is time_call else self._choices):
-            return False  # measured before in this process
-        # a killed sweep's trials resume from their checkpoints
-        return not any(os.path.isdir(_stage_dir(job)) for job in members)
+        return leads and self._measured_afresh(trainer, members, stored)
 
     def _run_lead(
         self, trainer, members, number, progress, plotter, entry
@@ -514,23 +508,25 @@ class PopulationExecutor:
             path = self.choices_file
         return choices_lib.ChoiceStore(path) if path else None
 
-    def _store_key(self, configs: Sequence[Any]) -> str:
-        """The stored entry's key of a population of ``configs``: what its program and the choice
-        depend on, read from the configs and the executor's options (no trainer is built: a
-        population whose stored choice is the sequential path builds none), and the machine."""
-        n, devices = len(configs), self._devices(len(configs))
+    def _store_key(self, configs: Sequence[Any]) -> tuple[str, dict[str, Any]]:
+        """The stored entry's key of a population of ``configs`` and the machine in it: what its
+        program and the choice depend on, read from the configs and the executor's options (no
+        trainer is built: a population whose stored choice is the sequential path builds none),
+        and :func:`research.population.choices.machine`."""
+        n = len(configs)
         memo = (
             json.dumps(signature(configs[0]), sort_keys=True, default=str), len({c.seed for c in configs}),
             self.block_steps, n, self.chunk_size, self.max_k, self.memory_limit, self.largest_first,
             self.measure_budget,
         )  # fmt: skip
-        return choices_lib.entry_key(memo, devices)
+        machine = choices_lib.machine(self._devices(n))
+        return choices_lib.entry_key(memo, machine), machine
 
     def _stored(self, configs: Sequence[Any]) -> Choice | None:
         """The choice an earlier process measured for a population of ``configs`` (read back: its
         reason says so), or ``None``."""
         store = self._store(configs)
-        found = store.get(self._store_key(configs)) if store else None
+        found = store.get(self._store_key(configs)[0]) if store else None
         if found is None:
             return None
         choice, entry = found
@@ -556,11 +552,12 @@ class PopulationExecutor:
         store = self._store(trainer.configs)
         if store is not None:
             config = trainer.configs[0]
+            key, machine = self._store_key(trainer.configs)
             store.put(
-                self._store_key(trainer.configs),
+                key,
                 choice,
                 population=f"{config.name}: {len(trainer.configs)} trials of {config.model.name} on {config.data.name}",
-                machine_=choices_lib.machine(self._devices(len(trainer.configs))),
+                machine_=machine,
             )
 
     def _memory_limit(self, trainer: PopulationTrainer) -> int:
@@ -616,36 +613,31 @@ class PopulationExecutor:
         def sequential() -> float:
             return trainer.sequential_step_seconds(self.timer, steps=_probe_steps(trainer))
 
-        if lead is not _UNREAD:
-            trials = n - 1
-            budget = self._budget(trainer, trials, sequential_compile=lead[1] if lead else None)
-            if budget is not None:
-                measure = functools.partial(measure, timer=functools.partial(time_call, afford=budget.allows))
-            largest_first = self._largest_first(trainer)
-            # With the lead's pace (the fastest of several stretches of real steps), a program's
-            # timing needs no confirming rounds: other work on the machine only ever adds time to
-            # it, so a program timed faster than that pace is faster.
-            return choose_k(
-                trials, measure, memory_limit=limit, max_k=self.max_k, multiple_of=multiple, sequential=sequential,
-                budget=budget, largest_first=largest_first, confirm_rounds=0 if lead else 2,
-                accept_margin=LARGEST_FIRST_ACCEPT_MARGIN if largest_first else None,
-                ks=candidate_ks(n, max_k=self.max_k, multiple_of=multiple), sequential_seconds=lead[0] if lead else None,
-            )  # fmt: skip
-        budget = self._budget(trainer, n, compiled=ks is not None)
+        compiled = ks is not None  # in the background: the largest first, compiled already
+        figures, confirm_rounds = None, 2
+        if lead is not _UNREAD:  # the other trials', from the Ks of all
+            ks, n, figures = candidate_ks(n, max_k=self.max_k, multiple_of=multiple), n - 1, lead
+            if figures:
+                # With the lead's pace (the fastest of several stretches of real steps), a program's
+                # timing needs no confirming rounds: other work on the machine only ever adds time
+                # to it, so a program timed faster than that pace is faster.
+                sequential_seconds, confirm_rounds = figures[0], 0
+        budget = self._budget(trainer, n, compiled=compiled, sequential_compile=figures[1] if figures else None)
         if budget is not None:
             # a program slower than predicted stops being timed when the budget runs out
             measure = functools.partial(measure, timer=functools.partial(time_call, afford=budget.allows))
-        largest_first = self._largest_first(trainer)
+        largest_first = self._largest_first(trainer) or compiled
         return choose_k(
             n,
             measure,
             memory_limit=limit,
             max_k=self.max_k,
             multiple_of=multiple,
+            confirm_rounds=confirm_rounds,
             sequential=sequential,
             budget=budget,
-            largest_first=largest_first or ks is not None,
-            accept_margin=LARGEST_FIRST_ACCEPT_MARGIN if largest_first or ks is not None else None,
+            largest_first=largest_first,
+            accept_margin=LARGEST_FIRST_ACCEPT_MARGIN if largest_first else None,
             ks=ks,
             sequential_seconds=sequential_seconds,
         )
@@ -821,6 +813,13 @@ class PopulationExecutor:
                     continue
                 replies[id(t)] = (result.model, rows, (defs, result.state), notes)
         return replies
+
+
+def _alone(jobs: Sequence[Job], error: Exception, entry: dict[str, Any], progress: bool) -> Iterator[Outcome]:
+    """``jobs`` run one after another, alone: their population failed to build (``error``)."""
+    entry.update(k=1, why=f"one after another: the population failed to build ({type(error).__name__}: {error})")
+    for job in jobs:
+        yield run_one(job, progress=progress, note=entry["why"])
 
 
 def _probe_steps(trainer: PopulationTrainer) -> int:

@@ -117,6 +117,28 @@ class StepTimes:
     every: int = 20
     stretches: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     claimed: bool = False
+    # the stretch under way: (when its first step was dispatched, its steps so far)
+    _open: tuple[float, int] | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def _begin(self) -> None:
+        if self._open is None:
+            self._open = (time.perf_counter(), 0)
+
+    def _stepped(self, n: int, metrics: Any) -> None:
+        """``n`` more steps dispatched, the last returning ``metrics``: the stretch ends (its last
+        step waited for, not fetched) once it holds ``every`` steps."""
+        started, steps = self._open
+        self._open = (started, steps + n)
+        if steps + n >= self.every:
+            jax.block_until_ready(metrics)
+            self._end()
+
+    def _end(self) -> None:
+        """The stretch under way ends here (its metrics fetched or waited for)."""
+        if self._open is not None:
+            started, steps = self._open
+            self.stretches.append((steps, time.perf_counter() - started))
+            self._open = None
 
     def step_seconds(self, min_steps: int) -> tuple[float, float] | None:
         """``(seconds per step, seconds the first stretch took beyond its steps)``: the fastest
@@ -233,7 +255,6 @@ def fit(
     records: list[dict] = []
     pending: list[tuple[int, dict]] = []
     timing = _claim_step_times(workdir)
-    stretch: list[float] = []  # timing only: [when the stretch's first step was dispatched, its steps so far]
 
     bar = None
     if progress:
@@ -245,9 +266,8 @@ def fit(
         if not pending:
             return
         fetched = jax.device_get([m for _, m in pending])
-        if timing is not None and stretch:
-            timing.stretches.append((int(stretch[1]), time.perf_counter() - stretch[0]))
-            stretch.clear()
+        if timing is not None:
+            timing._end()
         rows = []
         for step, m in _per_step(pending, fetched):
             row = {"step": step, "split": "train"}
@@ -273,8 +293,8 @@ def fit(
     try:
         step = start
         while step < num_steps:
-            if timing is not None and not stretch:
-                stretch[:] = [time.perf_counter(), 0]
+            if timing is not None:
+                timing._begin()
             n = _block_end(step, num_steps, block_steps, cadences) - step
             first = sampler.batch(step)
             if n > 1:  # the block's batches travel together: at most BLOCK_BYTES of them
@@ -289,12 +309,8 @@ def fit(
                 pending.append((-(step + 1), metrics))  # n stacked rows from step + 1 (negative: a block)
             step += n
             done = step
-            if stretch:
-                stretch[1] += n
-                if stretch[1] >= timing.every:  # the stretch ends: its last step waited for, not fetched
-                    jax.block_until_ready(metrics)
-                    timing.stretches.append((int(stretch[1]), time.perf_counter() - stretch[0]))
-                    stretch.clear()
+            if timing is not None:
+                timing._stepped(n, metrics)
             if on_step is not None:
                 on_step(done, state)
             if log_every and done % log_every == 0:
